@@ -1,0 +1,5 @@
+import sys
+
+from ftransformer.cli import main
+
+sys.exit(main())

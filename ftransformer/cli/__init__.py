@@ -1,0 +1,51 @@
+"""``ftransformer train | generate | inspect | bench``: one module per command, each with
+``add_arguments(parser)`` and ``run(args) -> int``.
+
+Errors a user can fix (bad flags, unreadable data, a checkpoint that does not fit) come out as one line
+on stderr and a non-zero exit code, never a traceback.
+"""
+
+import argparse
+import importlib
+import sys
+
+# command name -> (module, one-line help). Modules are imported only when their command runs, so
+# `ftransformer --help` stays fast.
+COMMANDS = {
+    "train": ("ftransformer.cli.train_cmd", "train a model (default: built-in corpus, CPU-sized preset)"),
+    "generate": ("ftransformer.cli.generate_cmd", "generate text from a checkpoint or a Hugging Face GPT-2 directory"),
+    "inspect": ("ftransformer.cli.inspect_cmd", "print a preset's config and parameter breakdown"),
+    "bench": ("ftransformer.cli.bench_cmd", "benchmarks: train step and generation against baselines"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftransformer", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name != module_name:
+                raise
+            continue
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("ftransformer: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, OSError, UnicodeDecodeError) as e:
+        print(f"ftransformer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

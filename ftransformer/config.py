@@ -1,0 +1,130 @@
+"""Config: every static choice about a model, frozen and validated. Sizes live here, never in params."""
+
+import dataclasses
+from dataclasses import dataclass
+
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+POSITIONALS = ("learned", "sinusoidal", "rope")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+ATTN_IMPLS = ("sdpa", "einsum")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Architecture of a decoder-only transformer. Invalid combinations raise ``ValueError``."""
+
+    vocab_size: int  # number of token ids; embeddings and logits have this many rows/columns
+    d_model: int  # width of the residual stream
+    n_heads: int  # query heads per attention layer; d_model must divide evenly among them
+    n_layers: int  # transformer blocks
+    d_ff: int  # hidden width of the feed-forward layer (of each SwiGLU branch for "swiglu")
+    max_seq_len: int  # longest sequence the model accepts (size of learned position table)
+    n_kv_heads: int | None = None  # key/value heads: None -> n_heads (MHA); fewer -> GQA; 1 -> MQA
+    dropout: float = 0.0  # dropout rate on attention weights, sublayer outputs and embeddings (train only)
+    bias: bool = True  # biases in linear layers and LayerNorms (GPT-2: True; modern models: False)
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
+    norm_position: str = "pre"  # "pre": x + f(norm(x)) (GPT-2); "post": norm(x + f(x)) (the 2017 diagram)
+    positional: str = "learned"  # "learned" table, fixed "sinusoidal", or "rope" (rotary, on q and k)
+    activation: str = "gelu"  # "gelu" (exact), "gelu_tanh" (GPT-2's approximation) or "swiglu"
+    tie_embeddings: bool = True  # reuse the token embedding as the output projection (GPT-2 does)
+    attn_impl: str = "sdpa"  # "sdpa" (fused torch kernel) or "einsum" (written out; vmap-friendly grads)
+    init_std: float = 0.02  # std of the normal init; residual output projections get /sqrt(2*n_layers)
+    norm_eps: float = 1e-5  # epsilon inside LayerNorm / RMSNorm
+    rope_base: float = 10000.0  # base of the rotary / sinusoidal frequencies
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "max_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"Config.{name} must be an int, got {value!r} ({type(value).__name__})")
+            if value <= 0:
+                raise ValueError(f"Config.{name} must be positive, got {value}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"Config.d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
+                f"(head_dim = d_model / n_heads)"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"Config.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads} "
+                "(each key/value head serves a whole group of query heads)"
+            )
+        for name, choices in (
+            ("norm", NORMS),
+            ("norm_position", NORM_POSITIONS),
+            ("positional", POSITIONALS),
+            ("activation", ACTIVATIONS),
+            ("attn_impl", ATTN_IMPLS),
+        ):
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"Config.{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"Config.dropout={self.dropout!r} must be a float in [0, 1)")
+        for name in ("init_std", "norm_eps", "rope_base"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"Config.{name}={value!r} must be a positive number")
+        if self.positional == "rope" and self.head_dim % 2:
+            raise ValueError(
+                f"Config.positional='rope' needs an even head_dim, got head_dim={self.head_dim} "
+                f"(d_model={self.d_model} / n_heads={self.n_heads})"
+            )
+        if self.positional == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"Config.positional='sinusoidal' needs an even d_model, got d_model={self.d_model}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def replace(self, **changes) -> "Config":
+        """A copy with some fields changed (validated again)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"Config has no field(s) {unknown}; fields are {[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown Config field(s) {unknown}; fields are {sorted(names)}")
+        return cls(**d)
+
+
+_GPT2 = dict(
+    vocab_size=50257, max_seq_len=1024, bias=True, norm="layernorm", norm_position="pre",
+    positional="learned", activation="gelu_tanh", tie_embeddings=True, dropout=0.0,
+)
+
+PRESETS: dict[str, Config] = {
+    # Every axis a different size, so a swapped axis fails loudly in tests.
+    "tiny": Config(vocab_size=37, d_model=24, n_heads=3, n_layers=2, d_ff=40, max_seq_len=16),
+    # The classic "seed" model of the learning path (~5.8M parameters).
+    "seed": Config(vocab_size=10000, d_model=256, n_heads=4, n_layers=4, d_ff=1024, max_seq_len=512, dropout=0.1),
+    # nanoGPT's shakespeare_char recipe, shrunk for a CPU.
+    "shakespeare-char-cpu": Config(
+        vocab_size=65, d_model=128, n_heads=4, n_layers=4, d_ff=512, max_seq_len=64, dropout=0.0, bias=False
+    ),
+    # nanoGPT's shakespeare_char recipe as published (GPU-sized).
+    "shakespeare-char": Config(
+        vocab_size=65, d_model=384, n_heads=6, n_layers=6, d_ff=1536, max_seq_len=256, dropout=0.2, bias=False
+    ),
+    # GPT-2 small (124M) and medium (355M), in the Hugging Face layout's architecture.
+    "gpt2": Config(d_model=768, n_heads=12, n_layers=12, d_ff=3072, **_GPT2),
+    "gpt2-medium": Config(d_model=1024, n_heads=16, n_layers=24, d_ff=4096, **_GPT2),
+}
+
+
+def get_preset(name: str) -> Config:
+    """The preset called ``name``; an unknown name lists the known ones."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return PRESETS[name]

@@ -1,0 +1,119 @@
+"""Learning-path steps 2 and 3: causal scaled dot-product attention, then many heads (MHA / GQA / MQA).
+
+Two interchangeable paths compute the same numbers:
+
+* ``"einsum"`` writes attention out -- scores, mask, softmax, weighted sum -- and can hand back the
+  pattern. It is the path to read, and the one to use under ``vmap`` for per-example gradients.
+* ``"sdpa"`` calls ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels, fast).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from ftransformer import random
+from ftransformer.layers.embedding import apply_rotary, rotary_angles
+from ftransformer.layers.linear import linear
+
+
+def causal_mask(q_positions: Int[Tensor, "*batch seq"], k_positions: Int[Tensor, "*batch kv_seq"]) -> Bool[
+    Tensor, "*batch seq kv_seq"
+]:
+    """True where query i may look at key j: key position <= query position."""
+    return k_positions[..., None, :] <= q_positions[..., :, None]
+
+
+def attention_pattern(
+    q: Float[Tensor, "*batch kv_heads group seq head_dim"],
+    k: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
+    mask: Bool[Tensor, "*#batch #kv_heads #group seq kv_seq"] | None = None,
+) -> Float[Tensor, "*batch kv_heads group seq kv_seq"]:
+    """softmax(q k^T / sqrt(head_dim)) over keys; ``mask`` False hides a key (None: causal, seq == kv_seq)."""
+    scores = torch.einsum("...hgqd,...hkd->...hgqk", q, k) / math.sqrt(q.shape[-1])
+    if mask is None:
+        n_q, n_k = scores.shape[-2], scores.shape[-1]
+        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril(n_k - n_q)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def attend(
+    pattern: Float[Tensor, "*batch kv_heads group seq kv_seq"], v: Float[Tensor, "*batch kv_heads kv_seq head_dim"]
+) -> Float[Tensor, "*batch kv_heads group seq head_dim"]:
+    """Each query's weighted sum of the values."""
+    return torch.einsum("...hgqk,...hkd->...hgqd", pattern, v)
+
+
+def scaled_dot_product_attention(
+    q: Float[Tensor, "*batch heads seq head_dim"],
+    k: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
+    v: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
+    mask: Bool[Tensor, "*#batch seq kv_seq"] | None = None,
+    *,
+    impl: str = "sdpa",
+    dropout: float = 0.0,
+    key: Tensor | None = None,
+) -> Float[Tensor, "*batch heads seq head_dim"]:
+    """Attention of every query head over its key/value head; ``mask`` None means plain causal.
+
+    With ``key`` given and ``dropout > 0`` the pattern is dropped out with that key, on the einsum path
+    (the fused kernel draws from torch's global generator, which explicit keys rule out).
+    """
+    kv_heads = k.shape[-3]
+    if impl == "sdpa" and (key is None or dropout == 0.0):
+        group = q.shape[-3] // kv_heads
+        if group > 1:
+            k = repeat(k, "... kv_heads kv_seq head_dim -> ... (kv_heads group) kv_seq head_dim", group=group)
+            v = repeat(v, "... kv_heads kv_seq head_dim -> ... (kv_heads group) kv_seq head_dim", group=group)
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(-3))
+    q = rearrange(q, "... (kv_heads group) seq head_dim -> ... kv_heads group seq head_dim", kv_heads=kv_heads)
+    if mask is not None:
+        mask = mask[..., None, None, :, :]
+    pattern = random.dropout(attention_pattern(q, k, mask), dropout, key)
+    return rearrange(attend(pattern, v), "... kv_heads group seq head_dim -> ... (kv_heads group) seq head_dim")
+
+
+def project_qkv(
+    params: dict, x: Float[Tensor, "*batch seq d_model"], cfg, positions: Int[Tensor, "*batch seq"]
+) -> tuple[
+    Float[Tensor, "*batch heads seq head_dim"],
+    Float[Tensor, "*batch kv_heads seq head_dim"],
+    Float[Tensor, "*batch kv_heads seq head_dim"],
+]:
+    """Queries, keys and values from one fused projection ``w_qkv``; rotary positions applied to q and k."""
+    qkv = linear(x, params["w_qkv"], params.get("b_qkv"))
+    q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    q, k, v = qkv.split([q_width, kv_width, kv_width], dim=-1)
+    q = rearrange(q, "... seq (heads head_dim) -> ... heads seq head_dim", heads=cfg.n_heads)
+    k = rearrange(k, "... seq (kv_heads head_dim) -> ... kv_heads seq head_dim", kv_heads=cfg.n_kv_heads)
+    v = rearrange(v, "... seq (kv_heads head_dim) -> ... kv_heads seq head_dim", kv_heads=cfg.n_kv_heads)
+    if cfg.positional == "rope":
+        cos, sin = rotary_angles(positions, cfg.head_dim, base=cfg.rope_base)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    return q, k, v
+
+
+def project_out(params: dict, o: Float[Tensor, "*batch heads seq head_dim"]) -> Float[Tensor, "*batch seq d_model"]:
+    """Concatenate the heads and mix them back into the residual stream with ``w_o``."""
+    return linear(rearrange(o, "... heads seq head_dim -> ... seq (heads head_dim)"), params["w_o"], params.get("b_o"))
+
+
+def multi_head_attention(
+    params: dict,
+    x: Float[Tensor, "*batch seq d_model"],
+    cfg,
+    *,
+    positions: Int[Tensor, "*batch seq"],
+    mask: Bool[Tensor, "*#batch seq seq"] | None = None,
+    key: Tensor | None = None,
+) -> Float[Tensor, "*batch seq d_model"]:
+    """Causal self-attention with ``cfg.n_heads`` query heads sharing ``cfg.n_kv_heads`` key/value heads."""
+    q, k, v = project_qkv(params, x, cfg, positions)
+    o = scaled_dot_product_attention(q, k, v, mask, impl=cfg.attn_impl, dropout=cfg.dropout, key=key)
+    return project_out(params, o)

@@ -1,0 +1,29 @@
+"""Learning-path step 4: the position-wise feed-forward network (GELU MLP, or SwiGLU)."""
+
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+from ftransformer.layers.linear import linear
+
+
+def gelu_mlp(
+    params: dict, x: Float[Tensor, "*batch seq d_model"], *, approximate: str = "none"
+) -> Float[Tensor, "*batch seq d_model"]:
+    """w_out(gelu(w_in x)): widen to d_ff, bend, narrow back. ``approximate="tanh"`` is GPT-2's GELU."""
+    h = F.gelu(linear(x, params["w_in"], params.get("b_in")), approximate=approximate)
+    return linear(h, params["w_out"], params.get("b_out"))
+
+
+def swiglu_mlp(params: dict, x: Float[Tensor, "*batch seq d_model"]) -> Float[Tensor, "*batch seq d_model"]:
+    """w_out(silu(w_gate x) * w_in x) (Shazeer 2020): a gate decides how much of each hidden unit passes."""
+    gate = F.silu(linear(x, params["w_gate"], params.get("b_gate")))
+    h = gate * linear(x, params["w_in"], params.get("b_in"))
+    return linear(h, params["w_out"], params.get("b_out"))
+
+
+def feedforward(params: dict, x: Float[Tensor, "*batch seq d_model"], cfg) -> Float[Tensor, "*batch seq d_model"]:
+    """The config's feed-forward network."""
+    if cfg.activation == "swiglu":
+        return swiglu_mlp(params, x)
+    return gelu_mlp(params, x, approximate="tanh" if cfg.activation == "gelu_tanh" else "none")

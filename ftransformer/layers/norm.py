@@ -1,0 +1,31 @@
+"""Normalisation: LayerNorm (GPT-2) and RMSNorm (Llama)."""
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor
+
+
+def layer_norm(
+    x: Float[Tensor, "*batch d_model"],
+    scale: Float[Tensor, " d_model"],
+    bias: Float[Tensor, " d_model"] | None = None,
+    *,
+    eps: float = 1e-5,
+) -> Float[Tensor, "*batch d_model"]:
+    """(x - mean) / sqrt(var + eps) * scale + bias, over the last axis."""
+    return F.layer_norm(x, scale.shape, scale, bias, eps)
+
+
+def rms_norm(
+    x: Float[Tensor, "*batch d_model"], scale: Float[Tensor, " d_model"], *, eps: float = 1e-5
+) -> Float[Tensor, "*batch d_model"]:
+    """x / sqrt(mean(x^2) + eps) * scale, over the last axis (no centring, no bias)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
+
+
+def norm(params: dict, x: Float[Tensor, "*batch d_model"], cfg) -> Float[Tensor, "*batch d_model"]:
+    """The config's normalisation, with ``params = {"scale": ..., "bias"?: ...}``."""
+    if cfg.norm == "rmsnorm":
+        return rms_norm(x, params["scale"], eps=cfg.norm_eps)
+    return layer_norm(x, params["scale"], params.get("bias"), eps=cfg.norm_eps)

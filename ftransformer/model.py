@@ -1,0 +1,129 @@
+"""Learning-path step 6: the complete model -- embed, a stack of blocks, unembed -- and its loss."""
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ftransformer import random
+from ftransformer.config import Config
+from ftransformer.layers.block import block
+from ftransformer.layers.embedding import embed_tokens, learned_positions, sinusoidal_positions
+from ftransformer.layers.linear import linear
+from ftransformer.layers.norm import norm
+
+
+def is_tracing(x: Tensor) -> bool:
+    """True under ``torch.compile`` or a ``torch.func`` transform, where reading tensor values is not allowed."""
+    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def check_ids(name: str, ids: Tensor, limit: int, *, allowed: int | None = None) -> None:
+    """Raise ``ValueError`` naming the first id outside ``[0, limit)`` (``allowed`` is let through, e.g. padding)."""
+    if is_tracing(ids) or ids.numel() == 0:
+        return
+    bad = (ids < 0) | (ids >= limit)
+    if allowed is not None:
+        bad &= ids != allowed
+    if bool(bad.any()):
+        value = int(ids[bad].flatten()[0])
+        raise ValueError(f"{name} contains id {value}, outside [0, vocab_size={limit})")
+
+
+def check_tokens(tokens: Tensor, cfg: Config, *, name: str = "tokens") -> None:
+    """Type, rank, length and value checks for token ids entering the model."""
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of integer token ids, got {type(tokens).__name__}")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids (e.g. torch.long), got dtype {tokens.dtype}")
+    if tokens.ndim == 0:
+        raise ValueError(f"{name} must have shape (*batch, seq), got a scalar")
+    seq = tokens.shape[-1]
+    if seq == 0:
+        raise ValueError(f"{name} has seq=0; need at least one token")
+    if seq > cfg.max_seq_len:
+        raise ValueError(f"{name} has seq={seq} but max_seq_len={cfg.max_seq_len}")
+    check_ids(name, tokens, cfg.vocab_size)
+
+
+def embed(
+    params: dict,
+    tokens: Int[Tensor, "*batch seq"],
+    cfg: Config,
+    *,
+    positions: Int[Tensor, "*batch seq"],
+    key: Tensor | None = None,
+) -> Float[Tensor, "*batch seq d_model"]:
+    """Token embeddings plus absolute positions (rotary positions are added inside attention instead)."""
+    x = embed_tokens(params["embed"]["tokens"], tokens)
+    if cfg.positional == "learned":
+        x = x + learned_positions(params["embed"]["positions"], positions)
+    elif cfg.positional == "sinusoidal":
+        x = x + sinusoidal_positions(positions, cfg.d_model, base=cfg.rope_base, dtype=x.dtype)
+    return random.dropout(x, cfg.dropout, key)
+
+
+def unembed(params: dict, x: Float[Tensor, "*batch seq d_model"], cfg: Config) -> Float[Tensor, "*batch seq vocab"]:
+    """Final norm (pre-LN only) and the projection to one logit per token id."""
+    if cfg.norm_position == "pre":
+        x = norm(params["ln_f"], x, cfg)
+    if cfg.tie_embeddings:
+        return F.linear(x, params["embed"]["tokens"])
+    return linear(x, params["unembed"]["w"])
+
+
+def default_positions(tokens: Tensor) -> Tensor:
+    """0, 1, ..., seq-1 for every row (a broadcast view, no copy)."""
+    return torch.arange(tokens.shape[-1], device=tokens.device).expand(tokens.shape)
+
+
+def forward(
+    params: dict, tokens: Int[Tensor, "*batch seq"], cfg: Config, *, key: Tensor | None = None
+) -> Float[Tensor, "*batch seq vocab"]:
+    """Logits for the next token at every position. ``key`` turns dropout on (training); None is eval."""
+    check_tokens(tokens, cfg)
+    positions = default_positions(tokens)
+    keys = [None] * (cfg.n_layers + 1) if key is None else random.split(key, cfg.n_layers + 1)
+    x = embed(params, tokens, cfg, positions=positions, key=keys[0])
+    for i, block_params in enumerate(params["blocks"]):
+        x = block(block_params, x, cfg, positions=positions, key=keys[i + 1])
+    return unembed(params, x, cfg)
+
+
+def cross_entropy(
+    logits: Float[Tensor, "*batch seq vocab"],
+    targets: Int[Tensor, "*batch seq"],
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Float[Tensor, ""]:
+    """Next-token cross-entropy; targets equal to ``ignore_index`` (padding) count for nothing.
+
+    ``reduction="mean"`` averages over counted tokens; ``"sum"`` adds them (for token-weighted
+    gradient accumulation).
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index, reduction=reduction
+    )
+
+
+def loss_fn(
+    params: dict,
+    tokens: Int[Tensor, "*batch seq"],
+    targets: Int[Tensor, "*batch seq"],
+    cfg: Config,
+    *,
+    key: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> Float[Tensor, ""]:
+    """Mean (or summed) next-token cross-entropy of ``forward`` against ``targets``."""
+    if not isinstance(targets, Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {getattr(targets, 'dtype', type(targets).__name__)}")
+    if targets.shape != tokens.shape:
+        raise ValueError(f"targets has shape {tuple(targets.shape)} but tokens has shape {tuple(tokens.shape)}")
+    check_ids("targets", targets, cfg.vocab_size, allowed=ignore_index)
+    logits = forward(params, tokens, cfg, key=key)
+    return cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)

@@ -1,0 +1,202 @@
+"""Parameters are data: ``init_params`` builds a nested dict of tensors that mirrors the call tree.
+
+::
+
+    {"embed":   {"tokens": [vocab, d_model], "positions"?: [max_seq, d_model]},
+     "blocks":  [{"ln1": {"scale", "bias"?}, "attn": {"w_qkv", "b_qkv"?, "w_o", "b_o"?},
+                  "ln2": {...},              "mlp":  {"w_in", "b_in"?, ("w_gate", "b_gate"?,) "w_out", "b_out"?}},
+                 ...],
+     "ln_f"?:   {"scale", "bias"?},           # pre-LN only
+     "unembed"?: {"w": [d_model, vocab]}}     # untied only
+
+A leaf that a config does not use is absent, never ``None``.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from ftransformer.config import Config
+
+PyTree = Any
+
+
+def _normal(gen: torch.Generator, shape: tuple[int, ...], std: float) -> Tensor:
+    return torch.randn(shape, generator=gen) * std
+
+
+def _norm_params(cfg: Config) -> dict:
+    p = {"scale": torch.ones(cfg.d_model)}
+    if cfg.bias and cfg.norm == "layernorm":
+        p["bias"] = torch.zeros(cfg.d_model)
+    return p
+
+
+def _block_params(cfg: Config, gen: torch.Generator) -> dict:
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    qkv_width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    attn = {"w_qkv": _normal(gen, (cfg.d_model, qkv_width), std)}
+    if cfg.bias:
+        attn["b_qkv"] = torch.zeros(qkv_width)
+    attn["w_o"] = _normal(gen, (cfg.n_heads * cfg.head_dim, cfg.d_model), out_std)
+    if cfg.bias:
+        attn["b_o"] = torch.zeros(cfg.d_model)
+    mlp = {}
+    names = ("w_gate", "w_in") if cfg.activation == "swiglu" else ("w_in",)
+    for name in names:
+        mlp[name] = _normal(gen, (cfg.d_model, cfg.d_ff), std)
+        if cfg.bias:
+            mlp["b" + name[1:]] = torch.zeros(cfg.d_ff)
+    mlp["w_out"] = _normal(gen, (cfg.d_ff, cfg.d_model), out_std)
+    if cfg.bias:
+        mlp["b_out"] = torch.zeros(cfg.d_model)
+    return {"ln1": _norm_params(cfg), "attn": attn, "ln2": _norm_params(cfg), "mlp": mlp}
+
+
+def init_params(
+    cfg: Config, seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
+) -> dict:
+    """GPT-2-style initial parameters: N(0, init_std) weights, residual outputs scaled by 1/sqrt(2 n_layers),
+    zero biases, unit norm scales. The same seed gives the same tensors on every device."""
+    if not isinstance(cfg, Config):
+        raise TypeError(f"cfg must be a Config, got {type(cfg).__name__}")
+    gen = torch.Generator().manual_seed(seed)
+    embed = {"tokens": _normal(gen, (cfg.vocab_size, cfg.d_model), cfg.init_std)}
+    if cfg.positional == "learned":
+        embed["positions"] = _normal(gen, (cfg.max_seq_len, cfg.d_model), cfg.init_std)
+    params: dict = {"embed": embed, "blocks": [_block_params(cfg, gen) for _ in range(cfg.n_layers)]}
+    if cfg.norm_position == "pre":
+        params["ln_f"] = _norm_params(cfg)
+    if not cfg.tie_embeddings:
+        params["unembed"] = {"w": _normal(gen, (cfg.d_model, cfg.vocab_size), cfg.init_std)}
+    return tree_to(params, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------- tree helpers
+
+
+def tree_map(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:
+    """Apply ``fn`` leaf by leaf (to matching leaves of ``rest`` too); the structure is kept."""
+    return pytree.tree_map(fn, tree, *rest)
+
+
+def tree_leaves(tree: PyTree) -> list:
+    return pytree.tree_leaves(tree)
+
+
+def tree_flatten_with_paths(tree: PyTree) -> dict[str, Tensor]:
+    """``{"blocks.0.attn.w_qkv": tensor, ...}`` in a stable order."""
+    flat: dict[str, Tensor] = {}
+
+    def visit(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                visit(v, f"{prefix}{k}.")
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                visit(v, f"{prefix}{i}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    visit(tree, "")
+    return flat
+
+
+def tree_unflatten_paths(flat: dict[str, Tensor]) -> dict:
+    """Inverse of ``tree_flatten_with_paths`` for dicts and lists (numeric path parts become list indices)."""
+    root: dict = {}
+    for path, leaf in flat.items():
+        node = root
+        parts = path.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = leaf
+
+    def listify(node):
+        if not isinstance(node, dict):
+            return node
+        node = {k: listify(v) for k, v in node.items()}
+        if node and all(k.isdigit() for k in node):
+            return [node[str(i)] for i in range(len(node))]
+        return node
+
+    return listify(root)
+
+
+def tree_to(
+    tree: PyTree, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> PyTree:
+    """Move and/or cast every floating-point leaf (integer leaves only move)."""
+
+    def move(x):
+        if isinstance(x, Tensor):
+            return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+        return x
+
+    return tree_map(move, tree)
+
+
+def count_params(params: PyTree) -> int:
+    """Number of scalars in all tensor leaves."""
+    return sum(x.numel() for x in tree_leaves(params) if isinstance(x, Tensor))
+
+
+# ---------------------------------------------------------------- breakdown
+
+
+def param_breakdown(cfg: Config) -> dict:
+    """Exact parameter counts by part, next to the classic estimate ``V d + L (4 d^2 + 2 d d_ff)``.
+
+    Returns ``{"rows": [(part, count), ...], "total": int, "estimate_terms": [(term, count), ...],
+    "estimate": int, "left_out": [(what, count), ...]}``. Counts come from shapes, not from tensors,
+    so a GPT-2-sized breakdown costs nothing.
+    """
+    d, L, V, hd = cfg.d_model, cfg.n_layers, cfg.vocab_size, cfg.head_dim
+    norm_size = d * (2 if cfg.bias and cfg.norm == "layernorm" else 1)
+    n_ff_in = 2 if cfg.activation == "swiglu" else 1
+    attn_w = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d
+    attn_b = ((cfg.n_heads + 2 * cfg.n_kv_heads) * hd + d) if cfg.bias else 0
+    ff_w = (n_ff_in + 1) * d * cfg.d_ff
+    ff_b = (n_ff_in * cfg.d_ff + d) if cfg.bias else 0
+    rows = [
+        ("token embeddings", V * d),
+        ("position embeddings", cfg.max_seq_len * d if cfg.positional == "learned" else 0),
+        ("attention weights", L * attn_w),
+        ("attention biases", L * attn_b),
+        ("feed-forward weights", L * ff_w),
+        ("feed-forward biases", L * ff_b),
+        ("norms", (2 * L + (1 if cfg.norm_position == "pre" else 0)) * norm_size),
+        ("output projection", 0 if cfg.tie_embeddings else d * V),
+    ]
+    terms = [
+        ("token embeddings V*d", V * d),
+        ("attention Q,K,V,O L*4*d^2", L * 4 * d * d),
+        ("feed-forward L*2*d*d_ff", L * 2 * d * cfg.d_ff),
+    ]
+    total = sum(n for _, n in rows)
+    estimate = sum(n for _, n in terms)
+    left_out = [(name, n) for name, n in rows if n and name in (
+        "position embeddings", "attention biases", "feed-forward biases", "norms", "output projection")]
+    # GQA and SwiGLU change the weight counts themselves; say so rather than hide it in a remainder.
+    shape_gap = (L * attn_w - L * 4 * d * d) + (L * ff_w - L * 2 * d * cfg.d_ff)
+    if shape_gap:
+        left_out.append(("GQA / SwiGLU weight difference", shape_gap))
+    return {"rows": rows, "total": total, "estimate_terms": terms, "estimate": estimate, "left_out": left_out}
+
+
+def format_breakdown(cfg: Config) -> str:
+    """The breakdown as a printable table."""
+    b = param_breakdown(cfg)
+    width = max(len(n) for n, _ in b["rows"] + b["estimate_terms"] + b["left_out"]) + 2
+    lines = [f"{'part':<{width}}{'parameters':>14}", "-" * (width + 14)]
+    lines += [f"{name:<{width}}{n:>14,}" for name, n in b["rows"]]
+    lines += ["-" * (width + 14), f"{'exact total':<{width}}{b['total']:>14,}", "", "classic estimate:"]
+    lines += [f"{name:<{width}}{n:>14,}" for name, n in b["estimate_terms"]]
+    lines += [f"{'estimate':<{width}}{b['estimate']:>14,}", "", "what the estimate leaves out:"]
+    lines += [f"{name:<{width}}{n:>14,}" for name, n in b["left_out"]]
+    lines.append(f"{'exact - estimate':<{width}}{b['total'] - b['estimate']:>14,}")
+    return "\n".join(lines)

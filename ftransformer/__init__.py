@@ -18,6 +18,12 @@ from ftransformer.params import (
     tree_unflatten_paths,
 )
 
+# Each area below re-exports its public names; keep one area's lines together.
+# [area: cache/generate]
+# [area: optim/train]
+# [area: data/checkpoint]
+# [area: interop]
+
 __version__ = "0.1.0"
 
 __all__ = [

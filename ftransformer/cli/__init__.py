@@ -20,7 +20,9 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ftransformer", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="ftransformer", description="Build, train, run and inspect GPT-style transformers written as pure functions."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         try:

@@ -20,9 +20,18 @@ from ftransformer.params import (
 
 # Each area below re-exports its public names; keep one area's lines together.
 # [area: cache/generate]
+from ftransformer.cache import KVCache, init_cache
+from ftransformer.generate import decode_step, generate, generate_stream, prefill, sample
+from ftransformer.model import forward_with_cache
 # [area: optim/train]
 # [area: data/checkpoint]
+from ftransformer import checkpoint, data, recipes
+from ftransformer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ftransformer.data import BPETokenizer, CharTokenizer, load_dataset, load_tokenizer
+from ftransformer.train import fit
 # [area: interop]
+from ftransformer import interop
+from ftransformer.interop.hf_gpt2 import load_hf_gpt2, to_hf_gpt2
 
 __version__ = "0.1.0"
 
@@ -30,4 +39,8 @@ __all__ = [
     "PRESETS", "Config", "count_params", "cross_entropy", "format_breakdown", "forward", "get_preset",
     "init_params", "layers", "loss_fn", "param_breakdown", "random", "tree_flatten_with_paths", "tree_leaves",
     "tree_map", "tree_to", "tree_unflatten_paths",
+    "KVCache", "decode_step", "forward_with_cache", "generate", "generate_stream", "init_cache", "prefill", "sample",
+    "interop", "load_hf_gpt2", "to_hf_gpt2",
+    "BPETokenizer", "CharTokenizer", "Checkpoint", "checkpoint", "data", "fit", "load_checkpoint", "load_dataset",
+    "load_tokenizer", "recipes", "save_checkpoint",
 ]

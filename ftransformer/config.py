@@ -62,6 +62,11 @@ class Config:
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"Config.{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+        for name in ("bias", "tie_embeddings"):
+            # A string like "false" is truthy; only a real bool says what the caller meant.
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"Config.{name} must be a bool, got {value!r} ({type(value).__name__})")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"Config.dropout={self.dropout!r} must be a float in [0, 1)")
         for name in ("init_std", "norm_eps", "rope_base"):

@@ -1,4 +1,7 @@
-"""Learning-path step 6: the complete model -- embed, a stack of blocks, unembed -- and its loss."""
+"""Learning-path step 6: the complete model -- embed, a stack of blocks, unembed -- and its loss.
+
+Step 8 adds ``forward_with_cache``: the same model over new tokens and a KV-cache of the old ones.
+"""
 
 import torch
 import torch.nn.functional as F
@@ -7,7 +10,8 @@ from torch import Tensor
 
 from ftransformer import random
 from ftransformer.config import Config
-from ftransformer.layers.block import block
+from ftransformer.cache import KVCache, check_cache, check_room, query_slots, slot_bias, write_index
+from ftransformer.layers.block import block, block_with_cache
 from ftransformer.layers.embedding import embed_tokens, learned_positions, sinusoidal_positions
 from ftransformer.layers.linear import linear
 from ftransformer.layers.norm import norm
@@ -90,6 +94,67 @@ def forward(
     return unembed(params, x, cfg)
 
 
+def forward_with_cache(
+    params: dict,
+    tokens: Int[Tensor, "*batch seq"],
+    cache: KVCache,
+    cfg: Config,
+    *,
+    seq_lengths: Int[Tensor, "*batch"] | None = None,
+) -> tuple[Float[Tensor, "*batch seq vocab"], KVCache]:
+    """Logits for ``tokens`` placed after what ``cache`` holds, and the new cache (the old one is untouched).
+
+    One function for a whole prompt (prefill), a prompt in chunks, and one token at a time (decode).
+    ``seq_lengths`` says how many of each row's tokens are real (the rest is right padding, whose
+    logits are meaningless); None means all of them.
+    """
+    check_tokens(tokens, cfg)
+    check_cache(cache, cfg, tokens)
+    check_room(cache.lengths, tokens.shape[-1], cache.max_len)
+    if seq_lengths is not None:
+        if not isinstance(seq_lengths, Tensor) or seq_lengths.shape != tokens.shape[:-1]:
+            raise ValueError(
+                f"seq_lengths must be a tensor of shape (*batch,) = {tuple(tokens.shape[:-1])}, got "
+                f"{tuple(seq_lengths.shape) if isinstance(seq_lengths, Tensor) else type(seq_lengths).__name__}"
+            )
+        if not is_tracing(seq_lengths) and bool(((seq_lengths < 0) | (seq_lengths > tokens.shape[-1])).any()):
+            raise ValueError(f"seq_lengths must lie in [0, seq={tokens.shape[-1]}], got {seq_lengths.tolist()}")
+    return forward_with_cache_unchecked(params, tokens, cache, cfg, seq_lengths=seq_lengths)
+
+
+def forward_with_cache_unchecked(
+    params: dict,
+    tokens: Int[Tensor, "*batch seq"],
+    cache: KVCache,
+    cfg: Config,
+    *,
+    seq_lengths: Int[Tensor, "*batch"] | None = None,
+    donate: bool = False,
+) -> tuple[Float[Tensor, "*batch seq vocab"], KVCache]:
+    """``forward_with_cache`` without the input checks, for loops that checked their inputs once up front.
+
+    ``donate=True`` writes into the cache's buffers in place (no copy per step): only for a caller that
+    owns the cache and never uses the old one again, like the loop inside ``generate``.
+    """
+    seq = tokens.shape[-1]
+    # Everything position-dependent is built once here and shared by all layers: it is the per-op
+    # overhead, not the arithmetic, that bounds one-token decoding.
+    slots = query_slots(cache.lengths, seq)
+    mask = slot_bias(slots, cache.max_len, cache.k[0].dtype)
+    index = write_index(slots, cfg.n_kv_heads, cfg.head_dim)
+    x = embed(params, tokens, cfg, positions=slots)
+    new_k, new_v = [], []
+    for block_params, k_cache, v_cache in zip(params["blocks"], cache.k, cache.v):
+        x, k_cache, v_cache = block_with_cache(
+            block_params, x, cfg, positions=slots, k_cache=k_cache, v_cache=v_cache, write_index=index, mask=mask,
+            donate=donate,
+        )
+        new_k.append(k_cache)
+        new_v.append(v_cache)
+    lengths = cache.lengths + (seq if seq_lengths is None else seq_lengths)
+    return unembed(params, x, cfg), KVCache(tuple(new_k), tuple(new_v), lengths)
+
+
 def cross_entropy(
     logits: Float[Tensor, "*batch seq vocab"],
     targets: Int[Tensor, "*batch seq"],
@@ -104,8 +169,10 @@ def cross_entropy(
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    # Low-precision logits are lifted to float32 for the log-sum-exp; float64 stays float64.
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=ignore_index, reduction=reduction
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index, reduction=reduction
     )
 
 

@@ -26,7 +26,8 @@ PyTree = Any
 
 
 def _normal(gen: torch.Generator, shape: tuple[int, ...], std: float) -> Tensor:
-    return torch.randn(shape, generator=gen) * std
+    # Scaled in place: no second full-size temporary, which GPT-2-sized tables would feel.
+    return torch.randn(shape, generator=gen).mul_(std)
 
 
 def _norm_params(cfg: Config) -> dict:

@@ -10,7 +10,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ftransformer import random
-from ftransformer.layers.attention import multi_head_attention
+from ftransformer.layers.attention import multi_head_attention, multi_head_attention_with_cache
 from ftransformer.layers.feedforward import feedforward
 from ftransformer.layers.norm import norm
 
@@ -44,3 +44,41 @@ def block(
 
     x = residual(params["attn"], x, attn, params["ln1"], cfg, keys[1])
     return residual(params["mlp"], x, mlp, params["ln2"], cfg, keys[2])
+
+
+def block_with_cache(
+    params: dict,
+    x: Float[Tensor, "*batch seq d_model"],
+    cfg,
+    *,
+    positions: Int[Tensor, "*batch seq"],
+    k_cache: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
+    v_cache: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
+    write_index: Int[Tensor, "*batch kv_heads seq head_dim"],
+    mask: Bool[Tensor, "*batch seq kv_seq"] | Float[Tensor, "*batch seq kv_seq"],
+    donate: bool = False,
+) -> tuple[
+    Float[Tensor, "*batch seq d_model"],
+    Float[Tensor, "*batch kv_heads kv_seq head_dim"],
+    Float[Tensor, "*batch kv_heads kv_seq head_dim"],
+]:
+    """``block`` for inference with a KV-cache: also returns this layer's updated key/value buffers.
+
+    ``donate``: see ``multi_head_attention_with_cache``.
+    """
+
+    def attn(p, h):
+        return multi_head_attention_with_cache(
+            p, h, cfg, positions=positions, k_cache=k_cache, v_cache=v_cache, write_index=write_index, mask=mask,
+            donate=donate,
+        )
+
+    # Written out rather than through `residual`, whose sublayer returns a single tensor.
+    if cfg.norm_position == "pre":
+        a, k_new, v_new = attn(params["attn"], norm(params["ln1"], x, cfg))
+        x = x + a
+    else:
+        a, k_new, v_new = attn(params["attn"], x)
+        x = norm(params["ln1"], x + a, cfg)
+    x = residual(params["mlp"], x, lambda p, h: feedforward(p, h, cfg), params["ln2"], cfg, None)
+    return x, k_new, v_new

@@ -1,0 +1,354 @@
+"""Checkpoints: a directory of safetensors + JSON, written atomically, read back into the right structure.
+
+::
+
+    DIR/
+      params.safetensors      the parameter tree, one tensor per dotted path ("blocks.0.attn.w_qkv")
+      opt_state.safetensors   the optimizer state, one tensor per dotted path ("1.mu.blocks.0.attn.w_qkv")
+      tokenizer.json          the tokenizer (see ``ftransformer.data``)
+      checkpoint.json         config, step, metrics history and anything else JSON (data/RNG position, ...)
+
+A save writes everything into a temporary sibling directory first and then renames it into place, so a
+crash mid-save leaves the previous checkpoint as it was. Loading checks every tensor against the shapes
+the config (and the optimizer) expect and names the first one that does not fit.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch import Tensor
+
+from ftransformer.config import Config
+from ftransformer.data import TOKENIZER_FILE, Tokenizer, temp_sibling, tokenizer_from_json
+from ftransformer.params import init_params, tree_flatten_with_paths, tree_to, tree_unflatten_paths
+
+PARAMS_FILE = "params.safetensors"
+OPT_STATE_FILE = "opt_state.safetensors"
+META_FILE = "checkpoint.json"
+FORMAT = "ftransformer-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    """Everything a checkpoint holds."""
+
+    params: dict
+    config: Config
+    step: int
+    # The optimizer state in the structure of ``optimizer.init(params)`` when ``load_checkpoint`` was given
+    # the optimizer; otherwise a flat ``{dotted path: tensor}`` dict; None when none was saved.
+    opt_state: Any = None
+    tokenizer: Tokenizer | None = None
+    metrics: list[dict] = field(default_factory=list)  # history of evaluations
+    extra: dict = field(default_factory=dict)  # JSON: data/RNG position, training settings, best val loss, ...
+    path: Path | None = None
+
+
+# ---------------------------------------------------------------- paths
+
+
+def _key_name(entry) -> str:
+    for attr in ("key", "idx", "name"):  # MappingKey, SequenceKey, GetAttrKey (NamedTuple fields)
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    raise TypeError(f"cannot name pytree key {entry!r}")
+
+
+def flatten_state(tree: Any) -> tuple[dict[str, Any], pytree.TreeSpec]:
+    """``{dotted path: leaf}`` of any pytree (NamedTuple fields by name), and its structure."""
+    with_paths, spec = pytree.tree_flatten_with_path(tree)
+    return {".".join(_key_name(k) for k in path): leaf for path, leaf in with_paths}, spec
+
+
+def _shape(x) -> tuple:
+    return tuple(x) if isinstance(x, torch.Size) else tuple(x.shape)
+
+
+# ---------------------------------------------------------------- save
+
+
+def _tensor_dict(flat: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous CPU copies safe for safetensors (which refuses tensors sharing memory)."""
+    out, seen = {}, set()
+    for name, t in flat.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        if ptr is not None and ptr in seen:
+            t = t.clone()
+        elif ptr is not None:
+            seen.add(ptr)
+        out[name] = t
+    return out
+
+
+def _write_tensors(path: Path, flat: dict[str, Tensor]) -> None:
+    # Serialized in memory and written with a plain open(): safetensors' own writer creates files
+    # readable by the owner only, and checkpoints should get the usual permissions.
+    data = safetensors_bytes(_tensor_dict(flat), metadata={"format": "pt"})
+    with open(path, "xb") as f:
+        f.write(data)
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and directories on some systems) do not support fsync
+    finally:
+        os.close(fd)
+
+
+def _json_default(x):
+    if isinstance(x, Tensor) and x.numel() == 1:
+        return x.item()
+    if hasattr(x, "item"):  # numpy scalars
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"{type(x).__name__} is not JSON-serializable")
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    *,
+    params: dict,
+    config: Config,
+    step: int,
+    opt_state: Any = None,
+    tokenizer: Tokenizer | None = None,
+    metrics: list[dict] | tuple = (),
+    extra: dict | None = None,
+) -> Path:
+    """Write a checkpoint directory at ``path`` atomically (the previous one survives a failed save)."""
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a Config, got {type(config).__name__}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta: dict = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": step,
+        "config": config.to_dict(),
+        "metrics": list(metrics),
+        "extra": dict(extra or {}),
+        "tokenizer": tokenizer.kind if tokenizer is not None else None,
+        "opt_state": None,
+    }
+    tmp = temp_sibling(path)
+    tmp.mkdir()
+    try:
+        _write_tensors(tmp / PARAMS_FILE, tree_flatten_with_paths(params))
+        if opt_state is not None:
+            flat, _ = flatten_state(opt_state)
+            tensors = {k: v for k, v in flat.items() if isinstance(v, Tensor)}
+            # Plain numbers (or None) in a state are rare; JSON keeps them next to the tensors.
+            others = {k: v for k, v in flat.items() if not isinstance(v, Tensor)}
+            _write_tensors(tmp / OPT_STATE_FILE, tensors)
+            meta["opt_state"] = {"tensors": list(tensors), "other": others}
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        # checkpoint.json last: a directory holding it is complete.
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=_json_default), encoding="utf-8")
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        _swap_into_place(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync(path.parent)
+    return path
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` to ``path``; an existing ``path`` is set aside first and deleted afterwards.
+
+    POSIX cannot rename a directory over a non-empty one, so there is one moment with the old
+    checkpoint set aside and the new one not yet in place; ``_resolve`` recovers from a crash there.
+    """
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = temp_sibling(path, "old")
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _complete(d: Path) -> bool:
+    return (d / META_FILE).is_file() and (d / PARAMS_FILE).is_file()
+
+
+def _resolve(path: Path) -> Path | None:
+    """The complete checkpoint at ``path``, or the one set aside by a save that crashed mid-swap."""
+    if _complete(path):
+        return path
+    if path.exists():
+        return None
+    aside = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for candidate in aside:
+        if _complete(candidate):
+            try:
+                os.replace(candidate, path)
+                return path
+            except OSError:
+                return candidate
+    return None
+
+
+def checkpoint_exists(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a complete checkpoint (or a recoverable one)."""
+    return _resolve(Path(path)) is not None
+
+
+# ---------------------------------------------------------------- load
+
+
+def _mismatch(where: str, what: str, key: str, got, expected) -> ValueError:
+    return ValueError(
+        f"checkpoint {where} does not fit the {what}: {key} has shape {got} in the checkpoint "
+        f"but the {what} expects {expected}"
+    )
+
+
+def _check_against(where: str, what: str, saved: dict[str, Tensor], expected: dict[str, Any]) -> None:
+    for key, exp in expected.items():
+        if key not in saved:
+            raise ValueError(
+                f"checkpoint {where} does not fit the {what}: {key} (shape {_shape(exp)}) is expected "
+                f"but missing from the checkpoint"
+            )
+        if _shape(saved[key]) != _shape(exp):
+            raise _mismatch(where, what, key, _shape(saved[key]), _shape(exp))
+    for key in saved:
+        if key not in expected:
+            raise ValueError(
+                f"checkpoint {where} does not fit the {what}: the checkpoint holds {key} "
+                f"(shape {_shape(saved[key])}), which the {what} does not have"
+            )
+
+
+def expected_param_shapes(config: Config) -> dict[str, torch.Size]:
+    """``{dotted path: shape}`` of the parameters ``config`` builds (computed on the meta device: no memory)."""
+    with torch.device("meta"):
+        params = init_params(config)
+    return {k: v.shape for k, v in tree_flatten_with_paths(params).items()}
+
+
+def restore_opt_state(flat: dict[str, Tensor], template: Any, *, where: str = "") -> Any:
+    """Put saved ``{dotted path: tensor}`` back into the structure of ``template`` (``optimizer.init(params)``)."""
+    expected, spec = flatten_state(template)
+    expected_tensors = {k: v for k, v in expected.items() if isinstance(v, Tensor)}
+    saved_tensors = {k: v for k, v in flat.items() if isinstance(v, Tensor)}
+    _check_against(where, "optimizer", saved_tensors, expected_tensors)
+    leaves = []
+    for key, leaf in expected.items():
+        if isinstance(leaf, Tensor):
+            leaves.append(flat[key].to(device=leaf.device, dtype=leaf.dtype))
+        else:
+            leaves.append(flat.get(key, leaf))
+    return pytree.tree_unflatten(leaves, spec)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    config: Config | None = None,
+    optimizer=None,
+    device: str | torch.device | None = None,
+) -> Checkpoint:
+    """Read a checkpoint directory.
+
+    Args:
+        config: the config the parameters must fit (default: the one saved); a tensor that does not fit
+            raises ``ValueError`` naming its key and both shapes.
+        optimizer: a ``GradientTransformation``; the saved state is restored into the structure of
+            ``optimizer.init(params)``, checked the same way.
+        device: where the tensors go (default: CPU).
+    """
+    requested = Path(path)
+    resolved = _resolve(requested)
+    if resolved is None:
+        if not requested.exists():
+            raise ValueError(f"no checkpoint at {str(requested)!r}")
+        raise ValueError(f"{str(requested)!r} is not a complete checkpoint ({META_FILE} or {PARAMS_FILE} missing)")
+    where = repr(str(requested))
+    try:
+        meta = json.loads((resolved / META_FILE).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"checkpoint {where}: {META_FILE} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {where}: {META_FILE} is not an ftransformer checkpoint")
+    if meta.get("version", 0) > VERSION:
+        raise ValueError(f"checkpoint {where} has format version {meta['version']}; this ftransformer reads <= {VERSION}")
+    saved_config = Config.from_dict(meta["config"])
+    config = saved_config if config is None else config
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a Config, got {type(config).__name__}")
+
+    flat = load_file(resolved / PARAMS_FILE, device="cpu")
+    expected = expected_param_shapes(config)
+    _check_against(where, "config", flat, expected)
+    # Rebuilt in init_params' key order (safetensors sorts keys): trees with another key order have
+    # another pytree structure, which optimizers and torch.compile guards tell apart.
+    params = tree_to(tree_unflatten_paths({k: flat[k] for k in expected}), device=device)
+
+    opt_state = None
+    opt_meta = meta.get("opt_state")
+    if opt_meta is not None:
+        opt_flat: dict[str, Any] = dict(load_file(resolved / OPT_STATE_FILE, device="cpu"))
+        opt_flat.update(opt_meta.get("other", {}))
+        if optimizer is not None:
+            opt_state = restore_opt_state(opt_flat, optimizer.init(params), where=where)
+        else:
+            opt_state = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in opt_flat.items()}
+    elif optimizer is not None:
+        raise ValueError(f"checkpoint {where} holds no optimizer state")
+
+    tokenizer = None
+    if (resolved / TOKENIZER_FILE).is_file():
+        tokenizer = tokenizer_from_json((resolved / TOKENIZER_FILE).read_text(encoding="utf-8"))
+
+    return Checkpoint(
+        params=params,
+        config=config,
+        step=int(meta["step"]),
+        opt_state=opt_state,
+        tokenizer=tokenizer,
+        metrics=list(meta.get("metrics", [])),
+        extra=dict(meta.get("extra", {})),
+        path=resolved,
+    )
+
+
+def read_checkpoint_info(path: str | os.PathLike) -> dict:
+    """The JSON part of a checkpoint (config, step, metrics, extra) without reading any tensor."""
+    resolved = _resolve(Path(path))
+    if resolved is None:
+        raise ValueError(f"no checkpoint at {str(path)!r}")
+    return json.loads((resolved / META_FILE).read_text(encoding="utf-8"))
+
+
+__all__ = [
+    "Checkpoint", "checkpoint_exists", "expected_param_shapes", "flatten_state", "load_checkpoint",
+    "read_checkpoint_info", "restore_opt_state", "save_checkpoint",
+]

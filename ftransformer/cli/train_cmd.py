@@ -1,0 +1,282 @@
+"""``ftransformer train``: tokenize a corpus, build a preset's model and optimizer, and run ``fit``.
+
+With no arguments it trains the shakespeare-char-cpu model on the built-in corpus (the running Python's
+standard library source) for a short run, into ``./runs/<preset>-<corpus>``.
+"""
+
+import argparse
+import dataclasses
+import types
+from pathlib import Path
+
+import torch
+
+from ftransformer.checkpoint import checkpoint_exists, read_checkpoint_info
+from ftransformer.config import PRESETS, Config, get_preset
+from ftransformer.data import TOKENIZER_KINDS, load_dataset, load_tokenizer
+from ftransformer.params import count_params, init_params
+from ftransformer.recipes import QUICKSTART_PRESET, QUICKSTART_STEPS, RECIPES, TrainRecipe, get_recipe, optimizer_for
+from ftransformer.train import BEST, LATEST, fit
+
+RUNS_DIR = "runs"
+DEVICES = ("cpu", "cuda", "mps")
+
+
+def _recipes_table() -> str:
+    lines = ["training defaults per preset (change any with --set field=value):"]
+    for name, r in RECIPES.items():
+        lines.append(
+            f"  {name:<22} {r.tokenizer:<4} batch {r.batch_size:<4} seq {r.seq_len:<5} steps {r.steps:<7} "
+            f"lr {r.lr:g} (warmup {r.warmup_steps}, cosine to {r.lr * r.min_lr_ratio:g})"
+        )
+    fields = ", ".join(f.name for f in dataclasses.fields(TrainRecipe))
+    lines += [
+        "",
+        f"recipe fields for --set: {fields}",
+        "model fields for --set: any Config field, e.g. d_model, n_layers, dropout, bias, positional",
+        "",
+        "files written to --out DIR: latest/ and best/ (checkpoints: params, optimizer state, config,",
+        "tokenizer, step, metrics), metrics.jsonl (one line per evaluation), loss.png, cache/ (token ids).",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _recipes_table()
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default=None,
+        help=f"model preset and its training recipe (default: {QUICKSTART_PRESET}, shortened to "
+        f"{QUICKSTART_STEPS} steps unless --steps is given)",
+    )
+    parser.add_argument(
+        "--data", metavar="FILE", default=None,
+        help="UTF-8 text file to train on (default: the built-in corpus, the source of this Python's standard library)",
+    )
+    parser.add_argument(
+        "--tokenizer", choices=TOKENIZER_KINDS, default=None,
+        help="char: one id per character; bpe: byte-level BPE trained on the corpus (default: the preset's)",
+    )
+    parser.add_argument(
+        "--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
+        help="change a model (Config) or recipe field, e.g. --set n_layers=2 --set warmup_steps=50; repeatable",
+    )
+    parser.add_argument("--steps", type=int, metavar="N", default=None, help="optimizer steps (default: the preset's)")
+    parser.add_argument("--batch-size", type=int, metavar="B", default=None, help="sequences per step (default: the preset's)")
+    parser.add_argument(
+        "--accum", type=int, metavar="K", default=None,
+        help="gradient accumulation: split each batch into this many micro-batches (same update, less memory)",
+    )
+    parser.add_argument("--lr", type=float, metavar="LR", default=None, help="peak learning rate (default: the preset's)")
+    parser.add_argument(
+        "--eval-every", type=int, metavar="N", default=None, help="steps between evaluations and checkpoints (default: the preset's)"
+    )
+    parser.add_argument(
+        "--out", metavar="DIR", default=None,
+        help=f"run directory (default: {RUNS_DIR}/<preset>-<corpus>, with -2, -3, ... if that one is taken)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true",
+        help="continue the run in --out DIR from its latest checkpoint, with its saved settings (default --out: "
+        "the newest default run directory of this preset and corpus)",
+    )
+    parser.add_argument("--compile", action="store_true", help="compile the train step with torch.compile")
+    parser.add_argument(
+        "--device", choices=DEVICES, default=None, help="where to train (default: cuda if available, else cpu)"
+    )
+    parser.add_argument("--seed", type=int, metavar="S", default=None, help="seed of the initial parameters, batches and dropout (default: 0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# ---------------------------------------------------------------- --set parsing
+
+
+def _parse_value(key: str, raw: str, annotation) -> object:
+    """``raw`` converted to the field's type (``int``, ``float``, ``bool``, ``str`` or ``X | None``)."""
+    options = [a for a in getattr(annotation, "__args__", (annotation,))]
+    if isinstance(annotation, types.UnionType) and type(None) in options and raw.lower() in ("none", "null"):
+        return None
+    kinds = [a for a in options if a is not type(None)]
+    kind = kinds[0] if kinds else str
+    if kind is bool:
+        if raw.lower() in ("true", "1", "yes", "on"):
+            return True
+        if raw.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ValueError(f"--set {key}={raw}: expected true or false")
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ValueError(f"--set {key}={raw}: expected an int") from None
+    if kind is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"--set {key}={raw}: expected a number") from None
+    return raw
+
+
+def parse_overrides(items: list[str]) -> tuple[dict, dict]:
+    """``--set`` items split into ``(config changes, recipe changes)``, each value converted to its field's type."""
+    config_fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    recipe_fields = {f.name: f.type for f in dataclasses.fields(TrainRecipe)}
+    config_changes, recipe_changes = {}, {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        if key in config_fields:
+            config_changes[key] = _parse_value(key, raw.strip(), config_fields[key])
+        elif key in recipe_fields:
+            recipe_changes[key] = _parse_value(key, raw.strip(), recipe_fields[key])
+        else:
+            raise ValueError(
+                f"--set {key}: unknown field; model fields: {', '.join(config_fields)}; "
+                f"recipe fields: {', '.join(recipe_fields)}"
+            )
+    return config_changes, recipe_changes
+
+
+# ---------------------------------------------------------------- run directory
+
+
+def _corpus_tag(data: str | None) -> str:
+    return "stdlib" if data is None else (Path(data).stem or "data")
+
+
+def _default_out(preset: str, data: str | None, *, resume: bool) -> Path:
+    """``runs/<preset>-<corpus>``; a fresh run takes the first free ``-2``, ``-3``...; resume takes the newest taken."""
+    base = Path(RUNS_DIR) / f"{preset}-{_corpus_tag(data)}"
+    candidates = [base] + [base.with_name(f"{base.name}-{i}") for i in range(2, 1000)]
+    taken = [c for c in candidates if checkpoint_exists(c / LATEST)]
+    if resume:
+        if not taken:
+            raise ValueError(f"nothing to resume: no checkpoint in {str(base)!r} (pass --out DIR)")
+        return taken[-1]
+    return next(c for c in candidates if not checkpoint_exists(c / LATEST))
+
+
+def _change_config(cfg: Config, changes: dict) -> Config:
+    """``cfg.replace(**changes)``, where a new ``n_heads`` on a multi-head (not GQA) model keeps it multi-head."""
+    if "n_heads" in changes and "n_kv_heads" not in changes and cfg.n_kv_heads == cfg.n_heads:
+        changes = {**changes, "n_kv_heads": changes["n_heads"]}
+    return cfg.replace(**changes) if changes else cfg
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available to torch")
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError("--device mps: the MPS backend is not available to torch")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run(args) -> int:
+    config_changes, recipe_changes = parse_overrides(args.overrides)
+    flag_changes = {
+        k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("accum_steps", args.accum),
+                          ("lr", args.lr), ("eval_every", args.eval_every), ("tokenizer", args.tokenizer))
+        if v is not None
+    }
+
+    if args.resume:
+        out = Path(args.out) if args.out else _default_out(args.preset or QUICKSTART_PRESET, args.data, resume=True)
+        if not checkpoint_exists(out / LATEST):
+            raise ValueError(f"nothing to resume in {str(out)!r}: no checkpoint at {str(out / LATEST)!r}")
+        info = read_checkpoint_info(out / LATEST)
+        saved = info.get("extra", {}).get("train")
+        if saved is None:
+            raise ValueError(f"{str(out / LATEST)!r} was not written by `ftransformer train`; it has no run settings")
+        if args.preset is not None and args.preset != saved["preset"]:
+            raise ValueError(f"--preset {args.preset} but the run in {str(out)!r} uses preset {saved['preset']}")
+        preset = saved["preset"]
+        if "tokenizer" in flag_changes and flag_changes["tokenizer"] != saved["recipe"]["tokenizer"]:
+            raise ValueError("--tokenizer cannot change when resuming; the run's tokenizer is saved with it")
+        recipe = TrainRecipe.from_dict(saved["recipe"]).replace(**recipe_changes, **flag_changes)
+        cfg = Config.from_dict(info["config"])
+        cfg = _change_config(cfg, config_changes)
+        data = str(Path(args.data).resolve()) if args.data is not None else saved["data"]
+        seed = saved["seed"] if args.seed is None else args.seed
+        tokenizer = load_tokenizer(out / LATEST)
+    else:
+        preset = args.preset or QUICKSTART_PRESET
+        recipe = get_recipe(preset)
+        if args.preset is None and args.steps is None:
+            recipe = recipe.replace(steps=QUICKSTART_STEPS)
+        recipe = recipe.replace(**recipe_changes, **flag_changes)
+        data = None if args.data is None else str(Path(args.data).resolve())
+        out = Path(args.out) if args.out else _default_out(preset, args.data, resume=False)
+        if checkpoint_exists(out / LATEST):
+            step = read_checkpoint_info(out / LATEST)["step"]
+            raise ValueError(
+                f"{str(out)!r} already holds a run (checkpoint at step {step}); add --resume to continue it "
+                f"or choose another --out"
+            )
+        seed = 0 if args.seed is None else args.seed
+        tokenizer = recipe.tokenizer
+        cfg = None
+    if seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {seed}")
+    device = _device(args.device)
+
+    where = "the built-in corpus (Python standard library source)" if data is None else repr(data)
+    print(f"data: {where}")
+    dataset = load_dataset(
+        data, tokenizer=tokenizer, seq_len=recipe.seq_len, val_fraction=recipe.val_fraction,
+        bpe_vocab_size=recipe.bpe_vocab_size, cache_dir=out / "cache",
+    )
+    if cfg is None:
+        cfg = _change_config(get_preset(preset), {"vocab_size": dataset.tokenizer.vocab_size, **config_changes})
+    elif cfg.vocab_size != dataset.tokenizer.vocab_size:
+        raise ValueError(f"the checkpoint's vocab_size={cfg.vocab_size} but its tokenizer has {dataset.tokenizer.vocab_size}")
+    if recipe.seq_len > cfg.max_seq_len:
+        raise ValueError(
+            f"seq_len={recipe.seq_len} but the model's max_seq_len={cfg.max_seq_len}; "
+            f"add --set max_seq_len={recipe.seq_len} or a smaller --set seq_len"
+        )
+
+    params = init_params(cfg, seed=seed, device=device)
+    print(
+        f"model: preset {preset}, {count_params(params):,} parameters, vocab {cfg.vocab_size} "
+        f"({dataset.tokenizer.kind} tokenizer), {len(dataset.train):,} train / {len(dataset.val):,} val tokens"
+    )
+    print(
+        f"training: {recipe.steps} steps of {recipe.batch_size} x {recipe.seq_len} tokens"
+        + (f" in {recipe.accum_steps} micro-batches" if recipe.accum_steps > 1 else "")
+        + f", lr {recipe.lr:g}, on {device}{' (compiled)' if args.compile else ''}, into {str(out)!r}"
+    )
+    run_settings = {
+        "preset": preset, "data": data, "seed": seed, "recipe": recipe.to_dict(),
+    }
+    result = fit(
+        params, cfg, optimizer_for(recipe), dataset.train, dataset.val,
+        steps=recipe.steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len, out_dir=out,
+        accum_steps=recipe.accum_steps, eval_every=recipe.eval_every, eval_batches=recipe.eval_batches,
+        seed=seed, resume=args.resume, compile=args.compile, device=device, tokenizer=dataset.tokenizer,
+        extra={"train": run_settings}, progress=not args.quiet,
+    )
+    last = result.history[-1] if result.history else None
+    if last is not None:
+        print(f"step {last['step']}: train loss {last['train_loss']:.4f}, val loss {last['val_loss']:.4f}; "
+              f"best val loss {result.best_val_loss:.4f}")
+    print(f"checkpoints: {out / LATEST}, {out / BEST}")
+    print(f"metrics: {result.files['metrics']}; plot: {result.files['plot']}")
+    if result.interrupted:
+        print(f"interrupted at step {result.step}; continue with: ftransformer train --resume --out {_quote(out)}")
+        return 130
+    return 0
+
+
+def _quote(path: Path) -> str:
+    s = str(path)
+    return s if s and all(c.isalnum() or c in "-_./" for c in s) else repr(s)
+
+
+__all__ = ["add_arguments", "parse_overrides", "run"]

@@ -1,0 +1,235 @@
+"""Learning-path step 8 (continued): generation = prefill, then decode steps, each followed by a sample.
+
+* ``prefill`` runs the whole prompt through the model once, filling the KV-cache;
+* ``decode_step`` runs one new token per row against the cache;
+* ``sample`` turns the last logits into the next token: greedy, temperature, top-k, top-p, with an
+  explicit random key (``ftransformer.random``) so a seed reproduces a text exactly.
+
+``generate_stream`` yields the new tokens as they are produced; ``generate`` collects them after the
+prompt. Prompts of different lengths share a batch with right padding and ``prompt_lengths``.
+"""
+
+import functools
+from collections.abc import Iterator, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ftransformer import random
+from ftransformer.cache import KVCache, init_cache
+from ftransformer.config import Config
+from ftransformer.model import check_tokens, forward_with_cache, forward_with_cache_unchecked, is_tracing
+
+
+def prefill(
+    params: dict,
+    prompt: Int[Tensor, "*batch seq"],
+    cache: KVCache,
+    cfg: Config,
+    *,
+    prompt_lengths: Int[Tensor, "*batch"] | None = None,
+) -> tuple[Float[Tensor, "*batch vocab"], KVCache]:
+    """Put the prompt into the cache; returns the logits after each row's last real token and the new cache.
+
+    ``prompt_lengths`` counts the real tokens of each row (the rest is right padding); None: all.
+    """
+    logits, cache = forward_with_cache(params, prompt, cache, cfg, seq_lengths=prompt_lengths)
+    if prompt_lengths is None:
+        return logits[..., -1, :], cache
+    last = (prompt_lengths - 1).clamp(min=0)[..., None, None].expand(*prompt_lengths.shape, 1, logits.shape[-1])
+    return logits.gather(-2, last).squeeze(-2), cache
+
+
+def decode_step(
+    params: dict, token: Int[Tensor, "*batch"], cache: KVCache, cfg: Config
+) -> tuple[Float[Tensor, "*batch vocab"], KVCache]:
+    """One new token per row through the model; returns its next-token logits and the new cache."""
+    logits, cache = forward_with_cache(params, token[..., None], cache, cfg)
+    return logits[..., 0, :], cache
+
+
+def _owned_decode_step(
+    params: dict, token: Int[Tensor, "*batch"], cache: KVCache, cfg: Config
+) -> tuple[Float[Tensor, "*batch vocab"], KVCache]:
+    """``decode_step`` for the generation loop, which owns its cache: it writes the buffers in place.
+
+    The loop checked the prompt and the room in the cache once, and samples ids in range by
+    construction, so the per-step checks (ops and host syncs on every token) are skipped too.
+    Copying the buffers every step costs more than the rest of the step's non-matmul work together.
+    """
+    logits, cache = forward_with_cache_unchecked(params, token[..., None], cache, cfg, donate=True)
+    return logits[..., 0, :], cache
+
+
+@functools.cache
+def compiled_decode_step():
+    """The generation loop's decode step compiled with static shapes: every step reuses one graph.
+
+    Built on first use (no compile work at import). Run it with jaxtyping checking off: a checked
+    function graph-breaks.
+    """
+    return torch.compile(_owned_decode_step, fullgraph=True, dynamic=False)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ``ValueError`` on sampling settings outside their ranges."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0
+    ):
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+
+
+def restrict_logits(
+    logits: Float[Tensor, "*batch vocab"], *, top_k: int | None = None, top_p: float | None = None
+) -> Float[Tensor, "*batch vocab"]:
+    """Set to -inf every logit outside the top ``top_k`` and outside the smallest set holding ``top_p`` of the mass."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already hold top_p: the most likely one always stays.
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(
+    logits: Float[Tensor, "*batch vocab"],
+    key: Tensor | None,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Int[Tensor, " *batch"]:
+    """The next token of each row: greedy when ``temperature == 0``, else a draw driven by ``key``.
+
+    The draw is the Gumbel-max trick: argmax(logits / temperature + Gumbel noise) is a sample from
+    softmax(logits / temperature), and needs only uniform numbers, which ``key`` makes reproducible.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    if key is None:
+        raise ValueError(f"sampling with temperature={temperature} needs a random key, got None")
+    logits = restrict_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
+    u = random.uniform(key, logits.shape).to(logits.device)
+    # Keep u away from 0 so log(u) is finite; 2**-25 is below the smallest nonzero uniform (2**-24).
+    gumbel = -torch.log(-torch.log(u.clamp(min=2.0**-25)))
+    return (logits + gumbel).argmax(dim=-1)
+
+
+def _check_generate_args(
+    prompt: Tensor, cfg: Config, max_new_tokens: int, prompt_lengths: Tensor | None
+) -> int:
+    """Validate a generation request; returns the cache length it needs."""
+    check_tokens(prompt, cfg, name="prompt")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    longest = prompt.shape[-1]
+    if prompt_lengths is not None:
+        if not isinstance(prompt_lengths, Tensor) or prompt_lengths.shape != prompt.shape[:-1]:
+            got = tuple(prompt_lengths.shape) if isinstance(prompt_lengths, Tensor) else type(prompt_lengths).__name__
+            raise ValueError(f"prompt_lengths must have shape (*batch,) = {tuple(prompt.shape[:-1])}, got {got}")
+        if not is_tracing(prompt_lengths):
+            if bool(((prompt_lengths < 1) | (prompt_lengths > prompt.shape[-1])).any()):
+                raise ValueError(
+                    f"prompt_lengths must lie in [1, seq={prompt.shape[-1]}], got {prompt_lengths.tolist()}"
+                )
+            longest = int(prompt_lengths.max()) if prompt_lengths.numel() else longest
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(
+            f"prompt of seq={longest} plus max_new_tokens={max_new_tokens} is {longest + max_new_tokens} "
+            f"tokens but max_seq_len={cfg.max_seq_len}"
+        )
+    return max(longest + max_new_tokens, 1)
+
+
+def generate_stream(
+    params: dict,
+    prompt: Int[Tensor, "*batch seq"],
+    cfg: Config,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_tokens: Sequence[int] = (),
+    prompt_lengths: Int[Tensor, "*batch"] | None = None,
+    pad_id: int = 0,
+    compile: bool = False,
+) -> Iterator[Int[Tensor, "*batch"]]:
+    """Yield the next token of every row, one step at a time, as soon as it is sampled.
+
+    A row that produced one of ``stop_tokens`` yields ``pad_id`` afterwards; the stream ends after
+    ``max_new_tokens`` steps or once every row has stopped. ``compile=True`` runs the decode step
+    through ``torch.compile`` (one graph for all steps; worth it for long generations).
+    """
+    check_sampling(temperature, top_k, top_p)
+    max_len = _check_generate_args(prompt, cfg, max_new_tokens, prompt_lengths)
+    if max_new_tokens == 0:
+        return
+    dtype = params["embed"]["tokens"].dtype
+    cache = init_cache(cfg, tuple(prompt.shape[:-1]), max_len=max_len, dtype=dtype, device=prompt.device)
+    logits, cache = prefill(params, prompt, cache, cfg, prompt_lengths=prompt_lengths)
+    step = compiled_decode_step() if compile else _owned_decode_step
+    key = random.key(seed).to(prompt.device)
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=prompt.device)
+    done = torch.zeros(prompt.shape[:-1], dtype=torch.bool, device=prompt.device)
+    for i in range(max_new_tokens):
+        token = sample(logits, random.fold_in(key, i), temperature=temperature, top_k=top_k, top_p=top_p)
+        if len(stop_tokens):
+            token = token.masked_fill(done, pad_id)
+            done = done | torch.isin(token, stop)
+        yield token
+        # Reading `done` costs a host sync per step, so only generations with stop tokens pay it.
+        if i + 1 == max_new_tokens or (len(stop_tokens) and bool(done.all())):
+            return
+        logits, cache = step(params, token, cache, cfg)
+
+
+def generate(
+    params: dict,
+    prompt: Int[Tensor, "*batch seq"],
+    cfg: Config,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_tokens: Sequence[int] = (),
+    prompt_lengths: Int[Tensor, "*batch"] | None = None,
+    pad_id: int = 0,
+    compile: bool = False,
+) -> Int[Tensor, "*batch total"]:
+    """The prompt followed by up to ``max_new_tokens`` new tokens (see ``generate_stream`` for the options).
+
+    With ``prompt_lengths`` each row's new tokens follow its own real prompt and the rest of the row is
+    ``pad_id``; the result has ``seq + steps`` columns either way.
+    """
+    new = list(
+        generate_stream(
+            params, prompt, cfg, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+            top_p=top_p, seed=seed, stop_tokens=stop_tokens, prompt_lengths=prompt_lengths, pad_id=pad_id,
+            compile=compile,
+        )
+    )
+    if not new:
+        return prompt.clone()
+    new_tokens = torch.stack(new, dim=-1).to(prompt.dtype)
+    if prompt_lengths is None:
+        return torch.cat([prompt, new_tokens], dim=-1)
+    seq, steps = prompt.shape[-1], new_tokens.shape[-1]
+    is_prompt = torch.arange(seq, device=prompt.device) < prompt_lengths[..., None]
+    out = torch.cat([prompt.masked_fill(~is_prompt, pad_id), torch.full_like(new_tokens, pad_id)], dim=-1)
+    return out.scatter(-1, prompt_lengths[..., None] + torch.arange(steps, device=prompt.device), new_tokens)
+

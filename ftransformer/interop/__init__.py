@@ -1,0 +1,19 @@
+"""Interoperability with other libraries' checkpoints: Hugging Face GPT-2 in and out."""
+
+from ftransformer.interop.hf_gpt2 import (
+    GPT2BPETokenizer,
+    check_gpt2_compatible,
+    config_from_hf,
+    config_to_hf,
+    load_hf_gpt2,
+    load_hf_gpt2_dir,
+    load_hf_gpt2_tokenizer,
+    save_hf_gpt2,
+    save_vocab_merges,
+    to_hf_gpt2,
+)
+
+__all__ = [
+    "GPT2BPETokenizer", "check_gpt2_compatible", "config_from_hf", "config_to_hf", "load_hf_gpt2",
+    "load_hf_gpt2_dir", "load_hf_gpt2_tokenizer", "save_hf_gpt2", "save_vocab_merges", "to_hf_gpt2",
+]

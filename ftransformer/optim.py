@@ -1,0 +1,494 @@
+"""Learning-path step 7a: optimizers as pure functions, the optax way.
+
+An optimizer is a ``GradientTransformation``: ``init(params) -> state`` and
+``update(grads, state, params) -> (updates, state)``. Nothing is mutated; the state is a NamedTuple
+of tensors (the step counter too), so it checkpoints, ``vmap``s and compiles like the parameters::
+
+    opt = ft.optim.chain(ft.optim.clip_by_global_norm(1.0), ft.optim.adamw(lr=1e-3, weight_decay=0.1))
+    state = opt.init(params)
+    updates, state = opt.update(grads, state, params)
+    params = ft.optim.apply_updates(params, updates)
+
+Learning rates are floats or schedules (``step -> lr``). The arithmetic runs on whole lists of tensors
+at once (``torch._foreach_*``): one call per operation instead of one per tensor, which matters on a
+CPU where a small model's step is dominated by per-call overhead. ``vmap`` has no batching rule for
+those calls, so under ``vmap`` the same formulas run tensor by tensor.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+PyTree = Any
+Schedule = Callable[[Any], Any]  # step (int or 0-d tensor) -> learning rate (float or 0-d tensor)
+
+
+class GradientTransformation(NamedTuple):
+    """A pure optimizer: ``init(params) -> state``, ``update(grads, state, params) -> (updates, state)``."""
+
+    init: Callable[[PyTree], Any]
+    update: Callable[..., tuple[PyTree, Any]]
+
+
+class EmptyState(NamedTuple):
+    """State of a transformation that remembers nothing (gradient clipping)."""
+
+
+class AdamWState(NamedTuple):
+    """AdamW's memory: updates done so far, the last learning rate, and both moment estimates."""
+
+    count: Tensor  # int64, 0-d: updates done so far
+    lr: Tensor  # float32, 0-d: the learning rate of the latest update (before any: of the first)
+    mu: PyTree  # first moment (running mean of gradients), shaped like params
+    nu: PyTree  # second moment (running mean of squared gradients), shaped like params
+
+
+class SGDState(NamedTuple):
+    """SGD's memory: updates done so far, the last learning rate and the momentum buffer."""
+
+    count: Tensor  # int64, 0-d
+    lr: Tensor  # float32, 0-d
+    trace: PyTree  # momentum buffer shaped like params; () when momentum is 0
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def _step_value(step) -> int | float:
+    if isinstance(step, bool) or not isinstance(step, (int, float)):
+        raise TypeError(f"step must be an int or a 0-d tensor, got {type(step).__name__}")
+    return step
+
+
+def _check_lr(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def constant(lr: float) -> Schedule:
+    """The schedule that is ``lr`` at every step."""
+    _check_lr("lr", lr)
+    lr = float(lr)
+
+    def schedule(step):
+        if isinstance(step, Tensor):
+            return torch.full((), lr, dtype=torch.float32, device=step.device)
+        _step_value(step)
+        return lr
+
+    return schedule
+
+
+def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int, final_lr: float = 0.0) -> Schedule:
+    """Linear warm-up from 0 to ``peak_lr`` over ``warmup_steps``, cosine decay to ``final_lr`` at
+    ``total_steps``, then ``final_lr`` for good.
+
+    The schedule takes the number of updates done so far (0 for the first update): an int gives a
+    float, a 0-d tensor gives a 0-d float32 tensor (no host sync, no recompiles under ``torch.compile``).
+    """
+    _check_lr("peak_lr", peak_lr)
+    _check_lr("final_lr", final_lr)
+    for name, value in (("warmup_steps", warmup_steps), ("total_steps", total_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if total_steps < warmup_steps:
+        raise ValueError(f"total_steps={total_steps} must be >= warmup_steps={warmup_steps}")
+    peak, final = float(peak_lr), float(final_lr)
+    rise, span = peak / max(warmup_steps, 1), max(total_steps - warmup_steps, 1)
+
+    def schedule(step):
+        if isinstance(step, Tensor):
+            s = step.to(torch.float32)
+            progress = ((s - warmup_steps) / span).clamp(0.0, 1.0)
+            decay = final + 0.5 * (peak - final) * (1.0 + torch.cos(math.pi * progress))
+            return torch.where(s < warmup_steps, s * rise, decay)
+        s = float(_step_value(step))
+        if s < warmup_steps:
+            return s * rise
+        progress = min((s - warmup_steps) / span, 1.0)
+        return final + 0.5 * (peak - final) * (1.0 + math.cos(math.pi * progress))
+
+    return schedule
+
+
+def _as_schedule(lr) -> Schedule:
+    """A schedule for ``lr``; a plain float stays a float, so the update multiplies by a Python number."""
+    if callable(lr):
+        return lr
+    _check_lr("lr", lr)
+    lr = float(lr)
+    return lambda step: lr
+
+
+# ---------------------------------------------------------------- multi-tensor arithmetic
+
+
+def _is_wrapped(x: Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def _use_foreach(*lists: list[Tensor]) -> bool:
+    """Whether the ``_foreach`` kernels may run: not under ``vmap``/``grad``, whose wrappers lack them."""
+    if torch.compiler.is_compiling():
+        return True
+    return not any(_is_wrapped(x) for xs in lists for x in xs)
+
+
+class _Foreach:
+    """List arithmetic with one ``torch._foreach_*`` call per operation.
+
+    The in-place forms (trailing ``_``) are only ever applied to lists this module has just created:
+    fresh tensors are the expensive part on a CPU (page faults on new memory), so each update makes as
+    few as it can, and no caller's tensor is ever written to.
+    """
+
+    @staticmethod
+    def lerp(xs, ys, w):
+        return list(torch._foreach_lerp(xs, ys, w))
+
+    @staticmethod
+    def mul(xs, s):
+        return list(torch._foreach_mul(xs, s))
+
+    @staticmethod
+    def add(xs, ys):
+        return list(torch._foreach_add(xs, ys))
+
+    @staticmethod
+    def div(xs, ys):
+        return list(torch._foreach_div(xs, ys))
+
+    @staticmethod
+    def sqrt(xs):
+        return list(torch._foreach_sqrt(xs))
+
+    @staticmethod
+    def norms(xs):
+        return list(torch._foreach_norm(xs, 2))
+
+    @staticmethod
+    def mul_(xs, s):
+        torch._foreach_mul_(xs, s)
+
+    @staticmethod
+    def add_(xs, s, alpha: float = 1.0):
+        if isinstance(s, list):
+            torch._foreach_add_(xs, s, alpha=alpha)
+        else:
+            torch._foreach_add_(xs, s)
+
+    @staticmethod
+    def addcmul_(xs, ys, zs, value: float):
+        torch._foreach_addcmul_(xs, ys, zs, value=value)
+
+
+class _PerTensor:
+    """The same arithmetic one tensor at a time (works under every ``torch.func`` transform)."""
+
+    @staticmethod
+    def lerp(xs, ys, w):
+        return [x.lerp(y, w) for x, y in zip(xs, ys)]
+
+    @staticmethod
+    def mul(xs, s):
+        return [x * s for x in xs]
+
+    @staticmethod
+    def add(xs, ys):
+        return [x + y for x, y in zip(xs, ys)]
+
+    @staticmethod
+    def div(xs, ys):
+        return [x / y for x, y in zip(xs, ys)]
+
+    @staticmethod
+    def sqrt(xs):
+        return [x.sqrt() for x in xs]
+
+    @staticmethod
+    def norms(xs):
+        return [torch.linalg.vector_norm(x) for x in xs]
+
+    @staticmethod
+    def mul_(xs, s):
+        for x, y in zip(xs, s) if isinstance(s, list) else ((x, s) for x in xs):
+            x.mul_(y)
+
+    @staticmethod
+    def add_(xs, s, alpha: float = 1.0):
+        if isinstance(s, list):
+            for x, y in zip(xs, s):
+                x.add_(y, alpha=alpha)
+        else:
+            for x in xs:
+                x.add_(s)
+
+    @staticmethod
+    def addcmul_(xs, ys, zs, value: float):
+        for x, y, z in zip(xs, ys, zs):
+            x.addcmul_(y, z, value=value)
+
+
+def _host_int(count: Tensor) -> int | None:
+    """The step counter as a Python int when reading it is free (an eager CPU tensor), else None.
+
+    Reading a CUDA tensor would wait for the device, and reading under ``torch.compile`` or a
+    ``torch.func`` transform would break the graph; those keep the arithmetic on tensors.
+    """
+    if torch.compiler.is_compiling() or count.device.type != "cpu" or _is_wrapped(count):
+        return None
+    return int(count)
+
+
+def _ops(*lists: list[Tensor]):
+    return _Foreach if _use_foreach(*lists) else _PerTensor
+
+
+# ---------------------------------------------------------------- tree helpers
+
+
+def _leaves(tree: PyTree) -> tuple[list, pytree.TreeSpec]:
+    return pytree.tree_flatten(tree)
+
+
+def _matching_leaves(name: str, tree: PyTree, spec: pytree.TreeSpec) -> list:
+    leaves, other = pytree.tree_flatten(tree)
+    if other != spec:
+        raise ValueError(f"{name} must have the same tree structure as params: expected {spec}, got {other}")
+    return leaves
+
+
+def _device_of(leaves: list) -> torch.device | None:
+    return leaves[0].device if leaves else None
+
+
+def global_norm(tree: PyTree) -> Tensor:
+    """The L2 norm of all leaves together, as if concatenated into one vector (0-d tensor)."""
+    leaves, _ = _leaves(tree)
+    if not leaves:
+        return torch.zeros(())
+    norms = _ops(leaves).norms(leaves)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
+    """``params + updates`` leaf by leaf: a new tree; the inputs are left as they were."""
+    p, spec = _leaves(params)
+    u = _matching_leaves("updates", updates, spec)
+    u = [x.to(y.dtype) for x, y in zip(u, p)]
+    return pytree.tree_unflatten(_ops(p, u).add(p, u), spec)
+
+
+# ---------------------------------------------------------------- transformations
+
+
+def _decay_mask(mask, params: PyTree, p_leaves: list, spec: pytree.TreeSpec) -> list[bool]:
+    if mask is None:
+        return [x.ndim >= 2 for x in p_leaves]
+    if callable(mask):
+        mask = mask(params)
+    flags = _matching_leaves("mask", mask, spec)
+    for flag in flags:
+        if not isinstance(flag, bool):
+            raise TypeError(f"mask leaves must be bools (True = decay this tensor), got {type(flag).__name__}")
+    return flags
+
+
+def adamw(
+    lr: float | Schedule,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.01,
+    mask: PyTree | Callable[[PyTree], PyTree] | None = None,
+) -> GradientTransformation:
+    """Adam with decoupled weight decay (Loshchilov & Hutter), step for step equal to ``torch.optim.AdamW``.
+
+    Args:
+        lr: a float, or a schedule called with the number of updates done so far.
+        betas: decay rates of the first and second moment estimates.
+        eps: added to the denominator's square root, for stability.
+        weight_decay: each update also shrinks decayed tensors by ``lr * weight_decay`` of their value.
+        mask: which tensors decay: a tree of bools shaped like params, or ``params -> tree of bools``.
+            None decays tensors with ``ndim >= 2`` (matrices, embeddings) and spares norms and biases.
+    """
+    schedule = _as_schedule(lr)
+    b1, b2 = betas
+    for name, value in (("betas[0]", b1), ("betas[1]", b2)):
+        if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    _check_lr("weight_decay", weight_decay)
+    # Tensor path: log(beta) in float64 here, expm1 in float32 there, so 1 - beta**t stays accurate to
+    # the last bit even for beta2 = 0.999, where beta**t in float32 would lose four digits.
+    log_b1, log_b2 = math.log(b1) if b1 > 0 else -math.inf, math.log(b2) if b2 > 0 else -math.inf
+
+    def init(params):
+        leaves, spec = _leaves(params)
+        device = _device_of(leaves)
+        zeros = [torch.zeros_like(x) for x in leaves]
+        count = torch.zeros((), dtype=torch.int64, device=device)
+        return AdamWState(
+            count=count,
+            lr=torch.as_tensor(schedule(count), dtype=torch.float32, device=device),
+            mu=pytree.tree_unflatten(zeros, spec),
+            nu=pytree.tree_unflatten([z.clone() for z in zeros], spec),
+        )
+
+    def update(grads, state, params=None):
+        g, spec = _leaves(grads)
+        m = _matching_leaves("opt_state.mu", state.mu, spec)
+        v = _matching_leaves("opt_state.nu", state.nu, spec)
+        ops = _ops(g, m, v)
+        step = _host_int(state.count)
+        if step is not None:
+            # Python numbers: exact float64 bias corrections and the cheaper scalar kernels.
+            lr_t = schedule(step)
+            bias1, sqrt_bias2 = 1.0 - b1 ** (step + 1), math.sqrt(1.0 - b2 ** (step + 1))
+        else:
+            lr_t = schedule(state.count)
+            t = (state.count + 1).to(torch.float32)
+            bias1, sqrt_bias2 = -torch.expm1(t * log_b1), torch.sqrt(-torch.expm1(t * log_b2))
+
+        m = ops.lerp(m, g, 1.0 - b1)
+        v = ops.mul(v, b2)
+        ops.addcmul_(v, g, g, 1.0 - b2)
+        # torch's update is -lr/bias1 * m / (sqrt(v)/sqrt_bias2 + eps) - lr*wd*p. Multiplying through
+        # by sqrt_bias2 gives the same number in fewer passes over memory:
+        #     -(lr*sqrt_bias2/bias1) * (m / (sqrt(v) + eps*sqrt_bias2) + wd*bias1/sqrt_bias2 * p).
+        denom = ops.sqrt(v)
+        ops.add_(denom, eps * sqrt_bias2)
+        updates = ops.div(m, denom)
+        del denom
+        if weight_decay:
+            if params is None:
+                raise ValueError("adamw with weight_decay > 0 needs params: call update(grads, state, params)")
+            p = _matching_leaves("params", params, spec)
+            flags = _decay_mask(mask, params, p, spec)
+            idx = [i for i, f in enumerate(flags) if f]
+            if idx:
+                decayed, p_decayed = [updates[i] for i in idx], [p[i] for i in idx]
+                scale = weight_decay * bias1 / sqrt_bias2
+                if isinstance(scale, Tensor):
+                    ops.add_(decayed, ops.mul(p_decayed, scale))
+                else:
+                    ops.add_(decayed, p_decayed, alpha=scale)
+        ops.mul_(updates, -lr_t * sqrt_bias2 / bias1)
+        count = state.count + 1
+
+        new_state = AdamWState(
+            count=count,
+            lr=torch.as_tensor(lr_t, dtype=torch.float32, device=count.device),
+            mu=pytree.tree_unflatten(m, spec),
+            nu=pytree.tree_unflatten(v, spec),
+        )
+        return pytree.tree_unflatten(updates, spec), new_state
+
+    return GradientTransformation(init, update)
+
+
+def sgd(lr: float | Schedule, momentum: float = 0.0) -> GradientTransformation:
+    """Stochastic gradient descent with optional heavy-ball momentum (as ``torch.optim.SGD``, no dampening)."""
+    schedule = _as_schedule(lr)
+    if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+
+    def init(params):
+        leaves, spec = _leaves(params)
+        device = _device_of(leaves)
+        count = torch.zeros((), dtype=torch.int64, device=device)
+        trace = pytree.tree_unflatten([torch.zeros_like(x) for x in leaves], spec) if momentum else ()
+        lr0 = torch.as_tensor(schedule(count), dtype=torch.float32, device=device)
+        return SGDState(count=count, lr=lr0, trace=trace)
+
+    def update(grads, state, params=None):
+        g, spec = _leaves(grads)
+        lr_t = schedule(state.count)
+        trace = state.trace
+        if momentum:
+            buf = _matching_leaves("opt_state.trace", state.trace, spec)
+            ops = _ops(g, buf)
+            # buf starts at zero, so the first step's buffer is the gradient itself, as in torch.
+            direction = ops.mul(buf, momentum)
+            ops.add_(direction, g)
+            trace = pytree.tree_unflatten(direction, spec)
+        else:
+            ops, direction = _ops(g), g
+        updates = ops.mul(direction, -lr_t)
+        count = state.count + 1
+        lr_saved = torch.as_tensor(lr_t, dtype=torch.float32, device=count.device)
+        return pytree.tree_unflatten(updates, spec), SGDState(count=count, lr=lr_saved, trace=trace)
+
+    return GradientTransformation(init, update)
+
+
+def clip_by_global_norm(max_norm: float) -> GradientTransformation:
+    """Scale all gradients down together when their global norm exceeds ``max_norm`` (as
+    ``torch.nn.utils.clip_grad_norm_``: factor ``min(1, max_norm / (norm + 1e-6))``)."""
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
+        raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
+
+    def init(params):
+        return EmptyState()
+
+    def update(grads, state, params=None):
+        g, spec = _leaves(grads)
+        if not g:
+            return grads, state
+        ops = _ops(g)
+        norm = torch.linalg.vector_norm(torch.stack(ops.norms(g)))
+        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        return pytree.tree_unflatten(ops.mul(g, factor), spec), state
+
+    return GradientTransformation(init, update)
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply transformations in order, each to the previous one's updates; the state is a tuple of theirs."""
+    for i, t in enumerate(transforms):
+        if not isinstance(t, GradientTransformation):
+            raise TypeError(f"chain argument {i} must be a GradientTransformation, got {type(t).__name__}")
+
+    def init(params):
+        return tuple(t.init(params) for t in transforms)
+
+    def update(grads, state, params=None):
+        if not isinstance(state, tuple) or len(state) != len(transforms):
+            raise ValueError(f"chain of {len(transforms)} transformations expected a state tuple of that length")
+        new_state = []
+        for t, s in zip(transforms, state):
+            grads, s = t.update(grads, s, params)
+            new_state.append(s)
+        return grads, tuple(new_state)
+
+    return GradientTransformation(init, update)
+
+
+def _find_lr(state) -> Tensor | None:
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        if "lr" in state._fields:
+            return state.lr
+    if isinstance(state, (tuple, list)):
+        for s in state:
+            found = _find_lr(s)
+            if found is not None:
+                return found
+    return None
+
+
+def current_lr(opt_state) -> Tensor:
+    """The learning rate of the latest update (before any update: of the first), read from the state."""
+    lr = _find_lr(opt_state)
+    if lr is None:
+        raise ValueError(f"opt_state of type {type(opt_state).__name__} holds no learning rate")
+    return lr
+
+
+__all__ = [
+    "AdamWState", "EmptyState", "GradientTransformation", "SGDState", "Schedule", "adamw", "apply_updates",
+    "chain", "clip_by_global_norm", "constant", "current_lr", "global_norm", "sgd", "warmup_cosine",
+]

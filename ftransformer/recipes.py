@@ -1,0 +1,130 @@
+"""Training recipes: the defaults ``ftransformer train`` uses for each model preset.
+
+A recipe is everything about a run that is not the architecture (that is the preset's ``Config``):
+tokenizer, split, batch, schedule, optimizer and evaluation settings. ``optimizer_for`` turns one into
+the optimizer it describes.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+from ftransformer import optim
+from ftransformer.data import TOKENIZER_KINDS
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """Training settings for one preset. Every field can be changed with ``--set field=value``."""
+
+    batch_size: int  # sequences per optimizer step (split into accum_steps micro-batches)
+    seq_len: int  # tokens per training window (at most the model's max_seq_len)
+    steps: int  # optimizer steps of a full run
+    lr: float  # peak learning rate, reached after warmup_steps
+    warmup_steps: int  # linear warm-up from 0 to lr
+    min_lr_ratio: float = 0.1  # the cosine decay ends at lr * min_lr_ratio at the last step
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.99  # AdamW second-moment decay
+    eps: float = 1e-8  # AdamW denominator epsilon
+    weight_decay: float = 0.1  # decoupled weight decay on matrices and embeddings (not norms or biases)
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
+    accum_steps: int = 1  # micro-batches per step: same update, less memory
+    eval_every: int = 250  # steps between evaluations (and checkpoints)
+    eval_batches: int = 20  # fixed batches in each of the train and val loss estimates
+    tokenizer: str = "char"  # "char" or "bpe" (byte-level BPE trained on the corpus)
+    bpe_vocab_size: int = 2048  # BPE vocabulary size (the 256 byte symbols included)
+    val_fraction: float = 0.1  # the last this much of the corpus validates (contiguous split)
+
+    def __post_init__(self):
+        for name in ("batch_size", "seq_len", "steps", "accum_steps", "eval_every", "eval_batches", "bpe_vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by accum_steps={self.accum_steps}")
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise ValueError(f"tokenizer must be one of {', '.join(map(repr, TOKENIZER_KINDS))}, got {self.tokenizer!r}")
+        if self.tokenizer == "bpe" and self.bpe_vocab_size < 257:
+            raise ValueError(f"bpe_vocab_size must be >= 257 (256 byte symbols + merges), got {self.bpe_vocab_size}")
+        for name in ("lr", "eps", "weight_decay", "grad_clip"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if isinstance(self.min_lr_ratio, bool) or not isinstance(self.min_lr_ratio, (int, float)) or not (
+            0 <= self.min_lr_ratio <= 1
+        ):
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
+
+    def replace(self, **changes) -> "TrainRecipe":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"TrainRecipe has no field(s) {unknown}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainRecipe":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def optimizer_for(recipe: TrainRecipe, steps: int | None = None) -> optim.GradientTransformation:
+    """Clip (if ``grad_clip``), then AdamW on a warm-up + cosine schedule over ``steps`` (default: the recipe's)."""
+    steps = recipe.steps if steps is None else steps
+    warmup = min(recipe.warmup_steps, steps)
+    schedule = optim.warmup_cosine(recipe.lr, warmup, steps, recipe.lr * recipe.min_lr_ratio)
+    adamw = optim.adamw(schedule, betas=(recipe.beta1, recipe.beta2), eps=recipe.eps, weight_decay=recipe.weight_decay)
+    if recipe.grad_clip > 0:
+        return optim.chain(optim.clip_by_global_norm(recipe.grad_clip), adamw)
+    return adamw
+
+
+RECIPES: dict[str, TrainRecipe] = {
+    # Seconds on a CPU: for tests and trying flags.
+    "tiny": TrainRecipe(batch_size=8, seq_len=16, steps=200, lr=3e-3, warmup_steps=20, eval_every=50, eval_batches=4),
+    # The learning path's ~5.8M-parameter model: BPE with the preset's 10k vocabulary, nanoGPT-like schedule.
+    "seed": TrainRecipe(
+        batch_size=16, seq_len=256, steps=5000, lr=6e-4, warmup_steps=200, beta2=0.95, eval_every=500,
+        tokenizer="bpe", bpe_vocab_size=10000,
+    ),
+    # nanoGPT's shakespeare_char recipe at CPU size (nanoGPT reports val loss 1.88 at 2000 steps).
+    "shakespeare-char-cpu": TrainRecipe(
+        batch_size=12, seq_len=64, steps=2000, lr=1e-3, warmup_steps=100, beta2=0.99, eval_every=250, eval_batches=20,
+    ),
+    # nanoGPT's shakespeare_char recipe as published (GPU-sized).
+    "shakespeare-char": TrainRecipe(
+        batch_size=64, seq_len=256, steps=5000, lr=1e-3, warmup_steps=100, beta2=0.99, eval_every=250, eval_batches=200,
+    ),
+    # nanoGPT's GPT-2 recipe: ~0.5M tokens per step through 40 micro-batches of 12.
+    "gpt2": TrainRecipe(
+        batch_size=480, seq_len=1024, steps=600000, lr=6e-4, warmup_steps=2000, beta2=0.95, accum_steps=40,
+        eval_every=2000, eval_batches=200, tokenizer="bpe", bpe_vocab_size=50257,
+    ),
+    "gpt2-medium": TrainRecipe(
+        batch_size=480, seq_len=1024, steps=600000, lr=3e-4, warmup_steps=2000, beta2=0.95, accum_steps=40,
+        eval_every=2000, eval_batches=200, tokenizer="bpe", bpe_vocab_size=50257,
+    ),
+}
+
+# `ftransformer train` with no arguments: this preset's recipe, shortened so it finishes in a minute or two on a CPU.
+QUICKSTART_PRESET = "shakespeare-char-cpu"
+QUICKSTART_STEPS = 1000
+
+
+def get_recipe(preset: str) -> TrainRecipe:
+    """The training recipe of ``preset`` (every preset in ``PRESETS`` has one)."""
+    if preset not in RECIPES:
+        raise ValueError(f"no training recipe for preset {preset!r}; presets with recipes: {', '.join(RECIPES)}")
+    return RECIPES[preset]
+
+
+__all__ = ["QUICKSTART_PRESET", "QUICKSTART_STEPS", "RECIPES", "TrainRecipe", "get_recipe", "optimizer_for"]

@@ -1,0 +1,233 @@
+"""Attention against independent references: a plain-Python loop and torch.nn.MultiheadAttention.
+
+Sizes: batch 2, seq 5, kv_seq 7 (where it differs), heads 4, kv_heads 2 (GQA) / 1 (MQA), head_dim 6,
+d_model 24 -- every axis its own size.
+"""
+
+import math
+
+import pytest
+import torch
+from jaxtyping import TypeCheckError
+
+import ftransformer as ft
+from ftransformer.layers import (
+    apply_rotary,
+    attend,
+    attention_pattern,
+    causal_mask,
+    multi_head_attention,
+    rotary_angles,
+    scaled_dot_product_attention,
+)
+
+BATCH, SEQ, KV_SEQ, HEADS, HEAD_DIM = 2, 5, 7, 4, 6
+D_MODEL = HEADS * HEAD_DIM
+IMPLS = ("einsum", "sdpa")
+KV_HEADS = {"mha": 4, "gqa": 2, "mqa": 1}
+
+
+def loop_attention(q, k, v, mask=None):
+    """Attention one (batch, head, query) at a time, in Python; query head h reads kv head h // group."""
+    batch, heads, seq, head_dim = q.shape
+    group = heads // k.shape[1]
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        for h in range(heads):
+            kv = h // group
+            for i in range(seq):
+                allowed = [j for j in range(k.shape[2]) if (j <= i if mask is None else bool(mask[b, i, j]))]
+                scores = torch.stack([q[b, h, i] @ k[b, kv, j] / math.sqrt(head_dim) for j in allowed])
+                weights = torch.exp(scores - scores.max())
+                weights = weights / weights.sum()
+                out[b, h, i] = sum(w * v[b, kv, j] for w, j in zip(weights, allowed))
+    return out
+
+
+def qkv(gen, kv_heads, kv_seq=SEQ, dtype=torch.float32):
+    q = torch.randn(BATCH, HEADS, SEQ, HEAD_DIM, generator=gen, dtype=dtype)
+    k = torch.randn(BATCH, kv_heads, kv_seq, HEAD_DIM, generator=gen, dtype=dtype)
+    v = torch.randn(BATCH, kv_heads, kv_seq, HEAD_DIM, generator=gen, dtype=dtype)
+    return q, k, v
+
+
+def random_mask(gen, seq, kv_seq):
+    """A random key mask in which every query still sees at least one key (its diagonal)."""
+    mask = torch.rand(BATCH, seq, kv_seq, generator=gen) < 0.5
+    mask[:, torch.arange(seq), torch.arange(seq) + kv_seq - seq] = True
+    return mask
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", list(KV_HEADS))
+def test_causal_attention_matches_the_plain_loop(gen, impl, kind):
+    q, k, v = qkv(gen, KV_HEADS[kind])
+    out = scaled_dot_product_attention(q, k, v, impl=impl)
+    torch.testing.assert_close(out, loop_attention(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["mha", "gqa"])
+def test_masked_attention_matches_the_plain_loop(gen, impl, kind):
+    q, k, v = qkv(gen, KV_HEADS[kind], kv_seq=KV_SEQ)
+    mask = random_mask(gen, SEQ, KV_SEQ)
+    out = scaled_dot_product_attention(q, k, v, mask, impl=impl)
+    assert out.shape == q.shape
+    torch.testing.assert_close(out, loop_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(KV_HEADS))
+def test_einsum_path_equals_sdpa_path(gen, kind):
+    q, k, v = qkv(gen, KV_HEADS[kind])
+    torch.testing.assert_close(
+        scaled_dot_product_attention(q, k, v, impl="einsum"), scaled_dot_product_attention(q, k, v, impl="sdpa")
+    )
+    # An explicit causal mask (shared by the batch) is the same as no mask.
+    mask = causal_mask(torch.arange(SEQ), torch.arange(SEQ))
+    for impl in IMPLS:
+        torch.testing.assert_close(
+            scaled_dot_product_attention(q, k, v, mask, impl=impl), scaled_dot_product_attention(q, k, v, impl="sdpa")
+        )
+    # A mask with kv_seq != seq, as a cache makes.
+    q, k, v = qkv(gen, KV_HEADS[kind], kv_seq=KV_SEQ)
+    mask = random_mask(gen, SEQ, KV_SEQ)
+    torch.testing.assert_close(
+        scaled_dot_product_attention(q, k, v, mask, impl="einsum"),
+        scaled_dot_product_attention(q, k, v, mask, impl="sdpa"),
+    )
+
+
+def test_attention_takes_any_number_of_leading_batch_axes(gen):
+    q, k, v = qkv(gen, 2)
+    ref = scaled_dot_product_attention(q, k, v, impl="einsum")
+    for impl in IMPLS:
+        torch.testing.assert_close(scaled_dot_product_attention(q[0], k[0], v[0], impl=impl), ref[0])
+        torch.testing.assert_close(
+            scaled_dot_product_attention(q[None, :, None], k[None, :, None], v[None, :, None], impl=impl)[0, :, 0],
+            ref,
+        )
+
+
+def test_causal_mask_compares_positions():
+    mask = causal_mask(torch.tensor([2, 3]), torch.tensor([0, 1, 2, 3, 4]))
+    assert mask.tolist() == [[True, True, True, False, False], [True, True, True, True, False]]
+    batched = causal_mask(torch.arange(3).expand(2, 3), torch.arange(3).expand(2, 3))
+    assert batched.shape == (2, 3, 3) and torch.equal(batched[1], torch.ones(3, 3, dtype=torch.bool).tril())
+
+
+def test_attention_pattern_is_a_causal_distribution(gen):
+    q = torch.randn(BATCH, 2, 3, SEQ, HEAD_DIM, generator=gen)  # kv_heads 2, group 3
+    k = torch.randn(BATCH, 2, SEQ, HEAD_DIM, generator=gen)
+    pattern = attention_pattern(q, k)
+    assert pattern.shape == (BATCH, 2, 3, SEQ, SEQ)
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(BATCH, 2, 3, SEQ))
+    assert torch.equal(pattern.triu(1), torch.zeros_like(pattern))
+    assert torch.equal(pattern[..., 0, 0], torch.ones(BATCH, 2, 3))  # the first token sees only itself
+    v = torch.randn(BATCH, 2, SEQ, HEAD_DIM, generator=gen)
+    torch.testing.assert_close(attend(pattern, v), torch.einsum("bhgqk,bhkd->bhgqd", pattern, v))
+
+
+def test_pattern_with_fewer_queries_than_keys_is_aligned_to_the_last_keys(gen):
+    q = torch.randn(1, 1, 2, HEAD_DIM, generator=gen)
+    k = torch.randn(1, KV_SEQ, HEAD_DIM, generator=gen)
+    pattern = attention_pattern(q, k)
+    # The two queries are the last two positions: the first of them sees all keys but the last.
+    assert (pattern[0, 0, 0, :-1] > 0).all() and pattern[0, 0, 0, -1] == 0
+    assert (pattern[0, 0, 1] > 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_multi_head_attention_matches_torch_multihead_attention(gen, impl):
+    cfg = ft.Config(vocab_size=37, d_model=D_MODEL, n_heads=HEADS, n_layers=1, d_ff=40, max_seq_len=16, attn_impl=impl)
+    params = ft.init_params(cfg, seed=1, dtype=torch.float64)["blocks"][0]["attn"]
+    # Non-zero biases, so the bias layout is checked too.
+    params = {**params, "b_qkv": torch.randn(3 * D_MODEL, generator=gen, dtype=torch.float64) * 0.1,
+              "b_o": torch.randn(D_MODEL, generator=gen, dtype=torch.float64) * 0.1}
+    x = torch.randn(BATCH, SEQ, D_MODEL, generator=gen, dtype=torch.float64)
+    positions = torch.arange(SEQ).expand(BATCH, SEQ)
+    ours = multi_head_attention(params, x, cfg, positions=positions)
+
+    mha = torch.nn.MultiheadAttention(D_MODEL, HEADS, bias=True, batch_first=True, dtype=torch.float64)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(params["w_qkv"].T)
+        mha.in_proj_bias.copy_(params["b_qkv"])
+        mha.out_proj.weight.copy_(params["w_o"].T)
+        mha.out_proj.bias.copy_(params["b_o"])
+    future = torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1)  # True = may not attend
+    theirs, _ = mha(x, x, x, attn_mask=future, need_weights=False)
+    torch.testing.assert_close(ours, theirs)
+
+
+@pytest.mark.parametrize("kind", ["gqa", "mqa"])
+def test_multi_head_attention_with_rope_and_gqa_matches_a_hand_composition(gen, kind):
+    cfg = ft.Config(
+        vocab_size=37, d_model=D_MODEL, n_heads=HEADS, n_kv_heads=KV_HEADS[kind], n_layers=1, d_ff=40,
+        max_seq_len=16, positional="rope", attn_impl="einsum",
+    )
+    params = ft.init_params(cfg, seed=2)["blocks"][0]["attn"]
+    x = torch.randn(BATCH, SEQ, D_MODEL, generator=gen)
+    positions = (torch.arange(SEQ) + 3).expand(BATCH, SEQ)  # positions need not start at 0
+    out = multi_head_attention(params, x, cfg, positions=positions)
+
+    qkv_ = x @ params["w_qkv"] + params["b_qkv"]
+    kv_width = KV_HEADS[kind] * HEAD_DIM
+    q = qkv_[..., :D_MODEL].reshape(BATCH, SEQ, HEADS, HEAD_DIM).transpose(1, 2)
+    k = qkv_[..., D_MODEL:D_MODEL + kv_width].reshape(BATCH, SEQ, -1, HEAD_DIM).transpose(1, 2)
+    v = qkv_[..., D_MODEL + kv_width:].reshape(BATCH, SEQ, -1, HEAD_DIM).transpose(1, 2)
+    cos, sin = rotary_angles(positions, HEAD_DIM)
+    o = loop_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)
+    expected = o.transpose(1, 2).reshape(BATCH, SEQ, D_MODEL) @ params["w_o"] + params["b_o"]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    cfg_sdpa = cfg.replace(attn_impl="sdpa")
+    torch.testing.assert_close(multi_head_attention(params, x, cfg_sdpa, positions=positions), out)
+
+
+def test_attention_dropout_uses_the_key(gen):
+    q, k, v = qkv(gen, 2)
+    key = ft.random.key(0)
+    a = scaled_dot_product_attention(q, k, v, impl="einsum", dropout=0.5, key=key)
+    assert torch.equal(a, scaled_dot_product_attention(q, k, v, impl="einsum", dropout=0.5, key=key))
+    # The fused path cannot take a key, so it hands dropout to the einsum path: the same numbers.
+    assert torch.equal(a, scaled_dot_product_attention(q, k, v, impl="sdpa", dropout=0.5, key=key))
+    assert not torch.equal(a, scaled_dot_product_attention(q, k, v, impl="einsum", dropout=0.5, key=ft.random.key(1)))
+    no_drop = scaled_dot_product_attention(q, k, v, impl="einsum")
+    assert not torch.allclose(a, no_drop)
+    # Without a key there is no dropout at all (evaluation).
+    torch.testing.assert_close(scaled_dot_product_attention(q, k, v, impl="sdpa", dropout=0.5), no_drop)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attention_gradcheck(gen, impl):
+    q = torch.randn(1, 2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: scaled_dot_product_attention(q, k, v, impl=impl), (q, k, v))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_multi_head_attention_gradcheck(gen, impl):
+    cfg = ft.Config(vocab_size=7, d_model=6, n_heads=3, n_kv_heads=1, n_layers=1, d_ff=5, max_seq_len=4,
+                    positional="rope", attn_impl=impl)
+    p = ft.init_params(cfg, dtype=torch.float64)["blocks"][0]["attn"]
+    x = torch.randn(2, 3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
+    names = sorted(p)
+    positions = torch.arange(3).expand(2, 3)
+
+    def f(x, *weights):
+        return multi_head_attention(dict(zip(names, weights)), x, cfg, positions=positions)
+
+    weights = [p[n].clone().requires_grad_() for n in names]
+    assert torch.autograd.gradcheck(f, (x, *weights))
+
+
+def test_mismatched_shapes_raise_a_type_error_naming_the_axis(gen):
+    q, k, v = qkv(gen, 2)
+    with pytest.raises(TypeCheckError, match="head_dim=6"):
+        scaled_dot_product_attention(q, k[..., :5], v)  # keys narrower than queries
+    with pytest.raises(TypeCheckError, match="kv_seq"):
+        scaled_dot_product_attention(q, k, v[..., :4, :])  # fewer values than keys
+    cfg = ft.Config(vocab_size=37, d_model=D_MODEL, n_heads=HEADS, n_layers=1, d_ff=40, max_seq_len=16)
+    params = ft.init_params(cfg)["blocks"][0]["attn"]
+    x = torch.randn(BATCH, SEQ, D_MODEL + 1, generator=gen)  # residual stream of the wrong width
+    with pytest.raises(TypeCheckError, match="d_in"):
+        multi_head_attention(params, x, cfg, positions=torch.arange(SEQ).expand(BATCH, SEQ))

@@ -1,0 +1,164 @@
+import json
+
+import pytest
+import torch
+
+import ftransformer as ft
+from ftransformer import checkpoint, data, optim
+from ftransformer.params import tree_flatten_with_paths
+
+# every axis a different size: vocab 29, d_model 20, heads 5, d_ff 36, seq 11, layers 2
+CFG = ft.Config(vocab_size=29, d_model=20, n_heads=5, n_layers=2, d_ff=36, max_seq_len=11)
+
+
+def make_optimizer():
+    return optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(optim.warmup_cosine(1e-2, 2, 10, 1e-3)))
+
+
+def trained_state(seed=0):
+    """Params and optimizer state after one real update (so the moments are not zeros)."""
+    params = ft.init_params(CFG, seed=seed)
+    opt = make_optimizer()
+    state = opt.init(params)
+    tokens = torch.randint(0, CFG.vocab_size, (3, 11), generator=torch.Generator().manual_seed(seed))
+    grads = torch.func.grad(ft.loss_fn)(params, tokens, tokens.roll(-1, dims=-1), CFG)
+    updates, state = opt.update(grads, state, params)
+    return optim.apply_updates(params, updates), state, opt
+
+
+def assert_trees_equal(a, b):
+    fa, sa = torch.utils._pytree.tree_flatten(a)
+    fb, sb = torch.utils._pytree.tree_flatten(b)
+    assert sa == sb
+    for x, y in zip(fa, fb):
+        assert torch.equal(x, y) and x.dtype == y.dtype
+
+
+def test_round_trip_everything(tmp_path):
+    params, state, opt = trained_state()
+    tok = data.CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .\n")
+    metrics = [{"step": 0, "val_loss": 3.3}, {"step": 5, "val_loss": 2.5}]
+    extra = {"fit": {"seed": 7, "next_step": 5}, "note": "hello"}
+    path = checkpoint.save_checkpoint(
+        tmp_path / "ck", params=params, config=CFG, step=5, opt_state=state, tokenizer=tok, metrics=metrics,
+        extra=extra,
+    )
+    assert sorted(p.name for p in path.iterdir()) == [
+        "checkpoint.json", "opt_state.safetensors", "params.safetensors", "tokenizer.json"]
+    ck = checkpoint.load_checkpoint(path, optimizer=opt)
+    assert ck.config == CFG and ck.step == 5 and ck.metrics == metrics and ck.extra == extra
+    assert ck.tokenizer == tok
+    assert_trees_equal(ck.params, params)
+    assert_trees_equal(ck.opt_state, state)
+    # the restored state has the optimizer's own structure (NamedTuples), so training continues from it
+    assert type(ck.opt_state[1]) is optim.AdamWState and int(ck.opt_state[1].count) == 1
+    grads = ft.tree_map(torch.ones_like, params)
+    u1, _ = opt.update(grads, state, params)
+    u2, _ = opt.update(grads, ck.opt_state, ck.params)
+    assert_trees_equal(u1, u2)
+
+
+def test_opt_state_paths_name_fields(tmp_path):
+    _, state, _ = trained_state()
+    flat, _ = checkpoint.flatten_state(state)
+    assert "1.mu.blocks.0.attn.w_qkv" in flat and "1.count" in flat
+    # without the optimizer, load returns that flat dict
+    params, state, _ = trained_state()
+    checkpoint.save_checkpoint(tmp_path / "ck", params=params, config=CFG, step=1, opt_state=state)
+    ck = checkpoint.load_checkpoint(tmp_path / "ck")
+    assert torch.equal(ck.opt_state["1.nu.embed.tokens"], state[1].nu["embed"]["tokens"])
+    assert ck.tokenizer is None
+
+
+def test_bpe_tokenizer_travels_with_checkpoint(tmp_path):
+    params = ft.init_params(CFG)
+    bpe = data.BPETokenizer.train("def f(x):\n    return x\n" * 50, vocab_size=280)
+    checkpoint.save_checkpoint(tmp_path / "ck", params=params, config=CFG, step=0, tokenizer=bpe)
+    assert checkpoint.load_checkpoint(tmp_path / "ck").tokenizer == bpe
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "latest"
+    params1, state1, opt = trained_state(seed=1)
+    checkpoint.save_checkpoint(path, params=params1, config=CFG, step=1, opt_state=state1)
+    params2, state2, _ = trained_state(seed=2)
+
+    real = checkpoint._write_tensors
+    calls = []
+
+    def crash_on_second_file(p, flat):
+        calls.append(p.name)
+        if len(calls) == 2:  # params are written, the crash hits the optimizer state
+            raise OSError("disk full (simulated)")
+        real(p, flat)
+
+    monkeypatch.setattr(checkpoint, "_write_tensors", crash_on_second_file)
+    with pytest.raises(OSError, match="simulated"):
+        checkpoint.save_checkpoint(path, params=params2, config=CFG, step=2, opt_state=state2)
+    monkeypatch.undo()
+    ck = checkpoint.load_checkpoint(path, optimizer=opt)
+    assert ck.step == 1
+    assert_trees_equal(ck.params, params1)
+    assert_trees_equal(ck.opt_state, state1)
+    assert [p.name for p in tmp_path.iterdir()] == ["latest"]  # no temporary directory left behind
+    # a later save works and replaces it
+    checkpoint.save_checkpoint(path, params=params2, config=CFG, step=2, opt_state=state2)
+    assert checkpoint.load_checkpoint(path).step == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+def test_crash_between_renames_is_recovered(tmp_path):
+    path = tmp_path / "latest"
+    params, _, _ = trained_state()
+    checkpoint.save_checkpoint(path, params=params, config=CFG, step=3)
+    # the moment inside a save when the old checkpoint is set aside and the new one is not yet in place
+    path.rename(tmp_path / ".latest.old-123456789abc")
+    assert checkpoint.checkpoint_exists(path)
+    ck = checkpoint.load_checkpoint(path)
+    assert ck.step == 3 and path.is_dir()
+
+
+def test_mismatched_config_names_key_and_shapes(tmp_path):
+    params, state, _ = trained_state()
+    checkpoint.save_checkpoint(tmp_path / "ck", params=params, config=CFG, step=1, opt_state=state)
+    with pytest.raises(ValueError, match=r"embed.tokens has shape \(29, 20\) in the checkpoint but the config expects \(29, 30\)"):
+        checkpoint.load_checkpoint(tmp_path / "ck", config=CFG.replace(d_model=30))
+    with pytest.raises(ValueError, match=r"blocks.0.mlp.w_in has shape \(20, 36\) in the checkpoint but the config expects \(20, 44\)"):
+        checkpoint.load_checkpoint(tmp_path / "ck", config=CFG.replace(d_ff=44))
+    with pytest.raises(ValueError, match=r"blocks.2.ln1.scale \(shape \(20,\)\) is expected but missing"):
+        checkpoint.load_checkpoint(tmp_path / "ck", config=CFG.replace(n_layers=3))
+    with pytest.raises(ValueError, match=r"holds blocks.0.attn.b_o \(shape \(20,\)\), which the config does not have"):
+        checkpoint.load_checkpoint(tmp_path / "ck", config=CFG.replace(bias=False))
+    with pytest.raises(ValueError, match=r"does not fit the optimizer: 1.trace.embed.tokens \(shape \(29, 20\)\) is expected"):
+        checkpoint.load_checkpoint(
+            tmp_path / "ck", optimizer=optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(0.1, momentum=0.9))
+        )
+    # a config that only changes non-shape fields fits
+    assert checkpoint.load_checkpoint(tmp_path / "ck", config=CFG.replace(dropout=0.1)).config.dropout == 0.1
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ValueError, match="no checkpoint at"):
+        checkpoint.load_checkpoint(tmp_path / "nothing")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        checkpoint.load_checkpoint(tmp_path / "half")
+    params = ft.init_params(CFG)
+    path = checkpoint.save_checkpoint(tmp_path / "ck", params=params, config=CFG, step=0)
+    with pytest.raises(ValueError, match="holds no optimizer state"):
+        checkpoint.load_checkpoint(path, optimizer=make_optimizer())
+    meta = json.loads((path / "checkpoint.json").read_text())
+    meta["format"] = "something-else"
+    (path / "checkpoint.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="not an ftransformer checkpoint"):
+        checkpoint.load_checkpoint(path)
+    with pytest.raises(ValueError, match="step must be an int >= 0"):
+        checkpoint.save_checkpoint(tmp_path / "x", params=params, config=CFG, step=-1)
+
+
+def test_expected_shapes_match_init_params():
+    # computed on the meta device, so even GPT-2's shapes cost no memory
+    shapes = checkpoint.expected_param_shapes(ft.PRESETS["gpt2"])
+    assert shapes["embed.tokens"] == (50257, 768) and shapes["blocks.11.attn.w_qkv"] == (768, 2304)
+    real = {k: v.shape for k, v in tree_flatten_with_paths(ft.init_params(CFG)).items()}
+    assert checkpoint.expected_param_shapes(CFG) == real

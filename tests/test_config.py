@@ -1,0 +1,238 @@
+"""Config: validation messages, defaults, copies and round trips, presets and their parameter counts."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import ftransformer as ft
+from ftransformer.config import ACTIVATIONS, ATTN_IMPLS, NORM_POSITIONS, NORMS, POSITIONALS
+
+BASE = dict(vocab_size=37, d_model=24, n_heads=3, n_layers=2, d_ff=40, max_seq_len=16)
+
+
+def make(**changes) -> ft.Config:
+    return ft.Config(**{**BASE, **changes})
+
+
+# (changes, words the message must contain: the field, the bad value, and the rule)
+INVALID = [
+    *[({name: 0}, [name, "0", "positive"]) for name in ("vocab_size", "d_model", "n_layers", "d_ff", "max_seq_len")],
+    *[({name: -3}, [name, "-3", "positive"]) for name in ("vocab_size", "d_ff", "max_seq_len")],
+    ({"n_heads": 0}, ["n_heads", "0", "positive"]),
+    ({"n_kv_heads": 0}, ["n_kv_heads", "0", "positive"]),
+    ({"d_model": 25}, ["d_model=25", "n_heads=3", "divisible"]),
+    ({"n_kv_heads": 2}, ["n_heads=3", "n_kv_heads=2", "divisible"]),
+    ({"n_kv_heads": 6}, ["n_heads=3", "n_kv_heads=6", "divisible"]),
+    ({"norm": "batchnorm"}, ["norm", "'batchnorm'", *map(repr, NORMS)]),
+    ({"norm_position": "middle"}, ["norm_position", "'middle'", *map(repr, NORM_POSITIONS)]),
+    ({"positional": "alibi"}, ["positional", "'alibi'", *map(repr, POSITIONALS)]),
+    ({"activation": "relu"}, ["activation", "'relu'", *map(repr, ACTIVATIONS)]),
+    ({"attn_impl": "flash"}, ["attn_impl", "'flash'", *map(repr, ATTN_IMPLS)]),
+    ({"dropout": 1.0}, ["dropout", "1.0", "[0, 1)"]),
+    ({"dropout": -0.1}, ["dropout", "-0.1", "[0, 1)"]),
+    ({"init_std": 0.0}, ["init_std", "0.0", "positive"]),
+    ({"rope_base": -1.0}, ["rope_base", "-1.0", "positive"]),
+    ({"norm_eps": -1e-5}, ["norm_eps", "-1e-05", "positive"]),
+    # head_dim = 30 / 6 = 5 is odd: rotary pairs need an even head_dim.
+    ({"d_model": 30, "n_heads": 6, "positional": "rope"}, ["rope", "head_dim=5", "even"]),
+    ({"d_model": 21, "n_heads": 3, "positional": "sinusoidal"}, ["sinusoidal", "d_model=21", "even"]),
+]
+
+
+# Values of the wrong type. The test suite's jaxtyping hook type-checks Config.__init__ itself (a
+# TypeError before validation runs), so Config's own messages are checked with the hook off.
+WRONG_TYPES = [
+    ({"d_model": 24.0}, ["d_model", "24.0", "int"]),
+    ({"n_layers": True}, ["n_layers", "True", "int"]),
+    ({"vocab_size": "37"}, ["vocab_size", "'37'", "int"]),
+    ({"dropout": "0.1"}, ["dropout", "'0.1'", "[0, 1)"]),
+    ({"rope_base": "big"}, ["rope_base", "'big'", "positive"]),
+    ({"bias": "yes"}, ["bias", "'yes'", "bool"]),
+    ({"tie_embeddings": 1}, ["tie_embeddings", "1", "bool"]),
+]
+
+
+def assert_names_all(message: str, words: list[str]) -> None:
+    for word in words:
+        assert word in message, f"{word!r} missing from {message!r}"
+
+
+@pytest.mark.parametrize(("changes", "words"), INVALID, ids=[repr(c) for c, _ in INVALID])
+def test_invalid_config_raises_value_error_naming_field_value_and_rule(changes, words):
+    with pytest.raises(ValueError) as info:
+        make(**changes)
+    assert_names_all(str(info.value), words)
+
+
+@pytest.mark.parametrize(("changes", "words"), WRONG_TYPES, ids=[repr(c) for c, _ in WRONG_TYPES])
+def test_wrong_type_raises_value_error_naming_field_value_and_rule(changes, words, no_typecheck):
+    with pytest.raises(ValueError) as info:
+        make(**changes)
+    assert_names_all(str(info.value), words)
+
+
+@pytest.mark.parametrize(("changes", "words"), WRONG_TYPES, ids=[repr(c) for c, _ in WRONG_TYPES])
+def test_wrong_type_under_the_type_checker_still_raises_naming_the_field(changes, words):
+    # The hook turns most of these into a TypeError; a bool passes it as an int and meets Config's check.
+    with pytest.raises((TypeError, ValueError), match=words[0]):
+        make(**changes)
+
+
+@pytest.mark.parametrize(("changes", "words"), INVALID[:3], ids=[repr(c) for c, _ in INVALID[:3]])
+def test_replace_validates_again(changes, words):
+    with pytest.raises(ValueError, match=words[0]):
+        make().replace(**changes)
+
+
+def test_valid_edge_cases_are_accepted():
+    make(positional="rope")  # head_dim 8 is even
+    make(positional="sinusoidal")
+    make(n_kv_heads=1)  # MQA
+    make(n_kv_heads=3)  # MHA written out
+    make(dropout=0.0)
+    make(dropout=0.999)
+    make(d_model=24, n_heads=24)  # head_dim 1 is fine without rope
+
+
+def test_n_kv_heads_defaults_to_n_heads():
+    cfg = make()
+    assert cfg.n_kv_heads == cfg.n_heads == 3
+    assert make(n_kv_heads=1).n_kv_heads == 1
+
+
+def test_defaults_and_head_dim():
+    cfg = make()
+    assert (cfg.dropout, cfg.bias, cfg.norm, cfg.norm_position) == (0.0, True, "layernorm", "pre")
+    assert (cfg.positional, cfg.activation, cfg.tie_embeddings, cfg.attn_impl) == ("learned", "gelu", True, "sdpa")
+    assert cfg.init_std == 0.02
+    assert cfg.head_dim == 8
+
+
+def test_config_is_frozen_and_hashable():
+    cfg = make()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.d_model = 48
+    assert hash(cfg) == hash(make())
+    assert cfg == make() and cfg != make(d_ff=41)
+
+
+def test_replace_returns_a_changed_copy():
+    cfg = make()
+    other = cfg.replace(n_layers=5, norm="rmsnorm")
+    assert (other.n_layers, other.norm) == (5, "rmsnorm")
+    assert (cfg.n_layers, cfg.norm) == (2, "layernorm")
+    assert other.replace(n_layers=2, norm="layernorm") == cfg
+
+
+def test_replace_unknown_field_lists_the_fields():
+    with pytest.raises(ValueError, match="n_head") as info:
+        make().replace(n_head=4)
+    assert "n_heads" in str(info.value)
+
+
+@pytest.mark.parametrize("name", list(ft.PRESETS))
+def test_to_dict_from_dict_round_trip(name):
+    cfg = ft.PRESETS[name]
+    d = cfg.to_dict()
+    assert set(d) == {f.name for f in dataclasses.fields(ft.Config)}
+    assert all(isinstance(v, (int, float, str, bool)) for v in d.values())  # JSON-ready
+    assert ft.Config.from_dict(d) == cfg
+
+
+def test_from_dict_unknown_field_raises():
+    d = make().to_dict() | {"n_experts": 8}
+    with pytest.raises(ValueError, match="n_experts"):
+        ft.Config.from_dict(d)
+
+
+def test_get_preset_unknown_name_lists_presets():
+    assert ft.get_preset("tiny") is ft.PRESETS["tiny"]
+    with pytest.raises(ValueError, match="gpt3") as info:
+        ft.get_preset("gpt3")
+    for name in ft.PRESETS:
+        assert name in str(info.value)
+
+
+def test_presets_match_the_published_shapes():
+    seed = ft.PRESETS["seed"]
+    assert (seed.d_model, seed.n_heads, seed.n_layers, seed.d_ff, seed.vocab_size, seed.max_seq_len) == (
+        256, 4, 4, 1024, 10000, 512)
+    assert seed.dropout == 0.1
+    cpu = ft.PRESETS["shakespeare-char-cpu"]
+    assert (cpu.n_layers, cpu.n_heads, cpu.d_model, cpu.d_ff, cpu.max_seq_len, cpu.vocab_size) == (4, 4, 128, 512, 64, 65)
+    assert (cpu.dropout, cpu.bias) == (0.0, False)
+    sc = ft.PRESETS["shakespeare-char"]
+    assert (sc.n_layers, sc.n_heads, sc.d_model, sc.d_ff, sc.max_seq_len, sc.vocab_size) == (6, 6, 384, 1536, 256, 65)
+    assert (sc.dropout, sc.bias) == (0.2, False)
+    gpt2 = ft.PRESETS["gpt2"]
+    assert (gpt2.n_layers, gpt2.n_heads, gpt2.d_model, gpt2.max_seq_len, gpt2.vocab_size) == (12, 12, 768, 1024, 50257)
+    assert (gpt2.positional, gpt2.norm_position, gpt2.tie_embeddings) == ("learned", "pre", True)
+    tiny = ft.PRESETS["tiny"]
+    sizes = [tiny.vocab_size, tiny.d_model, tiny.n_heads, tiny.n_layers, tiny.d_ff, tiny.max_seq_len, tiny.head_dim]
+    assert len(set(sizes)) == len(sizes), "tiny must give every axis its own size"
+
+
+@pytest.mark.parametrize("name", [n for n in ft.PRESETS if n not in ("gpt2", "gpt2-medium")])
+def test_small_presets_initialise_and_run(name):
+    cfg = ft.PRESETS[name]
+    params = ft.init_params(cfg, seed=0)
+    assert ft.count_params(params) == ft.param_breakdown(cfg)["total"]
+    tokens = torch.arange(6) % cfg.vocab_size
+    logits = ft.forward(params, tokens, cfg)
+    assert logits.shape == (6, cfg.vocab_size)
+    assert torch.isfinite(logits).all()
+
+
+def test_gpt2_preset_has_124_439_808_params_and_runs():
+    cfg = ft.PRESETS["gpt2"]
+    assert ft.param_breakdown(cfg)["total"] == 124_439_808
+    params = ft.init_params(cfg, seed=0)
+    assert ft.count_params(params) == 124_439_808
+    tokens = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 50256]])
+    with torch.no_grad():
+        logits = ft.forward(params, tokens, cfg)
+    assert logits.shape == (1, 8, 50257)
+    assert torch.isfinite(logits).all()
+
+
+def test_gpt2_medium_preset_initialises():
+    cfg = ft.PRESETS["gpt2-medium"]
+    params = ft.init_params(cfg, seed=0)
+    # Hugging Face's gpt2-medium has 354,823,168 parameters (tied embeddings).
+    assert ft.count_params(params) == ft.param_breakdown(cfg)["total"] == 354_823_168
+    assert len(params["blocks"]) == 24
+
+
+def test_seed_breakdown_shows_the_classic_estimate_next_to_the_exact_count():
+    cfg = ft.PRESETS["seed"]
+    b = ft.param_breakdown(cfg)
+    terms = dict(b["estimate_terms"])
+    assert list(terms.values()) == [2_560_000, 1_048_576, 2_097_152]
+    assert any("token embeddings" in name for name in terms)
+    assert any("attention" in name for name in terms) and any("feed-forward" in name for name in terms)
+    assert b["estimate"] == 5_705_728
+    assert b["total"] == ft.count_params(ft.init_params(cfg)) == sum(n for _, n in b["rows"])
+    # What the estimate leaves out is exactly the gap to the exact count.
+    assert b["total"] - b["estimate"] == sum(n for _, n in b["left_out"])
+    left_out = dict(b["left_out"])
+    assert left_out["position embeddings"] == 512 * 256
+    assert left_out["norms"] == (2 * 4 + 1) * 2 * 256
+    table = ft.format_breakdown(cfg)
+    for number in ("2,560,000", "1,048,576", "2,097,152", "5,705,728", f"{b['total']:,}"):
+        assert number in table
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(n_kv_heads=1, activation="swiglu", bias=False, tie_embeddings=False),
+        dict(norm="rmsnorm", norm_position="post", positional="rope"),
+        dict(positional="sinusoidal", n_kv_heads=3, activation="gelu_tanh"),
+    ],
+)
+def test_breakdown_total_equals_the_counted_params_for_other_architectures(changes):
+    cfg = make(**changes)
+    b = ft.param_breakdown(cfg)
+    assert b["total"] == ft.count_params(ft.init_params(cfg))
+    assert b["total"] - b["estimate"] == sum(n for _, n in b["left_out"])

@@ -1,0 +1,71 @@
+"""Every learning-path example (examples/0*.py) runs as a script and prints its key result.
+
+Each example runs in its own interpreter (as a user would run it, from the repository root), with the
+jaxtyping + beartype import hook on for ``ftransformer`` so every shape the example hands the library
+is checked, and with warnings turned into errors like the rest of the suite.
+"""
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("0*.py"))
+
+# Runs the example as __main__ with the shape-checking hook installed around the library import.
+RUNNER = """
+import runpy, sys
+from jaxtyping import install_import_hook
+path = sys.argv[1]
+sys.argv = sys.argv[1:]
+with install_import_hook(["ftransformer"], "beartype.beartype"):
+    runpy.run_path(path, run_name="__main__")
+"""
+
+# A line (regex) each example must print: its lesson's result, not just any output. Examples added
+# later (07, 08, ...) are still run and must succeed and print something; give them a line here too.
+SMALL = r"(0\.0e\+00|\d\.\de-(0[5-9]|[1-9]\d))"  # a printed difference at float32 round-off, or zero
+KEY_LINES = {
+    "01_embeddings.py": r"largest spread of similarity along any diagonal \(same distance\): " + SMALL,
+    "02_attention.py": r"max \|einsum - sdpa\| = " + SMALL,
+    "03_multi_head_attention.py": r"max \|GQA - MHA\| = " + SMALL,
+    "04_feedforward.py": r"max \|f\(shuffled x\) - shuffled f\(x\)\| = " + SMALL,
+    # post-LN re-normalises the stream after every block: |x| = sqrt(d_model) = 8 at the last one.
+    "05_block.py": r"\n\s+12\s+\d\.\d{3}\s+8\.000\s",
+    "06_model.py": r"loss = 9\.\d+\s+ln\(vocab_size\) = ln\(10000\) = 9\.2103",
+}
+
+
+def run_example(path: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-W", "error", "-c", RUNNER, str(path), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_examples_found():
+    names = {p.name for p in EXAMPLES}
+    assert set(KEY_LINES) <= names, f"missing examples: {sorted(set(KEY_LINES) - names)}"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_example_runs(path, tmp_path):
+    # One run per example keeps the suite fast; an example that offers --plot gets it, so the picture
+    # is checked too (the printed lesson does not depend on the flag).
+    png = tmp_path / "figure.png"
+    plots = "--plot" in path.read_text()
+    result = run_example(path, *(["--plot", str(png)] if plots else []))
+    assert result.returncode == 0, f"{path.name} failed:\n{result.stdout}\n{result.stderr}"
+    assert result.stdout.strip(), f"{path.name} printed nothing"
+    if path.name in KEY_LINES:
+        assert re.search(KEY_LINES[path.name], result.stdout), (
+            f"{path.name} did not print a line matching {KEY_LINES[path.name]!r}:\n{result.stdout}"
+        )
+    if plots:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} --plot did not write a PNG"

@@ -1,0 +1,240 @@
+"""Generation: prefill/decode_step against forward, greedy generate against an argmax loop, sampling
+(greedy, temperature, top-k, top-p, seeds), stop tokens, streaming, ragged prompts, compile, errors."""
+
+import pytest
+import torch
+
+import ftransformer as ft
+from ftransformer.generate import compiled_decode_step, restrict_logits
+
+CFG = ft.Config(vocab_size=37, d_model=24, n_heads=6, n_kv_heads=2, n_layers=2, d_ff=40, max_seq_len=20)
+
+
+def tokens_for(cfg, shape, gen):
+    return torch.randint(0, cfg.vocab_size, shape, generator=gen)
+
+
+def argmax_loop(params, prompt, cfg, n):
+    """Greedy decoding the slow way: the whole sequence through ``forward`` for every new token."""
+    tokens = prompt
+    for _ in range(n):
+        tokens = torch.cat([tokens, ft.forward(params, tokens, cfg)[..., -1, :].argmax(-1, keepdim=True)], dim=-1)
+    return tokens
+
+
+# ---------------------------------------------------------------- prefill / decode_step
+
+
+def test_prefill_and_decode_step_match_forward(gen):
+    params = ft.init_params(CFG, seed=0)
+    tokens = tokens_for(CFG, (3, 9), gen)
+    expected = ft.forward(params, tokens, CFG)
+    logits, cache = ft.prefill(params, tokens[:, :6], ft.init_cache(CFG, 3, max_len=9), CFG)
+    torch.testing.assert_close(logits, expected[:, 5], atol=1e-5, rtol=0)
+    for i in range(6, 9):
+        logits, cache = ft.decode_step(params, tokens[:, i], cache, CFG)
+        torch.testing.assert_close(logits, expected[:, i], atol=1e-5, rtol=0)
+    assert cache.lengths.tolist() == [9, 9, 9]
+
+
+def test_prefill_of_ragged_prompts_returns_each_rows_last_real_logits(gen):
+    params = ft.init_params(CFG, seed=1)
+    prompts = tokens_for(CFG, (3, 5), gen)
+    lengths = torch.tensor([5, 1, 3])
+    logits, cache = ft.prefill(params, prompts, ft.init_cache(CFG, 3, max_len=6), CFG, prompt_lengths=lengths)
+    for row, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(logits[row], ft.forward(params, prompts[row, :n], CFG)[-1], atol=1e-5, rtol=0)
+    assert cache.lengths.tolist() == [5, 1, 3]
+
+
+# ---------------------------------------------------------------- greedy generation
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [CFG, CFG.replace(positional="rope", norm_position="post", attn_impl="einsum"), CFG.replace(positional="sinusoidal")],
+    ids=["learned", "rope-post-einsum", "sinusoidal"],
+)
+def test_greedy_generate_equals_an_argmax_loop_over_forward(cfg, gen):
+    params = ft.init_params(cfg, seed=2)
+    prompt = tokens_for(cfg, (2, 4), gen)
+    out = ft.generate(params, prompt, cfg, max_new_tokens=9, temperature=0)
+    assert out.shape == (2, 13) and out.dtype == prompt.dtype
+    assert torch.equal(out, argmax_loop(params, prompt, cfg, 9))
+
+
+def test_generate_one_unbatched_prompt(gen):
+    params = ft.init_params(CFG, seed=3)
+    prompt = tokens_for(CFG, (5,), gen)
+    out = ft.generate(params, prompt, CFG, max_new_tokens=4, temperature=0)
+    assert out.shape == (9,)
+    assert torch.equal(out, argmax_loop(params, prompt, CFG, 4))
+
+
+def test_generate_fills_the_context_exactly(gen):
+    params = ft.init_params(CFG, seed=4)
+    prompt = tokens_for(CFG, (1, 15), gen)
+    out = ft.generate(params, prompt, CFG, max_new_tokens=5, temperature=0)
+    assert out.shape == (1, CFG.max_seq_len)
+    assert torch.equal(out, argmax_loop(params, prompt, CFG, 5))
+
+
+def test_zero_new_tokens_returns_the_prompt(gen):
+    params = ft.init_params(CFG, seed=5)
+    prompt = tokens_for(CFG, (2, 3), gen)
+    assert torch.equal(ft.generate(params, prompt, CFG, max_new_tokens=0), prompt)
+
+
+def test_ragged_prompts_generate_what_each_row_generates_alone(gen):
+    params = ft.init_params(CFG, seed=6)
+    prompts = tokens_for(CFG, (3, 6), gen)
+    lengths = torch.tensor([6, 2, 4])
+    out = ft.generate(params, prompts, CFG, max_new_tokens=5, temperature=0, prompt_lengths=lengths, pad_id=-1)
+    assert out.shape == (3, 11)
+    for row, n in enumerate(lengths.tolist()):
+        alone = ft.generate(params, prompts[row, :n], CFG, max_new_tokens=5, temperature=0)
+        assert torch.equal(out[row, : n + 5], alone)
+        assert bool((out[row, n + 5 :] == -1).all())
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_temperature_zero_is_greedy(gen):
+    logits = torch.randn(5, 37, generator=gen)
+    assert torch.equal(ft.sample(logits, None, temperature=0), logits.argmax(-1))
+    assert torch.equal(ft.sample(logits, ft.random.key(0), temperature=0.0), logits.argmax(-1))
+    assert torch.equal(ft.sample(logits, None, temperature=1.0, top_k=1), logits.argmax(-1))
+
+
+def test_samples_follow_the_softmax_of_logits_over_temperature():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
+    for temperature in (1.0, 0.5):
+        draws = ft.sample(logits.expand(20000, 5), ft.random.key(3), temperature=temperature)
+        freq = torch.bincount(draws, minlength=5).float() / draws.numel()
+        torch.testing.assert_close(freq, (logits / temperature).softmax(-1), atol=0.015, rtol=0)
+
+
+def test_top_k_restricts_the_support_to_the_k_largest(gen):
+    logits = torch.randn(3, 37, generator=gen)
+    draws = ft.sample(logits[:, None].expand(3, 4000, 37), ft.random.key(1), temperature=5.0, top_k=4)
+    top = logits.topk(4, dim=-1).indices
+    for row in range(3):
+        seen = set(draws[row].unique().tolist())
+        assert seen == set(top[row].tolist())  # all four appear at a high temperature, nothing else
+
+
+def test_top_p_keeps_the_smallest_set_holding_p():
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    logits = probs.log()
+    assert torch.isinf(restrict_logits(logits, top_p=0.5)).tolist() == [False, True, True, True, True]
+    assert torch.isinf(restrict_logits(logits, top_p=0.7)).tolist() == [False, False, True, True, True]
+    assert torch.isinf(restrict_logits(logits, top_p=0.85)).tolist() == [False, False, False, True, True]
+    assert not torch.isinf(restrict_logits(logits, top_p=1.0)).any()
+    shuffled = torch.tensor([3, 0, 4, 1, 2])
+    mask = torch.isinf(restrict_logits(logits[shuffled], top_p=0.7))
+    assert mask.tolist() == [True, False, True, False, True]
+    draws = ft.sample(logits[shuffled].expand(5000, 5), ft.random.key(2), temperature=1.0, top_p=0.7)
+    assert set(draws.unique().tolist()) == {1, 3}
+
+
+def test_same_seed_same_text_other_seed_other_text(gen):
+    params = ft.init_params(CFG, seed=7)
+    prompt = tokens_for(CFG, (2, 3), gen)
+    kwargs = dict(max_new_tokens=12, temperature=1.5, top_k=20, top_p=0.95)
+    a = ft.generate(params, prompt, CFG, seed=11, **kwargs)
+    b = ft.generate(params, prompt, CFG, seed=11, **kwargs)
+    c = ft.generate(params, prompt, CFG, seed=12, **kwargs)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert torch.equal(a[:, :3], prompt)
+
+
+def test_sampling_needs_a_key_and_valid_settings(gen):
+    logits = torch.randn(2, 37, generator=gen)
+    with pytest.raises(ValueError, match="needs a random key"):
+        ft.sample(logits, None, temperature=1.0)
+    for bad in (dict(temperature=-0.1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(temperature="hot")):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ft.sample(logits, ft.random.key(0), **{"temperature": 1.0, **bad})
+
+
+# ---------------------------------------------------------------- stop tokens and streaming
+
+
+def test_stop_tokens_end_a_row_and_pad_it(gen):
+    params = ft.init_params(CFG, seed=8)
+    prompt = tokens_for(CFG, (3, 4), gen)
+    free = ft.generate(params, prompt, CFG, max_new_tokens=10, temperature=0)
+    stop = int(free[0, 6])  # the third new token of row 0
+    out = ft.generate(params, prompt, CFG, max_new_tokens=10, temperature=0, stop_tokens=[stop], pad_id=-1)
+    for row in range(3):
+        new = free[row, 4:].tolist()
+        n = new.index(stop) + 1 if stop in new else len(new)
+        assert out[row, 4 : 4 + n].tolist() == new[:n]
+        assert bool((out[row, 4 + n :] == -1).all())
+    # The stream ends as soon as every row has stopped.
+    single = ft.generate(params, prompt[:1], CFG, max_new_tokens=10, temperature=0, stop_tokens=[stop])
+    assert single.shape == (1, 4 + free[0, 4:].tolist().index(stop) + 1)
+    assert int(single[0, -1]) == stop
+
+
+def test_the_stream_yields_the_tokens_generate_returns(gen):
+    params = ft.init_params(CFG, seed=9)
+    prompt = tokens_for(CFG, (2, 5), gen)
+    kwargs = dict(max_new_tokens=7, temperature=0.8, top_k=10, seed=3)
+    stream = ft.generate_stream(params, prompt, CFG, **kwargs)
+    first = next(stream)  # produced before the rest is computed
+    assert first.shape == (2,)
+    streamed = torch.stack([first, *stream], dim=-1)
+    assert torch.equal(torch.cat([prompt, streamed], dim=-1), ft.generate(params, prompt, CFG, **kwargs))
+
+
+# ---------------------------------------------------------------- compile
+
+
+def test_compiled_decode_step_does_not_recompile_per_step(gen, no_typecheck):
+    cfg = CFG.replace(n_layers=1)
+    params = ft.init_params(cfg, seed=10)
+    prompt = tokens_for(cfg, (2, 3), gen)
+    torch._dynamo.reset()
+    compiled_decode_step.cache_clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0, compile=True)
+        # A second generation of the same shapes reuses the graph too.
+        again = ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0.7, seed=1, compile=True)
+    assert torch.equal(out, ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0))
+    assert torch.equal(again, ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0.7, seed=1))
+    torch._dynamo.reset()
+    compiled_decode_step.cache_clear()
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_prompt_longer_than_max_seq_len(gen):
+    params = ft.init_params(CFG)
+    with pytest.raises(ValueError, match="prompt has seq=21 but max_seq_len=20"):
+        ft.generate(params, tokens_for(CFG, (1, 21), gen), CFG, max_new_tokens=1)
+
+
+def test_prompt_plus_new_tokens_longer_than_max_seq_len(gen):
+    params = ft.init_params(CFG)
+    with pytest.raises(ValueError, match="seq=15 plus max_new_tokens=6 is 21 tokens but max_seq_len=20"):
+        ft.generate(params, tokens_for(CFG, (1, 15), gen), CFG, max_new_tokens=6)
+
+
+def test_bad_generation_arguments(gen):
+    params = ft.init_params(CFG)
+    prompt = tokens_for(CFG, (2, 3), gen)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        ft.generate(params, prompt, CFG, max_new_tokens=-1)
+    with pytest.raises(ValueError, match=r"prompt_lengths must lie in \[1, seq=3\]"):
+        ft.generate(params, prompt, CFG, max_new_tokens=2, prompt_lengths=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="prompt contains id 37"):
+        ft.generate(params, torch.tensor([[1, 37]]), CFG, max_new_tokens=2)
+    with pytest.raises(ValueError, match="top_p"):
+        ft.generate(params, prompt, CFG, max_new_tokens=2, top_p=2.0)
+    with pytest.raises(ValueError, match=r"length 7 .*max_len=6"):
+        _, cache = ft.prefill(params, prompt, ft.init_cache(CFG, 2, max_len=6), CFG)
+        ft.prefill(params, prompt.repeat(1, 2)[:, :4], cache, CFG)

@@ -33,6 +33,7 @@ from ftransformer.params import init_params, tree_flatten_with_paths, tree_to, t
 PARAMS_FILE = "params.safetensors"
 OPT_STATE_FILE = "opt_state.safetensors"
 META_FILE = "checkpoint.json"
+LATEST, BEST = "latest", "best"  # the two checkpoints a training run keeps in its directory
 FORMAT = "ftransformer-checkpoint"
 VERSION = 1
 
@@ -278,6 +279,8 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Read a checkpoint directory.
 
+    ``path`` is a checkpoint directory or a training run's directory (its ``latest`` checkpoint is read).
+
     Args:
         config: the config the parameters must fit (default: the one saved); a tensor that does not fit
             raises ``ValueError`` naming its key and both shapes.
@@ -286,6 +289,8 @@ def load_checkpoint(
         device: where the tensors go (default: CPU).
     """
     requested = Path(path)
+    if not _complete(requested) and _resolve(requested / LATEST) is not None:
+        requested = requested / LATEST  # a run directory: its latest checkpoint
     resolved = _resolve(requested)
     if resolved is None:
         if not requested.exists():
@@ -349,6 +354,6 @@ def read_checkpoint_info(path: str | os.PathLike) -> dict:
 
 
 __all__ = [
-    "Checkpoint", "checkpoint_exists", "expected_param_shapes", "flatten_state", "load_checkpoint",
+    "BEST", "LATEST", "Checkpoint", "checkpoint_exists", "expected_param_shapes", "flatten_state", "load_checkpoint",
     "read_checkpoint_info", "restore_opt_state", "save_checkpoint",
 ]

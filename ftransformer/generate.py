@@ -72,7 +72,7 @@ def compiled_decode_step():
     return torch.compile(_owned_decode_step, fullgraph=True, dynamic=False)
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(temperature: float | int, top_k: int | None, top_p: float | None) -> None:
     """Raise ``ValueError`` on sampling settings outside their ranges."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
@@ -105,7 +105,7 @@ def sample(
     logits: Float[Tensor, "*batch vocab"],
     key: Tensor | None,
     *,
-    temperature: float = 1.0,
+    temperature: float | int = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
 ) -> Int[Tensor, " *batch"]:
@@ -158,7 +158,7 @@ def generate_stream(
     cfg: Config,
     *,
     max_new_tokens: int,
-    temperature: float = 1.0,
+    temperature: float | int = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
@@ -179,21 +179,31 @@ def generate_stream(
         return
     dtype = params["embed"]["tokens"].dtype
     cache = init_cache(cfg, tuple(prompt.shape[:-1]), max_len=max_len, dtype=dtype, device=prompt.device)
-    logits, cache = prefill(params, prompt, cache, cfg, prompt_lengths=prompt_lengths)
+    # Gradients are never wanted here: without no_grad, params that require grad would make every step
+    # record a graph (and keep the cache alive through it). Entered per step, never across a yield,
+    # so the caller's grad mode is untouched while the stream is paused.
+    with torch.no_grad():
+        logits, cache = prefill(params, prompt, cache, cfg, prompt_lengths=prompt_lengths)
     step = compiled_decode_step() if compile else _owned_decode_step
+    greedy = temperature == 0 or top_k == 1
     key = random.key(seed).to(prompt.device)
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=prompt.device)
     done = torch.zeros(prompt.shape[:-1], dtype=torch.bool, device=prompt.device)
     for i in range(max_new_tokens):
-        token = sample(logits, random.fold_in(key, i), temperature=temperature, top_k=top_k, top_p=top_p)
+        # Greedy decoding draws nothing, so it skips deriving the step's key (a dozen ops per token).
+        step_key = None if greedy else random.fold_in(key, i)
+        token = sample(logits, step_key, temperature=temperature, top_k=top_k, top_p=top_p)
         if len(stop_tokens):
-            token = token.masked_fill(done, pad_id)
+            # A stopped row still feeds its sampled (valid) token to the model; only what it shows is padding.
+            yield token.masked_fill(done, pad_id)
             done = done | torch.isin(token, stop)
-        yield token
+        else:
+            yield token
         # Reading `done` costs a host sync per step, so only generations with stop tokens pay it.
         if i + 1 == max_new_tokens or (len(stop_tokens) and bool(done.all())):
             return
-        logits, cache = step(params, token, cache, cfg)
+        with torch.no_grad():
+            logits, cache = step(params, token, cache, cfg)
 
 
 def generate(
@@ -202,7 +212,7 @@ def generate(
     cfg: Config,
     *,
     max_new_tokens: int,
-    temperature: float = 1.0,
+    temperature: float | int = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,

@@ -132,9 +132,11 @@ def _is_wrapped(x: Tensor) -> bool:
 
 
 def _use_foreach(*lists: list[Tensor]) -> bool:
-    """Whether the ``_foreach`` kernels may run: not under ``vmap``/``grad``, whose wrappers lack them."""
+    """Whether to call the ``_foreach`` kernels: eagerly, yes; not under ``vmap``/``grad``, whose wrappers
+    lack them, and not under ``torch.compile``, which fuses plain per-tensor code itself (and would
+    break the graph on a ``_foreach`` call with a tensor scalar)."""
     if torch.compiler.is_compiling():
-        return True
+        return False
     return not any(_is_wrapped(x) for xs in lists for x in xs)
 
 
@@ -229,8 +231,9 @@ class _PerTensor:
 
     @staticmethod
     def addcmul_(xs, ys, zs, value: float):
+        # Spelled out: vmap has no batching rule for addcmul_.
         for x, y, z in zip(xs, ys, zs):
-            x.addcmul_(y, z, value=value)
+            x.add_(y * z, alpha=value)
 
 
 def _host_int(count: Tensor) -> int | None:

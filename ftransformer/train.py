@@ -167,11 +167,11 @@ def evaluate(params: dict, batches: Iterable, cfg: Config, *, ignore_index: int 
 # Fit loop (written by the data/checkpoint area): everything below this line belongs to `fit`.
 # ====================================================================================================
 
+import io
 import json
 import math
 import os
 import sys
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -180,11 +180,17 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from ftransformer.checkpoint import checkpoint_exists, load_checkpoint, read_checkpoint_info, save_checkpoint
+from ftransformer.checkpoint import (
+    BEST,
+    LATEST,
+    checkpoint_exists,
+    load_checkpoint,
+    read_checkpoint_info,
+    save_checkpoint,
+)
 from ftransformer.data import Tokenizer, atomic_write, fixed_batches, sample_batch
 from ftransformer.params import tree_to
 
-LATEST, BEST = "latest", "best"
 METRICS_FILE, PLOT_FILE = "metrics.jsonl", "loss.png"
 # Random streams of the data sampler: training batches, the fixed validation batches, and the fixed
 # training batches that measure the train loss at each evaluation.

@@ -26,6 +26,7 @@ def no_typecheck(monkeypatch):
     jaxtyping.config.update("jaxtyping_disable", True)
     # The import hook decorates a function defined inside another one each time the outer one runs,
     # and decorating (inspect.signature) cannot be traced by torch.compile: with checks off, skip it.
+    # (A module first imported during such a test would stay unchecked for the session; import early.)
     monkeypatch.setattr(jaxtyping, "jaxtyped", _leave_undecorated)
     try:
         yield

@@ -88,14 +88,16 @@ def test_block_dropout_follows_the_key(gen):
 
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
 def test_block_gradcheck(gen, norm_position):
-    cfg = ft.Config(vocab_size=7, d_model=4, n_heads=2, n_layers=1, d_ff=6, max_seq_len=4,
+    # seq 3, heads 2, head_dim 4, d_model 8, d_ff 5
+    cfg = ft.Config(vocab_size=7, d_model=8, n_heads=2, n_layers=1, d_ff=5, max_seq_len=4,
                     norm_position=norm_position, attn_impl="einsum")
     p = randomized_block_params(cfg, gen)
     flat = ft.tree_flatten_with_paths(p)
     names = list(flat)
-    x = torch.randn(3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
 
     def f(x, *leaves):
         return block(ft.tree_unflatten_paths(dict(zip(names, leaves))), x, cfg, positions=torch.arange(3))
 
-    assert torch.autograd.gradcheck(f, (x, *[flat[n].clone().requires_grad_() for n in names]))
+    # fast_mode checks a random projection of the Jacobian: the same test of the backward pass, far fewer calls.
+    assert torch.autograd.gradcheck(f, (x, *[flat[n].clone().requires_grad_() for n in names]), fast_mode=True)

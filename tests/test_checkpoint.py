@@ -162,3 +162,10 @@ def test_expected_shapes_match_init_params():
     assert shapes["embed.tokens"] == (50257, 768) and shapes["blocks.11.attn.w_qkv"] == (768, 2304)
     real = {k: v.shape for k, v in tree_flatten_with_paths(ft.init_params(CFG)).items()}
     assert checkpoint.expected_param_shapes(CFG) == real
+
+
+def test_a_run_directory_loads_its_latest_checkpoint(tmp_path):
+    params = ft.init_params(CFG)
+    checkpoint.save_checkpoint(tmp_path / checkpoint.LATEST, params=params, config=CFG, step=9)
+    ck = checkpoint.load_checkpoint(tmp_path)
+    assert ck.step == 9 and ck.path == tmp_path / "latest"

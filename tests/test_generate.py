@@ -154,9 +154,12 @@ def test_sampling_needs_a_key_and_valid_settings(gen):
     logits = torch.randn(2, 37, generator=gen)
     with pytest.raises(ValueError, match="needs a random key"):
         ft.sample(logits, None, temperature=1.0)
-    for bad in (dict(temperature=-0.1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5), dict(temperature="hot")):
+    for bad in (dict(temperature=-0.1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ft.sample(logits, ft.random.key(0), **{"temperature": 1.0, **bad})
+    # A wrong type is a TypeError: from beartype with the jaxtyping hook on, else a ValueError naming it.
+    with pytest.raises((TypeError, ValueError), match="temperature"):
+        ft.sample(logits, ft.random.key(0), temperature="hot")
 
 
 # ---------------------------------------------------------------- stop tokens and streaming

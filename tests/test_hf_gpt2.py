@@ -112,7 +112,8 @@ def test_load_logits_match_transformers(name, fmt, tmp_path):
         save_bin(model, tmp_path)
     cfg, params = ft.load_hf_gpt2(tmp_path)
 
-    assert (cfg.vocab_size, cfg.max_seq_len, cfg.d_model) == (hf_cfg["vocab_size"], hf_cfg["n_positions"], hf_cfg["n_embd"])
+    assert (cfg.vocab_size, cfg.max_seq_len) == (hf_cfg["vocab_size"], hf_cfg["n_positions"])
+    assert cfg.d_model == hf_cfg["n_embd"]
     assert (cfg.n_layers, cfg.n_heads) == (hf_cfg["n_layer"], hf_cfg["n_head"])
     assert cfg.d_ff == (hf_cfg["n_inner"] or 4 * hf_cfg["n_embd"])
     assert cfg.tie_embeddings == hf_cfg.get("tie_word_embeddings", True)
@@ -141,7 +142,9 @@ def test_load_state_dict_with_or_without_prefix_and_inferred_config():
 
 
 def test_inferred_config_detects_untied_head():
-    model = make_hf_model(vocab_size=53, n_positions=11, n_embd=64, n_layer=1, n_head=1, n_inner=24, tie_word_embeddings=False)
+    model = make_hf_model(
+        vocab_size=53, n_positions=11, n_embd=64, n_layer=1, n_head=1, n_inner=24, tie_word_embeddings=False
+    )
     cfg, params = ft.load_hf_gpt2(model.state_dict())
     assert not cfg.tie_embeddings
     assert torch.equal(params["unembed"]["w"], model.lm_head.weight.detach().T)
@@ -162,10 +165,14 @@ def test_explicit_config_kinds_agree(tmp_path):
 
 def test_load_dtype_and_sharded_index(tmp_path):
     model = make_hf_model(**HF_CONFIGS["one-layer-pytorch_tanh"])
-    # A hand-made two-shard checkpoint with an index, the layout large checkpoints use.
+    # A hand-made two-shard checkpoint with an index, the layout large checkpoints use; keys without the
+    # "transformer." prefix and with the causal-mask buffers, like the files on the Hugging Face hub.
     from safetensors.torch import save_file
 
-    sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    sd = {k.removeprefix("transformer."): v.contiguous() for k, v in model.state_dict().items()}
+    del sd["lm_head.weight"]
+    n = model.config.n_positions
+    sd["h.0.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
     keys = sorted(sd)
     shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
     for file, names in shards.items():
@@ -193,8 +200,6 @@ GEN_CONFIGS = {
 
 @pytest.mark.parametrize("name", list(GEN_CONFIGS))
 def test_greedy_generation_matches_transformers_token_for_token(name, tmp_path):
-    from ftransformer.generate import generate
-
     model = make_hf_model(seed=7, **GEN_CONFIGS[name])
     model.save_pretrained(tmp_path)
     cfg, params = ft.load_hf_gpt2(tmp_path)
@@ -204,7 +209,7 @@ def test_greedy_generation_matches_transformers_token_for_token(name, tmp_path):
             prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=64, min_new_tokens=64,
             pad_token_id=0,
         )
-    got = generate(params, prompt, cfg, max_new_tokens=64, temperature=0.0)
+    got = ft.generate(params, prompt, cfg, max_new_tokens=64, temperature=0.0)
     assert got.shape == expected.shape == (2, 7 + 64)
     assert torch.equal(got, expected)
 
@@ -307,7 +312,8 @@ def test_missing_key_is_named(small_sd):
 def test_misshaped_key_names_both_shapes(small_sd):
     hf_config, sd = small_sd
     sd = {**sd, "transformer.h.0.attn.c_attn.weight": torch.zeros(72, 24)}
-    with pytest.raises(ValueError, match=r"'h\.0\.attn\.c_attn\.weight' has shape \(72, 24\) but the config expects \(24, 72\)"):
+    expected = r"'h\.0\.attn\.c_attn\.weight' has shape \(72, 24\) but the config expects \(24, 72\)"
+    with pytest.raises(ValueError, match=expected):
         ft.load_hf_gpt2(sd, config=hf_config)
 
 
@@ -444,3 +450,41 @@ def test_tokenizer_file_errors(tmp_path):
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     with pytest.raises(ValueError, match="cannot read GPT-2 BPE files"):
         GPT2BPETokenizer.load(tmp_path)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_generate_from_hf_dir(tmp_path, bpe_dir, capsys):
+    from ftransformer.cli import main
+
+    model = make_hf_model(seed=3, vocab_size=300, n_positions=41, n_embd=20, n_layer=2, n_head=4, n_inner=28)
+    model.save_pretrained(tmp_path)
+    tok = GPT2BPETokenizer.load(bpe_dir)
+    save_vocab_merges(tok, tmp_path)
+    prompt_text = "the quick fox"
+    prompt = torch.tensor([tok.encode(prompt_text)])
+    with torch.no_grad():
+        expected = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=12, min_new_tokens=12,
+            pad_token_id=0,
+        )
+    capsys.readouterr()
+    code = main(["generate", "--hf-dir", str(tmp_path), "--prompt", prompt_text, "--max-new-tokens", "12",
+                 "--temperature", "0"])
+    assert code == 0
+    assert capsys.readouterr().out == prompt_text + tok.decode(expected[0, prompt.shape[1]:]) + "\n"
+
+
+def test_cli_generate_hf_dir_errors(tmp_path, capsys):
+    from ftransformer.cli import main
+
+    make_hf_model(vocab_size=300, n_positions=17, n_embd=20, n_layer=1, n_head=4, n_inner=28).save_pretrained(tmp_path)
+    capsys.readouterr()
+    assert main(["generate", "--hf-dir", str(tmp_path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "has no vocab.json + merges.txt" in err and err.count("\n") == 1
+    assert main(["generate", "--hf-dir", str(tmp_path), "--checkpoint", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["generate", "--hf-dir", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
+    assert "is not a directory" in capsys.readouterr().err

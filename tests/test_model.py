@@ -21,7 +21,7 @@ def tokens_for(cfg, shape, gen):
 
 @st.composite
 def configs(draw) -> ft.Config:
-    """Small random configs over every architectural switch, with distinct-looking sizes."""
+    """Small random configs over every architectural switch (GQA/MQA included)."""
     n_heads = draw(st.sampled_from([1, 2, 4]))
     n_kv_heads = draw(st.sampled_from([h for h in (1, 2, 4) if n_heads % h == 0]))
     head_dim = draw(st.sampled_from([2, 4, 6]))
@@ -50,15 +50,15 @@ def configs(draw) -> ft.Config:
 def test_any_number_of_leading_batch_axes(tiny_cfg, gen, positional):
     cfg = tiny_cfg.replace(positional=positional)
     params = ft.init_params(cfg, seed=0)
-    tokens = tokens_for(cfg, (2, 3, 7), gen)
+    tokens = tokens_for(cfg, (2, 5, 7), gen)
     logits = ft.forward(params, tokens, cfg)
-    assert logits.shape == (2, 3, 7, cfg.vocab_size)
+    assert logits.shape == (2, 5, 7, cfg.vocab_size)
     torch.testing.assert_close(ft.forward(params, tokens[1], cfg), logits[1])
     torch.testing.assert_close(ft.forward(params, tokens[1, 2], cfg), logits[1, 2])
     torch.testing.assert_close(ft.forward(params, tokens[None, None], cfg)[0, 0], logits)
     loss = ft.loss_fn(params, tokens, tokens, cfg)
     assert loss.shape == ()
-    torch.testing.assert_close(ft.loss_fn(params, tokens.reshape(6, 7), tokens.reshape(6, 7), cfg), loss)
+    torch.testing.assert_close(ft.loss_fn(params, tokens.reshape(10, 7), tokens.reshape(10, 7), cfg), loss)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -116,7 +116,7 @@ def test_causality_for_random_configs(cfg, data):
 def test_func_grad_of_loss_equals_autograd(tiny_cfg, gen):
     cfg = tiny_cfg.replace(positional="rope", n_kv_heads=1, attn_impl="einsum")
     params = ft.init_params(cfg, seed=2)
-    tokens, targets = tokens_for(cfg, (3, 8), gen), tokens_for(cfg, (3, 8), gen)
+    tokens, targets = tokens_for(cfg, (5, 8), gen), tokens_for(cfg, (5, 8), gen)
     grads = torch.func.grad(ft.loss_fn)(params, tokens, targets, cfg)
 
     leaves = ft.tree_map(lambda t: t.detach().clone().requires_grad_(), params)
@@ -156,7 +156,7 @@ def test_vmap_equals_batched_forward_for_random_configs(cfg, batch, data):
 def test_vmap_over_stacked_params_is_an_ensemble(tiny_cfg, gen):
     # The einsum path: vmap over weights has no fused SDPA batching rule (torch warns and loops).
     cfg = tiny_cfg.replace(attn_impl="einsum")
-    members = [ft.init_params(cfg, seed=s) for s in range(3)]
+    members = [ft.init_params(cfg, seed=s) for s in range(4)]
     stacked = ft.tree_map(lambda *xs: torch.stack(xs), *members)
     tokens = tokens_for(cfg, (2, 5), gen)
     out = torch.func.vmap(ft.forward, in_dims=(0, None, None))(stacked, tokens, cfg)
@@ -167,9 +167,9 @@ def test_vmap_over_stacked_params_is_an_ensemble(tiny_cfg, gen):
 def test_per_example_grads_by_vmap_equal_the_loop(tiny_cfg, gen):
     cfg = tiny_cfg.replace(attn_impl="einsum")
     params = ft.init_params(cfg, seed=0)
-    tokens, targets = tokens_for(cfg, (3, 6), gen), tokens_for(cfg, (3, 6), gen)
+    tokens, targets = tokens_for(cfg, (4, 6), gen), tokens_for(cfg, (4, 6), gen)
     per_example = torch.func.vmap(torch.func.grad(ft.loss_fn), in_dims=(None, 0, 0, None))(params, tokens, targets, cfg)
-    for i in range(3):
+    for i in range(4):
         one = torch.func.grad(ft.loss_fn)(params, tokens[i], targets[i], cfg)
         torch.testing.assert_close(per_example["blocks"][1]["attn"]["w_qkv"][i], one["blocks"][1]["attn"]["w_qkv"])
         torch.testing.assert_close(per_example["embed"]["tokens"][i], one["embed"]["tokens"])
@@ -177,11 +177,12 @@ def test_per_example_grads_by_vmap_equal_the_loop(tiny_cfg, gen):
 
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
 def test_loss_gradcheck_float64(gen, norm_position):
-    cfg = ft.Config(vocab_size=7, d_model=4, n_heads=2, n_layers=1, d_ff=6, max_seq_len=5, positional="rope",
+    # batch 3, seq 5, heads 2, head_dim 4, d_model 8, d_ff 6, vocab 7
+    cfg = ft.Config(vocab_size=7, d_model=8, n_heads=2, n_layers=1, d_ff=6, max_seq_len=5, positional="rope",
                     tie_embeddings=False, norm_position=norm_position, activation="swiglu")
     flat = ft.tree_flatten_with_paths(ft.init_params(cfg, seed=0, dtype=torch.float64))
     names = list(flat)
-    tokens, targets = tokens_for(cfg, (2, 3), gen), tokens_for(cfg, (2, 3), gen)
+    tokens, targets = tokens_for(cfg, (3, 5), gen), tokens_for(cfg, (3, 5), gen)
 
     def f(*leaves):
         return ft.loss_fn(ft.tree_unflatten_paths(dict(zip(names, leaves))), tokens, targets, cfg)
@@ -214,9 +215,9 @@ def test_compiled_forward_matches_eager(tiny_cfg, gen, no_typecheck):
 def test_dropout_only_with_a_key(tiny_cfg, gen, changes):
     cfg = tiny_cfg.replace(dropout=0.2, **changes)
     params = ft.init_params(cfg)
-    tokens = tokens_for(cfg, (2, 3, 8), gen)
+    tokens = tokens_for(cfg, (2, 5, 8), gen)
     a = ft.forward(params, tokens, cfg, key=ft.random.key(0))
-    assert a.shape == (2, 3, 8, cfg.vocab_size)
+    assert a.shape == (2, 5, 8, cfg.vocab_size)
     assert torch.equal(a, ft.forward(params, tokens, cfg, key=ft.random.key(0)))
     assert not torch.allclose(a, ft.forward(params, tokens, cfg, key=ft.random.key(1)))
     torch.testing.assert_close(ft.forward(params, tokens, cfg), ft.forward(params, tokens, cfg.replace(dropout=0.0)))

@@ -56,7 +56,10 @@ _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 # the head count, so it is inferred from this when no config is given.
 _GPT2_HEAD_DIM = 64
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# Looked for in this order; an index names the shards of a checkpoint split over several files.
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
 
 
 # ---------------------------------------------------------------- configs
@@ -73,7 +76,9 @@ def config_from_hf(hf_config: Mapping | object) -> Config:
         raise ValueError(f"config has model_type={model_type!r}; expected 'gpt2'")
     missing = [k for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head") if k not in d]
     if missing:
-        raise ValueError(f"GPT-2 config is missing {missing}; expected vocab_size, n_positions, n_embd, n_layer, n_head")
+        raise ValueError(
+            f"GPT-2 config is missing {missing}; expected vocab_size, n_positions, n_embd, n_layer, n_head"
+        )
     activation = d.get("activation_function", "gelu_new")
     if activation not in _ACTIVATIONS_IN:
         raise ValueError(
@@ -302,8 +307,7 @@ def load_hf_gpt2(
         # .T of an nn.Linear weight is a view; contiguous() gives unembed.w its own [d_model, vocab] layout.
         flat[path] = tensor.T.contiguous() if transposed else tensor
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"state dict is missing {len(missing)} GPT-2 tensor(s): {shown}")
+        raise ValueError(f"state dict is missing {len(missing)} GPT-2 tensor(s): {_first_few(missing)}")
     expected_keys = {row[0] for row in _table(cfg)}
     if cfg.tie_embeddings and "lm_head.weight" in sd:
         expected_keys.add("lm_head.weight")
@@ -314,14 +318,18 @@ def load_hf_gpt2(
             )
     unexpected = sorted(set(sd) - expected_keys)
     if unexpected:
-        shown = ", ".join(map(repr, unexpected[:5])) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         raise ValueError(
-            f"state dict has {len(unexpected)} key(s) a GPT-2 LM with n_layers={cfg.n_layers} does not have: {shown}"
+            f"state dict has {len(unexpected)} key(s) a GPT-2 LM with n_layers={cfg.n_layers} does not have: "
+            f"{_first_few([repr(k) for k in unexpected])}"
         )
     params = tree_unflatten_paths(flat)
     if dtype is not None or device is not None:
         params = tree_to(params, dtype=dtype, device=device)
     return cfg, params
+
+
+def _first_few(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def _read_config_json(directory: Path) -> dict:
@@ -499,7 +507,8 @@ def load_hf_gpt2_dir(
     tokenizer = load_hf_gpt2_tokenizer(directory)
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(
-            f"{directory}: tokenizer has vocab_size={tokenizer.vocab_size} but the model has vocab_size={cfg.vocab_size}"
+            f"{directory}: tokenizer has vocab_size={tokenizer.vocab_size} "
+            f"but the model has vocab_size={cfg.vocab_size}"
         )
     return cfg, params, tokenizer
 

@@ -1,0 +1,294 @@
+"""``ftransformer bench generate``: greedy generation with the KV-cache against recomputing the prefix
+and against Hugging Face ``transformers``.
+
+Contenders, all greedy from the same prompt, producing exactly ``--new-tokens`` tokens:
+
+* **KV-cache (eager)**: ``ftransformer.generate`` -- prefill once, then one-token decode steps;
+* **KV-cache (compiled)** with ``--compile``: the same, its decode step under ``torch.compile``;
+* **no cache**: ``forward`` over the whole sequence so far for every new token (the slow, obvious loop);
+* **transformers**: ``GPT2LMHeadModel.generate(use_cache=True)`` on the equivalent ``GPT2Config``,
+  holding a copy of the same (random) weights, so all contenders should produce the same tokens.
+
+Repetitions are interleaved (each repetition runs every contender once) so drifting machine load hits
+all alike; medians are reported. Ops per token count the aten operators one generation dispatches,
+divided by the tokens it produced: at batch 1 a decode step is bound by per-op overhead, not arithmetic.
+"""
+
+import collections
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from ftransformer.config import PRESETS, Config, get_preset
+from ftransformer.generate import compiled_decode_step, generate
+from ftransformer.model import forward
+from ftransformer.params import init_params
+
+DEFAULT_PRESET = "seed"
+CACHE, COMPILED, NO_CACHE, HF = "KV-cache (eager)", "KV-cache (compiled)", "no cache (forward)", "transformers"
+# Targets (tokens/s ratios) from the issue: the cache path against recomputing and against transformers.
+TARGETS = {NO_CACHE: 5.0, HF: 3.0}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched while active (views included: each costs a dispatch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+# ---------------------------------------------------------------- contenders
+
+
+def no_cache_generate(params: dict, prompt: torch.Tensor, cfg: Config, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding without a cache: every step runs ``forward`` over the whole sequence so far."""
+    tokens = prompt
+    for _ in range(new_tokens):
+        nxt = forward(params, tokens, cfg)[..., -1, :].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, nxt], dim=-1)
+    return tokens
+
+
+def hf_model(params: dict, cfg: Config):
+    """A ``GPT2LMHeadModel`` holding a copy of ``params``, or None when transformers is not installed."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    from ftransformer.interop.hf_gpt2 import config_to_hf, to_hf_gpt2
+
+    transformers.logging.set_verbosity_error()  # its generation-config notices are not results
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config_to_hf(cfg)))
+    model.load_state_dict({k: v.detach().clone() for k, v in to_hf_gpt2(params, cfg).items()}, strict=False)
+    model.tie_weights()
+    return model.eval().to(params["embed"]["tokens"].device)
+
+
+def hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy ``generate`` as a user calls it (it runs under its own ``torch.no_grad``), fixed length."""
+    return model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, use_cache=True, pad_token_id=0, eos_token_id=None,
+    )
+
+
+def contenders(
+    params: dict, cfg: Config, prompt: torch.Tensor, new_tokens: int, *, compiled: bool, hf=None
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """name -> a function producing ``prompt`` + ``new_tokens`` greedy tokens (``hf``: a model from ``hf_model``)."""
+    fns = {CACHE: lambda: generate(params, prompt, cfg, max_new_tokens=new_tokens, temperature=0)}
+    if compiled:
+        fns[COMPILED] = lambda: generate(params, prompt, cfg, max_new_tokens=new_tokens, temperature=0, compile=True)
+    fns[NO_CACHE] = lambda: no_cache_generate(params, prompt, cfg, new_tokens)
+    if hf is not None:
+        fns[HF] = lambda: hf_generate(hf, prompt, new_tokens)
+    return fns
+
+
+# ---------------------------------------------------------------- timing and reporting
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_contenders(fns: dict, *, repeats: int, warmup: int, device: torch.device, clock=time.perf_counter) -> dict:
+    """Seconds per full generation of each contender, interleaved repetition by repetition."""
+    outputs = {}
+    for _ in range(warmup):
+        for name, fn in fns.items():
+            outputs[name] = fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = clock()
+            outputs[name] = fn()
+            _sync(device)
+            times[name].append(clock() - start)
+    return times, outputs
+
+
+def ops_per_token(fn: Callable[[], torch.Tensor], new_tokens: int) -> float:
+    with OpCounter() as counter:
+        fn()
+    return counter.total / new_tokens
+
+
+def agreement(outputs: dict, reference: str) -> list[str]:
+    """One line per contender whose tokens differ from ``reference``'s (greedy from equal weights)."""
+    lines = []
+    ref = outputs[reference]
+    for name, out in outputs.items():
+        out = out.to(ref.device)
+        if out.shape != ref.shape:
+            lines.append(f"{name}: produced shape {tuple(out.shape)}, {reference} {tuple(ref.shape)}")
+        elif not torch.equal(out, ref):
+            first = int((out != ref).nonzero()[0, -1])
+            lines.append(f"{name}: tokens differ from {reference}'s from position {first} on (float rounding "
+                         "can flip a near-tie in the argmax)")
+    return lines
+
+
+def matmul_floor(params: dict, cfg: Config, batch: int, *, repeats: int = 20, clock=time.perf_counter) -> float:
+    """Seconds per token of only the decode step's weight products (median), a bound no implementation beats.
+
+    At batch 1 each weight matrix is read once per token for a matrix-vector product, so on a CPU this is
+    mostly memory traffic: every contender pays it, and what is left of a step is per-op overhead.
+    """
+    device = params["embed"]["tokens"].device
+    x = torch.randn(batch, cfg.d_model, device=device)
+    h = torch.randn(batch, cfg.d_ff, device=device)
+
+    def products():
+        for blk in params["blocks"]:
+            x @ blk["attn"]["w_qkv"]
+            x @ blk["attn"]["w_o"]
+            for name in ("w_in", "w_gate"):
+                if name in blk["mlp"]:
+                    x @ blk["mlp"][name]
+            h @ blk["mlp"]["w_out"]
+        return x @ (params["embed"]["tokens"].t() if cfg.tie_embeddings else params["unembed"]["w"])
+
+    products()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = clock()
+        products()
+        _sync(device)
+        times.append(clock() - start)
+    return statistics.median(times)
+
+
+def format_table(times: dict, ops: dict, new_tokens: int) -> str:
+    """Median ms/token, tokens/s, the cache path's speed-up over each baseline, and ops per token."""
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    width = max(len(n) for n in times) + 2
+    header = f"{'contender':<{width}}{'ms/token':>10}{'tokens/s':>11}{'min tok/s':>11}{'ops/token':>11}"
+    lines = [header, "-" * len(header)]
+    for name, ts in times.items():
+        op = f"{ops[name]:,.0f}" if name in ops else "n/a"
+        lines.append(
+            f"{name:<{width}}{med[name] / new_tokens * 1e3:>10.2f}{new_tokens / med[name]:>11,.0f}"
+            f"{new_tokens / max(ts):>11,.0f}{op:>11}"
+        )
+    lines.append("")
+    for fast in (CACHE, COMPILED):
+        if fast not in med:
+            continue
+        for slow, target in TARGETS.items():
+            if slow in med:
+                ratio = med[slow] / med[fast]
+                verdict = "meets" if ratio >= target else "misses"
+                lines.append(f"{fast} vs {slow}: {ratio:.2f}x tokens/s ({verdict} the >= {target:g}x target)")
+    return "\n".join(lines)
+
+
+def profile_decode_step(params: dict, cfg: Config, prompt: torch.Tensor, new_tokens: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    generate(params, prompt, cfg, max_new_tokens=8, temperature=0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        generate(params, prompt, cfg, max_new_tokens=new_tokens, temperature=0)
+    print(f"\nprofile of {CACHE} ({new_tokens} tokens):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                        help=f"model sizes (default: {DEFAULT_PRESET}); dropout is irrelevant at inference")
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts generated together (default: 1)")
+    parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default: 16)")
+    parser.add_argument("--new-tokens", type=int, default=256, help="tokens to generate (default: 256)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed generations per contender (default: 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed generations per contender first (default: 1)")
+    parser.add_argument("--compile", action="store_true", help="also time the cache path with a compiled decode step")
+    parser.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face transformers baseline")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or mps (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="wall: elapsed time (default); cpu: this process's CPU time, steadier on a busy "
+                        "machine when run with --threads 1")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and the prompt (default: 0)")
+    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top operators of the cache path")
+
+
+def run(args) -> int:
+    for name in ("batch_size", "prompt_len", "new_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    cfg = get_preset(args.preset).replace(dropout=0.0)
+    if args.prompt_len + args.new_tokens > cfg.max_seq_len:
+        raise ValueError(
+            f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds the preset's "
+            f"max_seq_len={cfg.max_seq_len}"
+        )
+    device = torch.device(args.device)
+    params = init_params(cfg, seed=args.seed, device=device)
+    gen = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, cfg.vocab_size, (args.batch_size, args.prompt_len), generator=gen).to(device)
+
+    hf = None
+    if not args.no_hf:
+        try:
+            hf = hf_model(params, cfg)
+        except ValueError as e:  # a config GPT-2 cannot express
+            print(f"the Hugging Face baseline is skipped: {e}")
+        else:
+            if hf is None:
+                print("transformers is not installed: the Hugging Face baseline is skipped (pip install transformers)")
+    fns = contenders(params, cfg, prompt, args.new_tokens, compiled=args.compile, hf=hf)
+    if COMPILED in fns:
+        compiled_decode_step.cache_clear()
+        start = time.perf_counter()
+        fns[COMPILED]()  # compile before timing, so no repetition waits on inductor
+        print(f"compiled the decode step in {time.perf_counter() - start:.1f} s")
+    # Counted on a short generation (the count per token hardly depends on the length); a compiled
+    # step's kernels are not aten dispatches, so it has no count.
+    count_tokens = min(args.new_tokens, 32)
+    short = contenders(params, cfg, prompt, count_tokens, compiled=False, hf=hf)
+    ops = {name: ops_per_token(fn, count_tokens * args.batch_size) for name, fn in short.items()}
+
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times, outputs = time_contenders(fns, repeats=args.repeats, warmup=args.warmup, device=device, clock=clock)
+    print(
+        f"bench generate: preset {args.preset}, batch {args.batch_size}, prompt {args.prompt_len} tokens, "
+        f"{args.new_tokens} new tokens, greedy, device {device}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, {args.repeats} interleaved repetitions after {args.warmup} warm-up, "
+        f"{args.clock} clock"
+    )
+    print(format_table(times, ops, args.new_tokens * args.batch_size))
+    floor = matmul_floor(params, cfg, args.batch_size, clock=clock)
+    line = (f"floor: the weight products alone take {floor * 1e3:.2f} ms/token here (at most "
+            f"{args.batch_size / floor:,.0f} tokens/s for any implementation")
+    if HF in times:
+        line += f", {statistics.median(times[HF]) / args.new_tokens / floor:.2f}x transformers"
+    print(line + ")")
+    differences = agreement(outputs, NO_CACHE)
+    print("all contenders produced the same tokens" if not differences else "\n".join(differences))
+    if args.profile:
+        profile_decode_step(params, cfg, prompt, args.new_tokens)
+    return 0
+
+
+__all__ = ["OpCounter", "add_arguments", "format_table", "no_cache_generate", "run"]

@@ -1,0 +1,150 @@
+"""``ftransformer generate``: continue a prompt with a trained model, printing the text as it is produced.
+
+The model comes from a *source* -- a checkpoint directory (``--checkpoint``) or a Hugging Face GPT-2
+directory (``--hf-dir``) -- that yields a config, parameters and a tokenizer; ``load_model`` picks the
+one the flags name, so another source is one more flag and one more branch there.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from ftransformer.checkpoint import checkpoint_exists, load_checkpoint
+from ftransformer.config import Config
+from ftransformer.generate import generate_stream
+
+DEVICES = ("cpu", "cuda", "mps")
+# A run directory written by `ftransformer train` holds these checkpoints; the first one found is used.
+RUN_CHECKPOINTS = ("best", "latest")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--checkpoint", metavar="DIR", default=None,
+        help="a checkpoint directory, or a run directory of `ftransformer train` (its best/, else latest/)",
+    )
+    parser.add_argument(
+        "--hf-dir", metavar="DIR", default=None,
+        help="a Hugging Face GPT-2 directory: config.json, model.safetensors (or pytorch_model.bin), "
+        "vocab.json and merges.txt",
+    )
+    parser.add_argument("--prompt", metavar="TEXT", required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, metavar="N", default=200,
+                        help="tokens to add (default: 200, fewer if the context is shorter)")
+    parser.add_argument("--temperature", type=float, metavar="T", default=0.8,
+                        help="softmax temperature; 0 is greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=int, metavar="K", default=None, help="sample among the K likeliest tokens only")
+    parser.add_argument("--top-p", type=float, metavar="P", default=None,
+                        help="sample among the likeliest tokens holding probability P only (nucleus sampling)")
+    parser.add_argument("--seed", type=int, metavar="S", default=0, help="random seed: the same seed gives the same text")
+    parser.add_argument("--device", choices=DEVICES, default="cpu", help="where to run (default: cpu)")
+
+
+def _checkpoint_dir(path: str) -> Path:
+    """``path`` itself if it is a checkpoint, else the best (or latest) checkpoint of the run it holds."""
+    path = Path(path)
+    if checkpoint_exists(path):
+        return path
+    for name in RUN_CHECKPOINTS:
+        if checkpoint_exists(path / name):
+            return path / name
+    raise ValueError(
+        f"no checkpoint at {str(path)!r} (expected a checkpoint directory, or a run directory holding "
+        f"{' or '.join(f'{n}/' for n in RUN_CHECKPOINTS)})"
+    )
+
+
+def load_model(args, device: torch.device) -> tuple[Config, dict, object]:
+    """(config, params, tokenizer) from the source the flags name."""
+    if args.checkpoint is not None and args.hf_dir is not None:
+        raise ValueError("give one model source: --checkpoint DIR or --hf-dir DIR, not both")
+    if args.hf_dir is not None:
+        from ftransformer.interop.hf_gpt2 import load_hf_gpt2_dir
+
+        cfg, params, tokenizer = load_hf_gpt2_dir(args.hf_dir, dtype=torch.float32, device=device)
+        if tokenizer is None:
+            raise ValueError(f"{args.hf_dir!r} has no vocab.json + merges.txt, so text cannot be encoded")
+        return cfg, params, tokenizer
+    if args.checkpoint is not None:
+        ckpt = load_checkpoint(_checkpoint_dir(args.checkpoint), device=device)
+        if ckpt.tokenizer is None:
+            raise ValueError(f"the checkpoint at {str(ckpt.path)!r} holds no tokenizer, so text cannot be encoded")
+        return ckpt.config, ckpt.params, ckpt.tokenizer
+    raise ValueError("say which model to use: --checkpoint DIR or --hf-dir DIR")
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available to torch")
+    if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ValueError("--device mps: the MPS backend is not available to torch")
+    return torch.device(name)
+
+
+class TextStream:
+    """Turns a growing list of token ids into text pieces that are safe to print.
+
+    Decoding token by token can split a multi-byte character (byte-level BPE) into replacement
+    characters, so each step decodes everything so far and holds back a trailing U+FFFD until the
+    next token completes it.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        return self._advance(text)
+
+    def finish(self) -> str:
+        return self._advance(self.tokenizer.decode(self.ids))
+
+    def _advance(self, text: str) -> str:
+        if not text.startswith(self.shown):  # a decoder that rewrites earlier text: wait for the end
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+
+def run(args) -> int:
+    device = _device(args.device)
+    cfg, params, tokenizer = load_model(args, device)
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    ids = tokenizer.encode(args.prompt)
+    if not ids:
+        raise ValueError("--prompt encodes to no tokens; give at least one character")
+    if len(ids) >= cfg.max_seq_len:
+        raise ValueError(
+            f"--prompt is {len(ids)} tokens but the model's max_seq_len={cfg.max_seq_len} leaves no room to "
+            "generate; shorten the prompt"
+        )
+    room = cfg.max_seq_len - len(ids)
+    max_new = min(args.max_new_tokens, room)
+    if max_new < args.max_new_tokens:
+        print(f"note: max_seq_len={cfg.max_seq_len} leaves room for {room} new tokens after the prompt's "
+              f"{len(ids)}", file=sys.stderr)
+    prompt = torch.tensor(ids, dtype=torch.long, device=device)
+    stream = generate_stream(
+        params, prompt, cfg, max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed,
+    )
+    out = sys.stdout
+    out.write(args.prompt)
+    out.flush()
+    text = TextStream(tokenizer)
+    for token in stream:
+        piece = text.push(int(token))
+        if piece:
+            out.write(piece)
+            out.flush()
+    out.write(text.finish() + "\n")
+    out.flush()
+    return 0
+
+
+__all__ = ["TextStream", "add_arguments", "load_model", "run"]

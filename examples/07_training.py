@@ -19,6 +19,7 @@ Run:  python examples/07_training.py [--out DIR]   (well under a minute on a lap
 """
 
 import argparse
+import math
 import tempfile
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def main() -> None:
     new_params, new_opt_state, metrics = step(params, opt_state, (tokens, targets), None)
     print()
     print(f"2. one step: {ft.count_params(params):,} parameters, loss {float(metrics['loss']):.4f} "
-          f"(ln(vocab) = {torch.log(torch.tensor(float(cfg.vocab_size))):.4f}), grad norm {float(metrics['grad_norm']):.3f}")
+          f"(ln(vocab) = {math.log(cfg.vocab_size):.4f}), grad norm {float(metrics['grad_norm']):.3f}")
     # The first update's learning rate is 0 (the warm-up starts there), so only the optimizer state moved.
     print(f"   lr of this update {float(metrics['lr']):g}; optimizer step count {int(opt_state[1].count)} -> "
           f"{int(new_opt_state[1].count)}, and the old opt_state still says {int(opt_state[1].count)}: nothing mutated")

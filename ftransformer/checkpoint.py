@@ -304,7 +304,9 @@ def load_checkpoint(
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"checkpoint {where}: {META_FILE} is not an ftransformer checkpoint")
     if meta.get("version", 0) > VERSION:
-        raise ValueError(f"checkpoint {where} has format version {meta['version']}; this ftransformer reads <= {VERSION}")
+        raise ValueError(
+            f"checkpoint {where} has format version {meta['version']}; this ftransformer reads <= {VERSION}"
+        )
     saved_config = Config.from_dict(meta["config"])
     config = saved_config if config is None else config
     if not isinstance(config, Config):

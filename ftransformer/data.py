@@ -13,7 +13,6 @@ uninterrupted one would have seen.
 import hashlib
 import json
 import os
-import sys
 import sysconfig
 import uuid
 from dataclasses import dataclass
@@ -482,15 +481,9 @@ def load_dataset(
     return Dataset(name=name, tokenizer=tokenizer, train=train, val=val, n_chars=len(text))
 
 
-def python_version_tag() -> str:
-    """Which Python's standard library the built-in corpus came from (it differs between versions)."""
-    return f"{sys.implementation.name}-{sys.version_info.major}.{sys.version_info.minor}"
-
-
 __all__ = [
-    "BUILTIN_CORPUS", "BPETokenizer", "CharTokenizer", "Dataset", "TOKENIZER_KINDS", "Tokenizer", "atomic_write", "build_tokenizer",
-    "builtin_corpus", "cache_key", "fixed_batches", "load_corpus", "load_dataset", "load_tokenizer", "min_tokens",
-    "python_version_tag", "read_text_file", "sample_batch", "split_ids", "stdlib_files", "temp_sibling",
-    "tokenize_cached",
+    "BUILTIN_CORPUS", "BPETokenizer", "CharTokenizer", "Dataset", "TOKENIZER_KINDS", "Tokenizer", "atomic_write",
+    "build_tokenizer", "builtin_corpus", "cache_key", "fixed_batches", "load_corpus", "load_dataset", "load_tokenizer",
+    "min_tokens", "read_text_file", "sample_batch", "split_ids", "stdlib_files", "temp_sibling", "tokenize_cached",
     "tokenizer_from_json",
 ]

@@ -173,8 +173,31 @@ def generate_stream(
     ``max_new_tokens`` steps or once every row has stopped. ``compile=True`` runs the decode step
     through ``torch.compile`` (one graph for all steps; worth it for long generations).
     """
+    # Checked here, at the call; the generator below starts working at the first next().
     check_sampling(temperature, top_k, top_p)
     max_len = _check_generate_args(prompt, cfg, max_new_tokens, prompt_lengths)
+    return _stream(
+        params, prompt, cfg, max_len, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, prompt_lengths,
+        pad_id, compile,
+    )
+
+
+def _stream(
+    params: dict,
+    prompt: Tensor,
+    cfg: Config,
+    max_len: int,
+    max_new_tokens: int,
+    temperature: float | int,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int,
+    stop_tokens: Sequence[int],
+    prompt_lengths: Tensor | None,
+    pad_id: int,
+    compile: bool,
+) -> Iterator[Tensor]:
+    """The work behind ``generate_stream``, on arguments it has checked."""
     if max_new_tokens == 0:
         return
     dtype = params["embed"]["tokens"].dtype
@@ -220,7 +243,7 @@ def generate(
     prompt_lengths: Int[Tensor, "*batch"] | None = None,
     pad_id: int = 0,
     compile: bool = False,
-) -> Int[Tensor, "*batch total"]:
+) -> Int[Tensor, "*batch _"]:
     """The prompt followed by up to ``max_new_tokens`` new tokens (see ``generate_stream`` for the options).
 
     With ``prompt_lengths`` each row's new tokens follow its own real prompt and the rest of the row is

@@ -55,7 +55,7 @@ def embed(
     tokens: Int[Tensor, "*batch seq"],
     cfg: Config,
     *,
-    positions: Int[Tensor, "*batch seq"],
+    positions: Int[Tensor, "*#batch seq"],
     key: Tensor | None = None,
 ) -> Float[Tensor, "*batch seq d_model"]:
     """Token embeddings plus absolute positions (rotary positions are added inside attention instead)."""
@@ -77,8 +77,8 @@ def unembed(params: dict, x: Float[Tensor, "*batch seq d_model"], cfg: Config) -
 
 
 def default_positions(tokens: Tensor) -> Tensor:
-    """0, 1, ..., seq-1 for every row (a broadcast view, no copy)."""
-    return torch.arange(tokens.shape[-1], device=tokens.device).expand(tokens.shape)
+    """0, 1, ..., seq-1, shared by every row (layers broadcast it over the batch axes)."""
+    return torch.arange(tokens.shape[-1], device=tokens.device)
 
 
 def forward(

@@ -44,7 +44,8 @@ class TrainRecipe:
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by accum_steps={self.accum_steps}")
         if self.tokenizer not in TOKENIZER_KINDS:
-            raise ValueError(f"tokenizer must be one of {', '.join(map(repr, TOKENIZER_KINDS))}, got {self.tokenizer!r}")
+            choices = ", ".join(map(repr, TOKENIZER_KINDS))
+            raise ValueError(f"tokenizer must be one of {choices}, got {self.tokenizer!r}")
         if self.tokenizer == "bpe" and self.bpe_vocab_size < 257:
             raise ValueError(f"bpe_vocab_size must be >= 257 (256 byte symbols + merges), got {self.bpe_vocab_size}")
         for name in ("lr", "eps", "weight_decay", "grad_clip"):

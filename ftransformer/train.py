@@ -11,6 +11,7 @@ tokens divided by the whole batch's token count, so the accumulated gradient is 
 batch's token-weighted mean, even when padding (``ignore_index``) leaves micro-batches unequal.
 """
 
+import functools
 from collections.abc import Callable, Iterable
 
 import torch
@@ -45,7 +46,7 @@ def _owned(updates: list[Tensor], params: list[Tensor], *held) -> bool:
         seen.add(u.untyped_storage().data_ptr())
     if len(seen) != len(updates):
         return False
-    return not (seen & _storages(params)) and not any(seen & _storages(pytree.tree_leaves(h)) for h in held)
+    return not (seen & _storages(params)) and not any(seen & _storages(optim._leaves_only(h)) for h in held)
 
 
 def _unpack(batch) -> tuple[Tensor, Tensor]:
@@ -87,26 +88,28 @@ def make_train_step(
     if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"accum_steps must be an int >= 1, got {accum_steps!r}")
 
-    def micro_loss(leaves, spec, tokens, targets, key, n_tokens):
-        params = pytree.tree_unflatten(leaves, spec)
+    def micro_loss(leaves, tokens, targets, key, n_tokens, *, treedef):
+        params = optim._unflatten(leaves, treedef)
         total = loss_fn(params, tokens, targets, cfg, key=key, ignore_index=ignore_index, reduction="sum")
         return total / n_tokens
 
-    # Differentiating a flat list of leaves spares torch.func's wrappers a walk of the nested tree on
-    # every call (a measurable cost on a CPU, where a small model's step is dominated by overheads).
-    grad_and_loss = torch.func.grad_and_value(micro_loss)
+    def grad_and_loss(leaves, treedef, *args):
+        # Differentiating a flat list of leaves spares torch.func's wrappers a walk of the nested tree on
+        # every call (a measurable cost on a CPU, where a small model's step is dominated by overheads);
+        # the tree's definition rides in a closure, where those walks do not look.
+        return torch.func.grad_and_value(functools.partial(micro_loss, treedef=treedef))(leaves, *args)
 
     def step(params, opt_state, batch, key=None):
         tokens, targets = _unpack(batch)
         # Inside the transform the batch is wrapped and the model skips value checks; check here, once.
         check_tokens(tokens, cfg)
         check_ids("targets", targets, cfg.vocab_size, allowed=ignore_index)
-        leaves, spec = pytree.tree_flatten(params)
+        leaves, treedef = optim._leaves(params)
         n_tokens = (targets != ignore_index).sum()
         # A batch of nothing but padding gives zero gradients instead of 0/0.
         denom = n_tokens.clamp(min=1).to(torch.float32)
         if accum_steps == 1:
-            grads, loss = grad_and_loss(leaves, spec, tokens, targets, key, denom)
+            grads, loss = grad_and_loss(leaves, treedef, tokens, targets, key, denom)
         else:
             if tokens.ndim < 2 or tokens.shape[0] < accum_steps:
                 got = "no batch axis" if tokens.ndim < 2 else f"batch={tokens.shape[0]}"
@@ -114,22 +117,22 @@ def make_train_step(
             keys = None if key is None else random.split(key, accum_steps)
             grads, loss = None, None
             for i, (t, y) in enumerate(zip(tokens.tensor_split(accum_steps), targets.tensor_split(accum_steps))):
-                g, part = grad_and_loss(leaves, spec, t, y, None if keys is None else keys[i], denom)
+                g, part = grad_and_loss(leaves, treedef, t, y, None if keys is None else keys[i], denom)
                 if grads is None:
                     grads, loss = g, part
                 else:
                     # The first micro-batch's gradients are ours alone: summing into them is safe.
                     optim._ops(grads, g).add_(grads, g)
                     loss = loss + part
-        grads = pytree.tree_unflatten(grads, spec)
+        grads = optim._unflatten(grads, treedef)
         # Parameters that arrive with requires_grad=True must not drag the update into an autograd graph.
         with torch.no_grad():
             grad_norm = optim.global_norm(grads)
             updates, new_state = optimizer.update(grads, opt_state, params)
-            u = pytree.tree_leaves(updates)
+            u = optim._leaves_only(updates)
             if len(u) == len(leaves) and _owned(u, leaves, opt_state, new_state):
                 torch._foreach_add_(u, leaves)
-                params = pytree.tree_unflatten(u, spec)
+                params = optim._unflatten(u, treedef)
             else:
                 params = optim.apply_updates(params, updates)
         lr = optim._find_lr(new_state)
@@ -399,7 +402,8 @@ def fit(
             tokens, targets = sample_batch(train_ids, batch_size, seq_len, seed=seed, step=done, stream=TRAIN_STREAM)
             key = random.fold_in(base_key, done) if use_dropout else None
             t_step = time.perf_counter()
-            new_params, new_opt_state, metrics = step_fn(params, opt_state, (tokens.to(device), targets.to(device)), key)
+            batch = (tokens.to(device), targets.to(device))
+            new_params, new_opt_state, metrics = step_fn(params, opt_state, batch, key)
             loss = float(metrics["loss"])  # also waits for the device, so the timing below is honest
             window_t += time.perf_counter() - t_step
             if not math.isfinite(loss):

@@ -232,3 +232,27 @@ def test_mismatched_shapes_raise_a_type_error_naming_the_axis(gen):
     x = torch.randn(BATCH, SEQ, D_MODEL + 1, generator=gen)  # residual stream of the wrong width
     with pytest.raises(TypeCheckError, match="d_in"):
         multi_head_attention(params, x, cfg, positions=torch.arange(SEQ).expand(BATCH, SEQ))
+
+
+def test_sdpa_matches_einsum_when_queries_are_the_last_positions():
+    """mask=None with fewer queries than keys is causal bottom-right on both paths (SDPA's is_causal is not)."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 6, 3, 8, generator=g)
+    k = torch.randn(2, 2, 7, 8, generator=g)
+    v = torch.randn(2, 2, 7, 8, generator=g)
+    out_sdpa = scaled_dot_product_attention(q, k, v, impl="sdpa")
+    out_einsum = scaled_dot_product_attention(q, k, v, impl="einsum")
+    torch.testing.assert_close(out_sdpa, out_einsum, atol=1e-6, rtol=1e-5)
+    # the last query sees every key: same as attending with no mask at all
+    full = scaled_dot_product_attention(q[..., -1:, :], k, v, torch.ones(1, 7, dtype=torch.bool), impl="einsum")
+    torch.testing.assert_close(out_sdpa[..., -1:, :], full, atol=1e-6, rtol=1e-5)
+
+
+def test_positions_broadcast_over_batch_axes():
+    """One shared positions row serves every batch row (no expand needed)."""
+    cfg = ft.PRESETS["tiny"].replace(positional="rope")
+    params = ft.init_params(cfg, seed=1)["blocks"][0]["attn"]
+    x = torch.randn(2, 3, 5, cfg.d_model)
+    shared = multi_head_attention(params, x, cfg, positions=torch.arange(5))
+    expanded = multi_head_attention(params, x, cfg, positions=torch.arange(5).expand(2, 3, 5))
+    torch.testing.assert_close(shared, expanded)

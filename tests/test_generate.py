@@ -241,3 +241,88 @@ def test_bad_generation_arguments(gen):
     with pytest.raises(ValueError, match=r"length 7 .*max_len=6"):
         _, cache = ft.prefill(params, prompt, ft.init_cache(CFG, 2, max_len=6), CFG)
         ft.prefill(params, prompt.repeat(1, 2)[:, :4], cache, CFG)
+
+
+# ---------------------------------------------------------------- the command line and the benchmark
+
+
+@pytest.fixture
+def char_checkpoint(tmp_path):
+    """A run directory as `ftransformer train` leaves it: run/best/ with config, params and tokenizer."""
+    tokenizer = ft.CharTokenizer.from_text("abcdefgh ijk\n")
+    cfg = ft.Config(vocab_size=tokenizer.vocab_size, d_model=12, n_heads=3, n_layers=2, d_ff=20, max_seq_len=24)
+    params = ft.init_params(cfg, seed=3)
+    ft.save_checkpoint(tmp_path / "run" / "best", params=params, config=cfg, step=5, tokenizer=tokenizer)
+    return tmp_path / "run", cfg, params, tokenizer
+
+
+def test_cli_generate_prints_the_prompt_and_its_sampled_continuation(char_checkpoint, capsys):
+    from ftransformer.cli import main
+
+    run_dir, cfg, params, tokenizer = char_checkpoint
+    argv = ["generate", "--prompt", "cab", "--max-new-tokens", "9", "--seed", "4", "--top-k", "5"]
+    assert main([*argv, "--checkpoint", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    prompt = torch.tensor(tokenizer.encode("cab"))
+    expected = ft.generate(params, prompt, cfg, max_new_tokens=9, temperature=0.8, top_k=5, seed=4)
+    assert out == tokenizer.decode(expected.tolist()) + "\n"
+    # The checkpoint directory itself works too, and the same seed prints the same text.
+    assert main([*argv, "--checkpoint", str(run_dir / "best")]) == 0
+    assert capsys.readouterr().out == out
+
+
+def test_cli_generate_stops_at_the_context_and_says_so(char_checkpoint, capsys):
+    from ftransformer.cli import main
+
+    run_dir, cfg, _, _ = char_checkpoint
+    assert main(["generate", "--checkpoint", str(run_dir), "--prompt", "abc", "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out) == cfg.max_seq_len + 1  # the whole context, then a newline
+    assert "room for 21 new tokens" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--checkpoint", "{missing}", "--prompt", "ab"], "no checkpoint at"),
+        (["--prompt", "ab"], "--checkpoint DIR"),
+        (["--checkpoint", "{run}", "--prompt", "xyz"], "vocabulary"),  # characters the tokenizer does not know
+        (["--checkpoint", "{run}", "--prompt", "ab", "--temperature", "-1"], "temperature"),
+        (["--checkpoint", "{run}", "--prompt", "a" * 24], "max_seq_len=24"),
+    ],
+)
+def test_cli_generate_errors_are_one_line(char_checkpoint, tmp_path, capsys, extra, message):
+    from ftransformer.cli import main
+
+    run_dir = char_checkpoint[0]
+    argv = [a.format(missing=tmp_path / "missing", run=run_dir) for a in extra]
+    assert main(["generate", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ftransformer generate: error:") and message in err and err.count("\n") == 1
+
+
+def test_text_stream_holds_back_half_a_character():
+    from ftransformer.cli.generate_cmd import TextStream
+
+    class Bytes:  # a byte-level tokenizer: one id per UTF-8 byte
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    stream = TextStream(Bytes())
+    pieces = [stream.push(b) for b in "aé€b".encode()]
+    assert pieces == ["a", "", "é", "", "", "€", "b"]
+    assert stream.finish() == ""
+
+
+def test_bench_generate_runs_on_tiny_sizes(capsys):
+    from ftransformer.cli import main
+
+    argv = ["bench", "generate", "--preset", "tiny", "--prompt-len", "3", "--new-tokens", "4", "--repeats", "1",
+            "--warmup", "0", "--threads", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for name in ("KV-cache (eager)", "no cache (forward)", "transformers", "ops/token", "floor"):
+        assert name in out
+    assert "all contenders produced the same tokens" in out
+    assert main([*argv, "--prompt-len", "14"]) == 2  # 14 + 4 > max_seq_len=16
+    assert "max_seq_len=16" in capsys.readouterr().err

@@ -208,7 +208,7 @@ def test_step_rejects_bad_batches():
         step(params, state, (tokens.clone().fill_(37), targets), None)
     with pytest.raises(ValueError, match="targets contains id -1, outside"):
         step(params, state, (tokens, targets.clone().fill_(-1)), None)
-    with pytest.raises(TypeError, match="optimizer must be an optim.GradientTransformation"):
+    with pytest.raises(TypeError, match="GradientTransformation"):  # the test hook's message or ours
         make_train_step(CFG, torch.optim.SGD)
 
 
@@ -236,7 +236,8 @@ def test_evaluate_uses_no_dropout_and_no_grad():
     batches = [make_batch(0)]
     first = evaluate(params, batches, cfg)
     assert first == evaluate(params, batches, cfg)
-    assert first == pytest.approx(float(ft.loss_fn(params, *batches[0], cfg.replace(dropout=0.0))), rel=1e-6)
+    expected = ft.loss_fn(params, *batches[0], cfg.replace(dropout=0.0)).detach()
+    assert first == pytest.approx(float(expected), rel=1e-6)
     assert isinstance(first, float)
 
 

@@ -12,7 +12,7 @@ import torch
 
 from ftransformer.checkpoint import checkpoint_exists, load_checkpoint
 from ftransformer.config import Config
-from ftransformer.generate import generate_stream
+from ftransformer.generate import check_sampling, generate_stream
 
 DEVICES = ("cpu", "cuda", "mps")
 # A run directory written by `ftransformer train` holds these checkpoints; the first one found is used.
@@ -111,10 +111,11 @@ class TextStream:
 
 
 def run(args) -> int:
-    device = _device(args.device)
-    cfg, params, tokenizer = load_model(args, device)
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    check_sampling(args.temperature, args.top_k, args.top_p)
+    device = _device(args.device)
+    cfg, params, tokenizer = load_model(args, device)
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt encodes to no tokens; give at least one character")

@@ -62,14 +62,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="change a model (Config) or recipe field, e.g. --set n_layers=2 --set warmup_steps=50; repeatable",
     )
     parser.add_argument("--steps", type=int, metavar="N", default=None, help="optimizer steps (default: the preset's)")
-    parser.add_argument("--batch-size", type=int, metavar="B", default=None, help="sequences per step (default: the preset's)")
+    parser.add_argument(
+        "--batch-size", type=int, metavar="B", default=None, help="sequences per step (default: the preset's)"
+    )
     parser.add_argument(
         "--accum", type=int, metavar="K", default=None,
         help="gradient accumulation: split each batch into this many micro-batches (same update, less memory)",
     )
-    parser.add_argument("--lr", type=float, metavar="LR", default=None, help="peak learning rate (default: the preset's)")
     parser.add_argument(
-        "--eval-every", type=int, metavar="N", default=None, help="steps between evaluations and checkpoints (default: the preset's)"
+        "--lr", type=float, metavar="LR", default=None, help="peak learning rate (default: the preset's)"
+    )
+    parser.add_argument(
+        "--eval-every", type=int, metavar="N", default=None,
+        help="steps between evaluations and checkpoints (default: the preset's)",
     )
     parser.add_argument(
         "--out", metavar="DIR", default=None,
@@ -84,7 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device", choices=DEVICES, default=None, help="where to train (default: cuda if available, else cpu)"
     )
-    parser.add_argument("--seed", type=int, metavar="S", default=None, help="seed of the initial parameters, batches and dropout (default: 0)")
+    parser.add_argument(
+        "--seed", type=int, metavar="S", default=None,
+        help="seed of the initial parameters, batches and dropout (default: 0)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -235,7 +243,9 @@ def run(args) -> int:
     if cfg is None:
         cfg = _change_config(get_preset(preset), {"vocab_size": dataset.tokenizer.vocab_size, **config_changes})
     elif cfg.vocab_size != dataset.tokenizer.vocab_size:
-        raise ValueError(f"the checkpoint's vocab_size={cfg.vocab_size} but its tokenizer has {dataset.tokenizer.vocab_size}")
+        raise ValueError(
+            f"the checkpoint's vocab_size={cfg.vocab_size} but its tokenizer has {dataset.tokenizer.vocab_size}"
+        )
     if recipe.seq_len > cfg.max_seq_len:
         raise ValueError(
             f"seq_len={recipe.seq_len} but the model's max_seq_len={cfg.max_seq_len}; "

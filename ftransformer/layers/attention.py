@@ -66,7 +66,8 @@ def scaled_dot_product_attention(
     dropout: float = 0.0,
     key: Tensor | None = None,
 ) -> Float[Tensor, "*batch heads seq head_dim"]:
-    """Attention of every query head over its key/value head; ``mask`` None means plain causal.
+    """Attention of every query head over its key/value head; ``mask`` None means causal, with the queries
+    taken as the last ``seq`` of the ``kv_seq`` positions.
 
     ``mask`` is Bool (True: may attend) or an additive float bias (0 / -inf); a bias built once and
     reused by every layer saves SDPA converting a Bool mask in each one.
@@ -80,8 +81,13 @@ def scaled_dot_product_attention(
         if group > 1:
             k = repeat(k, "... kv_heads kv_seq head_dim -> ... (kv_heads group) kv_seq head_dim", group=group)
             v = repeat(v, "... kv_heads kv_seq head_dim -> ... (kv_heads group) kv_seq head_dim", group=group)
-        if mask is None:
+        if mask is None and q.shape[-2] == k.shape[-2]:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:
+            # SDPA's is_causal aligns the mask top-left; with fewer queries than keys the queries are
+            # the *last* positions, so build the bottom-right-aligned mask ourselves.
+            n_q, n_k = q.shape[-2], k.shape[-2]
+            mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(-3))
     q = rearrange(q, "... (kv_heads group) seq head_dim -> ... kv_heads group seq head_dim", kv_heads=kv_heads)
     if mask is not None:
@@ -91,7 +97,7 @@ def scaled_dot_product_attention(
 
 
 def project_qkv(
-    params: dict, x: Float[Tensor, "*batch seq d_model"], cfg, positions: Int[Tensor, "*batch seq"]
+    params: dict, x: Float[Tensor, "*batch seq d_model"], cfg, positions: Int[Tensor, "*#batch seq"]
 ) -> tuple[
     Float[Tensor, "*batch heads seq head_dim"],
     Float[Tensor, "*batch kv_heads seq head_dim"],
@@ -120,7 +126,7 @@ def multi_head_attention(
     x: Float[Tensor, "*batch seq d_model"],
     cfg,
     *,
-    positions: Int[Tensor, "*batch seq"],
+    positions: Int[Tensor, "*#batch seq"],
     mask: Bool[Tensor, "*#batch seq seq"] | None = None,
     key: Tensor | None = None,
 ) -> Float[Tensor, "*batch seq d_model"]:
@@ -152,7 +158,7 @@ def multi_head_attention_with_cache(
     x: Float[Tensor, "*batch seq d_model"],
     cfg,
     *,
-    positions: Int[Tensor, "*batch seq"],
+    positions: Int[Tensor, "*#batch seq"],
     k_cache: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
     v_cache: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
     write_index: Int[Tensor, "*batch kv_heads seq head_dim"],

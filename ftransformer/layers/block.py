@@ -29,7 +29,7 @@ def block(
     x: Float[Tensor, "*batch seq d_model"],
     cfg,
     *,
-    positions: Int[Tensor, "*batch seq"],
+    positions: Int[Tensor, "*#batch seq"],
     mask: Bool[Tensor, "*#batch seq seq"] | None = None,
     key: Tensor | None = None,
 ) -> Float[Tensor, "*batch seq d_model"]:
@@ -51,7 +51,7 @@ def block_with_cache(
     x: Float[Tensor, "*batch seq d_model"],
     cfg,
     *,
-    positions: Int[Tensor, "*batch seq"],
+    positions: Int[Tensor, "*#batch seq"],
     k_cache: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
     v_cache: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
     write_index: Int[Tensor, "*batch kv_heads seq head_dim"],

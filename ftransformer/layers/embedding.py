@@ -44,8 +44,8 @@ def rotary_angles(
 
 def apply_rotary(
     x: Float[Tensor, "*batch heads seq head_dim"],
-    cos: Float[Tensor, "*batch seq half"],
-    sin: Float[Tensor, "*batch seq half"],
+    cos: Float[Tensor, "*#batch seq half"],
+    sin: Float[Tensor, "*#batch seq half"],
 ) -> Float[Tensor, "*batch heads seq head_dim"]:
     """Rotate each pair (x[i], x[i + head_dim/2]) by its angle (RoPE, the GPT-NeoX/Llama layout)."""
     x1, x2 = x.chunk(2, dim=-1)

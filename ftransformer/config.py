@@ -90,6 +90,9 @@ class Config:
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise ValueError(f"Config has no field(s) {unknown}; fields are {[f.name for f in dataclasses.fields(self)]}")
+        if "n_heads" in changes and "n_kv_heads" not in changes and self.n_kv_heads == self.n_heads:
+            # n_kv_heads was filled in from n_heads (plain multi-head attention): keep it that way.
+            changes["n_kv_heads"] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:

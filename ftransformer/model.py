@@ -3,6 +3,8 @@
 Step 8 adds ``forward_with_cache``: the same model over new tokens and a KV-cache of the old ones.
 """
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -19,7 +21,9 @@ from ftransformer.layers.norm import norm
 
 def is_tracing(x: Tensor) -> bool:
     """True under ``torch.compile`` or a ``torch.func`` transform, where reading tensor values is not allowed."""
-    return torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x)
+    # Nothing can be compiling before torch._dynamo is imported; asking would import it (seconds).
+    compiling = "torch._dynamo" in sys.modules and torch.compiler.is_compiling()
+    return compiling or torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
 def check_ids(name: str, ids: Tensor, limit: int, *, allowed: int | None = None) -> None:

@@ -137,7 +137,8 @@ def _use_foreach(*lists: list[Tensor]) -> bool:
     break the graph on a ``_foreach`` call with a tensor scalar)."""
     if torch.compiler.is_compiling():
         return False
-    return not any(_is_wrapped(x) for xs in lists for x in xs)
+    # A transform wraps every tensor it maps over, so the first of each list tells.
+    return not any(_is_wrapped(xs[0]) for xs in lists if xs)
 
 
 class _Foreach:

@@ -236,3 +236,10 @@ def test_breakdown_total_equals_the_counted_params_for_other_architectures(chang
     b = ft.param_breakdown(cfg)
     assert b["total"] == ft.count_params(ft.init_params(cfg))
     assert b["total"] - b["estimate"] == sum(n for _, n in b["left_out"])
+
+
+def test_replace_n_heads_keeps_plain_multi_head_attention():
+    cfg = ft.PRESETS["tiny"].replace(n_heads=4, d_model=32)
+    assert cfg.n_kv_heads == 4
+    gqa = ft.PRESETS["tiny"].replace(n_kv_heads=1)
+    assert gqa.replace(n_heads=1).n_kv_heads == 1

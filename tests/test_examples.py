@@ -36,6 +36,7 @@ KEY_LINES = {
     # post-LN re-normalises the stream after every block: |x| = sqrt(d_model) = 8 at the last one.
     "05_block.py": r"\n\s+12\s+\d\.\d{3}\s+8\.000\s",
     "06_model.py": r"loss = 9\.\d+\s+ln\(vocab_size\) = ln\(10000\) = 9\.2103",
+    "07_training.py": r"max \|accumulated update - full-batch update\| = " + SMALL,
     "08_kv_cache.py": r"max \|cached - uncached\| = " + SMALL,
 }
 

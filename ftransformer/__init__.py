@@ -24,6 +24,8 @@ from ftransformer.cache import KVCache, init_cache
 from ftransformer.generate import decode_step, generate, generate_stream, prefill, sample
 from ftransformer.model import forward_with_cache
 # [area: optim/train]
+from ftransformer import optim
+from ftransformer.train import evaluate, make_train_step
 # [area: data/checkpoint]
 from ftransformer import checkpoint, data, recipes
 from ftransformer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -41,6 +43,7 @@ __all__ = [
     "tree_map", "tree_to", "tree_unflatten_paths",
     "KVCache", "decode_step", "forward_with_cache", "generate", "generate_stream", "init_cache", "prefill", "sample",
     "interop", "load_hf_gpt2", "to_hf_gpt2",
+    "evaluate", "make_train_step", "optim",
     "BPETokenizer", "CharTokenizer", "Checkpoint", "checkpoint", "data", "fit", "load_checkpoint", "load_dataset",
     "load_tokenizer", "recipes", "save_checkpoint",
 ]

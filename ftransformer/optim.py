@@ -9,10 +9,10 @@ of tensors (the step counter too), so it checkpoints, ``vmap``s and compiles lik
     updates, state = opt.update(grads, state, params)
     params = ft.optim.apply_updates(params, updates)
 
-Learning rates are floats or schedules (``step -> lr``). The arithmetic runs on whole lists of tensors
-at once (``torch._foreach_*``): one call per operation instead of one per tensor, which matters on a
-CPU where a small model's step is dominated by per-call overhead. ``vmap`` has no batching rule for
-those calls, so under ``vmap`` the same formulas run tensor by tensor.
+Learning rates are floats or schedules (``step -> lr``). Eagerly, the arithmetic runs on whole lists
+of tensors at once (``torch._foreach_*``): one call per operation instead of one per tensor (on a GPU,
+one kernel launch instead of dozens). ``vmap`` has no batching rule for those calls and
+``torch.compile`` fuses plain code by itself, so there the same formulas run tensor by tensor.
 """
 
 import math
@@ -145,8 +145,8 @@ class _Foreach:
     """List arithmetic with one ``torch._foreach_*`` call per operation.
 
     The in-place forms (trailing ``_``) are only ever applied to lists this module has just created:
-    fresh tensors are the expensive part on a CPU (page faults on new memory), so each update makes as
-    few as it can, and no caller's tensor is ever written to.
+    on a CPU every fresh tensor is a trip through the allocator and cold memory, so each update makes
+    as few as it can -- and no caller's tensor is ever written to.
     """
 
     @staticmethod
@@ -365,7 +365,7 @@ def adamw(
     weight_decay: float = 0.01,
     mask: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> GradientTransformation:
-    """Adam with decoupled weight decay (Loshchilov & Hutter), step for step equal to ``torch.optim.AdamW``.
+    """Adam with decoupled weight decay (Loshchilov & Hutter); matches ``torch.optim.AdamW`` step for step.
 
     Args:
         lr: a float, or a schedule called with the number of updates done so far.

@@ -29,6 +29,11 @@ def grads_for(step, params):
     return ft.tree_map(lambda x: torch.randn(x.shape, generator=g), params)
 
 
+def default_groups(tp, wd):
+    """torch param groups equal to the default mask: matrices decay, the bias and the scale do not."""
+    return [{"params": [tp["w"], tp["e"]], "weight_decay": wd}, {"params": [tp["b"], tp["s"]], "weight_decay": 0.0}]
+
+
 def torch_params(params):
     return {k: torch.nn.Parameter(v.clone()) for k, v in flat(params).items()}
 
@@ -62,15 +67,14 @@ def assert_close_params(ours, theirs, atol=1e-6, rtol=1e-5):
 # ---------------------------------------------------------------- AdamW
 
 
-@pytest.mark.parametrize("betas,eps,wd", [((0.9, 0.999), 1e-8, 0.01), ((0.8, 0.99), 1e-6, 0.1), ((0.9, 0.95), 1e-8, 0.0)])
+@pytest.mark.parametrize(
+    "betas,eps,wd", [((0.9, 0.999), 1e-8, 0.01), ((0.8, 0.99), 1e-6, 0.1), ((0.9, 0.95), 1e-8, 0.0)]
+)
 def test_adamw_matches_torch_default_mask(betas, eps, wd):
     ours, state = run_ours(optim.adamw(3e-2, betas=betas, eps=eps, weight_decay=wd), steps=7)
 
     def make(tp):
-        decay = [tp["w"], tp["e"]]
-        no_decay = [tp["b"], tp["s"]]
-        groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=3e-2, betas=betas, eps=eps)
+        return torch.optim.AdamW(default_groups(tp, wd), lr=3e-2, betas=betas, eps=eps)
 
     theirs = run_torch(make, steps=7)
     assert_close_params(ours, theirs)
@@ -82,10 +86,7 @@ def test_adamw_moments_match_torch_state():
     opt = optim.adamw(1e-2, betas=(0.9, 0.99), weight_decay=0.1)
     _, state = run_ours(opt, steps=4)
     tp = torch_params(make_params())
-    topt = torch.optim.AdamW(
-        [{"params": [tp["w"], tp["e"]]}, {"params": [tp["b"], tp["s"]], "weight_decay": 0.0}],
-        lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1,
-    )
+    topt = torch.optim.AdamW(default_groups(tp, 0.1), lr=1e-2, betas=(0.9, 0.99))
     for i in range(4):
         for k, v in flat(grads_for(i, make_params())).items():
             tp[k].grad = v.clone()
@@ -103,8 +104,8 @@ def test_adamw_custom_mask_matches_param_groups(as_callable):
     ours, _ = run_ours(optim.adamw(2e-2, weight_decay=0.3, mask=mask), steps=5)
 
     def make(tp):
-        groups = [{"params": [tp["b"], tp["e"]], "weight_decay": 0.3}, {"params": [tp["w"], tp["s"]], "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=2e-2)
+        groups = [{"params": [tp["b"], tp["e"]], "weight_decay": 0.3}, {"params": [tp["w"], tp["s"]]}]
+        return torch.optim.AdamW(groups, lr=2e-2, weight_decay=0.0)
 
     assert_close_params(ours, run_torch(make, steps=5))
 
@@ -114,9 +115,7 @@ def test_adamw_with_schedule_matches_torch_with_lr_set_each_step():
     ours, state = run_ours(optim.adamw(schedule, weight_decay=0.05), steps=9)
 
     def make(tp):
-        return torch.optim.AdamW(
-            [{"params": [tp["w"], tp["e"]]}, {"params": [tp["b"], tp["s"]], "weight_decay": 0.0}], lr=0.0, weight_decay=0.05
-        )
+        return torch.optim.AdamW(default_groups(tp, 0.05), lr=0.0)
 
     def set_lr(opt, i, tp):
         for group in opt.param_groups:
@@ -139,7 +138,7 @@ def test_adamw_tensor_path_matches_torch():
     ours = ft.tree_map(lambda x: x[0], p)
 
     def make(tp):
-        return torch.optim.AdamW([{"params": [tp["w"], tp["e"]]}, {"params": [tp["b"], tp["s"]], "weight_decay": 0.0}], lr=3e-2)
+        return torch.optim.AdamW(default_groups(tp, 0.01), lr=3e-2)
 
     assert_close_params(ours, run_torch(make, steps=6))
 
@@ -231,11 +230,11 @@ def test_global_norm_is_norm_of_concatenation():
 def test_chain_clip_then_adamw_matches_torch():
     opt = optim.chain(optim.clip_by_global_norm(0.7), optim.adamw(1e-2, weight_decay=0.1))
     ours, state = run_ours(opt, steps=4)
-    assert isinstance(state, tuple) and isinstance(state[0], optim.EmptyState) and isinstance(state[1], optim.AdamWState)
+    assert isinstance(state, tuple)
+    assert isinstance(state[0], optim.EmptyState) and isinstance(state[1], optim.AdamWState)
 
     def make(tp):
-        return torch.optim.AdamW([{"params": [tp["w"], tp["e"]]}, {"params": [tp["b"], tp["s"]], "weight_decay": 0.0}],
-                                 lr=1e-2, weight_decay=0.1)
+        return torch.optim.AdamW(default_groups(tp, 0.1), lr=1e-2)
 
     def clip(opt, i, tp):
         torch.nn.utils.clip_grad_norm_(list(tp.values()), 0.7)

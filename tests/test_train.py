@@ -1,6 +1,5 @@
 import math
 
-import jaxtyping
 import pytest
 import torch
 import torch.utils._pytree as pytree
@@ -34,14 +33,6 @@ def assert_trees_close(a, b, atol=1e-6, rtol=1e-5):
     assert fa.keys() == fb.keys()
     for k in fa:
         torch.testing.assert_close(fa[k], fb[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
-
-
-@pytest.fixture
-def no_jaxtyping():
-    """torch.compile graph-breaks on @jaxtyped functions: switch checking off while a test compiles."""
-    jaxtyping.config.update("jaxtyping_disable", True)
-    yield
-    jaxtyping.config.update("jaxtyping_disable", False)
 
 
 # ---------------------------------------------------------------- the step against torch.autograd
@@ -269,7 +260,7 @@ def test_vmap_over_the_step_trains_an_ensemble():
 
 
 @pytest.mark.slow
-def test_compiled_step_matches_eager(no_jaxtyping):
+def test_compiled_step_matches_eager(no_typecheck):  # conftest: jaxtyping off while compiling
     opt = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(optim.warmup_cosine(1e-2, 1, 10), weight_decay=0.1))
     eager = make_train_step(CFG, opt, accum_steps=2)
     compiled = make_train_step(CFG, opt, accum_steps=2, compile=True)

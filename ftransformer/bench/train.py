@@ -88,9 +88,13 @@ def check_supported(cfg: Config) -> None:
         if getattr(cfg, name) != value:
             raise ValueError(f"bench train's torch.nn baseline needs {name}={value!r}, got {getattr(cfg, name)!r}")
     if cfg.activation not in ("gelu", "gelu_tanh"):
-        raise ValueError(f"bench train's torch.nn baseline needs activation 'gelu' or 'gelu_tanh', got {cfg.activation!r}")
+        raise ValueError(
+            f"bench train's torch.nn baseline needs activation 'gelu' or 'gelu_tanh', got {cfg.activation!r}"
+        )
     if cfg.n_kv_heads != cfg.n_heads:
-        raise ValueError(f"bench train's torch.nn baseline needs n_kv_heads == n_heads, got {cfg.n_kv_heads} != {cfg.n_heads}")
+        raise ValueError(
+            f"bench train's torch.nn baseline needs n_kv_heads == n_heads, got {cfg.n_kv_heads} != {cfg.n_heads}"
+        )
 
 
 def nn_from_params(params: dict, cfg: Config) -> NNGPT:
@@ -180,6 +184,8 @@ def make_functional_step(params: dict, cfg: Config, *, compile: bool):
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def time_steps(
@@ -224,8 +230,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--steps", type=int, default=50, help="timed steps per contender (default: 50)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per contender first (default: 5)")
     parser.add_argument("--batch-size", type=int, default=12, help="sequences per step (default: 12)")
-    parser.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the preset's max_seq_len)")
-    parser.add_argument("--compile", action="store_true", help="also time the functional step under torch.compile")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="tokens per sequence (default: the preset's max_seq_len)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the functional step under torch.compile (the first call compiles: a minute)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or mps (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
@@ -253,17 +261,25 @@ def run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
     cfg = get_preset(args.preset).replace(dropout=0.0)
     check_supported(cfg)
     seq = cfg.max_seq_len if args.seq_len is None else args.seq_len
     if not 1 <= seq <= cfg.max_seq_len:
         raise ValueError(f"--seq-len must be in [1, max_seq_len={cfg.max_seq_len}], got {seq}")
-    device = torch.device(args.device)
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        _run(args, cfg, seq)
+    finally:
+        torch.set_num_threads(threads)
+    return 0
 
+
+def _run(args, cfg: Config, seq: int) -> None:
+    device = torch.device(args.device)
     params = init_params(cfg, seed=args.seed, device=device)
     model = nn_from_params(params, cfg).to(device)
     gen = torch.Generator().manual_seed(args.seed)
@@ -302,4 +318,3 @@ def run(args) -> int:
     print(format_table(times, tokens, "torch.nn + AdamW"))
     if args.profile:
         _profile(steps, batches)
-    return 0

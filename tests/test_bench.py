@@ -1,0 +1,78 @@
+import re
+
+import pytest
+import torch
+
+import ftransformer as ft
+from ftransformer.bench import train as bench_train
+from ftransformer.cli import main
+
+
+def test_bench_train_runs_and_prints_the_table(capsys):
+    threads = torch.get_num_threads()
+    assert main(["bench", "train", "--steps", "2", "--warmup", "1", "--threads", "1"]) == 0
+    assert torch.get_num_threads() == threads  # --threads holds for the run only
+    out = capsys.readouterr().out
+    assert "preset shakespeare-char-cpu, batch 12 x 64 tokens, device cpu, 1 threads" in out
+    header = next(line for line in out.splitlines() if line.startswith("step"))
+    assert header.split() == ["step", "median", "ms", "min", "ms", "tokens/s", "vs", "torch.nn", "target"]
+    names = ("torch.nn + AdamW", "functional (eager)")
+    rows = {name: line for line in out.splitlines() for name in names if line.startswith(name)}
+    assert rows.keys() == {"torch.nn + AdamW", "functional (eager)"}
+    assert rows["torch.nn + AdamW"].rstrip().endswith("1.00x")
+    assert re.search(r"\d+\.\d\dx <=1\.10x$", rows["functional (eager)"])
+    assert "functional (compiled)" not in out  # only with --compile
+    # Both models start from the same numbers.
+    ours, theirs = re.search(r"initial loss: functional ([\d.]+), torch.nn ([\d.]+)", out).groups()
+    assert ours == theirs
+
+
+def test_bench_train_on_another_preset_with_biases(capsys):
+    assert main(["bench", "train", "--preset", "tiny", "--steps", "2", "--warmup", "0", "--batch-size", "3",
+                 "--seq-len", "7", "--clock", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "preset tiny, batch 3 x 7 tokens" in out and "cpu clock" in out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+    (["--seq-len", "65"], "--seq-len must be in [1, max_seq_len=64], got 65"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),
+])
+def test_bench_train_rejects_bad_flags(capsys, flags, message):
+    assert main(["bench", "train", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bench_help_lists_train(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    assert "train" in capsys.readouterr().out
+
+
+def test_nn_baseline_is_the_same_model():
+    cfg = ft.PRESETS["tiny"]  # biases on: every parameter is copied
+    params = ft.init_params(cfg, seed=4)
+    model = bench_train.nn_from_params(params, cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9))
+    targets = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, targets), ft.loss_fn(params, tokens, targets, cfg))
+    assert sum(p.numel() for p in model.parameters()) == ft.count_params(params)
+
+
+def test_baseline_refuses_architectures_it_does_not_build():
+    with pytest.raises(ValueError, match="needs positional='learned', got 'rope'"):
+        bench_train.check_supported(ft.PRESETS["tiny"].replace(positional="rope"))
+    with pytest.raises(ValueError, match="needs n_kv_heads == n_heads, got 1 != 3"):
+        bench_train.check_supported(ft.PRESETS["tiny"].replace(n_kv_heads=1))
+
+
+def test_format_table_reports_medians_and_ratios():
+    times = {"torch.nn + AdamW": [10.0, 12.0, 11.0], "functional (eager)": [9.0, 13.2, 13.2]}
+    table = bench_train.format_table(times, tokens_per_step=768, baseline="torch.nn + AdamW").splitlines()
+    nn_row, fn_row = table[2].split(), table[3].split()
+    assert nn_row[-4:] == ["11.00", "10.00", "69,818", "1.00x"]
+    assert fn_row[-5:] == ["13.20", "9.00", "58,182", "1.20x", "<=1.10x"]

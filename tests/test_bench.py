@@ -76,3 +76,22 @@ def test_format_table_reports_medians_and_ratios():
     nn_row, fn_row = table[2].split(), table[3].split()
     assert nn_row[-4:] == ["11.00", "10.00", "69,818", "1.00x"]
     assert fn_row[-5:] == ["13.20", "9.00", "58,182", "1.20x", "<=1.10x"]
+
+
+def test_bench_quality_trains_both_models_identically(tmp_path, monkeypatch, capsys):
+    """A few steps of the quality benchmark: same batches, same init -> the two columns agree."""
+    import random as pyrandom
+
+    import ftransformer.bench.quality as quality
+
+    monkeypatch.setattr(quality, "TOTAL", 3)
+    rng = pyrandom.Random(0)
+    text = "".join(rng.choice("abcdefghij klmnop\n") for _ in range(20_000))
+    path = tmp_path / "corpus.txt"
+    path.write_text(text)
+    assert main(["bench", "quality", "--data", str(path), "--seeds", "0", "--eval-batches", "2"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.strip().startswith("0 "))
+    _, ours, theirs, diff, _ = row.split()
+    assert abs(float(ours) - float(theirs)) < 1e-3
+    assert "target: val loss <= 1.89" in out

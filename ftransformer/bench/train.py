@@ -78,7 +78,7 @@ class NNGPT(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         logits = F.linear(self.ln_f(x), self.tokens.weight)
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1))
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def check_supported(cfg: Config) -> None:
@@ -175,6 +175,7 @@ def make_functional_step(params: dict, cfg: Config, *, compile: bool):
         state["params"], state["opt"], metrics = train_step(state["params"], state["opt"], batch, None)
         return metrics["loss"]
 
+    step.state = state  # the trained params, for callers that score them afterwards (bench quality)
     return step
 
 

@@ -9,8 +9,8 @@ import argparse
 import importlib
 import sys
 
-# command name -> (module, one-line help). Modules are imported only when their command runs, so
-# `ftransformer --help` stays fast.
+# command name -> (module, one-line help). Each module is imported when the parser is built (argparse
+# needs its flags), so command modules keep heavy imports inside their run().
 COMMANDS = {
     "train": ("ftransformer.cli.train_cmd", "train a model (default: built-in corpus, CPU-sized preset)"),
     "generate": ("ftransformer.cli.generate_cmd", "generate text from a checkpoint or a Hugging Face GPT-2 directory"),
@@ -19,12 +19,13 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ftransformer", description="Build, train, run and inspect GPT-style transformers written as pure functions."
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module_name, help_text) in COMMANDS.items():
+def add_commands(sub, commands: dict, run_attr: str) -> None:
+    """One sub-parser per ``name -> (module, help)``; the module supplies ``add_arguments`` and ``run``.
+
+    A command whose module does not exist (yet) is left out of the menu; a missing dependency inside
+    an existing module is a real error and propagates.
+    """
+    for name, (module_name, help_text) in commands.items():
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
@@ -33,7 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+        p.set_defaults(**{run_attr: module.run})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ftransformer", description="Build, train, run and inspect GPT-style transformers written as pure functions."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_commands(sub, COMMANDS, "_run")
     return parser
 
 

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ftransformer as ft
+from strategies import configs
 from ftransformer.cache import slot_bias, slot_mask, write_index
 from ftransformer.layers.attention import write_kv
 
@@ -280,23 +281,7 @@ def test_rows_whose_chunk_is_all_padding_stay_finite_and_unchanged(gen):
 
 @st.composite
 def cases(draw):
-    n_heads = draw(st.sampled_from([1, 2, 4]))
-    cfg = ft.Config(
-        vocab_size=draw(st.integers(5, 30)),
-        d_model=n_heads * draw(st.sampled_from([2, 4, 6])),
-        n_heads=n_heads,
-        n_kv_heads=draw(st.sampled_from([h for h in (1, 2, 4) if n_heads % h == 0])),
-        n_layers=draw(st.integers(1, 2)),
-        d_ff=draw(st.integers(3, 13)),
-        max_seq_len=draw(st.integers(4, 12)),
-        bias=draw(st.booleans()),
-        norm=draw(st.sampled_from(["layernorm", "rmsnorm"])),
-        norm_position=draw(st.sampled_from(["pre", "post"])),
-        positional=draw(st.sampled_from(POSITIONALS)),
-        activation=draw(st.sampled_from(["gelu", "gelu_tanh", "swiglu"])),
-        tie_embeddings=draw(st.booleans()),
-        attn_impl=draw(st.sampled_from(["sdpa", "einsum"])),
-    )
+    cfg = draw(configs())
     seq = draw(st.integers(1, cfg.max_seq_len))
     chunks, left = [], seq
     while left:

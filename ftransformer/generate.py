@@ -245,6 +245,59 @@ def _stream(
             logits, cache = step(params, token, cache, cfg)
 
 
+def generate_stream_sliding(
+    params: dict,
+    prompt: Int[Tensor, "*batch seq"],
+    cfg: Config,
+    *,
+    max_new_tokens: int,
+    temperature: float | int = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_tokens: Sequence[int] = (),
+    keep: int | None = None,
+) -> Iterator[Int[Tensor, "*batch"]]:
+    """``generate_stream`` that may run past ``max_seq_len``: whenever the context is full it starts a fresh
+    cache from the last ``keep`` tokens (default: half of ``max_seq_len``) and goes on.
+
+    The model never sees more than ``max_seq_len`` tokens, as in training; re-filling only when full
+    (rather than cropping and recomputing every step) keeps the KV-cache's speed. Each segment samples
+    with its own key derived from ``seed``. The stream ends early once a segment stops on ``stop_tokens``.
+    """
+    if keep is None:
+        keep = max(cfg.max_seq_len // 2, 1)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep < cfg.max_seq_len:
+        raise ValueError(f"keep must be an int in [1, max_seq_len={cfg.max_seq_len}), got {keep!r}")
+    check_sampling(temperature, top_k, top_p)
+    check_tokens(prompt, cfg, name="prompt")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if prompt.shape[-1] >= cfg.max_seq_len:
+        prompt = prompt[..., -keep:]
+    return _sliding(params, prompt, cfg, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, keep)
+
+
+def _sliding(params, prompt, cfg, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, keep):
+    """The work behind ``generate_stream_sliding``, on arguments it has checked."""
+    left, segment, context = max_new_tokens, 0, prompt
+    while left:
+        n = min(left, cfg.max_seq_len - context.shape[-1])
+        segment_seed = int(random.fold_in(random.key(seed), segment)) if segment else seed
+        new = []
+        for token in generate_stream(
+            params, context, cfg, max_new_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p,
+            seed=segment_seed, stop_tokens=stop_tokens,
+        ):
+            new.append(token)
+            yield token
+        left -= len(new)
+        if len(new) < n:  # every row stopped
+            return
+        context = torch.cat([context, torch.stack(new, dim=-1).to(context.dtype)], dim=-1)[..., -keep:]
+        segment += 1
+
+
 def generate(
     params: dict,
     prompt: Int[Tensor, "*batch seq"],

@@ -271,14 +271,19 @@ def test_cli_generate_prints_the_prompt_and_its_sampled_continuation(char_checkp
     assert capsys.readouterr().out == out
 
 
-def test_cli_generate_stops_at_the_context_and_says_so(char_checkpoint, capsys):
+def test_cli_generate_slides_past_the_context(char_checkpoint, capsys):
     from ftransformer.cli import main
 
     run_dir, cfg, _, _ = char_checkpoint
-    assert main(["generate", "--checkpoint", str(run_dir), "--prompt", "abc", "--temperature", "0"]) == 0
+    argv = ["generate", "--checkpoint", str(run_dir), "--prompt", "abc", "--temperature", "0", "--max-new-tokens", "50"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert len(out) == 3 + 50 + 1  # the prompt, every token asked for (past max_seq_len=24), a newline
+    # a prompt as long as the context is cut to its last max_seq_len // 2 tokens, with a note
+    assert main(["generate", "--checkpoint", str(run_dir), "--prompt", "abc" * 8, "--max-new-tokens", "5"]) == 0
     captured = capsys.readouterr()
-    assert len(captured.out) == cfg.max_seq_len + 1  # the whole context, then a newline
-    assert "room for 21 new tokens" in captured.err
+    assert "the model sees its last 12" in captured.err
+    assert len(captured.out) == 24 + 5 + 1
 
 
 @pytest.mark.parametrize(
@@ -288,7 +293,6 @@ def test_cli_generate_stops_at_the_context_and_says_so(char_checkpoint, capsys):
         (["--prompt", "ab"], "--checkpoint DIR"),
         (["--checkpoint", "{run}", "--prompt", "xyz"], "vocabulary"),  # characters the tokenizer does not know
         (["--checkpoint", "{run}", "--prompt", "ab", "--temperature", "-1"], "temperature"),
-        (["--checkpoint", "{run}", "--prompt", "a" * 24], "max_seq_len=24"),
     ],
 )
 def test_cli_generate_errors_are_one_line(char_checkpoint, tmp_path, capsys, extra, message):
@@ -326,3 +330,35 @@ def test_bench_generate_runs_on_tiny_sizes(capsys):
     assert "all contenders produced the same tokens" in out
     assert main([*argv, "--prompt-len", "14"]) == 2  # 14 + 4 > max_seq_len=16
     assert "max_seq_len=16" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- past max_seq_len
+
+
+def test_sliding_stream_equals_plain_generation_while_it_fits(gen):
+    prompt = tokens_for(CFG, (2, 5), gen)
+    params = ft.init_params(CFG, seed=3)
+    kw = dict(max_new_tokens=CFG.max_seq_len - 5, temperature=0.9, top_k=7, seed=11)
+    sliding = torch.stack(list(ft.generate_stream_sliding(params, prompt, CFG, **kw)), dim=-1)
+    torch.testing.assert_close(torch.cat([prompt, sliding], -1), ft.generate(params, prompt, CFG, **kw))
+
+
+def test_sliding_stream_restarts_from_the_last_keep_tokens(gen):
+    """Past the context, greedy sliding == generate on the last `keep` tokens, segment by segment."""
+    prompt = tokens_for(CFG, (1, 4), gen)
+    params = ft.init_params(CFG, seed=5)
+    keep, total = 8, 3 * CFG.max_seq_len
+    out = torch.stack(list(ft.generate_stream_sliding(
+        params, prompt, CFG, max_new_tokens=total, temperature=0, keep=keep)), dim=-1)
+    assert out.shape == (1, total)
+    first = CFG.max_seq_len - 4
+    expected = ft.generate(params, prompt, CFG, max_new_tokens=first, temperature=0)[:, 4:]
+    torch.testing.assert_close(out[:, :first], expected)
+    context = torch.cat([prompt, out[:, :first]], -1)[:, -keep:]
+    second = ft.generate(params, context, CFG, max_new_tokens=CFG.max_seq_len - keep, temperature=0)[:, keep:]
+    torch.testing.assert_close(out[:, first:first + second.shape[1]], second)
+
+
+def test_sliding_stream_rejects_a_bad_keep(gen):
+    with pytest.raises(ValueError, match=r"keep must be an int in \[1, max_seq_len=20\)"):
+        ft.generate_stream_sliding(ft.init_params(CFG), tokens_for(CFG, (3,), gen), CFG, max_new_tokens=3, keep=20)

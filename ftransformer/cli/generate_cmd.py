@@ -12,7 +12,7 @@ import torch
 
 from ftransformer.checkpoint import checkpoint_exists, load_checkpoint
 from ftransformer.config import Config
-from ftransformer.generate import check_sampling, generate_stream
+from ftransformer.generate import check_sampling, generate_stream_sliding
 
 DEVICES = ("cpu", "cuda", "mps")
 # A run directory written by `ftransformer train` holds these checkpoints; the first one found is used.
@@ -31,7 +31,8 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--prompt", metavar="TEXT", required=True, help="text to continue")
     parser.add_argument("--max-new-tokens", type=int, metavar="N", default=200,
-                        help="tokens to add (default: 200, fewer if the context is shorter)")
+                        help="tokens to add (default: 200); past max_seq_len the context slides: the model "
+                        "restarts from the last max_seq_len // 2 tokens")
     parser.add_argument("--temperature", type=float, metavar="T", default=0.8,
                         help="softmax temperature; 0 is greedy (default: 0.8)")
     parser.add_argument("--top-k", type=int, metavar="K", default=None, help="sample among the K likeliest tokens only")
@@ -119,19 +120,13 @@ def run(args) -> int:
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt encodes to no tokens; give at least one character")
-    if len(ids) >= cfg.max_seq_len:
-        raise ValueError(
-            f"--prompt is {len(ids)} tokens but the model's max_seq_len={cfg.max_seq_len} leaves no room to "
-            "generate; shorten the prompt"
-        )
-    room = cfg.max_seq_len - len(ids)
-    max_new = min(args.max_new_tokens, room)
-    if max_new < args.max_new_tokens:
-        print(f"note: max_seq_len={cfg.max_seq_len} leaves room for {room} new tokens after the prompt's "
-              f"{len(ids)}", file=sys.stderr)
     prompt = torch.tensor(ids, dtype=torch.long, device=device)
-    stream = generate_stream(
-        params, prompt, cfg, max_new_tokens=max_new, temperature=args.temperature, top_k=args.top_k,
+    if len(ids) >= cfg.max_seq_len:
+        print(f"note: the prompt is {len(ids)} tokens and max_seq_len={cfg.max_seq_len}: the model sees its last "
+              f"{cfg.max_seq_len // 2}", file=sys.stderr)
+    # Past max_seq_len the context slides: the model always sees at most max_seq_len tokens.
+    stream = generate_stream_sliding(
+        params, prompt, cfg, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed,
     )
     out = sys.stdout

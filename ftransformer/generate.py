@@ -164,7 +164,8 @@ def _check_generate_args(
             f"prompt of seq={longest} plus max_new_tokens={max_new_tokens} is {longest + max_new_tokens} "
             f"tokens but max_seq_len={cfg.max_seq_len}"
         )
-    return max(longest + max_new_tokens, 1)
+    # Prefill writes every column of a padded prompt, so the cache holds at least all of them.
+    return max(prompt.shape[-1], longest + max_new_tokens, 1)
 
 
 def generate_stream(
@@ -256,6 +257,7 @@ def generate_stream_sliding(
     top_p: float | None = None,
     seed: int = 0,
     stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
     keep: int | None = None,
 ) -> Iterator[Int[Tensor, "*batch"]]:
     """``generate_stream`` that may run past ``max_seq_len``: whenever the context is full it starts a fresh
@@ -263,37 +265,45 @@ def generate_stream_sliding(
 
     The model never sees more than ``max_seq_len`` tokens, as in training; re-filling only when full
     (rather than cropping and recomputing every step) keeps the KV-cache's speed. Each segment samples
-    with its own key derived from ``seed``. The stream ends early once a segment stops on ``stop_tokens``.
+    with its own key derived from ``seed``. A row that produced one of ``stop_tokens`` yields ``pad_id``
+    afterwards; the stream ends once every row has stopped.
     """
     if keep is None:
         keep = max(cfg.max_seq_len // 2, 1)
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep < cfg.max_seq_len:
         raise ValueError(f"keep must be an int in [1, max_seq_len={cfg.max_seq_len}), got {keep!r}")
     check_sampling(temperature, top_k, top_p)
-    check_tokens(prompt, cfg, name="prompt")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if prompt.shape[-1] >= cfg.max_seq_len:
+    if isinstance(prompt, Tensor) and prompt.ndim and prompt.shape[-1] >= cfg.max_seq_len:
         prompt = prompt[..., -keep:]
-    return _sliding(params, prompt, cfg, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, keep)
+    check_tokens(prompt, cfg, name="prompt")
+    return _sliding(params, prompt, cfg, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, pad_id, keep)
 
 
-def _sliding(params, prompt, cfg, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, keep):
+def _sliding(params, prompt, cfg, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, pad_id, keep):
     """The work behind ``generate_stream_sliding``, on arguments it has checked."""
     left, segment, context = max_new_tokens, 0, prompt
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=prompt.device)
+    # Carried across segments: a row that stopped stays stopped (each segment's own stream starts afresh).
+    done = torch.zeros(prompt.shape[:-1], dtype=torch.bool, device=prompt.device)
     while left:
         n = min(left, cfg.max_seq_len - context.shape[-1])
         segment_seed = int(random.fold_in(random.key(seed), segment)) if segment else seed
         new = []
         for token in generate_stream(
             params, context, cfg, max_new_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=segment_seed, stop_tokens=stop_tokens,
+            seed=segment_seed,
         ):
             new.append(token)
-            yield token
-        left -= len(new)
-        if len(new) < n:  # every row stopped
-            return
+            if len(stop_tokens):
+                yield token.masked_fill(done, pad_id)
+                done = done | torch.isin(token, stop)
+                if bool(done.all()):
+                    return
+            else:
+                yield token
+        left -= n
         context = torch.cat([context, torch.stack(new, dim=-1).to(context.dtype)], dim=-1)[..., -keep:]
         segment += 1
 

@@ -306,11 +306,12 @@ def fit(
     with ``interrupted=True``.
 
     Args:
-        params: initial parameters (with ``resume``: only the device/dtype template; the checkpoint's are used).
+        params: initial parameters (with ``resume``: only the device template; the checkpoint's are used).
         train_ids, val_ids: token ids (e.g. ``ftransformer.data.load_dataset(...).train``).
         seq_len: tokens per training window (default ``cfg.max_seq_len``).
         accum_steps: micro-batches per step (same update as the whole batch, less memory).
-        eval_batches: number of fixed batches in each of the train and val estimates.
+        eval_batches: number of fixed batches (of ``batch_size`` sequences, evaluated in ``accum_steps``
+            micro-batches) in each of the train and val estimates.
         tokenizer, extra: saved with every checkpoint (``extra`` must be JSON).
         log: where progress messages go (None: silent).
     """
@@ -338,6 +339,15 @@ def fit(
         ck = load_checkpoint(latest, config=cfg, optimizer=optimizer, device=device)
         params, opt_state, start, history = ck.params, ck.opt_state, ck.step, ck.metrics
         state_extra = ck.extra.get("fit", {})
+        # Exact resume needs the same batches: everything that decides them must match the saved run.
+        now = {"seed": seed, "batch_size": batch_size, "seq_len": seq_len, "accum_steps": accum_steps,
+               "eval_batches": eval_batches, "train_tokens": int(len(train_ids)), "val_tokens": int(len(val_ids))}
+        for name, value in now.items():
+            if name in state_extra and state_extra[name] != value:
+                raise ValueError(
+                    f"cannot resume {str(latest)!r} with {name}={value}: the run was saved with "
+                    f"{name}={state_extra[name]} (only steps and eval_every may change on resume)"
+                )
         best_val = state_extra.get("best_val_loss")
         elapsed_before = float(state_extra.get("elapsed_s", 0.0))
         say(f"resuming {str(latest)!r} at step {start}")
@@ -356,10 +366,11 @@ def fit(
     def to_device(batches):
         return [(t.to(device), y.to(device)) for t, y in batches]
 
-    val_batches = to_device(fixed_batches(val_ids, eval_batches, batch_size, seq_len, seed=seed, stream=VAL_STREAM))
-    train_eval = to_device(
-        fixed_batches(train_ids, eval_batches, batch_size, seq_len, seed=seed, stream=TRAIN_EVAL_STREAM)
-    )
+    # Evaluation runs micro-batch by micro-batch, like training: a batch too large for one forward
+    # pass in training (accum_steps > 1) is too large for one in evaluation too.
+    micro, n_eval = batch_size // accum_steps, eval_batches * accum_steps
+    val_batches = to_device(fixed_batches(val_ids, n_eval, micro, seq_len, seed=seed, stream=VAL_STREAM))
+    train_eval = to_device(fixed_batches(train_ids, n_eval, micro, seq_len, seed=seed, stream=TRAIN_EVAL_STREAM))
     base_key = random.key(seed).to(device)
     use_dropout = cfg.dropout > 0
 

@@ -107,6 +107,26 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     assert resumed.best_val_loss == reference.best_val_loss
 
 
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [({"batch_size": 4}, "batch_size"), ({"seed": 6}, "seed"), ({"seq_len": 8}, "seq_len"),
+     ({"train": TRAIN[:1500]}, "train_tokens")],
+)
+def test_resume_refuses_settings_that_change_the_batches(tmp_path, change, field):
+    run_fit(tmp_path, steps=4)
+    kw = dict(change)
+    train_ids = kw.pop("train", TRAIN)
+    args = {**RUN, "steps": 10, **kw}
+    with pytest.raises(ValueError, match=rf"cannot resume .* with {field}=.*saved with {field}="):
+        train.fit(ft.init_params(CFG, seed=1), CFG, make_optimizer(10), train_ids, VAL, out_dir=tmp_path,
+                  resume=True, **args)
+
+
+def test_resume_may_extend_the_run(tmp_path):
+    run_fit(tmp_path, steps=4)
+    assert run_fit(tmp_path, steps=6, resume=True).step == 6
+
+
 def test_interrupt_during_evaluation_redoes_it_on_resume(tmp_path, monkeypatch):
     reference = run_fit(tmp_path / "a")
     real_evaluate = train.evaluate

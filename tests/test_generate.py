@@ -362,3 +362,37 @@ def test_sliding_stream_restarts_from_the_last_keep_tokens(gen):
 def test_sliding_stream_rejects_a_bad_keep(gen):
     with pytest.raises(ValueError, match=r"keep must be an int in \[1, max_seq_len=20\)"):
         ft.generate_stream_sliding(ft.init_params(CFG), tokens_for(CFG, (3,), gen), CFG, max_new_tokens=3, keep=20)
+
+
+def test_sliding_stream_crops_a_prompt_longer_than_the_context(gen):
+    params = ft.init_params(CFG, seed=2)
+    long_prompt = tokens_for(CFG, (1, 3 * CFG.max_seq_len), gen)
+    out = list(ft.generate_stream_sliding(params, long_prompt, CFG, max_new_tokens=5, temperature=0, keep=6))
+    expected = ft.generate(params, long_prompt[:, -6:], CFG, max_new_tokens=5, temperature=0)[:, 6:]
+    torch.testing.assert_close(torch.stack(out, -1), expected)
+
+
+def test_sliding_stream_keeps_stopped_rows_stopped_across_segments(gen):
+    params = ft.init_params(CFG, seed=4)
+    prompt = tokens_for(CFG, (4, 3), gen)
+    free = torch.stack(list(ft.generate_stream_sliding(params, prompt, CFG, max_new_tokens=60, temperature=1.0,
+                                                       seed=3, keep=4)), -1)
+    stop = int(free[0, 2])  # row 0 certainly stops at step 2, in the first segment
+    out = torch.stack(list(ft.generate_stream_sliding(params, prompt, CFG, max_new_tokens=60, temperature=1.0,
+                                                      seed=3, keep=4, stop_tokens=[stop], pad_id=-1)), -1)
+    for row in range(4):
+        hits = (free[row] == stop).nonzero()
+        if len(hits) and int(hits[0]) < out.shape[-1]:
+            first = int(hits[0])
+            torch.testing.assert_close(out[row, : first + 1], free[row, : first + 1])
+            assert bool((out[row, first + 1:] == -1).all()), f"row {row} came back to life after its stop token"
+
+
+def test_ragged_prompt_shorter_than_its_padding_gets_a_big_enough_cache(gen):
+    params = ft.init_params(CFG, seed=1)
+    prompt = tokens_for(CFG, (2, 10), gen)
+    lengths = torch.tensor([3, 5])
+    out = ft.generate(params, prompt, CFG, max_new_tokens=2, temperature=0, prompt_lengths=lengths)
+    for row in range(2):
+        alone = ft.generate(params, prompt[row, : lengths[row]], CFG, max_new_tokens=2, temperature=0)
+        torch.testing.assert_close(out[row, : lengths[row] + 2], alone)

@@ -80,8 +80,9 @@ def init_cache(
     )
 
 
-def check_cache(cache: KVCache, cfg: Config, tokens: Tensor) -> None:
-    """Raise ``ValueError`` if ``cache`` does not fit ``cfg`` or the batch shape of ``tokens``."""
+def check_cache(cache: KVCache, cfg: Config, tokens: Tensor, params: dict | None = None) -> None:
+    """Raise ``ValueError`` if ``cache`` does not fit ``cfg``, the batch shape of ``tokens``, or the
+    dtype/device of ``params``."""
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a KVCache (see init_cache), got {type(cache).__name__}")
     if len(cache.k) != cfg.n_layers or len(cache.v) != cfg.n_layers:
@@ -94,6 +95,13 @@ def check_cache(cache: KVCache, cfg: Config, tokens: Tensor) -> None:
                     f"cache.{name}[{i}] has shape {tuple(buf.shape)} but expected "
                     f"(*batch, kv_heads, max_len, head_dim) = {expected}"
                 )
+    if params is not None and cache.k:
+        weights, buf = params["embed"]["tokens"], cache.k[0]
+        if buf.dtype != weights.dtype or buf.device != weights.device:
+            raise ValueError(
+                f"cache buffers are {buf.dtype} on {buf.device} but the params are {weights.dtype} on "
+                f"{weights.device}; build the cache with init_cache(..., dtype=..., device=...) to match"
+            )
     if tuple(tokens.shape[:-1]) != tuple(cache.lengths.shape):
         raise ValueError(
             f"tokens has batch shape {tuple(tokens.shape[:-1])} but the cache has batch shape "

@@ -270,12 +270,27 @@ def restore_opt_state(flat: dict[str, Tensor], template: Any, *, where: str = ""
     return pytree.tree_unflatten(leaves, spec)
 
 
+def _read(where: str, filename: str, read):
+    """``read()``, with any failure of a damaged file turned into one ``ValueError`` that names the file."""
+    try:
+        return read()
+    except (ValueError, TypeError) as e:
+        if str(e).startswith("checkpoint "):
+            raise
+        raise ValueError(f"checkpoint {where}: {filename} is damaged ({e})") from None
+    except OSError:
+        raise
+    except Exception as e:  # safetensors and tokenizers raise their own exception types
+        raise ValueError(f"checkpoint {where}: {filename} is damaged ({type(e).__name__}: {e})") from None
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
     config: Config | None = None,
     optimizer=None,
     device: str | torch.device | None = None,
+    with_opt_state: bool = True,
 ) -> Checkpoint:
     """Read a checkpoint directory.
 
@@ -287,6 +302,9 @@ def load_checkpoint(
         optimizer: a ``GradientTransformation``; the saved state is restored into the structure of
             ``optimizer.init(params)``, checked the same way.
         device: where the tensors go (default: CPU).
+        with_opt_state: False skips reading the optimizer state (inference: it is twice the params' size).
+
+    A damaged file (truncated tensors, a broken tokenizer, missing fields) raises ``ValueError`` naming it.
     """
     requested = Path(path)
     if not _complete(requested) and _resolve(requested / LATEST) is not None:
@@ -307,12 +325,12 @@ def load_checkpoint(
         raise ValueError(
             f"checkpoint {where} has format version {meta['version']}; this ftransformer reads <= {VERSION}"
         )
-    saved_config = Config.from_dict(meta["config"])
+    saved_config = _read(where, META_FILE, lambda: Config.from_dict(meta["config"]))
     config = saved_config if config is None else config
     if not isinstance(config, Config):
         raise TypeError(f"config must be a Config, got {type(config).__name__}")
 
-    flat = load_file(resolved / PARAMS_FILE, device="cpu")
+    flat = _read(where, PARAMS_FILE, lambda: load_file(resolved / PARAMS_FILE, device="cpu"))
     expected = expected_param_shapes(config)
     _check_against(where, "config", flat, expected)
     # Rebuilt in init_params' key order (safetensors sorts keys): trees with another key order have
@@ -320,25 +338,29 @@ def load_checkpoint(
     params = tree_to(tree_unflatten_paths({k: flat[k] for k in expected}), device=device)
 
     opt_state = None
-    opt_meta = meta.get("opt_state")
+    opt_meta = meta.get("opt_state") if with_opt_state else None
     if opt_meta is not None:
-        opt_flat: dict[str, Any] = dict(load_file(resolved / OPT_STATE_FILE, device="cpu"))
+        opt_flat: dict[str, Any] = dict(
+            _read(where, OPT_STATE_FILE, lambda: load_file(resolved / OPT_STATE_FILE, device="cpu"))
+        )
         opt_flat.update(opt_meta.get("other", {}))
         if optimizer is not None:
             opt_state = restore_opt_state(opt_flat, optimizer.init(params), where=where)
         else:
             opt_state = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in opt_flat.items()}
-    elif optimizer is not None:
+    elif optimizer is not None and with_opt_state:
         raise ValueError(f"checkpoint {where} holds no optimizer state")
 
     tokenizer = None
     if (resolved / TOKENIZER_FILE).is_file():
-        tokenizer = tokenizer_from_json((resolved / TOKENIZER_FILE).read_text(encoding="utf-8"))
+        tokenizer = _read(
+            where, TOKENIZER_FILE, lambda: tokenizer_from_json((resolved / TOKENIZER_FILE).read_text(encoding="utf-8"))
+        )
 
     return Checkpoint(
         params=params,
         config=config,
-        step=int(meta["step"]),
+        step=_read(where, META_FILE, lambda: int(meta["step"])),
         opt_state=opt_state,
         tokenizer=tokenizer,
         metrics=list(meta.get("metrics", [])),

@@ -150,6 +150,10 @@ def _check_generate_args(
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     longest = prompt.shape[-1]
     if prompt_lengths is not None:
+        if isinstance(prompt_lengths, Tensor) and (
+            prompt_lengths.dtype.is_floating_point or prompt_lengths.dtype == torch.bool
+        ):
+            raise TypeError(f"prompt_lengths must be an integer tensor, got dtype {prompt_lengths.dtype}")
         if not isinstance(prompt_lengths, Tensor) or prompt_lengths.shape != prompt.shape[:-1]:
             got = tuple(prompt_lengths.shape) if isinstance(prompt_lengths, Tensor) else type(prompt_lengths).__name__
             raise ValueError(f"prompt_lengths must have shape (*batch,) = {tuple(prompt.shape[:-1])}, got {got}")
@@ -335,9 +339,10 @@ def generate(
             compile=compile,
         )
     )
-    if not new:
-        return prompt.clone()
-    new_tokens = torch.stack(new, dim=-1).to(prompt.dtype)
+    if new:
+        new_tokens = torch.stack(new, dim=-1).to(prompt.dtype)
+    else:
+        new_tokens = prompt.new_empty((*prompt.shape[:-1], 0))
     if prompt_lengths is None:
         return torch.cat([prompt, new_tokens], dim=-1)
     seq, steps = prompt.shape[-1], new_tokens.shape[-1]

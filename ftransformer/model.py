@@ -113,9 +113,11 @@ def forward_with_cache(
     logits are meaningless); None means all of them.
     """
     check_tokens(tokens, cfg)
-    check_cache(cache, cfg, tokens)
+    check_cache(cache, cfg, tokens, params)
     check_room(cache.lengths, tokens.shape[-1], cache.max_len)
     if seq_lengths is not None:
+        if isinstance(seq_lengths, Tensor) and (seq_lengths.dtype.is_floating_point or seq_lengths.dtype == torch.bool):
+            raise TypeError(f"seq_lengths must be an integer tensor, got dtype {seq_lengths.dtype}")
         if not isinstance(seq_lengths, Tensor) or seq_lengths.shape != tokens.shape[:-1]:
             raise ValueError(
                 f"seq_lengths must be a tensor of shape (*batch,) = {tuple(tokens.shape[:-1])}, got "

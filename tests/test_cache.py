@@ -349,3 +349,21 @@ def test_bad_seq_lengths_are_rejected(tiny_cfg, gen):
     # The jaxtyping hook (on in this suite) catches the shape first; without it the ValueError does.
     with pytest.raises((ValueError, TypeError), match="seq_lengths"):
         ft.forward_with_cache(params, tokens, cache, tiny_cfg, seq_lengths=torch.tensor([1]))
+
+
+def test_cache_of_another_dtype_is_a_clear_error():
+    cfg = ft.PRESETS["tiny"]
+    params = ft.tree_to(ft.init_params(cfg), dtype=torch.float64)
+    with pytest.raises(ValueError, match="cache buffers are torch.float32 .* params are torch.float64"):
+        ft.forward_with_cache(params, torch.zeros(2, 3, dtype=torch.long), ft.init_cache(cfg, 2), cfg)
+
+
+def test_float_lengths_are_a_type_error(no_typecheck):
+    """Our own message (with the test suite's type-check hook on, jaxtyping rejects the dtype first)."""
+    cfg = ft.PRESETS["tiny"]
+    params = ft.init_params(cfg)
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(TypeError, match="seq_lengths must be an integer tensor"):
+        ft.forward_with_cache(params, tokens, ft.init_cache(cfg, 2), cfg, seq_lengths=torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match="prompt_lengths must be an integer tensor"):
+        ft.generate(params, tokens, cfg, max_new_tokens=1, prompt_lengths=torch.tensor([1.0, 2.0]))

@@ -169,3 +169,37 @@ def test_a_run_directory_loads_its_latest_checkpoint(tmp_path):
     checkpoint.save_checkpoint(tmp_path / checkpoint.LATEST, params=params, config=CFG, step=9)
     ck = checkpoint.load_checkpoint(tmp_path)
     assert ck.step == 9 and ck.path == tmp_path / "latest"
+
+
+def saved_checkpoint(tmp_path):
+    params, state, _ = trained_state()
+    tok = data.CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz .\n")
+    return checkpoint.save_checkpoint(tmp_path / "ck", params=params, config=CFG, step=3, opt_state=state, tokenizer=tok)
+
+
+@pytest.mark.parametrize(
+    ("damage", "file"),
+    [
+        (lambda p: (p / "params.safetensors").write_bytes((p / "params.safetensors").read_bytes()[:100]),
+         "params.safetensors"),
+        (lambda p: (p / "tokenizer.json").write_text('{"kind": "char"}'), "tokenizer.json"),
+        (lambda p: (p / "tokenizer.json").write_text('{"model": {"type": "BPE"}}'), "tokenizer.json"),
+        (lambda p: (p / "checkpoint.json").write_text(json.dumps(
+            {k: v for k, v in json.loads((p / "checkpoint.json").read_text()).items() if k != "config"})),
+         "checkpoint.json"),
+    ],
+)
+def test_damaged_files_give_one_value_error_naming_the_file(tmp_path, damage, file):
+    path = saved_checkpoint(tmp_path)
+    damage(path)
+    with pytest.raises(ValueError, match=rf"checkpoint .*: {file}"):
+        checkpoint.load_checkpoint(path)
+
+
+def test_loading_without_the_optimizer_state_skips_its_file(tmp_path):
+    path = saved_checkpoint(tmp_path)
+    (path / "opt_state.safetensors").write_bytes(b"not a safetensors file")
+    ck = checkpoint.load_checkpoint(path, with_opt_state=False)
+    assert ck.opt_state is None and ck.step == 3
+    with pytest.raises(ValueError, match="opt_state.safetensors is damaged"):
+        checkpoint.load_checkpoint(path)

@@ -357,6 +357,13 @@ def test_directory_errors(tmp_path, small_sd):
         ft.load_hf_gpt2([1, 2, 3])
 
 
+@pytest.mark.parametrize("name", ["model.safetensors", "pytorch_model.bin"])
+def test_damaged_weights_file_is_a_value_error_naming_it(tmp_path, name):
+    (tmp_path / name).write_bytes(b"\x00\x01 this is not a weights file")
+    with pytest.raises(ValueError, match=f"{name} is not a readable weights file"):
+        ft.load_hf_gpt2(tmp_path)
+
+
 def test_config_from_hf_defaults():
     cfg = config_from_hf({"vocab_size": 50257, "n_positions": 1024, "n_embd": 768, "n_layer": 12, "n_head": 12})
     assert cfg == ft.PRESETS["gpt2"].replace(dropout=0.1)

@@ -68,7 +68,7 @@ def load_model(args, device: torch.device) -> tuple[Config, dict, object]:
             raise ValueError(f"{args.hf_dir!r} has no vocab.json + merges.txt, so text cannot be encoded")
         return cfg, params, tokenizer
     if args.checkpoint is not None:
-        ckpt = load_checkpoint(_checkpoint_dir(args.checkpoint), device=device)
+        ckpt = load_checkpoint(_checkpoint_dir(args.checkpoint), device=device, with_opt_state=False)
         if ckpt.tokenizer is None:
             raise ValueError(f"the checkpoint at {str(ckpt.path)!r} holds no tokenizer, so text cannot be encoded")
         return ckpt.config, ckpt.params, ckpt.tokenizer

@@ -166,13 +166,6 @@ def _default_out(preset: str, data: str | None, *, resume: bool) -> Path:
     return next(c for c in candidates if not checkpoint_exists(c / LATEST))
 
 
-def _change_config(cfg: Config, changes: dict) -> Config:
-    """``cfg.replace(**changes)``, where a new ``n_heads`` on a multi-head (not GQA) model keeps it multi-head."""
-    if "n_heads" in changes and "n_kv_heads" not in changes and cfg.n_kv_heads == cfg.n_heads:
-        changes = {**changes, "n_kv_heads": changes["n_heads"]}
-    return cfg.replace(**changes) if changes else cfg
-
-
 def _device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -209,7 +202,7 @@ def run(args) -> int:
             raise ValueError("--tokenizer cannot change when resuming; the run's tokenizer is saved with it")
         recipe = TrainRecipe.from_dict(saved["recipe"]).replace(**recipe_changes, **flag_changes)
         cfg = Config.from_dict(info["config"])
-        cfg = _change_config(cfg, config_changes)
+        cfg = cfg.replace(**config_changes) if config_changes else cfg
         data = str(Path(args.data).resolve()) if args.data is not None else saved["data"]
         seed = saved["seed"] if args.seed is None else args.seed
         tokenizer = load_tokenizer(out / LATEST)
@@ -241,7 +234,7 @@ def run(args) -> int:
         bpe_vocab_size=recipe.bpe_vocab_size, cache_dir=out / "cache",
     )
     if cfg is None:
-        cfg = _change_config(get_preset(preset), {"vocab_size": dataset.tokenizer.vocab_size, **config_changes})
+        cfg = get_preset(preset).replace(vocab_size=dataset.tokenizer.vocab_size, **config_changes)
     elif cfg.vocab_size != dataset.tokenizer.vocab_size:
         raise ValueError(
             f"the checkpoint's vocab_size={cfg.vocab_size} but its tokenizer has {dataset.tokenizer.vocab_size}"

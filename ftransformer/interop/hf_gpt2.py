@@ -362,12 +362,18 @@ def _read_weights(directory: Path) -> dict[str, Tensor]:
 
 
 def _read_file(path: Path) -> dict[str, Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """The tensors of one weights file; a damaged file raises ``ValueError`` naming it."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run code.
-    return torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run code.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # safetensors, pickle and torch each raise their own types
+        raise ValueError(f"{path} is not a readable weights file ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------- export

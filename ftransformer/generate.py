@@ -141,13 +141,22 @@ def sample(
     return (logits + gumbel).argmax(dim=-1)
 
 
+def _check_max_new_tokens(max_new_tokens) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+
+
+def _hide_stopped(token: Tensor, done: Tensor, stop: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
+    """What each row shows (``pad_id`` once it has stopped) and the rows stopped after this token."""
+    return token.masked_fill(done, pad_id), done | torch.isin(token, stop)
+
+
 def _check_generate_args(
     prompt: Tensor, cfg: Config, max_new_tokens: int, prompt_lengths: Tensor | None
 ) -> int:
     """Validate a generation request; returns the cache length it needs."""
     check_tokens(prompt, cfg, name="prompt")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    _check_max_new_tokens(max_new_tokens)
     longest = prompt.shape[-1]
     if prompt_lengths is not None:
         if isinstance(prompt_lengths, Tensor) and (
@@ -239,8 +248,8 @@ def _stream(
         token = sample(logits, step_key, temperature=temperature, top_k=top_k, top_p=top_p)
         if len(stop_tokens):
             # A stopped row still feeds its sampled (valid) token to the model; only what it shows is padding.
-            yield token.masked_fill(done, pad_id)
-            done = done | torch.isin(token, stop)
+            shown, done = _hide_stopped(token, done, stop, pad_id)
+            yield shown
         else:
             yield token
         # Reading `done` costs a host sync per step, so only generations with stop tokens pay it.
@@ -277,8 +286,7 @@ def generate_stream_sliding(
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep < cfg.max_seq_len:
         raise ValueError(f"keep must be an int in [1, max_seq_len={cfg.max_seq_len}), got {keep!r}")
     check_sampling(temperature, top_k, top_p)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    _check_max_new_tokens(max_new_tokens)
     if isinstance(prompt, Tensor) and prompt.ndim and prompt.shape[-1] >= cfg.max_seq_len:
         prompt = prompt[..., -keep:]
     check_tokens(prompt, cfg, name="prompt")
@@ -301,8 +309,8 @@ def _sliding(params, prompt, cfg, max_new_tokens, temperature, top_k, top_p, see
         ):
             new.append(token)
             if len(stop_tokens):
-                yield token.masked_fill(done, pad_id)
-                done = done | torch.isin(token, stop)
+                shown, done = _hide_stopped(token, done, stop, pad_id)
+                yield shown
                 if bool(done.all()):
                     return
             else:

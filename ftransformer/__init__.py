@@ -35,6 +35,10 @@ from ftransformer.train import fit
 from ftransformer import interop
 from ftransformer.interop.hf_gpt2 import load_hf_gpt2, to_hf_gpt2
 
+# [area: interp]
+from ftransformer import interp
+from ftransformer.interp import forward_with_activations, head_ablation_sweep
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -46,4 +50,5 @@ __all__ = [
     "evaluate", "make_train_step", "optim",
     "BPETokenizer", "CharTokenizer", "Checkpoint", "checkpoint", "data", "fit", "load_checkpoint", "load_dataset",
     "load_tokenizer", "recipes", "save_checkpoint",
+    "forward_with_activations", "head_ablation_sweep", "interp",
 ]

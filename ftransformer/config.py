@@ -32,6 +32,7 @@ class Config:
     init_std: float = 0.02  # std of the normal init; residual output projections get /sqrt(2*n_layers)
     norm_eps: float = 1e-5  # epsilon inside LayerNorm / RMSNorm
     rope_base: float = 10000.0  # base of the rotary / sinusoidal frequencies
+    mlp: bool = True  # False: attention-only blocks (no feed-forward, no ln2; d_ff is then unused)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -62,7 +63,7 @@ class Config:
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"Config.{name}={value!r} is not one of {', '.join(map(repr, choices))}")
-        for name in ("bias", "tie_embeddings"):
+        for name in ("bias", "tie_embeddings", "mlp"):
             # A string like "false" is truthy; only a real bool says what the caller meant.
             value = getattr(self, name)
             if not isinstance(value, bool):

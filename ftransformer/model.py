@@ -17,6 +17,7 @@ from ftransformer.layers.block import block, block_with_cache
 from ftransformer.layers.embedding import embed_tokens, learned_positions, sinusoidal_positions
 from ftransformer.layers.linear import linear
 from ftransformer.layers.norm import norm
+from ftransformer.layers.tap import NO_TAP, Tap
 
 
 def is_tracing(x: Tensor) -> bool:
@@ -71,10 +72,14 @@ def embed(
     return random.dropout(x, cfg.dropout, key)
 
 
-def unembed(params: dict, x: Float[Tensor, "*batch seq d_model"], cfg: Config) -> Float[Tensor, "*batch seq vocab"]:
-    """Final norm (pre-LN only) and the projection to one logit per token id."""
+def unembed(
+    params: dict, x: Float[Tensor, "*batch seq d_model"], cfg: Config, *, tap: Tap = NO_TAP
+) -> Float[Tensor, "*batch seq vocab"]:
+    """Final norm (pre-LN only) and the projection to one logit per token id; ``tap`` sees ``final``,
+    the residual the projection reads."""
     if cfg.norm_position == "pre":
         x = norm(params["ln_f"], x, cfg)
+    x = tap("final", x)
     if cfg.tie_embeddings:
         return F.linear(x, params["embed"]["tokens"])
     return linear(x, params["unembed"]["w"])
@@ -90,12 +95,20 @@ def forward(
 ) -> Float[Tensor, "*batch seq vocab"]:
     """Logits for the next token at every position. ``key`` turns dropout on (training); None is eval."""
     check_tokens(tokens, cfg)
+    return forward_unchecked(params, tokens, cfg, key=key)
+
+
+def forward_unchecked(
+    params: dict, tokens: Int[Tensor, "*batch seq"], cfg: Config, *, key: Tensor | None = None, tap: Tap = NO_TAP
+) -> Float[Tensor, "*batch seq vocab"]:
+    """``forward`` without the input checks. ``tap`` sees ``embed``, then every block's values under
+    ``blocks.{i}.``, then ``final`` (``interp.forward_with_activations`` passes one)."""
     positions = default_positions(tokens)
     keys = [None] * (cfg.n_layers + 1) if key is None else random.split(key, cfg.n_layers + 1)
-    x = embed(params, tokens, cfg, positions=positions, key=keys[0])
+    x = tap("embed", embed(params, tokens, cfg, positions=positions, key=keys[0]))
     for i, block_params in enumerate(params["blocks"]):
-        x = block(block_params, x, cfg, positions=positions, key=keys[i + 1])
-    return unembed(params, x, cfg)
+        x = block(block_params, x, cfg, positions=positions, key=keys[i + 1], tap=tap.scope(f"blocks.{i}"))
+    return unembed(params, x, cfg, tap=tap)
 
 
 def forward_with_cache(

@@ -4,10 +4,12 @@
 
     {"embed":   {"tokens": [vocab, d_model], "positions"?: [max_seq, d_model]},
      "blocks":  [{"ln1": {"scale", "bias"?}, "attn": {"w_qkv", "b_qkv"?, "w_o", "b_o"?},
-                  "ln2": {...},              "mlp":  {"w_in", "b_in"?, ("w_gate", "b_gate"?,) "w_out", "b_out"?}},
+                  "ln2"?: {...},             "mlp"?: {"w_in", "b_in"?, ("w_gate", "b_gate"?,) "w_out", "b_out"?}},
                  ...],
      "ln_f"?:   {"scale", "bias"?},           # pre-LN only
      "unembed"?: {"w": [d_model, vocab]}}     # untied only
+
+(``ln2`` and ``mlp`` are absent in attention-only models, ``Config(mlp=False)``.)
 
 A leaf that a config does not use is absent, never ``None``.
 """
@@ -55,6 +57,8 @@ def _block_params(cfg: Config, gen: torch.Generator) -> dict:
     mlp["w_out"] = _normal(gen, (cfg.d_ff, cfg.d_model), out_std)
     if cfg.bias:
         mlp["b_out"] = torch.zeros(cfg.d_model)
+    if not cfg.mlp:
+        return {"ln1": _norm_params(cfg), "attn": attn}
     return {"ln1": _norm_params(cfg), "attn": attn, "ln2": _norm_params(cfg), "mlp": mlp}
 
 
@@ -161,8 +165,9 @@ def param_breakdown(cfg: Config) -> dict:
     n_ff_in = 2 if cfg.activation == "swiglu" else 1
     attn_w = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d
     attn_b = ((cfg.n_heads + 2 * cfg.n_kv_heads) * hd + d) if cfg.bias else 0
-    ff_w = (n_ff_in + 1) * d * cfg.d_ff
-    ff_b = (n_ff_in * cfg.d_ff + d) if cfg.bias else 0
+    ff_w = (n_ff_in + 1) * d * cfg.d_ff if cfg.mlp else 0
+    ff_b = (n_ff_in * cfg.d_ff + d) if cfg.bias and cfg.mlp else 0
+    norms_per_block = 2 if cfg.mlp else 1
     rows = [
         ("token embeddings", V * d),
         ("position embeddings", cfg.max_seq_len * d if cfg.positional == "learned" else 0),
@@ -170,20 +175,20 @@ def param_breakdown(cfg: Config) -> dict:
         ("attention biases", L * attn_b),
         ("feed-forward weights", L * ff_w),
         ("feed-forward biases", L * ff_b),
-        ("norms", (2 * L + (1 if cfg.norm_position == "pre" else 0)) * norm_size),
+        ("norms", (norms_per_block * L + (1 if cfg.norm_position == "pre" else 0)) * norm_size),
         ("output projection", 0 if cfg.tie_embeddings else d * V),
     ]
     terms = [
         ("token embeddings V*d", V * d),
         ("attention Q,K,V,O L*4*d^2", L * 4 * d * d),
-        ("feed-forward L*2*d*d_ff", L * 2 * d * cfg.d_ff),
+        ("feed-forward L*2*d*d_ff", L * 2 * d * cfg.d_ff if cfg.mlp else 0),
     ]
     total = sum(n for _, n in rows)
     estimate = sum(n for _, n in terms)
     left_out = [(name, n) for name, n in rows if n and name in (
         "position embeddings", "attention biases", "feed-forward biases", "norms", "output projection")]
     # GQA and SwiGLU change the weight counts themselves; say so rather than hide it in a remainder.
-    shape_gap = (L * attn_w - L * 4 * d * d) + (L * ff_w - L * 2 * d * cfg.d_ff)
+    shape_gap = (L * attn_w - L * 4 * d * d) + (L * ff_w - L * 2 * d * cfg.d_ff * cfg.mlp)
     if shape_gap:
         left_out.append(("GQA / SwiGLU weight difference", shape_gap))
     return {"rows": rows, "total": total, "estimate_terms": terms, "estimate": estimate, "left_out": left_out}

@@ -125,6 +125,7 @@ def check_gpt2_compatible(cfg: Config) -> None:
         ("norm_position", "pre", "GPT-2 normalises before each sublayer (pre-LN) and has a final ln_f"),
         ("bias", True, "GPT-2 has biases in every projection and LayerNorm"),
         ("n_kv_heads", cfg.n_heads, "GPT-2 has one key/value head per query head (no GQA/MQA)"),
+        ("mlp", True, "every GPT-2 block has an MLP"),
     )
     for field, expected, why in rules:
         got = getattr(cfg, field)

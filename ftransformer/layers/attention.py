@@ -18,6 +18,7 @@ from torch import Tensor
 from ftransformer import random
 from ftransformer.layers.embedding import apply_rotary, rotary_angles
 from ftransformer.layers.linear import linear
+from ftransformer.layers.tap import NO_TAP, Tap
 
 
 def causal_mask(q_positions: Int[Tensor, "*batch seq"], k_positions: Int[Tensor, "*batch kv_seq"]) -> Bool[
@@ -129,10 +130,70 @@ def multi_head_attention(
     positions: Int[Tensor, "*#batch seq"],
     mask: Bool[Tensor, "*#batch seq seq"] | None = None,
     key: Tensor | None = None,
+    tap: Tap = NO_TAP,
 ) -> Float[Tensor, "*batch seq d_model"]:
-    """Causal self-attention with ``cfg.n_heads`` query heads sharing ``cfg.n_kv_heads`` key/value heads."""
+    """Causal self-attention with ``cfg.n_heads`` query heads sharing ``cfg.n_kv_heads`` key/value heads.
+
+    ``tap`` sees ``q``, ``k``, ``v``, ``pattern`` and ``head_out`` (see ``layers.tap``).
+    """
     q, k, v = project_qkv(params, x, cfg, positions)
+    if tap.active:
+        return tapped_attention(params, q, k, v, cfg, mask=mask, tap=tap)
     o = scaled_dot_product_attention(q, k, v, mask, impl=cfg.attn_impl, dropout=cfg.dropout, key=key)
+    return project_out(params, o)
+
+
+def head_pattern(
+    q: Float[Tensor, "*batch heads seq head_dim"],
+    k: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
+    mask: Bool[Tensor, "*#batch seq kv_seq"] | None = None,
+) -> Float[Tensor, "*batch heads seq kv_seq"]:
+    """Every query head's attention pattern (its softmax rows), with grouped key heads shared as in GQA."""
+    kv_heads = k.shape[-3]
+    q = rearrange(q, "... (kv_heads group) seq head_dim -> ... kv_heads group seq head_dim", kv_heads=kv_heads)
+    pattern = attention_pattern(q, k, None if mask is None else mask[..., None, None, :, :])
+    return rearrange(pattern, "... kv_heads group seq kv_seq -> ... (kv_heads group) seq kv_seq")
+
+
+def head_outputs(params: dict, o: Float[Tensor, "*batch heads seq head_dim"]) -> Float[Tensor, "*batch heads seq d_model"]:
+    """Each head's own contribution to the residual stream: its slice of ``w_o`` applied to its output.
+
+    Summed over heads, plus ``b_o``, this is ``project_out``.
+    """
+    w_o = rearrange(params["w_o"], "(heads head_dim) d_model -> heads head_dim d_model", heads=o.shape[-3])
+    return torch.einsum("...hsd,hdm->...hsm", o, w_o)
+
+
+def tapped_attention(
+    params: dict,
+    q: Float[Tensor, "*batch heads seq head_dim"],
+    k: Float[Tensor, "*batch kv_heads seq head_dim"],
+    v: Float[Tensor, "*batch kv_heads seq head_dim"],
+    cfg,
+    *,
+    mask: Bool[Tensor, "*#batch seq seq"] | None,
+    tap: Tap,
+) -> Float[Tensor, "*batch seq d_model"]:
+    """Attention that shows its insides to ``tap`` (no dropout: this is for looking at a model).
+
+    Where nothing intervenes on the pattern or the head outputs, the output is computed by the very
+    kernels ``forward`` uses (the pattern and per-head outputs are then computed beside it, to be
+    recorded), so a tapped forward gives the same logits to the last bit. An intervened value is routed
+    into the output instead.
+    """
+    q, k, v = tap("q", q), tap("k", k), tap("v", v)
+    pattern = tap("pattern", head_pattern(q, k, mask))
+    if tap.intervenes("pattern"):
+        group = q.shape[-3] // k.shape[-3]
+        v_heads = repeat(v, "... kv_heads kv_seq head_dim -> ... (kv_heads group) kv_seq head_dim", group=group)
+        o = torch.einsum("...hqk,...hkd->...hqd", pattern, v_heads)
+    else:
+        o = scaled_dot_product_attention(q, k, v, mask, impl=cfg.attn_impl)
+    head_out = tap("head_out", head_outputs(params, o))
+    if tap.intervenes("head_out"):
+        b_o = params.get("b_o")
+        out = head_out.sum(dim=-3)
+        return out if b_o is None else out + b_o
     return project_out(params, o)
 
 

@@ -13,6 +13,7 @@ from ftransformer import random
 from ftransformer.layers.attention import multi_head_attention, multi_head_attention_with_cache
 from ftransformer.layers.feedforward import feedforward
 from ftransformer.layers.norm import norm
+from ftransformer.layers.tap import NO_TAP, Tap
 
 
 def residual(
@@ -32,18 +33,26 @@ def block(
     positions: Int[Tensor, "*#batch seq"],
     mask: Bool[Tensor, "*#batch seq seq"] | None = None,
     key: Tensor | None = None,
+    tap: Tap = NO_TAP,
 ) -> Float[Tensor, "*batch seq d_model"]:
-    """One transformer block: ``params = {"ln1", "attn", "ln2", "mlp"}``."""
+    """One transformer block: ``params = {"ln1", "attn", "ln2"?, "mlp"?}`` (no MLP when ``cfg.mlp`` is False).
+
+    ``tap`` sees ``resid_pre``, ``resid_mid`` (after attention), ``resid_post``, and the sublayers'
+    values under ``attn.`` and ``mlp.``.
+    """
     keys = [None] * 3 if key is None else random.split(key, 3)
 
     def attn(p, h):
-        return multi_head_attention(p, h, cfg, positions=positions, mask=mask, key=keys[0])
+        return multi_head_attention(p, h, cfg, positions=positions, mask=mask, key=keys[0], tap=tap.scope("attn"))
 
     def mlp(p, h):
-        return feedforward(p, h, cfg)
+        return feedforward(p, h, cfg, tap=tap.scope("mlp"))
 
-    x = residual(params["attn"], x, attn, params["ln1"], cfg, keys[1])
-    return residual(params["mlp"], x, mlp, params["ln2"], cfg, keys[2])
+    x = tap("resid_pre", x)
+    x = tap("resid_mid", residual(params["attn"], x, attn, params["ln1"], cfg, keys[1]))
+    if cfg.mlp:
+        x = residual(params["mlp"], x, mlp, params["ln2"], cfg, keys[2])
+    return tap("resid_post", x)
 
 
 def block_with_cache(
@@ -80,5 +89,6 @@ def block_with_cache(
     else:
         a, k_new, v_new = attn(params["attn"], x)
         x = norm(params["ln1"], x + a, cfg)
-    x = residual(params["mlp"], x, lambda p, h: feedforward(p, h, cfg), params["ln2"], cfg, None)
+    if cfg.mlp:
+        x = residual(params["mlp"], x, lambda p, h: feedforward(p, h, cfg), params["ln2"], cfg, None)
     return x, k_new, v_new

@@ -5,25 +5,36 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ftransformer.layers.linear import linear
+from ftransformer.layers.tap import NO_TAP, Tap
 
 
 def gelu_mlp(
-    params: dict, x: Float[Tensor, "*batch seq d_model"], *, approximate: str = "none"
+    params: dict, x: Float[Tensor, "*batch seq d_model"], *, approximate: str = "none", tap: Tap = NO_TAP
 ) -> Float[Tensor, "*batch seq d_model"]:
-    """w_out(gelu(w_in x)): widen to d_ff, bend, narrow back. ``approximate="tanh"`` is GPT-2's GELU."""
-    h = F.gelu(linear(x, params["w_in"], params.get("b_in")), approximate=approximate)
+    """w_out(gelu(w_in x)): widen to d_ff, bend, narrow back. ``approximate="tanh"`` is GPT-2's GELU.
+
+    ``tap`` sees ``hidden``, the d_ff-wide activations after the GELU.
+    """
+    h = tap("hidden", F.gelu(linear(x, params["w_in"], params.get("b_in")), approximate=approximate))
     return linear(h, params["w_out"], params.get("b_out"))
 
 
-def swiglu_mlp(params: dict, x: Float[Tensor, "*batch seq d_model"]) -> Float[Tensor, "*batch seq d_model"]:
-    """w_out(silu(w_gate x) * w_in x) (Shazeer 2020): a gate decides how much of each hidden unit passes."""
+def swiglu_mlp(
+    params: dict, x: Float[Tensor, "*batch seq d_model"], *, tap: Tap = NO_TAP
+) -> Float[Tensor, "*batch seq d_model"]:
+    """w_out(silu(w_gate x) * w_in x) (Shazeer 2020): a gate decides how much of each hidden unit passes.
+
+    ``tap`` sees ``hidden``, the gated d_ff-wide activations.
+    """
     gate = F.silu(linear(x, params["w_gate"], params.get("b_gate")))
-    h = gate * linear(x, params["w_in"], params.get("b_in"))
+    h = tap("hidden", gate * linear(x, params["w_in"], params.get("b_in")))
     return linear(h, params["w_out"], params.get("b_out"))
 
 
-def feedforward(params: dict, x: Float[Tensor, "*batch seq d_model"], cfg) -> Float[Tensor, "*batch seq d_model"]:
+def feedforward(
+    params: dict, x: Float[Tensor, "*batch seq d_model"], cfg, *, tap: Tap = NO_TAP
+) -> Float[Tensor, "*batch seq d_model"]:
     """The config's feed-forward network."""
     if cfg.activation == "swiglu":
-        return swiglu_mlp(params, x)
-    return gelu_mlp(params, x, approximate="tanh" if cfg.activation == "gelu_tanh" else "none")
+        return swiglu_mlp(params, x, tap=tap)
+    return gelu_mlp(params, x, approximate="tanh" if cfg.activation == "gelu_tanh" else "none", tap=tap)

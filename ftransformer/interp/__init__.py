@@ -1,0 +1,37 @@
+"""Learning-path step 9, interpretability: activations as return values, interventions as arguments,
+analyses as pure functions of them, and plots.
+
+* ``activations``: ``forward_with_activations`` and the table of activation paths;
+* ``interventions``: head ablation, activation patching, steering, ``head_ablation_sweep``;
+* ``analysis``: attention entropy, previous-token and induction scores, logit lens, direct logit
+  attribution, loss per position.
+"""
+
+from ftransformer.interp.activations import activation_paths, forward_with_activations
+from ftransformer.interp.analysis import (
+    attention_entropy,
+    direct_logit_attribution,
+    head_scores,
+    induction_scores,
+    logit_lens,
+    loss_per_position,
+    previous_token_scores,
+    repeated_random_tokens,
+    stacked_patterns,
+)
+from ftransformer.interp.interventions import (
+    ablate_heads,
+    combine,
+    head_ablation_sweep,
+    head_means,
+    masked_heads,
+    patch,
+    steer,
+)
+
+__all__ = [
+    "ablate_heads", "activation_paths", "attention_entropy", "combine", "direct_logit_attribution",
+    "forward_with_activations", "head_ablation_sweep", "head_means", "head_scores", "induction_scores",
+    "logit_lens", "loss_per_position", "masked_heads", "patch", "previous_token_scores",
+    "repeated_random_tokens", "stacked_patterns", "steer",
+]

@@ -1,0 +1,90 @@
+"""Learning-path step 9a: a model's intermediate values as return values, and interventions as arguments.
+
+``forward_with_activations`` runs the very code of ``forward`` with a ``Tap`` (``layers/tap.py``)
+threaded through it, and returns the logits together with every intermediate value, named:
+
+======================================  ==========================================  ==============================
+path                                    shape                                       what it is
+======================================  ==========================================  ==============================
+``embed``                               ``[*batch, seq, d_model]``                  residual stream entering block 0
+``blocks.{i}.resid_pre``                ``[*batch, seq, d_model]``                  residual stream entering block i
+``blocks.{i}.attn.q``                   ``[*batch, heads, seq, head_dim]``          queries (after rotary, if any)
+``blocks.{i}.attn.k`` / ``.v``          ``[*batch, kv_heads, seq, head_dim]``       keys (after rotary) / values
+``blocks.{i}.attn.pattern``             ``[*batch, heads, seq, kv_seq]``            softmax rows: query -> keys
+``blocks.{i}.attn.head_out``            ``[*batch, heads, seq, d_model]``           each head's write to the residual
+``blocks.{i}.resid_mid``                ``[*batch, seq, d_model]``                  after the attention sublayer
+``blocks.{i}.mlp.hidden``               ``[*batch, seq, d_ff]``                     after the activation (no MLP: absent)
+``blocks.{i}.resid_post``               ``[*batch, seq, d_model]``                  after the whole block
+``final``                               ``[*batch, seq, d_model]``                  what the unembedding reads (after ln_f)
+======================================  ==========================================  ==============================
+
+``acts`` nests them: ``acts["blocks"][1]["attn"]["pattern"]``. In a post-LN model ``resid_mid`` and
+``resid_post`` are the normed sums, as they flow on. ``head_out`` summed over heads plus ``b_o`` is the
+attention sublayer's output.
+
+An intervention maps a path to a function ``value -> value`` of the same shape; what it returns flows
+on through the model (and is what ``acts`` records). Interventions are arguments, not hooks: nothing is
+registered or removed, and the whole call runs under ``torch.func.grad``, ``vmap`` and ``compile``.
+"""
+
+from collections.abc import Callable
+
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ftransformer.config import Config
+from ftransformer.layers.tap import Tap
+from ftransformer.model import check_tokens, forward_unchecked
+from ftransformer.params import tree_unflatten_paths
+
+ATTN_SITES = ("q", "k", "v", "pattern", "head_out")
+
+
+def activation_paths(cfg: Config) -> list[str]:
+    """Every activation path of a model with this config, in the order the forward pass reaches them."""
+    paths = ["embed"]
+    for i in range(cfg.n_layers):
+        b = f"blocks.{i}."
+        paths += [b + "resid_pre"] + [f"{b}attn.{s}" for s in ATTN_SITES] + [b + "resid_mid"]
+        if cfg.mlp:
+            paths.append(b + "mlp.hidden")
+        paths.append(b + "resid_post")
+    return paths + ["final"]
+
+
+def check_interventions(interventions, cfg: Config) -> dict[str, Callable]:
+    """The interventions as a dict, or ``ValueError`` naming an unknown path and listing the valid ones."""
+    if interventions is None:
+        return {}
+    if not isinstance(interventions, dict):
+        raise TypeError(f"interventions must be a dict of path -> function, got {type(interventions).__name__}")
+    valid = activation_paths(cfg)
+    for path, fn in interventions.items():
+        if path not in valid:
+            raise ValueError(f"unknown activation path {path!r}; valid paths are: {', '.join(valid)}")
+        if not callable(fn):
+            raise TypeError(f"the intervention at {path!r} must be a function value -> value, got {type(fn).__name__}")
+    return dict(interventions)
+
+
+def forward_with_activations(
+    params: dict,
+    tokens: Int[Tensor, "*batch seq"],
+    cfg: Config,
+    *,
+    interventions: dict[str, Callable[[Tensor], Tensor]] | None = None,
+) -> tuple[Float[Tensor, "*batch seq vocab"], dict]:
+    """``forward`` (no dropout) that also returns every intermediate value, with optional interventions.
+
+    Args:
+        interventions: ``{"blocks.1.attn.head_out": fn, ...}``; each ``fn`` gets the value at that path
+            and returns its replacement (same shape). See ``interp.interventions`` for ready-made ones.
+
+    Returns:
+        ``(logits, acts)``: the logits (equal to ``forward``'s, bit for bit, without interventions) and
+        the activation tree described in this module's table.
+    """
+    check_tokens(tokens, cfg)
+    tap = Tap(check_interventions(interventions, cfg))
+    logits = forward_unchecked(params, tokens, cfg, tap=tap)
+    return logits, tree_unflatten_paths(tap.acts)

@@ -1,0 +1,165 @@
+"""Learning-path step 9c: what the heads and layers do, as pure functions of ``acts`` returning tensors.
+
+* ``attention_entropy``, ``previous_token_scores``, ``induction_scores``: one number per (layer, head);
+* ``logit_lens``: the unembedding applied to the residual stream after every layer;
+* ``direct_logit_attribution``: how much each head and MLP writes towards a token's logit;
+* ``loss_per_position``: the in-context learning curve.
+
+Induction heads (Olsson et al. 2022, "In-context Learning and Induction Heads") are found on random
+tokens repeated twice: in the second copy, a head that attends from token ``t`` to the token *after*
+``t``'s first occurrence is copying the continuation forward.
+"""
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ftransformer.config import Config
+from ftransformer.interp.activations import forward_with_activations
+from ftransformer.model import check_tokens, forward, unembed
+
+
+def stacked_patterns(acts: dict) -> Float[Tensor, "layers *batch heads seq kv_seq"]:
+    """Every layer's attention pattern, stacked along a leading ``layers`` axis."""
+    return torch.stack([b["attn"]["pattern"] for b in acts["blocks"]])
+
+
+def _per_head_mean(x: Float[Tensor, "layers *batch heads seq"]) -> Float[Tensor, "layers heads"]:
+    """Average over the batch axes and query positions, keeping (layer, head)."""
+    x = x.movedim(-2, 1)
+    return x.reshape(x.shape[0], x.shape[1], -1).mean(-1)
+
+
+def attention_entropy(acts: dict) -> Float[Tensor, "layers heads"]:
+    """Mean entropy (nats) of each head's attention rows: 0 looks at one token, log(n) spreads evenly."""
+    p = stacked_patterns(acts)
+    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+    return _per_head_mean(entropy)
+
+
+def previous_token_scores(acts: dict) -> Float[Tensor, "layers heads"]:
+    """Mean attention from each position to the one before it (positions 1 onward): 1 for a perfect
+    previous-token head."""
+    p = stacked_patterns(acts)
+    if p.shape[-1] < 2:
+        raise ValueError("previous-token scores need seq >= 2")
+    return _per_head_mean(p.diagonal(offset=-1, dim1=-2, dim2=-1))
+
+
+def induction_scores(acts: dict, period: int) -> Float[Tensor, "layers heads"]:
+    """Mean attention from position ``t`` of a sequence repeating every ``period`` tokens to position
+    ``t - period + 1`` (the token that followed ``t``'s previous occurrence), over ``t >= period``."""
+    p = stacked_patterns(acts)
+    seq = p.shape[-1]
+    if not 1 <= period < seq:
+        raise ValueError(f"period must lie in [1, seq={seq}), got {period}")
+    return _per_head_mean(p.diagonal(offset=1 - period, dim1=-2, dim2=-1)[..., 1:])
+
+
+def repeated_random_tokens(
+    cfg: Config, *, half: int, batch: int = 8, seed: int = 0, low: int = 0
+) -> Int[Tensor, "batch seq"]:
+    """``batch`` rows of ``half`` random ids in ``[low, vocab_size)`` followed by the same ``half`` again."""
+    if 2 * half > cfg.max_seq_len or half < 2:
+        raise ValueError(f"half must lie in [2, max_seq_len/2 = {cfg.max_seq_len // 2}], got {half}")
+    gen = torch.Generator().manual_seed(seed)
+    first = torch.randint(low, cfg.vocab_size, (batch, half), generator=gen)
+    return torch.cat([first, first], dim=-1)
+
+
+def head_scores(
+    params: dict, cfg: Config, *, half: int | None = None, batch: int = 8, seed: int = 0
+) -> dict[str, Float[Tensor, "layers heads"]]:
+    """Induction, previous-token and entropy scores of every head, on repeated random tokens.
+
+    ``half`` defaults to ``max_seq_len // 2`` (the whole context, the sequence repeated once).
+    """
+    half = cfg.max_seq_len // 2 if half is None else half
+    device = next(iter(params["embed"].values())).device
+    tokens = repeated_random_tokens(cfg, half=half, batch=batch, seed=seed).to(device)
+    with torch.no_grad():
+        _, acts = forward_with_activations(params, tokens, cfg)
+    return {
+        "induction": induction_scores(acts, half),
+        "previous_token": previous_token_scores(acts),
+        "entropy": attention_entropy(acts),
+    }
+
+
+def logit_lens(params: dict, acts: dict, cfg: Config) -> Float[Tensor, "layers_plus_1 *batch seq vocab"]:
+    """The model's own unembedding (final norm included) applied to the residual stream entering block 0
+    and after every block: row ``i`` is what the model would predict if it stopped after ``i`` blocks.
+    The last row is the logits."""
+    streams = [acts["embed"]] + [b["resid_post"] for b in acts["blocks"]]
+    return torch.stack([unembed(params, x, cfg) for x in streams])
+
+
+def _unembedding_columns(params: dict, cfg: Config, token) -> Tensor:
+    """The unembedding's column(s) for ``token``: ``[d_model]`` for an int, ``[*batch, seq, d_model]`` for ids."""
+    w = params["embed"]["tokens"] if cfg.tie_embeddings else params["unembed"]["w"].t()
+    if isinstance(token, Tensor):
+        return w[token]
+    if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < cfg.vocab_size:
+        raise ValueError(f"token must be an id in [0, vocab_size={cfg.vocab_size}) or a tensor of ids, got {token!r}")
+    return w[token]
+
+
+def direct_logit_attribution(
+    params: dict, acts: dict, cfg: Config, token: int | Int[Tensor, "*batch seq"]
+) -> dict[str, Tensor]:
+    """Each component's direct contribution to the logit of ``token`` at every position.
+
+    The residual stream entering the final norm is a sum of writes: the embedding, every head, every
+    attention bias, every MLP. With the final norm's scale frozen at its value on the whole stream (the
+    usual convention), the logit splits exactly into one term per write.
+
+    Args:
+        token: one id for every position, or a tensor of ids (``[*batch, seq]``, e.g. the targets).
+
+    Returns:
+        ``{"embed": [*batch, seq], "heads": [layers, heads, *batch, seq], "mlp": [layers, *batch, seq],
+        "bias": [*batch, seq]}``; ``bias`` holds the attention output biases and the final norm's bias.
+        Their sum is the logit.
+    """
+    if cfg.norm_position != "pre":
+        raise ValueError(
+            "direct logit attribution needs Config.norm_position='pre': in a post-LN model every block "
+            "renormalises the residual stream, so it is not a sum of the components' writes"
+        )
+    resid = acts["blocks"][-1]["resid_post"]
+    if cfg.norm == "layernorm":
+        inv = torch.rsqrt(resid.var(-1, unbiased=False, keepdim=True) + cfg.norm_eps)
+    else:
+        inv = torch.rsqrt(resid.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+    u = _unembedding_columns(params, cfg, token).to(resid.dtype) * params["ln_f"]["scale"]
+
+    def logit(c: Tensor) -> Tensor:
+        """A write's share of the logit: the final norm's linear part (centre, frozen scale), then ``u``."""
+        if cfg.norm == "layernorm":
+            c = c - c.mean(-1, keepdim=True)
+        return (c * inv * u).sum(-1)
+
+    heads, mlps = [], []
+    bias = torch.zeros(resid.shape[:-1], dtype=resid.dtype, device=resid.device)
+    for b in acts["blocks"]:
+        head_out = b["attn"]["head_out"]
+        heads.append(logit(head_out.movedim(-3, 0)))
+        bias = bias + logit(b["resid_mid"] - b["resid_pre"] - head_out.sum(-3))
+        mlps.append(logit(b["resid_post"] - b["resid_mid"]))
+    if "bias" in params["ln_f"]:
+        w = _unembedding_columns(params, cfg, token).to(resid.dtype)
+        bias = bias + (params["ln_f"]["bias"] * w).sum(-1)
+    return {"embed": logit(acts["embed"]), "heads": torch.stack(heads), "mlp": torch.stack(mlps), "bias": bias}
+
+
+def loss_per_position(
+    params: dict, tokens: Int[Tensor, "*batch seq"], targets: Int[Tensor, "*batch seq"], cfg: Config
+) -> Float[Tensor, " seq"]:
+    """Cross-entropy at each position, averaged over the batch: how much earlier context helps."""
+    check_tokens(targets, cfg, name="targets")
+    if targets.shape != tokens.shape:
+        raise ValueError(f"targets has shape {tuple(targets.shape)} but tokens has shape {tuple(tokens.shape)}")
+    logits = forward(params, tokens, cfg)
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    return losses.reshape(-1, tokens.shape[-1]).mean(0)

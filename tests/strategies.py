@@ -27,4 +27,5 @@ def configs(draw, min_seq_len: int = 4, max_seq_len: int = 12) -> ft.Config:
         activation=draw(st.sampled_from(ACTIVATIONS)),
         tie_embeddings=draw(st.booleans()),
         attn_impl=draw(st.sampled_from(ATTN_IMPLS)),
+        mlp=draw(st.booleans()),
     )

@@ -72,7 +72,7 @@ def forward_with_activations(
     tokens: Int[Tensor, "*batch seq"],
     cfg: Config,
     *,
-    interventions: dict[str, Callable[[Tensor], Tensor]] | None = None,
+    interventions: dict | None = None,
 ) -> tuple[Float[Tensor, "*batch seq vocab"], dict]:
     """``forward`` (no dropout) that also returns every intermediate value, with optional interventions.
 

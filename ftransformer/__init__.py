@@ -31,6 +31,11 @@ from ftransformer import checkpoint, data, recipes
 from ftransformer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ftransformer.data import BPETokenizer, CharTokenizer, load_dataset, load_tokenizer
 from ftransformer.train import fit
+# [area: vmap]
+from ftransformer import batched
+from ftransformer.batched import (
+    gradient_noise_scale, init_ensemble, per_example_grad_norms, per_example_grads, stack_params, unstack_params,
+)
 # [area: interop]
 from ftransformer import interop
 from ftransformer.interop.hf_gpt2 import load_hf_gpt2, to_hf_gpt2
@@ -51,4 +56,6 @@ __all__ = [
     "BPETokenizer", "CharTokenizer", "Checkpoint", "checkpoint", "data", "fit", "load_checkpoint", "load_dataset",
     "load_tokenizer", "recipes", "save_checkpoint",
     "forward_with_activations", "head_ablation_sweep", "interp",
+    "batched", "gradient_noise_scale", "init_ensemble", "per_example_grad_norms", "per_example_grads", "stack_params",
+    "unstack_params",
 ]

@@ -116,9 +116,14 @@ def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int, final_lr:
 
 
 def _as_schedule(lr) -> Schedule:
-    """A schedule for ``lr``; a plain float stays a float, so the update multiplies by a Python number."""
+    """A schedule for ``lr``; a plain float stays a float, so the update multiplies by a Python number.
+
+    A 0-d tensor is used as it is at every step: under ``vmap`` it can differ per ensemble member.
+    """
     if callable(lr):
         return lr
+    if isinstance(lr, Tensor):
+        return lambda step: lr
     _check_lr("lr", lr)
     lr = float(lr)
     return lambda step: lr
@@ -359,19 +364,21 @@ def _decay_mask(mask, params: PyTree, p_leaves: list, spec) -> list[bool]:
 
 
 def adamw(
-    lr: float | Schedule,
+    lr: float | Tensor | Schedule,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    weight_decay: float = 0.01,
+    weight_decay: float | Tensor = 0.01,
     mask: PyTree | Callable[[PyTree], PyTree] | None = None,
 ) -> GradientTransformation:
     """Adam with decoupled weight decay (Loshchilov & Hutter); matches ``torch.optim.AdamW`` step for step.
 
     Args:
-        lr: a float, or a schedule called with the number of updates done so far.
+        lr: a float, a 0-d tensor (e.g. one per ensemble member under ``vmap``), or a schedule called
+            with the number of updates done so far.
         betas: decay rates of the first and second moment estimates.
         eps: added to the denominator's square root, for stability.
-        weight_decay: each update also shrinks decayed tensors by ``lr * weight_decay`` of their value.
+        weight_decay: each update also shrinks decayed tensors by ``lr * weight_decay`` of their value
+            (a float, or a 0-d tensor: e.g. one per ensemble member under ``vmap``).
         mask: which tensors decay: a tree of bools shaped like params, or ``params -> tree of bools``.
             None decays tensors with ``ndim >= 2`` (matrices, embeddings) and spares norms and biases.
     """
@@ -382,7 +389,8 @@ def adamw(
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     if not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    _check_lr("weight_decay", weight_decay)
+    if not isinstance(weight_decay, Tensor):
+        _check_lr("weight_decay", weight_decay)
     # Tensor path: log(beta) in float64 here, expm1 in float32 there, so 1 - beta**t stays accurate to
     # the last bit even for beta2 = 0.999, where beta**t in float32 would lose four digits.
     log_b1, log_b2 = math.log(b1) if b1 > 0 else -math.inf, math.log(b2) if b2 > 0 else -math.inf
@@ -424,7 +432,7 @@ def adamw(
         ops.add_(denom, eps * sqrt_bias2)
         updates = ops.div(m, denom)
         del denom
-        if weight_decay:
+        if isinstance(weight_decay, Tensor) or weight_decay:
             if params is None:
                 raise ValueError("adamw with weight_decay > 0 needs params: call update(grads, state, params)")
             p = _matching_leaves("params", params, spec)
@@ -507,6 +515,88 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
+class DPState(NamedTuple):
+    """DP-SGD's memory: the noise key and the number of aggregations done (each draws fresh noise)."""
+
+    key: Tensor  # int64, 0-d: the explicit key all noise derives from
+    count: Tensor  # int64, 0-d: aggregations done so far
+
+
+def per_example_norms(grads: PyTree) -> Tensor:
+    """The L2 norm of each example's gradient (all leaves together), for leaves with a leading batch axis."""
+    leaves = _leaves_only(grads)
+    if not leaves:
+        raise ValueError("per_example_norms needs at least one gradient tensor, got an empty tree")
+    squares = [x.reshape(x.shape[0], -1).to(torch.float32).square().sum(1) for x in leaves]
+    return torch.stack(squares).sum(0).sqrt()
+
+
+def dp_aggregate(clip_norm: float, noise_multiplier: float, *, key: Tensor) -> GradientTransformation:
+    """DP-SGD's aggregation (Abadi et al. 2016): per-example gradients in, one noisy mean gradient out.
+
+    ``update`` takes gradients whose every leaf has a leading batch axis (``ft.per_example_grads``),
+    scales each example's gradient to global norm at most ``clip_norm`` (C), sums them, adds Gaussian
+    noise ``N(0, (noise_multiplier * C)^2)`` to every coordinate and divides by the batch size. Put it
+    first in a chain: ``chain(dp_aggregate(1.0, 1.1, key=ft.random.key(0)), adamw(1e-3))``, and train with
+    ``ft.batched.make_per_example_train_step``. The noise of step ``t`` is drawn from
+    ``fold_in(key, t)``: the same key gives the same noise.
+
+    Privacy accounting -- what (epsilon, delta) a run with this noise, batch size, dataset size and number
+    of steps guarantees -- is out of scope here; use an accountant such as Opacus's
+    (``opacus.accountants.RDPAccountant``). With ``noise_multiplier=0`` this is per-example clipping only
+    (no privacy).
+    """
+    for name, value, lowest in (("clip_norm", clip_norm, None), ("noise_multiplier", noise_multiplier, 0.0)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not clip_norm > 0:
+        raise ValueError(f"clip_norm must be > 0, got {clip_norm!r}")
+    if noise_multiplier < 0:
+        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
+    if not isinstance(key, Tensor) or key.dtype != torch.int64 or key.ndim != 0:
+        raise TypeError(f"key must be a 0-d int64 tensor (ft.random.key(seed)), got {key!r}")
+    from ftransformer import random
+
+    std = float(noise_multiplier) * float(clip_norm)
+
+    def init(params):
+        device = _device_of(_leaves_only(params))
+        return DPState(key=key.to(device), count=torch.zeros((), dtype=torch.int64, device=device))
+
+    def update(grads, state, params=None):
+        g, spec = _leaves(grads)
+        if not g:
+            return grads, state
+        if any(x.ndim == 0 for x in g) or len({x.shape[0] for x in g}) != 1:
+            raise ValueError(
+                "dp_aggregate needs per-example gradients (every leaf with the same leading batch axis), got "
+                f"shapes {sorted({tuple(x.shape) for x in g})[:3]}"
+            )
+        if params is not None:
+            p = _matching_leaves("params", params, spec)
+            for x, y in zip(g, p):
+                if tuple(x.shape[1:]) != tuple(y.shape):
+                    raise ValueError(
+                        f"dp_aggregate needs per-example gradients shaped (batch, *param), got {tuple(x.shape)} "
+                        f"for a parameter of shape {tuple(y.shape)}"
+                    )
+        batch = g[0].shape[0]
+        # Abadi et al.'s g / max(1, |g| / C), written as a factor <= 1 (exactly 1 for small gradients).
+        factor = torch.clamp(clip_norm / (per_example_norms(grads) + 1e-6), max=1.0)
+        out = []
+        step_key = random.fold_in(state.key, state.count) if std > 0 else None
+        keys = random.split(step_key, len(g)) if std > 0 else None
+        for i, x in enumerate(g):
+            f = factor.to(x.dtype).reshape((batch,) + (1,) * (x.ndim - 1))
+            mean = (x * f).mean(0)
+            if std > 0:
+                mean = mean + random.normal(keys[i], mean.shape, dtype=mean.dtype) * (std / batch)
+            out.append(mean)
+        return _unflatten(out, spec), DPState(key=state.key, count=state.count + 1)
+
+    return GradientTransformation(init, update)
+
+
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply transformations in order, each to the previous one's updates; the state is a tuple of theirs."""
     for i, t in enumerate(transforms):
@@ -549,6 +639,7 @@ def current_lr(opt_state) -> Tensor:
 
 
 __all__ = [
-    "AdamWState", "EmptyState", "GradientTransformation", "SGDState", "Schedule", "adamw", "apply_updates",
-    "chain", "clip_by_global_norm", "constant", "current_lr", "global_norm", "sgd", "warmup_cosine",
+    "AdamWState", "DPState", "EmptyState", "GradientTransformation", "SGDState", "Schedule", "adamw", "apply_updates",
+    "chain", "clip_by_global_norm", "constant", "current_lr", "dp_aggregate", "global_norm", "per_example_norms",
+    "sgd", "warmup_cosine",
 ]

@@ -41,8 +41,8 @@ def split(k: Tensor, n: int = 2) -> Tensor:
     return (hi << 30) ^ lo
 
 
-def fold_in(k: Tensor, data: int) -> Tensor:
-    """A new key from ``k`` and an integer (e.g. a step number)."""
+def fold_in(k: Tensor, data: int | Tensor) -> Tensor:
+    """A new key from ``k`` and an integer (e.g. a step number; an int64 tensor works too, and under ``vmap``)."""
     s = _seed32(k)
     d = _mix(torch.as_tensor(data & _MASK32, dtype=torch.int64, device=k.device) ^ 0x5BF03635)
     return (_mix(s ^ d) << 30) ^ _mix((s + d * _GOLDEN) & _MASK32)
@@ -57,6 +57,14 @@ def uniform(k: Tensor, shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtyp
     counter = torch.arange(numel, dtype=torch.int64, device=k.device)
     bits = _mix(_mix(counter ^ s) ^ ((s * _GOLDEN) & _MASK32) ^ 0x3C6EF372)
     return ((bits >> 8).to(dtype) * (1.0 / (1 << 24))).reshape(shape)
+
+
+def normal(k: Tensor, shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal numbers of the given shape (Box-Muller on two uniform streams of ``k``)."""
+    k1, k2 = split(k, 2)
+    # 1 - u lies in (0, 1], so the log is finite.
+    radius = torch.sqrt(-2.0 * torch.log1p(-uniform(k1, shape, dtype=torch.float32)))
+    return (radius * torch.cos((2.0 * torch.pi) * uniform(k2, shape, dtype=torch.float32))).to(dtype)
 
 
 def dropout(x: Tensor, rate: float, k: Tensor | None) -> Tensor:

@@ -471,3 +471,8 @@ def _fmt(x: float | None) -> str:
 
 def _tensor_leaves(tree) -> list:
     return [x for x in pytree.tree_leaves(tree) if isinstance(x, Tensor)]
+
+
+# One vmapped step over an ensemble (per-member batches, keys and hyperparameters) lives with the other
+# vmap tools; it is re-exported here because it is a train step.
+from ftransformer.batched import make_ensemble_step  # noqa: E402

@@ -1,0 +1,433 @@
+"""``vmap`` over whole models: per-example gradients, DP-SGD, the gradient noise scale, ensembles and sweeps.
+
+A model here is a function of a parameter pytree, so ``torch.func.vmap`` can batch it three ways:
+
+* over **examples** -- ``per_example_grads`` gives every example's gradient in one call (what Opacus
+  hooks into ``nn.Module``s to get), which DP-SGD (``optim.dp_aggregate``) and the gradient noise
+  scale (``gradient_noise_scale``) are made of;
+* over **models** -- ``stack_params`` puts N parameter trees on a leading ``member`` axis and
+  ``make_ensemble_step`` trains all N in one vmapped step, each on its own batch with its own dropout
+  key;
+* over **hyperparameters** -- the same step with a per-member learning rate or weight decay is a
+  sweep in one call (``fit_ensemble`` and ``ftransformer train --ensemble N`` / ``--sweep lr=...``).
+
+Why the einsum attention path by default: PyTorch's fused ``scaled_dot_product_attention`` has had no
+``vmap`` batching rule for its backward pass (``vmap`` then falls back to a slow per-example loop, and
+on some versions and devices refuses), while the written-out einsum path is made of ops that all batch.
+``attn_impl=None`` keeps the config's own path (``bench vmap`` times both on the running torch).
+"""
+
+import io
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from ftransformer import optim, random
+from ftransformer.config import Config
+from ftransformer.model import check_ids, check_tokens, loss_fn
+from ftransformer.params import init_params
+
+PyTree = Any
+
+
+def _vmap_cfg(cfg: Config, attn_impl: str | None) -> Config:
+    if not isinstance(cfg, Config):
+        raise TypeError(f"cfg must be a Config, got {type(cfg).__name__}")
+    if attn_impl is None or attn_impl == cfg.attn_impl:
+        return cfg
+    return cfg.replace(attn_impl=attn_impl)
+
+
+def _check_batch(tokens: Tensor, targets: Tensor, cfg: Config, ignore_index: int, *, name: str = "tokens") -> None:
+    check_tokens(tokens, cfg, name=name)
+    if tokens.ndim != 2:
+        raise ValueError(f"{name} must have shape (batch, seq), got {tuple(tokens.shape)}")
+    if not isinstance(targets, Tensor) or targets.shape != tokens.shape:
+        got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+        raise ValueError(f"targets must have the shape of {name} {tuple(tokens.shape)}, got {got}")
+    check_ids("targets", targets, cfg.vocab_size, allowed=ignore_index)
+
+
+def _example_loss(cfg: Config, treedef, ignore_index: int):
+    """``(leaves, tokens[seq], targets[seq], key) -> that one example's mean loss`` over its counted targets."""
+
+    def loss_of(leaves, tokens, targets, key):
+        params = optim._unflatten(leaves, treedef)
+        total = loss_fn(params, tokens, targets, cfg, key=key, ignore_index=ignore_index, reduction="sum")
+        # An example of nothing but padding gives a zero gradient instead of 0/0.
+        return total / (targets != ignore_index).sum().clamp(min=1).to(total.dtype)
+
+    return loss_of
+
+
+# ---------------------------------------------------------------- per-example gradients
+
+
+def per_example_grads(
+    params: dict,
+    tokens: Tensor,
+    targets: Tensor,
+    cfg: Config,
+    *,
+    key: Tensor | None = None,
+    ignore_index: int = -100,
+    attn_impl: str | None = "einsum",
+    chunk_size: int | None = None,
+) -> dict:
+    """The gradient of each example's mean loss: every leaf of ``params`` gains a leading ``batch`` axis.
+
+    ``tokens`` and ``targets`` are ``(batch, seq)``; example ``i``'s gradient is that of
+    ``loss_fn(params, tokens[i], targets[i], cfg)``, computed for all ``i`` at once by
+    ``vmap(grad(...))``. Attention runs on the einsum path (``attn_impl``): SDPA's backward has had no
+    ``vmap`` batching rule, so ``vmap`` would fall back to a per-example loop there (``None`` keeps
+    ``cfg.attn_impl``). ``key`` gives every example its own dropout key (split from it);
+    ``chunk_size`` bounds how many examples are in flight at once (memory), as in ``vmap``.
+    """
+    _check_batch(tokens, targets, cfg, ignore_index)
+    cfg_v = _vmap_cfg(cfg, attn_impl)
+    leaves, treedef = optim._leaves(params)
+    grad_fn = torch.func.grad(_example_loss(cfg_v, treedef, ignore_index))
+    keys = None if key is None else random.split(key, tokens.shape[0])
+    batched = torch.func.vmap(grad_fn, in_dims=(None, 0, 0, None if keys is None else 0), chunk_size=chunk_size)
+    grads = batched(leaves, tokens, targets, keys)
+    return optim._unflatten(list(grads), treedef)
+
+
+def per_example_grad_norms(
+    params: dict,
+    tokens: Tensor,
+    targets: Tensor,
+    cfg: Config,
+    *,
+    key: Tensor | None = None,
+    ignore_index: int = -100,
+    attn_impl: str | None = "einsum",
+    chunk_size: int | None = None,
+) -> Float[Tensor, " batch"]:
+    """The L2 norm of each example's gradient (all parameters together): which sequences pull hardest."""
+    grads = per_example_grads(
+        params, tokens, targets, cfg, key=key, ignore_index=ignore_index, attn_impl=attn_impl, chunk_size=chunk_size
+    )
+    return optim.per_example_norms(grads)
+
+
+def make_per_example_train_step(
+    cfg: Config,
+    optimizer: optim.GradientTransformation,
+    *,
+    ignore_index: int = -100,
+    attn_impl: str | None = "einsum",
+    chunk_size: int | None = None,
+):
+    """A training step like ``make_train_step``'s whose optimizer receives per-example gradients.
+
+    ``step(params, opt_state, (tokens, targets), key) -> (params, opt_state, metrics)``. The optimizer must
+    reduce the batch axis -- start its chain with ``optim.dp_aggregate`` (DP-SGD). ``metrics`` holds
+    ``loss`` (token-weighted mean, as ``make_train_step``), ``grad_norm`` (norm of the plain mean of the
+    per-example gradients, before any clipping), ``mean_example_grad_norm`` (the average example's
+    gradient norm: compare it with the clip norm), ``lr`` and ``tokens``.
+    """
+    if not isinstance(optimizer, optim.GradientTransformation):
+        raise TypeError(f"optimizer must be an optim.GradientTransformation, got {type(optimizer).__name__}")
+
+    def step(params, opt_state, batch, key=None):
+        tokens, targets = _unpack(batch)
+        grads = per_example_grads(
+            params, tokens, targets, cfg, key=key, ignore_index=ignore_index, attn_impl=attn_impl,
+            chunk_size=chunk_size,
+        )
+        with torch.no_grad():
+            n_tokens = (targets != ignore_index).sum()
+            loss = loss_fn(params, tokens, targets, cfg, ignore_index=ignore_index, reduction="sum")
+            loss = loss / n_tokens.clamp(min=1)
+            norms = optim.per_example_norms(grads)
+            grad_norm = optim.global_norm([x.mean(0) for x in optim._leaves_only(grads)])
+            updates, new_state = optimizer.update(grads, opt_state, params)
+            u, p = optim._leaves_only(updates), optim._leaves_only(params)
+            for x, y in zip(u, p):
+                if x.shape != y.shape:
+                    raise ValueError(
+                        f"the optimizer returned an update of shape {tuple(x.shape)} for a parameter of shape "
+                        f"{tuple(y.shape)}: with per-example gradients, start the chain with optim.dp_aggregate"
+                    )
+            params = optim.apply_updates(params, updates)
+        lr = optim._find_lr(new_state)
+        metrics = {
+            "loss": loss, "grad_norm": grad_norm, "mean_example_grad_norm": norms.mean(),
+            "lr": torch.full((), float("nan")) if lr is None else lr, "tokens": n_tokens,
+        }
+        return params, new_state, metrics
+
+    return step
+
+
+# ---------------------------------------------------------------- gradient noise scale
+
+
+class NoiseScale(NamedTuple):
+    """The simple gradient noise scale and the two unbiased estimates it is the ratio of (0-d tensors)."""
+
+    b_simple: Tensor  # tr(Sigma) / |G|^2: the batch size around which larger batches stop paying off
+    trace_cov: Tensor  # tr(Sigma): total variance of one example's gradient
+    grad_sq_norm: Tensor  # |G|^2: squared norm of the true (expected) gradient
+
+
+def gradient_noise_scale(grads: PyTree) -> NoiseScale:
+    """B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training").
+
+    ``grads`` are per-example gradients (leading batch axis of size B >= 2). With ``g_i`` the examples'
+    gradients and ``g`` their mean, both estimates are unbiased:
+
+        tr(Sigma) = sum_i |g_i - g|^2 / (B - 1)        |G|^2 = |g|^2 - tr(Sigma) / B
+
+    (the paper's Appendix A with B_small = 1, B_big = B). The ratio is not unbiased and is noisy for one
+    batch: average ``trace_cov`` and ``grad_sq_norm`` over several batches first (``noise_scale`` does).
+    """
+    leaves = optim._leaves_only(grads)
+    if not leaves or leaves[0].ndim == 0 or leaves[0].shape[0] < 2:
+        raise ValueError("gradient_noise_scale needs per-example gradients of at least 2 examples")
+    b = leaves[0].shape[0]
+    sq_each = optim.per_example_norms(grads).square()
+    mean_sq = sum(x.to(torch.float32).mean(0).square().sum() for x in leaves)
+    trace = (sq_each.sum() - b * mean_sq) / (b - 1)
+    g2 = mean_sq - trace / b
+    return NoiseScale(b_simple=trace / g2, trace_cov=trace, grad_sq_norm=g2)
+
+
+def noise_scale(
+    params: dict, batches: Iterable, cfg: Config, *, ignore_index: int = -100, attn_impl: str | None = "einsum"
+) -> NoiseScale:
+    """``gradient_noise_scale`` over several ``(tokens, targets)`` batches: both estimates averaged, then divided."""
+    traces, g2s = [], []
+    for batch in batches:
+        tokens, targets = _unpack(batch)
+        grads = per_example_grads(params, tokens, targets, cfg, ignore_index=ignore_index, attn_impl=attn_impl)
+        est = gradient_noise_scale(grads)
+        traces.append(est.trace_cov)
+        g2s.append(est.grad_sq_norm)
+        del grads
+    if not traces:
+        raise ValueError("noise_scale needs at least one batch, got none")
+    trace, g2 = torch.stack(traces).mean(), torch.stack(g2s).mean()
+    return NoiseScale(b_simple=trace / g2, trace_cov=trace, grad_sq_norm=g2)
+
+
+# ---------------------------------------------------------------- ensembles
+
+
+def stack_params(trees: Sequence[PyTree]) -> PyTree:
+    """One tree whose every leaf is the members' leaves stacked on a new leading ``member`` axis.
+
+    Works for any trees of the same structure: parameters, optimizer states, metrics.
+    """
+    trees = list(trees)
+    if not trees:
+        raise ValueError("stack_params needs at least one tree, got none")
+    first, treedef = optim._leaves(trees[0])
+    columns = [first] + [optim._matching_leaves(f"trees[{i}]", t, treedef) for i, t in enumerate(trees[1:], 1)]
+    for i, leaves in enumerate(columns[1:], 1):
+        for a, b in zip(first, leaves):
+            if isinstance(a, Tensor) and (a.shape != b.shape or a.dtype != b.dtype):
+                raise ValueError(
+                    f"trees[{i}] has a leaf of shape {tuple(b.shape)} ({b.dtype}) where trees[0] has "
+                    f"{tuple(a.shape)} ({a.dtype}): only models of the same config stack"
+                )
+    return optim._unflatten([torch.stack(list(col)) for col in zip(*columns)], treedef)
+
+
+def unstack_params(stacked: PyTree) -> list[PyTree]:
+    """The inverse of ``stack_params``: one tree per member (views into ``stacked``)."""
+    leaves, treedef = optim._leaves(stacked)
+    if not leaves:
+        raise ValueError("unstack_params needs a tree with at least one tensor")
+    sizes = {x.shape[0] if x.ndim else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"every leaf must share one leading member axis, got leading sizes {sorted(map(str, sizes))}")
+    columns = [x.unbind(0) for x in leaves]
+    return [optim._unflatten([c[i] for c in columns], treedef) for i in range(leaves[0].shape[0])]
+
+
+def init_ensemble(cfg: Config, seeds: Sequence[int], *, device: str | torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> dict:
+    """``init_params`` for every seed, stacked: leaves of shape ``(len(seeds), *param)``."""
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("init_ensemble needs at least one seed, got none")
+    kwargs = {} if dtype is None else {"dtype": dtype}
+    return stack_params([init_params(cfg, seed=s, device=device, **kwargs) for s in seeds])
+
+
+def _members(stacked: PyTree) -> int:
+    leaves = optim._leaves_only(stacked)
+    if not leaves or leaves[0].ndim == 0:
+        raise ValueError("stacked params must have a leading member axis (ft.stack_params / ft.init_ensemble)")
+    return leaves[0].shape[0]
+
+
+def make_ensemble_step(
+    cfg: Config,
+    optimizer: optim.GradientTransformation | Callable[..., optim.GradientTransformation],
+    *,
+    ignore_index: int = -100,
+    attn_impl: str | None = "einsum",
+):
+    """ONE vmapped step that trains every member of an ensemble at once.
+
+    ``step(stacked_params, stacked_opt_state, (tokens, targets), keys=None, hparams=None)
+    -> (stacked_params, stacked_opt_state, metrics)``: ``tokens``/``targets`` are
+    ``(members, batch, seq)`` (each member its own batch), ``keys`` are ``(members,)`` dropout keys (or
+    None), and every metric (``loss``, ``grad_norm``, ``lr``, ``tokens``) has one value per member. Each
+    member's update equals what ``make_train_step(cfg, optimizer)`` would do to it alone.
+
+    ``optimizer`` is a ``GradientTransformation`` shared by all members, or, for a sweep, a factory
+    called inside the vmapped step with ``hparams``' values for that member as 0-d tensors::
+
+        def make_opt(lr, weight_decay):
+            return optim.adamw(lr, weight_decay=weight_decay)
+        step = make_ensemble_step(cfg, make_opt)
+        state = step.init(stacked, hparams)   # hparams: {"lr": tensor([3e-4, 1e-3]), "weight_decay": ...}
+
+    ``step.init(stacked_params, hparams=None)`` builds the stacked optimizer state.
+    """
+    cfg_v = _vmap_cfg(cfg, attn_impl)
+    factory = not isinstance(optimizer, optim.GradientTransformation)
+    if factory and not callable(optimizer):
+        raise TypeError(f"optimizer must be a GradientTransformation or a factory of one, got {type(optimizer).__name__}")
+
+    def member_opt(hp: dict | None) -> optim.GradientTransformation:
+        opt = optimizer(**hp) if factory else optimizer
+        if not isinstance(opt, optim.GradientTransformation):
+            raise TypeError(f"the optimizer factory must return a GradientTransformation, got {type(opt).__name__}")
+        return opt
+
+    def check_hparams(hparams, members: int) -> dict:
+        if hparams is None or not hparams:
+            if factory:
+                raise ValueError("an optimizer factory needs hparams: {name: tensor of one value per member}")
+            return {}
+        if not factory:
+            raise ValueError("hparams need an optimizer factory (a function of them returning a GradientTransformation)")
+        out = {}
+        for name, value in hparams.items():
+            value = torch.as_tensor(value, dtype=torch.float32)
+            if value.shape != (members,):
+                raise ValueError(f"hparams[{name!r}] must hold one value per member ({members}), got shape {tuple(value.shape)}")
+            out[name] = value
+        return out
+
+    def init(stacked_params, hparams=None):
+        members = _members(stacked_params)
+        hp = check_hparams(hparams, members)
+        each = [{k: v[i] for k, v in hp.items()} for i in range(members)]
+        return stack_params([member_opt(h).init(p) for h, p in zip(each, unstack_params(stacked_params))])
+
+    treedef_box: dict = {}
+
+    def member_step(leaves, opt_state, tokens, targets, key, hp):
+        treedef = treedef_box["def"]
+        opt = member_opt(hp)
+        n_tokens = (targets != ignore_index).sum()
+        denom = n_tokens.clamp(min=1).to(torch.float32)
+
+        def loss_of(leaves):
+            params = optim._unflatten(leaves, treedef)
+            total = loss_fn(params, tokens, targets, cfg_v, key=key, ignore_index=ignore_index, reduction="sum")
+            return total / denom
+
+        grads, loss = torch.func.grad_and_value(loss_of)(leaves)
+        grads = optim._unflatten(list(grads), treedef)
+        params = optim._unflatten(leaves, treedef)
+        with torch.no_grad():
+            grad_norm = optim.global_norm(grads)
+            updates, new_state = opt.update(grads, opt_state, params)
+            new_params = optim.apply_updates(params, updates)
+        lr = optim._find_lr(new_state)
+        lr = torch.full((), float("nan"), device=loss.device) if lr is None else lr
+        return new_params, new_state, {"loss": loss.detach(), "grad_norm": grad_norm, "lr": lr, "tokens": n_tokens}
+
+    def step(stacked_params, opt_state, batch, keys=None, hparams=None):
+        tokens, targets = _unpack(batch)
+        members = _members(stacked_params)
+        if tokens.ndim != 3 or tokens.shape[0] != members:
+            raise ValueError(
+                f"ensemble tokens must have shape (members={members}, batch, seq), got {tuple(tokens.shape)}"
+            )
+        if targets.shape != tokens.shape:
+            raise ValueError(f"targets has shape {tuple(targets.shape)} but tokens has shape {tuple(tokens.shape)}")
+        check_tokens(tokens, cfg)
+        check_ids("targets", targets, cfg.vocab_size, allowed=ignore_index)
+        if keys is not None and (not isinstance(keys, Tensor) or keys.shape != (members,)):
+            raise ValueError(f"keys must be a tensor of one key per member ({members},), got {keys!r}")
+        hp = {k: v.to(tokens.device) for k, v in check_hparams(hparams, members).items()}
+        leaves, treedef = optim._leaves(stacked_params)
+        treedef_box["def"] = treedef
+        in_dims = (0, 0, 0, 0, None if keys is None else 0, 0 if hp else None)
+        vmapped = torch.func.vmap(member_step, in_dims=in_dims, randomness="error")
+        return vmapped(leaves, opt_state, tokens, targets, keys, hp if hp else None)
+
+    step.init = init
+    return step
+
+
+def evaluate_ensemble(
+    stacked: dict, batches: Iterable, cfg: Config, *, ignore_index: int = -100, attn_impl: str | None = "einsum"
+) -> Tensor:
+    """Every member's token-weighted mean loss over ``batches``, in one vmapped forward per batch.
+
+    A batch's ``tokens``/``targets`` are ``(batch, seq)`` (all members see them) or
+    ``(members, batch, seq)`` (each member its own). Returns one loss per member. (SDPA's CPU kernel
+    has no ``vmap`` batching rule even forward, hence the einsum path by default.)
+    """
+    members = _members(stacked)
+    cfg = _vmap_cfg(cfg, attn_impl)
+    total, count = None, None
+
+    def member_sum(params, tokens, targets):
+        s = loss_fn(params, tokens, targets, cfg, ignore_index=ignore_index, reduction="sum")
+        return s, (targets != ignore_index).sum()
+
+    with torch.no_grad():
+        for batch in batches:
+            tokens, targets = _unpack(batch)
+            check_tokens(tokens, cfg)
+            check_ids("targets", targets, cfg.vocab_size, allowed=ignore_index)
+            if tokens.ndim == 3:
+                if tokens.shape[0] != members:
+                    raise ValueError(f"per-member tokens must have members={members} first, got {tuple(tokens.shape)}")
+                s, n = torch.func.vmap(member_sum, in_dims=(0, 0, 0))(stacked, tokens, targets)
+            else:
+                s, n = torch.func.vmap(member_sum, in_dims=(0, None, None))(stacked, tokens, targets)
+            total = s if total is None else total + s
+            count = n if count is None else count + n
+    if count is None:
+        raise ValueError("evaluate_ensemble needs at least one batch, got none")
+    if bool((count == 0).any()):
+        raise ValueError(f"evaluate_ensemble needs target tokens to count, got only ignore_index={ignore_index}")
+    return total / count
+
+
+def _unpack(batch) -> tuple[Tensor, Tensor]:
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise TypeError(f"batch must be a (tokens, targets) pair, got {type(batch).__name__}")
+    tokens, targets = batch
+    for name, x in (("tokens", tokens), ("targets", targets)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"batch {name} must be a torch.Tensor, got {type(x).__name__}")
+    return tokens, targets
+
+
+__all__ = [
+    "NoiseScale", "evaluate_ensemble", "gradient_noise_scale", "init_ensemble", "make_ensemble_step",
+    "make_per_example_train_step", "noise_scale", "per_example_grad_norms", "per_example_grads", "stack_params",
+    "unstack_params",
+]

@@ -299,7 +299,7 @@ def load_checkpoint(
     Args:
         config: the config the parameters must fit (default: the one saved); a tensor that does not fit
             raises ``ValueError`` naming its key and both shapes.
-        optimizer: a ``GradientTransformation``; the saved state is restored into the structure of
+        optimizer (GradientTransformation | None): the saved state is restored into the structure of
             ``optimizer.init(params)``, checked the same way.
         device: where the tensors go (default: CPU).
         with_opt_state: False skips reading the optimizer state (inference: it is twice the params' size).

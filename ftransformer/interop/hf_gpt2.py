@@ -271,7 +271,8 @@ def load_hf_gpt2(
         config: overrides the directory's ``config.json``; for a bare state dict, without it the sizes
             are inferred from the shapes and the head count from GPT-2's 64-wide heads. A ``Config``,
             a ``config.json`` dict, or a ``transformers.GPT2Config``.
-        dtype, device: cast / move every tensor (None keeps the stored dtype, and the CPU).
+        dtype: cast every floating-point tensor (None keeps the stored dtype).
+        device: move every tensor (None keeps them on the CPU).
 
     Returns:
         The config and the parameter tree ``init_params`` would build for it. Missing, unexpected

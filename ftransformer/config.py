@@ -97,6 +97,7 @@ class Config:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """The config's fields as a plain dict (JSON-ready; ``from_dict`` reads it back)."""
         return dataclasses.asdict(self)
 
     @classmethod

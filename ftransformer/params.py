@@ -90,6 +90,7 @@ def tree_map(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:
 
 
 def tree_leaves(tree: PyTree) -> list:
+    """The leaves of ``tree`` in a stable order (the order ``tree_map`` visits them)."""
     return pytree.tree_leaves(tree)
 
 

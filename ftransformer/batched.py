@@ -416,6 +416,223 @@ def evaluate_ensemble(
     return total / count
 
 
+# ---------------------------------------------------------------- training an ensemble or a sweep
+
+
+@dataclass
+class EnsembleFitResult:
+    """What ``fit_ensemble`` leaves behind."""
+
+    params: dict  # stacked: every leaf has a leading member axis
+    opt_state: Any  # stacked likewise
+    step: int
+    history: list[dict]  # one record per member per evaluation (the lines of metrics.jsonl)
+    members: list[dict]  # per member: member, name, seed, hparams, best_val_loss, best_step, dir
+    out_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def member_name(spec: dict) -> str:
+    """``lr=0.001,seed=2``: a member's settings, for tables, legends and records."""
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.items())
+
+
+def plot_members(path: Path, history: list[dict], names: list[str]) -> None:
+    """Every member's val loss (solid) and train loss (dashed) against step, one colour per member, one PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ftransformer.data import atomic_write
+
+    fig = Figure(figsize=(7.2, 4.4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for i, name in enumerate(names):
+        rows = [r for r in history if r["member"] == i]
+        color = f"C{i % 10}"
+        steps = [r["step"] for r in rows]
+        ax.plot(steps, [r["val_loss"] for r in rows], color=color, marker="o", ms=3, label=f"{name} val")
+        ax.plot(steps, [r["train_loss"] for r in rows], color=color, ls="--", alpha=0.6)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (solid: val, dashed: train)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write(path, buf.getvalue())
+
+
+def fit_ensemble(
+    cfg: Config,
+    make_optimizer: Callable[..., optim.GradientTransformation],
+    train_ids,
+    val_ids,
+    *,
+    members: Sequence[dict],
+    steps: int,
+    batch_size: int,
+    out_dir: str | os.PathLike,
+    seq_len: int | None = None,
+    eval_every: int = 250,
+    eval_batches: int | str = 20,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    tokenizer=None,
+    extra: Callable[[int], dict] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> EnsembleFitResult:
+    """Train every member of ``members`` together, one vmapped step (``make_ensemble_step``) per step.
+
+    Each member is a dict: ``seed`` (its initial parameters, batches and dropout keys; default ``seed``)
+    and hyperparameters passed to ``make_optimizer(**hparams)`` as 0-d tensors, one value per member
+    (e.g. ``{"lr": 1e-3, "weight_decay": 0.1}``); with none, ``make_optimizer()`` is shared. All members
+    are evaluated on the same fixed batches (seeded by ``seed``), so their losses compare.
+    ``out_dir`` gets ``metrics.jsonl`` (records with a ``member`` field), one ``loss.png`` with every
+    member's curves, and ``member-<i>/latest`` and ``member-<i>/best`` checkpoints (each loadable on its
+    own, e.g. by ``ftransformer generate --checkpoint out_dir/member-0``). A member whose loss turns
+    non-finite keeps training in the stack (the others are independent of it) and is reported as diverged.
+    ``extra(i)`` gives member ``i``'s JSON extra for its checkpoints.
+    """
+    from tqdm.auto import tqdm
+
+    from ftransformer.checkpoint import BEST, LATEST, checkpoint_exists, save_checkpoint
+    from ftransformer.data import fixed_batches, sample_batch
+    from ftransformer.train import METRICS_FILE, PLOT_FILE, TRAIN_EVAL_STREAM, TRAIN_STREAM, VAL_STREAM, write_metrics
+
+    members = [dict(m) for m in members]
+    if not members:
+        raise ValueError("fit_ensemble needs at least one member, got none")
+    seq_len = cfg.max_seq_len if seq_len is None else seq_len
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len), ("eval_every", eval_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if eval_batches != "all" and (isinstance(eval_batches, bool) or not isinstance(eval_batches, int) or eval_batches < 1):
+        raise ValueError(f"eval_batches must be an int >= 1 or 'all', got {eval_batches!r}")
+    if seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len={seq_len} but the model's max_seq_len={cfg.max_seq_len}")
+    hp_names = sorted({k for m in members for k in m if k != "seed"})
+    for i, m in enumerate(members):
+        missing = [k for k in hp_names if k not in m]
+        if missing:
+            raise ValueError(f"member {i} ({m}) lacks {missing}: every member needs the same hyperparameters")
+    seeds = [int(m.get("seed", seed)) for m in members]
+    names = [member_name(m) for m in members]
+    say = log if log is not None else (lambda msg: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dirs = [out / f"member-{i}" for i in range(len(members))]
+    for d in dirs:
+        if checkpoint_exists(d / LATEST):
+            raise ValueError(f"{str(d)!r} already holds a checkpoint; choose another directory")
+    device = torch.device("cpu" if device is None else device)
+    files = {"metrics": out / METRICS_FILE, "plot": out / PLOT_FILE}
+
+    hparams = {k: torch.tensor([float(m[k]) for m in members], dtype=torch.float32, device=device) for k in hp_names}
+    step_fn = make_ensemble_step(cfg, make_optimizer if hp_names else make_optimizer())
+    params = init_ensemble(cfg, seeds, device=device)
+    opt_state = step_fn.init(params, hparams or None)
+
+    def to_device(batches):
+        return [(t.to(device), y.to(device)) for t, y in batches]
+
+    if eval_batches == "all":
+        from ftransformer.data import SplitWindows
+
+        val_batches = to_device(SplitWindows(val_ids, seq_len, batch_size))
+    else:
+        val_batches = to_device(fixed_batches(val_ids, eval_batches, batch_size, seq_len, seed=seed, stream=VAL_STREAM))
+    train_eval = to_device(fixed_batches(train_ids, len(val_batches) if eval_batches == "all" else eval_batches,
+                                         batch_size, seq_len, seed=seed, stream=TRAIN_EVAL_STREAM))
+    base_keys = [random.key(s) for s in seeds]
+    best = [None] * len(members)
+    best_step = [None] * len(members)
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    window_t, window_tokens = 0.0, 0
+    bar = tqdm(total=steps, desc=f"train x{len(members)}", unit="step", dynamic_ncols=True, disable=not progress,
+               file=sys.stderr)
+    done = 0
+    try:
+        while True:
+            if done % eval_every == 0 or done == steps:
+                train_loss = evaluate_ensemble(params, train_eval, cfg).tolist()
+                val_loss = evaluate_ensemble(params, val_batches, cfg).tolist()
+                lrs = optim._find_lr(opt_state)
+                elapsed = time.perf_counter() - t0
+                per_member, states = unstack_params(params), unstack_params(opt_state)
+                for i in range(len(members)):
+                    record = {
+                        "step": done, "member": i, "name": names[i], "seed": seeds[i],
+                        "hparams": {k: members[i][k] for k in hp_names},
+                        "train_loss": train_loss[i], "val_loss": val_loss[i],
+                        "lr": None if lrs is None else float(lrs[i]),
+                        "tokens_per_s": window_tokens / window_t if window_t > 0 else None,
+                        "elapsed_s": round(elapsed, 3),
+                    }
+                    history.append(record)
+                    mine = [r for r in history if r["member"] == i]
+                    improved = math.isfinite(val_loss[i]) and (best[i] is None or val_loss[i] < best[i])
+                    if improved:
+                        best[i], best_step[i] = val_loss[i], done
+                    meta = dict(params=per_member[i], config=cfg, step=done, opt_state=states[i], tokenizer=tokenizer,
+                                metrics=mine, extra={**(extra(i) if extra else {}),
+                                                     "member": {"member": i, "name": names[i], **members[i],
+                                                                "seed": seeds[i], "best_val_loss": best[i]}})
+                    if improved:
+                        save_checkpoint(dirs[i] / BEST, **meta)
+                    save_checkpoint(dirs[i] / LATEST, **meta)
+                write_metrics(files["metrics"], history)
+                plot_members(files["plot"], history, names)
+                window_t, window_tokens = 0.0, 0
+                finite = [v for v in val_loss if math.isfinite(v)]
+                say(f"step {done}: val loss " + ", ".join(f"{n} {v:.4f}" for n, v in zip(names, val_loss)))
+                bar.set_postfix(best_val=f"{min(finite):.4f}" if finite else "nan", refresh=False)
+            if done >= steps:
+                break
+            batches = [sample_batch(train_ids, batch_size, seq_len, seed=s, step=done, stream=TRAIN_STREAM) for s in seeds]
+            tokens = torch.stack([b[0] for b in batches]).to(device)
+            targets = torch.stack([b[1] for b in batches]).to(device)
+            keys = torch.stack([random.fold_in(k, done) for k in base_keys]).to(device) if cfg.dropout > 0 else None
+            t_step = time.perf_counter()
+            params, opt_state, metrics = step_fn(params, opt_state, (tokens, targets), keys, hparams or None)
+            losses = metrics["loss"].tolist()  # waits for the device: the timing is honest
+            window_t += time.perf_counter() - t_step
+            window_tokens += tokens.numel()
+            done += 1
+            bar.update(1)
+            finite = [v for v in losses if math.isfinite(v)]
+            bar.set_postfix(loss=f"{min(finite):.4f}" if finite else "nan",
+                            tok_s=f"{window_tokens / window_t:.0f}" if window_t > 0 else "?", refresh=False)
+    finally:
+        bar.close()
+    summary = [
+        {"member": i, "name": names[i], "seed": seeds[i], "hparams": {k: members[i][k] for k in hp_names},
+         "best_val_loss": best[i], "best_step": best_step[i],
+         "final_val_loss": [r for r in history if r["member"] == i][-1]["val_loss"], "dir": dirs[i]}
+        for i in range(len(members))
+    ]
+    return EnsembleFitResult(params=params, opt_state=opt_state, step=done, history=history, members=summary,
+                             out_dir=out, files=files)
+
+
+def format_ranking(result: EnsembleFitResult) -> str:
+    """The members ranked by best val loss (diverged members last), as a text table."""
+    order = sorted(result.members, key=lambda m: (m["best_val_loss"] is None, m["best_val_loss"] or 0.0))
+    width = max(8, *(len(m["name"]) for m in order)) + 2
+    lines = [f"{'rank':<6}{'member':<8}{'settings':<{width}}{'best val':>10}{'at step':>9}{'final val':>11}  checkpoint"]
+    lines.append("-" * (len(lines[0]) + 10))
+    for rank, m in enumerate(order, 1):
+        b = "diverged" if m["best_val_loss"] is None else f"{m['best_val_loss']:.4f}"
+        final = m["final_val_loss"]
+        lines.append(
+            f"{rank:<6}{m['member']:<8}{m['name']:<{width}}{b:>10}{str(m['best_step']):>9}"
+            f"{final:>11.4f}  {m['dir']}"
+        )
+    return "\n".join(lines)
+
+
 def _unpack(batch) -> tuple[Tensor, Tensor]:
     if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
         raise TypeError(f"batch must be a (tokens, targets) pair, got {type(batch).__name__}")
@@ -427,7 +644,8 @@ def _unpack(batch) -> tuple[Tensor, Tensor]:
 
 
 __all__ = [
-    "NoiseScale", "evaluate_ensemble", "gradient_noise_scale", "init_ensemble", "make_ensemble_step",
+    "EnsembleFitResult", "NoiseScale", "evaluate_ensemble", "fit_ensemble", "format_ranking", "member_name",
+    "plot_members", "gradient_noise_scale", "init_ensemble", "make_ensemble_step",
     "make_per_example_train_step", "noise_scale", "per_example_grad_norms", "per_example_grads", "stack_params",
     "unstack_params",
 ]

@@ -294,6 +294,8 @@ def fit(
     extra: dict | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = tqdm.write,
+    per_example_grads: bool = False,
+    log_noise_scale: bool = False,
 ) -> FitResult:
     """Train for ``steps`` optimizer steps, evaluating and checkpointing as it goes.
 
@@ -314,6 +316,10 @@ def fit(
             micro-batches) in each of the train and val estimates.
         tokenizer, extra: saved with every checkpoint (``extra`` must be JSON).
         log: where progress messages go (None: silent).
+        per_example_grads: hand the optimizer per-example gradients (``batched.make_per_example_train_step``):
+            for DP-SGD, with ``optim.dp_aggregate`` first in its chain.
+        log_noise_scale: add the gradient noise scale ``noise_scale`` (B_simple, McCandlish et al. 2018,
+            from per-example gradients of up to 4 of the fixed train batches) to every evaluation record.
     """
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
@@ -361,7 +367,17 @@ def fit(
         opt_state = optimizer.init(params)
         start, history, best_val, elapsed_before = 0, [], None, 0.0
 
-    step_fn = make_train_step(cfg, optimizer, accum_steps=accum_steps, compile=compile)
+    if per_example_grads:
+        if compile:
+            raise ValueError("per_example_grads (DP-SGD) does not run compiled; leave compile off")
+        from ftransformer.batched import make_per_example_train_step
+
+        chunk = batch_size // accum_steps if accum_steps > 1 else None
+        step_fn = make_per_example_train_step(cfg, optimizer, chunk_size=chunk)
+    else:
+        step_fn = make_train_step(cfg, optimizer, accum_steps=accum_steps, compile=compile)
+    if log_noise_scale and batch_size // accum_steps < 2:
+        raise ValueError("log_noise_scale needs micro-batches of at least 2 sequences (batch_size / accum_steps)")
 
     def to_device(batches):
         return [(t.to(device), y.to(device)) for t, y in batches]
@@ -410,6 +426,10 @@ def fit(
                     "tokens_per_s": window_tokens / window_t if window_t > 0 else None,
                     "elapsed_s": round(elapsed, 3),
                 }
+                if log_noise_scale:
+                    from ftransformer.batched import noise_scale
+
+                    record["noise_scale"] = float(noise_scale(params, train_eval[:4], cfg).b_simple)
                 new_history = history + [record]
                 improved = math.isfinite(val_loss) and (best_val is None or val_loss < best_val)
                 new_best = val_loss if improved else best_val

@@ -324,3 +324,104 @@ def test_evaluate_ensemble_equals_evaluate_per_member(tiny_cfg, gen):
     losses = batched.evaluate_ensemble(stacked, own, tiny_cfg)
     expected = torch.tensor([ft.evaluate(p, [(own[0][0][i], own[0][1][i])], tiny_cfg) for i, p in enumerate(members)])
     torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+SMALL_TEXT = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(40))
+FAST = ["--preset", "tiny", "--quiet", "--set", "eval_batches=2", "--batch-size", "4"]
+
+
+@pytest.fixture
+def small_file(tmp_path):
+    path = tmp_path / "small.txt"
+    path.write_text(SMALL_TEXT, encoding="utf-8")
+    return path
+
+
+def _metrics(out):
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cli_sweep_grid_trains_members_in_one_loop(tmp_path, small_file, capsys):
+    from ftransformer import checkpoint
+    from ftransformer.cli import main
+
+    out = tmp_path / "sweep"
+    rc = main(["train", *FAST, "--data", str(small_file), "--steps", "4", "--eval-every", "2", "--out", str(out),
+               "--sweep", "lr=1e-3,1e-2", "--sweep", "weight_decay=0,0.1"])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    records = _metrics(out)
+    assert sorted({r["member"] for r in records}) == [0, 1, 2, 3]
+    assert [r["step"] for r in records if r["member"] == 3] == [0, 2, 4]
+    assert {(r["hparams"]["lr"], r["hparams"]["weight_decay"]) for r in records} == {
+        (1e-3, 0.0), (1e-3, 0.1), (1e-2, 0.0), (1e-2, 0.1)}
+    assert (out / "loss.png").is_file()
+    assert "rank" in printed and "lr=0.01,weight_decay=0.1" in printed
+    # the table ranks by val loss
+    table = [line for line in printed.splitlines() if line[:1].isdigit()]
+    vals = [float(line.split()[3]) for line in table]
+    assert len(table) == 4 and vals == sorted(vals)
+    # each member is its own checkpoint, loadable by generate, holding that member's recipe
+    for i in range(4):
+        ck = checkpoint.load_checkpoint(out / f"member-{i}" / "latest")
+        assert ck.step == 4 and ck.extra["member"]["member"] == i
+    ck = checkpoint.load_checkpoint(out / "member-3" / "latest")
+    assert ck.extra["train"]["recipe"]["lr"] == 1e-2 and ck.extra["train"]["recipe"]["weight_decay"] == 0.1
+    rc = main(["generate", "--checkpoint", str(out / "member-2"), "--prompt", "line", "--max-new-tokens", "5"])
+    assert rc == 0
+
+
+def test_cli_ensemble_members_differ_by_seed(tmp_path, small_file, capsys):
+    from ftransformer.cli import main
+
+    out = tmp_path / "ens"
+    rc = main(["train", *FAST, "--data", str(small_file), "--steps", "2", "--eval-every", "2", "--out", str(out),
+               "--ensemble", "2", "--seed", "5"])
+    assert rc == 0
+    records = _metrics(out)
+    assert {r["seed"] for r in records} == {5, 6}
+    step0 = [r["val_loss"] for r in records if r["step"] == 0]
+    assert step0[0] != step0[1]  # other seeds, other initial models
+
+
+def test_cli_dp_and_noise_scale(tmp_path, small_file, capsys):
+    from ftransformer import checkpoint
+    from ftransformer.cli import main
+
+    out = tmp_path / "dp"
+    rc = main(["train", *FAST, "--data", str(small_file), "--steps", "2", "--eval-every", "2", "--out", str(out),
+               "--dp-clip", "1.0", "--dp-noise", "0.5", "--log-noise-scale"])
+    assert rc == 0
+    assert "privacy accounting" in capsys.readouterr().out
+    records = _metrics(out)
+    assert [r["step"] for r in records] == [0, 2] and all("noise_scale" in r for r in records)
+    ck = checkpoint.load_checkpoint(out / "latest")
+    assert ck.extra["train"]["dp_clip"] == 1.0 and ck.extra["train"]["dp_noise"] == 0.5
+    assert int(ck.opt_state["0.count"]) == 2  # the DP state: two aggregations, two draws of noise
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dp-noise", "1.0"], "--dp-noise needs --dp-clip"),
+    (["--ensemble", "2", "--dp-clip", "1.0"], "--dp-clip is not supported with --ensemble"),
+    (["--sweep", "d_model=8,16"], "can sweep only"),
+    (["--sweep", "lr=1e-3,abc"], "is not a number"),
+    (["--ensemble", "2", "--sweep", "seed=0,1"], "--ensemble N sets the seeds"),
+])
+def test_cli_refuses_bad_vmap_flags(tmp_path, small_file, capsys, flags, message):
+    from ftransformer.cli import main
+
+    rc = main(["train", *FAST, "--data", str(small_file), "--steps", "2", "--out", str(tmp_path / "x"), *flags])
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+def test_train_help_lists_vmap_options():
+    from ftransformer.cli import build_parser
+
+    text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for flag in ("--ensemble", "--sweep", "--dp-clip", "--dp-noise", "--log-noise-scale"):
+        assert flag in text

@@ -94,6 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seed of the initial parameters, batches and dropout (default: 0)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    from ftransformer.cli import train_ensemble  # --ensemble, --sweep, --dp-clip, --dp-noise, --log-noise-scale
+
+    train_ensemble.add_arguments(parser)
 
 
 # ---------------------------------------------------------------- --set parsing
@@ -180,6 +183,9 @@ def _device(name: str | None) -> torch.device:
 
 
 def run(args) -> int:
+    from ftransformer.cli import train_ensemble
+
+    train_ensemble.check_flags(args)
     config_changes, recipe_changes = parse_overrides(args.overrides)
     flag_changes = {
         k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("accum_steps", args.accum),
@@ -245,6 +251,9 @@ def run(args) -> int:
             f"add --set max_seq_len={recipe.seq_len} or a smaller --set seq_len"
         )
 
+    if args.ensemble is not None or args.sweep:
+        return train_ensemble.run_members(args, preset=preset, recipe=recipe, cfg=cfg, dataset=dataset, out=out,
+                                          seed=seed, device=device, data=data)
     params = init_params(cfg, seed=seed, device=device)
     print(
         f"model: preset {preset}, {count_params(params):,} parameters, vocab {cfg.vocab_size} "
@@ -255,15 +264,28 @@ def run(args) -> int:
         + (f" in {recipe.accum_steps} micro-batches" if recipe.accum_steps > 1 else "")
         + f", lr {recipe.lr:g}, on {device}{' (compiled)' if args.compile else ''}, into {str(out)!r}"
     )
+    dp_clip, dp_noise, log_noise_scale = args.dp_clip, args.dp_noise, args.log_noise_scale
+    if args.resume:  # a DP run stays one; the noise scale stays logged
+        dp_clip = saved.get("dp_clip") if dp_clip is None else dp_clip
+        dp_noise = saved.get("dp_noise") if dp_noise is None else dp_noise
+        log_noise_scale = log_noise_scale or saved.get("log_noise_scale", False)
+    optimizer = optimizer_for(recipe)
+    if dp_clip is not None:
+        dp_noise = 1.0 if dp_noise is None else dp_noise
+        optimizer = train_ensemble.dp_optimizer(optimizer, dp_clip, dp_noise, seed)
+        print(f"DP-SGD: per-example clipping to {dp_clip:g}, noise multiplier {dp_noise:g} "
+              "(privacy accounting not done here; use e.g. Opacus's RDP accountant)")
     run_settings = {
         "preset": preset, "data": data, "seed": seed, "recipe": recipe.to_dict(),
+        "dp_clip": dp_clip, "dp_noise": dp_noise, "log_noise_scale": log_noise_scale,
     }
     result = fit(
-        params, cfg, optimizer_for(recipe), dataset.train, dataset.val,
+        params, cfg, optimizer, dataset.train, dataset.val,
         steps=recipe.steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len, out_dir=out,
         accum_steps=recipe.accum_steps, eval_every=recipe.eval_every, eval_batches=recipe.eval_batches,
         seed=seed, resume=args.resume, compile=args.compile, device=device, tokenizer=dataset.tokenizer,
         extra={"train": run_settings}, progress=not args.quiet,
+        per_example_grads=dp_clip is not None, log_noise_scale=log_noise_scale,
     )
     last = result.history[-1] if result.history else None
     if last is not None:

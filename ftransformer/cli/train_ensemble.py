@@ -1,0 +1,168 @@
+"""``ftransformer train --ensemble N`` / ``--sweep KEY=V1,V2,...`` / ``--dp-clip`` / ``--log-noise-scale``.
+
+The flags are added by ``train_cmd.add_arguments``; an ensemble or sweep run trains every member in one
+vmapped step (``batched.fit_ensemble``) instead of calling ``fit``.
+"""
+
+import argparse
+import itertools
+
+from ftransformer import optim, random
+from ftransformer.recipes import TrainRecipe
+
+# What a sweep can vary per member inside one vmapped step: values that are numbers in the step, not
+# shapes (the model's sizes fix the stacked tensors' shapes, so they cannot differ between members).
+SWEEP_KEYS = ("lr", "weight_decay", "seed")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("vmap: ensembles, sweeps, per-example gradients")
+    group.add_argument(
+        "--ensemble", type=int, metavar="N", default=None,
+        help="train N models (seeds S, S+1, ...) together in one vmapped step; out DIR gets member-<i>/ "
+        "checkpoints, one metrics.jsonl (with a member field), one loss.png and a ranking by val loss",
+    )
+    group.add_argument(
+        "--sweep", metavar="KEY=V1,V2,...", action="append", default=[],
+        help=f"train one member per value in one vmapped step; keys: {', '.join(SWEEP_KEYS)}; repeat the flag "
+        "for a grid over several keys (e.g. --sweep lr=3e-4,1e-3,3e-3 --sweep weight_decay=0,0.1)",
+    )
+    group.add_argument(
+        "--dp-clip", type=float, metavar="C", default=None,
+        help="DP-SGD: clip each example's gradient to norm C, sum, add noise, average (per-example "
+        "gradients by vmap; privacy accounting is not done here: use e.g. Opacus's RDP accountant)",
+    )
+    group.add_argument(
+        "--dp-noise", type=float, metavar="SIGMA", default=None,
+        help="DP-SGD noise multiplier: Gaussian noise of std SIGMA*C on the summed clipped gradients "
+        "(default with --dp-clip: 1.0)",
+    )
+    group.add_argument(
+        "--log-noise-scale", action="store_true",
+        help="add the gradient noise scale B_simple = tr(Sigma)/|G|^2 (McCandlish et al. 2018), from "
+        "per-example gradients, to metrics.jsonl at every evaluation",
+    )
+
+
+def parse_sweep(items: list[str]) -> dict[str, list]:
+    """``["lr=1e-3,3e-3", "seed=0,1"]`` -> ``{"lr": [0.001, 0.003], "seed": [0, 1]}``."""
+    grid: dict[str, list] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key or not raw.strip():
+            raise ValueError(f"--sweep expects KEY=V1,V2,..., got {item!r}")
+        if key not in SWEEP_KEYS:
+            raise ValueError(f"--sweep {key}: can sweep only {', '.join(SWEEP_KEYS)} (model sizes differ in shape)")
+        if key in grid:
+            raise ValueError(f"--sweep {key} given twice; put all its values in one comma list")
+        values = []
+        for v in raw.split(","):
+            v = v.strip()
+            try:
+                values.append(int(v) if key == "seed" else float(v))
+            except ValueError:
+                raise ValueError(f"--sweep {key}={raw}: {v!r} is not {'an int' if key == 'seed' else 'a number'}") from None
+        if key == "seed" and any(x < 0 for x in values):
+            raise ValueError(f"--sweep seed values must be >= 0, got {values}")
+        if key != "seed" and any(x < 0 for x in values):
+            raise ValueError(f"--sweep {key} values must be >= 0, got {values}")
+        grid[key] = values
+    return grid
+
+
+def members_for(ensemble: int | None, sweep: list[str], recipe: TrainRecipe, seed: int) -> list[dict]:
+    """One dict per member: the grid of ``--sweep`` values, times ``--ensemble`` seeds."""
+    if ensemble is not None and ensemble < 1:
+        raise ValueError(f"--ensemble must be >= 1, got {ensemble}")
+    grid = parse_sweep(sweep)
+    if ensemble is not None and "seed" in grid:
+        raise ValueError("--ensemble N sets the seeds; do not also --sweep seed")
+    if ensemble is not None:
+        grid["seed"] = [seed + i for i in range(ensemble)]
+    # lr and weight_decay always travel as per-member values, so every member's step is the same code.
+    grid.setdefault("lr", [recipe.lr])
+    grid.setdefault("weight_decay", [recipe.weight_decay])
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def sweep_optimizer(recipe: TrainRecipe, steps: int):
+    """``(lr, weight_decay) -> optimizer``: the recipe's optimizer (clip, AdamW, warm-up + cosine) with a
+    per-member peak lr and weight decay (0-d tensors under vmap)."""
+    warmup = min(recipe.warmup_steps, steps)
+    # warmup_cosine(peak) == peak * warmup_cosine(1): the shape is shared, the peak is per member.
+    unit = optim.warmup_cosine(1.0, warmup, steps, recipe.min_lr_ratio)
+
+    def make(lr, weight_decay):
+        adamw = optim.adamw(lambda step: lr * unit(step), betas=(recipe.beta1, recipe.beta2), eps=recipe.eps,
+                            weight_decay=weight_decay)
+        if recipe.grad_clip > 0:
+            return optim.chain(optim.clip_by_global_norm(recipe.grad_clip), adamw)
+        return adamw
+
+    return make
+
+
+def dp_optimizer(base: optim.GradientTransformation, clip: float, noise: float, seed: int):
+    """DP-SGD: per-example clipping and noise first, then the recipe's optimizer."""
+    # The noise key is derived from the run's seed but apart from the parameters' and the batches' streams.
+    key = random.fold_in(random.key(seed), 0xD15C)
+    return optim.chain(optim.dp_aggregate(clip, noise, key=key), base)
+
+
+def check_flags(args) -> None:
+    """Refuse combinations the vmapped paths do not support, naming the flags."""
+    many = args.ensemble is not None or bool(args.sweep)
+    if args.dp_noise is not None and args.dp_clip is None:
+        raise ValueError("--dp-noise needs --dp-clip C (the noise is SIGMA * C)")
+    if args.dp_clip is not None and not args.dp_clip > 0:
+        raise ValueError(f"--dp-clip must be > 0, got {args.dp_clip}")
+    if args.dp_noise is not None and args.dp_noise < 0:
+        raise ValueError(f"--dp-noise must be >= 0, got {args.dp_noise}")
+    if many:
+        for flag, on in (("--resume", args.resume), ("--compile", args.compile), ("--dp-clip", args.dp_clip is not None),
+                         ("--log-noise-scale", args.log_noise_scale)):
+            if on:
+                raise ValueError(f"{flag} is not supported with --ensemble/--sweep")
+    if args.dp_clip is not None and args.compile:
+        raise ValueError("--dp-clip does not run compiled; leave out --compile")
+
+
+def run_members(args, *, preset, recipe, cfg, dataset, out, seed, device, data) -> int:
+    """Train an ensemble or a sweep in one vmapped loop and print the members ranked by val loss."""
+    from ftransformer.batched import fit_ensemble, format_ranking
+    from ftransformer.params import count_params, init_params
+
+    if recipe.accum_steps > 1:
+        raise ValueError("--ensemble/--sweep train whole batches (no --accum): lower --batch-size instead")
+    members = members_for(args.ensemble, args.sweep, recipe, seed)
+    n_params = count_params(init_params(cfg, seed=0, device="meta"))
+    print(
+        f"model: preset {preset}, {n_params:,} parameters x {len(members)} members, vocab {cfg.vocab_size} "
+        f"({dataset.tokenizer.kind} tokenizer), {len(dataset.train):,} train / {len(dataset.val):,} val tokens"
+    )
+    print(f"training: {len(members)} members in one vmapped step, {recipe.steps} steps of {recipe.batch_size} x "
+          f"{recipe.seq_len} tokens each, on {device}, into {str(out)!r}")
+
+    def extra(i: int) -> dict:
+        m = members[i]
+        member_recipe = recipe.replace(lr=float(m["lr"]), weight_decay=float(m["weight_decay"]))
+        return {"train": {"preset": preset, "data": data, "seed": int(m.get("seed", seed)),
+                          "recipe": member_recipe.to_dict()}}
+
+    result = fit_ensemble(
+        cfg, sweep_optimizer(recipe, recipe.steps), dataset.train, dataset.val, members=members,
+        steps=recipe.steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len, out_dir=out,
+        eval_every=recipe.eval_every, eval_batches=recipe.eval_batches, seed=seed, device=device,
+        tokenizer=dataset.tokenizer, extra=extra, progress=not args.quiet,
+    )
+    print(format_ranking(result))
+    print(f"metrics: {result.files['metrics']}; plot: {result.files['plot']}")
+    return 0
+
+
+__all__ = [
+    "SWEEP_KEYS", "add_arguments", "check_flags", "dp_optimizer", "members_for", "parse_sweep", "run_members",
+    "sweep_optimizer",
+]

@@ -15,6 +15,7 @@ import json
 import os
 import sysconfig
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -46,17 +47,29 @@ class Tokenizer(Protocol):
     kind: str  # "char" or "bpe": how ``load_tokenizer`` rebuilds it
 
     @property
-    def vocab_size(self) -> int: ...
+    def vocab_size(self) -> int:
+        """Number of token ids: every id lies in ``[0, vocab_size)``."""
+        ...
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str) -> list[int]:
+        """The token ids of ``text``."""
+        ...
 
-    def encode_array(self, text: str) -> np.ndarray: ...
+    def encode_array(self, text: str) -> np.ndarray:
+        """``encode`` as a numpy array of the smallest unsigned dtype that holds the vocabulary."""
+        ...
 
-    def decode(self, ids) -> str: ...
+    def decode(self, ids) -> str:
+        """The text of a sequence of ids (a list or a 1-d tensor/array)."""
+        ...
 
-    def save(self, directory: str | os.PathLike) -> Path: ...
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``tokenizer.json`` into ``directory`` (``load_tokenizer`` reads it back); returns its path."""
+        ...
 
-    def fingerprint(self) -> str: ...
+    def fingerprint(self) -> str:
+        """A hash of the vocabulary: the same tokenizer gives the same fingerprint (token caches are keyed by it)."""
+        ...
 
 
 def _ids_list(ids, vocab_size: int) -> list[int]:
@@ -121,15 +134,19 @@ class CharTokenizer:
         return idx.astype(_smallest_uint(self.vocab_size))
 
     def encode(self, text: str) -> list[int]:
+        """See ``Tokenizer.encode``."""
         return self.encode_array(text).tolist()
 
     def decode(self, ids) -> str:
+        """See ``Tokenizer.decode``."""
         return "".join(self.chars[i] for i in _ids_list(ids, self.vocab_size))
 
     def to_json(self) -> str:
+        """The tokenizer as the JSON text ``save`` writes."""
         return json.dumps({"kind": self.kind, "chars": self.chars}, ensure_ascii=True)
 
     def fingerprint(self) -> str:
+        """See ``Tokenizer.fingerprint``."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -189,19 +206,24 @@ class BPETokenizer:
         return self.tokenizer.get_vocab_size()
 
     def encode_array(self, text: str) -> np.ndarray:
+        """See ``Tokenizer.encode_array``."""
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return np.asarray(ids, dtype=_smallest_uint(self.vocab_size))
 
     def encode(self, text: str) -> list[int]:
+        """See ``Tokenizer.encode``."""
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def decode(self, ids) -> str:
+        """See ``Tokenizer.decode``."""
         return self.tokenizer.decode(_ids_list(ids, self.vocab_size), skip_special_tokens=False)
 
     def to_json(self) -> str:
+        """The tokenizer as the JSON text ``save`` writes."""
         return self.tokenizer.to_str()
 
     def fingerprint(self) -> str:
+        """See ``Tokenizer.fingerprint``."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -433,6 +455,70 @@ def fixed_batches(
     return [sample_batch(ids, batch_size, seq_len, seed=seed, step=i, stream=stream) for i in range(n_batches)]
 
 
+class SplitWindows(Sequence):
+    """Every target of a split exactly once: batches of non-overlapping ``seq_len`` windows, for exact evaluation.
+
+    Window ``i`` holds tokens ``ids[i*seq_len : (i+1)*seq_len]`` and the next token of each as targets,
+    so each token predicts the next with the context since its window began (nanoGPT's protocol for a
+    whole-split loss). When ``len(ids) - 1`` targets do not fill whole windows, the remaining ``r``
+    targets are scored by one more window, the split's last ``seq_len`` tokens, whose first
+    ``seq_len - r`` targets (already scored) are ``ignore_index``: every window has the same shape, so
+    the tail batches with the rest, and its few targets see a full context instead of a short one.
+    ``drop_last=True`` leaves those ``r`` targets out instead. A split shorter than ``seq_len + 1``
+    tokens is one window of ``len(ids) - 1`` tokens.
+
+    Items are ``(tokens, targets)`` int64 pairs of shape ``[batch, seq]`` (the last batch may be
+    smaller); ``len`` is the number of batches and ``n_targets`` the number of targets scored.
+    """
+
+    def __init__(
+        self, ids: np.ndarray | Tensor, seq_len: int, batch_size: int, *, drop_last: bool = False,
+        ignore_index: int = -100,
+    ):
+        for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if len(ids) < 2:
+            raise ValueError(f"need at least 2 tokens to score one target, got {len(ids)}")
+        self.ids, self.batch_size, self.ignore_index = ids, batch_size, ignore_index
+        n_targets = len(ids) - 1
+        self.seq_len = min(seq_len, n_targets)
+        self.n_full, self.tail = divmod(n_targets, self.seq_len)
+        if drop_last:
+            self.tail = 0
+        self.n_windows = self.n_full + (1 if self.tail else 0)
+        self.n_targets = self.n_full * self.seq_len + self.tail
+
+    def __len__(self) -> int:
+        return -(-self.n_windows // self.batch_size)
+
+    def __getitem__(self, i: int) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"SplitWindows indices must be ints, got {type(i).__name__}")
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"batch {i} is out of range for {len(self)} batches")
+        first, last = i * self.batch_size, min((i + 1) * self.batch_size, self.n_windows)
+        seq = self.seq_len
+        starts = [w * seq for w in range(first, min(last, self.n_full))]
+        if last > self.n_full:  # the tail window: the split's last seq_len + 1 tokens
+            starts.append(len(self.ids) - 1 - seq)
+        offsets = np.asarray(starts)[:, None] + np.arange(seq + 1)
+        if isinstance(self.ids, Tensor):
+            window = self.ids[torch.as_tensor(offsets).to(self.ids.device)].long()
+        else:
+            window = torch.from_numpy(np.asarray(self.ids[offsets], dtype=np.int64))
+        tokens, targets = window[:, :-1], window[:, 1:].clone()
+        if last > self.n_full:
+            targets[-1, : seq - self.tail] = self.ignore_index
+        return tokens, targets
+
+    def __repr__(self) -> str:
+        return (f"SplitWindows({self.n_windows} windows of seq_len={self.seq_len}, {self.n_targets} targets, "
+                f"{len(self)} batches of up to {self.batch_size})")
+
+
 # ---------------------------------------------------------------- everything at once
 
 
@@ -482,7 +568,7 @@ def load_dataset(
 
 
 __all__ = [
-    "BUILTIN_CORPUS", "BPETokenizer", "CharTokenizer", "Dataset", "TOKENIZER_KINDS", "Tokenizer", "atomic_write",
+    "BUILTIN_CORPUS", "BPETokenizer", "CharTokenizer", "Dataset", "SplitWindows", "TOKENIZER_KINDS", "Tokenizer", "atomic_write",
     "build_tokenizer", "builtin_corpus", "cache_key", "fixed_batches", "load_corpus", "load_dataset", "load_tokenizer",
     "min_tokens", "read_text_file", "sample_batch", "split_ids", "stdlib_files", "temp_sibling", "tokenize_cached",
     "tokenizer_from_json",

@@ -8,8 +8,13 @@ the optimizer it describes.
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+from torch import Tensor
+
 from ftransformer import optim
 from ftransformer.data import TOKENIZER_KINDS
+
+WARMUP_FORMS = ("nanogpt", "zero")
 
 
 @dataclass(frozen=True)
@@ -20,8 +25,11 @@ class TrainRecipe:
     seq_len: int  # tokens per training window (at most the model's max_seq_len)
     steps: int  # optimizer steps of a full run
     lr: float  # peak learning rate, reached after warmup_steps
-    warmup_steps: int  # linear warm-up from 0 to lr
+    warmup_steps: int  # linear warm-up to lr over this many steps
     min_lr_ratio: float = 0.1  # the cosine decay ends at lr * min_lr_ratio at the last step
+    # "nanogpt": update it (from 0) gets lr*(it+1)/(warmup_steps+1), so the first update already moves;
+    # "zero": lr*it/warmup_steps, the first update at lr 0 (optim.warmup_cosine's own shape).
+    warmup_form: str = "nanogpt"
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.99  # AdamW second-moment decay
     eps: float = 1e-8  # AdamW denominator epsilon
@@ -29,20 +37,26 @@ class TrainRecipe:
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
     accum_steps: int = 1  # micro-batches per step: same update, less memory
     eval_every: int = 250  # steps between evaluations (and checkpoints)
-    eval_batches: int = 20  # fixed batches in each of the train and val loss estimates
+    eval_batches: int | str = 20  # fixed batches in each of the train and val loss estimates; "all": the whole val split
     tokenizer: str = "char"  # "char" or "bpe" (byte-level BPE trained on the corpus)
     bpe_vocab_size: int = 2048  # BPE vocabulary size (the 256 byte symbols included)
     val_fraction: float = 0.1  # the last this much of the corpus validates (contiguous split)
 
     def __post_init__(self):
-        for name in ("batch_size", "seq_len", "steps", "accum_steps", "eval_every", "eval_batches", "bpe_vocab_size"):
+        for name in ("batch_size", "seq_len", "steps", "accum_steps", "eval_every", "bpe_vocab_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        e = self.eval_batches
+        if e != "all" and (isinstance(e, bool) or not isinstance(e, int) or e < 1):
+            raise ValueError(f"eval_batches must be an int >= 1 or 'all', got {e!r}")
         if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by accum_steps={self.accum_steps}")
+        if self.warmup_form not in WARMUP_FORMS:
+            choices = ", ".join(map(repr, WARMUP_FORMS))
+            raise ValueError(f"warmup_form must be one of {choices}, got {self.warmup_form!r}")
         if self.tokenizer not in TOKENIZER_KINDS:
             choices = ", ".join(map(repr, TOKENIZER_KINDS))
             raise ValueError(f"tokenizer must be one of {choices}, got {self.tokenizer!r}")
@@ -64,12 +78,14 @@ class TrainRecipe:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")
 
     def replace(self, **changes) -> "TrainRecipe":
+        """A copy with some fields changed (validated again); an unknown field raises ``ValueError``."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise ValueError(f"TrainRecipe has no field(s) {unknown}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
+        """The recipe's fields as a plain dict (JSON-ready)."""
         return dataclasses.asdict(self)
 
     @classmethod
@@ -78,11 +94,31 @@ class TrainRecipe:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def optimizer_for(recipe: TrainRecipe, steps: int | None = None) -> optim.GradientTransformation:
-    """Clip (if ``grad_clip``), then AdamW on a warm-up + cosine schedule over ``steps`` (default: the recipe's)."""
+def schedule_for(recipe: TrainRecipe, steps: int | None = None, *, peak: float | None = None) -> optim.Schedule:
+    """The recipe's learning rate per update: warm-up (``warmup_form``), then cosine to ``min_lr_ratio`` of
+    ``peak`` (default: the recipe's ``lr``) at ``steps`` (default: the recipe's), then constant.
+
+    The cosine phase is ``optim.warmup_cosine``'s; only the warm-up steps differ between the forms.
+    """
     steps = recipe.steps if steps is None else steps
     warmup = min(recipe.warmup_steps, steps)
-    schedule = optim.warmup_cosine(recipe.lr, warmup, steps, recipe.lr * recipe.min_lr_ratio)
+    peak = recipe.lr if peak is None else peak
+    base = optim.warmup_cosine(peak, warmup, steps, peak * recipe.min_lr_ratio)
+    if recipe.warmup_form == "zero" or warmup == 0:
+        return base
+    rise = peak / (warmup + 1)
+
+    def schedule(step):
+        if isinstance(step, Tensor):
+            return torch.where(step < warmup, (step.to(torch.float32) + 1) * rise, base(step))
+        return (step + 1) * rise if step < warmup else base(step)
+
+    return schedule
+
+
+def optimizer_for(recipe: TrainRecipe, steps: int | None = None) -> optim.GradientTransformation:
+    """Clip (if ``grad_clip``), then AdamW on ``schedule_for(recipe, steps)``."""
+    schedule = schedule_for(recipe, steps)
     adamw = optim.adamw(schedule, betas=(recipe.beta1, recipe.beta2), eps=recipe.eps, weight_decay=recipe.weight_decay)
     if recipe.grad_clip > 0:
         return optim.chain(optim.clip_by_global_norm(recipe.grad_clip), adamw)
@@ -128,4 +164,7 @@ def get_recipe(preset: str) -> TrainRecipe:
     return RECIPES[preset]
 
 
-__all__ = ["QUICKSTART_PRESET", "QUICKSTART_STEPS", "RECIPES", "TrainRecipe", "get_recipe", "optimizer_for"]
+__all__ = [
+    "QUICKSTART_PRESET", "QUICKSTART_STEPS", "RECIPES", "TrainRecipe", "WARMUP_FORMS", "get_recipe", "optimizer_for",
+    "schedule_for",
+]

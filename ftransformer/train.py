@@ -165,8 +165,27 @@ def make_train_step(
     return compiled_step
 
 
-def evaluate(params: dict, batches: Iterable, cfg: Config, *, ignore_index: int = -100) -> float:
-    """Token-weighted mean loss over ``batches`` of ``(tokens, targets)``, without dropout or gradients."""
+EVAL_PROGRESS_MIN_BATCHES = 50  # progress=None shows a bar from this many batches (a whole split, not 20 batches)
+
+
+def evaluate(
+    params: dict, batches: Iterable, cfg: Config, *, ignore_index: int = -100, progress: bool | None = None,
+    desc: str = "eval",
+) -> float:
+    """Token-weighted mean loss over ``batches`` of ``(tokens, targets)``, without dropout or gradients.
+
+    For the exact loss of a whole split, pass ``data.SplitWindows(ids, seq_len, batch_size)``: every
+    target once, in non-overlapping windows. ``progress``: a tqdm bar on stderr (None: only when
+    ``batches`` has a length of at least ``EVAL_PROGRESS_MIN_BATCHES``).
+    """
+    if progress is None:
+        progress = hasattr(batches, "__len__") and len(batches) >= EVAL_PROGRESS_MIN_BATCHES
+    if progress:
+        import sys
+
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=desc, unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)
     total, count = None, None
     with torch.no_grad():
         for batch in batches:
@@ -207,7 +226,7 @@ from ftransformer.checkpoint import (
     read_checkpoint_info,
     save_checkpoint,
 )
-from ftransformer.data import Tokenizer, atomic_write, fixed_batches, sample_batch
+from ftransformer.data import SplitWindows, Tokenizer, atomic_write, fixed_batches, sample_batch
 from ftransformer.params import tree_to
 
 METRICS_FILE, PLOT_FILE = "metrics.jsonl", "loss.png"
@@ -285,7 +304,7 @@ def fit(
     seq_len: int | None = None,
     accum_steps: int = 1,
     eval_every: int = 250,
-    eval_batches: int = 20,
+    eval_batches: int | str = 20,
     seed: int = 0,
     resume: bool = False,
     compile: bool = False,
@@ -309,12 +328,16 @@ def fit(
 
     Args:
         params: initial parameters (with ``resume``: only the device template; the checkpoint's are used).
-        train_ids, val_ids: token ids (e.g. ``ftransformer.data.load_dataset(...).train``).
+        train_ids: training token ids (e.g. ``ftransformer.data.load_dataset(...).train``).
+        val_ids: validation token ids (``load_dataset(...).val``).
         seq_len: tokens per training window (default ``cfg.max_seq_len``).
         accum_steps: micro-batches per step (same update as the whole batch, less memory).
         eval_batches: number of fixed batches (of ``batch_size`` sequences, evaluated in ``accum_steps``
-            micro-batches) in each of the train and val estimates.
-        tokenizer, extra: saved with every checkpoint (``extra`` must be JSON).
+            micro-batches) in each of the train and val estimates; ``"all"``: the val loss is exact, over
+            the whole val split in non-overlapping ``seq_len`` windows (``data.SplitWindows``), and the
+            train loss is estimated on as many fixed random windows.
+        tokenizer: saved with every checkpoint, so ``ftransformer generate`` can encode text.
+        extra: saved with every checkpoint (must be JSON).
         log: where progress messages go (None: silent).
         per_example_grads: hand the optimizer per-example gradients (``batched.make_per_example_train_step``):
             for DP-SGD, with ``optim.dp_aggregate`` first in its chain.
@@ -323,8 +346,13 @@ def fit(
     """
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
-                        ("accum_steps", accum_steps), ("eval_every", eval_every), ("eval_batches", eval_batches)):
+                        ("accum_steps", accum_steps), ("eval_every", eval_every)):
         _positive_int(name, value)
+    if eval_batches != "all":
+        try:
+            _positive_int("eval_batches", eval_batches)
+        except ValueError:
+            raise ValueError(f"eval_batches must be an int >= 1 or 'all', got {eval_batches!r}") from None
     if seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len={seq_len} but the model's max_seq_len={cfg.max_seq_len}")
     if batch_size % accum_steps:
@@ -384,8 +412,13 @@ def fit(
 
     # Evaluation runs micro-batch by micro-batch, like training: a batch too large for one forward
     # pass in training (accum_steps > 1) is too large for one in evaluation too.
-    micro, n_eval = batch_size // accum_steps, eval_batches * accum_steps
-    val_batches = to_device(fixed_batches(val_ids, n_eval, micro, seq_len, seed=seed, stream=VAL_STREAM))
+    micro = batch_size // accum_steps
+    if eval_batches == "all":
+        val_batches = to_device(SplitWindows(val_ids, seq_len, micro))
+        n_eval = len(val_batches)
+    else:
+        n_eval = eval_batches * accum_steps
+        val_batches = to_device(fixed_batches(val_ids, n_eval, micro, seq_len, seed=seed, stream=VAL_STREAM))
     train_eval = to_device(fixed_batches(train_ids, n_eval, micro, seq_len, seed=seed, stream=TRAIN_EVAL_STREAM))
     base_key = random.key(seed).to(device)
     use_dropout = cfg.dropout > 0
@@ -415,8 +448,9 @@ def fit(
             params, opt_state, done = state
             last_eval = history[-1]["step"] if history else -1
             if (done % eval_every == 0 or done == steps) and last_eval != done:
-                train_loss = evaluate(params, train_eval, cfg)
-                val_loss = evaluate(params, val_batches, cfg)
+                eval_bar = None if progress else False  # a bar of its own only when the evaluation is long
+                train_loss = evaluate(params, train_eval, cfg, progress=eval_bar, desc="eval train")
+                val_loss = evaluate(params, val_batches, cfg, progress=eval_bar, desc="eval val")
                 elapsed = elapsed_before + time.perf_counter() - t0
                 record = {
                     "step": done,

@@ -89,9 +89,21 @@ def test_bench_quality_trains_both_models_identically(tmp_path, monkeypatch, cap
     text = "".join(rng.choice("abcdefghij klmnop\n") for _ in range(20_000))
     path = tmp_path / "corpus.txt"
     path.write_text(text)
-    assert main(["bench", "quality", "--data", str(path), "--seeds", "0", "--eval-batches", "2"]) == 0
+    assert main(["bench", "quality", "--data", str(path), "--seeds", "0", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    row = next(line for line in out.splitlines() if line.strip().startswith("0 "))
-    _, ours, theirs, diff, _ = row.split()
-    assert abs(float(ours) - float(theirs)) < 1e-3
-    assert "target: val loss <= 1.89" in out
+    assert "val loss on the whole val split (1,999 targets in 32 windows of 64)" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("0 ", "1 "))]
+    assert len(rows) == 2
+    for _, ours, t_ours, theirs, t_theirs, diff in rows:
+        assert abs(float(ours) - float(theirs)) < 1e-3 and float(t_ours) > 0 and float(t_theirs) > 0
+    assert re.search(r"functional: [\d.]+ \+- [\d.]+ over 2 seed\(s\); torch.nn: ", out)
+    assert "nanoGPT, same recipe and protocol: 1.9003 +- 0.0075" in out
+    assert "target: mean val loss <= 1.900" in out
+    # without the reference, on fixed batches
+    assert main(["bench", "quality", "--data", str(path), "--seeds", "2", "--eval-batches", "2",
+                 "--no-reference"]) == 0
+    out = capsys.readouterr().out
+    assert "val loss on the 2 fixed val batches of 12 x 64" in out and "torch.nn" not in out.split("\n")[1]
+    assert "not the whole-split protocol" in out
+    assert main(["bench", "quality", "--data", str(path), "--eval-batches", "some"]) == 2
+    assert "--eval-batches must be 'all' or an int >= 1, got 'some'" in capsys.readouterr().err

@@ -64,6 +64,18 @@ def test_set_overrides_model_and_recipe(tmp_path, small_file):
     assert ck.extra["train"]["seed"] == 3
 
 
+def test_eval_batches_all_flag_and_set(tmp_path, small_file, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", *FAST, "--data", str(small_file), "--steps", "2", "--out", str(out), "--eval-batches", "all"])
+    assert rc == 0 and checkpoint.load_checkpoint(out / "latest").extra["train"]["recipe"]["eval_batches"] == "all"
+    assert parse_overrides(["eval_batches=all"])[1] == {"eval_batches": "all"}
+    assert parse_overrides(["eval_batches=3"])[1] == {"eval_batches": 3}
+    assert build_parser().parse_args(["train", "--eval-batches", "5"]).eval_batches == 5
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--eval-batches", "0"])
+    assert "expected an int >= 1 or 'all'" in capsys.readouterr().err
+
+
 def test_parse_overrides():
     config, recipe = parse_overrides(["dropout=0.2", "n_kv_heads=none", "tie_embeddings=no", "steps=5", "tokenizer=bpe"])
     assert config == {"dropout": 0.2, "n_kv_heads": None, "tie_embeddings": False}

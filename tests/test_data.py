@@ -204,6 +204,61 @@ def test_batches_are_deterministic_by_seed_and_step():
     assert len(fixed) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(fixed, data.fixed_batches(ids, 3, 5, 9, seed=3)))
 
 
+def _scored(windows):
+    """(position of the target in the split, target id) for every scored target, in order."""
+    out = []
+    for tokens, targets in windows:
+        for t_row, y_row in zip(tokens, targets):
+            # the row's tokens are ids[start : start + seq], so the target at column j is ids[start + j + 1]
+            start = int(np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(
+                ALL_IDS, len(t_row)) == t_row.numpy(), axis=1))[0])
+            out += [(start + j + 1, int(y)) for j, y in enumerate(y_row) if y != -100]
+    return out
+
+
+ALL_IDS = np.random.default_rng(1).permutation(1000)[:103].astype(np.uint16)  # distinct ids: windows are unique
+
+
+@pytest.mark.parametrize("seq_len, batch_size", [(10, 3), (17, 4), (102, 2), (150, 2), (1, 50)])
+def test_split_windows_score_every_target_once(seq_len, batch_size):
+    w = data.SplitWindows(ALL_IDS, seq_len, batch_size)
+    scored = _scored(w)
+    assert scored == [(i, int(ALL_IDS[i])) for i in range(1, len(ALL_IDS))]  # each target once, in order
+    assert w.n_targets == len(ALL_IDS) - 1
+    batches = list(w)
+    assert len(batches) == len(w) == -(-w.n_windows // batch_size)
+    assert all(t.shape == y.shape == (min(batch_size, w.n_windows - i * batch_size), min(seq_len, 102))
+               for i, (t, y) in enumerate(batches))
+    assert all(t.dtype == torch.int64 for t, _ in batches)
+    # non-overlapping: every full window starts at a multiple of seq_len
+    assert batches[0][0][0, 0] == ALL_IDS[0]
+
+
+def test_split_windows_tail_and_drop_last():
+    ids = np.arange(20)  # 19 targets: 3 windows of 6, and 1 left over
+    w = data.SplitWindows(ids, 6, 2)
+    (t0, y0), (t1, y1) = w
+    assert t0.tolist() == [[0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]
+    # the tail is the split's last 6 tokens, with the 5 targets already scored masked
+    assert t1.tolist() == [[12, 13, 14, 15, 16, 17], [13, 14, 15, 16, 17, 18]]
+    assert y1.tolist() == [[13, 14, 15, 16, 17, 18], [-100] * 5 + [19]]
+    dropped = data.SplitWindows(ids, 6, 2, drop_last=True)
+    assert dropped.n_targets == 18 and len(dropped) == 2 and dropped[1][0].shape == (1, 6)
+    assert data.SplitWindows(np.arange(13), 6, 5).n_windows == 2  # 12 targets fill two windows exactly
+    assert w[-1][0].tolist() == t1.tolist()
+    # a tensor of ids gives the same windows
+    assert torch.equal(data.SplitWindows(torch.arange(20), 6, 2)[1][1], y1)
+
+
+def test_split_windows_errors():
+    with pytest.raises(ValueError, match="seq_len must be a positive int"):
+        data.SplitWindows(np.arange(10), 0, 2)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        data.SplitWindows(np.arange(1), 4, 2)
+    with pytest.raises(IndexError, match="out of range for 2 batches"):
+        data.SplitWindows(np.arange(20), 6, 2)[2]
+
+
 def test_sample_batch_errors():
     ids = np.arange(10)
     with pytest.raises(ValueError, match=r"need at least seq_len \+ 1 = 11 tokens"):

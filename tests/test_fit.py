@@ -169,6 +169,16 @@ def test_refuses_to_overwrite_and_to_resume_nothing(tmp_path):
         run_fit(tmp_path, steps=2)
 
 
+def test_eval_batches_all_scores_the_whole_val_split(tmp_path):
+    result = run_fit(tmp_path, eval_batches="all", accum_steps=2)
+    # the val loss is exact: every target of the val split once, in non-overlapping seq_len windows
+    exact = train.evaluate(result.params, ft.data.SplitWindows(VAL, 10, 3), CFG)
+    assert result.history[-1]["val_loss"] == pytest.approx(exact, rel=1e-6)
+    assert result.history[-1]["val_loss"] != run_fit(tmp_path / "b", accum_steps=2).history[-1]["val_loss"]
+    with pytest.raises(ValueError, match="eval_batches must be an int >= 1 or 'all', got 'every'"):
+        run_fit(tmp_path / "c", eval_batches="every")
+
+
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="seq_len=20 but the model's max_seq_len=14"):
         run_fit(tmp_path, seq_len=20)

@@ -77,6 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="steps between evaluations and checkpoints (default: the preset's)",
     )
     parser.add_argument(
+        "--eval-batches", type=_eval_batches, metavar="N|all", default=None,
+        help="fixed batches in each loss estimate, or 'all': the exact val loss over the whole val split "
+        "in non-overlapping seq_len windows (default: the preset's)",
+    )
+    parser.add_argument(
         "--out", metavar="DIR", default=None,
         help=f"run directory (default: {RUNS_DIR}/<preset>-<corpus>, with -2, -3, ... if that one is taken)",
     )
@@ -99,6 +104,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train_ensemble.add_arguments(parser)
 
 
+def _eval_batches(raw: str) -> int | str:
+    if raw == "all":
+        return raw
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1 or 'all', got {raw!r}")
+    return value
+
+
 # ---------------------------------------------------------------- --set parsing
 
 
@@ -119,6 +136,8 @@ def _parse_value(key: str, raw: str, annotation) -> object:
         try:
             return int(raw)
         except ValueError:
+            if str in kinds:  # e.g. eval_batches: an int or "all"
+                return raw
             raise ValueError(f"--set {key}={raw}: expected an int") from None
     if kind is float:
         try:
@@ -189,7 +208,8 @@ def run(args) -> int:
     config_changes, recipe_changes = parse_overrides(args.overrides)
     flag_changes = {
         k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("accum_steps", args.accum),
-                          ("lr", args.lr), ("eval_every", args.eval_every), ("tokenizer", args.tokenizer))
+                          ("lr", args.lr), ("eval_every", args.eval_every), ("tokenizer", args.tokenizer),
+                          ("eval_batches", args.eval_batches))
         if v is not None
     }
 
@@ -206,7 +226,7 @@ def run(args) -> int:
         preset = saved["preset"]
         if "tokenizer" in flag_changes and flag_changes["tokenizer"] != saved["recipe"]["tokenizer"]:
             raise ValueError("--tokenizer cannot change when resuming; the run's tokenizer is saved with it")
-        recipe = TrainRecipe.from_dict(saved["recipe"]).replace(**recipe_changes, **flag_changes)
+        recipe = TrainRecipe.from_dict(saved["recipe"]).replace(**{**recipe_changes, **flag_changes})
         cfg = Config.from_dict(info["config"])
         cfg = cfg.replace(**config_changes) if config_changes else cfg
         data = str(Path(args.data).resolve()) if args.data is not None else saved["data"]
@@ -217,7 +237,7 @@ def run(args) -> int:
         recipe = get_recipe(preset)
         if args.preset is None and args.steps is None:
             recipe = recipe.replace(steps=QUICKSTART_STEPS)
-        recipe = recipe.replace(**recipe_changes, **flag_changes)
+        recipe = recipe.replace(**{**recipe_changes, **flag_changes})  # a flag wins over --set
         data = None if args.data is None else str(Path(args.data).resolve())
         out = Path(args.out) if args.out else _default_out(preset, args.data, resume=False)
         if checkpoint_exists(out / LATEST):

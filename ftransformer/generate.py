@@ -151,6 +151,22 @@ def _hide_stopped(token: Tensor, done: Tensor, stop: Tensor, pad_id: int) -> tup
     return token.masked_fill(done, pad_id), done | torch.isin(token, stop)
 
 
+def stop_after(
+    tokens: Int[Tensor, "*batch seq"], n_prompt: int, stop_tokens: Sequence[int], pad_id: int
+) -> Int[Tensor, "*batch _"]:
+    """What ``generate`` shows for ``tokens`` generated without stopping: ``pad_id`` after each row's first
+    stop token, and the columns after the step where every row had stopped cut off."""
+    if not len(stop_tokens) or tokens.shape[-1] == n_prompt:
+        return tokens
+    new = tokens[..., n_prompt:]
+    is_stop = torch.isin(new, torch.tensor(list(stop_tokens), dtype=new.dtype, device=new.device))
+    seen = is_stop.long().cumsum(-1)
+    shown = new.masked_fill(seen - is_stop.long() > 0, pad_id)
+    all_done = (seen > 0).reshape(-1, new.shape[-1]).all(0)
+    steps = int(all_done.nonzero()[0]) + 1 if bool(all_done.any()) else new.shape[-1]
+    return torch.cat([tokens[..., :n_prompt], shown[..., :steps]], -1)
+
+
 def _check_generate_args(
     prompt: Tensor, cfg: Config, max_new_tokens: int, prompt_lengths: Tensor | None
 ) -> int:
@@ -334,12 +350,29 @@ def generate(
     prompt_lengths: Int[Tensor, "*batch"] | None = None,
     pad_id: int = 0,
     compile: bool = False,
+    draft: tuple[dict, Config] | None = None,
+    draft_tokens: int = 4,
 ) -> Int[Tensor, "*batch _"]:
     """The prompt followed by up to ``max_new_tokens`` new tokens (see ``generate_stream`` for the options).
 
     With ``prompt_lengths`` each row's new tokens follow its own real prompt and the rest of the row is
     ``pad_id``; the result has ``seq + steps`` columns either way.
+
+    ``draft=(draft_params, draft_cfg)`` decodes speculatively (``ftransformer.speculative``): the draft
+    proposes ``draft_tokens`` tokens per round and the target checks them in one pass. The output is
+    distributed as without it (greedy: the same tokens); only the speed changes.
     """
+    if draft is not None:
+        if prompt_lengths is not None or compile:
+            raise ValueError("speculative decoding (draft=...) takes neither prompt_lengths nor compile=True")
+        # speculative builds on this module's sampling helpers, so it is imported here, not at the top.
+        from ftransformer.speculative import speculative_generate
+
+        tokens, _ = speculative_generate(
+            params, prompt, cfg, draft=draft, draft_tokens=draft_tokens, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        )
+        return stop_after(tokens, prompt.shape[-1], stop_tokens, pad_id)
     new = list(
         generate_stream(
             params, prompt, cfg, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,

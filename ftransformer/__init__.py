@@ -21,7 +21,16 @@ from ftransformer.params import (
 # Each area below re-exports its public names; keep one area's lines together.
 # [area: cache/generate]
 from ftransformer.cache import KVCache, init_cache
-from ftransformer.generate import decode_step, generate, generate_stream, generate_stream_sliding, prefill, sample
+from ftransformer.generate import (
+    Sampling,
+    decode_step,
+    generate,
+    generate_stream,
+    generate_stream_sliding,
+    prefill,
+    sample,
+)
+from ftransformer import speculative
 from ftransformer.model import forward_with_cache
 # [area: optim/train]
 from ftransformer import optim
@@ -51,6 +60,7 @@ __all__ = [
     "init_params", "layers", "loss_fn", "param_breakdown", "random", "tree_flatten_with_paths", "tree_leaves",
     "tree_map", "tree_to", "tree_unflatten_paths",
     "KVCache", "decode_step", "forward_with_cache", "generate", "generate_stream", "generate_stream_sliding", "init_cache", "prefill", "sample",
+    "Sampling", "speculative",
     "interop", "load_hf_gpt2", "to_hf_gpt2",
     "evaluate", "make_train_step", "optim",
     "BPETokenizer", "CharTokenizer", "Checkpoint", "checkpoint", "data", "fit", "load_checkpoint", "load_dataset",

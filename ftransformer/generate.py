@@ -11,6 +11,8 @@ prompt. Prompts of different lengths share a batch with right padding and ``prom
 
 import functools
 from collections.abc import Iterator, Sequence
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 from jaxtyping import Float, Int
@@ -97,6 +99,42 @@ def check_sampling(temperature: float | int, top_k: int | None, top_p: float | N
         isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0
     ):
         raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: one validated home for the options every generation function takes.
+
+    ``generate(..., sampling=Sampling(temperature=0.8, top_k=40))`` and the keyword form
+    ``generate(..., temperature=0.8, top_k=40)`` mean the same; give one or the other.
+    """
+
+    temperature: float | int = 1.0  # softmax temperature; 0 is greedy
+    top_k: int | None = None  # sample among the k likeliest tokens only
+    top_p: float | None = None  # sample among the likeliest tokens holding probability p only (nucleus)
+    seed: int = 0  # the random key's seed: the same seed gives the same text
+
+    def __post_init__(self):
+        check_sampling(self.temperature, self.top_k, self.top_p)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an int, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        """Whether the choice is the argmax (no random numbers are drawn)."""
+        return self.temperature == 0 or self.top_k == 1
+
+
+def resolve_sampling(sampling: "Sampling | None", **keywords) -> Sampling:
+    """``sampling``, or a ``Sampling`` from the keyword options that were given (None means not given)."""
+    given = {name: value for name, value in keywords.items() if value is not None}
+    if sampling is None:
+        return Sampling(**given)
+    if not isinstance(sampling, Sampling):
+        raise TypeError(f"sampling must be a Sampling, got {type(sampling).__name__}")
+    if given:
+        raise ValueError(f"give the sampling options either as sampling=Sampling(...) or as keywords, not both ({', '.join(given)})")
+    return sampling
 
 
 def restrict_logits(
@@ -203,10 +241,11 @@ def generate_stream(
     cfg: Config,
     *,
     max_new_tokens: int,
-    temperature: float | int = 1.0,
+    sampling: Sampling | None = None,
+    temperature: float | int | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     stop_tokens: Sequence[int] = (),
     prompt_lengths: Int[Tensor, "*batch"] | None = None,
     pad_id: int = 0,
@@ -214,17 +253,16 @@ def generate_stream(
 ) -> Iterator[Int[Tensor, "*batch"]]:
     """Yield the next token of every row, one step at a time, as soon as it is sampled.
 
-    A row that produced one of ``stop_tokens`` yields ``pad_id`` afterwards; the stream ends after
-    ``max_new_tokens`` steps or once every row has stopped. ``compile=True`` runs the decode step
-    through ``torch.compile`` (one graph for all steps; worth it for long generations).
+    The sampling options come as ``sampling=Sampling(...)`` or as the keywords ``temperature`` (default
+    1.0), ``top_k``, ``top_p`` and ``seed`` (default 0). A row that produced one of ``stop_tokens``
+    yields ``pad_id`` afterwards; the stream ends after ``max_new_tokens`` steps or once every row has
+    stopped. ``compile=True`` runs the decode step through ``torch.compile`` (one graph for all steps;
+    worth it for long generations).
     """
     # Checked here, at the call; the generator below starts working at the first next().
-    check_sampling(temperature, top_k, top_p)
+    sampling = resolve_sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     max_len = _check_generate_args(prompt, cfg, max_new_tokens, prompt_lengths)
-    return _stream(
-        params, prompt, cfg, max_len, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, prompt_lengths,
-        pad_id, compile,
-    )
+    return _stream(params, prompt, cfg, max_len, max_new_tokens, sampling, stop_tokens, prompt_lengths, pad_id, compile)
 
 
 def _stream(
@@ -233,10 +271,7 @@ def _stream(
     cfg: Config,
     max_len: int,
     max_new_tokens: int,
-    temperature: float | int,
-    top_k: int | None,
-    top_p: float | None,
-    seed: int,
+    sampling: Sampling,
     stop_tokens: Sequence[int],
     prompt_lengths: Tensor | None,
     pad_id: int,
@@ -254,14 +289,14 @@ def _stream(
     with torch.no_grad():
         logits, cache = prefill(params, prompt, cache, cfg, prompt_lengths=prompt_lengths)
     step = compiled_decode_step() if compile else _owned_decode_step
-    greedy = temperature == 0 or top_k == 1
-    key = random.key(seed).to(prompt.device)
+    greedy = sampling.greedy
+    key = random.key(sampling.seed).to(prompt.device)
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=prompt.device)
     done = torch.zeros(prompt.shape[:-1], dtype=torch.bool, device=prompt.device)
     for i in range(max_new_tokens):
         # Greedy decoding draws nothing, so it skips deriving the step's key (a dozen ops per token).
         step_key = None if greedy else random.fold_in(key, i)
-        token = sample(logits, step_key, temperature=temperature, top_k=top_k, top_p=top_p)
+        token = sample(logits, step_key, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
         if len(stop_tokens):
             # A stopped row still feeds its sampled (valid) token to the model; only what it shows is padding.
             shown, done = _hide_stopped(token, done, stop, pad_id)
@@ -281,10 +316,11 @@ def generate_stream_sliding(
     cfg: Config,
     *,
     max_new_tokens: int,
-    temperature: float | int = 1.0,
+    sampling: Sampling | None = None,
+    temperature: float | int | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
     keep: int | None = None,
@@ -301,15 +337,15 @@ def generate_stream_sliding(
         keep = max(cfg.max_seq_len // 2, 1)
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep < cfg.max_seq_len:
         raise ValueError(f"keep must be an int in [1, max_seq_len={cfg.max_seq_len}), got {keep!r}")
-    check_sampling(temperature, top_k, top_p)
+    sampling = resolve_sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     _check_max_new_tokens(max_new_tokens)
     if isinstance(prompt, Tensor) and prompt.ndim and prompt.shape[-1] >= cfg.max_seq_len:
         prompt = prompt[..., -keep:]
     check_tokens(prompt, cfg, name="prompt")
-    return _sliding(params, prompt, cfg, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, pad_id, keep)
+    return _sliding(params, prompt, cfg, max_new_tokens, sampling, stop_tokens, pad_id, keep)
 
 
-def _sliding(params, prompt, cfg, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, pad_id, keep):
+def _sliding(params, prompt, cfg, max_new_tokens, sampling, stop_tokens, pad_id, keep):
     """The work behind ``generate_stream_sliding``, on arguments it has checked."""
     left, segment, context = max_new_tokens, 0, prompt
     stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=prompt.device)
@@ -317,11 +353,11 @@ def _sliding(params, prompt, cfg, max_new_tokens, temperature, top_k, top_p, see
     done = torch.zeros(prompt.shape[:-1], dtype=torch.bool, device=prompt.device)
     while left:
         n = min(left, cfg.max_seq_len - context.shape[-1])
+        seed = sampling.seed
         segment_seed = int(random.fold_in(random.key(seed), segment)) if segment else seed
         new = []
         for token in generate_stream(
-            params, context, cfg, max_new_tokens=n, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=segment_seed,
+            params, context, cfg, max_new_tokens=n, sampling=dataclasses.replace(sampling, seed=segment_seed)
         ):
             new.append(token)
             if len(stop_tokens):
@@ -342,10 +378,11 @@ def generate(
     cfg: Config,
     *,
     max_new_tokens: int,
-    temperature: float | int = 1.0,
+    sampling: Sampling | None = None,
+    temperature: float | int | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     stop_tokens: Sequence[int] = (),
     prompt_lengths: Int[Tensor, "*batch"] | None = None,
     pad_id: int = 0,
@@ -362,6 +399,7 @@ def generate(
     proposes ``draft_tokens`` tokens per round and the target checks them in one pass. The output is
     distributed as without it (greedy: the same tokens); only the speed changes.
     """
+    sampling = resolve_sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if draft is not None:
         if prompt_lengths is not None or compile:
             raise ValueError("speculative decoding (draft=...) takes neither prompt_lengths nor compile=True")
@@ -370,14 +408,13 @@ def generate(
 
         tokens, _ = speculative_generate(
             params, prompt, cfg, draft=draft, draft_tokens=draft_tokens, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            sampling=sampling,
         )
         return stop_after(tokens, prompt.shape[-1], stop_tokens, pad_id)
     new = list(
         generate_stream(
-            params, prompt, cfg, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-            top_p=top_p, seed=seed, stop_tokens=stop_tokens, prompt_lengths=prompt_lengths, pad_id=pad_id,
-            compile=compile,
+            params, prompt, cfg, max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=stop_tokens,
+            prompt_lengths=prompt_lengths, pad_id=pad_id, compile=compile,
         )
     )
     if new:

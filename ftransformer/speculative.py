@@ -22,7 +22,7 @@ from torch import Tensor
 from ftransformer import random
 from ftransformer.cache import KVCache, init_cache
 from ftransformer.config import Config
-from ftransformer.generate import check_sampling, restrict_logits, untie_for_decoding, _check_max_new_tokens
+from ftransformer.generate import Sampling, _check_max_new_tokens, resolve_sampling, restrict_logits, untie_for_decoding
 from ftransformer.model import check_tokens, forward_with_cache_unchecked
 
 
@@ -76,10 +76,11 @@ def speculative_generate(
     draft: tuple | list,
     draft_tokens: int = 4,
     max_new_tokens: int,
-    temperature: float | int = 1.0,
+    sampling: Sampling | None = None,
+    temperature: float | int | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
-    seed: int = 0,
+    seed: int | None = None,
 ) -> tuple[Int[Tensor, "*batch _"], SpeculativeStats]:
     """The prompt followed by ``max_new_tokens`` tokens of the target model, drafted by ``draft``.
 
@@ -93,7 +94,7 @@ def speculative_generate(
         acceptances. The prompt, the new tokens and ``draft_tokens`` must fit both models'
         ``max_seq_len`` (the last round may look ``K`` tokens past the end).
     """
-    check_sampling(temperature, top_k, top_p)
+    sampling = resolve_sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     _check_max_new_tokens(max_new_tokens)
     draft_params, draft_cfg = _check_draft(draft, cfg, draft_tokens)
     check_tokens(prompt, cfg, name="prompt")
@@ -108,10 +109,10 @@ def speculative_generate(
     if max_new_tokens == 0:
         return prompt.clone(), SpeculativeStats(0, 0, 0)
     with torch.no_grad():
-        return _speculate(params, cfg, draft_params, draft_cfg, prompt, k, max_new_tokens, temperature, top_k, top_p, seed)
+        return _speculate(params, cfg, draft_params, draft_cfg, prompt, k, max_new_tokens, sampling)
 
 
-def _speculate(params, cfg, draft_params, draft_cfg, prompt, k, max_new_tokens, temperature, top_k, top_p, seed):
+def _speculate(params, cfg, draft_params, draft_cfg, prompt, k, max_new_tokens, sampling):
     """The loop behind ``speculative_generate``, on checked arguments (under no_grad)."""
     batch, device = prompt.shape[:-1], prompt.device
     prompt2 = prompt.reshape(-1, prompt.shape[-1])
@@ -126,7 +127,8 @@ def _speculate(params, cfg, draft_params, draft_cfg, prompt, k, max_new_tokens, 
     out = torch.zeros(rows, end + k + 1, dtype=prompt.dtype, device=device)
     out[:, :n_prompt] = prompt2
     n = torch.full((rows,), n_prompt, dtype=torch.long, device=device)
-    key = random.key(seed).to(device)
+    key = random.key(sampling.seed).to(device)
+    temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
     offsets = torch.arange(k + 1, device=device)
     proposed = accepted = rounds = 0
     while bool((n < end).any()):

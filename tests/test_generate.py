@@ -396,3 +396,24 @@ def test_ragged_prompt_shorter_than_its_padding_gets_a_big_enough_cache(gen):
     for row in range(2):
         alone = ft.generate(params, prompt[row, : lengths[row]], CFG, max_new_tokens=2, temperature=0)
         torch.testing.assert_close(out[row, : lengths[row] + 2], alone)
+
+
+def test_sampling_options_have_one_home():
+    cfg = ft.PRESETS["tiny"]
+    params = ft.init_params(cfg, seed=0)
+    prompt = torch.tensor([[1, 2, 3]])
+    s = ft.Sampling(temperature=0.8, top_k=5, seed=3)
+    by_object = ft.generate(params, prompt, cfg, max_new_tokens=6, sampling=s)
+    by_keywords = ft.generate(params, prompt, cfg, max_new_tokens=6, temperature=0.8, top_k=5, seed=3)
+    assert torch.equal(by_object, by_keywords)
+    streamed = torch.stack(list(ft.generate_stream(params, prompt, cfg, max_new_tokens=6, sampling=s)), -1)
+    assert torch.equal(streamed, by_object[:, 3:])
+    slid = torch.stack(list(ft.generate_stream_sliding(params, prompt, cfg, max_new_tokens=6, sampling=s)), -1)
+    assert torch.equal(slid, by_object[:, 3:])
+    assert ft.Sampling().temperature == 1.0 and ft.Sampling(temperature=0).greedy and ft.Sampling(top_k=1).greedy
+    with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+        ft.Sampling(temperature=-1)
+    with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\]"):
+        ft.Sampling(top_p=1.5)
+    with pytest.raises(ValueError, match="not both"):
+        ft.generate(params, prompt, cfg, max_new_tokens=2, sampling=s, temperature=0.5)

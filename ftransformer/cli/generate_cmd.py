@@ -12,7 +12,7 @@ import torch
 
 from ftransformer.checkpoint import checkpoint_exists, load_checkpoint
 from ftransformer.config import Config
-from ftransformer.generate import check_sampling, generate_stream_sliding
+from ftransformer.generate import Sampling, generate_stream_sliding
 
 DEVICES = ("cpu", "cuda", "mps")
 # A run directory written by `ftransformer train` holds these checkpoints; the first one found is used.
@@ -114,7 +114,7 @@ class TextStream:
 def run(args) -> int:
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    check_sampling(args.temperature, args.top_k, args.top_p)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     device = _device(args.device)
     cfg, params, tokenizer = load_model(args, device)
     ids = tokenizer.encode(args.prompt)
@@ -126,8 +126,7 @@ def run(args) -> int:
               f"{cfg.max_seq_len // 2}", file=sys.stderr)
     # Past max_seq_len the context slides: the model always sees at most max_seq_len tokens.
     stream = generate_stream_sliding(
-        params, prompt, cfg, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed,
+        params, prompt, cfg, max_new_tokens=args.max_new_tokens, sampling=sampling,
     )
     out = sys.stdout
     out.write(args.prompt)

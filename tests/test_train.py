@@ -35,6 +35,23 @@ def assert_trees_close(a, b, atol=1e-6, rtol=1e-5):
         torch.testing.assert_close(fa[k], fb[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
 
 
+def assert_params_after_adam_close(a, b, *, total_lr):
+    """Parameters after Adam updates whose gradients differ only by float32 summation order.
+
+    They cannot be held to float32 rounding: Adam divides each gradient component by its own running
+    scale, so a component that is small against the rounding noise of the sums it comes from gets an
+    update of up to ~lr whose size follows that noise, and another summation order (vmap, accumulation,
+    compiled kernels, another CPU's vector units) changes it. Each update moves a parameter by at most
+    ~lr, so no element may differ by more than 1% of the summed lr (a real bug is off by O(lr)), and all
+    but 1% of the elements must still agree to float32 rounding (a systematic error moves them all).
+    Compare loss, gradient norm and first moments tightly alongside: those are not amplified. Tests
+    using this drop biases: the key bias's true gradient is exactly 0, so its update is pure noise.
+    """
+    assert_trees_close(a, b, atol=1e-2 * total_lr, rtol=0)
+    diff = torch.cat([(x - y).abs().flatten() for x, y in zip(ft.tree_leaves(a), ft.tree_leaves(b))])
+    assert torch.quantile(diff, 0.99) <= 1e-6
+
+
 # ---------------------------------------------------------------- the step against torch.autograd
 
 
@@ -144,13 +161,15 @@ def test_accumulation_equals_full_batch_with_uneven_padding(accum):
 
 
 def test_accumulation_with_adamw_and_an_uneven_split():
-    params = ft.init_params(CFG, seed=2)
+    cfg = CFG.replace(bias=False)  # no key bias: its true gradient is 0, so Adam turns its rounding noise into ~lr
+    params = ft.init_params(cfg, seed=2)
     batch = padded_batch(3, batch=5)  # 5 rows into 2 micro-batches: 3 + 2
-    opt = optim.adamw(1e-3, weight_decay=0.1)
-    full_p, full_s, _ = make_train_step(CFG, opt)(params, opt.init(params), batch, None)
-    acc_p, acc_s, _ = make_train_step(CFG, opt, accum_steps=2)(params, opt.init(params), batch, None)
-    assert_trees_close(full_s.mu, acc_s.mu, atol=1e-7, rtol=1e-5)
-    assert_trees_close(full_p, acc_p, atol=1e-6, rtol=1e-5)
+    lr = 1e-3
+    opt = optim.adamw(lr, weight_decay=0.1)
+    full_p, full_s, _ = make_train_step(cfg, opt)(params, opt.init(params), batch, None)
+    acc_p, acc_s, _ = make_train_step(cfg, opt, accum_steps=2)(params, opt.init(params), batch, None)
+    assert_trees_close(full_s.mu, acc_s.mu, atol=1e-7, rtol=1e-5)  # the gradients: summation order only
+    assert_params_after_adam_close(full_p, acc_p, total_lr=lr)
 
 
 def test_accumulation_needs_enough_rows():
@@ -267,7 +286,8 @@ def test_evaluate_rejects_empty_input():
 
 
 def test_vmap_over_the_step_trains_an_ensemble():
-    cfg = CFG.replace(attn_impl="einsum")  # SDPA's backward has no batching rule
+    # SDPA's backward has no batching rule; no key bias (see assert_params_after_adam_close)
+    cfg = CFG.replace(attn_impl="einsum", bias=False)
     opt = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
     step = make_train_step(cfg, opt)
     members = [ft.init_params(cfg, seed=s) for s in range(2)]
@@ -277,17 +297,19 @@ def test_vmap_over_the_step_trains_an_ensemble():
     params, state, metrics = torch.func.vmap(step, in_dims=(0, 0, None, None))(params, state, batch, None)
     for j, member in enumerate(members):
         alone, _, m = step(member, opt.init(member), batch, None)
-        assert_trees_close(alone, ft.tree_map(lambda x: x[j], params), atol=1e-6, rtol=1e-5)
+        assert_params_after_adam_close(alone, ft.tree_map(lambda x: x[j], params), total_lr=1e-2)
         torch.testing.assert_close(m["loss"], metrics["loss"][j])
+        torch.testing.assert_close(m["grad_norm"], metrics["grad_norm"][j], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.slow
 def test_compiled_step_matches_eager(no_typecheck):  # conftest: jaxtyping off while compiling
+    cfg = CFG.replace(bias=False)  # no key bias (see assert_params_after_adam_close)
     schedule = optim.warmup_cosine(1e-2, 1, 10)
     opt = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(schedule, weight_decay=0.1))
-    eager = make_train_step(CFG, opt, accum_steps=2)
-    compiled = make_train_step(CFG, opt, accum_steps=2, compile=True)
-    p_e = p_c = ft.init_params(CFG)
+    eager = make_train_step(cfg, opt, accum_steps=2)
+    compiled = make_train_step(cfg, opt, accum_steps=2, compile=True)
+    p_e = p_c = ft.init_params(cfg)
     s_e = s_c = opt.init(p_e)
     for i in range(3):
         batch = padded_batch(i)
@@ -299,13 +321,6 @@ def test_compiled_step_matches_eager(no_typecheck):  # conftest: jaxtyping off w
         torch.testing.assert_close(m_c["grad_norm"], m_e["grad_norm"], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(m_c["lr"], m_e["lr"])
         assert_trees_close(s_e[1].mu, s_c[1].mu, atol=1e-7, rtol=1e-4)
-    # The parameters cannot be held to float32 rounding: Adam divides each gradient by its own running
-    # scale, so a component that is ~0 (rounding noise itself) gets an update of up to ~lr whose size and
-    # sign follow that noise, and reordering the sums (another CPU's kernels, e.g. AVX-512/AMX) moved one
-    # by 1.2e-5 here. Each update moves a parameter by at most ~lr, so: no element further apart than 1%
-    # of the total lr (a real bug is off by O(lr)), and all but a few elements agree to float32 rounding.
-    total_lr = sum(schedule(i) for i in range(3))
-    assert_trees_close(p_e, p_c, atol=1e-2 * total_lr, rtol=0)
-    diff = torch.cat([(a - b).abs().flatten() for a, b in zip(ft.tree_leaves(p_e), ft.tree_leaves(p_c))])
-    assert torch.quantile(diff, 0.99) <= 1e-6
+    # On an AVX-512/AMX CPU the parameters once differed by 1.2e-5 here: see assert_params_after_adam_close.
+    assert_params_after_adam_close(p_e, p_c, total_lr=sum(schedule(i) for i in range(3)))
     assert int(s_c[1].count) == 3

@@ -43,6 +43,8 @@ def add_arguments(parser) -> None:
                         help="also train the torch.nn + torch.optim.AdamW reference on the same batches "
                         "(default: on; --no-reference halves the time)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the functional step with torch.compile (the first call compiles: a minute)")
 
 
 def _eval_batches(raw):
@@ -120,14 +122,15 @@ def run(args) -> int:
         print(f"bench quality: preset {PRESET}, recipe {PRESET} ({steps} steps of batch {batch} x {seq}, lr "
               f"{recipe.lr:g}, warm-up {recipe.warmup_steps} ({recipe.warmup_form}), cosine to "
               f"{recipe.lr * recipe.min_lr_ratio:g}), data {args.data}, val loss on the {what}, torch "
-              f"{torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+              f"{torch.__version__}, {torch.get_num_threads()} threads"
+              + (", functional step compiled" if args.compile else ""), flush=True)
         header = f"{'seed':>4}  {'val loss':>8}  {'train s':>7}"
         if args.reference:
             header += f"  {'torch.nn':>8}  {'train s':>7}  {'difference':>10}"
         print(header, flush=True)
         rows = []
         for seed in args.seeds:
-            rows.append(_one_seed(seed, cfg, recipe, steps, data, eval_batches, args.reference))
+            rows.append(_one_seed(seed, cfg, recipe, steps, data, eval_batches, args.reference, args.compile))
             seed_, ours, t_ours, theirs, t_theirs = rows[-1]
             line = f"{seed_:>4}  {ours:>8.4f}  {t_ours:>7.1f}"
             if args.reference:
@@ -153,11 +156,11 @@ def run(args) -> int:
     return 0
 
 
-def _one_seed(seed, cfg, recipe, steps, data, eval_batches, reference):
+def _one_seed(seed, cfg, recipe, steps, data, eval_batches, reference, compile=False):
     params = init_params(cfg, seed=seed)
     model = nn_from_params(params, cfg) if reference else None
     opt = optimizer_for(recipe, steps)
-    train_step = make_train_step(cfg, opt)
+    train_step = make_train_step(cfg, opt, compile=compile)  # compiled: the timing includes the compilation
     state = (params, opt.init(params))
     ref_step = make_reference_step(model, recipe, steps) if reference else None
     t_ours = t_theirs = 0.0

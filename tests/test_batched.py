@@ -1,5 +1,7 @@
 """vmap over whole models: per-example gradients, DP-SGD, the gradient noise scale, ensembles and sweeps."""
 
+import re
+
 import pytest
 import torch
 
@@ -425,3 +427,34 @@ def test_train_help_lists_vmap_options():
     text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
     for flag in ("--ensemble", "--sweep", "--dp-clip", "--dp-noise", "--log-noise-scale"):
         assert flag in text
+
+
+# ---------------------------------------------------------------- bench vmap
+
+
+def test_bench_vmap_runs_on_the_tiny_preset(capsys):
+    from ftransformer.cli import main
+
+    rc = main(["bench", "vmap", "--preset", "tiny", "--batch-size", "3", "--members", "2", "--repeats", "1",
+               "--warmup", "0", "--no-memory"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "per-example gradients vs the loop's" in out
+    for row in ("vmap (einsum attention)", "python loop", "make_ensemble_step (vmap)", "8 x make_train_step"):
+        assert row in out
+    import importlib.util
+
+    if importlib.util.find_spec("opacus") is None:
+        assert "skipped: opacus not installed" in out
+    else:
+        assert re.search(r"opacus \d\.\de-(0[5-9]|[1-9]\d)", out)  # Opacus' per-sample grads agree with ours
+
+
+def test_bench_vmap_memory_of_one_contender(capsys):
+    import json
+
+    from ftransformer.bench.vmap import measure_memory_here
+
+    measure_memory_here(json.dumps({"preset": "tiny", "seq": 8, "batch": 3, "members": 2, "seed": 0,
+                                    "name": "vmap (einsum attention)", "threads": 1}))
+    assert json.loads(capsys.readouterr().out)["peak_mib"] >= 0

@@ -71,3 +71,17 @@ def test_example_runs(path, tmp_path):
         )
     if plots:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} --plot did not write a PNG"
+
+
+def test_vmap_example_on_a_small_text(tmp_path):
+    # examples/10_vmap.py takes its corpus as an argument (tiny shakespeare for real); here a small
+    # generated text and few steps keep it quick, and the plot of every sweep member is checked.
+    text = tmp_path / "small.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}.\n"
+                            for i in range(300)), encoding="utf-8")
+    png = tmp_path / "sweep.png"
+    result = run_example(ROOT / "examples" / "10_vmap.py", "--data", str(text), "--steps", "12", "--plot", str(png))
+    assert result.returncode == 0, f"10_vmap.py failed:\n{result.stdout}\n{result.stderr}"
+    assert re.search(r"max \|vmap - loop\| = " + SMALL, result.stdout), result.stdout
+    assert re.search(r"B_simple = -?\d+", result.stdout) and "<- best" in result.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,7 +14,8 @@ import sys
 COMMANDS = {
     "train": ("ftransformer.cli.train_cmd", "train a model (default: built-in corpus, CPU-sized preset)"),
     "generate": ("ftransformer.cli.generate_cmd", "generate text from a checkpoint or a Hugging Face GPT-2 directory"),
-    "inspect": ("ftransformer.cli.inspect_cmd", "print a preset's config and parameter breakdown"),
+    "inspect": ("ftransformer.cli.inspect_cmd",
+                "a preset's config and parameter breakdown; a model's attention, head scores, logit lens"),
     "bench": ("ftransformer.cli.bench_cmd", "benchmarks: train step and generation against baselines"),
 }
 

@@ -1,22 +1,148 @@
-"""``ftransformer inspect``: a preset's config, field by field, and its parameter breakdown."""
+"""``ftransformer inspect``: a preset's config and parameter breakdown, or a look inside a model.
+
+* ``ftransformer inspect [--preset NAME]``: the config, field by field, and the parameter breakdown;
+* ``ftransformer inspect attention --checkpoint DIR --text TEXT [--layer L] --out FILE.png``: every
+  head's attention pattern of one layer on a text, one panel per head;
+* ``ftransformer inspect heads --checkpoint DIR --out FILE.png``: induction, previous-token and entropy
+  scores of every head on repeated random tokens, printed as three tables and drawn as three heatmaps
+  side by side in one PNG;
+* ``ftransformer inspect logit-lens --checkpoint DIR --text TEXT --out FILE.png``: the top next-token
+  guess read off the residual stream after every layer, at every position.
+
+Each view takes ``--hf-dir DIR`` (a Hugging Face GPT-2 directory) instead of ``--checkpoint``.
+"""
 
 import dataclasses
+import sys
 
+from ftransformer.cli.generate_cmd import DEVICES
 from ftransformer.config import PRESETS, get_preset
 from ftransformer.params import format_breakdown
 
+VIEWS = ("attention", "heads", "logit-lens")
+NEEDS_TEXT = ("attention", "logit-lens")
+
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--preset", default="seed", choices=sorted(PRESETS), help="preset to describe (default: seed)")
+    parser.add_argument(
+        "view", nargs="?", choices=VIEWS, default=None, metavar="VIEW",
+        help="what to draw from a model: attention, heads or logit-lens; without one, describe --preset",
+    )
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="preset to describe when no VIEW is given (default: seed)")
+    model = parser.add_argument_group("a VIEW's model and input")
+    model.add_argument("--checkpoint", metavar="DIR", default=None,
+                       help="a checkpoint directory, or a run directory of `ftransformer train` (its best/, else latest/)")
+    model.add_argument("--hf-dir", metavar="DIR", default=None,
+                       help="a Hugging Face GPT-2 directory (config.json, weights, vocab.json, merges.txt)")
+    model.add_argument("--text", metavar="TEXT", default=None,
+                       help="attention, logit-lens: the text to run (cropped to its last max_seq_len tokens)")
+    model.add_argument("--layer", type=int, metavar="L", default=None,
+                       help="attention: the layer to draw, 0-based (default: the last)")
+    model.add_argument("--half", type=int, metavar="N", default=None,
+                       help="heads: length of the random sequence that is repeated (default: min(max_seq_len // 2, 50))")
+    model.add_argument("--batch", type=int, metavar="B", default=8, help="heads: random sequences to average over (default: 8)")
+    model.add_argument("--seed", type=int, metavar="S", default=0, help="heads: seed of the random tokens (default: 0)")
+    model.add_argument("--out", metavar="FILE.png", default=None, help="where to write the picture (PNG)")
+    model.add_argument("--device", choices=DEVICES, default="cpu", help="where to run (default: cpu)")
 
 
-def run(args) -> int:
-    cfg = get_preset(args.preset)
-    print(f"preset {args.preset!r}")
+def describe_preset(name: str) -> int:
+    cfg = get_preset(name)
+    print(f"preset {name!r}")
     width = max(len(f.name) for f in dataclasses.fields(cfg))
     for f in dataclasses.fields(cfg):
         print(f"  {f.name:<{width}}  {getattr(cfg, f.name)!r}")
     print(f"  {'head_dim':<{width}}  {cfg.head_dim!r}  (derived)")
     print()
     print(format_breakdown(cfg))
+    return 0
+
+
+def format_scores(name: str, scores) -> str:
+    """A ``[layers, heads]`` tensor as a text table, one row per layer."""
+    layers, heads = scores.shape
+    lines = [name, "  layer  " + "  ".join(f"h{h:<4}" for h in range(heads))]
+    for i in range(layers):
+        lines.append(f"  {i:>5}  " + "  ".join(f"{float(v):5.2f}" for v in scores[i]))
+    return "\n".join(lines)
+
+
+def _encode(text: str, tokenizer, cfg) -> list[int]:
+    ids = tokenizer.encode(text)
+    if not ids:
+        raise ValueError("--text encodes to no tokens; give at least one character")
+    if len(ids) > cfg.max_seq_len:
+        print(f"note: --text is {len(ids)} tokens and max_seq_len={cfg.max_seq_len}: using its last "
+              f"{cfg.max_seq_len}", file=sys.stderr)
+        ids = ids[-cfg.max_seq_len:]
+    return ids
+
+
+def _check_view_args(args) -> None:
+    if args.preset is not None:
+        raise ValueError(f"--preset describes a preset; it does not go with the {args.view!r} view")
+    if args.out is None:
+        raise ValueError(f"inspect {args.view} needs --out FILE.png")
+    if args.view in NEEDS_TEXT and args.text is None:
+        raise ValueError(f"inspect {args.view} needs --text TEXT")
+    if args.view not in NEEDS_TEXT and args.text is not None:
+        raise ValueError(f"inspect {args.view} runs on random repeated tokens; it takes no --text")
+    if args.view != "attention" and args.layer is not None:
+        raise ValueError(f"--layer goes with the attention view, not {args.view!r}")
+    if args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
+
+
+def run(args) -> int:
+    if args.view is None:
+        given = [f for f in ("checkpoint", "hf_dir", "text", "layer", "half", "out") if getattr(args, f) is not None]
+        if given:
+            flags = ", ".join("--" + f.replace("_", "-") for f in given)
+            raise ValueError(f"{flags} need a VIEW: inspect {{{','.join(VIEWS)}}} ...")
+        return describe_preset(args.preset or "seed")
+    _check_view_args(args)
+
+    import torch
+
+    from ftransformer import interp
+    from ftransformer.cli.generate_cmd import _device, load_model
+
+    device = _device(args.device)
+    cfg, params, tokenizer = load_model(args, device)
+    source = args.checkpoint if args.checkpoint is not None else args.hf_dir
+
+    def decode(i: int) -> str:
+        return tokenizer.decode([int(i)])
+
+    with torch.no_grad():
+        if args.view == "heads":
+            half = min(cfg.max_seq_len // 2, 50) if args.half is None else args.half
+            scores = interp.head_scores(params, cfg, half=half, batch=args.batch, seed=args.seed)
+            print(f"head scores of {source} on {args.batch} random sequences of {half} tokens, each repeated once")
+            for name, s in scores.items():
+                print()
+                print(format_scores(name.replace("_", "-") + (" (nats)" if name == "entropy" else ""), s))
+            path = interp.plot_head_scores(scores, args.out, title=f"{source}: head scores")
+        else:
+            ids = _encode(args.text, tokenizer, cfg)
+            tokens = torch.tensor(ids, dtype=torch.long, device=device)
+            _, acts = interp.forward_with_activations(params, tokens, cfg)
+            labels = [decode(i) for i in ids]
+            if args.view == "attention":
+                layer = cfg.n_layers - 1 if args.layer is None else args.layer
+                if not 0 <= layer < cfg.n_layers:
+                    raise ValueError(f"--layer must lie in [0, n_layers={cfg.n_layers}), got {layer}")
+                pattern = acts["blocks"][layer]["attn"]["pattern"]
+                path = interp.plot_attention(pattern, labels, args.out, title=f"{source}: layer {layer} attention")
+                print(f"layer {layer}: {cfg.n_heads} heads over {len(ids)} tokens")
+            else:
+                lens = interp.logit_lens(params, acts, cfg)
+                path = interp.plot_logit_lens(lens, labels, decode, args.out, title=f"{source}: logit lens")
+                top = lens[:, -1].argmax(-1).tolist()
+                rows = ["embed"] + [f"block {i}" for i in range(cfg.n_layers)]
+                print(f"top guess after the last token {labels[-1]!r}, layer by layer:")
+                for row, t in zip(rows, top):
+                    print(f"  {row:>9}  {decode(t)!r}")
+    print(f"wrote {path}")
     return 0

@@ -1,0 +1,199 @@
+"""Learning-path step 9d: pictures of what the analyses return, as PNG files.
+
+* ``plot_attention``: one panel per head, a query x key grid with the tokens on both axes;
+* ``plot_head_scores``: a layer x head heatmap of any per-head score, the value written in each cell;
+* ``plot_logit_lens``: the top next-token guess after every layer, at every position.
+
+Each draws on its own ``matplotlib.figure.Figure`` with an Agg canvas -- no display, no global pyplot
+state, safe to call from threads and tests -- writes the file and returns its path. matplotlib is
+imported on the first call, not with the package.
+"""
+
+import io
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+# Beyond this many tokens per axis, tick labels no longer fit and are left out (the picture stays).
+MAX_LABELLED = 64
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (parent folders made) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        # A token in a script the default font lacks is drawn as a box; that is no reason to stop.
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
+        fig.savefig(buf, format="png")
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def _label(text: str) -> str:
+    """A token as a tick label: control characters escaped, ``$`` kept out of mathtext, spaces visible."""
+    text = text.replace("\\", "\\\\").replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
+    text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return text.replace("$", r"\$").replace(" ", "\u2423") or "''"
+
+
+def _numpy(x: Tensor):
+    return x.detach().to("cpu", torch.float32).numpy()
+
+
+def _check_labels(labels: Sequence[str], n: int, axis: str) -> list[str]:
+    labels = list(labels)
+    if len(labels) != n:
+        raise ValueError(f"labels has {len(labels)} entries but the pattern has {axis}={n}")
+    return [_label(str(s)) for s in labels]
+
+
+def plot_attention(
+    pattern: Float[Tensor, "heads seq kv_seq"],
+    labels: Sequence[str],
+    path: str | Path,
+    *,
+    title: str | None = None,
+    head_names: Sequence[str] | None = None,
+) -> Path:
+    """One panel per head: row ``q`` is where the token at ``q`` looks, columns are the keys.
+
+    Args:
+        pattern: one layer's attention, e.g. ``acts["blocks"][1]["attn"]["pattern"][0]``.
+        labels: the ``kv_seq`` tokens as text; the queries are the last ``seq`` of them.
+        head_names: panel titles (default ``head 0``, ``head 1``, ...).
+    """
+    heads, seq, kv_seq = pattern.shape
+    x_labels = _check_labels(labels, kv_seq, "kv_seq")
+    y_labels = x_labels[kv_seq - seq:]
+    names = [f"head {h}" for h in range(heads)] if head_names is None else list(head_names)
+    if len(names) != heads:
+        raise ValueError(f"head_names has {len(names)} entries but the pattern has heads={heads}")
+    cols = min(heads, 4)
+    rows = -(-heads // cols)
+    side = min(max(2.6, 0.16 * kv_seq + 1.0), 9.0)
+    fig = _figure(cols * side + 1.6, rows * side + (0.9 if title else 0.5))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    data = _numpy(pattern)
+    font = max(4.0, min(8.0, 260 / max(kv_seq, 1) / cols ** 0.5))
+    image = None
+    for h, ax in enumerate(axes.flat):
+        if h >= heads:
+            ax.set_axis_off()
+            continue
+        image = ax.imshow(data[h], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
+        ax.set_title(names[h], fontsize=9)
+        first_column = h % cols == 0
+        if kv_seq <= MAX_LABELLED:
+            ax.set_xticks(range(kv_seq), x_labels, rotation=90, fontsize=font)
+            ax.set_yticks(range(seq), y_labels if first_column else [], fontsize=font)
+        ax.set_xlabel("key", fontsize=8)
+        if first_column:
+            ax.set_ylabel("query", fontsize=8)
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _heatmap(fig, ax, scores, name: str | None, fmt: str) -> None:
+    layers, heads = scores.shape
+    image = ax.imshow(scores, cmap="magma", interpolation="nearest", aspect="auto")
+    lo, hi = float(scores.min()), float(scores.max())
+    mid = (lo + hi) / 2
+    for i in range(layers):
+        for j in range(heads):
+            v = float(scores[i, j])
+            ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8,
+                    color="black" if v > mid else "white")
+    ax.set_xticks(range(heads))
+    ax.set_yticks(range(layers))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    if name:
+        ax.set_title(name)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+
+
+def plot_head_scores(
+    scores: Float[Tensor, "layers heads"] | dict[str, Float[Tensor, "layers heads"]],
+    path: str | Path,
+    *,
+    title: str | None = None,
+    fmt: str = ".2f",
+) -> Path:
+    """A layer x head heatmap with each value written in its cell; a dict of scores (e.g. what
+    ``head_scores`` returns) gives one heatmap per entry, side by side, titled by its key."""
+    panels = dict(scores) if isinstance(scores, dict) else {"": scores}
+    if not panels:
+        raise ValueError("scores is an empty dict: nothing to plot")
+    shapes = {tuple(s.shape) for s in panels.values()}
+    if any(len(s) != 2 for s in shapes):
+        raise ValueError(f"every score must have shape [layers, heads], got {sorted(shapes)}")
+    layers, heads = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    width = min(max(3.0, 0.55 * heads + 1.8), 12.0)
+    height = min(max(2.4, 0.45 * layers + 1.4), 12.0)
+    fig = _figure(width * len(panels), height + (0.4 if title else 0.0))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, s) in zip(axes, panels.items()):
+        _heatmap(fig, ax, _numpy(s), name.replace("_", "-") or None, fmt)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_logit_lens(
+    lens: Float[Tensor, "layers_plus_1 seq vocab"],
+    labels: Sequence[str],
+    decode: Callable[[int], str],
+    path: str | Path,
+    *,
+    title: str | None = None,
+) -> Path:
+    """The logit lens as a (layer, position) grid: the colour is the probability of the likeliest next
+    token read off the residual stream there, and that token is written in the cell.
+
+    Args:
+        lens: ``logit_lens(params, acts, cfg)`` for one sequence (row 0: the embeddings, row ``i``:
+            after ``i`` blocks, the last row: the logits).
+        labels: the input tokens as text, one per position.
+        decode: token id -> text, e.g. ``lambda i: tokenizer.decode([i])``.
+    """
+    rows, seq, _ = lens.shape
+    x_labels = _check_labels(labels, seq, "seq")
+    probs = torch.softmax(lens.detach().to(torch.float32), dim=-1)
+    top_p, top_id = probs.max(-1)
+    top_p, top_id = _numpy(top_p), top_id.cpu().tolist()
+    fig = _figure(min(max(4.0, 0.62 * seq + 2.0), 40.0), min(max(2.6, 0.42 * rows + 1.6), 40.0))
+    ax = fig.add_subplot()
+    image = ax.imshow(top_p, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
+    for i in range(rows):
+        for j in range(seq):
+            text = _label(decode(top_id[i][j]))
+            text = text if len(text) <= 8 else text[:7] + "\u2026"
+            ax.text(j, i, text, ha="center", va="center", fontsize=6.5,
+                    color="white" if top_p[i, j] > 0.55 else "black")
+    ax.set_xticks(range(seq), x_labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(rows), ["embed"] + [f"block {i}" for i in range(rows - 1)], fontsize=8)
+    ax.set_xlabel("input token (the cell guesses the one after it)")
+    ax.set_ylabel("residual stream after")
+    fig.colorbar(image, ax=ax, shrink=0.8, label="probability of the top token")
+    ax.set_title(title or "logit lens: top next-token guess per layer")
+    return _save(fig, path)
+
+
+__all__ = ["plot_attention", "plot_head_scores", "plot_logit_lens"]

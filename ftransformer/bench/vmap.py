@@ -13,8 +13,8 @@ each contender once, so drifting machine load hits all alike; medians reported):
    ``make_train_step`` calls in a row.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` around each contender; on a CPU, each
-contender runs in a fresh process and reports its peak resident set size (``resource``'s
-``ru_maxrss``) above that process's peak after setup (``tracemalloc`` sees only Python's own heap, not
+contender runs in a fresh process and reports its peak resident set size (``/proc``'s VmHWM) above
+that process's peak after setup (``tracemalloc`` sees only Python's own heap, not
 torch's tensors, so it would report ~0 for all of them).
 """
 
@@ -246,10 +246,23 @@ def _peak_cuda(fn, device) -> float:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def measure_memory_here(args_json: str) -> None:
-    """Run in a fresh process: one contender twice, print its peak RSS (MiB) above the post-setup peak."""
+def _peak_rss_mib() -> float:
+    """This process's peak resident set size. /proc's VmHWM belongs to the process image, while
+    ``ru_maxrss`` survives ``exec`` and so starts at the (large) parent's peak in a child."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_memory_here(args_json: str) -> None:
+    """Run in a fresh process: one contender twice, print its peak RSS (MiB) above the post-setup peak."""
     a = json.loads(args_json)
     torch.set_num_threads(a["threads"])
     cfg = _config(a["preset"], a["seq"])
@@ -259,12 +272,11 @@ def measure_memory_here(args_json: str) -> None:
     warnings.filterwarnings("ignore", message=".*batching rule.*")
     warnings.filterwarnings("ignore", message=".*Full backward hook.*")
     fn = _contenders(cfg, s, a["members"], [a["name"]])[a["name"]]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _peak_rss_mib()
     for _ in range(2):
         result = fn()
         del result
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mib": max(after - before, 0) / 1024}))
+    print(json.dumps({"peak_mib": max(_peak_rss_mib() - before, 0.0)}))
 
 
 def _peak_cpu(name: str, args, seq: int, threads: int) -> float | None:

@@ -458,3 +458,24 @@ def test_bench_vmap_memory_of_one_contender(capsys):
     measure_memory_here(json.dumps({"preset": "tiny", "seq": 8, "batch": 3, "members": 2, "seed": 0,
                                     "name": "vmap (einsum attention)", "threads": 1}))
     assert json.loads(capsys.readouterr().out)["peak_mib"] >= 0
+
+
+def test_sweep_optimizer_is_the_recipes_optimizer_per_member(tiny_cfg, gen):
+    from ftransformer.cli.train_ensemble import sweep_optimizer
+    from ftransformer.recipes import get_recipe, optimizer_for
+
+    cfg = tiny_cfg.replace(attn_impl="einsum")
+    recipe = get_recipe("tiny").replace(warmup_steps=2, steps=6)
+    hp = {"lr": torch.tensor([recipe.lr]), "weight_decay": torch.tensor([recipe.weight_decay])}
+    stacked = ft.init_ensemble(cfg, [0])
+    step = ft.train.make_ensemble_step(cfg, sweep_optimizer(recipe, recipe.steps))
+    state = step.init(stacked, hp)
+    opt = optimizer_for(recipe)
+    p, s = ft.init_params(cfg, seed=0), opt.init(ft.init_params(cfg, seed=0))
+    single = make_train_step(cfg, opt)
+    for _ in range(4):
+        tokens, targets = _batch(gen, cfg, 1, 4, 13)
+        stacked, state, m = step(stacked, state, (tokens, targets), hparams=hp)
+        p, s, m1 = single(p, s, (tokens[0], targets[0]))
+        assert abs(float(m["lr"][0]) - float(m1["lr"])) < 1e-9
+    assert _max_diff(ft.unstack_params(stacked)[0], p) < 1e-5

@@ -90,9 +90,11 @@ def members_for(ensemble: int | None, sweep: list[str], recipe: TrainRecipe, see
 def sweep_optimizer(recipe: TrainRecipe, steps: int):
     """``(lr, weight_decay) -> optimizer``: the recipe's optimizer (clip, AdamW, warm-up + cosine) with a
     per-member peak lr and weight decay (0-d tensors under vmap)."""
-    warmup = min(recipe.warmup_steps, steps)
-    # warmup_cosine(peak) == peak * warmup_cosine(1): the shape is shared, the peak is per member.
-    unit = optim.warmup_cosine(1.0, warmup, steps, recipe.min_lr_ratio)
+    from ftransformer.recipes import schedule_for
+
+    # The recipe's schedule is linear in its peak: schedule(peak) == peak * schedule(1). The shape is
+    # shared, the peak is per member.
+    unit = schedule_for(recipe, steps, peak=1.0)
 
     def make(lr, weight_decay):
         adamw = optim.adamw(lambda step: lr * unit(step), betas=(recipe.beta1, recipe.beta2), eps=recipe.eps,

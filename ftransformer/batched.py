@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ftransformer import optim, random
 from ftransformer.config import Config
+from ftransformer.data import unpack_batch
 from ftransformer.model import check_ids, check_tokens, loss_fn
 from ftransformer.params import init_params
 
@@ -141,7 +142,7 @@ def make_per_example_train_step(
         raise TypeError(f"optimizer must be an optim.GradientTransformation, got {type(optimizer).__name__}")
 
     def step(params, opt_state, batch, key=None):
-        tokens, targets = _unpack(batch)
+        tokens, targets = unpack_batch(batch)
         grads = per_example_grads(
             params, tokens, targets, cfg, key=key, ignore_index=ignore_index, attn_impl=attn_impl,
             chunk_size=chunk_size,
@@ -210,7 +211,7 @@ def noise_scale(
     """``gradient_noise_scale`` over several ``(tokens, targets)`` batches: both estimates averaged, then divided."""
     traces, g2s = [], []
     for batch in batches:
-        tokens, targets = _unpack(batch)
+        tokens, targets = unpack_batch(batch)
         grads = per_example_grads(params, tokens, targets, cfg, ignore_index=ignore_index, attn_impl=attn_impl)
         est = gradient_noise_scale(grads)
         traces.append(est.trace_cov)
@@ -356,7 +357,7 @@ def make_ensemble_step(
         return new_params, new_state, {"loss": loss.detach(), "grad_norm": grad_norm, "lr": lr, "tokens": n_tokens}
 
     def step(stacked_params, opt_state, batch, keys=None, hparams=None):
-        tokens, targets = _unpack(batch)
+        tokens, targets = unpack_batch(batch)
         members = _members(stacked_params)
         if tokens.ndim != 3 or tokens.shape[0] != members:
             raise ValueError(
@@ -398,7 +399,7 @@ def evaluate_ensemble(
 
     with torch.no_grad():
         for batch in batches:
-            tokens, targets = _unpack(batch)
+            tokens, targets = unpack_batch(batch)
             check_tokens(tokens, cfg)
             check_ids("targets", targets, cfg.vocab_size, allowed=ignore_index)
             if tokens.ndim == 3:
@@ -631,16 +632,6 @@ def format_ranking(result: EnsembleFitResult) -> str:
             f"{final:>11.4f}  {m['dir']}"
         )
     return "\n".join(lines)
-
-
-def _unpack(batch) -> tuple[Tensor, Tensor]:
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise TypeError(f"batch must be a (tokens, targets) pair, got {type(batch).__name__}")
-    tokens, targets = batch
-    for name, x in (("tokens", tokens), ("targets", targets)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"batch {name} must be a torch.Tensor, got {type(x).__name__}")
-    return tokens, targets
 
 
 __all__ = [

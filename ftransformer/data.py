@@ -422,6 +422,17 @@ def min_tokens(seq_len: int, val_fraction: float) -> int:
         n += 1
 
 
+def unpack_batch(batch) -> tuple[Tensor, Tensor]:
+    """``(tokens, targets)`` from a batch, or ``TypeError`` saying what a batch must be."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+        raise TypeError(f"batch must be a (tokens, targets) pair, got {type(batch).__name__}")
+    tokens, targets = batch
+    for name, x in (("tokens", tokens), ("targets", targets)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"batch {name} must be a torch.Tensor, got {type(x).__name__}")
+    return tokens, targets
+
+
 def sample_batch(
     ids: np.ndarray | Tensor, batch_size: int, seq_len: int, *, seed: int, step: int, stream: int = 0
 ) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ftransformer import optim, random
 from ftransformer.config import Config
+from ftransformer.data import unpack_batch
 from ftransformer.model import check_ids, check_tokens, loss_fn
 
 StepFn = Callable[..., tuple[dict, object, dict]]
@@ -46,16 +47,6 @@ def _owned(updates: list[Tensor], params: list[Tensor], *held) -> bool:
     if len(seen) != len(updates):
         return False
     return not (seen & _storages(params)) and not any(seen & _storages(optim._leaves_only(h)) for h in held)
-
-
-def _unpack(batch) -> tuple[Tensor, Tensor]:
-    if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-        raise TypeError(f"batch must be a (tokens, targets) pair, got {type(batch).__name__}")
-    tokens, targets = batch
-    for name, x in (("tokens", tokens), ("targets", targets)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"batch {name} must be a torch.Tensor, got {type(x).__name__}")
-    return tokens, targets
 
 
 def make_train_step(
@@ -106,7 +97,7 @@ def make_train_step(
         return grads, loss
 
     def step(params, opt_state, batch, key=None):
-        tokens, targets = _unpack(batch)
+        tokens, targets = unpack_batch(batch)
         # Inside the transform the batch is wrapped and the model skips value checks; check here, once.
         check_tokens(tokens, cfg)
         check_ids("targets", targets, cfg.vocab_size, allowed=ignore_index)
@@ -155,7 +146,7 @@ def make_train_step(
     compiled: dict[str, Callable] = {}
 
     def compiled_step(params, opt_state, batch, key=None):
-        device = _unpack(batch)[0].device.type
+        device = unpack_batch(batch)[0].device.type
         if device not in compiled:
             # On a CPU, a C++ wrapper around inductor's kernels saves the Python that would call them
             # one by one: ~2% of a small model's step. Elsewhere the default wrapper is the safe choice.
@@ -189,7 +180,7 @@ def evaluate(
     total, count = None, None
     with torch.no_grad():
         for batch in batches:
-            tokens, targets = _unpack(batch)
+            tokens, targets = unpack_batch(batch)
             s = loss_fn(params, tokens, targets, cfg, ignore_index=ignore_index, reduction="sum")
             n = (targets != ignore_index).sum()
             total = s if total is None else total + s

@@ -173,10 +173,14 @@ def sample(
     if key is None:
         raise ValueError(f"sampling with temperature={temperature} needs a random key, got None")
     logits = restrict_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
-    u = random.uniform(key, logits.shape).to(logits.device)
+    return (logits + gumbel_noise(key, logits)).argmax(dim=-1)
+
+
+def gumbel_noise(key: Tensor, like: Tensor) -> Tensor:
+    """Gumbel(0, 1) noise shaped like ``like``, from ``key``: argmax(log-weights + noise) samples the weights."""
+    u = random.uniform(key, like.shape).to(like.device)
     # Keep u away from 0 so log(u) is finite; 2**-25 is below the smallest nonzero uniform (2**-24).
-    gumbel = -torch.log(-torch.log(u.clamp(min=2.0**-25)))
-    return (logits + gumbel).argmax(dim=-1)
+    return -torch.log(-torch.log(u.clamp(min=2.0**-25)))
 
 
 def _check_max_new_tokens(max_new_tokens) -> None:

@@ -22,7 +22,14 @@ from torch import Tensor
 from ftransformer import random
 from ftransformer.cache import KVCache, init_cache
 from ftransformer.config import Config
-from ftransformer.generate import Sampling, _check_max_new_tokens, resolve_sampling, restrict_logits, untie_for_decoding
+from ftransformer.generate import (
+    Sampling,
+    _check_max_new_tokens,
+    gumbel_noise,
+    resolve_sampling,
+    restrict_logits,
+    untie_for_decoding,
+)
 from ftransformer.model import check_tokens, forward_with_cache_unchecked
 
 
@@ -39,19 +46,17 @@ class SpeculativeStats(NamedTuple):
         return self.accepted / self.proposed if self.proposed else 0.0
 
 
-def token_probs(
-    logits: Float[Tensor, "*batch vocab"], temperature: float | int, top_k: int | None, top_p: float | None
-) -> Float[Tensor, "*batch vocab"]:
+def token_probs(logits: Float[Tensor, "*batch vocab"], sampling: Sampling) -> Float[Tensor, "*batch vocab"]:
     """The distribution ``sample`` draws from: one-hot on the argmax when greedy."""
-    if temperature == 0 or top_k == 1:
+    if sampling.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
-    return restrict_logits(logits.float() / temperature, top_k=top_k, top_p=top_p).softmax(-1)
+    restricted = restrict_logits(logits.float() / sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+    return restricted.softmax(-1)
 
 
 def draw(probs: Float[Tensor, "*batch vocab"], key: Tensor) -> Int[Tensor, " *batch"]:
     """One token per row from ``probs`` (Gumbel-max on log-probabilities; zero-probability ids never win)."""
-    u = random.uniform(key, probs.shape).to(probs.device).clamp(min=2.0**-25)
-    return (probs.log() - torch.log(-torch.log(u))).argmax(-1)
+    return (probs.log() + gumbel_noise(key, probs)).argmax(-1)
 
 
 def _check_draft(draft, cfg: Config, draft_tokens: int) -> tuple[dict, Config]:
@@ -128,7 +133,6 @@ def _speculate(params, cfg, draft_params, draft_cfg, prompt, k, max_new_tokens, 
     out[:, :n_prompt] = prompt2
     n = torch.full((rows,), n_prompt, dtype=torch.long, device=device)
     key = random.key(sampling.seed).to(device)
-    temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
     offsets = torch.arange(k + 1, device=device)
     proposed = accepted = rounds = 0
     while bool((n < end).any()):
@@ -143,7 +147,7 @@ def _speculate(params, cfg, draft_params, draft_cfg, prompt, k, max_new_tokens, 
         logits, draft_cache = forward_with_cache_unchecked(draft_params, draft_in, draft_cache, draft_cfg, donate=True)
         drafts, q = [], []
         for i in range(k):
-            q.append(token_probs(logits[:, -1], temperature, top_k, top_p))
+            q.append(token_probs(logits[:, -1], sampling))
             drafts.append(draw(q[-1], random.fold_in(round_key, i)))
             if i + 1 < k:
                 logits, draft_cache = forward_with_cache_unchecked(
@@ -153,7 +157,7 @@ def _speculate(params, cfg, draft_params, draft_cfg, prompt, k, max_new_tokens, 
         # One target pass scores every proposal: p[:, i] is its distribution after drafts[:, :i].
         target_in = torch.cat([prompt2 if rounds == 0 else out.gather(1, (n - 1)[:, None]), drafts], 1)
         logits, target_cache = forward_with_cache_unchecked(params, target_in, target_cache, cfg, donate=True)
-        p = token_probs(logits[:, -(k + 1):], temperature, top_k, top_p)
+        p = token_probs(logits[:, -(k + 1):], sampling)
         p_of_draft = p[:, :k].gather(-1, drafts[..., None])[..., 0]
         q_of_draft = q.gather(-1, drafts[..., None])[..., 0]
         u = random.uniform(random.fold_in(round_key, k), (rows, k)).to(device)

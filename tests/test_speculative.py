@@ -103,7 +103,7 @@ def test_sampled_tokens_follow_the_target_distribution(temperature, top_k):
     assert 0.01 < stats.acceptance_rate < 0.99  # both acceptances and rejections (the correction rule) happen
     with torch.no_grad():
         def dist(params, cfg, ctx):
-            return token_probs(ft.forward(params, ctx, cfg)[..., -1, :], temperature, top_k, None)
+            return token_probs(ft.forward(params, ctx, cfg)[..., -1, :], ft.Sampling(temperature=temperature, top_k=top_k))
 
         first = torch.cat([prompt[:1].expand(vocab, 2), torch.arange(vocab)[:, None]], 1)
         joint = {name: dist(p, c, prompt[:1])[0][:, None] * dist(p, c, first)

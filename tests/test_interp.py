@@ -134,6 +134,22 @@ def test_zero_ablating_a_head_equals_zeroing_its_slice_of_w_o(variant):
     assert not torch.allclose(logits, ft.forward(params, tokens, cfg), atol=1e-3)
 
 
+def test_interventions_on_the_pattern_flow_into_the_output(variant):
+    cfg, params = variant
+    tokens = tokens_for(cfg)
+    # An unchanged pattern routed through the einsum path: the forward's numbers to float rounding.
+    logits, _ = ft.forward_with_activations(params, tokens, cfg, interventions={"blocks.0.attn.pattern": lambda p: p.clone()})
+    torch.testing.assert_close(logits, ft.forward(params, tokens, cfg), atol=1e-5, rtol=1e-5)
+    # A head that attends to nothing writes nothing.
+    def silence_head_1(p):
+        p = p.clone()
+        p[:, 1] = 0.0
+        return p
+
+    _, acts = ft.forward_with_activations(params, tokens, cfg, interventions={"blocks.1.attn.pattern": silence_head_1})
+    assert bool((acts["blocks"][1]["attn"]["head_out"][:, 1] == 0).all())
+
+
 def test_mean_ablation_writes_the_heads_mean(tiny_cfg):
     params = perturbed_params(tiny_cfg)
     tokens = tokens_for(tiny_cfg)

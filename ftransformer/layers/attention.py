@@ -184,9 +184,8 @@ def tapped_attention(
     q, k, v = tap("q", q), tap("k", k), tap("v", v)
     pattern = tap("pattern", head_pattern(q, k, mask))
     if tap.intervenes("pattern"):
-        group = q.shape[-3] // k.shape[-3]
-        v_heads = repeat(v, "... kv_heads kv_seq head_dim -> ... (kv_heads group) kv_seq head_dim", group=group)
-        o = torch.einsum("...hqk,...hkd->...hqd", pattern, v_heads)
+        grouped = rearrange(pattern, "... (kv_heads group) seq kv_seq -> ... kv_heads group seq kv_seq", kv_heads=k.shape[-3])
+        o = rearrange(attend(grouped, v), "... kv_heads group seq head_dim -> ... (kv_heads group) seq head_dim")
     else:
         o = scaled_dot_product_attention(q, k, v, mask, impl=cfg.attn_impl)
     head_out = tap("head_out", head_outputs(params, o))

@@ -39,7 +39,7 @@ from ftransformer.train import evaluate, make_train_step
 from ftransformer import checkpoint, data, recipes
 from ftransformer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ftransformer.data import BPETokenizer, CharTokenizer, load_dataset, load_tokenizer
-from ftransformer.train import fit
+from ftransformer.loop import fit
 # [area: vmap]
 from ftransformer import batched
 from ftransformer.batched import (

@@ -500,7 +500,7 @@ def fit_ensemble(
 
     from ftransformer.checkpoint import BEST, LATEST, checkpoint_exists, save_checkpoint
     from ftransformer.data import fixed_batches, sample_batch
-    from ftransformer.train import METRICS_FILE, PLOT_FILE, TRAIN_EVAL_STREAM, TRAIN_STREAM, VAL_STREAM, write_metrics
+    from ftransformer.loop import METRICS_FILE, PLOT_FILE, TRAIN_EVAL_STREAM, TRAIN_STREAM, VAL_STREAM, write_metrics
 
     members = [dict(m) for m in members]
     if not members:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import ftransformer as ft
-from ftransformer import checkpoint, optim, train
+from ftransformer import checkpoint, loop, optim
 
 # every axis a different size: vocab 23, d_model 18, heads 3, d_ff 30, max_seq 14, seq 10, batch 6, layers 2
 CFG = ft.Config(vocab_size=23, d_model=18, n_heads=3, n_layers=2, d_ff=30, max_seq_len=14, dropout=0.1)
@@ -32,12 +32,12 @@ def make_optimizer(steps=10):
 
 def run_fit(out, **kw):
     args = {**RUN, **kw}
-    return train.fit(ft.init_params(CFG, seed=1), CFG, make_optimizer(args["steps"]), TRAIN, VAL, out_dir=out, **args)
+    return loop.fit(ft.init_params(CFG, seed=1), CFG, make_optimizer(args["steps"]), TRAIN, VAL, out_dir=out, **args)
 
 
 def interrupting_step_factory(monkeypatch, at_call, action):
     """Make fit's train step misbehave on its ``at_call``-th call (counting from 1)."""
-    real = train.make_train_step
+    real = loop.make_train_step
     calls = {"n": 0}
 
     def factory(*args, **kwargs):
@@ -51,7 +51,7 @@ def interrupting_step_factory(monkeypatch, at_call, action):
 
         return wrapped
 
-    monkeypatch.setattr(train, "make_train_step", factory)
+    monkeypatch.setattr(loop, "make_train_step", factory)
 
 
 def assert_trees_equal(a, b):
@@ -118,7 +118,7 @@ def test_resume_refuses_settings_that_change_the_batches(tmp_path, change, field
     train_ids = kw.pop("train", TRAIN)
     args = {**RUN, "steps": 10, **kw}
     with pytest.raises(ValueError, match=rf"cannot resume .* with {field}=.*saved with {field}="):
-        train.fit(ft.init_params(CFG, seed=1), CFG, make_optimizer(10), train_ids, VAL, out_dir=tmp_path,
+        loop.fit(ft.init_params(CFG, seed=1), CFG, make_optimizer(10), train_ids, VAL, out_dir=tmp_path,
                   resume=True, **args)
 
 
@@ -129,7 +129,7 @@ def test_resume_may_extend_the_run(tmp_path):
 
 def test_interrupt_during_evaluation_redoes_it_on_resume(tmp_path, monkeypatch):
     reference = run_fit(tmp_path / "a")
-    real_evaluate = train.evaluate
+    real_evaluate = loop.evaluate
     calls = {"n": 0}
 
     def evaluate(*args, **kwargs):
@@ -138,7 +138,7 @@ def test_interrupt_during_evaluation_redoes_it_on_resume(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(loop, "evaluate", evaluate)
     stopped = run_fit(tmp_path / "b")
     monkeypatch.undo()
     assert stopped.interrupted and stopped.step == 4 and [r["step"] for r in stopped.history] == [0]
@@ -153,7 +153,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
         return bad, opt_state, {**metrics, "loss": torch.tensor(float("nan"))}
 
     interrupting_step_factory(monkeypatch, 7, diverge)
-    with pytest.raises(train.NonFiniteLossError, match=r"loss became nan at step 7 .*last good checkpoint is .*latest.* \(step 4\)"):
+    with pytest.raises(loop.NonFiniteLossError, match=r"loss became nan at step 7 .*last good checkpoint is .*latest.* \(step 4\)"):
         run_fit(tmp_path)
     ck = checkpoint.load_checkpoint(tmp_path / "latest")
     assert ck.step == 4
@@ -172,7 +172,7 @@ def test_refuses_to_overwrite_and_to_resume_nothing(tmp_path):
 def test_eval_batches_all_scores_the_whole_val_split(tmp_path):
     result = run_fit(tmp_path, eval_batches="all", accum_steps=2)
     # the val loss is exact: every target of the val split once, in non-overlapping seq_len windows
-    exact = train.evaluate(result.params, ft.data.SplitWindows(VAL, 10, 3), CFG)
+    exact = loop.evaluate(result.params, ft.data.SplitWindows(VAL, 10, 3), CFG)
     assert result.history[-1]["val_loss"] == pytest.approx(exact, rel=1e-6)
     assert result.history[-1]["val_loss"] != run_fit(tmp_path / "b", accum_steps=2).history[-1]["val_loss"]
     with pytest.raises(ValueError, match="eval_batches must be an int >= 1 or 'all', got 'every'"):

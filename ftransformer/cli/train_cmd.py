@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from ftransformer.checkpoint import checkpoint_exists, read_checkpoint_info
+from ftransformer.checkpoint import BEST, LATEST, checkpoint_exists, read_checkpoint_info
 from ftransformer.config import PRESETS, Config, get_preset
 from ftransformer.data import TOKENIZER_KINDS, load_dataset, load_tokenizer
+from ftransformer.loop import fit
 from ftransformer.params import count_params, init_params
 from ftransformer.recipes import QUICKSTART_PRESET, QUICKSTART_STEPS, RECIPES, TrainRecipe, get_recipe, optimizer_for
-from ftransformer.train import BEST, LATEST, fit
 
 RUNS_DIR = "runs"
 DEVICES = ("cpu", "cuda", "mps")

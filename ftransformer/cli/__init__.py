@@ -57,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, UnicodeDecodeError) as e:
         print(f"ftransformer {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from ftransformer.distributed import DistributedError  # torch is loaded by now
+
+        if not isinstance(e, DistributedError):
+            raise
+        print(f"ftransformer {args.command}: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ftransformer import distributed
 from ftransformer.checkpoint import BEST, LATEST, checkpoint_exists, read_checkpoint_info
 from ftransformer.config import PRESETS, Config, get_preset
 from ftransformer.data import TOKENIZER_KINDS, load_dataset, load_tokenizer
@@ -202,9 +203,22 @@ def _device(name: str | None) -> torch.device:
 
 
 def run(args) -> int:
+    """Under torchrun (WORLD_SIZE > 1) every process runs this; they join one group and train as one."""
+    ctx = distributed.init_from_env(device=args.device)
+    try:
+        return _run(args, ctx)
+    finally:
+        distributed.shutdown()
+
+
+def _run(args, ctx) -> int:
     from ftransformer.cli import train_ensemble
 
     train_ensemble.check_flags(args)
+    main = ctx is None or ctx.is_main
+    say = print if main else (lambda *a, **k: None)  # rank 0 speaks for the group
+    if ctx is not None and (args.ensemble is not None or args.sweep or args.dp_clip is not None):
+        raise ValueError("--ensemble, --sweep and --dp-clip run in one process; launch without torchrun")
     config_changes, recipe_changes = parse_overrides(args.overrides)
     flag_changes = {
         k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("accum_steps", args.accum),
@@ -251,14 +265,18 @@ def run(args) -> int:
         cfg = None
     if seed < 0:
         raise ValueError(f"--seed must be >= 0, got {seed}")
-    device = _device(args.device)
+    device = ctx.device if ctx is not None else _device(args.device)
 
     where = "the built-in corpus (Python standard library source)" if data is None else repr(data)
-    print(f"data: {where}")
+    say(f"data: {where}")
+    if not main:
+        ctx.barrier()  # rank 0 builds the tokenizer and the token cache; the others then read the cache
     dataset = load_dataset(
         data, tokenizer=tokenizer, seq_len=recipe.seq_len, val_fraction=recipe.val_fraction,
         bpe_vocab_size=recipe.bpe_vocab_size, cache_dir=out / "cache",
     )
+    if main and ctx is not None:
+        ctx.barrier()
     if cfg is None:
         cfg = get_preset(preset).replace(vocab_size=dataset.tokenizer.vocab_size, **config_changes)
     elif cfg.vocab_size != dataset.tokenizer.vocab_size:
@@ -275,14 +293,16 @@ def run(args) -> int:
         return train_ensemble.run_members(args, preset=preset, recipe=recipe, cfg=cfg, dataset=dataset, out=out,
                                           seed=seed, device=device, data=data)
     params = init_params(cfg, seed=seed, device=device)
-    print(
+    say(
         f"model: preset {preset}, {count_params(params):,} parameters, vocab {cfg.vocab_size} "
         f"({dataset.tokenizer.kind} tokenizer), {len(dataset.train):,} train / {len(dataset.val):,} val tokens"
     )
-    print(
+    say(
         f"training: {recipe.steps} steps of {recipe.batch_size} x {recipe.seq_len} tokens"
         + (f" in {recipe.accum_steps} micro-batches" if recipe.accum_steps > 1 else "")
         + f", lr {recipe.lr:g}, on {device}{' (compiled)' if args.compile else ''}, into {str(out)!r}"
+        + (f"; {ctx.world_size} processes ({ctx.backend}), {recipe.batch_size // ctx.world_size} sequences each"
+           if ctx is not None else "")
     )
     dp_clip, dp_noise, log_noise_scale = args.dp_clip, args.dp_noise, args.log_noise_scale
     if args.resume:  # a DP run stays one; the noise scale stays logged
@@ -293,7 +313,7 @@ def run(args) -> int:
     if dp_clip is not None:
         dp_noise = 1.0 if dp_noise is None else dp_noise
         optimizer = train_ensemble.dp_optimizer(optimizer, dp_clip, dp_noise, seed)
-        print(f"DP-SGD: per-example clipping to {dp_clip:g}, noise multiplier {dp_noise:g} "
+        say(f"DP-SGD: per-example clipping to {dp_clip:g}, noise multiplier {dp_noise:g} "
               "(privacy accounting not done here; use e.g. Opacus's RDP accountant)")
     run_settings = {
         "preset": preset, "data": data, "seed": seed, "recipe": recipe.to_dict(),
@@ -305,16 +325,16 @@ def run(args) -> int:
         accum_steps=recipe.accum_steps, eval_every=recipe.eval_every, eval_batches=recipe.eval_batches,
         seed=seed, resume=args.resume, compile=args.compile, device=device, tokenizer=dataset.tokenizer,
         extra={"train": run_settings}, progress=not args.quiet,
-        per_example_grads=dp_clip is not None, log_noise_scale=log_noise_scale,
+        per_example_grads=dp_clip is not None, log_noise_scale=log_noise_scale, dist=ctx,
     )
     last = result.history[-1] if result.history else None
     if last is not None:
-        print(f"step {last['step']}: train loss {last['train_loss']:.4f}, val loss {last['val_loss']:.4f}; "
+        say(f"step {last['step']}: train loss {last['train_loss']:.4f}, val loss {last['val_loss']:.4f}; "
               f"best val loss {result.best_val_loss:.4f}")
-    print(f"checkpoints: {out / LATEST}, {out / BEST}")
-    print(f"metrics: {result.files['metrics']}; plot: {result.files['plot']}")
+    say(f"checkpoints: {out / LATEST}, {out / BEST}")
+    say(f"metrics: {result.files['metrics']}; plot: {result.files['plot']}")
     if result.interrupted:
-        print(f"interrupted at step {result.step}; continue with: ftransformer train --resume --out {_quote(out)}")
+        say(f"interrupted at step {result.step}; continue with: ftransformer train --resume --out {_quote(out)}")
         return 130
     return 0
 

@@ -15,10 +15,9 @@ then each process's gradients of its share, so the update is the one a single pr
 The loop that draws batches, evaluates and checkpoints (``fit``) is in ``ftransformer.loop``.
 """
 
-from collections.abc import Callable, Iterable
-
 import functools
 import sys
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -222,10 +221,17 @@ def evaluate(
         progress = hasattr(batches, "__len__") and len(batches) >= EVAL_PROGRESS_MIN_BATCHES
     if progress:
         batches = tqdm(batches, desc=desc, unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)
-    batches = list(batches) if not hasattr(batches, "__len__") else batches
-    if len(batches) == 0:
+    seen = 0
+
+    def counted():  # streams the batches (a generator stays one) while counting them
+        nonlocal seen
+        for batch in batches:
+            seen += 1
+            yield batch
+
+    total, count = loss_sums(params, counted(), cfg, ignore_index=ignore_index)
+    if seen == 0:
         raise ValueError("evaluate needs at least one batch, got none")
-    total, count = loss_sums(params, batches, cfg, ignore_index=ignore_index)
     if int(count) == 0:
         raise ValueError(f"evaluate needs target tokens to count, got only ignore_index={ignore_index}")
     return float(total / count)

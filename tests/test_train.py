@@ -324,3 +324,14 @@ def test_compiled_step_matches_eager(no_typecheck):  # conftest: jaxtyping off w
     # On an AVX-512/AMX CPU the parameters once differed by 1.2e-5 here: see assert_params_after_adam_close.
     assert_params_after_adam_close(p_e, p_c, total_lr=sum(schedule(i) for i in range(3)))
     assert int(s_c[1].count) == 3
+
+
+def test_evaluate_streams_a_generator_also_with_a_progress_bar():
+    cfg = ft.Config(vocab_size=11, d_model=8, n_heads=2, n_layers=1, d_ff=16, max_seq_len=8)
+    params = ft.init_params(cfg)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 11, (2, 8), generator=gen), torch.randint(0, 11, (2, 8), generator=gen)) for _ in range(3)]
+    expected = evaluate(params, batches, cfg)
+    assert evaluate(params, (b for b in batches), cfg, progress=True) == expected
+    with pytest.raises(ValueError, match="at least one batch"):
+        evaluate(params, iter([]), cfg)

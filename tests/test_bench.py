@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ftransformer as ft
+from ftransformer.bench import scaling
 from ftransformer.bench import train as bench_train
 from ftransformer.cli import main
 
@@ -38,6 +39,8 @@ def test_bench_train_on_another_preset_with_biases(capsys):
     (["--steps", "0"], "--steps must be >= 1, got 0"),
     (["--seq-len", "65"], "--seq-len must be in [1, max_seq_len=64], got 65"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
+    (["--nproc", "1"], "--nproc must be >= 2 (it compares N processes with one), got 1"),
+    (["--nproc", "2", "--profile"], "--profile times one process; it does not combine with --nproc"),
 ])
 def test_bench_train_rejects_bad_flags(capsys, flags, message):
     assert main(["bench", "train", *flags]) == 2
@@ -107,3 +110,27 @@ def test_bench_quality_trains_both_models_identically(tmp_path, monkeypatch, cap
     assert "not the whole-split protocol" in out
     assert main(["bench", "quality", "--data", str(path), "--eval-batches", "some"]) == 2
     assert "--eval-batches must be 'all' or an int >= 1, got 'some'" in capsys.readouterr().err
+
+
+def test_bench_train_nproc_times_one_and_two_torchrun_processes(capsys):
+    # Real torchrun jobs (gloo): a single process, then two that must end with identical parameters.
+    assert main(["bench", "train", "--nproc", "2", "--preset", "tiny", "--steps", "2", "--warmup", "1",
+                 "--batch-size", "2", "--seq-len", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "2 x 8 tokens per process (weak scaling)" in out and "backend gloo, 1 thread(s) per process" in out
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+[12]  ", line)]
+    assert [(r[0], " ".join(r[1:-5])) for r in rows] == [
+        ("1", "torch.nn + AdamW"), ("1", "functional (eager)"), ("2", "DDP + AdamW"), ("2", "functional (eager)")]
+    assert rows[0][-1] == rows[1][-1] == "100%"
+    assert rows[3][-4] != "-" and float(rows[3][-4]) >= 0  # the functional step's all-reduce is timed
+    assert "all 2 processes hold identical parameters (checked exactly)" in out
+
+
+def test_format_scaling_table_computes_efficiency_per_contender():
+    one = {"median_ms": {scaling.NN: 10.0, scaling.FUNCTIONAL: 8.0}, "all_reduce_ms": {}}
+    two = {"median_ms": {scaling.DDP: 12.5, scaling.FUNCTIONAL: 10.0}, "all_reduce_ms": {scaling.FUNCTIONAL: 1.5}}
+    rows = [r.split() for r in scaling.format_scaling_table({1: one, 2: two}, tokens_per_process=100).splitlines()[2:]]
+    # tokens/s, per process, efficiency (DDP against torch.nn in one process, functional against itself)
+    assert rows[0][-4:] == ["-", "10,000", "10,000", "100%"]
+    assert rows[2][-4:] == ["-", "16,000", "8,000", "80%"]
+    assert rows[3][-4:] == ["1.50", "20,000", "10,000", "80%"]

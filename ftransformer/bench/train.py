@@ -163,12 +163,15 @@ def make_nn_step(model: NNGPT):
     return step
 
 
-def make_functional_step(params: dict, cfg: Config, *, compile: bool):
-    """The library's pure step, holding its own params and optimizer state between calls."""
+def make_functional_step(params: dict, cfg: Config, *, compile: bool, all_reduce=None):
+    """The library's pure step, holding its own params and optimizer state between calls.
+
+    ``all_reduce`` is ``make_train_step``'s hook for data parallelism (``bench train --nproc``).
+    """
     opt = optim.chain(
         optim.clip_by_global_norm(CLIP), optim.adamw(_schedule(), betas=BETAS, weight_decay=WEIGHT_DECAY)
     )
-    train_step = make_train_step(cfg, opt, compile=compile)
+    train_step = make_train_step(cfg, opt, compile=compile, all_reduce=all_reduce)
     state = {"params": params, "opt": opt.init(params)}
 
     def step(batch):
@@ -180,6 +183,27 @@ def make_functional_step(params: dict, cfg: Config, *, compile: bool):
 
 
 # ---------------------------------------------------------------- running and reporting
+
+
+def random_batches(cfg: Config, rows: int, seq: int, *, seed: int, device: torch.device, count: int = 8) -> list:
+    """``count`` batches of uniformly random ``(tokens, targets)``, ``rows x seq`` each (the step's cost
+    does not depend on the ids)."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        data = torch.randint(0, cfg.vocab_size, (rows, seq + 1), generator=gen)
+        batches.append((data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)))
+    return batches
+
+
+def check_same_model(params: dict, model: nn.Module, cfg: Config, batch) -> tuple[float, float]:
+    """Both losses on ``batch``; ``RuntimeError`` unless they agree (the two must be the same model)."""
+    with torch.no_grad():
+        ours = float(loss_fn(params, *batch, cfg))
+        theirs = float(model(*batch))
+    if not math.isclose(ours, theirs, rel_tol=1e-4, abs_tol=1e-5):
+        raise RuntimeError(f"the baseline disagrees with the functional model: loss {theirs} vs {ours}")
+    return ours, theirs
 
 
 def _sync(device: torch.device) -> None:
@@ -243,6 +267,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the parameters and batches (default: 0)")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, print torch.profiler's top operators for each contender")
+    parser.add_argument("--nproc", type=int, default=None, metavar="N",
+                        help="data-parallel scaling instead: time 1 and then N torchrun processes (each its own "
+                        "--batch-size rows, --threads default 1), the functional step against DDP; "
+                        "see ftransformer.bench.scaling")
 
 
 def _profile(steps: dict, batches: list) -> None:
@@ -269,6 +297,15 @@ def run(args) -> int:
     seq = cfg.max_seq_len if args.seq_len is None else args.seq_len
     if not 1 <= seq <= cfg.max_seq_len:
         raise ValueError(f"--seq-len must be in [1, max_seq_len={cfg.max_seq_len}], got {seq}")
+    if args.nproc is not None:
+        if args.nproc < 2:
+            raise ValueError(f"--nproc must be >= 2 (it compares N processes with one), got {args.nproc}")
+        if args.profile:
+            raise ValueError("--profile times one process; it does not combine with --nproc")
+        from ftransformer.bench import scaling  # here, not at the top: scaling builds on this module
+
+        scaling.run(args, seq)
+        return 0
     threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -283,18 +320,8 @@ def _run(args, cfg: Config, seq: int) -> None:
     device = torch.device(args.device)
     params = init_params(cfg, seed=args.seed, device=device)
     model = nn_from_params(params, cfg).to(device)
-    gen = torch.Generator().manual_seed(args.seed)
-    batches = []
-    for _ in range(8):
-        data = torch.randint(0, cfg.vocab_size, (args.batch_size, seq + 1), generator=gen)
-        batches.append((data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)))
-
-    # Same numbers before timing anything: the two models must be the same model.
-    with torch.no_grad():
-        ours = float(loss_fn(params, *batches[0], cfg))
-        theirs = float(model(*batches[0]))
-    if not math.isclose(ours, theirs, rel_tol=1e-4, abs_tol=1e-5):
-        raise RuntimeError(f"the baseline disagrees with the functional model: loss {theirs} vs {ours}")
+    batches = random_batches(cfg, args.batch_size, seq, seed=args.seed, device=device)
+    ours, theirs = check_same_model(params, model, cfg, batches[0])
 
     steps = {
         "torch.nn + AdamW": make_nn_step(model),

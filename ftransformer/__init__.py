@@ -32,6 +32,7 @@ from ftransformer.generate import (
 )
 from ftransformer import speculative
 from ftransformer.model import forward_with_cache
+from ftransformer.quantize import dequantize, quantize
 # [area: optim/train]
 from ftransformer import optim
 from ftransformer.train import evaluate, make_train_step
@@ -60,7 +61,7 @@ __all__ = [
     "init_params", "layers", "loss_fn", "param_breakdown", "random", "tree_flatten_with_paths", "tree_leaves",
     "tree_map", "tree_to", "tree_unflatten_paths",
     "KVCache", "decode_step", "forward_with_cache", "generate", "generate_stream", "generate_stream_sliding", "init_cache", "prefill", "sample",
-    "Sampling", "speculative",
+    "Sampling", "speculative", "quantize", "dequantize",
     "interop", "load_hf_gpt2", "to_hf_gpt2",
     "evaluate", "make_train_step", "optim",
     "BPETokenizer", "CharTokenizer", "Checkpoint", "checkpoint", "data", "fit", "load_checkpoint", "load_dataset",

@@ -8,6 +8,9 @@
       tokenizer.json          the tokenizer (see ``ftransformer.data``)
       checkpoint.json         config, step, metrics history and anything else JSON (data/RNG position, ...)
 
+An int8 tree (``ftransformer.quantize``) keeps each ``Int8Weight`` as two tensors, ``....w_qkv.q`` and
+``....w_qkv.scale``, and ``checkpoint.json`` records ``"quantization": "int8"``; loading rebuilds the leaves.
+
 A save writes everything into a temporary sibling directory first and then renames it into place, so a
 crash mid-save leaves the previous checkpoint as it was. Loading checks every tensor against the shapes
 the config (and the optimizer) expect and names the first one that does not fit.
@@ -29,6 +32,7 @@ from torch import Tensor
 from ftransformer.config import Config
 from ftransformer.data import TOKENIZER_FILE, Tokenizer, temp_sibling, tokenizer_from_json
 from ftransformer.params import init_params, tree_flatten_with_paths, tree_to, tree_unflatten_paths
+from ftransformer.quantize import is_quantized, quantize, restore_int8_leaves
 
 PARAMS_FILE = "params.safetensors"
 OPT_STATE_FILE = "opt_state.safetensors"
@@ -149,6 +153,7 @@ def save_checkpoint(
         "extra": dict(extra or {}),
         "tokenizer": tokenizer.kind if tokenizer is not None else None,
         "opt_state": None,
+        "quantization": "int8" if is_quantized(params) else None,
     }
     tmp = temp_sibling(path)
     tmp.mkdir()
@@ -248,10 +253,13 @@ def _check_against(where: str, what: str, saved: dict[str, Tensor], expected: di
             )
 
 
-def expected_param_shapes(config: Config) -> dict[str, torch.Size]:
-    """``{dotted path: shape}`` of the parameters ``config`` builds (computed on the meta device: no memory)."""
+def expected_param_shapes(config: Config, quantization: str | None = None) -> dict[str, torch.Size]:
+    """``{dotted path: shape}`` of the parameters ``config`` builds, ``quantize``d when ``quantization``
+    names a scheme (computed on the meta device: no memory)."""
     with torch.device("meta"):
         params = init_params(config)
+        if quantization is not None:
+            params = quantize(params, config, quantization)
     return {k: v.shape for k, v in tree_flatten_with_paths(params).items()}
 
 
@@ -331,11 +339,12 @@ def load_checkpoint(
         raise TypeError(f"config must be a Config, got {type(config).__name__}")
 
     flat = _read(where, PARAMS_FILE, lambda: load_file(resolved / PARAMS_FILE, device="cpu"))
-    expected = expected_param_shapes(config)
+    quantization = meta.get("quantization")
+    expected = _read(where, META_FILE, lambda: expected_param_shapes(config, quantization))
     _check_against(where, "config", flat, expected)
     # Rebuilt in init_params' key order (safetensors sorts keys): trees with another key order have
     # another pytree structure, which optimizers and torch.compile guards tell apart.
-    params = tree_to(tree_unflatten_paths({k: flat[k] for k in expected}), device=device)
+    params = tree_to(restore_int8_leaves(tree_unflatten_paths({k: flat[k] for k in expected})), device=device)
 
     opt_state = None
     opt_meta = meta.get("opt_state") if with_opt_state else None

@@ -22,6 +22,10 @@ from ftransformer import random
 from ftransformer.cache import KVCache, init_cache
 from ftransformer.config import Config
 from ftransformer.model import check_tokens, forward_with_cache, forward_with_cache_unchecked, is_tracing
+from ftransformer.layers.int8 import memo_by_tensor
+from ftransformer.quantize import is_quantized, quantize_matrix
+
+_INT8_UNEMBED: dict = {}  # embedding table -> its int8 [d_model, vocab] copy (see untie_for_decoding)
 
 
 def prefill(
@@ -81,11 +85,17 @@ def untie_for_decoding(params: dict, cfg: Config) -> tuple[dict, Config]:
     kernels stream a ``[d_model, vocab]`` matrix (x @ W) about 3x faster than the transposed view of
     the ``[vocab, d_model]`` embedding table once the weights no longer sit in cache (measured: 0.33 vs
     1.1 ms for the seed preset). The copy is made once per generation; the caller's params are untouched.
+    Of an int8 tree (``ftransformer.quantize``) the copy is int8 as well, made once per embedding table
+    (quantizing and packing it takes longer than a short generation).
     """
     if not cfg.tie_embeddings:
         return params, cfg
-    with torch.no_grad():
-        w = params["embed"]["tokens"].t().contiguous()
+    table = params["embed"]["tokens"]
+    if is_quantized(params):  # an int8 model reads its largest matrix as int8 too
+        w = memo_by_tensor(_INT8_UNEMBED, table, lambda: quantize_matrix(table.detach().t().contiguous()))
+    else:
+        with torch.no_grad():
+            w = table.t().contiguous()
     return {**params, "unembed": {"w": w}}, cfg.replace(tie_embeddings=False)
 
 

@@ -95,13 +95,17 @@ def tree_leaves(tree: PyTree) -> list:
 
 
 def tree_flatten_with_paths(tree: PyTree) -> dict[str, Tensor]:
-    """``{"blocks.0.attn.w_qkv": tensor, ...}`` in a stable order."""
+    """``{"blocks.0.attn.w_qkv": tensor, ...}`` in a stable order (a NamedTuple such as ``Int8Weight``
+    contributes its fields: ``"blocks.0.attn.w_qkv.q"``, ``"...scale"``)."""
     flat: dict[str, Tensor] = {}
 
     def visit(node, prefix):
         if isinstance(node, dict):
             for k, v in node.items():
                 visit(v, f"{prefix}{k}.")
+        elif isinstance(node, tuple) and hasattr(node, "_fields"):  # a NamedTuple leaf type: its field names
+            for name, v in zip(node._fields, node):
+                visit(v, f"{prefix}{name}.")
         elif isinstance(node, (list, tuple)):
             for i, v in enumerate(node):
                 visit(v, f"{prefix}{i}.")

@@ -5,6 +5,8 @@ Contenders, all greedy from the same prompt, producing exactly ``--new-tokens`` 
 
 * **KV-cache (eager)**: ``ftransformer.generate`` -- prefill once, then one-token decode steps;
 * **KV-cache (compiled)** with ``--compile``: the same, its decode step under ``torch.compile``;
+* **int8 (eager)** / **int8 (compiled)** with ``--int8``: the same on ``quantize(params, cfg, "int8")``
+  (weight-only int8, per-channel scales); its tokens may differ from fp32 where the logits nearly tie;
 * **no cache**: ``forward`` over the whole sequence so far for every new token (the slow, obvious loop);
 * **transformers**: ``GPT2LMHeadModel.generate(use_cache=True)`` on the equivalent ``GPT2Config``,
   holding a copy of the same (random) weights, so all contenders should produce the same tokens.
@@ -12,6 +14,9 @@ Contenders, all greedy from the same prompt, producing exactly ``--new-tokens`` 
 Repetitions are interleaved (each repetition runs every contender once) so drifting machine load hits
 all alike; medians are reported. Ops per token count the aten operators one generation dispatches,
 divided by the tokens it produced: at batch 1 a decode step is bound by per-op overhead, not arithmetic.
+The floor is the time of the fp32 weight products of one decode step alone, measured here; each
+contender's "of floor" is the floor's tokens/s share it reaches (an int8 model reads fewer bytes, so it
+may pass 100%).
 """
 
 import collections
@@ -23,14 +28,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ftransformer.config import PRESETS, Config, get_preset
-from ftransformer.generate import compiled_decode_step, generate
+from ftransformer.generate import compiled_decode_step, generate, untie_for_decoding
 from ftransformer.model import forward
 from ftransformer.params import init_params
+from ftransformer.quantize import quantize
 
 DEFAULT_PRESET = "seed"
 CACHE, COMPILED, NO_CACHE, HF = "KV-cache (eager)", "KV-cache (compiled)", "no cache (forward)", "transformers"
+INT8, INT8_COMPILED = "int8 (eager)", "int8 (compiled)"
 # Targets (tokens/s ratios) from the issue: the cache path against recomputing and against transformers.
 TARGETS = {NO_CACHE: 5.0, HF: 3.0}
+INT8_TARGET = 1.6  # int8 weight-only decode against the fp32 decode of the same kind (eager/compiled)
 
 
 class OpCounter(TorchDispatchMode):
@@ -85,12 +93,20 @@ def hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 
 def contenders(
-    params: dict, cfg: Config, prompt: torch.Tensor, new_tokens: int, *, compiled: bool, hf=None
+    params: dict, cfg: Config, prompt: torch.Tensor, new_tokens: int, *, compiled: bool, hf=None, int8=None
 ) -> dict[str, Callable[[], torch.Tensor]]:
-    """name -> a function producing ``prompt`` + ``new_tokens`` greedy tokens (``hf``: a model from ``hf_model``)."""
-    fns = {CACHE: lambda: generate(params, prompt, cfg, max_new_tokens=new_tokens, temperature=0)}
+    """name -> a function producing ``prompt`` + ``new_tokens`` greedy tokens (``hf``: a model from ``hf_model``;
+    ``int8``: the quantized params)."""
+    def cached(p, compile=False):
+        return lambda: generate(p, prompt, cfg, max_new_tokens=new_tokens, temperature=0, compile=compile)
+
+    fns = {CACHE: cached(params)}
     if compiled:
-        fns[COMPILED] = lambda: generate(params, prompt, cfg, max_new_tokens=new_tokens, temperature=0, compile=True)
+        fns[COMPILED] = cached(params, compile=True)
+    if int8 is not None:
+        fns[INT8] = cached(int8)
+        if compiled:
+            fns[INT8_COMPILED] = cached(int8, compile=True)
     fns[NO_CACHE] = lambda: no_cache_generate(params, prompt, cfg, new_tokens)
     if hf is not None:
         fns[HF] = lambda: hf_generate(hf, prompt, new_tokens)
@@ -151,6 +167,7 @@ def matmul_floor(params: dict, cfg: Config, batch: int, *, repeats: int = 20, cl
     At batch 1 each weight matrix is read once per token for a matrix-vector product, so on a CPU this is
     mostly memory traffic: every contender pays it, and what is left of a step is per-op overhead.
     """
+    params, cfg = untie_for_decoding(params, cfg)  # the layout the decode step reads (its fastest)
     device = params["embed"]["tokens"].device
     x = torch.randn(batch, cfg.d_model, device=device)
     h = torch.randn(batch, cfg.d_ff, device=device)
@@ -163,7 +180,7 @@ def matmul_floor(params: dict, cfg: Config, batch: int, *, repeats: int = 20, cl
                 if name in blk["mlp"]:
                     x @ blk["mlp"][name]
             h @ blk["mlp"]["w_out"]
-        return x @ (params["embed"]["tokens"].t() if cfg.tie_embeddings else params["unembed"]["w"])
+        return x @ params["unembed"]["w"]
 
     products()
     times = []
@@ -176,19 +193,25 @@ def matmul_floor(params: dict, cfg: Config, batch: int, *, repeats: int = 20, cl
     return statistics.median(times)
 
 
-def format_table(times: dict, ops: dict, new_tokens: int) -> str:
-    """Median ms/token and tokens/s, the best repetition's tokens/s, ops per token, and the cache path's
-    speed-up over each baseline (ratio of medians) against its target."""
+def format_table(times: dict, ops: dict, new_tokens: int, *, floor_tokens_per_s: float | None = None) -> str:
+    """Median ms/token and tokens/s, the best repetition's tokens/s, ops per token, the share of the
+    floor's tokens/s (when given), and the cache path's speed-up over each baseline (ratio of medians)
+    against its target."""
     med = {name: statistics.median(ts) for name, ts in times.items()}
     width = max(len(n) for n in times) + 2
     header = f"{'contender':<{width}}{'ms/token':>10}{'tokens/s':>11}{'best tok/s':>12}{'ops/token':>11}"
+    if floor_tokens_per_s is not None:
+        header += f"{'of floor':>10}"
     lines = [header, "-" * len(header)]
     for name, ts in times.items():
         op = f"{ops[name]:,.0f}" if name in ops else "n/a"
-        lines.append(
+        line = (
             f"{name:<{width}}{med[name] / new_tokens * 1e3:>10.2f}{new_tokens / med[name]:>11,.0f}"
             f"{new_tokens / min(ts):>12,.0f}{op:>11}"
         )
+        if floor_tokens_per_s is not None:
+            line += f"{new_tokens / med[name] / floor_tokens_per_s:>10.0%}"
+        lines.append(line)
     lines.append("")
     for fast in (CACHE, COMPILED):
         if fast not in med:
@@ -198,6 +221,11 @@ def format_table(times: dict, ops: dict, new_tokens: int) -> str:
                 ratio = med[slow] / med[fast]
                 verdict = "meets" if ratio >= target else "misses"
                 lines.append(f"{fast} vs {slow}: {ratio:.2f}x tokens/s ({verdict} the >= {target:g}x target)")
+    for q, f in ((INT8, CACHE), (INT8_COMPILED, COMPILED)):
+        if q in med and f in med:
+            ratio = med[f] / med[q]
+            verdict = "meets" if ratio >= INT8_TARGET else "misses"
+            lines.append(f"{q} vs {f}: {ratio:.2f}x tokens/s ({verdict} the >= {INT8_TARGET:g}x target)")
     return "\n".join(lines)
 
 
@@ -221,6 +249,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed generations per contender first (default: 1)")
     parser.add_argument("--compile", action="store_true", help="also time the cache path with a compiled decode step")
     parser.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face transformers baseline")
+    parser.add_argument("--int8", action="store_true",
+                        help="also time the model quantized to int8 weights (compiled too with --compile)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or mps (default: cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
@@ -260,16 +290,18 @@ def run(args) -> int:
         else:
             if hf is None:
                 print("transformers is not installed: the Hugging Face baseline is skipped (pip install transformers)")
-    fns = contenders(params, cfg, prompt, args.new_tokens, compiled=args.compile, hf=hf)
-    if COMPILED in fns:
-        compiled_decode_step.cache_clear()
-        start = time.perf_counter()
-        fns[COMPILED]()  # compile before timing, so no repetition waits on inductor
-        print(f"compiled the decode step in {time.perf_counter() - start:.1f} s")
+    int8 = quantize(params, cfg, "int8") if args.int8 else None
+    fns = contenders(params, cfg, prompt, args.new_tokens, compiled=args.compile, hf=hf, int8=int8)
+    compiled_decode_step.cache_clear()  # the compile time printed is a fresh compile's
+    for name in (COMPILED, INT8_COMPILED):
+        if name in fns:
+            start = time.perf_counter()
+            fns[name]()  # compile before timing, so no repetition waits on inductor
+            print(f"compiled the decode step of {name} in {time.perf_counter() - start:.1f} s")
     # Counted on a short generation (the count per token hardly depends on the length); a compiled
     # step's kernels are not aten dispatches, so it has no count.
     count_tokens = min(args.new_tokens, 32)
-    short = contenders(params, cfg, prompt, count_tokens, compiled=False, hf=hf)
+    short = contenders(params, cfg, prompt, count_tokens, compiled=False, hf=hf, int8=int8)
     ops = {name: ops_per_token(fn, count_tokens * args.batch_size) for name, fn in short.items()}
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -280,13 +312,17 @@ def run(args) -> int:
         f"torch {torch.__version__}, {args.repeats} interleaved repetitions after {args.warmup} warm-up, "
         f"{args.clock} clock"
     )
-    print(format_table(times, ops, args.new_tokens * args.batch_size))
     floor = matmul_floor(params, cfg, args.batch_size, clock=clock)
+    print(format_table(times, ops, args.new_tokens * args.batch_size, floor_tokens_per_s=args.batch_size / floor))
     line = (f"floor: the weight products alone take {floor * 1e3:.2f} ms/token here, so no implementation "
             f"exceeds {args.batch_size / floor:,.0f} tokens/s")
     if HF in times:
         line += f" = {statistics.median(times[HF]) / args.new_tokens / floor:.2f}x transformers"
     print(line)
+    quantized = {name: outputs.pop(name) for name in (INT8, INT8_COMPILED) if name in outputs}
+    for name, out in quantized.items():
+        same = float((out[:, args.prompt_len:] == outputs[NO_CACHE][:, args.prompt_len:]).float().mean())
+        print(f"{name}: {same:.0%} of its greedy tokens equal the fp32 model's (random weights: near-ties are common)")
     differences = agreement(outputs, NO_CACHE)
     print("all contenders produced the same tokens" if not differences else "\n".join(differences))
     if args.profile:

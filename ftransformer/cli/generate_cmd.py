@@ -13,6 +13,7 @@ import torch
 from ftransformer.checkpoint import checkpoint_exists, load_checkpoint
 from ftransformer.config import Config
 from ftransformer.generate import Sampling, generate_stream_sliding
+from ftransformer.quantize import SCHEMES, is_quantized, quantize
 
 DEVICES = ("cpu", "cuda", "mps")
 # A run directory written by `ftransformer train` holds these checkpoints; the first one found is used.
@@ -40,6 +41,11 @@ def add_arguments(parser) -> None:
                         help="sample among the likeliest tokens holding probability P only (nucleus sampling)")
     parser.add_argument("--seed", type=int, metavar="S", default=0, help="random seed: the same seed gives the same text")
     parser.add_argument("--device", choices=DEVICES, default="cpu", help="where to run (default: cpu)")
+    parser.add_argument(
+        "--quantize", choices=SCHEMES, default=None,
+        help="decode with the weight matrices quantized: int8 = one byte a weight, a scale per output channel "
+        "(a model saved quantized is used as it is)",
+    )
 
 
 def _checkpoint_dir(path: str) -> Path:
@@ -117,6 +123,8 @@ def run(args) -> int:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     device = _device(args.device)
     cfg, params, tokenizer = load_model(args, device)
+    if args.quantize is not None and not is_quantized(params):
+        params = quantize(params, cfg, args.quantize)
     ids = tokenizer.encode(args.prompt)
     if not ids:
         raise ValueError("--prompt encodes to no tokens; give at least one character")

@@ -1,13 +1,24 @@
-"""The one leaf op every projection uses: ``x @ w + b`` with ``w`` stored ``[d_in, d_out]``."""
+"""The one leaf op every projection uses: ``x @ w + b`` with ``w`` stored ``[d_in, d_out]``.
+
+``w`` is a float matrix, or an ``Int8Weight`` (``ftransformer.layers.int8``, made by
+``ftransformer.quantize``): int8 values with one float scale per output column, ``w ~= q * scale``.
+"""
 
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from ftransformer.layers.int8 import Int8Weight, int8_matmul
+
 
 def linear(
-    x: Float[Tensor, "*batch d_in"], w: Float[Tensor, "d_in d_out"], b: Float[Tensor, " d_out"] | None = None
+    x: Float[Tensor, "*batch d_in"],
+    w: Float[Tensor, "d_in d_out"] | Int8Weight,
+    b: Float[Tensor, " d_out"] | None = None,
 ) -> Float[Tensor, "*batch d_out"]:
-    """Affine map. ``w`` is ``[d_in, d_out]`` (the order of ``x @ w``, and of GPT-2's Conv1D)."""
+    """Affine map. ``w`` is ``[d_in, d_out]`` (the order of ``x @ w``, and of GPT-2's Conv1D), float or int8."""
+    if isinstance(w, Int8Weight):
+        y = int8_matmul(x, w)
+        return y if b is None else y + b
     # F.linear wants [d_out, d_in]; the transpose is a free view and one fused addmm does the rest.
     return F.linear(x, w.t(), b)

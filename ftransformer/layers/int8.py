@@ -1,0 +1,151 @@
+"""int8 weights: the leaf type ``Int8Weight`` and the products that read it.
+
+An ``Int8Weight`` stands for a ``[d_in, d_out]`` float matrix ``w ~= q * scale``: int8 values and one
+float scale per output column (made by ``ftransformer.quantize``). Two ways to multiply by it:
+
+* **reference** -- ``(x @ q.float()) * scale``: exactly the weight-only product (the only rounding is the
+  weights'), on any device, under ``grad`` and ``vmap``. It converts the matrix on every call, so it is
+  no faster than float.
+* **fbgemm** -- PyTorch's int8 CPU GEMM (``torch.ops.quantized.linear_dynamic``): the activations are
+  quantized to 8 bits on the fly (one scale for the whole input) and the product runs on int8 dot-product
+  instructions, reading a quarter of the float bytes. Used for inputs of at most ``FAST_ROWS`` rows
+  (decoding: the step whose time the weights' bytes set), on CPU float32, outside ``grad``/``vmap``.
+  Its extra rounding (the activations') is measured by ``ftransformer bench generate --int8``.
+
+The fbgemm path is a ``torch.library`` custom op, so a compiled decode step calls it as one opaque node.
+It needs the weight in fbgemm's packed layout, made once per ``Int8Weight`` and kept while ``q`` lives.
+"""
+
+import warnings
+import weakref
+from typing import NamedTuple
+
+import torch
+from jaxtyping import Float, Int8
+from torch import Tensor
+
+FAST_ROWS = 16  # inputs with at most this many rows (decode steps) take the fbgemm product
+
+
+class Int8Weight(NamedTuple):
+    """A ``[d_in, d_out]`` matrix stored as int8 with per-output-channel scales: ``w ~= q * scale``.
+
+    A NamedTuple, so it is a pytree node: ``tree_map``, ``tree_to``, ``torch.compile`` and checkpoints
+    see its two tensors as leaves (paths ``....w_qkv.q`` and ``....w_qkv.scale``).
+    """
+
+    q: Int8[Tensor, "d_in d_out"]
+    scale: Float[Tensor, " d_out"]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    def dequantize(self) -> Float[Tensor, "d_in d_out"]:
+        """The float matrix this stands for."""
+        return self.q.to(self.scale.dtype) * self.scale
+
+
+def as_float(w: Float[Tensor, "d_in d_out"] | Int8Weight) -> Float[Tensor, "d_in d_out"]:
+    """``w`` as a float matrix (an ``Int8Weight`` dequantized; a float matrix as it is)."""
+    return w.dequantize() if isinstance(w, Int8Weight) else w
+
+
+def reference_matmul(x: Float[Tensor, "*batch d_in"], w: Int8Weight) -> Float[Tensor, "*batch d_out"]:
+    """``x @ (q * scale)`` as ``(x @ q) * scale``: the scale touches the outputs, not the matrix."""
+    return (x @ w.q.to(x.dtype)) * w.scale
+
+
+# ---------------------------------------------------------------- the fbgemm product
+
+def memo_by_tensor(cache: dict, t: Tensor, make):
+    """``make()``, computed once per tensor ``t`` (while ``t`` lives and is not modified in place) and kept in
+    ``cache``: for data derived from weights, such as a packed layout, made on first use."""
+    key = id(t)
+    hit = cache.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    value = make()
+    if hit is None or hit[0]() is not t:
+        weakref.finalize(t, cache.pop, key, None)
+    cache[key] = (weakref.ref(t), t._version, value)
+    return value
+
+
+_PACKED: dict[int, tuple] = {}  # id(q) -> (weakref to q, q._version, fbgemm's packed weight)
+
+
+def _pack(q: Tensor, scale: Tensor):
+    """fbgemm's packed form of ``q * scale``."""
+    with warnings.catch_warnings():  # fbgemm takes its weight as a quantized tensor, a dtype torch deprecates
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*deprecated")
+        qt = torch._make_per_channel_quantized_tensor(
+            q.t().contiguous(), scale.double(), torch.zeros(q.shape[1], dtype=torch.long), 0
+        )
+    return torch.ops.quantized.linear_prepack(qt, None)
+
+
+def packed_count() -> int:
+    """How many int8 matrices hold a packed copy now (tests check that decoding packs each once)."""
+    return len(_PACKED)
+
+
+def _fbgemm_matmul(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    y = torch.ops.quantized.linear_dynamic(rows, memo_by_tensor(_PACKED, q, lambda: _pack(q, scale)), False)
+    return y.reshape(*x.shape[:-1], q.shape[1])
+
+
+# What a compiled step calls: the same product as one opaque node (eager calls the function itself:
+# a custom op's Python dispatch costs more than the product of a decode step).
+_fbgemm_op = torch.library.custom_op("ftransformer::int8_matmul", _fbgemm_matmul, mutates_args=())
+
+
+@_fbgemm_op.register_fake
+def _(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    return x.new_empty(*x.shape[:-1], q.shape[1])
+
+
+def _probe() -> bool:
+    """Whether this PyTorch build runs the fbgemm product and gets the reference's answer on it."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(64, 32, generator=gen)
+        scale = w.abs().amax(0) / 127
+        q = torch.round(w / scale).to(torch.int8)
+        x = torch.randn(2, 64, generator=gen)
+        y = _fbgemm_matmul(x, q, scale)
+        ref = (x @ q.float()) * scale
+        return bool(torch.allclose(y, ref, atol=0.05 * float(ref.abs().max())))
+    except (RuntimeError, NotImplementedError, AttributeError):  # a build without fbgemm/quantized ops
+        return False
+    finally:
+        _PACKED.clear()
+
+
+_AVAILABLE: list[bool] = []  # filled by the first fbgemm_available() call
+
+
+def fbgemm_available() -> bool:
+    """Whether the fbgemm int8 product works here (probed once; False where this torch build lacks it)."""
+    if not _AVAILABLE:
+        _AVAILABLE.append(_probe())
+    return _AVAILABLE[0]
+
+
+def _takes_fast_path(x: Tensor) -> bool:
+    if not (x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad):
+        return False
+    if x.numel() // x.shape[-1] > FAST_ROWS:
+        return False
+    if torch.compiler.is_compiling():  # traced: the probe ran eagerly (quantize calls it), read its answer
+        return bool(_AVAILABLE) and _AVAILABLE[0]
+    return not torch._C._functorch.is_functorch_wrapped_tensor(x) and fbgemm_available()
+
+
+def int8_matmul(x: Float[Tensor, "*batch d_in"], w: Int8Weight) -> Float[Tensor, "*batch d_out"]:
+    """``x @ (q * scale)``: fbgemm's int8 GEMM for few rows on CPU (see the module note), else the reference."""
+    if _takes_fast_path(x):
+        op = _fbgemm_op if torch.compiler.is_compiling() else _fbgemm_matmul
+        return op(x, w.q, w.scale)
+    return reference_matmul(x, w)

@@ -134,3 +134,42 @@ def test_format_scaling_table_computes_efficiency_per_contender():
     assert rows[0][-4:] == ["-", "10,000", "10,000", "100%"]
     assert rows[2][-4:] == ["-", "16,000", "8,000", "80%"]
     assert rows[3][-4:] == ["1.50", "20,000", "10,000", "80%"]
+
+
+def _char_checkpoints(tmp_path, **sizes):
+    """A small text file and one random-weight checkpoint per ``name=Config`` keyword, all sharing its char tokenizer."""
+    text = "the quick brown fox jumps over the lazy dog. " * 60
+    data = tmp_path / "text.txt"
+    data.write_text(text)
+    tok = ft.CharTokenizer.from_text(text)
+    for i, (name, cfg) in enumerate(sizes.items()):
+        cfg = cfg.replace(vocab_size=tok.vocab_size)
+        ft.save_checkpoint(tmp_path / name, params=ft.init_params(cfg, seed=i), config=cfg, step=0, tokenizer=tok)
+    return data
+
+
+def test_bench_int8_reports_loss_change_and_agreement(tmp_path, capsys):
+    cfg = ft.Config(vocab_size=2, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_seq_len=32)
+    data = _char_checkpoints(tmp_path, model=cfg)
+    argv = ["bench", "int8", "--checkpoint", str(tmp_path / "model"), "--data", str(data), "--windows", "3",
+            "--prompts", "2", "--new-tokens", "6"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"whole split, weight-only \([\d,]+\)\s+\d\.\d{4}\s+\d\.\d{4}\s+[+-]\d+\.\d\d%", out)
+    assert re.search(r"decode path \(3 windows x 32\)\s+\d\.\d{4}", out)
+    assert re.search(r"target: int8 val loss within 1% of float32: (met|missed)", out)
+    assert re.search(r"greedy agreement over 2 val prompts x 6 tokens: \d+\.\d% of positions equal", out)
+
+
+def test_bench_speculative_matches_the_target_and_reports_acceptance(tmp_path, capsys):
+    target = ft.Config(vocab_size=2, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_seq_len=32)
+    data = _char_checkpoints(tmp_path, target=target, draft=target.replace(n_layers=1, d_model=16, n_heads=2, d_ff=32))
+    argv = ["bench", "speculative", "--checkpoint", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"),
+            "--data", str(data), "--draft-tokens", "2", "3", "--repeats", "1", "--new-tokens", "10"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "greedy speculative output equals the target's" in out
+    for k in (2, 3):
+        assert re.search(rf"speculative, K={k}\s+\d+\.\d\d\s+\d+\.\d\dx\s+\d+%\s+\d+\.\d\d", out)
+    assert main([*argv[:-1], "40"]) == 2
+    assert "--new-tokens must lie in [1, 21]" in capsys.readouterr().err

@@ -10,6 +10,8 @@ from ftransformer.cli import add_commands
 BENCHES = {
     "train": ("ftransformer.bench.train", "time one training step: functional model vs a plain torch.nn GPT"),
     "generate": ("ftransformer.bench.generate", "time generation against baselines"),
+    "speculative": ("ftransformer.bench.speculative", "speculative decoding with a draft model: acceptance and speed-up"),
+    "int8": ("ftransformer.bench.int8", "what int8 quantization costs a trained checkpoint: val loss and greedy agreement"),
     "vmap": ("ftransformer.bench.vmap", "per-example gradients (vmap vs a loop vs Opacus) and an ensemble in one vmapped step"),
     "quality": ("ftransformer.bench.quality", "train the shakespeare-char-cpu recipe: functional vs torch.nn, same batches"),
 }

@@ -1,0 +1,112 @@
+"""``ftransformer bench int8 --checkpoint DIR --data FILE``: what int8 quantization costs a trained model.
+
+Three measurements, float32 against ``quantize(params, cfg, "int8")`` of the same checkpoint:
+
+* **val loss, weight-only** -- the whole validation split in non-overlapping windows (``evaluate`` on
+  ``data.SplitWindows``). Windows are many rows, so the int8 model runs the reference product: this is
+  the cost of rounding the weights alone.
+* **val loss, decode path** -- ``--windows`` validation windows fed one token at a time through the
+  KV-cache (teacher forcing), 16 rows a step: exactly the products generation runs (fbgemm's int8 GEMM,
+  which also rounds the activations to 8 bits).
+* **greedy agreement** -- greedy continuations of validation prompts: the share of positions where the
+  int8 model picks the float model's token, and how many tokens it follows the float model before the
+  first difference.
+"""
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ftransformer.cache import init_cache
+from ftransformer.checkpoint import load_checkpoint
+from ftransformer.data import SplitWindows, load_dataset
+from ftransformer.generate import generate
+from ftransformer.model import forward_with_cache
+from ftransformer.quantize import quantize, weight_bytes
+from ftransformer.train import evaluate
+
+DECODE_ROWS = 16  # rows decoded together: at most layers.int8.FAST_ROWS, so the decode product is fbgemm's
+LOSS_TARGET = 0.01  # the issue's bound: int8 val loss within 1% of float32
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--checkpoint", metavar="DIR", required=True, help="a checkpoint written by ftransformer")
+    parser.add_argument("--data", metavar="FILE", default=None,
+                        help="the text it was trained on (default: the built-in corpus); its val split is scored")
+    parser.add_argument("--windows", type=int, default=64,
+                        help="val windows scored through the decode path (default: 64)")
+    parser.add_argument("--prompts", type=int, default=16, help="greedy continuations compared (default: 16)")
+    parser.add_argument("--new-tokens", type=int, default=100, help="tokens per continuation (default: 100)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+
+
+def decode_path_loss(params: dict, windows: torch.Tensor, cfg) -> float:
+    """Mean loss of ``windows`` ``[n, seq + 1]`` predicted one token at a time through the KV-cache."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for rows in windows.split(DECODE_ROWS):
+            tokens, targets = rows[:, :-1], rows[:, 1:]
+            cache = init_cache(cfg, rows.shape[0], max_len=tokens.shape[1])
+            for t in range(tokens.shape[1]):
+                logits, cache = forward_with_cache(params, tokens[:, t:t + 1], cache, cfg)
+                total += float(F.cross_entropy(logits[:, 0], targets[:, t], reduction="sum"))
+                count += rows.shape[0]
+    return total / count
+
+
+def greedy_agreement(fp32: torch.Tensor, int8: torch.Tensor, prompt_len: int) -> tuple[float, list[int]]:
+    """(share of generated positions with equal tokens, each row's tokens before its first difference)."""
+    same = fp32[:, prompt_len:] == int8[:, prompt_len:]
+    first_diffs = [int(row.numel()) if bool(row.all()) else int((~row).int().argmax()) for row in same]
+    return float(same.float().mean()), first_diffs
+
+
+def run(args) -> int:
+    for name in ("windows", "prompts", "new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    ckpt = load_checkpoint(args.checkpoint, with_opt_state=False)
+    if ckpt.tokenizer is None:
+        raise ValueError(f"the checkpoint at {args.checkpoint!r} holds no tokenizer, so the data cannot be encoded")
+    cfg, params = ckpt.config.replace(dropout=0.0), ckpt.params
+    seq = cfg.max_seq_len
+    data = load_dataset(args.data, tokenizer=ckpt.tokenizer, seq_len=seq)
+    start = time.perf_counter()
+    qparams = quantize(params, cfg, "int8")
+    print(f"bench int8: {args.checkpoint} ({cfg.n_layers} layers, d_model {cfg.d_model}), quantized in "
+          f"{time.perf_counter() - start:.2f} s; weights {weight_bytes(params) / 2**20:.2f} MiB -> "
+          f"{weight_bytes(qparams) / 2**20:.2f} MiB; torch {torch.__version__}")
+
+    split = SplitWindows(data.val, seq, 32)
+    whole = {name: evaluate(p, split, cfg, desc=name) for name, p in (("float32", params), ("int8", qparams))}
+    val = torch.as_tensor(data.val[: (len(data.val) - 1) // seq * seq + 1].astype("int64"))
+    stride = max((len(val) - 1) // seq // args.windows, 1)
+    starts = torch.arange(args.windows) * stride * seq
+    windows = torch.stack([val[s:s + seq + 1] for s in starts.tolist()])
+    decoded = {name: decode_path_loss(p, windows, cfg) for name, p in (("float32", params), ("int8", qparams))}
+
+    header = f"{'val loss':<34}{'float32':>9}{'int8':>9}{'change':>9}"
+    lines = [header, "-" * len(header)]
+    for label, res in ((f"whole split, weight-only ({split.n_targets:,})", whole),
+                       (f"decode path ({args.windows} windows x {seq})", decoded)):
+        change = res["int8"] / res["float32"] - 1
+        lines.append(f"{label:<34}{res['float32']:>9.4f}{res['int8']:>9.4f}{change:>+9.2%}")
+    print("\n".join(lines))
+    worst = max(abs(r["int8"] / r["float32"] - 1) for r in (whole, decoded))
+    print(f"target: int8 val loss within {LOSS_TARGET:.0%} of float32: {'met' if worst <= LOSS_TARGET else 'missed'} "
+          f"(largest change {worst:.2%})")
+
+    prompt_len = min(16, seq // 4)
+    prompts = windows[: args.prompts, :prompt_len]
+    new = min(args.new_tokens, seq - prompt_len)
+    outs = [generate(p, prompts, cfg, max_new_tokens=new, temperature=0) for p in (params, qparams)]
+    share, first_diffs = greedy_agreement(*outs, prompt_len)
+    print(f"greedy agreement over {prompts.shape[0]} val prompts x {new} tokens: {share:.1%} of positions equal; "
+          f"the int8 model follows the float one for {statistics.mean(first_diffs):.1f} tokens on average "
+          f"(median {statistics.median(first_diffs):.0f}) before the first difference")
+    return 0
+

@@ -213,6 +213,28 @@ def write_kv(
     return buffer.scatter(-2, index, new.to(buffer.dtype))
 
 
+def write_kv_(
+    buffer: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
+    new: Float[Tensor, "*batch kv_heads seq head_dim"],
+    index: Int[Tensor, "*batch kv_heads seq head_dim"],
+) -> Float[Tensor, "*batch kv_heads kv_seq head_dim"]:
+    """``write_kv`` in place: ``buffer`` itself, with ``new`` written at the slots in ``index``.
+
+    Eagerly ``scatter_`` is the cheapest write. Under ``torch.compile`` the same write is an
+    ``index_put_``, which Inductor performs in place; a ``scatter_`` on a graph input it turns into a
+    copy of the whole buffer plus a write back (measured: ~40 us a layer per decode step, seed preset).
+    """
+    new = new.to(buffer.dtype)
+    if not torch.compiler.is_compiling():
+        return buffer.scatter_(-2, index, new)
+    rows = buffer.reshape(-1, *buffer.shape[-3:])  # a view: the cache buffers are contiguous
+    slots = index[..., 0, :, 0].reshape(rows.shape[0], 1, -1)  # [rows, 1, seq]
+    row = torch.arange(rows.shape[0], device=buffer.device)[:, None, None]
+    head = torch.arange(rows.shape[1], device=buffer.device)[None, :, None]
+    rows.index_put_((row, head, slots), new.reshape(rows.shape[0], *new.shape[-3:]))
+    return buffer
+
+
 def multi_head_attention_with_cache(
     params: dict,
     x: Float[Tensor, "*batch seq d_model"],
@@ -241,8 +263,8 @@ def multi_head_attention_with_cache(
     """
     q, k, v = project_qkv(params, x, cfg, positions)
     if donate:
-        k_cache = k_cache.scatter_(-2, write_index, k.to(k_cache.dtype))
-        v_cache = v_cache.scatter_(-2, write_index, v.to(v_cache.dtype))
+        k_cache = write_kv_(k_cache, k, write_index)
+        v_cache = write_kv_(v_cache, v, write_index)
     else:
         k_cache = write_kv(k_cache, k, write_index)
         v_cache = write_kv(v_cache, v, write_index)

@@ -314,7 +314,8 @@ def run(args) -> int:
     )
     floor = matmul_floor(params, cfg, args.batch_size, clock=clock)
     print(format_table(times, ops, args.new_tokens * args.batch_size, floor_tokens_per_s=args.batch_size / floor))
-    line = (f"floor: the weight products alone take {floor * 1e3:.2f} ms/token here, so no implementation "
+    per = "ms/token" if args.batch_size == 1 else f"ms per step of {args.batch_size} tokens"
+    line = (f"floor: the weight products alone take {floor * 1e3:.2f} {per} here, so no implementation "
             f"exceeds {args.batch_size / floor:,.0f} tokens/s")
     if HF in times:
         line += f" = {statistics.median(times[HF]) / args.new_tokens / floor:.2f}x transformers"

@@ -95,15 +95,16 @@ def tree_leaves(tree: PyTree) -> list:
 
 
 def tree_flatten_with_paths(tree: PyTree) -> dict[str, Tensor]:
-    """``{"blocks.0.attn.w_qkv": tensor, ...}`` in a stable order (a NamedTuple such as ``Int8Weight``
-    contributes its fields: ``"blocks.0.attn.w_qkv.q"``, ``"...scale"``)."""
+    """``{"blocks.0.attn.w_qkv": tensor, ...}`` in a stable order. Tuples contribute their indices (an
+    optimizer state: ``"1.2.blocks.0.e"``); a leaf type that sets ``PATHS_BY_FIELD`` (``Int8Weight``)
+    contributes its field names instead: ``"blocks.0.attn.w_qkv.q"``, ``"...scale"``."""
     flat: dict[str, Tensor] = {}
 
     def visit(node, prefix):
         if isinstance(node, dict):
             for k, v in node.items():
                 visit(v, f"{prefix}{k}.")
-        elif isinstance(node, tuple) and hasattr(node, "_fields"):  # a NamedTuple leaf type: its field names
+        elif isinstance(node, tuple) and getattr(node, "PATHS_BY_FIELD", False):
             for name, v in zip(node._fields, node):
                 visit(v, f"{prefix}{name}.")
         elif isinstance(node, (list, tuple)):

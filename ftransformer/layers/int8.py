@@ -36,6 +36,7 @@ class Int8Weight(NamedTuple):
 
     q: Int8[Tensor, "d_in d_out"]
     scale: Float[Tensor, " d_out"]
+    PATHS_BY_FIELD = True  # checkpoint paths name the fields (".q", ".scale"), not tuple indices
 
     @property
     def shape(self) -> torch.Size:

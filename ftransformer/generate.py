@@ -75,8 +75,12 @@ def compiled_decode_step():
 
     Built on first use (no compile work at import). Run it with jaxtyping checking off: a checked
     function graph-breaks.
+
+    Inductor's C++ wrapper calls the step's ~50 kernels and products from C++ instead of generated
+    Python: measured on the seed preset, 2.35 against 2.69 ms a step (1 thread), the same logits to the
+    bit, for ~10 s more compile time once (the compiled code is cached on disk).
     """
-    return torch.compile(_owned_decode_step, fullgraph=True, dynamic=False)
+    return torch.compile(_owned_decode_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
 
 def untie_for_decoding(params: dict, cfg: Config) -> tuple[dict, Config]:

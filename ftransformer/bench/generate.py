@@ -14,9 +14,9 @@ Contenders, all greedy from the same prompt, producing exactly ``--new-tokens`` 
 Repetitions are interleaved (each repetition runs every contender once) so drifting machine load hits
 all alike; medians are reported. Ops per token count the aten operators one generation dispatches,
 divided by the tokens it produced: at batch 1 a decode step is bound by per-op overhead, not arithmetic.
-The floor is the time of the fp32 weight products of one decode step alone, measured here; each
-contender's "of floor" is the floor's tokens/s share it reaches (an int8 model reads fewer bytes, so it
-may pass 100%).
+The floor is the time of the fp32 weight products of one decode step alone, timed in the same
+interleaved repetitions as the contenders; each contender's "of floor" is the floor's tokens/s share
+it reaches (an int8 model reads fewer bytes, so it may pass 100%).
 """
 
 import collections
@@ -36,6 +36,7 @@ from ftransformer.quantize import quantize
 DEFAULT_PRESET = "seed"
 CACHE, COMPILED, NO_CACHE, HF = "KV-cache (eager)", "KV-cache (compiled)", "no cache (forward)", "transformers"
 INT8, INT8_COMPILED = "int8 (eager)", "int8 (compiled)"
+FLOOR = "floor (weight products alone)"
 # Targets (tokens/s ratios) from the issue: the cache path against recomputing and against transformers.
 TARGETS = {NO_CACHE: 5.0, HF: 3.0}
 INT8_TARGET = 1.6  # int8 weight-only decode against the fp32 decode of the same kind (eager/compiled)
@@ -161,13 +162,15 @@ def agreement(outputs: dict, reference: str) -> list[str]:
     return lines
 
 
-def matmul_floor(params: dict, cfg: Config, batch: int, *, repeats: int = 20, clock=time.perf_counter) -> float:
-    """Seconds per token of only the decode step's weight products (median), a bound no implementation beats.
+def floor_products(params: dict, cfg: Config, batch: int) -> Callable[[], torch.Tensor]:
+    """One decode step's weight products alone (random inputs of the right shapes): their time is a
+    bound no implementation beats.
 
     At batch 1 each weight matrix is read once per token for a matrix-vector product, so on a CPU this is
-    mostly memory traffic: every contender pays it, and what is left of a step is per-op overhead.
+    mostly memory traffic: every contender pays it, and what is left of a step is per-op overhead. The
+    matrices are read in the layout the decode step reads (the untied ``[d_model, vocab]`` unembedding).
     """
-    params, cfg = untie_for_decoding(params, cfg)  # the layout the decode step reads (its fastest)
+    params, cfg = untie_for_decoding(params, cfg)
     device = params["embed"]["tokens"].device
     x = torch.randn(batch, cfg.d_model, device=device)
     h = torch.randn(batch, cfg.d_ff, device=device)
@@ -182,15 +185,7 @@ def matmul_floor(params: dict, cfg: Config, batch: int, *, repeats: int = 20, cl
             h @ blk["mlp"]["w_out"]
         return x @ params["unembed"]["w"]
 
-    products()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = clock()
-        products()
-        _sync(device)
-        times.append(clock() - start)
-    return statistics.median(times)
+    return products
 
 
 def format_table(times: dict, ops: dict, new_tokens: int, *, floor_tokens_per_s: float | None = None) -> str:
@@ -305,14 +300,19 @@ def run(args) -> int:
     ops = {name: ops_per_token(fn, count_tokens * args.batch_size) for name, fn in short.items()}
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    times, outputs = time_contenders(fns, repeats=args.repeats, warmup=args.warmup, device=device, clock=clock)
+    # The floor is timed as one more contender -- the products of as many decode steps as a generation
+    # takes -- inside the same interleaved repetitions, so machine drift moves it with the others.
+    products = floor_products(params, cfg, args.batch_size)
+    timed = {**fns, FLOOR: lambda: [products() for _ in range(args.new_tokens)][-1]}
+    times, outputs = time_contenders(timed, repeats=args.repeats, warmup=args.warmup, device=device, clock=clock)
+    outputs.pop(FLOOR)
+    floor = statistics.median(times.pop(FLOOR)) / args.new_tokens
     print(
         f"bench generate: preset {args.preset}, batch {args.batch_size}, prompt {args.prompt_len} tokens, "
         f"{args.new_tokens} new tokens, greedy, device {device}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}, {args.repeats} interleaved repetitions after {args.warmup} warm-up, "
         f"{args.clock} clock"
     )
-    floor = matmul_floor(params, cfg, args.batch_size, clock=clock)
     print(format_table(times, ops, args.new_tokens * args.batch_size, floor_tokens_per_s=args.batch_size / floor))
     per = "ms/token" if args.batch_size == 1 else f"ms per step of {args.batch_size} tokens"
     line = (f"floor: the weight products alone take {floor * 1e3:.2f} {per} here, so no implementation "

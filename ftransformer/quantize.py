@@ -12,23 +12,14 @@ the leaf). Training takes float params: quantize a trained model.
 """
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 
 from ftransformer.config import Config
-from ftransformer.layers.int8 import Int8Weight, as_float, fbgemm_available
+from ftransformer.layers.int8 import Int8Weight, as_float, fbgemm_available, quantize_matrix
 from ftransformer.params import tree_leaves
 
 SCHEMES = ("int8",)
 MATRICES = ("w_qkv", "w_o", "w_in", "w_gate", "w_out")  # the projections of a block (attention and MLP)
-
-
-def quantize_matrix(w: Float[Tensor, "d_in d_out"]) -> Int8Weight:
-    """Symmetric int8 with a scale per output column: ``|w - q * scale| <= scale / 2`` elementwise."""
-    with torch.no_grad():
-        scale = w.abs().amax(dim=0).clamp_min(torch.finfo(w.dtype).tiny) / 127.0
-        q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
-    return Int8Weight(q=q, scale=scale)
 
 
 def _check_scheme(scheme: str) -> None:

@@ -13,10 +13,10 @@ agrees with it often: speed-up ~ (accepted per round + 1) / (K x draft cost / ta
 """
 
 import statistics
-import time
 
 import torch
 
+from ftransformer.bench.generate import time_contenders
 from ftransformer.checkpoint import load_checkpoint
 from ftransformer.data import load_dataset
 from ftransformer.generate import Sampling, generate
@@ -67,15 +67,9 @@ def run(args) -> int:
         contenders[f"speculative, K={k}"] = (lambda k=k: speculative_generate(
             params, prompt, cfg, draft=(dparams, dcfg), draft_tokens=k, max_new_tokens=new, sampling=greedy))
     contenders["draft alone"] = lambda: (generate(dparams, prompt, dcfg, max_new_tokens=new, sampling=greedy), None)
-    for fn in contenders.values():
-        fn()  # warm-up
-    times = {name: [] for name in contenders}
-    outputs, stats = {}, {}
-    for _ in range(args.repeats):
-        for name, fn in contenders.items():
-            start = time.perf_counter()
-            outputs[name], stats[name] = fn()
-            times[name].append(time.perf_counter() - start)
+    times, results = time_contenders(contenders, repeats=args.repeats, warmup=1, device=prompt.device)
+    outputs = {name: out for name, (out, _) in results.items()}
+    stats = {name: s for name, (_, s) in results.items()}
 
     tokens = new * args.batch_size
     base = statistics.median(times["target alone"])

@@ -52,6 +52,14 @@ def as_float(w: Float[Tensor, "d_in d_out"] | Int8Weight) -> Float[Tensor, "d_in
     return w.dequantize() if isinstance(w, Int8Weight) else w
 
 
+def quantize_matrix(w: Float[Tensor, "d_in d_out"]) -> Int8Weight:
+    """Symmetric int8 with a scale per output column: ``|w - q * scale| <= scale / 2`` elementwise."""
+    with torch.no_grad():
+        scale = w.abs().amax(dim=0).clamp_min(torch.finfo(w.dtype).tiny) / 127.0
+        q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)
+    return Int8Weight(q=q, scale=scale)
+
+
 def reference_matmul(x: Float[Tensor, "*batch d_in"], w: Int8Weight) -> Float[Tensor, "*batch d_out"]:
     """``x @ (q * scale)`` as ``(x @ q) * scale``: the scale touches the outputs, not the matrix."""
     return (x @ w.q.to(x.dtype)) * w.scale
@@ -114,13 +122,10 @@ def _probe() -> bool:
     """Whether this PyTorch build runs the fbgemm product and gets the reference's answer on it."""
     try:
         gen = torch.Generator().manual_seed(0)
-        w = torch.randn(64, 32, generator=gen)
-        scale = w.abs().amax(0) / 127
-        q = torch.round(w / scale).to(torch.int8)
+        w = quantize_matrix(torch.randn(64, 32, generator=gen))
         x = torch.randn(2, 64, generator=gen)
-        y = _fbgemm_matmul(x, q, scale)
-        ref = (x @ q.float()) * scale
-        return bool(torch.allclose(y, ref, atol=0.05 * float(ref.abs().max())))
+        ref = reference_matmul(x, w)
+        return bool(torch.allclose(_fbgemm_matmul(x, w.q, w.scale), ref, atol=0.05 * float(ref.abs().max())))
     except (RuntimeError, NotImplementedError, AttributeError):  # a build without fbgemm/quantized ops
         return False
     finally:

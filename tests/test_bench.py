@@ -1,4 +1,7 @@
 import re
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -124,6 +127,19 @@ def test_bench_train_nproc_times_one_and_two_torchrun_processes(capsys):
     assert rows[0][-1] == rows[1][-1] == "100%"
     assert rows[3][-4] != "-" and float(rows[3][-4]) >= 0  # the functional step's all-reduce is timed
     assert "all 2 processes hold identical parameters (checked exactly)" in out
+
+
+def test_a_stalled_scaling_job_is_stopped_with_its_workers(tmp_path):
+    # torchrun starts its workers in sessions of their own: stopping the launcher must also reach them,
+    # through the pid files the workers write beside the JSON.
+    sleeper = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"]
+    launcher = subprocess.Popen(sleeper)
+    worker = subprocess.Popen([*sleeper, scaling.WORKER_MODULE], start_new_session=True)
+    out = tmp_path / "2.json"
+    (tmp_path / "2.json.pid.1").write_text(str(worker.pid))
+    scaling._stop(launcher, out, grace_s=1.0)  # the launcher ignores SIGTERM here, so it is killed
+    assert launcher.poll() is not None
+    assert worker.wait(timeout=10) == -signal.SIGKILL
 
 
 def test_format_scaling_table_computes_efficiency_per_contender():

@@ -16,8 +16,10 @@ a CPU the processes share the cores and the memory bandwidth, so keep ``N x thre
 """
 
 import argparse
+import gc
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,6 +37,7 @@ from ftransformer.params import init_params, tree_flatten_with_paths
 
 FUNCTIONAL, NN, DDP = "functional (eager)", "torch.nn + AdamW", "DDP + AdamW"
 COMPILED = "functional (compiled)"
+WORKER_MODULE = "ftransformer.bench.scaling"  # what each process of the torchrun job runs
 
 
 # ---------------------------------------------------------------- one process of the torchrun job
@@ -83,8 +86,7 @@ def _contenders(params, cfg, ctx, *, compile: bool) -> tuple[dict, list]:
     return steps, clocks
 
 
-def worker(argv: list[str] | None = None) -> None:
-    """Time the contenders in this process of the job; rank 0 writes the medians to ``--json``."""
+def _parse_worker_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     for flag in ("--preset", "--json"):
         parser.add_argument(flag, required=True)
@@ -92,9 +94,11 @@ def worker(argv: list[str] | None = None) -> None:
         parser.add_argument(flag, type=int, required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    ctx = distributed.init_from_env(device=args.device)
+    return parser.parse_args(argv)
+
+
+def _measure(args: argparse.Namespace, ctx) -> dict:
+    """Time the contenders in this process; the DDP model and the steps die when this returns."""
     rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
     device = ctx.device if ctx else torch.device(args.device)
     cfg = get_preset(args.preset).replace(dropout=0.0)
@@ -112,14 +116,33 @@ def worker(argv: list[str] | None = None) -> None:
     for _, clock in clocks:
         clock.ms = 0.0
     times = bench_train.time_steps(steps, batches, repeats=args.steps, warmup=0, device=device)
-    result = {
+    return {
         "world_size": world, "backend": ctx.backend if ctx else None, "threads": torch.get_num_threads(),
         "median_ms": {name: statistics.median(ts) for name, ts in times.items()},
         "all_reduce_ms": {name: clock.ms / args.steps for name, clock in clocks},
         "same_params_everywhere": _same_everywhere(steps[FUNCTIONAL].state["params"], ctx) if ctx else True,
         "compile_s": compile_s,
     }
-    if rank == 0:
+
+
+def worker(argv: list[str] | None = None) -> None:
+    """Time the contenders in this process of the job; rank 0 writes the medians to ``--json``.
+
+    Each process first writes its pid beside ``--json`` (``<json>.pid.<rank>``), so the launcher can
+    kill it if the job stalls: torchrun starts its workers in sessions of their own, out of reach of a
+    signal to the launcher's process group.
+    """
+    args = _parse_worker_args(argv)
+    Path(f"{args.json}.pid.{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))
+    torch.set_num_threads(args.threads)
+    ctx = distributed.init_from_env(device=args.device)
+    result = _measure(args, ctx)
+    # The DDP model's reducer holds the process group: it must be gone before the group is destroyed
+    # (a DDP object freed after destroy_process_group intermittently blocked its process at exit).
+    gc.collect()
+    if ctx is not None:
+        ctx.barrier()
+    if ctx is None or ctx.is_main:
         Path(args.json).write_text(json.dumps(result))
     distributed.shutdown()
 
@@ -131,7 +154,7 @@ def _launch(nproc: int, args, seq: int, out: Path, *, timeout_s: float) -> dict:
     """Run one torchrun job of ``nproc`` worker processes; its rank 0's result."""
     threads = args.threads or 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "ftransformer.bench.scaling", "--preset", args.preset, "--json", str(out),
+           "-m", WORKER_MODULE, "--preset", args.preset, "--json", str(out),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch-size", str(args.batch_size),
            "--seq-len", str(seq), "--threads", str(threads), "--seed", str(args.seed), "--device", args.device]
     if args.compile:
@@ -139,15 +162,43 @@ def _launch(nproc: int, args, seq: int, out: Path, *, timeout_s: float) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if nproc == 1:  # the single-process baseline: no process group at all
         cmd[1:5] = []
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as e:
-        raise RuntimeError(f"bench train --nproc: the {nproc}-process job ran past {timeout_s:.0f} s") from e
-    if done.returncode != 0:
-        raise RuntimeError(
-            f"bench train --nproc: the {nproc}-process job failed (exit {done.returncode}):\n{done.stderr[-3000:]}"
-        )
+    log = out.with_suffix(".log")
+    with open(log, "w") as sink:  # a file, not a pipe: a stray worker cannot keep the reader waiting
+        job = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
+        try:
+            returncode = job.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _stop(job, out)
+            raise RuntimeError(
+                f"bench train --nproc: the {nproc}-process job ran past {timeout_s:.0f} s and was stopped; "
+                f"its output:\n{_tail(log)}"
+            ) from None
+    if returncode != 0:
+        raise RuntimeError(f"bench train --nproc: the {nproc}-process job failed (exit {returncode}):\n{_tail(log)}")
     return json.loads(out.read_text())
+
+
+def _tail(log: Path, chars: int = 3000) -> str:
+    return log.read_text(errors="replace")[-chars:]
+
+
+def _stop(job: subprocess.Popen, out: Path, grace_s: float = 20.0) -> None:
+    """Stop a stalled job: SIGTERM lets torchrun stop its workers; then kill whatever is left, the
+    workers found by the pid files they wrote (they run in sessions of their own)."""
+    job.terminate()
+    try:
+        job.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        job.wait()
+    for pid_file in out.parent.glob(f"{out.name}.pid.*"):
+        try:
+            pid = int(pid_file.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline")
+            if not cmdline.exists() or WORKER_MODULE.encode() in cmdline.read_bytes():  # not a reused pid
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass  # already gone, or the file was caught half-written
 
 
 def format_scaling_table(results: dict, tokens_per_process: int) -> str:

@@ -1,7 +1,10 @@
 """Generation: prefill/decode_step against forward, greedy generate against an argmax loop, sampling
 (greedy, temperature, top-k, top-p, seeds), stop tokens, streaming, ragged prompts, compile, errors."""
 
+import re
+
 import pytest
+
 import torch
 
 import ftransformer as ft
@@ -330,6 +333,25 @@ def test_bench_generate_runs_on_tiny_sizes(capsys):
     assert "all contenders produced the same tokens" in out
     assert main([*argv, "--prompt-len", "14"]) == 2  # 14 + 4 > max_seq_len=16
     assert "max_seq_len=16" in capsys.readouterr().err
+
+
+def test_bench_generate_int8_contenders(capsys):
+    from ftransformer.bench import torchao_ref
+    from ftransformer.cli import main
+
+    argv = ["bench", "generate", "--preset", "tiny", "--prompt-len", "3", "--new-tokens", "4", "--repeats", "1",
+            "--warmup", "0", "--threads", "1", "--int8"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"int8 \(eager\)\s+\d+\.\d\d", out)
+    assert re.search(r"int8 \(eager\) vs KV-cache \(eager\): \d+\.\d\dx tokens/s \((meets|misses)", out)
+    assert re.search(r"int8 \(eager\): \d+% of its greedy tokens equal the fp32 model's", out)
+    if torchao_ref.available():
+        assert re.search(r"transformers \+ torchao int8\s+\d+\.\d\d", out)
+        assert re.search(r"int8 \(eager\) vs transformers \+ torchao int8: \d+\.\d\dx tokens/s", out)
+        assert re.search(r"transformers \+ torchao int8: \d+% of its greedy tokens equal", out)
+    else:
+        assert "transformers + torchao int8: skipped: torchao not installed" in out
 
 
 # ---------------------------------------------------------------- past max_seq_len

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ftransformer.bench import torchao_ref
 from ftransformer.config import PRESETS, Config, get_preset
 from ftransformer.generate import compiled_decode_step, generate, untie_for_decoding
 from ftransformer.model import forward
@@ -36,6 +37,7 @@ from ftransformer.quantize import quantize
 DEFAULT_PRESET = "seed"
 CACHE, COMPILED, NO_CACHE, HF = "KV-cache (eager)", "KV-cache (compiled)", "no cache (forward)", "transformers"
 INT8, INT8_COMPILED = "int8 (eager)", "int8 (compiled)"
+HF_TORCHAO = "transformers + torchao int8"  # bench.torchao_ref.hf_int8: torchao's int8 weight-only
 FLOOR = "floor (weight products alone)"
 # Targets (tokens/s ratios) from the issue: the cache path against recomputing and against transformers.
 TARGETS = {NO_CACHE: 5.0, HF: 3.0}
@@ -94,10 +96,11 @@ def hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 
 def contenders(
-    params: dict, cfg: Config, prompt: torch.Tensor, new_tokens: int, *, compiled: bool, hf=None, int8=None
+    params: dict, cfg: Config, prompt: torch.Tensor, new_tokens: int, *, compiled: bool, hf=None, int8=None,
+    hf_int8=None,
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """name -> a function producing ``prompt`` + ``new_tokens`` greedy tokens (``hf``: a model from ``hf_model``;
-    ``int8``: the quantized params)."""
+    ``int8``: the quantized params; ``hf_int8``: a transformers model quantized by torchao)."""
     def cached(p, compile=False):
         return lambda: generate(p, prompt, cfg, max_new_tokens=new_tokens, temperature=0, compile=compile)
 
@@ -111,6 +114,8 @@ def contenders(
     fns[NO_CACHE] = lambda: no_cache_generate(params, prompt, cfg, new_tokens)
     if hf is not None:
         fns[HF] = lambda: hf_generate(hf, prompt, new_tokens)
+    if hf_int8 is not None:
+        fns[HF_TORCHAO] = lambda: hf_generate(hf_int8, prompt, new_tokens)
     return fns
 
 
@@ -221,6 +226,8 @@ def format_table(times: dict, ops: dict, new_tokens: int, *, floor_tokens_per_s:
             ratio = med[f] / med[q]
             verdict = "meets" if ratio >= INT8_TARGET else "misses"
             lines.append(f"{q} vs {f}: {ratio:.2f}x tokens/s ({verdict} the >= {INT8_TARGET:g}x target)")
+        if q in med and HF_TORCHAO in med:
+            lines.append(f"{q} vs {HF_TORCHAO}: {med[HF_TORCHAO] / med[q]:.2f}x tokens/s")
     return "\n".join(lines)
 
 
@@ -286,7 +293,13 @@ def run(args) -> int:
             if hf is None:
                 print("transformers is not installed: the Hugging Face baseline is skipped (pip install transformers)")
     int8 = quantize(params, cfg, "int8") if args.int8 else None
-    fns = contenders(params, cfg, prompt, args.new_tokens, compiled=args.compile, hf=hf, int8=int8)
+    hf_int8 = None
+    if args.int8 and hf is not None:
+        if torchao_ref.available():
+            hf_int8 = torchao_ref.hf_int8(hf_model(params, cfg))
+        else:
+            print(f"{HF_TORCHAO}: {torchao_ref.SKIPPED}")
+    fns = contenders(params, cfg, prompt, args.new_tokens, compiled=args.compile, hf=hf, int8=int8, hf_int8=hf_int8)
     compiled_decode_step.cache_clear()  # the compile time printed is a fresh compile's
     for name in (COMPILED, INT8_COMPILED):
         if name in fns:
@@ -296,7 +309,7 @@ def run(args) -> int:
     # Counted on a short generation (the count per token hardly depends on the length); a compiled
     # step's kernels are not aten dispatches, so it has no count.
     count_tokens = min(args.new_tokens, 32)
-    short = contenders(params, cfg, prompt, count_tokens, compiled=False, hf=hf, int8=int8)
+    short = contenders(params, cfg, prompt, count_tokens, compiled=False, hf=hf, int8=int8, hf_int8=hf_int8)
     ops = {name: ops_per_token(fn, count_tokens * args.batch_size) for name, fn in short.items()}
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -320,7 +333,7 @@ def run(args) -> int:
     if HF in times:
         line += f" = {statistics.median(times[HF]) / args.new_tokens / floor:.2f}x transformers"
     print(line)
-    quantized = {name: outputs.pop(name) for name in (INT8, INT8_COMPILED) if name in outputs}
+    quantized = {name: outputs.pop(name) for name in (INT8, INT8_COMPILED, HF_TORCHAO) if name in outputs}
     for name, out in quantized.items():
         same = float((out[:, args.prompt_len:] == outputs[NO_CACHE][:, args.prompt_len:]).float().mean())
         print(f"{name}: {same:.0%} of its greedy tokens equal the fp32 model's (random weights: near-ties are common)")

@@ -11,6 +11,9 @@ Three measurements, float32 against ``quantize(params, cfg, "int8")`` of the sam
 * **greedy agreement** -- greedy continuations of validation prompts: the share of positions where the
   int8 model picks the float model's token, and how many tokens it follows the float model before the
   first difference.
+
+When torchao is installed, each measurement is repeated with the weights rounded by torchao's int8
+weight-only quantization (``bench.torchao_ref.scheme_params``) as the reference scheme.
 """
 
 import statistics
@@ -19,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ftransformer.bench import torchao_ref
 from ftransformer.cache import init_cache
 from ftransformer.checkpoint import load_checkpoint
 from ftransformer.data import SplitWindows, load_dataset
@@ -29,6 +33,7 @@ from ftransformer.train import evaluate
 
 DECODE_ROWS = 16  # rows decoded together: at most layers.int8.FAST_ROWS, so the decode product is fbgemm's
 LOSS_TARGET = 0.01  # the issue's bound: int8 val loss within 1% of float32
+TORCHAO = "torchao int8"  # our products, torchao's rounding of the weights (bench.torchao_ref)
 
 
 def add_arguments(parser) -> None:
@@ -81,32 +86,42 @@ def run(args) -> int:
           f"{time.perf_counter() - start:.2f} s; weights {weight_bytes(params) / 2**20:.2f} MiB -> "
           f"{weight_bytes(qparams) / 2**20:.2f} MiB; torch {torch.__version__}")
 
+    models = {"float32": params, "int8": qparams}
+    if torchao_ref.available():
+        models[TORCHAO] = torchao_ref.scheme_params(params, cfg)
     split = SplitWindows(data.val, seq, 32)
-    whole = {name: evaluate(p, split, cfg, desc=name) for name, p in (("float32", params), ("int8", qparams))}
+    whole = {name: evaluate(p, split, cfg, desc=name) for name, p in models.items()}
     val = torch.as_tensor(data.val[: (len(data.val) - 1) // seq * seq + 1].astype("int64"))
     stride = max((len(val) - 1) // seq // args.windows, 1)
     starts = torch.arange(args.windows) * stride * seq
     windows = torch.stack([val[s:s + seq + 1] for s in starts.tolist()])
-    decoded = {name: decode_path_loss(p, windows, cfg) for name, p in (("float32", params), ("int8", qparams))}
-
-    header = f"{'val loss':<34}{'float32':>9}{'int8':>9}{'change':>9}"
-    lines = [header, "-" * len(header)]
-    for label, res in ((f"whole split, weight-only ({split.n_targets:,})", whole),
-                       (f"decode path ({args.windows} windows x {seq})", decoded)):
-        change = res["int8"] / res["float32"] - 1
-        lines.append(f"{label:<34}{res['float32']:>9.4f}{res['int8']:>9.4f}{change:>+9.2%}")
-    print("\n".join(lines))
+    decoded = {name: decode_path_loss(p, windows, cfg) for name, p in models.items()}
+    print(format_loss_table({f"whole split, weight-only ({split.n_targets:,})": whole,
+                             f"decode path ({args.windows} windows x {seq})": decoded}))
     worst = max(abs(r["int8"] / r["float32"] - 1) for r in (whole, decoded))
     print(f"target: int8 val loss within {LOSS_TARGET:.0%} of float32: {'met' if worst <= LOSS_TARGET else 'missed'} "
           f"(largest change {worst:.2%})")
+    if TORCHAO not in models:
+        print(f"{TORCHAO}: {torchao_ref.SKIPPED}")
 
     prompt_len = min(16, seq // 4)
     prompts = windows[: args.prompts, :prompt_len]
     new = min(args.new_tokens, seq - prompt_len)
-    outs = [generate(p, prompts, cfg, max_new_tokens=new, temperature=0) for p in (params, qparams)]
-    share, first_diffs = greedy_agreement(*outs, prompt_len)
-    print(f"greedy agreement over {prompts.shape[0]} val prompts x {new} tokens: {share:.1%} of positions equal; "
-          f"the int8 model follows the float one for {statistics.mean(first_diffs):.1f} tokens on average "
-          f"(median {statistics.median(first_diffs):.0f}) before the first difference")
+    outs = {name: generate(p, prompts, cfg, max_new_tokens=new, temperature=0) for name, p in models.items()}
+    for name in (n for n in models if n != "float32"):
+        share, first_diffs = greedy_agreement(outs["float32"], outs[name], prompt_len)
+        print(f"greedy agreement of {name} over {prompts.shape[0]} val prompts x {new} tokens: {share:.1%} of "
+              f"positions equal; it follows the float model for {statistics.mean(first_diffs):.1f} tokens on "
+              f"average (median {statistics.median(first_diffs):.0f}) before the first difference")
     return 0
 
+
+def format_loss_table(rows: dict[str, dict[str, float]]) -> str:
+    """One row per measurement: the float32 loss, then each quantized model's loss and change from it."""
+    names = [n for n in next(iter(rows.values())) if n != "float32"]
+    header = f"{'val loss':<34}{'float32':>9}" + "".join(f"{n:>{max(len(n) + 2, 9)}}{'change':>9}" for n in names)
+    lines = [header, "-" * len(header)]
+    for label, res in rows.items():
+        cells = "".join(f"{res[n]:>{max(len(n) + 2, 9)}.4f}{res[n] / res['float32'] - 1:>+9.2%}" for n in names)
+        lines.append(f"{label:<34}{res['float32']:>9.4f}{cells}")
+    return "\n".join(lines)

@@ -354,6 +354,27 @@ def test_bench_generate_int8_contenders(capsys):
         assert "transformers + torchao int8: skipped: torchao not installed" in out
 
 
+def test_bench_generate_aot_contender_builds_and_matches(capsys):
+    # The decode step exported (torch.export) and compiled ahead of time (AOTInductor): same greedy tokens.
+    from ftransformer.cli import main
+
+    argv = ["bench", "generate", "--preset", "tiny", "--prompt-len", "3", "--new-tokens", "4", "--repeats", "1",
+            "--warmup", "0", "--threads", "1", "--batch-size", "2", "--aot", "--no-hf"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"built the decode step of KV-cache \(AOTInductor\) in \d+\.\d s", out)
+    assert re.search(r"KV-cache \(AOTInductor\)\s+\d+\.\d\d", out)
+    assert "all contenders produced the same tokens" in out
+
+
+def test_aot_contender_refuses_int8_params():
+    from ftransformer.bench.aot import aot_greedy
+
+    qparams = ft.quantize(ft.init_params(CFG, seed=0), CFG, "int8")
+    with pytest.raises(ValueError, match="float params"):
+        aot_greedy(qparams, CFG, torch.zeros(1, 2, dtype=torch.long), 3, "unused")
+
+
 # ---------------------------------------------------------------- past max_seq_len
 
 

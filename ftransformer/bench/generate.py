@@ -5,6 +5,8 @@ Contenders, all greedy from the same prompt, producing exactly ``--new-tokens`` 
 
 * **KV-cache (eager)**: ``ftransformer.generate`` -- prefill once, then one-token decode steps;
 * **KV-cache (compiled)** with ``--compile``: the same, its decode step under ``torch.compile``;
+* **KV-cache (AOTInductor)** with ``--aot``: the decode step exported and compiled ahead of time
+  (``bench.aot``), called with no dynamo in between;
 * **int8 (eager)** / **int8 (compiled)** with ``--int8``: the same on ``quantize(params, cfg, "int8")``
   (weight-only int8, per-channel scales); its tokens may differ from fp32 where the logits nearly tie;
 * **no cache**: ``forward`` over the whole sequence so far for every new token (the slow, obvious loop);
@@ -21,6 +23,7 @@ it reaches (an int8 model reads fewer bytes, so it may pass 100%).
 
 import collections
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -28,6 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ftransformer.bench import torchao_ref
+from ftransformer.bench.aot import aot_greedy
 from ftransformer.config import PRESETS, Config, get_preset
 from ftransformer.generate import compiled_decode_step, generate, untie_for_decoding
 from ftransformer.model import forward
@@ -37,6 +41,7 @@ from ftransformer.quantize import quantize
 DEFAULT_PRESET = "seed"
 CACHE, COMPILED, NO_CACHE, HF = "KV-cache (eager)", "KV-cache (compiled)", "no cache (forward)", "transformers"
 INT8, INT8_COMPILED = "int8 (eager)", "int8 (compiled)"
+AOT = "KV-cache (AOTInductor)"  # bench.aot: the decode step built by torch.export + AOTInductor
 HF_TORCHAO = "transformers + torchao int8"  # bench.torchao_ref.hf_int8: torchao's int8 weight-only
 FLOOR = "floor (weight products alone)"
 # Targets (tokens/s ratios) from the issue: the cache path against recomputing and against transformers.
@@ -97,16 +102,19 @@ def hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 def contenders(
     params: dict, cfg: Config, prompt: torch.Tensor, new_tokens: int, *, compiled: bool, hf=None, int8=None,
-    hf_int8=None,
+    hf_int8=None, aot=None,
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """name -> a function producing ``prompt`` + ``new_tokens`` greedy tokens (``hf``: a model from ``hf_model``;
-    ``int8``: the quantized params; ``hf_int8``: a transformers model quantized by torchao)."""
+    ``int8``: the quantized params; ``hf_int8``: a transformers model quantized by torchao; ``aot``: a
+    generation function from ``bench.aot.aot_greedy``)."""
     def cached(p, compile=False):
         return lambda: generate(p, prompt, cfg, max_new_tokens=new_tokens, temperature=0, compile=compile)
 
     fns = {CACHE: cached(params)}
     if compiled:
         fns[COMPILED] = cached(params, compile=True)
+    if aot is not None:
+        fns[AOT] = aot
     if int8 is not None:
         fns[INT8] = cached(int8)
         if compiled:
@@ -213,7 +221,7 @@ def format_table(times: dict, ops: dict, new_tokens: int, *, floor_tokens_per_s:
             line += f"{new_tokens / med[name] / floor_tokens_per_s:>10.0%}"
         lines.append(line)
     lines.append("")
-    for fast in (CACHE, COMPILED):
+    for fast in (CACHE, COMPILED, AOT):
         if fast not in med:
             continue
         for slow, target in TARGETS.items():
@@ -228,6 +236,8 @@ def format_table(times: dict, ops: dict, new_tokens: int, *, floor_tokens_per_s:
             lines.append(f"{q} vs {f}: {ratio:.2f}x tokens/s ({verdict} the >= {INT8_TARGET:g}x target)")
         if q in med and HF_TORCHAO in med:
             lines.append(f"{q} vs {HF_TORCHAO}: {med[HF_TORCHAO] / med[q]:.2f}x tokens/s")
+    if AOT in med and COMPILED in med:
+        lines.append(f"{AOT} vs {COMPILED}: {med[COMPILED] / med[AOT]:.2f}x tokens/s")
     return "\n".join(lines)
 
 
@@ -250,6 +260,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed generations per contender (default: 5)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed generations per contender first (default: 1)")
     parser.add_argument("--compile", action="store_true", help="also time the cache path with a compiled decode step")
+    parser.add_argument("--aot", action="store_true",
+                        help="also time the decode step exported and compiled ahead of time by AOTInductor "
+                        "(float params; ~20-40 s to build)")
     parser.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face transformers baseline")
     parser.add_argument("--int8", action="store_true",
                         help="also time the model quantized to int8 weights (compiled too with --compile)")
@@ -299,7 +312,14 @@ def run(args) -> int:
             hf_int8 = torchao_ref.hf_int8(hf_model(params, cfg))
         else:
             print(f"{HF_TORCHAO}: {torchao_ref.SKIPPED}")
-    fns = contenders(params, cfg, prompt, args.new_tokens, compiled=args.compile, hf=hf, int8=int8, hf_int8=hf_int8)
+    aot_fn = None
+    if args.aot:
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="ft-aoti-") as package_dir:  # loaded, the package is not needed
+            aot_fn = aot_greedy(params, cfg, prompt, args.new_tokens, package_dir)
+        print(f"built the decode step of {AOT} in {time.perf_counter() - start:.1f} s")
+    fns = contenders(params, cfg, prompt, args.new_tokens, compiled=args.compile, hf=hf, int8=int8, hf_int8=hf_int8,
+                     aot=aot_fn)
     compiled_decode_step.cache_clear()  # the compile time printed is a fresh compile's
     for name in (COMPILED, INT8_COMPILED):
         if name in fns:

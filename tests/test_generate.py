@@ -215,6 +215,36 @@ def test_compiled_decode_step_does_not_recompile_per_step(gen, no_typecheck):
     compiled_decode_step.cache_clear()
 
 
+def test_aot_decode_step_generates_what_the_eager_loop_generates(gen):
+    # compile="aot": the decode step exported and compiled by AOTInductor (ftransformer.aot), with the
+    # written-out attention. Greedy and sampled tokens equal the eager loop's (the logits agree to float
+    # rounding, far inside the margins of a random tiny model); a second generation of the same shapes,
+    # also with other params, reuses the built step.
+    from ftransformer import aot
+
+    params = ft.init_params(CFG, seed=12)
+    prompt = tokens_for(CFG, (2, 5), gen)
+    lengths = torch.tensor([5, 3])
+    before = aot.built_steps()
+    greedy = ft.generate(params, prompt, CFG, max_new_tokens=9, temperature=0, compile="aot")
+    assert aot.built_steps() == before + 1
+    assert torch.equal(greedy, ft.generate(params, prompt, CFG, max_new_tokens=9, temperature=0))
+    kw = dict(max_new_tokens=9, temperature=0.8, top_k=7, seed=4, prompt_lengths=lengths)
+    other = ft.init_params(CFG, seed=13)
+    sampled = ft.generate(other, prompt, CFG, compile="aot", **kw)
+    assert torch.equal(sampled, ft.generate(other, prompt, CFG, **kw))
+    assert aot.built_steps() == before + 1
+
+
+def test_compile_takes_a_bool_or_aot():
+    params = ft.init_params(CFG)
+    prompt = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match='compile must be False, True .* or "aot"'):
+        ft.generate(params, prompt, CFG, max_new_tokens=2, compile="fast")
+    with pytest.raises(ValueError, match='compile="aot" takes float params'):
+        ft.generate_stream(ft.quantize(params, CFG, "int8"), prompt, CFG, max_new_tokens=2, compile="aot")
+
+
 # ---------------------------------------------------------------- errors
 
 
@@ -354,25 +384,16 @@ def test_bench_generate_int8_contenders(capsys):
         assert "transformers + torchao int8: skipped: torchao not installed" in out
 
 
-def test_bench_generate_aot_contender_builds_and_matches(capsys):
-    # The decode step exported (torch.export) and compiled ahead of time (AOTInductor): same greedy tokens.
+def test_bench_generate_aot_contender(capsys):
     from ftransformer.cli import main
 
     argv = ["bench", "generate", "--preset", "tiny", "--prompt-len", "3", "--new-tokens", "4", "--repeats", "1",
-            "--warmup", "0", "--threads", "1", "--batch-size", "2", "--aot", "--no-hf"]
+            "--warmup", "0", "--threads", "1", "--aot", "--no-hf"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert re.search(r"built the decode step of KV-cache \(AOTInductor\) in \d+\.\d s", out)
+    assert re.search(r"compiled the decode step of KV-cache \(AOTInductor\) in \d+\.\d s", out)
     assert re.search(r"KV-cache \(AOTInductor\)\s+\d+\.\d\d", out)
     assert "all contenders produced the same tokens" in out
-
-
-def test_aot_contender_refuses_int8_params():
-    from ftransformer.bench.aot import aot_greedy
-
-    qparams = ft.quantize(ft.init_params(CFG, seed=0), CFG, "int8")
-    with pytest.raises(ValueError, match="float params"):
-        aot_greedy(qparams, CFG, torch.zeros(1, 2, dtype=torch.long), 3, "unused")
 
 
 # ---------------------------------------------------------------- past max_seq_len

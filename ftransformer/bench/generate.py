@@ -5,8 +5,8 @@ Contenders, all greedy from the same prompt, producing exactly ``--new-tokens`` 
 
 * **KV-cache (eager)**: ``ftransformer.generate`` -- prefill once, then one-token decode steps;
 * **KV-cache (compiled)** with ``--compile``: the same, its decode step under ``torch.compile``;
-* **KV-cache (AOTInductor)** with ``--aot``: the decode step exported and compiled ahead of time
-  (``bench.aot``), called with no dynamo in between;
+* **KV-cache (AOTInductor)** with ``--aot``: the same, its decode step compiled ahead of time
+  (``compile="aot"``, ``ftransformer.aot``), called with no dynamo in between;
 * **int8 (eager)** / **int8 (compiled)** with ``--int8``: the same on ``quantize(params, cfg, "int8")``
   (weight-only int8, per-channel scales); its tokens may differ from fp32 where the logits nearly tie;
 * **no cache**: ``forward`` over the whole sequence so far for every new token (the slow, obvious loop);
@@ -23,7 +23,6 @@ it reaches (an int8 model reads fewer bytes, so it may pass 100%).
 
 import collections
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -31,7 +30,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ftransformer.bench import torchao_ref
-from ftransformer.bench.aot import aot_greedy
 from ftransformer.config import PRESETS, Config, get_preset
 from ftransformer.generate import compiled_decode_step, generate, untie_for_decoding
 from ftransformer.model import forward
@@ -41,7 +39,7 @@ from ftransformer.quantize import quantize
 DEFAULT_PRESET = "seed"
 CACHE, COMPILED, NO_CACHE, HF = "KV-cache (eager)", "KV-cache (compiled)", "no cache (forward)", "transformers"
 INT8, INT8_COMPILED = "int8 (eager)", "int8 (compiled)"
-AOT = "KV-cache (AOTInductor)"  # bench.aot: the decode step built by torch.export + AOTInductor
+AOT = "KV-cache (AOTInductor)"  # generate(compile="aot"): torch.export + AOTInductor
 HF_TORCHAO = "transformers + torchao int8"  # bench.torchao_ref.hf_int8: torchao's int8 weight-only
 FLOOR = "floor (weight products alone)"
 # Targets (tokens/s ratios) from the issue: the cache path against recomputing and against transformers.
@@ -102,19 +100,19 @@ def hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 def contenders(
     params: dict, cfg: Config, prompt: torch.Tensor, new_tokens: int, *, compiled: bool, hf=None, int8=None,
-    hf_int8=None, aot=None,
+    hf_int8=None, aot: bool = False,
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """name -> a function producing ``prompt`` + ``new_tokens`` greedy tokens (``hf``: a model from ``hf_model``;
-    ``int8``: the quantized params; ``hf_int8``: a transformers model quantized by torchao; ``aot``: a
-    generation function from ``bench.aot.aot_greedy``)."""
+    ``int8``: the quantized params; ``hf_int8``: a transformers model quantized by torchao; ``aot``: add
+    the decode step compiled ahead of time)."""
     def cached(p, compile=False):
         return lambda: generate(p, prompt, cfg, max_new_tokens=new_tokens, temperature=0, compile=compile)
 
     fns = {CACHE: cached(params)}
     if compiled:
         fns[COMPILED] = cached(params, compile=True)
-    if aot is not None:
-        fns[AOT] = aot
+    if aot:
+        fns[AOT] = cached(params, compile="aot")
     if int8 is not None:
         fns[INT8] = cached(int8)
         if compiled:
@@ -312,16 +310,10 @@ def run(args) -> int:
             hf_int8 = torchao_ref.hf_int8(hf_model(params, cfg))
         else:
             print(f"{HF_TORCHAO}: {torchao_ref.SKIPPED}")
-    aot_fn = None
-    if args.aot:
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="ft-aoti-") as package_dir:  # loaded, the package is not needed
-            aot_fn = aot_greedy(params, cfg, prompt, args.new_tokens, package_dir)
-        print(f"built the decode step of {AOT} in {time.perf_counter() - start:.1f} s")
     fns = contenders(params, cfg, prompt, args.new_tokens, compiled=args.compile, hf=hf, int8=int8, hf_int8=hf_int8,
-                     aot=aot_fn)
+                     aot=args.aot)
     compiled_decode_step.cache_clear()  # the compile time printed is a fresh compile's
-    for name in (COMPILED, INT8_COMPILED):
+    for name in (COMPILED, AOT, INT8_COMPILED):
         if name in fns:
             start = time.perf_counter()
             fns[name]()  # compile before timing, so no repetition waits on inductor

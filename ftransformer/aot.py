@@ -13,13 +13,17 @@ operator keeps a fixed cost per call. Measured on the ``seed`` preset, batch 1, 
 (``bench generate --compile --aot``): AOTInductor with einsum 2.35 ms/token, with SDPA 2.68,
 ``torch.compile`` 3.07 (the floor: 1.59); the same tokens from all.
 
-Shapes are static. A step is built per (config, params structure and shapes, batch shape, cache length,
-dtype, device), which takes ~15-40 s on a 2-core CPU, and kept for the rest of the process: a second
-generation of the same shape reuses it. Params are inputs, not constants, so other params of the same
-shapes reuse it too. Float params only: the int8 product (``layers.int8``) is a Python-registered
-operator, which a compiled library cannot call; ``compile=True`` handles int8 trees.
+Shapes are static. A step is built per (config, params structure, shapes and strides, batch shape,
+cache length, dtype, device), on the first decode step that needs it, which takes ~15-40 s on a 2-core
+CPU. The cache length is rounded up to a multiple of ``CACHE_BUCKET`` slots (at most ``max_seq_len``;
+the extra slots are masked), so generations of nearby lengths share a step. The last ``KEEP`` steps
+built stay loaded for the rest of the process; params are inputs, not constants, so other params of the
+same shapes reuse a step too. Float params only: the int8 product (``layers.int8``) is a
+Python-registered operator, which a compiled library cannot call; ``compile=True`` handles int8 trees.
 """
 
+import collections
+import math
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -34,7 +38,9 @@ from ftransformer.model import forward_with_cache_unchecked
 from ftransformer.params import tree_flatten_with_paths
 from ftransformer.quantize import is_quantized
 
-_BUILT: dict = {}  # signature -> the loaded library of that decode step
+CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this, so nearby lengths share a step
+KEEP = 8  # built steps kept loaded (least recently used dropped first)
+_BUILT: collections.OrderedDict = collections.OrderedDict()  # signature -> the loaded library of that step
 
 
 class _DecodeStep(torch.nn.Module):
@@ -51,8 +57,9 @@ class _DecodeStep(torch.nn.Module):
 
 
 def _signature(params: dict, token: Tensor, cache: KVCache, cfg: Config) -> tuple:
-    leaves = tuple((path, tuple(x.shape), x.dtype) for path, x in tree_flatten_with_paths(params).items())
-    buffers = (tuple(cache.k[0].shape), cache.k[0].dtype, len(cache.k))
+    # strides too: a compiled library assumes the memory layout it was built for and does not check it
+    leaves = tuple((path, tuple(x.shape), x.stride(), x.dtype) for path, x in tree_flatten_with_paths(params).items())
+    buffers = (tuple(cache.k[0].shape), cache.k[0].stride(), cache.k[0].dtype, len(cache.k))
     return cfg, leaves, tuple(token.shape), token.dtype, buffers, str(token.device)
 
 
@@ -66,21 +73,38 @@ def _build(params: dict, token: Tensor, cache: KVCache, cfg: Config):
         return torch._inductor.aoti_load_package(package)  # loaded, the package file is no longer needed
 
 
-def aot_decode_step(params: dict, token: Tensor, cache: KVCache, cfg: Config) -> Callable:
-    """The ahead-of-time compiled decode step for these shapes, built on first use (see the module).
+def cache_length(needed: int, cfg: Config) -> int:
+    """The cache length an ahead-of-time step is built for: ``needed`` rounded up to a multiple of
+    ``CACHE_BUCKET``, at most ``cfg.max_seq_len`` (and never below ``needed``)."""
+    return max(needed, min(cfg.max_seq_len, math.ceil(needed / CACHE_BUCKET) * CACHE_BUCKET))
 
-    Returns ``step(params, token, cache, cfg) -> (logits, cache)``, called as the loop calls its other
-    decode steps (``cfg`` is the one it was built for); it writes ``cache``'s buffers in place.
+
+def _library(params: dict, token: Tensor, cache: KVCache, cfg: Config):
+    key = _signature(params, token, cache, cfg)
+    if key in _BUILT:
+        _BUILT.move_to_end(key)
+    else:
+        _BUILT[key] = _build(params, token, cache, cfg)
+        while len(_BUILT) > KEEP:
+            _BUILT.popitem(last=False)
+    return _BUILT[key]
+
+
+def aot_decode_step(params: dict) -> Callable:
+    """The ahead-of-time compiled decode step (see the module): ``step(params, token, cache, cfg) ->
+    (logits, cache)``, called as the generation loop calls its other decode steps. Its first call finds
+    or builds the library for those shapes; it writes ``cache``'s buffers in place.
+
     Raises ``ValueError`` for an int8 params tree.
     """
     if is_quantized(params):
         raise ValueError('compile="aot" takes float params; an int8 tree decodes with compile=True or eagerly')
-    key = _signature(params, token, cache, cfg)
-    library = _BUILT.get(key)
-    if library is None:
-        library = _BUILT[key] = _build(params, token, cache, cfg)
+    library = None
 
     def step(params: dict, token: Tensor, cache: KVCache, cfg: Config) -> tuple[Tensor, KVCache]:
+        nonlocal library
+        if library is None:  # the loop passes the same shapes every step
+            library = _library(params, token, cache, cfg)
         logits, lengths = library(params, token, cache.k, cache.v, cache.lengths)
         return logits, cache._replace(lengths=lengths)
 
@@ -88,8 +112,13 @@ def aot_decode_step(params: dict, token: Tensor, cache: KVCache, cfg: Config) ->
 
 
 def built_steps() -> int:
-    """How many decode steps this process has built (one per distinct shape)."""
+    """How many built decode steps this process holds (one per distinct shape, at most ``KEEP``)."""
     return len(_BUILT)
 
 
-__all__ = ["aot_decode_step", "built_steps"]
+def clear() -> None:
+    """Drop every built step (the next generation builds afresh, as a benchmark of build time wants)."""
+    _BUILT.clear()
+
+
+__all__ = ["CACHE_BUCKET", "KEEP", "aot_decode_step", "built_steps", "cache_length", "clear"]

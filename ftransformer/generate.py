@@ -20,7 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ftransformer import random
-from ftransformer.aot import aot_decode_step
+from ftransformer import aot
 from ftransformer.cache import KVCache, init_cache
 from ftransformer.config import Config
 from ftransformer.model import check_tokens, forward_with_cache, forward_with_cache_unchecked, is_tracing
@@ -286,6 +286,7 @@ def generate_stream(
     stopped. ``compile=True`` runs the decode step through ``torch.compile`` (one graph for all steps;
     worth it for long generations); ``compile="aot"`` runs it compiled ahead of time by AOTInductor
     (``ftransformer.aot``: faster per token, float params only, ~15-40 s to build once per shape).
+    ``generate_stream_sliding`` decodes eagerly.
     """
     # Checked here, at the call; the generator below starts working at the first next().
     _check_compile(compile, params)
@@ -311,6 +312,8 @@ def _stream(
         return
     dtype = params["embed"]["tokens"].dtype
     params, cfg = untie_for_decoding(params, cfg)
+    if compile == "aot":  # nearby lengths share one built step
+        max_len = aot.cache_length(max_len, cfg)
     cache = init_cache(cfg, tuple(prompt.shape[:-1]), max_len=max_len, dtype=dtype, device=prompt.device)
     # Gradients are never wanted here: without no_grad, params that require grad would make every step
     # record a graph (and keep the cache alive through it). Entered per step, never across a yield,
@@ -318,7 +321,7 @@ def _stream(
     with torch.no_grad():
         logits, cache = prefill(params, prompt, cache, cfg, prompt_lengths=prompt_lengths)
     if compile == "aot":
-        step = aot_decode_step(params, logits.argmax(-1), cache, cfg)
+        step = aot.aot_decode_step(params)
     else:
         step = compiled_decode_step() if compile else _owned_decode_step
     greedy = sampling.greedy
@@ -442,9 +445,13 @@ def generate(
     distributed as without it (greedy: the same tokens); only the speed changes.
     """
     sampling = resolve_sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    _check_compile(compile, params)
     if draft is not None:
         if prompt_lengths is not None or compile:
-            raise ValueError("speculative decoding (draft=...) takes neither prompt_lengths nor compile=True")
+            raise ValueError(
+                f"speculative decoding (draft=...) takes neither prompt_lengths nor compile; got "
+                f"prompt_lengths={'given' if prompt_lengths is not None else None}, compile={compile!r}"
+            )
         # speculative builds on this module's sampling helpers, so it is imported here, not at the top.
         from ftransformer.speculative import speculative_generate
 

@@ -1,7 +1,9 @@
+import pathlib
 import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -131,15 +133,33 @@ def test_bench_train_nproc_times_one_and_two_torchrun_processes(capsys):
 
 def test_a_stalled_scaling_job_is_stopped_with_its_workers(tmp_path):
     # torchrun starts its workers in sessions of their own: stopping the launcher must also reach them,
-    # through the pid files the workers write beside the JSON.
-    sleeper = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"]
-    launcher = subprocess.Popen(sleeper)
-    worker = subprocess.Popen([*sleeper, scaling.WORKER_MODULE], start_new_session=True)
+    # through the pid files the workers write beside the JSON -- and only them (a pid may be reused).
     out = tmp_path / "2.json"
+
+    def sleeper(name, *extra, **kw):
+        code = ("import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "pathlib.Path(sys.argv[1]).touch(); time.sleep(120)")
+        return subprocess.Popen([sys.executable, "-c", code, str(tmp_path / name), *extra], **kw)
+
+    launcher = sleeper("launcher")  # ignores SIGTERM, so it must be killed after the grace period
+    worker = sleeper("worker", scaling.WORKER_MODULE, "--json", str(out), start_new_session=True)
+    bystander = sleeper("bystander", start_new_session=True)  # a pid file naming it must not kill it
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / n).exists() for n in ("launcher", "worker", "bystander")):
+        assert time.monotonic() < deadline, "the test processes did not start"
+        time.sleep(0.05)
     (tmp_path / "2.json.pid.1").write_text(str(worker.pid))
-    scaling._stop(launcher, out, grace_s=1.0)  # the launcher ignores SIGTERM here, so it is killed
-    assert launcher.poll() is not None
-    assert worker.wait(timeout=10) == -signal.SIGKILL
+    (tmp_path / "2.json.pid.2").write_text(str(bystander.pid))
+    try:
+        scaling._stop(launcher, out, grace_s=1.0)
+        assert launcher.poll() == -signal.SIGKILL
+        if pathlib.Path(f"/proc/{worker.pid}/cmdline").exists():  # Linux: workers are found through /proc
+            assert worker.wait(timeout=10) == -signal.SIGKILL
+        assert bystander.poll() is None
+    finally:
+        for proc in (launcher, worker, bystander):
+            proc.kill()
+            proc.wait()
 
 
 def test_format_scaling_table_computes_efficiency_per_contender():

@@ -233,7 +233,28 @@ def test_aot_decode_step_generates_what_the_eager_loop_generates(gen):
     other = ft.init_params(CFG, seed=13)
     sampled = ft.generate(other, prompt, CFG, compile="aot", **kw)
     assert torch.equal(sampled, ft.generate(other, prompt, CFG, **kw))
+    # cache lengths are bucketed (5 + 7 and 5 + 9 both round up to max_seq_len=20): one step serves both
+    shorter = ft.generate(params, prompt, CFG, max_new_tokens=7, temperature=0, compile="aot")
+    assert torch.equal(shorter, greedy[:, :12])
+    # a generation that needs no decode step (one new token) builds none, whatever its shape
+    ft.generate(params, tokens_for(CFG, (3, 4), gen), CFG, max_new_tokens=1, compile="aot")
     assert aot.built_steps() == before + 1
+
+
+def test_aot_step_signature_tells_memory_layouts_apart():
+    # A compiled library assumes the strides it was built for: params of the same shapes but another
+    # layout (here every matrix transposed in memory) must not reuse it.
+    from ftransformer import aot
+
+    params = ft.init_params(CFG, seed=0)
+    other = ft.tree_map(lambda x: x.t().contiguous().t() if x.ndim == 2 else x, params)
+    cache = ft.init_cache(CFG, (1,), max_len=8)
+    token = torch.zeros(1, dtype=torch.long)
+    assert aot._signature(params, token, cache, CFG) == aot._signature(ft.tree_map(torch.clone, params), token, cache, CFG)
+    assert aot._signature(params, token, cache, CFG) != aot._signature(other, token, cache, CFG)
+    assert [aot.cache_length(n, CFG) for n in (1, 14, 20)] == [20, 20, 20]
+    big = CFG.replace(max_seq_len=200)
+    assert [aot.cache_length(n, big) for n in (1, 64, 65, 199)] == [64, 64, 128, 200]
 
 
 def test_compile_takes_a_bool_or_aot():
@@ -243,6 +264,10 @@ def test_compile_takes_a_bool_or_aot():
         ft.generate(params, prompt, CFG, max_new_tokens=2, compile="fast")
     with pytest.raises(ValueError, match='compile="aot" takes float params'):
         ft.generate_stream(ft.quantize(params, CFG, "int8"), prompt, CFG, max_new_tokens=2, compile="aot")
+    with pytest.raises(ValueError, match="takes neither prompt_lengths nor compile; got .* compile='aot'"):
+        ft.generate(params, prompt, CFG, max_new_tokens=2, compile="aot", draft=(params, CFG))
+    with pytest.raises(ValueError, match="compile must be False, True"):
+        ft.generate(params, prompt, CFG, max_new_tokens=2, compile="AOT", draft=(params, CFG))
 
 
 # ---------------------------------------------------------------- errors

@@ -194,11 +194,12 @@ def _stop(job: subprocess.Popen, out: Path, grace_s: float = 20.0) -> None:
     for pid_file in out.parent.glob(f"{out.name}.pid.*"):
         try:
             pid = int(pid_file.read_text())
-            cmdline = Path(f"/proc/{pid}/cmdline")
-            if not cmdline.exists() or WORKER_MODULE.encode() in cmdline.read_bytes():  # not a reused pid
+            # Only a process whose command line names this job's output is one of its workers (a pid may
+            # have been reused); where /proc cannot tell (not Linux), nothing is killed by pid.
+            if str(out).encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                 os.kill(pid, signal.SIGKILL)
         except (OSError, ValueError):
-            pass  # already gone, or the file was caught half-written
+            pass  # already gone, unreadable, or the file was caught half-written
 
 
 def format_scaling_table(results: dict, tokens_per_process: int) -> str:

@@ -21,12 +21,18 @@ from ftransformer.config import Config
 from ftransformer.layers.int8 import Int8Weight
 from ftransformer.quantize import quantize
 
-SKIPPED = "skipped: torchao not installed (pip install torchao)"
+SKIPPED = "skipped: torchao not installed or too old (pip install 'torchao>=0.18')"
 
 
 def available() -> bool:
-    """Whether torchao can be imported here."""
-    return importlib.util.find_spec("torchao") is not None
+    """Whether a torchao with ``Int8WeightOnlyConfig`` and ``quantize_`` imports here."""
+    if importlib.util.find_spec("torchao") is None:
+        return False
+    try:
+        tq = _torchao()
+    except Exception:  # a broken install is reported as absent: the baseline is skipped, not the bench
+        return False
+    return hasattr(tq, "Int8WeightOnlyConfig") and hasattr(tq, "quantize_")
 
 
 def _torchao():

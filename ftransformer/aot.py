@@ -79,6 +79,12 @@ def cache_length(needed: int, cfg: Config) -> int:
     return max(needed, min(cfg.max_seq_len, math.ceil(needed / CACHE_BUCKET) * CACHE_BUCKET))
 
 
+def check_params(params: dict) -> None:
+    """Raise ``ValueError`` unless ``params`` is a float tree, the only kind a built step can run."""
+    if is_quantized(params):
+        raise ValueError('compile="aot" takes float params; an int8 tree decodes with compile=True or eagerly')
+
+
 def _library(params: dict, token: Tensor, cache: KVCache, cfg: Config):
     key = _signature(params, token, cache, cfg)
     if key in _BUILT:
@@ -97,8 +103,7 @@ def aot_decode_step(params: dict) -> Callable:
 
     Raises ``ValueError`` for an int8 params tree.
     """
-    if is_quantized(params):
-        raise ValueError('compile="aot" takes float params; an int8 tree decodes with compile=True or eagerly')
+    check_params(params)
     library = None
 
     def step(params: dict, token: Tensor, cache: KVCache, cfg: Config) -> tuple[Tensor, KVCache]:
@@ -121,4 +126,4 @@ def clear() -> None:
     _BUILT.clear()
 
 
-__all__ = ["CACHE_BUCKET", "KEEP", "aot_decode_step", "built_steps", "cache_length", "clear"]
+__all__ = ["CACHE_BUCKET", "KEEP", "aot_decode_step", "built_steps", "cache_length", "check_params", "clear"]

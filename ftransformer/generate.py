@@ -108,8 +108,8 @@ def untie_for_decoding(params: dict, cfg: Config) -> tuple[dict, Config]:
 def _check_compile(compile, params: dict) -> None:
     if not (isinstance(compile, bool) or compile == "aot"):
         raise ValueError(f'compile must be False, True (torch.compile) or "aot" (AOTInductor), got {compile!r}')
-    if compile == "aot" and is_quantized(params):
-        raise ValueError('compile="aot" takes float params; an int8 tree decodes with compile=True or eagerly')
+    if compile == "aot":
+        aot.check_params(params)  # here, at the call: the step itself is made inside the generator
 
 
 def check_sampling(temperature: float | int, top_k: int | None, top_p: float | None) -> None:
@@ -445,8 +445,8 @@ def generate(
     distributed as without it (greedy: the same tokens); only the speed changes.
     """
     sampling = resolve_sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    _check_compile(compile, params)
     if draft is not None:
+        _check_compile(compile, params)  # without a draft, generate_stream checks it
         if prompt_lengths is not None or compile:
             raise ValueError(
                 f"speculative decoding (draft=...) takes neither prompt_lengths nor compile; got "

@@ -10,11 +10,16 @@ tokenizer and gives the ids ``AutoTokenizer`` gives, on the ``tokenizers`` libra
   ``add_eos_token``: when either is there, the post-processor is rebuilt as ``BOS $A EOS`` with the
   flags (missing flag = False), as transformers' Llama/Gemma tokenizers (and, since transformers 5,
   every fast tokenizer) do. Without them, ``tokenizer.json``'s post-processor stands.
-- the chat template is ``chat_template.jinja`` (transformers >= 4.50 writes it there), named ones
+- the chat template is ``chat_template.jinja`` (where recent transformers write it), named ones
   in ``additional_chat_templates/NAME.jinja``, or, in older directories, ``tokenizer_config.json``'s
   ``chat_template`` (a string, or a list of ``{"name", "template"}``).
 - ``generation_config.json``'s ``eos_token_id`` (one id or a list: chat models stop at the end of a
   turn as well as at the end of the text) joins the tokenizer's ``eos_token`` in ``eos_ids``.
+
+``tokenizer.json`` is followed as written, as ``tokenizers`` and transformers 4 follow it. transformers 5
+rebuilds the normalizer and pre-tokenizer of ``tokenizer_class: LlamaTokenizer(Fast)`` directories
+(Llama 2, Mistral 7B v0.1) from the ``legacy`` flag instead, which changes the ids of text that starts
+with a space or follows a special token. Here the file's pipeline stands.
 """
 
 import hashlib

@@ -381,6 +381,7 @@ def test_directory_errors(tmp_path, spm_dir):
         ("tokenizer_config.json", '{"add_eos_token": "yes"}', r"add_eos_token must be true or false, got 'yes'"),
         ("tokenizer_config.json", '{"chat_template": 7}', r"chat_template must be a string or a list .*got 7"),
         ("tokenizer_config.json", '{"chat_template": [{"name": "a"}]}', r"got \[\{\"name\": \"a\"\}\]"),
+        ("tokenizer_config.json", '{"chat_template": [{"name": "../x", "template": ""}]}', r"plain file name, got"),
         ("generation_config.json", '{"eos_token_id": "</s>"}', r"must be an int or a list of ints, got '</s>'"),
         ("generation_config.json", '{"eos_token_id": [2, 100000]}', r"eos id 100000 is outside .*vocab_size="),
     ],

@@ -112,6 +112,9 @@ def config_chat_templates(config: Mapping) -> dict[str, str]:
     if isinstance(value, list) and all(
         isinstance(t, Mapping) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in value
     ):
+        bad = [t["name"] for t in value if not t["name"] or set(t["name"]) & set("/\\") or t["name"].startswith(".")]
+        if bad:  # the name becomes a file name when the tokenizer is saved
+            raise ValueError(f"{TOKENIZER_CONFIG}: a chat template's name must be a plain file name, got {bad[0]!r}")
         return {t["name"]: t["template"] for t in value}
     raise ValueError(
         f"{TOKENIZER_CONFIG}: chat_template must be a string or a list of {{\"name\": str, \"template\": str}}, "

@@ -246,7 +246,7 @@ def test_bos_is_added_once_and_only_when_asked(llama3_dir, spm_dir):
 def test_chat_template_equals_apply_chat_template(pair, chat, add_generation_prompt):
     ours, theirs = pair
     messages, extra = CHATS[chat], {"date_string": "26 Jul 2024"}
-    text = ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False, **extra)
+    text = ours.render_chat(messages, add_generation_prompt=add_generation_prompt, **extra)
     assert text == theirs.apply_chat_template(
         messages, add_generation_prompt=add_generation_prompt, tokenize=False, **extra
     )
@@ -259,7 +259,7 @@ def test_chat_template_equals_apply_chat_template(pair, chat, add_generation_pro
 
 def test_chat_template_with_tools_equals_apply_chat_template(spm_dir):
     ours, theirs = load_hf_tokenizer(spm_dir), transformers.AutoTokenizer.from_pretrained(spm_dir)
-    text = ours.apply_chat_template(CHATS[1], tools=TOOLS, add_generation_prompt=True, tokenize=False)
+    text = ours.render_chat(CHATS[1], tools=TOOLS, add_generation_prompt=True)
     assert text == theirs.apply_chat_template(CHATS[1], tools=TOOLS, add_generation_prompt=True, tokenize=False)
     assert '"größe"' in text and '"x < y & y > z"' in text  # tojson keeps non-ASCII and does not HTML-escape
 
@@ -267,7 +267,7 @@ def test_chat_template_with_tools_equals_apply_chat_template(spm_dir):
 def test_chat_template_without_date_uses_today(llama3_dir):
     from datetime import datetime
 
-    text = load_hf_tokenizer(llama3_dir).apply_chat_template(CHATS[0], tokenize=False)
+    text = load_hf_tokenizer(llama3_dir).render_chat(CHATS[0])
     assert f"Today Date: {datetime.now().strftime('%d %b %Y')}" in text
 
 
@@ -275,9 +275,9 @@ def test_messages_are_not_modified_and_none_values_are_dropped(spm_dir):
     tok = load_hf_tokenizer(spm_dir)
     messages = [{"role": "user", "content": "Hi", "name": None}]
     before = json.dumps(messages)
-    with_none = tok.apply_chat_template(messages, tokenize=False)
+    with_none = tok.render_chat(messages)
     assert json.dumps(messages) == before
-    assert with_none == tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    assert with_none == tok.render_chat([{"role": "user", "content": "Hi"}])
 
 
 @pytest.mark.skipif(not TRANSFORMERS_5, reason="transformers 4's generic fast tokenizer ignores add_bos/eos_token")
@@ -344,13 +344,13 @@ def test_legacy_templates_in_tokenizer_config(tmp_path):
     (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": named}))
     tok, theirs = load_hf_tokenizer(directory), transformers.AutoTokenizer.from_pretrained(directory)
     for kwargs in ({}, {"tools": TOOLS}, {"template": "tool_use", "tools": []}):
-        text = tok.apply_chat_template(CHATS[0], tokenize=False, **kwargs)
+        text = tok.render_chat(CHATS[0], **kwargs)
         their_kwargs = {("chat_template" if k == "template" else k): v for k, v in kwargs.items()}
         assert text == theirs.apply_chat_template(CHATS[0], tokenize=False, **their_kwargs)
     with pytest.raises(ValueError, match=r"no chat template 'rag'; it has \['default', 'tool_use'\]"):
         tok.apply_chat_template(CHATS[0], template="rag")
     (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "S{{ bos_token }}"}))
-    assert load_hf_tokenizer(directory).apply_chat_template(CHATS[0], tokenize=False) == "S<s>"
+    assert load_hf_tokenizer(directory).render_chat(CHATS[0]) == "S<s>"
 
 
 # ---------------------------------------------------------------- bad input: one clear error each

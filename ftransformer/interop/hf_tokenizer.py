@@ -295,10 +295,9 @@ class HFTokenizer:
             raise ValueError(f"chat template {name!r} of {self.source}: {e}") from None
 
     def apply_chat_template(
-        self, messages, *, add_generation_prompt: bool = False, tokenize: bool = True, template: str | None = None,
-        **template_vars,
-    ) -> list[int] | str:
-        """The ids (or, with ``tokenize=False``, the text) of ``messages`` in the model's chat format.
+        self, messages, *, add_generation_prompt: bool = False, template: str | None = None, **template_vars,
+    ) -> list[int]:
+        """The ids of ``messages`` in the model's chat format (``render_chat`` gives the text).
 
         ``add_generation_prompt`` ends with the header of an assistant turn, for the model to write it.
         ``template_vars`` reach the template (``tools``, ``documents``, ``enable_thinking``, ...) and
@@ -308,7 +307,7 @@ class HFTokenizer:
         text = self.render_chat(
             messages, add_generation_prompt=add_generation_prompt, template=template, **template_vars
         )
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        return self.encode(text, add_special_tokens=False)
 
     def fingerprint(self) -> str:
         """A hash of the whole encoding pipeline: the same tokenizer gives the same fingerprint."""

@@ -40,6 +40,14 @@ class LazyCommandParser(argparse.ArgumentParser):
         self.load()
         return super().parse_known_args(args, namespace)
 
+    def format_usage(self) -> str:
+        self.load()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self.load()
+        return super().format_help()
+
 
 def add_commands(parser: argparse.ArgumentParser, commands: dict, *, dest: str, metavar: str, run_attr: str) -> None:
     """One sub-command per ``name -> (module, help)``; the module supplies ``add_arguments`` and ``run``.

@@ -214,3 +214,65 @@ def test_bench_speculative_matches_the_target_and_reports_acceptance(tmp_path, c
         assert re.search(rf"speculative, K={k}\s+\d+\.\d\d\s+\d+\.\d\dx\s+\d+%\s+\d+\.\d\d", out)
     assert main([*argv[:-1], "40"]) == 2
     assert "--new-tokens must lie in [1, 21]" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the timing harness
+
+
+def test_interleaved_alternates_contenders_after_the_warm_up():
+    from ftransformer.bench import timing
+
+    calls, ticks = [], iter(range(100))
+
+    def contender(name):
+        def fn(batch):
+            calls.append((name, batch))
+            return f"{name}:{batch}"
+        return fn
+
+    times, outputs = timing.interleaved(
+        {"a": contender("a"), "b": contender("b")}, repeats=3, warmup=1, device=torch.device("cpu"),
+        inputs=["x", "y"], clock=lambda: float(next(ticks)), unit=1e3,
+    )
+    assert calls == [("a", "x"), ("b", "x"), ("a", "x"), ("b", "x"), ("a", "y"), ("b", "y"), ("a", "x"), ("b", "x")]
+    assert times == {"a": [1e3] * 3, "b": [1e3] * 3}  # each call spans one clock tick, in ms
+    assert outputs == {"a": "a:x", "b": "b:x"}
+    assert timing.medians({"a": [3.0, 1.0, 2.0], "b": [4.0]}) == {"a": 2.0, "b": 4.0}
+
+
+def test_interleaved_calls_without_inputs():
+    from ftransformer.bench import timing
+
+    counter = iter(range(100))
+    times, outputs = timing.interleaved({"only": lambda: next(counter)}, repeats=2, warmup=0,
+                                        device=torch.device("cpu"))
+    assert len(times["only"]) == 2 and all(t >= 0 for t in times["only"]) and outputs == {"only": 1}
+
+
+def test_num_threads_restores_the_count_even_on_error():
+    from ftransformer.bench import timing
+
+    before = torch.get_num_threads()
+    other = 2 if before != 2 else 1
+    with timing.num_threads(other) as n:
+        assert n == other == torch.get_num_threads()
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with timing.num_threads(other):
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == before
+    with timing.num_threads(None) as n:
+        assert n == before
+    with pytest.raises(ValueError, match="--threads must be >= 1, got 0"):
+        with timing.num_threads(0):
+            pass
+    assert torch.get_num_threads() == before
+
+
+def test_a_failing_bench_restores_the_thread_count(capsys):
+    before = torch.get_num_threads()
+    other = 2 if before != 2 else 1
+    # the prompt does not fit the preset: the error comes after --threads took effect
+    assert main(["bench", "generate", "--preset", "tiny", "--threads", str(other), "--prompt-len", "1000"]) == 2
+    assert "exceeds the preset's max_seq_len" in capsys.readouterr().err
+    assert torch.get_num_threads() == before

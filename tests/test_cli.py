@@ -46,3 +46,40 @@ def test_python_dash_m_help_lists_the_commands():
     assert result.returncode == 0, result.stderr
     assert "usage: ftransformer" in result.stdout
     assert "inspect" in result.stdout
+
+
+# What ``ftransformer --help`` must not load: compile machinery, plotting and the optional heavy libraries.
+HEAVY = ("torch._dynamo", "torch._inductor", "transformers", "torchao", "matplotlib")
+LOADED_AFTER = """
+import sys
+from ftransformer.cli import main
+try:
+    main({argv!r})
+except SystemExit:
+    pass
+print("LOADED", *[m for m in {heavy!r} if m in sys.modules])
+print("COMMANDS", *sorted(m for m in sys.modules if m.startswith(("ftransformer.cli.", "ftransformer.bench."))))
+"""
+
+
+def _loaded_after(argv: list[str]) -> tuple[list[str], list[str]]:
+    code = LOADED_AFTER.format(argv=argv, heavy=HEAVY)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(" ", 1) if " " in line else (line, "") for line in result.stdout.splitlines()
+                 if line.startswith(("LOADED", "COMMANDS")))
+    return lines["LOADED"].split(), lines["COMMANDS"].split()
+
+
+def test_help_imports_no_compile_machinery_and_no_command():
+    loaded, commands = _loaded_after(["--help"])
+    assert loaded == []
+    assert commands == []  # the commands' modules load when a command is parsed
+
+
+def test_a_command_loads_its_own_module_only():
+    _, commands = _loaded_after(["bench", "--help"])
+    assert commands == ["ftransformer.cli.bench_cmd"]
+    _, commands = _loaded_after(["bench", "train", "--help"])
+    assert "ftransformer.bench.train" in commands and "ftransformer.bench.generate" not in commands
+    assert "ftransformer.cli.train_cmd" not in commands

@@ -1,6 +1,8 @@
 """int8 weight-only quantization: the transform, both int8 products, generation, checkpoints, the CLI."""
 
 import gc
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -192,3 +194,29 @@ def test_torchao_reference_scheme_runs_our_products_and_matches_transformers_wit
         expected = hf(tokens).logits
     torch.testing.assert_close(ft.forward(torchao_ref.scheme_params(params, cfg), tokens, cfg), expected,
                                rtol=1e-5, atol=1e-5)
+
+
+REGISTRATION = """
+import torch
+import ftransformer as ft
+from ftransformer.layers import int8
+
+print("at import", int8.op_registered(), hasattr(torch.ops.ftransformer, "int8_matmul"))
+cfg = ft.PRESETS["tiny"]
+ft.quantize(ft.init_params(cfg), cfg)
+print("after quantize", int8.op_registered(), int8.fbgemm_available())
+if int8.op_registered():
+    w = int8.quantize_matrix(torch.randn(8, 6))
+    x = torch.randn(2, 8)
+    print("op equals", torch.equal(torch.ops.ftransformer.int8_matmul(x, w.q, w.scale), int8._fbgemm_matmul(x, w.q, w.scale)))
+"""
+
+
+def test_int8_operator_is_registered_on_first_use_not_at_import():
+    result = subprocess.run([sys.executable, "-c", REGISTRATION], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "at import False False"
+    available = int8.fbgemm_available()
+    assert lines[1] == f"after quantize {available} {available}"
+    assert lines[2:] == (["op equals True"] if available else [])

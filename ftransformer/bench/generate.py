@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ftransformer import aot
 from ftransformer.bench import torchao_ref
+from ftransformer.bench.timing import interleaved, medians, num_threads
 from ftransformer.config import PRESETS, Config, get_preset
 from ftransformer.generate import compiled_decode_step, generate, untie_for_decoding
 from ftransformer.model import forward
@@ -129,30 +130,6 @@ def contenders(
 # ---------------------------------------------------------------- timing and reporting
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_contenders(
-    fns: dict, *, repeats: int, warmup: int, device: torch.device, clock=time.perf_counter
-) -> tuple[dict, dict]:
-    """Seconds per full generation of each contender (interleaved repetition by repetition), and its output."""
-    outputs = {}
-    for _ in range(warmup):
-        for name, fn in fns.items():
-            outputs[name] = fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            start = clock()
-            outputs[name] = fn()
-            _sync(device)
-            times[name].append(clock() - start)
-    return times, outputs
-
-
 def ops_per_token(fn: Callable[[], torch.Tensor], new_tokens: int) -> float:
     with OpCounter() as counter:
         fn()
@@ -204,7 +181,7 @@ def format_table(times: dict, ops: dict, new_tokens: int, *, floor_tokens_per_s:
     """Median ms/token and tokens/s, the best repetition's tokens/s, ops per token, the share of the
     floor's tokens/s (when given), and the cache path's speed-up over each baseline (ratio of medians)
     against its target."""
-    med = {name: statistics.median(ts) for name, ts in times.items()}
+    med = medians(times)
     width = max(len(n) for n in times) + 2
     header = f"{'contender':<{width}}{'ms/token':>10}{'tokens/s':>11}{'best tok/s':>12}{'ops/token':>11}"
     if floor_tokens_per_s is not None:
@@ -280,10 +257,11 @@ def run(args) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    with num_threads(args.threads):
+        return _measure(args)
+
+
+def _measure(args) -> int:
     cfg = get_preset(args.preset).replace(dropout=0.0)
     if args.prompt_len + args.new_tokens > cfg.max_seq_len:
         raise ValueError(
@@ -331,7 +309,7 @@ def run(args) -> int:
     # takes -- inside the same interleaved repetitions, so machine drift moves it with the others.
     products = floor_products(params, cfg, args.batch_size)
     timed = {**fns, FLOOR: lambda: [products() for _ in range(args.new_tokens)][-1]}
-    times, outputs = time_contenders(timed, repeats=args.repeats, warmup=args.warmup, device=device, clock=clock)
+    times, outputs = interleaved(timed, repeats=args.repeats, warmup=args.warmup, device=device, clock=clock)
     outputs.pop(FLOOR)
     floor = statistics.median(times.pop(FLOOR)) / args.new_tokens
     print(

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ftransformer.bench import torchao_ref
+from ftransformer.bench.timing import num_threads
 from ftransformer.cache import init_cache
 from ftransformer.checkpoint import load_checkpoint
 from ftransformer.data import SplitWindows, load_dataset
@@ -72,8 +73,11 @@ def run(args) -> int:
     for name in ("windows", "prompts", "new_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    with num_threads(args.threads):
+        return _measure(args)
+
+
+def _measure(args) -> int:
     ckpt = load_checkpoint(args.checkpoint, with_opt_state=False)
     if ckpt.tokenizer is None:
         raise ValueError(f"the checkpoint at {args.checkpoint!r} holds no tokenizer, so the data cannot be encoded")

@@ -17,6 +17,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from ftransformer.bench.timing import num_threads
 from ftransformer.bench.train import check_supported, nn_from_params
 from ftransformer.config import get_preset
 from ftransformer.data import SplitWindows, fixed_batches, load_dataset, sample_batch
@@ -110,10 +111,7 @@ def run(args) -> int:
     data = load_dataset(args.data, tokenizer=recipe.tokenizer, seq_len=seq, val_fraction=recipe.val_fraction)
     if data.tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"{args.data!r} has {data.tokenizer.vocab_size} distinct characters, the preset {cfg.vocab_size}")
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
+    with num_threads(args.threads):
         if eval_batches == "all":
             windows = SplitWindows(data.val, seq, EVAL_BATCH)
             what = f"whole val split ({windows.n_targets:,} targets in {windows.n_windows} windows of {seq})"
@@ -151,8 +149,6 @@ def run(args) -> int:
               f"~{NANOGPT_SECONDS} s per run on an idle 2-core CPU")
         print(f"target: mean val loss <= {TARGET:.3f}; the functional mean {verdict} it"
               + ("" if eval_batches == "all" else " (on fixed batches: not the whole-split protocol)"))
-    finally:
-        torch.set_num_threads(threads)
     return 0
 
 

@@ -20,7 +20,6 @@ import gc
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,8 @@ import torch
 import torch.distributed as dist
 
 from ftransformer import distributed
-from ftransformer.bench import train as bench_train
+from ftransformer.bench import train_steps
+from ftransformer.bench.timing import interleaved, medians, num_threads
 from ftransformer.config import get_preset
 from ftransformer.params import init_params, tree_flatten_with_paths
 
@@ -74,13 +74,13 @@ def _contenders(params, cfg, ctx, *, compile: bool) -> tuple[dict, list]:
         if ctx is not None:
             hook = _ReduceClock(ctx.all_reduce_sum)
             clocks.append((COMPILED if compiled else FUNCTIONAL, hook))
-        return bench_train.make_functional_step(params, cfg, compile=compiled, all_reduce=hook)
+        return train_steps.make_functional_step(params, cfg, compile=compiled, all_reduce=hook)
 
-    model = bench_train.nn_from_params(params, cfg).to(ctx.device if ctx else "cpu")
+    model = train_steps.nn_from_params(params, cfg).to(ctx.device if ctx else "cpu")
     if ctx is not None:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    steps = {NN if ctx is None else DDP: bench_train.make_nn_step(model), FUNCTIONAL: functional(False)}
+    steps = {NN if ctx is None else DDP: train_steps.make_nn_step(model), FUNCTIONAL: functional(False)}
     if compile:
         steps[COMPILED] = functional(True)
     return steps, clocks
@@ -104,21 +104,21 @@ def _measure(args: argparse.Namespace, ctx) -> dict:
     cfg = get_preset(args.preset).replace(dropout=0.0)
     params = init_params(cfg, seed=args.seed, device=device)
     # weak scaling: each process its own rows
-    batches = bench_train.random_batches(cfg, args.batch_size, args.seq_len, seed=args.seed * 1000 + rank, device=device)
+    batches = train_steps.random_batches(cfg, args.batch_size, args.seq_len, seed=args.seed * 1000 + rank, device=device)
     steps, clocks = _contenders(params, cfg, ctx, compile=args.compile)
-    bench_train.check_same_model(params, bench_train.nn_from_params(params, cfg).to(device), cfg, batches[0])
+    train_steps.check_same_model(params, train_steps.nn_from_params(params, cfg).to(device), cfg, batches[0])
     compile_s = None
     if args.compile:
         start = time.perf_counter()
         steps[COMPILED](batches[0])
         compile_s = time.perf_counter() - start
-    bench_train.time_steps(steps, batches, repeats=args.warmup, warmup=0, device=device)
+    interleaved(steps, repeats=args.warmup, warmup=0, device=device, inputs=batches)
     for _, clock in clocks:
         clock.ms = 0.0
-    times = bench_train.time_steps(steps, batches, repeats=args.steps, warmup=0, device=device)
+    times, _ = interleaved(steps, repeats=args.steps, warmup=0, device=device, inputs=batches, unit=1e3)
     return {
         "world_size": world, "backend": ctx.backend if ctx else None, "threads": torch.get_num_threads(),
-        "median_ms": {name: statistics.median(ts) for name, ts in times.items()},
+        "median_ms": medians(times),
         "all_reduce_ms": {name: clock.ms / args.steps for name, clock in clocks},
         "same_params_everywhere": _same_everywhere(steps[FUNCTIONAL].state["params"], ctx) if ctx else True,
         "compile_s": compile_s,
@@ -134,9 +134,9 @@ def worker(argv: list[str] | None = None) -> None:
     """
     args = _parse_worker_args(argv)
     Path(f"{args.json}.pid.{os.environ.get('RANK', '0')}").write_text(str(os.getpid()))
-    torch.set_num_threads(args.threads)
-    ctx = distributed.init_from_env(device=args.device)
-    result = _measure(args, ctx)
+    with num_threads(args.threads):
+        ctx = distributed.init_from_env(device=args.device)
+        result = _measure(args, ctx)
     # The DDP model's reducer holds the process group: it must be gone before the group is destroyed
     # (a DDP object freed after destroy_process_group intermittently blocked its process at exit).
     gc.collect()

@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from ftransformer.bench.generate import time_contenders
+from ftransformer.bench.timing import interleaved, num_threads
 from ftransformer.checkpoint import load_checkpoint
 from ftransformer.data import load_dataset
 from ftransformer.generate import Sampling, generate
@@ -46,8 +46,11 @@ def run(args) -> int:
     for name in ("batch_size", "prompt_len", "repeats"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    with num_threads(args.threads):
+        return _measure(args)
+
+
+def _measure(args) -> int:
     params, cfg, tokenizer = _load(args.checkpoint)
     dparams, dcfg, dtokenizer = _load(args.draft)
     if tokenizer is None or tokenizer != dtokenizer:
@@ -67,7 +70,7 @@ def run(args) -> int:
         contenders[f"speculative, K={k}"] = (lambda k=k: speculative_generate(
             params, prompt, cfg, draft=(dparams, dcfg), draft_tokens=k, max_new_tokens=new, sampling=greedy))
     contenders["draft alone"] = lambda: (generate(dparams, prompt, dcfg, max_new_tokens=new, sampling=greedy), None)
-    times, results = time_contenders(contenders, repeats=args.repeats, warmup=1, device=prompt.device)
+    times, results = interleaved(contenders, repeats=args.repeats, warmup=1, device=prompt.device)
     outputs = {name: out for name, (out, _) in results.items()}
     stats = {name: s for name, (_, s) in results.items()}
 

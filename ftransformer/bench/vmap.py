@@ -22,7 +22,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn as nn
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 
 from ftransformer import optim
 from ftransformer.batched import init_ensemble, make_ensemble_step, per_example_grads, unstack_params
+from ftransformer.bench.timing import interleaved, num_threads
 from ftransformer.config import PRESETS, Config, get_preset
 from ftransformer.model import loss_fn
 from ftransformer.params import init_params, tree_flatten_with_paths
@@ -217,26 +217,6 @@ def _contenders(cfg: Config, s: dict, members: int, names=None) -> dict:
 # ---------------------------------------------------------------- timing, memory, report
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fns: dict, repeats: int, warmup: int, device: torch.device) -> dict:
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            _sync(device)
-            t = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append((time.perf_counter() - t) * 1e3)
-    return times
-
-
 def _peak_cuda(fn, device) -> float:
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -336,7 +316,7 @@ def _config(preset: str, seq: int) -> Config:
 def run(args) -> int:
     import warnings
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), num_threads(args.threads):
         # vmap over SDPA's CPU kernel warns of its missing batching rule on every call (its rows show the
         # cost), and Opacus' hooks warn that the inputs need no gradient: both are expected here.
         warnings.filterwarnings("ignore", message=".*batching rule.*")
@@ -353,8 +333,6 @@ def _run(args) -> int:
     seq = get_preset(args.preset).max_seq_len if args.seq_len is None else args.seq_len
     cfg = _config(args.preset, seq)
     device = torch.device(args.device)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     s = _setup(cfg, args.batch_size, seq, args.members, args.seed, device)
     names = [n for n in PER_EXAMPLE + ENSEMBLE if n not in args.skip]
@@ -381,7 +359,7 @@ def _run(args) -> int:
     if checks:
         print("per-example gradients vs the loop's, max abs difference: " + ", ".join(checks))
 
-    times = _time(fns, args.repeats, args.warmup, device)
+    times, _ = interleaved(fns, repeats=args.repeats, warmup=args.warmup, device=device, unit=1e3)
 
     memory = {}
     if not args.no_memory:

@@ -7,10 +7,11 @@ on stderr and a non-zero exit code, never a traceback.
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
-# command name -> (module, one-line help). Each module is imported when the parser is built (argparse
-# needs its flags), so command modules keep heavy imports inside their run().
+# command name -> (module, one-line help). A command's module is imported only when that command is
+# parsed, so ``ftransformer --help`` loads none of them (nor torch.compile, matplotlib or transformers).
 COMMANDS = {
     "train": ("ftransformer.cli.train_cmd", "train a model (default: built-in corpus, CPU-sized preset)"),
     "generate": ("ftransformer.cli.generate_cmd", "generate text from a checkpoint or a Hugging Face GPT-2 directory"),
@@ -20,30 +21,52 @@ COMMANDS = {
 }
 
 
-def add_commands(sub, commands: dict, run_attr: str) -> None:
-    """One sub-parser per ``name -> (module, help)``; the module supplies ``add_arguments`` and ``run``.
+class LazyCommandParser(argparse.ArgumentParser):
+    """A command's parser whose flags come from its module, imported the first time the command is parsed."""
+
+    def __init__(self, *args, module_name: str, run_attr: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.module_name, self.run_attr, self.loaded = module_name, run_attr, False
+
+    def load(self) -> None:
+        """Import the command's module once: its ``add_arguments`` adds the flags, its ``run`` runs the command."""
+        if not self.loaded:
+            self.loaded = True
+            module = importlib.import_module(self.module_name)
+            module.add_arguments(self)
+            self.set_defaults(**{self.run_attr: module.run})
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.load()
+        return super().parse_known_args(args, namespace)
+
+    def format_usage(self) -> str:
+        self.load()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self.load()
+        return super().format_help()
+
+
+def add_commands(parser: argparse.ArgumentParser, commands: dict, *, dest: str, metavar: str, run_attr: str) -> None:
+    """One sub-command per ``name -> (module, help)``; the module supplies ``add_arguments`` and ``run``.
 
     A command whose module does not exist (yet) is left out of the menu; a missing dependency inside
-    an existing module is a real error and propagates.
+    an existing module is a real error and propagates when the command is parsed.
     """
+    sub = parser.add_subparsers(dest=dest, metavar=metavar, required=True, parser_class=LazyCommandParser)
     for name, (module_name, help_text) in commands.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name != module_name:
-                raise
+        if importlib.util.find_spec(module_name) is None:
             continue
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        module.add_arguments(p)
-        p.set_defaults(**{run_attr: module.run})
+        sub.add_parser(name, help=help_text, description=help_text, module_name=module_name, run_attr=run_attr)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ftransformer", description="Build, train, run and inspect GPT-style transformers written as pure functions."
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    add_commands(sub, COMMANDS, "_run")
+    add_commands(parser, COMMANDS, dest="command", metavar="COMMAND", run_attr="_run")
     return parser
 
 

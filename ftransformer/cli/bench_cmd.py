@@ -1,7 +1,7 @@
 """``ftransformer bench train | generate | quality``: speed and training-quality benchmarks against baselines.
 
 Each benchmark lives in ``ftransformer.bench.<name>`` with ``add_arguments(parser)`` and ``run(args)``;
-its module is imported when the parser is built (argparse needs its flags), not when this one is.
+its module is imported when that benchmark is parsed, not when this one is.
 """
 
 from ftransformer.cli import add_commands
@@ -18,7 +18,7 @@ BENCHES = {
 
 
 def add_arguments(parser) -> None:
-    add_commands(parser.add_subparsers(dest="bench", metavar="BENCH", required=True), BENCHES, "_bench_run")
+    add_commands(parser, BENCHES, dest="bench", metavar="BENCH", run_attr="_bench_run")
 
 
 def run(args) -> int:

@@ -11,13 +11,12 @@ tokens repeated twice: in the second copy, a head that attends from token ``t`` 
 """
 
 import torch
-import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
-from ftransformer.model import check_tokens, forward, unembed
+from ftransformer.model import check_ids, cross_entropy, forward, unembed
 
 
 def stacked_patterns(acts: dict) -> Float[Tensor, "layers *batch heads seq kv_seq"]:
@@ -154,12 +153,27 @@ def direct_logit_attribution(
 
 
 def loss_per_position(
-    params: dict, tokens: Int[Tensor, "*batch seq"], targets: Int[Tensor, "*batch seq"], cfg: Config
+    params: dict,
+    tokens: Int[Tensor, "*batch seq"],
+    targets: Int[Tensor, "*batch seq"],
+    cfg: Config,
+    *,
+    ignore_index: int = -100,
 ) -> Float[Tensor, " seq"]:
-    """Cross-entropy at each position, averaged over the batch: how much earlier context helps."""
-    check_tokens(targets, cfg, name="targets")
+    """Cross-entropy at each position, averaged over the batch: how much earlier context helps.
+
+    Targets equal to ``ignore_index`` (the padding ``SplitWindows`` batches carry) count for nothing;
+    a position with no counted target is NaN. Each position's loss is ``cross_entropy``'s, float32 lift included.
+    """
+    if not isinstance(targets, Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError(f"targets must be an integer tensor, got {getattr(targets, 'dtype', type(targets).__name__)}")
     if targets.shape != tokens.shape:
         raise ValueError(f"targets has shape {tuple(targets.shape)} but tokens has shape {tuple(tokens.shape)}")
+    check_ids("targets", targets, cfg.vocab_size, allowed=ignore_index)
     logits = forward(params, tokens, cfg)
-    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    return losses.reshape(-1, tokens.shape[-1]).mean(0)
+    sums = torch.stack([
+        cross_entropy(logits[..., p : p + 1, :], targets[..., p : p + 1], ignore_index=ignore_index, reduction="sum")
+        for p in range(tokens.shape[-1])
+    ])
+    counted = (targets != ignore_index).reshape(-1, tokens.shape[-1]).sum(0)
+    return sums / counted

@@ -9,14 +9,14 @@ state, safe to call from threads and tests -- writes the file and returns its pa
 imported on the first call, not with the package.
 """
 
-import io
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
+
+from ftransformer.io import save_figure
 
 # Beyond this many tokens per axis, tick labels no longer fit and are left out (the picture stays).
 MAX_LABELLED = 64
@@ -29,19 +29,6 @@ def _figure(width: float, height: float):
     fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
-
-
-def _save(fig, path) -> Path:
-    """Write ``fig`` as a PNG at ``path`` (parent folders made) and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        # A token in a script the default font lacks is drawn as a box; that is no reason to stop.
-        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
-        fig.savefig(buf, format="png")
-    path.write_bytes(buf.getvalue())
-    return path
 
 
 def _label(text: str) -> str:
@@ -107,7 +94,7 @@ def plot_attention(
     fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention")
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _heatmap(fig, ax, scores, name: str | None, fmt: str) -> None:
@@ -153,7 +140,7 @@ def plot_head_scores(
         _heatmap(fig, ax, _numpy(s), name.replace("_", "-") or None, fmt)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_logit_lens(
@@ -193,7 +180,7 @@ def plot_logit_lens(
     ax.set_ylabel("residual stream after")
     fig.colorbar(image, ax=ax, shrink=0.8, label="probability of the top token")
     ax.set_title(title or "logit lens: top next-token guess per layer")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 __all__ = ["plot_attention", "plot_head_scores", "plot_logit_lens"]

@@ -12,7 +12,8 @@ float scale per output column (made by ``ftransformer.quantize``). Two ways to m
   (decoding: the step whose time the weights' bytes set), on CPU float32, outside ``grad``/``vmap``.
   Its extra rounding (the activations') is measured by ``ftransformer bench generate --int8``.
 
-The fbgemm path is a ``torch.library`` operator, so a compiled decode step calls it as one opaque node.
+The fbgemm path is a ``torch.library`` operator (registered on first use), so a compiled decode step calls it
+as one opaque node.
 It needs the weight in fbgemm's packed layout, made once per ``Int8Weight`` and kept while ``q`` lives.
 """
 
@@ -108,14 +109,29 @@ def _fbgemm_matmul(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
 # What a compiled step calls: the same product as one opaque operator, ``torch.ops.ftransformer.int8_matmul``
 # (eager calls the function itself). Registered through ``torch.library.Library`` rather than
 # ``torch.library.custom_op``, whose Python wrappers cost ~4x more per call than the dispatcher alone.
-_LIBRARY = torch.library.Library("ftransformer", "DEF")
-_LIBRARY.define("int8_matmul(Tensor x, Tensor q, Tensor scale) -> Tensor")
-_LIBRARY.impl("int8_matmul", _fbgemm_matmul, "CPU")
+# Registered on first use (``fbgemm_available``, which runs eagerly before any compiled step takes the
+# fast path), not at import: importing ftransformer changes no global operator table.
+_LIBRARY: list[torch.library.Library] = []  # the one registration, once made
 
 
-@torch.library.register_fake("ftransformer::int8_matmul", lib=_LIBRARY)
-def _(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+def _fake_int8_matmul(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
     return x.new_empty(*x.shape[:-1], q.shape[1])
+
+
+def register_op() -> None:
+    """Register ``torch.ops.ftransformer.int8_matmul`` (CPU kernel and shape function); later calls do nothing."""
+    if _LIBRARY:
+        return
+    lib = torch.library.Library("ftransformer", "DEF")
+    lib.define("int8_matmul(Tensor x, Tensor q, Tensor scale) -> Tensor")
+    lib.impl("int8_matmul", _fbgemm_matmul, "CPU")
+    torch.library.register_fake("ftransformer::int8_matmul", _fake_int8_matmul, lib=lib)
+    _LIBRARY.append(lib)
+
+
+def op_registered() -> bool:
+    """Whether ``register_op`` has run in this process."""
+    return bool(_LIBRARY)
 
 
 def _probe() -> bool:
@@ -139,6 +155,8 @@ def fbgemm_available() -> bool:
     """Whether the fbgemm int8 product works here (probed once; False where this torch build lacks it)."""
     if not _AVAILABLE:
         _AVAILABLE.append(_probe())
+        if _AVAILABLE[0]:
+            register_op()
     return _AVAILABLE[0]
 
 
@@ -148,7 +166,7 @@ def _takes_fast_path(x: Tensor) -> bool:
     if x.numel() // x.shape[-1] > FAST_ROWS:
         return False
     if torch.compiler.is_compiling():  # traced: the probe ran eagerly (quantize calls it), read its answer
-        return bool(_AVAILABLE) and _AVAILABLE[0]
+        return bool(_AVAILABLE) and _AVAILABLE[0] and op_registered()
     return not torch._C._functorch.is_functorch_wrapped_tensor(x) and fbgemm_available()
 
 

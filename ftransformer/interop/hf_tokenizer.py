@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ftransformer.data import _ids_list, _smallest_uint, atomic_write
+from ftransformer.data.tokenizers import _ids_list, _smallest_uint
+from ftransformer.io import atomic_write
 from ftransformer.interop.chat_template import render_chat
 
 TOKENIZER_JSON = "tokenizer.json"

@@ -8,6 +8,104 @@ NORM_POSITIONS = ("pre", "post")
 POSITIONALS = ("learned", "sinusoidal", "rope")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 ATTN_IMPLS = ("sdpa", "einsum")
+ROPE_SCALINGS = ("linear", "llama3")
+# Rope scalings of Hugging Face configs that are not implemented yet (named in the error, never approximated).
+ROPE_SCALINGS_LATER = ("dynamic", "yarn", "longrope")
+
+
+def _check_int(owner: str, name: str, value, *, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        none = " or None" if allow_none else ""
+        raise ValueError(f"{owner}.{name} must be an int{none}, got {value!r} ({type(value).__name__})")
+    if value <= 0:
+        raise ValueError(f"{owner}.{name} must be positive, got {value}")
+
+
+def _check_positive(owner: str, name: str, value) -> None:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"{owner}.{name}={value!r} must be a positive number")
+
+
+def _check_bool(owner: str, name: str, value) -> None:
+    # A string like "false" is truthy; only a real bool says what the caller meant.
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner}.{name} must be a bool, got {value!r} ({type(value).__name__})")
+
+
+@dataclass(frozen=True)
+class Attention:
+    """The attention choices beyond sizes (all off by default: GPT-2's attention).
+
+    ``Config(..., attention=Attention(head_dim=128, qk_norm=True, window=4096))``.
+    """
+
+    head_dim: int | None = None  # width of each head; None -> d_model // n_heads (Qwen3, Mistral-Nemo set it)
+    qkv_bias: bool = False  # biases on the q/k/v projection only, none on w_o (Qwen2); Config.bias biases all
+    qk_norm: bool = False  # an RMSNorm (learned [head_dim] scale, norm_eps) on each head's q and k, before rotary (Qwen3)
+    # Sliding window: a query sees its own key and the window - 1 keys before it (Mistral). One int for every
+    # layer, or a tuple with one entry per layer (None: that layer sees the whole causal prefix); None: no window.
+    window: int | tuple[int | None, ...] | None = None
+
+    def __post_init__(self):
+        _check_int("Attention", "head_dim", self.head_dim, allow_none=True)
+        _check_bool("Attention", "qkv_bias", self.qkv_bias)
+        _check_bool("Attention", "qk_norm", self.qk_norm)
+        windows = self.window if isinstance(self.window, tuple) else (self.window,)
+        for i, w in enumerate(windows):
+            where = f"window[{i}]" if isinstance(self.window, tuple) else "window"
+            _check_int("Attention", where, w, allow_none=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Attention":
+        d = dict(d)
+        if isinstance(d.get("window"), list):  # JSON has no tuples
+            d["window"] = tuple(d["window"])
+        return cls(**_known_fields(cls, d))
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Rotary frequencies stretched for a context longer than pretraining's.
+
+    ``"linear"`` divides every frequency by ``factor`` (position interpolation). ``"llama3"`` divides the
+    low frequencies (wavelength > original_max_seq_len / low_freq_factor) by ``factor``, keeps the high
+    ones (wavelength < original_max_seq_len / high_freq_factor) and blends smoothly in between (Llama 3.1).
+    """
+
+    kind: str  # "linear" or "llama3"
+    factor: float  # how many times longer the new context is
+    low_freq_factor: float = 1.0  # llama3 only: where the divided (low-frequency) band starts
+    high_freq_factor: float = 4.0  # llama3 only: where the kept (high-frequency) band starts
+    original_max_seq_len: int = 8192  # llama3 only: the context length of pretraining
+
+    def __post_init__(self):
+        if self.kind not in ROPE_SCALINGS:
+            later = f" ({self.kind!r} is not implemented yet)" if self.kind in ROPE_SCALINGS_LATER else ""
+            raise ValueError(
+                f"RopeScaling.kind={self.kind!r} is not one of {', '.join(map(repr, ROPE_SCALINGS))}{later}"
+            )
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            _check_positive("RopeScaling", name, getattr(self, name))
+        _check_int("RopeScaling", "original_max_seq_len", self.original_max_seq_len)
+        if self.kind == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(
+                f"RopeScaling(kind='llama3') needs high_freq_factor > low_freq_factor, got "
+                f"high_freq_factor={self.high_freq_factor} and low_freq_factor={self.low_freq_factor}"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RopeScaling":
+        return cls(**_known_fields(cls, d))
+
+
+def _known_fields(cls, d: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; fields are {sorted(names)}")
+    return d
 
 
 @dataclass(frozen=True)
@@ -16,7 +114,7 @@ class Config:
 
     vocab_size: int  # number of token ids; embeddings and logits have this many rows/columns
     d_model: int  # width of the residual stream
-    n_heads: int  # query heads per attention layer; d_model must divide evenly among them
+    n_heads: int  # query heads per attention layer; d_model must divide evenly among them (unless head_dim is set)
     n_layers: int  # transformer blocks
     d_ff: int  # hidden width of the feed-forward layer (of each SwiGLU branch for "swiglu")
     max_seq_len: int  # longest sequence the model accepts (size of learned position table)
@@ -31,8 +129,13 @@ class Config:
     attn_impl: str = "sdpa"  # "sdpa" (fused torch kernel) or "einsum" (written out; vmap-friendly grads)
     init_std: float = 0.02  # std of the normal init; residual output projections get /sqrt(2*n_layers)
     norm_eps: float = 1e-5  # epsilon inside LayerNorm / RMSNorm
-    rope_base: float = 10000.0  # base of the rotary / sinusoidal frequencies
+    rope_base: float = 10000.0  # base of the rotary / sinusoidal frequencies (Hugging Face's rope_theta)
     mlp: bool = True  # False: attention-only blocks (no feed-forward, no ln2; d_ff is then unused)
+    attention: Attention = Attention()  # head_dim, q/k/v-only bias, q/k norm, sliding windows
+    rope_scaling: RopeScaling | None = None  # stretched rotary frequencies (positional="rope" only)
+    # RMSNorm in Hugging Face's cast order: normalise in float32, cast back, then scale (Llama, Mistral, Qwen).
+    # Same numbers in float32; below it, the order decides the rounding.
+    norm_upcast: bool = False
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -43,10 +146,12 @@ class Config:
                 raise ValueError(f"Config.{name} must be an int, got {value!r} ({type(value).__name__})")
             if value <= 0:
                 raise ValueError(f"Config.{name} must be positive, got {value}")
-        if self.d_model % self.n_heads:
+        if not isinstance(self.attention, Attention):
+            raise ValueError(f"Config.attention must be an Attention, got {type(self.attention).__name__}")
+        if self.attention.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(
                 f"Config.d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
-                f"(head_dim = d_model / n_heads)"
+                f"(head_dim = d_model / n_heads; or set Attention(head_dim=...))"
             )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
@@ -63,11 +168,8 @@ class Config:
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"Config.{name}={value!r} is not one of {', '.join(map(repr, choices))}")
-        for name in ("bias", "tie_embeddings", "mlp"):
-            # A string like "false" is truthy; only a real bool says what the caller meant.
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise ValueError(f"Config.{name} must be a bool, got {value!r} ({type(value).__name__})")
+        for name in ("bias", "tie_embeddings", "mlp", "norm_upcast"):
+            _check_bool("Config", name, getattr(self, name))
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"Config.dropout={self.dropout!r} must be a float in [0, 1)")
         for name in ("init_std", "norm_eps", "rope_base"):
@@ -81,10 +183,36 @@ class Config:
             )
         if self.positional == "sinusoidal" and self.d_model % 2:
             raise ValueError(f"Config.positional='sinusoidal' needs an even d_model, got d_model={self.d_model}")
+        self._check_new_choices()
+
+    def _check_new_choices(self) -> None:
+        """The grouped choices that modern checkpoints need, each against the rest of the config."""
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, RopeScaling):
+                raise ValueError(f"Config.rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
+            if self.positional != "rope":
+                raise ValueError(f"Config.rope_scaling needs positional='rope', got positional={self.positional!r}")
+        if self.norm_upcast and self.norm != "rmsnorm":
+            raise ValueError(f"Config.norm_upcast=True needs norm='rmsnorm', got norm={self.norm!r}")
+        if self.attention.qkv_bias and self.bias:
+            raise ValueError(
+                "Config.attention.qkv_bias=True needs bias=False, got bias=True (bias=True already biases q, k and v)"
+            )
+        window = self.attention.window
+        if isinstance(window, tuple) and len(window) != self.n_layers:
+            raise ValueError(
+                f"Config.attention.window has {len(window)} entries but n_layers={self.n_layers} (one per layer)"
+            )
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        """Width of each attention head: ``attention.head_dim``, or d_model / n_heads when that is None."""
+        return self.attention.head_dim or self.d_model // self.n_heads
+
+    def layer_window(self, layer: int) -> int | None:
+        """Layer ``layer``'s sliding window (None: it sees the whole causal prefix)."""
+        window = self.attention.window
+        return window[layer] if isinstance(window, tuple) else window
 
     def replace(self, **changes) -> "Config":
         """A copy with some fields changed (validated again)."""
@@ -106,6 +234,12 @@ class Config:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown Config field(s) {unknown}; fields are {sorted(names)}")
+        d = dict(d)
+        # Old checkpoints have neither key; the defaults stand in for them.
+        if isinstance(d.get("attention"), dict):
+            d["attention"] = Attention.from_dict(d["attention"])
+        if isinstance(d.get("rope_scaling"), dict):
+            d["rope_scaling"] = RopeScaling.from_dict(d["rope_scaling"])
         return cls(**d)
 
 

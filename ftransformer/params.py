@@ -3,13 +3,14 @@
 ::
 
     {"embed":   {"tokens": [vocab, d_model], "positions"?: [max_seq, d_model]},
-     "blocks":  [{"ln1": {"scale", "bias"?}, "attn": {"w_qkv", "b_qkv"?, "w_o", "b_o"?},
+     "blocks":  [{"ln1": {"scale", "bias"?}, "attn": {"w_qkv", "b_qkv"?, "w_o", "b_o"?, "q_norm"?, "k_norm"?},
                   "ln2"?: {...},             "mlp"?: {"w_in", "b_in"?, ("w_gate", "b_gate"?,) "w_out", "b_out"?}},
                  ...],
      "ln_f"?:   {"scale", "bias"?},           # pre-LN only
      "unembed"?: {"w": [d_model, vocab]}}     # untied only
 
-(``ln2`` and ``mlp`` are absent in attention-only models, ``Config(mlp=False)``.)
+(``ln2`` and ``mlp`` are absent in attention-only models, ``Config(mlp=False)``. ``b_qkv`` without ``b_o``
+is ``Attention(qkv_bias=True)``; ``q_norm`` / ``k_norm`` (``{"scale": [head_dim]}``) are ``Attention(qk_norm=True)``.)
 
 A leaf that a config does not use is absent, never ``None``.
 """
@@ -43,11 +44,14 @@ def _block_params(cfg: Config, gen: torch.Generator) -> dict:
     std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
     qkv_width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
     attn = {"w_qkv": _normal(gen, (cfg.d_model, qkv_width), std)}
-    if cfg.bias:
+    if cfg.bias or cfg.attention.qkv_bias:
         attn["b_qkv"] = torch.zeros(qkv_width)
     attn["w_o"] = _normal(gen, (cfg.n_heads * cfg.head_dim, cfg.d_model), out_std)
     if cfg.bias:
         attn["b_o"] = torch.zeros(cfg.d_model)
+    if cfg.attention.qk_norm:
+        attn["q_norm"] = {"scale": torch.ones(cfg.head_dim)}
+        attn["k_norm"] = {"scale": torch.ones(cfg.head_dim)}
     mlp = {}
     names = ("w_gate", "w_in") if cfg.activation == "swiglu" else ("w_in",)
     for name in names:
@@ -170,7 +174,8 @@ def param_breakdown(cfg: Config) -> dict:
     norm_size = d * (2 if cfg.bias and cfg.norm == "layernorm" else 1)
     n_ff_in = 2 if cfg.activation == "swiglu" else 1
     attn_w = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d
-    attn_b = ((cfg.n_heads + 2 * cfg.n_kv_heads) * hd + d) if cfg.bias else 0
+    attn_b = (cfg.n_heads + 2 * cfg.n_kv_heads) * hd * (cfg.bias or cfg.attention.qkv_bias) + d * cfg.bias
+    qk_norms = 2 * hd if cfg.attention.qk_norm else 0
     ff_w = (n_ff_in + 1) * d * cfg.d_ff if cfg.mlp else 0
     ff_b = (n_ff_in * cfg.d_ff + d) if cfg.bias and cfg.mlp else 0
     norms_per_block = 2 if cfg.mlp else 1
@@ -181,7 +186,7 @@ def param_breakdown(cfg: Config) -> dict:
         ("attention biases", L * attn_b),
         ("feed-forward weights", L * ff_w),
         ("feed-forward biases", L * ff_b),
-        ("norms", (norms_per_block * L + (1 if cfg.norm_position == "pre" else 0)) * norm_size),
+        ("norms", (norms_per_block * L + (1 if cfg.norm_position == "pre" else 0)) * norm_size + L * qk_norms),
         ("output projection", 0 if cfg.tie_embeddings else d * V),
     ]
     terms = [
@@ -193,10 +198,11 @@ def param_breakdown(cfg: Config) -> dict:
     estimate = sum(n for _, n in terms)
     left_out = [(name, n) for name, n in rows if n and name in (
         "position embeddings", "attention biases", "feed-forward biases", "norms", "output projection")]
-    # GQA and SwiGLU change the weight counts themselves; say so rather than hide it in a remainder.
+    # GQA, SwiGLU and a head_dim other than d/n_heads change the weight counts themselves; say so rather
+    # than hide it in a remainder.
     shape_gap = (L * attn_w - L * 4 * d * d) + (L * ff_w - L * 2 * d * cfg.d_ff * cfg.mlp)
     if shape_gap:
-        left_out.append(("GQA / SwiGLU weight difference", shape_gap))
+        left_out.append(("GQA / SwiGLU / head_dim weight difference", shape_gap))
     return {"rows": rows, "total": total, "estimate_terms": terms, "estimate": estimate, "left_out": left_out}
 
 

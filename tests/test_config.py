@@ -1,12 +1,15 @@
 """Config: validation messages, defaults, copies and round trips, presets and their parameter counts."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
 import ftransformer as ft
-from ftransformer.config import ACTIVATIONS, ATTN_IMPLS, NORM_POSITIONS, NORMS, POSITIONALS
+from ftransformer.config import (
+    ACTIVATIONS, ATTN_IMPLS, NORM_POSITIONS, NORMS, POSITIONALS, ROPE_SCALINGS, Attention, RopeScaling,
+)
 
 BASE = dict(vocab_size=37, d_model=24, n_heads=3, n_layers=2, d_ff=40, max_seq_len=16)
 
@@ -136,7 +139,7 @@ def test_to_dict_from_dict_round_trip(name):
     cfg = ft.PRESETS[name]
     d = cfg.to_dict()
     assert set(d) == {f.name for f in dataclasses.fields(ft.Config)}
-    assert all(isinstance(v, (int, float, str, bool)) for v in d.values())  # JSON-ready
+    assert json.loads(json.dumps(d)) == d  # JSON-ready
     assert ft.Config.from_dict(d) == cfg
 
 
@@ -229,6 +232,8 @@ def test_seed_breakdown_shows_the_classic_estimate_next_to_the_exact_count():
         dict(n_kv_heads=1, activation="swiglu", bias=False, tie_embeddings=False),
         dict(norm="rmsnorm", norm_position="post", positional="rope"),
         dict(positional="sinusoidal", n_kv_heads=3, activation="gelu_tanh"),
+        dict(n_kv_heads=1, activation="swiglu", bias=False, norm="rmsnorm", positional="rope",
+             attention=Attention(head_dim=10, qkv_bias=True, qk_norm=True)),
     ],
 )
 def test_breakdown_total_equals_the_counted_params_for_other_architectures(changes):
@@ -243,3 +248,85 @@ def test_replace_n_heads_keeps_plain_multi_head_attention():
     assert cfg.n_kv_heads == 4
     gqa = ft.PRESETS["tiny"].replace(n_kv_heads=1)
     assert gqa.replace(n_heads=1).n_kv_heads == 1
+
+
+# ---------------------------------------------------------------- the grouped choices of modern checkpoints
+
+MODERN = dict(norm="rmsnorm", positional="rope", activation="swiglu", bias=False)
+
+INVALID_MODERN = [
+    (dict(attention=Attention(head_dim=7), positional="rope"), ["rope", "head_dim=7", "even"]),
+    (dict(attention=Attention(qkv_bias=True), bias=True), ["qkv_bias=True", "bias=False", "got bias=True"]),
+    (dict(attention=Attention(window=(4, 8, 2))), ["window", "3 entries", "n_layers=2"]),
+    (dict(norm_upcast=True, norm="layernorm"), ["norm_upcast", "rmsnorm", "'layernorm'"]),
+    (dict(rope_scaling=RopeScaling("linear", 2.0), positional="learned"), ["rope_scaling", "'rope'", "'learned'"]),
+]
+
+
+@pytest.mark.parametrize(("changes", "words"), INVALID_MODERN, ids=[repr(c) for c, _ in INVALID_MODERN])
+def test_grouped_choices_are_checked_against_the_rest_of_the_config(changes, words):
+    with pytest.raises(ValueError) as info:
+        make(**changes)
+    assert_names_all(str(info.value), words)
+
+
+INVALID_PARTS = [
+    (lambda: Attention(head_dim=0), ["head_dim", "positive", "0"]),
+    (lambda: Attention(window=0), ["window", "positive", "0"]),
+    (lambda: Attention(window=(4, -1)), ["window[1]", "positive", "-1"]),
+    (lambda: RopeScaling("linear", 0.0), ["factor", "0.0", "positive"]),
+    (lambda: RopeScaling("ntk", 2.0), ["'ntk'", *map(repr, ROPE_SCALINGS)]),
+    (lambda: RopeScaling("llama3", 8.0, low_freq_factor=4.0, high_freq_factor=1.0),
+     ["high_freq_factor > low_freq_factor", "high_freq_factor=1.0", "low_freq_factor=4.0"]),
+]
+
+
+@pytest.mark.parametrize(("build", "words"), INVALID_PARTS, ids=[w[0] for _, w in INVALID_PARTS])
+def test_sub_configs_validate_their_own_fields(build, words):
+    with pytest.raises(ValueError) as info:
+        build()
+    assert_names_all(str(info.value), words)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "yarn", "longrope"])
+def test_rope_scalings_not_implemented_yet_say_so_and_list_the_supported_ones(kind):
+    with pytest.raises(ValueError, match="not implemented yet") as info:
+        RopeScaling(kind, 4.0)
+    assert_names_all(str(info.value), [repr(kind), "'linear'", "'llama3'"])
+
+
+def test_explicit_head_dim_frees_d_model_from_n_heads():
+    cfg = make(d_model=25, n_heads=3, n_kv_heads=1, attention=Attention(head_dim=6), **MODERN)
+    assert cfg.head_dim == 6
+    assert make().head_dim == 8  # still derived when not given
+
+
+def test_layer_window_reads_one_window_for_all_layers_or_one_per_layer():
+    assert [make().layer_window(i) for i in range(2)] == [None, None]
+    assert [make(attention=Attention(window=5)).layer_window(i) for i in range(2)] == [5, 5]
+    assert [make(attention=Attention(window=(None, 3))).layer_window(i) for i in range(2)] == [None, 3]
+
+
+def test_every_new_choice_survives_to_dict_json_from_dict():
+    cfg = make(
+        **MODERN, n_kv_heads=1, norm_upcast=True, rope_base=5e5,
+        attention=Attention(head_dim=10, qkv_bias=True, qk_norm=True, window=(4, None)),
+        rope_scaling=RopeScaling("llama3", 8.0, original_max_seq_len=64),
+    )
+    back = ft.Config.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and hash(back) == hash(cfg)
+    assert back.attention.window == (4, None)
+
+
+def test_an_old_checkpoints_config_dict_still_loads_with_the_defaults():
+    old = {k: v for k, v in make().to_dict().items() if k not in ("attention", "rope_scaling", "norm_upcast")}
+    cfg = ft.Config.from_dict(old)
+    assert cfg == make()
+    assert (cfg.attention, cfg.rope_scaling, cfg.norm_upcast) == (Attention(), None, False)
+
+
+def test_from_dict_names_an_unknown_sub_config_field():
+    d = make().to_dict()
+    d["attention"] = {**d["attention"], "alibi": True}
+    with pytest.raises(ValueError, match="unknown Attention field.*alibi"):
+        ft.Config.from_dict(d)

@@ -166,3 +166,19 @@ def test_tree_to_casts_floats_and_leaves_integers_alone():
     assert {x.device.type for x in ft.tree_leaves(moved)} == {"meta"}
     assert moved["m"][0].dtype == torch.float64
     assert tree["w"].dtype == torch.float32, "tree_to must not modify its input"
+
+
+def test_modern_attention_leaves_follow_the_config():
+    from ftransformer.config import Attention
+
+    cfg = ft.Config(vocab_size=37, d_model=24, n_heads=3, n_kv_heads=1, n_layers=2, d_ff=40, max_seq_len=16,
+                    bias=False, norm="rmsnorm", positional="rope", activation="swiglu",
+                    attention=Attention(head_dim=10, qkv_bias=True, qk_norm=True))
+    attn = ft.init_params(cfg)["blocks"][0]["attn"]
+    assert set(attn) == {"w_qkv", "b_qkv", "w_o", "q_norm", "k_norm"}  # q/k/v biased, w_o not
+    assert attn["w_qkv"].shape == (24, (3 + 2 * 1) * 10)
+    assert attn["b_qkv"].shape == ((3 + 2 * 1) * 10,)
+    assert attn["w_o"].shape == (3 * 10, 24)
+    assert attn["q_norm"]["scale"].shape == attn["k_norm"]["scale"].shape == (10,)
+    assert torch.equal(attn["q_norm"]["scale"], torch.ones(10))
+    assert ft.param_breakdown(cfg)["total"] == ft.count_params(ft.init_params(cfg))

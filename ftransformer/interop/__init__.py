@@ -1,4 +1,5 @@
-"""Interoperability with other libraries' checkpoints: Hugging Face GPT-2 in and out."""
+"""Interoperability with other libraries' checkpoints: Hugging Face models (GPT-2, Llama, Mistral, Qwen2,
+Qwen3) in and out."""
 
 from ftransformer.interop.hf_gpt2 import (
     GPT2BPETokenizer,
@@ -12,8 +13,10 @@ from ftransformer.interop.hf_gpt2 import (
     save_vocab_merges,
     to_hf_gpt2,
 )
+from ftransformer.interop.hf import config_from_hf_dir, load_hf, save_hf
 
 __all__ = [
+    "config_from_hf_dir", "load_hf", "save_hf",
     "GPT2BPETokenizer", "check_gpt2_compatible", "config_from_hf", "config_to_hf", "load_hf_gpt2",
     "load_hf_gpt2_dir", "load_hf_gpt2_tokenizer", "save_hf_gpt2", "save_vocab_merges", "to_hf_gpt2",
 ]

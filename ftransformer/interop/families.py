@@ -1,0 +1,274 @@
+"""The Llama-like Hugging Face families -- Llama, Mistral, Qwen2, Qwen3 -- as ``Config`` choices and tensor names.
+
+Each family is the same pre-norm RMSNorm / rotary / SwiGLU decoder; a family only switches on features,
+and ``Config`` names the features, never the family:
+
+============  =========================================================================================
+family        features it adds (``config.json`` key -> ``Config`` choice)
+============  =========================================================================================
+``llama``     ``rope_parameters`` ``linear`` / ``llama3`` -> ``rope_scaling``; ``attention_bias`` and
+              ``mlp_bias`` together -> ``bias``
+``mistral``   ``sliding_window`` -> ``Attention(window=...)`` on every layer
+``qwen2``     q/k/v biases -> ``Attention(qkv_bias=True)``; ``layer_types`` -> per-layer windows
+``qwen3``     ``q_norm`` / ``k_norm`` -> ``Attention(qk_norm=True)``; ``head_dim`` -> ``Attention(head_dim=...)``
+============  =========================================================================================
+
+Every family: ``head_dim``, ``rope_theta`` -> ``rope_base``, RMSNorm in Hugging Face's cast order
+(``norm_upcast=True``). Anything else a ``config.json`` asks for is refused by name, never approximated.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ftransformer.config import Attention, Config, RopeScaling
+
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("gpt2", *LLAMA_LIKE)
+ARCHITECTURES = {
+    "GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+}
+ROPE_TYPES = ("default", "linear", "llama3")
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def family_of(hf: Mapping) -> str:
+    """The family a ``config.json`` describes, from ``model_type`` (else ``architectures``)."""
+    model_type = hf.get("model_type")
+    if model_type in FAMILIES:
+        return model_type
+    for arch in hf.get("architectures") or ():
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    raise ValueError(
+        f"unsupported model family: model_type={model_type!r}, architectures={hf.get('architectures')!r}; "
+        f"supported model_type: {', '.join(FAMILIES)} (architectures: {', '.join(ARCHITECTURES)})"
+    )
+
+
+# ---------------------------------------------------------------- config.json -> Config
+
+
+def config_from_hf(hf: Mapping) -> Config:
+    """A ``Config`` from a Llama / Mistral / Qwen2 / Qwen3 ``config.json`` (as a dict).
+
+    Dropout is 0 (``attention_dropout`` drops attention only, ftransformer's ``dropout`` also drops the
+    residual stream: set it with ``cfg.replace(dropout=...)`` to train).
+    """
+    family = family_of(hf)
+    if family not in LLAMA_LIKE:
+        raise ValueError(f"config_from_hf reads {', '.join(LLAMA_LIKE)} configs, got model_type={family!r}")
+    missing = [k for k in _REQUIRED if k not in hf]
+    if missing:
+        raise ValueError(f"{family} config.json is missing {missing}; expected all of {list(_REQUIRED)}")
+    _refuse_unsupported(hf, family)
+    n_heads, d_model = hf["num_attention_heads"], hf["hidden_size"]
+    head_dim = hf.get("head_dim")
+    rope_base, rope_scaling = _rope(hf, family)
+    return Config(
+        vocab_size=hf["vocab_size"], d_model=d_model, n_heads=n_heads, n_layers=hf["num_hidden_layers"],
+        d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads, dropout=0.0, bias=_all_biases(hf, family),
+        norm="rmsnorm", norm_position="pre", positional="rope", activation="swiglu",
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=float(hf.get("initializer_range", 0.02)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_base=rope_base, rope_scaling=rope_scaling,
+        norm_upcast=True,
+        attention=Attention(
+            head_dim=None if head_dim in (None, d_model // n_heads) and d_model % n_heads == 0 else head_dim,
+            qkv_bias=family == "qwen2", qk_norm=family == "qwen3", window=_windows(hf, family),
+        ),
+    )
+
+
+def _refuse_unsupported(hf: Mapping, family: str) -> None:
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"{family} config.json has hidden_act={act!r}; supported: 'silu' (SwiGLU)")
+    partial = hf.get("partial_rotary_factor", (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ValueError(f"{family} config.json has partial_rotary_factor={partial}; supported: 1.0 (rotary on all of head_dim)")
+
+
+def _all_biases(hf: Mapping, family: str) -> bool:
+    """``bias`` for the families whose biases are a switch: all projections biased, or none."""
+    attn, mlp = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+    if family == "qwen3" and attn:
+        raise ValueError("qwen3 config.json has attention_bias=True (q/k/v/o biased, MLP not); supported: False")
+    if attn != mlp:
+        raise ValueError(
+            f"{family} config.json has attention_bias={attn} and mlp_bias={mlp}; supported: both False, or "
+            "both True (every projection biased)"
+        )
+    return attn
+
+
+def _rope(hf: Mapping, family: str) -> tuple[float, RopeScaling | None]:
+    """``(rope_base, rope_scaling)`` from transformers 5's ``rope_parameters`` or the older
+    ``rope_theta`` + ``rope_scaling``."""
+    params = hf.get("rope_parameters")
+    if params is not None and "rope_type" not in params and "rope_theta" not in params:
+        raise ValueError(
+            f"{family} config.json has per-layer-type rope_parameters {sorted(params)}; supported: one rope for all layers"
+        )
+    scaling = dict(params if params is not None else hf.get("rope_scaling") or {})
+    theta = float(scaling.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ValueError(
+            f"{family} config.json asks for rope type {kind!r}, which is not implemented yet; "
+            f"supported: {', '.join(map(repr, ROPE_TYPES))}"
+        )
+    if kind == "default":
+        return theta, None
+    if kind == "linear":
+        return theta, RopeScaling("linear", float(scaling["factor"]))
+    return theta, RopeScaling(
+        "llama3", float(scaling["factor"]), low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+        original_max_seq_len=int(scaling["original_max_position_embeddings"]),
+    )
+
+
+def _windows(hf: Mapping, family: str) -> int | tuple[int | None, ...] | None:
+    """The sliding window(s): Mistral's one for all layers, or Qwen's per ``layer_types``."""
+    if family in ("llama",):
+        return None
+    window = hf.get("sliding_window")
+    if family == "mistral":
+        return window
+    n_layers = hf["num_hidden_layers"]
+    if not hf.get("use_sliding_window", False):
+        window = None
+    types = hf.get("layer_types") or [
+        "sliding_attention" if window is not None and i >= hf.get("max_window_layers", n_layers) else "full_attention"
+        for i in range(n_layers)
+    ]
+    known = ("full_attention", "sliding_attention")
+    if len(types) != n_layers or any(t not in known for t in types):
+        raise ValueError(f"{family} config.json has layer_types={types!r}; expected {n_layers} of {known}")
+    windows = tuple(window if t == "sliding_attention" else None for t in types)
+    if all(w is None for w in windows):
+        return None
+    return windows[0] if len(set(windows)) == 1 else windows
+
+
+# ---------------------------------------------------------------- Config -> config.json
+
+
+def family_for(cfg: Config) -> str:
+    """The Llama-like family that can express ``cfg`` (its features decide), or a ``ValueError`` naming why none can."""
+    needs = dict(positional="rope", norm="rmsnorm", norm_position="pre", activation="swiglu", mlp=True)
+    for field, expected in needs.items():
+        if getattr(cfg, field) != expected:
+            raise ValueError(
+                f"Config.{field}={getattr(cfg, field)!r} has no Hugging Face family here: expected {expected!r} "
+                f"(supported families: {', '.join(FAMILIES)}; GPT-2 needs learned positions and LayerNorm)"
+            )
+    a = cfg.attention
+    per_layer = isinstance(a.window, tuple)
+    if a.qk_norm:
+        family = "qwen3"
+    elif a.qkv_bias:
+        family = "qwen2"
+    elif a.window is not None and not per_layer:
+        family = "mistral"
+    else:
+        family = "llama"
+    if family in ("qwen3", "qwen2", "mistral") and cfg.bias:
+        raise ValueError(f"Config.bias=True (every projection biased) cannot be expressed in {family}: expected False")
+    if family == "qwen3" and a.qkv_bias:
+        raise ValueError("Config.attention has qk_norm and qkv_bias together, which no supported family has")
+    if family == "llama" and per_layer:
+        raise ValueError(
+            "Config.attention.window per layer needs qwen2 (qkv_bias=True) or qwen3 (qk_norm=True); llama has no windows"
+        )
+    if per_layer and len({w for w in a.window if w is not None}) > 1:
+        raise ValueError(f"Config.attention.window={a.window} mixes window sizes; {family} has one sliding_window")
+    return family
+
+
+def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
+    """The ``config.json`` contents that ``transformers`` reads back as ``cfg``'s model."""
+    family = family_for(cfg)
+    hf = {
+        "architectures": [next(a for a, f in ARCHITECTURES.items() if f == family)], "model_type": family,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
+        "initializer_range": cfg.init_std, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "rope_parameters": _rope_parameters(cfg), "attention_dropout": 0.0, "dtype": dtype_name,
+    }
+    if family == "llama":
+        hf.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
+    if family == "qwen3":
+        hf["attention_bias"] = False
+    windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
+    if family == "mistral":
+        hf["sliding_window"] = windows[0]
+    elif family in ("qwen2", "qwen3"):
+        sliding = [w for w in windows if w is not None]
+        hf.update(
+            use_sliding_window=bool(sliding), sliding_window=sliding[0] if sliding else None,
+            max_window_layers=cfg.n_layers,
+            layer_types=["full_attention" if w is None else "sliding_attention" for w in windows],
+        )
+    return hf
+
+
+def _rope_parameters(cfg: Config) -> dict:
+    s = cfg.rope_scaling
+    if s is None:
+        return {"rope_type": "default", "rope_theta": cfg.rope_base}
+    if s.kind == "linear":
+        return {"rope_type": "linear", "rope_theta": cfg.rope_base, "factor": s.factor}
+    return {
+        "rope_type": "llama3", "rope_theta": cfg.rope_base, "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+        "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_seq_len,
+    }
+
+
+# ---------------------------------------------------------------- tensor names
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One Hugging Face tensor and where it lives in the parameter tree.
+
+    ``leaf[..., cols[0]:cols[1]]`` (the whole leaf when ``cols`` is None) equals the HF tensor, transposed
+    when ``transpose`` (``nn.Linear`` stores ``[d_out, d_in]``; ``linear`` here takes ``[d_in, d_out]``).
+    """
+
+    hf_key: str
+    path: str
+    hf_shape: tuple[int, ...]
+    transpose: bool = False
+    cols: tuple[int, int] | None = None
+
+
+def tensor_slots(cfg: Config) -> list[Slot]:
+    """Every tensor of a Llama-like checkpoint for ``cfg``, in the order the model has them."""
+    d, ff, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
+    q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    cols = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+    slots = [Slot("model.embed_tokens.weight", "embed.tokens", (cfg.vocab_size, d))]
+    for i in range(cfg.n_layers):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        slots.append(Slot(h + "input_layernorm.weight", b + "ln1.scale", (d,)))
+        for name, (lo, hi) in cols.items():
+            slots.append(Slot(h + f"self_attn.{name}_proj.weight", b + "attn.w_qkv", (hi - lo, d), True, (lo, hi)))
+            if cfg.bias or cfg.attention.qkv_bias:
+                slots.append(Slot(h + f"self_attn.{name}_proj.bias", b + "attn.b_qkv", (hi - lo,), False, (lo, hi)))
+        slots.append(Slot(h + "self_attn.o_proj.weight", b + "attn.w_o", (d, q), True))
+        if cfg.bias:
+            slots.append(Slot(h + "self_attn.o_proj.bias", b + "attn.b_o", (d,)))
+        if cfg.attention.qk_norm:
+            slots += [Slot(h + f"self_attn.{n}_norm.weight", b + f"attn.{n}_norm.scale", (hd,)) for n in "qk"]
+        slots.append(Slot(h + "post_attention_layernorm.weight", b + "ln2.scale", (d,)))
+        for hf_name, ft_name, shape in (("gate", "gate", (ff, d)), ("up", "in", (ff, d)), ("down", "out", (d, ff))):
+            slots.append(Slot(h + f"mlp.{hf_name}_proj.weight", b + f"mlp.w_{ft_name}", shape, True))
+            if cfg.bias:
+                slots.append(Slot(h + f"mlp.{hf_name}_proj.bias", b + f"mlp.b_{ft_name}", (shape[0],)))
+    slots.append(Slot("model.norm.weight", "ln_f.scale", (d,)))
+    if not cfg.tie_embeddings:
+        slots.append(Slot("lm_head.weight", "unembed.w", (cfg.vocab_size, d), True))
+    return slots

@@ -1,0 +1,50 @@
+"""Tiny random Hugging Face checkpoints of every supported Llama-like family, written by ``transformers``.
+
+Every parameter is re-randomized after construction (default init leaves biases at zero and norms at
+one, which would hide a missing bias or a swapped norm), attention is eager, and the model is written
+with ``save_pretrained``. Every size differs from the others, so a swapped axis fails.
+"""
+
+import torch
+
+VOCAB = 61
+SIZES = dict(vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+# family -> the features its test model switches on (windows shorter than the test sequences)
+FAMILY_OPTIONS = {
+    "llama": dict(rope_parameters=LLAMA3_ROPE),
+    "mistral": dict(sliding_window=5, head_dim=10),
+    "qwen2": dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),
+    "qwen3": dict(head_dim=10, tie_word_embeddings=True),
+}
+
+
+def hf_config(family: str, **changes):
+    import transformers
+
+    classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
+    return classes[family](**{**SIZES, **FAMILY_OPTIONS[family], **changes})
+
+
+def randomize_(model, seed: int = 0) -> None:
+    """Every parameter drawn anew: weights ~ N(0, 0.3^2), norm scales ~ 1 + N(0, 1), biases ~ N(0, 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            p.copy_(noise * 0.3 if p.ndim > 1 else noise + (1.0 if "norm" in name else 0.0))
+
+
+def build(family: str, directory, *, seed: int = 0, **changes):
+    """A random ``family`` model saved to ``directory``; returns the model (eval mode, eager attention)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(hf_config(family, **changes), attn_implementation="eager")
+    randomize_(model, seed)
+    model.eval()
+    model.save_pretrained(directory)
+    return model

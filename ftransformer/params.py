@@ -29,6 +29,9 @@ PyTree = Any
 
 
 def _normal(gen: torch.Generator, shape: tuple[int, ...], std: float) -> Tensor:
+    if torch.get_default_device().type == "meta":
+        # Shapes only (checkpoint and Hugging Face loaders): drawing on meta would import torch._dynamo (~3 s).
+        return torch.empty(shape)
     # Scaled in place: no second full-size temporary, which GPT-2-sized tables would feel.
     return torch.randn(shape, generator=gen).mul_(std)
 

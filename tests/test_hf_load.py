@@ -257,3 +257,28 @@ def test_shard_sizes_parse_like_save_pretrained_and_pack_greedily():
         parse_size("5 parsecs")
     assert plan_shards([("a", 6), ("b", 5), ("c", 20), ("d", 1)], 10) == [["a"], ["b"], ["c"], ["d"]]
     assert plan_shards([("a", 3), ("b", 5), ("c", 2), ("d", 1)], 10) == [["a", "b", "c"], ["d"]]
+
+
+def test_converted_tensors_pass_through_a_few_rows_at_a_time(saved, monkeypatch):
+    from ftransformer.interop import hf
+
+    cfg, params = load_hf(saved["llama"][0])
+    monkeypatch.setattr(hf, "_CHUNK_BYTES", 100)  # a few rows per read: every block boundary is exercised
+    assert_same_tree(load_hf(saved["llama"][0])[1], params)
+    assert_same_tree(load_hf(saved["llama"][0], dtype=torch.float64)[1], ft.tree_to(params, dtype=torch.float64))
+
+
+def test_bench_load_times_both_loaders_in_fresh_processes(tmp_path, capsys):
+    from ftransformer.cli import main
+
+    assert main(["bench", "load", "--dir", str(tmp_path), "--size", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "writing a random tiny checkpoint" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if "/" not in line and
+            line.startswith(("ft.load_hf", "transformers"))}
+    assert set(rows) == {"ft.load_hf", "transformers"}
+    assert all(len(r) == 5 and float(r[0]) > 0 and float(r[1]) > 0 for r in rows.values())  # seconds, MiB, ...
+    assert "ft.load_hf / transformers: time x" in out
+    assert (tmp_path / "config.json").is_file()
+    assert main(["bench", "load", "--dir", str(tmp_path), "--size", "tiny"]) == 0  # reused, not written again
+    assert "writing" not in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""``ftransformer bench train | generate | quality``: speed and training-quality benchmarks against baselines.
+"""``ftransformer bench train | generate | quality | load``: speed and training-quality benchmarks against baselines.
 
 Each benchmark lives in ``ftransformer.bench.<name>`` with ``add_arguments(parser)`` and ``run(args)``;
 its module is imported when that benchmark is parsed, not when this one is.
@@ -14,6 +14,7 @@ BENCHES = {
     "int8": ("ftransformer.bench.int8", "what int8 quantization costs a trained checkpoint: val loss and greedy agreement"),
     "vmap": ("ftransformer.bench.vmap", "per-example gradients (vmap vs a loop vs Opacus) and an ensemble in one vmapped step"),
     "quality": ("ftransformer.bench.quality", "train the shakespeare-char-cpu recipe: functional vs torch.nn, same batches"),
+    "load": ("ftransformer.bench.load", "load a Hugging Face checkpoint: ft.load_hf vs transformers, time and peak memory"),
 }
 
 

@@ -22,11 +22,15 @@ from ftransformer.config import Config
 from ftransformer.interop import families, hf_gpt2
 from ftransformer.interop.families import Slot
 from ftransformer.interop.hf_gpt2 import _first_few
-from ftransformer.interop.safetensors_io import StoredTensor, list_tensors, parse_size, read_tensor, write_safetensors
+from ftransformer.interop.safetensors_io import (
+    StoredTensor, list_tensors, parse_size, read_rows, read_tensor, write_safetensors,
+)
 from ftransformer.params import init_params, tree_flatten_with_paths, tree_unflatten_paths
 
 # Buffers older transformers versions saved beside the weights; they hold no learned numbers.
 _BUFFER_SUFFIXES = (".rotary_emb.inv_freq",)
+# Converted tensors pass through a temporary of at most this many bytes (a few rows of a big table).
+_CHUNK_BYTES = 16 * 2**20
 
 
 def read_hf_config(directory: str | os.PathLike) -> dict:
@@ -119,13 +123,20 @@ def _template(cfg: Config) -> dict[str, Tensor]:
 
 def _fill(leaf: Tensor, entry: StoredTensor, slot: Slot) -> None:
     """Read one stored tensor into its place in ``leaf``: straight into its memory when the layout,
-    dtype and device already agree, else through one temporary of that tensor's size."""
+    dtype and device already agree, else a block of rows at a time through a small temporary (so a
+    transposed or cast vocabulary-sized table never needs a second full-size buffer)."""
     if slot.cols is None and not slot.transpose and leaf.dtype == entry.dtype and leaf.device.type == "cpu":
         read_tensor(entry, leaf)
         return
-    values = read_tensor(entry)
     target = leaf if slot.cols is None else leaf[..., slot.cols[0]:slot.cols[1]]
-    target.copy_(values.T if slot.transpose else values)
+    if slot.transpose:
+        target = target.T  # now in the stored [d_out, d_in] layout, a view into leaf
+    rows = entry.shape[0]
+    row_bytes = max(1, target[:1].numel() * entry.dtype.itemsize)
+    step = max(1, _CHUNK_BYTES // row_bytes)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        target[start:stop].copy_(read_rows(entry, start, stop))
 
 
 # ---------------------------------------------------------------- save

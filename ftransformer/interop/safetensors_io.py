@@ -98,16 +98,28 @@ def _read_header(path: Path) -> dict[str, StoredTensor]:
 def read_tensor(entry: StoredTensor, out: Tensor | None = None) -> Tensor:
     """The stored tensor's values, read into ``out`` (contiguous, on the CPU, of the stored dtype and
     shape) or into a new tensor."""
+    if not entry.shape:
+        out = torch.empty((), dtype=entry.dtype) if out is None else out
+        return _read_bytes(entry, entry.start, out)
+    return read_rows(entry, 0, entry.shape[0], out)
+
+
+def read_rows(entry: StoredTensor, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+    """Rows ``start:stop`` (of the first axis) of a stored tensor: a contiguous run of its bytes."""
+    shape = (stop - start, *entry.shape[1:])
     if out is None:
-        out = torch.empty(entry.shape, dtype=entry.dtype)
+        out = torch.empty(shape, dtype=entry.dtype)
+    row_bytes = out[:1].numel() * entry.dtype.itemsize if stop > start else 0
+    return _read_bytes(entry, entry.start + start * row_bytes, out)
+
+
+def _read_bytes(entry: StoredTensor, offset: int, out: Tensor) -> Tensor:
     view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
     with open(entry.path, "rb", buffering=0) as f:
-        f.seek(entry.start)
+        f.seek(offset)
         got = f.readinto(view) if len(view) else 0
-    if got != entry.end - entry.start:
-        raise ValueError(
-            f"{entry.path} is truncated: expected {entry.end - entry.start} bytes of data, got {got}"
-        )
+    if got != len(view):
+        raise ValueError(f"{entry.path} is truncated: expected {len(view)} bytes of data at offset {offset}, got {got}")
     return out
 
 

@@ -1,6 +1,7 @@
 """load_hf / save_hf: names, shapes and values against transformers' own checkpoints, round trips, errors."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -282,3 +283,24 @@ def test_bench_load_times_both_loaders_in_fresh_processes(tmp_path, capsys):
     assert (tmp_path / "config.json").is_file()
     assert main(["bench", "load", "--dir", str(tmp_path), "--size", "tiny"]) == 0  # reused, not written again
     assert "writing" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inspect_hf_dir_describes_the_config_and_counts_the_parameters(saved, family, capsys):
+    from ftransformer.cli import main
+
+    assert main(["inspect", "--hf-dir", str(saved[family][0])]) == 0
+    out = capsys.readouterr().out
+    assert f"model_type={family!r}" in out
+    assert re.search(rf"head_dim +{EXPECTED[family]['head_dim']}  \((given|derived)\)", out)
+    n = sum(p.numel() for p in saved[family][1].parameters())  # transformers counts a tied table once, too
+    assert "exact total" in out and f"{n:,}" in out
+
+
+def test_inspect_hf_dir_errors_name_the_problem(saved, tmp_path, capsys):
+    from ftransformer.cli import main
+
+    assert main(["inspect", "--hf-dir", str(tmp_path)]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    assert main(["inspect", "--hf-dir", str(saved["llama"][0]), "--preset", "seed"]) == 2
+    assert "give one" in capsys.readouterr().err

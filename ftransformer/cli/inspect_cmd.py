@@ -1,6 +1,8 @@
 """``ftransformer inspect``: a preset's config and parameter breakdown, or a look inside a model.
 
 * ``ftransformer inspect [--preset NAME]``: the config, field by field, and the parameter breakdown;
+* ``ftransformer inspect --hf-dir DIR``: the same for a Hugging Face model directory of any supported
+  family (read from its ``config.json``; no weights are loaded);
 * ``ftransformer inspect attention --checkpoint DIR --text TEXT [--layer L] --out FILE.png``: every
   head's attention pattern of one layer on a text, one panel per head;
 * ``ftransformer inspect heads --checkpoint DIR --out FILE.png``: induction, previous-token and entropy
@@ -34,7 +36,8 @@ def add_arguments(parser) -> None:
     model.add_argument("--checkpoint", metavar="DIR", default=None,
                        help="a checkpoint directory, or a run directory of `ftransformer train` (its best/, else latest/)")
     model.add_argument("--hf-dir", metavar="DIR", default=None,
-                       help="a Hugging Face GPT-2 directory (config.json, weights, vocab.json, merges.txt)")
+                       help="a Hugging Face model directory; without a VIEW, describe its config (any supported family); "
+                            "with one, a GPT-2 directory (config.json, weights, vocab.json, merges.txt)")
     model.add_argument("--text", metavar="TEXT", default=None,
                        help="attention, logit-lens: the text to run (cropped to its last max_seq_len tokens)")
     model.add_argument("--layer", type=int, metavar="L", default=None,
@@ -47,16 +50,29 @@ def add_arguments(parser) -> None:
     model.add_argument("--device", choices=DEVICES, default="cpu", help="where to run (default: cpu)")
 
 
-def describe_preset(name: str) -> int:
-    cfg = get_preset(name)
-    print(f"preset {name!r}")
+def describe(cfg, title: str) -> int:
+    """The config field by field, then its parameter breakdown."""
+    print(title)
     width = max(len(f.name) for f in dataclasses.fields(cfg))
     for f in dataclasses.fields(cfg):
         print(f"  {f.name:<{width}}  {getattr(cfg, f.name)!r}")
-    print(f"  {'head_dim':<{width}}  {cfg.head_dim!r}  (derived)")
+    print(f"  {'head_dim':<{width}}  {cfg.head_dim!r}  ({'given' if cfg.attention.head_dim else 'derived'})")
     print()
     print(format_breakdown(cfg))
     return 0
+
+
+def describe_preset(name: str) -> int:
+    return describe(get_preset(name), f"preset {name!r}")
+
+
+def describe_hf_dir(directory: str) -> int:
+    """A Hugging Face directory's config, read from its config.json alone (no weights are loaded)."""
+    from ftransformer.interop.hf import config_from_hf_dir, read_hf_config
+
+    cfg = config_from_hf_dir(directory)
+    hf = read_hf_config(directory)
+    return describe(cfg, f"Hugging Face model {directory} (model_type={hf.get('model_type')!r})")
 
 
 def format_scores(name: str, scores) -> str:
@@ -96,10 +112,14 @@ def _check_view_args(args) -> None:
 
 def run(args) -> int:
     if args.view is None:
-        given = [f for f in ("checkpoint", "hf_dir", "text", "layer", "half", "out") if getattr(args, f) is not None]
+        given = [f for f in ("checkpoint", "text", "layer", "half", "out") if getattr(args, f) is not None]
         if given:
             flags = ", ".join("--" + f.replace("_", "-") for f in given)
             raise ValueError(f"{flags} need a VIEW: inspect {{{','.join(VIEWS)}}} ...")
+        if args.hf_dir is not None:
+            if args.preset is not None:
+                raise ValueError("--preset and --hf-dir each name a model to describe; give one")
+            return describe_hf_dir(args.hf_dir)
         return describe_preset(args.preset or "seed")
     _check_view_args(args)
 

@@ -1,8 +1,9 @@
 """Pytree tools: the one walker for parameters, gradients, optimizer states and checkpoints.
 
 A tree is nested ``dict`` / ``list`` / ``tuple`` / ``NamedTuple`` containers with leaves (tensors,
-mostly) at the ends; ``None`` is an empty container, as in ``torch.utils._pytree``, on which this
-module is built. Leaves come in one order everywhere: dicts in insertion order, sequences by index.
+mostly; anything else, ``None`` included, is a leaf too) at the ends, as in ``torch.utils._pytree``, on
+which this module is built. Leaves come in one order everywhere: dicts in insertion order, sequences by
+index.
 
 **The path convention.** A leaf's path is the keys from the root down to it, joined by dots::
 
@@ -34,9 +35,9 @@ PyTree = Any
 # A tree definition: None for a leaf, else (container type, dict keys or None, child definitions).
 TreeDef = Any
 IsLeaf = Callable[[Any], bool] | None
-# Exact types, as torch.utils._pytree matches them: a torch.Size (a tuple subclass) stays a leaf.
+# Exact types, as torch.utils._pytree matches them (a dict or tuple subclass it does not know is a leaf).
 _MAPPINGS = (dict, OrderedDict)
-_SEQUENCES = (list, tuple)
+_SEQUENCES = (list, tuple, torch.Size)
 _NO_TEMPLATE = object()
 
 
@@ -64,8 +65,6 @@ def flatten(tree: PyTree, *, is_leaf: IsLeaf = None) -> tuple[list, TreeDef]:
             return (kind, tuple(node), tuple([walk(v) for v in node.values()]))
         if kind in _SEQUENCES or (issubclass(kind, tuple) and hasattr(kind, "_fields")):
             return (kind, None, tuple([walk(v) for v in node]))
-        if node is None:
-            return (type(None), None, ())
         out.append(node)
         return None
 
@@ -85,8 +84,6 @@ def unflatten(values: Sequence, treedef: TreeDef) -> PyTree:
         if d is None:
             return next(it)
         kind, keys, children = d
-        if kind is type(None):
-            return None
         built = [build(c) for c in children]
         if keys is not None:
             return kind(zip(keys, built))
@@ -105,10 +102,21 @@ def flatten_like(tree: PyTree, treedef: TreeDef, name: str = "tree") -> list:
     and both structures otherwise)."""
     values, got = flatten(tree)
     if got != treedef:
-        expected = pytree.tree_structure(unflatten([0] * num_leaves(treedef), treedef))
-        raise ValueError(f"{name} must have the same tree structure as params: expected {expected}, "
-                         f"got {pytree.tree_structure(tree)}")
+        expected = unflatten([0] * num_leaves(treedef), treedef)
+        diff = _path_difference(list(flatten_with_paths(expected)), list(flatten_with_paths(tree)))
+        raise ValueError(f"{name} must have the same tree structure as params: expected "
+                         f"{diff or f'{pytree.tree_structure(expected)}, got {pytree.tree_structure(tree)}'}")
     return values
+
+
+def _path_difference(expected: list[str], got: list[str]) -> str:
+    """``"n paths, got: k missing ([...]) and j unexpected ([...])"``, or "" when both name the same paths."""
+    have, want = set(got), set(expected)
+    missing, extra = [p for p in expected if p not in have], [p for p in got if p not in want]
+    if not (missing or extra):
+        return ""
+    return (f"{len(expected)} paths, got {len(missing)} missing ({missing[:3]}) and {len(extra)} unexpected "
+            f"({extra[:3]})")
 
 
 def to(tree: PyTree, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> PyTree:
@@ -153,12 +161,9 @@ def unflatten_paths(flat: dict[str, Any], like: PyTree = _NO_TEMPLATE) -> PyTree
     if like is _NO_TEMPLATE:
         return _listify(_nest(flat))
     expected = list(flatten_with_paths(like))
-    missing = [p for p in expected if p not in flat]
-    known = set(expected)
-    extra = [p for p in flat if p not in known]
-    if missing or extra:
-        raise ValueError(f"expected the paths of the template tree, got {len(missing)} missing "
-                         f"({missing[:3]}) and {len(extra)} unexpected ({extra[:3]})")
+    diff = _path_difference(expected, list(flat))
+    if diff:
+        raise ValueError(f"expected the template's {diff}")
     return pytree.tree_unflatten([flat[p] for p in expected], pytree.tree_structure(like))
 
 

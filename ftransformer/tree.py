@@ -38,6 +38,8 @@ IsLeaf = Callable[[Any], bool] | None
 # Exact types, as torch.utils._pytree matches them (a dict or tuple subclass it does not know is a leaf).
 _MAPPINGS = (dict, OrderedDict)
 _SEQUENCES = (list, tuple, torch.Size)
+_LEAF, _MAPPING, _SEQUENCE = "leaf", "mapping", "sequence"
+_KINDS: dict[type, str] = {}
 _NO_TEMPLATE = object()
 
 
@@ -52,21 +54,32 @@ def map(fn: Callable, tree: PyTree, *rest: PyTree, is_leaf: IsLeaf = None) -> Py
     return pytree.tree_map(fn, tree, *rest, is_leaf=is_leaf)
 
 
+def _kind_of(kind: type) -> int:
+    """``_MAPPING``, ``_SEQUENCE`` or ``_LEAF`` for nodes of type ``kind`` (remembered: one dict lookup
+    a node afterwards)."""
+    if kind in _MAPPINGS:
+        found = _MAPPING
+    elif kind in _SEQUENCES or (issubclass(kind, tuple) and hasattr(kind, "_fields")):
+        found = _SEQUENCE
+    else:
+        found = _LEAF
+    _KINDS[kind] = found
+    return found
+
+
 def flatten(tree: PyTree, *, is_leaf: IsLeaf = None) -> tuple[list, TreeDef]:
     """The leaves of ``tree`` in order, and its definition (for ``unflatten``)."""
     out: list = []
 
     def walk(node):
-        if is_leaf is not None and is_leaf(node):
+        kind = type(node)
+        found = _KINDS.get(kind) or _kind_of(kind)
+        if found is _LEAF or (is_leaf is not None and is_leaf(node)):
             out.append(node)
             return None
-        kind = type(node)
-        if kind in _MAPPINGS:
+        if found is _MAPPING:
             return (kind, tuple(node), tuple([walk(v) for v in node.values()]))
-        if kind in _SEQUENCES or (issubclass(kind, tuple) and hasattr(kind, "_fields")):
-            return (kind, None, tuple([walk(v) for v in node]))
-        out.append(node)
-        return None
+        return (kind, None, tuple([walk(v) for v in node]))
 
     return out, walk(tree)
 

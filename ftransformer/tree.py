@@ -54,7 +54,7 @@ def map(fn: Callable, tree: PyTree, *rest: PyTree, is_leaf: IsLeaf = None) -> Py
     return pytree.tree_map(fn, tree, *rest, is_leaf=is_leaf)
 
 
-def _kind_of(kind: type) -> int:
+def _kind_of(kind: type) -> str:
     """``_MAPPING``, ``_SEQUENCE`` or ``_LEAF`` for nodes of type ``kind`` (remembered: one dict lookup
     a node afterwards)."""
     if kind in _MAPPINGS:

@@ -14,8 +14,8 @@ index.
                                    the ``mu`` field of its ``AdamWState``, then the params' own path
 
 Checkpoints name their tensors this way (``ftransformer.checkpoint``), and so do the HF interop and the
-activation taps. A dict key with a dot in it would make two paths alike; ``flatten_with_paths`` refuses
-such a tree rather than write one tensor over another.
+activation taps. A dict key with a dot in it can give two leaves one path (``{"a.b": x, "a": {"b": y}}``);
+``flatten_with_paths`` refuses such a tree rather than drop one of them.
 
 ``flatten`` / ``unflatten`` are the fast pair for hot loops (an optimizer step flattens a dozen trees):
 a lean walk over exactly those containers, with the same leaf order as ``torch.utils._pytree`` and a

@@ -32,7 +32,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from ftransformer.config import Config
-from ftransformer.data import TOKENIZER_FILE, Tokenizer, temp_sibling, tokenizer_from_json
+from ftransformer.data import TOKENIZER_FILE, Tokenizer, tokenizer_from_json
+from ftransformer.io import fsync, temp_sibling
 from ftransformer import tree
 from ftransformer.params import init_params
 from ftransformer.quantize import is_quantized, quantize
@@ -94,19 +95,6 @@ def _write_tensors(path: Path, flat: dict[str, Tensor]) -> None:
         f.write(data)
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems (and directories on some systems) do not support fsync
-    finally:
-        os.close(fd)
-
-
 def _json_default(x):
     if isinstance(x, Tensor) and x.numel() == 1:
         return x.item()
@@ -157,8 +145,8 @@ def _write_files(d: Path, params: dict, opt_flat, tokenizer: Tokenizer | None, m
     # checkpoint.json last: a directory holding it is complete.
     (d / META_FILE).write_text(json.dumps(meta, indent=1, default=_json_default), encoding="utf-8")
     for f in d.iterdir():
-        _fsync(f)
-    _fsync(d)
+        fsync(f)
+    fsync(d)
 
 
 def save_checkpoint(
@@ -186,7 +174,7 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(path.parent)
+    fsync(path.parent)
     return path
 
 

@@ -22,11 +22,16 @@ from torch import Tensor
 from ftransformer import random
 from ftransformer.cache import KVCache, init_cache
 from ftransformer.config import Config
-from ftransformer.decode_steps import check_compile, decode_step, loop_cache_length, loop_decode_step, untie_for_decoding
+from ftransformer.decode_steps import check_compile, loop_cache_length, loop_decode_step, untie_for_decoding
 from ftransformer.model import check_tokens, forward_with_cache, is_tracing
-from ftransformer.sampling import Sampling, next_token, resolve_sampling, sample
+from ftransformer.sampling import Sampling, next_token, resolve_sampling
 from ftransformer.speculative import speculative_generate
 from ftransformer.stopping import check_max_new_tokens, stack_steps, until_stopped
+
+# Generation's vocabulary in one import, as before these moved to their own modules:
+# `from ftransformer.generate import decode_step, sample` keeps working.
+from ftransformer.decode_steps import decode_step  # noqa: F401
+from ftransformer.sampling import sample  # noqa: F401
 
 SeqLengths = Int[Tensor, "*batch"] | None
 
@@ -222,7 +227,8 @@ def _segments(params, prompt, cfg, max_new_tokens, sampling, keep, compile) -> I
         segment_seed = int(random.fold_in(random.key(seed), segment)) if segment else seed
         segment_sampling = dataclasses.replace(sampling, seed=segment_seed)
         new = []
-        for token in generate_stream(params, context, cfg, max_new_tokens=n, sampling=segment_sampling, compile=compile):
+        stream = generate_stream(params, context, cfg, max_new_tokens=n, sampling=segment_sampling, compile=compile)
+        for token in stream:
             new.append(token)
             yield token
         left -= n
@@ -287,7 +293,4 @@ def generate(
     return _after_prompt(prompt, stack_steps(stream, prompt), seq_lengths, pad_id)
 
 
-__all__ = [
-    "Sampling", "decode_step", "generate", "generate_stream", "generate_stream_sliding", "prefill", "sample",
-    "untie_for_decoding",
-]
+__all__ = ["generate", "generate_stream", "generate_stream_sliding", "prefill"]

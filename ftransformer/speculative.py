@@ -55,6 +55,9 @@ class _Tally:
     accepted: int = 0
     rounds: int = 0
 
+    def add_round(self, proposed: int, accepted: int) -> None:
+        self.proposed, self.accepted, self.rounds = self.proposed + proposed, self.accepted + accepted, self.rounds + 1
+
 
 class _Model(NamedTuple):
     params: dict
@@ -145,17 +148,17 @@ def _steps(
     """The rounds behind ``speculative_generate`` (checked arguments), yielded one step at a time: step
     ``j`` as soon as every row has its ``j``-th new token. ``tally`` counts what the rounds did."""
     batch, prompt2 = prompt.shape[:-1], prompt.reshape(-1, prompt.shape[-1])
-    rows, n_prompt = prompt2.shape
+    n_prompt = prompt2.shape[1]
     end = n_prompt + max_new_tokens
     target, draft = _Model(*untie_for_decoding(*target)), _Model(*untie_for_decoding(*draft))
     state = _start(target, draft, prompt2, end, k)
     key = random.key(sampling.seed).to(prompt.device)
     shown = n_prompt
     while shown < end:
-        if rows:
-            state, proposed, accepted = _round(target, draft, state, prompt2, random.fold_in(key, tally.rounds), k, end, sampling)
-            tally.proposed, tally.accepted, tally.rounds = tally.proposed + proposed, tally.accepted + accepted, tally.rounds + 1
-        ready = min(int(state.n.min()), end) if rows else end
+        round_key = random.fold_in(key, tally.rounds)
+        state, proposed, accepted = _round(target, draft, state, prompt2, round_key, k, end, sampling)
+        tally.add_round(proposed, accepted)
+        ready = min(int(state.n.min()), end)
         for j in range(shown, ready):
             yield state.out[:, j].reshape(batch)
         shown = ready
@@ -189,7 +192,10 @@ def _propose(
 
 
 def _accept(
-    p: Float[Tensor, "batch _ vocab"], q: Float[Tensor, "batch _ vocab"], drafts: Int[Tensor, "batch _"], round_key: Tensor
+    p: Float[Tensor, "batch _ vocab"],
+    q: Float[Tensor, "batch _ vocab"],
+    drafts: Int[Tensor, "batch _"],
+    round_key: Tensor,
 ) -> tuple[Int[Tensor, "batch _"], Int[Tensor, " batch"]]:
     """The rejection rule: each row's accepted prefix of ``drafts`` with one token of the target's own after
     it (``k + 1`` columns, the ones past it unused), and how many proposals it accepted."""
@@ -220,7 +226,8 @@ def _round(
     if first:
         draft_in, draft_cache = prompt2, s.draft_cache
     else:
-        draft_in, draft_cache = s.out.gather(1, (n - 2)[:, None] + offsets[None, :2]), s.draft_cache._replace(lengths=n - 2)
+        draft_in = s.out.gather(1, (n - 2)[:, None] + offsets[None, :2])
+        draft_cache = s.draft_cache._replace(lengths=n - 2)
     drafts, q, draft_cache = _propose(draft, draft_cache, draft_in, k, sampling, round_key)
     # One target pass scores every proposal: p[:, i] is its distribution after drafts[:, :i].
     target_in = torch.cat([prompt2 if first else s.out.gather(1, (n - 1)[:, None]), drafts], 1)

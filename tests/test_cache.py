@@ -365,5 +365,5 @@ def test_float_lengths_are_a_type_error(no_typecheck):
     tokens = torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(TypeError, match="seq_lengths must be an integer tensor"):
         ft.forward_with_cache(params, tokens, ft.init_cache(cfg, 2), cfg, seq_lengths=torch.tensor([1.0, 2.0]))
-    with pytest.raises(TypeError, match="prompt_lengths must be an integer tensor"):
-        ft.generate(params, tokens, cfg, max_new_tokens=1, prompt_lengths=torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match="seq_lengths must be an integer tensor"):
+        ft.generate(params, tokens, cfg, max_new_tokens=1, seq_lengths=torch.tensor([1.0, 2.0]))

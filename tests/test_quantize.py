@@ -111,20 +111,20 @@ def test_generation_packs_each_matrix_once_and_releases_it(gen):
 @fbgemm
 def test_int8_generation_compiled_equals_eager(gen, no_typecheck):
     """The compiled step calls the same fbgemm product (a custom op), so its tokens equal eager's exactly."""
-    from ftransformer.generate import compiled_decode_step
+    from ftransformer.decode_steps import torch_compiled_decode_step
 
     cfg = CFG.replace(n_layers=1)
     params = ft.quantize(ft.init_params(cfg, seed=3), cfg)
     prompt = torch.randint(0, cfg.vocab_size, (2, 3), generator=gen)
     torch._dynamo.reset()
-    compiled_decode_step.cache_clear()
+    torch_compiled_decode_step.cache_clear()
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
             compiled = ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0, compile=True)
         assert torch.equal(compiled, ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0))
     finally:
         torch._dynamo.reset()
-        compiled_decode_step.cache_clear()
+        torch_compiled_decode_step.cache_clear()
 
 
 def test_int8_generation_follows_the_float_model_on_clear_margins(gen):

@@ -33,7 +33,8 @@ from ftransformer import aot
 from ftransformer.bench import torchao_ref
 from ftransformer.bench.timing import interleaved, medians, num_threads
 from ftransformer.config import PRESETS, Config, get_preset
-from ftransformer.generate import compiled_decode_step, generate, untie_for_decoding
+from ftransformer.decode_steps import torch_compiled_decode_step, untie_for_decoding
+from ftransformer.generate import generate
 from ftransformer.model import forward
 from ftransformer.params import init_params
 from ftransformer.quantize import quantize
@@ -291,7 +292,7 @@ def _measure(args) -> int:
             print(f"{HF_TORCHAO}: {torchao_ref.SKIPPED}")
     fns = contenders(params, cfg, prompt, args.new_tokens, compiled=args.compile, hf=hf, int8=int8, hf_int8=hf_int8,
                      aot=args.aot)
-    compiled_decode_step.cache_clear()  # the compile times printed are fresh compiles
+    torch_compiled_decode_step.cache_clear()  # the compile times printed are fresh compiles
     aot.clear()
     for name in (COMPILED, AOT, INT8_COMPILED):
         if name in fns:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ftransformer.cache import KVCache
 from ftransformer.config import Config
-from ftransformer.model import forward_with_cache_unchecked
+from ftransformer.model import _forward_with_cache_in_place
 from ftransformer.params import tree_flatten_with_paths
 from ftransformer.quantize import is_quantized
 
@@ -52,7 +52,7 @@ class _DecodeStep(torch.nn.Module):
 
     def forward(self, params: dict, token: Tensor, k: tuple, v: tuple, lengths: Tensor):
         cache = KVCache(k=k, v=v, lengths=lengths)
-        logits, cache = forward_with_cache_unchecked(params, token[..., None], cache, self.cfg, donate=True)
+        logits, cache = _forward_with_cache_in_place(params, token[..., None], cache, self.cfg)
         return logits[..., 0, :], cache.lengths
 
 

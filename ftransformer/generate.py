@@ -23,7 +23,7 @@ from ftransformer import random
 from ftransformer import aot
 from ftransformer.cache import KVCache, init_cache
 from ftransformer.config import Config
-from ftransformer.model import check_tokens, forward_with_cache, forward_with_cache_unchecked, is_tracing
+from ftransformer.model import _forward_with_cache_in_place, check_tokens, forward_with_cache, is_tracing
 from ftransformer.layers.int8 import memo_by_tensor
 from ftransformer.quantize import is_quantized, quantize_matrix
 
@@ -66,7 +66,7 @@ def _owned_decode_step(
     construction, so the per-step checks (ops and host syncs on every token) are skipped too.
     Copying the buffers every step costs more than the rest of the step's non-matmul work together.
     """
-    logits, cache = forward_with_cache_unchecked(params, token[..., None], cache, cfg, donate=True)
+    logits, cache = _forward_with_cache_in_place(params, token[..., None], cache, cfg)
     return logits[..., 0, :], cache
 
 

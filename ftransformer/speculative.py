@@ -30,7 +30,7 @@ from ftransformer.generate import (
     restrict_logits,
     untie_for_decoding,
 )
-from ftransformer.model import check_tokens, forward_with_cache_unchecked
+from ftransformer.model import _forward_with_cache_in_place, check_tokens
 
 
 class SpeculativeStats(NamedTuple):
@@ -144,19 +144,19 @@ def _speculate(params, cfg, draft_params, draft_cfg, prompt, k, max_new_tokens, 
         else:
             draft_in = out.gather(1, (n - 2)[:, None] + offsets[None, :2])
             draft_cache = draft_cache._replace(lengths=n - 2)
-        logits, draft_cache = forward_with_cache_unchecked(draft_params, draft_in, draft_cache, draft_cfg, donate=True)
+        logits, draft_cache = _forward_with_cache_in_place(draft_params, draft_in, draft_cache, draft_cfg)
         drafts, q = [], []
         for i in range(k):
             q.append(token_probs(logits[:, -1], sampling))
             drafts.append(draw(q[-1], random.fold_in(round_key, i)))
             if i + 1 < k:
-                logits, draft_cache = forward_with_cache_unchecked(
-                    draft_params, drafts[-1][:, None], draft_cache, draft_cfg, donate=True
+                logits, draft_cache = _forward_with_cache_in_place(
+                    draft_params, drafts[-1][:, None], draft_cache, draft_cfg
                 )
         drafts, q = torch.stack(drafts, 1), torch.stack(q, 1)
         # One target pass scores every proposal: p[:, i] is its distribution after drafts[:, :i].
         target_in = torch.cat([prompt2 if rounds == 0 else out.gather(1, (n - 1)[:, None]), drafts], 1)
-        logits, target_cache = forward_with_cache_unchecked(params, target_in, target_cache, cfg, donate=True)
+        logits, target_cache = _forward_with_cache_in_place(params, target_in, target_cache, cfg)
         p = token_probs(logits[:, -(k + 1):], sampling)
         p_of_draft = p[:, :k].gather(-1, drafts[..., None])[..., 0]
         q_of_draft = q.gather(-1, drafts[..., None])[..., 0]

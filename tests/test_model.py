@@ -44,10 +44,10 @@ def test_forward_matches_a_hand_written_model(tiny_cfg, gen, tie):
     cfg = tiny_cfg.replace(tie_embeddings=tie)
     p = ft.init_params(cfg, seed=4)
     tokens = tokens_for(cfg, (2, 6), gen)
-    positions = torch.arange(6).expand(2, 6)
+    mask = ft.layers.self_mask(torch.arange(6).expand(2, 6))
     x = p["embed"]["tokens"][tokens] + p["embed"]["positions"][:6]
     for blk in p["blocks"]:
-        x = ft.layers.block(blk, x, cfg, positions=positions)
+        x = ft.layers.block(blk, x, cfg, mask=mask)
     x = F.layer_norm(x, (cfg.d_model,), p["ln_f"]["scale"], p["ln_f"]["bias"], cfg.norm_eps)
     w_out = p["embed"]["tokens"].T if tie else p["unembed"]["w"]
     torch.testing.assert_close(ft.forward(p, tokens, cfg), x @ w_out)

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import torch
 from ftransformer.config import Config
-from ftransformer.shapes import Int, Tensor
+from ftransformer.shapes import Int, Positions, Tensor
 
 
 class KVCache(NamedTuple):
@@ -118,12 +118,12 @@ def check_room(lengths: Int[Tensor, "*batch"], seq: int, max_len: int) -> None:
         )
 
 
-def query_slots(lengths: Int[Tensor, "*batch"], seq: int) -> Int[Tensor, "*batch seq"]:
+def query_slots(lengths: Int[Tensor, "*batch"], seq: int) -> Positions:
     """Slot (= position) of each new token: row ``b`` continues at ``lengths[b]``."""
     return lengths[..., None] + torch.arange(seq, device=lengths.device)
 
 
-def write_index(slots: Int[Tensor, "*batch seq"], kv_heads: int, head_dim: int) -> Int[
+def write_index(slots: Positions, kv_heads: int, head_dim: int) -> Int[
     Tensor, "*batch kv_heads seq head_dim"
 ]:
     """The ``scatter`` index that puts new keys/values at their slots (a broadcast view: no copy).

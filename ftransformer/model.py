@@ -90,7 +90,9 @@ def forward(params: dict, tokens: Tokens, cfg: Config, *, key: Key | None = None
     return forward_unchecked(params, tokens, cfg, key=key)
 
 
-def forward_unchecked(params: dict, tokens: Tokens, cfg: Config, *, key: Key | None = None, tap: Tap = NO_TAP) -> Logits:
+def forward_unchecked(
+    params: dict, tokens: Tokens, cfg: Config, *, key: Key | None = None, tap: Tap = NO_TAP
+) -> Logits:
     """``forward`` without the input checks. ``tap`` sees ``embed``, then every block's values under
     ``blocks.{i}.``, then ``final`` (``interp.forward_with_activations`` passes one)."""
     positions = default_positions(tokens)

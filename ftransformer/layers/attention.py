@@ -24,8 +24,13 @@ from ftransformer.layers.masks import Mask
 from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.shapes import Bool, Float, Int, Key, Residual, Tensor, einsum_equation
 
-SCORES = einsum_equation("... kv_heads group seq head_dim, ... kv_heads kv_seq head_dim -> ... kv_heads group seq kv_seq")
-WEIGHTED_SUM = einsum_equation("... kv_heads group seq kv_seq, ... kv_heads kv_seq head_dim -> ... kv_heads group seq head_dim")
+# torch.einsum equations, written in the glossary's words (translated once, here).
+SCORES = einsum_equation(
+    "... kv_heads group seq head_dim, ... kv_heads kv_seq head_dim -> ... kv_heads group seq kv_seq"
+)
+WEIGHTED_SUM = einsum_equation(
+    "... kv_heads group seq kv_seq, ... kv_heads kv_seq head_dim -> ... kv_heads group seq head_dim"
+)
 PER_HEAD_OUT = einsum_equation("... heads seq head_dim, heads head_dim d_model -> ... heads seq d_model")
 
 
@@ -178,7 +183,8 @@ def tapped_attention(
     q, k, v = tap("q", q), tap("k", k), tap("v", v)
     pattern = tap("pattern", head_pattern(q, k, mask))
     if tap.intervenes("pattern"):
-        grouped = rearrange(pattern, "... (kv_heads group) seq kv_seq -> ... kv_heads group seq kv_seq", kv_heads=k.shape[-3])
+        kv_heads = k.shape[-3]
+        grouped = rearrange(pattern, "... (kv_heads group) seq kv_seq -> ... kv_heads group seq kv_seq", kv_heads=kv_heads)
         o = ungroup_heads(attend(grouped, v))
     else:
         o = scaled_dot_product_attention(q, k, v, mask, impl=cfg.attn_impl)

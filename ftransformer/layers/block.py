@@ -41,12 +41,13 @@ def residual(params: dict, x: Residual, sublayer, norm_params: dict, cfg, key: K
     return residual_with(params, x, lambda p, h: (sublayer(p, h), None), norm_params, cfg, key)[0]
 
 
-def wire(params: dict, x: Residual, cfg, attn: Sublayer, *, keys: tuple[Key | None, Key | None], tap: Tap
+def wire(
+    params: dict, x: Residual, cfg, attn: Sublayer, *, keys: tuple[Key | None, Key | None], tap: Tap
 ) -> tuple[Residual, Any]:
     """The block's residual wiring around ``attn`` and the config's MLP; returns ``attn``'s side output too.
 
-    ``keys`` are the two sublayers' dropout keys (None for no dropout). ``tap`` sees ``resid_pre``, ``resid_mid`` (after attention), ``resid_post``, and the MLP's values
-    under ``mlp.``.
+    ``keys`` are the two sublayers' dropout keys (None: no dropout). ``tap`` sees ``resid_pre``,
+    ``resid_mid`` (after attention), ``resid_post``, and the MLP's values under ``mlp.``.
     """
     x = tap("resid_pre", x)
     x, extra = residual_with(params["attn"], x, attn, params["ln1"], cfg, keys[0])

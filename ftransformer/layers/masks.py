@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import torch
 
-from ftransformer.shapes import AttnBias, AttnMask, Bool, Int, Tensor
+from ftransformer.shapes import AttnBias, AttnMask, Bool, Int, Positions, Tensor
 
 
 class Mask(NamedTuple):
@@ -43,6 +43,6 @@ def as_bias(mask: AttnMask, dtype: torch.dtype = torch.float32) -> AttnBias:
     return torch.where(mask, 0.0, float("-inf")).to(dtype)
 
 
-def cache_mask(slots: Int[Tensor, "*batch seq"], max_len: int, dtype: torch.dtype = torch.float32) -> Mask:
+def cache_mask(slots: Positions, max_len: int, dtype: torch.dtype = torch.float32) -> Mask:
     """The mask of new tokens at ``slots`` over all ``max_len`` slots of a KV-cache, as a bias of ``dtype``."""
     return Mask(as_bias(causal_mask(slots, torch.arange(max_len, device=slots.device)), dtype))

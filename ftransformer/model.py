@@ -105,7 +105,7 @@ def forward_unchecked(
     return unembed(params, x, cfg, tap=tap)
 
 
-def check_seq_lengths(seq_lengths: Tensor | None, tokens: Tokens, *, name: str = "seq_lengths") -> None:
+def check_seq_lengths(seq_lengths: object, tokens: Tokens, *, name: str = "seq_lengths") -> None:
     """The one rule for how many of each row's tokens are real: an integer tensor of shape ``(*batch,)``
     with values in ``[0, seq]`` (None: all of them). The value check is skipped while tracing."""
     if seq_lengths is None:

@@ -20,7 +20,7 @@ from ftransformer import aot
 from ftransformer.cache import KVCache
 from ftransformer.config import Config
 from ftransformer.layers.int8 import memo_by_tensor
-from ftransformer.model import forward_with_cache, forward_with_cache_unchecked
+from ftransformer.model import _forward_with_cache_in_place, forward_with_cache
 from ftransformer.quantize import is_quantized, quantize_matrix
 
 _INT8_UNEMBED: dict = {}  # embedding table -> its int8 [d_model, vocab] copy (see untie_for_decoding)
@@ -33,7 +33,7 @@ def forward_in_place(
 
     Every in-place caller (the decode steps here, speculative decoding) goes through this one function.
     """
-    return forward_with_cache_unchecked(params, tokens, cache, cfg, donate=True)
+    return _forward_with_cache_in_place(params, tokens, cache, cfg)
 
 
 def decode_step(

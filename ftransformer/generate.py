@@ -23,7 +23,7 @@ from ftransformer import random
 from ftransformer.cache import KVCache, init_cache
 from ftransformer.config import Config
 from ftransformer.decode_steps import check_compile, loop_cache_length, loop_decode_step, untie_for_decoding
-from ftransformer.model import check_tokens, forward_with_cache, is_tracing
+from ftransformer.model import check_seq_lengths, check_tokens, forward_with_cache, is_tracing
 from ftransformer.sampling import Sampling, next_token, resolve_sampling
 from ftransformer.speculative import speculative_generate
 from ftransformer.stopping import check_max_new_tokens, stack_steps, until_stopped
@@ -71,17 +71,11 @@ def prefill(
 
 def _check_seq_lengths(seq_lengths, prompt: Tensor) -> int:
     """Validate ``seq_lengths`` for generation (each row holds at least one real token); returns the longest."""
-    if seq_lengths is None:
-        return prompt.shape[-1]
-    if isinstance(seq_lengths, Tensor) and (seq_lengths.dtype.is_floating_point or seq_lengths.dtype == torch.bool):
-        raise TypeError(f"seq_lengths must be an integer tensor, got dtype {seq_lengths.dtype}")
-    if not isinstance(seq_lengths, Tensor) or seq_lengths.shape != prompt.shape[:-1]:
-        got = tuple(seq_lengths.shape) if isinstance(seq_lengths, Tensor) else type(seq_lengths).__name__
-        raise ValueError(f"seq_lengths must have shape (*batch,) = {tuple(prompt.shape[:-1])}, got {got}")
-    if is_tracing(seq_lengths):
+    check_seq_lengths(seq_lengths, prompt)  # the model's one rule: an integer (*batch,) tensor in [0, seq]
+    if seq_lengths is None or is_tracing(seq_lengths):
         return prompt.shape[-1]
     # Generation samples after each row's last real token, so a row needs one (forward_with_cache allows 0).
-    if bool(((seq_lengths < 1) | (seq_lengths > prompt.shape[-1])).any()):
+    if bool((seq_lengths < 1).any()):
         raise ValueError(f"seq_lengths must lie in [1, seq={prompt.shape[-1]}] to generate, got {seq_lengths.tolist()}")
     return int(seq_lengths.max()) if seq_lengths.numel() else prompt.shape[-1]
 

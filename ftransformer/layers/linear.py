@@ -5,10 +5,9 @@
 """
 
 import torch.nn.functional as F
-from jaxtyping import Float
-from torch import Tensor
 
 from ftransformer.layers.int8 import Int8Weight, int8_matmul
+from ftransformer.shapes import Float, Tensor
 
 
 def linear(

@@ -36,7 +36,7 @@ from torch import Tensor
 from ftransformer.cache import KVCache
 from ftransformer.config import Config
 from ftransformer.params import tree_flatten_with_paths
-from ftransformer.quantize import is_quantized
+from ftransformer.quantization import is_quantized
 
 CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this, so nearby lengths share a step
 KEEP = 8  # built steps kept loaded (least recently used dropped first)

@@ -8,7 +8,7 @@
       tokenizer.json          the tokenizer (see ``ftransformer.data``)
       checkpoint.json         config, step, metrics history and anything else JSON (data/RNG position, ...)
 
-An int8 tree (``ftransformer.quantize``) keeps each ``Int8Weight`` as two tensors, ``....w_qkv.q`` and
+An int8 tree (``ftransformer.quantization``) keeps each ``Int8Weight`` as two tensors, ``....w_qkv.q`` and
 ``....w_qkv.scale``, and ``checkpoint.json`` records ``"quantization": "int8"``; loading rebuilds the leaves.
 
 A save writes everything into a temporary sibling directory first and then renames it into place, so a
@@ -36,7 +36,7 @@ from ftransformer.data import TOKENIZER_FILE, Tokenizer, tokenizer_from_json
 from ftransformer.io import fsync, temp_sibling
 from ftransformer import tree
 from ftransformer.params import init_params
-from ftransformer.quantize import is_quantized, quantize
+from ftransformer.quantization import is_quantized, quantize
 
 PARAMS_FILE = "params.safetensors"
 OPT_STATE_FILE = "opt_state.safetensors"

@@ -21,7 +21,7 @@ from ftransformer.cache import KVCache
 from ftransformer.config import Config
 from ftransformer.layers.int8 import memo_by_tensor
 from ftransformer.model import _forward_with_cache_in_place, forward_with_cache
-from ftransformer.quantize import is_quantized, quantize_matrix
+from ftransformer.quantization import is_quantized, quantize_matrix
 
 _INT8_UNEMBED: dict = {}  # embedding table -> its int8 [d_model, vocab] copy (see untie_for_decoding)
 
@@ -106,7 +106,7 @@ def untie_for_decoding(params: dict, cfg: Config) -> tuple[dict, Config]:
     kernels stream a ``[d_model, vocab]`` matrix (x @ W) about 3x faster than the transposed view of
     the ``[vocab, d_model]`` embedding table once the weights no longer sit in cache (measured: 0.33 vs
     1.1 ms for the seed preset). The copy is made once per generation; the caller's params are untouched.
-    Of an int8 tree (``ftransformer.quantize``) the copy is int8 as well, made once per embedding table
+    Of an int8 tree (``ftransformer.quantization``) the copy is int8 as well, made once per embedding table
     (quantizing and packing it takes longer than a short generation).
     """
     if not cfg.tie_embeddings:

@@ -9,7 +9,7 @@ import ftransformer as ft
 from ftransformer import checkpoint, data, optim
 from ftransformer import tree
 from ftransformer.layers.int8 import Int8Weight
-from ftransformer.quantize import is_quantized
+from ftransformer.quantization import is_quantized
 
 # every axis a different size: vocab 29, d_model 20, heads 5, d_ff 36, seq 11, layers 2
 CFG = ft.Config(vocab_size=29, d_model=20, n_heads=5, n_layers=2, d_ff=36, max_seq_len=11)

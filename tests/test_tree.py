@@ -9,7 +9,7 @@ import torch.utils._pytree as pytree
 import ftransformer as ft
 from ftransformer import batched, optim, params, tree
 from ftransformer.layers.int8 import Int8Weight
-from ftransformer.quantize import quantize
+from ftransformer.quantization import quantize
 
 # every axis a different size: vocab 13, d_model 12, heads 3, d_ff 20, seq 7, layers 2
 CFG = ft.Config(vocab_size=13, d_model=12, n_heads=3, n_layers=2, d_ff=20, max_seq_len=7)

@@ -12,8 +12,8 @@ import torch
 
 from ftransformer.checkpoint import checkpoint_exists, load_checkpoint
 from ftransformer.config import Config
-from ftransformer.generate import Sampling, generate_stream_sliding
-from ftransformer.quantize import SCHEMES, is_quantized, quantize
+from ftransformer.generation import Sampling, generate_stream_sliding
+from ftransformer.quantization import SCHEMES, is_quantized, quantize
 
 DEVICES = ("cpu", "cuda", "mps")
 # A run directory written by `ftransformer train` holds these checkpoints; the first one found is used.

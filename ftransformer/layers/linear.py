@@ -1,7 +1,7 @@
 """The one leaf op every projection uses: ``x @ w + b`` with ``w`` stored ``[d_in, d_out]``.
 
 ``w`` is a float matrix, or an ``Int8Weight`` (``ftransformer.layers.int8``, made by
-``ftransformer.quantize``): int8 values with one float scale per output column, ``w ~= q * scale``.
+``ftransformer.quantization``): int8 values with one float scale per output column, ``w ~= q * scale``.
 """
 
 import torch.nn.functional as F

@@ -29,7 +29,7 @@ from ftransformer.speculative import speculative_generate
 from ftransformer.stopping import check_max_new_tokens, stack_steps, until_stopped
 
 # Generation's vocabulary in one import, as before these moved to their own modules:
-# `from ftransformer.generate import decode_step, sample` keeps working.
+# `from ftransformer.generation import decode_step, sample` keeps working.
 from ftransformer.decode_steps import decode_step  # noqa: F401
 from ftransformer.sampling import sample  # noqa: F401
 

@@ -10,7 +10,7 @@ import torch
 import ftransformer as ft
 from ftransformer.layers import int8
 from ftransformer.layers.int8 import Int8Weight
-from ftransformer.quantize import is_quantized, quantize_matrix, weight_bytes
+from ftransformer.quantization import is_quantized, quantize_matrix, weight_bytes
 
 CFG = ft.Config(vocab_size=37, d_model=24, n_heads=6, n_kv_heads=2, n_layers=2, d_ff=40, max_seq_len=20)
 fbgemm = pytest.mark.skipif(not int8.fbgemm_available(), reason="this torch build has no fbgemm int8 product")

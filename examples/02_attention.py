@@ -53,8 +53,11 @@ def main() -> None:
     q = k = (sharpness * x)[None, None]  # (kv_heads=1, group=1, seq, head_dim): one head
     v = torch.randn(1, len(words), head_dim, generator=gen)  # (kv_heads=1, seq, head_dim)
 
-    # scores -> causal mask -> softmax, all inside attention_pattern (mask=None means causal).
-    pattern = ft.layers.attention_pattern(q, k[:, 0])
+    # Who may see whom is one rule, key position <= query position, built once as a (seq, seq) mask.
+    positions = torch.arange(len(words))
+    mask = ft.layers.causal_mask(positions, positions)
+    # scores -> mask -> softmax, all inside attention_pattern.
+    pattern = ft.layers.attention_pattern(q, k[:, 0], mask)
     print(f"1. a single causal head over {len(words)} words: weights of each query (row) on each key (column)")
     print_pattern(pattern[0, 0], words)
     # What to look at: the upper triangle is empty (no peeking ahead). Each repeated word ("the",
@@ -90,8 +93,10 @@ def main() -> None:
     q3 = torch.randn(2, 3, seq, head_dim, generator=gen)  # (batch, heads, seq, head_dim)
     k3 = torch.randn(2, 3, seq, head_dim, generator=gen)
     v3 = torch.randn(2, 3, seq, head_dim, generator=gen)
-    slow = ft.layers.scaled_dot_product_attention(q3, k3, v3, impl="einsum")
-    fast = ft.layers.scaled_dot_product_attention(q3, k3, v3, impl="sdpa")
+    # self_mask is that mask, marked causal: the fused path then uses its own causal kernel.
+    mask3 = ft.layers.self_mask(torch.arange(seq))
+    slow = ft.layers.scaled_dot_product_attention(q3, k3, v3, mask3, impl="einsum")
+    fast = ft.layers.scaled_dot_product_attention(q3, k3, v3, mask3, impl="sdpa")
     print()
     print("3. einsum path vs fused SDPA path on a (batch=2, heads=3, seq=7, head_dim=16) input")
     print(f"   max |einsum - sdpa| = {float((slow - fast).abs().max()):.1e}")
@@ -101,7 +106,7 @@ def main() -> None:
     k4, v4 = k3.clone(), v3.clone()
     k4[..., -1, :] += 10.0
     v4[..., -1, :] += 10.0
-    moved = ft.layers.scaled_dot_product_attention(q3, k4, v4, impl="einsum")
+    moved = ft.layers.scaled_dot_product_attention(q3, k4, v4, mask3, impl="einsum")
     earlier = float((moved[..., :-1, :] - slow[..., :-1, :]).abs().max())
     last = float((moved[..., -1, :] - slow[..., -1, :]).abs().max())
     print(f"   after changing the last key/value: earlier outputs moved by {earlier:.1e}, the last by {last:.2f}")

@@ -27,16 +27,16 @@ def main() -> None:
     batch, seq = 2, 5
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, seq, base.d_model, generator=gen)
-    # One position per token, with the same batch axes as the tokens (the layers' signatures say so).
-    positions = torch.arange(seq).expand(batch, seq)
+    # Who may see whom, built once from the positions and shared by every attention call below.
+    mask = ft.layers.self_mask(torch.arange(seq))
 
     print(f"1. q, k, v for x of shape {tuple(x.shape)} (batch, seq, d_model), {base.n_heads} query heads")
     print(f"   {'variant':<7} {'n_kv_heads':>10} {'w_qkv':>10} {'q':>14} {'k and v':>14} {'output':>12}")
     for name, n_kv in (("MHA", 6), ("GQA", 2), ("MQA", 1)):
         cfg = base.replace(n_kv_heads=n_kv)
         attn = ft.init_params(cfg, seed=0)["blocks"][0]["attn"]
-        q, k, v = ft.layers.project_qkv(attn, x, cfg, positions)
-        out = ft.layers.multi_head_attention(attn, x, cfg, positions=positions)
+        q, k, v = ft.layers.project_qkv(attn, x, cfg)
+        out = ft.layers.multi_head_attention(attn, x, cfg, mask=mask)
         print(f"   {name:<7} {n_kv:>10} {str(tuple(attn['w_qkv'].shape)):>10} {str(tuple(q.shape)):>14} "
               f"{str(tuple(k.shape)):>14} {str(tuple(out.shape)):>12}")
     # What to look at: q always has 6 heads, k and v have n_kv_heads; the output is back to d_model
@@ -47,8 +47,9 @@ def main() -> None:
     # random preferences visible -- a trained model's heads differ for better reasons.
     cfg = base.replace(init_std=0.2)
     attn = ft.init_params(cfg, seed=1)["blocks"][0]["attn"]
-    q, k, _ = ft.layers.project_qkv(attn, x[0], cfg, positions[0])
-    patterns = ft.layers.attention_pattern(rearrange(q, "heads seq head_dim -> heads 1 seq head_dim"), k)
+    q, k, _ = ft.layers.project_qkv(attn, x[0], cfg)
+    q = rearrange(q, "heads seq head_dim -> heads 1 seq head_dim")  # one group per key/value head
+    patterns = ft.layers.attention_pattern(q, k, mask.allowed)
     print()
     print(f"2. where the last position looks, head by head (weights on positions 0..{seq - 1})")
     for h in range(cfg.n_heads):
@@ -70,8 +71,8 @@ def main() -> None:
         return repeat(w, "d_model (kv_heads head_dim) -> d_model (kv_heads group head_dim)", head_dim=hd, group=group)
 
     mha = {"w_qkv": torch.cat([w_q, copy_heads(w_k), copy_heads(w_v)], dim=-1), "w_o": gqa["w_o"]}
-    out_gqa = ft.layers.multi_head_attention(gqa, x, gqa_cfg, positions=positions)
-    out_mha = ft.layers.multi_head_attention(mha, x, mha_cfg, positions=positions)
+    out_gqa = ft.layers.multi_head_attention(gqa, x, gqa_cfg, mask=mask)
+    out_mha = ft.layers.multi_head_attention(mha, x, mha_cfg, mask=mask)
     print()
     print(f"3. GQA (2 key/value heads, groups of {group}) vs MHA with each key/value head copied {group} times")
     print(f"   w_qkv {tuple(gqa['w_qkv'].shape)} -> {tuple(mha['w_qkv'].shape)}; "

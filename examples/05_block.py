@@ -30,8 +30,10 @@ def main() -> None:
     base = ft.Config(vocab_size=200, d_model=64, n_heads=4, n_layers=12, d_ff=256, max_seq_len=32)
     gen = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, base.vocab_size, (4, 32), generator=gen)  # (batch, seq)
-    # One position per token, with the same batch axes as the tokens (the layers' signatures say so).
+    # One position per token, with the same batch axes as the tokens (the layers' signatures say so),
+    # and the causal mask they give, built once and shared by every block.
     positions = torch.arange(tokens.shape[-1]).expand(tokens.shape)
+    mask = ft.layers.self_mask(positions)
 
     # ---------------------------------------------------------------- 1. one block
     # A block's parameters are exactly the pieces steps 3 and 4 used, plus one norm per sublayer.
@@ -42,7 +44,7 @@ def main() -> None:
         print(f"   {part:<5} " + ", ".join(f"{name} {tuple(w.shape)}" for name, w in leaves.items()))
     x = ft.layers.embed_tokens(params["embed"]["tokens"], tokens)
     x = x + ft.layers.learned_positions(params["embed"]["positions"], positions)
-    y = ft.layers.block(blk, x, base, positions=positions)
+    y = ft.layers.block(blk, x, base, mask=mask)
     print(f"   block: {tuple(x.shape)} -> {tuple(y.shape)}: same shape in and out, so blocks stack")
 
     # ---------------------------------------------------------------- 2. the residual stream through depth
@@ -56,7 +58,7 @@ def main() -> None:
         x = x + ft.layers.learned_positions(p["embed"]["positions"], positions)
         stream = [float(x.norm(dim=-1).mean())]
         for block_params in p["blocks"]:
-            x = ft.layers.block(block_params, x, cfg, positions=positions)
+            x = ft.layers.block(block_params, x, cfg, mask=mask)
             stream.append(float(x.norm(dim=-1).mean()))
         # torch.func.grad of the pure loss: the gradient is a pytree shaped exactly like the params.
         grads = torch.func.grad(ft.loss_fn)(p, tokens[:, :-1], tokens[:, 1:], cfg)

@@ -88,7 +88,7 @@ def main() -> None:
     # next token goes (row 1 continues at slot 3 while row 0 continues at slot 6).
     prompts = torch.randint(0, cfg.vocab_size, (2, 6), generator=gen)
     lengths = torch.tensor([6, 3])
-    out = ft.generate(params, prompts, cfg, max_new_tokens=5, temperature=0, prompt_lengths=lengths, pad_id=-1)
+    out = ft.generate(params, prompts, cfg, max_new_tokens=5, temperature=0, seq_lengths=lengths, pad_id=-1)
     alone = ft.generate(params, prompts[1, :3], cfg, max_new_tokens=5, temperature=0)
     print()
     print("4. a ragged batch: prompts of 6 and 3 tokens, 5 new tokens each (-1 = padding)")

@@ -21,7 +21,7 @@ from ftransformer.params import (
 # Each area below re-exports its public names; keep one area's lines together.
 # [area: cache/generate]
 from ftransformer.cache import KVCache, init_cache
-from ftransformer.generate import (
+from ftransformer.generation import (
     Sampling,
     decode_step,
     generate,
@@ -32,7 +32,7 @@ from ftransformer.generate import (
 )
 from ftransformer import speculative
 from ftransformer.model import forward_with_cache
-from ftransformer.quantize import dequantize, quantize
+from ftransformer.quantization import dequantize, quantize
 # [area: optim/train]
 from ftransformer import optim
 from ftransformer.train import evaluate, make_train_step

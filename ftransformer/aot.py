@@ -1,4 +1,5 @@
-"""The decode step compiled ahead of time: what ``generate(..., compile="aot")`` runs.
+"""Ahead-of-time compilation of a decode step: the machinery behind ``generate(..., compile="aot")``
+(``decode_steps.aot_compiled_decode_step`` hands it the loop's in-place step).
 
 ``torch.compile`` enters every compiled call through dynamo: a cache lookup per step, and a guard per
 parameter leaf on the first step of a generation. Ahead-of-time compilation removes that layer:
@@ -34,26 +35,26 @@ from torch import Tensor
 
 from ftransformer.cache import KVCache
 from ftransformer.config import Config
-from ftransformer.model import forward_with_cache_unchecked
 from ftransformer.params import tree_flatten_with_paths
-from ftransformer.quantize import is_quantized
+from ftransformer.quantization import is_quantized
 
 CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this, so nearby lengths share a step
 KEEP = 8  # built steps kept loaded (least recently used dropped first)
-_BUILT: collections.OrderedDict = collections.OrderedDict()  # signature -> the loaded library of that step
+_BUILT: collections.OrderedDict = collections.OrderedDict()  # (step, signature) -> the loaded library of that step
+# A decode step as the generation loop calls it: (params, token, cache, cfg) -> (logits, cache).
+Step = Callable[[dict, Tensor, KVCache, Config], tuple[Tensor, KVCache]]
 
 
-class _DecodeStep(torch.nn.Module):
-    """The loop's decode step with the cache as plain tuples (what an exported program takes)."""
+class _ExportedStep(torch.nn.Module):
+    """A decode step with the cache as plain tuples (what an exported program takes)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, step: Step, cfg: Config):
         super().__init__()
-        self.cfg = cfg
+        self.step, self.cfg = step, cfg
 
     def forward(self, params: dict, token: Tensor, k: tuple, v: tuple, lengths: Tensor):
-        cache = KVCache(k=k, v=v, lengths=lengths)
-        logits, cache = forward_with_cache_unchecked(params, token[..., None], cache, self.cfg, donate=True)
-        return logits[..., 0, :], cache.lengths
+        logits, cache = self.step(params, token, KVCache(k=k, v=v, lengths=lengths), self.cfg)
+        return logits, cache.lengths
 
 
 def _signature(params: dict, token: Tensor, cache: KVCache, cfg: Config) -> tuple:
@@ -63,12 +64,12 @@ def _signature(params: dict, token: Tensor, cache: KVCache, cfg: Config) -> tupl
     return cfg, leaves, tuple(token.shape), token.dtype, buffers, str(token.device)
 
 
-def _build(params: dict, token: Tensor, cache: KVCache, cfg: Config):
-    step = _DecodeStep(cfg.replace(attn_impl="einsum"))
+def _build(step: Step, params: dict, token: Tensor, cache: KVCache, cfg: Config):
+    module = _ExportedStep(step, cfg.replace(attn_impl="einsum"))
     with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="ft-aoti-") as tmp:
         # torch 2.13's own export code copies a LeafSpec, which it has deprecated: not ours to act on
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
-        program = torch.export.export(step, (params, token, cache.k, cache.v, cache.lengths), strict=False)
+        program = torch.export.export(module, (params, token, cache.k, cache.v, cache.lengths), strict=False)
         package = torch._inductor.aoti_compile_and_package(program, package_path=str(Path(tmp) / "decode_step.pt2"))
         return torch._inductor.aoti_load_package(package)  # loaded, the package file is no longer needed
 
@@ -85,35 +86,35 @@ def check_params(params: dict) -> None:
         raise ValueError('compile="aot" takes float params; an int8 tree decodes with compile=True or eagerly')
 
 
-def _library(params: dict, token: Tensor, cache: KVCache, cfg: Config):
-    key = _signature(params, token, cache, cfg)
+def _library(step: Step, params: dict, token: Tensor, cache: KVCache, cfg: Config):
+    key = (step, _signature(params, token, cache, cfg))
     if key in _BUILT:
         _BUILT.move_to_end(key)
     else:
-        _BUILT[key] = _build(params, token, cache, cfg)
+        _BUILT[key] = _build(step, params, token, cache, cfg)
         while len(_BUILT) > KEEP:
             _BUILT.popitem(last=False)
     return _BUILT[key]
 
 
-def aot_decode_step(params: dict) -> Callable:
-    """The ahead-of-time compiled decode step (see the module): ``step(params, token, cache, cfg) ->
-    (logits, cache)``, called as the generation loop calls its other decode steps. Its first call finds
-    or builds the library for those shapes; it writes ``cache``'s buffers in place.
+def compile_ahead_of_time(step: Step, params: dict) -> Step:
+    """``step`` compiled ahead of time (see the module), called as the generation loop calls its other
+    decode steps. Its first call finds or builds the library for those shapes; ``step`` must write the
+    cache's buffers in place (the library returns only the logits and the new lengths).
 
     Raises ``ValueError`` for an int8 params tree.
     """
     check_params(params)
     library = None
 
-    def step(params: dict, token: Tensor, cache: KVCache, cfg: Config) -> tuple[Tensor, KVCache]:
+    def compiled(params: dict, token: Tensor, cache: KVCache, cfg: Config) -> tuple[Tensor, KVCache]:
         nonlocal library
         if library is None:  # the loop passes the same shapes every step
-            library = _library(params, token, cache, cfg)
+            library = _library(step, params, token, cache, cfg)
         logits, lengths = library(params, token, cache.k, cache.v, cache.lengths)
         return logits, cache._replace(lengths=lengths)
 
-    return step
+    return compiled
 
 
 def built_steps() -> int:
@@ -126,4 +127,4 @@ def clear() -> None:
     _BUILT.clear()
 
 
-__all__ = ["CACHE_BUCKET", "KEEP", "aot_decode_step", "built_steps", "cache_length", "check_params", "clear"]
+__all__ = ["CACHE_BUCKET", "KEEP", "Step", "built_steps", "cache_length", "check_params", "clear", "compile_ahead_of_time"]

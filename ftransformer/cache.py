@@ -11,16 +11,14 @@ back out as a *new* cache: the one passed in is never modified. Buffers have a f
 
 Ragged batches use right padding: row ``b`` holds its real tokens in slots ``0..lengths[b]-1``.
 Padding tokens of a chunk are written past the row's length, where causal masking hides them and
-the row's next tokens overwrite them.
+the row's next tokens overwrite them. The mask that hides them is ``layers.masks.cache_mask``.
 """
 
 from typing import NamedTuple
 
 import torch
-from jaxtyping import Bool, Float, Int
-from torch import Tensor
-
 from ftransformer.config import Config
+from ftransformer.shapes import Int, Positions, Tensor
 
 
 class KVCache(NamedTuple):
@@ -120,27 +118,12 @@ def check_room(lengths: Int[Tensor, "*batch"], seq: int, max_len: int) -> None:
         )
 
 
-def query_slots(lengths: Int[Tensor, "*batch"], seq: int) -> Int[Tensor, "*batch seq"]:
+def query_slots(lengths: Int[Tensor, "*batch"], seq: int) -> Positions:
     """Slot (= position) of each new token: row ``b`` continues at ``lengths[b]``."""
     return lengths[..., None] + torch.arange(seq, device=lengths.device)
 
 
-def slot_mask(slots: Int[Tensor, "*batch seq"], max_len: int) -> Bool[Tensor, "*batch seq kv_seq"]:
-    """True where a query may attend: key slot <= query slot (the slots before hold that row's tokens)."""
-    return torch.arange(max_len, device=slots.device) <= slots[..., None]
-
-
-def slot_bias(
-    slots: Int[Tensor, "*batch seq"], max_len: int, dtype: torch.dtype = torch.float32
-) -> Float[Tensor, "*batch seq kv_seq"]:
-    """``slot_mask`` as an additive bias: 0 where a query may attend, -inf elsewhere.
-
-    Attention adds a float bias directly; a Bool mask would be converted to one in every layer.
-    """
-    return torch.where(slot_mask(slots, max_len), 0.0, float("-inf")).to(dtype)
-
-
-def write_index(slots: Int[Tensor, "*batch seq"], kv_heads: int, head_dim: int) -> Int[
+def write_index(slots: Positions, kv_heads: int, head_dim: int) -> Int[
     Tensor, "*batch kv_heads seq head_dim"
 ]:
     """The ``scatter`` index that puts new keys/values at their slots (a broadcast view: no copy).

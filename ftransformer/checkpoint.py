@@ -8,12 +8,15 @@
       tokenizer.json          the tokenizer (see ``ftransformer.data``)
       checkpoint.json         config, step, metrics history and anything else JSON (data/RNG position, ...)
 
-An int8 tree (``ftransformer.quantize``) keeps each ``Int8Weight`` as two tensors, ``....w_qkv.q`` and
+An int8 tree (``ftransformer.quantization``) keeps each ``Int8Weight`` as two tensors, ``....w_qkv.q`` and
 ``....w_qkv.scale``, and ``checkpoint.json`` records ``"quantization": "int8"``; loading rebuilds the leaves.
 
 A save writes everything into a temporary sibling directory first and then renames it into place, so a
 crash mid-save leaves the previous checkpoint as it was. Loading checks every tensor against the shapes
 the config (and the optimizer) expect and names the first one that does not fit.
+
+Tensors are named by ``ftransformer.tree``'s path convention, which ``checkpoint.json`` records
+(``"paths"``, format version 2). Version 1 checkpoints (no ``"paths"``) are read as well.
 """
 
 import json
@@ -24,22 +27,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
 from ftransformer.config import Config
-from ftransformer.data import TOKENIZER_FILE, Tokenizer, temp_sibling, tokenizer_from_json
-from ftransformer.params import init_params, tree_flatten_with_paths, tree_to, tree_unflatten_paths
-from ftransformer.quantize import is_quantized, quantize, restore_int8_leaves
+from ftransformer.data import TOKENIZER_FILE, Tokenizer, tokenizer_from_json
+from ftransformer.io import fsync, temp_sibling
+from ftransformer import tree
+from ftransformer.params import init_params
+from ftransformer.quantization import is_quantized, quantize
 
 PARAMS_FILE = "params.safetensors"
 OPT_STATE_FILE = "opt_state.safetensors"
 META_FILE = "checkpoint.json"
 LATEST, BEST = "latest", "best"  # the two checkpoints a training run keeps in its directory
 FORMAT = "ftransformer-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: checkpoint.json names the path convention ("paths"); version 1 files are read too
+PATHS = "ftransformer.tree"  # tensors are named by ftransformer.tree.flatten_with_paths
 
 
 @dataclass
@@ -58,20 +63,7 @@ class Checkpoint:
     path: Path | None = None
 
 
-# ---------------------------------------------------------------- paths
-
-
-def _key_name(entry) -> str:
-    for attr in ("key", "idx", "name"):  # MappingKey, SequenceKey, GetAttrKey (NamedTuple fields)
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    raise TypeError(f"cannot name pytree key {entry!r}")
-
-
-def flatten_state(tree: Any) -> tuple[dict[str, Any], pytree.TreeSpec]:
-    """``{dotted path: leaf}`` of any pytree (NamedTuple fields by name), and its structure."""
-    with_paths, spec = pytree.tree_flatten_with_path(tree)
-    return {".".join(_key_name(k) for k in path): leaf for path, leaf in with_paths}, spec
+# ---------------------------------------------------------------- helpers
 
 
 def _shape(x) -> tuple:
@@ -103,19 +95,6 @@ def _write_tensors(path: Path, flat: dict[str, Tensor]) -> None:
         f.write(data)
 
 
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems (and directories on some systems) do not support fsync
-    finally:
-        os.close(fd)
-
-
 def _json_default(x):
     if isinstance(x, Tensor) and x.numel() == 1:
         return x.item()
@@ -124,6 +103,50 @@ def _json_default(x):
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"{type(x).__name__} is not JSON-serializable")
+
+
+def _check_save_args(config: Config, step: int) -> None:
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a Config, got {type(config).__name__}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+
+
+def _split_opt_state(opt_state: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The state's tensors and its other leaves (plain numbers, rare: JSON keeps them), both by path."""
+    flat = tree.flatten_with_paths(opt_state)
+    tensors = {k: v for k, v in flat.items() if isinstance(v, Tensor)}
+    return tensors, {k: v for k, v in flat.items() if not isinstance(v, Tensor)}
+
+
+def _meta(config: Config, step: int, params: dict, metrics, extra, tokenizer, opt_flat) -> dict:
+    """The checkpoint.json of a save; ``opt_flat`` is ``_split_opt_state``'s result or None."""
+    opt_meta = None if opt_flat is None else {"tensors": list(opt_flat[0]), "other": opt_flat[1]}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "paths": PATHS,
+        "step": step,
+        "config": config.to_dict(),
+        "metrics": list(metrics),
+        "extra": dict(extra or {}),
+        "tokenizer": tokenizer.kind if tokenizer is not None else None,
+        "opt_state": opt_meta,
+        "quantization": "int8" if is_quantized(params) else None,
+    }
+
+
+def _write_files(d: Path, params: dict, opt_flat, tokenizer: Tokenizer | None, meta: dict) -> None:
+    _write_tensors(d / PARAMS_FILE, tree.flatten_with_paths(params))
+    if opt_flat is not None:
+        _write_tensors(d / OPT_STATE_FILE, opt_flat[0])
+    if tokenizer is not None:
+        tokenizer.save(d)
+    # checkpoint.json last: a directory holding it is complete.
+    (d / META_FILE).write_text(json.dumps(meta, indent=1, default=_json_default), encoding="utf-8")
+    for f in d.iterdir():
+        fsync(f)
+    fsync(d)
 
 
 def save_checkpoint(
@@ -138,46 +161,20 @@ def save_checkpoint(
     extra: dict | None = None,
 ) -> Path:
     """Write a checkpoint directory at ``path`` atomically (the previous one survives a failed save)."""
-    if not isinstance(config, Config):
-        raise TypeError(f"config must be a Config, got {type(config).__name__}")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    _check_save_args(config, step)
+    opt_flat = None if opt_state is None else _split_opt_state(opt_state)
+    meta = _meta(config, step, params, metrics, extra, tokenizer, opt_flat)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta: dict = {
-        "format": FORMAT,
-        "version": VERSION,
-        "step": step,
-        "config": config.to_dict(),
-        "metrics": list(metrics),
-        "extra": dict(extra or {}),
-        "tokenizer": tokenizer.kind if tokenizer is not None else None,
-        "opt_state": None,
-        "quantization": "int8" if is_quantized(params) else None,
-    }
     tmp = temp_sibling(path)
     tmp.mkdir()
     try:
-        _write_tensors(tmp / PARAMS_FILE, tree_flatten_with_paths(params))
-        if opt_state is not None:
-            flat, _ = flatten_state(opt_state)
-            tensors = {k: v for k, v in flat.items() if isinstance(v, Tensor)}
-            # Plain numbers (or None) in a state are rare; JSON keeps them next to the tensors.
-            others = {k: v for k, v in flat.items() if not isinstance(v, Tensor)}
-            _write_tensors(tmp / OPT_STATE_FILE, tensors)
-            meta["opt_state"] = {"tensors": list(tensors), "other": others}
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        # checkpoint.json last: a directory holding it is complete.
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=1, default=_json_default), encoding="utf-8")
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
+        _write_files(tmp, params, opt_flat, tokenizer, meta)
         _swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync(path.parent)
+    fsync(path.parent)
     return path
 
 
@@ -253,29 +250,34 @@ def _check_against(where: str, what: str, saved: dict[str, Tensor], expected: di
             )
 
 
-def expected_param_shapes(config: Config, quantization: str | None = None) -> dict[str, torch.Size]:
-    """``{dotted path: shape}`` of the parameters ``config`` builds, ``quantize``d when ``quantization``
-    names a scheme (computed on the meta device: no memory)."""
+def _expected_params(config: Config, quantization: str | None) -> dict:
+    """The params tree ``config`` builds, ``quantize``d when ``quantization`` names a scheme, on the meta
+    device (no memory): the template a checkpoint's tensors are checked against and put back into."""
     with torch.device("meta"):
         params = init_params(config)
         if quantization is not None:
             params = quantize(params, config, quantization)
-    return {k: v.shape for k, v in tree_flatten_with_paths(params).items()}
+    return params
+
+
+def expected_param_shapes(config: Config, quantization: str | None = None) -> dict[str, torch.Size]:
+    """``{dotted path: shape}`` of the parameters ``config`` builds, ``quantize``d when ``quantization``
+    names a scheme (computed on the meta device: no memory)."""
+    return {k: v.shape for k, v in tree.flatten_with_paths(_expected_params(config, quantization)).items()}
 
 
 def restore_opt_state(flat: dict[str, Tensor], template: Any, *, where: str = "") -> Any:
     """Put saved ``{dotted path: tensor}`` back into the structure of ``template`` (``optimizer.init(params)``)."""
-    expected, spec = flatten_state(template)
+    expected = tree.flatten_with_paths(template)
     expected_tensors = {k: v for k, v in expected.items() if isinstance(v, Tensor)}
-    saved_tensors = {k: v for k, v in flat.items() if isinstance(v, Tensor)}
-    _check_against(where, "optimizer", saved_tensors, expected_tensors)
-    leaves = []
-    for key, leaf in expected.items():
-        if isinstance(leaf, Tensor):
-            leaves.append(flat[key].to(device=leaf.device, dtype=leaf.dtype))
-        else:
-            leaves.append(flat.get(key, leaf))
-    return pytree.tree_unflatten(leaves, spec)
+    _check_against(where, "optimizer", {k: v for k, v in flat.items() if isinstance(v, Tensor)}, expected_tensors)
+    # A plain number the save did not record keeps the template's value.
+    saved = {k: flat.get(k, leaf) for k, leaf in expected.items()}
+    return tree.map(_like, tree.unflatten_paths(saved, like=template), template)
+
+
+def _like(x, leaf):
+    return x.to(device=leaf.device, dtype=leaf.dtype) if isinstance(leaf, Tensor) else x
 
 
 def _read(where: str, filename: str, read):
@@ -292,6 +294,74 @@ def _read(where: str, filename: str, read):
         raise ValueError(f"checkpoint {where}: {filename} is damaged ({type(e).__name__}: {e})") from None
 
 
+def _locate(path: str | os.PathLike) -> tuple[Path, str]:
+    """The complete checkpoint directory ``path`` names (a run directory: its ``latest``), and how
+    errors name it."""
+    requested = Path(path)
+    if not _complete(requested) and _resolve(requested / LATEST) is not None:
+        requested = requested / LATEST  # a run directory: its latest checkpoint
+    resolved = _resolve(requested)
+    if resolved is None:
+        if not requested.exists():
+            raise ValueError(f"no checkpoint at {str(requested)!r}")
+        raise ValueError(f"{str(requested)!r} is not a complete checkpoint ({META_FILE} or {PARAMS_FILE} missing)")
+    return resolved, repr(str(requested))
+
+
+def _read_meta(resolved: Path, where: str) -> dict:
+    """checkpoint.json, checked to be one this code reads: format version 1 or 2.
+
+    Version 2 names every tensor by ``ftransformer.tree``'s path convention and says so (``"paths"``).
+    Version 1 had two walkers, one for params and one for the optimizer state; on every tree the library
+    builds (params, their int8 form, its optimizer states) they gave exactly the names that convention
+    gives, so version 1 files are read by the same code.
+    """
+    try:
+        meta = json.loads((resolved / META_FILE).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"checkpoint {where}: {META_FILE} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint {where}: {META_FILE} is not an ftransformer checkpoint")
+    if meta.get("version", 0) > VERSION:
+        raise ValueError(
+            f"checkpoint {where} has format version {meta['version']}; this ftransformer reads <= {VERSION}"
+        )
+    if meta.get("paths", PATHS) != PATHS:
+        raise ValueError(f"checkpoint {where} names its tensors by {meta['paths']!r}; expected {PATHS!r}")
+    return meta
+
+
+def _read_params(resolved: Path, where: str, meta: dict, config: Config, device) -> dict:
+    """The params, checked against the tree ``config`` builds and rebuilt in its structure: its key order
+    (safetensors sorts keys, and trees with another key order have another pytree structure, which
+    optimizers and torch.compile guards tell apart) and its ``Int8Weight`` leaves."""
+    flat = _read(where, PARAMS_FILE, lambda: load_file(resolved / PARAMS_FILE, device="cpu"))
+    template = _read(where, META_FILE, lambda: _expected_params(config, meta.get("quantization")))
+    _check_against(where, "config", flat, {k: v.shape for k, v in tree.flatten_with_paths(template).items()})
+    return tree.to(tree.unflatten_paths(flat, like=template), device=device)
+
+
+def _read_opt_state(resolved: Path, where: str, meta: dict, optimizer, params: dict, device) -> Any:
+    """The optimizer state: in ``optimizer.init(params)``'s structure, or a flat ``{path: leaf}`` dict
+    without an optimizer; None when none was saved."""
+    opt_meta = meta.get("opt_state")
+    if opt_meta is None:
+        if optimizer is not None:
+            raise ValueError(f"checkpoint {where} holds no optimizer state")
+        return None
+    flat: dict[str, Any] = dict(_read(where, OPT_STATE_FILE, lambda: load_file(resolved / OPT_STATE_FILE, device="cpu")))
+    flat.update(opt_meta.get("other", {}))
+    if optimizer is not None:
+        return restore_opt_state(flat, optimizer.init(params), where=where)
+    return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in flat.items()}
+
+
+def _read_tokenizer(resolved: Path, where: str) -> Tokenizer | None:
+    if not (resolved / TOKENIZER_FILE).is_file():
+        return None
+    return _read(where, TOKENIZER_FILE, lambda: tokenizer_from_json((resolved / TOKENIZER_FILE).read_text(encoding="utf-8")))
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     *,
@@ -300,7 +370,7 @@ def load_checkpoint(
     device: str | torch.device | None = None,
     with_opt_state: bool = True,
 ) -> Checkpoint:
-    """Read a checkpoint directory.
+    """Read a checkpoint directory (format version 1 or 2).
 
     ``path`` is a checkpoint directory or a training run's directory (its ``latest`` checkpoint is read).
 
@@ -314,64 +384,19 @@ def load_checkpoint(
 
     A damaged file (truncated tensors, a broken tokenizer, missing fields) raises ``ValueError`` naming it.
     """
-    requested = Path(path)
-    if not _complete(requested) and _resolve(requested / LATEST) is not None:
-        requested = requested / LATEST  # a run directory: its latest checkpoint
-    resolved = _resolve(requested)
-    if resolved is None:
-        if not requested.exists():
-            raise ValueError(f"no checkpoint at {str(requested)!r}")
-        raise ValueError(f"{str(requested)!r} is not a complete checkpoint ({META_FILE} or {PARAMS_FILE} missing)")
-    where = repr(str(requested))
-    try:
-        meta = json.loads((resolved / META_FILE).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"checkpoint {where}: {META_FILE} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {where}: {META_FILE} is not an ftransformer checkpoint")
-    if meta.get("version", 0) > VERSION:
-        raise ValueError(
-            f"checkpoint {where} has format version {meta['version']}; this ftransformer reads <= {VERSION}"
-        )
+    resolved, where = _locate(path)
+    meta = _read_meta(resolved, where)
     saved_config = _read(where, META_FILE, lambda: Config.from_dict(meta["config"]))
     config = saved_config if config is None else config
     if not isinstance(config, Config):
         raise TypeError(f"config must be a Config, got {type(config).__name__}")
-
-    flat = _read(where, PARAMS_FILE, lambda: load_file(resolved / PARAMS_FILE, device="cpu"))
-    quantization = meta.get("quantization")
-    expected = _read(where, META_FILE, lambda: expected_param_shapes(config, quantization))
-    _check_against(where, "config", flat, expected)
-    # Rebuilt in init_params' key order (safetensors sorts keys): trees with another key order have
-    # another pytree structure, which optimizers and torch.compile guards tell apart.
-    params = tree_to(restore_int8_leaves(tree_unflatten_paths({k: flat[k] for k in expected})), device=device)
-
-    opt_state = None
-    opt_meta = meta.get("opt_state") if with_opt_state else None
-    if opt_meta is not None:
-        opt_flat: dict[str, Any] = dict(
-            _read(where, OPT_STATE_FILE, lambda: load_file(resolved / OPT_STATE_FILE, device="cpu"))
-        )
-        opt_flat.update(opt_meta.get("other", {}))
-        if optimizer is not None:
-            opt_state = restore_opt_state(opt_flat, optimizer.init(params), where=where)
-        else:
-            opt_state = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in opt_flat.items()}
-    elif optimizer is not None and with_opt_state:
-        raise ValueError(f"checkpoint {where} holds no optimizer state")
-
-    tokenizer = None
-    if (resolved / TOKENIZER_FILE).is_file():
-        tokenizer = _read(
-            where, TOKENIZER_FILE, lambda: tokenizer_from_json((resolved / TOKENIZER_FILE).read_text(encoding="utf-8"))
-        )
-
+    params = _read_params(resolved, where, meta, config, device)
     return Checkpoint(
         params=params,
         config=config,
         step=_read(where, META_FILE, lambda: int(meta["step"])),
-        opt_state=opt_state,
-        tokenizer=tokenizer,
+        opt_state=_read_opt_state(resolved, where, meta, optimizer, params, device) if with_opt_state else None,
+        tokenizer=_read_tokenizer(resolved, where),
         metrics=list(meta.get("metrics", [])),
         extra=dict(meta.get("extra", {})),
         path=resolved,
@@ -387,6 +412,6 @@ def read_checkpoint_info(path: str | os.PathLike) -> dict:
 
 
 __all__ = [
-    "BEST", "LATEST", "Checkpoint", "checkpoint_exists", "expected_param_shapes", "flatten_state", "load_checkpoint",
+    "BEST", "LATEST", "Checkpoint", "checkpoint_exists", "expected_param_shapes", "load_checkpoint",
     "read_checkpoint_info", "restore_opt_state", "save_checkpoint",
 ]

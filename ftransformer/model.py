@@ -7,17 +7,18 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
-from torch import Tensor
 
 from ftransformer import random
+from ftransformer.cache import KVCache, check_cache, check_room, query_slots, write_index
 from ftransformer.config import Config
-from ftransformer.cache import KVCache, check_cache, check_room, query_slots, slot_bias, write_index
+from ftransformer.layers.attention import KVWrite, write_kv, write_kv_
 from ftransformer.layers.block import block, block_with_cache
-from ftransformer.layers.embedding import embed_tokens, learned_positions, sinusoidal_positions
+from ftransformer.layers.embedding import embed_tokens, learned_positions, rotary_tables, sinusoidal_positions
 from ftransformer.layers.linear import linear
+from ftransformer.layers.masks import cache_mask, self_mask
 from ftransformer.layers.norm import norm
 from ftransformer.layers.tap import NO_TAP, Tap
+from ftransformer.shapes import Float, Int, Key, Logits, Residual, Tensor, Tokens
 
 
 def is_tracing(x: Tensor) -> bool:
@@ -56,13 +57,8 @@ def check_tokens(tokens: Tensor, cfg: Config, *, name: str = "tokens") -> None:
 
 
 def embed(
-    params: dict,
-    tokens: Int[Tensor, "*batch seq"],
-    cfg: Config,
-    *,
-    positions: Int[Tensor, "*#batch seq"],
-    key: Tensor | None = None,
-) -> Float[Tensor, "*batch seq d_model"]:
+    params: dict, tokens: Tokens, cfg: Config, *, positions: Int[Tensor, "*#batch seq"], key: Key | None = None
+) -> Residual:
     """Token embeddings plus absolute positions (rotary positions are added inside attention instead)."""
     x = embed_tokens(params["embed"]["tokens"], tokens)
     if cfg.positional == "learned":
@@ -72,9 +68,7 @@ def embed(
     return random.dropout(x, cfg.dropout, key)
 
 
-def unembed(
-    params: dict, x: Float[Tensor, "*batch seq d_model"], cfg: Config, *, tap: Tap = NO_TAP
-) -> Float[Tensor, "*batch seq vocab"]:
+def unembed(params: dict, x: Residual, cfg: Config, *, tap: Tap = NO_TAP) -> Logits:
     """Final norm (pre-LN only) and the projection to one logit per token id; ``tap`` sees ``final``,
     the residual the projection reads."""
     if cfg.norm_position == "pre":
@@ -85,40 +79,50 @@ def unembed(
     return linear(x, params["unembed"]["w"])
 
 
-def default_positions(tokens: Tensor) -> Tensor:
+def default_positions(tokens: Tokens) -> Int[Tensor, " seq"]:
     """0, 1, ..., seq-1, shared by every row (layers broadcast it over the batch axes)."""
     return torch.arange(tokens.shape[-1], device=tokens.device)
 
 
-def forward(
-    params: dict, tokens: Int[Tensor, "*batch seq"], cfg: Config, *, key: Tensor | None = None
-) -> Float[Tensor, "*batch seq vocab"]:
+def forward(params: dict, tokens: Tokens, cfg: Config, *, key: Key | None = None) -> Logits:
     """Logits for the next token at every position. ``key`` turns dropout on (training); None is eval."""
     check_tokens(tokens, cfg)
     return forward_unchecked(params, tokens, cfg, key=key)
 
 
 def forward_unchecked(
-    params: dict, tokens: Int[Tensor, "*batch seq"], cfg: Config, *, key: Tensor | None = None, tap: Tap = NO_TAP
-) -> Float[Tensor, "*batch seq vocab"]:
+    params: dict, tokens: Tokens, cfg: Config, *, key: Key | None = None, tap: Tap = NO_TAP
+) -> Logits:
     """``forward`` without the input checks. ``tap`` sees ``embed``, then every block's values under
     ``blocks.{i}.``, then ``final`` (``interp.forward_with_activations`` passes one)."""
     positions = default_positions(tokens)
+    # Built once here and shared by every layer: the mask and the rotary tables depend on positions only.
+    mask, rotary = self_mask(positions), rotary_tables(positions, cfg)
     keys = [None] * (cfg.n_layers + 1) if key is None else random.split(key, cfg.n_layers + 1)
     x = tap("embed", embed(params, tokens, cfg, positions=positions, key=keys[0]))
     for i, block_params in enumerate(params["blocks"]):
-        x = block(block_params, x, cfg, positions=positions, key=keys[i + 1], tap=tap.scope(f"blocks.{i}"))
+        x = block(block_params, x, cfg, mask=mask, rotary=rotary, key=keys[i + 1], tap=tap.scope(f"blocks.{i}"))
     return unembed(params, x, cfg, tap=tap)
 
 
+def check_seq_lengths(seq_lengths: object, tokens: Tokens, *, name: str = "seq_lengths") -> None:
+    """The one rule for how many of each row's tokens are real: an integer tensor of shape ``(*batch,)``
+    with values in ``[0, seq]`` (None: all of them). The value check is skipped while tracing."""
+    if seq_lengths is None:
+        return
+    if isinstance(seq_lengths, Tensor) and (seq_lengths.dtype.is_floating_point or seq_lengths.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor, got dtype {seq_lengths.dtype}")
+    if not isinstance(seq_lengths, Tensor) or seq_lengths.shape != tokens.shape[:-1]:
+        got = tuple(seq_lengths.shape) if isinstance(seq_lengths, Tensor) else type(seq_lengths).__name__
+        raise ValueError(f"{name} must be a tensor of shape (*batch,) = {tuple(tokens.shape[:-1])}, got {got}")
+    seq = tokens.shape[-1]
+    if not is_tracing(seq_lengths) and bool(((seq_lengths < 0) | (seq_lengths > seq)).any()):
+        raise ValueError(f"{name} must lie in [0, seq={seq}], got {seq_lengths.tolist()}")
+
+
 def forward_with_cache(
-    params: dict,
-    tokens: Int[Tensor, "*batch seq"],
-    cache: KVCache,
-    cfg: Config,
-    *,
-    seq_lengths: Int[Tensor, "*batch"] | None = None,
-) -> tuple[Float[Tensor, "*batch seq vocab"], KVCache]:
+    params: dict, tokens: Tokens, cache: KVCache, cfg: Config, *, seq_lengths: Int[Tensor, "*batch"] | None = None
+) -> tuple[Logits, KVCache]:
     """Logits for ``tokens`` placed after what ``cache`` holds, and the new cache (the old one is untouched).
 
     One function for a whole prompt (prefill), a prompt in chunks, and one token at a time (decode).
@@ -128,45 +132,43 @@ def forward_with_cache(
     check_tokens(tokens, cfg)
     check_cache(cache, cfg, tokens, params)
     check_room(cache.lengths, tokens.shape[-1], cache.max_len)
-    if seq_lengths is not None:
-        if isinstance(seq_lengths, Tensor) and (seq_lengths.dtype.is_floating_point or seq_lengths.dtype == torch.bool):
-            raise TypeError(f"seq_lengths must be an integer tensor, got dtype {seq_lengths.dtype}")
-        if not isinstance(seq_lengths, Tensor) or seq_lengths.shape != tokens.shape[:-1]:
-            raise ValueError(
-                f"seq_lengths must be a tensor of shape (*batch,) = {tuple(tokens.shape[:-1])}, got "
-                f"{tuple(seq_lengths.shape) if isinstance(seq_lengths, Tensor) else type(seq_lengths).__name__}"
-            )
-        if not is_tracing(seq_lengths) and bool(((seq_lengths < 0) | (seq_lengths > tokens.shape[-1])).any()):
-            raise ValueError(f"seq_lengths must lie in [0, seq={tokens.shape[-1]}], got {seq_lengths.tolist()}")
+    check_seq_lengths(seq_lengths, tokens)
     return forward_with_cache_unchecked(params, tokens, cache, cfg, seq_lengths=seq_lengths)
 
 
 def forward_with_cache_unchecked(
-    params: dict,
-    tokens: Int[Tensor, "*batch seq"],
-    cache: KVCache,
-    cfg: Config,
-    *,
-    seq_lengths: Int[Tensor, "*batch"] | None = None,
-    donate: bool = False,
-) -> tuple[Float[Tensor, "*batch seq vocab"], KVCache]:
-    """``forward_with_cache`` without the input checks, for loops that checked their inputs once up front.
+    params: dict, tokens: Tokens, cache: KVCache, cfg: Config, *, seq_lengths: Int[Tensor, "*batch"] | None = None
+) -> tuple[Logits, KVCache]:
+    """``forward_with_cache`` without the input checks, for loops that checked their inputs once up front."""
+    return _forward_with_cache(params, tokens, cache, cfg, seq_lengths, write_kv)
 
-    ``donate=True`` writes into the cache's buffers in place (no copy per step): only for a caller that
-    owns the cache and never uses the old one again, like the loop inside ``generate``.
+
+def _forward_with_cache_in_place(
+    params: dict, tokens: Tokens, cache: KVCache, cfg: Config, *, seq_lengths: Int[Tensor, "*batch"] | None = None
+) -> tuple[Logits, KVCache]:
+    """``forward_with_cache_unchecked`` writing into ``cache``'s buffers in place (no copy per step).
+
+    Private to the decode steps (``generate``, ``speculative``, ``aot``): they own their cache and never
+    use the old one again, which is what makes the write safe (JAX's buffer donation).
     """
+    return _forward_with_cache(params, tokens, cache, cfg, seq_lengths, write_kv_)
+
+
+def _forward_with_cache(
+    params: dict, tokens: Tokens, cache: KVCache, cfg: Config, seq_lengths: Tensor | None, write: KVWrite
+) -> tuple[Logits, KVCache]:
     seq = tokens.shape[-1]
     # Everything position-dependent is built once here and shared by all layers: it is the per-op
     # overhead, not the arithmetic, that bounds one-token decoding.
     slots = query_slots(cache.lengths, seq)
-    mask = slot_bias(slots, cache.max_len, cache.k[0].dtype)
+    mask, rotary = cache_mask(slots, cache.max_len, cache.k[0].dtype), rotary_tables(slots, cfg)
     index = write_index(slots, cfg.n_kv_heads, cfg.head_dim)
     x = embed(params, tokens, cfg, positions=slots)
     new_k, new_v = [], []
     for block_params, k_cache, v_cache in zip(params["blocks"], cache.k, cache.v):
         x, k_cache, v_cache = block_with_cache(
-            block_params, x, cfg, positions=slots, k_cache=k_cache, v_cache=v_cache, write_index=index, mask=mask,
-            donate=donate,
+            block_params, x, cfg, mask=mask, rotary=rotary, k_cache=k_cache, v_cache=v_cache, write_index=index,
+            write=write,
         )
         new_k.append(k_cache)
         new_v.append(v_cache)
@@ -175,8 +177,8 @@ def forward_with_cache_unchecked(
 
 
 def cross_entropy(
-    logits: Float[Tensor, "*batch seq vocab"],
-    targets: Int[Tensor, "*batch seq"],
+    logits: Logits,
+    targets: Tokens,
     *,
     ignore_index: int = -100,
     reduction: str = "mean",
@@ -197,11 +199,11 @@ def cross_entropy(
 
 def loss_fn(
     params: dict,
-    tokens: Int[Tensor, "*batch seq"],
-    targets: Int[Tensor, "*batch seq"],
+    tokens: Tokens,
+    targets: Tokens,
     cfg: Config,
     *,
-    key: Tensor | None = None,
+    key: Key | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
 ) -> Float[Tensor, ""]:

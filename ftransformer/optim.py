@@ -20,10 +20,12 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor
 
-PyTree = Any
+from ftransformer import random
+from ftransformer.tree import PyTree, flatten, flatten_like, unflatten
+from ftransformer.tree import leaves as tree_leaves
+
 Schedule = Callable[[Any], Any]  # step (int or 0-d tensor) -> learning rate (float or 0-d tensor)
 
 
@@ -260,71 +262,12 @@ def _ops(*lists: list[Tensor]):
 # ---------------------------------------------------------------- tree helpers
 
 
-# torch.utils._pytree is general and slow (~100 us to flatten a GPT's tree); a step flattens a dozen
-# trees, so the containers parameters and optimizer states are made of get a lean walk of their own.
-# A tree definition is a nested tuple: (container type, dict keys or None, child definitions), or None
-# for a leaf. Leaf order is the same as torch.utils._pytree's (dicts in insertion order).
+# The private names stay for the modules that still import them from here (train, batched, bench.vmap).
+_leaves, _leaves_only, _unflatten = flatten, tree_leaves, unflatten
 
 
-def _leaves(tree: PyTree) -> tuple[list, Any]:
-    """Leaves of ``tree`` (dicts, lists, tuples and NamedTuples are containers) and its definition."""
-    leaves: list = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            return (type(node), tuple(node), tuple([walk(v) for v in node.values()]))
-        if isinstance(node, (list, tuple)):
-            return (type(node), None, tuple([walk(v) for v in node]))
-        leaves.append(node)
-        return None
-
-    return leaves, walk(tree)
-
-
-def _leaves_only(tree: PyTree) -> list:
-    leaves: list = []
-
-    def walk(node):
-        if isinstance(node, dict):
-            for v in node.values():
-                walk(v)
-        elif isinstance(node, (list, tuple)):
-            for v in node:
-                walk(v)
-        else:
-            leaves.append(node)
-
-    walk(tree)
-    return leaves
-
-
-def _unflatten(leaves: list, treedef) -> PyTree:
-    """Inverse of ``_leaves``."""
-    it = iter(leaves)
-
-    def build(d):
-        if d is None:
-            return next(it)
-        kind, keys, children = d
-        values = [build(c) for c in children]
-        if keys is not None:
-            return kind(zip(keys, values))
-        return kind(*values) if hasattr(kind, "_fields") else kind(values)
-
-    return build(treedef)
-
-
-def _matching_leaves(name: str, tree: PyTree, treedef) -> list:
-    leaves, other = _leaves(tree)
-    if other != treedef:
-        expected = pytree.tree_structure(_unflatten([0] * _count_leaves(treedef), treedef))
-        raise ValueError(f"{name} must have the same tree structure as params: expected {expected}, "
-                         f"got {pytree.tree_structure(tree)}")
-    return leaves
-
-
-def _count_leaves(treedef) -> int:
-    return 1 if treedef is None else sum(_count_leaves(c) for c in treedef[2])
+def _matching_leaves(name: str, t: PyTree, treedef) -> list:
+    return flatten_like(t, treedef, name)
 
 
 def _device_of(leaves: list) -> torch.device | None:
@@ -333,7 +276,7 @@ def _device_of(leaves: list) -> torch.device | None:
 
 def global_norm(tree: PyTree) -> Tensor:
     """The L2 norm of all leaves together, as if concatenated into one vector (0-d tensor)."""
-    leaves = _leaves_only(tree)
+    leaves = tree_leaves(tree)
     if not leaves:
         return torch.zeros(())
     norms = _ops(leaves).norms(leaves)
@@ -342,10 +285,10 @@ def global_norm(tree: PyTree) -> Tensor:
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """``params + updates`` leaf by leaf: a new tree; the inputs are left as they were."""
-    p, spec = _leaves(params)
-    u = _matching_leaves("updates", updates, spec)
+    p, spec = flatten(params)
+    u = flatten_like(updates, spec, "updates")
     u = [x.to(y.dtype) for x, y in zip(u, p)]
-    return _unflatten(_ops(p, u).add(p, u), spec)
+    return unflatten(_ops(p, u).add(p, u), spec)
 
 
 # ---------------------------------------------------------------- transformations
@@ -356,11 +299,104 @@ def _decay_mask(mask, params: PyTree, p_leaves: list, spec) -> list[bool]:
         return [x.ndim >= 2 for x in p_leaves]
     if callable(mask):
         mask = mask(params)
-    flags = _matching_leaves("mask", mask, spec)
+    flags = flatten_like(mask, spec, "mask")
     for flag in flags:
         if not isinstance(flag, bool):
             raise TypeError(f"mask leaves must be bools (True = decay this tensor), got {type(flag).__name__}")
     return flags
+
+
+def _check_adamw_args(b1: float, b2: float, eps: float, weight_decay) -> None:
+    for name, value in (("betas[0]", b1), ("betas[1]", b2)):
+        if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    if not isinstance(weight_decay, Tensor):
+        _check_lr("weight_decay", weight_decay)
+
+
+def _log_beta(beta: float) -> float:
+    return math.log(beta) if beta > 0 else -math.inf
+
+
+def _bias_corrections(count: Tensor, schedule: Schedule, b1: float, b2: float):
+    """``(lr, 1 - b1^t, sqrt(1 - b2^t))`` for the update ``t = count + 1``: Python numbers where the count is
+    free to read (exact float64, cheaper scalar kernels), else 0-d tensors."""
+    step = _host_int(count)
+    if step is not None:
+        return schedule(step), 1.0 - b1 ** (step + 1), math.sqrt(1.0 - b2 ** (step + 1))
+    # log(beta) in float64 here, expm1 in float32 there, so 1 - beta**t stays accurate to the last bit
+    # even for beta2 = 0.999, where beta**t in float32 would lose four digits.
+    t = (count + 1).to(torch.float32)
+    return schedule(count), -torch.expm1(t * _log_beta(b1)), torch.sqrt(-torch.expm1(t * _log_beta(b2)))
+
+
+def _adam_moments(ops, g: list, m: list, v: list, b1: float, b2: float) -> tuple[list, list]:
+    m = ops.lerp(m, g, 1.0 - b1)
+    v = ops.mul(v, b2)
+    ops.addcmul_(v, g, g, 1.0 - b2)
+    return m, v
+
+
+def _adam_direction(ops, m: list, v: list, eps: float, sqrt_bias2) -> list:
+    # torch's update is -lr/bias1 * m / (sqrt(v)/sqrt_bias2 + eps) - lr*wd*p. Multiplying through
+    # by sqrt_bias2 gives the same number in fewer passes over memory:
+    #     -(lr*sqrt_bias2/bias1) * (m / (sqrt(v) + eps*sqrt_bias2) + wd*bias1/sqrt_bias2 * p).
+    denom = ops.sqrt(v)
+    ops.add_(denom, eps * sqrt_bias2)
+    return ops.div(m, denom)
+
+
+def _add_decay(ops, updates: list, p: list, flags: list[bool], scale) -> None:
+    """``updates[i] += scale * p[i]`` for the decayed tensors (``updates`` is this step's own list)."""
+    idx = [i for i, f in enumerate(flags) if f]
+    if not idx:
+        return
+    decayed, p_decayed = [updates[i] for i in idx], [p[i] for i in idx]
+    if isinstance(scale, Tensor):
+        ops.add_(decayed, ops.mul(p_decayed, scale))
+    else:
+        ops.add_(decayed, p_decayed, alpha=scale)
+
+
+def _adamw_init(schedule: Schedule):
+    def init(params):
+        values, spec = flatten(params)
+        device = _device_of(values)
+        zeros = [torch.zeros_like(x) for x in values]
+        count = torch.zeros((), dtype=torch.int64, device=device)
+        return AdamWState(
+            count=count,
+            lr=torch.as_tensor(schedule(count), dtype=torch.float32, device=device),
+            mu=unflatten(zeros, spec),
+            nu=unflatten([z.clone() for z in zeros], spec),
+        )
+
+    return init
+
+
+def _adamw_update(schedule: Schedule, b1: float, b2: float, eps: float, weight_decay, mask):
+    def update(grads, state, params=None):
+        g, spec = flatten(grads)
+        m = flatten_like(state.mu, spec, "opt_state.mu")
+        v = flatten_like(state.nu, spec, "opt_state.nu")
+        ops = _ops(g, m, v)
+        lr_t, bias1, sqrt_bias2 = _bias_corrections(state.count, schedule, b1, b2)
+        m, v = _adam_moments(ops, g, m, v, b1, b2)
+        updates = _adam_direction(ops, m, v, eps, sqrt_bias2)
+        if isinstance(weight_decay, Tensor) or weight_decay:
+            if params is None:
+                raise ValueError("adamw with weight_decay > 0 needs params: call update(grads, state, params)")
+            p = flatten_like(params, spec, "params")
+            _add_decay(ops, updates, p, _decay_mask(mask, params, p, spec), weight_decay * bias1 / sqrt_bias2)
+        ops.mul_(updates, -lr_t * sqrt_bias2 / bias1)
+        count = state.count + 1
+        lr_saved = torch.as_tensor(lr_t, dtype=torch.float32, device=count.device)
+        return unflatten(updates, spec), AdamWState(count=count, lr=lr_saved, mu=unflatten(m, spec),
+                                                    nu=unflatten(v, spec))
+
+    return update
 
 
 def adamw(
@@ -384,79 +420,8 @@ def adamw(
     """
     schedule = _as_schedule(lr)
     b1, b2 = betas
-    for name, value in (("betas[0]", b1), ("betas[1]", b2)):
-        if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
-            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-    if not (isinstance(eps, (int, float)) and eps >= 0):
-        raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    if not isinstance(weight_decay, Tensor):
-        _check_lr("weight_decay", weight_decay)
-    # Tensor path: log(beta) in float64 here, expm1 in float32 there, so 1 - beta**t stays accurate to
-    # the last bit even for beta2 = 0.999, where beta**t in float32 would lose four digits.
-    log_b1, log_b2 = math.log(b1) if b1 > 0 else -math.inf, math.log(b2) if b2 > 0 else -math.inf
-
-    def init(params):
-        leaves, spec = _leaves(params)
-        device = _device_of(leaves)
-        zeros = [torch.zeros_like(x) for x in leaves]
-        count = torch.zeros((), dtype=torch.int64, device=device)
-        return AdamWState(
-            count=count,
-            lr=torch.as_tensor(schedule(count), dtype=torch.float32, device=device),
-            mu=_unflatten(zeros, spec),
-            nu=_unflatten([z.clone() for z in zeros], spec),
-        )
-
-    def update(grads, state, params=None):
-        g, spec = _leaves(grads)
-        m = _matching_leaves("opt_state.mu", state.mu, spec)
-        v = _matching_leaves("opt_state.nu", state.nu, spec)
-        ops = _ops(g, m, v)
-        step = _host_int(state.count)
-        if step is not None:
-            # Python numbers: exact float64 bias corrections and the cheaper scalar kernels.
-            lr_t = schedule(step)
-            bias1, sqrt_bias2 = 1.0 - b1 ** (step + 1), math.sqrt(1.0 - b2 ** (step + 1))
-        else:
-            lr_t = schedule(state.count)
-            t = (state.count + 1).to(torch.float32)
-            bias1, sqrt_bias2 = -torch.expm1(t * log_b1), torch.sqrt(-torch.expm1(t * log_b2))
-
-        m = ops.lerp(m, g, 1.0 - b1)
-        v = ops.mul(v, b2)
-        ops.addcmul_(v, g, g, 1.0 - b2)
-        # torch's update is -lr/bias1 * m / (sqrt(v)/sqrt_bias2 + eps) - lr*wd*p. Multiplying through
-        # by sqrt_bias2 gives the same number in fewer passes over memory:
-        #     -(lr*sqrt_bias2/bias1) * (m / (sqrt(v) + eps*sqrt_bias2) + wd*bias1/sqrt_bias2 * p).
-        denom = ops.sqrt(v)
-        ops.add_(denom, eps * sqrt_bias2)
-        updates = ops.div(m, denom)
-        del denom
-        if isinstance(weight_decay, Tensor) or weight_decay:
-            if params is None:
-                raise ValueError("adamw with weight_decay > 0 needs params: call update(grads, state, params)")
-            p = _matching_leaves("params", params, spec)
-            flags = _decay_mask(mask, params, p, spec)
-            idx = [i for i, f in enumerate(flags) if f]
-            if idx:
-                decayed, p_decayed = [updates[i] for i in idx], [p[i] for i in idx]
-                scale = weight_decay * bias1 / sqrt_bias2
-                if isinstance(scale, Tensor):
-                    ops.add_(decayed, ops.mul(p_decayed, scale))
-                else:
-                    ops.add_(decayed, p_decayed, alpha=scale)
-        ops.mul_(updates, -lr_t * sqrt_bias2 / bias1)
-        count = state.count + 1
-
-        new_state = AdamWState(
-            count=count,
-            lr=torch.as_tensor(lr_t, dtype=torch.float32, device=count.device),
-            mu=_unflatten(m, spec),
-            nu=_unflatten(v, spec),
-        )
-        return _unflatten(updates, spec), new_state
-
-    return GradientTransformation(init, update)
+    _check_adamw_args(b1, b2, eps, weight_decay)
+    return GradientTransformation(_adamw_init(schedule), _adamw_update(schedule, b1, b2, eps, weight_decay, mask))
 
 
 def sgd(lr: float | Schedule, momentum: float = 0.0) -> GradientTransformation:
@@ -466,30 +431,30 @@ def sgd(lr: float | Schedule, momentum: float = 0.0) -> GradientTransformation:
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
 
     def init(params):
-        leaves, spec = _leaves(params)
+        leaves, spec = flatten(params)
         device = _device_of(leaves)
         count = torch.zeros((), dtype=torch.int64, device=device)
-        trace = _unflatten([torch.zeros_like(x) for x in leaves], spec) if momentum else ()
+        trace = unflatten([torch.zeros_like(x) for x in leaves], spec) if momentum else ()
         lr0 = torch.as_tensor(schedule(count), dtype=torch.float32, device=device)
         return SGDState(count=count, lr=lr0, trace=trace)
 
     def update(grads, state, params=None):
-        g, spec = _leaves(grads)
+        g, spec = flatten(grads)
         lr_t = schedule(state.count)
         trace = state.trace
         if momentum:
-            buf = _matching_leaves("opt_state.trace", state.trace, spec)
+            buf = flatten_like(state.trace, spec, "opt_state.trace")
             ops = _ops(g, buf)
             # buf starts at zero, so the first step's buffer is the gradient itself, as in torch.
             direction = ops.mul(buf, momentum)
             ops.add_(direction, g)
-            trace = _unflatten(direction, spec)
+            trace = unflatten(direction, spec)
         else:
             ops, direction = _ops(g), g
         updates = ops.mul(direction, -lr_t)
         count = state.count + 1
         lr_saved = torch.as_tensor(lr_t, dtype=torch.float32, device=count.device)
-        return _unflatten(updates, spec), SGDState(count=count, lr=lr_saved, trace=trace)
+        return unflatten(updates, spec), SGDState(count=count, lr=lr_saved, trace=trace)
 
     return GradientTransformation(init, update)
 
@@ -504,13 +469,13 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         return EmptyState()
 
     def update(grads, state, params=None):
-        g, spec = _leaves(grads)
+        g, spec = flatten(grads)
         if not g:
             return grads, state
         ops = _ops(g)
         norm = torch.linalg.vector_norm(torch.stack(ops.norms(g)))
         factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        return _unflatten(ops.mul(g, factor), spec), state
+        return unflatten(ops.mul(g, factor), spec), state
 
     return GradientTransformation(init, update)
 
@@ -524,7 +489,7 @@ class DPState(NamedTuple):
 
 def per_example_norms(grads: PyTree) -> Tensor:
     """The L2 norm of each example's gradient (all leaves together), for leaves with a leading batch axis."""
-    leaves = _leaves_only(grads)
+    leaves = tree_leaves(grads)
     if not leaves:
         raise ValueError("per_example_norms needs at least one gradient tensor, got an empty tree")
     squares = [x.reshape(x.shape[0], -1).to(torch.float32).square().sum(1) for x in leaves]
@@ -546,7 +511,31 @@ def dp_aggregate(clip_norm: float, noise_multiplier: float, *, key: Tensor) -> G
     (``opacus.accountants.RDPAccountant``). With ``noise_multiplier=0`` this is per-example clipping only
     (no privacy).
     """
-    for name, value, lowest in (("clip_norm", clip_norm, None), ("noise_multiplier", noise_multiplier, 0.0)):
+    _check_dp_args(clip_norm, noise_multiplier, key)
+    std = float(noise_multiplier) * float(clip_norm)
+
+    def init(params):
+        device = _device_of(tree_leaves(params))
+        return DPState(key=key.to(device), count=torch.zeros((), dtype=torch.int64, device=device))
+
+    def update(grads, state, params=None):
+        g, spec = flatten(grads)
+        if not g:
+            return grads, state
+        _check_per_example(g, None if params is None else flatten_like(params, spec, "params"))
+        # Abadi et al.'s g / max(1, |g| / C), written as a factor <= 1 (exactly 1 for small gradients).
+        factor = torch.clamp(clip_norm / (per_example_norms(grads) + 1e-6), max=1.0)
+        means = _clipped_means(g, factor)
+        if std > 0:
+            keys = random.split(random.fold_in(state.key, state.count), len(g))
+            means = [x + random.normal(k, x.shape, dtype=x.dtype) * (std / g[0].shape[0]) for x, k in zip(means, keys)]
+        return unflatten(means, spec), DPState(key=state.key, count=state.count + 1)
+
+    return GradientTransformation(init, update)
+
+
+def _check_dp_args(clip_norm: float, noise_multiplier: float, key: Tensor) -> None:
+    for name, value in (("clip_norm", clip_norm), ("noise_multiplier", noise_multiplier)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not clip_norm > 0:
@@ -555,46 +544,27 @@ def dp_aggregate(clip_norm: float, noise_multiplier: float, *, key: Tensor) -> G
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
     if not isinstance(key, Tensor) or key.dtype != torch.int64 or key.ndim != 0:
         raise TypeError(f"key must be a 0-d int64 tensor (ft.random.key(seed)), got {key!r}")
-    from ftransformer import random
 
-    std = float(noise_multiplier) * float(clip_norm)
 
-    def init(params):
-        device = _device_of(_leaves_only(params))
-        return DPState(key=key.to(device), count=torch.zeros((), dtype=torch.int64, device=device))
-
-    def update(grads, state, params=None):
-        g, spec = _leaves(grads)
-        if not g:
-            return grads, state
-        if any(x.ndim == 0 for x in g) or len({x.shape[0] for x in g}) != 1:
+def _check_per_example(g: list, p: list | None) -> None:
+    """Every gradient leaf has one leading batch axis, and (given params) the parameter's shape after it."""
+    if any(x.ndim == 0 for x in g) or len({x.shape[0] for x in g}) != 1:
+        raise ValueError(
+            "dp_aggregate needs per-example gradients (every leaf with the same leading batch axis), got "
+            f"shapes {sorted({tuple(x.shape) for x in g})[:3]}"
+        )
+    for x, y in zip(g, p or ()):
+        if tuple(x.shape[1:]) != tuple(y.shape):
             raise ValueError(
-                "dp_aggregate needs per-example gradients (every leaf with the same leading batch axis), got "
-                f"shapes {sorted({tuple(x.shape) for x in g})[:3]}"
+                f"dp_aggregate needs per-example gradients shaped (batch, *param), got {tuple(x.shape)} "
+                f"for a parameter of shape {tuple(y.shape)}"
             )
-        if params is not None:
-            p = _matching_leaves("params", params, spec)
-            for x, y in zip(g, p):
-                if tuple(x.shape[1:]) != tuple(y.shape):
-                    raise ValueError(
-                        f"dp_aggregate needs per-example gradients shaped (batch, *param), got {tuple(x.shape)} "
-                        f"for a parameter of shape {tuple(y.shape)}"
-                    )
-        batch = g[0].shape[0]
-        # Abadi et al.'s g / max(1, |g| / C), written as a factor <= 1 (exactly 1 for small gradients).
-        factor = torch.clamp(clip_norm / (per_example_norms(grads) + 1e-6), max=1.0)
-        out = []
-        step_key = random.fold_in(state.key, state.count) if std > 0 else None
-        keys = random.split(step_key, len(g)) if std > 0 else None
-        for i, x in enumerate(g):
-            f = factor.to(x.dtype).reshape((batch,) + (1,) * (x.ndim - 1))
-            mean = (x * f).mean(0)
-            if std > 0:
-                mean = mean + random.normal(keys[i], mean.shape, dtype=mean.dtype) * (std / batch)
-            out.append(mean)
-        return _unflatten(out, spec), DPState(key=state.key, count=state.count + 1)
 
-    return GradientTransformation(init, update)
+
+def _clipped_means(g: list, factor: Tensor) -> list:
+    """The batch mean of each leaf with example ``b`` scaled by ``factor[b]``."""
+    batch = factor.shape[0]
+    return [(x * factor.to(x.dtype).reshape((batch,) + (1,) * (x.ndim - 1))).mean(0) for x in g]
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:

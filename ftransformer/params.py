@@ -12,20 +12,26 @@
 (``ln2`` and ``mlp`` are absent in attention-only models, ``Config(mlp=False)``. ``b_qkv`` without ``b_o``
 is ``Attention(qkv_bias=True)``; ``q_norm`` / ``k_norm`` (``{"scale": [head_dim]}``) are ``Attention(qk_norm=True)``.)
 
-A leaf that a config does not use is absent, never ``None``.
+A leaf that a config does not use is absent, never ``None``. Walking, flattening, casting and moving
+trees: ``ftransformer.tree`` (its old names ``tree_map``, ``tree_leaves``, ``tree_flatten_with_paths``,
+``tree_unflatten_paths`` and ``tree_to`` stay importable from here).
 """
 
 import math
-from collections.abc import Callable
-from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor
 
+from ftransformer import tree
 from ftransformer.config import Config
+from ftransformer.tree import PyTree
 
-PyTree = Any
+# The tree helpers moved to ftransformer.tree; these names stay importable from here.
+tree_map = tree.map
+tree_leaves = tree.leaves
+tree_flatten_with_paths = tree.flatten_with_paths
+tree_unflatten_paths = tree.unflatten_paths
+tree_to = tree.to
 
 
 def _normal(gen: torch.Generator, shape: tuple[int, ...], std: float) -> Tensor:
@@ -85,82 +91,15 @@ def init_params(
         params["ln_f"] = _norm_params(cfg)
     if not cfg.tie_embeddings:
         params["unembed"] = {"w": _normal(gen, (cfg.d_model, cfg.vocab_size), cfg.init_std)}
-    return tree_to(params, device=device, dtype=dtype)
+    return tree.to(params, device=device, dtype=dtype)
 
 
-# ---------------------------------------------------------------- tree helpers
-
-
-def tree_map(fn: Callable, tree: PyTree, *rest: PyTree) -> PyTree:
-    """Apply ``fn`` leaf by leaf (to matching leaves of ``rest`` too); the structure is kept."""
-    return pytree.tree_map(fn, tree, *rest)
-
-
-def tree_leaves(tree: PyTree) -> list:
-    """The leaves of ``tree`` in a stable order (the order ``tree_map`` visits them)."""
-    return pytree.tree_leaves(tree)
-
-
-def tree_flatten_with_paths(tree: PyTree) -> dict[str, Tensor]:
-    """``{"blocks.0.attn.w_qkv": tensor, ...}`` in a stable order. Tuples contribute their indices (an
-    optimizer state: ``"1.2.blocks.0.e"``); a leaf type that sets ``PATHS_BY_FIELD`` (``Int8Weight``)
-    contributes its field names instead: ``"blocks.0.attn.w_qkv.q"``, ``"...scale"``."""
-    flat: dict[str, Tensor] = {}
-
-    def visit(node, prefix):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                visit(v, f"{prefix}{k}.")
-        elif isinstance(node, tuple) and getattr(node, "PATHS_BY_FIELD", False):
-            for name, v in zip(node._fields, node):
-                visit(v, f"{prefix}{name}.")
-        elif isinstance(node, (list, tuple)):
-            for i, v in enumerate(node):
-                visit(v, f"{prefix}{i}.")
-        else:
-            flat[prefix[:-1]] = node
-
-    visit(tree, "")
-    return flat
-
-
-def tree_unflatten_paths(flat: dict[str, Tensor]) -> dict:
-    """Inverse of ``tree_flatten_with_paths`` for dicts and lists (numeric path parts become list indices)."""
-    root: dict = {}
-    for path, leaf in flat.items():
-        node = root
-        parts = path.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = leaf
-
-    def listify(node):
-        if not isinstance(node, dict):
-            return node
-        node = {k: listify(v) for k, v in node.items()}
-        if node and all(k.isdigit() for k in node):
-            return [node[str(i)] for i in range(len(node))]
-        return node
-
-    return listify(root)
-
-
-def tree_to(
-    tree: PyTree, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-) -> PyTree:
-    """Move and/or cast every floating-point leaf (integer leaves only move)."""
-
-    def move(x):
-        if isinstance(x, Tensor):
-            return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
-        return x
-
-    return tree_map(move, tree)
+# ---------------------------------------------------------------- counts
 
 
 def count_params(params: PyTree) -> int:
     """Number of scalars in all tensor leaves."""
-    return sum(x.numel() for x in tree_leaves(params) if isinstance(x, Tensor))
+    return sum(x.numel() for x in tree.leaves(params) if isinstance(x, Tensor))
 
 
 # ---------------------------------------------------------------- breakdown

@@ -6,14 +6,15 @@ eagerly, under ``torch.func.vmap`` (each member's key gives that member its own 
 """
 
 import torch
-from torch import Tensor
+
+from ftransformer.shapes import Int, Key, Tensor
 
 _MASK32 = 0xFFFFFFFF
 # Odd multipliers below 2**31, so a 32-bit value times one never leaves int64.
 _M1, _M2, _GOLDEN = 0x7FEB352D, 0x5BD1E995, 0x1E3779B9
 
 
-def key(seed: int) -> Tensor:
+def key(seed: int) -> Key:
     """A key from an integer seed."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
@@ -27,12 +28,12 @@ def _mix(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
-def _seed32(k: Tensor) -> Tensor:
+def _seed32(k: Key) -> Tensor:
     # The offsets keep the all-zero key away from the hash's fixed point at 0.
     return _mix(_mix((k & _MASK32) ^ 0x2545F491) ^ ((k >> 32) & _MASK32) ^ 0x6A09E667)
 
 
-def split(k: Tensor, n: int = 2) -> Tensor:
+def split(k: Key, n: int = 2) -> Int[Tensor, " _"]:
     """``n`` independent keys derived from ``k`` (a tensor of shape ``[n]``; index it for each key)."""
     counter = torch.arange(n, dtype=torch.int64, device=k.device)
     s = _seed32(k)
@@ -41,14 +42,14 @@ def split(k: Tensor, n: int = 2) -> Tensor:
     return (hi << 30) ^ lo
 
 
-def fold_in(k: Tensor, data: int | Tensor) -> Tensor:
+def fold_in(k: Key, data: int | Tensor) -> Key:
     """A new key from ``k`` and an integer (e.g. a step number; an int64 tensor works too, and under ``vmap``)."""
     s = _seed32(k)
     d = _mix(torch.as_tensor(data & _MASK32, dtype=torch.int64, device=k.device) ^ 0x5BF03635)
     return (_mix(s ^ d) << 30) ^ _mix((s + d * _GOLDEN) & _MASK32)
 
 
-def uniform(k: Tensor, shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype = torch.float32) -> Tensor:
+def uniform(k: Key, shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype = torch.float32) -> Tensor:
     """Uniform numbers in ``[0, 1)`` of the given shape."""
     numel = 1
     for size in shape:
@@ -59,7 +60,7 @@ def uniform(k: Tensor, shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtyp
     return ((bits >> 8).to(dtype) * (1.0 / (1 << 24))).reshape(shape)
 
 
-def normal(k: Tensor, shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype = torch.float32) -> Tensor:
+def normal(k: Key, shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype = torch.float32) -> Tensor:
     """Standard normal numbers of the given shape (Box-Muller on two uniform streams of ``k``)."""
     k1, k2 = split(k, 2)
     # 1 - u lies in (0, 1], so the log is finite.
@@ -67,7 +68,7 @@ def normal(k: Tensor, shape: tuple[int, ...] | torch.Size, *, dtype: torch.dtype
     return (radius * torch.cos((2.0 * torch.pi) * uniform(k2, shape, dtype=torch.float32))).to(dtype)
 
 
-def dropout(x: Tensor, rate: float, k: Tensor | None) -> Tensor:
+def dropout(x: Tensor, rate: float, k: Key | None) -> Tensor:
     """Inverted dropout of ``x`` at ``rate`` driven by key ``k``; the identity when ``k`` is None or rate is 0."""
     if k is None or rate == 0.0:
         return x

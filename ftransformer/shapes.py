@@ -1,34 +1,71 @@
 """The axis glossary: one word per axis, used in every jaxtyping annotation and einops pattern.
 
-==========  ===============================================================
-axis        meaning
-==========  ===============================================================
-batch       independent sequences (any number of leading axes: ``*batch``)
-seq         query positions (the tokens being processed now)
-kv_seq      key/value positions (``seq`` without a cache, cache length with one)
-d_model     width of the residual stream
-heads       query heads
-kv_heads    key/value heads (``heads`` for MHA, fewer for GQA, 1 for MQA)
-head_dim    width of one head (``d_model // heads``)
-d_ff        hidden width of the feed-forward layer
-vocab       number of token ids
-layers      transformer blocks
-max_seq     rows of a position table (``max_seq_len``)
-==========  ===============================================================
+=============  ===============================================================
+axis           meaning
+=============  ===============================================================
+batch          independent sequences (any number of leading axes: ``*batch``)
+seq            query positions (the tokens being processed now)
+kv_seq         key/value positions (``seq`` without a cache, cache length with one)
+d_model        width of the residual stream
+heads          query heads
+kv_heads       key/value heads (``heads`` for MHA, fewer for GQA, 1 for MQA)
+group          query heads per key/value head (``heads // kv_heads``)
+head_dim       width of one head (``d_model // heads``)
+half           half a head: one rotary angle per pair of channels (``head_dim // 2``)
+d_ff           hidden width of the feed-forward layer
+d_in, d_out    input and output width of one ``linear``
+vocab          number of token ids
+layers         transformer blocks
+layers_plus_1  the residual stream's read-outs: the embedding, then after each block
+max_seq        rows of a position table (``max_seq_len``)
+member         models of an ensemble (stacked params, one per member)
+=============  ===============================================================
 
 The aliases below are the annotations layers use; jaxtyping checks them when the import hook is on
 (the test suite turns it on) and they cost nothing otherwise.
 """
 
+import string
+
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-AXES = ("batch", "seq", "kv_seq", "d_model", "heads", "kv_heads", "head_dim", "d_ff", "vocab", "layers", "max_seq")
+AXES = (
+    "batch", "seq", "kv_seq", "d_model", "heads", "kv_heads", "group", "head_dim", "half", "d_ff", "d_in", "d_out",
+    "vocab", "layers", "layers_plus_1", "max_seq", "member",
+)
 
 Tokens = Int[Tensor, "*batch seq"]
 Residual = Float[Tensor, "*batch seq d_model"]
 Logits = Float[Tensor, "*batch seq vocab"]
 Positions = Int[Tensor, "*batch seq"]
-AttnMask = Bool[Tensor, "*batch seq kv_seq"]
+# Which keys each query may see: Bool (True: may attend), or the same as an additive bias (0 / -inf).
+AttnMask = Bool[Tensor, "*#batch seq kv_seq"]
+AttnBias = Float[Tensor, "*#batch seq kv_seq"]
+# A random key (``ftransformer.random``): an int64 scalar; ``random.split`` gives a vector of them.
+Key = Int[Tensor, ""]
 
-__all__ = ["AXES", "Tokens", "Residual", "Logits", "Positions", "AttnMask", "Bool", "Float", "Int", "Tensor"]
+
+
+def einsum_equation(pattern: str) -> str:
+    """A ``torch.einsum`` equation from one written in the glossary's words.
+
+    ``"... heads seq head_dim, heads head_dim d_model -> ... heads seq d_model"`` becomes
+    ``"...ebh,ehd->...ebd"``. Translate once, at import: einops' own ``einsum`` parses its pattern on
+    every call, which one-token decoding would pay in every layer.
+    """
+    letters = dict(zip(AXES, string.ascii_letters))
+    sides = []
+    for side in pattern.replace("->", ",->,").split(","):
+        words = side.split()
+        unknown = [w for w in words if w not in letters and w not in ("...", "->")]
+        if unknown:
+            raise ValueError(f"einsum pattern {pattern!r} uses {unknown}, not in the glossary {AXES}")
+        sides.append("".join(w if w in ("...", "->") else letters[w] for w in words))
+    return ",".join(sides).replace(",->,", "->")
+
+
+__all__ = [
+    "AXES", "Tokens", "Residual", "Logits", "Positions", "AttnMask", "AttnBias", "Key", "einsum_equation",
+    "Bool", "Float", "Int", "Tensor",
+]

@@ -11,8 +11,14 @@ target steps into one. Draft token ``d`` drawn with probability ``q(d)`` is acce
 Rolling back rejected tokens costs nothing here because the cache is a value: the next round just
 continues from a shorter ``lengths`` (slots past a row's length are masked, and overwritten before
 they are read). Rows of a batch accept different numbers of tokens and move on at their own pace.
+
+The rounds come out as steps, one new token per row (a step once every row has reached it), so stop
+tokens end speculative decoding as they end ``generate_stream`` (``ftransformer.stopping``): no round
+runs after every row has stopped.
 """
 
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -22,15 +28,10 @@ from torch import Tensor
 from ftransformer import random
 from ftransformer.cache import KVCache, init_cache
 from ftransformer.config import Config
-from ftransformer.generate import (
-    Sampling,
-    _check_max_new_tokens,
-    gumbel_noise,
-    resolve_sampling,
-    restrict_logits,
-    untie_for_decoding,
-)
-from ftransformer.model import check_tokens, forward_with_cache_unchecked
+from ftransformer.decode_steps import forward_in_place, untie_for_decoding
+from ftransformer.model import check_tokens
+from ftransformer.sampling import Sampling, draw, probs, resolve_sampling
+from ftransformer.stopping import check_max_new_tokens, stack_steps, until_stopped
 
 
 class SpeculativeStats(NamedTuple):
@@ -46,20 +47,34 @@ class SpeculativeStats(NamedTuple):
         return self.accepted / self.proposed if self.proposed else 0.0
 
 
-def token_probs(logits: Float[Tensor, "*batch vocab"], sampling: Sampling) -> Float[Tensor, "*batch vocab"]:
-    """The distribution ``sample`` draws from: one-hot on the argmax when greedy."""
-    if sampling.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(torch.float32)
-    restricted = restrict_logits(logits.float() / sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
-    return restricted.softmax(-1)
+@dataclass
+class _Tally:
+    """The counts of ``SpeculativeStats``, kept up to date by the rounds as they run."""
+
+    proposed: int = 0
+    accepted: int = 0
+    rounds: int = 0
+
+    def add_round(self, proposed: int, accepted: int) -> None:
+        self.proposed, self.accepted, self.rounds = self.proposed + proposed, self.accepted + accepted, self.rounds + 1
 
 
-def draw(probs: Float[Tensor, "*batch vocab"], key: Tensor) -> Int[Tensor, " *batch"]:
-    """One token per row from ``probs`` (Gumbel-max on log-probabilities; zero-probability ids never win)."""
-    return (probs.log() + gumbel_noise(key, probs)).argmax(-1)
+class _Model(NamedTuple):
+    params: dict
+    cfg: Config
 
 
-def _check_draft(draft, cfg: Config, draft_tokens: int) -> tuple[dict, Config]:
+class _State(NamedTuple):
+    """Between rounds: every row's tokens so far (``out``), how many (``n``), and both caches, which hold
+    all of them but the last."""
+
+    out: Tensor
+    n: Tensor
+    target_cache: KVCache
+    draft_cache: KVCache
+
+
+def _check_draft(draft, cfg: Config, draft_tokens: int) -> _Model:
     if not (isinstance(draft, (tuple, list)) and len(draft) == 2 and isinstance(draft[1], Config)):
         raise TypeError(f"draft must be a (draft_params, draft_cfg) pair, got {type(draft).__name__}")
     draft_params, draft_cfg = draft
@@ -70,7 +85,23 @@ def _check_draft(draft, cfg: Config, draft_tokens: int) -> tuple[dict, Config]:
         )
     if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
         raise ValueError(f"draft_tokens must be an int >= 1, got {draft_tokens!r}")
-    return draft_params, draft_cfg
+    return _Model(draft_params, draft_cfg)
+
+
+def _check_request(prompt: Tensor, cfg: Config, draft, draft_tokens: int, max_new_tokens: int) -> _Model:
+    """Validate a speculative generation; returns the draft model."""
+    check_max_new_tokens(max_new_tokens)
+    draft = _check_draft(draft, cfg, draft_tokens)
+    check_tokens(prompt, cfg, name="prompt")
+    n_prompt, k = prompt.shape[-1], draft_tokens
+    need = n_prompt + max_new_tokens + k
+    for name, c in (("target", cfg), ("draft", draft.cfg)):
+        if need > c.max_seq_len:
+            raise ValueError(
+                f"prompt of seq={n_prompt} + max_new_tokens={max_new_tokens} + draft_tokens={k} is {need} tokens "
+                f"but the {name} model's max_seq_len={c.max_seq_len}"
+            )
+    return draft
 
 
 def speculative_generate(
@@ -86,8 +117,10 @@ def speculative_generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
 ) -> tuple[Int[Tensor, "*batch _"], SpeculativeStats]:
-    """The prompt followed by ``max_new_tokens`` tokens of the target model, drafted by ``draft``.
+    """The prompt followed by up to ``max_new_tokens`` tokens of the target model, drafted by ``draft``.
 
     Args:
         draft: ``(draft_params, draft_cfg)``, a (smaller) model with the target's vocabulary.
@@ -95,86 +128,117 @@ def speculative_generate(
             and one target pass over ``K + 1`` tokens, and yields 1 to ``K + 1`` tokens.
 
     Returns:
-        ``(tokens, stats)``: ``tokens`` as ``generate`` returns them; ``stats`` counts proposals and
-        acceptances. The prompt, the new tokens and ``draft_tokens`` must fit both models'
-        ``max_seq_len`` (the last round may look ``K`` tokens past the end).
+        ``(tokens, stats)``: ``tokens`` exactly as ``generate(..., draft=draft)`` returns them (stop
+        tokens included); ``stats`` counts proposals and acceptances. The prompt, the new tokens and
+        ``draft_tokens`` must fit both models' ``max_seq_len`` (the last round may look ``K`` tokens past
+        the end).
     """
     sampling = resolve_sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    _check_max_new_tokens(max_new_tokens)
-    draft_params, draft_cfg = _check_draft(draft, cfg, draft_tokens)
-    check_tokens(prompt, cfg, name="prompt")
-    n_prompt, k = prompt.shape[-1], draft_tokens
-    need = n_prompt + max_new_tokens + k
-    for name, c in (("target", cfg), ("draft", draft_cfg)):
-        if need > c.max_seq_len:
-            raise ValueError(
-                f"prompt of seq={n_prompt} + max_new_tokens={max_new_tokens} + draft_tokens={k} is {need} tokens "
-                f"but the {name} model's max_seq_len={c.max_seq_len}"
-            )
-    if max_new_tokens == 0:
-        return prompt.clone(), SpeculativeStats(0, 0, 0)
+    draft = _check_request(prompt, cfg, draft, draft_tokens, max_new_tokens)
+    tally = _Tally()
     with torch.no_grad():
-        return _speculate(params, cfg, draft_params, draft_cfg, prompt, k, max_new_tokens, sampling)
+        steps = _steps(_Model(params, cfg), draft, prompt, draft_tokens, max_new_tokens, sampling, tally)
+        new = stack_steps(until_stopped(steps, stop_tokens, pad_id), prompt)
+    return torch.cat([prompt, new], dim=-1), SpeculativeStats(tally.proposed, tally.accepted, tally.rounds)
 
 
-def _speculate(params, cfg, draft_params, draft_cfg, prompt, k, max_new_tokens, sampling):
-    """The loop behind ``speculative_generate``, on checked arguments (under no_grad)."""
-    batch, device = prompt.shape[:-1], prompt.device
-    prompt2 = prompt.reshape(-1, prompt.shape[-1])
-    rows, n_prompt = prompt2.shape
+def _steps(
+    target: _Model, draft: _Model, prompt: Tensor, k: int, max_new_tokens: int, sampling: Sampling, tally: _Tally
+) -> Iterator[Tensor]:
+    """The rounds behind ``speculative_generate`` (checked arguments), yielded one step at a time: step
+    ``j`` as soon as every row has its ``j``-th new token. ``tally`` counts what the rounds did."""
+    batch, prompt2 = prompt.shape[:-1], prompt.reshape(-1, prompt.shape[-1])
+    n_prompt = prompt2.shape[1]
     end = n_prompt + max_new_tokens
-    params, cfg = untie_for_decoding(params, cfg)
-    draft_params, draft_cfg = untie_for_decoding(draft_params, draft_cfg)
-    dtype = params["embed"]["tokens"].dtype
-    target_cache = init_cache(cfg, rows, max_len=end + k, dtype=dtype, device=device)
-    draft_cache = init_cache(draft_cfg, rows, max_len=end + k, dtype=draft_params["embed"]["tokens"].dtype, device=device)
-    # Every row's tokens so far, and how many: the caches hold all of them but the last.
-    out = torch.zeros(rows, end + k + 1, dtype=prompt.dtype, device=device)
+    target, draft = _Model(*untie_for_decoding(*target)), _Model(*untie_for_decoding(*draft))
+    state = _start(target, draft, prompt2, end, k)
+    key = random.key(sampling.seed).to(prompt.device)
+    shown = n_prompt
+    while shown < end:
+        round_key = random.fold_in(key, tally.rounds)
+        state, proposed, accepted = _round(target, draft, state, prompt2, round_key, k, end, sampling)
+        tally.add_round(proposed, accepted)
+        ready = min(int(state.n.min()), end)
+        for j in range(shown, ready):
+            yield state.out[:, j].reshape(batch)
+        shown = ready
+
+
+def _start(target: _Model, draft: _Model, prompt2: Tensor, end: int, k: int) -> _State:
+    rows, n_prompt = prompt2.shape
+    device = prompt2.device
+
+    def cache(model: _Model) -> KVCache:
+        return init_cache(model.cfg, rows, max_len=end + k, dtype=model.params["embed"]["tokens"].dtype, device=device)
+
+    out = torch.zeros(rows, end + k + 1, dtype=prompt2.dtype, device=device)
     out[:, :n_prompt] = prompt2
     n = torch.full((rows,), n_prompt, dtype=torch.long, device=device)
-    key = random.key(sampling.seed).to(device)
-    offsets = torch.arange(k + 1, device=device)
-    proposed = accepted = rounds = 0
-    while bool((n < end).any()):
-        round_key = random.fold_in(key, rounds)
-        # The draft re-reads the last two tokens (re-writing a cached one changes nothing) so that a
-        # row whose every proposal was accepted catches up on the one it never fed itself.
-        if rounds == 0:
-            draft_in = prompt2
-        else:
-            draft_in = out.gather(1, (n - 2)[:, None] + offsets[None, :2])
-            draft_cache = draft_cache._replace(lengths=n - 2)
-        logits, draft_cache = forward_with_cache_unchecked(draft_params, draft_in, draft_cache, draft_cfg, donate=True)
-        drafts, q = [], []
-        for i in range(k):
-            q.append(token_probs(logits[:, -1], sampling))
-            drafts.append(draw(q[-1], random.fold_in(round_key, i)))
-            if i + 1 < k:
-                logits, draft_cache = forward_with_cache_unchecked(
-                    draft_params, drafts[-1][:, None], draft_cache, draft_cfg, donate=True
-                )
-        drafts, q = torch.stack(drafts, 1), torch.stack(q, 1)
-        # One target pass scores every proposal: p[:, i] is its distribution after drafts[:, :i].
-        target_in = torch.cat([prompt2 if rounds == 0 else out.gather(1, (n - 1)[:, None]), drafts], 1)
-        logits, target_cache = forward_with_cache_unchecked(params, target_in, target_cache, cfg, donate=True)
-        p = token_probs(logits[:, -(k + 1):], sampling)
-        p_of_draft = p[:, :k].gather(-1, drafts[..., None])[..., 0]
-        q_of_draft = q.gather(-1, drafts[..., None])[..., 0]
-        u = random.uniform(random.fold_in(round_key, k), (rows, k)).to(device)
-        keep = (u * q_of_draft < p_of_draft).long().cumprod(1)
-        n_accepted = keep.sum(1)
-        # The replacement at the first rejection, or the bonus token after K acceptances.
-        residual = (p - torch.cat([q, torch.zeros_like(q[:, :1])], 1)).clamp(min=0)
-        residual = residual.gather(1, n_accepted[:, None, None].expand(-1, 1, p.shape[-1]))[:, 0]
-        fallback = p.gather(1, n_accepted[:, None, None].expand(-1, 1, p.shape[-1]))[:, 0]
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, fallback)
-        last = draw(residual, random.fold_in(round_key, k + 1))
-        new = torch.cat([drafts, torch.zeros_like(last[:, None])], 1).scatter(1, n_accepted[:, None], last[:, None])
-        active = n < end
-        out = out.scatter(1, n[:, None] + offsets, torch.where(active[:, None], new, out.gather(1, n[:, None] + offsets)))
-        proposed += int(active.sum()) * k
-        accepted += int(n_accepted[active].sum())
-        n = torch.where(active, torch.minimum(n + n_accepted + 1, torch.full_like(n, end)), n)
-        target_cache = target_cache._replace(lengths=n - 1)
-        rounds += 1
-    return out[:, :end].reshape(*batch, end), SpeculativeStats(proposed, accepted, rounds)
+    return _State(out, n, cache(target), cache(draft))
+
+
+def _propose(
+    draft: _Model, cache: KVCache, tokens: Tensor, k: int, sampling: Sampling, round_key: Tensor
+) -> tuple[Tensor, Tensor, KVCache]:
+    """The draft's ``k`` proposals after ``tokens``, drawn one by one, and the distributions ``q`` they came from."""
+    logits, cache = forward_in_place(draft.params, tokens, cache, draft.cfg)
+    drafts, q = [], []
+    for i in range(k):
+        q.append(probs(logits[:, -1], sampling))
+        drafts.append(draw(q[-1], random.fold_in(round_key, i)))
+        if i + 1 < k:
+            logits, cache = forward_in_place(draft.params, drafts[-1][:, None], cache, draft.cfg)
+    return torch.stack(drafts, 1), torch.stack(q, 1), cache
+
+
+def _accept(
+    p: Float[Tensor, "batch _ vocab"],
+    q: Float[Tensor, "batch _ vocab"],
+    drafts: Int[Tensor, "batch _"],
+    round_key: Tensor,
+) -> tuple[Int[Tensor, "batch _"], Int[Tensor, " batch"]]:
+    """The rejection rule: each row's accepted prefix of ``drafts`` with one token of the target's own after
+    it (``k + 1`` columns, the ones past it unused), and how many proposals it accepted."""
+    k = drafts.shape[1]
+    p_of_draft = p[:, :k].gather(-1, drafts[..., None])[..., 0]
+    q_of_draft = q.gather(-1, drafts[..., None])[..., 0]
+    u = random.uniform(random.fold_in(round_key, k), tuple(drafts.shape)).to(p.device)
+    n_accepted = (u * q_of_draft < p_of_draft).long().cumprod(1).sum(1)
+    # The replacement at the first rejection, drawn from max(0, p - q), or the bonus token after K acceptances.
+    residual = (p - torch.cat([q, torch.zeros_like(q[:, :1])], 1)).clamp(min=0)
+    at = n_accepted[:, None, None].expand(-1, 1, p.shape[-1])
+    residual, fallback = residual.gather(1, at)[:, 0], p.gather(1, at)[:, 0]
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, fallback)
+    last = draw(residual, random.fold_in(round_key, k + 1))
+    new = torch.cat([drafts, torch.zeros_like(last[:, None])], 1).scatter(1, n_accepted[:, None], last[:, None])
+    return new, n_accepted
+
+
+def _round(
+    target: _Model, draft: _Model, s: _State, prompt2: Tensor, round_key: Tensor, k: int, end: int, sampling: Sampling
+) -> tuple[_State, int, int]:
+    """One round: the draft proposes ``k`` tokens, the target scores them in one pass, the rule keeps a
+    prefix. Returns the new state, and the proposals made and accepted by rows still generating."""
+    n, offsets = s.n, torch.arange(k + 1, device=s.n.device)
+    first = not bool(s.target_cache.lengths.any())  # nothing cached yet: both models read the prompt
+    # The draft re-reads the last two tokens (re-writing a cached one changes nothing) so that a row
+    # whose every proposal was accepted catches up on the one it never fed itself.
+    if first:
+        draft_in, draft_cache = prompt2, s.draft_cache
+    else:
+        draft_in = s.out.gather(1, (n - 2)[:, None] + offsets[None, :2])
+        draft_cache = s.draft_cache._replace(lengths=n - 2)
+    drafts, q, draft_cache = _propose(draft, draft_cache, draft_in, k, sampling, round_key)
+    # One target pass scores every proposal: p[:, i] is its distribution after drafts[:, :i].
+    target_in = torch.cat([prompt2 if first else s.out.gather(1, (n - 1)[:, None]), drafts], 1)
+    logits, target_cache = forward_in_place(target.params, target_in, s.target_cache, target.cfg)
+    new, n_accepted = _accept(probs(logits[:, -(k + 1):], sampling), q, drafts, round_key)
+    active = n < end
+    at = n[:, None] + offsets
+    out = s.out.scatter(1, at, torch.where(active[:, None], new, s.out.gather(1, at)))
+    n = torch.where(active, torch.minimum(n + n_accepted + 1, torch.full_like(n, end)), n)
+    state = _State(out, n, target_cache._replace(lengths=n - 1), draft_cache)
+    return state, int(active.sum()) * k, int(n_accepted[active].sum())
+
+
+__all__ = ["SpeculativeStats", "speculative_generate"]

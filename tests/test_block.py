@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import ftransformer as ft
-from ftransformer.layers import block
+from ftransformer.layers import block, self_mask
+from ftransformer.layers.block import block_with_cache
 
 BATCH, SEQ, D_MODEL, HEADS, D_FF = 2, 5, 12, 3, 20
 
@@ -47,7 +48,7 @@ def test_pre_ln_block_is_x_plus_f_of_norm_x(gen, impl):
     x = torch.randn(BATCH, SEQ, D_MODEL, generator=gen, dtype=torch.float64)
     h = x + attention_by_hand(p["attn"], ln(p["ln1"], x))
     expected = h + mlp_by_hand(p["mlp"], ln(p["ln2"], h))
-    out = block(p, x, cfg, positions=torch.arange(SEQ).expand(BATCH, SEQ))
+    out = block(p, x, cfg, mask=self_mask(torch.arange(SEQ).expand(BATCH, SEQ)))
     torch.testing.assert_close(out, expected)
 
 
@@ -58,10 +59,10 @@ def test_post_ln_block_is_norm_of_x_plus_f_x(gen, impl):
     x = torch.randn(BATCH, SEQ, D_MODEL, generator=gen, dtype=torch.float64)
     h = ln(p["ln1"], x + attention_by_hand(p["attn"], x))
     expected = ln(p["ln2"], h + mlp_by_hand(p["mlp"], h))
-    out = block(p, x, cfg, positions=torch.arange(SEQ).expand(BATCH, SEQ))
+    out = block(p, x, cfg, mask=self_mask(torch.arange(SEQ).expand(BATCH, SEQ)))
     torch.testing.assert_close(out, expected)
     # Post-LN output is normalised; pre-LN output is not.
-    pre = block(p, x, cfg.replace(norm_position="pre"), positions=torch.arange(SEQ).expand(BATCH, SEQ))
+    pre = block(p, x, cfg.replace(norm_position="pre"), mask=self_mask(torch.arange(SEQ).expand(BATCH, SEQ)))
     assert not torch.allclose(pre, out)
 
 
@@ -69,21 +70,44 @@ def test_block_works_without_a_batch_axis(gen):
     cfg = cfg_for(norm="rmsnorm", activation="swiglu", positional="rope", n_kv_heads=1)
     p = randomized_block_params(cfg, gen)
     x = torch.randn(BATCH, SEQ, D_MODEL, generator=gen, dtype=torch.float64)
-    batched = block(p, x, cfg, positions=torch.arange(SEQ).expand(BATCH, SEQ))
-    torch.testing.assert_close(block(p, x[1], cfg, positions=torch.arange(SEQ)), batched[1])
+    positions = torch.arange(SEQ)
+    rotary = ft.layers.rotary_tables(positions.expand(BATCH, SEQ), cfg)
+    batched = block(p, x, cfg, mask=self_mask(positions.expand(BATCH, SEQ)), rotary=rotary)
+    one = block(p, x[1], cfg, mask=self_mask(positions), rotary=ft.layers.rotary_tables(positions, cfg))
+    torch.testing.assert_close(one, batched[1])
+
+
+@pytest.mark.parametrize("norm_position", ["pre", "post"])
+def test_block_with_cache_shares_the_blocks_wiring(gen, norm_position):
+    """An empty cache: block_with_cache computes what block does, and writes this layer's keys/values."""
+    cfg = cfg_for(norm_position=norm_position, positional="rope")
+    p = randomized_block_params(cfg, gen)
+    x = torch.randn(BATCH, SEQ, D_MODEL, generator=gen, dtype=torch.float64)
+    slots = ft.cache.query_slots(torch.zeros(BATCH, dtype=torch.int64), SEQ)
+    rotary = ft.layers.rotary_tables(slots, cfg)
+    buffers = torch.zeros(BATCH, HEADS, 7, D_MODEL // HEADS, dtype=torch.float64)
+    out, k, v = block_with_cache(
+        p, x, cfg, mask=ft.layers.cache_mask(slots, 7, torch.float64), rotary=rotary, k_cache=buffers,
+        v_cache=buffers, write_index=ft.cache.write_index(slots, HEADS, D_MODEL // HEADS),
+    )
+    torch.testing.assert_close(out, block(p, x, cfg, mask=self_mask(slots), rotary=rotary))
+    h = ft.layers.norm(p["ln1"], x, cfg) if norm_position == "pre" else x
+    _, k_new, v_new = ft.layers.project_qkv(p["attn"], h, cfg, rotary)
+    assert torch.equal(k[..., :SEQ, :], k_new) and torch.equal(v[..., :SEQ, :], v_new)
+    assert not k[..., SEQ:, :].any() and not buffers.any()
 
 
 def test_block_dropout_follows_the_key(gen):
     cfg = cfg_for(dropout=0.3)
     p = randomized_block_params(cfg, gen)
     x = torch.randn(BATCH, SEQ, D_MODEL, generator=gen, dtype=torch.float64)
-    pos = torch.arange(SEQ).expand(BATCH, SEQ)
+    mask = self_mask(torch.arange(SEQ).expand(BATCH, SEQ))
     k0, k1 = ft.random.split(ft.random.key(0))
-    a = block(p, x, cfg, positions=pos, key=k0)
-    assert torch.equal(a, block(p, x, cfg, positions=pos, key=k0))
-    assert not torch.allclose(a, block(p, x, cfg, positions=pos, key=k1))
+    a = block(p, x, cfg, mask=mask, key=k0)
+    assert torch.equal(a, block(p, x, cfg, mask=mask, key=k0))
+    assert not torch.allclose(a, block(p, x, cfg, mask=mask, key=k1))
     # No key: evaluation, no dropout, the same as a dropout-free config.
-    torch.testing.assert_close(block(p, x, cfg, positions=pos), block(p, x, cfg.replace(dropout=0.0), positions=pos))
+    torch.testing.assert_close(block(p, x, cfg, mask=mask), block(p, x, cfg.replace(dropout=0.0), mask=mask))
 
 
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
@@ -97,7 +121,7 @@ def test_block_gradcheck(gen, norm_position):
     x = torch.randn(3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
 
     def f(x, *leaves):
-        return block(ft.tree_unflatten_paths(dict(zip(names, leaves))), x, cfg, positions=torch.arange(3))
+        return block(ft.tree_unflatten_paths(dict(zip(names, leaves))), x, cfg, mask=self_mask(torch.arange(3)))
 
     # fast_mode checks a random projection of the Jacobian: the same test of the backward pass, far fewer calls.
     assert torch.autograd.gradcheck(f, (x, *[flat[n].clone().requires_grad_() for n in names]), fast_mode=True)

@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 
 import ftransformer as ft
 from strategies import configs
-from ftransformer.cache import slot_bias, slot_mask, write_index
+from ftransformer.cache import write_index
 from ftransformer.layers.attention import write_kv
+from ftransformer.layers.masks import cache_mask
 
 POSITIONALS = ("learned", "sinusoidal", "rope")
 
@@ -101,14 +102,12 @@ def test_cache_is_a_pytree_that_round_trips(tiny_cfg):
 # ---------------------------------------------------------------- helpers
 
 
-def test_slot_mask_and_bias_let_each_query_see_its_row_so_far():
+def test_cache_mask_lets_each_query_see_its_row_so_far():
     slots = torch.tensor([[2, 3], [0, 1]])
-    mask = slot_mask(slots, 5)
     expected = torch.tensor(
         [[[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]], dtype=torch.bool
     )
-    assert torch.equal(mask, expected)
-    bias = slot_bias(slots, 5, torch.float64)
+    bias = cache_mask(slots, 5, torch.float64).allowed
     assert bias.dtype == torch.float64
     assert torch.equal(bias == 0, expected) and bool(torch.isneginf(bias[~expected]).all())
 
@@ -150,7 +149,7 @@ def test_cache_holds_the_keys_and_values_forward_computes(name, gen):
     positions = torch.arange(6).expand(3, 6)
     x = ft.model.embed(params, tokens, cfg, positions=positions)
     h = ft.layers.norm(params["blocks"][0]["ln1"], x, cfg) if cfg.norm_position == "pre" else x
-    _, k, v = ft.layers.project_qkv(params["blocks"][0]["attn"], h, cfg, positions)
+    _, k, v = ft.layers.project_qkv(params["blocks"][0]["attn"], h, cfg, ft.layers.rotary_tables(positions, cfg))
     torch.testing.assert_close(cache.k[0][..., :6, :], k)
     torch.testing.assert_close(cache.v[0][..., :6, :], v)
     assert bool((cache.k[0][..., 6:, :] == 0).all())
@@ -222,7 +221,7 @@ def test_the_cache_passed_in_is_never_modified(gen):
         assert old.untyped_storage().data_ptr() != new.untyped_storage().data_ptr()
 
 
-def test_donating_writes_in_place_and_gives_the_same_numbers(gen):
+def test_the_in_place_path_writes_in_place_and_gives_the_same_numbers(gen):
     """The generation loop's in-place path (it owns its cache) computes exactly what the pure path does."""
     cfg = VARIANTS["llama-like"]
     params = ft.init_params(cfg, seed=7)
@@ -230,7 +229,7 @@ def test_donating_writes_in_place_and_gives_the_same_numbers(gen):
     _, cache = ft.forward_with_cache(params, tokens[:, :5], ft.init_cache(cfg, 2, max_len=8), cfg)
     pure_logits, pure_cache = ft.forward_with_cache(params, tokens[:, 5:], cache, cfg)
     owned = clone_cache(cache)
-    logits, donated = ft.model.forward_with_cache_unchecked(params, tokens[:, 5:], owned, cfg, donate=True)
+    logits, donated = ft.model._forward_with_cache_in_place(params, tokens[:, 5:], owned, cfg)
     assert torch.equal(logits, pure_logits)
     assert_caches_equal(donated, pure_cache)
     assert donated.k[0].untyped_storage().data_ptr() == owned.k[0].untyped_storage().data_ptr()
@@ -365,5 +364,5 @@ def test_float_lengths_are_a_type_error(no_typecheck):
     tokens = torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(TypeError, match="seq_lengths must be an integer tensor"):
         ft.forward_with_cache(params, tokens, ft.init_cache(cfg, 2), cfg, seq_lengths=torch.tensor([1.0, 2.0]))
-    with pytest.raises(TypeError, match="prompt_lengths must be an integer tensor"):
-        ft.generate(params, tokens, cfg, max_new_tokens=1, prompt_lengths=torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match="seq_lengths must be an integer tensor"):
+        ft.generate(params, tokens, cfg, max_new_tokens=1, seq_lengths=torch.tensor([1.0, 2.0]))

@@ -1,11 +1,15 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import ftransformer as ft
 from ftransformer import checkpoint, data, optim
-from ftransformer.params import tree_flatten_with_paths
+from ftransformer import tree
+from ftransformer.layers.int8 import Int8Weight
+from ftransformer.quantization import is_quantized
 
 # every axis a different size: vocab 29, d_model 20, heads 5, d_ff 36, seq 11, layers 2
 CFG = ft.Config(vocab_size=29, d_model=20, n_heads=5, n_layers=2, d_ff=36, max_seq_len=11)
@@ -60,7 +64,7 @@ def test_round_trip_everything(tmp_path):
 
 def test_opt_state_paths_name_fields(tmp_path):
     _, state, _ = trained_state()
-    flat, _ = checkpoint.flatten_state(state)
+    flat = tree.flatten_with_paths(state)
     assert "1.mu.blocks.0.attn.w_qkv" in flat and "1.count" in flat
     # without the optimizer, load returns that flat dict
     params, state, _ = trained_state()
@@ -160,7 +164,7 @@ def test_expected_shapes_match_init_params():
     # computed on the meta device, so even GPT-2's shapes cost no memory
     shapes = checkpoint.expected_param_shapes(ft.PRESETS["gpt2"])
     assert shapes["embed.tokens"] == (50257, 768) and shapes["blocks.11.attn.w_qkv"] == (768, 2304)
-    real = {k: v.shape for k, v in tree_flatten_with_paths(ft.init_params(CFG)).items()}
+    real = {k: v.shape for k, v in tree.flatten_with_paths(ft.init_params(CFG)).items()}
     assert checkpoint.expected_param_shapes(CFG) == real
 
 
@@ -203,3 +207,80 @@ def test_loading_without_the_optimizer_state_skips_its_file(tmp_path):
     assert ck.opt_state is None and ck.step == 3
     with pytest.raises(ValueError, match="opt_state.safetensors is damaged"):
         checkpoint.load_checkpoint(path)
+
+
+# ---------------------------------------------------------------- format version 1
+
+V1 = Path(__file__).parent / "data" / "checkpoint_v1"  # written by commit 1f2cddd (tests/data/make_checkpoint_v1.py)
+V1_CFG = ft.Config(vocab_size=7, d_model=6, n_heads=2, n_layers=1, d_ff=10, max_seq_len=5)
+
+
+def v1_expected(prefix):
+    """The tensors the v1 files were written from, ``{path: tensor}``, saved next to them by the old code."""
+    flat = load_file(V1 / "expected.safetensors")
+    return {k[len(prefix) + 1:]: v for k, v in flat.items() if k.startswith(prefix + ".")}
+
+
+def assert_flat_equal(got, expected):
+    assert sorted(got) == sorted(expected)
+    for k, v in expected.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+
+
+def test_reads_format_version_1_exactly():
+    assert json.loads((V1 / "float" / checkpoint.META_FILE).read_text())["version"] == 1
+    opt = make_optimizer()
+    ck = checkpoint.load_checkpoint(V1 / "float", optimizer=opt)
+    assert ck.config == V1_CFG and ck.step == 1 and ck.extra == {"note": "v1"}
+    assert ck.tokenizer == data.CharTokenizer.from_text("abcdef ")
+    assert_flat_equal(tree.flatten_with_paths(ck.params), v1_expected("params"))
+    assert list(tree.flatten_with_paths(ck.params)) == list(tree.flatten_with_paths(ft.init_params(V1_CFG)))
+    assert_flat_equal(tree.flatten_with_paths(ck.opt_state), v1_expected("opt_state"))
+    assert type(ck.opt_state[1]) is optim.AdamWState and int(ck.opt_state[1].count) == 1
+
+
+def test_resumes_from_format_version_1():
+    """One more step from the v1 files equals one more step from the state rebuilt by hand."""
+    opt = make_optimizer()
+    ck = checkpoint.load_checkpoint(V1 / "float", optimizer=opt)
+    template = ft.init_params(V1_CFG)  # safetensors sorts keys: the template gives init_params' order back
+    params = tree.unflatten_paths(v1_expected("params"), like=template)
+    flat_state = v1_expected("opt_state")
+    moments = {k: tree.unflatten_paths({p[len(k) + 3:]: v for p, v in flat_state.items() if p.startswith(f"1.{k}.")},
+                                       like=template) for k in ("mu", "nu")}
+    state = (optim.EmptyState(), optim.AdamWState(count=flat_state["1.count"], lr=flat_state["1.lr"], **moments))
+    tokens = torch.tensor([[3, 1, 4, 1, 5]])
+    grads = torch.func.grad(ft.loss_fn)(params, tokens, tokens.roll(-1, dims=-1), V1_CFG)
+    u1, s1 = opt.update(grads, state, params)
+    u2, s2 = opt.update(grads, ck.opt_state, ck.params)
+    assert_trees_equal(u1, u2)
+    assert_trees_equal(s1, s2)
+
+
+def test_reads_format_version_1_int8():
+    ck = checkpoint.load_checkpoint(V1 / "int8")
+    assert ck.opt_state is None and is_quantized(ck.params)
+    assert isinstance(ck.params["blocks"][0]["attn"]["w_qkv"], Int8Weight)
+    assert_flat_equal(tree.flatten_with_paths(ck.params), v1_expected("int8"))
+    logits = ft.forward(ck.params, torch.tensor([[1, 2, 3]]), V1_CFG)
+    assert logits.shape == (1, 3, V1_CFG.vocab_size)
+
+
+def test_new_checkpoints_are_version_2_with_the_same_names(tmp_path):
+    ck = checkpoint.load_checkpoint(V1 / "float", optimizer=make_optimizer())
+    checkpoint.save_checkpoint(tmp_path / "v2", params=ck.params, config=ck.config, step=1, opt_state=ck.opt_state)
+    meta = checkpoint.read_checkpoint_info(tmp_path / "v2")
+    assert meta["version"] == 2 and meta["paths"] == checkpoint.PATHS
+    for name in ("params", "opt_state"):
+        old, new = (load_file(d / f"{name}.safetensors") for d in (V1 / "float", tmp_path / "v2"))
+        assert_flat_equal(new, old)
+
+
+def test_refuses_another_path_convention(tmp_path):
+    checkpoint.save_checkpoint(tmp_path / "ck", params=ft.init_params(CFG), config=CFG, step=0)
+    meta_file = tmp_path / "ck" / checkpoint.META_FILE
+    meta = json.loads(meta_file.read_text())
+    meta["paths"] = "something-else"
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="names its tensors by 'something-else'; expected 'ftransformer.tree'"):
+        checkpoint.load_checkpoint(tmp_path / "ck")

@@ -273,7 +273,7 @@ def test_grad_through_activations_equals_a_hand_written_equivalent(tiny_cfg):
 
     def by_hand(x):
         x = residual(params["blocks"][1]["mlp"], x, lambda p, h: feedforward(p, h, cfg), params["blocks"][1]["ln2"], cfg, None)
-        x = ft.layers.block(params["blocks"][2], x, cfg, positions=torch.arange(9))
+        x = ft.layers.block(params["blocks"][2], x, cfg, mask=ft.layers.self_mask(torch.arange(9)))
         return unembed(params, x, cfg)[:, pos, tok].sum()
 
     got = torch.func.grad(via_intervention)(torch.zeros_like(mid))
@@ -287,7 +287,7 @@ def test_grad_through_activations_equals_a_hand_written_equivalent(tiny_cfg):
 
     def lens_by_hand(p):
         x = ft.model.embed(p, tokens, cfg, positions=torch.arange(9))
-        x = ft.layers.block(p["blocks"][0], x, cfg, positions=torch.arange(9))
+        x = ft.layers.block(p["blocks"][0], x, cfg, mask=ft.layers.self_mask(torch.arange(9)))
         return unembed(p, x, cfg).logsumexp(-1).mean()
 
     g1, g2 = torch.func.grad(lens_loss)(params), torch.func.grad(lens_by_hand)(params)

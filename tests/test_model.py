@@ -44,10 +44,10 @@ def test_forward_matches_a_hand_written_model(tiny_cfg, gen, tie):
     cfg = tiny_cfg.replace(tie_embeddings=tie)
     p = ft.init_params(cfg, seed=4)
     tokens = tokens_for(cfg, (2, 6), gen)
-    positions = torch.arange(6).expand(2, 6)
+    mask = ft.layers.self_mask(torch.arange(6).expand(2, 6))
     x = p["embed"]["tokens"][tokens] + p["embed"]["positions"][:6]
     for blk in p["blocks"]:
-        x = ft.layers.block(blk, x, cfg, positions=positions)
+        x = ft.layers.block(blk, x, cfg, mask=mask)
     x = F.layer_norm(x, (cfg.d_model,), p["ln_f"]["scale"], p["ln_f"]["bias"], cfg.norm_eps)
     w_out = p["embed"]["tokens"].T if tie else p["unembed"]["w"]
     torch.testing.assert_close(ft.forward(p, tokens, cfg), x @ w_out)
@@ -286,3 +286,52 @@ def test_a_wrong_shaped_weight_raises_a_type_error_naming_the_axis(tiny_cfg):
     params["embed"]["tokens"] = torch.zeros(cfg.vocab_size, cfg.d_model - 1)
     with pytest.raises(TypeCheckError, match="d_model"):
         ft.forward(params, tokens, cfg)
+
+
+# ---------------------------------------------------------------- built once per call
+
+
+@pytest.mark.parametrize("with_cache", [False, True])
+def test_mask_and_rotary_tables_are_built_once_per_call(tiny_cfg, gen, monkeypatch, with_cache):
+    """Every block gets the very mask and rotary tables the model built once (not one per layer)."""
+    cfg = tiny_cfg.replace(positional="rope", n_layers=3)
+    params = ft.init_params(cfg, seed=0)
+    tokens = tokens_for(cfg, (2, 5), gen)
+    built, seen = [], []
+
+    def counting(fn):
+        def wrapper(*args, **kwargs):
+            built.append(fn(*args, **kwargs))
+            return built[-1]
+        return wrapper
+
+    for name in ("self_mask", "cache_mask", "rotary_tables"):
+        monkeypatch.setattr(ft.model, name, counting(getattr(ft.model, name)))
+    block_name = "block_with_cache" if with_cache else "block"
+    real_block = getattr(ft.model, block_name)
+
+    def spying_block(*args, **kwargs):
+        seen.append((kwargs["mask"], kwargs["rotary"]))
+        return real_block(*args, **kwargs)
+
+    monkeypatch.setattr(ft.model, block_name, spying_block)
+    if with_cache:
+        ft.forward_with_cache(params, tokens, ft.init_cache(cfg, 2, max_len=8), cfg)
+    else:
+        ft.forward(params, tokens, cfg)
+    assert len(built) == 2 and len(seen) == cfg.n_layers
+    assert all(mask is built[0] and rotary is built[1] for mask, rotary in seen)
+
+
+def test_check_seq_lengths_is_the_one_rule(gen):
+    tokens = torch.zeros(2, 3, 4, dtype=torch.long)
+    ft.model.check_seq_lengths(None, tokens)
+    ft.model.check_seq_lengths(torch.tensor([[0, 4, 2], [1, 1, 1]]), tokens)
+    with pytest.raises(ValueError, match=r"seq_lengths must lie in \[0, seq=4\], got \[\[0, 5, 2\]"):
+        ft.model.check_seq_lengths(torch.tensor([[0, 5, 2], [1, 1, 1]]), tokens)
+    with pytest.raises(ValueError, match=r"prompt_lengths must be a tensor of shape \(\*batch,\) = \(2, 3\), got \(3,\)"):
+        ft.model.check_seq_lengths(torch.tensor([1, 1, 1]), tokens, name="prompt_lengths")
+    with pytest.raises(ValueError, match="got list"):
+        ft.model.check_seq_lengths([1, 2], tokens)
+    with pytest.raises(TypeError, match="integer tensor, got dtype torch.float32"):
+        ft.model.check_seq_lengths(torch.ones(2, 3), tokens)

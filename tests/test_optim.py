@@ -270,7 +270,7 @@ def test_state_checkpoints_as_flat_tensors_and_round_trips():
     _, state = opt.update(grads_for(0, params), state, params)
     flat_state = ft.tree_flatten_with_paths(state)
     assert all(isinstance(v, torch.Tensor) for v in flat_state.values())
-    assert "1.2.blocks.0.e" in flat_state  # chain index, field index (mu), then the params path
+    assert "1.mu.blocks.0.e" in flat_state  # chain index, field name, then the params path (one convention)
     leaves, spec = pytree.tree_flatten(state)
     restored = pytree.tree_unflatten([x.clone() for x in leaves], spec)
     assert type(restored[1]) is optim.AdamWState

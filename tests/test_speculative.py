@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import ftransformer as ft
-from ftransformer.speculative import speculative_generate, token_probs
+from ftransformer.sampling import probs
+from ftransformer.speculative import speculative_generate
 
 TARGET = ft.Config(vocab_size=11, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_seq_len=48)
 DRAFT = ft.Config(vocab_size=11, d_model=16, n_heads=2, n_layers=1, d_ff=24, max_seq_len=40, positional="rope")
@@ -57,6 +58,23 @@ def test_generate_with_a_draft_keeps_generates_contract(models):
     assert torch.equal(a, b)
 
 
+def test_speculative_decoding_stops_at_a_stop_token(models):
+    target, draft = models
+    prompt = prompts(3, 4, seed=5)
+    free, free_stats = speculative_generate(target, prompt[:1], TARGET, draft=(draft, DRAFT), max_new_tokens=30,
+                                            temperature=0)
+    stop = int(free[0, 6])  # the third new token of row 0
+    kw = dict(max_new_tokens=30, temperature=0, stop_tokens=[stop], pad_id=-1)
+    got, stats = speculative_generate(target, prompt[:1], TARGET, draft=(draft, DRAFT), **kw)
+    first = free[0, 4:].tolist().index(stop) + 1
+    assert torch.equal(got, free[:, : 4 + first])  # it ends right after the stop token...
+    assert stats.rounds < free_stats.rounds  # ...without running the rounds to max_new_tokens
+    # speculative_generate's tokens are generate's, stop tokens and padding included, with or without a draft
+    got, _ = speculative_generate(target, prompt, TARGET, draft=(draft, DRAFT), **kw)
+    assert torch.equal(got, ft.generate(target, prompt, TARGET, draft=(draft, DRAFT), **kw))
+    assert torch.equal(got, ft.generate(target, prompt, TARGET, **kw))
+
+
 def test_bad_speculative_requests_say_why(models):
     target, draft = models
     prompt = prompts(1, 5)
@@ -67,7 +85,7 @@ def test_bad_speculative_requests_say_why(models):
         ft.generate(target, prompt, TARGET, max_new_tokens=3, draft=(draft, DRAFT), draft_tokens=0)
     with pytest.raises(ValueError, match=r"is 41 tokens but the draft model's max_seq_len=40"):
         ft.generate(target, prompt, TARGET, max_new_tokens=32, draft=(draft, DRAFT), draft_tokens=4)
-    with pytest.raises(ValueError, match="neither prompt_lengths nor compile"):
+    with pytest.raises(ValueError, match="neither seq_lengths nor compile"):
         ft.generate(target, prompt, TARGET, max_new_tokens=3, draft=(draft, DRAFT), compile=True)
     with pytest.raises(TypeError, match="draft"):  # beartype (in tests) or the library's own check
         ft.generate(target, prompt, TARGET, max_new_tokens=3, draft=draft)
@@ -103,7 +121,7 @@ def test_sampled_tokens_follow_the_target_distribution(temperature, top_k):
     assert 0.01 < stats.acceptance_rate < 0.99  # both acceptances and rejections (the correction rule) happen
     with torch.no_grad():
         def dist(params, cfg, ctx):
-            return token_probs(ft.forward(params, ctx, cfg)[..., -1, :], ft.Sampling(temperature=temperature, top_k=top_k))
+            return probs(ft.forward(params, ctx, cfg)[..., -1, :], ft.Sampling(temperature=temperature, top_k=top_k))
 
         first = torch.cat([prompt[:1].expand(vocab, 2), torch.arange(vocab)[:, None]], 1)
         joint = {name: dist(p, c, prompt[:1])[0][:, None] * dist(p, c, first)

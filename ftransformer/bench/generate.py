@@ -3,7 +3,7 @@ and against Hugging Face ``transformers``.
 
 Contenders, all greedy from the same prompt, producing exactly ``--new-tokens`` tokens:
 
-* **KV-cache (eager)**: ``ftransformer.generate`` -- prefill once, then one-token decode steps;
+* **KV-cache (eager)**: ``ftransformer.generation`` -- prefill once, then one-token decode steps;
 * **KV-cache (compiled)** with ``--compile``: the same, its decode step under ``torch.compile``;
 * **KV-cache (AOTInductor)** with ``--aot``: the same, its decode step compiled ahead of time
   (``compile="aot"``, ``ftransformer.aot``), called with no dynamo in between;
@@ -33,10 +33,11 @@ from ftransformer import aot
 from ftransformer.bench import torchao_ref
 from ftransformer.bench.timing import interleaved, medians, num_threads
 from ftransformer.config import PRESETS, Config, get_preset
-from ftransformer.generate import compiled_decode_step, generate, untie_for_decoding
+from ftransformer.decode_steps import torch_compiled_decode_step, untie_for_decoding
+from ftransformer.generation import generate
 from ftransformer.model import forward
 from ftransformer.params import init_params
-from ftransformer.quantize import quantize
+from ftransformer.quantization import quantize
 
 DEFAULT_PRESET = "seed"
 CACHE, COMPILED, NO_CACHE, HF = "KV-cache (eager)", "KV-cache (compiled)", "no cache (forward)", "transformers"
@@ -291,7 +292,7 @@ def _measure(args) -> int:
             print(f"{HF_TORCHAO}: {torchao_ref.SKIPPED}")
     fns = contenders(params, cfg, prompt, args.new_tokens, compiled=args.compile, hf=hf, int8=int8, hf_int8=hf_int8,
                      aot=args.aot)
-    compiled_decode_step.cache_clear()  # the compile times printed are fresh compiles
+    torch_compiled_decode_step.cache_clear()  # the compile times printed are fresh compiles
     aot.clear()
     for name in (COMPILED, AOT, INT8_COMPILED):
         if name in fns:

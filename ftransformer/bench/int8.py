@@ -27,9 +27,9 @@ from ftransformer.bench.timing import num_threads
 from ftransformer.cache import init_cache
 from ftransformer.checkpoint import load_checkpoint
 from ftransformer.data import SplitWindows, load_dataset
-from ftransformer.generate import generate
+from ftransformer.generation import generate
 from ftransformer.model import forward_with_cache
-from ftransformer.quantize import quantize, weight_bytes
+from ftransformer.quantization import quantize, weight_bytes
 from ftransformer.train import evaluate
 
 DECODE_ROWS = 16  # rows decoded together: at most layers.int8.FAST_ROWS, so the decode product is fbgemm's

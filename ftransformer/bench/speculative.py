@@ -19,7 +19,7 @@ import torch
 from ftransformer.bench.timing import interleaved, num_threads
 from ftransformer.checkpoint import load_checkpoint
 from ftransformer.data import load_dataset
-from ftransformer.generate import Sampling, generate
+from ftransformer.generation import Sampling, generate
 from ftransformer.speculative import speculative_generate
 
 

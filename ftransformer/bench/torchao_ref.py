@@ -2,7 +2,7 @@
 
 torchao (``pip install torchao``; optional, as in the ``bench`` extra) is PyTorch's own quantization
 library, and its ``Int8WeightOnlyConfig`` (formerly ``int8_weight_only``) is what gpt-fast-style decoding
-uses. Two ways to put it beside ``ftransformer.quantize``:
+uses. Two ways to put it beside ``ftransformer.quantization``:
 
 * ``scheme_params`` -- our params with every matrix that ``quantize`` turns into an ``Int8Weight``
   quantized by torchao instead (its rounding: ``scale = max|column| / 127.5``, values in [-128, 127];
@@ -19,7 +19,7 @@ import torch
 
 from ftransformer.config import Config
 from ftransformer.layers.int8 import Int8Weight
-from ftransformer.quantize import quantize
+from ftransformer.quantization import quantize
 
 SKIPPED = "skipped: torchao not installed or too old (pip install 'torchao>=0.18')"
 

@@ -12,12 +12,14 @@ import torch
 
 from ftransformer.checkpoint import checkpoint_exists, load_checkpoint
 from ftransformer.config import Config
-from ftransformer.generate import Sampling, generate_stream_sliding
-from ftransformer.quantize import SCHEMES, is_quantized, quantize
+from ftransformer.generation import Sampling, generate_stream_sliding
+from ftransformer.quantization import SCHEMES, is_quantized, quantize
 
 DEVICES = ("cpu", "cuda", "mps")
 # A run directory written by `ftransformer train` holds these checkpoints; the first one found is used.
 RUN_CHECKPOINTS = ("best", "latest")
+# --compile VALUE -> generate's compile= argument
+COMPILE = {"torch": True, "aot": "aot"}
 
 
 def add_arguments(parser) -> None:
@@ -45,6 +47,11 @@ def add_arguments(parser) -> None:
         "--quantize", choices=SCHEMES, default=None,
         help="decode with the weight matrices quantized: int8 = one byte a weight, a scale per output channel "
         "(a model saved quantized is used as it is)",
+    )
+    parser.add_argument(
+        "--compile", nargs="?", const="torch", choices=tuple(COMPILE), default=None, metavar="{torch,aot}",
+        help="decode with the compiled step: torch (torch.compile, the default with no value) or aot "
+        "(AOTInductor, float params only); faster per token, worth it for long texts after a one-off build",
     )
 
 
@@ -135,6 +142,7 @@ def run(args) -> int:
     # Past max_seq_len the context slides: the model always sees at most max_seq_len tokens.
     stream = generate_stream_sliding(
         params, prompt, cfg, max_new_tokens=args.max_new_tokens, sampling=sampling,
+        compile=COMPILE.get(args.compile, False),
     )
     out = sys.stdout
     out.write(args.prompt)

@@ -28,13 +28,14 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ftransformer import tree
 from ftransformer.config import Config
 from ftransformer.data import BPETokenizer, Tokenizer
-from ftransformer.params import tree_flatten_with_paths, tree_to, tree_unflatten_paths
 
 # HF activation names -> ftransformer's. "gelu_new", "gelu_fast" and the pytorch tanh variants are all
 # the tanh approximation (they differ only in rounding); "gelu" is the exact erf form.
@@ -278,22 +279,35 @@ def load_hf_gpt2(
         The config and the parameter tree ``init_params`` would build for it. Missing, unexpected
         or mis-shaped tensors raise ``ValueError`` naming the key (and both shapes).
     """
-    if isinstance(path_or_state_dict, (str, os.PathLike)):
-        directory = Path(path_or_state_dict)
-        state_dict = _read_weights(directory)
-        if config is None:
-            config = _read_config_json(directory)
-    else:
-        state_dict = path_or_state_dict
+    state_dict, config = _source(path_or_state_dict, config)
     sd = _normalise_keys(state_dict)
-    if config is None:
-        cfg = _infer_config(sd)
-    elif isinstance(config, Config):
-        cfg = config
-    else:
-        cfg = config_from_hf(config)
+    cfg = _resolve_config(sd, config)
     check_gpt2_compatible(cfg)
+    flat = _params_by_path(sd, cfg)
+    _check_no_extra_keys(sd, cfg)
+    params = tree.unflatten_paths(flat)
+    if dtype is not None or device is not None:
+        params = tree.to(params, dtype=dtype, device=device)
+    return cfg, params
 
+
+def _source(path_or_state_dict, config) -> tuple[Mapping[str, Tensor], Any]:
+    """The state dict, and the config to use (a directory's ``config.json`` unless one is given)."""
+    if not isinstance(path_or_state_dict, (str, os.PathLike)):
+        return path_or_state_dict, config
+    directory = Path(path_or_state_dict)
+    state_dict = _read_weights(directory)
+    return state_dict, _read_config_json(directory) if config is None else config
+
+
+def _resolve_config(sd: Mapping[str, Tensor], config) -> Config:
+    if config is None:
+        return _infer_config(sd)
+    return config if isinstance(config, Config) else config_from_hf(config)
+
+
+def _params_by_path(sd: Mapping[str, Tensor], cfg: Config) -> dict[str, Tensor]:
+    """``{param path: tensor}`` for every row of the table, checked for presence and shape."""
     flat: dict[str, Tensor] = {}
     missing = []
     for hf_key, path, shape, transposed in _table(cfg):
@@ -310,6 +324,11 @@ def load_hf_gpt2(
         flat[path] = tensor.T.contiguous() if transposed else tensor
     if missing:
         raise ValueError(f"state dict is missing {len(missing)} GPT-2 tensor(s): {_first_few(missing)}")
+    return flat
+
+
+def _check_no_extra_keys(sd: Mapping[str, Tensor], cfg: Config) -> None:
+    """Every key is one the table reads, or a ``lm_head.weight`` equal to the tied ``wte.weight``."""
     expected_keys = {row[0] for row in _table(cfg)}
     if cfg.tie_embeddings and "lm_head.weight" in sd:
         expected_keys.add("lm_head.weight")
@@ -324,10 +343,6 @@ def load_hf_gpt2(
             f"state dict has {len(unexpected)} key(s) a GPT-2 LM with n_layers={cfg.n_layers} does not have: "
             f"{_first_few([repr(k) for k in unexpected])}"
         )
-    params = tree_unflatten_paths(flat)
-    if dtype is not None or device is not None:
-        params = tree_to(params, dtype=dtype, device=device)
-    return cfg, params
 
 
 def _first_few(items: list[str], n: int = 5) -> str:
@@ -391,7 +406,7 @@ def to_hf_gpt2(params: dict, cfg: Config) -> dict[str, Tensor]:
     check_gpt2_compatible(cfg)
     if not isinstance(params, dict):
         raise TypeError(f"params must be the dict init_params returns, got {type(params).__name__}")
-    flat = tree_flatten_with_paths(params)
+    flat = tree.flatten_with_paths(params)
     sd: dict[str, Tensor] = {}
     for hf_key, path, shape, transposed in _table(cfg):
         if path not in flat:

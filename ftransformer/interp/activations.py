@@ -1,7 +1,8 @@
 """Learning-path step 9a: a model's intermediate values as return values, and interventions as arguments.
 
-``forward_with_activations`` runs the very code of ``forward`` with a ``Tap`` (``layers/tap.py``)
-threaded through it, and returns the logits together with every intermediate value, named:
+``forward_with_activations`` runs the very code of ``forward`` (the same mask and rotary tables, built
+once per call) with a ``Tap`` (``layers/tap.py``) threaded through it, and returns the logits together
+with every intermediate value, named:
 
 ======================================  ==========================================  ==============================
 path                                    shape                                       what it is
@@ -29,13 +30,11 @@ registered or removed, and the whole call runs under ``torch.func.grad``, ``vmap
 
 from collections.abc import Callable
 
-from jaxtyping import Float, Int
-from torch import Tensor
-
 from ftransformer.config import Config
 from ftransformer.layers.tap import Tap
 from ftransformer.model import check_tokens, forward_unchecked
 from ftransformer.params import tree_unflatten_paths
+from ftransformer.shapes import Logits, Tokens
 
 ATTN_SITES = ("q", "k", "v", "pattern", "head_out")
 
@@ -68,12 +67,8 @@ def check_interventions(interventions, cfg: Config) -> dict[str, Callable]:
 
 
 def forward_with_activations(
-    params: dict,
-    tokens: Int[Tensor, "*batch seq"],
-    cfg: Config,
-    *,
-    interventions: dict | None = None,
-) -> tuple[Float[Tensor, "*batch seq vocab"], dict]:
+    params: dict, tokens: Tokens, cfg: Config, *, interventions: dict | None = None
+) -> tuple[Logits, dict]:
     """``forward`` (no dropout) that also returns every intermediate value, with optional interventions.
 
     Args:

@@ -8,12 +8,10 @@ Each helper returns an ``interventions`` dict (``path -> value -> value``) for
 from collections.abc import Callable, Sequence
 
 import torch
-from jaxtyping import Float, Int
-from torch import Tensor
-
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.model import cross_entropy
+from ftransformer.shapes import Float, Tensor, Tokens
 
 Interventions = dict[str, Callable[[Tensor], Tensor]]
 ABLATIONS = ("zero", "mean")
@@ -148,8 +146,8 @@ def steer(
 
 def head_ablation_sweep(
     params: dict,
-    tokens: Int[Tensor, "*batch seq"],
-    targets: Int[Tensor, "*batch seq"],
+    tokens: Tokens,
+    targets: Tokens,
     cfg: Config,
     *,
     kind: str = "zero",

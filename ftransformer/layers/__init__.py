@@ -3,7 +3,6 @@
 from ftransformer.layers.attention import (
     attend,
     attention_pattern,
-    causal_mask,
     multi_head_attention,
     project_out,
     project_qkv,
@@ -15,15 +14,17 @@ from ftransformer.layers.embedding import (
     embed_tokens,
     learned_positions,
     rotary_angles,
+    rotary_tables,
     sinusoidal_positions,
 )
 from ftransformer.layers.feedforward import feedforward, gelu_mlp, swiglu_mlp
 from ftransformer.layers.linear import linear
+from ftransformer.layers.masks import Mask, cache_mask, causal_mask, self_mask
 from ftransformer.layers.norm import layer_norm, norm, rms_norm
 
 __all__ = [
-    "apply_rotary", "attend", "attention_pattern", "block", "causal_mask", "embed_tokens", "feedforward",
-    "gelu_mlp", "layer_norm", "learned_positions", "linear", "multi_head_attention", "norm", "project_out",
-    "project_qkv", "residual", "rms_norm", "rotary_angles", "scaled_dot_product_attention",
-    "sinusoidal_positions", "swiglu_mlp",
+    "Mask", "apply_rotary", "attend", "attention_pattern", "block", "cache_mask", "causal_mask", "embed_tokens",
+    "feedforward", "gelu_mlp", "layer_norm", "learned_positions", "linear", "multi_head_attention", "norm",
+    "project_out", "project_qkv", "residual", "rms_norm", "rotary_angles", "rotary_tables",
+    "scaled_dot_product_attention", "self_mask", "sinusoidal_positions", "swiglu_mlp",
 ]

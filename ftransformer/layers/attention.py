@@ -5,44 +5,46 @@ Two interchangeable paths compute the same numbers:
 * ``"einsum"`` writes attention out -- scores, mask, softmax, weighted sum -- and can hand back the
   pattern. It is the path to read, and the one to use under ``vmap`` for per-example gradients.
 * ``"sdpa"`` calls ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels, fast).
+
+Who may see whom is never decided here: every function takes the ``Mask`` (``layers.masks``) and the
+rotary tables (``layers.embedding.rotary_tables``) its caller built once for the whole forward pass.
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
-from jaxtyping import Bool, Float, Int
-from torch import Tensor
 
 from ftransformer import random
-from ftransformer.layers.embedding import apply_rotary, rotary_angles
+from ftransformer.layers.embedding import Rotary, apply_rotary
 from ftransformer.layers.linear import linear
+from ftransformer.layers.masks import Mask
 from ftransformer.layers.tap import NO_TAP, Tap
+from ftransformer.shapes import Bool, Float, Int, Key, Residual, Tensor, einsum_equation
 
-
-def causal_mask(q_positions: Int[Tensor, "*batch seq"], k_positions: Int[Tensor, "*batch kv_seq"]) -> Bool[
-    Tensor, "*batch seq kv_seq"
-]:
-    """True where query i may look at key j: key position <= query position."""
-    return k_positions[..., None, :] <= q_positions[..., :, None]
+# torch.einsum equations, written in the glossary's words (translated once, here).
+SCORES = einsum_equation(
+    "... kv_heads group seq head_dim, ... kv_heads kv_seq head_dim -> ... kv_heads group seq kv_seq"
+)
+WEIGHTED_SUM = einsum_equation(
+    "... kv_heads group seq kv_seq, ... kv_heads kv_seq head_dim -> ... kv_heads group seq head_dim"
+)
+PER_HEAD_OUT = einsum_equation("... heads seq head_dim, heads head_dim d_model -> ... heads seq d_model")
 
 
 def attention_pattern(
     q: Float[Tensor, "*batch kv_heads group seq head_dim"],
     k: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
-    mask: Bool[Tensor, "*#batch #kv_heads #group seq kv_seq"]
-    | Float[Tensor, "*#batch #kv_heads #group seq kv_seq"]
-    | None = None,
+    mask: Bool[Tensor, "... seq kv_seq"] | Float[Tensor, "... seq kv_seq"],
 ) -> Float[Tensor, "*batch kv_heads group seq kv_seq"]:
-    """softmax(q k^T / sqrt(head_dim)) over keys; ``mask`` False hides a key (None: causal, seq == kv_seq).
+    """softmax(q k^T / sqrt(head_dim)) over keys; ``mask`` False hides a key.
 
-    A float ``mask`` is added to the scores instead (0 to keep a key, -inf to hide it).
+    A float ``mask`` is added to the scores instead (0 to keep a key, -inf to hide it). It broadcasts
+    against the scores: a batched mask needs its ``kv_heads`` and ``group`` axes (of size 1).
     """
-    scores = torch.einsum("...hgqd,...hkd->...hgqk", q, k) / math.sqrt(q.shape[-1])
-    if mask is None:
-        n_q, n_k = scores.shape[-2], scores.shape[-1]
-        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).tril(n_k - n_q)
+    scores = torch.einsum(SCORES, q, k) / math.sqrt(q.shape[-1])
     if mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
     else:
@@ -54,24 +56,32 @@ def attend(
     pattern: Float[Tensor, "*batch kv_heads group seq kv_seq"], v: Float[Tensor, "*batch kv_heads kv_seq head_dim"]
 ) -> Float[Tensor, "*batch kv_heads group seq head_dim"]:
     """Each query's weighted sum of the values."""
-    return torch.einsum("...hgqk,...hkd->...hgqd", pattern, v)
+    return torch.einsum(WEIGHTED_SUM, pattern, v)
+
+
+def group_heads(
+    q: Float[Tensor, "*batch heads seq head_dim"], kv_heads: int
+) -> Float[Tensor, "*batch kv_heads group seq head_dim"]:
+    """Query heads in groups, one per key/value head (GQA): head ``h`` reads key/value head ``h // group``."""
+    return rearrange(q, "... (kv_heads group) seq head_dim -> ... kv_heads group seq head_dim", kv_heads=kv_heads)
+
+
+def ungroup_heads(o: Float[Tensor, "*batch kv_heads group seq head_dim"]) -> Float[Tensor, "*batch heads seq head_dim"]:
+    """The inverse of ``group_heads``: the heads' outputs side by side again."""
+    return rearrange(o, "... kv_heads group seq head_dim -> ... (kv_heads group) seq head_dim")
 
 
 def scaled_dot_product_attention(
     q: Float[Tensor, "*batch heads seq head_dim"],
     k: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
     v: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
-    mask: Bool[Tensor, "*#batch seq kv_seq"] | Float[Tensor, "*#batch seq kv_seq"] | None = None,
+    mask: Mask,
     *,
     impl: str = "sdpa",
     dropout: float = 0.0,
-    key: Tensor | None = None,
+    key: Key | None = None,
 ) -> Float[Tensor, "*batch heads seq head_dim"]:
-    """Attention of every query head over its key/value head; ``mask`` None means causal, with the queries
-    taken as the last ``seq`` of the ``kv_seq`` positions.
-
-    ``mask`` is Bool (True: may attend) or an additive float bias (0 / -inf); a bias built once and
-    reused by every layer saves SDPA converting a Bool mask in each one.
+    """Attention of every query head over its key/value head, hiding the keys ``mask`` hides.
 
     With ``key`` given and ``dropout > 0`` the pattern is dropped out with that key, on the einsum path
     (the fused kernel draws from torch's global generator, which explicit keys rule out).
@@ -82,29 +92,19 @@ def scaled_dot_product_attention(
         if group > 1:
             k = repeat(k, "... kv_heads kv_seq head_dim -> ... (kv_heads group) kv_seq head_dim", group=group)
             v = repeat(v, "... kv_heads kv_seq head_dim -> ... (kv_heads group) kv_seq head_dim", group=group)
-        if mask is None and q.shape[-2] == k.shape[-2]:
+        if mask.causal:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        if mask is None:
-            # SDPA's is_causal aligns the mask top-left; with fewer queries than keys the queries are
-            # the *last* positions, so build the bottom-right-aligned mask ourselves.
-            n_q, n_k = q.shape[-2], k.shape[-2]
-            mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(-3))
-    q = rearrange(q, "... (kv_heads group) seq head_dim -> ... kv_heads group seq head_dim", kv_heads=kv_heads)
-    if mask is not None:
-        mask = mask[..., None, None, :, :]
-    pattern = random.dropout(attention_pattern(q, k, mask), dropout, key)
-    return rearrange(attend(pattern, v), "... kv_heads group seq head_dim -> ... (kv_heads group) seq head_dim")
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed.unsqueeze(-3))
+    pattern = attention_pattern(group_heads(q, kv_heads), k, mask.allowed[..., None, None, :, :])
+    return ungroup_heads(attend(random.dropout(pattern, dropout, key), v))
 
 
-def project_qkv(
-    params: dict, x: Float[Tensor, "*batch seq d_model"], cfg, positions: Int[Tensor, "*#batch seq"]
-) -> tuple[
+def project_qkv(params: dict, x: Residual, cfg, rotary: Rotary | None = None) -> tuple[
     Float[Tensor, "*batch heads seq head_dim"],
     Float[Tensor, "*batch kv_heads seq head_dim"],
     Float[Tensor, "*batch kv_heads seq head_dim"],
 ]:
-    """Queries, keys and values from one fused projection ``w_qkv``; rotary positions applied to q and k."""
+    """Queries, keys and values from one fused projection ``w_qkv``; ``rotary`` applied to q and k (RoPE)."""
     qkv = linear(x, params["w_qkv"], params.get("b_qkv"))
     # w_qkv's columns are n_heads query heads, then n_kv_heads key heads, then n_kv_heads value heads:
     # one rearrange into heads and a split along them gives the same views as three rearranges, in
@@ -112,31 +112,34 @@ def project_qkv(
     qkv = rearrange(qkv, "... seq (heads head_dim) -> ... heads seq head_dim", head_dim=cfg.head_dim)
     q, k, v = qkv.split([cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads], dim=-3)
     if cfg.positional == "rope":
-        cos, sin = rotary_angles(positions, cfg.head_dim, base=cfg.rope_base)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if rotary is None:
+            raise ValueError("cfg.positional='rope' needs the rotary tables: rotary=rotary_tables(positions, cfg)")
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
     return q, k, v
 
 
-def project_out(params: dict, o: Float[Tensor, "*batch heads seq head_dim"]) -> Float[Tensor, "*batch seq d_model"]:
+def project_out(params: dict, o: Float[Tensor, "*batch heads seq head_dim"]) -> Residual:
     """Concatenate the heads and mix them back into the residual stream with ``w_o``."""
     return linear(rearrange(o, "... heads seq head_dim -> ... seq (heads head_dim)"), params["w_o"], params.get("b_o"))
 
 
 def multi_head_attention(
     params: dict,
-    x: Float[Tensor, "*batch seq d_model"],
+    x: Residual,
     cfg,
     *,
-    positions: Int[Tensor, "*#batch seq"],
-    mask: Bool[Tensor, "*#batch seq seq"] | None = None,
-    key: Tensor | None = None,
+    mask: Mask,
+    rotary: Rotary | None = None,
+    key: Key | None = None,
     tap: Tap = NO_TAP,
-) -> Float[Tensor, "*batch seq d_model"]:
-    """Causal self-attention with ``cfg.n_heads`` query heads sharing ``cfg.n_kv_heads`` key/value heads.
+) -> Residual:
+    """Self-attention with ``cfg.n_heads`` query heads sharing ``cfg.n_kv_heads`` key/value heads.
 
-    ``tap`` sees ``q``, ``k``, ``v``, ``pattern`` and ``head_out`` (see ``layers.tap``).
+    ``mask`` (``self_mask(positions)``) and ``rotary`` (``rotary_tables(positions, cfg)``, needed for
+    ``cfg.positional="rope"``) come from the caller. ``tap`` sees ``q``, ``k``, ``v``, ``pattern`` and
+    ``head_out`` (see ``layers.tap``).
     """
-    q, k, v = project_qkv(params, x, cfg, positions)
+    q, k, v = project_qkv(params, x, cfg, rotary)
     if tap.active:
         return tapped_attention(params, q, k, v, cfg, mask=mask, tap=tap)
     o = scaled_dot_product_attention(q, k, v, mask, impl=cfg.attn_impl, dropout=cfg.dropout, key=key)
@@ -144,14 +147,10 @@ def multi_head_attention(
 
 
 def head_pattern(
-    q: Float[Tensor, "*batch heads seq head_dim"],
-    k: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
-    mask: Bool[Tensor, "*#batch seq kv_seq"] | None = None,
+    q: Float[Tensor, "*batch heads seq head_dim"], k: Float[Tensor, "*batch kv_heads kv_seq head_dim"], mask: Mask
 ) -> Float[Tensor, "*batch heads seq kv_seq"]:
     """Every query head's attention pattern (its softmax rows), with grouped key heads shared as in GQA."""
-    kv_heads = k.shape[-3]
-    q = rearrange(q, "... (kv_heads group) seq head_dim -> ... kv_heads group seq head_dim", kv_heads=kv_heads)
-    pattern = attention_pattern(q, k, None if mask is None else mask[..., None, None, :, :])
+    pattern = attention_pattern(group_heads(q, k.shape[-3]), k, mask.allowed[..., None, None, :, :])
     return rearrange(pattern, "... kv_heads group seq kv_seq -> ... (kv_heads group) seq kv_seq")
 
 
@@ -161,7 +160,7 @@ def head_outputs(params: dict, o: Float[Tensor, "*batch heads seq head_dim"]) ->
     Summed over heads, plus ``b_o``, this is ``project_out``.
     """
     w_o = rearrange(params["w_o"], "(heads head_dim) d_model -> heads head_dim d_model", heads=o.shape[-3])
-    return torch.einsum("...hsd,hdm->...hsm", o, w_o)
+    return torch.einsum(PER_HEAD_OUT, o, w_o)
 
 
 def tapped_attention(
@@ -171,9 +170,9 @@ def tapped_attention(
     v: Float[Tensor, "*batch kv_heads seq head_dim"],
     cfg,
     *,
-    mask: Bool[Tensor, "*#batch seq seq"] | None,
+    mask: Mask,
     tap: Tap,
-) -> Float[Tensor, "*batch seq d_model"]:
+) -> Residual:
     """Attention that shows its insides to ``tap`` (no dropout: this is for looking at a model).
 
     Where nothing intervenes on the pattern or the head outputs, the output is computed by the very
@@ -184,8 +183,9 @@ def tapped_attention(
     q, k, v = tap("q", q), tap("k", k), tap("v", v)
     pattern = tap("pattern", head_pattern(q, k, mask))
     if tap.intervenes("pattern"):
-        grouped = rearrange(pattern, "... (kv_heads group) seq kv_seq -> ... kv_heads group seq kv_seq", kv_heads=k.shape[-3])
-        o = rearrange(attend(grouped, v), "... kv_heads group seq head_dim -> ... (kv_heads group) seq head_dim")
+        kv_heads = k.shape[-3]
+        grouped = rearrange(pattern, "... (kv_heads group) seq kv_seq -> ... kv_heads group seq kv_seq", kv_heads=kv_heads)
+        o = ungroup_heads(attend(grouped, v))
     else:
         o = scaled_dot_product_attention(q, k, v, mask, impl=cfg.attn_impl)
     head_out = tap("head_out", head_outputs(params, o))
@@ -220,6 +220,9 @@ def write_kv_(
 ) -> Float[Tensor, "*batch kv_heads kv_seq head_dim"]:
     """``write_kv`` in place: ``buffer`` itself, with ``new`` written at the slots in ``index``.
 
+    Only for a caller that owns the buffers and drops the old cache (JAX's buffer donation), as the
+    decode loops do through ``model._forward_with_cache_in_place``.
+
     Eagerly ``scatter_`` is the cheapest write. Under ``torch.compile`` the same write is an
     ``index_put_``, which Inductor performs in place; a ``scatter_`` on a graph input it turns into a
     copy of the whole buffer plus a write back (measured: ~40 us a layer per decode step, seed preset).
@@ -235,38 +238,30 @@ def write_kv_(
     return buffer
 
 
+KVWrite = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
 def multi_head_attention_with_cache(
     params: dict,
-    x: Float[Tensor, "*batch seq d_model"],
+    x: Residual,
     cfg,
     *,
-    positions: Int[Tensor, "*#batch seq"],
+    mask: Mask,
+    rotary: Rotary | None,
     k_cache: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
     v_cache: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
     write_index: Int[Tensor, "*batch kv_heads seq head_dim"],
-    mask: Bool[Tensor, "*batch seq kv_seq"] | Float[Tensor, "*batch seq kv_seq"],
-    donate: bool = False,
+    write: KVWrite = write_kv,
 ) -> tuple[
-    Float[Tensor, "*batch seq d_model"],
-    Float[Tensor, "*batch kv_heads kv_seq head_dim"],
-    Float[Tensor, "*batch kv_heads kv_seq head_dim"],
+    Residual, Float[Tensor, "*batch kv_heads kv_seq head_dim"], Float[Tensor, "*batch kv_heads kv_seq head_dim"]
 ]:
     """Attention of new tokens over the cached ones and themselves; returns the output and the new buffers.
 
-    The new keys/values go into the buffers between ``project_qkv`` and the attention itself. ``mask``
-    (key slot <= query slot, built once for all layers; Bool, or an additive 0 / -inf bias) is
-    explicit because the queries are fewer than the keys, where SDPA's ``is_causal`` would align
-    them wrongly.
-
-    ``donate=True`` writes into ``k_cache``/``v_cache`` in place instead of copying them (JAX's buffer
-    donation): only for a caller that owns the buffers and drops the old cache, as ``generate`` does.
+    The new keys/values go into the buffers (by ``write``: ``write_kv``, or ``write_kv_`` in place)
+    between ``project_qkv`` and the attention itself. ``mask`` is ``cache_mask(slots, ...)``: explicit,
+    because the queries are fewer than the keys, where SDPA's ``is_causal`` would align them wrongly.
     """
-    q, k, v = project_qkv(params, x, cfg, positions)
-    if donate:
-        k_cache = write_kv_(k_cache, k, write_index)
-        v_cache = write_kv_(v_cache, v, write_index)
-    else:
-        k_cache = write_kv(k_cache, k, write_index)
-        v_cache = write_kv(v_cache, v, write_index)
+    q, k, v = project_qkv(params, x, cfg, rotary)
+    k_cache, v_cache = write(k_cache, k, write_index), write(v_cache, v, write_index)
     o = scaled_dot_product_attention(q, k_cache, v_cache, mask, impl=cfg.attn_impl)
     return project_out(params, o), k_cache, v_cache

@@ -4,91 +4,107 @@ residual connection and a normalisation, in either order.
 * pre-LN (GPT-2 and later): ``x = x + f(norm(x))`` -- the residual stream is never normalised, which
   keeps deep stacks trainable without warm-up tricks;
 * post-LN (the 2017 diagram): ``x = norm(x + f(x))``.
+
+``block`` and ``block_with_cache`` differ only in their attention sublayer; ``wire`` is the one place
+the residual connections are made.
 """
 
-from jaxtyping import Bool, Float, Int
-from torch import Tensor
+from collections.abc import Callable
+from typing import Any
 
 from ftransformer import random
-from ftransformer.layers.attention import multi_head_attention, multi_head_attention_with_cache
+from ftransformer.layers.attention import KVWrite, multi_head_attention, multi_head_attention_with_cache, write_kv
+from ftransformer.layers.embedding import Rotary
 from ftransformer.layers.feedforward import feedforward
+from ftransformer.layers.masks import Mask
 from ftransformer.layers.norm import norm
 from ftransformer.layers.tap import NO_TAP, Tap
+from ftransformer.shapes import Float, Int, Key, Residual, Tensor
+
+# A sublayer with a side output: (params, x) -> (output, extra), e.g. attention and its new cache buffers.
+Sublayer = Callable[[dict, Tensor], tuple[Tensor, Any]]
 
 
-def residual(
-    params: dict, x: Float[Tensor, "*batch seq d_model"], sublayer, norm_params: dict, cfg, key: Tensor | None
-) -> Float[Tensor, "*batch seq d_model"]:
-    """One residual sublayer in the config's norm position, with dropout on the sublayer's output."""
+def residual_with(
+    params: dict, x: Residual, sublayer: Sublayer, norm_params: dict, cfg, key: Key | None
+) -> tuple[Residual, Any]:
+    """``residual`` for a sublayer that also returns something else, which is passed through untouched."""
     if cfg.norm_position == "pre":
-        return x + random.dropout(sublayer(params, norm(norm_params, x, cfg)), cfg.dropout, key)
-    return norm(norm_params, x + random.dropout(sublayer(params, x), cfg.dropout, key), cfg)
+        out, extra = sublayer(params, norm(norm_params, x, cfg))
+        return x + random.dropout(out, cfg.dropout, key), extra
+    out, extra = sublayer(params, x)
+    return norm(norm_params, x + random.dropout(out, cfg.dropout, key), cfg), extra
+
+
+def residual(params: dict, x: Residual, sublayer, norm_params: dict, cfg, key: Key | None) -> Residual:
+    """One residual sublayer in the config's norm position, with dropout on the sublayer's output."""
+    return residual_with(params, x, lambda p, h: (sublayer(p, h), None), norm_params, cfg, key)[0]
+
+
+def wire(
+    params: dict, x: Residual, cfg, attn: Sublayer, *, keys: tuple[Key | None, Key | None], tap: Tap
+) -> tuple[Residual, Any]:
+    """The block's residual wiring around ``attn`` and the config's MLP; returns ``attn``'s side output too.
+
+    ``keys`` are the two sublayers' dropout keys (None: no dropout). ``tap`` sees ``resid_pre``,
+    ``resid_mid`` (after attention), ``resid_post``, and the MLP's values under ``mlp.``.
+    """
+    x = tap("resid_pre", x)
+    x, extra = residual_with(params["attn"], x, attn, params["ln1"], cfg, keys[0])
+    x = tap("resid_mid", x)
+    if cfg.mlp:
+        mlp = tap.scope("mlp")
+        x = residual(params["mlp"], x, lambda p, h: feedforward(p, h, cfg, tap=mlp), params["ln2"], cfg, keys[1])
+    return tap("resid_post", x), extra
 
 
 def block(
     params: dict,
-    x: Float[Tensor, "*batch seq d_model"],
+    x: Residual,
     cfg,
     *,
-    positions: Int[Tensor, "*#batch seq"],
-    mask: Bool[Tensor, "*#batch seq seq"] | None = None,
-    key: Tensor | None = None,
+    mask: Mask,
+    rotary: Rotary | None = None,
+    key: Key | None = None,
     tap: Tap = NO_TAP,
-) -> Float[Tensor, "*batch seq d_model"]:
+) -> Residual:
     """One transformer block: ``params = {"ln1", "attn", "ln2"?, "mlp"?}`` (no MLP when ``cfg.mlp`` is False).
 
-    ``tap`` sees ``resid_pre``, ``resid_mid`` (after attention), ``resid_post``, and the sublayers'
-    values under ``attn.`` and ``mlp.``.
+    ``mask`` and ``rotary``: see ``multi_head_attention``. ``tap`` sees the values listed in ``wire``,
+    and the attention's under ``attn.``.
     """
     keys = [None] * 3 if key is None else random.split(key, 3)
 
-    def attn(p, h):
-        return multi_head_attention(p, h, cfg, positions=positions, mask=mask, key=keys[0], tap=tap.scope("attn"))
+    def attn(p: dict, h: Tensor) -> tuple[Tensor, None]:
+        return multi_head_attention(p, h, cfg, mask=mask, rotary=rotary, key=keys[0], tap=tap.scope("attn")), None
 
-    def mlp(p, h):
-        return feedforward(p, h, cfg, tap=tap.scope("mlp"))
-
-    x = tap("resid_pre", x)
-    x = tap("resid_mid", residual(params["attn"], x, attn, params["ln1"], cfg, keys[1]))
-    if cfg.mlp:
-        x = residual(params["mlp"], x, mlp, params["ln2"], cfg, keys[2])
-    return tap("resid_post", x)
+    return wire(params, x, cfg, attn, keys=(keys[1], keys[2]), tap=tap)[0]
 
 
 def block_with_cache(
     params: dict,
-    x: Float[Tensor, "*batch seq d_model"],
+    x: Residual,
     cfg,
     *,
-    positions: Int[Tensor, "*#batch seq"],
+    mask: Mask,
+    rotary: Rotary | None,
     k_cache: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
     v_cache: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
     write_index: Int[Tensor, "*batch kv_heads seq head_dim"],
-    mask: Bool[Tensor, "*batch seq kv_seq"] | Float[Tensor, "*batch seq kv_seq"],
-    donate: bool = False,
+    write: KVWrite = write_kv,
 ) -> tuple[
-    Float[Tensor, "*batch seq d_model"],
-    Float[Tensor, "*batch kv_heads kv_seq head_dim"],
-    Float[Tensor, "*batch kv_heads kv_seq head_dim"],
+    Residual, Float[Tensor, "*batch kv_heads kv_seq head_dim"], Float[Tensor, "*batch kv_heads kv_seq head_dim"]
 ]:
     """``block`` for inference with a KV-cache: also returns this layer's updated key/value buffers.
 
-    ``donate``: see ``multi_head_attention_with_cache``.
+    ``write``: see ``multi_head_attention_with_cache``.
     """
 
-    def attn(p, h):
-        return multi_head_attention_with_cache(
-            p, h, cfg, positions=positions, k_cache=k_cache, v_cache=v_cache, write_index=write_index, mask=mask,
-            donate=donate,
+    def attn(p: dict, h: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        out, k, v = multi_head_attention_with_cache(
+            p, h, cfg, mask=mask, rotary=rotary, k_cache=k_cache, v_cache=v_cache, write_index=write_index, write=write
         )
+        return out, (k, v)
 
-    # Written out rather than through `residual`, whose sublayer returns a single tensor.
-    if cfg.norm_position == "pre":
-        a, k_new, v_new = attn(params["attn"], norm(params["ln1"], x, cfg))
-        x = x + a
-    else:
-        a, k_new, v_new = attn(params["attn"], x)
-        x = norm(params["ln1"], x + a, cfg)
-    if cfg.mlp:
-        x = residual(params["mlp"], x, lambda p, h: feedforward(p, h, cfg), params["ln2"], cfg, None)
+    x, (k_new, v_new) = wire(params, x, cfg, attn, keys=(None, None), tap=NO_TAP)
     return x, k_new, v_new

@@ -1,45 +1,53 @@
 """Learning-path step 1: token embeddings and the three ways to say where a token is."""
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
-from jaxtyping import Float, Int
-from torch import Tensor
+
+from ftransformer.shapes import Float, Int, Positions, Residual, Tensor, Tokens
 
 
-def embed_tokens(
-    w: Float[Tensor, "vocab d_model"], tokens: Int[Tensor, "*batch seq"]
-) -> Float[Tensor, "*batch seq d_model"]:
+def embed_tokens(w: Float[Tensor, "vocab d_model"], tokens: Tokens) -> Residual:
     """Look up one row of the embedding table per token id."""
     return F.embedding(tokens, w)
 
 
-def learned_positions(
-    w: Float[Tensor, "max_seq d_model"], positions: Int[Tensor, "*batch seq"]
-) -> Float[Tensor, "*batch seq d_model"]:
+def learned_positions(w: Float[Tensor, "max_seq d_model"], positions: Positions) -> Residual:
     """Look up one row of the learned position table per position (GPT-2)."""
     return F.embedding(positions, w)
 
 
 def sinusoidal_positions(
-    positions: Int[Tensor, "*batch seq"], d_model: int, *, base: float = 10000.0, dtype: torch.dtype = torch.float32
-) -> Float[Tensor, "*batch seq d_model"]:
+    positions: Positions, d_model: int, *, base: float = 10000.0, dtype: torch.dtype = torch.float32
+) -> Residual:
     """Fixed sin/cos features (Vaswani et al. 2017): pair i turns at frequency base^(-2i/d_model)."""
     freqs = torch.exp(torch.arange(0, d_model, 2, device=positions.device, dtype=torch.float32) * (-math.log(base) / d_model))
     angles = positions.to(torch.float32)[..., None] * freqs
     # Interleave as [sin0, cos0, sin1, cos1, ...] so each frequency's pair sits side by side.
-    return rearrange(torch.stack([angles.sin(), angles.cos()], dim=-1), "... seq half two -> ... seq (half two)").to(dtype)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(-2).to(dtype)
 
 
-def rotary_angles(
-    positions: Int[Tensor, "*batch seq"], head_dim: int, *, base: float = 10000.0
-) -> tuple[Float[Tensor, "*batch seq half"], Float[Tensor, "*batch seq half"]]:
+class Rotary(NamedTuple):
+    """The rotary tables of one call's positions, built once and shared by every layer."""
+
+    cos: Float[Tensor, "*#batch seq half"]
+    sin: Float[Tensor, "*#batch seq half"]
+
+
+def rotary_angles(positions: Int[Tensor, "*#batch seq"], head_dim: int, *, base: float = 10000.0) -> Rotary:
     """cos and sin of the rotary angles position * base^(-2i/head_dim), one per pair of channels."""
     inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.to(torch.float32)[..., None] * inv_freq
-    return angles.cos(), angles.sin()
+    return Rotary(angles.cos(), angles.sin())
+
+
+def rotary_tables(positions: Int[Tensor, "*#batch seq"], cfg) -> Rotary | None:
+    """The tables ``cfg``'s attention layers rotate queries and keys by; None unless ``cfg.positional`` is "rope"."""
+    if cfg.positional != "rope":
+        return None
+    return rotary_angles(positions, cfg.head_dim, base=cfg.rope_base)
 
 
 def apply_rotary(

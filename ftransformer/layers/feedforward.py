@@ -1,16 +1,15 @@
 """Learning-path step 4: the position-wise feed-forward network (GELU MLP, or SwiGLU)."""
 
 import torch.nn.functional as F
-from jaxtyping import Float
-from torch import Tensor
 
 from ftransformer.layers.linear import linear
 from ftransformer.layers.tap import NO_TAP, Tap
+from ftransformer.shapes import Residual
 
 
 def gelu_mlp(
-    params: dict, x: Float[Tensor, "*batch seq d_model"], *, approximate: str = "none", tap: Tap = NO_TAP
-) -> Float[Tensor, "*batch seq d_model"]:
+    params: dict, x: Residual, *, approximate: str = "none", tap: Tap = NO_TAP
+) -> Residual:
     """w_out(gelu(w_in x)): widen to d_ff, bend, narrow back. ``approximate="tanh"`` is GPT-2's GELU.
 
     ``tap`` sees ``hidden``, the d_ff-wide activations after the GELU.
@@ -20,8 +19,8 @@ def gelu_mlp(
 
 
 def swiglu_mlp(
-    params: dict, x: Float[Tensor, "*batch seq d_model"], *, tap: Tap = NO_TAP
-) -> Float[Tensor, "*batch seq d_model"]:
+    params: dict, x: Residual, *, tap: Tap = NO_TAP
+) -> Residual:
     """w_out(silu(w_gate x) * w_in x) (Shazeer 2020): a gate decides how much of each hidden unit passes.
 
     ``tap`` sees ``hidden``, the gated d_ff-wide activations.
@@ -32,8 +31,8 @@ def swiglu_mlp(
 
 
 def feedforward(
-    params: dict, x: Float[Tensor, "*batch seq d_model"], cfg, *, tap: Tap = NO_TAP
-) -> Float[Tensor, "*batch seq d_model"]:
+    params: dict, x: Residual, cfg, *, tap: Tap = NO_TAP
+) -> Residual:
     """The config's feed-forward network."""
     if cfg.activation == "swiglu":
         return swiglu_mlp(params, x, tap=tap)

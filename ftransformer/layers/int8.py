@@ -1,7 +1,7 @@
 """int8 weights: the leaf type ``Int8Weight`` and the products that read it.
 
 An ``Int8Weight`` stands for a ``[d_in, d_out]`` float matrix ``w ~= q * scale``: int8 values and one
-float scale per output column (made by ``ftransformer.quantize``). Two ways to multiply by it:
+float scale per output column (made by ``ftransformer.quantization``). Two ways to multiply by it:
 
 * **reference** -- ``(x @ q.float()) * scale``: exactly the weight-only product (the only rounding is the
   weights'), on any device, under ``grad`` and ``vmap``. It converts the matrix on every call, so it is

@@ -1,14 +1,13 @@
 """The one leaf op every projection uses: ``x @ w + b`` with ``w`` stored ``[d_in, d_out]``.
 
 ``w`` is a float matrix, or an ``Int8Weight`` (``ftransformer.layers.int8``, made by
-``ftransformer.quantize``): int8 values with one float scale per output column, ``w ~= q * scale``.
+``ftransformer.quantization``): int8 values with one float scale per output column, ``w ~= q * scale``.
 """
 
 import torch.nn.functional as F
-from jaxtyping import Float
-from torch import Tensor
 
 from ftransformer.layers.int8 import Int8Weight, int8_matmul
+from ftransformer.shapes import Float, Tensor
 
 
 def linear(

@@ -2,8 +2,8 @@
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float
-from torch import Tensor
+
+from ftransformer.shapes import Float, Tensor
 
 
 def layer_norm(

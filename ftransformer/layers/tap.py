@@ -9,7 +9,7 @@ Nothing global is touched, so a tapped forward still runs under ``grad``, ``vmap
 
 from collections.abc import Callable
 
-from torch import Tensor
+from ftransformer.shapes import Tensor
 
 Intervention = Callable[[Tensor], Tensor]
 

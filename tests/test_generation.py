@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ftransformer as ft
-from ftransformer.generate import compiled_decode_step, restrict_logits
+from ftransformer.decode_steps import torch_compiled_decode_step
 
 CFG = ft.Config(vocab_size=37, d_model=24, n_heads=6, n_kv_heads=2, n_layers=2, d_ff=40, max_seq_len=20)
 
@@ -44,7 +44,7 @@ def test_prefill_of_ragged_prompts_returns_each_rows_last_real_logits(gen):
     params = ft.init_params(CFG, seed=1)
     prompts = tokens_for(CFG, (3, 5), gen)
     lengths = torch.tensor([5, 1, 3])
-    logits, cache = ft.prefill(params, prompts, ft.init_cache(CFG, 3, max_len=6), CFG, prompt_lengths=lengths)
+    logits, cache = ft.prefill(params, prompts, ft.init_cache(CFG, 3, max_len=6), CFG, seq_lengths=lengths)
     for row, n in enumerate(lengths.tolist()):
         torch.testing.assert_close(logits[row], ft.forward(params, prompts[row, :n], CFG)[-1], atol=1e-5, rtol=0)
     assert cache.lengths.tolist() == [5, 1, 3]
@@ -92,7 +92,7 @@ def test_ragged_prompts_generate_what_each_row_generates_alone(gen):
     params = ft.init_params(CFG, seed=6)
     prompts = tokens_for(CFG, (3, 6), gen)
     lengths = torch.tensor([6, 2, 4])
-    out = ft.generate(params, prompts, CFG, max_new_tokens=5, temperature=0, prompt_lengths=lengths, pad_id=-1)
+    out = ft.generate(params, prompts, CFG, max_new_tokens=5, temperature=0, seq_lengths=lengths, pad_id=-1)
     assert out.shape == (3, 11)
     for row, n in enumerate(lengths.tolist()):
         alone = ft.generate(params, prompts[row, :n], CFG, max_new_tokens=5, temperature=0)
@@ -100,45 +100,27 @@ def test_ragged_prompts_generate_what_each_row_generates_alone(gen):
         assert bool((out[row, n + 5 :] == -1).all())
 
 
+def test_prompt_lengths_is_the_deprecated_name_of_seq_lengths(gen):
+    params = ft.init_params(CFG, seed=6)
+    prompts = tokens_for(CFG, (3, 6), gen)
+    lengths = torch.tensor([6, 2, 4])
+    kw = dict(max_new_tokens=3, temperature=0.8, seed=2)
+    want = ft.generate(params, prompts, CFG, seq_lengths=lengths, **kw)
+    with pytest.warns(DeprecationWarning, match="prompt_lengths= is deprecated: pass seq_lengths="):
+        assert torch.equal(ft.generate(params, prompts, CFG, prompt_lengths=lengths, **kw), want)
+    with pytest.warns(DeprecationWarning, match="prompt_lengths"):
+        stream = ft.generate_stream(params, prompts, CFG, prompt_lengths=lengths, **kw)
+    assert torch.equal(torch.stack(list(stream), -1), torch.stack(list(ft.generate_stream(
+        params, prompts, CFG, seq_lengths=lengths, **kw)), -1))
+    cache = ft.init_cache(CFG, 3, max_len=6)
+    with pytest.warns(DeprecationWarning, match="prompt_lengths"):
+        old, _ = ft.prefill(params, prompts, cache, CFG, prompt_lengths=lengths)
+    torch.testing.assert_close(old, ft.prefill(params, prompts, cache, CFG, seq_lengths=lengths)[0])
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="give seq_lengths only .* not both"):
+        ft.generate(params, prompts, CFG, seq_lengths=lengths, prompt_lengths=lengths, **kw)
+
+
 # ---------------------------------------------------------------- sampling
-
-
-def test_temperature_zero_is_greedy(gen):
-    logits = torch.randn(5, 37, generator=gen)
-    assert torch.equal(ft.sample(logits, None, temperature=0), logits.argmax(-1))
-    assert torch.equal(ft.sample(logits, ft.random.key(0), temperature=0.0), logits.argmax(-1))
-    assert torch.equal(ft.sample(logits, None, temperature=1.0, top_k=1), logits.argmax(-1))
-
-
-def test_samples_follow_the_softmax_of_logits_over_temperature():
-    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
-    for temperature in (1.0, 0.5):
-        draws = ft.sample(logits.expand(20000, 5), ft.random.key(3), temperature=temperature)
-        freq = torch.bincount(draws, minlength=5).float() / draws.numel()
-        torch.testing.assert_close(freq, (logits / temperature).softmax(-1), atol=0.015, rtol=0)
-
-
-def test_top_k_restricts_the_support_to_the_k_largest(gen):
-    logits = torch.randn(3, 37, generator=gen)
-    draws = ft.sample(logits[:, None].expand(3, 4000, 37), ft.random.key(1), temperature=5.0, top_k=4)
-    top = logits.topk(4, dim=-1).indices
-    for row in range(3):
-        seen = set(draws[row].unique().tolist())
-        assert seen == set(top[row].tolist())  # all four appear at a high temperature, nothing else
-
-
-def test_top_p_keeps_the_smallest_set_holding_p():
-    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
-    logits = probs.log()
-    assert torch.isinf(restrict_logits(logits, top_p=0.5)).tolist() == [False, True, True, True, True]
-    assert torch.isinf(restrict_logits(logits, top_p=0.7)).tolist() == [False, False, True, True, True]
-    assert torch.isinf(restrict_logits(logits, top_p=0.85)).tolist() == [False, False, False, True, True]
-    assert not torch.isinf(restrict_logits(logits, top_p=1.0)).any()
-    shuffled = torch.tensor([3, 0, 4, 1, 2])
-    mask = torch.isinf(restrict_logits(logits[shuffled], top_p=0.7))
-    assert mask.tolist() == [True, False, True, False, True]
-    draws = ft.sample(logits[shuffled].expand(5000, 5), ft.random.key(2), temperature=1.0, top_p=0.7)
-    assert set(draws.unique().tolist()) == {1, 3}
 
 
 def test_same_seed_same_text_other_seed_other_text(gen):
@@ -151,18 +133,6 @@ def test_same_seed_same_text_other_seed_other_text(gen):
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert torch.equal(a[:, :3], prompt)
-
-
-def test_sampling_needs_a_key_and_valid_settings(gen):
-    logits = torch.randn(2, 37, generator=gen)
-    with pytest.raises(ValueError, match="needs a random key"):
-        ft.sample(logits, None, temperature=1.0)
-    for bad in (dict(temperature=-0.1), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            ft.sample(logits, ft.random.key(0), **{"temperature": 1.0, **bad})
-    # A wrong type is a TypeError: from beartype with the jaxtyping hook on, else a ValueError naming it.
-    with pytest.raises((TypeError, ValueError), match="temperature"):
-        ft.sample(logits, ft.random.key(0), temperature="hot")
 
 
 # ---------------------------------------------------------------- stop tokens and streaming
@@ -204,7 +174,7 @@ def test_compiled_decode_step_does_not_recompile_per_step(gen, no_typecheck):
     params = ft.init_params(cfg, seed=10)
     prompt = tokens_for(cfg, (2, 3), gen)
     torch._dynamo.reset()
-    compiled_decode_step.cache_clear()
+    torch_compiled_decode_step.cache_clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
         out = ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0, compile=True)
         # A second generation of the same shapes reuses the graph too.
@@ -212,7 +182,7 @@ def test_compiled_decode_step_does_not_recompile_per_step(gen, no_typecheck):
     assert torch.equal(out, ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0))
     assert torch.equal(again, ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0.7, seed=1))
     torch._dynamo.reset()
-    compiled_decode_step.cache_clear()
+    torch_compiled_decode_step.cache_clear()
 
 
 def test_aot_decode_step_generates_what_the_eager_loop_generates(gen):
@@ -229,7 +199,7 @@ def test_aot_decode_step_generates_what_the_eager_loop_generates(gen):
     greedy = ft.generate(params, prompt, CFG, max_new_tokens=9, temperature=0, compile="aot")
     assert aot.built_steps() == before + 1
     assert torch.equal(greedy, ft.generate(params, prompt, CFG, max_new_tokens=9, temperature=0))
-    kw = dict(max_new_tokens=9, temperature=0.8, top_k=7, seed=4, prompt_lengths=lengths)
+    kw = dict(max_new_tokens=9, temperature=0.8, top_k=7, seed=4, seq_lengths=lengths)
     other = ft.init_params(CFG, seed=13)
     sampled = ft.generate(other, prompt, CFG, compile="aot", **kw)
     assert torch.equal(sampled, ft.generate(other, prompt, CFG, **kw))
@@ -264,7 +234,7 @@ def test_compile_takes_a_bool_or_aot():
         ft.generate(params, prompt, CFG, max_new_tokens=2, compile="fast")
     with pytest.raises(ValueError, match='compile="aot" takes float params'):
         ft.generate_stream(ft.quantize(params, CFG, "int8"), prompt, CFG, max_new_tokens=2, compile="aot")
-    with pytest.raises(ValueError, match="takes neither prompt_lengths nor compile; got .* compile='aot'"):
+    with pytest.raises(ValueError, match="takes neither seq_lengths nor compile; got .* compile='aot'"):
         ft.generate(params, prompt, CFG, max_new_tokens=2, compile="aot", draft=(params, CFG))
     with pytest.raises(ValueError, match="compile must be False, True"):
         ft.generate(params, prompt, CFG, max_new_tokens=2, compile="AOT", draft=(params, CFG))
@@ -290,8 +260,8 @@ def test_bad_generation_arguments(gen):
     prompt = tokens_for(CFG, (2, 3), gen)
     with pytest.raises(ValueError, match="max_new_tokens"):
         ft.generate(params, prompt, CFG, max_new_tokens=-1)
-    with pytest.raises(ValueError, match=r"prompt_lengths must lie in \[1, seq=3\]"):
-        ft.generate(params, prompt, CFG, max_new_tokens=2, prompt_lengths=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"seq_lengths must lie in \[1, seq=3\]"):
+        ft.generate(params, prompt, CFG, max_new_tokens=2, seq_lengths=torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="prompt contains id 37"):
         ft.generate(params, torch.tensor([[1, 37]]), CFG, max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
@@ -344,6 +314,25 @@ def test_cli_generate_slides_past_the_context(char_checkpoint, capsys):
     assert len(captured.out) == 24 + 5 + 1
 
 
+def test_cli_generate_can_decode_with_the_compiled_step(char_checkpoint, capsys, no_typecheck):
+    from ftransformer.cli import main
+
+    run_dir = char_checkpoint[0]
+    # 33 tokens after a 3-token prompt: two segments of the sliding stream, both with a 24-slot cache
+    argv = ["generate", "--checkpoint", str(run_dir), "--prompt", "abc", "--temperature", "0", "--max-new-tokens", "33"]
+    assert main(argv) == 0
+    eager = capsys.readouterr().out
+    torch._dynamo.reset()
+    torch_compiled_decode_step.cache_clear()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert main([*argv, "--compile"]) == 0
+    finally:
+        torch._dynamo.reset()
+        torch_compiled_decode_step.cache_clear()
+    assert capsys.readouterr().out == eager
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
@@ -351,6 +340,7 @@ def test_cli_generate_slides_past_the_context(char_checkpoint, capsys):
         (["--prompt", "ab"], "--checkpoint DIR"),
         (["--checkpoint", "{run}", "--prompt", "xyz"], "vocabulary"),  # characters the tokenizer does not know
         (["--checkpoint", "{run}", "--prompt", "ab", "--temperature", "-1"], "temperature"),
+        (["--checkpoint", "{run}", "--prompt", "ab", "--quantize", "int8", "--compile", "aot"], "takes float params"),
     ],
 )
 def test_cli_generate_errors_are_one_line(char_checkpoint, tmp_path, capsys, extra, message):
@@ -481,7 +471,7 @@ def test_ragged_prompt_shorter_than_its_padding_gets_a_big_enough_cache(gen):
     params = ft.init_params(CFG, seed=1)
     prompt = tokens_for(CFG, (2, 10), gen)
     lengths = torch.tensor([3, 5])
-    out = ft.generate(params, prompt, CFG, max_new_tokens=2, temperature=0, prompt_lengths=lengths)
+    out = ft.generate(params, prompt, CFG, max_new_tokens=2, temperature=0, seq_lengths=lengths)
     for row in range(2):
         alone = ft.generate(params, prompt[row, : lengths[row]], CFG, max_new_tokens=2, temperature=0)
         torch.testing.assert_close(out[row, : lengths[row] + 2], alone)

@@ -11,12 +11,11 @@ speculative decoding and checkpoints take it as they take float params (``layers
 the leaf). Training takes float params: quantize a trained model.
 """
 
-import torch
 from torch import Tensor
 
+from ftransformer import tree
 from ftransformer.config import Config
 from ftransformer.layers.int8 import Int8Weight, as_float, fbgemm_available, quantize_matrix
-from ftransformer.params import tree_leaves
 
 SCHEMES = ("int8",)
 MATRICES = ("w_qkv", "w_o", "w_in", "w_gate", "w_out")  # the projections of a block (attention and MLP)
@@ -65,40 +64,20 @@ def _describe(x) -> str:
     return type(x).__name__
 
 
+def _is_int8(x) -> bool:
+    return isinstance(x, Int8Weight)
+
+
 def dequantize(params: dict) -> dict:
     """The float params a quantized tree stands for (float trees come back unchanged)."""
-    return _map_weights(params, as_float)
+    return tree.map(lambda x: as_float(x) if _is_int8(x) else x, params, is_leaf=_is_int8)
 
 
 def is_quantized(params) -> bool:
     """Whether any leaf of ``params`` is an ``Int8Weight``."""
-    found = []
-    _map_weights(params, lambda w: found.append(w) or w)
-    return bool(found)
-
-
-def _map_weights(tree, fn):
-    """``tree`` with ``fn`` applied to every ``Int8Weight`` (dicts, lists and tuples rebuilt)."""
-    if isinstance(tree, Int8Weight):
-        return fn(tree)
-    if isinstance(tree, dict):
-        return {k: _map_weights(v, fn) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(_map_weights(v, fn) for v in tree)
-    return tree
-
-
-def restore_int8_leaves(tree):
-    """Turn every ``{"q": int8, "scale": float}`` dict (how a checkpoint stores an ``Int8Weight``) back into one."""
-    if isinstance(tree, dict):
-        if tree.keys() == {"q", "scale"} and isinstance(tree["q"], Tensor) and tree["q"].dtype == torch.int8:
-            return Int8Weight(q=tree["q"], scale=tree["scale"])
-        return {k: restore_int8_leaves(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [restore_int8_leaves(v) for v in tree]
-    return tree
+    return any(_is_int8(x) for x in tree.leaves(params, is_leaf=_is_int8))
 
 
 def weight_bytes(params) -> int:
     """Bytes of every tensor in ``params`` (int8 matrices count one byte an entry)."""
-    return sum(x.numel() * x.element_size() for x in tree_leaves(params) if isinstance(x, Tensor))
+    return sum(x.numel() * x.element_size() for x in tree.leaves(params) if isinstance(x, Tensor))

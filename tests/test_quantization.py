@@ -10,7 +10,7 @@ import torch
 import ftransformer as ft
 from ftransformer.layers import int8
 from ftransformer.layers.int8 import Int8Weight
-from ftransformer.quantize import is_quantized, quantize_matrix, weight_bytes
+from ftransformer.quantization import is_quantized, quantize_matrix, weight_bytes
 
 CFG = ft.Config(vocab_size=37, d_model=24, n_heads=6, n_kv_heads=2, n_layers=2, d_ff=40, max_seq_len=20)
 fbgemm = pytest.mark.skipif(not int8.fbgemm_available(), reason="this torch build has no fbgemm int8 product")
@@ -111,20 +111,20 @@ def test_generation_packs_each_matrix_once_and_releases_it(gen):
 @fbgemm
 def test_int8_generation_compiled_equals_eager(gen, no_typecheck):
     """The compiled step calls the same fbgemm product (a custom op), so its tokens equal eager's exactly."""
-    from ftransformer.generate import compiled_decode_step
+    from ftransformer.decode_steps import torch_compiled_decode_step
 
     cfg = CFG.replace(n_layers=1)
     params = ft.quantize(ft.init_params(cfg, seed=3), cfg)
     prompt = torch.randint(0, cfg.vocab_size, (2, 3), generator=gen)
     torch._dynamo.reset()
-    compiled_decode_step.cache_clear()
+    torch_compiled_decode_step.cache_clear()
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
             compiled = ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0, compile=True)
         assert torch.equal(compiled, ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0))
     finally:
         torch._dynamo.reset()
-        compiled_decode_step.cache_clear()
+        torch_compiled_decode_step.cache_clear()
 
 
 def test_int8_generation_follows_the_float_model_on_clear_margins(gen):

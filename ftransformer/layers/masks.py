@@ -1,0 +1,48 @@
+"""Which keys each query may attend to: one rule, built once per forward call and passed to every layer.
+
+The rule is causality by position: a query at position ``i`` may look at a key at position ``j`` when
+``j <= i``. Without a cache the keys are the queries' own positions; with one they are the cache's
+slots, where right padding sits past each row's length and is hidden by the same rule.
+"""
+
+from typing import NamedTuple
+
+import torch
+
+from ftransformer.shapes import AttnBias, AttnMask, Bool, Int, Positions, Tensor
+
+
+class Mask(NamedTuple):
+    """What attention needs to know about who sees whom, shared by every layer of one call.
+
+    ``allowed`` is Bool (True: may attend) or an additive bias (0 to keep a key, -inf to hide it): a
+    bias built once saves SDPA converting a Bool mask in every layer. ``causal`` says ``allowed`` is
+    exactly the lower triangle of a square ``seq x seq`` mask, so SDPA may use its fused causal kernel
+    without reading the tensor.
+    """
+
+    allowed: AttnMask | AttnBias
+    causal: bool = False
+
+
+def causal_mask(q_positions: Int[Tensor, "*#batch seq"], k_positions: Int[Tensor, "*#batch kv_seq"]) -> Bool[
+    Tensor, "*#batch seq kv_seq"
+]:
+    """True where query i may look at key j: key position <= query position."""
+    return k_positions[..., None, :] <= q_positions[..., :, None]
+
+
+def self_mask(positions: Int[Tensor, "*#batch seq"]) -> Mask:
+    """The mask of a sequence attending to itself (``positions`` increasing along ``seq``)."""
+    # Increasing positions make causal_mask the lower triangle, whatever the values: hence causal=True.
+    return Mask(causal_mask(positions, positions), causal=True)
+
+
+def as_bias(mask: AttnMask, dtype: torch.dtype = torch.float32) -> AttnBias:
+    """A Bool mask as an additive bias: 0 where a query may attend, -inf elsewhere."""
+    return torch.where(mask, 0.0, float("-inf")).to(dtype)
+
+
+def cache_mask(slots: Positions, max_len: int, dtype: torch.dtype = torch.float32) -> Mask:
+    """The mask of new tokens at ``slots`` over all ``max_len`` slots of a KV-cache, as a bias of ``dtype``."""
+    return Mask(as_bias(causal_mask(slots, torch.arange(max_len, device=slots.device)), dtype))

@@ -1,0 +1,67 @@
+"""The decode steps: the pure public one, the loop's in-place one (same logits, buffers written in place),
+which step ``compile=`` picks, and the untied unembedding (same logits)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import ftransformer as ft
+from ftransformer import decode_steps
+from ftransformer.decode_steps import (
+    check_compile, decode_step_in_place, loop_cache_length, loop_decode_step, torch_compiled_decode_step,
+    untie_for_decoding,
+)
+
+CFG = ft.Config(vocab_size=29, d_model=20, n_heads=5, n_kv_heads=1, n_layers=2, d_ff=36, max_seq_len=100)
+
+
+def test_in_place_step_equals_the_pure_step_and_writes_the_buffers_it_was_given(gen):
+    params = ft.init_params(CFG, seed=1)
+    prompt = torch.randint(0, CFG.vocab_size, (3, 4), generator=gen)
+    token = torch.randint(0, CFG.vocab_size, (3,), generator=gen)
+    _, cache = ft.prefill(params, prompt, ft.init_cache(CFG, 3, max_len=6), CFG)
+    want, pure = ft.decode_step(params, token, cache, CFG)
+    assert pure.k[0].data_ptr() != cache.k[0].data_ptr()  # the public step leaves its cache be
+    got, owned = decode_step_in_place(params, token, cache, CFG)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert owned.k[0].data_ptr() == cache.k[0].data_ptr() and owned.lengths.tolist() == [5, 5, 5]
+    torch.testing.assert_close(owned.k[1], pure.k[1])
+
+
+def test_compile_picks_one_step():
+    params = ft.init_params(CFG)
+    assert loop_decode_step(False, params) is decode_step_in_place
+    assert loop_decode_step(True, params) is torch_compiled_decode_step()  # built once, nothing compiled yet
+    assert callable(loop_decode_step("aot", params))  # the library is built on its first call
+    assert [loop_cache_length(c, 70, CFG) for c in (False, True, "aot")] == [70, 70, 100]
+    for bad in ("fast", None, 1.0):
+        with pytest.raises(ValueError, match=f'compile must be False, True .* or "aot" .*got {bad!r}'):
+            check_compile(bad, params)
+    with pytest.raises(ValueError, match='compile="aot" takes float params'):
+        loop_decode_step("aot", ft.quantize(params, CFG, "int8"))
+
+
+def test_untied_unembedding_gives_the_same_logits(gen):
+    params = ft.init_params(CFG, seed=2)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 7), generator=gen)
+    untied, untied_cfg = untie_for_decoding(params, CFG)
+    assert not untied_cfg.tie_embeddings and untied["unembed"]["w"].shape == (CFG.d_model, CFG.vocab_size)
+    assert "unembed" not in params  # the caller's tree is untouched
+    torch.testing.assert_close(ft.forward(untied, tokens, untied_cfg), ft.forward(params, tokens, CFG), atol=1e-5, rtol=0)
+    own = CFG.replace(tie_embeddings=False)
+    separate = ft.init_params(own)
+    assert untie_for_decoding(separate, own) == (separate, own)
+
+
+def test_every_in_place_caller_goes_through_one_function():
+    # Outside the model itself, only decode_steps.forward_in_place asks for the in-place forward: the
+    # decode steps, the ahead-of-time step and speculative decoding all call that one function.
+    package = Path(decode_steps.__file__).parent
+    model_side = {"model.py", "cache.py", "layers"}
+    in_place = ("donate=True", "_forward_with_cache_in_place")
+    callers = sorted(
+        str(p.relative_to(package)) for p in package.rglob("*.py")
+        if p.relative_to(package).parts[0] not in model_side and any(word in p.read_text() for word in in_place)
+    )
+    assert callers == ["decode_steps.py"]

@@ -15,7 +15,7 @@ from ftransformer.layers.attention import KVWrite, write_kv, write_kv_
 from ftransformer.layers.block import block, block_with_cache
 from ftransformer.layers.embedding import embed_tokens, learned_positions, rotary_tables, sinusoidal_positions
 from ftransformer.layers.linear import linear
-from ftransformer.layers.masks import cache_mask, self_mask
+from ftransformer.layers.masks import cache_mask, layer_masks, self_mask
 from ftransformer.layers.norm import norm
 from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.shapes import Float, Int, Key, Logits, Residual, Tensor, Tokens
@@ -96,12 +96,13 @@ def forward_unchecked(
     """``forward`` without the input checks. ``tap`` sees ``embed``, then every block's values under
     ``blocks.{i}.``, then ``final`` (``interp.forward_with_activations`` passes one)."""
     positions = default_positions(tokens)
-    # Built once here and shared by every layer: the mask and the rotary tables depend on positions only.
-    mask, rotary = self_mask(positions), rotary_tables(positions, cfg)
+    # Built once here and shared by every layer: the masks (one per sliding window) and the rotary
+    # tables depend on positions only.
+    masks, rotary = layer_masks(cfg, lambda w: self_mask(positions, w)), rotary_tables(positions, cfg)
     keys = [None] * (cfg.n_layers + 1) if key is None else random.split(key, cfg.n_layers + 1)
     x = tap("embed", embed(params, tokens, cfg, positions=positions, key=keys[0]))
     for i, block_params in enumerate(params["blocks"]):
-        x = block(block_params, x, cfg, mask=mask, rotary=rotary, key=keys[i + 1], tap=tap.scope(f"blocks.{i}"))
+        x = block(block_params, x, cfg, mask=masks[i], rotary=rotary, key=keys[i + 1], tap=tap.scope(f"blocks.{i}"))
     return unembed(params, x, cfg, tap=tap)
 
 
@@ -161,11 +162,13 @@ def _forward_with_cache(
     # Everything position-dependent is built once here and shared by all layers: it is the per-op
     # overhead, not the arithmetic, that bounds one-token decoding.
     slots = query_slots(cache.lengths, seq)
-    mask, rotary = cache_mask(slots, cache.max_len, cache.k[0].dtype), rotary_tables(slots, cfg)
+    # A sliding window is a mask over the whole cache: keys older than the window stay, invisible.
+    masks = layer_masks(cfg, lambda w: cache_mask(slots, cache.max_len, cache.k[0].dtype, w))
+    rotary = rotary_tables(slots, cfg)
     index = write_index(slots, cfg.n_kv_heads, cfg.head_dim)
     x = embed(params, tokens, cfg, positions=slots)
     new_k, new_v = [], []
-    for block_params, k_cache, v_cache in zip(params["blocks"], cache.k, cache.v):
+    for block_params, k_cache, v_cache, mask in zip(params["blocks"], cache.k, cache.v, masks):
         x, k_cache, v_cache = block_with_cache(
             block_params, x, cfg, mask=mask, rotary=rotary, k_cache=k_cache, v_cache=v_cache, write_index=index,
             write=write,

@@ -106,7 +106,9 @@ def child_main(mode: str, directory: str, extra: str) -> None:
         tensors = list(model.parameters())
     else:
         _, params = load_hf(directory)
-        tensors = torch.utils._pytree.tree_leaves(params)
+        from ftransformer import tree
+
+        tensors = tree.leaves(params)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     with torch.no_grad():

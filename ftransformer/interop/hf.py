@@ -25,7 +25,8 @@ from ftransformer.interop.hf_gpt2 import _first_few
 from ftransformer.interop.safetensors_io import (
     StoredTensor, list_tensors, parse_size, read_rows, read_tensor, write_safetensors,
 )
-from ftransformer.params import init_params, tree_flatten_with_paths, tree_unflatten_paths
+from ftransformer import tree
+from ftransformer.params import init_params
 
 # Buffers older transformers versions saved beside the weights; they hold no learned numbers.
 _BUFFER_SUFFIXES = (".rotary_emb.inv_freq",)
@@ -78,7 +79,7 @@ def load_hf(
     flat = _allocate(cfg, slots, stored, dtype, torch.device(device))
     for slot in slots:
         _fill(flat[slot.path], stored[slot.hf_key], slot)
-    return cfg, tree_unflatten_paths(flat)
+    return cfg, tree.unflatten_paths(flat)
 
 
 def _checked(stored: dict[str, StoredTensor], slots: list[Slot], cfg: Config) -> dict[str, StoredTensor]:
@@ -118,7 +119,7 @@ def _allocate(
 def _template(cfg: Config) -> dict[str, Tensor]:
     """``init_params``' leaves for ``cfg`` on the meta device (shapes and order, no memory)."""
     with torch.device("meta"):
-        return tree_flatten_with_paths(init_params(cfg))
+        return tree.flatten_with_paths(init_params(cfg))
 
 
 def _fill(leaf: Tensor, entry: StoredTensor, slot: Slot) -> None:
@@ -162,7 +163,7 @@ def save_hf(
             del tensors["lm_head.weight"]  # safetensors refuses two names for one tensor; HF re-ties it
     else:
         families.family_for(cfg)  # a config no family expresses is refused before the params are looked at
-        tensors = _hf_tensors(tree_flatten_with_paths(params), _template(cfg), families.tensor_slots(cfg))
+        tensors = _hf_tensors(tree.flatten_with_paths(params), _template(cfg), families.tensor_slots(cfg))
         hf = families.config_to_hf(cfg, dtype_name=str(tensors["model.embed_tokens.weight"][1]).removeprefix("torch."))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ from ftransformer import random
 from ftransformer.layers.embedding import Rotary, apply_rotary
 from ftransformer.layers.linear import linear
 from ftransformer.layers.masks import Mask
+from ftransformer.layers.norm import rms_norm
 from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.shapes import Bool, Float, Int, Key, Residual, Tensor, einsum_equation
 
@@ -104,13 +105,18 @@ def project_qkv(params: dict, x: Residual, cfg, rotary: Rotary | None = None) ->
     Float[Tensor, "*batch kv_heads seq head_dim"],
     Float[Tensor, "*batch kv_heads seq head_dim"],
 ]:
-    """Queries, keys and values from one fused projection ``w_qkv``; ``rotary`` applied to q and k (RoPE)."""
+    """Queries, keys and values from one fused projection ``w_qkv``; with ``cfg.attention.qk_norm`` q and k
+    RMS-normalised per head; ``rotary`` applied to q and k (RoPE)."""
     qkv = linear(x, params["w_qkv"], params.get("b_qkv"))
     # w_qkv's columns are n_heads query heads, then n_kv_heads key heads, then n_kv_heads value heads:
     # one rearrange into heads and a split along them gives the same views as three rearranges, in
     # half the time (per-call overhead is what bounds one-token decoding).
     qkv = rearrange(qkv, "... seq (heads head_dim) -> ... heads seq head_dim", head_dim=cfg.head_dim)
     q, k, v = qkv.split([cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads], dim=-3)
+    if cfg.attention.qk_norm:
+        # Qwen3: every head's query and key RMS-normalised over head_dim, before the rotation.
+        q = rms_norm(q, params["q_norm"]["scale"], eps=cfg.norm_eps, upcast=cfg.norm_upcast)
+        k = rms_norm(k, params["k_norm"]["scale"], eps=cfg.norm_eps, upcast=cfg.norm_upcast)
     if cfg.positional == "rope":
         if rotary is None:
             raise ValueError("cfg.positional='rope' needs the rotary tables: rotary=rotary_tables(positions, cfg)")

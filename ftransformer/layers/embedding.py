@@ -36,9 +36,35 @@ class Rotary(NamedTuple):
     sin: Float[Tensor, "*#batch seq half"]
 
 
-def rotary_angles(positions: Int[Tensor, "*#batch seq"], head_dim: int, *, base: float = 10000.0) -> Rotary:
-    """cos and sin of the rotary angles position * base^(-2i/head_dim), one per pair of channels."""
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+def rotary_frequencies(
+    head_dim: int, *, base: float = 10000.0, scaling=None, device: torch.device | None = None
+) -> Float[Tensor, " half"]:
+    """base^(-2i/head_dim), one per pair of channels, stretched by ``scaling`` (a ``config.RopeScaling``).
+
+    ``"linear"`` divides every frequency by ``factor``. ``"llama3"`` divides those whose wavelength
+    exceeds ``original_max_seq_len / low_freq_factor``, keeps those below ``original_max_seq_len /
+    high_freq_factor``, and blends linearly (in ``original_max_seq_len / wavelength``) in between.
+    """
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    if scaling is None:
+        return inv_freq
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    # Llama 3.1's rule, written as transformers writes it so the float32 rounding matches too.
+    factor, low, high, context = scaling.factor, scaling.low_freq_factor, scaling.high_freq_factor, scaling.original_max_seq_len
+    wavelen = 2 * math.pi / inv_freq
+    divided = torch.where(wavelen > context / low, inv_freq / factor, inv_freq)
+    smooth = (context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * divided / factor + smooth * divided
+    medium = ~(wavelen < context / high) * ~(wavelen > context / low)
+    return torch.where(medium, blended, divided)
+
+
+def rotary_angles(
+    positions: Int[Tensor, "*#batch seq"], head_dim: int, *, base: float = 10000.0, scaling=None
+) -> Rotary:
+    """cos and sin of the rotary angles position * frequency, one per pair of channels (``rotary_frequencies``)."""
+    inv_freq = rotary_frequencies(head_dim, base=base, scaling=scaling, device=positions.device)
     angles = positions.to(torch.float32)[..., None] * inv_freq
     return Rotary(angles.cos(), angles.sin())
 
@@ -47,7 +73,7 @@ def rotary_tables(positions: Int[Tensor, "*#batch seq"], cfg) -> Rotary | None:
     """The tables ``cfg``'s attention layers rotate queries and keys by; None unless ``cfg.positional`` is "rope"."""
     if cfg.positional != "rope":
         return None
-    return rotary_angles(positions, cfg.head_dim, base=cfg.rope_base)
+    return rotary_angles(positions, cfg.head_dim, base=cfg.rope_base, scaling=cfg.rope_scaling)
 
 
 def apply_rotary(

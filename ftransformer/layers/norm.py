@@ -18,14 +18,21 @@ def layer_norm(
 
 
 def rms_norm(
-    x: Float[Tensor, "*batch d_model"], scale: Float[Tensor, " d_model"], *, eps: float = 1e-5
+    x: Float[Tensor, "*batch d_model"], scale: Float[Tensor, " d_model"], *, eps: float = 1e-5, upcast: bool = False
 ) -> Float[Tensor, "*batch d_model"]:
-    """x / sqrt(mean(x^2) + eps) * scale, over the last axis (no centring, no bias)."""
+    """x / sqrt(mean(x^2) + eps) * scale, over the last axis (no centring, no bias).
+
+    ``upcast``: normalise in float32, cast back to x's dtype, then scale -- Hugging Face's order
+    (``Config.norm_upcast``). The same numbers in float32; below it, the order decides the rounding.
+    """
+    if upcast:
+        h = x.to(torch.float32)
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * scale
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
 
 
 def norm(params: dict, x: Float[Tensor, "*batch d_model"], cfg) -> Float[Tensor, "*batch d_model"]:
     """The config's normalisation, with ``params = {"scale": ..., "bias"?: ...}``."""
     if cfg.norm == "rmsnorm":
-        return rms_norm(x, params["scale"], eps=cfg.norm_eps)
+        return rms_norm(x, params["scale"], eps=cfg.norm_eps, upcast=cfg.norm_upcast)
     return layer_norm(x, params["scale"], params.get("bias"), eps=cfg.norm_eps)

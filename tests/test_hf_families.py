@@ -1,0 +1,134 @@
+"""Parity with transformers for every supported Llama-like family, every feature on.
+
+Each family's tiny model (``hf_tiny``: every parameter re-randomized, eager attention) switches on its
+features: llama3 rope scaling (llama), a sliding window shorter than the test sequences and
+head_dim != d_model / n_heads (mistral), q/k/v biases and a sliding window on one layer of two (qwen2),
+q/k RMSNorm and head_dim != d_model / n_heads with tied embeddings (qwen3).
+"""
+
+import pytest
+import torch
+
+import ftransformer as ft
+from ftransformer.interop.hf import load_hf, save_hf
+from hf_tiny import FAMILY_OPTIONS, VOCAB, build
+
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = list(FAMILY_OPTIONS)
+SEQ = 14  # longer than the windows (5)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """family -> (transformers model, cfg, params) for each family's tiny random model."""
+    root = tmp_path_factory.mktemp("families")
+    out = {}
+    for family in FAMILIES:
+        model = build(family, root / family, seed=1)
+        out[family] = (model, *load_hf(root / family))
+    return out
+
+
+def tokens(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "einsum"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_logits_equal_transformers(models, family, impl):
+    model, cfg, params = models[family]
+    x = tokens(2, SEQ)
+    torch.testing.assert_close(ft.forward(params, x, cfg.replace(attn_impl=impl)), hf_logits(model, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_feature_changes_the_logits(models, family):
+    """The parity above would hold vacuously if a feature did nothing on these models: each one does."""
+    _, cfg, params = models[family]
+    a = cfg.attention
+    off = {
+        "llama": dict(rope_scaling=None),
+        "mistral": dict(attention=a.__class__(head_dim=a.head_dim, window=None)),
+        "qwen2": dict(attention=a.__class__(qkv_bias=True, window=None)),
+        "qwen3": dict(attention=a.__class__(head_dim=a.head_dim, qk_norm=False)),
+    }[family]
+    if family == "qwen3":
+        params = {**params, "blocks": [{**b, "attn": {k: v for k, v in b["attn"].items() if not k.endswith("_norm")}}
+                                       for b in params["blocks"]]}
+    x = tokens(2, SEQ)
+    base = ft.forward(models[family][2], x, cfg)
+    assert (ft.forward(params, x, cfg.replace(**off)) - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generate_equals_transformers_past_the_window(models, family):
+    model, cfg, params = models[family]
+    prompt = tokens(2, 4, seed=1)
+    with torch.no_grad():
+        # eos_token_id=None: no stop token (a GenerationConfig object would let the saved eos back in)
+        expected = model.generate(prompt, max_new_tokens=SEQ, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert expected.shape == (2, 4 + SEQ)  # past the window of 5
+    assert torch.equal(ft.generate(params, prompt, cfg, max_new_tokens=SEQ, temperature=0.0), expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_with_cache_in_chunks_equals_forward(models, family):
+    _, cfg, params = models[family]
+    x = tokens(2, SEQ, seed=2)
+    cache = ft.init_cache(cfg, batch_size=2, max_len=SEQ + 2)  # two slots more than used: masked
+    chunks = []
+    for start, stop in ((0, 3), (3, 9), (9, 10), (10, SEQ)):
+        logits, cache = ft.forward_with_cache(params, x[:, start:stop], cache, cfg)
+        chunks.append(logits)
+    torch.testing.assert_close(torch.cat(chunks, dim=1), ft.forward(params, x, cfg), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_hf_then_transformers_gives_the_same_logits(models, family, tmp_path):
+    model, cfg, params = models[family]
+    save_hf(params, cfg, tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    x = tokens(2, SEQ, seed=3)
+    assert torch.equal(hf_logits(again, x), hf_logits(model, x))
+    torch.testing.assert_close(ft.forward(params, x, cfg), hf_logits(again, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_logits_are_within_bfloat16_rounding_of_transformers(models, family, tmp_path):
+    model, cfg, params = models[family]
+    save_hf(params, cfg, tmp_path)
+    model16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
+                                                                dtype=torch.bfloat16).eval()
+    cfg16, params16 = load_hf(tmp_path, dtype=torch.bfloat16)
+    x = tokens(2, SEQ, seed=4)
+    exact = hf_logits(model, x)
+    theirs = hf_logits(model16, x).float()
+    ours = ft.forward(params16, x, cfg16)
+    assert ours.dtype == torch.bfloat16
+    # The two bf16 models differ by less than bf16 rounding moves either of them from the float32 logits.
+    rounding = (theirs - exact).abs().max()
+    assert rounding > 0  # bf16 did round
+    assert (ours.float() - theirs).abs().max() <= 2 * rounding
+    assert (ours.float() - exact).abs().max() <= 2 * rounding
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_activations_show_the_window_and_the_logits_stay_the_same(models, family):
+    _, cfg, params = models[family]
+    x = tokens(1, SEQ, seed=5)
+    logits, acts = ft.forward_with_activations(params, x, cfg)
+    assert torch.equal(logits, ft.forward(params, x, cfg))
+    for i in range(cfg.n_layers):
+        pattern = acts["blocks"][i]["attn"]["pattern"][0]  # [heads, seq, kv_seq]
+        window = cfg.layer_window(i)
+        q, k = torch.meshgrid(torch.arange(SEQ), torch.arange(SEQ), indexing="ij")
+        visible = (k <= q) & ((k > q - window) if window is not None else True)
+        assert torch.all(pattern[:, ~visible] == 0)
+        assert torch.all(pattern[:, visible] > 0)
+        torch.testing.assert_close(pattern.sum(-1), torch.ones(cfg.n_heads, SEQ))

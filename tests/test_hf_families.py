@@ -132,3 +132,48 @@ def test_activations_show_the_window_and_the_logits_stay_the_same(models, family
         assert torch.all(pattern[:, ~visible] == 0)
         assert torch.all(pattern[:, visible] > 0)
         torch.testing.assert_close(pattern.sum(-1), torch.ones(cfg.n_heads, SEQ))
+
+
+# ---------------------------------------------------------------- the CLI on a checkpoint directory
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory):
+    """A llama checkpoint with a Llama-3-style byte-level tokenizer and chat template in one directory."""
+    from test_hf_tokenizer import LLAMA3_TEMPLATE, byte_level_backend
+    from test_hf_tokenizer import save_hf as save_tokenizer
+
+    directory = tmp_path_factory.mktemp("chat")
+    backend = byte_level_backend()
+    build("llama", directory, seed=2, vocab_size=backend.get_vocab_size(), max_position_embeddings=256)
+    save_tokenizer(directory, backend, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                   chat_template=LLAMA3_TEMPLATE, generation_eos=["<|end_of_text|>", "<|eot_id|>"])
+    return directory
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_cli_generate_from_an_hf_dir_prints_what_generate_makes(chat_dir, chat, capsys):
+    from ftransformer.cli import main
+    from ftransformer.interop.hf_tokenizer import load_hf_tokenizer
+
+    tok = load_hf_tokenizer(chat_dir)
+    cfg, params = load_hf(chat_dir)
+    text = "Hello there, world"
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True) if chat else tok.encode(text)
+    out = ft.generate(params, torch.tensor([ids]), cfg, max_new_tokens=10, temperature=0.0, stop_tokens=tok.stop_tokens)
+    reply = [t for t in out[0, len(ids):].tolist()]
+    reply = reply[: next((i for i, t in enumerate(reply) if t in tok.stop_tokens), len(reply))]
+    flags = ["--chat"] if chat else []
+    assert main(["generate", "--hf-dir", str(chat_dir), "--prompt", text, "--max-new-tokens", "10",
+                 "--temperature", "0", *flags]) == 0
+    printed = capsys.readouterr().out
+    assert printed == ("" if chat else text) + tok.decode(reply) + "\n"
+
+
+def test_cli_chat_needs_a_chat_template(models, tmp_path, capsys):
+    from ftransformer.cli import main
+
+    model, cfg, params = models["qwen3"]
+    save_hf(params, cfg, tmp_path)
+    assert main(["generate", "--hf-dir", str(tmp_path), "--prompt", "hi"]) == 2
+    assert "has no vocab.json + merges.txt (GPT-2) nor tokenizer.json" in capsys.readouterr().err

@@ -278,7 +278,7 @@ def test_bench_load_times_both_loaders_in_fresh_processes(tmp_path, capsys):
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if "/" not in line and
             line.startswith(("ft.load_hf", "transformers"))}
     assert set(rows) == {"ft.load_hf", "transformers"}
-    assert all(len(r) == 5 and float(r[0]) > 0 and float(r[1]) > 0 for r in rows.values())  # seconds, MiB, ...
+    assert all(len(r) == 5 and float(r[0]) >= 0 and float(r[1]) > 0 for r in rows.values())  # seconds, MiB, ...
     assert "ft.load_hf / transformers: time x" in out
     assert (tmp_path / "config.json").is_file()
     assert main(["bench", "load", "--dir", str(tmp_path), "--size", "tiny"]) == 0  # reused, not written again

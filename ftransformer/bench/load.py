@@ -135,7 +135,7 @@ def format_table(results: dict[str, dict]) -> str:
     for name, m in results.items():
         load_peak = m["peak"] - m["before"]
         lines.append(
-            f"{name:<14}{m['seconds']:>9.2f}{m['peak'] / mib:>14.0f}{load_peak / mib:>15.0f}"
+            f"{name:<14}{m['seconds']:>9.3f}{m['peak'] / mib:>14.0f}{load_peak / mib:>15.0f}"
             f"{load_peak / m['param_bytes']:>10.2f}{(m['used'] - m['before']) / m['param_bytes']:>11.2f}"
         )
     ft_, hf = results["ft.load_hf"], results["transformers"]

@@ -1,8 +1,10 @@
 """``ftransformer generate``: continue a prompt with a trained model, printing the text as it is produced.
 
-The model comes from a *source* -- a checkpoint directory (``--checkpoint``) or a Hugging Face GPT-2
-directory (``--hf-dir``) -- that yields a config, parameters and a tokenizer; ``load_model`` picks the
-one the flags name, so another source is one more flag and one more branch there.
+The model comes from a *source* -- a checkpoint directory (``--checkpoint``) or a Hugging Face model
+directory (``--hf-dir``: GPT-2, Llama, Mistral, Qwen2, Qwen3) -- that yields a config, parameters and a
+tokenizer; ``load_model`` picks the one the flags name, so another source is one more flag and one
+more branch there. ``--chat`` wraps the prompt in the tokenizer's chat template as one user turn and
+prints the reply alone; a tokenizer's stop tokens (``generation_config.json``'s EOS ids) end the text.
 """
 
 import sys
@@ -29,10 +31,12 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--hf-dir", metavar="DIR", default=None,
-        help="a Hugging Face GPT-2 directory: config.json, model.safetensors (or pytorch_model.bin), "
-        "vocab.json and merges.txt",
+        help="a Hugging Face model directory: config.json, model.safetensors (or shards), and tokenizer.json "
+        "(GPT-2: or vocab.json + merges.txt); families: gpt2, llama, mistral, qwen2, qwen3",
     )
-    parser.add_argument("--prompt", metavar="TEXT", required=True, help="text to continue")
+    parser.add_argument("--prompt", metavar="TEXT", required=True, help="text to continue (with --chat: the user's message)")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap the prompt in the tokenizer's chat template as one user turn and print the reply")
     parser.add_argument("--max-new-tokens", type=int, metavar="N", default=200,
                         help="tokens to add (default: 200); past max_seq_len the context slides: the model "
                         "restarts from the last max_seq_len // 2 tokens")
@@ -74,18 +78,45 @@ def load_model(args, device: torch.device) -> tuple[Config, dict, object]:
     if args.checkpoint is not None and args.hf_dir is not None:
         raise ValueError("give one model source: --checkpoint DIR or --hf-dir DIR, not both")
     if args.hf_dir is not None:
-        from ftransformer.interop.hf_gpt2 import load_hf_gpt2_dir
-
-        cfg, params, tokenizer = load_hf_gpt2_dir(args.hf_dir, dtype=torch.float32, device=device)
-        if tokenizer is None:
-            raise ValueError(f"{args.hf_dir!r} has no vocab.json + merges.txt, so text cannot be encoded")
-        return cfg, params, tokenizer
+        return load_hf_model(args.hf_dir, device)
     if args.checkpoint is not None:
         ckpt = load_checkpoint(_checkpoint_dir(args.checkpoint), device=device, with_opt_state=False)
         if ckpt.tokenizer is None:
             raise ValueError(f"the checkpoint at {str(ckpt.path)!r} holds no tokenizer, so text cannot be encoded")
         return ckpt.config, ckpt.params, ckpt.tokenizer
     raise ValueError("say which model to use: --checkpoint DIR or --hf-dir DIR")
+
+
+def load_hf_model(directory: str, device: torch.device) -> tuple[Config, dict, object]:
+    """(config, params, tokenizer) of a Hugging Face directory, in float32: ``tokenizer.json`` when it has
+    one (``load_hf_tokenizer``), else GPT-2's ``vocab.json`` + ``merges.txt``."""
+    from ftransformer.interop.hf import load_hf
+    from ftransformer.interop.hf_gpt2 import load_hf_gpt2_tokenizer
+    from ftransformer.interop.hf_tokenizer import TOKENIZER_JSON, load_hf_tokenizer
+
+    cfg, params = load_hf(directory, dtype=torch.float32, device=device)
+    if (Path(directory) / TOKENIZER_JSON).is_file():
+        tokenizer = load_hf_tokenizer(directory)
+    else:
+        tokenizer = load_hf_gpt2_tokenizer(directory)
+    if tokenizer is None:
+        raise ValueError(f"{directory!r} has no vocab.json + merges.txt (GPT-2) nor {TOKENIZER_JSON}, so text cannot be encoded")
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{directory}: tokenizer has vocab_size={tokenizer.vocab_size} but the model has vocab_size={cfg.vocab_size}")
+    return cfg, params, tokenizer
+
+
+def prompt_ids(tokenizer, prompt: str, *, chat: bool) -> list[int]:
+    """The prompt's token ids: encoded as text, or (``chat``) as one user turn of the chat template."""
+    if not chat:
+        ids = tokenizer.encode(prompt)
+    elif not hasattr(tokenizer, "apply_chat_template"):
+        raise ValueError(f"--chat needs a tokenizer with a chat template (a Hugging Face tokenizer.json), got {tokenizer!r}")
+    else:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    if not ids:
+        raise ValueError("--prompt encodes to no tokens; give at least one character")
+    return ids
 
 
 def _device(name: str) -> torch.device:
@@ -132,23 +163,24 @@ def run(args) -> int:
     cfg, params, tokenizer = load_model(args, device)
     if args.quantize is not None and not is_quantized(params):
         params = quantize(params, cfg, args.quantize)
-    ids = tokenizer.encode(args.prompt)
-    if not ids:
-        raise ValueError("--prompt encodes to no tokens; give at least one character")
+    ids = prompt_ids(tokenizer, args.prompt, chat=args.chat)
+    stop = tuple(getattr(tokenizer, "stop_tokens", ()))
     prompt = torch.tensor(ids, dtype=torch.long, device=device)
     if len(ids) >= cfg.max_seq_len:
         print(f"note: the prompt is {len(ids)} tokens and max_seq_len={cfg.max_seq_len}: the model sees its last "
               f"{cfg.max_seq_len // 2}", file=sys.stderr)
     # Past max_seq_len the context slides: the model always sees at most max_seq_len tokens.
     stream = generate_stream_sliding(
-        params, prompt, cfg, max_new_tokens=args.max_new_tokens, sampling=sampling,
+        params, prompt, cfg, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_tokens=stop,
         compile=COMPILE.get(args.compile, False),
     )
     out = sys.stdout
-    out.write(args.prompt)
+    out.write("" if args.chat else args.prompt)
     out.flush()
     text = TextStream(tokenizer)
     for token in stream:
+        if int(token) in stop:  # the end of the reply, not part of its text
+            break
         piece = text.push(int(token))
         if piece:
             out.write(piece)
@@ -158,4 +190,4 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["TextStream", "add_arguments", "load_model", "run"]
+__all__ = ["TextStream", "add_arguments", "load_hf_model", "load_model", "prompt_ids", "run"]

@@ -37,6 +37,8 @@ _CHUNK_BYTES = 16 * 2**20
 def read_hf_config(directory: str | os.PathLike) -> dict:
     """``directory/config.json`` as a dict; a missing or broken file raises ``ValueError`` naming it."""
     directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is not a directory (expected a Hugging Face model directory)")
     path = directory / "config.json"
     if not path.is_file():
         raise ValueError(f"{directory} has no config.json (expected a Hugging Face model directory)")

@@ -177,3 +177,42 @@ def test_cli_chat_needs_a_chat_template(models, tmp_path, capsys):
     save_hf(params, cfg, tmp_path)
     assert main(["generate", "--hf-dir", str(tmp_path), "--prompt", "hi"]) == 2
     assert "has no vocab.json + merges.txt (GPT-2) nor tokenizer.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile", [True, "aot"])
+def test_compiled_decoding_keeps_the_windows(models, compile):
+    """The compiled decode steps (torch.compile, AOTInductor) build the same per-layer window masks."""
+    model, cfg, params = models["qwen2"]  # one windowed layer, one full: both kinds of mask in one step
+    prompt = tokens(2, 4, seed=1)
+    eager = ft.generate(params, prompt, cfg, max_new_tokens=SEQ, temperature=0.0)
+    assert torch.equal(ft.generate(params, prompt, cfg, max_new_tokens=SEQ, temperature=0.0, compile=compile), eager)
+
+
+def test_cli_train_init_from_hf_fine_tunes_the_model_with_its_tokenizer(chat_dir, tmp_path, capsys):
+    from ftransformer.cli import main
+    from ftransformer.interop.hf_tokenizer import load_hf_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 100)
+    out = tmp_path / "run"
+    assert main(["train", "--init-from-hf", str(chat_dir), "--data", str(corpus), "--preset", "tiny", "--steps", "3",
+                 "--batch-size", "2", "--set", "seq_len=16", "--eval-every", "3", "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"model: {chat_dir}" in printed
+    losses = [float(line.split("val loss ")[1].split()[0].rstrip(";")) for line in printed.splitlines() if line.startswith("step ")]
+    assert losses[-1] < losses[0]  # it learned from the corpus
+    cfg, params = load_hf(chat_dir)
+    ckpt = ft.load_checkpoint(out / "latest", with_opt_state=False)
+    assert ckpt.config == cfg
+    # The checkpoint keeps the model's vocabulary (its ids for the text itself).
+    assert ckpt.tokenizer.encode("the lazy dog") == load_hf_tokenizer(chat_dir).encode("the lazy dog", add_special_tokens=False)
+    before, after = ft.tree_flatten_with_paths(params), ft.tree_flatten_with_paths(ckpt.params)
+    assert list(before) == list(after) and not torch.equal(before["blocks.0.attn.w_qkv"], after["blocks.0.attn.w_qkv"])
+
+
+def test_cli_train_init_from_hf_refuses_a_shape_change(chat_dir, tmp_path, capsys):
+    from ftransformer.cli import main
+
+    assert main(["train", "--init-from-hf", str(chat_dir), "--set", "n_layers=3", "--out", str(tmp_path)]) == 2
+    assert "would change the shapes of the model" in capsys.readouterr().err

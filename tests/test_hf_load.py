@@ -281,7 +281,9 @@ def test_bench_load_times_both_loaders_in_fresh_processes(tmp_path, capsys):
     assert all(len(r) == 5 and float(r[0]) >= 0 and float(r[1]) > 0 for r in rows.values())  # seconds, MiB, ...
     assert "ft.load_hf / transformers: time x" in out
     assert (tmp_path / "config.json").is_file()
-    assert main(["bench", "load", "--dir", str(tmp_path), "--size", "tiny"]) == 0  # reused, not written again
+    from ftransformer.bench.load import ensure_checkpoint
+
+    ensure_checkpoint(tmp_path, "tiny", "bfloat16")  # the same size again: reused, not written again
     assert "writing" not in capsys.readouterr().out
 
 

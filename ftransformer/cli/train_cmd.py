@@ -91,6 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="continue the run in --out DIR from its latest checkpoint, with its saved settings (default --out: "
         "the newest default run directory of this preset and corpus)",
     )
+    parser.add_argument(
+        "--init-from-hf", metavar="DIR", default=None,
+        help="fine-tune a Hugging Face model directory (any supported family: its weights, config and tokenizer.json; "
+        "full fine-tuning) with the preset's training recipe instead of training the preset's model from scratch",
+    )
     parser.add_argument("--compile", action="store_true", help="compile the train step with torch.compile")
     parser.add_argument(
         "--device", choices=DEVICES, default=None, help="where to train (default: cuda if available, else cpu)"
@@ -219,6 +224,8 @@ def _run(args, ctx) -> int:
     say = print if main else (lambda *a, **k: None)  # rank 0 speaks for the group
     if ctx is not None and (args.ensemble is not None or args.sweep or args.dp_clip is not None):
         raise ValueError("--ensemble, --sweep and --dp-clip run in one process; launch without torchrun")
+    if args.init_from_hf is not None and (args.resume or args.ensemble is not None or args.sweep):
+        raise ValueError("--init-from-hf starts one fresh run: it does not go with --resume, --ensemble or --sweep")
     config_changes, recipe_changes = parse_overrides(args.overrides)
     flag_changes = {
         k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("accum_steps", args.accum),
@@ -261,7 +268,7 @@ def _run(args, ctx) -> int:
                 f"or choose another --out"
             )
         seed = 0 if args.seed is None else args.seed
-        tokenizer = recipe.tokenizer
+        tokenizer = recipe.tokenizer if args.init_from_hf is None else _hf_tokenizer(args.init_from_hf)
         cfg = None
     if seed < 0:
         raise ValueError(f"--seed must be >= 0, got {seed}")
@@ -277,7 +284,10 @@ def _run(args, ctx) -> int:
     )
     if main and ctx is not None:
         ctx.barrier()
-    if cfg is None:
+    hf_params = None
+    if cfg is None and args.init_from_hf is not None:
+        cfg, hf_params = _hf_model(args.init_from_hf, device, config_changes)
+    elif cfg is None:
         cfg = get_preset(preset).replace(vocab_size=dataset.tokenizer.vocab_size, **config_changes)
     elif cfg.vocab_size != dataset.tokenizer.vocab_size:
         raise ValueError(
@@ -292,9 +302,9 @@ def _run(args, ctx) -> int:
     if args.ensemble is not None or args.sweep:
         return train_ensemble.run_members(args, preset=preset, recipe=recipe, cfg=cfg, dataset=dataset, out=out,
                                           seed=seed, device=device, data=data)
-    params = init_params(cfg, seed=seed, device=device)
+    params = init_params(cfg, seed=seed, device=device) if hf_params is None else hf_params
     say(
-        f"model: preset {preset}, {count_params(params):,} parameters, vocab {cfg.vocab_size} "
+        f"model: {'preset ' + preset if hf_params is None else args.init_from_hf}, {count_params(params):,} parameters, vocab {cfg.vocab_size} "
         f"({dataset.tokenizer.kind} tokenizer), {len(dataset.train):,} train / {len(dataset.val):,} val tokens"
     )
     say(
@@ -316,7 +326,7 @@ def _run(args, ctx) -> int:
         say(f"DP-SGD: per-example clipping to {dp_clip:g}, noise multiplier {dp_noise:g} "
               "(privacy accounting not done here; use e.g. Opacus's RDP accountant)")
     run_settings = {
-        "preset": preset, "data": data, "seed": seed, "recipe": recipe.to_dict(),
+        "preset": preset, "data": data, "seed": seed, "recipe": recipe.to_dict(), "init_from_hf": args.init_from_hf,
         "dp_clip": dp_clip, "dp_noise": dp_noise, "log_noise_scale": log_noise_scale,
     }
     result = fit(
@@ -337,6 +347,26 @@ def _run(args, ctx) -> int:
         say(f"interrupted at step {result.step}; continue with: ftransformer train --resume --out {_quote(out)}")
         return 130
     return 0
+
+
+def _hf_tokenizer(directory: str):
+    """The tokenizer of a Hugging Face directory: the corpus is tokenized with the model's own ids."""
+    from ftransformer.interop.hf_tokenizer import load_hf_tokenizer
+
+    return load_hf_tokenizer(directory)
+
+
+def _hf_model(directory: str, device: torch.device, config_changes: dict) -> tuple[Config, dict]:
+    """A Hugging Face model's config and float32 params on ``device``; ``--set`` may change training-only
+    fields (e.g. dropout), never a shape."""
+    from ftransformer.checkpoint import expected_param_shapes
+    from ftransformer.interop.hf import load_hf
+
+    cfg, params = load_hf(directory, dtype=torch.float32, device=device)
+    changed = cfg.replace(**config_changes) if config_changes else cfg
+    if expected_param_shapes(changed) != expected_param_shapes(cfg):
+        raise ValueError(f"--set {', '.join(config_changes)} would change the shapes of the model in {directory}")
+    return changed, params
 
 
 def _quote(path: Path) -> str:

@@ -216,3 +216,13 @@ def test_cli_train_init_from_hf_refuses_a_shape_change(chat_dir, tmp_path, capsy
 
     assert main(["train", "--init-from-hf", str(chat_dir), "--set", "n_layers=3", "--out", str(tmp_path)]) == 2
     assert "would change the shapes of the model" in capsys.readouterr().err
+
+
+def test_example_12_loads_chats_looks_inside_and_writes_back():
+    from test_examples import ROOT, run_example
+
+    done = run_example(ROOT / "examples" / "12_pretrained.py")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "max |activations logits - forward logits| = 0.0e+00" in done.stdout
+    assert "layer 1: pattern (4, 48, 48), window 16, keys seen by a query: at most 16" in done.stdout
+    assert "save_hf -> load_hf: identical" in done.stdout

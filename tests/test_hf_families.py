@@ -181,7 +181,7 @@ def test_cli_chat_needs_a_chat_template(models, tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("compile", [True, "aot"])
-def test_compiled_decoding_keeps_the_windows(models, compile):
+def test_compiled_decoding_keeps_the_windows(models, compile, no_typecheck):
     """The compiled decode steps (torch.compile, AOTInductor) build the same per-layer window masks."""
     model, cfg, params = models["qwen2"]  # one windowed layer, one full: both kinds of mask in one step
     prompt = tokens(2, 4, seed=1)

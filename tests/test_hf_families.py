@@ -214,7 +214,10 @@ def test_cli_train_init_from_hf_fine_tunes_the_model_with_its_tokenizer(chat_dir
 def test_cli_train_init_from_hf_refuses_a_shape_change(chat_dir, tmp_path, capsys):
     from ftransformer.cli import main
 
-    assert main(["train", "--init-from-hf", str(chat_dir), "--set", "n_layers=3", "--out", str(tmp_path)]) == 2
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a few words to tokenize. " * 200)
+    assert main(["train", "--init-from-hf", str(chat_dir), "--data", str(corpus), "--set", "n_layers=3",
+                 "--out", str(tmp_path / "run")]) == 2
     assert "would change the shapes of the model" in capsys.readouterr().err
 
 

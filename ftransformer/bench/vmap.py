@@ -29,10 +29,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ftransformer import optim
-from ftransformer.batched import init_ensemble, make_ensemble_step, per_example_grads, unstack_params
 from ftransformer.config import PRESETS, Config, get_preset
+from ftransformer.ensemble import init_ensemble, make_ensemble_step, unstack_params
 from ftransformer.model import loss_fn
 from ftransformer.params import init_params, tree_flatten_with_paths
+from ftransformer.per_example import per_example_grads
 from ftransformer.train import make_train_step
 
 DEFAULT_PRESET = "shakespeare-char-cpu"
@@ -170,7 +171,7 @@ def _ensemble_contender(cfg: Config, attn_impl, stacked, batch):
     ens = {"params": stacked, "opt": ens_step.init(stacked)}
 
     def vmapped():
-        ens["params"], ens["opt"], m = ens_step(ens["params"], ens["opt"], batch)
+        ens["params"], ens["opt"], m = ens_step.step(ens["params"], ens["opt"], batch)
         return m["loss"]
 
     return vmapped

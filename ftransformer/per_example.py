@@ -91,22 +91,12 @@ def per_example_grads(
     return optim._unflatten(list(grads), treedef)
 
 
-def per_example_grad_norms(
-    params: dict,
-    tokens: Tensor,
-    targets: Tensor,
-    cfg: Config,
-    *,
-    key: Tensor | None = None,
-    ignore_index: int = -100,
-    attn_impl: str | None = "einsum",
-    chunk_size: int | None = None,
-) -> Float[Tensor, " batch"]:
-    """The L2 norm of each example's gradient (all parameters together): which sequences pull hardest."""
-    grads = per_example_grads(
-        params, tokens, targets, cfg, key=key, ignore_index=ignore_index, attn_impl=attn_impl, chunk_size=chunk_size
-    )
-    return optim.per_example_norms(grads)
+def per_example_grad_norms(params: dict, tokens: Tensor, targets: Tensor, cfg: Config, **options) -> Float[Tensor, " batch"]:
+    """The L2 norm of each example's gradient (all parameters together): which sequences pull hardest.
+
+    ``options``: ``per_example_grads``'s keywords (``key``, ``ignore_index``, ``attn_impl``, ``chunk_size``).
+    """
+    return optim.per_example_norms(per_example_grads(params, tokens, targets, cfg, **options))
 
 
 def make_per_example_train_step(

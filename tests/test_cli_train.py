@@ -233,10 +233,19 @@ def test_resolve_run_on_resume_reads_the_saved_settings(tmp_path, small_file):
         resolve_run(build_parser().parse_args(["train", "--resume", "--out", str(out), "--preset", "gpt2"]))
 
 
-def test_ensemble_trains_with_accumulation_through_fit(tmp_path, small_file, capsys):
+def test_ensemble_trains_with_accumulation_and_resumes_through_fit(tmp_path, small_file, capsys):
     out = tmp_path / "ens"
     rc = main(["train", *FAST, "--data", str(small_file), "--steps", "2", "--eval-every", "2", "--out", str(out),
-               "--ensemble", "2", "--accum", "2"])
+               "--sweep", "lr=1e-3,1e-2", "--accum", "2"])
     assert rc == 0 and "in 2 micro-batches" in capsys.readouterr().out
     assert [(r["step"], r["member"]) for r in metrics(out)] == [(0, 0), (0, 1), (2, 0), (2, 1)]
     assert checkpoint.load_checkpoint(out / "member-1" / "latest").step == 2
+    # the run is refused as a fresh one, and resumes with its members and settings
+    rc = main(["train", *FAST, "--data", str(small_file), "--steps", "2", "--out", str(out)])
+    assert rc == 2 and "already holds a run (checkpoint at step 2)" in capsys.readouterr().err
+    rc = main(["train", "--resume", "--quiet", "--out", str(out), "--steps", "4"])
+    assert rc == 0 and "lr=0.01" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(out)] == [0, 0, 2, 2, 4, 4]
+    assert checkpoint.load_checkpoint(out / "member-0" / "latest").extra["member"]["lr"] == 1e-3
+    rc = main(["train", "--resume", "--quiet", "--out", str(out), "--ensemble", "2"])
+    assert rc == 2 and "--ensemble/--sweep cannot change when resuming" in capsys.readouterr().err

@@ -183,12 +183,20 @@ def _default_out(preset: str, data: str | None, *, resume: bool) -> Path:
     """``runs/<preset>-<corpus>``; a fresh run takes the first free ``-2``, ``-3``...; resume takes the newest taken."""
     base = Path(RUNS_DIR) / f"{preset}-{_corpus_tag(data)}"
     candidates = [base] + [base.with_name(f"{base.name}-{i}") for i in range(2, 1000)]
-    taken = [c for c in candidates if checkpoint_exists(c / LATEST)]
+    taken = [c for c in candidates if _saved_run(c) is not None]
     if resume:
         if not taken:
             raise ValueError(f"nothing to resume: no checkpoint in {str(base)!r} (pass --out DIR)")
         return taken[-1]
-    return next(c for c in candidates if not checkpoint_exists(c / LATEST))
+    return next(c for c in candidates if _saved_run(c) is None)
+
+
+def _saved_run(out: Path) -> Path | None:
+    """The checkpoint that holds a run's settings: ``out/latest``, or an ensemble's ``out/member-0/latest``."""
+    for latest in (out / LATEST, out / "member-0" / LATEST):
+        if checkpoint_exists(latest):
+            return latest
+    return None
 
 
 def _device(name: str | None) -> torch.device:
@@ -267,6 +275,8 @@ def resolve_run(args) -> RunSpec:
         spec = _resolve_fresh(args, changes, common)
     if spec.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {spec.seed}")
+    if (args.ensemble is not None or args.sweep) and args.resume:
+        raise ValueError("--ensemble/--sweep cannot change when resuming; the members are saved with the run")
     if args.ensemble is not None or args.sweep:
         spec = dataclasses.replace(spec, members=train_ensemble.members_for(args.ensemble, args.sweep, spec.recipe,
                                                                             spec.seed))
@@ -280,8 +290,8 @@ def _resolve_fresh(args, changes: dict, common: dict) -> RunSpec:
         recipe = recipe.replace(steps=QUICKSTART_STEPS)
     recipe = recipe.replace(**changes)
     out = Path(args.out) if args.out else _default_out(preset, args.data, resume=False)
-    if checkpoint_exists(out / LATEST):
-        step = read_checkpoint_info(out / LATEST)["step"]
+    if _saved_run(out) is not None:
+        step = read_checkpoint_info(_saved_run(out))["step"]
         raise ValueError(
             f"{str(out)!r} already holds a run (checkpoint at step {step}); add --resume to continue it "
             f"or choose another --out"
@@ -295,12 +305,14 @@ def _resolve_fresh(args, changes: dict, common: dict) -> RunSpec:
 
 def _resolve_resume(args, changes: dict, common: dict) -> RunSpec:
     out = Path(args.out) if args.out else _default_out(args.preset or QUICKSTART_PRESET, args.data, resume=True)
-    if not checkpoint_exists(out / LATEST):
+    latest = _saved_run(out)
+    if latest is None:
         raise ValueError(f"nothing to resume in {str(out)!r}: no checkpoint at {str(out / LATEST)!r}")
-    info = read_checkpoint_info(out / LATEST)
-    saved = info.get("extra", {}).get("train")
+    info = read_checkpoint_info(latest)
+    # An ensemble's members each keep their own settings under "train"; the run's are under "ensemble".
+    saved = info.get("extra", {}).get("ensemble" if latest != out / LATEST else "train")
     if saved is None:
-        raise ValueError(f"{str(out / LATEST)!r} was not written by `ftransformer train`; it has no run settings")
+        raise ValueError(f"{str(latest)!r} was not written by `ftransformer train`; it has no run settings")
     if args.preset is not None and args.preset != saved["preset"]:
         raise ValueError(f"--preset {args.preset} but the run in {str(out)!r} uses preset {saved['preset']}")
     if "tokenizer" in changes and changes["tokenizer"] != saved["recipe"]["tokenizer"]:
@@ -314,9 +326,10 @@ def _resolve_resume(args, changes: dict, common: dict) -> RunSpec:
     return RunSpec(
         preset=saved["preset"], recipe=TrainRecipe.from_dict(saved["recipe"]).replace(**changes),
         data=str(Path(args.data).resolve()) if args.data is not None else saved["data"], out=out,
-        seed=saved["seed"] if args.seed is None else args.seed, resume=True, tokenizer=out / LATEST,
+        seed=saved["seed"] if args.seed is None else args.seed, resume=True, tokenizer=latest,
         config=cfg.replace(**config_changes) if config_changes else cfg, dp_clip=dp_clip, dp_noise=dp_noise,
-        log_noise_scale=args.log_noise_scale or saved.get("log_noise_scale", False), **common,
+        log_noise_scale=args.log_noise_scale or saved.get("log_noise_scale", False), members=saved.get("members"),
+        **common,
     )
 
 

@@ -123,7 +123,7 @@ def check_flags(args) -> None:
     if args.dp_noise is not None and args.dp_noise < 0:
         raise ValueError(f"--dp-noise must be >= 0, got {args.dp_noise}")
     if many:
-        for flag, on in (("--resume", args.resume), ("--compile", args.compile), ("--dp-clip", args.dp_clip is not None),
+        for flag, on in (("--compile", args.compile), ("--dp-clip", args.dp_clip is not None),
                          ("--log-noise-scale", args.log_noise_scale)):
             if on:
                 raise ValueError(f"{flag} is not supported with --ensemble/--sweep")
@@ -153,19 +153,23 @@ def run_members(spec, *, cfg, dataset, device) -> int:
         m = members[i]
         member_recipe = recipe.replace(lr=float(m["lr"]), weight_decay=float(m["weight_decay"]))
         return {"train": {"preset": spec.preset, "data": spec.data, "seed": int(m.get("seed", spec.seed)),
-                          "recipe": member_recipe.to_dict()}}
+                          "recipe": member_recipe.to_dict()},
+                "ensemble": {**spec.settings(), "members": members}}
 
     model = Members(cfg, sweep_optimizer(recipe, recipe.steps), members, seed=spec.seed,
                     tokenizer=dataset.tokenizer, extra=extra)
     result = fit(
         model.init_params(device), cfg, None, dataset.train, dataset.val, steps=recipe.steps,
         batch_size=recipe.batch_size, seq_len=recipe.seq_len, out_dir=spec.out, accum_steps=recipe.accum_steps,
-        eval_every=recipe.eval_every, eval_batches=recipe.eval_batches, seed=spec.seed, device=device,
-        progress=not spec.quiet, model=model,
+        eval_every=recipe.eval_every, eval_batches=recipe.eval_batches, seed=spec.seed, resume=spec.resume,
+        device=device, progress=not spec.quiet, model=model,
     )
     print(format_ranking(model.summary(result)))
     print(f"metrics: {result.files['metrics']}; plot: {result.files['plot']}")
-    return 130 if result.interrupted else 0
+    if result.interrupted:
+        print(f"interrupted at step {result.step}; continue with: ftransformer train --resume --out {spec.out}")
+        return 130
+    return 0
 
 
 __all__ = [

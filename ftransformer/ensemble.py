@@ -384,6 +384,12 @@ class Members:
                 save_checkpoint(d / BEST, **meta)
             save_checkpoint(d / LATEST, **meta)
 
+    def files(self, run: FitRun) -> dict[str, Path]:
+        """The metrics file and the plot, and member 0's ``latest`` and ``best`` (each member has its own)."""
+        first = self.dirs(run.out)[0]
+        return {"latest": first / LATEST, "best": first / BEST, "metrics": run.files["metrics"],
+                "plot": run.files["plot"]}
+
     def loss(self, metrics: dict) -> float:
         """The best finite member loss (NaN when every member diverged)."""
         finite = [v for v in metrics["loss"].tolist() if math.isfinite(v)]

@@ -307,6 +307,10 @@ class SingleModel:
             extra={**(self.extra or {}), "fit": run.fit_state(state.step, state.elapsed, state.best_val)},
         )
 
+    def files(self, run: FitRun) -> dict[str, Path]:
+        """What the run writes where; ``latest`` is the checkpoint a failed or interrupted run points to."""
+        return run.files
+
     def loss(self, metrics: dict) -> float:
         """The step's loss to show and to check for divergence."""
         return float(metrics["loss"])
@@ -352,7 +356,7 @@ def _one_step(run: FitRun, model, step_fn: Callable, state: FitState, window: di
     loss = model.loss(metrics)  # also waits for the device, so the timing is honest
     window["seconds"] += time.perf_counter() - t
     if not math.isfinite(loss):
-        latest = run.files["latest"]
+        latest = model.files(run)["latest"]
         good = read_checkpoint_info(latest)["step"] if checkpoint_exists(latest) else None
         where = f"the last good checkpoint is {str(latest)!r} (step {good})" if good is not None else (
             "no checkpoint was saved yet")
@@ -458,7 +462,7 @@ def _loop(run: FitRun, model, step_fn: Callable, state: FitState, sets, show: bo
         bar.close()
     return FitResult(
         params=state.params, opt_state=state.opt_state, step=state.step, history=state.history,
-        best_val_loss=state.best_val, interrupted=interrupted, out_dir=run.out, files=run.files,
+        best_val_loss=state.best_val, interrupted=interrupted, out_dir=run.out, files=model.files(run),
     )
 
 
@@ -466,7 +470,7 @@ def _save_on_interrupt(run: FitRun, model, state: FitState) -> None:
     model.save(run, state, "latest")
     if run.is_main:
         write_metrics(run.files["metrics"], state.history)
-    run.say(f"interrupted at step {state.step}; saved {str(run.files['latest'])!r} (continue with resume)")
+    run.say(f"interrupted at step {state.step}; saved {str(model.files(run)['latest'])!r} (continue with resume)")
 
 
 def _fmt(x: float | None) -> str:

@@ -170,7 +170,7 @@ def test_fit_trains_members_with_per_member_checkpoints_records_and_plot(tmp_pat
     assert [(r["step"], r["member"]) for r in result.history] == [(s, i) for s in (0, 3, 6) for i in (0, 1)]
     assert set(result.history[0]) == {"step", "member", "name", "seed", "hparams", "train_loss", "val_loss", "lr",
                                       "tokens_per_s", "elapsed_s"}
-    assert (tmp_path / "loss.png").exists()
+    assert (tmp_path / "loss.png").exists() and result.files["latest"] == tmp_path / "member-0" / "latest"
     for i, p in enumerate(ft.unstack_params(result.params)):
         ck = ft.load_checkpoint(tmp_path / f"member-{i}" / "latest")
         assert ck.step == 6 and _max_diff(ck.params, p) == 0

@@ -12,7 +12,12 @@ batch's token-weighted mean, even when padding (``ignore_index``) leaves micro-b
 Across processes (``all_reduce``, see ``distributed``) the same holds: the token count is summed first,
 then each process's gradients of its share, so the update is the one a single process would compute.
 
-The loop that draws batches, evaluates and checkpoints (``fit``) is in ``ftransformer.loop``.
+Every step in the library is built from the same two pieces: ``loss_and_grads`` (the loss and its
+gradients, with accumulation and the data-parallel sum) and ``apply_optimizer`` (the update, outside
+any autograd graph); ``train_update`` is the two in a row. ``make_train_step`` checks a batch and calls
+it, ``ensemble.make_ensemble_step`` is ``vmap`` of it, and ``per_example.make_per_example_train_step``
+feeds ``apply_optimizer`` per-example gradients. The loop that draws batches, evaluates and
+checkpoints (``fit``, which runs a ``TrainStep``) is in ``ftransformer.loop``.
 """
 
 import functools

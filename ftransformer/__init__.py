@@ -42,10 +42,9 @@ from ftransformer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ftransformer.data import BPETokenizer, CharTokenizer, load_dataset, load_tokenizer
 from ftransformer.loop import fit
 # [area: vmap]
-from ftransformer import batched
-from ftransformer.batched import (
-    gradient_noise_scale, init_ensemble, per_example_grad_norms, per_example_grads, stack_params, unstack_params,
-)
+from ftransformer import batched, ensemble, per_example
+from ftransformer.ensemble import init_ensemble, stack_params, unstack_params
+from ftransformer.per_example import gradient_noise_scale, per_example_grad_norms, per_example_grads
 # [area: interop]
 from ftransformer import interop
 from ftransformer.interop.hf_gpt2 import load_hf_gpt2, to_hf_gpt2

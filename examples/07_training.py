@@ -85,8 +85,8 @@ def main() -> None:
     full_params, _, full_metrics = train.make_train_step(cfg, sgd)(params, sgd.init(params), (tokens, targets), None)
     accumulating = train.make_train_step(cfg, sgd, accum_steps=4)
     acc_params, _, acc_metrics = accumulating(params, sgd.init(params), (tokens, targets), None)
-    diff = max(float((a - b).abs().max()) for a, b in zip(ft.tree_leaves(acc_params), ft.tree_leaves(full_params)))
-    size = max(float((a - b).abs().max()) for a, b in zip(ft.tree_leaves(full_params), ft.tree_leaves(params)))
+    diff = max(float((a - b).abs().max()) for a, b in zip(ft.tree.leaves(acc_params), ft.tree.leaves(full_params)))
+    size = max(float((a - b).abs().max()) for a, b in zip(ft.tree.leaves(full_params), ft.tree.leaves(params)))
     print()
     print("3. gradient accumulation: 4 micro-batches of 4 sequences vs one batch of 16 (SGD, lr 1)")
     print(f"   loss {float(acc_metrics['loss']):.6f} vs {float(full_metrics['loss']):.6f}; "

@@ -56,11 +56,11 @@ def main() -> None:
           f"train loss {float(metrics['loss']):.3f} (ln(vocab) = {math.log(cfg.vocab_size):.3f})")
 
     # ---------------------------------------------------------------- 1. per-example gradients
-    # ft.per_example_grads is vmap(grad(loss of one sequence)): every leaf of the result has a leading
+    # ft.per_example.per_example_grads is vmap(grad(loss of one sequence)): every leaf of the result has a leading
     # batch axis. It runs attention on the einsum path, because vmap has no batching rule for the fused
     # SDPA kernels (it would fall back to looping over the batch for them).
     tokens, targets = ft.data.sample_batch(ds.val, 16, seq_len, seed=1, step=0)
-    grads = ft.per_example_grads(params, tokens, targets, cfg)
+    grads = ft.per_example.per_example_grads(params, tokens, targets, cfg)
     print()
     print(f"1. per-example gradients: w_qkv of block 0 is {tuple(params['blocks'][0]['attn']['w_qkv'].shape)}, "
           f"its per-example gradient {tuple(grads['blocks'][0]['attn']['w_qkv'].shape)}")
@@ -68,7 +68,7 @@ def main() -> None:
     # `ftransformer bench vmap`).
     loop = [torch.func.grad(lambda p, i=i: ft.loss_fn(p, tokens[i], targets[i], cfg))(params) for i in range(4)]
     diff = max(float((g[i] - want).abs().max())
-               for i in range(4) for g, want in zip(ft.tree_leaves(grads), ft.tree_leaves(loop[i])))
+               for i in range(4) for g, want in zip(ft.tree.leaves(grads), ft.tree.leaves(loop[i])))
     print(f"   max |vmap - loop| = {diff:.1e}")
     # A large gradient norm means the model would change a lot to fit that sequence better: text unlike
     # what it has learned (rare characters, unusual layout) pulls hardest.

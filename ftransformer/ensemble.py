@@ -51,7 +51,7 @@ def init_ensemble(cfg: Config, seeds: Sequence[int], *, device: str | torch.devi
 def _members(stacked: PyTree) -> int:
     leaves = tree.leaves(stacked)
     if not leaves or leaves[0].ndim == 0:
-        raise ValueError("stacked params must have a leading member axis (ft.stack_params / ft.init_ensemble)")
+        raise ValueError("stacked params must have a leading member axis (ft.ensemble.stack_params / ft.ensemble.init_ensemble)")
     return leaves[0].shape[0]
 
 

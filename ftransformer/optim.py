@@ -491,7 +491,7 @@ def per_example_norms(grads: PyTree) -> Tensor:
 def dp_aggregate(clip_norm: float, noise_multiplier: float, *, key: Tensor) -> GradientTransformation:
     """DP-SGD's aggregation (Abadi et al. 2016): per-example gradients in, one noisy mean gradient out.
 
-    ``update`` takes gradients whose every leaf has a leading batch axis (``ft.per_example_grads``),
+    ``update`` takes gradients whose every leaf has a leading batch axis (``ft.per_example.per_example_grads``),
     scales each example's gradient to global norm at most ``clip_norm`` (C), sums them, adds Gaussian
     noise ``N(0, (noise_multiplier * C)^2)`` to every coordinate and divides by the batch size. Put it
     first in a chain: ``chain(dp_aggregate(1.0, 1.1, key=ft.random.key(0)), adamw(1e-3))``, and train with

@@ -16,19 +16,19 @@ from ftransformer.train import make_train_step
 
 def test_stack_unstack_init_ensemble(tiny_cfg):
     trees = [ft.init_params(tiny_cfg, seed=s) for s in (0, 1, 2)]
-    stacked = ft.stack_params(trees)
+    stacked = ft.ensemble.stack_params(trees)
     assert stacked["embed"]["tokens"].shape == (3, tiny_cfg.vocab_size, tiny_cfg.d_model)
-    for a, b in zip(ft.unstack_params(stacked), trees):
+    for a, b in zip(ft.ensemble.unstack_params(stacked), trees):
         assert _max_diff(a, b) == 0
-    assert _max_diff(ft.init_ensemble(tiny_cfg, [0, 1, 2]), stacked) == 0
+    assert _max_diff(ft.ensemble.init_ensemble(tiny_cfg, [0, 1, 2]), stacked) == 0
     with pytest.raises(ValueError, match="models of one config"):
-        ft.stack_params([trees[0], ft.init_params(tiny_cfg.replace(d_model=30), seed=0)])
+        ft.ensemble.stack_params([trees[0], ft.init_params(tiny_cfg.replace(d_model=30), seed=0)])
     with pytest.raises(ValueError, match="at least one"):
-        ft.stack_params([])
+        ft.ensemble.stack_params([])
     # optimizer states stack too (NamedTuples)
     opt = optim.adamw(1e-3)
-    s = ft.stack_params([opt.init(t) for t in trees])
-    assert s.count.shape == (3,) and isinstance(ft.unstack_params(s)[1], optim.AdamWState)
+    s = ft.ensemble.stack_params([opt.init(t) for t in trees])
+    assert s.count.shape == (3,) and isinstance(ft.ensemble.unstack_params(s)[1], optim.AdamWState)
 
 
 # Why 1e-5 and not exact: the vmapped step adds and reduces in another order (batched matmuls), and
@@ -45,11 +45,11 @@ def test_ensemble_step_equals_separate_train_steps(tiny_cfg, gen, dropout):
         return optim.chain(optim.clip_by_global_norm(1.0),
                            optim.adamw(optim.warmup_cosine(1e-3, 2, 10), weight_decay=0.1))
 
-    stacked = ft.init_ensemble(cfg, seeds)
+    stacked = ft.ensemble.init_ensemble(cfg, seeds)
     step = ensemble.make_ensemble_step(cfg, make_opt())
     state = step.init(stacked)
     single = make_train_step(cfg, make_opt())
-    members = ft.unstack_params(stacked)
+    members = ft.ensemble.unstack_params(stacked)
     states = [make_opt().init(p) for p in members]
     for t in range(3):
         tokens, targets = _batch(gen, cfg, 3, 4, 13)  # each member its own batch
@@ -60,9 +60,9 @@ def test_ensemble_step_equals_separate_train_steps(tiny_cfg, gen, dropout):
                                               None if keys is None else keys[i])
             assert abs(float(metrics["loss"][i]) - float(m["loss"])) < 1e-5
             assert abs(float(metrics["grad_norm"][i]) - float(m["grad_norm"])) < 1e-5
-    for got, want in zip(ft.unstack_params(stacked), members):
+    for got, want in zip(ft.ensemble.unstack_params(stacked), members):
         assert _max_diff(got, want) < 1e-5
-    for got, want in zip(ft.unstack_params(state), states):
+    for got, want in zip(ft.ensemble.unstack_params(state), states):
         assert _max_diff(got, want) < 1e-5
     assert metrics["loss"].shape == (3,) and metrics["lr"].shape == (3,)
 
@@ -71,13 +71,13 @@ def test_ensemble_step_with_sdpa_config(tiny_cfg, gen):
     # A config on the SDPA path trains on the einsum path inside vmap: the same model to ~1e-6.
     cfg = tiny_cfg
     opt = optim.sgd(0.1)
-    stacked = ft.init_ensemble(cfg, [0, 1])
+    stacked = ft.ensemble.init_ensemble(cfg, [0, 1])
     step = ensemble.make_ensemble_step(cfg, opt)
     tokens, targets = _batch(gen, cfg, 2, 3, 9)
     new, _, _ = step.step(stacked, step.init(stacked), (tokens, targets))
     ref = [make_train_step(cfg, opt)(p, opt.init(p), (tokens[i], targets[i]))[0]
-           for i, p in enumerate(ft.unstack_params(stacked))]
-    assert _max_diff(new, ft.stack_params(ref)) < 1e-5
+           for i, p in enumerate(ft.ensemble.unstack_params(stacked))]
+    assert _max_diff(new, ft.ensemble.stack_params(ref)) < 1e-5
 
 
 def test_sweep_per_member_lr_and_weight_decay(tiny_cfg, gen):
@@ -88,7 +88,7 @@ def test_sweep_per_member_lr_and_weight_decay(tiny_cfg, gen):
         return optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(lr, weight_decay=weight_decay))
 
     hp = {"lr": torch.tensor(lrs), "weight_decay": torch.tensor(wds)}
-    stacked = ft.init_ensemble(cfg, [0, 0, 0])
+    stacked = ft.ensemble.init_ensemble(cfg, [0, 0, 0])
     step = ensemble.make_ensemble_step(cfg, make_opt)
     state = step.init(stacked, hp)
     tokens, targets = _batch(gen, cfg, 1, 4, 13)
@@ -96,13 +96,13 @@ def test_sweep_per_member_lr_and_weight_decay(tiny_cfg, gen):
     for _ in range(2):
         stacked, state, metrics = step.step(stacked, state, (tokens, targets), hparams=hp)
     torch.testing.assert_close(metrics["lr"], hp["lr"])
-    for i, p in enumerate(ft.unstack_params(ft.init_ensemble(cfg, [0, 0, 0]))):
+    for i, p in enumerate(ft.ensemble.unstack_params(ft.ensemble.init_ensemble(cfg, [0, 0, 0]))):
         opt = make_opt(lrs[i], wds[i])
         single, s = make_train_step(cfg, opt), opt.init(p)
         for _ in range(2):
             p, s, _ = single(p, s, (tokens[i], targets[i]))
-        assert _max_diff(ft.unstack_params(stacked)[i], p) < 1e-5
-    assert _max_diff(ft.unstack_params(stacked)[2], ft.init_params(cfg, seed=0)) == 0  # lr 0: unchanged
+        assert _max_diff(ft.ensemble.unstack_params(stacked)[i], p) < 1e-5
+    assert _max_diff(ft.ensemble.unstack_params(stacked)[2], ft.init_params(cfg, seed=0)) == 0  # lr 0: unchanged
     with pytest.raises(ValueError, match="one value per member"):
         step.step(stacked, state, (tokens, targets), hparams={"lr": torch.tensor([1.0]), "weight_decay": torch.tensor(wds)})
     with pytest.raises(ValueError, match="needs hparams"):
@@ -110,7 +110,7 @@ def test_sweep_per_member_lr_and_weight_decay(tiny_cfg, gen):
 
 
 def test_ensemble_step_checks_shapes(tiny_cfg, gen):
-    stacked = ft.init_ensemble(tiny_cfg, [0, 1])
+    stacked = ft.ensemble.init_ensemble(tiny_cfg, [0, 1])
     step = ensemble.make_ensemble_step(tiny_cfg, optim.sgd(0.1))
     tokens, targets = _batch(gen, tiny_cfg, 3, 4, 9)
     with pytest.raises(ValueError, match=r"members=2"):
@@ -118,10 +118,10 @@ def test_ensemble_step_checks_shapes(tiny_cfg, gen):
 
 
 def test_evaluate_ensemble_equals_evaluate_per_member(tiny_cfg, gen):
-    stacked = ft.init_ensemble(tiny_cfg, [0, 1, 2])
+    stacked = ft.ensemble.init_ensemble(tiny_cfg, [0, 1, 2])
     shared = [_batch(gen, tiny_cfg, 4, 10) for _ in range(2)]
     losses = ensemble.evaluate_ensemble(stacked, shared, tiny_cfg)
-    members = ft.unstack_params(stacked)
+    members = ft.ensemble.unstack_params(stacked)
     expected = torch.tensor([ft.evaluate(p, shared, tiny_cfg) for p in members])
     torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
     own = [_batch(gen, tiny_cfg, 3, 4, 10)]
@@ -134,7 +134,7 @@ def test_ensemble_step_with_accumulation_equals_the_whole_batch(tiny_cfg, gen):
     # the same core as make_train_step: accum_steps splits each member's batch, same update
     cfg = tiny_cfg.replace(attn_impl="einsum")
     opt = optim.sgd(0.1)
-    stacked = ft.init_ensemble(cfg, [0, 1])
+    stacked = ft.ensemble.init_ensemble(cfg, [0, 1])
     tokens, targets = _batch(gen, cfg, 2, 4, 9)
     whole = ensemble.make_ensemble_step(cfg, opt)
     split = ensemble.make_ensemble_step(cfg, opt, accum_steps=2)
@@ -171,7 +171,7 @@ def test_fit_trains_members_with_per_member_checkpoints_records_and_plot(tmp_pat
     assert set(result.history[0]) == {"step", "member", "name", "seed", "hparams", "train_loss", "val_loss", "lr",
                                       "tokens_per_s", "elapsed_s"}
     assert (tmp_path / "loss.png").exists() and result.files["latest"] == tmp_path / "member-0" / "latest"
-    for i, p in enumerate(ft.unstack_params(result.params)):
+    for i, p in enumerate(ft.ensemble.unstack_params(result.params)):
         ck = ft.load_checkpoint(tmp_path / f"member-{i}" / "latest")
         assert ck.step == 6 and _max_diff(ck.params, p) == 0
         assert [r["member"] for r in ck.metrics] == [i, i, i]
@@ -183,7 +183,7 @@ def test_fit_trains_members_with_per_member_checkpoints_records_and_plot(tmp_pat
     for t in range(6):
         batch = ft.data.sample_batch(FIT_IDS[:1300], 4, 10, seed=1, step=t, stream=TRAIN_STREAM)
         p0, state, _ = step(p0, state, batch, ft.random.fold_in(ft.random.key(1), t))
-    assert _max_diff(ft.unstack_params(result.params)[1], p0) < 1e-5
+    assert _max_diff(ft.ensemble.unstack_params(result.params)[1], p0) < 1e-5
     table = ensemble.format_ranking(members.summary(result))
     assert "lr=0.01" in table and "member-1" in table
 
@@ -340,7 +340,7 @@ def test_sweep_optimizer_is_the_recipes_optimizer_per_member(tiny_cfg, gen):
     cfg = tiny_cfg.replace(attn_impl="einsum")
     recipe = get_recipe("tiny").replace(warmup_steps=2, steps=6)
     hp = {"lr": torch.tensor([recipe.lr]), "weight_decay": torch.tensor([recipe.weight_decay])}
-    stacked = ft.init_ensemble(cfg, [0])
+    stacked = ft.ensemble.init_ensemble(cfg, [0])
     step = ensemble.make_ensemble_step(cfg, sweep_optimizer(recipe, recipe.steps))
     state = step.init(stacked, hp)
     opt = optimizer_for(recipe)
@@ -351,4 +351,4 @@ def test_sweep_optimizer_is_the_recipes_optimizer_per_member(tiny_cfg, gen):
         stacked, state, m = step.step(stacked, state, (tokens, targets), hparams=hp)
         p, s, m1 = single(p, s, (tokens[0], targets[0]))
         assert abs(float(m["lr"][0]) - float(m1["lr"])) < 1e-9
-    assert _max_diff(ft.unstack_params(stacked)[0], p) < 1e-5
+    assert _max_diff(ft.ensemble.unstack_params(stacked)[0], p) < 1e-5

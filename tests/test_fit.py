@@ -144,14 +144,14 @@ def test_interrupt_during_evaluation_redoes_it_on_resume(tmp_path, monkeypatch):
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     def diverge(step, params, opt_state, batch, key):
         params, opt_state, metrics = step(params, opt_state, batch, key)
-        bad = ft.tree_map(lambda x: torch.full_like(x, float("nan")), params)
+        bad = ft.tree.map(lambda x: torch.full_like(x, float("nan")), params)
         return bad, opt_state, {**metrics, "loss": torch.tensor(float("nan"))}
 
     with pytest.raises(loop.NonFiniteLossError, match=r"loss became nan at step 7 .*last good checkpoint is .*latest.* \(step 4\)"):
         run_fit(tmp_path, step=misbehaving_step(7, diverge))
     ck = checkpoint.load_checkpoint(tmp_path / "latest")
     assert ck.step == 4
-    assert all(torch.isfinite(x).all() for x in ft.tree_leaves(ck.params))
+    assert all(torch.isfinite(x).all() for x in ft.tree.leaves(ck.params))
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 4]
 
 

@@ -15,7 +15,7 @@ def _batch(gen, cfg, *shape):
 
 
 def _max_diff(a, b) -> float:
-    return max((x - y).abs().max().item() for x, y in zip(ft.tree_leaves(a), ft.tree_leaves(b)))
+    return max((x - y).abs().max().item() for x, y in zip(ft.tree.leaves(a), ft.tree.leaves(b)))
 
 
 def _loop_grads(params, tokens, targets, cfg):
@@ -30,13 +30,13 @@ def test_per_example_grads_equal_a_python_loop(tiny_cfg, gen, attn_impl):
     cfg = tiny_cfg.replace(attn_impl=attn_impl, n_kv_heads=1, positional="rope")
     params = ft.init_params(cfg, seed=0)
     tokens, targets = _batch(gen, cfg, 5, 11)
-    grads = ft.per_example_grads(params, tokens, targets, cfg)
+    grads = ft.per_example.per_example_grads(params, tokens, targets, cfg)
     loop = _loop_grads(params, tokens, targets, cfg)
-    for path, leaf in ft.tree_flatten_with_paths(grads).items():
+    for path, leaf in ft.tree.flatten_with_paths(grads).items():
         assert leaf.shape[0] == 5, path
     for i in range(5):
-        assert _max_diff(ft.tree_map(lambda x: x[i], grads), loop[i]) < 1e-6
-    norms = ft.per_example_grad_norms(params, tokens, targets, cfg)
+        assert _max_diff(ft.tree.map(lambda x: x[i], grads), loop[i]) < 1e-6
+    norms = ft.per_example.per_example_grad_norms(params, tokens, targets, cfg)
     expected = torch.stack([optim.global_norm(g) for g in loop])
     torch.testing.assert_close(norms, expected, rtol=1e-5, atol=1e-6)
 
@@ -48,14 +48,14 @@ def test_per_example_grads_chunked_padding_and_dropout(tiny_cfg, gen):
     targets[2] = -100  # an example of nothing but padding: zero gradient, not NaN
     targets[1, :4] = -100
     key = ft.random.key(7)
-    grads = ft.per_example_grads(params, tokens, targets, cfg, key=key, chunk_size=3)
-    assert all(leaf[2].abs().max() == 0 for leaf in ft.tree_leaves(grads))
+    grads = ft.per_example.per_example_grads(params, tokens, targets, cfg, key=key, chunk_size=3)
+    assert all(leaf[2].abs().max() == 0 for leaf in ft.tree.leaves(grads))
     # example 1 with its own key (split from the key) equals a single-example gradient with that key
     k1 = ft.random.split(key, 4)[1]
     ref = torch.func.grad(lambda p: ft.loss_fn(p, tokens[1], targets[1], cfg.replace(attn_impl="einsum"), key=k1))(params)
-    assert _max_diff(ft.tree_map(lambda x: x[1], grads), ref) < 1e-6
+    assert _max_diff(ft.tree.map(lambda x: x[1], grads), ref) < 1e-6
     # the same key gives the same gradients
-    again = ft.per_example_grads(params, tokens, targets, cfg, key=key)
+    again = ft.per_example.per_example_grads(params, tokens, targets, cfg, key=key)
     assert _max_diff(grads, again) < 1e-6
 
 
@@ -63,11 +63,11 @@ def test_per_example_grads_checks_inputs(tiny_cfg, gen):
     params = ft.init_params(tiny_cfg, seed=0)
     tokens, targets = _batch(gen, tiny_cfg, 2, 5)
     with pytest.raises(ValueError, match=r"shape \(batch, seq\)"):
-        ft.per_example_grads(params, tokens[0], targets[0], tiny_cfg)
+        ft.per_example.per_example_grads(params, tokens[0], targets[0], tiny_cfg)
     with pytest.raises(ValueError, match="outside"):
-        ft.per_example_grads(params, tokens + 100, targets, tiny_cfg)
+        ft.per_example.per_example_grads(params, tokens + 100, targets, tiny_cfg)
     with pytest.raises(ValueError, match="targets must have the shape"):
-        ft.per_example_grads(params, tokens, targets[:, :3], tiny_cfg)
+        ft.per_example.per_example_grads(params, tokens, targets[:, :3], tiny_cfg)
 
 
 # ---------------------------------------------------------------- DP-SGD
@@ -76,13 +76,13 @@ def test_per_example_grads_checks_inputs(tiny_cfg, gen):
 def test_dp_aggregate_clips_every_example(tiny_cfg, gen):
     params = ft.init_params(tiny_cfg, seed=0)
     tokens, targets = _batch(gen, tiny_cfg, 6, 8)
-    grads = ft.per_example_grads(params, tokens, targets, tiny_cfg)
+    grads = ft.per_example.per_example_grads(params, tokens, targets, tiny_cfg)
     clip = 0.5
     norms = optim.per_example_norms(grads)
     assert (norms > clip).all()  # the test means something: every example gets clipped
     # with one example at a time the aggregate is that example's clipped gradient
     for i in range(6):
-        one = ft.tree_map(lambda x: x[i : i + 1], grads)
+        one = ft.tree.map(lambda x: x[i : i + 1], grads)
         dp = optim.dp_aggregate(clip, 0.0, key=ft.random.key(0))
         out, _ = dp.update(one, dp.init(params), params)
         assert float(optim.global_norm(out)) <= clip * (1 + 1e-5)
@@ -95,11 +95,11 @@ def test_dp_aggregate_clips_every_example(tiny_cfg, gen):
 def test_dp_aggregate_without_noise_or_clipping_is_the_plain_mean(tiny_cfg, gen):
     params = ft.init_params(tiny_cfg, seed=0)
     tokens, targets = _batch(gen, tiny_cfg, 4, 8)
-    grads = ft.per_example_grads(params, tokens, targets, tiny_cfg)
+    grads = ft.per_example.per_example_grads(params, tokens, targets, tiny_cfg)
     dp = optim.dp_aggregate(1e9, 0.0, key=ft.random.key(0))
     out, state = dp.update(grads, dp.init(params), params)
-    mean = ft.tree_map(lambda x: x.mean(0), grads)
-    for a, b in zip(ft.tree_leaves(out), ft.tree_leaves(mean)):
+    mean = ft.tree.map(lambda x: x.mean(0), grads)
+    for a, b in zip(ft.tree.leaves(out), ft.tree.leaves(mean)):
         assert torch.equal(a, b)
     assert int(state.count) == 1
     # equal token counts per example: the mean of per-example gradients is the batch gradient
@@ -111,7 +111,7 @@ def test_dp_aggregate_without_noise_or_clipping_is_the_plain_mean(tiny_cfg, gen)
 def test_dp_aggregate_noise_is_reproducible_by_key_and_has_the_right_scale(tiny_cfg, gen):
     params = ft.init_params(tiny_cfg, seed=0)
     tokens, targets = _batch(gen, tiny_cfg, 4, 8)
-    grads = ft.per_example_grads(params, tokens, targets, tiny_cfg)
+    grads = ft.per_example.per_example_grads(params, tokens, targets, tiny_cfg)
     clip, sigma, b = 0.5, 2.0, 4
 
     def noisy(key, steps=1):
@@ -127,7 +127,7 @@ def test_dp_aggregate_noise_is_reproducible_by_key_and_has_the_right_scale(tiny_
         ft.random.key(3), steps=2)
     assert _max_diff(a, again) == 0
     assert _max_diff(a, other) > 0.1 and _max_diff(a, later) > 0.1  # another key, another step: other noise
-    noise = torch.cat([(x - y).flatten() for x, y in zip(ft.tree_leaves(a), ft.tree_leaves(clean))])
+    noise = torch.cat([(x - y).flatten() for x, y in zip(ft.tree.leaves(a), ft.tree.leaves(clean))])
     assert noise.numel() > 2000
     assert abs(float(noise.std()) / (sigma * clip / b) - 1) < 0.1
     assert abs(float(noise.mean())) < 0.1 * sigma * clip / b
@@ -182,7 +182,7 @@ def test_gradient_noise_scale_unbiased_estimator(gen):
     traces, g2s = [], []
     for _ in range(400):
         g = {"w": true_g + sigma * torch.randn(8, 50, generator=gen)}
-        est = ft.gradient_noise_scale(g)
+        est = ft.per_example.gradient_noise_scale(g)
         traces.append(est.trace_cov)
         g2s.append(est.grad_sq_norm)
     trace, g2 = torch.stack(traces).mean(), torch.stack(g2s).mean()
@@ -191,13 +191,13 @@ def test_gradient_noise_scale_unbiased_estimator(gen):
     # the formula itself, on one batch: sample covariance trace with B - 1
     g = {"a": torch.randn(5, 3, generator=gen), "b": torch.randn(5, 2, 2, generator=gen)}
     flat = torch.cat([g["a"], g["b"].reshape(5, 4)], dim=1)
-    est = ft.gradient_noise_scale(g)
+    est = ft.per_example.gradient_noise_scale(g)
     expected_trace = flat.var(dim=0, unbiased=True).sum()
     torch.testing.assert_close(est.trace_cov, expected_trace)
     torch.testing.assert_close(est.grad_sq_norm, flat.mean(0).square().sum() - expected_trace / 5)
     torch.testing.assert_close(est.b_simple, est.trace_cov / est.grad_sq_norm)
     with pytest.raises(ValueError, match="at least 2"):
-        ft.gradient_noise_scale({"w": torch.ones(1, 3)})
+        ft.per_example.gradient_noise_scale({"w": torch.ones(1, 3)})
 
 
 def test_noise_scale_of_a_model(tiny_cfg, gen):

@@ -4,7 +4,7 @@ Two questions, each answered by contenders timed interleaved in one process (eve
 each contender once, so drifting machine load hits all alike; medians reported):
 
 1. **Per-example gradients** of a batch (default 32 x 64 tokens, preset shakespeare-char-cpu):
-   ``ft.per_example_grads`` (vmap of grad, einsum attention), the same on the SDPA path (where
+   ``ft.per_example.per_example_grads`` (vmap of grad, einsum attention), the same on the SDPA path (where
    ``vmap`` has no batching rule and falls back to a loop), a Python loop of one gradient per example,
    and Opacus' ``GradSampleModule`` (per-sample gradients from module hooks) on the plain ``torch.nn``
    GPT of ``bench train``. Opacus is optional (``pip install 'ftransformer[bench]'``); without it its

@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 # Names that left the top level in 0.2, kept for one release: old name -> (module, name there).
+# (``ftransformer.batched`` is a module of its own that warns on every name it forwards.)
 MOVED = {
     "cross_entropy": ("model", "cross_entropy"),
     "format_breakdown": ("params", "format_breakdown"),
@@ -77,16 +78,13 @@ MOVED = {
     "init_ensemble": ("ensemble", "init_ensemble"),
     "stack_params": ("ensemble", "stack_params"),
     "unstack_params": ("ensemble", "unstack_params"),
-    "batched": ("batched", None),
 }
 
 
 def __getattr__(name: str):
     if name not in MOVED:
         raise AttributeError(f"module 'ftransformer' has no attribute {name!r}")
-    module_name, attr = MOVED[name]
-    new = f"ftransformer.{module_name}" + (f".{attr}" if attr else "")
-    warnings.warn(f"ft.{name} moved to {new}; the old name will be removed in the next release",
+    module, attr = MOVED[name]
+    warnings.warn(f"ft.{name} moved to ftransformer.{module}.{attr}; the old name will be removed in the next release",
                   DeprecationWarning, stacklevel=2)
-    module = importlib.import_module(f"ftransformer.{module_name}")
-    return getattr(module, attr) if attr else module
+    return getattr(importlib.import_module(f"ftransformer.{module}"), attr)

@@ -90,7 +90,7 @@ def main() -> None:
     mha_weights = None
     for name, n_kv in (("MHA", 12), ("GQA", 4), ("GQA", 2), ("MQA", 1)):
         cfg = gpt2.replace(n_kv_heads=n_kv)
-        weights = dict(ft.param_breakdown(cfg)["rows"])["attention weights"]
+        weights = dict(ft.params.param_breakdown(cfg)["rows"])["attention weights"]
         mha_weights = mha_weights or weights
         cache_bytes = 2 * cfg.n_layers * n_kv * cfg.head_dim * 2  # k and v, every layer, 2 bytes each
         print(f"   {name:<8} {n_kv:>10} {weights:>18,} {weights / mha_weights:>7.0%} "

@@ -82,7 +82,7 @@ def main() -> None:
     # ---------------------------------------------------------------- 4. where the parameters are
     # The claim at the top, checked on GPT-2 small: per block, the MLP has 2 * d_model * 4 d_model
     # weights against attention's 4 * d_model^2 -- twice as many.
-    rows = dict(ft.param_breakdown(ft.PRESETS["gpt2"])["rows"])
+    rows = dict(ft.params.param_breakdown(ft.PRESETS["gpt2"])["rows"])
     total = sum(rows.values())
     print()
     print("4. GPT-2 small's parameters by part")

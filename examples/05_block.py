@@ -62,7 +62,7 @@ def main() -> None:
             stream.append(float(x.norm(dim=-1).mean()))
         # torch.func.grad of the pure loss: the gradient is a pytree shaped exactly like the params.
         grads = torch.func.grad(ft.loss_fn)(p, tokens[:, :-1], tokens[:, 1:], cfg)
-        grad = [float(torch.stack([g.norm() for g in ft.tree_leaves(b)]).norm()) for b in grads["blocks"]]
+        grad = [float(torch.stack([g.norm() for g in ft.tree.leaves(b)]).norm()) for b in grads["blocks"]]
         results[position] = (stream, grad)
 
     print()

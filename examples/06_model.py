@@ -26,11 +26,11 @@ def main() -> None:
     cfg = ft.PRESETS["seed"]
     print(f'1. the "seed" model: {cfg.n_layers} layers, d_model={cfg.d_model}, {cfg.n_heads} heads, '
           f"d_ff={cfg.d_ff}, vocab={cfg.vocab_size:,}, max_seq_len={cfg.max_seq_len}")
-    print(textwrap.indent(ft.format_breakdown(cfg), "   "))
+    print(textwrap.indent(ft.params.format_breakdown(cfg), "   "))
     params = ft.init_params(cfg, seed=0)
     n = ft.count_params(params)
     print(f"   count_params(init_params(seed)) = {n:,} (equals the exact total: "
-          f"{n == ft.param_breakdown(cfg)['total']})")
+          f"{n == ft.params.param_breakdown(cfg)['total']})")
     # What to look at: with a 10k vocabulary, embeddings are almost half of this small model; the
     # output projection costs nothing because it is tied to (is the same tensor as) the embedding.
 
@@ -76,7 +76,7 @@ def main() -> None:
     padded = targets.clone()
     padded[:, 32:] = -100
     masked = float(ft.loss_fn(params, inputs, padded, cfg))
-    first_half = float(ft.cross_entropy(logits[:, :32], targets[:, :32]))
+    first_half = float(ft.model.cross_entropy(logits[:, :32], targets[:, :32]))
     print(f"   targets 32..63 set to -100: loss {masked:.4f} = loss of positions 0..31 alone {first_half:.4f}")
 
 

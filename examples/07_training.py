@@ -85,8 +85,8 @@ def main() -> None:
     full_params, _, full_metrics = train.make_train_step(cfg, sgd)(params, sgd.init(params), (tokens, targets), None)
     accumulating = train.make_train_step(cfg, sgd, accum_steps=4)
     acc_params, _, acc_metrics = accumulating(params, sgd.init(params), (tokens, targets), None)
-    diff = max(float((a - b).abs().max()) for a, b in zip(ft.tree_leaves(acc_params), ft.tree_leaves(full_params)))
-    size = max(float((a - b).abs().max()) for a, b in zip(ft.tree_leaves(full_params), ft.tree_leaves(params)))
+    diff = max(float((a - b).abs().max()) for a, b in zip(ft.tree.leaves(acc_params), ft.tree.leaves(full_params)))
+    size = max(float((a - b).abs().max()) for a, b in zip(ft.tree.leaves(full_params), ft.tree.leaves(params)))
     print()
     print("3. gradient accumulation: 4 micro-batches of 4 sequences vs one batch of 16 (SGD, lr 1)")
     print(f"   loss {float(acc_metrics['loss']):.6f} vs {float(full_metrics['loss']):.6f}; "
@@ -96,13 +96,16 @@ def main() -> None:
     # ---------------------------------------------------------------- 4. training with validation
     # fit runs the loop: every eval_every steps it measures the loss on fixed train and val batches
     # (the same batches each time, so the numbers are comparable), writes metrics.jsonl and loss.png,
-    # saves a checkpoint to latest/ and, when the val loss improved, to best/.
+    # saves a checkpoint to latest/ and, when the val loss improved, to best/. The step it runs is the
+    # one above (train.train_step pairs it with opt.init); a DP-SGD step or an ensemble's vmapped step
+    # goes in the same place.
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ft-example-07-"))
     print()
     print(f"4. {steps} steps of 16 x {seq_len} tokens (in 2 micro-batches each), evaluated every 50 steps")
     result = ft.fit(
         params, cfg, opt, ds.train, ds.val, steps=steps, batch_size=16, seq_len=seq_len, accum_steps=2,
         eval_every=50, eval_batches=4, seed=0, out_dir=out, tokenizer=ds.tokenizer, progress=False, log=None,
+        step=train.train_step(cfg, opt, accum_steps=2),
     )
     print("   step   train loss   val loss   lr")
     for r in result.history:

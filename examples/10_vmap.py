@@ -14,7 +14,8 @@ This script trains a small character model on a text file, then
 2. estimates the gradient noise scale B_simple (McCandlish et al. 2018): the batch size beyond which
    bigger batches stop buying proportionally faster training;
 3. clips per-example gradients as DP-SGD does (``optim.dp_aggregate``);
-4. trains a 4-member learning-rate sweep in ONE vmapped loop and plots every member's curves.
+4. trains a 4-member learning-rate sweep in ONE vmapped step per step, through the same ``fit`` as one
+   model, and ranks and plots the members.
 
 Run:  python examples/10_vmap.py [--data FILE] [--plot sweep.png]
       (FILE: e.g. tiny shakespeare; default: the built-in corpus. A few minutes on a laptop CPU.)
@@ -22,12 +23,13 @@ Run:  python examples/10_vmap.py [--data FILE] [--plot sweep.png]
 
 import argparse
 import math
+import tempfile
 from pathlib import Path
 
 import torch
 
 import ftransformer as ft
-from ftransformer import batched, optim, train
+from ftransformer import ensemble, optim, per_example, train
 
 
 def main() -> None:
@@ -54,11 +56,11 @@ def main() -> None:
           f"train loss {float(metrics['loss']):.3f} (ln(vocab) = {math.log(cfg.vocab_size):.3f})")
 
     # ---------------------------------------------------------------- 1. per-example gradients
-    # ft.per_example_grads is vmap(grad(loss of one sequence)): every leaf of the result has a leading
+    # ft.per_example.per_example_grads is vmap(grad(loss of one sequence)): every leaf of the result has a leading
     # batch axis. It runs attention on the einsum path, because vmap has no batching rule for the fused
     # SDPA kernels (it would fall back to looping over the batch for them).
     tokens, targets = ft.data.sample_batch(ds.val, 16, seq_len, seed=1, step=0)
-    grads = ft.per_example_grads(params, tokens, targets, cfg)
+    grads = ft.per_example.per_example_grads(params, tokens, targets, cfg)
     print()
     print(f"1. per-example gradients: w_qkv of block 0 is {tuple(params['blocks'][0]['attn']['w_qkv'].shape)}, "
           f"its per-example gradient {tuple(grads['blocks'][0]['attn']['w_qkv'].shape)}")
@@ -66,7 +68,7 @@ def main() -> None:
     # `ftransformer bench vmap`).
     loop = [torch.func.grad(lambda p, i=i: ft.loss_fn(p, tokens[i], targets[i], cfg))(params) for i in range(4)]
     diff = max(float((g[i] - want).abs().max())
-               for i in range(4) for g, want in zip(ft.tree_leaves(grads), ft.tree_leaves(loop[i])))
+               for i in range(4) for g, want in zip(ft.tree.leaves(grads), ft.tree.leaves(loop[i])))
     print(f"   max |vmap - loop| = {diff:.1e}")
     # A large gradient norm means the model would change a lot to fit that sequence better: text unlike
     # what it has learned (rare characters, unusual layout) pulls hardest.
@@ -83,7 +85,7 @@ def main() -> None:
     # both have unbiased estimates from one batch; averaged over a few batches, their ratio B_simple is
     # the batch size where the gradient's noise and its signal are about equal. Far below it, a bigger
     # batch is almost free speed; far above it, it wastes compute.
-    est = batched.noise_scale(params, [ft.data.sample_batch(ds.train, 16, seq_len, seed=2, step=i) for i in range(4)], cfg)
+    est = per_example.noise_scale(params, [ft.data.sample_batch(ds.train, 16, seq_len, seed=2, step=i) for i in range(4)], cfg)
     print()
     print(f"2. gradient noise scale: tr(Sigma) = {float(est.trace_cov):.3f}, |G|^2 = {float(est.grad_sq_norm):.4f}, "
           f"B_simple = {float(est.b_simple):.0f} sequences (this run used batches of {batch})")
@@ -104,42 +106,31 @@ def main() -> None:
           f"{float(optim.global_norm(noisy)):.3f}")
 
     # ---------------------------------------------------------------- 4. a sweep in one vmapped loop
-    # Four copies of the same initial model, stacked on a leading axis, each with its own peak
+    # Four copies of the same initial model (seed 0), stacked on a leading axis, each with its own peak
     # learning rate. The optimizer is built per member inside the vmapped step from that member's lr
-    # (a 0-d tensor there), so one call updates all four. They see the same batches: a fair sweep.
+    # (a 0-d tensor there), so one call updates all four: ensemble.make_ensemble_step is vmap of the
+    # very update make_train_step runs. ensemble.Members hands the stack to the same fit as one model
+    # (resume, Ctrl-C, accumulation), with a checkpoint directory per member. The members share seed 0,
+    # so they see the same batches: a fair sweep.
     lrs = [3e-4, 1e-3, 3e-3, 1e-2]
     unit = optim.warmup_cosine(1.0, steps // 10, steps, 0.1)
 
     def make_opt(lr):
         return optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(lambda s: lr * unit(s), betas=(0.9, 0.99)))
 
-    hparams = {"lr": torch.tensor(lrs)}
-    stacked = ft.init_ensemble(cfg, [0] * len(lrs))
-    sweep_step = train.make_ensemble_step(cfg, make_opt)
-    state = sweep_step.init(stacked, hparams)
-    val = [ft.data.sample_batch(ds.val, batch, seq_len, seed=3, step=i) for i in range(4)]
-    history = []
-    every = max(steps // 6, 1)
-    for i in range(steps + 1):
-        if i % every == 0 or i == steps:
-            # evaluate_ensemble: every member's val loss in one vmapped forward per batch.
-            v = batched.evaluate_ensemble(stacked, val, cfg).tolist()
-            history += [{"step": i, "member": m, "val_loss": v[m], "train_loss": tr[m] if i else v[m]}
-                        for m in range(len(lrs))]
-        if i == steps:
-            break
-        t, y = ft.data.sample_batch(ds.train, batch, seq_len, seed=0, step=i)
-        members_batch = (t.expand(len(lrs), -1, -1), y.expand(len(lrs), -1, -1))
-        stacked, state, m = sweep_step(stacked, state, members_batch, hparams=hparams)
-        tr = m["loss"].tolist()
+    members = ensemble.Members(cfg, make_opt, [{"lr": lr, "seed": 0} for lr in lrs])
+    out = Path(tempfile.mkdtemp(prefix="ft-example-10-"))
+    result = ft.fit(members.init_params(), cfg, None, ds.train, ds.val, steps=steps, batch_size=batch,
+                    seq_len=seq_len, eval_every=max(steps // 6, 1), eval_batches=4, seed=3, out_dir=out,
+                    model=members, progress=False, log=None)
     print()
     print(f"4. learning-rate sweep, {len(lrs)} members trained together for {steps} steps (one vmapped step each):")
-    print("   peak lr    val loss")
-    final = {r["member"]: r["val_loss"] for r in history if r["step"] == steps}
-    for mbr, lr in enumerate(lrs):
-        print(f"   {lr:<8g}   {final[mbr]:.4f}" + ("   <- best" if final[mbr] == min(final.values()) else ""))
+    print(ensemble.format_ranking(members.summary(result)).replace("\n", "\n   ").join(["   ", ""]))
+    final = {r["member"]: r["val_loss"] for r in result.history if r["step"] == steps}
+    best = min(final, key=final.get)
+    print(f"   best final val loss: lr={lrs[best]:g} ({final[best]:.4f})   <- best")
     if args.plot:
-        batched.plot_members(Path(args.plot), history, [f"lr={lr:g}" for lr in lrs])
+        ensemble.plot_members(Path(args.plot), result.history, members.names)
         print(f"   every member's curves: {args.plot}")
 
 

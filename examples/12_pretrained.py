@@ -85,7 +85,7 @@ def main(directory: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         save_hf(params, cfg, tmp)
         cfg2, params2 = load_hf(tmp)
-        a, b = ft.tree_flatten_with_paths(params), ft.tree_flatten_with_paths(params2)
+        a, b = ft.tree.flatten_with_paths(params), ft.tree.flatten_with_paths(params2)
         same = cfg2 == cfg and list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
         print(f"\nsave_hf -> load_hf: {'identical' if same else 'DIFFERENT'}")
 

@@ -1,72 +1,90 @@
 """ftransformer: GPT-style transformers as pure functions over parameter pytrees, on PyTorch.
 
-The whole public API is re-exported here: ``import ftransformer as ft``.
+``import ftransformer as ft`` gives the everyday names (about thirty, listed in ``__all__``) and the
+submodules for the rest: ``ft.layers``, ``ft.tree``, ``ft.optim``, ``ft.random``, ``ft.data``,
+``ft.checkpoint``, ``ft.per_example``, ``ft.ensemble``, ``ft.speculative``, ``ft.interp``, ``ft.interop``.
+No exported function shares its name with a submodule (the functions ``ft.generate`` and ``ft.quantize``
+live in ``ftransformer.generation`` and ``ftransformer.quantization``).
 """
 
-from ftransformer import layers, random
+import importlib
+import warnings
+
+# Submodules users reach through ``ft.``: one idea each.
+from ftransformer import (
+    checkpoint, data, ensemble, interop, interp, layers, optim, per_example, random, recipes, speculative, tree,
+)
+
+# Model: config, parameters, the forward pass.
 from ftransformer.config import PRESETS, Config, get_preset
-from ftransformer.model import cross_entropy, forward, loss_fn
-from ftransformer.params import (
-    count_params,
-    format_breakdown,
-    init_params,
-    param_breakdown,
-    tree_flatten_with_paths,
-    tree_leaves,
-    tree_map,
-    tree_to,
-    tree_unflatten_paths,
-)
+from ftransformer.params import count_params, init_params
+from ftransformer.model import forward, forward_with_cache, loss_fn
+from ftransformer.interp import forward_with_activations
 
-# Each area below re-exports its public names; keep one area's lines together.
-# [area: cache/generate]
+# Generation: explicit KV-cache, sampling, the decode loop.
 from ftransformer.cache import KVCache, init_cache
-from ftransformer.generation import (
-    Sampling,
-    decode_step,
-    generate,
-    generate_stream,
-    generate_stream_sliding,
-    prefill,
-    sample,
-)
-from ftransformer import speculative
-from ftransformer.model import forward_with_cache
+from ftransformer.sampling import Sampling, sample
+from ftransformer.decode_steps import decode_step
+from ftransformer.generation import generate, generate_stream, prefill
 from ftransformer.quantization import dequantize, quantize
-# [area: optim/train]
-from ftransformer import optim
-from ftransformer.train import evaluate, make_train_step
-# [area: data/checkpoint]
-from ftransformer import checkpoint, data, recipes
-from ftransformer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from ftransformer.data import BPETokenizer, CharTokenizer, load_dataset, load_tokenizer
-from ftransformer.loop import fit
-# [area: vmap]
-from ftransformer import batched
-from ftransformer.batched import (
-    gradient_noise_scale, init_ensemble, per_example_grad_norms, per_example_grads, stack_params, unstack_params,
-)
-# [area: interop]
-from ftransformer import interop
-from ftransformer.interop.hf_gpt2 import load_hf_gpt2, to_hf_gpt2
 
-# [area: interp]
-from ftransformer import interp
-from ftransformer.interp import forward_with_activations, head_ablation_sweep
+# Training: the pure step, the loop, checkpoints, data.
+from ftransformer.train import evaluate, make_train_step
+from ftransformer.loop import fit
+from ftransformer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ftransformer.data import load_dataset, load_tokenizer
+
+# Pretrained weights and tokenizers.
+from ftransformer.interop.hf_gpt2 import load_hf_gpt2, to_hf_gpt2
+from ftransformer.interop.hf_tokenizer import load_hf_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "PRESETS", "Config", "count_params", "cross_entropy", "format_breakdown", "forward", "get_preset",
-    "init_params", "layers", "loss_fn", "param_breakdown", "random", "tree_flatten_with_paths", "tree_leaves",
-    "tree_map", "tree_to", "tree_unflatten_paths",
-    "KVCache", "decode_step", "forward_with_cache", "generate", "generate_stream", "generate_stream_sliding", "init_cache", "prefill", "sample",
-    "Sampling", "speculative", "quantize", "dequantize",
-    "interop", "load_hf_gpt2", "to_hf_gpt2",
-    "evaluate", "make_train_step", "optim",
-    "BPETokenizer", "CharTokenizer", "Checkpoint", "checkpoint", "data", "fit", "load_checkpoint", "load_dataset",
-    "load_tokenizer", "recipes", "save_checkpoint",
-    "forward_with_activations", "head_ablation_sweep", "interp",
-    "batched", "gradient_noise_scale", "init_ensemble", "per_example_grad_norms", "per_example_grads", "stack_params",
-    "unstack_params",
+    # submodules
+    "checkpoint", "data", "ensemble", "interop", "interp", "layers", "optim", "per_example", "random", "recipes",
+    "speculative", "tree",
+    # model
+    "PRESETS", "Config", "get_preset", "count_params", "init_params", "forward", "forward_with_cache", "loss_fn",
+    "forward_with_activations",
+    # generation
+    "KVCache", "init_cache", "Sampling", "sample", "decode_step", "generate", "generate_stream", "prefill",
+    "quantize", "dequantize",
+    # training
+    "evaluate", "make_train_step", "fit", "Checkpoint", "load_checkpoint", "save_checkpoint", "load_dataset",
+    "load_tokenizer",
+    # pretrained
+    "load_hf_gpt2", "to_hf_gpt2", "load_hf_tokenizer",
 ]
+
+# Names that left the top level in 0.2, kept for one release: old name -> (module, name there).
+# (``ftransformer.batched`` is a module of its own that warns on every name it forwards.)
+MOVED = {
+    "cross_entropy": ("model", "cross_entropy"),
+    "format_breakdown": ("params", "format_breakdown"),
+    "param_breakdown": ("params", "param_breakdown"),
+    "tree_flatten_with_paths": ("tree", "flatten_with_paths"),
+    "tree_leaves": ("tree", "leaves"),
+    "tree_map": ("tree", "map"),
+    "tree_to": ("tree", "to"),
+    "tree_unflatten_paths": ("tree", "unflatten_paths"),
+    "generate_stream_sliding": ("generation", "generate_stream_sliding"),
+    "BPETokenizer": ("data", "BPETokenizer"),
+    "CharTokenizer": ("data", "CharTokenizer"),
+    "head_ablation_sweep": ("interp", "head_ablation_sweep"),
+    "gradient_noise_scale": ("per_example", "gradient_noise_scale"),
+    "per_example_grad_norms": ("per_example", "per_example_grad_norms"),
+    "per_example_grads": ("per_example", "per_example_grads"),
+    "init_ensemble": ("ensemble", "init_ensemble"),
+    "stack_params": ("ensemble", "stack_params"),
+    "unstack_params": ("ensemble", "unstack_params"),
+}
+
+
+def __getattr__(name: str):
+    if name not in MOVED:
+        raise AttributeError(f"module 'ftransformer' has no attribute {name!r}")
+    module, attr = MOVED[name]
+    warnings.warn(f"ft.{name} moved to ftransformer.{module}.{attr}; the old name will be removed in the next release",
+                  DeprecationWarning, stacklevel=2)
+    return getattr(importlib.import_module(f"ftransformer.{module}"), attr)

@@ -262,14 +262,6 @@ def _ops(*lists: list[Tensor]):
 # ---------------------------------------------------------------- tree helpers
 
 
-# The private names stay for the modules that still import them from here (train, batched, bench.vmap).
-_leaves, _leaves_only, _unflatten = flatten, tree_leaves, unflatten
-
-
-def _matching_leaves(name: str, t: PyTree, treedef) -> list:
-    return flatten_like(t, treedef, name)
-
-
 def _device_of(leaves: list) -> torch.device | None:
     return leaves[0].device if leaves else None
 
@@ -499,11 +491,11 @@ def per_example_norms(grads: PyTree) -> Tensor:
 def dp_aggregate(clip_norm: float, noise_multiplier: float, *, key: Tensor) -> GradientTransformation:
     """DP-SGD's aggregation (Abadi et al. 2016): per-example gradients in, one noisy mean gradient out.
 
-    ``update`` takes gradients whose every leaf has a leading batch axis (``ft.per_example_grads``),
+    ``update`` takes gradients whose every leaf has a leading batch axis (``ft.per_example.per_example_grads``),
     scales each example's gradient to global norm at most ``clip_norm`` (C), sums them, adds Gaussian
     noise ``N(0, (noise_multiplier * C)^2)`` to every coordinate and divides by the batch size. Put it
     first in a chain: ``chain(dp_aggregate(1.0, 1.1, key=ft.random.key(0)), adamw(1e-3))``, and train with
-    ``ft.batched.make_per_example_train_step``. The noise of step ``t`` is drawn from
+    ``ft.per_example.make_per_example_train_step``. The noise of step ``t`` is drawn from
     ``fold_in(key, t)``: the same key gives the same noise.
 
     Privacy accounting -- what (epsilon, delta) a run with this noise, batch size, dataset size and number

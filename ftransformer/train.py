@@ -12,26 +12,42 @@ batch's token-weighted mean, even when padding (``ignore_index``) leaves micro-b
 Across processes (``all_reduce``, see ``distributed``) the same holds: the token count is summed first,
 then each process's gradients of its share, so the update is the one a single process would compute.
 
-The loop that draws batches, evaluates and checkpoints (``fit``) is in ``ftransformer.loop``.
+Every step in the library is built from the same two pieces: ``loss_and_grads`` (the loss and its
+gradients, with accumulation and the data-parallel sum) and ``apply_optimizer`` (the update, outside
+any autograd graph); ``train_update`` is the two in a row. ``make_train_step`` checks a batch and calls
+it, ``ensemble.make_ensemble_step`` is ``vmap`` of it, and ``per_example.make_per_example_train_step``
+feeds ``apply_optimizer`` per-example gradients. The loop that draws batches, evaluates and
+checkpoints (``fit``, which runs a ``TrainStep``) is in ``ftransformer.loop``.
 """
 
 import functools
 import sys
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ftransformer import tree
 from ftransformer import optim, random
-# One vmapped step over an ensemble (per-member batches, keys and hyperparameters) lives with the other
-# vmap tools; it is re-exported here because it is a train step too.
-from ftransformer.batched import make_ensemble_step  # noqa: F401
 from ftransformer.config import Config
 from ftransformer.data import unpack_batch
 from ftransformer.model import check_ids, check_tokens, loss_fn
 
 StepFn = Callable[..., tuple[dict, object, dict]]
+
+
+class TrainStep(NamedTuple):
+    """A step and the optimizer state it starts from, like an optimizer's ``(init, update)``.
+
+    ``init(params) -> opt_state``; ``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``.
+    ``loop.fit`` runs one of these: a plain step (``train_step``), DP-SGD (``per_example.dp_train_step``)
+    or an ensemble (``ensemble.EnsembleStep`` with its hyperparameters bound).
+    """
+
+    init: Callable
+    step: StepFn
 
 
 def _storages(leaves: list) -> set[int]:
@@ -55,7 +71,72 @@ def _owned(updates: list[Tensor], params: list[Tensor], *held) -> bool:
         seen.add(u.untyped_storage().data_ptr())
     if len(seen) != len(updates):
         return False
-    return not (seen & _storages(params)) and not any(seen & _storages(optim._leaves_only(h)) for h in held)
+    return not (seen & _storages(params)) and not any(seen & _storages(tree.leaves(h)) for h in held)
+
+
+def check_optimizer(optimizer) -> None:
+    """``TypeError`` unless ``optimizer`` is an ``optim.GradientTransformation``."""
+    if not isinstance(optimizer, optim.GradientTransformation):
+        raise TypeError(f"optimizer must be an optim.GradientTransformation, got {type(optimizer).__name__}")
+
+
+def check_batch(tokens: Tensor, targets: Tensor, cfg: Config, ignore_index: int) -> None:
+    """Token and target ids in range; inside a transform the model skips value checks, so check here, once."""
+    check_tokens(tokens, cfg)
+    check_ids("targets", targets, cfg.vocab_size, allowed=ignore_index)
+
+
+def loss_and_grads(
+    params: dict, tokens: Tensor, targets: Tensor, key: Tensor | None, cfg: Config, *, accum_steps: int = 1,
+    ignore_index: int = -100, all_reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+) -> tuple[dict, Tensor, Tensor]:
+    """The core of every train step: ``(gradients, token-weighted mean loss, counted targets)``.
+
+    Pure and transform-friendly: ``ensemble.make_ensemble_step`` is ``vmap`` of it. See
+    ``make_train_step`` for ``accum_steps`` and ``all_reduce``.
+    """
+    leaves, treedef = tree.flatten(params)
+    n_tokens = (targets != ignore_index).sum()
+    if all_reduce is not None:
+        (n_tokens,) = all_reduce([n_tokens])
+    # A batch of nothing but padding gives zero gradients instead of 0/0.
+    denom = n_tokens.clamp(min=1).to(torch.float32)
+    micro = functools.partial(_micro_grads, cfg, ignore_index, leaves, treedef, n_tokens=denom)
+    grads, loss = _batch_grads(micro, accum_steps, tokens, targets, key)
+    if all_reduce is not None:
+        *grads, loss = all_reduce([*grads, loss])
+    return tree.unflatten(list(grads), treedef), loss.detach(), n_tokens
+
+
+def apply_optimizer(
+    optimizer: optim.GradientTransformation, params: dict, grads, opt_state
+) -> tuple[dict, object]:
+    """The optimizer's update applied: ``(new params, new optimizer state)``, outside any autograd graph.
+
+    An update whose shape is not its parameter's (e.g. per-example gradients not reduced) is refused.
+    """
+    leaves, treedef = tree.flatten(params)
+    # Parameters that arrive with requires_grad=True must not drag the update into an autograd graph.
+    with torch.no_grad():
+        updates, new_state = optimizer.update(grads, opt_state, params)
+        u = tree.leaves(updates)
+        if len(u) == len(leaves) and _owned(u, leaves, opt_state, new_state):
+            torch._foreach_add_(u, leaves)
+            return tree.unflatten(u, treedef), new_state
+        for x, p in zip(u, leaves):
+            if x.shape != p.shape:
+                raise ValueError(
+                    f"the optimizer returned an update of shape {tuple(x.shape)} for a parameter of shape "
+                    f"{tuple(p.shape)}: with per-example gradients, start the chain with optim.dp_aggregate"
+                )
+        return optim.apply_updates(params, updates), new_state
+
+
+def step_metrics(loss: Tensor, grad_norm: Tensor, opt_state, n_tokens: Tensor, **more: Tensor) -> dict:
+    """The one metrics schema of every step: ``loss``, ``grad_norm``, ``lr`` (NaN if none), ``tokens``, + ``more``."""
+    lr = optim._find_lr(opt_state)
+    lr = torch.full((), float("nan"), device=loss.device) if lr is None else lr
+    return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": n_tokens, **more}
 
 
 def make_train_step(
@@ -87,44 +168,45 @@ def make_train_step(
     """
     if not isinstance(cfg, Config):
         raise TypeError(f"cfg must be a Config, got {type(cfg).__name__}")
-    if not isinstance(optimizer, optim.GradientTransformation):
-        raise TypeError(f"optimizer must be an optim.GradientTransformation, got {type(optimizer).__name__}")
+    check_optimizer(optimizer)
     if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"accum_steps must be an int >= 1, got {accum_steps!r}")
+    update = functools.partial(train_update, cfg=cfg, accum_steps=accum_steps, ignore_index=ignore_index,
+                               all_reduce=all_reduce)
 
     def step(params, opt_state, batch, key=None):
         tokens, targets = unpack_batch(batch)
-        # Inside the transform the batch is wrapped and the model skips value checks; check here, once.
-        check_tokens(tokens, cfg)
-        check_ids("targets", targets, cfg.vocab_size, allowed=ignore_index)
-        leaves, treedef = optim._leaves(params)
-        n_tokens = (targets != ignore_index).sum()
-        if all_reduce is not None:
-            (n_tokens,) = all_reduce([n_tokens])
-        # A batch of nothing but padding gives zero gradients instead of 0/0.
-        denom = n_tokens.clamp(min=1).to(torch.float32)
-        micro = functools.partial(_micro_grads, cfg, ignore_index, leaves, treedef, n_tokens=denom)
-        grads, loss = _batch_grads(micro, accum_steps, tokens, targets, key)
-        if all_reduce is not None:
-            *grads, loss = all_reduce([*grads, loss])
-        params, new_state, grad_norm = _apply(optimizer, params, leaves, treedef, grads, opt_state)
-        lr = optim._find_lr(new_state)
-        metrics = {
-            "loss": loss.detach(),
-            "grad_norm": grad_norm,
-            "lr": torch.full((), float("nan")) if lr is None else lr,
-            "tokens": n_tokens,
-        }
-        return params, new_state, metrics
+        check_batch(tokens, targets, cfg, ignore_index)
+        return update(optimizer, params, opt_state, tokens, targets, key)
 
     return _compiled_per_device(step) if compile else step
+
+
+def train_update(
+    optimizer: optim.GradientTransformation, params: dict, opt_state, tokens: Tensor, targets: Tensor,
+    key: Tensor | None, *, cfg: Config, **core,
+) -> tuple[dict, object, dict]:
+    """``loss_and_grads`` then ``apply_optimizer``: one step's ``(params, opt_state, metrics)``, unchecked.
+
+    ``make_train_step`` checks the batch and calls this; ``ensemble.make_ensemble_step`` vmaps it.
+    ``core``: ``loss_and_grads``'s keywords (``accum_steps``, ``ignore_index``, ``all_reduce``).
+    """
+    grads, loss, n_tokens = loss_and_grads(params, tokens, targets, key, cfg, **core)
+    grad_norm = optim.global_norm(grads)
+    params, new_state = apply_optimizer(optimizer, params, grads, opt_state)
+    return params, new_state, step_metrics(loss, grad_norm, new_state, n_tokens)
+
+
+def train_step(cfg: Config, optimizer: optim.GradientTransformation, **kwargs) -> TrainStep:
+    """``TrainStep(optimizer.init, make_train_step(cfg, optimizer, **kwargs))``: what ``loop.fit`` runs by default."""
+    return TrainStep(optimizer.init, make_train_step(cfg, optimizer, **kwargs))
 
 
 def _micro_grads(cfg, ignore_index, leaves, treedef, tokens, targets, key, *, n_tokens):
     """Gradients (a list like ``leaves``) and value of one micro-batch's share of the mean loss."""
 
     def loss_of(leaves):
-        params = optim._unflatten(leaves, treedef)
+        params = tree.unflatten(leaves, treedef)
         total = loss_fn(params, tokens, targets, cfg, key=key, ignore_index=ignore_index, reduction="sum")
         return total / n_tokens
 
@@ -157,22 +239,6 @@ def _batch_grads(micro: Callable, accum_steps: int, tokens: Tensor, targets: Ten
             optim._ops(grads, g).add_(grads, g)
             loss = loss + part
     return grads, loss
-
-
-def _apply(optimizer, params, leaves, treedef, grads, opt_state):
-    """The optimizer's update applied: ``(new params, new optimizer state, global gradient norm)``."""
-    grads = optim._unflatten(grads, treedef)
-    # Parameters that arrive with requires_grad=True must not drag the update into an autograd graph.
-    with torch.no_grad():
-        grad_norm = optim.global_norm(grads)
-        updates, new_state = optimizer.update(grads, opt_state, params)
-        u = optim._leaves_only(updates)
-        if len(u) == len(leaves) and _owned(u, leaves, opt_state, new_state):
-            torch._foreach_add_(u, leaves)
-            params = optim._unflatten(u, treedef)
-        else:
-            params = optim.apply_updates(params, updates)
-    return params, new_state, grad_norm
 
 
 def _compiled_per_device(step: StepFn) -> StepFn:

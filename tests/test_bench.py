@@ -177,7 +177,7 @@ def _char_checkpoints(tmp_path, **sizes):
     text = "the quick brown fox jumps over the lazy dog. " * 60
     data = tmp_path / "text.txt"
     data.write_text(text)
-    tok = ft.CharTokenizer.from_text(text)
+    tok = ft.data.CharTokenizer.from_text(text)
     for i, (name, cfg) in enumerate(sizes.items()):
         cfg = cfg.replace(vocab_size=tok.vocab_size)
         ft.save_checkpoint(tmp_path / name, params=ft.init_params(cfg, seed=i), config=cfg, step=0, tokenizer=tok)

@@ -20,7 +20,7 @@ def cfg_for(**changes) -> ft.Config:
 def randomized_block_params(cfg, gen):
     """Block params with non-trivial norm scales and biases, so every leaf is exercised."""
     p = ft.init_params(cfg, seed=0, dtype=torch.float64)["blocks"][0]
-    return ft.tree_map(lambda t: t + 0.1 * torch.randn(t.shape, generator=gen, dtype=t.dtype), p)
+    return ft.tree.map(lambda t: t + 0.1 * torch.randn(t.shape, generator=gen, dtype=t.dtype), p)
 
 
 def attention_by_hand(p, x):
@@ -116,12 +116,12 @@ def test_block_gradcheck(gen, norm_position):
     cfg = ft.Config(vocab_size=7, d_model=8, n_heads=2, n_layers=1, d_ff=5, max_seq_len=4,
                     norm_position=norm_position, attn_impl="einsum")
     p = randomized_block_params(cfg, gen)
-    flat = ft.tree_flatten_with_paths(p)
+    flat = ft.tree.flatten_with_paths(p)
     names = list(flat)
     x = torch.randn(3, 8, generator=gen, dtype=torch.float64, requires_grad=True)
 
     def f(x, *leaves):
-        return block(ft.tree_unflatten_paths(dict(zip(names, leaves))), x, cfg, mask=self_mask(torch.arange(3)))
+        return block(ft.tree.unflatten_paths(dict(zip(names, leaves))), x, cfg, mask=self_mask(torch.arange(3)))
 
     # fast_mode checks a random projection of the Jacobian: the same test of the backward pass, far fewer calls.
     assert torch.autograd.gradcheck(f, (x, *[flat[n].clone().requires_grad_() for n in names]), fast_mode=True)

@@ -50,11 +50,11 @@ def run_in_chunks(params, tokens, cache, cfg, sizes):
 
 
 def clone_cache(cache):
-    return ft.tree_map(torch.clone, cache)
+    return ft.tree.map(torch.clone, cache)
 
 
 def assert_caches_equal(a, b):
-    for x, y in zip(ft.tree_leaves(a), ft.tree_leaves(b), strict=True):
+    for x, y in zip(ft.tree.leaves(a), ft.tree.leaves(b), strict=True):
         assert torch.equal(x, y)
 
 
@@ -194,7 +194,7 @@ def test_vmap_over_rows_equals_the_batch(gen):
 
     mapped, mapped_cache = torch.func.vmap(one_row)(tokens[:, 4:], cache)
     torch.testing.assert_close(mapped, batched, atol=1e-5, rtol=0)
-    for a, b in zip(ft.tree_leaves(mapped_cache), ft.tree_leaves(batched_cache)):
+    for a, b in zip(ft.tree.leaves(mapped_cache), ft.tree.leaves(batched_cache)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
@@ -352,7 +352,7 @@ def test_bad_seq_lengths_are_rejected(tiny_cfg, gen):
 
 def test_cache_of_another_dtype_is_a_clear_error():
     cfg = ft.PRESETS["tiny"]
-    params = ft.tree_to(ft.init_params(cfg), dtype=torch.float64)
+    params = ft.tree.to(ft.init_params(cfg), dtype=torch.float64)
     with pytest.raises(ValueError, match="cache buffers are torch.float32 .* params are torch.float64"):
         ft.forward_with_cache(params, torch.zeros(2, 3, dtype=torch.long), ft.init_cache(cfg, 2), cfg)
 

@@ -56,7 +56,7 @@ def test_round_trip_everything(tmp_path):
     assert_trees_equal(ck.opt_state, state)
     # the restored state has the optimizer's own structure (NamedTuples), so training continues from it
     assert type(ck.opt_state[1]) is optim.AdamWState and int(ck.opt_state[1].count) == 1
-    grads = ft.tree_map(torch.ones_like, params)
+    grads = ft.tree.map(torch.ones_like, params)
     u1, _ = opt.update(grads, state, params)
     u2, _ = opt.update(grads, ck.opt_state, ck.params)
     assert_trees_equal(u1, u2)

@@ -21,7 +21,7 @@ def test_inspect_seed_prints_the_config_and_the_breakdown(capsys):
     for label, number in [("token embeddings", "2,560,000"), ("attention", "1,048,576"),
                           ("feed-forward", "2,097,152"), ("estimate", "5,705,728")]:
         assert re.search(rf"{label}.*\s{number}$", out, flags=re.M), (label, number)
-    total = ft.param_breakdown(cfg)["total"]
+    total = ft.params.param_breakdown(cfg)["total"]
     assert re.search(rf"exact total\s+{total:,}$", out, flags=re.M)
     assert f"{total - 5_705_728:,}" in out  # the gap, next to what the estimate leaves out
     assert "leaves out" in out

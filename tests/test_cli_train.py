@@ -189,3 +189,63 @@ def test_shakespeare_preset_tokenizes_the_shared_corpus(tmp_path, capsys):
     assert ck.config.vocab_size == 65 and ck.tokenizer.vocab_size == 65
     assert ck.extra["fit"]["train_tokens"] == 1_003_854 and ck.extra["fit"]["val_tokens"] == 111_540
 
+
+
+# ---------------------------------------------------------------- resolve_run: the flags to a RunSpec, running nothing
+
+
+def test_resolve_run_decides_everything_without_running(tmp_path, monkeypatch):
+    from ftransformer.cli.train_cmd import RunSpec, resolve_run
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["train", "--preset", "tiny", "--steps", "7", "--set", "d_model=30",
+                                      "--set", "warmup_steps=1", "--lr", "0.01", "--dp-clip", "2.0", "--seed", "4"])
+    spec = resolve_run(args)
+    assert isinstance(spec, RunSpec)
+    assert (spec.preset, spec.recipe.steps, spec.recipe.warmup_steps, spec.recipe.lr) == ("tiny", 7, 1, 0.01)
+    assert spec.config is None and spec.config_changes == {"d_model": 30}
+    assert (spec.dp_clip, spec.dp_noise, spec.seed, spec.resume, spec.members) == (2.0, 1.0, 4, False, None)
+    assert spec.out == Path("runs") / "tiny-stdlib" and spec.tokenizer == RECIPES["tiny"].tokenizer
+    assert spec.settings()["recipe"]["steps"] == 7
+    assert list(tmp_path.iterdir()) == []  # nothing written, nothing trained
+    # no --preset and no --steps: the quickstart, shortened
+    assert resolve_run(build_parser().parse_args(["train"])).recipe.steps == QUICKSTART_STEPS
+    sweep = resolve_run(build_parser().parse_args(["train", "--preset", "tiny", "--sweep", "lr=1e-3,1e-2",
+                                                   "--ensemble", "2"]))
+    assert sorted((m["seed"], m["lr"]) for m in sweep.members) == [(0, 1e-3), (0, 1e-2), (1, 1e-3), (1, 1e-2)]
+    with pytest.raises(ValueError, match="nothing to resume in"):
+        resolve_run(build_parser().parse_args(["train", "--resume", "--out", str(tmp_path / "none")]))
+    with pytest.raises(ValueError, match="--seed must be >= 0, got -1"):
+        resolve_run(build_parser().parse_args(["train", "--seed", "-1"]))
+
+
+def test_resolve_run_on_resume_reads_the_saved_settings(tmp_path, small_file):
+    from ftransformer.cli.train_cmd import resolve_run
+
+    out = tmp_path / "run"
+    assert main(["train", *FAST, "--data", str(small_file), "--steps", "2", "--out", str(out), "--seed", "3",
+                 "--dp-clip", "1.5"]) == 0
+    spec = resolve_run(build_parser().parse_args(["train", "--resume", "--out", str(out), "--steps", "5"]))
+    assert spec.resume and spec.seed == 3 and spec.recipe.steps == 5 and spec.recipe.batch_size == 4
+    assert spec.dp_clip == 1.5 and spec.data == str(small_file.resolve()) and spec.tokenizer == out / "latest"
+    assert spec.config.vocab_size == checkpoint.load_checkpoint(out / "latest").config.vocab_size
+    with pytest.raises(ValueError, match="--preset gpt2 but the run"):
+        resolve_run(build_parser().parse_args(["train", "--resume", "--out", str(out), "--preset", "gpt2"]))
+
+
+def test_ensemble_trains_with_accumulation_and_resumes_through_fit(tmp_path, small_file, capsys):
+    out = tmp_path / "ens"
+    rc = main(["train", *FAST, "--data", str(small_file), "--steps", "2", "--eval-every", "2", "--out", str(out),
+               "--sweep", "lr=1e-3,1e-2", "--accum", "2"])
+    assert rc == 0 and "in 2 micro-batches" in capsys.readouterr().out
+    assert [(r["step"], r["member"]) for r in metrics(out)] == [(0, 0), (0, 1), (2, 0), (2, 1)]
+    assert checkpoint.load_checkpoint(out / "member-1" / "latest").step == 2
+    # the run is refused as a fresh one, and resumes with its members and settings
+    rc = main(["train", *FAST, "--data", str(small_file), "--steps", "2", "--out", str(out)])
+    assert rc == 2 and "already holds a run (checkpoint at step 2)" in capsys.readouterr().err
+    rc = main(["train", "--resume", "--quiet", "--out", str(out), "--steps", "4"])
+    assert rc == 0 and "lr=0.01" in capsys.readouterr().out
+    assert [r["step"] for r in metrics(out)] == [0, 0, 2, 2, 4, 4]
+    assert checkpoint.load_checkpoint(out / "member-0" / "latest").extra["member"]["lr"] == 1e-3
+    rc = main(["train", "--resume", "--quiet", "--out", str(out), "--ensemble", "2"])
+    assert rc == 2 and "--ensemble/--sweep cannot change when resuming" in capsys.readouterr().err

@@ -180,7 +180,7 @@ def test_presets_match_the_published_shapes():
 def test_small_presets_initialise_and_run(name):
     cfg = ft.PRESETS[name]
     params = ft.init_params(cfg, seed=0)
-    assert ft.count_params(params) == ft.param_breakdown(cfg)["total"]
+    assert ft.count_params(params) == ft.params.param_breakdown(cfg)["total"]
     tokens = torch.arange(6) % cfg.vocab_size
     logits = ft.forward(params, tokens, cfg)
     assert logits.shape == (6, cfg.vocab_size)
@@ -189,7 +189,7 @@ def test_small_presets_initialise_and_run(name):
 
 def test_gpt2_preset_has_124_439_808_params_and_runs():
     cfg = ft.PRESETS["gpt2"]
-    assert ft.param_breakdown(cfg)["total"] == 124_439_808
+    assert ft.params.param_breakdown(cfg)["total"] == 124_439_808
     params = ft.init_params(cfg, seed=0)
     assert ft.count_params(params) == 124_439_808
     tokens = torch.tensor([[464, 2068, 7586, 21831, 18045, 625, 262, 50256]])
@@ -203,13 +203,13 @@ def test_gpt2_medium_preset_initialises():
     cfg = ft.PRESETS["gpt2-medium"]
     params = ft.init_params(cfg, seed=0)
     # Hugging Face's gpt2-medium has 354,823,168 parameters (tied embeddings).
-    assert ft.count_params(params) == ft.param_breakdown(cfg)["total"] == 354_823_168
+    assert ft.count_params(params) == ft.params.param_breakdown(cfg)["total"] == 354_823_168
     assert len(params["blocks"]) == 24
 
 
 def test_seed_breakdown_shows_the_classic_estimate_next_to_the_exact_count():
     cfg = ft.PRESETS["seed"]
-    b = ft.param_breakdown(cfg)
+    b = ft.params.param_breakdown(cfg)
     terms = dict(b["estimate_terms"])
     assert list(terms.values()) == [2_560_000, 1_048_576, 2_097_152]
     assert any("token embeddings" in name for name in terms)
@@ -221,7 +221,7 @@ def test_seed_breakdown_shows_the_classic_estimate_next_to_the_exact_count():
     left_out = dict(b["left_out"])
     assert left_out["position embeddings"] == 512 * 256
     assert left_out["norms"] == (2 * 4 + 1) * 2 * 256
-    table = ft.format_breakdown(cfg)
+    table = ft.params.format_breakdown(cfg)
     for number in ("2,560,000", "1,048,576", "2,097,152", "5,705,728", f"{b['total']:,}"):
         assert number in table
 
@@ -238,7 +238,7 @@ def test_seed_breakdown_shows_the_classic_estimate_next_to_the_exact_count():
 )
 def test_breakdown_total_equals_the_counted_params_for_other_architectures(changes):
     cfg = make(**changes)
-    b = ft.param_breakdown(cfg)
+    b = ft.params.param_breakdown(cfg)
     assert b["total"] == ft.count_params(ft.init_params(cfg))
     assert b["total"] - b["estimate"] == sum(n for _, n in b["left_out"])
 

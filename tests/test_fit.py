@@ -35,23 +35,19 @@ def run_fit(out, **kw):
     return loop.fit(ft.init_params(CFG, seed=1), CFG, make_optimizer(args["steps"]), TRAIN, VAL, out_dir=out, **args)
 
 
-def interrupting_step_factory(monkeypatch, at_call, action):
-    """Make fit's train step misbehave on its ``at_call``-th call (counting from 1)."""
-    real = loop.make_train_step
+def misbehaving_step(at_call, action, accum_steps=1):
+    """fit's default train step, misbehaving on its ``at_call``-th call (counting from 1): pass it as ``step=``."""
+    opt = make_optimizer(RUN["steps"])
+    real = ft.train.make_train_step(CFG, opt, accum_steps=accum_steps)
     calls = {"n": 0}
 
-    def factory(*args, **kwargs):
-        step = real(*args, **kwargs)
+    def wrapped(params, opt_state, batch, key):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            return action(real, params, opt_state, batch, key)
+        return real(params, opt_state, batch, key)
 
-        def wrapped(params, opt_state, batch, key):
-            calls["n"] += 1
-            if calls["n"] == at_call:
-                return action(step, params, opt_state, batch, key)
-            return step(params, opt_state, batch, key)
-
-        return wrapped
-
-    monkeypatch.setattr(loop, "make_train_step", factory)
+    return ft.train.TrainStep(opt.init, wrapped)
 
 
 def assert_trees_equal(a, b):
@@ -84,15 +80,14 @@ def test_fit_writes_metrics_plot_and_checkpoints(tmp_path):
     assert best.step == next(r["step"] for r in lines if r["val_loss"] == best_val)
 
 
-def test_resume_is_exact(tmp_path, monkeypatch):
+def test_resume_is_exact(tmp_path):
     reference = run_fit(tmp_path / "a", accum_steps=2)
 
     def interrupt(step, *args):
         raise KeyboardInterrupt
 
-    interrupting_step_factory(monkeypatch, 7, interrupt)  # the 7th step: after the step-4 evaluation
-    stopped = run_fit(tmp_path / "b", accum_steps=2)
-    monkeypatch.undo()
+    # the 7th step: after the step-4 evaluation
+    stopped = run_fit(tmp_path / "b", accum_steps=2, step=misbehaving_step(7, interrupt, accum_steps=2))
     assert stopped.interrupted and stopped.step == 6
     saved = checkpoint.load_checkpoint(tmp_path / "b" / "latest")
     assert saved.step == 6 and [r["step"] for r in saved.metrics] == [0, 4]
@@ -146,18 +141,17 @@ def test_interrupt_during_evaluation_redoes_it_on_resume(tmp_path, monkeypatch):
     assert same_numbers(resumed.history) == same_numbers(reference.history)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     def diverge(step, params, opt_state, batch, key):
         params, opt_state, metrics = step(params, opt_state, batch, key)
-        bad = ft.tree_map(lambda x: torch.full_like(x, float("nan")), params)
+        bad = ft.tree.map(lambda x: torch.full_like(x, float("nan")), params)
         return bad, opt_state, {**metrics, "loss": torch.tensor(float("nan"))}
 
-    interrupting_step_factory(monkeypatch, 7, diverge)
     with pytest.raises(loop.NonFiniteLossError, match=r"loss became nan at step 7 .*last good checkpoint is .*latest.* \(step 4\)"):
-        run_fit(tmp_path)
+        run_fit(tmp_path, step=misbehaving_step(7, diverge))
     ck = checkpoint.load_checkpoint(tmp_path / "latest")
     assert ck.step == 4
-    assert all(torch.isfinite(x).all() for x in ft.tree_leaves(ck.params))
+    assert all(torch.isfinite(x).all() for x in ft.tree.leaves(ck.params))
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 4]
 
 

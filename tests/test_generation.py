@@ -217,10 +217,10 @@ def test_aot_step_signature_tells_memory_layouts_apart():
     from ftransformer import aot
 
     params = ft.init_params(CFG, seed=0)
-    other = ft.tree_map(lambda x: x.t().contiguous().t() if x.ndim == 2 else x, params)
+    other = ft.tree.map(lambda x: x.t().contiguous().t() if x.ndim == 2 else x, params)
     cache = ft.init_cache(CFG, (1,), max_len=8)
     token = torch.zeros(1, dtype=torch.long)
-    assert aot._signature(params, token, cache, CFG) == aot._signature(ft.tree_map(torch.clone, params), token, cache, CFG)
+    assert aot._signature(params, token, cache, CFG) == aot._signature(ft.tree.map(torch.clone, params), token, cache, CFG)
     assert aot._signature(params, token, cache, CFG) != aot._signature(other, token, cache, CFG)
     assert [aot.cache_length(n, CFG) for n in (1, 14, 20)] == [20, 20, 20]
     big = CFG.replace(max_seq_len=200)
@@ -277,7 +277,7 @@ def test_bad_generation_arguments(gen):
 @pytest.fixture
 def char_checkpoint(tmp_path):
     """A run directory as `ftransformer train` leaves it: run/best/ with config, params and tokenizer."""
-    tokenizer = ft.CharTokenizer.from_text("abcdefgh ijk\n")
+    tokenizer = ft.data.CharTokenizer.from_text("abcdefgh ijk\n")
     cfg = ft.Config(vocab_size=tokenizer.vocab_size, d_model=12, n_heads=3, n_layers=2, d_ff=20, max_seq_len=24)
     params = ft.init_params(cfg, seed=3)
     ft.save_checkpoint(tmp_path / "run" / "best", params=params, config=cfg, step=5, tokenizer=tokenizer)
@@ -418,7 +418,7 @@ def test_sliding_stream_equals_plain_generation_while_it_fits(gen):
     prompt = tokens_for(CFG, (2, 5), gen)
     params = ft.init_params(CFG, seed=3)
     kw = dict(max_new_tokens=CFG.max_seq_len - 5, temperature=0.9, top_k=7, seed=11)
-    sliding = torch.stack(list(ft.generate_stream_sliding(params, prompt, CFG, **kw)), dim=-1)
+    sliding = torch.stack(list(ft.generation.generate_stream_sliding(params, prompt, CFG, **kw)), dim=-1)
     torch.testing.assert_close(torch.cat([prompt, sliding], -1), ft.generate(params, prompt, CFG, **kw))
 
 
@@ -427,7 +427,7 @@ def test_sliding_stream_restarts_from_the_last_keep_tokens(gen):
     prompt = tokens_for(CFG, (1, 4), gen)
     params = ft.init_params(CFG, seed=5)
     keep, total = 8, 3 * CFG.max_seq_len
-    out = torch.stack(list(ft.generate_stream_sliding(
+    out = torch.stack(list(ft.generation.generate_stream_sliding(
         params, prompt, CFG, max_new_tokens=total, temperature=0, keep=keep)), dim=-1)
     assert out.shape == (1, total)
     first = CFG.max_seq_len - 4
@@ -440,13 +440,13 @@ def test_sliding_stream_restarts_from_the_last_keep_tokens(gen):
 
 def test_sliding_stream_rejects_a_bad_keep(gen):
     with pytest.raises(ValueError, match=r"keep must be an int in \[1, max_seq_len=20\)"):
-        ft.generate_stream_sliding(ft.init_params(CFG), tokens_for(CFG, (3,), gen), CFG, max_new_tokens=3, keep=20)
+        ft.generation.generate_stream_sliding(ft.init_params(CFG), tokens_for(CFG, (3,), gen), CFG, max_new_tokens=3, keep=20)
 
 
 def test_sliding_stream_crops_a_prompt_longer_than_the_context(gen):
     params = ft.init_params(CFG, seed=2)
     long_prompt = tokens_for(CFG, (1, 3 * CFG.max_seq_len), gen)
-    out = list(ft.generate_stream_sliding(params, long_prompt, CFG, max_new_tokens=5, temperature=0, keep=6))
+    out = list(ft.generation.generate_stream_sliding(params, long_prompt, CFG, max_new_tokens=5, temperature=0, keep=6))
     expected = ft.generate(params, long_prompt[:, -6:], CFG, max_new_tokens=5, temperature=0)[:, 6:]
     torch.testing.assert_close(torch.stack(out, -1), expected)
 
@@ -454,10 +454,10 @@ def test_sliding_stream_crops_a_prompt_longer_than_the_context(gen):
 def test_sliding_stream_keeps_stopped_rows_stopped_across_segments(gen):
     params = ft.init_params(CFG, seed=4)
     prompt = tokens_for(CFG, (4, 3), gen)
-    free = torch.stack(list(ft.generate_stream_sliding(params, prompt, CFG, max_new_tokens=60, temperature=1.0,
+    free = torch.stack(list(ft.generation.generate_stream_sliding(params, prompt, CFG, max_new_tokens=60, temperature=1.0,
                                                        seed=3, keep=4)), -1)
     stop = int(free[0, 2])  # row 0 certainly stops at step 2, in the first segment
-    out = torch.stack(list(ft.generate_stream_sliding(params, prompt, CFG, max_new_tokens=60, temperature=1.0,
+    out = torch.stack(list(ft.generation.generate_stream_sliding(params, prompt, CFG, max_new_tokens=60, temperature=1.0,
                                                       seed=3, keep=4, stop_tokens=[stop], pad_id=-1)), -1)
     for row in range(4):
         hits = (free[row] == stop).nonzero()
@@ -487,7 +487,7 @@ def test_sampling_options_have_one_home():
     assert torch.equal(by_object, by_keywords)
     streamed = torch.stack(list(ft.generate_stream(params, prompt, cfg, max_new_tokens=6, sampling=s)), -1)
     assert torch.equal(streamed, by_object[:, 3:])
-    slid = torch.stack(list(ft.generate_stream_sliding(params, prompt, cfg, max_new_tokens=6, sampling=s)), -1)
+    slid = torch.stack(list(ft.generation.generate_stream_sliding(params, prompt, cfg, max_new_tokens=6, sampling=s)), -1)
     assert torch.equal(slid, by_object[:, 3:])
     assert ft.Sampling().temperature == 1.0 and ft.Sampling(temperature=0).greedy and ft.Sampling(top_k=1).greedy
     with pytest.raises(ValueError, match="temperature must be a number >= 0"):

@@ -207,7 +207,7 @@ def test_cli_train_init_from_hf_fine_tunes_the_model_with_its_tokenizer(chat_dir
     assert ckpt.config == cfg
     # The checkpoint keeps the model's vocabulary (its ids for the text itself).
     assert ckpt.tokenizer.encode("the lazy dog") == load_hf_tokenizer(chat_dir).encode("the lazy dog", add_special_tokens=False)
-    before, after = ft.tree_flatten_with_paths(params), ft.tree_flatten_with_paths(ckpt.params)
+    before, after = ft.tree.flatten_with_paths(params), ft.tree.flatten_with_paths(ckpt.params)
     assert list(before) == list(after) and not torch.equal(before["blocks.0.attn.w_qkv"], after["blocks.0.attn.w_qkv"])
 
 

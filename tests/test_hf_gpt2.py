@@ -86,11 +86,11 @@ def ft_config(**changes) -> ft.Config:
 def perturbed_params(cfg: ft.Config, seed: int = 0) -> dict:
     """init_params with every leaf moved by noise (so zero biases and unit scales cannot hide a mix-up)."""
     gen = torch.Generator().manual_seed(seed)
-    return ft.tree_map(lambda x: x + 0.1 * torch.randn(x.shape, generator=gen), ft.init_params(cfg, seed=seed))
+    return ft.tree.map(lambda x: x + 0.1 * torch.randn(x.shape, generator=gen), ft.init_params(cfg, seed=seed))
 
 
 def assert_trees_equal(a, b):
-    fa, fb = ft.tree_flatten_with_paths(a), ft.tree_flatten_with_paths(b)
+    fa, fb = ft.tree.flatten_with_paths(a), ft.tree.flatten_with_paths(b)
     assert list(fa) == list(fb)
     for path in fa:
         assert fa[path].dtype == fb[path].dtype, path
@@ -182,7 +182,7 @@ def test_load_dtype_and_sharded_index(tmp_path):
     (tmp_path / "config.json").write_text(model.config.to_json_string())
 
     cfg, params = ft.load_hf_gpt2(tmp_path, dtype=torch.float64)
-    assert all(x.dtype == torch.float64 for x in ft.tree_leaves(params))
+    assert all(x.dtype == torch.float64 for x in ft.tree.leaves(params))
     tokens = random_tokens(cfg, 2, 9)
     torch.testing.assert_close(ft.forward(params, tokens, cfg).float(), hf_logits(model, tokens), atol=1e-5, rtol=0)
 

@@ -27,7 +27,7 @@ def saved(tmp_path_factory):
 
 
 def flat(params):
-    return ft.tree_flatten_with_paths(params)
+    return ft.tree.flatten_with_paths(params)
 
 
 def assert_same_tree(a, b):
@@ -266,7 +266,7 @@ def test_converted_tensors_pass_through_a_few_rows_at_a_time(saved, monkeypatch)
     cfg, params = load_hf(saved["llama"][0])
     monkeypatch.setattr(hf, "_CHUNK_BYTES", 100)  # a few rows per read: every block boundary is exercised
     assert_same_tree(load_hf(saved["llama"][0])[1], params)
-    assert_same_tree(load_hf(saved["llama"][0], dtype=torch.float64)[1], ft.tree_to(params, dtype=torch.float64))
+    assert_same_tree(load_hf(saved["llama"][0], dtype=torch.float64)[1], ft.tree.to(params, dtype=torch.float64))
 
 
 def test_bench_load_times_both_loaders_in_fresh_processes(tmp_path, capsys):

@@ -25,7 +25,7 @@ VARIANTS = {
 def perturbed_params(cfg: ft.Config, seed: int = 0) -> dict:
     """Initial params plus noise, so norms and biases are far from 1/0 and heads differ clearly."""
     gen = torch.Generator().manual_seed(seed + 100)
-    return ft.tree_map(lambda x: x + 0.2 * torch.randn(x.shape, generator=gen), ft.init_params(cfg, seed=seed))
+    return ft.tree.map(lambda x: x + 0.2 * torch.randn(x.shape, generator=gen), ft.init_params(cfg, seed=seed))
 
 
 def tokens_for(cfg: ft.Config, batch: int = 3, seq: int = 11, seed: int = 0) -> torch.Tensor:
@@ -61,7 +61,7 @@ def test_acts_have_the_documented_names_and_shapes(variant):
         if cfg.mlp:
             assert b["mlp"]["hidden"].shape == (3, 11, cfg.d_ff)
     paths = interp.activation_paths(cfg)
-    assert paths == list(ft.tree_flatten_with_paths(acts)) or set(paths) == set(ft.tree_flatten_with_paths(acts))
+    assert paths == list(ft.tree.flatten_with_paths(acts)) or set(paths) == set(ft.tree.flatten_with_paths(acts))
 
 
 def test_residual_stream_is_chained_and_heads_sum_to_the_attention_output(variant):
@@ -127,7 +127,7 @@ def test_zero_ablating_a_head_equals_zeroing_its_slice_of_w_o(variant):
     layer, head = 1, 2
     logits, acts = ft.forward_with_activations(params, tokens, cfg, interventions=interp.ablate_heads(layer, head, cfg))
     assert bool((acts["blocks"][layer]["attn"]["head_out"][:, head] == 0).all())
-    by_hand = ft.tree_map(lambda x: x.clone(), params)
+    by_hand = ft.tree.map(lambda x: x.clone(), params)
     w_o = by_hand["blocks"][layer]["attn"]["w_o"]
     w_o[head * cfg.head_dim:(head + 1) * cfg.head_dim] = 0.0
     torch.testing.assert_close(logits, ft.forward(by_hand, tokens, cfg), atol=1e-5, rtol=1e-5)
@@ -168,7 +168,7 @@ def test_patching_a_run_with_its_own_activations_changes_nothing(variant):
     cfg, params = variant
     tokens = tokens_for(cfg)
     logits, acts = ft.forward_with_activations(params, tokens, cfg)
-    flat = ft.tree_flatten_with_paths(acts)
+    flat = ft.tree.flatten_with_paths(acts)
     patches = interp.combine(*(interp.patch(path, value) for path, value in flat.items()))
     patched, _ = ft.forward_with_activations(params, tokens, cfg, interventions=patches)
     assert torch.equal(patched, logits)
@@ -238,7 +238,7 @@ def test_bad_interventions_say_what_is_valid(tiny_cfg):
 def test_vmapped_head_ablation_sweep_equals_the_loop(kind, variant):
     cfg, params = variant
     tokens, targets = tokens_for(cfg, seed=1), tokens_for(cfg, seed=2)
-    sweep = ft.head_ablation_sweep(params, tokens, targets, cfg, kind=kind)
+    sweep = ft.interp.head_ablation_sweep(params, tokens, targets, cfg, kind=kind)
     assert sweep.shape == (cfg.n_layers, cfg.n_heads)
     base = ft.loss_fn(params, tokens, targets, cfg)
     _, clean = ft.forward_with_activations(params, tokens, cfg)
@@ -248,7 +248,7 @@ def test_vmapped_head_ablation_sweep_equals_the_loop(kind, variant):
         for head in range(cfg.n_heads):
             ablation = interp.ablate_heads(layer, head, cfg, kind=kind, means=means)
             logits, _ = ft.forward_with_activations(params, tokens, cfg, interventions=ablation)
-            loop[layer, head] = ft.cross_entropy(logits, targets) - base
+            loop[layer, head] = ft.model.cross_entropy(logits, targets) - base
     # Losses of ~3.6 in float32 differ by a few ulps (1e-6) between the einsum and SDPA kernels.
     torch.testing.assert_close(sweep, loop, atol=2e-5, rtol=0)
     assert bool((loop.abs() > 1e-4).any())
@@ -291,7 +291,7 @@ def test_grad_through_activations_equals_a_hand_written_equivalent(tiny_cfg):
         return unembed(p, x, cfg).logsumexp(-1).mean()
 
     g1, g2 = torch.func.grad(lens_loss)(params), torch.func.grad(lens_by_hand)(params)
-    for (path, a), b in zip(ft.tree_flatten_with_paths(g1).items(), ft.tree_leaves(g2)):
+    for (path, a), b in zip(ft.tree.flatten_with_paths(g1).items(), ft.tree.leaves(g2)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=path)
 
 
@@ -305,7 +305,7 @@ def test_vmap_over_examples_and_over_models_equals_the_loop(tiny_cfg):
         torch.testing.assert_close(logits[i], li, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(acts["blocks"][1]["attn"]["pattern"][i], ai["blocks"][1]["attn"]["pattern"], atol=1e-6, rtol=1e-5)
     members = [perturbed_params(cfg, seed=s) for s in range(3)]
-    stacked = ft.tree_map(lambda *x: torch.stack(x), *members)
+    stacked = ft.tree.map(lambda *x: torch.stack(x), *members)
     scores = torch.func.vmap(lambda p: ft.forward_with_activations(p, tokens, cfg)[1]["blocks"][0]["attn"]["pattern"])(stacked)
     for m, p in enumerate(members):
         torch.testing.assert_close(scores[m], ft.forward_with_activations(p, tokens, cfg)[1]["blocks"][0]["attn"]["pattern"],
@@ -407,7 +407,7 @@ def test_attention_only_config(tiny_cfg, tmp_path):
     cfg = tiny_cfg.replace(mlp=False)
     params = ft.init_params(cfg)
     assert all(set(b) == {"ln1", "attn"} for b in params["blocks"])
-    assert ft.count_params(params) == ft.param_breakdown(cfg)["total"]
+    assert ft.count_params(params) == ft.params.param_breakdown(cfg)["total"]
     with pytest.raises((ValueError, TypeError), match="mlp"):  # beartype (in tests) or Config's own check
         tiny_cfg.replace(mlp="no")
     with pytest.raises(ValueError, match="Config.mlp=False cannot be expressed in GPT-2"):

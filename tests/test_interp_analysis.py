@@ -28,7 +28,7 @@ def test_loss_per_position_takes_split_windows_padding(tiny_cfg):
 
 
 def test_loss_per_position_lifts_low_precision_logits(tiny_cfg):
-    params = ft.tree_map(lambda x: x.to(torch.bfloat16), ft.init_params(tiny_cfg, seed=4))
+    params = ft.tree.map(lambda x: x.to(torch.bfloat16), ft.init_params(tiny_cfg, seed=4))
     tokens = torch.randint(0, tiny_cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
     targets = torch.randint(0, tiny_cfg.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2))
     curve = interp.loss_per_position(params, tokens, targets, tiny_cfg)

@@ -96,10 +96,10 @@ def test_func_grad_of_loss_equals_autograd(tiny_cfg, gen):
     tokens, targets = tokens_for(cfg, (5, 8), gen), tokens_for(cfg, (5, 8), gen)
     grads = torch.func.grad(ft.loss_fn)(params, tokens, targets, cfg)
 
-    leaves = ft.tree_map(lambda t: t.detach().clone().requires_grad_(), params)
+    leaves = ft.tree.map(lambda t: t.detach().clone().requires_grad_(), params)
     ft.loss_fn(leaves, tokens, targets, cfg).backward()
-    expected = ft.tree_flatten_with_paths(ft.tree_map(lambda t: t.grad, leaves))
-    got = ft.tree_flatten_with_paths(grads)
+    expected = ft.tree.flatten_with_paths(ft.tree.map(lambda t: t.grad, leaves))
+    got = ft.tree.flatten_with_paths(grads)
     assert list(got) == list(expected)
     for path in got:
         torch.testing.assert_close(got[path], expected[path], msg=path)
@@ -134,7 +134,7 @@ def test_vmap_over_stacked_params_is_an_ensemble(tiny_cfg, gen):
     # The einsum path: vmap over weights has no fused SDPA batching rule (torch warns and loops).
     cfg = tiny_cfg.replace(attn_impl="einsum")
     members = [ft.init_params(cfg, seed=s) for s in range(4)]
-    stacked = ft.tree_map(lambda *xs: torch.stack(xs), *members)
+    stacked = ft.tree.map(lambda *xs: torch.stack(xs), *members)
     tokens = tokens_for(cfg, (2, 5), gen)
     out = torch.func.vmap(ft.forward, in_dims=(0, None, None))(stacked, tokens, cfg)
     for i, p in enumerate(members):
@@ -157,12 +157,12 @@ def test_loss_gradcheck_float64(gen, norm_position):
     # batch 3, seq 5, heads 2, head_dim 4, d_model 8, d_ff 6, vocab 7
     cfg = ft.Config(vocab_size=7, d_model=8, n_heads=2, n_layers=1, d_ff=6, max_seq_len=5, positional="rope",
                     tie_embeddings=False, norm_position=norm_position, activation="swiglu")
-    flat = ft.tree_flatten_with_paths(ft.init_params(cfg, seed=0, dtype=torch.float64))
+    flat = ft.tree.flatten_with_paths(ft.init_params(cfg, seed=0, dtype=torch.float64))
     names = list(flat)
     tokens, targets = tokens_for(cfg, (3, 5), gen), tokens_for(cfg, (3, 5), gen)
 
     def f(*leaves):
-        return ft.loss_fn(ft.tree_unflatten_paths(dict(zip(names, leaves))), tokens, targets, cfg)
+        return ft.loss_fn(ft.tree.unflatten_paths(dict(zip(names, leaves))), tokens, targets, cfg)
 
     assert f(*flat.values()).dtype == torch.float64
     assert torch.autograd.gradcheck(f, tuple(x.clone().requires_grad_() for x in flat.values()), fast_mode=True)

@@ -26,7 +26,7 @@ def flat(tree):
 
 def grads_for(step, params):
     g = torch.Generator().manual_seed(100 + step)
-    return ft.tree_map(lambda x: torch.randn(x.shape, generator=g), params)
+    return ft.tree.map(lambda x: torch.randn(x.shape, generator=g), params)
 
 
 def default_groups(tp, wd):
@@ -130,12 +130,12 @@ def test_adamw_tensor_path_matches_torch():
     opt = optim.adamw(3e-2, betas=(0.9, 0.999), weight_decay=0.01)
     params = make_params()
     state = opt.init(params)
-    stacked = lambda tree: ft.tree_map(lambda x: x[None], tree)  # noqa: E731
+    stacked = lambda tree: ft.tree.map(lambda x: x[None], tree)  # noqa: E731
     p, s = stacked(params), stacked(state)
     for i in range(6):
         u, s = torch.func.vmap(opt.update)(stacked(grads_for(i, params)), s, p)
         p = optim.apply_updates(p, u)
-    ours = ft.tree_map(lambda x: x[0], p)
+    ours = ft.tree.map(lambda x: x[0], p)
 
     def make(tp):
         return torch.optim.AdamW(default_groups(tp, 0.01), lr=3e-2)
@@ -158,7 +158,7 @@ def test_adamw_under_vmap_equals_separate_runs():
         for i in range(3):
             u, state = opt.update(grads_for(10 * i + j, m), state, m)
             m = optim.apply_updates(m, u)
-        for a, b in zip(ft.tree_leaves(m), ft.tree_leaves(ft.tree_map(lambda x: x[j], p))):
+        for a, b in zip(ft.tree.leaves(m), ft.tree.leaves(ft.tree.map(lambda x: x[j], p))):
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
@@ -186,7 +186,7 @@ def test_adamw_rejects_bad_hyperparameters_and_trees():
     with pytest.raises(ValueError, match="same tree structure as params"):
         opt.update({"w": params["w"]}, state, params)
     with pytest.raises(TypeError, match="mask leaves must be bools"):
-        bad = optim.adamw(1e-3, mask=ft.tree_map(lambda x: 1, params))
+        bad = optim.adamw(1e-3, mask=ft.tree.map(lambda x: 1, params))
         bad.update(grads_for(0, params), bad.init(params), params)
 
 
@@ -222,7 +222,7 @@ def test_clip_by_global_norm_matches_torch(max_norm):
 
 def test_global_norm_is_norm_of_concatenation():
     params = make_params()
-    expected = torch.cat([x.flatten() for x in ft.tree_leaves(params)]).norm()
+    expected = torch.cat([x.flatten() for x in ft.tree.leaves(params)]).norm()
     torch.testing.assert_close(optim.global_norm(params), expected)
     assert float(optim.global_norm({})) == 0.0
 
@@ -255,10 +255,10 @@ def test_update_is_pure():
     state = opt.init(params)
     _, state = opt.update(grads_for(0, params), state, params)
     grads = grads_for(1, params)
-    before = [x.clone() for x in ft.tree_leaves((params, state, grads))]
+    before = [x.clone() for x in ft.tree.leaves((params, state, grads))]
     updates, new_state = opt.update(grads, state, params)
     optim.apply_updates(params, updates)
-    for a, b in zip(before, ft.tree_leaves((params, state, grads))):
+    for a, b in zip(before, ft.tree.leaves((params, state, grads))):
         assert torch.equal(a, b)
     assert int(new_state[1].count) == 2 and int(state[1].count) == 1
 
@@ -268,7 +268,7 @@ def test_state_checkpoints_as_flat_tensors_and_round_trips():
     opt = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(optim.warmup_cosine(1e-3, 2, 5)))
     state = opt.init(params)
     _, state = opt.update(grads_for(0, params), state, params)
-    flat_state = ft.tree_flatten_with_paths(state)
+    flat_state = ft.tree.flatten_with_paths(state)
     assert all(isinstance(v, torch.Tensor) for v in flat_state.values())
     assert "1.mu.blocks.0.e" in flat_state  # chain index, field name, then the params path (one convention)
     leaves, spec = pytree.tree_flatten(state)

@@ -10,7 +10,7 @@ import ftransformer as ft
 
 
 def assert_trees_equal(a, b):
-    fa, fb = ft.tree_flatten_with_paths(a), ft.tree_flatten_with_paths(b)
+    fa, fb = ft.tree.flatten_with_paths(a), ft.tree.flatten_with_paths(b)
     assert list(fa) == list(fb)
     for path in fa:
         assert torch.equal(fa[path], fb[path]), path
@@ -21,7 +21,7 @@ def test_same_seed_gives_the_same_params(tiny_cfg):
 
 
 def test_different_seeds_give_different_weights(tiny_cfg):
-    a, b = ft.tree_flatten_with_paths(ft.init_params(tiny_cfg, 0)), ft.tree_flatten_with_paths(ft.init_params(tiny_cfg, 1))
+    a, b = ft.tree.flatten_with_paths(ft.init_params(tiny_cfg, 0)), ft.tree.flatten_with_paths(ft.init_params(tiny_cfg, 1))
     for path in ("embed.tokens", "embed.positions", "blocks.0.attn.w_qkv", "blocks.1.mlp.w_out"):
         assert not torch.equal(a[path], b[path]), path
 
@@ -41,7 +41,7 @@ def test_params_are_a_tree_of_tensors_only(tiny_cfg):
             assert isinstance(node, Tensor), f"{path} is {type(node).__name__}"
 
     visit(params, "params")
-    assert all(isinstance(x, Tensor) for x in ft.tree_leaves(params))
+    assert all(isinstance(x, Tensor) for x in ft.tree.leaves(params))
 
 
 def test_shapes_follow_the_config(tiny_cfg):
@@ -76,7 +76,7 @@ def test_leaves_a_config_does_not_use_are_absent(tiny_cfg):
     # LayerNorm without biases keeps only its scale too; sinusoidal positions have no table either.
     p = ft.init_params(tiny_cfg.replace(bias=False, positional="sinusoidal"))
     assert set(p["ln_f"]) == {"scale"} and set(p["embed"]) == {"tokens"}
-    assert all(not path.split(".")[-1].startswith("b") for path in ft.tree_flatten_with_paths(p))
+    assert all(not path.split(".")[-1].startswith("b") for path in ft.tree.flatten_with_paths(p))
 
 
 def test_init_statistics_follow_gpt2():
@@ -108,14 +108,14 @@ def test_init_statistics_follow_gpt2():
 def test_dtype_casts_every_leaf_and_keeps_the_numbers(tiny_cfg, dtype):
     p32 = ft.init_params(tiny_cfg, seed=5)
     p = ft.init_params(tiny_cfg, seed=5, dtype=dtype)
-    assert {x.dtype for x in ft.tree_leaves(p)} == {dtype}
-    assert_trees_equal(p, ft.tree_to(p32, dtype=dtype))
+    assert {x.dtype for x in ft.tree.leaves(p)} == {dtype}
+    assert_trees_equal(p, ft.tree.to(p32, dtype=dtype))
 
 
 def test_device_argument_places_every_leaf(tiny_cfg):
     p = ft.init_params(tiny_cfg, device="meta")
-    assert {x.device.type for x in ft.tree_leaves(p)} == {"meta"}
-    assert {x.device.type for x in ft.tree_leaves(ft.init_params(tiny_cfg, device=torch.device("cpu")))} == {"cpu"}
+    assert {x.device.type for x in ft.tree.leaves(p)} == {"meta"}
+    assert {x.device.type for x in ft.tree.leaves(ft.init_params(tiny_cfg, device=torch.device("cpu")))} == {"cpu"}
 
 
 def test_init_params_rejects_a_non_config():
@@ -131,39 +131,39 @@ def test_count_params_counts_every_scalar():
 
 def test_tree_map_keeps_structure_and_zips_trees():
     tree = {"a": torch.ones(2), "b": [torch.full((3,), 2.0), {"c": torch.full((1,), 3.0)}]}
-    doubled = ft.tree_map(lambda x: x * 2, tree)
+    doubled = ft.tree.map(lambda x: x * 2, tree)
     assert isinstance(doubled["b"], list) and isinstance(doubled["b"][1], dict)
     assert torch.equal(doubled["b"][1]["c"], torch.tensor([6.0]))
-    summed = ft.tree_map(lambda x, y: x + y, tree, doubled)
+    summed = ft.tree.map(lambda x, y: x + y, tree, doubled)
     assert torch.equal(summed["a"], torch.full((2,), 3.0))
     assert torch.equal(tree["a"], torch.ones(2)), "tree_map must not modify its input"
 
 
 def test_flatten_uses_dotted_paths_and_unflatten_inverts_it(tiny_cfg):
     params = ft.init_params(tiny_cfg.replace(tie_embeddings=False))
-    flat = ft.tree_flatten_with_paths(params)
+    flat = ft.tree.flatten_with_paths(params)
     assert "blocks.0.attn.w_qkv" in flat and "blocks.1.mlp.b_out" in flat and "unembed.w" in flat
     assert flat["blocks.1.ln2.scale"] is params["blocks"][1]["ln2"]["scale"]
-    assert len(flat) == len(ft.tree_leaves(params))
-    assert ft.tree_flatten_with_paths(params) == flat  # a stable order
-    back = ft.tree_unflatten_paths(flat)
+    assert len(flat) == len(ft.tree.leaves(params))
+    assert ft.tree.flatten_with_paths(params) == flat  # a stable order
+    back = ft.tree.unflatten_paths(flat)
     assert isinstance(back["blocks"], list) and len(back["blocks"]) == tiny_cfg.n_layers
     assert_trees_equal(back, params)
 
 
 def test_unflatten_orders_list_indices_numerically():
     flat = {f"xs.{i}": torch.tensor(float(i)) for i in (10, 2, 0, 1, 3, 4, 5, 6, 7, 8, 9, 11)}
-    xs = ft.tree_unflatten_paths(flat)["xs"]
+    xs = ft.tree.unflatten_paths(flat)["xs"]
     assert [int(x) for x in xs] == list(range(12))
 
 
 def test_tree_to_casts_floats_and_leaves_integers_alone():
     tree = {"w": torch.ones(2, 3), "step": torch.tensor(7), "m": [torch.zeros(4, dtype=torch.float64)]}
-    out = ft.tree_to(tree, dtype=torch.bfloat16)
+    out = ft.tree.to(tree, dtype=torch.bfloat16)
     assert out["w"].dtype == out["m"][0].dtype == torch.bfloat16
     assert out["step"].dtype == torch.int64 and int(out["step"]) == 7
-    moved = ft.tree_to(tree, device="meta")
-    assert {x.device.type for x in ft.tree_leaves(moved)} == {"meta"}
+    moved = ft.tree.to(tree, device="meta")
+    assert {x.device.type for x in ft.tree.leaves(moved)} == {"meta"}
     assert moved["m"][0].dtype == torch.float64
     assert tree["w"].dtype == torch.float32, "tree_to must not modify its input"
 
@@ -181,4 +181,4 @@ def test_modern_attention_leaves_follow_the_config():
     assert attn["w_o"].shape == (3 * 10, 24)
     assert attn["q_norm"]["scale"].shape == attn["k_norm"]["scale"].shape == (10,)
     assert torch.equal(attn["q_norm"]["scale"], torch.ones(10))
-    assert ft.param_breakdown(cfg)["total"] == ft.count_params(ft.init_params(cfg))
+    assert ft.params.param_breakdown(cfg)["total"] == ft.count_params(ft.init_params(cfg))

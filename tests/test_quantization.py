@@ -27,7 +27,7 @@ def test_quantize_matrix_rounds_each_entry_to_half_a_step():
 
 def test_quantize_is_a_pytree_transform():
     params = ft.init_params(CFG, seed=0)
-    before = {k: v.clone() for k, v in ft.tree_flatten_with_paths(params).items()}
+    before = {k: v.clone() for k, v in ft.tree.flatten_with_paths(params).items()}
     qp = ft.quantize(params, CFG, "int8")
     assert is_quantized(qp) and not is_quantized(params)
     for block in qp["blocks"]:
@@ -35,14 +35,14 @@ def test_quantize_is_a_pytree_transform():
             assert all(isinstance(block[part][n], Int8Weight) for n in names)
         assert block["ln1"]["scale"].dtype == torch.float32 and block["attn"]["b_qkv"].dtype == torch.float32
     assert qp["embed"]["tokens"] is params["embed"]["tokens"]  # embeddings stay float
-    assert all(torch.equal(before[k], v) for k, v in ft.tree_flatten_with_paths(params).items())  # untouched
-    flat = ft.tree_flatten_with_paths(qp)
+    assert all(torch.equal(before[k], v) for k, v in ft.tree.flatten_with_paths(params).items())  # untouched
+    flat = ft.tree.flatten_with_paths(qp)
     assert flat["blocks.0.attn.w_qkv.q"].dtype == torch.int8 and "blocks.0.attn.w_qkv.scale" in flat
     # matrices take a quarter of their float bytes (plus a scale per column)
     assert weight_bytes(qp) < weight_bytes(params) * 0.6
     back = ft.dequantize(qp)
     assert not is_quantized(back)
-    assert ft.tree_flatten_with_paths(back).keys() == before.keys()
+    assert ft.tree.flatten_with_paths(back).keys() == before.keys()
 
 
 def test_quantize_errors_say_what_is_wrong():
@@ -132,7 +132,7 @@ def test_int8_generation_follows_the_float_model_on_clear_margins(gen):
     leads by more than the int8 error can move it (checked token by token, teacher-forced)."""
     cfg = CFG.replace(n_layers=1)
     params = ft.init_params(cfg, seed=4, )
-    params = ft.tree_map(lambda t: t * 4 if t.ndim == 2 else t, params)  # sharper logits than at init
+    params = ft.tree.map(lambda t: t * 4 if t.ndim == 2 else t, params)  # sharper logits than at init
     qp = ft.quantize(params, cfg)
     prompt = torch.randint(0, cfg.vocab_size, (4, 3), generator=gen)
     out = ft.generate(qp, prompt, cfg, max_new_tokens=10, temperature=0)
@@ -150,7 +150,7 @@ def test_int8_checkpoint_round_trip(tmp_path):
     ft.save_checkpoint(tmp_path / "ck", params=params, config=CFG, step=3)
     loaded = ft.load_checkpoint(tmp_path / "ck")
     assert is_quantized(loaded.params)
-    a, b = ft.tree_flatten_with_paths(params), ft.tree_flatten_with_paths(loaded.params)
+    a, b = ft.tree.flatten_with_paths(params), ft.tree.flatten_with_paths(loaded.params)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     assert isinstance(loaded.params["blocks"][1]["mlp"]["w_out"], Int8Weight)
 
@@ -158,7 +158,7 @@ def test_int8_checkpoint_round_trip(tmp_path):
 def test_cli_generate_quantize_int8(tmp_path, capsys):
     from ftransformer.cli import main
 
-    tok = ft.CharTokenizer(list("abcdefgh"))
+    tok = ft.data.CharTokenizer(list("abcdefgh"))
     cfg = CFG.replace(vocab_size=tok.vocab_size)
     params = ft.init_params(cfg, seed=6)
     ft.save_checkpoint(tmp_path / "ck", params=params, config=cfg, step=1, tokenizer=tok)

@@ -41,7 +41,7 @@ def test_schedule_is_nanogpts_at_every_update():
 def test_init_is_gpt2s():
     """N(0, 0.02) everywhere; residual output projections N(0, 0.02 / sqrt(2 n_layers)); unit norm scales."""
     cfg = ft.get_preset("shakespeare-char-cpu")
-    flat = ft.tree_flatten_with_paths(ft.init_params(cfg, seed=0))
+    flat = ft.tree.flatten_with_paths(ft.init_params(cfg, seed=0))
     out_std = 0.02 / math.sqrt(2 * cfg.n_layers)
     for name, x in flat.items():
         if x.ndim < 2:
@@ -60,7 +60,7 @@ def test_optimizer_matches_nanogpts_torch_adamw_step_for_step():
     recipe = RECIPE.replace(warmup_steps=2, steps=5, lr=3e-2)
     params = ft.init_params(cfg, seed=1)
     model = nn_from_params(params, cfg).double()
-    params = ft.tree_to(params, dtype=torch.float64)
+    params = ft.tree.to(params, dtype=torch.float64)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     assert len(decay) == 2 + 4 * cfg.n_layers and len(no_decay) == 2 * cfg.n_layers + 1  # embeddings, matrices; norms
@@ -81,6 +81,6 @@ def test_optimizer_matches_nanogpts_torch_adamw_step_for_step():
         ref.step()
         ref.zero_grad()
     # float64 on both sides: only summation order differs, so the agreement is far tighter than one update
-    ours = nn_from_params(ft.tree_to(params, dtype=torch.float32), cfg)
+    ours = nn_from_params(ft.tree.to(params, dtype=torch.float32), cfg)
     for (name, a), b in zip(ours.named_parameters(), model.parameters()):
         torch.testing.assert_close(a.double(), b, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -15,7 +15,7 @@ DRAFT = ft.Config(vocab_size=11, d_model=16, n_heads=2, n_layers=1, d_ff=24, max
 def spread(cfg: ft.Config, seed: int, scale: float) -> dict:
     """Random params with noise of ``scale``: logits far apart (no near-ties for rounding to flip)."""
     gen = torch.Generator().manual_seed(seed + 50)
-    return ft.tree_map(lambda x: x + scale * torch.randn(x.shape, generator=gen), ft.init_params(cfg, seed=seed))
+    return ft.tree.map(lambda x: x + scale * torch.randn(x.shape, generator=gen), ft.init_params(cfg, seed=seed))
 
 
 @pytest.fixture(scope="module")

@@ -110,13 +110,11 @@ def _long_functions() -> list[str]:
     return found
 
 
-@pytest.mark.xfail(reason="issue 19 in progress: the restructure removes the cycles", strict=False)
 def test_the_package_has_no_import_cycle():
     cycles = _cycles(_graph())
     assert not cycles, f"import cycles (imports inside functions count): {cycles}"
 
 
-@pytest.mark.xfail(reason="issue 19 in progress: the restructure splits long functions", strict=False)
 def test_no_function_is_longer_than_fifty_lines_outside_cli_and_bench():
     long = _long_functions()
     assert not long, f"functions over {MAX_LINES} lines: {long}"

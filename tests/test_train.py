@@ -29,7 +29,7 @@ def padded_batch(seed, batch=4):
 
 
 def assert_trees_close(a, b, atol=1e-6, rtol=1e-5):
-    fa, fb = ft.tree_flatten_with_paths(a), ft.tree_flatten_with_paths(b)
+    fa, fb = ft.tree.flatten_with_paths(a), ft.tree.flatten_with_paths(b)
     assert fa.keys() == fb.keys()
     for k in fa:
         torch.testing.assert_close(fa[k], fb[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
@@ -48,7 +48,7 @@ def assert_params_after_adam_close(a, b, *, total_lr):
     using this drop biases: the key bias's true gradient is exactly 0, so its update is pure noise.
     """
     assert_trees_close(a, b, atol=1e-2 * total_lr, rtol=0)
-    diff = torch.cat([(x - y).abs().flatten() for x, y in zip(ft.tree_leaves(a), ft.tree_leaves(b))])
+    diff = torch.cat([(x - y).abs().flatten() for x, y in zip(ft.tree.leaves(a), ft.tree.leaves(b))])
     assert torch.quantile(diff, 0.99) <= 1e-6
 
 
@@ -64,9 +64,9 @@ def test_step_matches_autograd_and_torch_adamw():
     step = make_train_step(cfg, opt)
     state = opt.init(params)
 
-    flat = ft.tree_flatten_with_paths(params)
+    flat = ft.tree.flatten_with_paths(params)
     torch_leaves = {k: torch.nn.Parameter(v.clone()) for k, v in flat.items()}
-    torch_tree = ft.tree_unflatten_paths(torch_leaves)
+    torch_tree = ft.tree.unflatten_paths(torch_leaves)
     decay = [p for p in torch_leaves.values() if p.ndim >= 2]
     no_decay = [p for p in torch_leaves.values() if p.ndim < 2]
     topt = torch.optim.AdamW(
@@ -87,7 +87,7 @@ def test_step_matches_autograd_and_torch_adamw():
         torch.testing.assert_close(metrics["grad_norm"], grad_norm)
         assert float(metrics["lr"]) == pytest.approx(1e-2)
         assert int(metrics["tokens"]) == 4 * SEQ
-        assert_trees_close(params, ft.tree_unflatten_paths({k: v.detach() for k, v in torch_leaves.items()}))
+        assert_trees_close(params, ft.tree.unflatten_paths({k: v.detach() for k, v in torch_leaves.items()}))
 
 
 def test_metrics_are_zero_dim_tensors():
@@ -109,13 +109,13 @@ def test_step_does_not_mutate_its_inputs():
     params, state, _ = step(params, state, make_batch(0), None)  # non-zero moments from here on
     batch = padded_batch(1)
     inputs = (params, state, batch)
-    before = [x.clone() for x in ft.tree_leaves(inputs)]
+    before = [x.clone() for x in ft.tree.leaves(inputs)]
     new_params, new_state, _ = step(params, state, batch, None)
-    for a, b in zip(before, ft.tree_leaves(inputs)):
+    for a, b in zip(before, ft.tree.leaves(inputs)):
         assert torch.equal(a, b)
     # The outputs are new tensors, not the inputs written over.
-    old = {x.data_ptr() for x in ft.tree_leaves((params, state))}
-    assert not old & {x.data_ptr() for x in ft.tree_leaves(new_params)}
+    old = {x.data_ptr() for x in ft.tree.leaves((params, state))}
+    assert not old & {x.data_ptr() for x in ft.tree.leaves(new_params)}
     # Replaying the same inputs gives the same outputs.
     again, _, _ = step(params, state, batch, None)
     assert_trees_close(new_params, again, atol=0, rtol=0)
@@ -124,7 +124,7 @@ def test_step_does_not_mutate_its_inputs():
 def test_updates_held_elsewhere_are_not_written_over():
     # A transformation whose updates are a tensor of its own state: the step must copy, not add in place.
     params = ft.init_params(CFG)
-    fixed = ft.tree_map(lambda x: torch.full_like(x, 0.5), params)
+    fixed = ft.tree.map(lambda x: torch.full_like(x, 0.5), params)
 
     def init(p):
         return (fixed,)
@@ -134,8 +134,8 @@ def test_updates_held_elsewhere_are_not_written_over():
 
     step = make_train_step(CFG, optim.GradientTransformation(init, update))
     new_params, state, metrics = step(params, init(params), make_batch(0), None)
-    assert all(bool((x == 0.5).all()) for x in ft.tree_leaves(state))
-    assert_trees_close(new_params, ft.tree_map(lambda x: x + 0.5, params))
+    assert all(bool((x == 0.5).all()) for x in ft.tree.leaves(state))
+    assert_trees_close(new_params, ft.tree.map(lambda x: x + 0.5, params))
     assert math.isnan(float(metrics["lr"]))  # this optimizer keeps no learning rate
 
 
@@ -242,7 +242,7 @@ def test_evaluate_is_the_token_weighted_mean():
 
 def test_evaluate_uses_no_dropout_and_no_grad():
     cfg = CFG.replace(dropout=0.5)
-    params = ft.tree_map(lambda x: x.requires_grad_(), ft.init_params(cfg))
+    params = ft.tree.map(lambda x: x.requires_grad_(), ft.init_params(cfg))
     batches = [make_batch(0)]
     first = evaluate(params, batches, cfg)
     assert first == evaluate(params, batches, cfg)
@@ -297,7 +297,7 @@ def test_vmap_over_the_step_trains_an_ensemble():
     params, state, metrics = torch.func.vmap(step, in_dims=(0, 0, None, None))(params, state, batch, None)
     for j, member in enumerate(members):
         alone, _, m = step(member, opt.init(member), batch, None)
-        assert_params_after_adam_close(alone, ft.tree_map(lambda x: x[j], params), total_lr=1e-2)
+        assert_params_after_adam_close(alone, ft.tree.map(lambda x: x[j], params), total_lr=1e-2)
         torch.testing.assert_close(m["loss"], metrics["loss"][j])
         torch.testing.assert_close(m["grad_norm"], metrics["grad_norm"][j], atol=1e-6, rtol=1e-5)
 

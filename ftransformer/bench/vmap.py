@@ -4,7 +4,7 @@ Two questions, each answered by contenders timed interleaved in one process (eve
 each contender once, so drifting machine load hits all alike; medians reported):
 
 1. **Per-example gradients** of a batch (default 32 x 64 tokens, preset shakespeare-char-cpu):
-   ``ft.per_example_grads`` (vmap of grad, einsum attention), the same on the SDPA path (where
+   ``ft.per_example.per_example_grads`` (vmap of grad, einsum attention), the same on the SDPA path (where
    ``vmap`` has no batching rule and falls back to a loop), a Python loop of one gradient per example,
    and Opacus' ``GradSampleModule`` (per-sample gradients from module hooks) on the plain ``torch.nn``
    GPT of ``bench train``. Opacus is optional (``pip install 'ftransformer[bench]'``); without it its
@@ -27,12 +27,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ftransformer import tree
 from ftransformer import optim
-from ftransformer.batched import init_ensemble, make_ensemble_step, per_example_grads, unstack_params
 from ftransformer.bench.timing import interleaved, num_threads
 from ftransformer.config import PRESETS, Config, get_preset
+from ftransformer.ensemble import init_ensemble, make_ensemble_step, unstack_params
 from ftransformer.model import loss_fn
 from ftransformer.params import init_params, tree_flatten_with_paths
+from ftransformer.per_example import per_example_grads
 from ftransformer.train import make_train_step
 
 DEFAULT_PRESET = "shakespeare-char-cpu"
@@ -70,16 +72,16 @@ def _setup(cfg: Config, batch: int, seq: int, members: int, seed: int, device: t
 
 def _loop_grads(params, tokens, targets, cfg):
     """One gradient per example, one after another (vjp: the cheapest first-order pullback)."""
-    leaves, spec = optim._leaves(params)
+    leaves, spec = tree.flatten(params)
     out = []
     for i in range(tokens.shape[0]):
         def loss_of(leaves, i=i):
-            return loss_fn(optim._unflatten(leaves, spec), tokens[i], targets[i], cfg)
+            return loss_fn(tree.unflatten(leaves, spec), tokens[i], targets[i], cfg)
 
         loss, pullback = torch.func.vjp(loss_of, leaves)
         (g,) = pullback(torch.ones_like(loss), retain_graph=False, create_graph=False)
         out.append(g)
-    return optim._unflatten([torch.stack(col) for col in zip(*out)], spec)
+    return tree.unflatten([torch.stack(col) for col in zip(*out)], spec)
 
 
 class _OpacusGPT(nn.Module):
@@ -170,7 +172,7 @@ def _ensemble_contender(cfg: Config, attn_impl, stacked, batch):
     ens = {"params": stacked, "opt": ens_step.init(stacked)}
 
     def vmapped():
-        ens["params"], ens["opt"], m = ens_step(ens["params"], ens["opt"], batch)
+        ens["params"], ens["opt"], m = ens_step.step(ens["params"], ens["opt"], batch)
         return m["loss"]
 
     return vmapped
@@ -348,7 +350,7 @@ def _run(args) -> int:
     for name in ("vmap (einsum attention)", "vmap (sdpa attention)"):
         if name in fns:
             got = fns[name]()
-            diff = max(float((a - b).abs().max()) for a, b in zip(optim._leaves_only(got), optim._leaves_only(ref)))
+            diff = max(float((a - b).abs().max()) for a, b in zip(tree.leaves(got), tree.leaves(ref)))
             checks.append(f"{name} {diff:.1e}")
     if "opacus GradSampleModule" in fns:
         checks.append(f"opacus {_check_opacus(fns['opacus GradSampleModule'](), ref, cfg):.1e}")

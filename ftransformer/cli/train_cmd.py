@@ -17,7 +17,9 @@ from ftransformer.config import PRESETS, Config, get_preset
 from ftransformer.data import TOKENIZER_KINDS, load_dataset, load_tokenizer
 from ftransformer.loop import fit
 from ftransformer.params import count_params, init_params
+from ftransformer.per_example import dp_train_step, noise_scale_record
 from ftransformer.recipes import QUICKSTART_PRESET, QUICKSTART_STEPS, RECIPES, TrainRecipe, get_recipe, optimizer_for
+from ftransformer.train import TrainStep
 
 RUNS_DIR = "runs"
 DEVICES = ("cpu", "cuda", "mps")
@@ -186,12 +188,20 @@ def _default_out(preset: str, data: str | None, *, resume: bool) -> Path:
     """``runs/<preset>-<corpus>``; a fresh run takes the first free ``-2``, ``-3``...; resume takes the newest taken."""
     base = Path(RUNS_DIR) / f"{preset}-{_corpus_tag(data)}"
     candidates = [base] + [base.with_name(f"{base.name}-{i}") for i in range(2, 1000)]
-    taken = [c for c in candidates if checkpoint_exists(c / LATEST)]
+    taken = [c for c in candidates if _saved_run(c) is not None]
     if resume:
         if not taken:
             raise ValueError(f"nothing to resume: no checkpoint in {str(base)!r} (pass --out DIR)")
         return taken[-1]
-    return next(c for c in candidates if not checkpoint_exists(c / LATEST))
+    return next(c for c in candidates if _saved_run(c) is None)
+
+
+def _saved_run(out: Path) -> Path | None:
+    """The checkpoint that holds a run's settings: ``out/latest``, or an ensemble's ``out/member-0/latest``."""
+    for latest in (out / LATEST, out / "member-0" / LATEST):
+        if checkpoint_exists(latest):
+            return latest
+    return None
 
 
 def _device(name: str | None) -> torch.device:
@@ -207,140 +217,230 @@ def _device(name: str | None) -> torch.device:
 # ---------------------------------------------------------------- the command
 
 
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """Everything ``ftransformer train`` will do, decided from the flags (and a resumed run's saved settings)."""
+
+    preset: str
+    recipe: TrainRecipe
+    data: str | None  # absolute path of the corpus; None: the built-in one
+    out: Path
+    seed: int
+    resume: bool
+    tokenizer: str | Path  # a tokenizer kind, or (resume) the checkpoint to load it from
+    config: Config | None  # resume: the saved config with --set changes; None: the preset's, sized to the vocab
+    config_changes: dict
+    device: str | None
+    compile: bool
+    quiet: bool
+    dp_clip: float | None = None
+    dp_noise: float | None = None
+    log_noise_scale: bool = False
+    members: list | None = None  # --ensemble / --sweep: one dict per member
+    init_from_hf: str | None = None  # a Hugging Face model directory to fine-tune instead of the preset's model
+
+    def settings(self) -> dict:
+        """What a checkpoint keeps of the run (``extra["train"]``), so ``--resume`` can rebuild it."""
+        return {"preset": self.preset, "data": self.data, "seed": self.seed, "recipe": self.recipe.to_dict(),
+                "dp_clip": self.dp_clip, "dp_noise": self.dp_noise, "log_noise_scale": self.log_noise_scale,
+                "init_from_hf": self.init_from_hf}
+
+
 def run(args) -> int:
     """Under torchrun (WORLD_SIZE > 1) every process runs this; they join one group and train as one."""
     ctx = distributed.init_from_env(device=args.device)
     try:
-        return _run(args, ctx)
+        spec = resolve_run(args)
+        if ctx is not None and (spec.members is not None or spec.dp_clip is not None):
+            raise ValueError("--ensemble, --sweep and --dp-clip run in one process; launch without torchrun")
+        return execute(spec, ctx)
     finally:
         distributed.shutdown()
 
 
-def _run(args, ctx) -> int:
+def _flag_changes(args) -> dict:
+    flags = (("steps", args.steps), ("batch_size", args.batch_size), ("accum_steps", args.accum), ("lr", args.lr),
+             ("eval_every", args.eval_every), ("tokenizer", args.tokenizer), ("eval_batches", args.eval_batches))
+    return {k: v for k, v in flags if v is not None}
+
+
+def resolve_run(args) -> RunSpec:
+    """The run the flags describe: preset, recipe, data, out dir, seed, DP and ensemble settings.
+
+    Reads (never writes) the run directory: which default ``--out`` is free, and with ``--resume`` the
+    saved settings of ``out/latest``. Loads no data, builds no model, trains nothing.
+    """
     from ftransformer.cli import train_ensemble
 
     train_ensemble.check_flags(args)
-    main = ctx is None or ctx.is_main
-    say = print if main else (lambda *a, **k: None)  # rank 0 speaks for the group
-    if ctx is not None and (args.ensemble is not None or args.sweep or args.dp_clip is not None):
-        raise ValueError("--ensemble, --sweep and --dp-clip run in one process; launch without torchrun")
-    if args.init_from_hf is not None and (args.resume or args.ensemble is not None or args.sweep):
+    init_from_hf = getattr(args, "init_from_hf", None)
+    if init_from_hf is not None and (args.resume or args.ensemble is not None or args.sweep):
         raise ValueError("--init-from-hf starts one fresh run: it does not go with --resume, --ensemble or --sweep")
     config_changes, recipe_changes = parse_overrides(args.overrides)
-    flag_changes = {
-        k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("accum_steps", args.accum),
-                          ("lr", args.lr), ("eval_every", args.eval_every), ("tokenizer", args.tokenizer),
-                          ("eval_batches", args.eval_batches))
-        if v is not None
-    }
-
+    changes = {**recipe_changes, **_flag_changes(args)}  # a flag wins over --set
+    common = dict(config_changes=config_changes, device=args.device, compile=args.compile, quiet=args.quiet)
     if args.resume:
-        out = Path(args.out) if args.out else _default_out(args.preset or QUICKSTART_PRESET, args.data, resume=True)
-        if not checkpoint_exists(out / LATEST):
-            raise ValueError(f"nothing to resume in {str(out)!r}: no checkpoint at {str(out / LATEST)!r}")
-        info = read_checkpoint_info(out / LATEST)
-        saved = info.get("extra", {}).get("train")
-        if saved is None:
-            raise ValueError(f"{str(out / LATEST)!r} was not written by `ftransformer train`; it has no run settings")
-        if args.preset is not None and args.preset != saved["preset"]:
-            raise ValueError(f"--preset {args.preset} but the run in {str(out)!r} uses preset {saved['preset']}")
-        preset = saved["preset"]
-        if "tokenizer" in flag_changes and flag_changes["tokenizer"] != saved["recipe"]["tokenizer"]:
-            raise ValueError("--tokenizer cannot change when resuming; the run's tokenizer is saved with it")
-        recipe = TrainRecipe.from_dict(saved["recipe"]).replace(**{**recipe_changes, **flag_changes})
-        cfg = Config.from_dict(info["config"])
-        cfg = cfg.replace(**config_changes) if config_changes else cfg
-        data = str(Path(args.data).resolve()) if args.data is not None else saved["data"]
-        seed = saved["seed"] if args.seed is None else args.seed
-        tokenizer = load_tokenizer(out / LATEST)
+        spec = _resolve_resume(args, changes, common)
     else:
-        preset = args.preset or QUICKSTART_PRESET
-        recipe = get_recipe(preset)
-        if args.preset is None and args.steps is None:
-            recipe = recipe.replace(steps=QUICKSTART_STEPS)
-        recipe = recipe.replace(**{**recipe_changes, **flag_changes})  # a flag wins over --set
-        data = None if args.data is None else str(Path(args.data).resolve())
-        out = Path(args.out) if args.out else _default_out(preset, args.data, resume=False)
-        if checkpoint_exists(out / LATEST):
-            step = read_checkpoint_info(out / LATEST)["step"]
-            raise ValueError(
-                f"{str(out)!r} already holds a run (checkpoint at step {step}); add --resume to continue it "
-                f"or choose another --out"
-            )
-        seed = 0 if args.seed is None else args.seed
-        tokenizer = recipe.tokenizer if args.init_from_hf is None else _hf_tokenizer(args.init_from_hf)
-        cfg = None
-    if seed < 0:
-        raise ValueError(f"--seed must be >= 0, got {seed}")
-    device = ctx.device if ctx is not None else _device(args.device)
+        spec = _resolve_fresh(args, changes, common)
+    if init_from_hf is not None:
+        spec = dataclasses.replace(spec, init_from_hf=init_from_hf)
+    if spec.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {spec.seed}")
+    if (args.ensemble is not None or args.sweep) and args.resume:
+        raise ValueError("--ensemble/--sweep cannot change when resuming; the members are saved with the run")
+    if args.ensemble is not None or args.sweep:
+        spec = dataclasses.replace(spec, members=train_ensemble.members_for(args.ensemble, args.sweep, spec.recipe,
+                                                                            spec.seed))
+    return spec
 
-    where = "the built-in corpus (Python standard library source)" if data is None else repr(data)
+
+def _resolve_fresh(args, changes: dict, common: dict) -> RunSpec:
+    preset = args.preset or QUICKSTART_PRESET
+    recipe = get_recipe(preset)
+    if args.preset is None and args.steps is None:
+        recipe = recipe.replace(steps=QUICKSTART_STEPS)
+    recipe = recipe.replace(**changes)
+    out = Path(args.out) if args.out else _default_out(preset, args.data, resume=False)
+    if _saved_run(out) is not None:
+        step = read_checkpoint_info(_saved_run(out))["step"]
+        raise ValueError(
+            f"{str(out)!r} already holds a run (checkpoint at step {step}); add --resume to continue it "
+            f"or choose another --out"
+        )
+    dp_noise = None if args.dp_clip is None else (1.0 if args.dp_noise is None else args.dp_noise)
+    return RunSpec(preset=preset, recipe=recipe, data=None if args.data is None else str(Path(args.data).resolve()),
+                   out=out, seed=0 if args.seed is None else args.seed, resume=False, tokenizer=recipe.tokenizer,
+                   config=None, dp_clip=args.dp_clip, dp_noise=dp_noise, log_noise_scale=args.log_noise_scale,
+                   **common)
+
+
+def _resolve_resume(args, changes: dict, common: dict) -> RunSpec:
+    out = Path(args.out) if args.out else _default_out(args.preset or QUICKSTART_PRESET, args.data, resume=True)
+    latest = _saved_run(out)
+    if latest is None:
+        raise ValueError(f"nothing to resume in {str(out)!r}: no checkpoint at {str(out / LATEST)!r}")
+    info = read_checkpoint_info(latest)
+    # An ensemble's members each keep their own settings under "train"; the run's are under "ensemble".
+    saved = info.get("extra", {}).get("ensemble" if latest != out / LATEST else "train")
+    if saved is None:
+        raise ValueError(f"{str(latest)!r} was not written by `ftransformer train`; it has no run settings")
+    if args.preset is not None and args.preset != saved["preset"]:
+        raise ValueError(f"--preset {args.preset} but the run in {str(out)!r} uses preset {saved['preset']}")
+    if "tokenizer" in changes and changes["tokenizer"] != saved["recipe"]["tokenizer"]:
+        raise ValueError("--tokenizer cannot change when resuming; the run's tokenizer is saved with it")
+    cfg = Config.from_dict(info["config"])
+    config_changes = common["config_changes"]
+    dp_clip = saved.get("dp_clip") if args.dp_clip is None else args.dp_clip  # a DP run stays one
+    dp_noise = saved.get("dp_noise") if args.dp_noise is None else args.dp_noise
+    if dp_clip is not None and dp_noise is None:
+        dp_noise = 1.0
+    return RunSpec(
+        preset=saved["preset"], recipe=TrainRecipe.from_dict(saved["recipe"]).replace(**changes),
+        data=str(Path(args.data).resolve()) if args.data is not None else saved["data"], out=out,
+        seed=saved["seed"] if args.seed is None else args.seed, resume=True, tokenizer=latest,
+        config=cfg.replace(**config_changes) if config_changes else cfg, dp_clip=dp_clip, dp_noise=dp_noise,
+        log_noise_scale=args.log_noise_scale or saved.get("log_noise_scale", False), members=saved.get("members"),
+        **common,
+    )
+
+
+def _load_data(spec: RunSpec, ctx, say):
+    """The dataset and the model's config (sized to the tokenizer's vocabulary)."""
+    where = "the built-in corpus (Python standard library source)" if spec.data is None else repr(spec.data)
     say(f"data: {where}")
+    main = ctx is None or ctx.is_main
     if not main:
         ctx.barrier()  # rank 0 builds the tokenizer and the token cache; the others then read the cache
-    dataset = load_dataset(
-        data, tokenizer=tokenizer, seq_len=recipe.seq_len, val_fraction=recipe.val_fraction,
-        bpe_vocab_size=recipe.bpe_vocab_size, cache_dir=out / "cache",
-    )
+    if spec.init_from_hf is not None:
+        tokenizer = _hf_tokenizer(spec.init_from_hf)  # the corpus in the model's own ids
+    else:
+        tokenizer = load_tokenizer(spec.tokenizer) if isinstance(spec.tokenizer, Path) else spec.tokenizer
+    recipe = spec.recipe
+    dataset = load_dataset(spec.data, tokenizer=tokenizer, seq_len=recipe.seq_len, val_fraction=recipe.val_fraction,
+                           bpe_vocab_size=recipe.bpe_vocab_size, cache_dir=spec.out / "cache")
     if main and ctx is not None:
         ctx.barrier()
-    hf_params = None
-    if cfg is None and args.init_from_hf is not None:
-        cfg, hf_params = _hf_model(args.init_from_hf, device, config_changes)
-    elif cfg is None:
-        cfg = get_preset(preset).replace(vocab_size=dataset.tokenizer.vocab_size, **config_changes)
-    elif cfg.vocab_size != dataset.tokenizer.vocab_size:
+    cfg = spec.config
+    if cfg is None:
+        cfg = get_preset(spec.preset).replace(vocab_size=dataset.tokenizer.vocab_size, **spec.config_changes)
+    elif cfg.vocab_size < dataset.tokenizer.vocab_size or (
+        cfg.vocab_size != dataset.tokenizer.vocab_size and spec.init_from_hf is None
+    ):
+        # A Hugging Face model's embedding table may have rows past its tokenizer's ids (padding); never fewer.
         raise ValueError(
-            f"the checkpoint's vocab_size={cfg.vocab_size} but its tokenizer has {dataset.tokenizer.vocab_size}"
+            f"the {'checkpoint' if spec.init_from_hf is None else 'model'}'s vocab_size={cfg.vocab_size} but its "
+            f"tokenizer has {dataset.tokenizer.vocab_size}"
         )
     if recipe.seq_len > cfg.max_seq_len:
         raise ValueError(
             f"seq_len={recipe.seq_len} but the model's max_seq_len={cfg.max_seq_len}; "
             f"add --set max_seq_len={recipe.seq_len} or a smaller --set seq_len"
         )
+    return dataset, cfg
 
-    if args.ensemble is not None or args.sweep:
-        return train_ensemble.run_members(args, preset=preset, recipe=recipe, cfg=cfg, dataset=dataset, out=out,
-                                          seed=seed, device=device, data=data)
-    params = init_params(cfg, seed=seed, device=device) if hf_params is None else hf_params
-    say(
-        f"model: {'preset ' + preset if hf_params is None else args.init_from_hf}, {count_params(params):,} parameters, vocab {cfg.vocab_size} "
-        f"({dataset.tokenizer.kind} tokenizer), {len(dataset.train):,} train / {len(dataset.val):,} val tokens"
-    )
+
+def _step_for(spec: RunSpec, cfg: Config, optimizer, say) -> TrainStep | None:
+    """The step ``fit`` runs: DP-SGD's with ``--dp-clip``, else None (fit's own)."""
+    if spec.dp_clip is None:
+        return None
+    if spec.compile:
+        raise ValueError("--dp-clip does not run compiled; leave out --compile")
+    from ftransformer.cli import train_ensemble
+
+    say(f"DP-SGD: per-example clipping to {spec.dp_clip:g}, noise multiplier {spec.dp_noise:g} "
+        "(privacy accounting not done here; use e.g. Opacus's RDP accountant)")
+    dp = train_ensemble.dp_optimizer(optimizer, spec.dp_clip, spec.dp_noise, spec.seed)
+    r = spec.recipe
+    return dp_train_step(cfg, dp, chunk_size=r.batch_size // r.accum_steps if r.accum_steps > 1 else None)
+
+
+def execute(spec: RunSpec, ctx=None) -> int:
+    """Load the data, build the model, optimizer and step, and run ``fit`` (0, or 130 when interrupted)."""
+    main = ctx is None or ctx.is_main
+    say = print if main else (lambda *a, **k: None)  # rank 0 speaks for the group
+    device = ctx.device if ctx is not None else _device(spec.device)
+    hf_params = None
+    if spec.init_from_hf is not None:
+        hf_cfg, hf_params = _hf_model(spec.init_from_hf, device, spec.config_changes)
+        spec = dataclasses.replace(spec, config=hf_cfg)
+    dataset, cfg = _load_data(spec, ctx, say)
+    if spec.members is not None:
+        from ftransformer.cli import train_ensemble
+
+        return train_ensemble.run_members(spec, cfg=cfg, dataset=dataset, device=device)
+    recipe = spec.recipe
+    params = init_params(cfg, seed=spec.seed, device=device) if hf_params is None else hf_params
+    model = f"preset {spec.preset}" if hf_params is None else spec.init_from_hf
+    say(f"model: {model}, {count_params(params):,} parameters, vocab {cfg.vocab_size} "
+        f"({dataset.tokenizer.kind} tokenizer), {len(dataset.train):,} train / {len(dataset.val):,} val tokens")
     say(
         f"training: {recipe.steps} steps of {recipe.batch_size} x {recipe.seq_len} tokens"
         + (f" in {recipe.accum_steps} micro-batches" if recipe.accum_steps > 1 else "")
-        + f", lr {recipe.lr:g}, on {device}{' (compiled)' if args.compile else ''}, into {str(out)!r}"
+        + f", lr {recipe.lr:g}, on {device}{' (compiled)' if spec.compile else ''}, into {str(spec.out)!r}"
         + (f"; {ctx.world_size} processes ({ctx.backend}), {recipe.batch_size // ctx.world_size} sequences each"
            if ctx is not None else "")
     )
-    dp_clip, dp_noise, log_noise_scale = args.dp_clip, args.dp_noise, args.log_noise_scale
-    if args.resume:  # a DP run stays one; the noise scale stays logged
-        dp_clip = saved.get("dp_clip") if dp_clip is None else dp_clip
-        dp_noise = saved.get("dp_noise") if dp_noise is None else dp_noise
-        log_noise_scale = log_noise_scale or saved.get("log_noise_scale", False)
     optimizer = optimizer_for(recipe)
-    if dp_clip is not None:
-        dp_noise = 1.0 if dp_noise is None else dp_noise
-        optimizer = train_ensemble.dp_optimizer(optimizer, dp_clip, dp_noise, seed)
-        say(f"DP-SGD: per-example clipping to {dp_clip:g}, noise multiplier {dp_noise:g} "
-              "(privacy accounting not done here; use e.g. Opacus's RDP accountant)")
-    run_settings = {
-        "preset": preset, "data": data, "seed": seed, "recipe": recipe.to_dict(), "init_from_hf": args.init_from_hf,
-        "dp_clip": dp_clip, "dp_noise": dp_noise, "log_noise_scale": log_noise_scale,
-    }
+    step = _step_for(spec, cfg, optimizer, say)
+    if spec.log_noise_scale and recipe.batch_size // recipe.accum_steps < 2:
+        raise ValueError("--log-noise-scale needs micro-batches of at least 2 sequences (batch_size / accum_steps)")
     result = fit(
         params, cfg, optimizer, dataset.train, dataset.val,
-        steps=recipe.steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len, out_dir=out,
+        steps=recipe.steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len, out_dir=spec.out,
         accum_steps=recipe.accum_steps, eval_every=recipe.eval_every, eval_batches=recipe.eval_batches,
-        seed=seed, resume=args.resume, compile=args.compile, device=device, tokenizer=dataset.tokenizer,
-        extra={"train": run_settings}, progress=not args.quiet,
-        per_example_grads=dp_clip is not None, log_noise_scale=log_noise_scale, dist=ctx,
+        seed=spec.seed, resume=spec.resume, compile=spec.compile, device=device, tokenizer=dataset.tokenizer,
+        extra={"train": spec.settings()}, progress=not spec.quiet, step=step, dist=ctx,
+        record_extra=noise_scale_record(cfg) if spec.log_noise_scale else None,
     )
+    return _report(result, spec.out, say)
+
+
+def _report(result, out: Path, say) -> int:
     last = result.history[-1] if result.history else None
     if last is not None:
         say(f"step {last['step']}: train loss {last['train_loss']:.4f}, val loss {last['val_loss']:.4f}; "
-              f"best val loss {result.best_val_loss:.4f}")
+            f"best val loss {result.best_val_loss:.4f}")
     say(f"checkpoints: {out / LATEST}, {out / BEST}")
     say(f"metrics: {result.files['metrics']}; plot: {result.files['plot']}")
     if result.interrupted:
@@ -350,7 +450,7 @@ def _run(args, ctx) -> int:
 
 
 def _hf_tokenizer(directory: str):
-    """The tokenizer of a Hugging Face directory: the corpus is tokenized with the model's own ids."""
+    """The tokenizer of a Hugging Face directory (``load_hf_tokenizer``)."""
     from ftransformer.interop.hf_tokenizer import load_hf_tokenizer
 
     return load_hf_tokenizer(directory)
@@ -374,4 +474,4 @@ def _quote(path: Path) -> str:
     return s if s and all(c.isalnum() or c in "-_./" for c in s) else repr(s)
 
 
-__all__ = ["add_arguments", "parse_overrides", "run"]
+__all__ = ["RunSpec", "add_arguments", "execute", "parse_overrides", "resolve_run", "run"]

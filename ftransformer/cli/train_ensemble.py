@@ -1,7 +1,7 @@
 """``ftransformer train --ensemble N`` / ``--sweep KEY=V1,V2,...`` / ``--dp-clip`` / ``--log-noise-scale``.
 
 The flags are added by ``train_cmd.add_arguments``; an ensemble or sweep run trains every member in one
-vmapped step (``batched.fit_ensemble``) instead of calling ``fit``.
+vmapped step (``ensemble.make_ensemble_step``) through the same ``fit``, with the ``ensemble.Members`` adapter.
 """
 
 import argparse
@@ -123,7 +123,7 @@ def check_flags(args) -> None:
     if args.dp_noise is not None and args.dp_noise < 0:
         raise ValueError(f"--dp-noise must be >= 0, got {args.dp_noise}")
     if many:
-        for flag, on in (("--resume", args.resume), ("--compile", args.compile), ("--dp-clip", args.dp_clip is not None),
+        for flag, on in (("--compile", args.compile), ("--dp-clip", args.dp_clip is not None),
                          ("--log-noise-scale", args.log_noise_scale)):
             if on:
                 raise ValueError(f"{flag} is not supported with --ensemble/--sweep")
@@ -131,36 +131,44 @@ def check_flags(args) -> None:
         raise ValueError("--dp-clip does not run compiled; leave out --compile")
 
 
-def run_members(args, *, preset, recipe, cfg, dataset, out, seed, device, data) -> int:
-    """Train an ensemble or a sweep in one vmapped loop and print the members ranked by val loss."""
-    from ftransformer.batched import fit_ensemble, format_ranking
+def run_members(spec, *, cfg, dataset, device) -> int:
+    """Train an ensemble or a sweep (``spec.members``, a ``train_cmd.RunSpec``) through ``fit`` in one vmapped
+    step, and print the members ranked by val loss."""
+    from ftransformer.ensemble import Members, format_ranking
+    from ftransformer.loop import fit
     from ftransformer.params import count_params, init_params
 
-    if recipe.accum_steps > 1:
-        raise ValueError("--ensemble/--sweep train whole batches (no --accum): lower --batch-size instead")
-    members = members_for(args.ensemble, args.sweep, recipe, seed)
+    recipe, members = spec.recipe, spec.members
     n_params = count_params(init_params(cfg, seed=0, device="meta"))
     print(
-        f"model: preset {preset}, {n_params:,} parameters x {len(members)} members, vocab {cfg.vocab_size} "
+        f"model: preset {spec.preset}, {n_params:,} parameters x {len(members)} members, vocab {cfg.vocab_size} "
         f"({dataset.tokenizer.kind} tokenizer), {len(dataset.train):,} train / {len(dataset.val):,} val tokens"
     )
     print(f"training: {len(members)} members in one vmapped step, {recipe.steps} steps of {recipe.batch_size} x "
-          f"{recipe.seq_len} tokens each, on {device}, into {str(out)!r}")
+          f"{recipe.seq_len} tokens each"
+          + (f" in {recipe.accum_steps} micro-batches" if recipe.accum_steps > 1 else "")
+          + f", on {device}, into {str(spec.out)!r}")
 
     def extra(i: int) -> dict:
         m = members[i]
         member_recipe = recipe.replace(lr=float(m["lr"]), weight_decay=float(m["weight_decay"]))
-        return {"train": {"preset": preset, "data": data, "seed": int(m.get("seed", seed)),
-                          "recipe": member_recipe.to_dict()}}
+        return {"train": {"preset": spec.preset, "data": spec.data, "seed": int(m.get("seed", spec.seed)),
+                          "recipe": member_recipe.to_dict()},
+                "ensemble": {**spec.settings(), "members": members}}
 
-    result = fit_ensemble(
-        cfg, sweep_optimizer(recipe, recipe.steps), dataset.train, dataset.val, members=members,
-        steps=recipe.steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len, out_dir=out,
-        eval_every=recipe.eval_every, eval_batches=recipe.eval_batches, seed=seed, device=device,
-        tokenizer=dataset.tokenizer, extra=extra, progress=not args.quiet,
+    model = Members(cfg, sweep_optimizer(recipe, recipe.steps), members, seed=spec.seed,
+                    tokenizer=dataset.tokenizer, extra=extra)
+    result = fit(
+        model.init_params(device), cfg, None, dataset.train, dataset.val, steps=recipe.steps,
+        batch_size=recipe.batch_size, seq_len=recipe.seq_len, out_dir=spec.out, accum_steps=recipe.accum_steps,
+        eval_every=recipe.eval_every, eval_batches=recipe.eval_batches, seed=spec.seed, resume=spec.resume,
+        device=device, progress=not spec.quiet, model=model,
     )
-    print(format_ranking(result))
+    print(format_ranking(model.summary(result)))
     print(f"metrics: {result.files['metrics']}; plot: {result.files['plot']}")
+    if result.interrupted:
+        print(f"interrupted at step {result.step}; continue with: ftransformer train --resume --out {spec.out}")
+        return 130
     return 0
 
 

@@ -13,6 +13,10 @@ from ftransformer.interp.sae.stack import init_stack, init_state, make_hparams, 
 D_IN, D_SAE, BATCH = 6, 20, 14  # every axis a different size
 
 
+def _randn(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
 def _cfg(arch: str, **kw) -> SAEConfig:
     return SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture=arch, k_max=5, dead_tokens=30, **kw)
 
@@ -36,7 +40,7 @@ def test_config_errors_name_field_and_value():
 
 
 def test_kth_largest_per_member_k_under_vmap():
-    values = torch.randn(3, BATCH, D_SAE)
+    values = _randn(3, BATCH, D_SAE)
     ks = torch.tensor([1.0, 3.0, 5.0])
     got = torch.func.vmap(lambda v, k: kth_largest(v, k, 5))(values, ks)
     want = torch.stack([values[i].sort(-1, descending=True).values[:, int(k) - 1 : int(k)] for i, k in enumerate(ks)])
@@ -48,7 +52,7 @@ def test_topk_kinds_keep_k_per_token_or_k_times_tokens(arch):
     cfg = _cfg(arch)
     p = init_sae(random.key(1), cfg)
     p["b_enc"] = p["b_enc"] + 10.0  # every pre-activation positive, so the ReLU cuts nothing
-    x = torch.randn(BATCH, D_IN)
+    x = _randn(BATCH, D_IN)
     acts = encode(p, x, make_hparams(k=3), cfg, training=True)
     if arch == "topk":
         assert ((acts > 0).sum(-1) == 3).all()
@@ -61,7 +65,7 @@ def test_relu_l1_is_weighted_by_decoder_norms():
     cfg = _cfg("relu")
     p = init_sae(random.key(2), cfg)
     p["w_dec"] = p["w_dec"] * torch.linspace(0.5, 2.0, D_SAE)[:, None]
-    pre = torch.randn(BATCH, D_SAE)
+    pre = _randn(BATCH, D_SAE)
     acts = torch.relu(pre)
     got = sparsity_loss(p, pre, acts, make_hparams(l1=0.3), cfg)
     want = 0.3 * sum(float(acts[:, i].sum()) * float(p["w_dec"][i].norm()) for i in range(D_SAE)) / BATCH
@@ -85,7 +89,7 @@ def test_jumprelu_straight_through_threshold_gradient():
 
 def test_aux_loss_zero_without_dead_and_trains_only_dead_latents():
     p = init_sae(random.key(4), _cfg("topk"))
-    pre, err = torch.randn(BATCH, D_SAE).abs(), torch.randn(BATCH, D_IN)
+    pre, err = _randn(BATCH, D_SAE).abs(), _randn(BATCH, D_IN)
     none = torch.zeros(D_SAE, dtype=torch.bool)
     assert aux_loss(p, pre, err, none, 4).item() == 0.0
     dead = torch.arange(D_SAE) % 3 == 0
@@ -104,7 +108,7 @@ def test_stack_step_equals_each_member_trained_alone(arch):
     cfg, n, steps = _cfg(arch), 3, 12
     hp = make_hparams(3, dtype=torch.float64, l1=[0.01, 0.1, 0.5], k=[1, 3, 5], lr=[1e-3, 1e-2, 3e-2])
     keys = random.split(random.key(7), n)
-    xs = torch.randn(steps, BATCH, D_IN, dtype=torch.float64) * torch.linspace(0.5, 3, D_IN, dtype=torch.float64)
+    xs = _randn(steps, BATCH, D_IN, dtype=torch.float64) * torch.linspace(0.5, 3, D_IN, dtype=torch.float64)
     stack = init_stack(keys, hp, cfg, dtype=torch.float64)
     alone = [init_state(keys[i], {k: v[i] for k, v in hp.items()}, cfg, dtype=torch.float64) for i in range(n)]
     for x in xs:
@@ -116,7 +120,9 @@ def test_stack_step_equals_each_member_trained_alone(arch):
     members = unstack_params(stack.params)
     assert (members[0]["w_dec"] - members[2]["w_dec"]).abs().max() > 0.1
     if arch in ("topk", "batchtopk"):
-        assert metrics["l0"].tolist() == [1.0, 3.0, 5.0]
+        # at most k latents per token (fewer where a kept pre-activation is negative and the ReLU zeroes it)
+        assert (metrics["l0"] <= torch.tensor([1.0, 3.0, 5.0], dtype=torch.float64)).all()
+        assert metrics["l0"][0] < metrics["l0"][2]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -124,7 +130,7 @@ def test_training_lowers_the_loss_and_keeps_decoder_unit_norm(arch):
     cfg = _cfg(arch)
     hp = make_hparams(2, l1=[1e-3, 1e-2], k=[3, 5], lr=1e-2)
     state = init_stack(random.split(random.key(0), 2), hp, cfg)
-    x = torch.randn(64, D_IN)
+    x = _randn(64, D_IN)
     _, first = stack_step(state, hp, x, cfg)
     for _ in range(40):
         state, last = stack_step(state, hp, x, cfg)

@@ -34,7 +34,7 @@ def test_config_errors_name_field_and_value():
     with pytest.raises(ValueError, match="architecture must be one of .* got 'gated'"):
         SAEConfig(d_in=4, d_sae=8, architecture="gated")
     with pytest.raises(ValueError, match="k_max=9 must be <= d_sae=8"):
-        SAEConfig(d_in=4, d_sae=8, k_max=9)
+        SAEConfig(d_in=4, d_sae=8, architecture="topk", k_max=9)
     with pytest.raises(ValueError, match=r"hp\['k'\] must hold integers in \[1, k_max=5\], got \[0.0, 3.0\]"):
         init_stack(random.split(random.key(0), 2), make_hparams(2, k=[0, 3]), _cfg("topk"))
 

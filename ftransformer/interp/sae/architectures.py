@@ -52,7 +52,7 @@ class SAEConfig:
                 raise ValueError(f"SAEConfig.{name} must be an int >= 1, got {value!r}")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"SAEConfig.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
-        if self.k_max > self.d_sae:
+        if self.architecture in ("topk", "batchtopk") and self.k_max > self.d_sae:
             raise ValueError(f"SAEConfig.k_max={self.k_max} must be <= d_sae={self.d_sae}")
         if isinstance(self.k_aux, bool) or not isinstance(self.k_aux, int) or not 0 <= self.k_aux <= self.d_sae:
             raise ValueError(f"SAEConfig.k_aux must be an int in [0, d_sae={self.d_sae}], got {self.k_aux!r}")

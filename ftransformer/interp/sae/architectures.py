@@ -71,7 +71,7 @@ class SAEConfig:
 def init_sae(key: Tensor, cfg: SAEConfig, *, dtype: torch.dtype = torch.float32) -> dict:
     """Unit-norm random decoder rows, ``w_enc = w_dec^T``, zero biases (and the architecture's extras)."""
     w_dec = unit_rows(random.normal(key, (cfg.d_sae, cfg.d_in), dtype=dtype))
-    params = {"w_enc": w_dec.T.clone(), "b_enc": torch.zeros(cfg.d_sae, dtype=dtype, device=key.device),
+    params = {"w_enc": w_dec.T.contiguous(), "b_enc": torch.zeros(cfg.d_sae, dtype=dtype, device=key.device),
               "w_dec": w_dec, "b_dec": torch.zeros(cfg.d_in, dtype=dtype, device=key.device)}
     if cfg.architecture == "jumprelu":
         params["log_threshold"] = torch.full((cfg.d_sae,), math.log(cfg.init_threshold), dtype=dtype, device=key.device)

@@ -30,7 +30,7 @@ def _identity_sae(d_in: int) -> dict:
             "w_dec": torch.cat([eye, -eye], 0), "b_dec": torch.zeros(d_in)}
 
 
-@pytest.mark.parametrize("arch", ["relu", "topk", "jumprelu"])
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
 @pytest.mark.parametrize("path", sorted(SITES))
 def test_error_term_reproduces_the_clean_logits_exactly(path, arch, tiny_cfg):
     params, tokens = _model(tiny_cfg), _tokens(tiny_cfg)

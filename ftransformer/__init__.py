@@ -35,6 +35,7 @@ from ftransformer.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ftransformer.data import load_dataset, load_tokenizer
 
 # Pretrained weights and tokenizers.
+from ftransformer.interop.hf import load_hf, save_hf
 from ftransformer.interop.hf_gpt2 import load_hf_gpt2, to_hf_gpt2
 from ftransformer.interop.hf_tokenizer import load_hf_tokenizer
 
@@ -54,7 +55,7 @@ __all__ = [
     "evaluate", "make_train_step", "fit", "Checkpoint", "load_checkpoint", "save_checkpoint", "load_dataset",
     "load_tokenizer",
     # pretrained
-    "load_hf_gpt2", "to_hf_gpt2", "load_hf_tokenizer",
+    "load_hf", "save_hf", "load_hf_gpt2", "to_hf_gpt2", "load_hf_tokenizer",
 ]
 
 # Names that left the top level in 0.2, kept for one release: old name -> (module, name there).

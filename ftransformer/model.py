@@ -13,7 +13,7 @@ from ftransformer.cache import KVCache, check_cache, check_room, query_slots, wr
 from ftransformer.config import Config
 from ftransformer.layers.attention import KVWrite, write_kv, write_kv_
 from ftransformer.layers.block import block, block_with_cache
-from ftransformer.layers.embedding import embed_tokens, learned_positions, rotary_tables, sinusoidal_positions
+from ftransformer.layers.embedding import Rotary, embed_tokens, learned_positions, rotary_tables, sinusoidal_positions
 from ftransformer.layers.linear import linear
 from ftransformer.layers.masks import cache_mask, layer_masks, self_mask
 from ftransformer.layers.norm import norm
@@ -90,15 +90,19 @@ def forward(params: dict, tokens: Tokens, cfg: Config, *, key: Key | None = None
     return forward_unchecked(params, tokens, cfg, key=key)
 
 
+def block_inputs(tokens: Tokens, cfg: Config) -> tuple[Tensor, tuple, Rotary | None]:
+    """``(positions, masks, rotary)`` for a cache-less pass over ``tokens``: built once per call and shared
+    by every block (the masks, one per layer, and the rotary tables depend on positions only)."""
+    positions = default_positions(tokens)
+    return positions, layer_masks(cfg, lambda w: self_mask(positions, w)), rotary_tables(positions, cfg)
+
+
 def forward_unchecked(
     params: dict, tokens: Tokens, cfg: Config, *, key: Key | None = None, tap: Tap = NO_TAP
 ) -> Logits:
     """``forward`` without the input checks. ``tap`` sees ``embed``, then every block's values under
     ``blocks.{i}.``, then ``final`` (``interp.forward_with_activations`` passes one)."""
-    positions = default_positions(tokens)
-    # Built once here and shared by every layer: the masks (one per sliding window) and the rotary
-    # tables depend on positions only.
-    masks, rotary = layer_masks(cfg, lambda w: self_mask(positions, w)), rotary_tables(positions, cfg)
+    positions, masks, rotary = block_inputs(tokens, cfg)
     keys = [None] * (cfg.n_layers + 1) if key is None else random.split(key, cfg.n_layers + 1)
     x = tap("embed", embed(params, tokens, cfg, positions=positions, key=keys[0]))
     for i, block_params in enumerate(params["blocks"]):

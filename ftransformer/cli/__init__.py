@@ -18,6 +18,7 @@ COMMANDS = {
     "inspect": ("ftransformer.cli.inspect_cmd",
                 "a preset's config and parameter breakdown; a model's attention, head scores, logit lens"),
     "bench": ("ftransformer.cli.bench_cmd", "benchmarks: train step and generation against baselines"),
+    "sae": ("ftransformer.cli.sae_cmd", "sparse autoencoders: collect activations, train a stack, evaluate, show features"),
 }
 
 

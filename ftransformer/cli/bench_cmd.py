@@ -14,6 +14,7 @@ BENCHES = {
     "int8": ("ftransformer.bench.int8", "what int8 quantization costs a trained checkpoint: val loss and greedy agreement"),
     "vmap": ("ftransformer.bench.vmap", "per-example gradients (vmap vs a loop vs Opacus) and an ensemble in one vmapped step"),
     "quality": ("ftransformer.bench.quality", "train the shakespeare-char-cpu recipe: functional vs torch.nn, same batches"),
+    "sae": ("ftransformer.bench.sae", "a stack of SAEs in one vmapped step vs the same SAEs one by one"),
     "load": ("ftransformer.bench.load", "load a Hugging Face checkpoint: ft.load_hf vs transformers, time and peak memory"),
 }
 

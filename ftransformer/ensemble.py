@@ -10,7 +10,6 @@ member's curves. ``format_ranking`` prints the members by best val loss.
 """
 
 import functools
-import io
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
@@ -24,7 +23,8 @@ from ftransformer import tree
 from ftransformer import optim, random
 from ftransformer.checkpoint import BEST, LATEST, checkpoint_exists, load_checkpoint, save_checkpoint
 from ftransformer.config import Config
-from ftransformer.data import atomic_write, unpack_batch
+from ftransformer.data import unpack_batch
+from ftransformer.io import save_figure
 from ftransformer.loop import FitResult, FitRun, FitState, check_resume, improved, refuse_overwrite
 from ftransformer.model import check_ids, check_tokens, loss_fn
 from ftransformer.params import init_params, tree_to
@@ -209,9 +209,7 @@ def plot_members(path: Path, history: list[dict], names: list[str]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- training an ensemble or a sweep with loop.fit

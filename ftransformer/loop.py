@@ -22,7 +22,6 @@ of the same global batch, gradients are summed across processes inside the step,
 writes files and logs: the run is the one a single process would make.
 """
 
-import io
 import json
 import math
 import os
@@ -42,7 +41,8 @@ from tqdm.auto import tqdm
 from ftransformer import optim, random
 from ftransformer.checkpoint import BEST, LATEST, checkpoint_exists, load_checkpoint, read_checkpoint_info, save_checkpoint
 from ftransformer.config import Config
-from ftransformer.data import SplitWindows, Tokenizer, atomic_write, fixed_batches, sample_batch
+from ftransformer.data import SplitWindows, Tokenizer, fixed_batches, sample_batch
+from ftransformer.io import atomic_write, save_figure
 from ftransformer.params import tree_to
 from ftransformer.train import TrainStep, evaluate, loss_sums, train_step
 
@@ -93,9 +93,7 @@ def plot_history(path: Path, history: list[dict]) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write(path, buf.getvalue())
+    save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- the run's fixed settings

@@ -18,7 +18,10 @@ vocab          number of token ids
 layers         transformer blocks
 layers_plus_1  the residual stream's read-outs: the embedding, then after each block
 max_seq        rows of a position table (``max_seq_len``)
-member         models of an ensemble (stacked params, one per member)
+member         models of an ensemble (stacked params, one per member; also a stack of SAEs)
+rows           activation vectors laid flat (tokens of many sequences, one row each)
+d_sae          latents of a sparse autoencoder
+features       known directions of synthetic superposition data
 =============  ===============================================================
 
 The aliases below are the annotations layers use; jaxtyping checks them when the import hook is on
@@ -32,7 +35,7 @@ from torch import Tensor
 
 AXES = (
     "batch", "seq", "kv_seq", "d_model", "heads", "kv_heads", "group", "head_dim", "half", "d_ff", "d_in", "d_out",
-    "vocab", "layers", "layers_plus_1", "max_seq", "member",
+    "vocab", "layers", "layers_plus_1", "max_seq", "member", "rows", "d_sae", "features",
 )
 
 Tokens = Int[Tensor, "*batch seq"]

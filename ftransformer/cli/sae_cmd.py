@@ -174,6 +174,8 @@ def plot_density(frequency, path: str, title: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ftransformer.io import save_figure
+
     values = frequency.clamp_min(1e-7).log10().numpy()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(values, bins=50)
@@ -181,7 +183,7 @@ def plot_density(frequency, path: str, title: str) -> str:
     ax.set_ylabel("latents")
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

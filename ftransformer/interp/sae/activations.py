@@ -69,7 +69,7 @@ def site_activations(params: dict, tokens: Int[Tensor, "*batch seq"], cfg: Confi
     return tap.acts[path]
 
 
-def fit_scale(x: Float[Tensor, "tokens d_in"]) -> float:
+def fit_scale(x: Float[Tensor, "rows d_in"]) -> float:
     """The factor that gives ``x`` a mean L2 norm of ``sqrt(d_in)``."""
     return float(x.shape[-1] ** 0.5 / torch.linalg.vector_norm(x.double(), dim=-1).mean().clamp_min(1e-12))
 

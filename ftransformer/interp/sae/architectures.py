@@ -101,7 +101,7 @@ def decode(params: dict, acts: Float[Tensor, "*batch d_sae"]) -> Float[Tensor, "
     return acts @ params["w_dec"] + params["b_dec"]
 
 
-def kth_largest(values: Float[Tensor, "*batch n"], k: Tensor, width: int) -> Float[Tensor, "*batch 1"]:
+def kth_largest(values: Float[Tensor, "*batch d_sae"], k: Tensor, width: int) -> Float[Tensor, "*batch 1"]:
     """The ``k``-th largest entry of each row, for ``1 <= k <= width``: one ``topk`` of static ``width``,
     then ``k`` picked by a one-hot mask (``k`` may be a tensor that differs per ``vmap`` member)."""
     top = torch.topk(values, width, dim=-1).values

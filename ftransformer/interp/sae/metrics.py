@@ -33,7 +33,7 @@ def site_value(acts: dict, path: str) -> Tensor:
 
 
 def reconstruction_metrics(
-    x: Float[Tensor, "tokens d_in"], x_hat: Float[Tensor, "tokens d_in"], latents: Float[Tensor, "tokens d_sae"]
+    x: Float[Tensor, "rows d_in"], x_hat: Float[Tensor, "rows d_in"], latents: Float[Tensor, "rows d_sae"]
 ) -> dict[str, Tensor]:
     """``l0 mse explained_variance cosine`` (0-d) and ``frequency`` (``[d_sae]``, fraction of tokens fired)."""
     err = (x - x_hat).square().sum(-1).mean()

@@ -71,7 +71,7 @@ def init_state(key: Tensor, hp: dict, cfg: SAEConfig, *, dtype: torch.dtype = to
     return SAEState(params, optimizer(hp["lr"]).init(trainable(params)), since)
 
 
-def init_stack(keys: Int[Tensor, " members"], hp: dict, cfg: SAEConfig, *,
+def init_stack(keys: Int[Tensor, " member"], hp: dict, cfg: SAEConfig, *,
                dtype: torch.dtype = torch.float32) -> SAEState:
     """A stack of fresh SAEs, one per key (``ft.random.split(ft.random.key(seed), members)``)."""
     check_hparams(hp, cfg)

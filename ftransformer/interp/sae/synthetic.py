@@ -14,13 +14,13 @@ from ftransformer import random
 
 
 def feature_directions(key: Tensor, n_features: int, d_in: int, *, dtype: torch.dtype = torch.float32
-                       ) -> Float[Tensor, "n_features d_in"]:
+                       ) -> Float[Tensor, "features d_in"]:
     """``n_features`` random unit directions (Gaussian, normalized)."""
     w = random.normal(key, (n_features, d_in), dtype=dtype)
     return w / torch.linalg.vector_norm(w, dim=-1, keepdim=True)
 
 
-def superposition_batch(key: Tensor, directions: Float[Tensor, "n_features d_in"], batch: int, p: float
+def superposition_batch(key: Tensor, directions: Float[Tensor, "features d_in"], batch: int, p: float
                         ) -> Float[Tensor, "batch d_in"]:
     """``batch`` activations, each a sparse combination of ``directions`` (each fires with probability ``p``)."""
     if not 0 < p <= 1:
@@ -32,13 +32,13 @@ def superposition_batch(key: Tensor, directions: Float[Tensor, "n_features d_in"
     return (on * size) @ directions
 
 
-def max_cosines(directions: Float[Tensor, "n_features d_in"], w_dec: Float[Tensor, "d_sae d_in"]
-                ) -> Float[Tensor, " n_features"]:
+def max_cosines(directions: Float[Tensor, "features d_in"], w_dec: Float[Tensor, "d_sae d_in"]
+                ) -> Float[Tensor, " features"]:
     """For each true direction, its best cosine similarity with any decoder row."""
     unit = w_dec / torch.linalg.vector_norm(w_dec, dim=-1, keepdim=True).clamp_min(1e-12)
     return (directions @ unit.T).max(-1).values
 
 
-def mean_max_cosine(directions: Float[Tensor, "n_features d_in"], w_dec: Float[Tensor, "d_sae d_in"]) -> float:
+def mean_max_cosine(directions: Float[Tensor, "features d_in"], w_dec: Float[Tensor, "d_sae d_in"]) -> float:
     """The mean over true directions of their best cosine with a decoder row (1.0: all recovered)."""
     return float(max_cosines(directions, w_dec).mean())

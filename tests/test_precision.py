@@ -149,3 +149,22 @@ def test_train_and_generate_take_dtype(tmp_path, capsys):
     rc = main(["generate", "--checkpoint", str(out), "--prompt", "line", "--max-new-tokens", "2", "--dtype", "bf16",
                "--quantize", "int8"])
     assert rc == 2 and "decodes from float32 weights; use --dtype fp32 or auto" in capsys.readouterr().err
+
+
+def test_cuda_graph_step_gives_the_eager_logits_and_compiles_once(no_typecheck):
+    """The CUDA path's wrapper on a CPU: static marks and mode="reduce-overhead" (no graph to capture here)."""
+    from torch._dynamo.utils import counters
+
+    params = ft.init_params(CFG, seed=4)
+    outs = {}
+    for name, step in (("eager", decode_steps.decode_step_in_place), ("graph", decode_steps.cuda_graph_decode_step)):
+        cache = ft.init_cache(CFG, batch_size=2, max_len=8)
+        before = counters["stats"]["unique_graphs"]
+        logits = []
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+            for t in range(3):
+                out, cache = step(params, torch.tensor([t, t + 1]), cache, CFG)
+                logits.append(out.clone())
+        outs[name] = (torch.stack(logits), counters["stats"]["unique_graphs"] - before)
+    assert torch.allclose(outs["graph"][0], outs["eager"][0], atol=1e-5, rtol=1e-5)
+    assert outs["graph"][1] == 1  # one graph for every token, no recompilation per step

@@ -209,7 +209,8 @@ def _decoders(s: dict, params: dict) -> dict:
 
 def bench_decode(s: dict, params: dict) -> dict:
     """Decode tokens/s (new tokens of all rows over the whole call, prefill included) and peak memory, per
-    contender and batch size; how often dynamo compiled (once per shape is right, not per token)."""
+    contender and batch size; how often dynamo compiled (once per shape is right, not per token) and how
+    often inductor fell back from a CUDA graph (0 is right on CUDA)."""
     from torch._dynamo.utils import counters
 
     device, cfg = s["device"], s["cfg"]
@@ -219,6 +220,7 @@ def bench_decode(s: dict, params: dict) -> dict:
         for batch in s["decode_batches"]:
             prompt = torch.randint(0, cfg.vocab_size, (batch, s["prompt_len"]), generator=gen).to(device)
             frames_before = counters["stats"]["unique_graphs"]
+            skips_before = counters["inductor"]["cudagraph_skips"]
             before = _peak_memory_start(device)
             start = time.perf_counter()
             for _ in range(2):  # warm-up: compile once per shape; CUDA graph trees record on the second call
@@ -231,6 +233,7 @@ def bench_decode(s: dict, params: dict) -> dict:
                 "tokens_per_s": batch * s["new_tokens"] / med, "ms_per_token": med * 1e3 / s["new_tokens"],
                 "warmup_s": warmup, "peak_memory_mib": _peak_memory_mib(device, before),
                 "graphs_compiled": counters["stats"]["unique_graphs"] - frames_before,
+                "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips_before,
             }
     return results
 
@@ -267,10 +270,11 @@ def format_report(r: dict) -> str:
         mfu = "-" if t["mfu"] is None else f"{t['mfu']:.1%}"
         lines.append(f"{name:<24}{t['step_ms']:>10.1f}{t['tokens_per_s']:>12,.0f}{mfu:>8}"
                      f"{t['peak_memory_mib']:>10,.0f}{t['warmup_s']:>11.1f}")
-    lines += ["", f"{'decode':<33}{'tokens/s':>10}{'ms/token':>10}{'peak MiB':>10}{'warm-up s':>11}{'graphs':>8}"]
+    lines += ["", f"{'decode':<33}{'tokens/s':>10}{'ms/token':>10}{'peak MiB':>10}{'warm-up s':>11}{'graphs':>8}"
+                  f"{'cg skips':>10}"]
     for name, d in r["decode"].items():
         lines.append(f"{name:<33}{d['tokens_per_s']:>10,.0f}{d['ms_per_token']:>10.2f}{d['peak_memory_mib']:>10,.0f}"
-                     f"{d['warmup_s']:>11.1f}{d['graphs_compiled']:>8}")
+                     f"{d['warmup_s']:>11.1f}{d['graphs_compiled']:>8}{d['cudagraph_skips']:>10}")
     return "\n".join(lines)
 
 

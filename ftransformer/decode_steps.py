@@ -83,11 +83,14 @@ def torch_compiled_decode_step(mode: str | None = None):
     return torch.compile(decode_step_in_place, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
 
+_STATIC_PARAMS: list = [None]  # id() of the params tree whose leaves were marked static last
+
+
 def _mark_static(leaves: list) -> None:
-    """Mark tensors whose storage lives across steps (params, cache buffers) as static for CUDA graphs, once."""
-    if leaves and not hasattr(leaves[0], "_dynamo_static_input_type"):
-        for x in leaves:
-            torch._dynamo.mark_static_address(x)
+    """Mark tensors whose storage lives across steps as static for CUDA graphs (no recompile guard: a new
+    address, e.g. the next generation's cache, makes the graph re-record once)."""
+    for x in leaves:
+        torch._dynamo.mark_static_address(x)
 
 
 def cuda_graph_decode_step(params: dict, token: Int[Tensor, "*batch"], cache: KVCache, cfg: Config
@@ -95,9 +98,13 @@ def cuda_graph_decode_step(params: dict, token: Int[Tensor, "*batch"], cache: KV
     """``torch_compiled_decode_step("reduce-overhead")`` with the params and cache marked static (CUDA).
 
     The logits live in the graph's memory until the next replay: sample from them before the next step.
+    A new cache (each generation allocates one) re-records the graph once; the compiled code is reused.
     """
-    _mark_static(tree.leaves(params))
-    _mark_static([*cache.k, *cache.v])
+    if _STATIC_PARAMS[0] != id(params):  # once per params tree (a generation's untied copy is a new one)
+        _mark_static(tree.leaves(params))
+        _STATIC_PARAMS[0] = id(params)
+    if not hasattr(cache.k[0], "_dynamo_static_input_type"):  # the buffers are allocated together
+        _mark_static([*cache.k, *cache.v])
     return torch_compiled_decode_step("reduce-overhead")(params, token, cache, cfg)
 
 

@@ -77,3 +77,15 @@ def test_cpu_run_prints_tables(capsys):
     assert out.startswith("bench gpu: cpu, torch ") and "MFU omitted" in out
     assert any(line.startswith(gpu.NANOGPT) for line in out.splitlines())
     assert any(line.startswith(f"{gpu.OURS}, batch 1") for line in out.splitlines())
+
+
+def test_a_failing_decoder_is_reported_and_the_others_still_run(monkeypatch, capsys):
+    def broken(prompt):
+        raise RuntimeError("no graph today")
+
+    real = gpu._decoders
+    monkeypatch.setattr(gpu, "_decoders", lambda s, params: {**real(s, params), "broken": broken})
+    assert main(["bench", "gpu", "--device", "cpu", "--steps", "1", "--new-tokens", "2", "--decode-batches", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "broken, batch 1                  failed: RuntimeError: no graph today" in out
+    assert any(line.startswith(f"{gpu.OURS}, batch 1") and "failed" not in line for line in out.splitlines())

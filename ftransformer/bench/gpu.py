@@ -207,34 +207,45 @@ def _decoders(s: dict, params: dict) -> dict:
     }
 
 
+def _decode_one(s: dict, name: str, decode, prompt: torch.Tensor) -> dict:
+    """One contender at one batch size: two warm-up calls, then the median of 3 timed ones."""
+    from torch._dynamo.utils import counters
+
+    device, batch = s["device"], prompt.shape[0]
+    frames_before, skips_before = counters["stats"]["unique_graphs"], counters["inductor"]["cudagraph_skips"]
+    before = _peak_memory_start(device)
+    start = time.perf_counter()
+    for _ in range(2):  # warm-up: compile once per shape; CUDA graph trees record on the second call
+        decode(prompt)
+    sync(device)
+    warmup = time.perf_counter() - start
+    times, _ = interleaved({name: decode}, repeats=3, warmup=0, device=device, inputs=[prompt])
+    med = statistics.median(times[name])
+    return {
+        "tokens_per_s": batch * s["new_tokens"] / med, "ms_per_token": med * 1e3 / s["new_tokens"],
+        "warmup_s": warmup, "peak_memory_mib": _peak_memory_mib(device, before),
+        "graphs_compiled": counters["stats"]["unique_graphs"] - frames_before,
+        "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips_before,
+    }
+
+
 def bench_decode(s: dict, params: dict) -> dict:
     """Decode tokens/s (new tokens of all rows over the whole call, prefill included) and peak memory, per
     contender and batch size; how often dynamo compiled (once per shape is right, not per token) and how
-    often inductor fell back from a CUDA graph (0 is right on CUDA)."""
-    from torch._dynamo.utils import counters
+    often inductor fell back from a CUDA graph (0 is right on CUDA).
 
-    device, cfg = s["device"], s["cfg"]
+    A contender that fails is reported as ``{"error": ...}`` and the others still run: on a lent GPU one
+    run must bring back every figure it can.
+    """
     gen = torch.Generator().manual_seed(s["seed"])
     results = {}
     for name, decode in _decoders(s, params).items():
         for batch in s["decode_batches"]:
-            prompt = torch.randint(0, cfg.vocab_size, (batch, s["prompt_len"]), generator=gen).to(device)
-            frames_before = counters["stats"]["unique_graphs"]
-            skips_before = counters["inductor"]["cudagraph_skips"]
-            before = _peak_memory_start(device)
-            start = time.perf_counter()
-            for _ in range(2):  # warm-up: compile once per shape; CUDA graph trees record on the second call
-                decode(prompt)
-            sync(device)
-            warmup = time.perf_counter() - start
-            times, _ = interleaved({name: decode}, repeats=3, warmup=0, device=device, inputs=[prompt])
-            med = statistics.median(times[name])
-            results[f"{name}, batch {batch}"] = {
-                "tokens_per_s": batch * s["new_tokens"] / med, "ms_per_token": med * 1e3 / s["new_tokens"],
-                "warmup_s": warmup, "peak_memory_mib": _peak_memory_mib(device, before),
-                "graphs_compiled": counters["stats"]["unique_graphs"] - frames_before,
-                "cudagraph_skips": counters["inductor"]["cudagraph_skips"] - skips_before,
-            }
+            prompt = torch.randint(0, s["cfg"].vocab_size, (batch, s["prompt_len"]), generator=gen).to(s["device"])
+            try:
+                results[f"{name}, batch {batch}"] = _decode_one(s, name, decode, prompt)
+            except Exception as e:  # noqa: BLE001 -- reported in the output, not swallowed
+                results[f"{name}, batch {batch}"] = {"error": f"{type(e).__name__}: {e}"}
     return results
 
 
@@ -273,6 +284,9 @@ def format_report(r: dict) -> str:
     lines += ["", f"{'decode':<33}{'tokens/s':>10}{'ms/token':>10}{'peak MiB':>10}{'warm-up s':>11}{'graphs':>8}"
                   f"{'cg skips':>10}"]
     for name, d in r["decode"].items():
+        if "error" in d:
+            lines.append(f"{name:<33}failed: {d['error']}")
+            continue
         lines.append(f"{name:<33}{d['tokens_per_s']:>10,.0f}{d['ms_per_token']:>10.2f}{d['peak_memory_mib']:>10,.0f}"
                      f"{d['warmup_s']:>11.1f}{d['graphs_compiled']:>8}{d['cudagraph_skips']:>10}")
     return "\n".join(lines)

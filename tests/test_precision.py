@@ -168,3 +168,19 @@ def test_cuda_graph_step_gives_the_eager_logits_and_compiles_once(no_typecheck):
         outs[name] = (torch.stack(logits), counters["stats"]["unique_graphs"] - before)
     assert torch.allclose(outs["graph"][0], outs["eager"][0], atol=1e-5, rtol=1e-5)
     assert outs["graph"][1] == 1  # one graph for every token, no recompilation per step
+
+
+def test_dtype_flag_resolves_per_step_kind():
+    from ftransformer.cli import build_parser
+    from ftransformer.cli.train_cmd import _precision, resolve_run
+
+    cpu = torch.device("cpu")
+    spec = resolve_run(build_parser().parse_args(["train", "--preset", "tiny", "--dtype", "bf16"]))
+    assert spec.dtype == "bf16" and _precision(spec, cpu) == precision.BF16
+    assert _precision(resolve_run(build_parser().parse_args(["train", "--preset", "tiny"])), cpu) == precision.FP32
+    ensemble = resolve_run(build_parser().parse_args(["train", "--preset", "tiny", "--ensemble", "2"]))
+    assert _precision(ensemble, cpu) == precision.FP32  # auto: the vmapped ensemble step computes in fp32
+    ensemble_bf16 = resolve_run(build_parser().parse_args(["train", "--preset", "tiny", "--ensemble", "2",
+                                                           "--dtype", "bf16"]))
+    with pytest.raises(ValueError, match="--dtype bf16 applies to the plain train step"):
+        _precision(ensemble_bf16, cpu)

@@ -2,7 +2,8 @@
 
 ``import ftransformer as ft`` gives the everyday names (about thirty, listed in ``__all__``) and the
 submodules for the rest: ``ft.layers``, ``ft.tree``, ``ft.optim``, ``ft.random``, ``ft.data``,
-``ft.checkpoint``, ``ft.per_example``, ``ft.ensemble``, ``ft.speculative``, ``ft.interp``, ``ft.interop``.
+``ft.checkpoint``, ``ft.per_example``, ``ft.ensemble``, ``ft.precision``, ``ft.speculative``, ``ft.interp``,
+``ft.interop``.
 No exported function shares its name with a submodule (the functions ``ft.generate`` and ``ft.quantize``
 live in ``ftransformer.generation`` and ``ftransformer.quantization``).
 """
@@ -12,7 +13,8 @@ import warnings
 
 # Submodules users reach through ``ft.``: one idea each.
 from ftransformer import (
-    checkpoint, data, ensemble, interop, interp, layers, optim, per_example, random, recipes, speculative, tree,
+    checkpoint, data, ensemble, interop, interp, layers, optim, per_example, precision, random, recipes, speculative,
+    tree,
 )
 
 # Model: config, parameters, the forward pass.
@@ -43,8 +45,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     # submodules
-    "checkpoint", "data", "ensemble", "interop", "interp", "layers", "optim", "per_example", "random", "recipes",
-    "speculative", "tree",
+    "checkpoint", "data", "ensemble", "interop", "interp", "layers", "optim", "per_example", "precision", "random",
+    "recipes", "speculative", "tree",
     # model
     "PRESETS", "Config", "get_preset", "count_params", "init_params", "forward", "forward_with_cache", "loss_fn",
     "forward_with_activations",

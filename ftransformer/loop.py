@@ -42,8 +42,10 @@ from ftransformer import optim, random
 from ftransformer.checkpoint import BEST, LATEST, checkpoint_exists, load_checkpoint, read_checkpoint_info, save_checkpoint
 from ftransformer.config import Config
 from ftransformer.data import SplitWindows, Tokenizer, fixed_batches, sample_batch
+from ftransformer.data.batches import Prefetcher
 from ftransformer.io import atomic_write, save_figure
 from ftransformer.params import tree_to
+from ftransformer.precision import Precision
 from ftransformer.train import TrainStep, evaluate, loss_sums, train_step
 
 METRICS_FILE, PLOT_FILE = "metrics.jsonl", "loss.png"
@@ -117,6 +119,8 @@ class FitRun:
     out: Path
     say: Callable[[str], None]
     dist: Any = None  # a distributed.DistContext, or None for one process
+    precision: Precision | None = None  # the default step's compute/param dtypes (None: fp32)
+    prefetcher: Prefetcher | None = None  # on CUDA: the next step's batch copied while this one computes
 
     @property
     def files(self) -> dict[str, Path]:
@@ -138,11 +142,24 @@ class FitRun:
 
     def batch(self, step: int, seed: int) -> tuple[Tensor, Tensor]:
         """This process's rows of the global batch of ``step`` drawn with ``seed`` (all of it for one process)."""
+        if self.prefetcher is not None and seed == self.seed:
+            return self.prefetcher(step)
+        return self.host_batch(step, seed, to_device=True)
+
+    def host_batch(self, step: int, seed: int, *, to_device: bool = False) -> tuple[Tensor, Tensor]:
+        """``batch`` drawn on the host (``to_device``: then moved to the run's device)."""
         tokens, targets = sample_batch(self.train_ids, self.batch_size, self.seq_len, seed=seed, step=step,
                                        stream=TRAIN_STREAM)
         if self.dist is not None:
             tokens, targets = self.dist.shard(tokens), self.dist.shard(targets)
+        if not to_device:
+            return tokens, targets
         return tokens.to(self.device), targets.to(self.device)
+
+    def prefetch(self, step: int) -> None:
+        """Start the host-to-device copy of ``step``'s batch (CUDA runs only; elsewhere nothing to overlap)."""
+        if self.prefetcher is not None and step < self.steps:
+            self.prefetcher.prefetch(step)
 
 
 @dataclass
@@ -251,7 +268,7 @@ class SingleModel:
             raise ValueError("fit needs an optimizer or a step=, got neither")
         all_reduce = None if run.dist is None else run.dist.all_reduce_sum
         return train_step(run.cfg, self.optimizer, accum_steps=run.accum_steps, compile=compile,
-                          all_reduce=all_reduce)
+                          all_reduce=all_reduce, precision=run.precision)
 
     def start(self, run: FitRun, params: dict, init: Callable, resume: bool) -> FitState:
         latest = run.files["latest"]
@@ -351,6 +368,7 @@ def _one_step(run: FitRun, model, step_fn: Callable, state: FitState, window: di
     key = model.key(run, state.step) if run.cfg.dropout > 0 else None
     t = time.perf_counter()
     params, opt_state, metrics = step_fn(state.params, state.opt_state, batch, key)
+    run.prefetch(state.step + 1)  # queued behind the step's kernels, before waiting for them
     loss = model.loss(metrics)  # also waits for the device, so the timing is honest
     window["seconds"] += time.perf_counter() - t
     if not math.isfinite(loss):
@@ -377,7 +395,7 @@ def fit(
     seed: int = 0, resume: bool = False, compile: bool = False, device: str | torch.device | None = None,
     tokenizer: Tokenizer | None = None, extra: dict | None = None, progress: bool = True,
     log: Callable[[str], None] | None = tqdm.write, step: TrainStep | None = None, model: Any = None,
-    record_extra: Callable[[dict, list], dict] | None = None, dist: Any = None,
+    record_extra: Callable[[dict, list], dict] | None = None, dist: Any = None, precision: Precision | None = None,
 ) -> FitResult:
     """Train for ``steps`` optimizer steps, evaluating and checkpointing as it goes.
 
@@ -406,12 +424,15 @@ def fit(
             e.g. ``per_example.noise_scale_record(cfg)``.
         dist: a ``distributed.DistContext`` (``distributed.init_from_env()`` under torchrun): data parallel
             over its processes, same result as one process; None: this process alone.
+        precision: the default step's ``precision.Precision`` (e.g. ``precision.BF16``: bf16 compute, fp32
+            master weights, optimizer state and checkpoints); None: fp32. On a CUDA device the next
+            step's batch is copied from pinned memory while the current step runs.
     """
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
     _check_settings(cfg, steps, batch_size, seq_len, accum_steps, eval_every, eval_batches, dist)
     model = SingleModel(optimizer, tokenizer=tokenizer, extra=extra) if model is None else model
     run = _make_run(params, cfg, train_ids, val_ids, steps, batch_size, seq_len, accum_steps, eval_every,
-                    eval_batches, seed, device, out_dir, log, dist)
+                    eval_batches, seed, device, out_dir, log, dist, precision)
     step = model.make_step(run, compile) if step is None else step
     state = model.start(run, params, step.init, resume)
     if dist is not None:
@@ -420,13 +441,16 @@ def fit(
 
 
 def _make_run(params, cfg, train_ids, val_ids, steps, batch_size, seq_len, accum_steps, eval_every, eval_batches,
-              seed, device, out_dir, log, dist) -> FitRun:
+              seed, device, out_dir, log, dist, precision=None) -> FitRun:
     if device is None:
         leaves = [x for x in pytree.tree_leaves(params) if isinstance(x, Tensor)]
         device = leaves[0].device if leaves else torch.device("cpu")
     main = dist is None or dist.is_main
     run = FitRun(cfg, train_ids, val_ids, steps, batch_size, seq_len, accum_steps, eval_every, eval_batches, seed,
-               torch.device(device), Path(out_dir), log if (log is not None and main) else (lambda msg: None), dist)
+               torch.device(device), Path(out_dir), log if (log is not None and main) else (lambda msg: None), dist,
+               precision)
+    if run.device.type == "cuda":  # only there is a copy worth overlapping with the step
+        run.prefetcher = Prefetcher(lambda s: run.host_batch(s, run.seed), run.device)
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
     return run

@@ -34,6 +34,7 @@ from ftransformer import optim, random
 from ftransformer.config import Config
 from ftransformer.data import unpack_batch
 from ftransformer.model import check_ids, check_tokens, loss_fn
+from ftransformer.precision import Precision
 
 StepFn = Callable[..., tuple[dict, object, dict]]
 
@@ -89,11 +90,12 @@ def check_batch(tokens: Tensor, targets: Tensor, cfg: Config, ignore_index: int)
 def loss_and_grads(
     params: dict, tokens: Tensor, targets: Tensor, key: Tensor | None, cfg: Config, *, accum_steps: int = 1,
     ignore_index: int = -100, all_reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    precision: Precision | None = None,
 ) -> tuple[dict, Tensor, Tensor]:
     """The core of every train step: ``(gradients, token-weighted mean loss, counted targets)``.
 
     Pure and transform-friendly: ``ensemble.make_ensemble_step`` is ``vmap`` of it. See
-    ``make_train_step`` for ``accum_steps`` and ``all_reduce``.
+    ``make_train_step`` for ``accum_steps``, ``all_reduce`` and ``precision``.
     """
     leaves, treedef = tree.flatten(params)
     n_tokens = (targets != ignore_index).sum()
@@ -101,7 +103,7 @@ def loss_and_grads(
         (n_tokens,) = all_reduce([n_tokens])
     # A batch of nothing but padding gives zero gradients instead of 0/0.
     denom = n_tokens.clamp(min=1).to(torch.float32)
-    micro = functools.partial(_micro_grads, cfg, ignore_index, leaves, treedef, n_tokens=denom)
+    micro = functools.partial(_micro_grads, cfg, ignore_index, leaves, treedef, n_tokens=denom, precision=precision)
     grads, loss = _batch_grads(micro, accum_steps, tokens, targets, key)
     if all_reduce is not None:
         *grads, loss = all_reduce([*grads, loss])
@@ -147,6 +149,7 @@ def make_train_step(
     compile: bool = False,
     ignore_index: int = -100,
     all_reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
+    precision: Precision | None = None,
 ) -> StepFn:
     """A pure training step ``step(params, opt_state, (tokens, targets), key) -> (params, opt_state, metrics)``.
 
@@ -161,6 +164,9 @@ def make_train_step(
             (e.g. ``DistContext.all_reduce_sum``); each process passes its share of the global batch and
             gets the global batch's update. Called twice a step: the token count, then the gradients
             with the loss, once per step whatever ``accum_steps`` is.
+        precision: a ``precision.Precision`` (None: fp32 throughout). ``precision.BF16`` keeps the params,
+            gradients and optimizer state fp32 and runs the forward and backward in bf16: the weights are
+            cast inside the differentiated function, so the gradients come back fp32.
 
     ``key`` drives dropout (None: no dropout). ``metrics`` holds 0-d tensors, so reading them is the
     caller's choice of when to synchronise: ``loss`` (token-weighted mean), ``grad_norm`` (before any
@@ -171,8 +177,10 @@ def make_train_step(
     check_optimizer(optimizer)
     if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
         raise ValueError(f"accum_steps must be an int >= 1, got {accum_steps!r}")
+    if precision is not None and not isinstance(precision, Precision):
+        raise TypeError(f"precision must be a precision.Precision or None, got {type(precision).__name__}")
     update = functools.partial(train_update, cfg=cfg, accum_steps=accum_steps, ignore_index=ignore_index,
-                               all_reduce=all_reduce)
+                               all_reduce=all_reduce, precision=precision)
 
     def step(params, opt_state, batch, key=None):
         tokens, targets = unpack_batch(batch)
@@ -189,7 +197,7 @@ def train_update(
     """``loss_and_grads`` then ``apply_optimizer``: one step's ``(params, opt_state, metrics)``, unchecked.
 
     ``make_train_step`` checks the batch and calls this; ``ensemble.make_ensemble_step`` vmaps it.
-    ``core``: ``loss_and_grads``'s keywords (``accum_steps``, ``ignore_index``, ``all_reduce``).
+    ``core``: ``loss_and_grads``'s keywords (``accum_steps``, ``ignore_index``, ``all_reduce``, ``precision``).
     """
     grads, loss, n_tokens = loss_and_grads(params, tokens, targets, key, cfg, **core)
     grad_norm = optim.global_norm(grads)
@@ -202,10 +210,12 @@ def train_step(cfg: Config, optimizer: optim.GradientTransformation, **kwargs) -
     return TrainStep(optimizer.init, make_train_step(cfg, optimizer, **kwargs))
 
 
-def _micro_grads(cfg, ignore_index, leaves, treedef, tokens, targets, key, *, n_tokens):
+def _micro_grads(cfg, ignore_index, leaves, treedef, tokens, targets, key, *, n_tokens, precision=None):
     """Gradients (a list like ``leaves``) and value of one micro-batch's share of the mean loss."""
 
     def loss_of(leaves):
+        if precision is not None:  # the cast's backward returns the gradients in the master weights' dtype
+            leaves = precision.cast(leaves)
         params = tree.unflatten(leaves, treedef)
         total = loss_fn(params, tokens, targets, cfg, key=key, ignore_index=ignore_index, reduction="sum")
         return total / n_tokens

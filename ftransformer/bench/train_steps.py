@@ -64,12 +64,15 @@ class NNGPT(nn.Module):
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
 
-    def forward(self, tokens, targets):
+    def logits(self, tokens):
         pos = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.tokens(tokens) + self.positions(pos)
         for blk in self.blocks:
             x = blk(x)
-        logits = F.linear(self.ln_f(x), self.tokens.weight)
+        return F.linear(self.ln_f(x), self.tokens.weight)
+
+    def forward(self, tokens, targets):
+        logits = self.logits(tokens)
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
@@ -129,12 +132,18 @@ def _schedule():
     return optim.warmup_cosine(LR, WARMUP, TOTAL, FINAL_LR)
 
 
-def make_nn_step(model: NNGPT):
-    """The classic imperative step: backward, clip, set lr, AdamW, zero the gradients."""
+def make_nn_step(model: NNGPT, *, autocast: torch.dtype | None = None, fused: bool | None = None, forward=None):
+    """The classic imperative step: backward, clip, set lr, AdamW, zero the gradients.
+
+    nanoGPT's GPU settings are the options: ``autocast`` (e.g. bf16, under ``torch.autocast``), ``fused``
+    AdamW, and ``forward`` (e.g. ``torch.compile(model)``; default: ``model``).
+    """
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS)
+    opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, fused=fused)
+    forward = model if forward is None else forward
+    device = next(model.parameters()).device.type
     schedule = _schedule()
     lrs = [schedule(i) for i in range(TOTAL + 1)]  # looked up, so the timed step pays nothing for it
     count = 0
@@ -142,7 +151,8 @@ def make_nn_step(model: NNGPT):
     def step(batch):
         nonlocal count
         tokens, targets = batch
-        loss = model(tokens, targets)
+        with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+            loss = forward(tokens, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         for group in opt.param_groups:
@@ -155,15 +165,16 @@ def make_nn_step(model: NNGPT):
     return step
 
 
-def make_functional_step(params: dict, cfg: Config, *, compile: bool, all_reduce=None):
+def make_functional_step(params: dict, cfg: Config, *, compile: bool, all_reduce=None, precision=None):
     """The library's pure step, holding its own params and optimizer state between calls.
 
-    ``all_reduce`` is ``make_train_step``'s hook for data parallelism (``bench train --nproc``).
+    ``all_reduce`` is ``make_train_step``'s hook for data parallelism (``bench train --nproc``);
+    ``precision`` its mixed-precision policy (``bench gpu``).
     """
     opt = optim.chain(
         optim.clip_by_global_norm(CLIP), optim.adamw(_schedule(), betas=BETAS, weight_decay=WEIGHT_DECAY)
     )
-    train_step = make_train_step(cfg, opt, compile=compile, all_reduce=all_reduce)
+    train_step = make_train_step(cfg, opt, compile=compile, all_reduce=all_reduce, precision=precision)
     state = {"params": params, "opt": opt.init(params)}
 
     def step(batch):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ftransformer import precision
 from ftransformer.checkpoint import checkpoint_exists, load_checkpoint
 from ftransformer.config import Config
 from ftransformer.generation import Sampling, generate_stream_sliding
@@ -51,6 +52,11 @@ def add_arguments(parser) -> None:
         "--quantize", choices=SCHEMES, default=None,
         help="decode with the weight matrices quantized: int8 = one byte a weight, a scale per output channel "
         "(a model saved quantized is used as it is)",
+    )
+    parser.add_argument(
+        "--dtype", choices=precision.CHOICES, default="auto",
+        help="compute dtype of the weights and the KV-cache: auto (default): bf16 on a CUDA device that supports "
+        "it (fp32 with --quantize), else fp32",
     )
     parser.add_argument(
         "--compile", nargs="?", const="torch", choices=tuple(COMPILE), default=None, metavar="{torch,aot}",
@@ -155,14 +161,25 @@ class TextStream:
         return piece
 
 
+def _with_dtype(args, params: dict, cfg: Config, device: torch.device) -> dict:
+    """``params`` in ``--dtype``'s compute dtype, or quantized (``--quantize``, float32 weights only)."""
+    dtype = getattr(args, "dtype", "auto")
+    quantized = args.quantize is not None or is_quantized(params)
+    if quantized and dtype == "bf16":
+        raise ValueError("--quantize (or a quantized checkpoint) decodes from float32 weights; use --dtype fp32 or auto")
+    precision.allow_tf32(device)
+    if quantized:
+        return params if is_quantized(params) else quantize(params, cfg, args.quantize)
+    return precision.resolve(dtype, device).compute_params(params)
+
+
 def run(args) -> int:
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     device = _device(args.device)
     cfg, params, tokenizer = load_model(args, device)
-    if args.quantize is not None and not is_quantized(params):
-        params = quantize(params, cfg, args.quantize)
+    params = _with_dtype(args, params, cfg, device)
     ids = prompt_ids(tokenizer, args.prompt, chat=args.chat)
     stop = tuple(getattr(tokenizer, "stop_tokens", ()))
     prompt = torch.tensor(ids, dtype=torch.long, device=device)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ftransformer import distributed
+from ftransformer import distributed, precision
 from ftransformer.checkpoint import BEST, LATEST, checkpoint_exists, read_checkpoint_info
 from ftransformer.config import PRESETS, Config, get_preset
 from ftransformer.data import TOKENIZER_KINDS, load_dataset, load_tokenizer
@@ -99,6 +99,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "full fine-tuning) with the preset's training recipe instead of training the preset's model from scratch",
     )
     parser.add_argument("--compile", action="store_true", help="compile the train step with torch.compile")
+    parser.add_argument(
+        "--dtype", choices=precision.CHOICES, default="auto",
+        help="compute dtype: bf16 runs the forward and backward in bfloat16 with float32 master weights, optimizer "
+        "state and checkpoints; auto (default): bf16 on a CUDA device that supports it, else fp32",
+    )
     parser.add_argument(
         "--device", choices=DEVICES, default=None, help="where to train (default: cuda if available, else cpu)"
     )
@@ -238,6 +243,7 @@ class RunSpec:
     log_noise_scale: bool = False
     members: list | None = None  # --ensemble / --sweep: one dict per member
     init_from_hf: str | None = None  # a Hugging Face model directory to fine-tune instead of the preset's model
+    dtype: str = "auto"  # --dtype: the compute dtype (precision.resolve); weights and checkpoints stay float32
 
     def settings(self) -> dict:
         """What a checkpoint keeps of the run (``extra["train"]``), so ``--resume`` can rebuild it."""
@@ -278,7 +284,8 @@ def resolve_run(args) -> RunSpec:
         raise ValueError("--init-from-hf starts one fresh run: it does not go with --resume, --ensemble or --sweep")
     config_changes, recipe_changes = parse_overrides(args.overrides)
     changes = {**recipe_changes, **_flag_changes(args)}  # a flag wins over --set
-    common = dict(config_changes=config_changes, device=args.device, compile=args.compile, quiet=args.quiet)
+    common = dict(config_changes=config_changes, device=args.device, compile=args.compile, quiet=args.quiet,
+                  dtype=getattr(args, "dtype", "auto"))
     if args.resume:
         spec = _resolve_resume(args, changes, common)
     else:
@@ -395,11 +402,22 @@ def _step_for(spec: RunSpec, cfg: Config, optimizer, say) -> TrainStep | None:
     return dp_train_step(cfg, dp, chunk_size=r.batch_size // r.accum_steps if r.accum_steps > 1 else None)
 
 
+def _precision(spec: RunSpec, device: torch.device) -> precision.Precision:
+    """``--dtype`` resolved for ``device``; the ensemble and DP-SGD steps compute in float32 only."""
+    if spec.members is None and spec.dp_clip is None:
+        return precision.resolve(spec.dtype, device)
+    if spec.dtype == "bf16":
+        raise ValueError("--dtype bf16 applies to the plain train step; --ensemble, --sweep and --dp-clip run in fp32")
+    return precision.FP32
+
+
 def execute(spec: RunSpec, ctx=None) -> int:
     """Load the data, build the model, optimizer and step, and run ``fit`` (0, or 130 when interrupted)."""
     main = ctx is None or ctx.is_main
     say = print if main else (lambda *a, **k: None)  # rank 0 speaks for the group
     device = ctx.device if ctx is not None else _device(spec.device)
+    policy = _precision(spec, device)
+    precision.allow_tf32(device)  # a CUDA run starts here; elsewhere nothing changes
     hf_params = None
     if spec.init_from_hf is not None:
         hf_cfg, hf_params = _hf_model(spec.init_from_hf, device, spec.config_changes)
@@ -417,7 +435,8 @@ def execute(spec: RunSpec, ctx=None) -> int:
     say(
         f"training: {recipe.steps} steps of {recipe.batch_size} x {recipe.seq_len} tokens"
         + (f" in {recipe.accum_steps} micro-batches" if recipe.accum_steps > 1 else "")
-        + f", lr {recipe.lr:g}, on {device}{' (compiled)' if spec.compile else ''}, into {str(spec.out)!r}"
+        + f", lr {recipe.lr:g}, on {device}{' (compiled)' if spec.compile else ''}, {policy.name} compute"
+        + f", into {str(spec.out)!r}"
         + (f"; {ctx.world_size} processes ({ctx.backend}), {recipe.batch_size // ctx.world_size} sequences each"
            if ctx is not None else "")
     )
@@ -431,7 +450,7 @@ def execute(spec: RunSpec, ctx=None) -> int:
         accum_steps=recipe.accum_steps, eval_every=recipe.eval_every, eval_batches=recipe.eval_batches,
         seed=spec.seed, resume=spec.resume, compile=spec.compile, device=device, tokenizer=dataset.tokenizer,
         extra={"train": spec.settings()}, progress=not spec.quiet, step=step, dist=ctx,
-        record_extra=noise_scale_record(cfg) if spec.log_noise_scale else None,
+        record_extra=noise_scale_record(cfg) if spec.log_noise_scale else None, precision=policy,
     )
     return _report(result, spec.out, say)
 

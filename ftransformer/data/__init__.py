@@ -9,12 +9,14 @@ Every name is re-exported here: ``from ftransformer.data import X`` is the way i
 
 from ftransformer.data.batches import (
     Dataset,
+    Prefetcher,
     SplitWindows,
     fixed_batches,
     load_dataset,
     min_tokens,
     sample_batch,
     split_ids,
+    to_device,
     unpack_batch,
 )
 from ftransformer.data.corpus import (
@@ -42,8 +44,8 @@ from ftransformer.data.tokenizers import (
 from ftransformer.io import atomic_write, temp_sibling
 
 __all__ = [
-    "BUILTIN_CORPUS", "BUILTIN_MAX_CHARS", "BPETokenizer", "CharTokenizer", "Dataset", "SplitWindows", "TOKENIZER_FILE", "TOKENIZER_KINDS",
+    "BUILTIN_CORPUS", "BUILTIN_MAX_CHARS", "BPETokenizer", "CharTokenizer", "Dataset", "Prefetcher", "SplitWindows", "TOKENIZER_FILE", "TOKENIZER_KINDS",
     "Tokenizer", "atomic_write", "build_tokenizer", "builtin_corpus", "cache_key", "fixed_batches", "load_corpus",
     "load_dataset", "load_tokenizer", "min_tokens", "read_text_file", "sample_batch", "split_ids", "stdlib_files",
-    "temp_sibling", "tokenize_cached", "tokenizer_from_json", "unpack_batch",
+    "temp_sibling", "to_device", "tokenize_cached", "tokenizer_from_json", "unpack_batch",
 ]

@@ -143,6 +143,35 @@ class SplitWindows(Sequence):
                 f"{len(self)} batches of up to {self.batch_size})")
 
 
+def to_device(batch: tuple[Tensor, ...], device: torch.device) -> tuple[Tensor, ...]:
+    """``batch`` on ``device``; to a CUDA device from pinned host memory without blocking the host."""
+    if device.type == "cuda":
+        return tuple(x.pin_memory().to(device, non_blocking=True) if x.device.type == "cpu" else x.to(device)
+                     for x in batch)
+    return tuple(x.to(device) for x in batch)
+
+
+class Prefetcher:
+    """Batches by step, each copied to ``device`` ahead of its use: ``prefetcher(step)`` is ``draw(step)`` there.
+
+    ``prefetch(step)`` draws ``step``'s batch on the host and queues its copy (from pinned memory,
+    non-blocking on CUDA), so the copy and the host-side sampling overlap the running step; the
+    following ``prefetcher(step)`` returns it. Any other step is drawn and copied on the spot: the
+    batches are the same either way, only the waiting differs.
+    """
+
+    def __init__(self, draw, device: str | torch.device):
+        self.draw, self.device = draw, torch.device(device)
+        self.ahead: dict[int, tuple[Tensor, ...]] = {}
+
+    def prefetch(self, step: int) -> None:
+        self.ahead = {step: to_device(tuple(self.draw(step)), self.device)}
+
+    def __call__(self, step: int) -> tuple[Tensor, ...]:
+        batch = self.ahead.pop(step, None)
+        return to_device(tuple(self.draw(step)), self.device) if batch is None else batch
+
+
 @dataclass(frozen=True)
 class Dataset:
     """A tokenized corpus, split for training."""
@@ -189,5 +218,6 @@ def load_dataset(
 
 
 __all__ = [
-    "Dataset", "SplitWindows", "fixed_batches", "load_dataset", "min_tokens", "sample_batch", "split_ids", "unpack_batch",
+    "Dataset", "Prefetcher", "SplitWindows", "fixed_batches", "load_dataset", "min_tokens", "sample_batch", "split_ids", "to_device",
+    "unpack_batch",
 ]

@@ -157,6 +157,8 @@ def test_cuda_graph_step_gives_the_eager_logits_and_compiles_once(no_typecheck):
 
     params = ft.init_params(CFG, seed=4)
     outs = {}
+    # A step compiled by an earlier test (other shapes) would count here as a recompile: start clean.
+    torch._dynamo.reset()
     for name, step in (("eager", decode_steps.decode_step_in_place), ("graph", decode_steps.cuda_graph_decode_step)):
         cache = ft.init_cache(CFG, batch_size=2, max_len=8)
         before = counters["stats"]["unique_graphs"]
@@ -166,6 +168,7 @@ def test_cuda_graph_step_gives_the_eager_logits_and_compiles_once(no_typecheck):
                 out, cache = step(params, torch.tensor([t, t + 1]), cache, CFG)
                 logits.append(out.clone())
         outs[name] = (torch.stack(logits), counters["stats"]["unique_graphs"] - before)
+    torch._dynamo.reset()
     assert torch.allclose(outs["graph"][0], outs["eager"][0], atol=1e-5, rtol=1e-5)
     assert outs["graph"][1] == 1  # one graph for every token, no recompilation per step
 

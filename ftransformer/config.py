@@ -9,6 +9,8 @@ POSITIONALS = ("learned", "sinusoidal", "rope")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
 ATTN_IMPLS = ("sdpa", "einsum")
 ROPE_SCALINGS = ("linear", "llama3")
+# How a block adds its sublayers to the residual stream (see Config.residual).
+RESIDUALS = ("sequential", "parallel", "parallel_shared_norm")
 # Rope scalings of Hugging Face configs that are not implemented yet (named in the error, never approximated).
 ROPE_SCALINGS_LATER = ("dynamic", "yarn", "longrope")
 
@@ -47,9 +49,13 @@ class Attention:
     # Sliding window: a query sees its own key and the window - 1 keys before it (Mistral). One int for every
     # layer, or a tuple with one entry per layer (None: that layer sees the whole causal prefix); None: no window.
     window: int | tuple[int | None, ...] | None = None
+    # Partial rotary: only the first rotary_dim channels of each head are turned, the rest pass unchanged
+    # (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor); None: all of head_dim.
+    rotary_dim: int | None = None
 
     def __post_init__(self):
         _check_int("Attention", "head_dim", self.head_dim, allow_none=True)
+        _check_int("Attention", "rotary_dim", self.rotary_dim, allow_none=True)
         _check_bool("Attention", "qkv_bias", self.qkv_bias)
         _check_bool("Attention", "qk_norm", self.qk_norm)
         windows = self.window if isinstance(self.window, tuple) else (self.window,)
@@ -136,6 +142,10 @@ class Config:
     # RMSNorm in Hugging Face's cast order: normalise in float32, cast back, then scale (Llama, Mistral, Qwen).
     # Same numbers in float32; below it, the order decides the rounding.
     norm_upcast: bool = False
+    # "sequential": attention, then the MLP on the result (GPT-2, Llama). "parallel": both read the same
+    # block input, x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX / Pythia). "parallel_shared_norm": one norm
+    # for both, x + attn(ln1(x)) + mlp(ln1(x)), and no ln2 (GPT-J, Phi-2). Parallel needs pre-LN and an MLP.
+    residual: str = "sequential"
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -164,6 +174,7 @@ class Config:
             ("positional", POSITIONALS),
             ("activation", ACTIVATIONS),
             ("attn_impl", ATTN_IMPLS),
+            ("residual", RESIDUALS),
         ):
             value = getattr(self, name)
             if value not in choices:
@@ -198,6 +209,17 @@ class Config:
             raise ValueError(
                 "Config.attention.qkv_bias=True needs bias=False, got bias=True (bias=True already biases q, k and v)"
             )
+        rotary_dim = self.attention.rotary_dim
+        if rotary_dim is not None and (self.positional != "rope" or rotary_dim % 2 or rotary_dim > self.head_dim):
+            raise ValueError(
+                f"Config.attention.rotary_dim={rotary_dim} needs positional='rope' (got {self.positional!r}) and an "
+                f"even number of channels <= head_dim={self.head_dim}"
+            )
+        if self.residual != "sequential" and (self.norm_position != "pre" or not self.mlp):
+            raise ValueError(
+                f"Config.residual={self.residual!r} needs norm_position='pre' and mlp=True, got "
+                f"norm_position={self.norm_position!r}, mlp={self.mlp}"
+            )
         window = self.attention.window
         if isinstance(window, tuple) and len(window) != self.n_layers:
             raise ValueError(
@@ -208,6 +230,11 @@ class Config:
     def head_dim(self) -> int:
         """Width of each attention head: ``attention.head_dim``, or d_model / n_heads when that is None."""
         return self.attention.head_dim or self.d_model // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that rotary turns: ``attention.rotary_dim``, or all of ``head_dim``."""
+        return self.attention.rotary_dim or self.head_dim
 
     def layer_window(self, layer: int) -> int | None:
         """Layer ``layer``'s sliding window (None: it sees the whole causal prefix)."""

@@ -9,7 +9,8 @@
      "ln_f"?:   {"scale", "bias"?},           # pre-LN only
      "unembed"?: {"w": [d_model, vocab]}}     # untied only
 
-(``ln2`` and ``mlp`` are absent in attention-only models, ``Config(mlp=False)``. ``b_qkv`` without ``b_o``
+(``ln2`` and ``mlp`` are absent in attention-only models, ``Config(mlp=False)``; ``ln2`` alone with
+``Config(residual="parallel_shared_norm")``. ``b_qkv`` without ``b_o``
 is ``Attention(qkv_bias=True)``; ``q_norm`` / ``k_norm`` (``{"scale": [head_dim]}``) are ``Attention(qk_norm=True)``.)
 
 A leaf that a config does not use is absent, never ``None``. Walking, flattening, casting and moving
@@ -72,6 +73,8 @@ def _block_params(cfg: Config, gen: torch.Generator) -> dict:
         mlp["b_out"] = torch.zeros(cfg.d_model)
     if not cfg.mlp:
         return {"ln1": _norm_params(cfg), "attn": attn}
+    if cfg.residual == "parallel_shared_norm":  # one norm feeds both sublayers
+        return {"ln1": _norm_params(cfg), "attn": attn, "mlp": mlp}
     return {"ln1": _norm_params(cfg), "attn": attn, "ln2": _norm_params(cfg), "mlp": mlp}
 
 
@@ -120,7 +123,7 @@ def param_breakdown(cfg: Config) -> dict:
     qk_norms = 2 * hd if cfg.attention.qk_norm else 0
     ff_w = (n_ff_in + 1) * d * cfg.d_ff if cfg.mlp else 0
     ff_b = (n_ff_in * cfg.d_ff + d) if cfg.bias and cfg.mlp else 0
-    norms_per_block = 2 if cfg.mlp else 1
+    norms_per_block = 2 if cfg.mlp and cfg.residual != "parallel_shared_norm" else 1
     rows = [
         ("token embeddings", V * d),
         ("position embeddings", cfg.max_seq_len * d if cfg.positional == "learned" else 0),

@@ -22,11 +22,24 @@ FAMILY_OPTIONS = {
 }
 
 
+# The families of issue 21 (layouts other than Llama's), with their sizes: head_dim 8, so a rotated
+# fraction of it is a whole even number of channels.
+SIZES_II = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=44, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=64)
+FAMILY_II_OPTIONS = {
+    "gpt_neox": dict(use_parallel_residual=True, rope_parameters={
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+}
+
+
 def hf_config(family: str, **changes):
     import transformers
 
     classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
+               "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+               "gpt_neox": transformers.GPTNeoXConfig}
+    if family in FAMILY_II_OPTIONS:
+        return classes[family](**{**SIZES_II, **FAMILY_II_OPTIONS[family], **changes})
     return classes[family](**{**SIZES, **FAMILY_OPTIONS[family], **changes})
 
 

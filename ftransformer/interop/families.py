@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from ftransformer.config import Attention, Config, RopeScaling
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
-FAMILIES = ("gpt2", *LLAMA_LIKE)
+FAMILIES = ("gpt2", *LLAMA_LIKE, "gpt_neox")
 ARCHITECTURES = {
+    "GPTNeoXForCausalLM": "gpt_neox",
     "GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
 }
@@ -236,6 +237,8 @@ class Slot:
 
     ``leaf[..., cols[0]:cols[1]]`` (the whole leaf when ``cols`` is None) equals the HF tensor, transposed
     when ``transpose`` (``nn.Linear`` stores ``[d_out, d_in]``; ``linear`` here takes ``[d_in, d_out]``).
+    ``heads``: the HF tensor's first axis is a fused q/k/v interleaved per head, ``(heads qkv head_dim)``,
+    where the leaf has ``(qkv heads head_dim)`` (GPT-NeoX).
     """
 
     hf_key: str
@@ -243,6 +246,7 @@ class Slot:
     hf_shape: tuple[int, ...]
     transpose: bool = False
     cols: tuple[int, int] | None = None
+    heads: int | None = None
 
 
 def tensor_slots(cfg: Config) -> list[Slot]:

@@ -3,7 +3,10 @@ residual connection and a normalisation, in either order.
 
 * pre-LN (GPT-2 and later): ``x = x + f(norm(x))`` -- the residual stream is never normalised, which
   keeps deep stacks trainable without warm-up tricks;
-* post-LN (the 2017 diagram): ``x = norm(x + f(x))``.
+* post-LN (the 2017 diagram): ``x = norm(x + f(x))``;
+* parallel (GPT-NeoX / Pythia, ``Config.residual="parallel"``): ``x = x + attn(ln1(x)) + mlp(ln2(x))``,
+  both sublayers reading the block's input; ``"parallel_shared_norm"`` (GPT-J, Phi-2) feeds both the
+  same ``ln1(x)``.
 
 ``block`` and ``block_with_cache`` differ only in their attention sublayer; ``wire`` is the one place
 the residual connections are made.
@@ -50,12 +53,29 @@ def wire(
     ``resid_mid`` (after attention), ``resid_post``, and the MLP's values under ``mlp.``.
     """
     x = tap("resid_pre", x)
+    if cfg.residual != "sequential":
+        return parallel_wire(params, x, cfg, attn, keys=keys, tap=tap)
     x, extra = residual_with(params["attn"], x, attn, params["ln1"], cfg, keys[0])
     x = tap("resid_mid", x)
     if cfg.mlp:
         mlp = tap.scope("mlp")
         x = residual(params["mlp"], x, lambda p, h: feedforward(p, h, cfg, tap=mlp), params["ln2"], cfg, keys[1])
     return tap("resid_post", x), extra
+
+
+def parallel_wire(
+    params: dict, x: Residual, cfg, attn: Sublayer, *, keys: tuple[Key | None, Key | None], tap: Tap
+) -> tuple[Residual, Any]:
+    """``wire`` for the parallel layouts: attention and MLP both read the block input ``x`` (normed by
+    ``ln1`` and ``ln2``, or both by ``ln1``). ``resid_mid`` is ``x`` plus the attention output alone: the
+    MLP does not read it, it is where the attention's write ends."""
+    h = norm(params["ln1"], x, cfg)
+    out, extra = attn(params["attn"], h)
+    mid = tap("resid_mid", x + random.dropout(out, cfg.dropout, keys[0]))
+    if cfg.residual == "parallel":
+        h = norm(params["ln2"], x, cfg)
+    mlp = feedforward(params["mlp"], h, cfg, tap=tap.scope("mlp"))
+    return tap("resid_post", mid + random.dropout(mlp, cfg.dropout, keys[1])), extra
 
 
 def block(

@@ -73,7 +73,7 @@ def rotary_tables(positions: Int[Tensor, "*#batch seq"], cfg) -> Rotary | None:
     """The tables ``cfg``'s attention layers rotate queries and keys by; None unless ``cfg.positional`` is "rope"."""
     if cfg.positional != "rope":
         return None
-    return rotary_angles(positions, cfg.head_dim, base=cfg.rope_base, scaling=cfg.rope_scaling)
+    return rotary_angles(positions, cfg.rotary_dim, base=cfg.rope_base, scaling=cfg.rope_scaling)
 
 
 def apply_rotary(
@@ -81,7 +81,14 @@ def apply_rotary(
     cos: Float[Tensor, "*#batch seq half"],
     sin: Float[Tensor, "*#batch seq half"],
 ) -> Float[Tensor, "*batch heads seq head_dim"]:
-    """Rotate each pair (x[i], x[i + head_dim/2]) by its angle (RoPE, the GPT-NeoX/Llama layout)."""
+    """Rotate each pair (x[i], x[i + half]) by its angle (RoPE, the GPT-NeoX/Llama layout).
+
+    Tables narrower than the head (``half < head_dim / 2``: partial rotary) turn the first ``2 * half``
+    channels and pass the rest through unchanged.
+    """
+    rotated = 2 * cos.shape[-1]
+    if rotated < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :rotated], cos, sin), x[..., rotated:]], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     cos = cos.unsqueeze(-3).to(x.dtype)
     sin = sin.unsqueeze(-3).to(x.dtype)

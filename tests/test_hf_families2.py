@@ -1,0 +1,172 @@
+"""Parity with transformers for the families of issue 21 (layouts other than Llama's), every feature on.
+
+``gpt_neox``: parallel residual, rotary on half of each head, fused per-head-interleaved q/k/v, untied
+unembedding. Every parameter re-randomized, eager attention (``hf_tiny``).
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ftransformer as ft
+from ftransformer.config import Attention
+from ftransformer.params import param_breakdown
+from ftransformer.interop.hf import config_from_hf_dir, load_hf, save_hf
+from hf_tiny import FAMILY_II_OPTIONS, VOCAB, build
+
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = list(FAMILY_II_OPTIONS)
+SEQ = 14
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """family -> (transformers model, cfg, params, directory) for each family's tiny random model."""
+    root = tmp_path_factory.mktemp("families2")
+    return {f: (build(f, root / f, seed=1), *load_hf(root / f), root / f) for f in FAMILIES}
+
+
+def tokens(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "einsum"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_logits_equal_transformers(models, family, impl):
+    model, cfg, params, _ = models[family]
+    x = tokens(2, SEQ)
+    torch.testing.assert_close(ft.forward(params, x, cfg.replace(attn_impl=impl)), hf_logits(model, x), rtol=1e-5, atol=1e-5)
+
+
+# family -> {feature: the Config change that switches it off}
+FEATURES_OFF = {
+    "gpt_neox": {"partial rotary": dict(attention=Attention()), "parallel residual": dict(residual="sequential")},
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_feature_changes_the_logits(models, family):
+    """The parity above would hold vacuously if a feature did nothing on these models: each one does."""
+    _, cfg, params, _ = models[family]
+    x = tokens(2, SEQ)
+    base = ft.forward(params, x, cfg)
+    for feature, off in FEATURES_OFF[family].items():
+        assert (ft.forward(params, x, cfg.replace(**off)) - base).abs().max() > 1e-3, feature
+
+
+def test_gpt_neox_config_becomes_features(models):
+    cfg = models["gpt_neox"][1]
+    assert (cfg.residual, cfg.rotary_dim, cfg.head_dim, cfg.norm, cfg.bias, cfg.activation, cfg.tie_embeddings) == (
+        "parallel", 4, 8, "layernorm", True, "gelu", False)
+
+
+def test_gpt_neox_older_config_keys_are_read(models, tmp_path):
+    """Pythia's own config.json predates rope_parameters: ``rotary_pct`` and ``rotary_emb_base``."""
+    hf = json.loads((models["gpt_neox"][3] / "config.json").read_text())
+    del hf["rope_parameters"]
+    hf.update(rotary_pct=0.25, rotary_emb_base=500.0)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    cfg = config_from_hf_dir(tmp_path)
+    assert (cfg.rotary_dim, cfg.rope_base) == (2, 500.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_generate_equals_transformers(models, family):
+    model, cfg, params, _ = models[family]
+    prompt = tokens(2, 4, seed=1)
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=SEQ, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert expected.shape == (2, 4 + SEQ)
+    assert torch.equal(ft.generate(params, prompt, cfg, max_new_tokens=SEQ, temperature=0.0), expected)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_with_cache_in_chunks_equals_forward(models, family):
+    _, cfg, params, _ = models[family]
+    x = tokens(2, SEQ, seed=2)
+    cache = ft.init_cache(cfg, batch_size=2, max_len=SEQ + 2)
+    chunks = []
+    for start, stop in ((0, 3), (3, 9), (9, 10), (10, SEQ)):
+        logits, cache = ft.forward_with_cache(params, x[:, start:stop], cache, cfg)
+        chunks.append(logits)
+    torch.testing.assert_close(torch.cat(chunks, dim=1), ft.forward(params, x, cfg), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_hf_then_transformers_gives_the_same_logits(models, family, tmp_path):
+    model, cfg, params, directory = models[family]
+    save_hf(params, cfg, tmp_path)
+    theirs, ours = load_file(directory / "model.safetensors"), load_file(tmp_path / "model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for key in ours:  # the fused q/k/v interleaved again, bit for bit
+        assert torch.equal(ours[key], theirs[key]), key
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    x = tokens(2, SEQ, seed=3)
+    assert torch.equal(hf_logits(again, x), hf_logits(model, x))
+    cfg2, params2 = load_hf(tmp_path)
+    assert cfg2 == cfg
+    assert all(torch.equal(a, b) for a, b in zip(ft.tree.leaves(params2), ft.tree.leaves(params)))
+
+
+def test_parallel_activations_say_what_each_site_is(models):
+    """Parallel layout: ``resid_mid`` is the block input plus the attention's write alone, and
+    ``resid_post`` adds the MLP's write, computed from the block input (not from ``resid_mid``)."""
+    _, cfg, params, _ = models["gpt_neox"]
+    x = tokens(1, SEQ, seed=5)
+    logits, acts = ft.forward_with_activations(params, x, cfg)
+    assert torch.equal(logits, ft.forward(params, x, cfg))
+    b, p = acts["blocks"][1], params["blocks"][1]
+    attn_write = b["attn"]["head_out"].sum(-3) + p["attn"]["b_o"]
+    torch.testing.assert_close(b["resid_mid"], b["resid_pre"] + attn_write, rtol=1e-5, atol=1e-5)
+    from ftransformer.layers.feedforward import feedforward
+    from ftransformer.layers.norm import norm
+    mlp_write = feedforward(p["mlp"], norm(p["ln2"], b["resid_pre"], cfg), cfg)
+    torch.testing.assert_close(b["resid_post"], b["resid_mid"] + mlp_write, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_norm_parallel_residual_is_parallel_with_ln2_equal_to_ln1(models):
+    """GPT-J / Phi-2's one-norm layout: no ``ln2`` in the tree, and the numbers of ``parallel`` with ln2 := ln1."""
+    _, cfg, params, _ = models["gpt_neox"]
+    shared = cfg.replace(residual="parallel_shared_norm")
+    assert "ln2" not in ft.init_params(shared)["blocks"][0]
+    assert ft.count_params(ft.init_params(shared)) == param_breakdown(shared)["total"]
+    no_ln2 = {**params, "blocks": [{k: v for k, v in b.items() if k != "ln2"} for b in params["blocks"]]}
+    ln2_is_ln1 = {**params, "blocks": [{**b, "ln2": b["ln1"]} for b in params["blocks"]]}
+    x = tokens(2, SEQ, seed=6)
+    torch.testing.assert_close(ft.forward(no_ln2, x, shared), ft.forward(ln2_is_ln1, x, cfg), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="residual='parallel_shared_norm' cannot be expressed in gpt_neox"):
+        save_hf(no_ln2, shared, "unused")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (dict(attention_bias=False), "attention_bias=False; supported: True"),
+    (dict(hidden_act="relu"), "hidden_act='relu'; supported: 'gelu'"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.4}),
+     r"rotates int\(head_dim=8 \* 0.4\) = 3 channels; expected an even number"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "rope type 'yarn'"),
+])
+def test_gpt_neox_refuses_what_it_cannot_express(models, tmp_path, change, message):
+    hf = {**json.loads((models["gpt_neox"][3] / "config.json").read_text()), **change}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=message):
+        config_from_hf_dir(tmp_path)
+
+
+def test_config_validates_the_new_choices():
+    base = dict(vocab_size=11, d_model=16, n_heads=2, n_layers=1, d_ff=8, max_seq_len=8)
+    with pytest.raises(ValueError, match="rotary_dim=3 needs positional='rope'"):
+        ft.Config(**base, positional="rope", attention=Attention(rotary_dim=3))
+    with pytest.raises(ValueError, match="rotary_dim=4 needs positional='rope' \\(got 'learned'\\)"):
+        ft.Config(**base, attention=Attention(rotary_dim=4))
+    with pytest.raises(ValueError, match="residual='parallel' needs norm_position='pre'"):
+        ft.Config(**base, residual="parallel", norm_position="post")
+    with pytest.raises(ValueError, match="Config.residual='both' is not one of"):
+        ft.Config(**base, residual="both")

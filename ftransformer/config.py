@@ -4,9 +4,10 @@ import dataclasses
 from dataclasses import dataclass
 
 NORMS = ("layernorm", "rmsnorm")
-NORM_POSITIONS = ("pre", "post")
+NORM_POSITIONS = ("pre", "post", "sandwich", "output")
 POSITIONALS = ("learned", "sinusoidal", "rope")
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu_tanh")
+GATED_ACTIVATIONS = ("swiglu", "geglu_tanh")  # two input projections: w_gate (through the nonlinearity) and w_in
 ATTN_IMPLS = ("sdpa", "einsum")
 ROPE_SCALINGS = ("linear", "llama3")
 # How a block adds its sublayers to the residual stream (see Config.residual).
@@ -52,8 +53,16 @@ class Attention:
     # Partial rotary: only the first rotary_dim channels of each head are turned, the rest pass unchanged
     # (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor); None: all of head_dim.
     rotary_dim: int | None = None
+    # What q.k is multiplied by before the softmax; None: 1 / sqrt(head_dim). Gemma 2/3: query_pre_attn_scalar ** -0.5.
+    scale: float | None = None
+    # Attention-logit soft-capping: scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2). The
+    # fused SDPA kernel cannot do it: a capped layer always takes the einsum path.
+    softcap: float | None = None
 
     def __post_init__(self):
+        for name in ("scale", "softcap"):
+            if getattr(self, name) is not None:
+                _check_positive("Attention", name, getattr(self, name))
         _check_int("Attention", "head_dim", self.head_dim, allow_none=True)
         _check_int("Attention", "rotary_dim", self.rotary_dim, allow_none=True)
         _check_bool("Attention", "qkv_bias", self.qkv_bias)
@@ -128,9 +137,12 @@ class Config:
     dropout: float = 0.0  # dropout rate on attention weights, sublayer outputs and embeddings (train only)
     bias: bool = True  # biases in linear layers and LayerNorms (GPT-2: True; modern models: False)
     norm: str = "layernorm"  # "layernorm" or "rmsnorm"
-    norm_position: str = "pre"  # "pre": x + f(norm(x)) (GPT-2); "post": norm(x + f(x)) (the 2017 diagram)
+    # "pre": x + f(norm(x)) (GPT-2); "post": norm(x + f(x)) (the 2017 diagram); "sandwich": x + norm'(f(norm(x)))
+    # (Gemma 2/3: a second norm on each sublayer's output, ln1_post / ln2_post); "output": x + norm(f(x)) (OLMo-2)
+    norm_position: str = "pre"
     positional: str = "learned"  # "learned" table, fixed "sinusoidal", or "rope" (rotary, on q and k)
-    activation: str = "gelu"  # "gelu" (exact), "gelu_tanh" (GPT-2's approximation) or "swiglu"
+    # "gelu" (exact), "gelu_tanh" (GPT-2's approximation), "swiglu" or "geglu_tanh" (Gemma: the tanh GELU as the gate)
+    activation: str = "gelu"
     tie_embeddings: bool = True  # reuse the token embedding as the output projection (GPT-2 does)
     attn_impl: str = "sdpa"  # "sdpa" (fused torch kernel) or "einsum" (written out; vmap-friendly grads)
     init_std: float = 0.02  # std of the normal init; residual output projections get /sqrt(2*n_layers)
@@ -146,6 +158,12 @@ class Config:
     # block input, x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX / Pythia). "parallel_shared_norm": one norm
     # for both, x + attn(ln1(x)) + mlp(ln1(x)), and no ln2 (GPT-J, Phi-2). Parallel needs pre-LN and an MLP.
     residual: str = "sequential"
+    # RMSNorm scales by (1 + scale), all in float32, then casts (Gemma): a zero scale is the identity.
+    norm_unit_offset: bool = False
+    # Token embeddings times sqrt(d_model), the constant rounded to the embeddings' dtype first (Gemma).
+    embed_scale: bool = False
+    # Final-logit soft-capping: logits -> logit_softcap * tanh(logits / logit_softcap) (Gemma 2); None: off.
+    logit_softcap: float | None = None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -179,7 +197,7 @@ class Config:
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"Config.{name}={value!r} is not one of {', '.join(map(repr, choices))}")
-        for name in ("bias", "tie_embeddings", "mlp", "norm_upcast"):
+        for name in ("bias", "tie_embeddings", "mlp", "norm_upcast", "norm_unit_offset", "embed_scale"):
             _check_bool("Config", name, getattr(self, name))
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"Config.dropout={self.dropout!r} must be a float in [0, 1)")
@@ -203,8 +221,11 @@ class Config:
                 raise ValueError(f"Config.rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
             if self.positional != "rope":
                 raise ValueError(f"Config.rope_scaling needs positional='rope', got positional={self.positional!r}")
-        if self.norm_upcast and self.norm != "rmsnorm":
-            raise ValueError(f"Config.norm_upcast=True needs norm='rmsnorm', got norm={self.norm!r}")
+        for name in ("norm_upcast", "norm_unit_offset"):
+            if getattr(self, name) and self.norm != "rmsnorm":
+                raise ValueError(f"Config.{name}=True needs norm='rmsnorm', got norm={self.norm!r}")
+        if self.logit_softcap is not None:
+            _check_positive("Config", "logit_softcap", self.logit_softcap)
         if self.attention.qkv_bias and self.bias:
             raise ValueError(
                 "Config.attention.qkv_bias=True needs bias=False, got bias=True (bias=True already biases q, k and v)"

@@ -61,6 +61,9 @@ def embed(
 ) -> Residual:
     """Token embeddings plus absolute positions (rotary positions are added inside attention instead)."""
     x = embed_tokens(params["embed"]["tokens"], tokens)
+    if cfg.embed_scale:
+        # transformers rounds sqrt(d_model) to float32, then to the embeddings' dtype, then multiplies.
+        x = x * torch.tensor(cfg.d_model**0.5, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
     if cfg.positional == "learned":
         x = x + learned_positions(params["embed"]["positions"], positions)
     elif cfg.positional == "sinusoidal":
@@ -69,14 +72,15 @@ def embed(
 
 
 def unembed(params: dict, x: Residual, cfg: Config, *, tap: Tap = NO_TAP) -> Logits:
-    """Final norm (pre-LN only) and the projection to one logit per token id; ``tap`` sees ``final``,
-    the residual the projection reads."""
-    if cfg.norm_position == "pre":
+    """Final norm (all but post-LN) and the projection to one logit per token id, soft-capped with
+    ``cfg.logit_softcap``; ``tap`` sees ``final``, the residual the projection reads."""
+    if cfg.norm_position != "post":
         x = norm(params["ln_f"], x, cfg)
     x = tap("final", x)
-    if cfg.tie_embeddings:
-        return F.linear(x, params["embed"]["tokens"])
-    return linear(x, params["unembed"]["w"])
+    logits = F.linear(x, params["embed"]["tokens"]) if cfg.tie_embeddings else linear(x, params["unembed"]["w"])
+    if cfg.logit_softcap is not None:
+        logits = torch.tanh(logits / cfg.logit_softcap) * cfg.logit_softcap
+    return logits
 
 
 def default_positions(tokens: Tokens) -> Int[Tensor, " seq"]:

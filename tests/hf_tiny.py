@@ -27,6 +27,9 @@ FAMILY_OPTIONS = {
 SIZES_II = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=44, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=64)
 FAMILY_II_OPTIONS = {
+    "gemma": dict(num_key_value_heads=2, head_dim=16),
+    "gemma2": dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=12, sliding_window=5,
+                   attn_logit_softcapping=5.0, final_logit_softcapping=4.0),
     "gpt_neox": dict(use_parallel_residual=True, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
 }
@@ -37,19 +40,24 @@ def hf_config(family: str, **changes):
 
     classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
-               "gpt_neox": transformers.GPTNeoXConfig}
+               "gpt_neox": transformers.GPTNeoXConfig, "gemma": transformers.GemmaConfig,
+               "gemma2": transformers.Gemma2Config}
     if family in FAMILY_II_OPTIONS:
         return classes[family](**{**SIZES_II, **FAMILY_II_OPTIONS[family], **changes})
     return classes[family](**{**SIZES, **FAMILY_OPTIONS[family], **changes})
 
 
-def randomize_(model, seed: int = 0) -> None:
-    """Every parameter drawn anew: weights ~ N(0, 0.3^2), norm scales ~ 1 + N(0, 1), biases ~ N(0, 1)."""
+# Families whose norms scale by 1 + w: their norm weights are drawn around 0.
+UNIT_OFFSET_NORMS = ("gemma", "gemma2")
+
+
+def randomize_(model, seed: int = 0, *, norm_center: float = 1.0) -> None:
+    """Every parameter drawn anew: weights ~ N(0, 0.3^2), norm scales ~ norm_center + N(0, 1), biases ~ N(0, 1)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            p.copy_(noise * 0.3 if p.ndim > 1 else noise + (1.0 if "norm" in name else 0.0))
+            p.copy_(noise * 0.3 if p.ndim > 1 else noise + (norm_center if "norm" in name else 0.0))
 
 
 def build(family: str, directory, *, seed: int = 0, **changes):
@@ -57,7 +65,7 @@ def build(family: str, directory, *, seed: int = 0, **changes):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_config(hf_config(family, **changes), attn_implementation="eager")
-    randomize_(model, seed)
+    randomize_(model, seed, norm_center=0.0 if family in UNIT_OFFSET_NORMS else 1.0)
     model.eval()
     model.save_pretrained(directory)
     return model

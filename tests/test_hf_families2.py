@@ -4,6 +4,7 @@
 unembedding. Every parameter re-randomized, eager attention (``hf_tiny``).
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -48,6 +49,11 @@ def test_forward_logits_equal_transformers(models, family, impl):
 
 # family -> {feature: the Config change that switches it off}
 FEATURES_OFF = {
+    "gemma": {"norm 1 + w": dict(norm_unit_offset=False), "embedding scale": dict(embed_scale=False),
+              "GeGLU": dict(activation="swiglu")},
+    "gemma2": {"sandwich norms": dict(norm_position="pre"), "attention soft-cap": "softcap=None",
+               "logit soft-cap": dict(logit_softcap=None), "query_pre_attn_scalar": "scale=None",
+               "windows": "window=None"},
     "gpt_neox": {"partial rotary": dict(attention=Attention()), "parallel residual": dict(residual="sequential")},
 }
 
@@ -59,6 +65,8 @@ def test_each_feature_changes_the_logits(models, family):
     x = tokens(2, SEQ)
     base = ft.forward(params, x, cfg)
     for feature, off in FEATURES_OFF[family].items():
+        if isinstance(off, str):  # an Attention field: "name=None"
+            off = dict(attention=dataclasses.replace(cfg.attention, **{off.split("=")[0]: None}))
         assert (ft.forward(params, x, cfg.replace(**off)) - base).abs().max() > 1e-3, feature
 
 
@@ -170,3 +178,82 @@ def test_config_validates_the_new_choices():
         ft.Config(**base, residual="parallel", norm_position="post")
     with pytest.raises(ValueError, match="Config.residual='both' is not one of"):
         ft.Config(**base, residual="both")
+
+
+def test_gemma_configs_become_features(models):
+    g1, g2 = models["gemma"][1], models["gemma2"][1]
+    for cfg in (g1, g2):
+        assert (cfg.norm_unit_offset, cfg.embed_scale, cfg.activation, cfg.head_dim, cfg.n_kv_heads) == (
+            True, True, "geglu_tanh", 16, 2)
+    assert (g1.norm_position, g1.attention.scale, g1.attention.softcap, g1.logit_softcap) == ("pre", None, None, None)
+    assert (g2.norm_position, g2.attention.scale, g2.attention.softcap, g2.logit_softcap) == ("sandwich", 12**-0.5, 5.0, 4.0)
+    assert g2.attention.window == (5, None)  # sliding first, then global, alternating
+    assert set(ft.init_params(g2)["blocks"][0]) == {"ln1", "attn", "ln1_post", "ln2", "mlp", "ln2_post"}
+
+
+@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+def test_gemma_bfloat16_embedding_and_norms_round_as_transformers(models, family, tmp_path):
+    """sqrt(d_model) rounded to bfloat16 before the multiply, and the (1 + w) norm in float32 then cast: the
+    bfloat16 embedding and first norm are the very bits transformers computes."""
+    model, cfg, params, directory = models[family]
+    model16 = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager",
+                                                                dtype=torch.bfloat16).eval()
+    cfg16, params16 = load_hf(directory, dtype=torch.bfloat16)
+    x = tokens(2, SEQ, seed=7)
+    from ftransformer.layers.norm import norm
+    from ftransformer.model import embed
+    ours = embed(params16, x, cfg16, positions=torch.arange(SEQ))
+    with torch.no_grad():
+        theirs = model16.model.embed_tokens(x)
+        assert torch.equal(ours, theirs)
+        assert torch.equal(norm(params16["blocks"][0]["ln1"], ours, cfg16), model16.model.layers[0].input_layernorm(theirs))
+    assert not torch.equal(ours, params16["embed"]["tokens"][x] * cfg.d_model**0.5)  # the rounding shows
+
+
+def test_gemma2_softcaps_and_windows_show_in_the_activations(models):
+    _, cfg, params, _ = models["gemma2"]
+    x = tokens(1, SEQ, seed=5)
+    logits, acts = ft.forward_with_activations(params, x, cfg)
+    assert torch.equal(logits, ft.forward(params, x, cfg))
+    assert logits.abs().max() < cfg.logit_softcap
+    pattern = acts["blocks"][0]["attn"]["pattern"][0]
+    assert torch.all(pattern[:, 10, :6] == 0) and torch.all(pattern[:, 10, 6:11] > 0)  # window 5
+    # sandwich: resid_mid is resid_pre plus the attention output after its own norm (ln1_post)
+    from ftransformer.layers.norm import norm
+    b, p = acts["blocks"][1], params["blocks"][1]
+    attn_out = norm(p["ln1_post"], b["attn"]["head_out"].sum(-3), cfg)
+    torch.testing.assert_close(b["resid_mid"], b["resid_pre"] + attn_out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("family", "change", "message"), [
+    ("gemma2", dict(hidden_activation="relu"), "hidden activation 'relu'; supported: 'gelu_pytorch_tanh'"),
+    ("gemma", dict(attention_bias=True), "attention_bias=True; supported: False"),
+    ("gemma2", dict(layer_types=["sliding_attention"]), "layer_types=\\['sliding_attention'\\]; expected 2 of"),
+    ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional_attention=True"),
+])
+def test_gemma_refuses_what_it_cannot_express(models, tmp_path, family, change, message):
+    hf = {**json.loads((models[family][3] / "config.json").read_text()), **change}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=message):
+        config_from_hf_dir(tmp_path)
+
+
+def test_save_hf_refuses_a_gemma_it_cannot_write(models, tmp_path):
+    _, cfg, params, _ = models["gemma"]
+    with pytest.raises(ValueError, match="cannot be expressed in gemma \\(pre-norm, no scale"):
+        save_hf(params, cfg.replace(logit_softcap=3.0), tmp_path)
+    with pytest.raises(ValueError, match="Config.embed_scale=False cannot be expressed in gemma"):
+        save_hf(params, cfg.replace(embed_scale=False), tmp_path)
+    llama_like = cfg.replace(norm_unit_offset=False, activation="swiglu", embed_scale=False, logit_softcap=3.0)
+    with pytest.raises(ValueError, match="Config.logit_softcap=3.0 has no Hugging Face family here"):
+        save_hf(params, llama_like, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compile", [True, "aot"])
+def test_compiled_decoding_keeps_softcaps_windows_and_sandwich_norms(models, compile, no_typecheck):
+    """The compiled decode steps (torch.compile, AOTInductor) cap the scores and logits and mask the windows."""
+    model, cfg, params, _ = models["gemma2"]
+    prompt = tokens(2, 4, seed=1)
+    eager = ft.generate(params, prompt, cfg, max_new_tokens=SEQ, temperature=0.0)
+    assert torch.equal(ft.generate(params, prompt, cfg, max_new_tokens=SEQ, temperature=0.0, compile=compile), eager)

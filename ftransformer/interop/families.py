@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from ftransformer.config import Attention, Config, RopeScaling
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
-FAMILIES = ("gpt2", *LLAMA_LIKE, "gpt_neox")
+FAMILIES = ("gpt2", *LLAMA_LIKE, "gpt_neox", "gemma", "gemma2")
 ARCHITECTURES = {
+    "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
     "GPTNeoXForCausalLM": "gpt_neox",
     "GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
@@ -158,7 +159,8 @@ def _windows(hf: Mapping, family: str) -> int | tuple[int | None, ...] | None:
 
 def family_for(cfg: Config) -> str:
     """The Llama-like family that can express ``cfg`` (its features decide), or a ``ValueError`` naming why none can."""
-    needs = dict(positional="rope", norm="rmsnorm", norm_position="pre", activation="swiglu", mlp=True)
+    needs = dict(positional="rope", norm="rmsnorm", norm_position="pre", activation="swiglu", mlp=True,
+                 residual="sequential", embed_scale=False, logit_softcap=None)
     for field, expected in needs.items():
         if getattr(cfg, field) != expected:
             raise ValueError(
@@ -166,6 +168,8 @@ def family_for(cfg: Config) -> str:
                 f"(supported families: {', '.join(FAMILIES)}; GPT-2 needs learned positions and LayerNorm)"
             )
     a = cfg.attention
+    if a.scale is not None or a.softcap is not None or a.rotary_dim is not None:
+        raise ValueError(f"Config.attention={a} has a scale, softcap or rotary_dim, which no Llama-like family has")
     per_layer = isinstance(a.window, tuple)
     if a.qk_norm:
         family = "qwen3"
@@ -231,6 +235,15 @@ def _rope_parameters(cfg: Config) -> dict:
 # ---------------------------------------------------------------- tensor names
 
 
+# The norms after the attention sublayer, by Config.norm_position: (Hugging Face name, params name).
+NORMS_AFTER_ATTN = {
+    "pre": (("post_attention_layernorm", "ln2"),),
+    "sandwich": (("post_attention_layernorm", "ln1_post"), ("pre_feedforward_layernorm", "ln2"),
+                 ("post_feedforward_layernorm", "ln2_post")),
+    "output": (("post_attention_layernorm", "ln1"), ("post_feedforward_layernorm", "ln2")),
+}
+
+
 @dataclass(frozen=True)
 class Slot:
     """One Hugging Face tensor and where it lives in the parameter tree.
@@ -257,7 +270,8 @@ def tensor_slots(cfg: Config) -> list[Slot]:
     slots = [Slot("model.embed_tokens.weight", "embed.tokens", (cfg.vocab_size, d))]
     for i in range(cfg.n_layers):
         h, b = f"model.layers.{i}.", f"blocks.{i}."
-        slots.append(Slot(h + "input_layernorm.weight", b + "ln1.scale", (d,)))
+        if cfg.norm_position != "output":
+            slots.append(Slot(h + "input_layernorm.weight", b + "ln1.scale", (d,)))
         for name, (lo, hi) in cols.items():
             slots.append(Slot(h + f"self_attn.{name}_proj.weight", b + "attn.w_qkv", (hi - lo, d), True, (lo, hi)))
             if cfg.bias or cfg.attention.qkv_bias:
@@ -267,7 +281,7 @@ def tensor_slots(cfg: Config) -> list[Slot]:
             slots.append(Slot(h + "self_attn.o_proj.bias", b + "attn.b_o", (d,)))
         if cfg.attention.qk_norm:
             slots += [Slot(h + f"self_attn.{n}_norm.weight", b + f"attn.{n}_norm.scale", (hd,)) for n in "qk"]
-        slots.append(Slot(h + "post_attention_layernorm.weight", b + "ln2.scale", (d,)))
+        slots += [Slot(h + f"{name}.weight", b + f"{ours}.scale", (d,)) for name, ours in NORMS_AFTER_ATTN[cfg.norm_position]]
         for hf_name, ft_name, shape in (("gate", "gate", (ff, d)), ("up", "in", (ff, d)), ("down", "out", (d, ff))):
             slots.append(Slot(h + f"mlp.{hf_name}_proj.weight", b + f"mlp.w_{ft_name}", shape, True))
             if cfg.bias:

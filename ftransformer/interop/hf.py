@@ -21,7 +21,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ftransformer.config import Config
-from ftransformer.interop import families, hf_gpt2, neox
+from ftransformer.interop import families, gemma, hf_gpt2, neox
 from ftransformer.interop.families import Slot
 from ftransformer.interop.hf_gpt2 import _first_few
 from ftransformer.interop.safetensors_io import (
@@ -65,7 +65,7 @@ def config_from_hf_dir(directory: str | os.PathLike) -> Config:
 
 def _reader(family: str):
     """The module that reads and writes ``family``'s configs and tensor names."""
-    return neox if family == "gpt_neox" else families
+    return {"gpt_neox": neox, "gemma": gemma, "gemma2": gemma}.get(family, families)
 
 
 def load_hf(
@@ -86,7 +86,7 @@ def load_hf(
     if family == "gpt2":
         return hf_gpt2.load_hf_gpt2(directory, dtype=dtype, device=device)
     cfg = _reader(family).config_from_hf(hf)
-    slots = _reader(family).tensor_slots(cfg)
+    slots = (neox if family == "gpt_neox" else families).tensor_slots(cfg)
     stored = _checked(list_tensors(directory), slots, cfg)
     flat = _allocate(cfg, slots, stored, dtype, torch.device(device))
     for slot in slots:
@@ -182,9 +182,10 @@ def save_hf(
         if cfg.tie_embeddings:
             del tensors["lm_head.weight"]  # safetensors refuses two names for one tensor; HF re-ties it
     else:
-        families.family_for(cfg)  # a config no family expresses is refused before the params are looked at
+        writer = gemma if gemma.expresses(cfg) else families
+        writer.family_for(cfg)  # a config no family expresses is refused before the params are looked at
         tensors = _hf_tensors(tree.flatten_with_paths(params), _template(cfg), families.tensor_slots(cfg))
-        hf = families.config_to_hf(cfg, dtype_name=str(tensors["model.embed_tokens.weight"][1]).removeprefix("torch."))
+        hf = writer.config_to_hf(cfg, dtype_name=str(tensors["model.embed_tokens.weight"][1]).removeprefix("torch."))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(tensors, directory, limit)

@@ -1,0 +1,123 @@
+"""Gemma 1 and 2 as ``Config`` choices (``model_type`` ``gemma``, ``gemma2``); tensor names as Llama's.
+
+=====================================  =====================================================================
+``config.json`` key / behaviour        ``Config`` choice
+=====================================  =====================================================================
+RMSNorm ``x_hat * (1 + w)`` in fp32    ``norm_unit_offset=True`` (norm weights stored around 0)
+embeddings times ``sqrt(hidden_size)``  ``embed_scale=True`` (the constant rounded to the activation dtype)
+``hidden_act`` / ``hidden_activation``  ``activation="geglu_tanh"`` (the tanh GELU gates the up projection)
+gemma2: four norms per layer           ``norm_position="sandwich"`` (``ln1``, ``ln1_post``, ``ln2``, ``ln2_post``)
+``attn_logit_softcapping``             ``Attention(softcap=...)``
+``final_logit_softcapping``            ``logit_softcap``
+``query_pre_attn_scalar``              ``Attention(scale=query_pre_attn_scalar ** -0.5)``
+``sliding_window`` + ``layer_types``   per-layer ``Attention(window=...)``
+=====================================  =====================================================================
+"""
+
+from collections.abc import Mapping
+
+from ftransformer.config import Attention, Config
+from ftransformer.interop.families import ARCHITECTURES, _rope, _rope_parameters, family_of
+
+GEMMAS = ("gemma", "gemma2")
+# Gemma 1's released configs say "gelu" and mean the tanh approximation (transformers rewrites it so).
+TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new", "gelu")
+_REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def config_from_hf(hf: Mapping) -> Config:
+    """A ``Config`` from a Gemma 1 / Gemma 2 ``config.json``."""
+    family = family_of(hf)
+    missing = [k for k in _REQUIRED if k not in hf]
+    if missing:
+        raise ValueError(f"{family} config.json is missing {missing}; expected all of {list(_REQUIRED)}")
+    act = hf.get("hidden_activation") or hf.get("hidden_act", "gelu_pytorch_tanh")
+    if act not in TANH_GELUS or (family == "gemma2" and act == "gelu"):
+        raise ValueError(f"{family} config.json has hidden activation {act!r}; supported: 'gelu_pytorch_tanh' (GeGLU)")
+    if hf.get("attention_bias", False):
+        raise ValueError(f"{family} config.json has attention_bias=True; supported: False")
+    if hf.get("use_bidirectional_attention"):
+        raise ValueError(f"{family} config.json has use_bidirectional_attention=True; supported: causal attention only")
+    n_heads, d_model = hf["num_attention_heads"], hf["hidden_size"]
+    head_dim = hf.get("head_dim", d_model // n_heads)
+    rope_base, rope_scaling = _rope(hf, family)
+    second = dict(
+        norm_position="sandwich", logit_softcap=hf.get("final_logit_softcapping"),
+        attention=Attention(
+            head_dim=head_dim, scale=float(hf.get("query_pre_attn_scalar", head_dim)) ** -0.5,
+            softcap=hf.get("attn_logit_softcapping"), window=_windows(hf),
+        ),
+    ) if family == "gemma2" else dict(norm_position="pre", attention=Attention(head_dim=head_dim))
+    return Config(
+        vocab_size=hf["vocab_size"], d_model=d_model, n_heads=n_heads, n_layers=hf["num_hidden_layers"],
+        d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 8192),
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads, dropout=0.0, bias=False, norm="rmsnorm",
+        positional="rope", activation="geglu_tanh", tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
+        init_std=float(hf.get("initializer_range", 0.02)), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_base=rope_base, rope_scaling=rope_scaling, norm_unit_offset=True, embed_scale=True, **second,
+    )
+
+
+def _windows(hf: Mapping) -> int | tuple[int | None, ...] | None:
+    """Gemma 2's windows: ``sliding_window`` on the ``layer_types`` that say so (default: every other layer,
+    from the first)."""
+    n_layers, window = hf["num_hidden_layers"], hf.get("sliding_window")
+    types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)]
+    known = ("full_attention", "sliding_attention")
+    if len(types) != n_layers or any(t not in known for t in types):
+        raise ValueError(f"gemma2 config.json has layer_types={types!r}; expected {n_layers} of {known}")
+    windows = tuple(window if t == "sliding_attention" else None for t in types)
+    return None if all(w is None for w in windows) else windows
+
+
+def expresses(cfg: Config) -> bool:
+    """Whether ``cfg`` is meant as a Gemma (its norm scales by ``1 + w``); ``family_for`` says which, or why none."""
+    return cfg.norm_unit_offset
+
+
+def family_for(cfg: Config) -> str:
+    """``gemma2`` for the sandwich layout, ``gemma`` for pre-norm; ``ValueError`` naming what neither expresses."""
+    needs = dict(positional="rope", activation="geglu_tanh", bias=False, embed_scale=True, mlp=True,
+                 residual="sequential")
+    for field, expected in needs.items():
+        if getattr(cfg, field) != expected:
+            raise ValueError(f"Config.{field}={getattr(cfg, field)!r} cannot be expressed in gemma: expected {expected!r}")
+    a = cfg.attention
+    if a.qk_norm or a.qkv_bias or a.rotary_dim is not None:
+        raise ValueError(f"Config.attention={a} cannot be expressed in gemma: expected no qk_norm, qkv_bias, rotary_dim")
+    if cfg.norm_position == "sandwich":
+        if isinstance(a.window, int) or len({w for w in a.window or () if w is not None}) > 1:
+            raise ValueError(f"Config.attention.window={a.window} cannot be expressed in gemma2: one size, per layer")
+        return "gemma2"
+    if cfg.norm_position != "pre" or a.scale is not None or a.softcap is not None or a.window is not None or cfg.logit_softcap:
+        raise ValueError(
+            f"Config.norm_position={cfg.norm_position!r} with attention {a} and logit_softcap={cfg.logit_softcap} "
+            "cannot be expressed in gemma (pre-norm, no scale, soft-caps or windows) nor gemma2 (sandwich norms)"
+        )
+    return "gemma"
+
+
+def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
+    """The ``config.json`` contents that ``transformers`` reads back as ``cfg``'s Gemma model."""
+    family = family_for(cfg)
+    hf = {
+        "architectures": [next(a for a, f in ARCHITECTURES.items() if f == family)], "model_type": family,
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
+        "rope_parameters": _rope_parameters(cfg), "attention_dropout": 0.0, "dtype": dtype_name,
+    }
+    if family == "gemma":
+        return hf | {"hidden_act": "gelu_pytorch_tanh"}
+    a = cfg.attention
+    windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
+    scalar = cfg.head_dim if a.scale is None else a.scale**-2
+    if float(round(scalar)) ** -0.5 == (a.scale or cfg.head_dim**-0.5):
+        scalar = round(scalar)  # Gemma's own configs hold integers
+    return hf | {
+        "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": scalar,
+        "attn_logit_softcapping": a.softcap, "final_logit_softcapping": cfg.logit_softcap,
+        "sliding_window": next((w for w in windows if w is not None), None),
+        "layer_types": ["full_attention" if w is None else "sliding_attention" for w in windows],
+    }

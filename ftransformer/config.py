@@ -164,6 +164,9 @@ class Config:
     embed_scale: bool = False
     # Final-logit soft-capping: logits -> logit_softcap * tanh(logits / logit_softcap) (Gemma 2); None: off.
     logit_softcap: float | None = None
+    # Rotary base of the sliding-window layers (Gemma 3: 1e4 on its local layers, rope_base and rope_scaling on
+    # its global ones); their frequencies are never scaled. None: every layer uses rope_base and rope_scaling.
+    window_rope_base: float | None = None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -226,6 +229,13 @@ class Config:
                 raise ValueError(f"Config.{name}=True needs norm='rmsnorm', got norm={self.norm!r}")
         if self.logit_softcap is not None:
             _check_positive("Config", "logit_softcap", self.logit_softcap)
+        if self.window_rope_base is not None:
+            _check_positive("Config", "window_rope_base", self.window_rope_base)
+            if self.positional != "rope" or self.attention.window is None:
+                raise ValueError(
+                    f"Config.window_rope_base={self.window_rope_base} needs positional='rope' and sliding windows, got "
+                    f"positional={self.positional!r}, attention.window={self.attention.window}"
+                )
         if self.attention.qkv_bias and self.bias:
             raise ValueError(
                 "Config.attention.qkv_bias=True needs bias=False, got bias=True (bias=True already biases q, k and v)"

@@ -94,11 +94,22 @@ def forward(params: dict, tokens: Tokens, cfg: Config, *, key: Key | None = None
     return forward_unchecked(params, tokens, cfg, key=key)
 
 
-def block_inputs(tokens: Tokens, cfg: Config) -> tuple[Tensor, tuple, Rotary | None]:
-    """``(positions, masks, rotary)`` for a cache-less pass over ``tokens``: built once per call and shared
-    by every block (the masks, one per layer, and the rotary tables depend on positions only)."""
+def layer_rotaries(positions: Int[Tensor, "*#batch seq"], cfg: Config) -> tuple[Rotary | None, ...]:
+    """One rotary table per layer, built once per call: one for all layers, or (``cfg.window_rope_base``)
+    one for the windowed layers and one for the rest."""
+    if cfg.window_rope_base is None:
+        return (rotary_tables(positions, cfg),) * cfg.n_layers
+    built = {}
+    for windowed in dict.fromkeys(cfg.layer_window(i) is not None for i in range(cfg.n_layers)):
+        built[windowed] = rotary_tables(positions, cfg, windowed=windowed)
+    return tuple(built[cfg.layer_window(i) is not None] for i in range(cfg.n_layers))
+
+
+def block_inputs(tokens: Tokens, cfg: Config) -> tuple[Tensor, tuple, tuple]:
+    """``(positions, masks, rotaries)`` for a cache-less pass over ``tokens``: built once per call and shared
+    by the blocks (the masks and rotary tables, one per layer, depend on positions only)."""
     positions = default_positions(tokens)
-    return positions, layer_masks(cfg, lambda w: self_mask(positions, w)), rotary_tables(positions, cfg)
+    return positions, layer_masks(cfg, lambda w: self_mask(positions, w)), layer_rotaries(positions, cfg)
 
 
 def forward_unchecked(
@@ -106,11 +117,11 @@ def forward_unchecked(
 ) -> Logits:
     """``forward`` without the input checks. ``tap`` sees ``embed``, then every block's values under
     ``blocks.{i}.``, then ``final`` (``interp.forward_with_activations`` passes one)."""
-    positions, masks, rotary = block_inputs(tokens, cfg)
+    positions, masks, rotaries = block_inputs(tokens, cfg)
     keys = [None] * (cfg.n_layers + 1) if key is None else random.split(key, cfg.n_layers + 1)
     x = tap("embed", embed(params, tokens, cfg, positions=positions, key=keys[0]))
     for i, block_params in enumerate(params["blocks"]):
-        x = block(block_params, x, cfg, mask=masks[i], rotary=rotary, key=keys[i + 1], tap=tap.scope(f"blocks.{i}"))
+        x = block(block_params, x, cfg, mask=masks[i], rotary=rotaries[i], key=keys[i + 1], tap=tap.scope(f"blocks.{i}"))
     return unembed(params, x, cfg, tap=tap)
 
 
@@ -172,11 +183,11 @@ def _forward_with_cache(
     slots = query_slots(cache.lengths, seq)
     # A sliding window is a mask over the whole cache: keys older than the window stay, invisible.
     masks = layer_masks(cfg, lambda w: cache_mask(slots, cache.max_len, cache.k[0].dtype, w))
-    rotary = rotary_tables(slots, cfg)
+    rotaries = layer_rotaries(slots, cfg)
     index = write_index(slots, cfg.n_kv_heads, cfg.head_dim)
     x = embed(params, tokens, cfg, positions=slots)
     new_k, new_v = [], []
-    for block_params, k_cache, v_cache, mask in zip(params["blocks"], cache.k, cache.v, masks):
+    for block_params, k_cache, v_cache, mask, rotary in zip(params["blocks"], cache.k, cache.v, masks, rotaries):
         x, k_cache, v_cache = block_with_cache(
             block_params, x, cfg, mask=mask, rotary=rotary, k_cache=k_cache, v_cache=v_cache, write_index=index,
             write=write,

@@ -30,6 +30,10 @@ FAMILY_II_OPTIONS = {
     "gemma": dict(num_key_value_heads=2, head_dim=16),
     "gemma2": dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=12, sliding_window=5,
                    attn_logit_softcapping=5.0, final_logit_softcapping=4.0),
+    "gemma3_text": dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=12, sliding_window=5,
+                        layer_types=["sliding_attention", "full_attention"], rope_parameters={
+                            "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
     "gpt_neox": dict(use_parallel_residual=True, rope_parameters={
         "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
 }
@@ -41,14 +45,14 @@ def hf_config(family: str, **changes):
     classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
                "gpt_neox": transformers.GPTNeoXConfig, "gemma": transformers.GemmaConfig,
-               "gemma2": transformers.Gemma2Config}
+               "gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig}
     if family in FAMILY_II_OPTIONS:
         return classes[family](**{**SIZES_II, **FAMILY_II_OPTIONS[family], **changes})
     return classes[family](**{**SIZES, **FAMILY_OPTIONS[family], **changes})
 
 
 # Families whose norms scale by 1 + w: their norm weights are drawn around 0.
-UNIT_OFFSET_NORMS = ("gemma", "gemma2")
+UNIT_OFFSET_NORMS = ("gemma", "gemma2", "gemma3_text")
 
 
 def randomize_(model, seed: int = 0, *, norm_center: float = 1.0) -> None:

@@ -1,7 +1,10 @@
 """Parity with transformers for the families of issue 21 (layouts other than Llama's), every feature on.
 
 ``gpt_neox``: parallel residual, rotary on half of each head, fused per-head-interleaved q/k/v, untied
-unembedding. Every parameter re-randomized, eager attention (``hf_tiny``).
+unembedding. ``gemma``: (1 + w) norms, scaled embeddings, GeGLU, head_dim != d_model / n_heads, GQA.
+``gemma2``: also sandwich norms, attention and final soft-caps, query_pre_attn_scalar, a window (5) on one
+layer of two. ``gemma3_text``: also q/k norms and a rope per layer type (local base 1e4; global 1e6 with
+linear scaling). Every parameter re-randomized (Gemma's norm weights around 0), eager attention (``hf_tiny``).
 """
 
 import dataclasses
@@ -51,9 +54,11 @@ def test_forward_logits_equal_transformers(models, family, impl):
 FEATURES_OFF = {
     "gemma": {"norm 1 + w": dict(norm_unit_offset=False), "embedding scale": dict(embed_scale=False),
               "GeGLU": dict(activation="swiglu")},
-    "gemma2": {"sandwich norms": dict(norm_position="pre"), "attention soft-cap": "softcap=None",
-               "logit soft-cap": dict(logit_softcap=None), "query_pre_attn_scalar": "scale=None",
-               "windows": "window=None"},
+    "gemma2": {"sandwich norms": dict(norm_position="pre"), "attention soft-cap": {"attention": {"softcap": None}},
+               "logit soft-cap": dict(logit_softcap=None), "query_pre_attn_scalar": {"attention": {"scale": None}},
+               "windows": {"attention": {"window": None}}},
+    "gemma3_text": {"q/k norm": {"attention": {"qk_norm": False}}, "local rope base": dict(window_rope_base=None),
+                    "linear rope scaling (global layers)": dict(rope_scaling=None)},
     "gpt_neox": {"partial rotary": dict(attention=Attention()), "parallel residual": dict(residual="sequential")},
 }
 
@@ -65,8 +70,8 @@ def test_each_feature_changes_the_logits(models, family):
     x = tokens(2, SEQ)
     base = ft.forward(params, x, cfg)
     for feature, off in FEATURES_OFF[family].items():
-        if isinstance(off, str):  # an Attention field: "name=None"
-            off = dict(attention=dataclasses.replace(cfg.attention, **{off.split("=")[0]: None}))
+        if isinstance(off.get("attention"), dict):  # Attention fields to change
+            off = dict(attention=dataclasses.replace(cfg.attention, **off["attention"]))
         assert (ft.forward(params, x, cfg.replace(**off)) - base).abs().max() > 1e-3, feature
 
 
@@ -191,7 +196,7 @@ def test_gemma_configs_become_features(models):
     assert set(ft.init_params(g2)["blocks"][0]) == {"ln1", "attn", "ln1_post", "ln2", "mlp", "ln2_post"}
 
 
-@pytest.mark.parametrize("family", ["gemma", "gemma2"])
+@pytest.mark.parametrize("family", ["gemma", "gemma2", "gemma3_text"])
 def test_gemma_bfloat16_embedding_and_norms_round_as_transformers(models, family, tmp_path):
     """sqrt(d_model) rounded to bfloat16 before the multiply, and the (1 + w) norm in float32 then cast: the
     bfloat16 embedding and first norm are the very bits transformers computes."""
@@ -208,6 +213,28 @@ def test_gemma_bfloat16_embedding_and_norms_round_as_transformers(models, family
         assert torch.equal(ours, theirs)
         assert torch.equal(norm(params16["blocks"][0]["ln1"], ours, cfg16), model16.model.layers[0].input_layernorm(theirs))
     assert not torch.equal(ours, params16["embed"]["tokens"][x] * cfg.d_model**0.5)  # the rounding shows
+
+
+def test_gemma3_config_becomes_features(models, tmp_path):
+    cfg = models["gemma3_text"][1]
+    assert (cfg.attention.qk_norm, cfg.window_rope_base, cfg.rope_base, cfg.rope_scaling.kind, cfg.rope_scaling.factor) == (
+        True, 1e4, 1e6, "linear", 8.0)
+    assert (cfg.attention.window, cfg.norm_position, cfg.attention.scale) == ((5, None), "sandwich", 12**-0.5)
+    # transformers 4's spelling: rope_theta, rope_local_base_freq and rope_scaling beside each other
+    hf = json.loads((models["gemma3_text"][3] / "config.json").read_text())
+    del hf["rope_parameters"]
+    hf.update(rope_theta=5e5, rope_local_base_freq=2e3, rope_scaling={"rope_type": "linear", "factor": 4.0})
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    old = config_from_hf_dir(tmp_path)
+    assert (old.rope_base, old.window_rope_base, old.rope_scaling.factor) == (5e5, 2e3, 4.0)
+
+
+def test_gemma3_multimodal_checkpoints_are_refused_by_name(models, tmp_path):
+    hf = {**json.loads((models["gemma3_text"][3] / "config.json").read_text()),
+          "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match="model_type='gemma3'.*supported model_type: .*gemma3_text"):
+        config_from_hf_dir(tmp_path)
 
 
 def test_gemma2_softcaps_and_windows_show_in_the_activations(models):
@@ -230,6 +257,9 @@ def test_gemma2_softcaps_and_windows_show_in_the_activations(models):
     ("gemma", dict(attention_bias=True), "attention_bias=True; supported: False"),
     ("gemma2", dict(layer_types=["sliding_attention"]), "layer_types=\\['sliding_attention'\\]; expected 2 of"),
     ("gemma2", dict(use_bidirectional_attention=True), "use_bidirectional_attention=True"),
+    ("gemma3_text", dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                          "sliding_attention": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}),
+     "scales the sliding layers' rope"),
 ])
 def test_gemma_refuses_what_it_cannot_express(models, tmp_path, family, change, message):
     hf = {**json.loads((models[family][3] / "config.json").read_text()), **change}

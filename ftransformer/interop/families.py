@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from ftransformer.config import Attention, Config, RopeScaling
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
-FAMILIES = ("gpt2", *LLAMA_LIKE, "gpt_neox", "gemma", "gemma2")
+FAMILIES = ("gpt2", *LLAMA_LIKE, "gpt_neox", "gemma", "gemma2", "gemma3_text")
 ARCHITECTURES = {
-    "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2",
+    "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
     "GPTNeoXForCausalLM": "gpt_neox",
     "GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",

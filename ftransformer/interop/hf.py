@@ -65,7 +65,7 @@ def config_from_hf_dir(directory: str | os.PathLike) -> Config:
 
 def _reader(family: str):
     """The module that reads and writes ``family``'s configs and tensor names."""
-    return {"gpt_neox": neox, "gemma": gemma, "gemma2": gemma}.get(family, families)
+    return neox if family == "gpt_neox" else gemma if family in gemma.GEMMAS else families
 
 
 def load_hf(

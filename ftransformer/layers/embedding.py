@@ -69,10 +69,15 @@ def rotary_angles(
     return Rotary(angles.cos(), angles.sin())
 
 
-def rotary_tables(positions: Int[Tensor, "*#batch seq"], cfg) -> Rotary | None:
-    """The tables ``cfg``'s attention layers rotate queries and keys by; None unless ``cfg.positional`` is "rope"."""
+def rotary_tables(positions: Int[Tensor, "*#batch seq"], cfg, *, windowed: bool = False) -> Rotary | None:
+    """The tables ``cfg``'s attention layers rotate queries and keys by; None unless ``cfg.positional`` is "rope".
+
+    ``windowed``: the tables of the sliding-window layers, with ``cfg.window_rope_base`` (unscaled) when set.
+    """
     if cfg.positional != "rope":
         return None
+    if windowed and cfg.window_rope_base is not None:
+        return rotary_angles(positions, cfg.rotary_dim, base=cfg.window_rope_base)
     return rotary_angles(positions, cfg.rotary_dim, base=cfg.rope_base, scaling=cfg.rope_scaling)
 
 

@@ -12,6 +12,7 @@ ATTN_IMPLS = ("sdpa", "einsum")
 ROPE_SCALINGS = ("linear", "llama3")
 # How a block adds its sublayers to the residual stream (see Config.residual).
 RESIDUALS = ("sequential", "parallel", "parallel_shared_norm")
+QK_NORM_OVER = ("head", "projection")
 # Rope scalings of Hugging Face configs that are not implemented yet (named in the error, never approximated).
 ROPE_SCALINGS_LATER = ("dynamic", "yarn", "longrope")
 
@@ -47,6 +48,9 @@ class Attention:
     head_dim: int | None = None  # width of each head; None -> d_model // n_heads (Qwen3, Mistral-Nemo set it)
     qkv_bias: bool = False  # biases on the q/k/v projection only, none on w_o (Qwen2); Config.bias biases all
     qk_norm: bool = False  # an RMSNorm (learned [head_dim] scale, norm_eps) on each head's q and k, before rotary (Qwen3)
+    # What qk_norm normalises over: "head" (each head's head_dim: Qwen3, Gemma 3) or "projection" (the whole q and
+    # k projections, n_heads * head_dim and n_kv_heads * head_dim wide, before they split into heads: OLMo-2).
+    qk_norm_over: str = "head"
     # Sliding window: a query sees its own key and the window - 1 keys before it (Mistral). One int for every
     # layer, or a tuple with one entry per layer (None: that layer sees the whole causal prefix); None: no window.
     window: int | tuple[int | None, ...] | None = None
@@ -67,6 +71,8 @@ class Attention:
         _check_int("Attention", "rotary_dim", self.rotary_dim, allow_none=True)
         _check_bool("Attention", "qkv_bias", self.qkv_bias)
         _check_bool("Attention", "qk_norm", self.qk_norm)
+        if self.qk_norm_over not in QK_NORM_OVER:
+            raise ValueError(f"Attention.qk_norm_over={self.qk_norm_over!r} is not one of {', '.join(map(repr, QK_NORM_OVER))}")
         windows = self.window if isinstance(self.window, tuple) else (self.window,)
         for i, w in enumerate(windows):
             where = f"window[{i}]" if isinstance(self.window, tuple) else "window"

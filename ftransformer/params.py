@@ -62,8 +62,9 @@ def _block_params(cfg: Config, gen: torch.Generator) -> dict:
     if cfg.bias:
         attn["b_o"] = torch.zeros(cfg.d_model)
     if cfg.attention.qk_norm:
-        attn["q_norm"] = _norm_params(cfg, cfg.head_dim)
-        attn["k_norm"] = _norm_params(cfg, cfg.head_dim)
+        whole = cfg.attention.qk_norm_over == "projection"  # one norm over all heads' channels (OLMo-2)
+        attn["q_norm"] = _norm_params(cfg, cfg.head_dim * (cfg.n_heads if whole else 1))
+        attn["k_norm"] = _norm_params(cfg, cfg.head_dim * (cfg.n_kv_heads if whole else 1))
     mlp = {}
     names = ("w_gate", "w_in") if cfg.activation in GATED_ACTIVATIONS else ("w_in",)
     for name in names:
@@ -126,6 +127,8 @@ def param_breakdown(cfg: Config) -> dict:
     attn_w = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d
     attn_b = (cfg.n_heads + 2 * cfg.n_kv_heads) * hd * (cfg.bias or cfg.attention.qkv_bias) + d * cfg.bias
     qk_norms = 2 * hd if cfg.attention.qk_norm else 0
+    if cfg.attention.qk_norm and cfg.attention.qk_norm_over == "projection":
+        qk_norms = (cfg.n_heads + cfg.n_kv_heads) * hd
     ff_w = (n_ff_in + 1) * d * cfg.d_ff if cfg.mlp else 0
     ff_b = (n_ff_in * cfg.d_ff + d) if cfg.bias and cfg.mlp else 0
     norms_per_block = (2 if cfg.mlp and cfg.residual != "parallel_shared_norm" else 1) + (

@@ -27,6 +27,7 @@ FAMILY_OPTIONS = {
 SIZES_II = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=44, num_hidden_layers=2, num_attention_heads=4,
                 max_position_embeddings=64)
 FAMILY_II_OPTIONS = {
+    "olmo2": dict(num_key_value_heads=2),
     "gemma": dict(num_key_value_heads=2, head_dim=16),
     "gemma2": dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=12, sliding_window=5,
                    attn_logit_softcapping=5.0, final_logit_softcapping=4.0),
@@ -45,7 +46,7 @@ def hf_config(family: str, **changes):
     classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
                "gpt_neox": transformers.GPTNeoXConfig, "gemma": transformers.GemmaConfig,
-               "gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig}
+               "gemma2": transformers.Gemma2Config, "olmo2": transformers.Olmo2Config, "gemma3_text": transformers.Gemma3TextConfig}
     if family in FAMILY_II_OPTIONS:
         return classes[family](**{**SIZES_II, **FAMILY_II_OPTIONS[family], **changes})
     return classes[family](**{**SIZES, **FAMILY_OPTIONS[family], **changes})

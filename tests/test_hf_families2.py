@@ -57,6 +57,8 @@ FEATURES_OFF = {
     "gemma2": {"sandwich norms": dict(norm_position="pre"), "attention soft-cap": {"attention": {"softcap": None}},
                "logit soft-cap": dict(logit_softcap=None), "query_pre_attn_scalar": {"attention": {"scale": None}},
                "windows": {"attention": {"window": None}}},
+    "olmo2": {"norms after the sublayers": dict(norm_position="pre"),
+              "q/k norm over the projection": {"attention": {"qk_norm": False}}},
     "gemma3_text": {"q/k norm": {"attention": {"qk_norm": False}}, "local rope base": dict(window_rope_base=None),
                     "linear rope scaling (global layers)": dict(rope_scaling=None)},
     "gpt_neox": {"partial rotary": dict(attention=Attention()), "parallel residual": dict(residual="sequential")},
@@ -287,3 +289,21 @@ def test_compiled_decoding_keeps_softcaps_windows_and_sandwich_norms(models, com
     prompt = tokens(2, 4, seed=1)
     eager = ft.generate(params, prompt, cfg, max_new_tokens=SEQ, temperature=0.0)
     assert torch.equal(ft.generate(params, prompt, cfg, max_new_tokens=SEQ, temperature=0.0, compile=compile), eager)
+
+
+def test_olmo2_config_becomes_features(models):
+    cfg, params = models["olmo2"][1], models["olmo2"][2]
+    a = cfg.attention
+    assert (cfg.norm_position, a.qk_norm, a.qk_norm_over, cfg.norm_upcast) == ("output", True, "projection", True)
+    attn = params["blocks"][0]["attn"]
+    assert attn["q_norm"]["scale"].shape == (cfg.n_heads * cfg.head_dim,)
+    assert attn["k_norm"]["scale"].shape == (cfg.n_kv_heads * cfg.head_dim,)
+    assert ft.count_params(params) == param_breakdown(cfg)["total"]
+
+
+def test_olmo2_refusals(models, tmp_path):
+    _, cfg, params, _ = models["olmo2"]
+    with pytest.raises(ValueError, match="Config.attention=.*cannot be expressed in olmo2"):
+        save_hf(params, cfg.replace(attention=dataclasses.replace(cfg.attention, window=4)), tmp_path)
+    with pytest.raises(ValueError, match="Attention.qk_norm_over='heads' is not one of 'head', 'projection'"):
+        Attention(qk_norm=True, qk_norm_over="heads")

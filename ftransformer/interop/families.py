@@ -11,24 +11,27 @@ family        features it adds (``config.json`` key -> ``Config`` choice)
 ``mistral``   ``sliding_window`` -> ``Attention(window=...)`` on every layer
 ``qwen2``     q/k/v biases -> ``Attention(qkv_bias=True)``; ``layer_types`` -> per-layer windows
 ``qwen3``     ``q_norm`` / ``k_norm`` -> ``Attention(qk_norm=True)``; ``head_dim`` -> ``Attention(head_dim=...)``
+``olmo2``     norms after the sublayers, ``x + norm(f(x))`` -> ``norm_position="output"``; ``q_norm`` /
+              ``k_norm`` over the whole projections -> ``Attention(qk_norm=True, qk_norm_over="projection")``
 ============  =========================================================================================
 
 Every family: ``head_dim``, ``rope_theta`` -> ``rope_base``, RMSNorm in Hugging Face's cast order
 (``norm_upcast=True``). Anything else a ``config.json`` asks for is refused by name, never approximated.
 """
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ftransformer.config import Attention, Config, RopeScaling
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
 FAMILIES = ("gpt2", *LLAMA_LIKE, "gpt_neox", "gemma", "gemma2", "gemma3_text")
 ARCHITECTURES = {
     "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
     "GPTNeoXForCausalLM": "gpt_neox",
     "GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+    "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Olmo2ForCausalLM": "olmo2",
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -71,13 +74,14 @@ def config_from_hf(hf: Mapping) -> Config:
         vocab_size=hf["vocab_size"], d_model=d_model, n_heads=n_heads, n_layers=hf["num_hidden_layers"],
         d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, dropout=0.0, bias=_all_biases(hf, family),
-        norm="rmsnorm", norm_position="pre", positional="rope", activation="swiglu",
+        norm="rmsnorm", norm_position="output" if family == "olmo2" else "pre", positional="rope", activation="swiglu",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=float(hf.get("initializer_range", 0.02)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_base=rope_base, rope_scaling=rope_scaling,
         norm_upcast=True,
         attention=Attention(
             head_dim=None if head_dim in (None, d_model // n_heads) and d_model % n_heads == 0 else head_dim,
-            qkv_bias=family == "qwen2", qk_norm=family == "qwen3", window=_windows(hf, family),
+            qkv_bias=family == "qwen2", qk_norm=family in ("qwen3", "olmo2"), window=_windows(hf, family),
+            qk_norm_over="projection" if family == "olmo2" else "head",
         ),
     )
 
@@ -133,7 +137,7 @@ def _rope(hf: Mapping, family: str) -> tuple[float, RopeScaling | None]:
 
 def _windows(hf: Mapping, family: str) -> int | tuple[int | None, ...] | None:
     """The sliding window(s): Mistral's one for all layers, or Qwen's per ``layer_types``."""
-    if family in ("llama",):
+    if family in ("llama", "olmo2"):
         return None
     window = hf.get("sliding_window")
     if family == "mistral":
@@ -159,8 +163,11 @@ def _windows(hf: Mapping, family: str) -> int | tuple[int | None, ...] | None:
 
 def family_for(cfg: Config) -> str:
     """The Llama-like family that can express ``cfg`` (its features decide), or a ``ValueError`` naming why none can."""
-    needs = dict(positional="rope", norm="rmsnorm", norm_position="pre", activation="swiglu", mlp=True,
+    needs = dict(positional="rope", norm="rmsnorm", activation="swiglu", mlp=True,
                  residual="sequential", embed_scale=False, logit_softcap=None)
+    if cfg.norm_position == "output" or cfg.attention.qk_norm_over == "projection":
+        return _olmo2(cfg, needs)
+    needs["norm_position"] = "pre"
     for field, expected in needs.items():
         if getattr(cfg, field) != expected:
             raise ValueError(
@@ -192,6 +199,20 @@ def family_for(cfg: Config) -> str:
     return family
 
 
+def _olmo2(cfg: Config, needs: dict) -> str:
+    """``olmo2`` when ``cfg`` is OLMo-2's layout (norms after the sublayers, q/k norms over whole projections)."""
+    a = cfg.attention
+    needs = needs | dict(norm_position="output", bias=False, head_dim=cfg.d_model // cfg.n_heads, attention=dataclasses.replace(
+        a, qk_norm=True, qk_norm_over="projection", qkv_bias=False, window=None, scale=None, softcap=None, rotary_dim=None))
+    for field, expected in needs.items():
+        if getattr(cfg, field) != expected:
+            raise ValueError(
+                f"Config.{field}={getattr(cfg, field)!r} cannot be expressed in olmo2 (norm_position='output' or "
+                f"qk_norm_over='projection'): expected {expected!r}"
+            )
+    return "olmo2"
+
+
 def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
     """The ``config.json`` contents that ``transformers`` reads back as ``cfg``'s model."""
     family = family_for(cfg)
@@ -205,7 +226,7 @@ def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
     }
     if family == "llama":
         hf.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
-    if family == "qwen3":
+    if family in ("qwen3", "olmo2"):
         hf["attention_bias"] = False
     windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
     if family == "mistral":
@@ -280,7 +301,9 @@ def tensor_slots(cfg: Config) -> list[Slot]:
         if cfg.bias:
             slots.append(Slot(h + "self_attn.o_proj.bias", b + "attn.b_o", (d,)))
         if cfg.attention.qk_norm:
-            slots += [Slot(h + f"self_attn.{n}_norm.weight", b + f"attn.{n}_norm.scale", (hd,)) for n in "qk"]
+            whole = cfg.attention.qk_norm_over == "projection"
+            slots += [Slot(h + f"self_attn.{n}_norm.weight", b + f"attn.{n}_norm.scale", (width if whole else hd,))
+                      for n, width in (("q", q), ("k", kv))]
         slots += [Slot(h + f"{name}.weight", b + f"{ours}.scale", (d,)) for name, ours in NORMS_AFTER_ATTN[cfg.norm_position]]
         for hf_name, ft_name, shape in (("gate", "gate", (ff, d)), ("up", "in", (ff, d)), ("down", "out", (d, ff))):
             slots.append(Slot(h + f"mlp.{hf_name}_proj.weight", b + f"mlp.w_{ft_name}", shape, True))

@@ -121,12 +121,17 @@ def project_qkv(params: dict, x: Residual, cfg, rotary: Rotary | None = None) ->
     """Queries, keys and values from one fused projection ``w_qkv``; with ``cfg.attention.qk_norm`` q and k
     RMS-normalised per head; ``rotary`` applied to q and k (RoPE)."""
     qkv = linear(x, params["w_qkv"], params.get("b_qkv"))
+    whole = cfg.attention.qk_norm and cfg.attention.qk_norm_over == "projection"
+    if whole:  # OLMo-2: q and k each normalised over all their heads' channels at once
+        widths = [n * cfg.head_dim for n in (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)]
+        q, k, v = qkv.split(widths, dim=-1)
+        qkv = torch.cat([norm(params["q_norm"], q, cfg), norm(params["k_norm"], k, cfg), v], dim=-1)
     # w_qkv's columns are n_heads query heads, then n_kv_heads key heads, then n_kv_heads value heads:
     # one rearrange into heads and a split along them gives the same views as three rearranges, in
     # half the time (per-call overhead is what bounds one-token decoding).
     qkv = rearrange(qkv, "... seq (heads head_dim) -> ... heads seq head_dim", head_dim=cfg.head_dim)
     q, k, v = qkv.split([cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads], dim=-3)
-    if cfg.attention.qk_norm:
+    if cfg.attention.qk_norm and not whole:
         # Qwen3: every head's query and key RMS-normalised over head_dim, before the rotation.
         q = norm(params["q_norm"], q, cfg)
         k = norm(params["k_norm"], k, cfg)

@@ -28,6 +28,8 @@ SIZES_II = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=44, num_hidd
                 max_position_embeddings=64)
 FAMILY_II_OPTIONS = {
     "olmo2": dict(num_key_value_heads=2),
+    "phi3": dict(num_key_value_heads=2, sliding_window=5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
     "gemma": dict(num_key_value_heads=2, head_dim=16),
     "gemma2": dict(num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=12, sliding_window=5,
                    attn_logit_softcapping=5.0, final_logit_softcapping=4.0),
@@ -46,7 +48,8 @@ def hf_config(family: str, **changes):
     classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
                "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
                "gpt_neox": transformers.GPTNeoXConfig, "gemma": transformers.GemmaConfig,
-               "gemma2": transformers.Gemma2Config, "olmo2": transformers.Olmo2Config, "gemma3_text": transformers.Gemma3TextConfig}
+               "gemma2": transformers.Gemma2Config, "olmo2": transformers.Olmo2Config,
+               "phi3": transformers.Phi3Config, "gemma3_text": transformers.Gemma3TextConfig}
     if family in FAMILY_II_OPTIONS:
         return classes[family](**{**SIZES_II, **FAMILY_II_OPTIONS[family], **changes})
     return classes[family](**{**SIZES, **FAMILY_OPTIONS[family], **changes})

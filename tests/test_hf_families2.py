@@ -57,6 +57,7 @@ FEATURES_OFF = {
     "gemma2": {"sandwich norms": dict(norm_position="pre"), "attention soft-cap": {"attention": {"softcap": None}},
                "logit soft-cap": dict(logit_softcap=None), "query_pre_attn_scalar": {"attention": {"scale": None}},
                "windows": {"attention": {"window": None}}},
+    "phi3": {"partial rotary": {"attention": {"rotary_dim": None}}, "window": {"attention": {"window": None}}},
     "olmo2": {"norms after the sublayers": dict(norm_position="pre"),
               "q/k norm over the projection": {"attention": {"qk_norm": False}}},
     "gemma3_text": {"q/k norm": {"attention": {"qk_norm": False}}, "local rope base": dict(window_rope_base=None),
@@ -307,3 +308,35 @@ def test_olmo2_refusals(models, tmp_path):
         save_hf(params, cfg.replace(attention=dataclasses.replace(cfg.attention, window=4)), tmp_path)
     with pytest.raises(ValueError, match="Attention.qk_norm_over='heads' is not one of 'head', 'projection'"):
         Attention(qk_norm=True, qk_norm_over="heads")
+
+
+def test_phi3_config_becomes_features_and_fused_tensors_split(models):
+    model, cfg, params, _ = models["phi3"]
+    assert (cfg.rotary_dim, cfg.attention.window, cfg.activation, cfg.norm_upcast) == (4, 5, "swiglu", True)
+    sd, b = model.state_dict(), params["blocks"][1]
+    assert torch.equal(b["attn"]["w_qkv"], sd["model.layers.1.self_attn.qkv_proj.weight"].T)
+    gate, up = sd["model.layers.1.mlp.gate_up_proj.weight"].chunk(2)
+    assert torch.equal(b["mlp"]["w_gate"], gate.T) and torch.equal(b["mlp"]["w_in"], up.T)
+
+
+@pytest.mark.parametrize(("rope", "message"), [
+    ({"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 2, "long_factor": [2.0] * 2,
+      "original_max_position_embeddings": 32}, "rope type 'longrope', which is not implemented yet"),
+    ({"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.4},
+     r"phi3 config.json rotates int\(head_dim=8 \* 0.4\) = 3 channels"),
+])
+def test_phi3_refuses_longrope_by_name(models, tmp_path, rope, message):
+    hf = {**json.loads((models["phi3"][3] / "config.json").read_text()), "rope_parameters": rope}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match=message):
+        config_from_hf_dir(tmp_path)
+
+
+def test_partial_rotary_is_refused_where_the_family_has_none(models, tmp_path):
+    hf = {**json.loads((models["olmo2"][3] / "config.json").read_text()), "partial_rotary_factor": 0.5}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match="olmo2 config.json has partial_rotary_factor=0.5; supported: 1.0"):
+        config_from_hf_dir(tmp_path)
+    _, cfg, params, _ = models["phi3"]
+    with pytest.raises(ValueError, match="rotary_dim=4 needs phi3, which cannot express bias=True"):
+        save_hf(params, cfg.replace(bias=True), tmp_path / "out")

@@ -86,7 +86,7 @@ def load_hf(
     if family == "gpt2":
         return hf_gpt2.load_hf_gpt2(directory, dtype=dtype, device=device)
     cfg = _reader(family).config_from_hf(hf)
-    slots = (neox if family == "gpt_neox" else families).tensor_slots(cfg)
+    slots = neox.tensor_slots(cfg) if family == "gpt_neox" else families.tensor_slots(cfg, family)
     stored = _checked(list_tensors(directory), slots, cfg)
     flat = _allocate(cfg, slots, stored, dtype, torch.device(device))
     for slot in slots:
@@ -138,7 +138,7 @@ def _fill(leaf: Tensor, entry: StoredTensor, slot: Slot) -> None:
     """Read one stored tensor into its place in ``leaf``: straight into its memory when the layout,
     dtype and device already agree, else a block of rows at a time through a small temporary (so a
     transposed or cast vocabulary-sized table never needs a second full-size buffer)."""
-    direct = slot.cols is None and not slot.transpose and slot.heads is None
+    direct = slot.cols is None and not slot.transpose and slot.heads is None and slot.rows is None
     if direct and leaf.dtype == entry.dtype and leaf.device.type == "cpu":
         read_tensor(entry, leaf)
         return
@@ -148,12 +148,12 @@ def _fill(leaf: Tensor, entry: StoredTensor, slot: Slot) -> None:
     if slot.heads is not None:  # a fused q/k/v projection (d_model rows at most): read whole, un-interleave
         target.copy_(_interleaved(read_tensor(entry), slot.heads, inverse=True))
         return
-    rows = entry.shape[0]
+    first, rows = slot.rows or (0, entry.shape[0])  # the stored rows this slot holds
     row_bytes = max(1, target[:1].numel() * entry.dtype.itemsize)
     step = max(1, _CHUNK_BYTES // row_bytes)
-    for start in range(0, rows, step):
+    for start in range(first, rows, step):
         stop = min(start + step, rows)
-        target[start:stop].copy_(read_rows(entry, start, stop))
+        target[start - first:stop - first].copy_(read_rows(entry, start, stop))
 
 
 # ---------------------------------------------------------------- save
@@ -183,8 +183,8 @@ def save_hf(
             del tensors["lm_head.weight"]  # safetensors refuses two names for one tensor; HF re-ties it
     else:
         writer = gemma if gemma.expresses(cfg) else families
-        writer.family_for(cfg)  # a config no family expresses is refused before the params are looked at
-        tensors = _hf_tensors(tree.flatten_with_paths(params), _template(cfg), families.tensor_slots(cfg))
+        family = writer.family_for(cfg)  # a config no family expresses is refused before the params are looked at
+        tensors = _hf_tensors(tree.flatten_with_paths(params), _template(cfg), families.tensor_slots(cfg, family))
         hf = writer.config_to_hf(cfg, dtype_name=str(tensors["model.embed_tokens.weight"][1]).removeprefix("torch."))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -202,8 +202,14 @@ def _hf_tensors(flat: dict[str, Tensor], template: dict[str, Tensor], slots: lis
     for path, leaf in template.items():
         if flat[path].shape != leaf.shape:
             raise ValueError(f"params {path!r} has shape {tuple(flat[path].shape)} but the config expects {tuple(leaf.shape)}")
+    parts: dict[str, list[Slot]] = {}
+    for s in slots:
+        parts.setdefault(s.hf_key, []).append(s)  # several slots of one key: its row blocks, in order
     return {
-        s.hf_key: (s.hf_shape, flat[s.path].dtype, lambda leaf=flat[s.path], s=s: _cut(leaf, s)) for s in slots
+        key: (group[0].hf_shape, flat[group[0].path].dtype,
+              lambda group=group: torch.cat([_cut(flat[s.path], s) for s in group]) if len(group) > 1
+              else _cut(flat[group[0].path], group[0]))
+        for key, group in parts.items()
     }
 
 

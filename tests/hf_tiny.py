@@ -42,6 +42,31 @@ FAMILY_II_OPTIONS = {
 }
 
 
+def tokens(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
+    """Random token ids below ``VOCAB``, the same for the same seed."""
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(model, x: torch.Tensor) -> torch.Tensor:
+    """A transformers model's logits for ``x``, without gradients."""
+    with torch.no_grad():
+        return model(x).logits
+
+
+def assert_chunked_cache_equals_forward(params: dict, cfg, x: torch.Tensor) -> None:
+    """``forward_with_cache`` over ``x`` in four uneven chunks (a cache two slots longer than used: those
+    are masked) gives ``forward``'s logits."""
+    import ftransformer as ft
+
+    seq = x.shape[-1]
+    cache = ft.init_cache(cfg, batch_size=x.shape[0], max_len=seq + 2)
+    chunks = []
+    for start, stop in ((0, 3), (3, 9), (9, 10), (10, seq)):
+        logits, cache = ft.forward_with_cache(params, x[:, start:stop], cache, cfg)
+        chunks.append(logits)
+    torch.testing.assert_close(torch.cat(chunks, dim=1), ft.forward(params, x, cfg), rtol=1e-5, atol=1e-5)
+
+
 def hf_config(family: str, **changes):
     import transformers
 

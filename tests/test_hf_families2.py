@@ -18,7 +18,7 @@ import ftransformer as ft
 from ftransformer.config import Attention
 from ftransformer.params import param_breakdown
 from ftransformer.interop.hf import config_from_hf_dir, load_hf, save_hf
-from hf_tiny import FAMILY_II_OPTIONS, VOCAB, build
+from hf_tiny import FAMILY_II_OPTIONS, assert_chunked_cache_equals_forward, build, hf_logits, tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -31,15 +31,6 @@ def models(tmp_path_factory):
     """family -> (transformers model, cfg, params, directory) for each family's tiny random model."""
     root = tmp_path_factory.mktemp("families2")
     return {f: (build(f, root / f, seed=1), *load_hf(root / f), root / f) for f in FAMILIES}
-
-
-def tokens(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def hf_logits(model, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x).logits
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "einsum"])
@@ -108,12 +99,7 @@ def test_greedy_generate_equals_transformers(models, family):
 def test_forward_with_cache_in_chunks_equals_forward(models, family):
     _, cfg, params, _ = models[family]
     x = tokens(2, SEQ, seed=2)
-    cache = ft.init_cache(cfg, batch_size=2, max_len=SEQ + 2)
-    chunks = []
-    for start, stop in ((0, 3), (3, 9), (9, 10), (10, SEQ)):
-        logits, cache = ft.forward_with_cache(params, x[:, start:stop], cache, cfg)
-        chunks.append(logits)
-    torch.testing.assert_close(torch.cat(chunks, dim=1), ft.forward(params, x, cfg), rtol=1e-5, atol=1e-5)
+    assert_chunked_cache_equals_forward(params, cfg, x)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -241,17 +241,22 @@ def _olmo2(cfg: Config, needs: dict) -> str:
     return "olmo2"
 
 
-def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
-    """The ``config.json`` contents that ``transformers`` reads back as ``cfg``'s model."""
-    family = family_for(cfg)
-    hf = {
+def common_hf(cfg: Config, family: str, dtype_name: str) -> dict:
+    """The ``config.json`` keys every family with Llama's tensor names spells the same way."""
+    return {
         "architectures": [next(a for a, f in ARCHITECTURES.items() if f == family)], "model_type": family,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
-        "initializer_range": cfg.init_std, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
         "rope_parameters": _rope_parameters(cfg), "attention_dropout": 0.0, "dtype": dtype_name,
     }
+
+
+def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
+    """The ``config.json`` contents that ``transformers`` reads back as ``cfg``'s model."""
+    family = family_for(cfg)
+    hf = common_hf(cfg, family, dtype_name) | {"hidden_act": "silu"}
     if family == "llama":
         hf.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
     if family in ("qwen3", "olmo2"):

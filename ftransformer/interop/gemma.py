@@ -24,7 +24,7 @@ model's tensors under ``language_model``) are not read; their text-only ``gemma3
 from collections.abc import Mapping
 
 from ftransformer.config import Attention, Config
-from ftransformer.interop.families import ARCHITECTURES, _rope, _rope_parameters, family_of
+from ftransformer.interop.families import _rope, common_hf, family_of
 
 GEMMAS = ("gemma", "gemma2", "gemma3_text")
 # Gemma 1's released configs say "gelu" and mean the tanh approximation (transformers rewrites it so).
@@ -131,14 +131,7 @@ def family_for(cfg: Config) -> str:
 def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
     """The ``config.json`` contents that ``transformers`` reads back as ``cfg``'s Gemma model."""
     family = family_for(cfg)
-    hf = {
-        "architectures": [next(a for a, f in ARCHITECTURES.items() if f == family)], "model_type": family,
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
-        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
-        "rope_parameters": _rope_parameters(cfg), "attention_dropout": 0.0, "dtype": dtype_name,
-    }
+    hf = common_hf(cfg, family, dtype_name) | {"attention_bias": False}
     if family == "gemma":
         return hf | {"hidden_act": "gelu_pytorch_tanh"}
     a = cfg.attention

@@ -160,6 +160,11 @@ class Config:
     # RMSNorm in Hugging Face's cast order: normalise in float32, cast back, then scale (Llama, Mistral, Qwen).
     # Same numbers in float32; below it, the order decides the rounding.
     norm_upcast: bool = False
+    # With norm_upcast: multiply by the scale in float32 too, then cast (OLMo-2); False: cast, then scale (Llama).
+    norm_scale_in_float32: bool = False
+    # Rotate q and k in float32 and cast back (OLMo-2); False: the cos/sin tables are cast to q's dtype first
+    # (Llama). The same numbers in float32.
+    rope_in_float32: bool = False
     # "sequential": attention, then the MLP on the result (GPT-2, Llama). "parallel": both read the same
     # block input, x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX / Pythia). "parallel_shared_norm": one norm
     # for both, x + attn(ln1(x)) + mlp(ln1(x)), and no ln2 (GPT-J, Phi-2). Parallel needs pre-LN and an MLP.
@@ -206,7 +211,8 @@ class Config:
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"Config.{name}={value!r} is not one of {', '.join(map(repr, choices))}")
-        for name in ("bias", "tie_embeddings", "mlp", "norm_upcast", "norm_unit_offset", "embed_scale"):
+        for name in ("bias", "tie_embeddings", "mlp", "norm_upcast", "norm_unit_offset", "embed_scale", "norm_scale_in_float32",
+                     "rope_in_float32"):
             _check_bool("Config", name, getattr(self, name))
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"Config.dropout={self.dropout!r} must be a float in [0, 1)")
@@ -233,6 +239,8 @@ class Config:
         for name in ("norm_upcast", "norm_unit_offset"):
             if getattr(self, name) and self.norm != "rmsnorm":
                 raise ValueError(f"Config.{name}=True needs norm='rmsnorm', got norm={self.norm!r}")
+        if self.norm_scale_in_float32 and not self.norm_upcast:
+            raise ValueError("Config.norm_scale_in_float32=True needs norm_upcast=True, got norm_upcast=False")
         if self.logit_softcap is not None:
             _check_positive("Config", "logit_softcap", self.logit_softcap)
         if self.window_rope_base is not None:

@@ -67,6 +67,25 @@ def assert_chunked_cache_equals_forward(params: dict, cfg, x: torch.Tensor) -> N
     torch.testing.assert_close(torch.cat(chunks, dim=1), ft.forward(params, x, cfg), rtol=1e-5, atol=1e-5)
 
 
+def assert_bfloat16_within_rounding(model, directory, x: torch.Tensor) -> None:
+    """``load_hf(directory, dtype=bfloat16)``'s logits and transformers' bfloat16 model's differ by less
+    than bfloat16 rounding moves either of them from ``model``'s float32 logits."""
+    import ftransformer as ft
+    from ftransformer.interop.hf import load_hf
+    from transformers import AutoModelForCausalLM
+
+    model16 = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", dtype=torch.bfloat16).eval()
+    cfg16, params16 = load_hf(directory, dtype=torch.bfloat16)
+    exact = hf_logits(model, x)
+    theirs = hf_logits(model16, x).float()
+    ours = ft.forward(params16, x, cfg16)
+    assert ours.dtype == torch.bfloat16
+    rounding = (theirs - exact).abs().max()
+    assert rounding > 0  # bf16 did round
+    assert (ours.float() - theirs).abs().max() <= 2 * rounding
+    assert (ours.float() - exact).abs().max() <= 2 * rounding
+
+
 def hf_config(family: str, **changes):
     import transformers
 

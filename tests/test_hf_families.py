@@ -11,7 +11,7 @@ import torch
 
 import ftransformer as ft
 from ftransformer.interop.hf import load_hf, save_hf
-from hf_tiny import FAMILY_OPTIONS, assert_chunked_cache_equals_forward, build, hf_logits, tokens
+from hf_tiny import FAMILY_OPTIONS, assert_bfloat16_within_rounding, assert_chunked_cache_equals_forward, build, hf_logits, tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -89,19 +89,7 @@ def test_save_hf_then_transformers_gives_the_same_logits(models, family, tmp_pat
 def test_bfloat16_logits_are_within_bfloat16_rounding_of_transformers(models, family, tmp_path):
     model, cfg, params = models[family]
     save_hf(params, cfg, tmp_path)
-    model16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
-                                                                dtype=torch.bfloat16).eval()
-    cfg16, params16 = load_hf(tmp_path, dtype=torch.bfloat16)
-    x = tokens(2, SEQ, seed=4)
-    exact = hf_logits(model, x)
-    theirs = hf_logits(model16, x).float()
-    ours = ft.forward(params16, x, cfg16)
-    assert ours.dtype == torch.bfloat16
-    # The two bf16 models differ by less than bf16 rounding moves either of them from the float32 logits.
-    rounding = (theirs - exact).abs().max()
-    assert rounding > 0  # bf16 did round
-    assert (ours.float() - theirs).abs().max() <= 2 * rounding
-    assert (ours.float() - exact).abs().max() <= 2 * rounding
+    assert_bfloat16_within_rounding(model, tmp_path, tokens(2, SEQ, seed=4))
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])

@@ -118,6 +118,19 @@ def test_save_hf_then_transformers_gives_the_same_logits(models, family, tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(ft.tree.leaves(params2), ft.tree.leaves(params)))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_logits_are_the_bits_transformers_computes(models, family):
+    """Every cast where transformers puts it (norms, embedding scale, rotary, the parallel sum's order): on
+    the einsum path, which multiplies and softmaxes as eager attention does, the bfloat16 logits are equal."""
+    _, _, _, directory = models[family]
+    model16 = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager",
+                                                                dtype=torch.bfloat16).eval()
+    cfg16, params16 = load_hf(directory, dtype=torch.bfloat16)
+    x = tokens(2, SEQ, seed=4)
+    ours = ft.forward(params16, x, cfg16.replace(attn_impl="einsum"))
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, hf_logits(model16, x))
+
+
 def test_parallel_activations_say_what_each_site_is(models):
     """Parallel layout: ``resid_mid`` is the block input plus the attention's write alone, and
     ``resid_post`` adds the MLP's write, computed from the block input (not from ``resid_mid``)."""
@@ -172,6 +185,28 @@ def test_config_validates_the_new_choices():
         ft.Config(**base, residual="parallel", norm_position="post")
     with pytest.raises(ValueError, match="Config.residual='both' is not one of"):
         ft.Config(**base, residual="both")
+    with pytest.raises(ValueError, match="norm_scale_in_float32=True needs norm_upcast=True"):
+        ft.Config(**base, norm="rmsnorm", norm_scale_in_float32=True)
+    with pytest.raises(ValueError, match="norm_unit_offset=True needs norm='rmsnorm'"):
+        ft.Config(**base, norm_unit_offset=True)
+    with pytest.raises(ValueError, match="window_rope_base=10000.0 needs positional='rope' and sliding windows"):
+        ft.Config(**base, positional="rope", window_rope_base=1e4)
+    with pytest.raises(ValueError, match="Config.logit_softcap=0.0 must be a positive number"):
+        ft.Config(**base, logit_softcap=0.0)
+    with pytest.raises(ValueError, match="Attention.softcap=-1.0 must be a positive number"):
+        Attention(softcap=-1.0)
+    with pytest.raises(ValueError, match="Config.norm_position='sideways' is not one of 'pre', 'post', 'sandwich', 'output'"):
+        ft.Config(**base, norm_position="sideways")
+
+
+def test_an_intervention_on_resid_mid_flows_on_in_the_parallel_layout(models):
+    _, cfg, params, _ = models["gpt_neox"]
+    x = tokens(1, SEQ, seed=8)
+    logits, acts = ft.forward_with_activations(params, x, cfg)
+    zeroed, acts0 = ft.forward_with_activations(params, x, cfg, interventions={"blocks.1.resid_mid": torch.zeros_like})
+    b = acts["blocks"][1]
+    torch.testing.assert_close(acts0["blocks"][1]["resid_post"], b["resid_post"] - b["resid_mid"], rtol=1e-5, atol=1e-5)
+    assert (zeroed - logits).abs().max() > 1e-3
 
 
 def test_gemma_configs_become_features(models):

@@ -80,7 +80,7 @@ def config_from_hf(hf: Mapping) -> Config:
         norm="rmsnorm", norm_position="output" if family == "olmo2" else "pre", positional="rope", activation="swiglu",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=float(hf.get("initializer_range", 0.02)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_base=rope_base, rope_scaling=rope_scaling,
-        norm_upcast=True,
+        norm_upcast=True, norm_scale_in_float32=family == "olmo2", rope_in_float32=family == "olmo2",
         attention=Attention(
             head_dim=None if head_dim in (None, d_model // n_heads) and d_model % n_heads == 0 else head_dim,
             qkv_bias=family == "qwen2", qk_norm=family in ("qwen3", "olmo2"), window=_windows(hf, family),
@@ -179,8 +179,8 @@ def family_for(cfg: Config) -> str:
     needs = dict(positional="rope", norm="rmsnorm", activation="swiglu", mlp=True,
                  residual="sequential", embed_scale=False, logit_softcap=None)
     if cfg.norm_position == "output" or cfg.attention.qk_norm_over == "projection":
-        return _olmo2(cfg, needs)
-    needs["norm_position"] = "pre"
+        return _olmo2(cfg, needs | {"norm_scale_in_float32": True, "rope_in_float32": True})
+    needs |= {"norm_position": "pre", "norm_scale_in_float32": False, "rope_in_float32": False}
     for field, expected in needs.items():
         if getattr(cfg, field) != expected:
             raise ValueError(

@@ -138,7 +138,7 @@ def project_qkv(params: dict, x: Residual, cfg, rotary: Rotary | None = None) ->
     if cfg.positional == "rope":
         if rotary is None:
             raise ValueError("cfg.positional='rope' needs the rotary tables: rotary=rotary_tables(positions, cfg)")
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        q, k = (apply_rotary(t, *rotary, in_float32=cfg.rope_in_float32) for t in (q, k))
     return q, k, v
 
 

@@ -89,11 +89,15 @@ def parallel_wire(
     MLP does not read it, it is where the attention's write ends."""
     h = norm(params["ln1"], x, cfg)
     out, extra = attn(params["attn"], h)
-    mid = tap("resid_mid", x + random.dropout(out, cfg.dropout, keys[0]))
+    out = random.dropout(out, cfg.dropout, keys[0])
+    mid = tap("resid_mid", x + out)
     if cfg.residual == "parallel":
         h = norm(params["ln2"], x, cfg)
-    mlp = feedforward(params["mlp"], h, cfg, tap=tap.scope("mlp"))
-    return tap("resid_post", mid + random.dropout(mlp, cfg.dropout, keys[1])), extra
+    mlp = random.dropout(feedforward(params["mlp"], h, cfg, tap=tap.scope("mlp")), cfg.dropout, keys[1])
+    # (mlp + attn) + x is GPT-NeoX's order of the sum (in bfloat16 the order decides the rounding); a
+    # resid_mid an intervention replaced flows on instead.
+    post = mid + mlp if tap.intervenes("resid_mid") else mlp + out + x
+    return tap("resid_post", post), extra
 
 
 def block(

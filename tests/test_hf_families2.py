@@ -361,3 +361,26 @@ def test_partial_rotary_is_refused_where_the_family_has_none(models, tmp_path):
     _, cfg, params, _ = models["phi3"]
     with pytest.raises(ValueError, match="rotary_dim=4 needs phi3, which cannot express bias=True"):
         save_hf(params, cfg.replace(bias=True), tmp_path / "out")
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gpt_neox"])
+def test_cli_generate_runs_the_new_families_from_their_directory(family, tmp_path, capsys):
+    """``generate --hf-dir`` on a soft-capped, windowed Gemma 2 and a parallel-residual GPT-NeoX prints
+    what ``ft.generate`` makes (the checkpoint's own tokenizer beside it)."""
+    from ftransformer.cli import main
+    from ftransformer.interop.hf_tokenizer import load_hf_tokenizer
+    from test_hf_tokenizer import byte_level_backend
+    from test_hf_tokenizer import save_hf as save_tokenizer
+
+    backend = byte_level_backend()
+    build(family, tmp_path, seed=3, vocab_size=backend.get_vocab_size())
+    save_tokenizer(tmp_path, backend, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>")
+    tok = load_hf_tokenizer(tmp_path)
+    cfg, params = load_hf(tmp_path)
+    text = "Hello there"
+    ids = tok.encode(text)
+    out = ft.generate(params, torch.tensor([ids]), cfg, max_new_tokens=8, temperature=0.0, stop_tokens=tok.stop_tokens)
+    reply = out[0, len(ids):].tolist()
+    reply = reply[: next((i for i, t in enumerate(reply) if t in tok.stop_tokens), len(reply))]
+    assert main(["generate", "--hf-dir", str(tmp_path), "--prompt", text, "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == text + tok.decode(reply) + "\n"

@@ -4,11 +4,15 @@ import dataclasses
 from dataclasses import dataclass
 
 NORMS = ("layernorm", "rmsnorm")
-NORM_POSITIONS = ("pre", "post")
+NORM_POSITIONS = ("pre", "post", "sandwich", "output")
 POSITIONALS = ("learned", "sinusoidal", "rope")
-ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu_tanh")
+GATED_ACTIVATIONS = ("swiglu", "geglu_tanh")  # two input projections: w_gate (through the nonlinearity) and w_in
 ATTN_IMPLS = ("sdpa", "einsum")
 ROPE_SCALINGS = ("linear", "llama3")
+# How a block adds its sublayers to the residual stream (see Config.residual).
+RESIDUALS = ("sequential", "parallel", "parallel_shared_norm")
+QK_NORM_OVER = ("head", "projection")
 # Rope scalings of Hugging Face configs that are not implemented yet (named in the error, never approximated).
 ROPE_SCALINGS_LATER = ("dynamic", "yarn", "longrope")
 
@@ -44,14 +48,31 @@ class Attention:
     head_dim: int | None = None  # width of each head; None -> d_model // n_heads (Qwen3, Mistral-Nemo set it)
     qkv_bias: bool = False  # biases on the q/k/v projection only, none on w_o (Qwen2); Config.bias biases all
     qk_norm: bool = False  # an RMSNorm (learned [head_dim] scale, norm_eps) on each head's q and k, before rotary (Qwen3)
+    # What qk_norm normalises over: "head" (each head's head_dim: Qwen3, Gemma 3) or "projection" (the whole q and
+    # k projections, n_heads * head_dim and n_kv_heads * head_dim wide, before they split into heads: OLMo-2).
+    qk_norm_over: str = "head"
     # Sliding window: a query sees its own key and the window - 1 keys before it (Mistral). One int for every
     # layer, or a tuple with one entry per layer (None: that layer sees the whole causal prefix); None: no window.
     window: int | tuple[int | None, ...] | None = None
+    # Partial rotary: only the first rotary_dim channels of each head are turned, the rest pass unchanged
+    # (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor); None: all of head_dim.
+    rotary_dim: int | None = None
+    # What q.k is multiplied by before the softmax; None: 1 / sqrt(head_dim). Gemma 2/3: query_pre_attn_scalar ** -0.5.
+    scale: float | None = None
+    # Attention-logit soft-capping: scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2). The
+    # fused SDPA kernel cannot do it: a capped layer always takes the einsum path.
+    softcap: float | None = None
 
     def __post_init__(self):
+        for name in ("scale", "softcap"):
+            if getattr(self, name) is not None:
+                _check_positive("Attention", name, getattr(self, name))
         _check_int("Attention", "head_dim", self.head_dim, allow_none=True)
+        _check_int("Attention", "rotary_dim", self.rotary_dim, allow_none=True)
         _check_bool("Attention", "qkv_bias", self.qkv_bias)
         _check_bool("Attention", "qk_norm", self.qk_norm)
+        if self.qk_norm_over not in QK_NORM_OVER:
+            raise ValueError(f"Attention.qk_norm_over={self.qk_norm_over!r} is not one of {', '.join(map(repr, QK_NORM_OVER))}")
         windows = self.window if isinstance(self.window, tuple) else (self.window,)
         for i, w in enumerate(windows):
             where = f"window[{i}]" if isinstance(self.window, tuple) else "window"
@@ -122,9 +143,12 @@ class Config:
     dropout: float = 0.0  # dropout rate on attention weights, sublayer outputs and embeddings (train only)
     bias: bool = True  # biases in linear layers and LayerNorms (GPT-2: True; modern models: False)
     norm: str = "layernorm"  # "layernorm" or "rmsnorm"
-    norm_position: str = "pre"  # "pre": x + f(norm(x)) (GPT-2); "post": norm(x + f(x)) (the 2017 diagram)
+    # "pre": x + f(norm(x)) (GPT-2); "post": norm(x + f(x)) (the 2017 diagram); "sandwich": x + norm'(f(norm(x)))
+    # (Gemma 2/3: a second norm on each sublayer's output, ln1_post / ln2_post); "output": x + norm(f(x)) (OLMo-2)
+    norm_position: str = "pre"
     positional: str = "learned"  # "learned" table, fixed "sinusoidal", or "rope" (rotary, on q and k)
-    activation: str = "gelu"  # "gelu" (exact), "gelu_tanh" (GPT-2's approximation) or "swiglu"
+    # "gelu" (exact), "gelu_tanh" (GPT-2's approximation), "swiglu" or "geglu_tanh" (Gemma: the tanh GELU as the gate)
+    activation: str = "gelu"
     tie_embeddings: bool = True  # reuse the token embedding as the output projection (GPT-2 does)
     attn_impl: str = "sdpa"  # "sdpa" (fused torch kernel) or "einsum" (written out; vmap-friendly grads)
     init_std: float = 0.02  # std of the normal init; residual output projections get /sqrt(2*n_layers)
@@ -136,6 +160,24 @@ class Config:
     # RMSNorm in Hugging Face's cast order: normalise in float32, cast back, then scale (Llama, Mistral, Qwen).
     # Same numbers in float32; below it, the order decides the rounding.
     norm_upcast: bool = False
+    # With norm_upcast: multiply by the scale in float32 too, then cast (OLMo-2); False: cast, then scale (Llama).
+    norm_scale_in_float32: bool = False
+    # Rotate q and k in float32 and cast back (OLMo-2); False: the cos/sin tables are cast to q's dtype first
+    # (Llama). The same numbers in float32.
+    rope_in_float32: bool = False
+    # "sequential": attention, then the MLP on the result (GPT-2, Llama). "parallel": both read the same
+    # block input, x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX / Pythia). "parallel_shared_norm": one norm
+    # for both, x + attn(ln1(x)) + mlp(ln1(x)), and no ln2 (GPT-J, Phi-2). Parallel needs pre-LN and an MLP.
+    residual: str = "sequential"
+    # RMSNorm scales by (1 + scale), all in float32, then casts (Gemma): a zero scale is the identity.
+    norm_unit_offset: bool = False
+    # Token embeddings times sqrt(d_model), the constant rounded to the embeddings' dtype first (Gemma).
+    embed_scale: bool = False
+    # Final-logit soft-capping: logits -> logit_softcap * tanh(logits / logit_softcap) (Gemma 2); None: off.
+    logit_softcap: float | None = None
+    # Rotary base of the sliding-window layers (Gemma 3: 1e4 on its local layers, rope_base and rope_scaling on
+    # its global ones); their frequencies are never scaled. None: every layer uses rope_base and rope_scaling.
+    window_rope_base: float | None = None
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -164,11 +206,13 @@ class Config:
             ("positional", POSITIONALS),
             ("activation", ACTIVATIONS),
             ("attn_impl", ATTN_IMPLS),
+            ("residual", RESIDUALS),
         ):
             value = getattr(self, name)
             if value not in choices:
                 raise ValueError(f"Config.{name}={value!r} is not one of {', '.join(map(repr, choices))}")
-        for name in ("bias", "tie_embeddings", "mlp", "norm_upcast"):
+        for name in ("bias", "tie_embeddings", "mlp", "norm_upcast", "norm_unit_offset", "embed_scale", "norm_scale_in_float32",
+                     "rope_in_float32"):
             _check_bool("Config", name, getattr(self, name))
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"Config.dropout={self.dropout!r} must be a float in [0, 1)")
@@ -192,11 +236,34 @@ class Config:
                 raise ValueError(f"Config.rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
             if self.positional != "rope":
                 raise ValueError(f"Config.rope_scaling needs positional='rope', got positional={self.positional!r}")
-        if self.norm_upcast and self.norm != "rmsnorm":
-            raise ValueError(f"Config.norm_upcast=True needs norm='rmsnorm', got norm={self.norm!r}")
+        for name in ("norm_upcast", "norm_unit_offset"):
+            if getattr(self, name) and self.norm != "rmsnorm":
+                raise ValueError(f"Config.{name}=True needs norm='rmsnorm', got norm={self.norm!r}")
+        if self.norm_scale_in_float32 and not self.norm_upcast:
+            raise ValueError("Config.norm_scale_in_float32=True needs norm_upcast=True, got norm_upcast=False")
+        if self.logit_softcap is not None:
+            _check_positive("Config", "logit_softcap", self.logit_softcap)
+        if self.window_rope_base is not None:
+            _check_positive("Config", "window_rope_base", self.window_rope_base)
+            if self.positional != "rope" or self.attention.window is None:
+                raise ValueError(
+                    f"Config.window_rope_base={self.window_rope_base} needs positional='rope' and sliding windows, got "
+                    f"positional={self.positional!r}, attention.window={self.attention.window}"
+                )
         if self.attention.qkv_bias and self.bias:
             raise ValueError(
                 "Config.attention.qkv_bias=True needs bias=False, got bias=True (bias=True already biases q, k and v)"
+            )
+        rotary_dim = self.attention.rotary_dim
+        if rotary_dim is not None and (self.positional != "rope" or rotary_dim % 2 or rotary_dim > self.head_dim):
+            raise ValueError(
+                f"Config.attention.rotary_dim={rotary_dim} needs positional='rope' (got {self.positional!r}) and an "
+                f"even number of channels <= head_dim={self.head_dim}"
+            )
+        if self.residual != "sequential" and (self.norm_position != "pre" or not self.mlp):
+            raise ValueError(
+                f"Config.residual={self.residual!r} needs norm_position='pre' and mlp=True, got "
+                f"norm_position={self.norm_position!r}, mlp={self.mlp}"
             )
         window = self.attention.window
         if isinstance(window, tuple) and len(window) != self.n_layers:
@@ -208,6 +275,11 @@ class Config:
     def head_dim(self) -> int:
         """Width of each attention head: ``attention.head_dim``, or d_model / n_heads when that is None."""
         return self.attention.head_dim or self.d_model // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels of each head that rotary turns: ``attention.rotary_dim``, or all of ``head_dim``."""
+        return self.attention.rotary_dim or self.head_dim
 
     def layer_window(self, layer: int) -> int | None:
         """Layer ``layer``'s sliding window (None: it sees the whole causal prefix)."""

@@ -61,6 +61,9 @@ def embed(
 ) -> Residual:
     """Token embeddings plus absolute positions (rotary positions are added inside attention instead)."""
     x = embed_tokens(params["embed"]["tokens"], tokens)
+    if cfg.embed_scale:
+        # transformers rounds sqrt(d_model) to float32, then to the embeddings' dtype, then multiplies.
+        x = x * torch.tensor(cfg.d_model**0.5, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
     if cfg.positional == "learned":
         x = x + learned_positions(params["embed"]["positions"], positions)
     elif cfg.positional == "sinusoidal":
@@ -69,14 +72,15 @@ def embed(
 
 
 def unembed(params: dict, x: Residual, cfg: Config, *, tap: Tap = NO_TAP) -> Logits:
-    """Final norm (pre-LN only) and the projection to one logit per token id; ``tap`` sees ``final``,
-    the residual the projection reads."""
-    if cfg.norm_position == "pre":
+    """Final norm (all but post-LN) and the projection to one logit per token id, soft-capped with
+    ``cfg.logit_softcap``; ``tap`` sees ``final``, the residual the projection reads."""
+    if cfg.norm_position != "post":
         x = norm(params["ln_f"], x, cfg)
     x = tap("final", x)
-    if cfg.tie_embeddings:
-        return F.linear(x, params["embed"]["tokens"])
-    return linear(x, params["unembed"]["w"])
+    logits = F.linear(x, params["embed"]["tokens"]) if cfg.tie_embeddings else linear(x, params["unembed"]["w"])
+    if cfg.logit_softcap is not None:
+        logits = torch.tanh(logits / cfg.logit_softcap) * cfg.logit_softcap
+    return logits
 
 
 def default_positions(tokens: Tokens) -> Int[Tensor, " seq"]:
@@ -90,11 +94,22 @@ def forward(params: dict, tokens: Tokens, cfg: Config, *, key: Key | None = None
     return forward_unchecked(params, tokens, cfg, key=key)
 
 
-def block_inputs(tokens: Tokens, cfg: Config) -> tuple[Tensor, tuple, Rotary | None]:
-    """``(positions, masks, rotary)`` for a cache-less pass over ``tokens``: built once per call and shared
-    by every block (the masks, one per layer, and the rotary tables depend on positions only)."""
+def layer_rotaries(positions: Int[Tensor, "*#batch seq"], cfg: Config) -> tuple[Rotary | None, ...]:
+    """One rotary table per layer, built once per call: one for all layers, or (``cfg.window_rope_base``)
+    one for the windowed layers and one for the rest."""
+    if cfg.window_rope_base is None:
+        return (rotary_tables(positions, cfg),) * cfg.n_layers
+    built = {}
+    for windowed in dict.fromkeys(cfg.layer_window(i) is not None for i in range(cfg.n_layers)):
+        built[windowed] = rotary_tables(positions, cfg, windowed=windowed)
+    return tuple(built[cfg.layer_window(i) is not None] for i in range(cfg.n_layers))
+
+
+def block_inputs(tokens: Tokens, cfg: Config) -> tuple[Tensor, tuple, tuple]:
+    """``(positions, masks, rotaries)`` for a cache-less pass over ``tokens``: built once per call and shared
+    by the blocks (the masks and rotary tables, one per layer, depend on positions only)."""
     positions = default_positions(tokens)
-    return positions, layer_masks(cfg, lambda w: self_mask(positions, w)), rotary_tables(positions, cfg)
+    return positions, layer_masks(cfg, lambda w: self_mask(positions, w)), layer_rotaries(positions, cfg)
 
 
 def forward_unchecked(
@@ -102,11 +117,11 @@ def forward_unchecked(
 ) -> Logits:
     """``forward`` without the input checks. ``tap`` sees ``embed``, then every block's values under
     ``blocks.{i}.``, then ``final`` (``interp.forward_with_activations`` passes one)."""
-    positions, masks, rotary = block_inputs(tokens, cfg)
+    positions, masks, rotaries = block_inputs(tokens, cfg)
     keys = [None] * (cfg.n_layers + 1) if key is None else random.split(key, cfg.n_layers + 1)
     x = tap("embed", embed(params, tokens, cfg, positions=positions, key=keys[0]))
     for i, block_params in enumerate(params["blocks"]):
-        x = block(block_params, x, cfg, mask=masks[i], rotary=rotary, key=keys[i + 1], tap=tap.scope(f"blocks.{i}"))
+        x = block(block_params, x, cfg, mask=masks[i], rotary=rotaries[i], key=keys[i + 1], tap=tap.scope(f"blocks.{i}"))
     return unembed(params, x, cfg, tap=tap)
 
 
@@ -168,11 +183,11 @@ def _forward_with_cache(
     slots = query_slots(cache.lengths, seq)
     # A sliding window is a mask over the whole cache: keys older than the window stay, invisible.
     masks = layer_masks(cfg, lambda w: cache_mask(slots, cache.max_len, cache.k[0].dtype, w))
-    rotary = rotary_tables(slots, cfg)
+    rotaries = layer_rotaries(slots, cfg)
     index = write_index(slots, cfg.n_kv_heads, cfg.head_dim)
     x = embed(params, tokens, cfg, positions=slots)
     new_k, new_v = [], []
-    for block_params, k_cache, v_cache, mask in zip(params["blocks"], cache.k, cache.v, masks):
+    for block_params, k_cache, v_cache, mask, rotary in zip(params["blocks"], cache.k, cache.v, masks, rotaries):
         x, k_cache, v_cache = block_with_cache(
             block_params, x, cfg, mask=mask, rotary=rotary, k_cache=k_cache, v_cache=v_cache, write_index=index,
             write=write,

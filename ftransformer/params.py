@@ -9,7 +9,9 @@
      "ln_f"?:   {"scale", "bias"?},           # pre-LN only
      "unembed"?: {"w": [d_model, vocab]}}     # untied only
 
-(``ln2`` and ``mlp`` are absent in attention-only models, ``Config(mlp=False)``. ``b_qkv`` without ``b_o``
+(``ln2`` and ``mlp`` are absent in attention-only models, ``Config(mlp=False)``; ``ln2`` alone with
+``Config(residual="parallel_shared_norm")``. ``Config(norm_position="sandwich")`` adds ``ln1_post`` after
+``attn`` and ``ln2_post`` after ``mlp``. ``b_qkv`` without ``b_o``
 is ``Attention(qkv_bias=True)``; ``q_norm`` / ``k_norm`` (``{"scale": [head_dim]}``) are ``Attention(qk_norm=True)``.)
 
 A leaf that a config does not use is absent, never ``None``. Walking, flattening, casting and moving
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ftransformer import tree
-from ftransformer.config import Config
+from ftransformer.config import GATED_ACTIVATIONS, Config
 from ftransformer.tree import PyTree
 
 # The tree helpers moved to ftransformer.tree; these names stay importable from here.
@@ -42,8 +44,9 @@ def _normal(gen: torch.Generator, shape: tuple[int, ...], std: float) -> Tensor:
     return torch.randn(shape, generator=gen).mul_(std)
 
 
-def _norm_params(cfg: Config) -> dict:
-    p = {"scale": torch.ones(cfg.d_model)}
+def _norm_params(cfg: Config, width: int | None = None) -> dict:
+    # norm_unit_offset scales by 1 + scale: a zero scale is the identity.
+    p = {"scale": (torch.zeros if cfg.norm_unit_offset else torch.ones)(width or cfg.d_model)}
     if cfg.bias and cfg.norm == "layernorm":
         p["bias"] = torch.zeros(cfg.d_model)
     return p
@@ -59,10 +62,11 @@ def _block_params(cfg: Config, gen: torch.Generator) -> dict:
     if cfg.bias:
         attn["b_o"] = torch.zeros(cfg.d_model)
     if cfg.attention.qk_norm:
-        attn["q_norm"] = {"scale": torch.ones(cfg.head_dim)}
-        attn["k_norm"] = {"scale": torch.ones(cfg.head_dim)}
+        whole = cfg.attention.qk_norm_over == "projection"  # one norm over all heads' channels (OLMo-2)
+        attn["q_norm"] = _norm_params(cfg, cfg.head_dim * (cfg.n_heads if whole else 1))
+        attn["k_norm"] = _norm_params(cfg, cfg.head_dim * (cfg.n_kv_heads if whole else 1))
     mlp = {}
-    names = ("w_gate", "w_in") if cfg.activation == "swiglu" else ("w_in",)
+    names = ("w_gate", "w_in") if cfg.activation in GATED_ACTIVATIONS else ("w_in",)
     for name in names:
         mlp[name] = _normal(gen, (cfg.d_model, cfg.d_ff), std)
         if cfg.bias:
@@ -70,9 +74,14 @@ def _block_params(cfg: Config, gen: torch.Generator) -> dict:
     mlp["w_out"] = _normal(gen, (cfg.d_ff, cfg.d_model), out_std)
     if cfg.bias:
         mlp["b_out"] = torch.zeros(cfg.d_model)
+    sandwich = cfg.norm_position == "sandwich"  # a second norm on each sublayer's output
+    block = {"ln1": _norm_params(cfg), "attn": attn} | ({"ln1_post": _norm_params(cfg)} if sandwich else {})
     if not cfg.mlp:
-        return {"ln1": _norm_params(cfg), "attn": attn}
-    return {"ln1": _norm_params(cfg), "attn": attn, "ln2": _norm_params(cfg), "mlp": mlp}
+        return block
+    if cfg.residual != "parallel_shared_norm":  # the shared-norm layout's one norm feeds both sublayers
+        block["ln2"] = _norm_params(cfg)
+    block["mlp"] = mlp
+    return block | ({"ln2_post": _norm_params(cfg)} if sandwich else {})
 
 
 def init_params(
@@ -87,7 +96,7 @@ def init_params(
     if cfg.positional == "learned":
         embed["positions"] = _normal(gen, (cfg.max_seq_len, cfg.d_model), cfg.init_std)
     params: dict = {"embed": embed, "blocks": [_block_params(cfg, gen) for _ in range(cfg.n_layers)]}
-    if cfg.norm_position == "pre":
+    if cfg.norm_position != "post":
         params["ln_f"] = _norm_params(cfg)
     if not cfg.tie_embeddings:
         params["unembed"] = {"w": _normal(gen, (cfg.d_model, cfg.vocab_size), cfg.init_std)}
@@ -114,13 +123,16 @@ def param_breakdown(cfg: Config) -> dict:
     """
     d, L, V, hd = cfg.d_model, cfg.n_layers, cfg.vocab_size, cfg.head_dim
     norm_size = d * (2 if cfg.bias and cfg.norm == "layernorm" else 1)
-    n_ff_in = 2 if cfg.activation == "swiglu" else 1
+    n_ff_in = 2 if cfg.activation in GATED_ACTIVATIONS else 1
     attn_w = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d
     attn_b = (cfg.n_heads + 2 * cfg.n_kv_heads) * hd * (cfg.bias or cfg.attention.qkv_bias) + d * cfg.bias
     qk_norms = 2 * hd if cfg.attention.qk_norm else 0
+    if cfg.attention.qk_norm and cfg.attention.qk_norm_over == "projection":
+        qk_norms = (cfg.n_heads + cfg.n_kv_heads) * hd
     ff_w = (n_ff_in + 1) * d * cfg.d_ff if cfg.mlp else 0
     ff_b = (n_ff_in * cfg.d_ff + d) if cfg.bias and cfg.mlp else 0
-    norms_per_block = 2 if cfg.mlp else 1
+    norms_per_block = (2 if cfg.mlp and cfg.residual != "parallel_shared_norm" else 1) + (
+        (2 if cfg.mlp else 1) if cfg.norm_position == "sandwich" else 0)
     rows = [
         ("token embeddings", V * d),
         ("position embeddings", cfg.max_seq_len * d if cfg.positional == "learned" else 0),
@@ -128,7 +140,7 @@ def param_breakdown(cfg: Config) -> dict:
         ("attention biases", L * attn_b),
         ("feed-forward weights", L * ff_w),
         ("feed-forward biases", L * ff_b),
-        ("norms", (norms_per_block * L + (1 if cfg.norm_position == "pre" else 0)) * norm_size + L * qk_norms),
+        ("norms", (norms_per_block * L + (1 if cfg.norm_position != "post" else 0)) * norm_size + L * qk_norms),
         ("output projection", 0 if cfg.tie_embeddings else d * V),
     ]
     terms = [

@@ -11,7 +11,7 @@ heads          query heads
 kv_heads       key/value heads (``heads`` for MHA, fewer for GQA, 1 for MQA)
 group          query heads per key/value head (``heads // kv_heads``)
 head_dim       width of one head (``d_model // heads``)
-half           half a head: one rotary angle per pair of channels (``head_dim // 2``)
+half           one rotary angle per pair of rotated channels (``rotary_dim // 2``: ``head_dim // 2`` unless partial)
 d_ff           hidden width of the feed-forward layer
 d_in, d_out    input and output width of one ``linear``
 vocab          number of token ids
@@ -22,6 +22,7 @@ member         models of an ensemble (stacked params, one per member; also a sta
 rows           activation vectors laid flat (tokens of many sequences, one row each)
 d_sae          latents of a sparse autoencoder
 features       known directions of synthetic superposition data
+qkv            the three parts of a fused projection: queries, keys, values (GPT-NeoX's interleaved layout)
 =============  ===============================================================
 
 The aliases below are the annotations layers use; jaxtyping checks them when the import hook is on
@@ -35,7 +36,7 @@ from torch import Tensor
 
 AXES = (
     "batch", "seq", "kv_seq", "d_model", "heads", "kv_heads", "group", "head_dim", "half", "d_ff", "d_in", "d_out",
-    "vocab", "layers", "layers_plus_1", "max_seq", "member", "rows", "d_sae", "features",
+    "vocab", "layers", "layers_plus_1", "max_seq", "member", "rows", "d_sae", "features", "qkv",
 )
 
 Tokens = Int[Tensor, "*batch seq"]

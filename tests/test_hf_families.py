@@ -11,7 +11,7 @@ import torch
 
 import ftransformer as ft
 from ftransformer.interop.hf import load_hf, save_hf
-from hf_tiny import FAMILY_OPTIONS, VOCAB, build
+from hf_tiny import FAMILY_OPTIONS, assert_bfloat16_within_rounding, assert_chunked_cache_equals_forward, build, hf_logits, tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -28,15 +28,6 @@ def models(tmp_path_factory):
         model = build(family, root / family, seed=1)
         out[family] = (model, *load_hf(root / family))
     return out
-
-
-def tokens(batch: int, seq: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def hf_logits(model, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x).logits
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "einsum"])
@@ -81,12 +72,7 @@ def test_greedy_generate_equals_transformers_past_the_window(models, family):
 def test_forward_with_cache_in_chunks_equals_forward(models, family):
     _, cfg, params = models[family]
     x = tokens(2, SEQ, seed=2)
-    cache = ft.init_cache(cfg, batch_size=2, max_len=SEQ + 2)  # two slots more than used: masked
-    chunks = []
-    for start, stop in ((0, 3), (3, 9), (9, 10), (10, SEQ)):
-        logits, cache = ft.forward_with_cache(params, x[:, start:stop], cache, cfg)
-        chunks.append(logits)
-    torch.testing.assert_close(torch.cat(chunks, dim=1), ft.forward(params, x, cfg), rtol=1e-5, atol=1e-5)
+    assert_chunked_cache_equals_forward(params, cfg, x)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -103,19 +89,7 @@ def test_save_hf_then_transformers_gives_the_same_logits(models, family, tmp_pat
 def test_bfloat16_logits_are_within_bfloat16_rounding_of_transformers(models, family, tmp_path):
     model, cfg, params = models[family]
     save_hf(params, cfg, tmp_path)
-    model16 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
-                                                                dtype=torch.bfloat16).eval()
-    cfg16, params16 = load_hf(tmp_path, dtype=torch.bfloat16)
-    x = tokens(2, SEQ, seed=4)
-    exact = hf_logits(model, x)
-    theirs = hf_logits(model16, x).float()
-    ours = ft.forward(params16, x, cfg16)
-    assert ours.dtype == torch.bfloat16
-    # The two bf16 models differ by less than bf16 rounding moves either of them from the float32 logits.
-    rounding = (theirs - exact).abs().max()
-    assert rounding > 0  # bf16 did round
-    assert (ours.float() - theirs).abs().max() <= 2 * rounding
-    assert (ours.float() - exact).abs().max() <= 2 * rounding
+    assert_bfloat16_within_rounding(model, tmp_path, tokens(2, SEQ, seed=4))
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])

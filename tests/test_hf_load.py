@@ -215,9 +215,9 @@ def test_a_mis_shaped_tensor_is_named_with_both_shapes(copy_of):
 def test_an_unsupported_family_lists_the_supported_ones(copy_of):
     directory = copy_of("llama")
     hf = json.loads((directory / "config.json").read_text())
-    hf.update(model_type="gemma", architectures=["GemmaForCausalLM"])
+    hf.update(model_type="falcon", architectures=["FalconForCausalLM"])
     (directory / "config.json").write_text(json.dumps(hf))
-    with pytest.raises(ValueError, match="model_type='gemma'.*supported model_type: gpt2, llama, mistral, qwen2, qwen3"):
+    with pytest.raises(ValueError, match="model_type='falcon'.*supported model_type: gpt2, llama, mistral, qwen2, qwen3, olmo2, phi3, gpt_neox, gemma, gemma2, gemma3_text"):
         load_hf(directory)
 
 

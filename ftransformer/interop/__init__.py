@@ -1,5 +1,6 @@
 """Interoperability with other libraries' checkpoints: Hugging Face models (GPT-2, Llama, Mistral, Qwen2,
-Qwen3) in and out."""
+Qwen3, OLMo-2, Phi-3 through ``families``; GPT-NeoX / Pythia through ``neox``; Gemma 1-3 through ``gemma``)
+in and out."""
 
 from ftransformer.interop.hf_gpt2 import (
     GPT2BPETokenizer,

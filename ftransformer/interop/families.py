@@ -11,22 +11,29 @@ family        features it adds (``config.json`` key -> ``Config`` choice)
 ``mistral``   ``sliding_window`` -> ``Attention(window=...)`` on every layer
 ``qwen2``     q/k/v biases -> ``Attention(qkv_bias=True)``; ``layer_types`` -> per-layer windows
 ``qwen3``     ``q_norm`` / ``k_norm`` -> ``Attention(qk_norm=True)``; ``head_dim`` -> ``Attention(head_dim=...)``
+``olmo2``     norms after the sublayers, ``x + norm(f(x))`` -> ``norm_position="output"``; ``q_norm`` /
+              ``k_norm`` over the whole projections -> ``Attention(qk_norm=True, qk_norm_over="projection")``
 ============  =========================================================================================
 
 Every family: ``head_dim``, ``rope_theta`` -> ``rope_base``, RMSNorm in Hugging Face's cast order
 (``norm_upcast=True``). Anything else a ``config.json`` asks for is refused by name, never approximated.
 """
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ftransformer.config import Attention, Config, RopeScaling
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3")
-FAMILIES = ("gpt2", *LLAMA_LIKE)
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3")
+# Families that store q/k/v as one qkv_proj and the SwiGLU's two inputs as one gate_up_proj.
+FUSED = ("phi3",)
+FAMILIES = ("gpt2", *LLAMA_LIKE, "gpt_neox", "gemma", "gemma2", "gemma3_text")
 ARCHITECTURES = {
+    "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
+    "GPTNeoXForCausalLM": "gpt_neox",
     "GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+    "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Olmo2ForCausalLM": "olmo2", "Phi3ForCausalLM": "phi3",
 }
 ROPE_TYPES = ("default", "linear", "llama3")
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -65,28 +72,40 @@ def config_from_hf(hf: Mapping) -> Config:
     n_heads, d_model = hf["num_attention_heads"], hf["hidden_size"]
     head_dim = hf.get("head_dim")
     rope_base, rope_scaling = _rope(hf, family)
+    rotary_dim = _rotary_dim(hf, family, head_dim or d_model // n_heads)
     return Config(
         vocab_size=hf["vocab_size"], d_model=d_model, n_heads=n_heads, n_layers=hf["num_hidden_layers"],
         d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, dropout=0.0, bias=_all_biases(hf, family),
-        norm="rmsnorm", norm_position="pre", positional="rope", activation="swiglu",
+        norm="rmsnorm", norm_position="output" if family == "olmo2" else "pre", positional="rope", activation="swiglu",
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=float(hf.get("initializer_range", 0.02)),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_base=rope_base, rope_scaling=rope_scaling,
-        norm_upcast=True,
+        norm_upcast=True, norm_scale_in_float32=family == "olmo2", rope_in_float32=family == "olmo2",
         attention=Attention(
             head_dim=None if head_dim in (None, d_model // n_heads) and d_model % n_heads == 0 else head_dim,
-            qkv_bias=family == "qwen2", qk_norm=family == "qwen3", window=_windows(hf, family),
+            qkv_bias=family == "qwen2", qk_norm=family in ("qwen3", "olmo2"), window=_windows(hf, family),
+            qk_norm_over="projection" if family == "olmo2" else "head", rotary_dim=rotary_dim,
         ),
     )
+
+
+def _rotary_dim(hf: Mapping, family: str, head_dim: int) -> int | None:
+    """Phi-3's ``partial_rotary_factor`` as ``Attention.rotary_dim`` (None: all of head_dim)."""
+    partial = hf.get("partial_rotary_factor", (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+    rotary_dim = int(head_dim * partial)
+    if rotary_dim == head_dim:
+        return None
+    if family != "phi3":
+        raise ValueError(f"{family} config.json has partial_rotary_factor={partial}; supported: 1.0 (rotary on all of head_dim)")
+    if rotary_dim % 2 or rotary_dim == 0:
+        raise ValueError(f"phi3 config.json rotates int(head_dim={head_dim} * {partial}) = {rotary_dim} channels; expected an even number > 0")
+    return rotary_dim
 
 
 def _refuse_unsupported(hf: Mapping, family: str) -> None:
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ValueError(f"{family} config.json has hidden_act={act!r}; supported: 'silu' (SwiGLU)")
-    partial = hf.get("partial_rotary_factor", (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise ValueError(f"{family} config.json has partial_rotary_factor={partial}; supported: 1.0 (rotary on all of head_dim)")
 
 
 def _all_biases(hf: Mapping, family: str) -> bool:
@@ -131,10 +150,10 @@ def _rope(hf: Mapping, family: str) -> tuple[float, RopeScaling | None]:
 
 def _windows(hf: Mapping, family: str) -> int | tuple[int | None, ...] | None:
     """The sliding window(s): Mistral's one for all layers, or Qwen's per ``layer_types``."""
-    if family in ("llama",):
+    if family in ("llama", "olmo2"):
         return None
     window = hf.get("sliding_window")
-    if family == "mistral":
+    if family in ("mistral", "phi3"):
         return window
     n_layers = hf["num_hidden_layers"]
     if not hf.get("use_sliding_window", False):
@@ -157,7 +176,11 @@ def _windows(hf: Mapping, family: str) -> int | tuple[int | None, ...] | None:
 
 def family_for(cfg: Config) -> str:
     """The Llama-like family that can express ``cfg`` (its features decide), or a ``ValueError`` naming why none can."""
-    needs = dict(positional="rope", norm="rmsnorm", norm_position="pre", activation="swiglu", mlp=True)
+    needs = dict(positional="rope", norm="rmsnorm", activation="swiglu", mlp=True,
+                 residual="sequential", embed_scale=False, logit_softcap=None)
+    if cfg.norm_position == "output" or cfg.attention.qk_norm_over == "projection":
+        return _olmo2(cfg, needs | {"norm_scale_in_float32": True, "rope_in_float32": True})
+    needs |= {"norm_position": "pre", "norm_scale_in_float32": False, "rope_in_float32": False}
     for field, expected in needs.items():
         if getattr(cfg, field) != expected:
             raise ValueError(
@@ -165,7 +188,11 @@ def family_for(cfg: Config) -> str:
                 f"(supported families: {', '.join(FAMILIES)}; GPT-2 needs learned positions and LayerNorm)"
             )
     a = cfg.attention
+    if a.scale is not None or a.softcap is not None:
+        raise ValueError(f"Config.attention={a} has a scale or softcap, which no Llama-like family has")
     per_layer = isinstance(a.window, tuple)
+    if a.rotary_dim is not None:
+        return _phi3(cfg)
     if a.qk_norm:
         family = "qwen3"
     elif a.qkv_bias:
@@ -187,21 +214,57 @@ def family_for(cfg: Config) -> str:
     return family
 
 
-def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
-    """The ``config.json`` contents that ``transformers`` reads back as ``cfg``'s model."""
-    family = family_for(cfg)
-    hf = {
+def _phi3(cfg: Config) -> str:
+    """``phi3`` for partial rotary (the one Llama-like family with it), or why it cannot express ``cfg``."""
+    a = cfg.attention
+    if cfg.bias or a.qk_norm or a.qkv_bias or isinstance(a.window, tuple) or cfg.head_dim != cfg.d_model // cfg.n_heads:
+        raise ValueError(
+            f"Config.attention.rotary_dim={a.rotary_dim} needs phi3, which cannot express bias={cfg.bias}, attention={a}: "
+            "expected no biases, no q/k norm, one window for all layers, head_dim = d_model / n_heads"
+        )
+    if int(cfg.head_dim * (a.rotary_dim / cfg.head_dim)) != a.rotary_dim:
+        raise ValueError(f"Config.attention.rotary_dim={a.rotary_dim} is not int(head_dim * a float) in phi3")
+    return "phi3"
+
+
+def _olmo2(cfg: Config, needs: dict) -> str:
+    """``olmo2`` when ``cfg`` is OLMo-2's layout (norms after the sublayers, q/k norms over whole projections)."""
+    a = cfg.attention
+    needs = needs | dict(norm_position="output", bias=False, head_dim=cfg.d_model // cfg.n_heads, attention=dataclasses.replace(
+        a, qk_norm=True, qk_norm_over="projection", qkv_bias=False, window=None, scale=None, softcap=None, rotary_dim=None))
+    for field, expected in needs.items():
+        if getattr(cfg, field) != expected:
+            raise ValueError(
+                f"Config.{field}={getattr(cfg, field)!r} cannot be expressed in olmo2 (norm_position='output' or "
+                f"qk_norm_over='projection'): expected {expected!r}"
+            )
+    return "olmo2"
+
+
+def common_hf(cfg: Config, family: str, dtype_name: str) -> dict:
+    """The ``config.json`` keys every family with Llama's tensor names spells the same way."""
+    return {
         "architectures": [next(a for a, f in ARCHITECTURES.items() if f == family)], "model_type": family,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim, "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
-        "initializer_range": cfg.init_std, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
         "rope_parameters": _rope_parameters(cfg), "attention_dropout": 0.0, "dtype": dtype_name,
     }
+
+
+def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
+    """The ``config.json`` contents that ``transformers`` reads back as ``cfg``'s model."""
+    family = family_for(cfg)
+    hf = common_hf(cfg, family, dtype_name) | {"hidden_act": "silu"}
     if family == "llama":
         hf.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
-    if family == "qwen3":
+    if family in ("qwen3", "olmo2"):
         hf["attention_bias"] = False
+    if family == "phi3":
+        hf["rope_parameters"]["partial_rotary_factor"] = cfg.rotary_dim / cfg.head_dim
+        hf["sliding_window"] = cfg.attention.window
+        hf["pad_token_id"] = None  # transformers' default (32000) is an embedding row only Phi-3's own vocabulary has
     windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
     if family == "mistral":
         hf["sliding_window"] = windows[0]
@@ -230,12 +293,24 @@ def _rope_parameters(cfg: Config) -> dict:
 # ---------------------------------------------------------------- tensor names
 
 
+# The norms after the attention sublayer, by Config.norm_position: (Hugging Face name, params name).
+NORMS_AFTER_ATTN = {
+    "pre": (("post_attention_layernorm", "ln2"),),
+    "sandwich": (("post_attention_layernorm", "ln1_post"), ("pre_feedforward_layernorm", "ln2"),
+                 ("post_feedforward_layernorm", "ln2_post")),
+    "output": (("post_attention_layernorm", "ln1"), ("post_feedforward_layernorm", "ln2")),
+}
+
+
 @dataclass(frozen=True)
 class Slot:
     """One Hugging Face tensor and where it lives in the parameter tree.
 
     ``leaf[..., cols[0]:cols[1]]`` (the whole leaf when ``cols`` is None) equals the HF tensor, transposed
     when ``transpose`` (``nn.Linear`` stores ``[d_out, d_in]``; ``linear`` here takes ``[d_in, d_out]``).
+    ``heads``: the HF tensor's first axis is a fused q/k/v interleaved per head, ``(heads qkv head_dim)``,
+    where the leaf has ``(qkv heads head_dim)`` (GPT-NeoX). ``rows``: the slot is rows ``rows[0]:rows[1]``
+    of the HF tensor (of shape ``hf_shape``), whose other rows other slots fill (Phi-3's ``gate_up_proj``).
     """
 
     hf_key: str
@@ -243,18 +318,25 @@ class Slot:
     hf_shape: tuple[int, ...]
     transpose: bool = False
     cols: tuple[int, int] | None = None
+    heads: int | None = None
+    rows: tuple[int, int] | None = None
 
 
-def tensor_slots(cfg: Config) -> list[Slot]:
-    """Every tensor of a Llama-like checkpoint for ``cfg``, in the order the model has them."""
+def tensor_slots(cfg: Config, family: str | None = None) -> list[Slot]:
+    """Every tensor of a Llama-like checkpoint for ``cfg`` (in ``family``'s names; None: ``family_for(cfg)``),
+    in the order the model has them."""
+    fused = (family or family_for(cfg)) in FUSED
     d, ff, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
     q, kv = cfg.n_heads * hd, cfg.n_kv_heads * hd
     cols = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
     slots = [Slot("model.embed_tokens.weight", "embed.tokens", (cfg.vocab_size, d))]
     for i in range(cfg.n_layers):
         h, b = f"model.layers.{i}.", f"blocks.{i}."
-        slots.append(Slot(h + "input_layernorm.weight", b + "ln1.scale", (d,)))
-        for name, (lo, hi) in cols.items():
+        if cfg.norm_position != "output":
+            slots.append(Slot(h + "input_layernorm.weight", b + "ln1.scale", (d,)))
+        if fused:
+            slots.append(Slot(h + "self_attn.qkv_proj.weight", b + "attn.w_qkv", (q + 2 * kv, d), True))
+        for name, (lo, hi) in () if fused else cols.items():
             slots.append(Slot(h + f"self_attn.{name}_proj.weight", b + "attn.w_qkv", (hi - lo, d), True, (lo, hi)))
             if cfg.bias or cfg.attention.qkv_bias:
                 slots.append(Slot(h + f"self_attn.{name}_proj.bias", b + "attn.b_qkv", (hi - lo,), False, (lo, hi)))
@@ -262,9 +344,15 @@ def tensor_slots(cfg: Config) -> list[Slot]:
         if cfg.bias:
             slots.append(Slot(h + "self_attn.o_proj.bias", b + "attn.b_o", (d,)))
         if cfg.attention.qk_norm:
-            slots += [Slot(h + f"self_attn.{n}_norm.weight", b + f"attn.{n}_norm.scale", (hd,)) for n in "qk"]
-        slots.append(Slot(h + "post_attention_layernorm.weight", b + "ln2.scale", (d,)))
-        for hf_name, ft_name, shape in (("gate", "gate", (ff, d)), ("up", "in", (ff, d)), ("down", "out", (d, ff))):
+            whole = cfg.attention.qk_norm_over == "projection"
+            slots += [Slot(h + f"self_attn.{n}_norm.weight", b + f"attn.{n}_norm.scale", (width if whole else hd,))
+                      for n, width in (("q", q), ("k", kv))]
+        slots += [Slot(h + f"{name}.weight", b + f"{ours}.scale", (d,)) for name, ours in NORMS_AFTER_ATTN[cfg.norm_position]]
+        if fused:
+            slots += [Slot(h + "mlp.gate_up_proj.weight", b + f"mlp.w_{n}", (2 * ff, d), True, rows=r)
+                      for n, r in (("gate", (0, ff)), ("in", (ff, 2 * ff)))]
+        for hf_name, ft_name, shape in (("down", "out", (d, ff)),) if fused else (
+                ("gate", "gate", (ff, d)), ("up", "in", (ff, d)), ("down", "out", (d, ff))):
             slots.append(Slot(h + f"mlp.{hf_name}_proj.weight", b + f"mlp.w_{ft_name}", shape, True))
             if cfg.bias:
                 slots.append(Slot(h + f"mlp.{hf_name}_proj.bias", b + f"mlp.b_{ft_name}", (shape[0],)))

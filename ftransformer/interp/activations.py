@@ -20,7 +20,14 @@ path                                    shape                                   
 ======================================  ==========================================  ==============================
 
 ``acts`` nests them: ``acts["blocks"][1]["attn"]["pattern"]``. In a post-LN model ``resid_mid`` and
-``resid_post`` are the normed sums, as they flow on. ``head_out`` summed over heads plus ``b_o`` is the
+``resid_post`` are the normed sums, as they flow on. In the parallel layouts (``Config.residual``
+``"parallel"`` / ``"parallel_shared_norm"``, GPT-NeoX / GPT-J) both sublayers read ``resid_pre``:
+``resid_mid`` is ``resid_pre`` plus the attention's write alone (nothing reads it; it is where that
+write ends), and ``resid_post`` is ``resid_mid`` plus the MLP's write, computed from ``resid_pre``.
+In the sandwich layout (``norm_position="sandwich"``, Gemma 2/3) each sublayer's output is normed again
+(``ln1_post`` / ``ln2_post``) before it is added: ``head_out`` is each head's write *before* that norm, so
+``resid_mid - resid_pre`` is ``ln1_post`` of their sum, not the sum itself (the same holds for the
+``"output"`` layout, OLMo-2, with ``ln1``). ``mlp.hidden`` is the gated product for SwiGLU / GeGLU. ``head_out`` summed over heads plus ``b_o`` is the
 attention sublayer's output.
 
 An intervention maps a path to a function ``value -> value`` of the same shape; what it returns flows

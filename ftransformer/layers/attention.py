@@ -21,7 +21,7 @@ from ftransformer import random
 from ftransformer.layers.embedding import Rotary, apply_rotary
 from ftransformer.layers.linear import linear
 from ftransformer.layers.masks import Mask
-from ftransformer.layers.norm import rms_norm
+from ftransformer.layers.norm import norm
 from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.shapes import Bool, Float, Int, Key, Residual, Tensor, einsum_equation
 
@@ -39,13 +39,21 @@ def attention_pattern(
     q: Float[Tensor, "*batch kv_heads group seq head_dim"],
     k: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
     mask: Bool[Tensor, "... seq kv_seq"] | Float[Tensor, "... seq kv_seq"],
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> Float[Tensor, "*batch kv_heads group seq kv_seq"]:
     """softmax(q k^T / sqrt(head_dim)) over keys; ``mask`` False hides a key.
 
     A float ``mask`` is added to the scores instead (0 to keep a key, -inf to hide it). It broadcasts
     against the scores: a batched mask needs its ``kv_heads`` and ``group`` axes (of size 1).
+    ``scale`` replaces ``1 / sqrt(head_dim)``; ``softcap`` caps the scores smoothly, ``softcap *
+    tanh(scores / softcap)``, before the mask (``Attention(scale=..., softcap=...)``).
     """
-    scores = torch.einsum(SCORES, q, k) / math.sqrt(q.shape[-1])
+    scores = torch.einsum(SCORES, q, k)
+    scores = scores / math.sqrt(q.shape[-1]) if scale is None else scores * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, float("-inf"))
     else:
@@ -81,22 +89,27 @@ def scaled_dot_product_attention(
     impl: str = "sdpa",
     dropout: float = 0.0,
     key: Key | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> Float[Tensor, "*batch heads seq head_dim"]:
     """Attention of every query head over its key/value head, hiding the keys ``mask`` hides.
 
     With ``key`` given and ``dropout > 0`` the pattern is dropped out with that key, on the einsum path
-    (the fused kernel draws from torch's global generator, which explicit keys rule out).
+    (the fused kernel draws from torch's global generator, which explicit keys rule out). ``scale`` and
+    ``softcap``: see ``attention_pattern``; soft-capping always takes the einsum path.
     """
     kv_heads = k.shape[-3]
-    if impl == "sdpa" and (key is None or dropout == 0.0):
+    if impl == "sdpa" and (key is None or dropout == 0.0) and softcap is None:
         group = q.shape[-3] // kv_heads
         if group > 1:
             k = repeat(k, "... kv_heads kv_seq head_dim -> ... (kv_heads group) kv_seq head_dim", group=group)
             v = repeat(v, "... kv_heads kv_seq head_dim -> ... (kv_heads group) kv_seq head_dim", group=group)
         if mask.causal:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed.unsqueeze(-3))
-    pattern = attention_pattern(group_heads(q, kv_heads), k, mask.allowed[..., None, None, :, :])
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.allowed.unsqueeze(-3), scale=scale)
+    pattern = attention_pattern(
+        group_heads(q, kv_heads), k, mask.allowed[..., None, None, :, :], scale=scale, softcap=softcap
+    )
     return ungroup_heads(attend(random.dropout(pattern, dropout, key), v))
 
 
@@ -108,19 +121,24 @@ def project_qkv(params: dict, x: Residual, cfg, rotary: Rotary | None = None) ->
     """Queries, keys and values from one fused projection ``w_qkv``; with ``cfg.attention.qk_norm`` q and k
     RMS-normalised per head; ``rotary`` applied to q and k (RoPE)."""
     qkv = linear(x, params["w_qkv"], params.get("b_qkv"))
+    whole = cfg.attention.qk_norm and cfg.attention.qk_norm_over == "projection"
+    if whole:  # OLMo-2: q and k each normalised over all their heads' channels at once
+        widths = [n * cfg.head_dim for n in (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)]
+        q, k, v = qkv.split(widths, dim=-1)
+        qkv = torch.cat([norm(params["q_norm"], q, cfg), norm(params["k_norm"], k, cfg), v], dim=-1)
     # w_qkv's columns are n_heads query heads, then n_kv_heads key heads, then n_kv_heads value heads:
     # one rearrange into heads and a split along them gives the same views as three rearranges, in
     # half the time (per-call overhead is what bounds one-token decoding).
     qkv = rearrange(qkv, "... seq (heads head_dim) -> ... heads seq head_dim", head_dim=cfg.head_dim)
     q, k, v = qkv.split([cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads], dim=-3)
-    if cfg.attention.qk_norm:
+    if cfg.attention.qk_norm and not whole:
         # Qwen3: every head's query and key RMS-normalised over head_dim, before the rotation.
-        q = rms_norm(q, params["q_norm"]["scale"], eps=cfg.norm_eps, upcast=cfg.norm_upcast)
-        k = rms_norm(k, params["k_norm"]["scale"], eps=cfg.norm_eps, upcast=cfg.norm_upcast)
+        q = norm(params["q_norm"], q, cfg)
+        k = norm(params["k_norm"], k, cfg)
     if cfg.positional == "rope":
         if rotary is None:
             raise ValueError("cfg.positional='rope' needs the rotary tables: rotary=rotary_tables(positions, cfg)")
-        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        q, k = (apply_rotary(t, *rotary, in_float32=cfg.rope_in_float32) for t in (q, k))
     return q, k, v
 
 
@@ -148,15 +166,27 @@ def multi_head_attention(
     q, k, v = project_qkv(params, x, cfg, rotary)
     if tap.active:
         return tapped_attention(params, q, k, v, cfg, mask=mask, tap=tap)
-    o = scaled_dot_product_attention(q, k, v, mask, impl=cfg.attn_impl, dropout=cfg.dropout, key=key)
+    o = scaled_dot_product_attention(q, k, v, mask, impl=cfg.attn_impl, dropout=cfg.dropout, key=key, **scores(cfg))
     return project_out(params, o)
 
 
+def scores(cfg) -> dict:
+    """The config's ``scale`` and ``softcap`` of the attention scores, as keyword arguments."""
+    return dict(scale=cfg.attention.scale, softcap=cfg.attention.softcap)
+
+
 def head_pattern(
-    q: Float[Tensor, "*batch heads seq head_dim"], k: Float[Tensor, "*batch kv_heads kv_seq head_dim"], mask: Mask
+    q: Float[Tensor, "*batch heads seq head_dim"],
+    k: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
+    mask: Mask,
+    *,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> Float[Tensor, "*batch heads seq kv_seq"]:
     """Every query head's attention pattern (its softmax rows), with grouped key heads shared as in GQA."""
-    pattern = attention_pattern(group_heads(q, k.shape[-3]), k, mask.allowed[..., None, None, :, :])
+    pattern = attention_pattern(
+        group_heads(q, k.shape[-3]), k, mask.allowed[..., None, None, :, :], scale=scale, softcap=softcap
+    )
     return rearrange(pattern, "... kv_heads group seq kv_seq -> ... (kv_heads group) seq kv_seq")
 
 
@@ -187,13 +217,13 @@ def tapped_attention(
     into the output instead.
     """
     q, k, v = tap("q", q), tap("k", k), tap("v", v)
-    pattern = tap("pattern", head_pattern(q, k, mask))
+    pattern = tap("pattern", head_pattern(q, k, mask, **scores(cfg)))
     if tap.intervenes("pattern"):
         kv_heads = k.shape[-3]
         grouped = rearrange(pattern, "... (kv_heads group) seq kv_seq -> ... kv_heads group seq kv_seq", kv_heads=kv_heads)
         o = ungroup_heads(attend(grouped, v))
     else:
-        o = scaled_dot_product_attention(q, k, v, mask, impl=cfg.attn_impl)
+        o = scaled_dot_product_attention(q, k, v, mask, impl=cfg.attn_impl, **scores(cfg))
     head_out = tap("head_out", head_outputs(params, o))
     if tap.intervenes("head_out"):
         b_o = params.get("b_o")
@@ -269,5 +299,5 @@ def multi_head_attention_with_cache(
     """
     q, k, v = project_qkv(params, x, cfg, rotary)
     k_cache, v_cache = write(k_cache, k, write_index), write(v_cache, v, write_index)
-    o = scaled_dot_product_attention(q, k_cache, v_cache, mask, impl=cfg.attn_impl)
+    o = scaled_dot_product_attention(q, k_cache, v_cache, mask, impl=cfg.attn_impl, **scores(cfg))
     return project_out(params, o), k_cache, v_cache

@@ -3,7 +3,13 @@ residual connection and a normalisation, in either order.
 
 * pre-LN (GPT-2 and later): ``x = x + f(norm(x))`` -- the residual stream is never normalised, which
   keeps deep stacks trainable without warm-up tricks;
-* post-LN (the 2017 diagram): ``x = norm(x + f(x))``.
+* post-LN (the 2017 diagram): ``x = norm(x + f(x))``;
+* sandwich (Gemma 2/3): ``x = x + norm'(f(norm(x)))``, a second norm (``ln1_post`` / ``ln2_post``) on
+  each sublayer's output;
+* output (OLMo-2): ``x = x + norm(f(x))``, the sublayer reads the raw residual;
+* parallel (GPT-NeoX / Pythia, ``Config.residual="parallel"``): ``x = x + attn(ln1(x)) + mlp(ln2(x))``,
+  both sublayers reading the block's input; ``"parallel_shared_norm"`` (GPT-J, Phi-2) feeds both the
+  same ``ln1(x)``.
 
 ``block`` and ``block_with_cache`` differ only in their attention sublayer; ``wire`` is the one place
 the residual connections are made.
@@ -26,19 +32,28 @@ Sublayer = Callable[[dict, Tensor], tuple[Tensor, Any]]
 
 
 def residual_with(
-    params: dict, x: Residual, sublayer: Sublayer, norm_params: dict, cfg, key: Key | None
+    params: dict, x: Residual, sublayer: Sublayer, norm_params: dict, cfg, key: Key | None, post: dict | None = None
 ) -> tuple[Residual, Any]:
-    """``residual`` for a sublayer that also returns something else, which is passed through untouched."""
-    if cfg.norm_position == "pre":
+    """``residual`` for a sublayer that also returns something else, which is passed through untouched.
+
+    ``post``: the sandwich layout's second norm, on the sublayer's output."""
+    if cfg.norm_position in ("pre", "sandwich"):
         out, extra = sublayer(params, norm(norm_params, x, cfg))
+        if post is not None:
+            out = norm(post, out, cfg)
         return x + random.dropout(out, cfg.dropout, key), extra
+    if cfg.norm_position == "output":
+        out, extra = sublayer(params, x)
+        return x + random.dropout(norm(norm_params, out, cfg), cfg.dropout, key), extra
     out, extra = sublayer(params, x)
     return norm(norm_params, x + random.dropout(out, cfg.dropout, key), cfg), extra
 
 
-def residual(params: dict, x: Residual, sublayer, norm_params: dict, cfg, key: Key | None) -> Residual:
+def residual(
+    params: dict, x: Residual, sublayer, norm_params: dict, cfg, key: Key | None, post: dict | None = None
+) -> Residual:
     """One residual sublayer in the config's norm position, with dropout on the sublayer's output."""
-    return residual_with(params, x, lambda p, h: (sublayer(p, h), None), norm_params, cfg, key)[0]
+    return residual_with(params, x, lambda p, h: (sublayer(p, h), None), norm_params, cfg, key, post)[0]
 
 
 def wire(
@@ -50,12 +65,39 @@ def wire(
     ``resid_mid`` (after attention), ``resid_post``, and the MLP's values under ``mlp.``.
     """
     x = tap("resid_pre", x)
-    x, extra = residual_with(params["attn"], x, attn, params["ln1"], cfg, keys[0])
+    if cfg.residual != "sequential":
+        return parallel_wire(params, x, cfg, attn, keys=keys, tap=tap)
+    sandwich = cfg.norm_position == "sandwich"
+    post = (params["ln1_post"], params.get("ln2_post")) if sandwich else (None, None)
+    x, extra = residual_with(params["attn"], x, attn, params["ln1"], cfg, keys[0], post[0])
     x = tap("resid_mid", x)
     if cfg.mlp:
         mlp = tap.scope("mlp")
-        x = residual(params["mlp"], x, lambda p, h: feedforward(p, h, cfg, tap=mlp), params["ln2"], cfg, keys[1])
+
+        def ffn(p: dict, h: Tensor) -> Tensor:
+            return feedforward(p, h, cfg, tap=mlp)
+
+        x = residual(params["mlp"], x, ffn, params["ln2"], cfg, keys[1], post[1])
     return tap("resid_post", x), extra
+
+
+def parallel_wire(
+    params: dict, x: Residual, cfg, attn: Sublayer, *, keys: tuple[Key | None, Key | None], tap: Tap
+) -> tuple[Residual, Any]:
+    """``wire`` for the parallel layouts: attention and MLP both read the block input ``x`` (normed by
+    ``ln1`` and ``ln2``, or both by ``ln1``). ``resid_mid`` is ``x`` plus the attention output alone: the
+    MLP does not read it, it is where the attention's write ends."""
+    h = norm(params["ln1"], x, cfg)
+    out, extra = attn(params["attn"], h)
+    out = random.dropout(out, cfg.dropout, keys[0])
+    mid = tap("resid_mid", x + out)
+    if cfg.residual == "parallel":
+        h = norm(params["ln2"], x, cfg)
+    mlp = random.dropout(feedforward(params["mlp"], h, cfg, tap=tap.scope("mlp")), cfg.dropout, keys[1])
+    # (mlp + attn) + x is GPT-NeoX's order of the sum (in bfloat16 the order decides the rounding); a
+    # resid_mid an intervention replaced flows on instead.
+    post = mid + mlp if tap.intervenes("resid_mid") else mlp + out + x
+    return tap("resid_post", post), extra
 
 
 def block(

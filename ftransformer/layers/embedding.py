@@ -69,20 +69,36 @@ def rotary_angles(
     return Rotary(angles.cos(), angles.sin())
 
 
-def rotary_tables(positions: Int[Tensor, "*#batch seq"], cfg) -> Rotary | None:
-    """The tables ``cfg``'s attention layers rotate queries and keys by; None unless ``cfg.positional`` is "rope"."""
+def rotary_tables(positions: Int[Tensor, "*#batch seq"], cfg, *, windowed: bool = False) -> Rotary | None:
+    """The tables ``cfg``'s attention layers rotate queries and keys by; None unless ``cfg.positional`` is "rope".
+
+    ``windowed``: the tables of the sliding-window layers, with ``cfg.window_rope_base`` (unscaled) when set.
+    """
     if cfg.positional != "rope":
         return None
-    return rotary_angles(positions, cfg.head_dim, base=cfg.rope_base, scaling=cfg.rope_scaling)
+    if windowed and cfg.window_rope_base is not None:
+        return rotary_angles(positions, cfg.rotary_dim, base=cfg.window_rope_base)
+    return rotary_angles(positions, cfg.rotary_dim, base=cfg.rope_base, scaling=cfg.rope_scaling)
 
 
 def apply_rotary(
     x: Float[Tensor, "*batch heads seq head_dim"],
     cos: Float[Tensor, "*#batch seq half"],
     sin: Float[Tensor, "*#batch seq half"],
+    *,
+    in_float32: bool = False,
 ) -> Float[Tensor, "*batch heads seq head_dim"]:
-    """Rotate each pair (x[i], x[i + head_dim/2]) by its angle (RoPE, the GPT-NeoX/Llama layout)."""
+    """Rotate each pair (x[i], x[i + half]) by its angle (RoPE, the GPT-NeoX/Llama layout).
+
+    Tables narrower than the head (``half < head_dim / 2``: partial rotary) turn the first ``2 * half``
+    channels and pass the rest through unchanged. ``in_float32``: rotate in float32 and cast back
+    (``Config.rope_in_float32``); else the tables are cast to ``x``'s dtype first.
+    """
+    rotated = 2 * cos.shape[-1]
+    if rotated < x.shape[-1]:
+        return torch.cat([apply_rotary(x[..., :rotated], cos, sin, in_float32=in_float32), x[..., rotated:]], dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
-    cos = cos.unsqueeze(-3).to(x.dtype)
-    sin = sin.unsqueeze(-3).to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    dtype = torch.float32 if in_float32 else x.dtype
+    cos = cos.unsqueeze(-3).to(dtype)
+    sin = sin.unsqueeze(-3).to(dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

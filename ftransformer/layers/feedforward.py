@@ -1,4 +1,4 @@
-"""Learning-path step 4: the position-wise feed-forward network (GELU MLP, or SwiGLU)."""
+"""Learning-path step 4: the position-wise feed-forward network (GELU MLP, or a gated one: SwiGLU, GeGLU)."""
 
 import torch.nn.functional as F
 
@@ -19,13 +19,15 @@ def gelu_mlp(
 
 
 def swiglu_mlp(
-    params: dict, x: Residual, *, tap: Tap = NO_TAP
+    params: dict, x: Residual, *, tap: Tap = NO_TAP, gelu_gate: bool = False
 ) -> Residual:
     """w_out(silu(w_gate x) * w_in x) (Shazeer 2020): a gate decides how much of each hidden unit passes.
 
-    ``tap`` sees ``hidden``, the gated d_ff-wide activations.
+    ``gelu_gate``: the tanh GELU bends the gate instead of SiLU (GeGLU, Gemma). ``tap`` sees ``hidden``,
+    the gated d_ff-wide activations.
     """
-    gate = F.silu(linear(x, params["w_gate"], params.get("b_gate")))
+    gate = linear(x, params["w_gate"], params.get("b_gate"))
+    gate = F.gelu(gate, approximate="tanh") if gelu_gate else F.silu(gate)
     h = tap("hidden", gate * linear(x, params["w_in"], params.get("b_in")))
     return linear(h, params["w_out"], params.get("b_out"))
 
@@ -34,6 +36,6 @@ def feedforward(
     params: dict, x: Residual, cfg, *, tap: Tap = NO_TAP
 ) -> Residual:
     """The config's feed-forward network."""
-    if cfg.activation == "swiglu":
-        return swiglu_mlp(params, x, tap=tap)
+    if cfg.activation in ("swiglu", "geglu_tanh"):
+        return swiglu_mlp(params, x, tap=tap, gelu_gate=cfg.activation == "geglu_tanh")
     return gelu_mlp(params, x, approximate="tanh" if cfg.activation == "gelu_tanh" else "none", tap=tap)

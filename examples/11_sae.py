@@ -73,7 +73,9 @@ def main() -> None:
     site = "blocks.1.resid_mid"
     train = windows(ds.train, cfg.max_seq_len, len(ds.train) // cfg.max_seq_len)
     # Position 0 is dropped (outlier activations); the scale gives x a mean norm of sqrt(d_model).
-    acts = sae.collect_activations(params, train.split(32), cfg, site, out / "acts", n_tokens=40_000)
+    # 40,000 rows, or every row a small text has (each window gives seq - 1: position 0 is dropped).
+    n_tokens = min(40_000, train.shape[0] * (cfg.max_seq_len - 1))
+    acts = sae.collect_activations(params, train.split(32), cfg, site, out / "acts", n_tokens=n_tokens)
     print(f"   collected {acts.data.shape[0]:,} activations of {site} (memory-mapped), scale {acts.scale:.3f}")
     sae_cfg = sae.SAEConfig(d_in=cfg.d_model, d_sae=512, architecture="topk", k_max=32, dead_tokens=20_000)
     hp = sae.make_hparams(3, k=[8, 16, 32], lr=2e-3)

@@ -104,3 +104,19 @@ def test_vmap_example_on_a_small_text(tmp_path):
     assert re.search(r"max \|vmap - loop\| = " + SMALL, result.stdout), result.stdout
     assert re.search(r"B_simple = -?\d+", result.stdout) and "<- best" in result.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sae_example_on_a_small_text(tmp_path):
+    # examples/11_sae.py on a small generated text with few steps: the ground-truth recovery, a tiny model,
+    # its activations collected and a stack of three TopK SAEs spliced back in, all printed.
+    text = tmp_path / "small.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7 % 13}.\n"
+                            for i in range(400)), encoding="utf-8")
+    result = run_example(ROOT / "examples" / "11_sae.py", "--truth-steps", "100", "--model-steps", "60",
+                         "--sae-steps", "60", "--data", str(text), "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, f"11_sae.py failed:\n{result.stdout}\n{result.stderr}"
+    assert re.search(r"mean max cosine with the true directions = 0\.\d+", result.stdout), result.stdout
+    assert re.search(r"collected [\d,]+ activations of blocks\.1\.resid_mid", result.stdout), result.stdout
+    rows = re.findall(r"^\s+(8|16|32)\s+\d+\.\d\s+(-?\d\.\d+)", result.stdout, flags=re.M)
+    assert [k for k, _ in rows] == ["8", "16", "32"], result.stdout
+    assert (tmp_path / "run" / "saes" / "metrics.jsonl").exists()

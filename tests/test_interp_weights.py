@@ -34,6 +34,21 @@ def assert_untouched(params: dict, before: dict) -> None:
         assert torch.equal(after[k], v), f"{k} was modified in place"
 
 
+def transformed(transform, cfg: ft.Config, *, up_to_softmax: bool = False) -> tuple[dict, dict, ft.Config]:
+    """``(params, new_params, new_cfg)`` after checking the input tree is untouched and the logits (their
+    log_softmax with ``up_to_softmax``) agree to 1e-5, in float64 and in float32."""
+    for dtype in (torch.float32, torch.float64):
+        params = ft.tree.to(noisy_params(cfg), dtype=dtype)
+        before = snapshot(params)
+        new_params, new_cfg = transform(params, cfg)
+        assert_untouched(params, before)
+        got, want = logits(new_params, new_cfg), logits(params, cfg)
+        if up_to_softmax:
+            got, want = got.log_softmax(-1), want.log_softmax(-1)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    return params, new_params, new_cfg
+
+
 CASES = {
     "gpt2": GPT2_LIKE,
     "gpt2-untied-gqa": GPT2_LIKE.replace(tie_embeddings=False, n_kv_heads=2),
@@ -48,11 +63,7 @@ CASES = {
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_fold_layer_norm_keeps_logits_and_leaves_identity_norms(name):
     cfg = CASES[name]
-    params = noisy_params(cfg)
-    before = snapshot(params)
-    folded, new_cfg = w.fold_layer_norm(params, cfg)
-    assert_untouched(params, before)
-    torch.testing.assert_close(logits(folded, new_cfg), logits(params, cfg), atol=1e-5, rtol=0)
+    params, folded, new_cfg = transformed(w.fold_layer_norm, cfg)
     assert not new_cfg.tie_embeddings
     identity = 0.0 if cfg.norm_unit_offset else 1.0
     for block in folded["blocks"]:
@@ -65,12 +76,7 @@ def test_fold_layer_norm_keeps_logits_and_leaves_identity_norms(name):
 
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-untied-gqa", "neox-parallel", "attention-only"])
 def test_center_writing_weights_keeps_logits_and_centres_every_writer(name):
-    cfg = CASES[name]
-    params, cfg0 = noisy_params(cfg), cfg
-    before = snapshot(params)
-    centred, cfg = w.center_writing_weights(params, cfg)
-    assert_untouched(params, before)
-    torch.testing.assert_close(logits(centred, cfg), logits(params, cfg0), atol=1e-5, rtol=0)
+    _, centred, _ = transformed(w.center_writing_weights, CASES[name])
     writers = [centred["embed"]["tokens"]] + [b["attn"]["w_o"] for b in centred["blocks"]]
     writers += [b["mlp"]["w_out"] for b in centred["blocks"] if "mlp" in b]
     for t in writers:
@@ -80,11 +86,8 @@ def test_center_writing_weights_keeps_logits_and_centres_every_writer(name):
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_center_unembed_keeps_log_softmax_but_moves_logits(name):
     cfg = CASES[name]
-    params = noisy_params(cfg)
-    centred, new_cfg = w.center_unembed(params, cfg)
-    got, want = logits(centred, new_cfg), logits(params, cfg)
-    torch.testing.assert_close(got.log_softmax(-1), want.log_softmax(-1), atol=1e-5, rtol=0)
-    assert (got - want).abs().max() > 1e-3  # the logits themselves did move
+    params, centred, new_cfg = transformed(w.center_unembed, cfg, up_to_softmax=True)
+    assert (logits(centred, new_cfg) - logits(params, cfg)).abs().max() > 1e-3  # the logits themselves did move
     torch.testing.assert_close(centred["unembed"]["w"].mean(-1), torch.zeros(cfg.d_model, dtype=torch.float64))
     # the embedding the model reads is untouched when untying
     assert torch.equal(centred["embed"]["tokens"], params["embed"]["tokens"])
@@ -93,23 +96,23 @@ def test_center_unembed_keeps_log_softmax_but_moves_logits(name):
 @pytest.mark.parametrize("name", ["gpt2", "gpt2-untied-gqa", "neox-parallel"])
 def test_fold_value_biases_keeps_logits_and_zeroes_value_bias(name):
     cfg = CASES[name]
-    params = noisy_params(cfg)
-    before = snapshot(params)
-    folded, new_cfg = w.fold_value_biases(params, cfg)
-    assert_untouched(params, before)
-    torch.testing.assert_close(logits(folded, new_cfg), logits(params, cfg), atol=1e-5, rtol=0)
+    _, folded, _ = transformed(w.fold_value_biases, cfg)
     v_width = cfg.n_kv_heads * cfg.head_dim
     for block in folded["blocks"]:
         assert torch.all(block["attn"]["b_qkv"][-v_width:] == 0)
 
 
-def test_all_four_transforms_compose():
-    cfg = GPT2_LIKE
-    params = noisy_params(cfg)
-    p, c = params, cfg
+def process_all(params: dict, cfg: ft.Config) -> tuple[dict, ft.Config]:
     for transform in (w.fold_layer_norm, w.center_writing_weights, w.center_unembed, w.fold_value_biases):
-        p, c = transform(p, c)
-    torch.testing.assert_close(logits(p, c).log_softmax(-1), logits(params, cfg).log_softmax(-1), atol=1e-5, rtol=0)
+        params, cfg = transform(params, cfg)
+    return params, cfg
+
+
+@pytest.mark.parametrize("name", ["gpt2", "neox-parallel"])
+def test_all_four_transforms_compose(name):
+    _, processed, _ = transformed(process_all, CASES[name], up_to_softmax=True)
+    for block in processed["blocks"]:
+        torch.testing.assert_close(block["attn"]["w_o"].mean(-1), torch.zeros_like(block["attn"]["w_o"][:, 0]))
 
 
 @pytest.mark.parametrize(

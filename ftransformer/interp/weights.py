@@ -238,7 +238,7 @@ class FactoredMatrix(NamedTuple):
         return _r_factor(self.A) @ _r_factor(self.B.mT).mT
 
     def svdvals(self) -> Tensor:
-        """Singular values, largest first (min(r_A, r_B) of them; the rest of ``A @ B``'s are zero)."""
+        """Singular values, largest first: r of them (the inner width); the rest of ``A @ B``'s are zero."""
         return torch.linalg.svdvals(self.core())
 
     def norms(self) -> Tensor:

@@ -5,6 +5,8 @@ analyses as pure functions of them, and plots.
 * ``interventions``: head ablation, activation patching, steering, ``head_ablation_sweep``;
 * ``analysis``: attention entropy, previous-token and induction scores, logit lens, direct logit
   attribution, loss per position;
+* ``weights``: weight processing as pure params transforms (``fold_layer_norm``, ``center_writing_weights``,
+  ``center_unembed``, ``fold_value_biases``) and per-head QK / OV circuits kept factored, composition scores;
 * ``plots``: attention grids, layer x head heatmaps, the logit lens, as PNG files (matplotlib, Agg).
 """
 
@@ -30,8 +32,20 @@ from ftransformer.interp.interventions import (
     steer,
 )
 from ftransformer.interp.plots import plot_attention, plot_head_scores, plot_logit_lens
+from ftransformer.interp.weights import (
+    FactoredMatrix,
+    center_unembed,
+    center_writing_weights,
+    composition_scores,
+    fold_layer_norm,
+    fold_value_biases,
+    ov_circuit,
+    qk_circuit,
+)
 
 __all__ = [
+    "FactoredMatrix", "center_unembed", "center_writing_weights", "composition_scores", "fold_layer_norm",
+    "fold_value_biases", "ov_circuit", "qk_circuit",
     "ablate_heads", "activation_paths", "attention_entropy", "combine", "direct_logit_attribution",
     "forward_with_activations", "head_ablation_sweep", "head_means", "head_scores", "induction_scores",
     "logit_lens", "loss_per_position", "masked_heads", "patch", "plot_attention", "plot_head_scores",

@@ -134,3 +134,28 @@ def test_mismatched_tokens_and_non_scalar_metrics_are_refused(model):
         interp.patch_sweep(params, clean, corrupt[:, :-1], logit_diff, cfg)
     with pytest.raises(ValueError, match=r"scalar tensor \(shape \(\)\), got shape \(5,\)"):
         interp.patch_sweep(params, clean, corrupt, lambda logits: logits[..., -1, 0], cfg)
+
+
+def test_the_sweep_costs_the_flops_of_runs_from_the_patched_layer_not_of_full_runs(model):
+    """FLOPs (torch's counter): two full runs (base and source) plus, per patch at layer i, blocks i..L-1
+    and the unembedding -- against the loop's one full run per patch: (L + 1) / 2L of the blocks' FLOPs
+    (here, 3 layers and an unembedding as costly as a block: 0.78 of the loop's FLOPs in all)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg, params, clean, corrupt = model
+    cfg = cfg.replace(attn_impl="einsum")
+
+    def flops(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    full = flops(lambda: ft.forward_with_activations(params, corrupt, cfg))
+    x = torch.zeros(BATCH, SEQ, cfg.d_model)
+    inputs = ft.model.block_inputs(corrupt, cfg)
+    from_layer = [flops(lambda i=i: patching.run_from(params, x, cfg, i, inputs)) for i in range(cfg.n_layers)]
+    swept = flops(lambda: interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, site="resid_pre", chunk=3))
+    assert from_layer[0] == full and from_layer[-1] < full
+    assert swept == 2 * full + SEQ * sum(from_layer)
+    loop = cfg.n_layers * SEQ * full
+    assert swept < 0.8 * loop, f"sweep {swept} FLOPs, loop {loop}"

@@ -36,6 +36,15 @@ DIRECTIONS = ("denoise", "noise")
 Metric = Callable[[Logits], Float[Tensor, ""]]
 
 
+class _Apply(Tap):
+    """A ``Tap`` that applies interventions and records nothing: a sweep's runs keep only the activations
+    the computation itself still needs (with ``Tap``, every one would stay alive for the whole run)."""
+
+    def __call__(self, name: str, value: Tensor) -> Tensor:
+        fn = self.interventions.get(self.prefix + name)
+        return value if fn is None else fn(value)
+
+
 def run_from(
     params: dict, x: Residual, cfg: Config, start: int, inputs: tuple, interventions: dict | None = None
 ) -> Logits:
@@ -43,7 +52,7 @@ def run_from(
     stream entering block ``start``; ``inputs`` is ``model.block_inputs``'s ``(positions, masks, rotaries)``
     and ``interventions`` (paths ``blocks.{i}.*``, ``i >= start``) are applied as in ``forward_with_activations``."""
     _, masks, rotaries = inputs
-    tap = Tap(interventions)
+    tap = _Apply(interventions)
     for i in range(start, cfg.n_layers):
         x = block(params["blocks"][i], x, cfg, mask=masks[i], rotary=rotaries[i], tap=tap.scope(f"blocks.{i}"))
     return unembed(params, x, cfg)

@@ -159,3 +159,17 @@ def test_the_sweep_costs_the_flops_of_runs_from_the_patched_layer_not_of_full_ru
     assert swept == 2 * full + SEQ * sum(from_layer)
     loop = cfg.n_layers * SEQ * full
     assert swept < 0.8 * loop, f"sweep {swept} FLOPs, loop {loop}"
+
+
+@pytest.mark.parametrize(
+    "layout", [dict(residual="parallel"), dict(norm_position="post", norm="rmsnorm"), dict(mlp=False)], ids=str
+)
+def test_other_block_layouts_sweep_like_their_loops(model, layout):
+    """Parallel blocks (resid_mid routed on by the tap), post-LN, attention-only: the sweep still equals the loop."""
+    cfg, _, clean, corrupt = model
+    cfg = cfg.replace(**layout)
+    params = perturbed_params(cfg, seed=1)
+    for site in ("resid_mid", "attn.v"):
+        by = ("layer", "position")
+        swept = interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, site=site, by=by)
+        torch.testing.assert_close(swept, looped(params, clean, corrupt, cfg, site, by), atol=1e-5, rtol=1e-5)

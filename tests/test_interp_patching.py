@@ -120,6 +120,7 @@ def test_each_layer_runs_only_the_blocks_from_the_patched_one_on(model, monkeypa
         (dict(by=("layer", "layer")), "by must hold 'layer'"),
         (dict(site="resid_pre", by=("layer", "head")), "by='head' needs an attn"),
         (dict(direction="sideways"), "direction must be one of"),
+        (dict(chunk=0), "chunk must be None or a positive int, got 0"),
     ],
 )
 def test_bad_arguments_say_what_was_expected(model, kwargs, message):

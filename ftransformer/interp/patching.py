@@ -58,7 +58,7 @@ def run_from(
     return unembed(params, x, cfg)
 
 
-def _check_args(clean: Tokens, corrupt: Tensor, metric, cfg: Config, site: str, by: tuple, direction: str) -> None:
+def _check_args(clean: Tokens, corrupt: Tensor, metric, cfg: Config, site: str, by: tuple, direction: str, chunk) -> None:
     check_tokens(clean, cfg, name="clean")
     check_tokens(corrupt, cfg, name="corrupt")
     if clean.shape != corrupt.shape:
@@ -75,6 +75,8 @@ def _check_args(clean: Tokens, corrupt: Tensor, metric, cfg: Config, site: str, 
         raise ValueError(f"by='head' needs an attn.* site (one with a heads axis), got site {site!r}")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}, got {direction!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be None or a positive int, got {chunk!r}")
 
 
 def _check_scalar(value: object) -> None:
@@ -159,7 +161,7 @@ def patch_sweep(
         interventions=patch(f"blocks.{i}.{site}", source_acts, positions=p, heads=h))[0])``.
     """
     by = tuple(by)
-    _check_args(clean, corrupt, metric, cfg, site, by, direction)
+    _check_args(clean, corrupt, metric, cfg, site, by, direction, chunk)
     # SDPA has no vmap batching rule; the einsum path computes the same attention and batches.
     cfg = cfg.replace(attn_impl="einsum")
     base_tokens, source_tokens = (corrupt, clean) if direction == "denoise" else (clean, corrupt)

@@ -3,6 +3,7 @@ analyses as pure functions of them, and plots.
 
 * ``activations``: ``forward_with_activations`` and the table of activation paths;
 * ``interventions``: head ablation, activation patching, steering, ``head_ablation_sweep``;
+* ``patching``: ``patch_sweep``, exact activation patching sweeps as vmapped runs from the patched layer;
 * ``analysis``: attention entropy, previous-token and induction scores, logit lens, direct logit
   attribution, loss per position;
 * ``weights``: weight processing as pure params transforms (``fold_layer_norm``, ``center_writing_weights``,
@@ -31,6 +32,7 @@ from ftransformer.interp.interventions import (
     patch,
     steer,
 )
+from ftransformer.interp.patching import patch_sweep
 from ftransformer.interp.plots import plot_attention, plot_head_scores, plot_logit_lens
 from ftransformer.interp.weights import (
     FactoredMatrix,
@@ -48,7 +50,7 @@ __all__ = [
     "fold_value_biases", "ov_circuit", "qk_circuit",
     "ablate_heads", "activation_paths", "attention_entropy", "combine", "direct_logit_attribution",
     "forward_with_activations", "head_ablation_sweep", "head_means", "head_scores", "induction_scores",
-    "logit_lens", "loss_per_position", "masked_heads", "patch", "plot_attention", "plot_head_scores",
+    "logit_lens", "loss_per_position", "masked_heads", "patch", "patch_sweep", "plot_attention", "plot_head_scores",
     "plot_logit_lens", "previous_token_scores",
     "repeated_random_tokens", "stacked_patterns", "steer",
 ]

@@ -1,0 +1,187 @@
+"""Learning-path step 9c: exact activation patching sweeps as vmapped runs from the patched layer on.
+
+``patch_sweep`` patches one site of one run (the *base*) with the values of another (the *source*), one
+slice at a time -- every layer, every position and/or every head -- and returns a metric of each patched
+run's logits. It gives the same numbers as the loop of single ``interventions.patch`` calls through
+``forward_with_activations``, but computes them differently:
+
+* the base run is computed ONCE, with its activations; a patch at layer ``i`` cannot change anything
+  before block ``i``, so each patched run *starts at block i* from the base run's cached
+  ``blocks.{i}.resid_pre`` (``resid_post`` patches start at block ``i + 1``), skipping the prefix:
+  about half the blocks of full runs, averaged over the layers;
+* all patches of one layer are ONE ``torch.func.vmap`` over a stack of 0/1 patch masks (one mask per
+  patch index), ``chunk`` of them at a time to bound memory.
+
+Direction: ``"denoise"`` (the default) patches clean values into the corrupted run (base = corrupt,
+source = clean: how much of the clean behaviour does this slice restore?); ``"noise"`` patches corrupted
+values into the clean run (base = clean, source = corrupt: how much does this slice break?).
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ftransformer.config import Config
+from ftransformer.interp.activations import forward_with_activations
+from ftransformer.layers.block import block
+from ftransformer.layers.tap import Tap
+from ftransformer.model import block_inputs, check_tokens, unembed
+from ftransformer.shapes import Float, Logits, Residual, Tensor, Tokens
+
+RESID_SITES = ("resid_pre", "resid_mid", "resid_post")
+HEAD_SITES = ("attn.q", "attn.k", "attn.v", "attn.pattern", "attn.head_out")
+SITES = RESID_SITES + HEAD_SITES + ("mlp.hidden",)
+AXES = ("layer", "position", "head")
+DIRECTIONS = ("denoise", "noise")
+Metric = Callable[[Logits], Float[Tensor, ""]]
+
+
+class _Apply(Tap):
+    """A ``Tap`` that applies interventions and records nothing: a sweep's runs keep only the activations
+    the computation itself still needs (with ``Tap``, every one would stay alive for the whole run)."""
+
+    def __call__(self, name: str, value: Tensor) -> Tensor:
+        fn = self.interventions.get(self.prefix + name)
+        return value if fn is None else fn(value)
+
+
+def run_from(
+    params: dict, x: Residual, cfg: Config, start: int, inputs: tuple, interventions: dict | None = None
+) -> Logits:
+    """The logits of blocks ``start, ..., n_layers - 1`` and the unembedding applied to ``x``, the residual
+    stream entering block ``start``; ``inputs`` is ``model.block_inputs``'s ``(positions, masks, rotaries)``
+    and ``interventions`` (paths ``blocks.{i}.*``, ``i >= start``) are applied as in ``forward_with_activations``."""
+    _, masks, rotaries = inputs
+    tap = _Apply(interventions)
+    for i in range(start, cfg.n_layers):
+        x = block(params["blocks"][i], x, cfg, mask=masks[i], rotary=rotaries[i], tap=tap.scope(f"blocks.{i}"))
+    return unembed(params, x, cfg)
+
+
+def _check_args(clean: Tokens, corrupt: Tensor, metric, cfg: Config, site: str, by: tuple, direction: str, chunk) -> None:
+    check_tokens(clean, cfg, name="clean")
+    check_tokens(corrupt, cfg, name="corrupt")
+    if clean.shape != corrupt.shape:
+        raise ValueError(f"clean and corrupt must have the same shape, got {tuple(clean.shape)} and {tuple(corrupt.shape)}")
+    if not callable(metric):
+        raise TypeError(f"metric must be a function logits -> scalar tensor, got {type(metric).__name__}")
+    if site not in SITES:
+        raise ValueError(f"site must be one of {', '.join(map(repr, SITES))}, got {site!r}")
+    if site == "mlp.hidden" and not cfg.mlp:
+        raise ValueError("site 'mlp.hidden' needs a model with an MLP, got cfg.mlp=False")
+    if "layer" not in by or len(set(by)) != len(by) or not set(by) <= set(AXES):
+        raise ValueError(f"by must hold 'layer' and any of 'position', 'head', each once, got {by!r}")
+    if "head" in by and site not in HEAD_SITES:
+        raise ValueError(f"by='head' needs an attn.* site (one with a heads axis), got site {site!r}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}, got {direction!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be None or a positive int, got {chunk!r}")
+
+
+def _check_scalar(value: object) -> None:
+    if not isinstance(value, Tensor) or value.ndim != 0:
+        got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"metric must return a scalar tensor (shape ()), got {got}")
+
+
+def patch_masks(by: Sequence[str], heads: int, seq: int, device: torch.device) -> Float[Tensor, "rows heads seq"]:
+    """One 0/1 mask per patch index, ``[n_heads_axis * n_position_axis, heads, seq]`` (head-major): row ``j``
+    marks what patch ``j`` replaces -- one head and/or one position, or all of an axis not in ``by``."""
+    pick_heads = torch.eye(heads, device=device) if "head" in by else torch.ones(1, heads, device=device)
+    pick_seq = torch.eye(seq, device=device) if "position" in by else torch.ones(1, seq, device=device)
+    masks = pick_heads[:, None, :, None] * pick_seq[None, :, None, :]
+    return masks.reshape(-1, heads, seq)
+
+
+def _replace(value: Tensor, source: Tensor, mask: Float[Tensor, "heads seq"], has_heads: bool) -> Tensor:
+    """``value`` with ``source`` where ``mask`` is 1 (the ``heads`` and ``seq`` axes; every other axis whole)."""
+    where = mask[..., None] if has_heads else mask[0][:, None]
+    return torch.where(where.bool(), source.to(value.dtype), value)
+
+
+def _site_value(acts: dict, layer: int, site: str) -> Tensor:
+    value = acts["blocks"][layer]
+    for part in site.split("."):
+        value = value[part]
+    return value
+
+
+def _layer_sweep(params, base: dict, source: dict, metric: Metric, cfg: Config, layer: int, *, site, by, inputs, chunk):
+    """The metric of every patch of ``site`` at ``layer``: ``[n_heads_axis * n_position_axis]``."""
+    src = _site_value(source, layer, site)
+    has_heads = site in HEAD_SITES
+    masks = patch_masks(by, src.shape[-3] if has_heads else 1, src.shape[-2], src.device)
+    if site == "resid_post":
+        start, x = layer + 1, _site_value(base, layer, site)
+    else:
+        start, x = layer, _site_value(base, layer, "resid_pre")
+
+    def patched_metric(mask: Float[Tensor, "heads seq"]) -> Float[Tensor, ""]:
+        if site == "resid_post":
+            return metric(run_from(params, _replace(x, src, mask, False), cfg, start, inputs))
+        fix = {f"blocks.{layer}.{site}": lambda v: _replace(v, src, mask, has_heads)}
+        return metric(run_from(params, x, cfg, start, inputs, fix))
+
+    return torch.func.vmap(patched_metric, chunk_size=chunk)(masks)
+
+
+def patch_sweep(
+    params: dict,
+    clean: Tokens,
+    corrupt: Tensor,
+    metric: Metric,
+    cfg: Config,
+    *,
+    site: str = "resid_pre",
+    by: Sequence[str] = ("layer", "position"),
+    direction: str = "denoise",
+    chunk: int | None = None,
+) -> Tensor:
+    """The metric of the model's logits with one slice of ``site`` patched, for every slice: one exact
+    activation-patching sweep (TransformerLens' ``get_act_patch_*``), as vmapped runs from the patched layer.
+
+    Args:
+        clean, corrupt: token ids of the same shape ``[*batch, seq]`` (each patch covers every batch row;
+            a ``corrupt`` of another shape is refused with both shapes named).
+        metric: any scalar function of the logits ``[*batch, seq, vocab]``, e.g. a logit difference.
+        site: ``resid_pre``, ``resid_mid``, ``resid_post``, ``mlp.hidden``, or ``attn.q`` / ``attn.k`` /
+            ``attn.v`` / ``attn.pattern`` / ``attn.head_out`` (the paths of ``forward_with_activations``
+            under ``blocks.{layer}.``). For ``attn.k`` / ``attn.v`` the heads are the ``kv_heads``; for
+            ``attn.pattern`` the position is the query's.
+        by: the sweep's axes, in the order of the result: ``"layer"`` and any of ``"position"``, ``"head"``
+            (``"head"`` for ``attn.*`` sites only). An axis left out is patched whole.
+        direction: ``"denoise"``: clean values into the corrupted run; ``"noise"``: corrupted into the clean.
+        chunk: how many patched runs go through ``vmap`` at once (None: all of a layer's).
+
+    Returns:
+        ``metric`` of each patched run, with one axis per entry of ``by`` in that order: e.g. ``[layers,
+        seq]`` for ``by=("layer", "position")``, ``[layers, seq, heads]`` for ``("layer", "position",
+        "head")``. Entry ``[i, p, h]`` equals ``metric(forward_with_activations(params, base, cfg,
+        interventions=patch(f"blocks.{i}.{site}", source_acts, positions=p, heads=h))[0])``.
+    """
+    by = tuple(by)
+    _check_args(clean, corrupt, metric, cfg, site, by, direction, chunk)
+    # SDPA has no vmap batching rule; the einsum path computes the same attention and batches.
+    cfg = cfg.replace(attn_impl="einsum")
+    base_tokens, source_tokens = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    base_logits, base = forward_with_activations(params, base_tokens, cfg)
+    _, source = forward_with_activations(params, source_tokens, cfg)
+    _check_scalar(metric(base_logits))
+    inputs = block_inputs(base_tokens, cfg)
+    rows = [
+        _layer_sweep(params, base, source, metric, cfg, i, site=site, by=by, inputs=inputs, chunk=chunk)
+        for i in range(cfg.n_layers)
+    ]
+    return _arrange(torch.stack(rows), by, _site_value(source, 0, site), site in HEAD_SITES)
+
+
+def _arrange(values: Float[Tensor, "layers rows"], by: tuple, sample: Tensor, has_heads: bool) -> Tensor:
+    """``[layers, heads-axis?, position-axis?]`` reordered to ``by``'s order, without the axes not in it."""
+    heads = sample.shape[-3] if has_heads and "head" in by else 1
+    seq = sample.shape[-2] if "position" in by else 1
+    grid = values.reshape(values.shape[0], heads, seq)
+    canonical = ("layer", "head", "position")
+    order = [canonical.index(axis) for axis in by]
+    dropped = [canonical.index(axis) for axis in canonical if axis not in by]
+    return grid.permute(order + dropped).reshape(grid.shape[0], *(grid.shape[i] for i in order[1:]))

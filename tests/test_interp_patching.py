@@ -92,23 +92,32 @@ def test_patching_a_whole_layer_with_clean_values_gives_the_clean_metric(model):
 
 
 @pytest.mark.parametrize(("site", "first"), [("resid_pre", 0), ("attn.head_out", 0), ("resid_post", 1)])
-def test_each_layer_runs_only_the_blocks_from_the_patched_one_on(model, monkeypatch, site, first):
-    """The prefix before the patched layer is never recomputed: the sweep at layer i calls blocks i..L-1
-    once per chunk (vmap traces the function once per chunk), where full runs would call all L."""
+def test_each_layer_runs_only_the_blocks_and_queries_after_the_patch(model, monkeypatch, site, first):
+    """Neither the layers before the patched one nor the positions before the patch are recomputed: per
+    layer i and position bucket [a, b), blocks i..L-1 run once per chunk (vmap traces the function once
+    per chunk) on the queries at positions a..seq-1 only, where full runs would run all L on all seq."""
     cfg, params, clean, corrupt = model
     called = []
     block = patching.block
 
-    def counting(block_params, *args, **kwargs):
-        called.append(next(i for i, p in enumerate(params["blocks"]) if p is block_params))
-        return block(block_params, *args, **kwargs)
+    def counting(block_params, x, *args, **kwargs):
+        called.append((next(i for i, p in enumerate(params["blocks"]) if p is block_params), x.shape[-2]))
+        return block(block_params, x, *args, **kwargs)
 
     monkeypatch.setattr(patching, "block", counting)
     by = ("layer", "position", "head") if site.startswith("attn.") else ("layer", "position")
-    chunks = 2
-    n_patches = SEQ * (cfg.n_heads if "head" in by else 1)
-    interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, site=site, by=by, chunk=-(-n_patches // chunks))
-    expected = [j for i in range(cfg.n_layers) for _ in range(chunks) for j in range(i + first, cfg.n_layers)]
+    heads = cfg.n_heads if "head" in by else 1
+    buckets = patching.position_buckets(SEQ, by)
+    assert len(buckets) == min(SEQ, patching.BUCKETS) and buckets[0][0] == 0 and buckets[-1][1] == SEQ
+    chunk = 2 * heads  # two positions of a bucket at a time
+    interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, site=site, by=by, chunk=chunk)
+    expected = [
+        (j, SEQ - a)
+        for i in range(cfg.n_layers)
+        for a, b in buckets
+        for _ in range(-(-(b - a) * heads // chunk))
+        for j in range(i + first, cfg.n_layers)
+    ]
     assert called == expected
 
 
@@ -137,10 +146,11 @@ def test_mismatched_tokens_and_non_scalar_metrics_are_refused(model):
         interp.patch_sweep(params, clean, corrupt, lambda logits: logits[..., -1, 0], cfg)
 
 
-def test_the_sweep_costs_the_flops_of_runs_from_the_patched_layer_not_of_full_runs(model):
-    """FLOPs (torch's counter): two full runs (base and source) plus, per patch at layer i, blocks i..L-1
-    and the unembedding -- against the loop's one full run per patch: (L + 1) / 2L of the blocks' FLOPs
-    (here, 3 layers and an unembedding as costly as a block: 0.78 of the loop's FLOPs in all)."""
+def test_the_sweep_costs_the_flops_of_suffix_runs_from_the_patched_layer_not_of_full_runs(model):
+    """FLOPs (torch's counter): two full runs (base and source) plus, per patch at layer i and position p,
+    blocks i..L-1 and the unembedding on the queries from p's bucket on -- under 0.7 of the runs from the
+    patched layer over every position (here seq 7 in 4 buckets: about 0.63 of the queries), and so about
+    half the loop's one full run per patch."""
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg, params, clean, corrupt = model
@@ -157,9 +167,10 @@ def test_the_sweep_costs_the_flops_of_runs_from_the_patched_layer_not_of_full_ru
     from_layer = [flops(lambda i=i: patching.run_from(params, x, cfg, i, inputs)) for i in range(cfg.n_layers)]
     swept = flops(lambda: interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, site="resid_pre", chunk=3))
     assert from_layer[0] == full and from_layer[-1] < full
-    assert swept == 2 * full + SEQ * sum(from_layer)
+    patched = swept - 2 * full
+    assert patched < 0.7 * SEQ * sum(from_layer), f"patched runs {patched} FLOPs, from the layer {SEQ * sum(from_layer)}"
     loop = cfg.n_layers * SEQ * full
-    assert swept < 0.8 * loop, f"sweep {swept} FLOPs, loop {loop}"
+    assert swept < 0.55 * loop, f"sweep {swept} FLOPs, loop {loop}"
 
 
 @pytest.mark.parametrize(

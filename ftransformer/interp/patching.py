@@ -24,6 +24,8 @@ import torch
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.layers.block import block
+from ftransformer.layers.embedding import Rotary
+from ftransformer.layers.masks import Mask
 from ftransformer.layers.tap import Tap
 from ftransformer.model import block_inputs, check_tokens, unembed
 from ftransformer.shapes import Float, Logits, Residual, Tensor, Tokens
@@ -33,6 +35,7 @@ HEAD_SITES = ("attn.q", "attn.k", "attn.v", "attn.pattern", "attn.head_out")
 SITES = RESID_SITES + HEAD_SITES + ("mlp.hidden",)
 AXES = ("layer", "position", "head")
 DIRECTIONS = ("denoise", "noise")
+BUCKETS = 4
 Metric = Callable[[Logits], Float[Tensor, ""]]
 
 
@@ -107,23 +110,74 @@ def _site_value(acts: dict, layer: int, site: str) -> Tensor:
     return value
 
 
+def _suffix_inputs(inputs: tuple, start: int) -> tuple:
+    """``block_inputs`` for the queries at positions ``start, ...`` only: the mask rows and rotary tables of
+    those positions (the keys stay every position's: the prefix's come from the base run)."""
+    positions, masks, rotaries = inputs
+    rows = tuple(Mask(m.allowed[..., start:, :]) for m in masks)
+    tables = tuple(None if r is None else Rotary(r.cos[..., start:, :], r.sin[..., start:, :]) for r in rotaries)
+    return positions[start:], rows, tables
+
+
+def _with_prefix(base: dict, layer: int, first: int, start: int, cfg: Config, fixes: dict) -> dict:
+    """``fixes`` with, for blocks ``layer, ...``, the base run's keys/values of positions ``< first`` put in
+    front of the suffix's own (after any fix of those at ``layer``): a patch at ``first`` cannot change them."""
+    if first == 0:
+        return fixes
+    fixes = dict(fixes)
+    for j in range(layer, cfg.n_layers):
+        for name in ("k", "v"):
+            path, prefix = f"blocks.{j}.attn.{name}", _site_value(base, j, f"attn.{name}")[..., :first, :]
+            fix = fixes.get(path, lambda v: v)
+            fixes[path] = lambda v, prefix=prefix, fix=fix: torch.cat([prefix.to(v.dtype).expand(*v.shape[:-2], -1, -1), fix(v)], dim=-2)
+    return fixes
+
+
+def _bucket_sweep(params, base: dict, src: Tensor, masks: Tensor, metric, cfg, layer, first, *, site, inputs, chunk):
+    """The metric of every patch in ``masks`` (all at positions ``>= first``): runs of the queries at
+    positions ``first, ...`` from block ``layer`` (``layer + 1`` for ``resid_post``) on, over the base
+    run's keys/values of the positions before; the logits before ``first`` are the base run's."""
+    has_heads = site in HEAD_SITES
+    start = layer + 1 if site == "resid_post" else layer
+    x = _site_value(base, layer, "resid_post" if site == "resid_post" else "resid_pre")[..., first:, :]
+    src, masks, suffix = src[..., first:, :], masks[..., first:], _suffix_inputs(inputs, first)
+    before = base["logits"][..., :first, :]
+
+    def patched_metric(mask: Float[Tensor, "heads seq"]) -> Float[Tensor, ""]:
+        fixes, y = {}, x
+        if site == "resid_post":
+            y = _replace(x, src, mask, False)
+        else:
+            fixes[f"blocks.{layer}.{site}"] = lambda v: _replace(v, src, mask, has_heads)
+        logits = run_from(params, y, cfg, start, suffix, _with_prefix(base, start, first, start, cfg, fixes))
+        return metric(torch.cat([before.expand(*logits.shape[:-2], -1, -1), logits], dim=-2))
+
+    return torch.func.vmap(patched_metric, chunk_size=chunk)(masks)
+
+
+def position_buckets(seq: int, by: Sequence[str]) -> list[tuple[int, int]]:
+    """The position ranges ``[first, stop)`` whose patches run together: one vmap each, over the queries
+    from ``first`` on. More buckets skip more of the prefix (a patch at ``p`` costs ``seq - first`` of
+    ``seq`` positions) but make more calls; ``BUCKETS`` of them is the measured compromise."""
+    if "position" not in by:
+        return [(0, 1)]
+    edges = [round(seq * k / min(seq, BUCKETS)) for k in range(min(seq, BUCKETS) + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 def _layer_sweep(params, base: dict, source: dict, metric: Metric, cfg: Config, layer: int, *, site, by, inputs, chunk):
     """The metric of every patch of ``site`` at ``layer``: ``[n_heads_axis * n_position_axis]``."""
     src = _site_value(source, layer, site)
     has_heads = site in HEAD_SITES
     masks = patch_masks(by, src.shape[-3] if has_heads else 1, src.shape[-2], src.device)
-    if site == "resid_post":
-        start, x = layer + 1, _site_value(base, layer, site)
-    else:
-        start, x = layer, _site_value(base, layer, "resid_pre")
-
-    def patched_metric(mask: Float[Tensor, "heads seq"]) -> Float[Tensor, ""]:
-        if site == "resid_post":
-            return metric(run_from(params, _replace(x, src, mask, False), cfg, start, inputs))
-        fix = {f"blocks.{layer}.{site}": lambda v: _replace(v, src, mask, has_heads)}
-        return metric(run_from(params, x, cfg, start, inputs, fix))
-
-    return torch.func.vmap(patched_metric, chunk_size=chunk)(masks)
+    seq = src.shape[-2]
+    grid = masks.reshape(-1, seq if "position" in by else 1, *masks.shape[1:])  # [heads axis, position axis, ...]
+    parts = []
+    for first, stop in position_buckets(seq, by):
+        part = grid[:, first:stop].reshape(-1, *masks.shape[1:])
+        values = _bucket_sweep(params, base, src, part, metric, cfg, layer, first, site=site, inputs=inputs, chunk=chunk)
+        parts.append(values.reshape(grid.shape[0], stop - first))
+    return torch.cat(parts, dim=1).reshape(-1)
 
 
 def patch_sweep(
@@ -168,6 +222,7 @@ def patch_sweep(
     base_logits, base = forward_with_activations(params, base_tokens, cfg)
     _, source = forward_with_activations(params, source_tokens, cfg)
     _check_scalar(metric(base_logits))
+    base = {**base, "logits": base_logits}
     inputs = block_inputs(base_tokens, cfg)
     rows = [
         _layer_sweep(params, base, source, metric, cfg, i, site=site, by=by, inputs=inputs, chunk=chunk)

@@ -14,6 +14,7 @@ BENCHES = {
     "int8": ("ftransformer.bench.int8", "what int8 quantization costs a trained checkpoint: val loss and greedy agreement"),
     "vmap": ("ftransformer.bench.vmap", "per-example gradients (vmap vs a loop vs Opacus) and an ensemble in one vmapped step"),
     "quality": ("ftransformer.bench.quality", "train the shakespeare-char-cpu recipe: functional vs torch.nn, same batches"),
+    "patching": ("ftransformer.bench.patching", "an activation-patching sweep: patch_sweep vs a vmap of full runs vs a loop of single patches"),
     "sae": ("ftransformer.bench.sae", "a stack of SAEs in one vmapped step vs the same SAEs one by one"),
     "gpu": ("ftransformer.bench.gpu", "train tokens/s and MFU, decode tokens/s, peak memory: bf16 + compile + CUDA graphs vs nanoGPT"),
     "load": ("ftransformer.bench.load", "load a Hugging Face checkpoint: ft.load_hf vs transformers, time and peak memory"),

@@ -35,7 +35,7 @@ HEAD_SITES = ("attn.q", "attn.k", "attn.v", "attn.pattern", "attn.head_out")
 SITES = RESID_SITES + HEAD_SITES + ("mlp.hidden",)
 AXES = ("layer", "position", "head")
 DIRECTIONS = ("denoise", "noise")
-BUCKETS = 4
+BUCKETS = 8
 Metric = Callable[[Logits], Float[Tensor, ""]]
 
 

@@ -15,6 +15,12 @@ clean values into the corrupted run), timed in the same run:
 Before timing, every contender's values are checked equal to the loop's (to ``TOL``). Timings are
 interleaved (each repetition runs every contender once; warm-up first), medians reported; the speed-up
 column is each row's median over ``patch_sweep``'s.
+
+The position buckets (``interp.patching.BUCKETS``) save FLOPs (about half of the patched runs' queries
+at 8 buckets) at the price of 8 vmapped calls per layer instead of one: they win where the matmuls
+dominate (the default sizes, or 4 layers x 128 wide x 32 tokens), and lose to per-call overhead on
+very small models (e.g. ``--layers 3 --batch-size 4 --seq-len 24``: about even with the vmap of full
+runs). Use ``--threads 1`` on a shared machine: contended cores make the medians noisy.
 """
 
 import warnings
@@ -36,10 +42,10 @@ TOL = 1e-4
 
 def add_arguments(parser) -> None:
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model sizes (default: tiny)")
-    parser.add_argument("--layers", type=int, default=3, help="n_layers (default: 3)")
+    parser.add_argument("--layers", type=int, default=2, help="n_layers (default: 2)")
     parser.add_argument("--d-model", type=int, default=64, help="d_model, with d_model // 32 heads (default: 64)")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences (default: 4)")
-    parser.add_argument("--seq-len", type=int, default=24, help="tokens per sequence (default: 24)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences (default: 8)")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per sequence (default: 64)")
     parser.add_argument("--site", default="resid_pre", choices=patching.RESID_SITES + ("mlp.hidden",),
                         help="the patched site, swept by layer x position (default: resid_pre)")
     parser.add_argument("--repeats", type=int, default=5, help="timed interleaved repetitions (default: 5)")

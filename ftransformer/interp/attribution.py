@@ -18,6 +18,8 @@ step from the pattern on is linearised: ``(pattern_patched - pattern_base) . dM/
 so AtP's known false negatives are visible.
 """
 
+from collections.abc import Sequence
+
 import torch
 
 from ftransformer.config import Config
@@ -85,16 +87,8 @@ def _qk_star(layer: dict, source: Tensor, grad_pattern: Tensor, mask: Mask, cfg:
 
 
 def attribution_patch(
-    params: dict,
-    clean: Tokens,
-    corrupt: Tensor,
-    metric: Metric,
-    cfg: Config,
-    *,
-    site: str = "resid_pre",
-    by: tuple[str, ...] | list[str] = ("layer", "position"),
-    direction: str = "denoise",
-    correction: bool = True,
+    params: dict, clean: Tokens, corrupt: Tensor, metric: Metric, cfg: Config, *, site: str = "resid_pre",
+    by: Sequence[str] = ("layer", "position"), direction: str = "denoise", correction: bool = True,
     chunk: int | None = None,
 ) -> Tensor:
     """Attribution patching: the first-order estimate of every patch of a ``patch_sweep`` at once.

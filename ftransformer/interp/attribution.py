@@ -34,7 +34,7 @@ from ftransformer.interp.patching import (
     _site_value,
     patch_masks,
 )
-from ftransformer.layers.attention import head_pattern, scores
+from ftransformer.layers.attention import attention_pattern, scores
 from ftransformer.layers.masks import Mask
 from ftransformer.model import block_inputs
 from ftransformer.shapes import Float, Tensor, Tokens
@@ -71,19 +71,34 @@ def _slices(values: Tensor, by: tuple, has_heads: bool) -> Float[Tensor, " rows"
 
 
 def _qk_star(layer: dict, source: Tensor, grad_pattern: Tensor, mask: Mask, cfg: Config, *, site, by, chunk) -> Tensor:
-    """AtP* for ``attn.q`` / ``attn.k`` at one layer: the exact patched pattern of each patch (a ``vmap``
-    over the patch masks, every head at once), linearised from the pattern on: ``[rows]``."""
-    q, k, pattern = layer["attn"]["q"], layer["attn"]["k"], layer["attn"]["pattern"]
+    """AtP* for ``attn.q`` / ``attn.k`` at one layer: each patch's attention pattern recomputed exactly and
+    linearised from the pattern on, ``[rows]``. A ``vmap`` over the key heads (each with its group of query
+    heads: a pattern depends on its own q and k only) of a ``vmap`` over that head's patch masks."""
+    kv_heads = layer["attn"]["k"].shape[-3]
+
+    def by_kv(t: Tensor) -> Tensor:
+        """``[*batch, heads, seq, last]`` -> ``[kv_heads, *batch, group, seq, last]`` (query heads by key head)."""
+        return t.unflatten(-3, (kv_heads, -1)).movedim(-4, 0)
+
+    q, pattern, grad = by_kv(layer["attn"]["q"]), by_kv(layer["attn"]["pattern"]), by_kv(grad_pattern)
+    k = layer["attn"]["k"].movedim(-3, 0)
+    source = by_kv(source) if site == "attn.q" else source.movedim(-3, 0)[..., None, :, :]
     rows = patch_masks(by, source.shape[-3], source.shape[-2], source.device)
+    allowed = mask.allowed[..., None, None, :, :]
 
-    def effect(row: Float[Tensor, "heads seq"]) -> Float[Tensor, ""]:
-        if site == "attn.q":
-            patched = head_pattern(_replace(q, source, row, True), k, mask, **scores(cfg))
-        else:
-            patched = head_pattern(q, _replace(k, source, row, True), mask, **scores(cfg))
-        return ((patched - pattern) * grad_pattern).sum()
+    def one_kv_head(q, k, source, pattern, grad) -> Float[Tensor, " rows"]:
+        def effect(row: Float[Tensor, "heads seq"]) -> Float[Tensor, ""]:
+            if site == "attn.q":
+                pq, pk = _replace(q, source, row, True), k
+            else:
+                pq, pk = q, _replace(k[..., None, :, :], source, row, True)[..., 0, :, :]
+            patched = attention_pattern(pq[..., None, :, :, :], pk[..., None, :, :], allowed, **scores(cfg))
+            return ((patched[..., 0, :, :, :] - pattern) * grad).sum()
 
-    return torch.func.vmap(effect, chunk_size=chunk)(rows)
+        return torch.func.vmap(effect, chunk_size=chunk)(rows)
+
+    per_kv = torch.func.vmap(one_kv_head)(q, k, source, pattern, grad)
+    return per_kv.reshape(-1) if "head" in by else per_kv.sum(0)
 
 
 def attribution_patch(

@@ -4,6 +4,8 @@ analyses as pure functions of them, and plots.
 * ``activations``: ``forward_with_activations`` and the table of activation paths;
 * ``interventions``: head ablation, activation patching, steering, ``head_ablation_sweep``;
 * ``patching``: ``patch_sweep``, exact activation patching sweeps as vmapped runs from the patched layer;
+* ``attribution``: ``attribution_patch`` (AtP / AtP*, every patch estimated from one forward + backward) and
+  ``atp_report`` (an estimate next to the exact sweep);
 * ``analysis``: attention entropy, previous-token and induction scores, logit lens, direct logit
   attribution, loss per position;
 * ``weights``: weight processing as pure params transforms (``fold_layer_norm``, ``center_writing_weights``,
@@ -23,6 +25,7 @@ from ftransformer.interp.analysis import (
     repeated_random_tokens,
     stacked_patterns,
 )
+from ftransformer.interp.attribution import atp_report, attribution_patch
 from ftransformer.interp.interventions import (
     ablate_heads,
     combine,
@@ -48,7 +51,7 @@ from ftransformer.interp.weights import (
 __all__ = [
     "FactoredMatrix", "center_unembed", "center_writing_weights", "composition_scores", "fold_layer_norm",
     "fold_value_biases", "ov_circuit", "qk_circuit",
-    "ablate_heads", "activation_paths", "attention_entropy", "combine", "direct_logit_attribution",
+    "ablate_heads", "activation_paths", "atp_report", "attribution_patch", "attention_entropy", "combine", "direct_logit_attribution",
     "forward_with_activations", "head_ablation_sweep", "head_means", "head_scores", "induction_scores",
     "logit_lens", "loss_per_position", "masked_heads", "patch", "patch_sweep", "plot_attention", "plot_head_scores",
     "plot_logit_lens", "previous_token_scores",

@@ -185,3 +185,18 @@ def test_other_block_layouts_sweep_like_their_loops(model, layout):
         by = ("layer", "position")
         swept = interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, site=site, by=by)
         torch.testing.assert_close(swept, looped(params, clean, corrupt, cfg, site, by), atol=1e-5, rtol=1e-5)
+
+
+def test_by_may_name_its_axes_in_any_order():
+    cfg = ft.PRESETS["tiny"]
+    params = ft.init_params(cfg, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    clean, corrupt = (torch.randint(0, cfg.vocab_size, (2, 7), generator=gen) for _ in range(2))
+
+    def metric(logits):
+        return logits[..., -1, 0].sum()
+
+    first = ft.interp.patch_sweep(params, clean, corrupt, metric, cfg, by=("layer", "position"))
+    swapped = ft.interp.patch_sweep(params, clean, corrupt, metric, cfg, by=("position", "layer"))
+    assert swapped.shape == (7, cfg.n_layers)
+    torch.testing.assert_close(swapped, first.T)

@@ -249,4 +249,5 @@ def _arrange(values: Float[Tensor, "layers rows"], by: tuple, sample: Tensor, ha
     canonical = ("layer", "head", "position")
     order = [canonical.index(axis) for axis in by]
     dropped = [canonical.index(axis) for axis in canonical if axis not in by]
-    return grid.permute(order + dropped).reshape(grid.shape[0], *(grid.shape[i] for i in order[1:]))
+    # The dropped axes have size 1, so after the permutation they fall away in the reshape.
+    return grid.permute(order + dropped).reshape(*(grid.shape[i] for i in order))

@@ -8,8 +8,7 @@ No exported function shares its name with a submodule (the functions ``ft.genera
 live in ``ftransformer.generation`` and ``ftransformer.quantization``).
 """
 
-import importlib
-import warnings
+from ftransformer.deprecation import forwarder
 
 # Submodules users reach through ``ft.``: one idea each.
 from ftransformer import (
@@ -84,10 +83,4 @@ MOVED = {
 }
 
 
-def __getattr__(name: str):
-    if name not in MOVED:
-        raise AttributeError(f"module 'ftransformer' has no attribute {name!r}")
-    module, attr = MOVED[name]
-    warnings.warn(f"ft.{name} moved to ftransformer.{module}.{attr}; the old name will be removed in the next release",
-                  DeprecationWarning, stacklevel=2)
-    return getattr(importlib.import_module(f"ftransformer.{module}"), attr)
+__getattr__ = forwarder("ftransformer", MOVED, shown_as="ft", removal="the old name will be removed in the next release")

@@ -3,8 +3,7 @@
 Every old name still resolves here, with a ``DeprecationWarning`` naming its new home.
 """
 
-import importlib
-import warnings
+from ftransformer.deprecation import forwarder
 
 # old name -> (new module, new name)
 _MOVED = {
@@ -25,15 +24,7 @@ _MOVED = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _MOVED:
-        raise AttributeError(f"module 'ftransformer.batched' has no attribute {name!r}")
-    module, new = _MOVED[name]
-    warnings.warn(
-        f"ftransformer.batched.{name} moved to ftransformer.{module}.{new}; ftransformer.batched will be removed",
-        DeprecationWarning, stacklevel=2,
-    )
-    return getattr(importlib.import_module(f"ftransformer.{module}"), new)
+__getattr__ = forwarder("ftransformer.batched", _MOVED, removal="ftransformer.batched will be removed")
 
 
 def __dir__() -> list[str]:

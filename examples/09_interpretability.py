@@ -42,20 +42,6 @@ import ftransformer as ft
 from ftransformer import optim, train
 
 
-def make_batch(cfg: ft.Config, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random tokens in which a stretch of 6 .. max_seq_len // 2 tokens occurs twice, at random places: the
-    distance between the copies changes from row to row, so no head can learn "look back a fixed number
-    of positions" -- only "look for where this token was before" works."""
-    seq = cfg.max_seq_len + 1  # one longer: the targets are the tokens shifted by one
-    rows = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen)
-    for r in range(batch):
-        half = int(torch.randint(6, cfg.max_seq_len // 2 + 1, (), generator=gen))
-        start = int(torch.randint(0, seq - 2 * half + 1, (), generator=gen))
-        gap = int(torch.randint(0, seq - 2 * half - start + 1, (), generator=gen))
-        rows[r, start + half + gap:start + 2 * half + gap] = rows[r, start:start + half]
-    return rows[:, :-1], rows[:, 1:]
-
-
 def format_table(name: str, scores: torch.Tensor) -> str:
     layers, heads = scores.shape
     lines = [f"   {name}", "     layer " + "".join(f"  head {h}" for h in range(heads))]
@@ -99,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     letters = ft.data.CharTokenizer(list(chars))
     params = ft.init_params(cfg, seed=args.seed)
     gen = torch.Generator().manual_seed(args.seed)
-    tokens, _ = make_batch(cfg, 1, gen)
+    tokens, _ = ft.interp.repeated_stretches(cfg, 1, gen)
     print(f"1. a {cfg.n_layers}-layer attention-only model: {cfg.n_heads} heads a layer, d_model={cfg.d_model}, "
           f"{ft.count_params(params):,} parameters")
     print(f"   a training row, one character per id: {letters.decode(tokens[0].tolist())}")
@@ -122,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     every = max(args.steps // 6, 1)
     for s in range(args.steps):
-        params, opt_state, metrics = step(params, opt_state, make_batch(cfg, 64, gen))
+        params, opt_state, metrics = step(params, opt_state, ft.interp.repeated_stretches(cfg, 64, gen))
         if (s + 1) % every == 0 or s == 0:
             induction = ft.interp.head_scores(params, cfg, batch=4, seed=1)["induction"]
             print(f"   step {s + 1:>5}   loss {float(metrics['loss']):.3f}   best induction score "

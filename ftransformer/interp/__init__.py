@@ -23,6 +23,7 @@ from ftransformer.interp.analysis import (
     loss_per_position,
     previous_token_scores,
     repeated_random_tokens,
+    repeated_stretches,
     stacked_patterns,
 )
 from ftransformer.interp.attribution import atp_report, attribution_patch
@@ -55,5 +56,5 @@ __all__ = [
     "forward_with_activations", "head_ablation_sweep", "head_means", "head_scores", "induction_scores",
     "logit_lens", "loss_per_position", "masked_heads", "patch", "patch_sweep", "plot_attention", "plot_head_scores",
     "plot_logit_lens", "previous_token_scores",
-    "repeated_random_tokens", "stacked_patterns", "steer",
+    "repeated_random_tokens", "repeated_stretches", "stacked_patterns", "steer",
 ]

@@ -67,6 +67,25 @@ def repeated_random_tokens(
     return torch.cat([first, first], dim=-1)
 
 
+def repeated_stretches(
+    cfg: Config, batch: int, generator: torch.Generator
+) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
+    """Training rows for induction: ``(tokens, targets)`` of ``max_seq_len`` random ids (targets shifted by
+    one) in which a stretch of 6 .. ``max_seq_len // 2`` tokens occurs twice, at random places. The distance
+    between the copies changes from row to row, so no head can learn "look back a fixed number of
+    positions" -- only "look for where this token was before" (an induction head) predicts the copy."""
+    if cfg.max_seq_len < 12:
+        raise ValueError(f"repeated_stretches needs max_seq_len >= 12 (two stretches of 6), got {cfg.max_seq_len}")
+    seq = cfg.max_seq_len + 1  # one longer: the targets are the tokens shifted by one
+    rows = torch.randint(0, cfg.vocab_size, (batch, seq), generator=generator)
+    for r in range(batch):
+        half = int(torch.randint(6, cfg.max_seq_len // 2 + 1, (), generator=generator))
+        start = int(torch.randint(0, seq - 2 * half + 1, (), generator=generator))
+        gap = int(torch.randint(0, seq - 2 * half - start + 1, (), generator=generator))
+        rows[r, start + half + gap:start + 2 * half + gap] = rows[r, start:start + half]
+    return rows[:, :-1], rows[:, 1:]
+
+
 def head_scores(
     params: dict, cfg: Config, *, half: int | None = None, batch: int = 8, seed: int = 0
 ) -> dict[str, Float[Tensor, "layers heads"]]:

@@ -1,4 +1,5 @@
-"""Interpretability plots (``ft.interp.plot_*``) and ``ftransformer inspect attention | heads | logit-lens``."""
+"""Interpretability plots (``ft.interp.plot_*``) and ``ftransformer inspect attention | heads | logit-lens |
+patching | attribution``."""
 
 import re
 
@@ -9,6 +10,7 @@ import ftransformer as ft
 from ftransformer.cli import main
 from ftransformer.data import BPETokenizer, CharTokenizer
 from ftransformer.interop import save_hf_gpt2
+from ftransformer.interp.plots import plot_patching
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TEXT = "the cat sat on the mat; the dog sat on the log. "
@@ -68,6 +70,39 @@ def test_plot_logit_lens_writes_a_png(tmp_path):
     lens = ft.interp.logit_lens(params, acts, cfg)
     path = ft.interp.plot_logit_lens(lens, [str(int(t)) for t in tokens], lambda i: f"<{i}>", tmp_path / "lens.png")
     assert_png(path)
+
+
+@pytest.mark.parametrize("by", [("layer", "position"), ("layer", "head"), ("layer",), ("head", "position", "layer")], ids=str)
+def test_plot_patching_draws_every_kind_of_sweep(tmp_path, by):
+    sizes = {"layer": 3, "position": 6, "head": 4}
+    result = torch.randn([sizes[a] for a in by])
+    labels = ["a", " b", "$x$", "\n", "c", "d"] if "position" in by else None
+    path = plot_patching(result, tmp_path / "sweep.png", by=by, labels=labels, title="t", label="change")
+    assert_png(path, min_bytes=3_000)
+
+
+def test_plot_patching_reads_the_axes_in_the_order_by_names_them(tmp_path):
+    """A sweep run with ``by=("head", "layer")`` is the transpose of one with ``("layer", "head")``: the same picture."""
+    result = torch.randn(3, 4)
+    a = plot_patching(result, tmp_path / "a.png", by=("layer", "head"))
+    b = plot_patching(result.T, tmp_path / "b.png", by=("head", "layer"))
+    assert a.read_bytes() == b.read_bytes()
+    c = plot_patching(result.flip(0), tmp_path / "c.png", by=("layer", "head"))
+    assert c.read_bytes() != a.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("shape", "kwargs", "message"),
+    [
+        ((3, 4), dict(by=("layer",)), r"result has 2 axes, shape \(3, 4\), but by names 1"),
+        ((3, 4), dict(by=("position", "head")), "by must hold 'layer'"),
+        ((3, 4), dict(by=("layer", "head"), labels=["a"] * 4), "no 'position' axis"),
+        ((3, 4), dict(by=("layer", "position"), labels=["a"] * 3), "labels has 3 entries but the result has seq=4"),
+    ],
+)
+def test_plot_patching_refuses_a_result_that_does_not_fit(shape, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        plot_patching(torch.zeros(shape), "unused.png", **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -149,3 +184,119 @@ def test_inspect_needs_a_model_source_or_a_view(checkpoint, capsys):
     with pytest.raises(SystemExit):
         main(["inspect", "weights"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ patching, attribution
+
+CLEAN, CORRUPT = "the cat sat on", "the dog sat on"
+
+
+def printed_rows(out: str) -> list[list[str]]:
+    """The rows of the printed table of the largest effects: the index and value columns of each."""
+    table = out.split("largest of")[1].split("\n\n")[0].splitlines()[2:]
+    return [line.split() for line in table if line.startswith(" ")]
+
+
+def circuit_inputs(checkpoint, *texts):
+    ckpt = ft.load_checkpoint(checkpoint, with_opt_state=False)
+    tokens = [torch.tensor(ckpt.tokenizer.encode(t)) for t in texts]
+    return ckpt.config, ckpt.params, ckpt.tokenizer, tokens
+
+
+def test_inspect_patching_prints_the_largest_effects_of_the_exact_sweep(checkpoint, tmp_path, capsys):
+    out = tmp_path / "patching.png"
+    argv = ["inspect", "patching", "--checkpoint", str(checkpoint), "--clean", CLEAN, "--corrupt", CORRUPT,
+            "--answer", " ", "--wrong", "o", "--site", "attn.head_out", "--top", "4", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert_png(out)
+    cfg, params, tok, (clean, corrupt) = circuit_inputs(checkpoint, CLEAN, CORRUPT)
+    answer, wrong = tok.encode(" ")[0], tok.encode("o")[0]
+
+    def logit_diff(logits):
+        return (logits[..., -1, answer] - logits[..., -1, wrong]).mean()
+
+    base = logit_diff(ft.forward(params, corrupt, cfg))
+    assert f"clean run {float(logit_diff(ft.forward(params, clean, cfg))):.4f}, corrupted run {float(base):.4f}" in printed
+    change = ft.interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, site="attn.head_out", by=("layer", "head")) - base
+    rows = printed_rows(printed)
+    assert len(rows) == 4 and "exact patching: the 4 largest of 6 effects" in printed
+    biggest = change.flatten().abs().argsort(descending=True)[:4]
+    for row, j in zip(rows, biggest.tolist()):
+        layer, head = divmod(j, cfg.n_heads)
+        assert (int(row[0]), int(row[1])) == (layer, head), printed
+        assert float(row[2]) == pytest.approx(float(change[layer, head]), rel=1e-3, abs=1e-6)
+
+
+def test_inspect_attribution_compares_with_exact_patching(checkpoint, tmp_path, capsys):
+    out = tmp_path / "atp.png"
+    argv = ["inspect", "attribution", "--checkpoint", str(checkpoint), "--clean", CLEAN, "--corrupt", CORRUPT,
+            "--metric", "logprob", "--answer", " ", "--site", "attn.k", "--by", "layer,position,head", "--compare",
+            "--top", "3", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert_png(out)
+    assert "AtP*: the 3 largest of 84 effects" in printed  # 2 layers x 14 positions x 3 heads
+    assert re.search(r"AtP\* next to exact patching:\n84 patches, correlation -?\d\.\d{4}", printed), printed
+    cfg, params, tok, (clean, corrupt) = circuit_inputs(checkpoint, CLEAN, CORRUPT)
+    answer = tok.encode(" ")[0]
+
+    def logprob(logits):
+        return torch.log_softmax(logits[..., -1, :], dim=-1)[..., answer].mean()
+
+    by = ("layer", "position", "head")
+    estimate = ft.interp.attribution_patch(params, clean, corrupt, logprob, cfg, site="attn.k", by=by)
+    exact = ft.interp.patch_sweep(params, clean, corrupt, logprob, cfg, site="attn.k", by=by) - logprob(ft.forward(params, corrupt, cfg))
+    layer, position, head, token, got_estimate, got_exact = printed_rows(printed)[0]
+    top = tuple(int(i) for i in torch.unravel_index(estimate.abs().argmax(), estimate.shape))
+    assert (int(layer), int(position), int(head)) == top and token == repr(CLEAN[top[1]])
+    assert float(got_estimate) == pytest.approx(float(estimate[top]), rel=1e-3, abs=1e-7)
+    assert float(got_exact) == pytest.approx(float(exact[top]), rel=1e-3, abs=1e-7)
+
+
+def test_inspect_patching_noise_direction_and_loss_metric(checkpoint, tmp_path, capsys):
+    out = tmp_path / "noise.png"
+    argv = ["inspect", "patching", "--checkpoint", str(checkpoint), "--clean", CLEAN, "--corrupt", CORRUPT,
+            "--metric", "loss", "--direction", "noise", "--site", "resid_mid", "--by", "layer", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    # Noising a whole residual stream makes the clean run the corrupted one: every change is corrupt - clean.
+    clean_m, corrupt_m = map(float, re.search(r"clean run (-?\d+\.\d+), corrupted run (-?\d+\.\d+)", printed).groups())
+    changes = [float(row[1]) for row in printed_rows(printed)]
+    assert changes == pytest.approx([corrupt_m - clean_m] * 2, abs=2e-4)
+    assert "noise (corrupted values into the clean run)" in printed
+    assert_png(out, min_bytes=3_000)
+
+
+def test_inspect_patching_and_attribution_on_an_hf_dir(hf_dir, tmp_path, capsys):
+    for view in ("patching", "attribution"):
+        out = tmp_path / f"{view}.png"
+        argv = ["inspect", view, "--hf-dir", str(hf_dir), "--clean", "the mat sat", "--corrupt", "the log sat",
+                "--metric", "loss", "--out", str(out)]
+        assert main(argv) == 0, capsys.readouterr().err
+        assert_png(out)
+    printed = capsys.readouterr().out
+    assert "resid_pre by layer x position" in printed and re.search(r"^\s+2\s+\d+\s+'", printed, flags=re.M)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["patching", "--clean", "the cat", "--corrupt", "the", "--answer", "a", "--wrong", "o"],
+         "--clean and --corrupt must be the same number of tokens, got 7 and 3 tokens"),
+        (["patching", "--clean", "the cat"], "needs --clean TEXT and --corrupt TEXT"),
+        (["patching", "--clean", "a", "--corrupt", "t", "--answer", "at", "--wrong", "o"],
+         r"--answer must be one token, got 'at', which encodes to 2 tokens"),
+        (["patching", "--clean", "a", "--corrupt", "t", "--answer", "a"], "--metric logit-diff needs --wrong TOKEN"),
+        (["patching", "--clean", "a", "--corrupt", "t", "--metric", "loss", "--answer", "a"], "--answer does not go with --metric loss"),
+        (["patching", "--clean", "a", "--corrupt", "t", "--metric", "loss", "--compare"], "--compare goes with the attribution view"),
+        (["patching", "--clean", "a", "--corrupt", "t", "--metric", "loss", "--by", "position"], "by must hold 'layer'"),
+        (["attribution", "--clean", "a", "--corrupt", "t", "--metric", "loss", "--text", "a"], "not --text"),
+        (["heads", "--clean", "a"], "--clean go with the patching and attribution views, not 'heads'"),
+    ],
+)
+def test_inspect_patching_errors_are_one_line(checkpoint, argv, message, capsys):
+    assert main(["inspect", argv[0], "--checkpoint", str(checkpoint), "--out", "x.png", *argv[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ftransformer inspect: error:") and "\n" not in err
+    assert re.search(message, err), err

@@ -9,7 +9,13 @@
   scores of every head on repeated random tokens, printed as three tables and drawn as three heatmaps
   side by side in one PNG;
 * ``ftransformer inspect logit-lens --checkpoint DIR --text TEXT --out FILE.png``: the top next-token
-  guess read off the residual stream after every layer, at every position.
+  guess read off the residual stream after every layer, at every position;
+* ``ftransformer inspect patching --checkpoint DIR --clean TEXT --corrupt TEXT --answer A --wrong B
+  [--site SITE] [--by AXES] --out FILE.png``: exact activation patching of every layer / position / head
+  of a site, printed (the largest effects) and drawn as a heatmap;
+* ``ftransformer inspect attribution ... [--compare]``: the same, estimated by attribution patching
+  (AtP / AtP*) from one forward + backward; ``--compare`` prints it next to exact patching
+  (``cli/inspect_circuits.py`` has these two views).
 
 Each view takes ``--hf-dir DIR`` (a Hugging Face GPT-2 directory) instead of ``--checkpoint``.
 """
@@ -17,18 +23,20 @@ Each view takes ``--hf-dir DIR`` (a Hugging Face GPT-2 directory) instead of ``-
 import dataclasses
 import sys
 
+from ftransformer.cli import inspect_circuits
 from ftransformer.cli.generate_cmd import DEVICES
 from ftransformer.config import PRESETS, get_preset
 from ftransformer.params import format_breakdown
 
-VIEWS = ("attention", "heads", "logit-lens")
+VIEWS = ("attention", "heads", "logit-lens", "patching", "attribution")
 NEEDS_TEXT = ("attention", "logit-lens")
+CIRCUITS = ("patching", "attribution")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument(
         "view", nargs="?", choices=VIEWS, default=None, metavar="VIEW",
-        help="what to draw from a model: attention, heads or logit-lens; without one, describe --preset",
+        help="what to draw from a model: attention, heads, logit-lens, patching or attribution; without one, describe --preset",
     )
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="preset to describe when no VIEW is given (default: seed)")
@@ -48,6 +56,7 @@ def add_arguments(parser) -> None:
     model.add_argument("--seed", type=int, metavar="S", default=0, help="heads: seed of the random tokens (default: 0)")
     model.add_argument("--out", metavar="FILE.png", default=None, help="where to write the picture (PNG)")
     model.add_argument("--device", choices=DEVICES, default="cpu", help="where to run (default: cpu)")
+    inspect_circuits.add_arguments(parser.add_argument_group("the patching and attribution views"))
 
 
 def describe(cfg, title: str) -> int:
@@ -102,7 +111,8 @@ def _check_view_args(args) -> None:
         raise ValueError(f"inspect {args.view} needs --out FILE.png")
     if args.view in NEEDS_TEXT and args.text is None:
         raise ValueError(f"inspect {args.view} needs --text TEXT")
-    if args.view not in NEEDS_TEXT and args.text is not None:
+    inspect_circuits.check_args(args)
+    if args.view == "heads" and args.text is not None:
         raise ValueError(f"inspect {args.view} runs on random repeated tokens; it takes no --text")
     if args.view != "attention" and args.layer is not None:
         raise ValueError(f"--layer goes with the attention view, not {args.view!r}")
@@ -112,7 +122,7 @@ def _check_view_args(args) -> None:
 
 def run(args) -> int:
     if args.view is None:
-        given = [f for f in ("checkpoint", "text", "layer", "half", "out") if getattr(args, f) is not None]
+        given = [f for f in ("checkpoint", "text", "layer", "half", "out", "clean", "corrupt") if getattr(args, f) is not None]
         if given:
             flags = ", ".join("--" + f.replace("_", "-") for f in given)
             raise ValueError(f"{flags} need a VIEW: inspect {{{','.join(VIEWS)}}} ...")
@@ -131,6 +141,9 @@ def run(args) -> int:
     device = _device(args.device)
     cfg, params, tokenizer = load_model(args, device)
     source = args.checkpoint if args.checkpoint is not None else args.hf_dir
+
+    if args.view in CIRCUITS:
+        return inspect_circuits.run(args, cfg, params, tokenizer, source, device)
 
     def decode(i: int) -> str:
         return tokenizer.decode([int(i)])

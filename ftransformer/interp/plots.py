@@ -2,6 +2,8 @@
 
 * ``plot_attention``: one panel per head, a query x key grid with the tokens on both axes;
 * ``plot_head_scores``: a layer x head heatmap of any per-head score, the value written in each cell;
+* ``plot_patching``: a patching sweep or its attribution estimate (layer x position, layer x head, or one
+  layer x position panel per head) on a diverging colour scale centred at 0;
 * ``plot_logit_lens``: the top next-token guess after every layer, at every position.
 
 Each draws on its own ``matplotlib.figure.Figure`` with an Agg canvas -- no display, no global pyplot
@@ -20,6 +22,8 @@ from ftransformer.io import save_figure
 
 # Beyond this many tokens per axis, tick labels no longer fit and are left out (the picture stays).
 MAX_LABELLED = 64
+# Beyond this many columns, heatmap cells are too narrow for their values to be written in them.
+MAX_WRITTEN = 24
 
 
 def _figure(width: float, height: float):
@@ -42,10 +46,10 @@ def _numpy(x: Tensor):
     return x.detach().to("cpu", torch.float32).numpy()
 
 
-def _check_labels(labels: Sequence[str], n: int, axis: str) -> list[str]:
+def _check_labels(labels: Sequence[str], n: int, axis: str, owner: str = "the pattern") -> list[str]:
     labels = list(labels)
     if len(labels) != n:
-        raise ValueError(f"labels has {len(labels)} entries but the pattern has {axis}={n}")
+        raise ValueError(f"labels has {len(labels)} entries but {owner} has {axis}={n}")
     return [_label(str(s)) for s in labels]
 
 
@@ -97,23 +101,38 @@ def plot_attention(
     return save_figure(fig, path)
 
 
-def _heatmap(fig, ax, scores, name: str | None, fmt: str) -> None:
-    layers, heads = scores.shape
-    image = ax.imshow(scores, cmap="magma", interpolation="nearest", aspect="auto")
+def _heatmap(fig, ax, scores, name: str | None, fmt: str, *, diverging: bool = False, limit: float | None = None,
+             xlabel: str = "head", xticklabels: Sequence[str] | None = None, colorbar: bool = True):
+    """``scores`` ``[rows, columns]`` as an image with each value written in its cell (when they fit).
+    ``diverging``: a red/blue map centred at 0, from ``-limit`` to ``limit`` (default: the largest |value|)."""
+    layers, columns = scores.shape
+    if diverging:
+        limit = limit or float(abs(scores).max()) or 1.0
+        image = ax.imshow(scores, cmap="RdBu_r", vmin=-limit, vmax=limit, interpolation="nearest", aspect="auto")
+    else:
+        image = ax.imshow(scores, cmap="magma", interpolation="nearest", aspect="auto")
     lo, hi = float(scores.min()), float(scores.max())
     mid = (lo + hi) / 2
-    for i in range(layers):
-        for j in range(heads):
-            v = float(scores[i, j])
-            ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8,
-                    color="black" if v > mid else "white")
-    ax.set_xticks(range(heads))
+    if columns <= MAX_WRITTEN:
+        for i in range(layers):
+            for j in range(columns):
+                v = float(scores[i, j])
+                # magma is dark at the low end; the diverging map is dark at both ends.
+                dark = abs(v) > 0.6 * limit if diverging else v <= mid
+                ax.text(j, i, format(v, fmt), ha="center", va="center", fontsize=8 if columns <= 12 else 6,
+                        color="white" if dark else "black")
+    if xticklabels is None:
+        ax.set_xticks(range(columns))
+    elif columns <= MAX_LABELLED:
+        ax.set_xticks(range(columns), xticklabels, rotation=90, fontsize=max(5.0, min(8.0, 320 / columns)))
     ax.set_yticks(range(layers))
-    ax.set_xlabel("head")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("layer")
     if name:
         ax.set_title(name)
-    fig.colorbar(image, ax=ax, shrink=0.8)
+    if colorbar:
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    return image
 
 
 def plot_head_scores(
@@ -138,6 +157,71 @@ def plot_head_scores(
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (name, s) in zip(axes, panels.items()):
         _heatmap(fig, ax, _numpy(s), name.replace("_", "-") or None, fmt)
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+PATCH_AXES = ("layer", "position", "head")
+
+
+def _patch_grid(result: Tensor, by: Sequence[str]) -> tuple[Tensor, list[str]]:
+    """``result`` with its axes put in the order ``layer, head, position`` (those of ``by`` it has)."""
+    by = tuple(by)
+    if "layer" not in by or len(set(by)) != len(by) or not set(by) <= set(PATCH_AXES):
+        raise ValueError(f"by must hold 'layer' and any of 'position', 'head', each once, got {by!r}")
+    if result.ndim != len(by):
+        raise ValueError(f"result has {result.ndim} axes, shape {tuple(result.shape)}, but by names {len(by)}: {by!r}")
+    axes = [a for a in ("layer", "head", "position") if a in by]
+    return result.permute([by.index(a) for a in axes]), axes
+
+
+def plot_patching(
+    result: Tensor,
+    path: str | Path,
+    *,
+    by: Sequence[str] = ("layer", "position"),
+    labels: Sequence[str] | None = None,
+    title: str | None = None,
+    label: str = "metric",
+) -> Path:
+    """A heatmap of a patching sweep (``patch_sweep``, ``attribution_patch``, ``head_ablation_sweep``):
+    red for patches that raise the metric, blue for those that lower it, white at 0 (one colour scale
+    for the whole figure, centred at 0, from minus to plus the largest |value|).
+
+    Args:
+        result: the sweep, one axis per entry of ``by`` in that order.
+        by: the ``by`` the sweep was run with. ``("layer", "position")``: layer x position, with the
+            tokens under the columns; ``("layer", "head")``: layer x head, the value written in each
+            cell; ``("layer",)``: one column; all three axes (any order): one layer x position panel per
+            head (in a grid of up to 4 columns; one column when the positions make panels wide).
+        labels: the tokens as text, one per position (default: the position numbers).
+        label: what the colour bar says the values are (e.g. ``"change of logit difference"``).
+    """
+    grid, axes = _patch_grid(result, by)
+    data = _numpy(grid)
+    limit = float(abs(data).max()) or 1.0
+    seq = grid.shape[-1] if "position" in axes else 1
+    if labels is not None and "position" not in axes:
+        raise ValueError(f"labels name positions, but by={tuple(by)!r} has no 'position' axis")
+    if "position" in axes:
+        xlabel, ticks = "position", [str(p) for p in range(seq)] if labels is None else _check_labels(labels, seq, "seq", "the result")
+    else:
+        xlabel, ticks = ("head", None) if "head" in axes else ("whole site", [""])
+    panels = [(None, data if data.ndim == 2 else data[:, None])] if len(axes) < 3 else [(f"head {h}", data[:, h]) for h in range(data.shape[1])]
+    columns = panels[0][1].shape[1]
+    width = min(max(3.2, (0.55 if columns <= MAX_WRITTEN else 0.2) * columns + 1.8), 14.0)
+    cols = max(1, min(len(panels), 4, int(20 // width)))  # wide panels (many positions) stack in one column
+    rows = -(-len(panels) // cols)
+    height = min(max(2.2, 0.42 * grid.shape[0] + (1.9 if "position" in axes else 1.3)), 10.0)
+    fig = _figure(cols * width + 1.0, rows * height + (0.5 if title else 0.0))
+    grid_axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, (name, values) in zip(grid_axes.flat, panels):
+        image = _heatmap(fig, ax, values, name, ".2f", diverging=True, limit=limit, xlabel=xlabel,
+                         xticklabels=ticks, colorbar=False)
+    for ax in list(grid_axes.flat)[len(panels):]:
+        ax.set_axis_off()
+    fig.colorbar(image, ax=grid_axes.ravel().tolist(), shrink=0.8, label=label)
     if title:
         fig.suptitle(title)
     return save_figure(fig, path)
@@ -183,4 +267,4 @@ def plot_logit_lens(
     return save_figure(fig, path)
 
 
-__all__ = ["plot_attention", "plot_head_scores", "plot_logit_lens"]
+__all__ = ["plot_attention", "plot_head_scores", "plot_logit_lens", "plot_patching"]

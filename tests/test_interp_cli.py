@@ -197,6 +197,14 @@ def printed_rows(out: str) -> list[list[str]]:
     return [line.split() for line in table if line.startswith(" ")]
 
 
+def run_view(view: str, checkpoint, out, capsys, *flags: str, min_bytes: int = 5_000) -> str:
+    """``inspect VIEW`` on the checkpoint with the clean and corrupted prompts: what it printed (the PNG checked)."""
+    argv = ["inspect", view, "--checkpoint", str(checkpoint), "--clean", CLEAN, "--corrupt", CORRUPT, "--out", str(out)]
+    assert main([*argv, *flags]) == 0
+    assert_png(out, min_bytes=min_bytes)
+    return capsys.readouterr().out
+
+
 def circuit_inputs(checkpoint, *texts):
     ckpt = ft.load_checkpoint(checkpoint, with_opt_state=False)
     tokens = [torch.tensor(ckpt.tokenizer.encode(t)) for t in texts]
@@ -204,12 +212,8 @@ def circuit_inputs(checkpoint, *texts):
 
 
 def test_inspect_patching_prints_the_largest_effects_of_the_exact_sweep(checkpoint, tmp_path, capsys):
-    out = tmp_path / "patching.png"
-    argv = ["inspect", "patching", "--checkpoint", str(checkpoint), "--clean", CLEAN, "--corrupt", CORRUPT,
-            "--answer", " ", "--wrong", "o", "--site", "attn.head_out", "--top", "4", "--out", str(out)]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert_png(out)
+    printed = run_view("patching", checkpoint, tmp_path / "patching.png", capsys,
+                       "--answer", " ", "--wrong", "o", "--site", "attn.head_out", "--top", "4")
     cfg, params, tok, (clean, corrupt) = circuit_inputs(checkpoint, CLEAN, CORRUPT)
     answer, wrong = tok.encode(" ")[0], tok.encode("o")[0]
 
@@ -229,13 +233,8 @@ def test_inspect_patching_prints_the_largest_effects_of_the_exact_sweep(checkpoi
 
 
 def test_inspect_attribution_compares_with_exact_patching(checkpoint, tmp_path, capsys):
-    out = tmp_path / "atp.png"
-    argv = ["inspect", "attribution", "--checkpoint", str(checkpoint), "--clean", CLEAN, "--corrupt", CORRUPT,
-            "--metric", "logprob", "--answer", " ", "--site", "attn.k", "--by", "layer,position,head", "--compare",
-            "--top", "3", "--out", str(out)]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
-    assert_png(out)
+    printed = run_view("attribution", checkpoint, tmp_path / "atp.png", capsys, "--metric", "logprob", "--answer", " ",
+                       "--site", "attn.k", "--by", "layer,position,head", "--compare", "--top", "3")
     assert "AtP*: the 3 largest of 84 effects" in printed  # 2 layers x 14 positions x 3 heads
     assert re.search(r"AtP\* next to exact patching:\n84 patches, correlation -?\d\.\d{4}", printed), printed
     cfg, params, tok, (clean, corrupt) = circuit_inputs(checkpoint, CLEAN, CORRUPT)
@@ -255,17 +254,13 @@ def test_inspect_attribution_compares_with_exact_patching(checkpoint, tmp_path, 
 
 
 def test_inspect_patching_noise_direction_and_loss_metric(checkpoint, tmp_path, capsys):
-    out = tmp_path / "noise.png"
-    argv = ["inspect", "patching", "--checkpoint", str(checkpoint), "--clean", CLEAN, "--corrupt", CORRUPT,
-            "--metric", "loss", "--direction", "noise", "--site", "resid_mid", "--by", "layer", "--out", str(out)]
-    assert main(argv) == 0
-    printed = capsys.readouterr().out
+    printed = run_view("patching", checkpoint, tmp_path / "noise.png", capsys, "--metric", "loss", "--direction", "noise",
+                       "--site", "resid_mid", "--by", "layer", min_bytes=3_000)
     # Noising a whole residual stream makes the clean run the corrupted one: every change is corrupt - clean.
     clean_m, corrupt_m = map(float, re.search(r"clean run (-?\d+\.\d+), corrupted run (-?\d+\.\d+)", printed).groups())
     changes = [float(row[1]) for row in printed_rows(printed)]
     assert changes == pytest.approx([corrupt_m - clean_m] * 2, abs=2e-4)
     assert "noise (corrupted values into the clean run)" in printed
-    assert_png(out, min_bytes=3_000)
 
 
 def test_inspect_patching_and_attribution_on_an_hf_dir(hf_dir, tmp_path, capsys):

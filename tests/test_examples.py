@@ -120,3 +120,19 @@ def test_sae_example_on_a_small_text(tmp_path):
     rows = re.findall(r"^\s+(8|16|32)\s+\d+\.\d\s+(-?\d\.\d+)", result.stdout, flags=re.M)
     assert [k for k, _ in rows] == ["8", "16", "32"], result.stdout
     assert (tmp_path / "run" / "saes" / "metrics.jsonl").exists()
+
+
+def test_circuits_example_finds_the_induction_circuit_by_every_method(tmp_path):
+    # examples/13_circuits.py with fewer training steps (the circuit has formed by ~400 with seed 0): exact
+    # patching, AtP/AtP* and the K-composition scores each name the heads the attention scores name.
+    result = run_example(ROOT / "examples" / "13_circuits.py", "--steps", "400", "--out", str(tmp_path))
+    assert result.returncode == 0, f"13_circuits.py failed:\n{result.stdout}\n{result.stderr}"
+    out = result.stdout
+    previous, induction = re.search(r"previous-token head layer 0 head (\d), induction head layer 1 head (\d)", out).groups()
+    found = re.findall(r"^\s+(exact patching|AtP, AtP\*|K-composition)\s+previous-token head L0H(\d) -> K-composition -> "
+                       r"induction head L1H(\d)$", out, flags=re.M)
+    assert [m for m, _, _ in found] == ["exact patching", "AtP, AtP*", "K-composition"], out
+    assert all((w, r) == (previous, induction) for _, w, r in found), out
+    assert re.search(r"AtP\*, keys\n(.*\n){3}\s+4 patches, correlation 0\.9\d", out), out
+    for name in ("resid_pre", "head_out", "keys", "atp_keys"):
+        assert (tmp_path / f"circuit_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -128,10 +128,13 @@ def attribution(params, cfg, clean, corrupt, metric, exact: dict, out: Path) -> 
 
 def composition(params, cfg) -> dict:
     """Q, K and V composition scores from layer-0 heads (rows) into layer-1 heads (columns), from the weights
-    alone, next to the same scores of an untrained model."""
+    alone, next to the same scores of an untrained model. The norms' scales are folded into the weights
+    first (``fold_layer_norm``: the same logits), so each head's matrices are what it applies."""
     print("4. composition scores, layer-0 heads (rows) into layer-1 heads (columns), from the weights alone")
-    scores = {kind: ft.interp.composition_scores(params, cfg, 0, 1, kind) for kind in "qkv"}
-    random = ft.interp.composition_scores(ft.init_params(cfg, seed=123), cfg, 0, 1, "k")
+    folded, folded_cfg = ft.interp.fold_layer_norm(params, cfg)
+    scores = {kind: ft.interp.composition_scores(folded, folded_cfg, 0, 1, kind) for kind in "qkv"}
+    untrained, untrained_cfg = ft.interp.fold_layer_norm(ft.init_params(cfg, seed=123), cfg)
+    random = ft.interp.composition_scores(untrained, untrained_cfg, 0, 1, "k")
     for kind, s in scores.items():
         print(table(f"{kind.upper()}-composition", s, rows="head", columns="into"))
     print(f"   (an untrained model's K-composition scores: {float(random.min()):.2f} .. {float(random.max()):.2f})")
@@ -170,6 +173,11 @@ def main(argv: list[str] | None = None) -> dict:
     for method, (writer, reader) in found.items():
         print(f"   {method:<15} previous-token head L0H{writer} -> K-composition -> induction head L1H{reader}")
     print(f"   heatmaps: {out}")
+    # One character per id makes the model usable from the command line: `ftransformer inspect patching`.
+    letters = ft.data.CharTokenizer(list("abcdefghijklmnopqrstuvwxyzABCDEF"[: cfg.vocab_size]))
+    model_dir = ft.save_checkpoint(out / "model", params=params, config=cfg, step=args.steps, tokenizer=letters)
+    print(f"   the model: {model_dir} -- try `ftransformer inspect patching --checkpoint {model_dir} --clean "
+          "pqkdmzfbxwpqkdmzfbx --corrupt pqkdmzfbawpqkdmzfbx --metric logprob --answer w --site attn.k --out keys.png`")
     return {"previous": previous, "induction": induction, "found": found, "exact": exact, "estimates": estimates,
             "composition": comp, "out": out}
 

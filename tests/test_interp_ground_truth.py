@@ -79,7 +79,7 @@ def test_the_induction_heads_keys_are_the_most_important_keys_of_all(circuit, me
 
     keys = effects("attn.k")
     assert best(keys) == (1, model.induction_head), f"{method}: key effects {keys.tolist()}"
-    rest = keys.flatten()[torch.arange(keys.numel()) != 2 + model.induction_head]
+    rest = keys.flatten()[torch.arange(keys.numel()) != model.cfg.n_heads + model.induction_head]
     assert rest.abs().max() < 0.25 * keys[1, model.induction_head]
     if method != "atp":  # plain AtP through a saturated softmax need not get small effects right
         queries = effects("attn.q")

@@ -107,6 +107,13 @@ def exact_patching(params, cfg, clean, corrupt, metric, out: Path) -> dict:
                   title="exact patching of each head's output", label="change of log-prob")
     plot_patching(effects["attn.k"], out / "circuit_keys.png", by=("layer", "head"),
                   title="exact patching of each head's keys", label="change of log-prob")
+    # Which keys: one panel per head, layer x position. The induction head's keys matter at the odd
+    # positions of the first copy -- the tokens whose previous token was changed.
+    by_position = ft.interp.patch_sweep(params, clean, corrupt, metric, cfg, site="attn.k", by=("layer", "position", "head")) - base
+    key_positions = by_position[1, :, int(effects["attn.k"][1].argmax())].topk(HALF // 2).indices.sort().values.tolist()
+    print(f"   the induction head's keys that matter most: positions {key_positions}")
+    plot_patching(by_position, out / "circuit_keys_by_position.png", by=("layer", "position", "head"), labels=labels,
+                  title="exact patching of the keys at each position, one panel per head", label="change of log-prob")
     return effects
 
 

@@ -134,5 +134,7 @@ def test_circuits_example_finds_the_induction_circuit_by_every_method(tmp_path):
     assert [m for m, _, _ in found] == ["exact patching", "AtP, AtP*", "K-composition"], out
     assert all((w, r) == (previous, induction) for _, w, r in found), out
     assert re.search(r"AtP\*, keys\n(.*\n){3}\s+4 patches, correlation 0\.9\d", out), out
-    for name in ("resid_pre", "head_out", "keys", "atp_keys"):
+    # The keys that matter are those after the changed tokens (positions 0, 2, .., 8): 1, 3, .., 9.
+    assert "the induction head's keys that matter most: positions [1, 3, 5, 7, 9]" in out, out
+    for name in ("resid_pre", "head_out", "keys", "keys_by_position", "atp_keys"):
         assert (tmp_path / f"circuit_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -11,6 +11,7 @@ state, safe to call from threads and tests -- writes the file and returns its pa
 imported on the first call, not with the package.
 """
 
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -214,7 +215,9 @@ def plot_patching(
     cols = max(1, min(len(panels), 4, int(20 // width)))  # wide panels (many positions) stack in one column
     rows = -(-len(panels) // cols)
     height = min(max(2.2, 0.42 * grid.shape[0] + (1.9 if "position" in axes else 1.3)), 10.0)
-    fig = _figure(cols * width + 1.0, rows * height + (0.5 if title else 0.0))
+    # A long title (a checkpoint's path) wraps to the figure's width, about 11 characters an inch.
+    title = textwrap.fill(title, max(30, int(11 * (cols * width + 1.0)))) if title else None
+    fig = _figure(cols * width + 1.0, rows * height + (0.3 + 0.25 * title.count("\n") if title else 0.0))
     grid_axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (name, values) in zip(grid_axes.flat, panels):
         image = _heatmap(fig, ax, values, name, ".2f", diverging=True, limit=limit, xlabel=xlabel,

@@ -177,6 +177,16 @@ def _patch_grid(result: Tensor, by: Sequence[str]) -> tuple[Tensor, list[str]]:
     return result.permute([by.index(a) for a in axes]), axes
 
 
+def _patch_ticks(grid: Tensor, axes: list[str], by: Sequence[str], labels: Sequence[str] | None) -> tuple[str, list[str] | None]:
+    """The x axis of ``plot_patching``'s panels: its name and tick labels (None: the column numbers)."""
+    if "position" not in axes:
+        if labels is not None:
+            raise ValueError(f"labels name positions, but by={tuple(by)!r} has no 'position' axis")
+        return ("head", None) if "head" in axes else ("whole site", [""])
+    seq = grid.shape[-1]
+    return "position", [str(p) for p in range(seq)] if labels is None else _check_labels(labels, seq, "seq", "the result")
+
+
 def plot_patching(
     result: Tensor,
     path: str | Path,
@@ -201,14 +211,7 @@ def plot_patching(
     """
     grid, axes = _patch_grid(result, by)
     data = _numpy(grid)
-    limit = float(abs(data).max()) or 1.0
-    seq = grid.shape[-1] if "position" in axes else 1
-    if labels is not None and "position" not in axes:
-        raise ValueError(f"labels name positions, but by={tuple(by)!r} has no 'position' axis")
-    if "position" in axes:
-        xlabel, ticks = "position", [str(p) for p in range(seq)] if labels is None else _check_labels(labels, seq, "seq", "the result")
-    else:
-        xlabel, ticks = ("head", None) if "head" in axes else ("whole site", [""])
+    xlabel, ticks = _patch_ticks(grid, axes, by, labels)
     panels = [(None, data if data.ndim == 2 else data[:, None])] if len(axes) < 3 else [(f"head {h}", data[:, h]) for h in range(data.shape[1])]
     columns = panels[0][1].shape[1]
     width = min(max(3.2, (0.55 if columns <= MAX_WRITTEN else 0.2) * columns + 1.8), 14.0)
@@ -220,7 +223,7 @@ def plot_patching(
     fig = _figure(cols * width + 1.0, rows * height + (0.3 + 0.25 * title.count("\n") if title else 0.0))
     grid_axes = fig.subplots(rows, cols, squeeze=False)
     for ax, (name, values) in zip(grid_axes.flat, panels):
-        image = _heatmap(fig, ax, values, name, ".2f", diverging=True, limit=limit, xlabel=xlabel,
+        image = _heatmap(fig, ax, values, name, ".2f", diverging=True, limit=float(abs(data).max()) or 1.0, xlabel=xlabel,
                          xticklabels=ticks, colorbar=False)
     for ax in list(grid_axes.flat)[len(panels):]:
         ax.set_axis_off()

@@ -41,7 +41,7 @@ import torch
 
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
-from ftransformer.interp.patching import Metric, _check_args, _check_scalar
+from ftransformer.interp.patching import Metric, _check_args, _check_scalar, run_from
 from ftransformer.layers.attention import head_outputs, project_qkv, scaled_dot_product_attention, scores as score_args
 from ftransformer.layers.feedforward import feedforward
 from ftransformer.layers.linear import linear
@@ -154,29 +154,40 @@ def _inputs(x: Residual, diffs: list, mask: Tensor, readers: slice) -> Float[Ten
     return x - torch.tensordot(1 - mask[: d.shape[0], readers].to(x.dtype), d, dims=([0], [0]))
 
 
-def _circuit_from(params: dict, x: Residual, diffs: list, mask: Tensor, ablated: Tensor, cfg: Config, inputs, start: int) -> Logits:
-    """The circuit's logits from block ``start`` on: ``x`` is its residual entering that block and ``diffs``
-    the writes before it minus their replacements (``z_u - z~_u``, in the graph's order)."""
+def _circuit_layer(params: dict, i: int, x: Residual, diffs: list, mask: Tensor, ablated: Tensor, cfg: Config, inputs) -> tuple:
+    """Block ``i`` of the circuit: ``(x, diffs)`` after it, from those entering it (``x`` the run's own residual,
+    ``diffs`` the writes so far minus their replacements, ``z_u - z~_u``, in the graph's order)."""
     _, masks, rotaries = inputs
     mlp, n_writers, n_readers = _sizes(cfg)
-    # Off the graph nothing is ablated, whatever the mask says there (a parallel MLP never reads its layer's heads).
-    mask = torch.where(graph(cfg).edges.to(mask.device), mask, 1.0)
+    p, w0, r0 = params["blocks"][i], 1 + i * n_writers, i * n_readers
+    head_out = _circuit_attention(p, _inputs(x, diffs, mask, slice(r0, r0 + n_readers - mlp)), cfg, masks[i], rotaries[i])
+    b_o = p["attn"].get("b_o")
+    attn = head_out.sum(-3) if b_o is None else head_out.sum(-3) + b_o
+    if cfg.residual == "sequential":
+        x = x + attn
+    diffs = diffs + [head_out.movedim(-3, 0) - ablated[w0 : w0 + cfg.n_heads]]
+    if mlp:
+        m_in = _inputs(x, diffs, mask, slice(r0 + n_readers - 1, r0 + n_readers))[0]
+        out = feedforward(p["mlp"], norm(_mlp_norm(p, cfg), m_in, cfg), cfg)
+        b_out = p["mlp"].get("b_out")
+        diffs = diffs + [(out if b_out is None else out - b_out)[None] - ablated[w0 + cfg.n_heads : w0 + n_writers]]
+        x = x + out
+    if cfg.residual != "sequential":
+        x = x + attn
+    return x, diffs
+
+
+def _on_graph(mask: Tensor, cfg: Config) -> Tensor:
+    """Off the graph nothing is ablated, whatever the mask says there (a parallel MLP never reads its layer's heads)."""
+    return torch.where(graph(cfg).edges.to(mask.device), mask, 1.0)
+
+
+def _circuit_from(params: dict, x: Residual, diffs: list, mask: Tensor, ablated: Tensor, cfg: Config, inputs, start: int) -> Logits:
+    """The circuit's logits from block ``start`` on: ``x`` is its residual entering that block and ``diffs``
+    the writes before it minus their replacements."""
+    mask = _on_graph(mask, cfg)
     for i in range(start, cfg.n_layers):
-        p, w0, r0 = params["blocks"][i], 1 + i * n_writers, i * n_readers
-        head_out = _circuit_attention(p, _inputs(x, diffs, mask, slice(r0, r0 + n_readers - mlp)), cfg, masks[i], rotaries[i])
-        b_o = p["attn"].get("b_o")
-        attn = head_out.sum(-3) if b_o is None else head_out.sum(-3) + b_o
-        if cfg.residual == "sequential":
-            x = x + attn
-        diffs = diffs + [head_out.movedim(-3, 0) - ablated[w0 : w0 + cfg.n_heads]]
-        if mlp:
-            m_in = _inputs(x, diffs, mask, slice(r0 + n_readers - 1, r0 + n_readers))[0]
-            out = feedforward(p["mlp"], norm(_mlp_norm(p, cfg), m_in, cfg), cfg)
-            b_out = p["mlp"].get("b_out")
-            diffs = diffs + [(out if b_out is None else out - b_out)[None] - ablated[w0 + cfg.n_heads : w0 + n_writers]]
-            x = x + out
-        if cfg.residual != "sequential":
-            x = x + attn
+        x, diffs = _circuit_layer(params, i, x, diffs, mask, ablated, cfg, inputs)
     return unembed(params, _inputs(x, diffs, mask, slice(-1, None))[0], cfg)
 
 
@@ -354,7 +365,8 @@ def edge_patch_sweep(
     source run's writes as ``ablated``), minus the base run's metric; 0 off the graph, like the scores.
 
     One ``vmap`` over the one-hot edge masks of each reader layer (``chunk`` runs at a time), each run
-    starting at that layer from the base run's residual: nothing before it can change.
+    starting at that layer from the base run's residual (nothing before it can change) and going on as a
+    plain forward pass after it (every later reader reads the run's own residual).
     """
     _check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), direction, chunk)
     g = graph(cfg)
@@ -374,7 +386,11 @@ def edge_patch_sweep(
         diffs = [(own - ablated)[: 1 + start * n_writers]]
 
         def patched(mask: Float[Tensor, "writers readers"], x=x, diffs=diffs, start=start) -> Float[Tensor, ""]:
-            return metric(_circuit_from(params, x, diffs, mask, ablated, cfg, inputs, start))
+            if start == cfg.n_layers:
+                return metric(_circuit_from(params, x, diffs, mask, ablated, cfg, inputs, start))
+            # Only block ``start``'s readers are patched: every later reader reads the run's own residual.
+            x, _ = _circuit_layer(params, start, x, diffs, _on_graph(mask, cfg), ablated, cfg, inputs)
+            return metric(run_from(params, x, cfg, start + 1, inputs))
 
         values = torch.func.vmap(patched, chunk_size=chunk)(masks[rows].to(own.device))
         out[index[rows, 0], index[rows, 1]] = values - before

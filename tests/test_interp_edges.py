@@ -117,6 +117,13 @@ def test_edge_patch_sweep_equals_a_loop_of_single_edge_patches(name):
         loop[u, v] = logit_diff(logits) - logit_diff(base_logits)
     torch.testing.assert_close(swept, loop, atol=1e-10, rtol=1e-8)
     assert (swept[~g.edges] == 0).all() and swept.abs().max() > 1e-2
+    # The same edges as circuits: all edges kept but one, which reads the clean run's write.
+    ablated = edges.writer_values(params, values(params, clean, cfg)[1], cfg)
+    for u, v in g.edges.nonzero()[::9].tolist():
+        mask = torch.ones(g.edges.shape, dtype=torch.float64)
+        mask[u, v] = 0.0
+        circuit = logit_diff(edges.circuit_logits(params, corrupt, cfg, mask, ablated)) - logit_diff(base_logits)
+        torch.testing.assert_close(swept[u, v], circuit, atol=1e-10, rtol=1e-8)
     noise = edges.edge_patch_sweep(params, clean, corrupt, logit_diff, cfg, direction="noise")
     assert not torch.allclose(noise, -swept)
 

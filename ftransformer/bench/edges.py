@@ -5,24 +5,26 @@ corrupted run), timed in the same run:
 
 * ``loop of single-edge circuits``: one ``interp.edges.circuit_logits`` per edge (all edges kept but one,
   that one fed the clean run's write): what a loop of patched runs does;
-* ``edge_patch_sweep``: the same values as one ``vmap`` over one-hot edge masks per reader layer, each run
-  starting at that layer;
+* ``edge_patch_sweep``: the same values as one ``vmap`` over the edges of each reader layer, each run
+  starting at that layer with the one reader's swapped projection computed once per writer;
 * ``EAP``: ``edge_attribution``, the first-order estimate of all of them from one forward + backward;
 * ``EAP-IG``: the same with ``--steps`` integration points (one ``vmap`` over alpha).
 
 Before timing, the sweep is checked equal to the loop (to ``TOL``), and the estimates are put next to the
-exact values (``attribution.atp_report``: correlation, sign agreement, the largest misses). Timings are
+exact values (``attribution.atp_report``: correlation, sign agreement, the largest misses; its index ``n``
+is the n-th edge of ``graph(cfg).edges.nonzero()``). Timings are
 interleaved medians; the speed-up column is each row's median over EAP's (how many EAPs it costs).
 """
 
+import argparse
 import warnings
 
 import torch
 
+from ftransformer.bench import patching as patching_bench
 from ftransformer.bench.patching import _setup, logit_diff
 from ftransformer.bench.timing import interleaved, num_threads
 from ftransformer.bench.vmap import format_table
-from ftransformer.config import PRESETS
 from ftransformer.interp import edges
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.attribution import atp_report
@@ -32,17 +34,12 @@ TOL = 1e-4
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model sizes (default: tiny)")
-    parser.add_argument("--layers", type=int, default=4, help="n_layers (default: 4)")
-    parser.add_argument("--d-model", type=int, default=128, help="d_model, with d_model // 32 heads (default: 128)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences (default: 8)")
-    parser.add_argument("--seq-len", type=int, default=32, help="tokens per sequence (default: 32)")
+    """``bench.patching``'s model, batch and timing options (its ``--site`` is not used here), with this
+    benchmark's defaults (4 layers x 128 wide, 8 x 32 tokens), and EAP-IG's steps."""
+    patching_bench.add_arguments(parser)
+    parser.set_defaults(layers=4, d_model=128, seq_len=32, repeats=3)
     parser.add_argument("--steps", type=int, default=5, help="EAP-IG's integration points (default: 5)")
     parser.add_argument("--no-loop", action="store_true", help="leave out the loop (it is the slow one)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed interleaved repetitions (default: 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (default: 1)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and tokens (default: 0)")
 
 
 def _loop(params, clean, corrupt, cfg) -> torch.Tensor:
@@ -81,15 +78,16 @@ def run(args) -> int:
           f"{args.warmup} warm-up, medians" + ("; the sweep equals the loop" if LOOP in fns else ""))
     for name, report in reports.items():
         print(f"\n{name} ({args.steps} steps) vs exact:" if name == IG else f"\n{name} vs exact:", report, sep="\n")
-    print()
-    print(format_table(f"{int(on.sum())} edges", times, EAP, {}, {}))
-    print("\nspeed-up: this row's median time / EAP's")
+    table = format_table(f"{int(on.sum())} edges", times, EAP, {}, {})
+    print(f"\n{table}\n\nspeed-up: this row's median time / EAP's")
     return 0
 
 
-if __name__ == "__main__":
-    import argparse
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ftransformer.bench.edges", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
-    _parser = argparse.ArgumentParser(prog="python -m ftransformer.bench.edges", description=__doc__.splitlines()[0])
-    add_arguments(_parser)
-    raise SystemExit(run(_parser.parse_args()))
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,8 +14,9 @@ parallel ones). Biases (``b_o``, ``b_out``) are constants of the sum, not writer
   wrote in this very run and ``z~_u`` its replacement (another run's value, zero, or a mean). Every
   reader's input is materialised here -- one residual per head -- which is what a circuit *is*.
 * ``edge_patch_sweep`` patches every edge alone (the source run's ``z_u`` into reader ``v`` of the base
-  run): ONE ``vmap`` over one-hot edge masks per reader layer, each run starting at that layer from the
-  base run's cached residual (a patch cannot change anything that reads earlier).
+  run): per reader layer, every writer's swapped projection (q / k / v of each head, MLP hidden units) is
+  computed once, then ONE ``vmap`` over the layer's edges (one-hot writer and reader selectors) runs from
+  that layer on from the base run's cached residual (a patch cannot change anything that reads earlier).
 * ``edge_attribution`` estimates all of those at once (EAP, Syed et al. 2023): to first order, patching
   edge ``u -> v`` changes the metric by ``(z_u(source) - z_u(base)) . dM/dx_v``, with ``x_v`` reader
   ``v``'s input residual. The gradients come from ONE forward + backward of the base run -- with respect
@@ -256,15 +257,16 @@ def _attn_reader_grads(p: dict, x: Residual, grads: tuple, cfg: Config, rotary, 
     return torch.func.vmap(vjp, chunk_size=chunk)(cotangents)[0]
 
 
+def _mlp_hidden(p: dict, x: Residual, cfg: Config) -> Tensor:
+    """The hidden units of block ``p``'s MLP reading the residual ``x`` (through its norm)."""
+    tap = Tap()
+    feedforward(p["mlp"], norm(_mlp_norm(p, cfg), x, cfg), cfg, tap=tap)
+    return tap.acts["hidden"]
+
+
 def _mlp_reader_grad(p: dict, x: Residual, grad: Tensor, cfg: Config) -> Residual:
     """dM/dx for one MLP's input: the vjp of ``x -> hidden(norm(x))`` with the gradient at the hidden units."""
-
-    def hidden(x: Residual) -> Tensor:
-        tap = Tap()
-        feedforward(p["mlp"], norm(_mlp_norm(p, cfg), x, cfg), cfg, tap=tap)
-        return tap.acts["hidden"]
-
-    return torch.func.vjp(hidden, x)[1](grad)[0]
+    return torch.func.vjp(lambda x: _mlp_hidden(p, x, cfg), x)[1](grad)[0]
 
 
 def reader_gradients(
@@ -348,12 +350,41 @@ def edge_attribution(
     return EdgeScores(scores * g.edges.to(scores), g)
 
 
-def _one_hots(g: Graph, dtype: torch.dtype) -> tuple[Tensor, Float[Tensor, "edges writers readers"]]:
-    """The edges' ``(writer, reader)`` indices ``[edges, 2]`` and all-ones masks with that one edge at 0."""
-    index = g.edges.nonzero()
-    masks = torch.ones(len(index), *g.edges.shape, dtype=dtype)
-    masks[torch.arange(len(index)), index[:, 0], index[:, 1]] = 0
-    return index, masks
+def _patched_reads(params: dict, base: dict, diff: Values, cfg: Config, i: int, rotary) -> dict:
+    """What block ``i``'s readers compute when writer ``u``'s write is swapped, for every ``u`` at once
+    (``[writers, ...]`` per site): the q / k / v of ``ln1(resid_pre - diff[u])`` and the MLP hidden units of
+    its input minus ``diff[u]``. Writer-many projections per layer, not one per edge."""
+    p, a = params["blocks"][i], base["blocks"][i]
+    q, k, v = project_qkv(p["attn"], norm(p["ln1"], a["resid_pre"] - diff, cfg), cfg, rotary)
+    reads = {"attn.q": q, "attn.k": k, "attn.v": v}
+    if cfg.mlp:
+        x = a["resid_mid"] if cfg.residual == "sequential" else a["resid_pre"]
+        reads["mlp.hidden"] = _mlp_hidden(p, x - diff, cfg)
+    return reads
+
+
+def _layer_sweep(params, base: dict, diff: Values, metric: Metric, cfg: Config, i: int, index: Tensor, *, inputs, chunk) -> Tensor:
+    """The metric of every edge ``index`` (``[edges, 2]``, readers of block ``i``) patched alone: ONE vmap over
+    the edges' one-hot writer and reader selectors, each run a plain run from block ``i`` whose reader (one
+    head's q, k or v, or the MLP's hidden units) takes the value ``_patched_reads`` computed for its writer."""
+    reads = _patched_reads(params, base, diff, cfg, i, inputs[2][i])
+    _, _, n_readers = _sizes(cfg)
+    pick_writer = torch.nn.functional.one_hot(index[:, 0], diff.shape[0]).to(diff)
+    pick_reader = torch.nn.functional.one_hot(index[:, 1] - i * n_readers, n_readers).to(diff)
+    widths = [cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads] + [1] * int(cfg.mlp)
+
+    def patched(writer: Float[Tensor, " writers"], reader: Tensor) -> Float[Tensor, ""]:
+        fixes = {}
+        for (site, value), where in zip(reads.items(), reader.split(widths)):
+            where = where[:, None, None] if site.startswith("attn") else where
+
+            def fix(v: Tensor, value=value, where=where) -> Tensor:
+                return torch.where(where.bool(), torch.tensordot(writer, value, dims=1), v)
+
+            fixes[f"blocks.{i}.{site}"] = fix
+        return metric(run_from(params, base["blocks"][i]["resid_pre"], cfg, i, inputs, fixes))
+
+    return torch.func.vmap(patched, chunk_size=chunk)(pick_writer, pick_reader)
 
 
 def edge_patch_sweep(
@@ -364,9 +395,10 @@ def edge_patch_sweep(
     run's ``z_u`` in place of its own (the ``circuit_logits`` of an all-ones mask but for that edge, with the
     source run's writes as ``ablated``), minus the base run's metric; 0 off the graph, like the scores.
 
-    One ``vmap`` over the one-hot edge masks of each reader layer (``chunk`` runs at a time), each run
-    starting at that layer from the base run's residual (nothing before it can change) and going on as a
-    plain forward pass after it (every later reader reads the run's own residual).
+    A patch of a reader of block ``i`` changes nothing before it and only that reader in it: per block,
+    every writer's swapped projections are computed once (``_patched_reads``), then ONE ``vmap`` over the
+    block's edges (``chunk`` at a time) runs from block ``i`` on with the one reader replaced; the logits'
+    edges are one unembedding per writer.
     """
     _check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), direction, chunk)
     g = graph(cfg)
@@ -374,26 +406,17 @@ def edge_patch_sweep(
     base_tokens, base_logits, base, source = _runs(params, clean, corrupt, cfg, direction)
     before = metric(base_logits)
     _check_scalar(before)
-    ablated, own = writer_values(params, source, cfg), writer_values(params, base, cfg)
+    diff = writer_values(params, base, cfg) - writer_values(params, source, cfg)
     inputs = block_inputs(base_tokens, cfg)
-    index, masks = _one_hots(g, own.dtype)
-    _, n_writers, n_readers = _sizes(cfg)
-    layer = torch.div(index[:, 1], n_readers, rounding_mode="floor").clamp(max=cfg.n_layers)
-    out = torch.zeros(g.edges.shape, dtype=own.dtype, device=own.device)
-    for start in range(cfg.n_layers + 1):
-        rows = (layer == start).nonzero()[:, 0]
-        x = base["blocks"][start]["resid_pre"] if start < cfg.n_layers else base["blocks"][-1]["resid_post"]
-        diffs = [(own - ablated)[: 1 + start * n_writers]]
-
-        def patched(mask: Float[Tensor, "writers readers"], x=x, diffs=diffs, start=start) -> Float[Tensor, ""]:
-            if start == cfg.n_layers:
-                return metric(_circuit_from(params, x, diffs, mask, ablated, cfg, inputs, start))
-            # Only block ``start``'s readers are patched: every later reader reads the run's own residual.
-            x, _ = _circuit_layer(params, start, x, diffs, _on_graph(mask, cfg), ablated, cfg, inputs)
-            return metric(run_from(params, x, cfg, start + 1, inputs))
-
-        values = torch.func.vmap(patched, chunk_size=chunk)(masks[rows].to(own.device))
-        out[index[rows, 0], index[rows, 1]] = values - before
+    index = g.edges.nonzero().to(diff.device)
+    layer = torch.div(index[:, 1], _sizes(cfg)[2], rounding_mode="floor")
+    out = torch.zeros(g.edges.shape, dtype=diff.dtype, device=diff.device)
+    for i in range(cfg.n_layers):
+        rows = index[layer == i]
+        values = _layer_sweep(params, base, diff, metric, cfg, i, rows, inputs=inputs, chunk=chunk)
+        out[rows[:, 0], rows[:, 1]] = values - before
+    final = base["blocks"][-1]["resid_post"]
+    out[:, -1] = torch.func.vmap(lambda d: metric(unembed(params, final - d, cfg)), chunk_size=chunk)(diff) - before
     return out
 
 

@@ -471,7 +471,8 @@ def faithfulness(
     cfg = cfg.replace(attn_impl="einsum")
     logits, ablated = _replacements(params, clean, corrupt, cfg, ablation)
     _check_scalar(metric(logits))
-    masks = torch.stack([top_edges(scores, k) for k in ks] + [g.edges, torch.zeros_like(g.edges)]).to(logits)
+    on = g.edges.to(logits.device)
+    masks = torch.stack([top_edges(scores, k).to(on.device) for k in ks] + [on, torch.zeros_like(on)]).to(logits)
     inputs = block_inputs(clean, cfg)
     x = embed(params, clean, cfg, positions=inputs[0])
 

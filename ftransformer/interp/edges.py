@@ -320,8 +320,10 @@ def edge_attribution(
 ) -> EdgeScores:
     """EAP / EAP-IG: the first-order estimate of every edge's ``edge_patch_sweep`` value at once.
 
+    ``clean``, ``corrupt``, ``metric`` and ``direction`` are as in ``patch_sweep`` (``"denoise"``: base =
+    corrupt, source = clean).
+
     Args:
-        clean, corrupt, metric, direction: as in ``patch_sweep`` (``"denoise"``: base = corrupt, source = clean).
         method: ``"eap"``: gradients of the base run; ``"eap-ig"``: gradients averaged over the points
             ``alpha = 1/steps, 2/steps, ..., 1`` between the base run's embeddings and the source run's.
         steps: EAP-IG's number of points (one ``vmap``); ``"eap"`` ignores it.

@@ -190,7 +190,8 @@ def plot_logit_lens(
 
 def _node_places(writers: Sequence[str], readers: Sequence[str]) -> tuple[dict, dict]:
     """Grid places: column 0 the embedding, ``2i + 1`` layer ``i``'s heads (one row each), ``2i + 2`` its MLP,
-    the last the logits; a head's q / k / v inputs sit just left of it, one above the other."""
+    the last the logits; a head's q / k / v inputs sit just left of it, one above the other (a key/value
+    head's by the first query head of its group)."""
     heads = 1 + max([int(w.split(".h")[1]) for w in writers if ".h" in w] or [0])
     middle = (heads - 1) / 2
     layers = 1 + max([int(w[1 : w.index(".")]) if w.startswith("a") else int(w[1:]) for w in writers[1:]] or [0])
@@ -201,11 +202,14 @@ def _node_places(writers: Sequence[str], readers: Sequence[str]) -> tuple[dict, 
             places[w] = (2.0 * int(layer) + 1, float(head))
         else:
             places[w] = (2.0 * int(w[1:]) + 2, middle)
+    # Key/value head g (grouped-query attention) sits by query head g * group, the first that reads it.
+    group = sum(r.endswith(".q") for r in readers) // max(1, sum(r.endswith(".k") for r in readers))
     ports = {}
     for r in readers:
         if r.count(".") == 2:
             node, port = r.rsplit(".", 1)
-            x, y = places[node]
+            layer, head = node.split(".h")
+            x, y = places[f"{layer}.h{int(head) * (1 if port == 'q' else group)}"]
             ports[r] = (x - 0.22, y + {"q": -0.22, "k": 0.0, "v": 0.22}[port], port)
         else:
             x, y = places[r]

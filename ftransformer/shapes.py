@@ -23,6 +23,10 @@ rows           activation vectors laid flat (tokens of many sequences, one row e
 d_sae          latents of a sparse autoencoder
 features       known directions of synthetic superposition data
 qkv            the three parts of a fused projection: queries, keys, values (GPT-NeoX's interleaved layout)
+writers        nodes of the edge graph that write to the residual stream: the embedding, every head, every MLP
+readers        nodes of the edge graph that read it: every head's q/k/v input, every MLP input, the logits
+edges          a stack of edge masks or edge runs, one per edge (or per circuit size)
+steps          the points of an integrated-gradients path (EAP-IG's alphas)
 =============  ===============================================================
 
 The aliases below are the annotations layers use; jaxtyping checks them when the import hook is on
@@ -37,6 +41,7 @@ from torch import Tensor
 AXES = (
     "batch", "seq", "kv_seq", "d_model", "heads", "kv_heads", "group", "head_dim", "half", "d_ff", "d_in", "d_out",
     "vocab", "layers", "layers_plus_1", "max_seq", "member", "rows", "d_sae", "features", "qkv",
+    "writers", "readers", "edges", "steps",
 )
 
 Tokens = Int[Tensor, "*batch seq"]

@@ -4,7 +4,9 @@
 * ``plot_head_scores``: a layer x head heatmap of any per-head score, the value written in each cell;
 * ``plot_patching``: a patching sweep or its attribution estimate (layer x position, layer x head, or one
   layer x position panel per head) on a diverging colour scale centred at 0;
-* ``plot_logit_lens``: the top next-token guess after every layer, at every position.
+* ``plot_logit_lens``: the top next-token guess after every layer, at every position;
+* ``plot_edges``: the top-k edges of an edge attribution as a graph; ``plot_faithfulness``: the metric of
+  the top-k circuits against k.
 
 Each draws on its own ``matplotlib.figure.Figure`` with an Agg canvas -- no display, no global pyplot
 state, safe to call from threads and tests -- writes the file and returns its path. matplotlib is
@@ -273,4 +275,89 @@ def plot_logit_lens(
     return save_figure(fig, path)
 
 
-__all__ = ["plot_attention", "plot_head_scores", "plot_logit_lens", "plot_patching"]
+def _node_places(writers: Sequence[str], readers: Sequence[str]) -> tuple[dict, dict]:
+    """Grid places: column 0 the embedding, ``2i + 1`` layer ``i``'s heads (one row each), ``2i + 2`` its MLP,
+    the last the logits; a head's q / k / v inputs sit just left of it, one above the other (a key/value
+    head's by the first query head of its group)."""
+    heads = 1 + max([int(w.split(".h")[1]) for w in writers if ".h" in w] or [0])
+    middle = (heads - 1) / 2
+    layers = 1 + max([int(w[1 : w.index(".")]) if w.startswith("a") else int(w[1:]) for w in writers[1:]] or [0])
+    places = {"embed": (0.0, middle), "logits": (2.0 * layers + 1, middle)}
+    for w in writers[1:]:
+        if w.startswith("a"):
+            layer, head = w[1:].split(".h")
+            places[w] = (2.0 * int(layer) + 1, float(head))
+        else:
+            places[w] = (2.0 * int(w[1:]) + 2, middle)
+    # Key/value head g (grouped-query attention) sits by query head g * group, the first that reads it.
+    group = sum(r.endswith(".q") for r in readers) // max(1, sum(r.endswith(".k") for r in readers))
+    ports = {}
+    for r in readers:
+        if r.count(".") == 2:
+            node, port = r.rsplit(".", 1)
+            layer, head = node.split(".h")
+            x, y = places[f"{layer}.h{int(head) * (1 if port == 'q' else group)}"]
+            ports[r] = (x - 0.22, y + {"q": -0.22, "k": 0.0, "v": 0.22}[port], port)
+        else:
+            x, y = places[r]
+            ports[r] = (x - 0.22, y, "")
+    return places, ports
+
+
+def plot_edges(edge_scores, path: str | Path, *, k: int = 20, title: str | None = None) -> Path:
+    """The top ``k`` edges of ``edge_scores`` (``interp.edges.edge_attribution``'s result) as a graph: nodes by
+    layer on a grid (a column per attention layer, heads in rows, and per MLP), an arrow per edge into the
+    reader's q / k / v input, red where patching the edge raises the metric, blue where it lowers it, as wide
+    as its ``|score|``."""
+    from ftransformer.interp.edges import top_edges
+
+    scores, g = edge_scores
+    keep = top_edges(edge_scores, min(k, int(g.edges.sum())))
+    places, ports = _node_places(g.writers, g.readers)
+    xs = [p[0] for p in places.values()]
+    ys = [p[1] for p in places.values()]
+    fig = _figure(min(max(4.0, 1.3 * max(xs) + 2.0), 30.0), min(max(3.0, 0.9 * max(ys) + 2.2), 20.0))
+    ax = fig.add_subplot()
+    values = _numpy(scores)
+    top = float(abs(values[_numpy(keep) > 0]).max()) if keep.any() else 1.0
+    for u, v in keep.nonzero().tolist():
+        (x0, y0), (x1, y1, _) = places[g.writers[u]], ports[g.readers[v]]
+        s = float(values[u, v])
+        ax.annotate("", xy=(x1, y1), xytext=(x0 + 0.15, y0), arrowprops=dict(
+            arrowstyle="-|>", color="tab:red" if s > 0 else "tab:blue", lw=0.5 + 4.0 * abs(s) / (top or 1.0),
+            alpha=0.8, shrinkA=0, shrinkB=0, connectionstyle="arc3,rad=0.08"))
+    for name, (x, y) in places.items():
+        ax.scatter([x], [y], s=700, color="white", edgecolors="black", zorder=3)
+        ax.text(x, y, name, ha="center", va="center", fontsize=6.5, zorder=4)
+    for x, y, port in ports.values():
+        if port:
+            ax.text(x - 0.05, y, port, ha="right", va="center", fontsize=6, color="dimgray")
+    ax.set_xlim(-0.8, max(xs) + 0.8)
+    ax.set_ylim(max(ys) + 0.8, -0.8)
+    ax.axis("off")
+    ax.set_title(title or f"top {int(keep.sum())} edges (red: raises the metric, blue: lowers it)")
+    return save_figure(fig, path)
+
+
+def plot_faithfulness(curve, path: str | Path, *, title: str | None = None) -> Path:
+    """The normalized metric of the top-k circuits against ``k`` (``interp.edges.faithfulness``'s result, or a
+    sequence of them, e.g. one per ablation: one line each, labelled by its ablation)."""
+    curves = [curve] if hasattr(curve, "normalized") else list(curve)
+    if not curves:
+        raise ValueError("curve is empty: nothing to plot")
+    fig = _figure(5.5, 3.6)
+    ax = fig.add_subplot()
+    for c in curves:
+        ax.plot(list(c.ks), _numpy(c.normalized), marker="o", markersize=3, label=f"{c.ablation} ablation")
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.axhline(0.0, color="gray", lw=0.8, ls=":")
+    if max(max(c.ks) for c in curves) > 50:
+        ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("edges kept (top k by |score|)")
+    ax.set_ylabel("(M(circuit) - M(empty)) / (M(full) - M(empty))")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "faithfulness of the top-k circuits")
+    return save_figure(fig, path)
+
+
+__all__ = ["plot_attention", "plot_edges", "plot_faithfulness", "plot_head_scores", "plot_logit_lens", "plot_patching"]

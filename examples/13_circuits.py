@@ -36,7 +36,6 @@ import torch
 
 import ftransformer as ft
 from ftransformer import optim, train
-from ftransformer.interp.plots import plot_patching
 
 HALF = 10  # the prompts: HALF random tokens, repeated once
 
@@ -95,7 +94,7 @@ def exact_patching(params, cfg, clean, corrupt, metric, out: Path) -> dict:
     print("   position later entering layer 1: the previous-token head has moved it there; largest per layer: "
           + ", ".join(f"layer {i} position {int(resid[i].argmax())}" for i in range(cfg.n_layers)))
     labels = [f"{p}:{int(t)}" for p, t in enumerate(clean[0])]  # position:token id of the first row
-    plot_patching(resid, out / "circuit_resid_pre.png", by=("layer", "position"), labels=labels,
+    ft.interp.plot_patching(resid, out / "circuit_resid_pre.png", by=("layer", "position"), labels=labels,
                   title="exact patching of resid_pre (denoising): change of the metric", label="change of log-prob")
     effects = {}
     for site in ("attn.head_out", "attn.k", "attn.q", "attn.v"):
@@ -103,16 +102,16 @@ def exact_patching(params, cfg, clean, corrupt, metric, out: Path) -> dict:
         print(table(f"{site}, by layer x head", effects[site]))
     # Layer 0's values carry the changed tokens themselves: the previous-token head moves them one
     # position on. In layer 1 only the keys matter: patching the queries or values changes little.
-    plot_patching(effects["attn.head_out"], out / "circuit_head_out.png", by=("layer", "head"),
+    ft.interp.plot_patching(effects["attn.head_out"], out / "circuit_head_out.png", by=("layer", "head"),
                   title="exact patching of each head's output", label="change of log-prob")
-    plot_patching(effects["attn.k"], out / "circuit_keys.png", by=("layer", "head"),
+    ft.interp.plot_patching(effects["attn.k"], out / "circuit_keys.png", by=("layer", "head"),
                   title="exact patching of each head's keys", label="change of log-prob")
     # Which keys: one panel per head, layer x position. The induction head's keys matter at the odd
     # positions of the first copy -- the tokens whose previous token was changed.
     by_position = ft.interp.patch_sweep(params, clean, corrupt, metric, cfg, site="attn.k", by=("layer", "position", "head")) - base
     key_positions = by_position[1, :, int(effects["attn.k"][1].argmax())].topk(HALF // 2).indices.sort().values.tolist()
     print(f"   the induction head's keys that matter most: positions {key_positions}")
-    plot_patching(by_position, out / "circuit_keys_by_position.png", by=("layer", "position", "head"), labels=labels,
+    ft.interp.plot_patching(by_position, out / "circuit_keys_by_position.png", by=("layer", "position", "head"), labels=labels,
                   title="exact patching of the keys at each position, one panel per head", label="change of log-prob")
     return effects
 
@@ -128,7 +127,7 @@ def attribution(params, cfg, clean, corrupt, metric, exact: dict, out: Path) -> 
         estimates[name] = estimate
         print(table(name, estimate))
         print("     " + ft.interp.atp_report(exact[site], estimate, top=2).replace("\n", "\n     "))
-    plot_patching(estimates["AtP*, keys"], out / "circuit_atp_keys.png", by=("layer", "head"),
+    ft.interp.plot_patching(estimates["AtP*, keys"], out / "circuit_atp_keys.png", by=("layer", "head"),
                   title="AtP* estimate for each head's keys", label="estimated change of log-prob")
     return estimates
 

@@ -1,10 +1,10 @@
 """Shared fixtures for the test suite."""
 
-import jaxtyping
 import pytest
 import torch
 
 import ftransformer as ft
+from tests.typecheck import unchecked
 
 
 def pytest_configure(config):
@@ -13,25 +13,12 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
-def _leave_undecorated(fn=None, *, typechecker=None):
-    """Stands in for ``jaxtyping.jaxtyped`` while checking is off: hands the function back unchanged."""
-    return (lambda f: f) if fn is None else fn
-
-
 @pytest.fixture
-def no_typecheck(monkeypatch):
+def no_typecheck():
     """Turn jaxtyping's runtime checks off for one test (a ``@jaxtyped`` function graph-breaks under
     ``torch.compile``), and put the previous setting back afterwards."""
-    before = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    # The import hook decorates a function defined inside another one each time the outer one runs,
-    # and decorating (inspect.signature) cannot be traced by torch.compile: with checks off, skip it.
-    # (A module first imported during such a test would stay unchecked for the session; import early.)
-    monkeypatch.setattr(jaxtyping, "jaxtyped", _leave_undecorated)
-    try:
+    with unchecked():
         yield
-    finally:
-        jaxtyping.config.update("jaxtyping_disable", before)
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """A trained two-layer induction circuit for ground-truth tests of the interpretability methods.
 
-``induction_model()`` trains (once per test session, ~8 s on one thread) the attention-only model of
+``induction_model()`` trains (once per test session, ~8 s on one thread, shape checks off) the attention-only model of
 example 09 at a small size: 2 layers of 2 heads, d_model 32, 32 ids, 24 positions, on
 ``ft.interp.repeated_stretches``. With strong weight decay one head of layer 0 becomes a previous-token
 head and one head of layer 1 the induction head that reads it through its keys (K-composition); the
@@ -14,6 +14,7 @@ import torch
 
 import ftransformer as ft
 from ftransformer import optim, train
+from tests.typecheck import unchecked
 
 STEPS = 1200
 
@@ -40,8 +41,11 @@ def induction_model() -> Induction:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small matrices: one thread is fastest
     try:
-        for _ in range(STEPS):
-            params, state, _ = step(params, state, ft.interp.repeated_stretches(cfg, 32, gen))
+        # Training is not under test and is ~4x slower with the runtime shape checks on: train without them
+        # (the tests then check every call they make on the trained model).
+        with unchecked():
+            for _ in range(STEPS):
+                params, state, _ = step(params, state, ft.interp.repeated_stretches(cfg, 32, gen))
     finally:
         torch.set_num_threads(threads)
     scores = ft.interp.head_scores(params, cfg, batch=16, seed=1)

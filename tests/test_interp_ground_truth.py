@@ -10,7 +10,6 @@ a *trained* model, whose saturated softmaxes are what makes first-order estimate
 
 import itertools
 
-import jaxtyping
 import pytest
 import torch
 
@@ -21,17 +20,7 @@ from tests.induction import induction_metric, induction_model, induction_prompts
 
 @pytest.fixture(scope="module")
 def circuit():
-    # Training is not under test and is 4x slower with the shape checks on: train with them off (the
-    # model is cached for the session), check every call below with them on. As in conftest's
-    # no_typecheck, the hook's decoration of inner functions at every call is skipped too.
-    before = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    try:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(jaxtyping, "jaxtyped", lambda fn=None, *, typechecker=None: (lambda f: f) if fn is None else fn)
-            model = induction_model()
-    finally:
-        jaxtyping.config.update("jaxtyping_disable", before)
+    model = induction_model()
     clean, corrupt = induction_prompts(model.cfg)
     return model, clean, corrupt, induction_metric(clean)
 

@@ -6,6 +6,9 @@ analyses as pure functions of them, and plots.
 * ``patching``: ``patch_sweep``, exact activation patching sweeps as vmapped runs from the patched layer;
 * ``attribution``: ``attribution_patch`` (AtP / AtP*, every patch estimated from one forward + backward) and
   ``atp_report`` (an estimate next to the exact sweep);
+* ``edges``: the writer -> reader graph of a model, exact circuits and edge patching (``circuit_logits``,
+  ``edge_patch_sweep``), EAP / EAP-IG edge attribution from one forward + backward, top-k circuits and
+  their faithfulness curves;
 * ``analysis``: attention entropy, previous-token and induction scores, logit lens, direct logit
   attribution, loss per position;
 * ``weights``: weight processing as pure params transforms (``fold_layer_norm``, ``center_writing_weights``,
@@ -27,6 +30,19 @@ from ftransformer.interp.analysis import (
     stacked_patterns,
 )
 from ftransformer.interp.attribution import atp_report, attribution_patch
+from ftransformer.interp.edges import (
+    EdgeScores,
+    Faithfulness,
+    Graph,
+    circuit_logits,
+    edge_attribution,
+    edge_patch_sweep,
+    faithfulness,
+    graph,
+    reader_gradients,
+    top_edges,
+    writer_values,
+)
 from ftransformer.interp.interventions import (
     ablate_heads,
     combine,
@@ -37,7 +53,14 @@ from ftransformer.interp.interventions import (
     steer,
 )
 from ftransformer.interp.patching import patch_sweep
-from ftransformer.interp.plots import plot_attention, plot_head_scores, plot_logit_lens
+from ftransformer.interp.plots import (
+    plot_attention,
+    plot_edges,
+    plot_faithfulness,
+    plot_head_scores,
+    plot_logit_lens,
+    plot_patching,
+)
 from ftransformer.interp.weights import (
     FactoredMatrix,
     center_unembed,
@@ -50,6 +73,8 @@ from ftransformer.interp.weights import (
 )
 
 __all__ = [
+    "EdgeScores", "Faithfulness", "Graph", "circuit_logits", "edge_attribution", "edge_patch_sweep", "faithfulness",
+    "graph", "reader_gradients", "top_edges", "writer_values", "plot_edges", "plot_faithfulness", "plot_patching",
     "FactoredMatrix", "center_unembed", "center_writing_weights", "composition_scores", "fold_layer_norm",
     "fold_value_biases", "ov_circuit", "qk_circuit",
     "ablate_heads", "activation_paths", "atp_report", "attribution_patch", "attention_entropy", "combine", "direct_logit_attribution",

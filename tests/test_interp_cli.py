@@ -1,5 +1,5 @@
 """Interpretability plots (``ft.interp.plot_*``) and ``ftransformer inspect attention | heads | logit-lens |
-patching | attribution``."""
+patching | attribution | edges``."""
 
 import re
 
@@ -284,14 +284,124 @@ def test_inspect_patching_and_attribution_on_an_hf_dir(hf_dir, tmp_path, capsys)
          r"--answer must be one token, got 'at', which encodes to 2 tokens"),
         (["patching", "--clean", "a", "--corrupt", "t", "--answer", "a"], "--metric logit-diff needs --wrong TOKEN"),
         (["patching", "--clean", "a", "--corrupt", "t", "--metric", "loss", "--answer", "a"], "--answer does not go with --metric loss"),
-        (["patching", "--clean", "a", "--corrupt", "t", "--metric", "loss", "--compare"], "--compare goes with the attribution view"),
+        (["patching", "--clean", "a", "--corrupt", "t", "--metric", "loss", "--compare"], "--compare goes with the attribution and edges views, not 'patching'"),
         (["patching", "--clean", "a", "--corrupt", "t", "--metric", "loss", "--by", "position"], "by must hold 'layer'"),
         (["attribution", "--clean", "a", "--corrupt", "t", "--metric", "loss", "--text", "a"], "not --text"),
-        (["heads", "--clean", "a"], "--clean go with the patching and attribution views, not 'heads'"),
+        (["heads", "--clean", "a"], "--clean go with the patching, attribution, edges views, not 'heads'"),
     ],
 )
 def test_inspect_patching_errors_are_one_line(checkpoint, argv, message, capsys):
     assert main(["inspect", argv[0], "--checkpoint", str(checkpoint), "--out", "x.png", *argv[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ftransformer inspect: error:") and "\n" not in err
+    assert re.search(message, err), err
+
+
+# ------------------------------------------------------------------------------------------ edges
+
+
+def edge_rows(out: str) -> list[tuple[str, list[float]]]:
+    """The rows of the printed top-edges table: ``("writer -> reader", [its values])`` each."""
+    table = out.split("largest of")[1].split("\n\n")[0].splitlines()[2:]
+    rows = [re.fullmatch(r"\s+\d+\s+(\S+ -> \S+)((?:\s+\S+)+)", line) for line in table if not line.startswith("wrote")]
+    return [(m.group(1), [float(v) for v in m.group(2).split()]) for m in rows]
+
+
+def logit_diff_of(tok):
+    answer, wrong = tok.encode(" ")[0], tok.encode("o")[0]
+
+    def logit_diff(logits):
+        return (logits[..., -1, answer] - logits[..., -1, wrong]).mean()
+
+    return logit_diff
+
+
+def named(scores, graph, edge: str) -> float:
+    writer, reader = edge.split(" -> ")
+    return float(scores[graph.writers.index(writer), graph.readers.index(reader)])
+
+
+def test_inspect_edges_prints_eap_ig_next_to_exact_edge_patching(checkpoint, tmp_path, capsys):
+    printed = run_view("edges", checkpoint, tmp_path / "edges.png", capsys, "--answer", " ", "--wrong", "o",
+                       "--steps", "3", "--compare", "--top", "4", min_bytes=3_000)
+    cfg, params, tok, (clean, corrupt) = circuit_inputs(checkpoint, CLEAN, CORRUPT)
+    metric = logit_diff_of(tok)
+    g = ft.interp.graph(cfg)
+    n = int(g.edges.sum())
+    assert f"EAP-IG (3 steps): the 4 largest of {n} edges ({len(g.writers)} writers, {len(g.readers)} readers)" in printed
+    estimate = ft.interp.edge_attribution(params, clean, corrupt, metric, cfg, method="eap-ig", steps=3).scores.detach()
+    exact = ft.interp.edge_patch_sweep(params, clean, corrupt, metric, cfg)
+    rows = edge_rows(printed)
+    biggest = estimate[g.edges].abs().sort(descending=True).values[:4]
+    assert [abs(score) for _, (score, _) in rows] == pytest.approx(biggest.tolist(), rel=1e-3, abs=1e-6), printed
+    for edge, (score, got_exact) in rows:
+        assert score == pytest.approx(named(estimate, g, edge), rel=1e-3, abs=1e-6), edge
+        assert got_exact == pytest.approx(named(exact, g, edge), rel=1e-3, abs=1e-6), edge
+    report = ft.interp.atp_report(exact[g.edges], estimate[g.edges], top=4).splitlines()[0]
+    assert report.replace(" patches,", " edges,") in printed, printed
+    assert re.search(r"next to exact edge patching:\n.*\n\s+edge\s+exact\s+estimate\s+miss\n\s+\S+ -> \S+\s", printed), printed
+
+
+def test_inspect_edges_exact_with_the_faithfulness_curves(checkpoint, tmp_path, capsys):
+    curve = tmp_path / "curve.png"
+    printed = run_view("edges", checkpoint, tmp_path / "edges.png", capsys, "--metric", "logprob", "--answer", " ",
+                       "--method", "exact", "--direction", "noise", "--faithfulness", "--ablation", "zero,corrupt",
+                       "--curve-out", str(curve), "--top", "3", min_bytes=3_000)
+    assert_png(curve)
+    cfg, params, tok, (clean, corrupt) = circuit_inputs(checkpoint, CLEAN, CORRUPT)
+    answer = tok.encode(" ")[0]
+
+    def logprob(logits):
+        return torch.log_softmax(logits[..., -1, :], dim=-1)[..., answer].mean()
+
+    g = ft.interp.graph(cfg)
+    sweep = ft.interp.edge_patch_sweep(params, clean, corrupt, logprob, cfg, direction="noise")
+    rows = edge_rows(printed)
+    assert len(rows) == 3, printed
+    for edge, (change,) in rows:
+        assert change == pytest.approx(named(sweep, g, edge), rel=1e-3, abs=1e-6), edge
+    scores = ft.interp.EdgeScores(sweep, g)
+    table = printed.split("normalized: (M - M(empty)) / (M(full) - M(empty)))\n")[1].splitlines()[2:]
+    for kind, column in (("zero", 1), ("corrupt", 3)):
+        want = ft.interp.faithfulness(params, clean, corrupt, logprob, cfg, scores, ablation=kind)
+        ks = [int(line.split()[0]) for line in table if re.match(r"\s+\d+\s", line)]
+        assert tuple(ks) == want.ks
+        got = [float(line.split()[column]) for line in table[: len(ks)]]
+        assert got == pytest.approx(want.metric.tolist(), abs=2e-4), kind
+        assert f"{kind}: full {want.full:.4f}, empty {want.empty:.4f}" in printed
+    assert f"wrote {curve}" in printed
+
+
+def test_inspect_edges_writes_the_curve_beside_the_graph_by_default(hf_dir, tmp_path, capsys):
+    out = tmp_path / "graph.png"
+    argv = ["inspect", "edges", "--hf-dir", str(hf_dir), "--clean", "the mat sat", "--corrupt", "the log sat",
+            "--metric", "loss", "--method", "eap", "--faithfulness", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert_png(out, min_bytes=3_000)
+    assert_png(tmp_path / "graph-faithfulness.png")
+    printed = capsys.readouterr().out
+    assert "EAP: the 10 largest of" in printed and "mean ablation" in printed and "a2.h1" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["edges", "--method", "eap", "--steps", "3"], "--steps goes with --method eap-ig, not eap"),
+        (["edges", "--steps", "0"], "--steps must be >= 1, got 0"),
+        (["edges", "--method", "exact", "--compare"], "--method exact is the exact sweep itself"),
+        (["edges", "--ablation", "mean"], "--ablation goes with --faithfulness"),
+        (["edges", "--curve-out", "c.png"], "--curve-out goes with --faithfulness"),
+        (["edges", "--faithfulness", "--ablation", "mean,half"], "--ablation must be one or more of mean, zero, corrupt .*got 'half'"),
+        (["edges", "--site", "attn.k"], "--site goes with the patching and attribution views, not 'edges'"),
+        (["edges", "--no-correction"], "--correction goes with the attribution view, not 'edges'"),
+        (["patching", "--method", "eap"], "--method goes with the edges view, not 'patching'"),
+        (["attribution", "--faithfulness"], "--faithfulness goes with the edges view, not 'attribution'"),
+        (["heads", "--method", "eap"], "--method go with the patching, attribution, edges views, not 'heads'"),
+    ],
+)
+def test_inspect_edges_errors_are_one_line(checkpoint, argv, message, capsys):
+    flags = [] if argv[0] == "heads" else ["--clean", "a", "--corrupt", "t", "--metric", "loss"]
+    assert main(["inspect", argv[0], "--checkpoint", str(checkpoint), "--out", "x.png", *flags, *argv[1:]]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("ftransformer inspect: error:") and "\n" not in err
     assert re.search(message, err), err

@@ -16,7 +16,7 @@ COMMANDS = {
     "train": ("ftransformer.cli.train_cmd", "train a model (default: built-in corpus, CPU-sized preset)"),
     "generate": ("ftransformer.cli.generate_cmd", "generate text from a checkpoint or a Hugging Face GPT-2 directory"),
     "inspect": ("ftransformer.cli.inspect_cmd",
-                "a preset's config and parameter breakdown; a model's attention, head scores, logit lens, activation patching, attribution"),
+                "a preset's config and parameter breakdown; a model's attention, head scores, logit lens, activation patching, attribution, edges"),
     "bench": ("ftransformer.cli.bench_cmd", "benchmarks: train step and generation against baselines"),
     "sae": ("ftransformer.cli.sae_cmd", "sparse autoencoders: collect activations, train a stack, evaluate, show features"),
 }

@@ -1,17 +1,24 @@
-"""``ftransformer inspect patching | attribution``: find what carries a behaviour, from two prompts.
+"""``ftransformer inspect patching | attribution | edges``: find what carries a behaviour, from two prompts.
 
-Both views run a model on a *clean* prompt and a *corrupted* one of the same token length, score each run
+The views run a model on a *clean* prompt and a *corrupted* one of the same token length, score each run
 with a metric of its logits, and ask which slices of one site -- every layer, position and/or head --
 carry the difference:
 
 * ``patching``: exact activation patching (``interp.patch_sweep``), one patched run per slice;
 * ``attribution``: attribution patching (``interp.attribution_patch``, AtP; AtP* for ``attn.q`` /
   ``attn.k``), every slice estimated from one forward + backward; ``--compare`` runs the exact sweep
-  too and prints ``interp.atp_report`` (correlation, the largest misses).
+  too and prints ``interp.atp_report`` (correlation, the largest misses);
+* ``edges``: every edge writer -> reader of the model's graph (``interp.graph``: the embedding, heads and
+  MLPs -> each head's q / k / v input, each MLP's input, the logits) scored by EAP or EAP-IG
+  (``interp.edge_attribution``) or patched exactly one by one (``--method exact``,
+  ``interp.edge_patch_sweep``); ``--compare`` prints the estimate next to the exact sweep,
+  ``--faithfulness`` the metric kept by the circuits of the top-k edges (``interp.faithfulness``) with the
+  rest ablated, as a table and a curve (``interp.plots.plot_faithfulness``).
 
-Each prints the clean and corrupted metrics and the slices with the largest effects, and draws the whole
+The first two print the clean and corrupted metrics and the slices with the largest effects, and draws the whole
 sweep as a heatmap (``interp.plots.plot_patching``) of the *change* of the metric from the base run (the
-corrupted run when denoising, the clean one when noising), red where a patch raises the metric.
+corrupted run when denoising, the clean one when noising), red where a patch raises the metric. ``edges`` prints the top edges by |score| and draws them as a graph
+(``interp.plots.plot_edges``).
 
 Metrics, all at the last position unless said: ``logit-diff`` (the logit of ``--answer`` minus that of
 ``--wrong``), ``logprob`` (the log-probability of ``--answer``), ``loss`` (the mean next-token loss of
@@ -19,15 +26,24 @@ predicting the clean prompt's tokens, at every position).
 """
 
 import argparse
+import re
 import sys
+from pathlib import Path
 
 import torch
 
 from ftransformer import interp
 from ftransformer.interp.patching import HEAD_SITES
-from ftransformer.interp.plots import plot_patching
+from ftransformer.interp.edges import ABLATIONS, EdgeScores
+from ftransformer.interp.plots import plot_edges, plot_faithfulness, plot_patching
 
 METRICS = ("logit-diff", "logprob", "loss")
+VIEWS = ("patching", "attribution", "edges")
+EDGE_METHODS = ("eap", "eap-ig", "exact")
+# The flags of one view or two, default None so that a flag given to another view can be named.
+ONLY = {"by": ("patching", "attribution"), "site": ("patching", "attribution"), "correction": ("attribution",),
+        "compare": ("attribution", "edges"), "method": ("edges",), "steps": ("edges",), "ablation": ("edges",),
+        "faithfulness": ("edges",), "curve_out": ("edges",)}
 
 
 def add_arguments(group) -> None:
@@ -40,34 +56,50 @@ def add_arguments(group) -> None:
                             "logprob (of --answer at the last position) or loss (of the clean tokens) (default: logit-diff)")
     group.add_argument("--answer", metavar="TOKEN", default=None, help="logit-diff, logprob: the right next token (one token)")
     group.add_argument("--wrong", metavar="TOKEN", default=None, help="logit-diff: the wrong next token (one token)")
-    group.add_argument("--site", choices=interp.patching.SITES, default="resid_pre",
+    group.add_argument("--site", choices=interp.patching.SITES, default=None,
                        help="patching, attribution: the activation to patch (default: resid_pre)")
     group.add_argument("--by", metavar="AXES", default=None,
                        help="patching, attribution: the sweep's axes, comma-separated: layer and any of position, head "
                             "(default: layer,head for attn.* sites, else layer,position)")
     group.add_argument("--direction", choices=interp.patching.DIRECTIONS, default="denoise",
                        help="denoise: clean values into the corrupted run; noise: corrupted into the clean (default: denoise)")
-    group.add_argument("--top", type=int, metavar="N", default=10, help="patching, attribution: rows of the printed table (default: 10)")
-    group.add_argument("--compare", action="store_true", help="attribution: run the exact sweep too and print AtP next to it")
-    group.add_argument("--correction", action=argparse.BooleanOptionalAction, default=True,
+    group.add_argument("--top", type=int, metavar="N", default=10,
+                       help="patching, attribution, edges: rows of the printed table; edges: also the edges drawn (default: 10)")
+    group.add_argument("--compare", action="store_true", default=None,
+                       help="attribution, edges: run the exact sweep too and print the estimate next to it")
+    group.add_argument("--correction", action=argparse.BooleanOptionalAction, default=None,
                        help="attribution: AtP* for attn.q / attn.k (default: on)")
+    group.add_argument("--method", choices=EDGE_METHODS, default=None,
+                       help="edges: eap (one forward + backward), eap-ig (integrated gradients) or exact (every edge "
+                            "patched alone) (default: eap-ig)")
+    group.add_argument("--steps", type=int, metavar="M", default=None, help="edges: EAP-IG's integration steps (default: 5)")
+    group.add_argument("--faithfulness", action="store_true", default=None,
+                       help="edges: the metric of the top-k circuits, every other edge ablated, printed and plotted")
+    group.add_argument("--ablation", metavar="KINDS", default=None,
+                       help="edges --faithfulness: how the edges outside a circuit are ablated, comma-separated, any of "
+                            "mean, zero, corrupt (default: mean)")
+    group.add_argument("--curve-out", metavar="FILE.png", default=None,
+                       help="edges --faithfulness: where to draw the curve (default: --out's name with -faithfulness)")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def check_args(args) -> None:
     """Flags that do not fit the view, and missing ones, as one-line errors."""
-    circuit = args.view in ("patching", "attribution")
-    given = [f for f in ("clean", "corrupt", "answer", "wrong", "by") if getattr(args, f) is not None]
-    if not circuit:
-        if given or args.compare:
-            flags = ", ".join("--" + f for f in given + (["compare"] if args.compare else []))
-            raise ValueError(f"{flags} go with the patching and attribution views, not {args.view!r}")
+    if args.view not in VIEWS:
+        given = [f for f in ("clean", "corrupt", "answer", "wrong", *ONLY) if getattr(args, f) is not None]
+        if given:
+            raise ValueError(f"{', '.join(map(_flag, given))} go with the {', '.join(VIEWS)} views, not {args.view!r}")
         return
     if args.text is not None:
         raise ValueError(f"inspect {args.view} runs on two prompts: give --clean TEXT and --corrupt TEXT, not --text")
     if args.clean is None or args.corrupt is None:
         raise ValueError(f"inspect {args.view} needs --clean TEXT and --corrupt TEXT")
-    if args.compare and args.view != "attribution":
-        raise ValueError("--compare goes with the attribution view (patching is the exact sweep itself)")
+    for name, views in ONLY.items():
+        if getattr(args, name) is not None and args.view not in views:
+            raise ValueError(f"{_flag(name)} goes with the {' and '.join(views)} view{'s' * (len(views) > 1)}, not {args.view!r}")
     need = {"logit-diff": ("answer", "wrong"), "logprob": ("answer",), "loss": ()}[args.metric]
     for flag in ("answer", "wrong"):
         if flag in need and getattr(args, flag) is None:
@@ -76,6 +108,33 @@ def check_args(args) -> None:
             raise ValueError(f"--{flag} does not go with --metric {args.metric}")
     if args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
+    if args.view == "edges":
+        check_edge_args(args)
+
+
+def check_edge_args(args) -> None:
+    """The edges view's own flags: --steps with eap-ig, --compare with an estimate, the curve's flags with --faithfulness."""
+    method = args.method or "eap-ig"
+    if args.steps is not None and method != "eap-ig":
+        raise ValueError(f"--steps goes with --method eap-ig, not {method}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.compare and method == "exact":
+        raise ValueError("--compare puts an estimate next to exact edge patching; --method exact is the exact sweep itself")
+    for name in ("ablation", "curve_out"):
+        if getattr(args, name) is not None and not args.faithfulness:
+            raise ValueError(f"{_flag(name)} goes with --faithfulness")
+    for kind in ablations(args):
+        if kind not in ABLATIONS:
+            raise ValueError(f"--ablation must be one or more of {', '.join(ABLATIONS)} (comma-separated), got {kind!r}")
+
+
+def ablations(args) -> list[str]:
+    """The kinds of ablation ``--ablation`` names, in its order (default: mean)."""
+    if args.ablation is None:
+        return ["mean"]
+    kinds = [a.strip() for a in args.ablation.split(",") if a.strip()]
+    return kinds or [""]
 
 
 def encode_pair(clean: str, corrupt: str, tokenizer, cfg) -> tuple[list[int], list[int]]:
@@ -147,29 +206,42 @@ def format_top(columns: dict[str, torch.Tensor], by: tuple, labels: list[str], t
 
 
 def run(args, cfg, params, tokenizer, source: str, device: torch.device) -> int:
-    """The patching or attribution view on a loaded model."""
+    """The patching, attribution or edges view on a loaded model."""
     clean_ids, corrupt_ids = encode_pair(args.clean, args.corrupt, tokenizer, cfg)
     clean = torch.tensor(clean_ids, dtype=torch.long, device=device)
     corrupt = torch.tensor(corrupt_ids, dtype=torch.long, device=device)
     metric, described = make_metric(args, tokenizer, clean)
-    by = parse_by(args)
     with torch.no_grad():
         clean_metric = float(metric(interp.forward_with_activations(params, clean, cfg)[0]))
         corrupt_metric = float(metric(interp.forward_with_activations(params, corrupt, cfg)[0]))
     base = corrupt_metric if args.direction == "denoise" else clean_metric
-    labels = [tokenizer.decode([i]) for i in clean_ids]
     what = "clean values into the corrupted run" if args.direction == "denoise" else "corrupted values into the clean run"
-    print(f"{source}: {args.site} by {' x '.join(by)}, {args.direction} ({what}), {len(clean_ids)} tokens")
+    if args.view == "edges":
+        print(f"{source}: edges writer -> reader, {args.direction} ({what}), {len(clean_ids)} tokens")
+    else:
+        args.site = args.site or "resid_pre"
+        print(f"{source}: {args.site} by {' x '.join(parse_by(args))}, {args.direction} ({what}), {len(clean_ids)} tokens")
     print(f"metric: {described}")
     print(f"clean run {clean_metric:.4f}, corrupted run {corrupt_metric:.4f}; the tables give the change from {base:.4f}")
+    labels = [tokenizer.decode([i]) for i in clean_ids]
+    if args.view == "edges":
+        return run_edges(args, cfg, params, (clean, corrupt, metric), source)
+    return run_sweep(args, cfg, params, (clean, corrupt, metric), base, labels, source)
+
+
+def run_sweep(args, cfg, params, prompts: tuple, base: float, labels: list[str], source: str) -> int:
+    """The patching or attribution view: the sweep (or its estimate) of one site, its largest effects and heatmap."""
+    clean, corrupt, metric = prompts
+    by = parse_by(args)
+    correction = args.correction is not False
     sweep_args = dict(site=args.site, by=by, direction=args.direction)
     if args.view == "patching":
         with torch.no_grad():
             change = interp.patch_sweep(params, clean, corrupt, metric, cfg, **sweep_args) - base
         columns, name = {"change": change}, "exact patching"
     else:
-        change = interp.attribution_patch(params, clean, corrupt, metric, cfg, correction=args.correction, **sweep_args).detach()
-        star = args.correction and args.site in ("attn.q", "attn.k")
+        change = interp.attribution_patch(params, clean, corrupt, metric, cfg, correction=correction, **sweep_args).detach()
+        star = correction and args.site in ("attn.q", "attn.k")
         columns, name = {"estimate": change}, "AtP*" if star else "AtP"
         if args.compare:
             with torch.no_grad():
@@ -183,6 +255,96 @@ def run(args, cfg, params, tokenizer, source: str, device: torch.device) -> int:
         print(f"{name} next to exact patching:")
         print(interp.atp_report(columns["exact"], change, top=min(args.top, change.numel())))
     path = plot_patching(change, args.out, by=by, labels=labels if "position" in by else None,
-                                title=f"{source}: {name} of {args.site}, {args.direction}", label=f"change of {args.metric}")
+                         title=f"{source}: {name} of {args.site}, {args.direction}", label=f"change of {args.metric}")
     print(f"wrote {path}")
     return 0
+
+
+def edge_names(g) -> list[str]:
+    """``"writer -> reader"`` for every existing edge of graph ``g``, in the order of ``g.edges.nonzero()``."""
+    return [f"{g.writers[u]} -> {g.readers[v]}" for u, v in g.edges.nonzero().tolist()]
+
+
+def format_edges(columns: dict[str, torch.Tensor], g, top: int) -> str:
+    """The ``top`` edges with the largest |first column| (each column ``[writers, readers]``), one row each."""
+    names = edge_names(g)
+    values = {n: c.detach()[g.edges.to(c.device)].cpu() for n, c in columns.items()}
+    first = next(iter(values.values()))
+    width = max(len(n) for n in names)
+    lines = [f"  {'rank':>4}  {'edge':<{width}}" + "".join(f"{n:>12}" for n in values)]
+    for rank, j in enumerate(first.abs().argsort(descending=True)[:top].tolist(), 1):
+        lines.append(f"  {rank:>4}  {names[j]:<{width}}" + "".join(f"{float(c[j]):>12.4g}" for c in values.values()))
+    return "\n".join(lines)
+
+
+def edge_report(exact: torch.Tensor, estimate: torch.Tensor, g, top: int) -> str:
+    """``interp.atp_report`` of the estimate against the exact sweep over the graph's edges, each index named."""
+    on = g.edges.to(exact.device)
+    first, header, *rows = interp.atp_report(exact[on], estimate.detach()[on], top=top).splitlines()
+    names = edge_names(g)
+    width = max(len(n) for n in names)
+    lines = [re.sub(r"^(\d+) patches,", r"\1 edges,", first), f"  {'edge':<{width}}" + header.split("index", 1)[1]]
+    for row in rows:
+        j, rest = re.fullmatch(r"\s*\((\d+),\)(.*)", row).groups()
+        lines.append(f"  {names[int(j)]:<{width}}" + rest)
+    return "\n".join(lines)
+
+
+def edge_scores(args, cfg, params, prompts: tuple) -> tuple[str, EdgeScores]:
+    """``(the method's name, its scores)``: EAP, EAP-IG or exact edge patching, as the flags ask."""
+    clean, corrupt, metric = prompts
+    method = args.method or "eap-ig"
+    if method == "exact":
+        with torch.no_grad():
+            sweep = interp.edge_patch_sweep(params, clean, corrupt, metric, cfg, direction=args.direction)
+        return "exact edge patching", EdgeScores(sweep, interp.graph(cfg))
+    steps = 5 if args.steps is None else args.steps
+    scores = interp.edge_attribution(params, clean, corrupt, metric, cfg, method=method, steps=steps, direction=args.direction)
+    name = f"EAP-IG ({steps} steps)" if method == "eap-ig" else "EAP"
+    return name, EdgeScores(scores.scores.detach(), scores.graph)
+
+
+def run_edges(args, cfg, params, prompts: tuple, source: str) -> int:
+    """The edges view: the top edges by |score| (and the exact sweep's value), the graph image, and with
+    --faithfulness the metric the top-k circuits keep."""
+    clean, corrupt, metric = prompts
+    name, scores = edge_scores(args, cfg, params, prompts)
+    g = scores.graph
+    n = int(g.edges.sum())
+    columns = {"score" if args.method != "exact" else "change": scores.scores}
+    if args.compare:
+        with torch.no_grad():
+            columns["exact"] = interp.edge_patch_sweep(params, clean, corrupt, metric, cfg, direction=args.direction)
+    print()
+    print(f"{name}: the {min(args.top, n)} largest of {n} edges ({len(g.writers)} writers, {len(g.readers)} readers)")
+    print(format_edges(columns, g, args.top))
+    if args.compare:
+        print()
+        print(f"{name} next to exact edge patching:")
+        print(edge_report(columns["exact"], scores.scores, g, min(args.top, n)))
+    path = plot_edges(scores, args.out, k=args.top, title=f"{source}: top {min(args.top, n)} edges by {name}, {args.direction}")
+    print(f"wrote {path}")
+    if args.faithfulness:
+        curves = []
+        with torch.no_grad():
+            for kind in ablations(args):
+                curves.append(interp.faithfulness(params, clean, corrupt, metric, cfg, scores, ablation=kind))
+        print()
+        print(format_faithfulness(curves, name))
+        out = Path(args.out)
+        curve_out = args.curve_out or out.with_name(f"{out.stem}-faithfulness{out.suffix or '.png'}")
+        path = plot_faithfulness(curves, curve_out, title=f"faithfulness of the top-k circuits by {name}")
+        print(f"wrote {path}")
+    return 0
+
+
+def format_faithfulness(curves: list, name: str) -> str:
+    """The metric and the normalized metric of each top-k circuit, one row per k, a pair of columns per ablation."""
+    lines = [f"faithfulness of the circuits of the top k edges by {name}, on the clean prompt (the rest ablated; "
+             "normalized: (M - M(empty)) / (M(full) - M(empty)))"]
+    lines.append("  " + " " * 6 + "".join(f"{c.ablation + ' ablation':>24}" for c in curves))
+    lines.append(f"  {'k':>6}" + "".join(f"{'metric':>12}{'normalized':>12}" for _ in curves))
+    for j, k in enumerate(curves[0].ks):
+        lines.append(f"  {k:>6}" + "".join(f"{float(c.metric[j]):>12.4f}{float(c.normalized[j]):>12.3f}" for c in curves))
+    lines.append("  " + "; ".join(f"{c.ablation}: full {c.full:.4f}, empty {c.empty:.4f}" for c in curves))
+    return "\n".join(lines)

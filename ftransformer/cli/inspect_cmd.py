@@ -14,8 +14,10 @@
   [--site SITE] [--by AXES] --out FILE.png``: exact activation patching of every layer / position / head
   of a site, printed (the largest effects) and drawn as a heatmap;
 * ``ftransformer inspect attribution ... [--compare]``: the same, estimated by attribution patching
-  (AtP / AtP*) from one forward + backward; ``--compare`` prints it next to exact patching
-  (``cli/inspect_circuits.py`` has these two views).
+  (AtP / AtP*) from one forward + backward; ``--compare`` prints it next to exact patching;
+* ``ftransformer inspect edges ... [--method eap|eap-ig|exact] [--compare] [--faithfulness]``: every edge
+  writer -> reader scored by EAP / EAP-IG (or patched exactly), the top edges printed and drawn as a
+  graph, and the faithfulness of the top-k circuits (``cli/inspect_circuits.py`` has these three views).
 
 Each view takes ``--hf-dir DIR`` (a Hugging Face GPT-2 directory) instead of ``--checkpoint``.
 """
@@ -28,15 +30,15 @@ from ftransformer.cli.generate_cmd import DEVICES
 from ftransformer.config import PRESETS, get_preset
 from ftransformer.params import format_breakdown
 
-VIEWS = ("attention", "heads", "logit-lens", "patching", "attribution")
+VIEWS = ("attention", "heads", "logit-lens", *inspect_circuits.VIEWS)
 NEEDS_TEXT = ("attention", "logit-lens")
-CIRCUITS = ("patching", "attribution")
+CIRCUITS = inspect_circuits.VIEWS
 
 
 def add_arguments(parser) -> None:
     parser.add_argument(
         "view", nargs="?", choices=VIEWS, default=None, metavar="VIEW",
-        help="what to draw from a model: attention, heads, logit-lens, patching or attribution; without one, describe --preset",
+        help="what to draw from a model: attention, heads, logit-lens, patching, attribution or edges; without one, describe --preset",
     )
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="preset to describe when no VIEW is given (default: seed)")
@@ -56,7 +58,7 @@ def add_arguments(parser) -> None:
     model.add_argument("--seed", type=int, metavar="S", default=0, help="heads: seed of the random tokens (default: 0)")
     model.add_argument("--out", metavar="FILE.png", default=None, help="where to write the picture (PNG)")
     model.add_argument("--device", choices=DEVICES, default="cpu", help="where to run (default: cpu)")
-    inspect_circuits.add_arguments(parser.add_argument_group("the patching and attribution views"))
+    inspect_circuits.add_arguments(parser.add_argument_group("the patching, attribution and edges views"))
 
 
 def describe(cfg, title: str) -> int:

@@ -11,6 +11,10 @@ model, without knowing in advance what to look for:
 * *attribution patching* (``ft.interp.attribution_patch``, AtP): the first-order estimate of every patch
   of a sweep from one forward and one backward pass, and AtP*, its fix for queries and keys;
   ``ft.interp.atp_report`` puts the estimate next to the exact sweep;
+* *edges* (``ft.interp.edge_attribution``, ``ft.interp.edge_patch_sweep``): which component's write each
+  reader uses -- every edge writer -> reader (the embedding and the heads -> each head's query, key and
+  value input, and the logits) scored by EAP and EAP-IG from gradients, next to patching every edge
+  alone, and the faithfulness of the top-k circuits (``ft.interp.faithfulness``);
 * *composition scores* (``ft.interp.composition_scores``): from the weights alone, how much each
   layer-0 head writes into what each layer-1 head reads through its queries, keys or values.
 
@@ -20,7 +24,7 @@ the token that followed its first occurrence (the values are intact) and still a
 (its query is intact), but the position it should find no longer *follows* the right token: the
 previous-token head of layer 0 wrote the wrong thing there, and the induction head of layer 1 reads that
 through its keys. So the circuit shows up as: layer 0's previous-token head, and layer 1's induction
-head's keys -- K-composition (Olsson et al. 2022, "In-context Learning and Induction Heads").
+head's keys -- as an edge, previous-token head -> induction head's key input -- K-composition (Olsson et al. 2022, "In-context Learning and Induction Heads").
 
 Each method is one function below; each prints what it found and writes its heatmaps.
 
@@ -132,11 +136,52 @@ def attribution(params, cfg, clean, corrupt, metric, exact: dict, out: Path) -> 
     return estimates
 
 
+def head_to_head(scores: torch.Tensor, g) -> str:
+    """The edge of largest |score| from a head to a head's query, key or value input."""
+    heads = torch.tensor([[w.startswith("a") and r.startswith("a") for r in g.readers] for w in g.writers])
+    u, v = divmod(int(scores.abs().masked_fill(~(heads & g.edges), -1).argmax()), len(g.readers))
+    return f"{g.writers[u]} -> {g.readers[v]}"
+
+
+def edges(params, cfg, clean, corrupt, metric, out: Path) -> dict:
+    """EAP and EAP-IG (edge attribution from gradients) next to exact edge patching, and the faithfulness of
+    the circuits of EAP-IG's top edges under corrupted and mean ablation."""
+    print("4. edges writer -> reader: EAP, EAP-IG (10 steps) and exact edge patching (denoising)")
+    with torch.no_grad():
+        exact = ft.interp.edge_patch_sweep(params, clean, corrupt, metric, cfg)
+    g = ft.interp.graph(cfg)
+    scores = {"EAP": ft.interp.edge_attribution(params, clean, corrupt, metric, cfg, method="eap").scores.detach(),
+              "EAP-IG": ft.interp.edge_attribution(params, clean, corrupt, metric, cfg, method="eap-ig", steps=10).scores.detach(),
+              "exact": exact}
+    print(f"   {int(g.edges.sum())} edges; the largest (exact), each method's value:")
+    print(f"     {'edge':<18}" + "".join(f"{m:>9}" for m in scores))
+    for j in exact.abs().flatten().argsort(descending=True)[:5].tolist():
+        u, v = divmod(j, len(g.readers))
+        print(f"     {g.writers[u] + ' -> ' + g.readers[v]:<18}" + "".join(f"{float(s[u, v]):9.3f}" for s in scores.values()))
+    on = g.edges
+    for method in ("EAP", "EAP-IG"):
+        print(f"   {method:<6} vs exact: " + ft.interp.atp_report(exact[on], scores[method][on], top=1).splitlines()[0]
+              .replace(" patches,", " edges,"))
+    first = {method: head_to_head(s, g) for method, s in scores.items()}
+    for method, edge in first.items():
+        print(f"   {method:<6} first head -> head edge: {edge}")
+    ig = ft.interp.EdgeScores(scores["EAP-IG"], g)
+    ft.interp.plot_edges(ig, out / "circuit_edges.png", k=8, title="the top 8 edges by EAP-IG (denoising)")
+    with torch.no_grad():
+        curves = [ft.interp.faithfulness(params, clean, corrupt, metric, cfg, ig, ablation=a) for a in ("corrupt", "mean")]
+    print("   faithfulness of the circuits of EAP-IG's top k edges, the rest ablated (1: the whole model's metric, 0: none)")
+    print("     k        " + "".join(f"{c.ablation + ' ablation':>18}" for c in curves))
+    for j, k in enumerate(curves[0].ks):
+        print(f"     {k:<8} " + "".join(f"{float(c.normalized[j]):18.3f}" for c in curves))
+    ft.interp.plot_faithfulness(curves, out / "circuit_faithfulness.png", title="faithfulness of EAP-IG's top-k circuits")
+    return {"scores": scores, "first": first, "faithfulness": curves}
+
+
 def composition(params, cfg) -> dict:
     """Q, K and V composition scores from layer-0 heads (rows) into layer-1 heads (columns), from the weights
     alone, next to the same scores of an untrained model. The norms' scales are folded into the weights
     first (``fold_layer_norm``: the same logits), so each head's matrices are what it applies."""
-    print("4. composition scores, layer-0 heads (rows) into layer-1 heads (columns), from the weights alone")
+    print("5. composition scores, layer-0 heads (rows) into layer-1 heads (columns), from the weights alone")
     folded, folded_cfg = ft.interp.fold_layer_norm(params, cfg)
     scores = {kind: ft.interp.composition_scores(folded, folded_cfg, 0, 1, kind) for kind in "qkv"}
     untrained, untrained_cfg = ft.interp.fold_layer_norm(ft.init_params(cfg, seed=123), cfg)
@@ -145,6 +190,12 @@ def composition(params, cfg) -> dict:
         print(table(f"{kind.upper()}-composition", s, rows="head", columns="into"))
     print(f"   (an untrained model's K-composition scores: {float(random.min()):.2f} .. {float(random.max()):.2f})")
     return scores
+
+
+def edge_heads(edge: str) -> tuple[int, int]:
+    """``"a0.h0 -> a1.h1.k"`` -> ``(0, 1)``: the writer's head and the reader's (-1 where the reader is not a key)."""
+    writer, reader = edge.split(" -> ")
+    return int(writer.split(".h")[1]), int(reader.split(".h")[1].split(".")[0]) if reader.endswith(".k") else -1
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -166,15 +217,18 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     estimates = attribution(params, cfg, clean, corrupt, metric, exact, out)
     print()
+    edge = edges(params, cfg, clean, corrupt, metric, out)
+    print()
     comp = composition(params, cfg)
 
     found = {
         "exact patching": (int(exact["attn.head_out"][0].argmax()), int(exact["attn.k"][1].argmax())),
         "AtP, AtP*": (int(estimates["AtP, head outputs"][0].argmax()), int(estimates["AtP*, keys"][1].argmax())),
+        "EAP-IG edges": edge_heads(edge["first"]["EAP-IG"]),
         "K-composition": divmod(int(comp["k"].argmax()), cfg.n_heads),
     }
     print()
-    print(f"5. the circuit, by each method (layer-0 head, layer-1 head whose keys read it); the attention scores say "
+    print(f"6. the circuit, by each method (layer-0 head, layer-1 head whose keys read it); the attention scores say "
           f"({previous}, {induction})")
     for method, (writer, reader) in found.items():
         print(f"   {method:<15} previous-token head L0H{writer} -> K-composition -> induction head L1H{reader}")
@@ -185,7 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"   the model: {model_dir} -- try `ftransformer inspect patching --checkpoint {model_dir} --clean "
           "pqkdmzfbxwpqkdmzfbx --corrupt pqkdmzfbawpqkdmzfbx --metric logprob --answer w --site attn.k --out keys.png`")
     return {"previous": previous, "induction": induction, "found": found, "exact": exact, "estimates": estimates,
-            "composition": comp, "out": out}
+            "edges": edge, "composition": comp, "out": out}
 
 
 if __name__ == "__main__":

@@ -129,12 +129,17 @@ def test_circuits_example_finds_the_induction_circuit_by_every_method(tmp_path):
     assert result.returncode == 0, f"13_circuits.py failed:\n{result.stdout}\n{result.stderr}"
     out = result.stdout
     previous, induction = re.search(r"previous-token head layer 0 head (\d), induction head layer 1 head (\d)", out).groups()
-    found = re.findall(r"^\s+(exact patching|AtP, AtP\*|K-composition)\s+previous-token head L0H(\d) -> K-composition -> "
-                       r"induction head L1H(\d)$", out, flags=re.M)
-    assert [m for m, _, _ in found] == ["exact patching", "AtP, AtP*", "K-composition"], out
+    found = re.findall(r"^\s+(exact patching|AtP, AtP\*|EAP-IG edges|K-composition)\s+previous-token head L0H(\d) -> "
+                       r"K-composition -> induction head L1H(\d)$", out, flags=re.M)
+    assert [m for m, _, _ in found] == ["exact patching", "AtP, AtP*", "EAP-IG edges", "K-composition"], out
     assert all((w, r) == (previous, induction) for _, w, r in found), out
     assert re.search(r"AtP\*, keys\n(.*\n){3}\s+4 patches, correlation 0\.9\d", out), out
     # The keys that matter are those after the changed tokens (positions 0, 2, .., 8): 1, 3, .., 9.
     assert "the induction head's keys that matter most: positions [1, 3, 5, 7, 9]" in out, out
-    for name in ("resid_pre", "head_out", "keys", "keys_by_position", "atp_keys"):
+    # Edges: the previous-token head -> the induction head's key input ranks first among head -> head edges
+    # by EAP, EAP-IG and exact edge patching alike, and EAP-IG tracks the exact sweep closely.
+    for method in ("EAP", "EAP-IG", "exact"):
+        assert re.search(rf"^\s+{method}\s+first head -> head edge: a0\.h{previous} -> a1\.h{induction}\.k$", out, flags=re.M), out
+    assert re.search(r"EAP-IG vs exact: 29 edges, correlation 0\.9\d", out), out
+    for name in ("resid_pre", "head_out", "keys", "keys_by_position", "atp_keys", "edges", "faithfulness"):
         assert (tmp_path / f"circuit_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

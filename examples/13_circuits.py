@@ -174,7 +174,16 @@ def edges(params, cfg, clean, corrupt, metric, out: Path) -> dict:
     for j, k in enumerate(curves[0].ks):
         print(f"     {k:<8} " + "".join(f"{float(c.normalized[j]):18.3f}" for c in curves))
     ft.interp.plot_faithfulness(curves, out / "circuit_faithfulness.png", title="faithfulness of EAP-IG's top-k circuits")
-    return {"scores": scores, "first": first, "faithfulness": curves}
+    # Mean ablation also removes what both prompts share, which no score of this pair can see (0 by EAP-IG):
+    # the induction head's query (the token it looks up) and value (the token it copies) inputs.
+    shared = scores["EAP-IG"].clone()
+    induction = edge_heads(first["EAP-IG"])[1]
+    for reader in (f"a1.h{induction}.q", f"a1.h{induction}.v"):
+        shared[g.writers.index("embed"), g.readers.index(reader)] = shared.abs().max() + 1
+    kept = ft.interp.faithfulness(params, clean, corrupt, metric, cfg, ft.interp.EdgeScores(shared, g), ks=(7,), ablation="mean")
+    print(f"   the top 5 and the embedding -> the induction head's query and value inputs, mean ablation: "
+          f"{float(kept.normalized[0]):.3f}")
+    return {"scores": scores, "first": first, "faithfulness": curves, "shared": kept}
 
 
 def composition(params, cfg) -> dict:

@@ -44,15 +44,27 @@ EDGE_METHODS = ("eap", "eap-ig", "exact")
 ONLY = {"by": ("patching", "attribution"), "site": ("patching", "attribution"), "correction": ("attribution",),
         "compare": ("attribution", "edges"), "method": ("edges",), "steps": ("edges",), "ablation": ("edges",),
         "faithfulness": ("edges",), "curve_out": ("edges",)}
+# The edges view's own flags (each default None: given or not).
+EDGE_FLAGS = {
+    "--method": dict(choices=EDGE_METHODS, help="edges: eap (one forward + backward), eap-ig (integrated gradients) or "
+                                                "exact (every edge patched alone) (default: eap-ig)"),
+    "--steps": dict(type=int, metavar="M", help="edges: EAP-IG's integration steps (default: 5)"),
+    "--faithfulness": dict(action="store_true", help="edges: the metric of the top-k circuits, every other edge ablated, "
+                                                     "printed and plotted"),
+    "--ablation": dict(metavar="KINDS", help="edges --faithfulness: how the edges outside a circuit are ablated, "
+                                             "comma-separated, any of mean, zero, corrupt (default: mean)"),
+    "--curve-out": dict(metavar="FILE.png", help="edges --faithfulness: where to draw the curve (default: --out's name "
+                                                 "with -faithfulness)"),
+}
 
 
 def add_arguments(group) -> None:
     """The flags of the patching and attribution views."""
-    group.add_argument("--clean", metavar="TEXT", default=None, help="patching, attribution: the clean prompt")
+    group.add_argument("--clean", metavar="TEXT", default=None, help="patching, attribution, edges: the clean prompt")
     group.add_argument("--corrupt", metavar="TEXT", default=None,
-                       help="patching, attribution: the corrupted prompt (the same number of tokens as --clean)")
+                       help="patching, attribution, edges: the corrupted prompt (the same number of tokens as --clean)")
     group.add_argument("--metric", choices=METRICS, default="logit-diff",
-                       help="patching, attribution: logit-diff (--answer minus --wrong at the last position), "
+                       help="patching, attribution, edges: logit-diff (--answer minus --wrong at the last position), "
                             "logprob (of --answer at the last position) or loss (of the clean tokens) (default: logit-diff)")
     group.add_argument("--answer", metavar="TOKEN", default=None, help="logit-diff, logprob: the right next token (one token)")
     group.add_argument("--wrong", metavar="TOKEN", default=None, help="logit-diff: the wrong next token (one token)")
@@ -69,17 +81,8 @@ def add_arguments(group) -> None:
                        help="attribution, edges: run the exact sweep too and print the estimate next to it")
     group.add_argument("--correction", action=argparse.BooleanOptionalAction, default=None,
                        help="attribution: AtP* for attn.q / attn.k (default: on)")
-    group.add_argument("--method", choices=EDGE_METHODS, default=None,
-                       help="edges: eap (one forward + backward), eap-ig (integrated gradients) or exact (every edge "
-                            "patched alone) (default: eap-ig)")
-    group.add_argument("--steps", type=int, metavar="M", default=None, help="edges: EAP-IG's integration steps (default: 5)")
-    group.add_argument("--faithfulness", action="store_true", default=None,
-                       help="edges: the metric of the top-k circuits, every other edge ablated, printed and plotted")
-    group.add_argument("--ablation", metavar="KINDS", default=None,
-                       help="edges --faithfulness: how the edges outside a circuit are ablated, comma-separated, any of "
-                            "mean, zero, corrupt (default: mean)")
-    group.add_argument("--curve-out", metavar="FILE.png", default=None,
-                       help="edges --faithfulness: where to draw the curve (default: --out's name with -faithfulness)")
+    for flag, kwargs in EDGE_FLAGS.items():
+        group.add_argument(flag, default=None, **kwargs)
 
 
 def _flag(name: str) -> str:

@@ -91,7 +91,9 @@ def test_patching_a_whole_layer_with_clean_values_gives_the_clean_metric(model):
     torch.testing.assert_close(swept, clean_metric.expand(cfg.n_layers), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("site", "first"), [("resid_pre", 0), ("attn.head_out", 0), ("resid_post", 1)])
+# attn.head_out: the patched block i is finished from its cached head outputs (patching.from_head_out, no
+# queries/keys/pattern), so ``block`` runs from i + 1 on, as for resid_post.
+@pytest.mark.parametrize(("site", "first"), [("resid_pre", 0), ("attn.head_out", 1), ("resid_post", 1)])
 def test_each_layer_runs_only_the_blocks_and_queries_after_the_patch(model, monkeypatch, site, first):
     """Neither the layers before the patched one nor the positions before the patch are recomputed: per
     layer i and position bucket [a, b), blocks i..L-1 run once per chunk (vmap traces the function once

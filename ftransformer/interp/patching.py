@@ -32,10 +32,10 @@ import torch
 
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
-from ftransformer.layers.block import block
+from ftransformer.layers.block import block, wire
 from ftransformer.layers.embedding import Rotary
 from ftransformer.layers.masks import Mask
-from ftransformer.layers.tap import Tap
+from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.model import block_inputs, check_tokens, unembed
 from ftransformer.shapes import Float, Logits, Residual, Tensor, Tokens
 
@@ -128,7 +128,7 @@ def _suffix_inputs(inputs: tuple, start: int) -> tuple:
     return positions[start:], rows, tables
 
 
-def _with_prefix(base: dict, layer: int, first: int, start: int, cfg: Config, fixes: dict) -> dict:
+def _with_prefix(base: dict, layer: int, first: int, cfg: Config, fixes: dict) -> dict:
     """``fixes`` with, for blocks ``layer, ...``, the base run's keys/values of positions ``< first`` put in
     front of the suffix's own (after any fix of those at ``layer``): a patch at ``first`` cannot change them."""
     if first == 0:
@@ -142,23 +142,39 @@ def _with_prefix(base: dict, layer: int, first: int, start: int, cfg: Config, fi
     return fixes
 
 
+def from_head_out(params: dict, x: Residual, head_out: Float[Tensor, "*batch heads seq d_model"], cfg: Config, layer: int) -> Residual:
+    """Block ``layer`` applied to ``x`` with its attention sublayer's output taken as ``head_out`` summed over
+    heads (plus ``b_o``): the block's queries, keys and pattern are not recomputed, only its wiring
+    (norms, residual sums) and MLP -- what a run with only ``attn.head_out`` changed computes there."""
+    p = params["blocks"][layer]
+    b_o = p["attn"].get("b_o")
+    out = head_out.sum(dim=-3)
+    out = out if b_o is None else out + b_o
+    return wire(p, x, cfg, lambda _p, _h: (out, None), keys=(None, None), tap=NO_TAP)[0]
+
+
 def _bucket_sweep(params, base: dict, src: Tensor, masks: Tensor, metric, cfg, layer, first, *, site, inputs, chunk):
     """The metric of every patch in ``masks`` (all at positions ``>= first``): runs of the queries at
-    positions ``first, ...`` from block ``layer`` (``layer + 1`` for ``resid_post``) on, over the base
-    run's keys/values of the positions before; the logits before ``first`` are the base run's."""
+    positions ``first, ...`` from block ``layer`` (``layer + 1`` for ``resid_post``, and for ``head_out``,
+    whose block is finished by ``from_head_out``) on, over the base run's keys/values of the positions
+    before; the logits before ``first`` are the base run's."""
     has_heads = site in HEAD_SITES
-    start = layer + 1 if site == "resid_post" else layer
+    skip_attn = site == "attn.head_out"
+    start = layer + 1 if site == "resid_post" or skip_attn else layer
     x = _site_value(base, layer, "resid_post" if site == "resid_post" else "resid_pre")[..., first:, :]
     src, masks, suffix = src[..., first:, :], masks[..., first:], _suffix_inputs(inputs, first)
+    head_out = _site_value(base, layer, site)[..., first:, :] if skip_attn else None
     before = base["logits"][..., :first, :]
 
     def patched_metric(mask: Float[Tensor, "heads seq"]) -> Float[Tensor, ""]:
         fixes, y = {}, x
         if site == "resid_post":
             y = _replace(x, src, mask, False)
+        elif skip_attn:
+            y = from_head_out(params, x, _replace(head_out, src, mask, True), cfg, layer)
         else:
             fixes[f"blocks.{layer}.{site}"] = lambda v: _replace(v, src, mask, has_heads)
-        logits = run_from(params, y, cfg, start, suffix, _with_prefix(base, start, first, start, cfg, fixes))
+        logits = run_from(params, y, cfg, start, suffix, _with_prefix(base, start, first, cfg, fixes))
         return metric(torch.cat([before.expand(*logits.shape[:-2], -1, -1), logits], dim=-2))
 
     return torch.func.vmap(patched_metric, chunk_size=chunk)(masks)
@@ -174,9 +190,8 @@ def position_buckets(seq: int, by: Sequence[str]) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _layer_sweep(params, base: dict, source: dict, metric: Metric, cfg: Config, layer: int, *, site, by, inputs, chunk):
-    """The metric of every patch of ``site`` at ``layer``: ``[n_heads_axis * n_position_axis]``."""
-    src = _site_value(source, layer, site)
+def _layer_sweep(params, base: dict, src: Tensor, metric: Metric, cfg: Config, layer: int, *, site, by, inputs, chunk):
+    """The metric of every patch of ``site`` at ``layer`` with values from ``src``: ``[n_heads_axis * n_position_axis]``."""
     has_heads = site in HEAD_SITES
     masks = patch_masks(by, src.shape[-3] if has_heads else 1, src.shape[-2], src.device)
     seq = src.shape[-2]
@@ -229,16 +244,35 @@ def patch_sweep(
     # SDPA has no vmap batching rule; the einsum path computes the same attention and batches.
     cfg = cfg.replace(attn_impl="einsum")
     base_tokens, source_tokens = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
-    base_logits, base = forward_with_activations(params, base_tokens, cfg)
     _, source = forward_with_activations(params, source_tokens, cfg)
+    sources = [_site_value(source, i, site) for i in range(cfg.n_layers)]
+    return replace_sweep(params, base_tokens, sources, metric, cfg, site=site, by=by, chunk=chunk)
+
+
+def replace_sweep(
+    params: dict, tokens: Tokens, sources: Sequence[Tensor], metric: Metric, cfg: Config, *, site: str,
+    by: Sequence[str], chunk: int | None = None, run: tuple | None = None,
+) -> Tensor:
+    """``patch_sweep``'s core: the metric of ``tokens``' run with one slice of ``site`` at layer ``i``
+    replaced by ``sources[i]``'s (another run's activations, zeros, means: anything of the site's shape,
+    or broadcasting to it), for every slice; the same axes as ``patch_sweep``'s result.
+
+    ``run``: ``forward_with_activations(params, tokens, cfg)`` when the caller has it already (with
+    ``cfg.attn_impl="einsum"``, which the sweep's runs use)."""
+    by = tuple(by)
+    cfg = cfg.replace(attn_impl="einsum")
+    if len(sources) != cfg.n_layers:
+        raise ValueError(f"sources must hold one tensor per layer ({cfg.n_layers}), got {len(sources)}")
+    base_logits, base = forward_with_activations(params, tokens, cfg) if run is None else run
     _check_scalar(metric(base_logits))
     base = {**base, "logits": base_logits}
-    inputs = block_inputs(base_tokens, cfg)
+    inputs = block_inputs(tokens, cfg)
+    sample = _site_value(base, 0, site)
     rows = [
-        _layer_sweep(params, base, source, metric, cfg, i, site=site, by=by, inputs=inputs, chunk=chunk)
+        _layer_sweep(params, base, sources[i].expand_as(sample), metric, cfg, i, site=site, by=by, inputs=inputs, chunk=chunk)
         for i in range(cfg.n_layers)
     ]
-    return _arrange(torch.stack(rows), by, _site_value(source, 0, site), site in HEAD_SITES)
+    return _arrange(torch.stack(rows), by, sample, site in HEAD_SITES)
 
 
 def _arrange(values: Float[Tensor, "layers rows"], by: tuple, sample: Tensor, has_heads: bool) -> Tensor:

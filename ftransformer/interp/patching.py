@@ -175,7 +175,9 @@ def _bucket_sweep(params, base: dict, src: Tensor, masks: Tensor, metric, cfg, l
         else:
             fixes[f"blocks.{layer}.{site}"] = lambda v: _replace(v, src, mask, has_heads)
         logits = run_from(params, y, cfg, start, suffix, _with_prefix(base, start, first, cfg, fixes))
-        return metric(torch.cat([before.expand(*logits.shape[:-2], -1, -1), logits], dim=-2))
+        if first:
+            logits = torch.cat([before.expand(*logits.shape[:-2], -1, -1), logits], dim=-2)
+        return metric(logits)
 
     return torch.func.vmap(patched_metric, chunk_size=chunk)(masks)
 

@@ -47,7 +47,13 @@ TOL = 1e-4
 SIZES = {"gpt2-small": (12, 768, 12, 50257), "4x256": (4, 256, 8, 50257), "tiny": (2, 64, 4, 1000)}
 GOALS = {"gpt2-small": 2.0, "4x256": 3.0}  # exact sweeps: TransformerLens' time / ours
 ATTRIBUTION_GOAL = 20.0
-TASKS = ("head ablation", "resid_pre patching", "head_out patching", "attribution, all heads")
+ABLATION, RESID, RESID_LAST, HEAD_OUT, ATP = (
+    "head ablation", "resid_pre patching", "resid_pre, logits_at=-1", "head_out patching", "attribution, all heads"
+)
+TASKS = (ABLATION, RESID, RESID_LAST, HEAD_OUT, ATP)
+EXACT = TASKS[:4]
+# the TransformerLens contender each task is compared with (it has no logits_at, and no attribution patching)
+TL_TASK = {ABLATION: ABLATION, RESID: RESID, RESID_LAST: RESID, HEAD_OUT: HEAD_OUT, ATP: HEAD_OUT}
 TL_PIP = "pip install 'ftransformer[bench]' (transformer-lens)"
 
 
@@ -58,7 +64,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default: the size's)")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences (default: 1)")
     parser.add_argument("--seq-len", type=int, default=32, help="tokens per sequence (default: 32)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed interleaved repetitions (default: 2)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed interleaved repetitions (default: 1; the value check runs each once more before)")
     parser.add_argument("--warmup", type=int, default=0,
                         help="untimed repetitions first (default: 0; the value check runs every contender once before)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -105,33 +111,33 @@ def logit_diff(logits: torch.Tensor) -> torch.Tensor:
 
 
 def ours(cfg, params, clean, corrupt, targets) -> dict:
-    """Our contender of each task (``attribution`` gives AtP's estimate of the patched metric)."""
-    def atp():
-        base = logit_diff(forward_with_activations(params, corrupt, cfg)[0])
-        return base + attribution_patch(params, clean, corrupt, logit_diff, cfg, site="attn.head_out", by=("layer", "head"))
-
+    """Our contender of each task (``ATP`` gives AtP's estimate of each patch's change of the metric)."""
+    heads = dict(site="attn.head_out", by=("layer", "head"))
     return {
-        TASKS[0]: lambda: head_ablation_sweep(params, clean, targets, cfg),
-        TASKS[1]: lambda: patch_sweep(params, clean, corrupt, logit_diff, cfg),
-        TASKS[2]: lambda: patch_sweep(params, clean, corrupt, logit_diff, cfg, site="attn.head_out", by=("layer", "head")),
-        TASKS[3]: atp,
+        ABLATION: lambda: head_ablation_sweep(params, clean, targets, cfg),
+        RESID: lambda: patch_sweep(params, clean, corrupt, logit_diff, cfg),
+        RESID_LAST: lambda: patch_sweep(params, clean, corrupt, logit_diff, cfg, logits_at=-1),
+        HEAD_OUT: lambda: patch_sweep(params, clean, corrupt, logit_diff, cfg, **heads),
+        ATP: lambda: attribution_patch(params, clean, corrupt, logit_diff, cfg, **heads),
     }
 
 
 def loops(cfg, params, clean, corrupt, targets) -> dict:
-    """Each exact task as a loop of single ``forward_with_activations`` calls with one intervention each."""
+    """Each exact task's values by a loop of single ``forward_with_activations`` calls, one intervention each."""
     def run(tokens, fix):
         return forward_with_activations(params, tokens, cfg, interventions=fix)[0]
 
     _, source = forward_with_activations(params, clean, cfg)
     layers, heads, seq = cfg.n_layers, cfg.n_heads, clean.shape[-1]
     base = cross_entropy(run(clean, None), targets)
+    resid = torch.tensor([[logit_diff(run(corrupt, patch(f"blocks.{i}.resid_pre", source["blocks"][i]["resid_pre"], positions=p)))
+                           for p in range(seq)] for i in range(layers)])
     return {
-        TASKS[0]: torch.tensor([[cross_entropy(run(clean, ablate_heads(i, h, cfg)), targets) - base for h in range(heads)]
+        ABLATION: torch.tensor([[cross_entropy(run(clean, ablate_heads(i, h, cfg)), targets) - base for h in range(heads)]
                                 for i in range(layers)]),
-        TASKS[1]: torch.tensor([[logit_diff(run(corrupt, patch(f"blocks.{i}.resid_pre", source["blocks"][i]["resid_pre"],
-                                                               positions=p))) for p in range(seq)] for i in range(layers)]),
-        TASKS[2]: torch.tensor([[logit_diff(run(corrupt, patch(f"blocks.{i}.attn.head_out",
+        RESID: resid,
+        RESID_LAST: resid,
+        HEAD_OUT: torch.tensor([[logit_diff(run(corrupt, patch(f"blocks.{i}.attn.head_out",
                                                                source["blocks"][i]["attn"]["head_out"], heads=h)))
                                  for h in range(heads)] for i in range(layers)]),
     }
@@ -160,7 +166,7 @@ def transformer_lens_model(directory: str, hf_model):
 
 
 def theirs(bridge, clean, corrupt, targets) -> dict:
-    """TransformerLens' way of each task (the exact head patching sweep stands for the attribution too)."""
+    """TransformerLens' contenders, keyed by the task each times (``TL_TASK`` maps every task to one)."""
     from transformer_lens import patching
 
     layers, heads = bridge.cfg.n_layers, bridge.cfg.n_heads
@@ -186,11 +192,11 @@ def theirs(bridge, clean, corrupt, targets) -> dict:
         _, cache = bridge.run_with_cache(clean)
         return patching.get_act_patch_attn_head_out_all_pos(bridge, corrupt, cache, logit_diff)
 
-    return {TASKS[0]: _quiet(ablation), TASKS[1]: _quiet(resid_pre), TASKS[2]: _quiet(head_out), TASKS[3]: _quiet(head_out)}
+    return {ABLATION: _quiet(ablation), RESID: _quiet(resid_pre), HEAD_OUT: _quiet(head_out)}
 
 
 def check_values(mine: dict, reference: dict, what: str) -> dict:
-    """The largest difference of each exact task's values from ``reference``'s; raises over ``TOL``."""
+    """The largest difference of each task's values in ``reference`` from ours; raises over ``TOL``."""
     diffs = {}
     for task, want in reference.items():
         diff = (mine[task].detach() - want).abs().max().item()
@@ -201,14 +207,14 @@ def check_values(mine: dict, reference: dict, what: str) -> dict:
 
 
 def _goal(task: str, size: str) -> float | None:
-    return ATTRIBUTION_GOAL if task == TASKS[3] else GOALS.get(size)
+    return ATTRIBUTION_GOAL if task == ATP else GOALS.get(size)
 
 
 def rows(times: dict, size: str) -> list[dict]:
     """One row per task: medians (ms), TransformerLens' median over ours, the goal and whether it is met."""
     out = []
     for task in TASKS:
-        mine, tl = statistics.median(times[key("ours", task)]), times.get(key("tl", task))
+        mine, tl = statistics.median(times[key("ours", task)]), times.get(key("tl", TL_TASK[task]))
         row = {"task": task, "ours_ms": mine, "tl_ms": None, "speedup": None, "goal": _goal(task, size), "met": None}
         if tl is not None:
             row["tl_ms"] = statistics.median(tl)
@@ -248,23 +254,24 @@ def machine() -> str:
 
 def _fns(cfg, params, tokens, bridge) -> tuple[dict, dict]:
     """The contenders keyed ``key(who, task)``, and the value checks' largest differences (raises over ``TOL``)."""
-    fns = {key("ours", task): fn for task, fn in ours(cfg, params, *tokens).items()}
-    values = {key: fn() for key, fn in fns.items()}
-    mine = {task: values[key("ours", task)] for task in TASKS}
+    mine = ours(cfg, params, *tokens)
+    values = {task: fn() for task, fn in mine.items()}
+    fns = {key("ours", task): fn for task, fn in mine.items()}
     if bridge is None:  # (with TransformerLens, its loops are the reference: the same runs, another library)
-        return fns, {"loop": check_values(mine, loops(cfg, params, *tokens), "the loop of single interventions")}
-    diffs = {}
-    if bridge is not None:
-        with torch.no_grad():
-            logits = (bridge(tokens[0]) - forward_with_activations(params, tokens[0], cfg)[0]).abs().max().item()
-        if logits > TOL:
-            raise AssertionError(f"TransformerLens' logits differ from ours by {logits:.3g} (expected <= {TOL:g})")
-        tl = {key("tl", task): fn for task, fn in theirs(bridge, *tokens).items()}
-        reference = {task: tl[key("tl", task)]().to(mine[task].dtype) for task in TASKS[:3]}
-        diffs["transformer_lens"] = {"logits": logits, **check_values(mine, reference, "TransformerLens")}
-        diffs["atp_vs_exact"] = atp_report(reference[TASKS[2]], mine[TASKS[3]].detach(), top=3)
-        # the attribution's TL contender is the exact head patching sweep, timed once under its own name
-        fns.update({name: fn for name, fn in tl.items() if name != key("tl", TASKS[3])})
+        return fns, {"loop": check_values(values, loops(cfg, params, *tokens), "the loop of single interventions")}
+    with torch.no_grad():
+        logits = (bridge(tokens[0]) - forward_with_activations(params, tokens[0], cfg)[0]).abs().max().item()
+    if logits > TOL:
+        raise AssertionError(f"TransformerLens' logits differ from ours by {logits:.3g} (expected <= {TOL:g})")
+    tl = theirs(bridge, *tokens)
+    theirs_values = {task: fn().to(values[ABLATION].dtype) for task, fn in tl.items()}
+    reference = {task: theirs_values[TL_TASK[task]] for task in EXACT}
+    base = logit_diff(forward_with_activations(params, tokens[1], cfg)[0])
+    diffs = {
+        "transformer_lens": {"logits": logits, **check_values(values, reference, "TransformerLens")},
+        "atp_vs_exact": atp_report(reference[HEAD_OUT] - base, values[ATP].detach(), top=3),
+    }
+    fns.update({key("tl", task): fn for task, fn in tl.items()})
     return fns, diffs
 
 
@@ -277,8 +284,6 @@ def run(args) -> int:
         tokens = _tokens(args, cfg.vocab_size)
         fns, diffs = _fns(cfg, params, tokens, bridge)
         times, _ = interleaved(fns, repeats=args.repeats, warmup=args.warmup, device=torch.device("cpu"), unit=1e3)
-    if bridge is not None:
-        times[key("tl", TASKS[3])] = times[key("tl", TASKS[2])]
     table = rows(times, args.size)
     layers, width, heads, _ = SIZES[args.size]
     setup = (f"{args.size}: {layers} layers x {width}, {heads} heads, vocab {cfg.vocab_size}; batch {args.batch_size} x "

@@ -58,16 +58,18 @@ class _Apply(Tap):
 
 
 def run_from(
-    params: dict, x: Residual, cfg: Config, start: int, inputs: tuple, interventions: dict | None = None
-) -> Logits:
+    params: dict, x: Residual, cfg: Config, start: int, inputs: tuple, interventions: dict | None = None,
+    at: Sequence[int] | None = None,
+) -> Float[Tensor, "... vocab"]:
     """The logits of blocks ``start, ..., n_layers - 1`` and the unembedding applied to ``x``, the residual
     stream entering block ``start``; ``inputs`` is ``model.block_inputs``'s ``(positions, masks, rotaries)``
-    and ``interventions`` (paths ``blocks.{i}.*``, ``i >= start``) are applied as in ``forward_with_activations``."""
+    and ``interventions`` (paths ``blocks.{i}.*``, ``i >= start``) are applied as in ``forward_with_activations``.
+    ``at``: unembed only these positions (of ``x``'s), the logits ``[*batch, len(at), vocab]``."""
     _, masks, rotaries = inputs
     tap = _Apply(interventions)
     for i in range(start, cfg.n_layers):
         x = block(params["blocks"][i], x, cfg, mask=masks[i], rotary=rotaries[i], tap=tap.scope(f"blocks.{i}"))
-    return unembed(params, x, cfg)
+    return unembed(params, x if at is None else x[..., list(at), :], cfg)
 
 
 def _check_args(clean: Tokens, corrupt: Tensor, metric, cfg: Config, site: str, by: tuple, direction: str, chunk) -> None:
@@ -153,11 +155,12 @@ def from_head_out(params: dict, x: Residual, head_out: Float[Tensor, "*batch hea
     return wire(p, x, cfg, lambda _p, _h: (out, None), keys=(None, None), tap=NO_TAP)[0]
 
 
-def _bucket_sweep(params, base: dict, src: Tensor, masks: Tensor, metric, cfg, layer, first, *, site, inputs, chunk):
+def _bucket_sweep(params, base: dict, src: Tensor, masks: Tensor, metric, cfg, layer, first, *, site, inputs, chunk, at):
     """The metric of every patch in ``masks`` (all at positions ``>= first``): runs of the queries at
     positions ``first, ...`` from block ``layer`` (``layer + 1`` for ``resid_post``, and for ``head_out``,
     whose block is finished by ``from_head_out``) on, over the base run's keys/values of the positions
-    before; the logits before ``first`` are the base run's."""
+    before; the logits before ``first`` are the base run's, and with ``at`` (the positions the metric reads)
+    so are those of the positions not in it: only ``at``'s from ``first`` on are unembedded."""
     has_heads = site in HEAD_SITES
     skip_attn = site == "attn.head_out"
     start = layer + 1 if site == "resid_post" or skip_attn else layer
@@ -165,6 +168,8 @@ def _bucket_sweep(params, base: dict, src: Tensor, masks: Tensor, metric, cfg, l
     src, masks, suffix = src[..., first:, :], masks[..., first:], _suffix_inputs(inputs, first)
     head_out = _site_value(base, layer, site)[..., first:, :] if skip_attn else None
     before = base["logits"][..., :first, :]
+    need = None if at is None else [p - first for p in at if p >= first]
+    where = None if at is None else torch.tensor([first + p for p in need], dtype=torch.long, device=x.device)
 
     def patched_metric(mask: Float[Tensor, "heads seq"]) -> Float[Tensor, ""]:
         fixes, y = {}, x
@@ -174,8 +179,10 @@ def _bucket_sweep(params, base: dict, src: Tensor, masks: Tensor, metric, cfg, l
             y = from_head_out(params, x, _replace(head_out, src, mask, True), cfg, layer)
         else:
             fixes[f"blocks.{layer}.{site}"] = lambda v: _replace(v, src, mask, has_heads)
-        logits = run_from(params, y, cfg, start, suffix, _with_prefix(base, start, first, cfg, fixes))
-        if first:
+        logits = run_from(params, y, cfg, start, suffix, _with_prefix(base, start, first, cfg, fixes), at=need)
+        if at is not None:
+            logits = base["logits"].expand(*logits.shape[:-2], -1, -1).index_copy(-2, where, logits)
+        elif first:
             logits = torch.cat([before.expand(*logits.shape[:-2], -1, -1), logits], dim=-2)
         return metric(logits)
 
@@ -192,7 +199,7 @@ def position_buckets(seq: int, by: Sequence[str]) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _layer_sweep(params, base: dict, src: Tensor, metric: Metric, cfg: Config, layer: int, *, site, by, inputs, chunk):
+def _layer_sweep(params, base: dict, src: Tensor, metric: Metric, cfg: Config, layer: int, *, site, by, inputs, chunk, at):
     """The metric of every patch of ``site`` at ``layer`` with values from ``src``: ``[n_heads_axis * n_position_axis]``."""
     has_heads = site in HEAD_SITES
     masks = patch_masks(by, src.shape[-3] if has_heads else 1, src.shape[-2], src.device)
@@ -201,7 +208,7 @@ def _layer_sweep(params, base: dict, src: Tensor, metric: Metric, cfg: Config, l
     parts = []
     for first, stop in position_buckets(seq, by):
         part = grid[:, first:stop].reshape(-1, *masks.shape[1:])
-        values = _bucket_sweep(params, base, src, part, metric, cfg, layer, first, site=site, inputs=inputs, chunk=chunk)
+        values = _bucket_sweep(params, base, src, part, metric, cfg, layer, first, site=site, inputs=inputs, chunk=chunk, at=at)
         parts.append(values.reshape(grid.shape[0], stop - first))
     return torch.cat(parts, dim=1).reshape(-1)
 
@@ -217,6 +224,7 @@ def patch_sweep(
     by: Sequence[str] = ("layer", "position"),
     direction: str = "denoise",
     chunk: int | None = None,
+    logits_at: Sequence[int] | int | None = None,
 ) -> Tensor:
     """The metric of the model's logits with one slice of ``site`` patched, for every slice: one exact
     activation-patching sweep (TransformerLens' ``get_act_patch_*``), as vmapped runs from the patched layer
@@ -234,6 +242,11 @@ def patch_sweep(
             (``"head"`` for ``attn.*`` sites only). An axis left out is patched whole.
         direction: ``"denoise"``: clean values into the corrupted run; ``"noise"``: corrupted into the clean.
         chunk: how many patched runs go through ``vmap`` at once (None: all of a layer's position bucket).
+        logits_at: the positions whose logits ``metric`` reads (e.g. ``[-1]`` for a metric of the last
+            position), when it reads only some: the patched runs unembed only those (with GPT-2's 50257-token
+            vocabulary, that projection costs as much as a few blocks); ``metric`` sees the base run's
+            logits at every other position. None: all positions (a metric that reads a position left out
+            gets wrong values, silently).
 
     Returns:
         ``metric`` of each patched run, with one axis per entry of ``by`` in that order: e.g. ``[layers,
@@ -248,19 +261,19 @@ def patch_sweep(
     base_tokens, source_tokens = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
     _, source = forward_with_activations(params, source_tokens, cfg)
     sources = [_site_value(source, i, site) for i in range(cfg.n_layers)]
-    return replace_sweep(params, base_tokens, sources, metric, cfg, site=site, by=by, chunk=chunk)
+    return replace_sweep(params, base_tokens, sources, metric, cfg, site=site, by=by, chunk=chunk, logits_at=logits_at)
 
 
 def replace_sweep(
     params: dict, tokens: Tokens, sources: Sequence[Tensor], metric: Metric, cfg: Config, *, site: str,
-    by: Sequence[str], chunk: int | None = None, run: tuple | None = None,
+    by: Sequence[str], chunk: int | None = None, run: tuple | None = None, logits_at: Sequence[int] | int | None = None,
 ) -> Tensor:
     """``patch_sweep``'s core: the metric of ``tokens``' run with one slice of ``site`` at layer ``i``
     replaced by ``sources[i]``'s (another run's activations, zeros, means: anything of the site's shape,
     or broadcasting to it), for every slice; the same axes as ``patch_sweep``'s result.
 
     ``run``: ``forward_with_activations(params, tokens, cfg)`` when the caller has it already (with
-    ``cfg.attn_impl="einsum"``, which the sweep's runs use)."""
+    ``cfg.attn_impl="einsum"``, which the sweep's runs use); ``logits_at``: as in ``patch_sweep``."""
     by = tuple(by)
     cfg = cfg.replace(attn_impl="einsum")
     if len(sources) != cfg.n_layers:
@@ -270,11 +283,21 @@ def replace_sweep(
     base = {**base, "logits": base_logits}
     inputs = block_inputs(tokens, cfg)
     sample = _site_value(base, 0, site)
+    at = None if logits_at is None else _positions(logits_at, tokens.shape[-1])
     rows = [
-        _layer_sweep(params, base, sources[i].expand_as(sample), metric, cfg, i, site=site, by=by, inputs=inputs, chunk=chunk)
+        _layer_sweep(params, base, sources[i].expand_as(sample), metric, cfg, i, site=site, by=by, inputs=inputs, chunk=chunk, at=at)
         for i in range(cfg.n_layers)
     ]
     return _arrange(torch.stack(rows), by, sample, site in HEAD_SITES)
+
+
+def _positions(logits_at: Sequence[int] | int, seq: int) -> list[int]:
+    """``logits_at`` as sorted distinct positions in ``[0, seq)`` (negative ones count from the end)."""
+    items = [logits_at] if isinstance(logits_at, int) else list(logits_at)
+    bad = [p for p in items if isinstance(p, bool) or not isinstance(p, int) or not -seq <= p < seq]
+    if bad or not items:
+        raise ValueError(f"logits_at must be positions in [-seq, seq) = [{-seq}, {seq}), at least one, got {logits_at!r}")
+    return sorted({p % seq for p in items})
 
 
 def _arrange(values: Float[Tensor, "layers rows"], by: tuple, sample: Tensor, has_heads: bool) -> Tensor:

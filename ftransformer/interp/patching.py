@@ -13,6 +13,11 @@ run's logits. It gives the same numbers as the loop of single ``interventions.pa
   run computes only the *queries* from ``p`` on, attending over the base run's cached keys/values of
   the positions before (put in front of its own, layer by layer), and the logits before ``p`` are the
   base run's: about half the queries of the runs, averaged over the positions;
+* an ``attn.head_out`` patch changes nothing of its block's attention but the sum of the head outputs:
+  the block is finished from the base run's cached head outputs (``from_head_out``: no queries, keys or
+  pattern), and the runs go on from block ``i + 1``;
+* with ``logits_at`` (the positions the metric reads, e.g. the last) only those positions are unembedded:
+  with GPT-2's vocabulary, the unembedding of every position costs as much as a few blocks;
 * the positions are cut into ``BUCKETS`` ranges; the patches of one layer and one range (every head,
   for ``by`` with ``"head"``) are ONE ``torch.func.vmap`` over a stack of 0/1 patch masks, running the
   queries from the range's first position on, ``chunk`` patches at a time to bound memory.
@@ -20,6 +25,9 @@ run's logits. It gives the same numbers as the loop of single ``interventions.pa
 Measured (``python -m ftransformer.bench.patching --threads 1``, which checks the values equal first):
 2.9x a vmap of full runs and 2.1x the same sweep without the position buckets at 2 layers x 64 wide,
 batch 8 x 64; 2.2x and 1.9x at 4 layers x 128 wide, batch 8 x 32 (one CPU thread).
+
+``replace_sweep`` is the core, for any replacement values (another run's, zeros, means):
+``interventions.head_ablation_sweep`` is a ``replace_sweep`` of zeros (or means) into ``attn.head_out``.
 
 Direction: ``"denoise"`` (the default) patches clean values into the corrupted run (base = corrupt,
 source = clean: how much of the clean behaviour does this slice restore?); ``"noise"`` patches corrupted

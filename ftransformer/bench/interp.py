@@ -22,6 +22,15 @@ Goals (issue 22): the exact sweeps >= 2x TransformerLens at GPT-2-small size, >=
 attribution >= 20x TransformerLens' exact head patching. Without ``transformer_lens`` importable the
 TransformerLens rows are skipped with a message, and our sweeps are checked against a loop of single
 interventions instead. TransformerLens' calls run under ``torch.no_grad`` (its fastest mode), ours as they are.
+``resid_pre, logits_at=-1`` is ``patch_sweep`` told that the metric reads the last position only (so only
+that position is unembedded); TransformerLens has no such option, its row is the same sweep as above.
+
+Where the vocabulary is large next to the model, the unembedding bounds every exact sweep: a run whose
+metric reads every position (the head-ablation loss) must project each position onto 50257 tokens. At
+4 layers x 256 that is about 80% of a run's multiply-adds (12.9M per token against 3.1M for the four
+blocks), so skipping blocks saves little there, and AtP (about four runs' work: the source run, the base
+run's forward and backward) against 32 exact head patches has a ceiling near 8x in FLOPs. At GPT-2-small
+size the blocks are 2.2x the unembedding and the skipped prefix (and positions) pay off.
 """
 
 import contextlib

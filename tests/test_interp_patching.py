@@ -91,7 +91,9 @@ def test_patching_a_whole_layer_with_clean_values_gives_the_clean_metric(model):
     torch.testing.assert_close(swept, clean_metric.expand(cfg.n_layers), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("site", "first"), [("resid_pre", 0), ("attn.head_out", 0), ("resid_post", 1)])
+# attn.head_out: the patched block i is finished from its cached head outputs (patching.from_head_out, no
+# queries/keys/pattern), so ``block`` runs from i + 1 on, as for resid_post.
+@pytest.mark.parametrize(("site", "first"), [("resid_pre", 0), ("attn.head_out", 1), ("resid_post", 1)])
 def test_each_layer_runs_only_the_blocks_and_queries_after_the_patch(model, monkeypatch, site, first):
     """Neither the layers before the patched one nor the positions before the patch are recomputed: per
     layer i and position bucket [a, b), blocks i..L-1 run once per chunk (vmap traces the function once
@@ -200,3 +202,30 @@ def test_by_may_name_its_axes_in_any_order():
     swapped = ft.interp.patch_sweep(params, clean, corrupt, metric, cfg, by=("position", "layer"))
     assert swapped.shape == (7, cfg.n_layers)
     torch.testing.assert_close(swapped, first.T)
+
+
+@pytest.mark.parametrize(("site", "by"), [("resid_pre", ("layer", "position")), ("attn.head_out", ("layer", "head")),
+                                          ("attn.v", ("layer", "position", "head"))])
+def test_logits_at_the_positions_the_metric_reads_gives_the_same_sweep(model, site, by):
+    """A metric of the last position: unembedding only that position (``logits_at=[-1]``) changes nothing."""
+    cfg, params, clean, corrupt = model
+    whole = interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, site=site, by=by)
+    for at in ([-1], SEQ - 1, [2, SEQ - 1]):
+        torch.testing.assert_close(interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, site=site, by=by, logits_at=at),
+                                   whole, atol=1e-5, rtol=1e-5)
+
+
+def test_logits_at_unembeds_only_those_positions(model, monkeypatch):
+    cfg, params, clean, corrupt = model
+    rows = []
+    unembed = patching.unembed
+
+    def counting(p, x, c):
+        rows.append(x.shape[-2])
+        return unembed(p, x, c)
+
+    monkeypatch.setattr(patching, "unembed", counting)
+    interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, site="resid_pre", by=("layer",), logits_at=[-1])
+    assert rows == [1] * cfg.n_layers
+    with pytest.raises(ValueError, match=r"logits_at must be positions in \[-seq, seq\) = \[-7, 7\), at least one, got \[7\]"):
+        interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, logits_at=[7])

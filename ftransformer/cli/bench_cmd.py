@@ -1,4 +1,4 @@
-"""``ftransformer bench train | generate | quality | load``: speed and training-quality benchmarks against baselines.
+"""``ftransformer bench train | generate | quality | load | interp | ...``: speed and training-quality benchmarks against baselines.
 
 Each benchmark lives in ``ftransformer.bench.<name>`` with ``add_arguments(parser)`` and ``run(args)``;
 its module is imported when that benchmark is parsed, not when this one is.
@@ -15,6 +15,7 @@ BENCHES = {
     "vmap": ("ftransformer.bench.vmap", "per-example gradients (vmap vs a loop vs Opacus) and an ensemble in one vmapped step"),
     "quality": ("ftransformer.bench.quality", "train the shakespeare-char-cpu recipe: functional vs torch.nn, same batches"),
     "patching": ("ftransformer.bench.patching", "an activation-patching sweep: patch_sweep vs a vmap of full runs vs a loop of single patches"),
+    "interp": ("ftransformer.bench.interp", "interpretability sweeps (head ablation, patching, attribution) vs TransformerLens' loops"),
     "sae": ("ftransformer.bench.sae", "a stack of SAEs in one vmapped step vs the same SAEs one by one"),
     "gpu": ("ftransformer.bench.gpu", "train tokens/s and MFU, decode tokens/s, peak memory: bf16 + compile + CUDA graphs vs nanoGPT"),
     "load": ("ftransformer.bench.load", "load a Hugging Face checkpoint: ft.load_hf vs transformers, time and peak memory"),

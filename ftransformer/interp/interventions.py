@@ -2,7 +2,7 @@
 
 Each helper returns an ``interventions`` dict (``path -> value -> value``) for
 ``forward_with_activations``; ``combine`` merges several (two at one path run one after the other).
-``head_ablation_sweep`` ablates every head in turn in ONE ``vmap``-ed call over a stack of head masks.
+``head_ablation_sweep`` ablates every head in turn: a ``patch_sweep`` of zeros (or means) into ``attn.head_out``.
 """
 
 from collections.abc import Callable, Sequence
@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
+from ftransformer.interp.patching import replace_sweep
 from ftransformer.model import cross_entropy
 from ftransformer.shapes import Float, Tensor, Tokens
 
@@ -155,28 +156,25 @@ def head_ablation_sweep(
 ) -> Float[Tensor, "layers heads"]:
     """The loss change from ablating each head alone: ``[layers, heads]``, positive where a head helps.
 
-    All ``layers * heads`` ablated runs are ONE ``torch.func.vmap`` over a stack of head masks (row
-    ``j`` of the stack keeps every head but the ``j``-th); ``chunk_size`` bounds how many run at once.
-    Mean-ablation writes each head's mean output over the clean run of the same tokens.
+    A ``patch_sweep`` of ``attn.head_out`` by layer x head whose source is zeros (or each head's mean
+    output over the clean run of the same tokens): each layer's ablated runs are ONE ``torch.func.vmap``
+    over a stack of head masks, starting at that layer from the clean run's cached residual stream and
+    head outputs (the ablated layer's queries, keys and pattern are not recomputed: only ``head_out``
+    changes), ``chunk_size`` of them at a time.
     """
     if kind not in ABLATIONS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, ABLATIONS))}, got {kind!r}")
-    # SDPA has no vmap batching rule (torch falls back to a loop over the stack, and warns): the einsum
-    # path computes the same attention (to rounding) and batches. The clean run uses it too.
+    # SDPA has no vmap batching rule: the einsum path computes the same attention (to rounding) and batches.
     cfg = cfg.replace(attn_impl="einsum")
     clean_logits, clean = forward_with_activations(params, tokens, cfg)
     base = cross_entropy(clean_logits, targets)
-    n = cfg.n_layers * cfg.n_heads
-    dtype = clean_logits.dtype
-    masks = (1 - torch.eye(n, dtype=dtype, device=tokens.device)).reshape(n, cfg.n_layers, cfg.n_heads)
-    fills = [None if kind == "zero" else head_means(b["attn"]["head_out"]) for b in clean["blocks"]]
+    outs = [b["attn"]["head_out"] for b in clean["blocks"]]
+    fills = [torch.zeros_like(o) if kind == "zero" else head_means(o)[:, None, :] for o in outs]
 
-    def ablated_loss(mask: Float[Tensor, "layers heads"]) -> Float[Tensor, ""]:
-        interventions = {
-            f"blocks.{i}.attn.head_out": (lambda v, i=i: masked_heads(v, mask[i], fills[i])) for i in range(cfg.n_layers)
-        }
-        logits, _ = forward_with_activations(params, tokens, cfg, interventions=interventions)
+    def loss(logits: Tensor) -> Float[Tensor, ""]:
         return cross_entropy(logits, targets)
 
-    losses = torch.func.vmap(ablated_loss, chunk_size=chunk_size)(masks)
-    return (losses - base).reshape(cfg.n_layers, cfg.n_heads)
+    losses = replace_sweep(
+        params, tokens, fills, loss, cfg, site="attn.head_out", by=("layer", "head"), chunk=chunk_size, run=(clean_logits, clean)
+    )
+    return losses - base

@@ -13,6 +13,11 @@ run's logits. It gives the same numbers as the loop of single ``interventions.pa
   run computes only the *queries* from ``p`` on, attending over the base run's cached keys/values of
   the positions before (put in front of its own, layer by layer), and the logits before ``p`` are the
   base run's: about half the queries of the runs, averaged over the positions;
+* an ``attn.head_out`` patch changes nothing of its block's attention but the sum of the head outputs:
+  the block is finished from the base run's cached head outputs (``from_head_out``: no queries, keys or
+  pattern), and the runs go on from block ``i + 1``;
+* with ``logits_at`` (the positions the metric reads, e.g. the last) only those positions are unembedded:
+  with GPT-2's vocabulary, the unembedding of every position costs as much as a few blocks;
 * the positions are cut into ``BUCKETS`` ranges; the patches of one layer and one range (every head,
   for ``by`` with ``"head"``) are ONE ``torch.func.vmap`` over a stack of 0/1 patch masks, running the
   queries from the range's first position on, ``chunk`` patches at a time to bound memory.
@@ -20,6 +25,9 @@ run's logits. It gives the same numbers as the loop of single ``interventions.pa
 Measured (``python -m ftransformer.bench.patching --threads 1``, which checks the values equal first):
 2.9x a vmap of full runs and 2.1x the same sweep without the position buckets at 2 layers x 64 wide,
 batch 8 x 64; 2.2x and 1.9x at 4 layers x 128 wide, batch 8 x 32 (one CPU thread).
+
+``replace_sweep`` is the core, for any replacement values (another run's, zeros, means):
+``interventions.head_ablation_sweep`` is a ``replace_sweep`` of zeros (or means) into ``attn.head_out``.
 
 Direction: ``"denoise"`` (the default) patches clean values into the corrupted run (base = corrupt,
 source = clean: how much of the clean behaviour does this slice restore?); ``"noise"`` patches corrupted
@@ -32,10 +40,10 @@ import torch
 
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
-from ftransformer.layers.block import block
+from ftransformer.layers.block import block, wire
 from ftransformer.layers.embedding import Rotary
 from ftransformer.layers.masks import Mask
-from ftransformer.layers.tap import Tap
+from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.model import block_inputs, check_tokens, unembed
 from ftransformer.shapes import Float, Logits, Residual, Tensor, Tokens
 
@@ -58,16 +66,18 @@ class _Apply(Tap):
 
 
 def run_from(
-    params: dict, x: Residual, cfg: Config, start: int, inputs: tuple, interventions: dict | None = None
-) -> Logits:
+    params: dict, x: Residual, cfg: Config, start: int, inputs: tuple, interventions: dict | None = None,
+    at: Sequence[int] | None = None,
+) -> Float[Tensor, "... vocab"]:
     """The logits of blocks ``start, ..., n_layers - 1`` and the unembedding applied to ``x``, the residual
     stream entering block ``start``; ``inputs`` is ``model.block_inputs``'s ``(positions, masks, rotaries)``
-    and ``interventions`` (paths ``blocks.{i}.*``, ``i >= start``) are applied as in ``forward_with_activations``."""
+    and ``interventions`` (paths ``blocks.{i}.*``, ``i >= start``) are applied as in ``forward_with_activations``.
+    ``at``: unembed only these positions (of ``x``'s), the logits ``[*batch, len(at), vocab]``."""
     _, masks, rotaries = inputs
     tap = _Apply(interventions)
     for i in range(start, cfg.n_layers):
         x = block(params["blocks"][i], x, cfg, mask=masks[i], rotary=rotaries[i], tap=tap.scope(f"blocks.{i}"))
-    return unembed(params, x, cfg)
+    return unembed(params, x if at is None else x[..., list(at), :], cfg)
 
 
 def _check_args(clean: Tokens, corrupt: Tensor, metric, cfg: Config, site: str, by: tuple, direction: str, chunk) -> None:
@@ -128,7 +138,7 @@ def _suffix_inputs(inputs: tuple, start: int) -> tuple:
     return positions[start:], rows, tables
 
 
-def _with_prefix(base: dict, layer: int, first: int, start: int, cfg: Config, fixes: dict) -> dict:
+def _with_prefix(base: dict, layer: int, first: int, cfg: Config, fixes: dict) -> dict:
     """``fixes`` with, for blocks ``layer, ...``, the base run's keys/values of positions ``< first`` put in
     front of the suffix's own (after any fix of those at ``layer``): a patch at ``first`` cannot change them."""
     if first == 0:
@@ -142,24 +152,47 @@ def _with_prefix(base: dict, layer: int, first: int, start: int, cfg: Config, fi
     return fixes
 
 
-def _bucket_sweep(params, base: dict, src: Tensor, masks: Tensor, metric, cfg, layer, first, *, site, inputs, chunk):
+def from_head_out(params: dict, x: Residual, head_out: Float[Tensor, "*batch heads seq d_model"], cfg: Config, layer: int) -> Residual:
+    """Block ``layer`` applied to ``x`` with its attention sublayer's output taken as ``head_out`` summed over
+    heads (plus ``b_o``): the block's queries, keys and pattern are not recomputed, only its wiring
+    (norms, residual sums) and MLP -- what a run with only ``attn.head_out`` changed computes there."""
+    p = params["blocks"][layer]
+    b_o = p["attn"].get("b_o")
+    out = head_out.sum(dim=-3)
+    out = out if b_o is None else out + b_o
+    return wire(p, x, cfg, lambda _p, _h: (out, None), keys=(None, None), tap=NO_TAP)[0]
+
+
+def _bucket_sweep(params, base: dict, src: Tensor, masks: Tensor, metric, cfg, layer, first, *, site, inputs, chunk, at):
     """The metric of every patch in ``masks`` (all at positions ``>= first``): runs of the queries at
-    positions ``first, ...`` from block ``layer`` (``layer + 1`` for ``resid_post``) on, over the base
-    run's keys/values of the positions before; the logits before ``first`` are the base run's."""
+    positions ``first, ...`` from block ``layer`` (``layer + 1`` for ``resid_post``, and for ``head_out``,
+    whose block is finished by ``from_head_out``) on, over the base run's keys/values of the positions
+    before; the logits before ``first`` are the base run's, and with ``at`` (the positions the metric reads)
+    so are those of the positions not in it: only ``at``'s from ``first`` on are unembedded."""
     has_heads = site in HEAD_SITES
-    start = layer + 1 if site == "resid_post" else layer
+    skip_attn = site == "attn.head_out"
+    start = layer + 1 if site == "resid_post" or skip_attn else layer
     x = _site_value(base, layer, "resid_post" if site == "resid_post" else "resid_pre")[..., first:, :]
     src, masks, suffix = src[..., first:, :], masks[..., first:], _suffix_inputs(inputs, first)
+    head_out = _site_value(base, layer, site)[..., first:, :] if skip_attn else None
     before = base["logits"][..., :first, :]
+    need = None if at is None else [p - first for p in at if p >= first]
+    where = None if at is None else torch.tensor([first + p for p in need], dtype=torch.long, device=x.device)
 
     def patched_metric(mask: Float[Tensor, "heads seq"]) -> Float[Tensor, ""]:
         fixes, y = {}, x
         if site == "resid_post":
             y = _replace(x, src, mask, False)
+        elif skip_attn:
+            y = from_head_out(params, x, _replace(head_out, src, mask, True), cfg, layer)
         else:
             fixes[f"blocks.{layer}.{site}"] = lambda v: _replace(v, src, mask, has_heads)
-        logits = run_from(params, y, cfg, start, suffix, _with_prefix(base, start, first, start, cfg, fixes))
-        return metric(torch.cat([before.expand(*logits.shape[:-2], -1, -1), logits], dim=-2))
+        logits = run_from(params, y, cfg, start, suffix, _with_prefix(base, start, first, cfg, fixes), at=need)
+        if at is not None:
+            logits = base["logits"].expand(*logits.shape[:-2], -1, -1).index_copy(-2, where, logits)
+        elif first:
+            logits = torch.cat([before.expand(*logits.shape[:-2], -1, -1), logits], dim=-2)
+        return metric(logits)
 
     return torch.func.vmap(patched_metric, chunk_size=chunk)(masks)
 
@@ -174,9 +207,8 @@ def position_buckets(seq: int, by: Sequence[str]) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def _layer_sweep(params, base: dict, source: dict, metric: Metric, cfg: Config, layer: int, *, site, by, inputs, chunk):
-    """The metric of every patch of ``site`` at ``layer``: ``[n_heads_axis * n_position_axis]``."""
-    src = _site_value(source, layer, site)
+def _layer_sweep(params, base: dict, src: Tensor, metric: Metric, cfg: Config, layer: int, *, site, by, inputs, chunk, at):
+    """The metric of every patch of ``site`` at ``layer`` with values from ``src``: ``[n_heads_axis * n_position_axis]``."""
     has_heads = site in HEAD_SITES
     masks = patch_masks(by, src.shape[-3] if has_heads else 1, src.shape[-2], src.device)
     seq = src.shape[-2]
@@ -184,7 +216,7 @@ def _layer_sweep(params, base: dict, source: dict, metric: Metric, cfg: Config, 
     parts = []
     for first, stop in position_buckets(seq, by):
         part = grid[:, first:stop].reshape(-1, *masks.shape[1:])
-        values = _bucket_sweep(params, base, src, part, metric, cfg, layer, first, site=site, inputs=inputs, chunk=chunk)
+        values = _bucket_sweep(params, base, src, part, metric, cfg, layer, first, site=site, inputs=inputs, chunk=chunk, at=at)
         parts.append(values.reshape(grid.shape[0], stop - first))
     return torch.cat(parts, dim=1).reshape(-1)
 
@@ -200,6 +232,7 @@ def patch_sweep(
     by: Sequence[str] = ("layer", "position"),
     direction: str = "denoise",
     chunk: int | None = None,
+    logits_at: Sequence[int] | int | None = None,
 ) -> Tensor:
     """The metric of the model's logits with one slice of ``site`` patched, for every slice: one exact
     activation-patching sweep (TransformerLens' ``get_act_patch_*``), as vmapped runs from the patched layer
@@ -217,6 +250,11 @@ def patch_sweep(
             (``"head"`` for ``attn.*`` sites only). An axis left out is patched whole.
         direction: ``"denoise"``: clean values into the corrupted run; ``"noise"``: corrupted into the clean.
         chunk: how many patched runs go through ``vmap`` at once (None: all of a layer's position bucket).
+        logits_at: the positions whose logits ``metric`` reads (e.g. ``[-1]`` for a metric of the last
+            position), when it reads only some: the patched runs unembed only those (with GPT-2's 50257-token
+            vocabulary, that projection costs as much as a few blocks); ``metric`` sees the base run's
+            logits at every other position. None: all positions (a metric that reads a position left out
+            gets wrong values, silently).
 
     Returns:
         ``metric`` of each patched run, with one axis per entry of ``by`` in that order: e.g. ``[layers,
@@ -229,16 +267,45 @@ def patch_sweep(
     # SDPA has no vmap batching rule; the einsum path computes the same attention and batches.
     cfg = cfg.replace(attn_impl="einsum")
     base_tokens, source_tokens = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
-    base_logits, base = forward_with_activations(params, base_tokens, cfg)
     _, source = forward_with_activations(params, source_tokens, cfg)
+    sources = [_site_value(source, i, site) for i in range(cfg.n_layers)]
+    return replace_sweep(params, base_tokens, sources, metric, cfg, site=site, by=by, chunk=chunk, logits_at=logits_at)
+
+
+def replace_sweep(
+    params: dict, tokens: Tokens, sources: Sequence[Tensor], metric: Metric, cfg: Config, *, site: str,
+    by: Sequence[str], chunk: int | None = None, run: tuple | None = None, logits_at: Sequence[int] | int | None = None,
+) -> Tensor:
+    """``patch_sweep``'s core: the metric of ``tokens``' run with one slice of ``site`` at layer ``i``
+    replaced by ``sources[i]``'s (another run's activations, zeros, means: anything of the site's shape,
+    or broadcasting to it), for every slice; the same axes as ``patch_sweep``'s result.
+
+    ``run``: ``forward_with_activations(params, tokens, cfg)`` when the caller has it already (with
+    ``cfg.attn_impl="einsum"``, which the sweep's runs use); ``logits_at``: as in ``patch_sweep``."""
+    by = tuple(by)
+    cfg = cfg.replace(attn_impl="einsum")
+    if len(sources) != cfg.n_layers:
+        raise ValueError(f"sources must hold one tensor per layer ({cfg.n_layers}), got {len(sources)}")
+    base_logits, base = forward_with_activations(params, tokens, cfg) if run is None else run
     _check_scalar(metric(base_logits))
     base = {**base, "logits": base_logits}
-    inputs = block_inputs(base_tokens, cfg)
+    inputs = block_inputs(tokens, cfg)
+    sample = _site_value(base, 0, site)
+    at = None if logits_at is None else _positions(logits_at, tokens.shape[-1])
     rows = [
-        _layer_sweep(params, base, source, metric, cfg, i, site=site, by=by, inputs=inputs, chunk=chunk)
+        _layer_sweep(params, base, sources[i].expand_as(sample), metric, cfg, i, site=site, by=by, inputs=inputs, chunk=chunk, at=at)
         for i in range(cfg.n_layers)
     ]
-    return _arrange(torch.stack(rows), by, _site_value(source, 0, site), site in HEAD_SITES)
+    return _arrange(torch.stack(rows), by, sample, site in HEAD_SITES)
+
+
+def _positions(logits_at: Sequence[int] | int, seq: int) -> list[int]:
+    """``logits_at`` as sorted distinct positions in ``[0, seq)`` (negative ones count from the end)."""
+    items = [logits_at] if isinstance(logits_at, int) else list(logits_at)
+    bad = [p for p in items if isinstance(p, bool) or not isinstance(p, int) or not -seq <= p < seq]
+    if bad or not items:
+        raise ValueError(f"logits_at must be positions in [-seq, seq) = [{-seq}, {seq}), at least one, got {logits_at!r}")
+    return sorted({p % seq for p in items})
 
 
 def _arrange(values: Float[Tensor, "layers rows"], by: tuple, sample: Tensor, has_heads: bool) -> Tensor:

@@ -229,3 +229,27 @@ def test_logits_at_unembeds_only_those_positions(model, monkeypatch):
     assert rows == [1] * cfg.n_layers
     with pytest.raises(ValueError, match=r"logits_at must be positions in \[-seq, seq\) = \[-7, 7\), at least one, got \[7\]"):
         interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, logits_at=[7])
+
+
+def test_replace_sweep_takes_any_values_and_equals_patch_sweep_with_the_source_run(model):
+    """replace_sweep is patch_sweep's core: the clean run's values give patch_sweep's result; zeros at
+    attn.head_out by layer x head are head_ablation-style patches, checked against single interventions."""
+    cfg, params, clean, corrupt = model
+    _, acts = ft.forward_with_activations(params, clean, cfg.replace(attn_impl="einsum"))
+    sources = [acts["blocks"][i]["attn"]["v"] for i in range(cfg.n_layers)]
+    by = ("layer", "head")
+    swept = interp.replace_sweep(params, corrupt, sources, logit_diff, cfg, site="attn.v", by=by)
+    torch.testing.assert_close(swept, interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, site="attn.v", by=by))
+    zeros = [torch.zeros(()) for _ in range(cfg.n_layers)]
+    ablated = interp.replace_sweep(params, corrupt, zeros, logit_diff, cfg, site="attn.head_out", by=by)
+    layer, head = cfg.n_layers - 1, 1
+    logits, _ = ft.forward_with_activations(params, corrupt, cfg, interventions=interp.ablate_heads(layer, [head], cfg))
+    torch.testing.assert_close(ablated[layer, head], logit_diff(logits), atol=1e-5, rtol=1e-5)
+
+
+def test_replace_sweep_refuses_a_wrong_number_of_sources_and_bad_sites(model):
+    cfg, params, clean, corrupt = model
+    with pytest.raises(ValueError, match=r"one tensor per layer \(\d+\), got 1 of them"):
+        interp.replace_sweep(params, corrupt, [torch.zeros(())], logit_diff, cfg, site="resid_pre", by=("layer",))
+    with pytest.raises(ValueError, match="site must be one of"):
+        interp.replace_sweep(params, corrupt, [torch.zeros(())] * cfg.n_layers, logit_diff, cfg, site="nope", by=("layer",))

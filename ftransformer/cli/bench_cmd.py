@@ -15,6 +15,7 @@ BENCHES = {
     "vmap": ("ftransformer.bench.vmap", "per-example gradients (vmap vs a loop vs Opacus) and an ensemble in one vmapped step"),
     "quality": ("ftransformer.bench.quality", "train the shakespeare-char-cpu recipe: functional vs torch.nn, same batches"),
     "patching": ("ftransformer.bench.patching", "an activation-patching sweep: patch_sweep vs a vmap of full runs vs a loop of single patches"),
+    "edges": ("ftransformer.bench.edges", "edge attribution: EAP and EAP-IG vs exact edge patching (one vmap per layer) vs a loop of circuits"),
     "interp": ("ftransformer.bench.interp", "interpretability sweeps (head ablation, patching, attribution) vs TransformerLens' loops"),
     "sae": ("ftransformer.bench.sae", "a stack of SAEs in one vmapped step vs the same SAEs one by one"),
     "gpu": ("ftransformer.bench.gpu", "train tokens/s and MFU, decode tokens/s, peak memory: bf16 + compile + CUDA graphs vs nanoGPT"),

@@ -52,7 +52,7 @@ from ftransformer.interp.interventions import (
     patch,
     steer,
 )
-from ftransformer.interp.patching import patch_sweep
+from ftransformer.interp.patching import patch_sweep, replace_sweep
 from ftransformer.interp.plots import (
     plot_attention,
     plot_edges,
@@ -79,7 +79,7 @@ __all__ = [
     "fold_value_biases", "ov_circuit", "qk_circuit",
     "ablate_heads", "activation_paths", "atp_report", "attribution_patch", "attention_entropy", "combine", "direct_logit_attribution",
     "forward_with_activations", "head_ablation_sweep", "head_means", "head_scores", "induction_scores",
-    "logit_lens", "loss_per_position", "masked_heads", "patch", "patch_sweep", "plot_attention", "plot_head_scores",
+    "logit_lens", "loss_per_position", "masked_heads", "patch", "patch_sweep", "replace_sweep", "plot_attention", "plot_head_scores",
     "plot_logit_lens", "previous_token_scores",
     "repeated_random_tokens", "repeated_stretches", "stacked_patterns", "steer",
 ]

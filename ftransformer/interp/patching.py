@@ -283,9 +283,11 @@ def replace_sweep(
     ``run``: ``forward_with_activations(params, tokens, cfg)`` when the caller has it already (with
     ``cfg.attn_impl="einsum"``, which the sweep's runs use); ``logits_at``: as in ``patch_sweep``."""
     by = tuple(by)
+    _check_args(tokens, tokens, metric, cfg, site, by, "denoise", chunk)
     cfg = cfg.replace(attn_impl="einsum")
-    if len(sources) != cfg.n_layers:
-        raise ValueError(f"sources must hold one tensor per layer ({cfg.n_layers}), got {len(sources)}")
+    if isinstance(sources, Tensor) or len(sources) != cfg.n_layers:
+        got = f"a tensor of shape {tuple(sources.shape)}" if isinstance(sources, Tensor) else f"{len(sources)} of them"
+        raise ValueError(f"sources must be a sequence of one tensor per layer ({cfg.n_layers}), got {got}")
     base_logits, base = forward_with_activations(params, tokens, cfg) if run is None else run
     _check_scalar(metric(base_logits))
     base = {**base, "logits": base_logits}

@@ -159,3 +159,29 @@ def test_attribution_patch_checks_its_arguments_like_patch_sweep(random_model):
         interp.attribution_patch(params, clean, corrupt, logit_diff, cfg, site="embed")
     with pytest.raises(ValueError, match=r"metric must return a scalar tensor \(shape \(\)\), got shape \(5, 37\)"):
         interp.attribution_patch(params, clean, corrupt, lambda logits: logits[:, -1], cfg)
+
+
+@pytest.mark.parametrize(("site", "by"), [("resid_pre", ("layer", "position")), ("attn.k", ("layer", "head")), ("attn.head_out", ("layer", "head"))])
+def test_logits_at_the_positions_the_metric_reads_gives_the_same_estimate(random_model, site, by):
+    """With ``logits_at=-1`` only the last position is unembedded (and differentiated through): the same
+    estimate for a metric of the last position, in both directions, AtP* included (attn.k)."""
+    cfg, params, clean, corrupt = random_model
+    for direction in ("denoise", "noise"):
+        kwargs = dict(site=site, by=by, direction=direction)
+        whole = interp.attribution_patch(params, clean, corrupt, logit_diff, cfg, **kwargs)
+        last = interp.attribution_patch(params, clean, corrupt, logit_diff, cfg, logits_at=-1, **kwargs)
+        torch.testing.assert_close(last, whole, atol=1e-6, rtol=1e-5)
+
+
+def test_logits_at_leaves_the_other_positions_to_the_base_run_and_is_checked(random_model):
+    """A metric that reads a position left out of ``logits_at`` sees constants there (zeros), which do not
+    depend on the patch: its estimate is zero. A position outside the sequence is refused."""
+    cfg, params, clean, corrupt = random_model
+
+    def first_position(logits):
+        return logits[..., 0, TARGET].mean()
+
+    est = interp.attribution_patch(params, clean, corrupt, first_position, cfg, site="resid_pre", logits_at=-1)
+    assert torch.count_nonzero(est) == 0
+    with pytest.raises(ValueError, match="logits_at must be positions"):
+        interp.attribution_patch(params, clean, corrupt, logit_diff, cfg, logits_at=SEQ)

@@ -24,6 +24,8 @@ TransformerLens rows are skipped with a message, and our sweeps are checked agai
 interventions instead. TransformerLens' calls run under ``torch.no_grad`` (its fastest mode), ours as they are.
 ``resid_pre, logits_at=-1`` is ``patch_sweep`` told that the metric reads the last position only (so only
 that position is unembedded); TransformerLens has no such option, its row is the same sweep as above.
+``attribution, logits_at=-1`` is the same for AtP (one position unembedded and differentiated through);
+its estimate must equal the plain AtP row's (checked).
 
 Where the vocabulary is large next to the model, the unembedding bounds every exact sweep: a run whose
 metric reads every position (the head-ablation loss) must project each position onto 50257 tokens. At
@@ -56,13 +58,15 @@ TOL = 1e-4
 SIZES = {"gpt2-small": (12, 768, 12, 50257), "4x256": (4, 256, 8, 50257), "tiny": (2, 64, 4, 1000)}
 GOALS = {"gpt2-small": 2.0, "4x256": 3.0}  # exact sweeps: TransformerLens' time / ours
 ATTRIBUTION_GOAL = 20.0
-ABLATION, RESID, RESID_LAST, HEAD_OUT, ATP = (
-    "head ablation", "resid_pre patching", "resid_pre, logits_at=-1", "head_out patching", "attribution, all heads"
+ABLATION, RESID, RESID_LAST, HEAD_OUT, ATP, ATP_LAST = (
+    "head ablation", "resid_pre patching", "resid_pre, logits_at=-1", "head_out patching", "attribution, all heads",
+    "attribution, logits_at=-1",
 )
-TASKS = (ABLATION, RESID, RESID_LAST, HEAD_OUT, ATP)
+TASKS = (ABLATION, RESID, RESID_LAST, HEAD_OUT, ATP, ATP_LAST)
 EXACT = TASKS[:4]
+ESTIMATES = (ATP, ATP_LAST)
 # the TransformerLens contender each task is compared with (it has no logits_at, and no attribution patching)
-TL_TASK = {ABLATION: ABLATION, RESID: RESID, RESID_LAST: RESID, HEAD_OUT: HEAD_OUT, ATP: HEAD_OUT}
+TL_TASK = {ABLATION: ABLATION, RESID: RESID, RESID_LAST: RESID, HEAD_OUT: HEAD_OUT, ATP: HEAD_OUT, ATP_LAST: HEAD_OUT}
 TL_PIP = "pip install 'ftransformer[bench]' (transformer-lens)"
 
 
@@ -128,6 +132,7 @@ def ours(cfg, params, clean, corrupt, targets) -> dict:
         RESID_LAST: lambda: patch_sweep(params, clean, corrupt, logit_diff, cfg, logits_at=-1),
         HEAD_OUT: lambda: patch_sweep(params, clean, corrupt, logit_diff, cfg, **heads),
         ATP: lambda: attribution_patch(params, clean, corrupt, logit_diff, cfg, **heads),
+        ATP_LAST: lambda: attribution_patch(params, clean, corrupt, logit_diff, cfg, logits_at=-1, **heads),
     }
 
 
@@ -216,7 +221,7 @@ def check_values(mine: dict, reference: dict, what: str) -> dict:
 
 
 def _goal(task: str, size: str) -> float | None:
-    return ATTRIBUTION_GOAL if task == ATP else GOALS.get(size)
+    return ATTRIBUTION_GOAL if task in ESTIMATES else GOALS.get(size)
 
 
 def rows(times: dict, size: str) -> list[dict]:
@@ -265,6 +270,8 @@ def _fns(cfg, params, tokens, bridge) -> tuple[dict, dict]:
     """The contenders keyed ``key(who, task)``, and the value checks' largest differences (raises over ``TOL``)."""
     mine = ours(cfg, params, *tokens)
     values = {task: fn() for task, fn in mine.items()}
+    if (diff := (values[ATP_LAST] - values[ATP]).abs().max().item()) > TOL:
+        raise AssertionError(f"AtP with logits_at=-1 differs from AtP by {diff:.3g} (expected <= {TOL:g})")
     fns = {key("ours", task): fn for task, fn in mine.items()}
     if bridge is None:  # (with TransformerLens, its loops are the reference: the same runs, another library)
         return fns, {"loop": check_values(values, loops(cfg, params, *tokens), "the loop of single interventions")}

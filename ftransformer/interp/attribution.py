@@ -23,33 +23,56 @@ from collections.abc import Sequence
 import torch
 
 from ftransformer.config import Config
-from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.patching import (
     HEAD_SITES,
     Metric,
     _arrange,
     _check_args,
     _check_scalar,
+    _positions,
     _replace,
     _site_value,
     patch_masks,
+    run_from,
 )
 from ftransformer.layers.attention import attention_pattern, scores
 from ftransformer.layers.masks import Mask
-from ftransformer.model import block_inputs
+from ftransformer.layers.tap import Tap
+from ftransformer.model import block_inputs, embed
+from ftransformer.params import tree_unflatten_paths
 from ftransformer.shapes import Float, Tensor, Tokens
 
 QK_SITES = ("attn.q", "attn.k")
 
 
-def _gradients(params: dict, tokens: Tokens, metric: Metric, cfg: Config, paths: list[str], sample: dict) -> tuple:
-    """``(dM/da at every path, the base run's activations)`` from one forward + backward of ``tokens``."""
+def _run(params: dict, tokens: Tokens, cfg: Config, interventions: dict, at: list[int] | None) -> tuple:
+    """``forward_with_activations`` (arguments checked by the caller) that unembeds the positions ``at`` only
+    (None: all): ``(those logits, acts)``."""
+    tap = Tap(interventions)
+    inputs = block_inputs(tokens, cfg)
+    x = tap("embed", embed(params, tokens, cfg, positions=inputs[0]))
+    return run_from(params, x, cfg, 0, inputs, at=at, tap=tap), tree_unflatten_paths(tap.acts)
+
+
+def _at_positions(logits: Tensor, at: list[int] | None, seq: int) -> Tensor:
+    """The logits of the positions ``at`` in a ``[*batch, seq, vocab]`` tensor of zeros: the metric is taken
+    not to read the others (as in ``patch_sweep(logits_at=...)``), and AtP uses only its gradient, which
+    then does not depend on them -- so they need not be computed at all."""
+    if at is None:
+        return logits
+    zeros = logits.new_zeros(*logits.shape[:-2], seq, logits.shape[-1])
+    return zeros.index_copy(-2, torch.tensor(at, device=logits.device), logits)
+
+
+def _gradients(params: dict, tokens: Tokens, metric: Metric, cfg: Config, paths: list[str], sample: dict, at=None) -> tuple:
+    """``(dM/da at every path, the base run's activations)`` from one forward + backward of ``tokens``; with
+    ``at``, only those positions are unembedded (and differentiated through the unembedding)."""
     zeros = {path: torch.zeros_like(sample[path]) for path in paths}
 
     def run(deltas: dict) -> tuple:
         fixes = {path: (lambda v, d=d: v + d) for path, d in deltas.items()}
-        logits, acts = forward_with_activations(params, tokens, cfg, interventions=fixes)
-        value = metric(logits)
+        logits, acts = _run(params, tokens, cfg, fixes, at)
+        value = metric(_at_positions(logits, at, tokens.shape[-1]))
         _check_scalar(value)
         return value, acts
 
@@ -104,7 +127,7 @@ def _qk_star(layer: dict, source: Tensor, grad_pattern: Tensor, mask: Mask, cfg:
 def attribution_patch(
     params: dict, clean: Tokens, corrupt: Tensor, metric: Metric, cfg: Config, *, site: str = "resid_pre",
     by: Sequence[str] = ("layer", "position"), direction: str = "denoise", correction: bool = True,
-    chunk: int | None = None,
+    chunk: int | None = None, logits_at: Sequence[int] | int | None = None,
 ) -> Tensor:
     """Attribution patching: the first-order estimate of every patch of a ``patch_sweep`` at once.
 
@@ -114,6 +137,9 @@ def attribution_patch(
         correction: AtP* for ``attn.q`` / ``attn.k``: recompute each patched attention pattern exactly and
             linearise only from the pattern on (False: plain AtP there too; other sites ignore it).
         chunk: how many AtP* patterns go through ``vmap`` at once (None: all of a layer's).
+        logits_at: as in ``patch_sweep``: the positions whose logits ``metric`` reads; only those are
+            unembedded (and differentiated through). ``metric`` sees zeros at the others (its gradient, all
+            AtP uses, does not depend on positions it does not read).
 
     Returns:
         The estimated *change* of the metric for each patch, shaped like ``patch_sweep``'s result: its
@@ -124,11 +150,13 @@ def attribution_patch(
     _check_args(clean, corrupt, metric, cfg, site, by, direction, chunk)
     cfg = cfg.replace(attn_impl="einsum")
     base_tokens, source_tokens = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
-    _, source = forward_with_activations(params, source_tokens, cfg)
+    at = None if logits_at is None else _positions(logits_at, base_tokens.shape[-1])
+    # The source run's activations are all that is read of it: its unembedding reads one position only.
+    _, source = _run(params, source_tokens, cfg, {}, [source_tokens.shape[-1] - 1])
     star = correction and site in QK_SITES
     paths = [f"blocks.{i}.{s}" for i in range(cfg.n_layers) for s in ((site, "attn.pattern") if star else (site,))]
     sample = {f"blocks.{i}.{s}": _site_value(source, i, s) for i in range(cfg.n_layers) for s in (site, "attn.pattern")}
-    grads, base = _gradients(params, base_tokens, metric, cfg, paths, sample)
+    grads, base = _gradients(params, base_tokens, metric, cfg, paths, sample, at)
     _, masks, _ = block_inputs(base_tokens, cfg)
     has_heads = site in HEAD_SITES
     rows = []

@@ -67,14 +67,15 @@ class _Apply(Tap):
 
 def run_from(
     params: dict, x: Residual, cfg: Config, start: int, inputs: tuple, interventions: dict | None = None,
-    at: Sequence[int] | None = None,
+    at: Sequence[int] | None = None, tap: Tap | None = None,
 ) -> Float[Tensor, "... vocab"]:
     """The logits of blocks ``start, ..., n_layers - 1`` and the unembedding applied to ``x``, the residual
     stream entering block ``start``; ``inputs`` is ``model.block_inputs``'s ``(positions, masks, rotaries)``
     and ``interventions`` (paths ``blocks.{i}.*``, ``i >= start``) are applied as in ``forward_with_activations``.
-    ``at``: unembed only these positions (of ``x``'s), the logits ``[*batch, len(at), vocab]``."""
+    ``at``: unembed only these positions (of ``x``'s), the logits ``[*batch, len(at), vocab]``. ``tap``: a
+    ``Tap`` to record the blocks' activations in (it applies its own interventions; None: record nothing)."""
     _, masks, rotaries = inputs
-    tap = _Apply(interventions)
+    tap = _Apply(interventions) if tap is None else tap
     for i in range(start, cfg.n_layers):
         x = block(params["blocks"][i], x, cfg, mask=masks[i], rotary=rotaries[i], tap=tap.scope(f"blocks.{i}"))
     return unembed(params, x if at is None else x[..., list(at), :], cfg)

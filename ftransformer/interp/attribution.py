@@ -64,20 +64,23 @@ def _at_positions(logits: Tensor, at: list[int] | None, seq: int) -> Tensor:
     return zeros.index_copy(-2, torch.tensor(at, device=logits.device), logits)
 
 
-def _gradients(params: dict, tokens: Tokens, metric: Metric, cfg: Config, paths: list[str], sample: dict, at=None) -> tuple:
-    """``(dM/da at every path, the base run's activations)`` from one forward + backward of ``tokens``; with
+def site_gradients(
+    params: dict, tokens: Tokens, metric: Metric, cfg: Config, zeros: dict, *, interventions: dict | None = None,
+    at: list[int] | None = None,
+) -> tuple[dict, dict]:
+    """``(dM/da at every path of zeros, the run's activations)`` from one forward + backward of ``tokens``
+    (checked by the caller): the gradient with respect to ``zeros`` (path -> a zero tensor of the site's
+    shape), each added at its site, ``interventions`` applied besides (e.g. EAP-IG's embeddings). With
     ``at``, only those positions are unembedded (and differentiated through the unembedding)."""
-    zeros = {path: torch.zeros_like(sample[path]) for path in paths}
 
     def run(deltas: dict) -> tuple:
-        fixes = {path: (lambda v, d=d: v + d) for path, d in deltas.items()}
-        logits, acts = _run(params, tokens, cfg, fixes, at)
+        adds = {path: (lambda v, d=d: v + d.to(v.dtype)) for path, d in deltas.items()}
+        logits, acts = _run(params, tokens, cfg, {**(interventions or {}), **adds}, at)
         value = metric(_at_positions(logits, at, tokens.shape[-1]))
         _check_scalar(value)
         return value, acts
 
-    grads, acts = torch.func.grad(run, has_aux=True)(zeros)
-    return grads, acts
+    return torch.func.grad(run, has_aux=True)(zeros)
 
 
 def _slices(values: Tensor, by: tuple, has_heads: bool) -> Float[Tensor, " rows"]:
@@ -156,7 +159,8 @@ def attribution_patch(
     star = correction and site in QK_SITES
     paths = [f"blocks.{i}.{s}" for i in range(cfg.n_layers) for s in ((site, "attn.pattern") if star else (site,))]
     sample = {f"blocks.{i}.{s}": _site_value(source, i, s) for i in range(cfg.n_layers) for s in (site, "attn.pattern")}
-    grads, base = _gradients(params, base_tokens, metric, cfg, paths, sample, at)
+    zeros = {path: torch.zeros_like(sample[path]) for path in paths}
+    grads, base = site_gradients(params, base_tokens, metric, cfg, zeros, at=at)
     _, masks, _ = block_inputs(base_tokens, cfg)
     has_heads = site in HEAD_SITES
     rows = []

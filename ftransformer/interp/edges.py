@@ -42,6 +42,7 @@ import torch
 
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
+from ftransformer.interp.attribution import site_gradients
 from ftransformer.interp.patching import Metric, _check_args, _check_scalar, run_from
 from ftransformer.layers.attention import head_outputs, project_qkv, scaled_dot_product_attention, scores as score_args
 from ftransformer.layers.feedforward import feedforward
@@ -278,15 +279,8 @@ def reader_gradients(
     dtype = params["embed"]["tokens"].dtype
     zeros = {path: torch.zeros(shape, dtype=dtype, device=tokens.device) for path, shape in _delta_paths(cfg, tokens).items()}
     fixes = {} if embedding is None else {"embed": lambda v: embedding.to(v.dtype)}
-
-    def run(deltas: dict) -> tuple:
-        adds = {path: (lambda v, d=d: v + d.to(v.dtype)) for path, d in deltas.items()}
-        logits, acts = forward_with_activations(params, tokens, cfg, interventions={**fixes, **adds})
-        value = metric(logits)
-        _check_scalar(value)
-        return value, acts
-
-    grads, acts = torch.func.grad(run, has_aux=True)(zeros)
+    check_tokens(tokens, cfg)
+    grads, acts = site_gradients(params, tokens, metric, cfg, zeros, interventions=fixes)
     _, _, rotaries = block_inputs(tokens, cfg)
     parts = []
     for i, (p, a) in enumerate(zip(params["blocks"], acts["blocks"])):

@@ -32,6 +32,7 @@ from ftransformer.interp.patching import (
     _positions,
     _replace,
     _site_value,
+    base_and_source,
     patch_masks,
     run_from,
 )
@@ -152,7 +153,7 @@ def attribution_patch(
     by = tuple(by)
     _check_args(clean, corrupt, metric, cfg, site, by, direction, chunk)
     cfg = cfg.replace(attn_impl="einsum")
-    base_tokens, source_tokens = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    base_tokens, source_tokens = base_and_source(clean, corrupt, direction)
     at = None if logits_at is None else _positions(logits_at, base_tokens.shape[-1])
     # The source run's activations are all that is read of it: its unembedding reads one position only.
     _, source = _run(params, source_tokens, cfg, {}, [source_tokens.shape[-1] - 1])

@@ -43,7 +43,7 @@ import torch
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.attribution import site_gradients
-from ftransformer.interp.patching import Metric, _check_args, _check_scalar, run_from
+from ftransformer.interp.patching import Metric, _check_args, _check_scalar, base_and_source, run_from
 from ftransformer.layers.attention import head_outputs, project_qkv, scaled_dot_product_attention, scores as score_args
 from ftransformer.layers.feedforward import feedforward
 from ftransformer.layers.linear import linear
@@ -302,7 +302,7 @@ def _check_method(method: str, steps: object) -> None:
 
 def _runs(params: dict, clean: Tokens, corrupt: Tensor, cfg: Config, direction: str) -> tuple:
     """``(base tokens, base logits, base acts, source acts)`` on the einsum path."""
-    base_tokens, source_tokens = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    base_tokens, source_tokens = base_and_source(clean, corrupt, direction)
     base_logits, base = forward_with_activations(params, base_tokens, cfg)
     _, source = forward_with_activations(params, source_tokens, cfg)
     return base_tokens, base_logits, base, source

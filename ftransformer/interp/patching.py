@@ -102,6 +102,11 @@ def _check_args(clean: Tokens, corrupt: Tensor, metric, cfg: Config, site: str, 
         raise ValueError(f"chunk must be None or a positive int, got {chunk!r}")
 
 
+def base_and_source(clean: Tokens, corrupt: Tensor, direction: str) -> tuple[Tokens, Tokens]:
+    """``(base, source)`` tokens: ``"denoise"`` patches clean values into the corrupted run, ``"noise"`` the reverse."""
+    return (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+
+
 def _check_scalar(value: object) -> None:
     if not isinstance(value, Tensor) or value.ndim != 0:
         got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
@@ -267,7 +272,7 @@ def patch_sweep(
     _check_args(clean, corrupt, metric, cfg, site, by, direction, chunk)
     # SDPA has no vmap batching rule; the einsum path computes the same attention and batches.
     cfg = cfg.replace(attn_impl="einsum")
-    base_tokens, source_tokens = (corrupt, clean) if direction == "denoise" else (clean, corrupt)
+    base_tokens, source_tokens = base_and_source(clean, corrupt, direction)
     _, source = forward_with_activations(params, source_tokens, cfg)
     sources = [_site_value(source, i, site) for i in range(cfg.n_layers)]
     return replace_sweep(params, base_tokens, sources, metric, cfg, site=site, by=by, chunk=chunk, logits_at=logits_at)

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---------------------------------------------------------------- 1. model and data
     # Attention only: each block is x + attention(norm(x)), so everything the model computes is done
     # by attention heads (and the embeddings). The explicit einsum attention keeps every pattern visible.
-    cfg = ft.Config(vocab_size=64, d_model=64, n_heads=4, n_layers=2, d_ff=1, max_seq_len=48, mlp=False,
+    cfg = ft.Config.from_flat(vocab_size=64, d_model=64, n_heads=4, n_layers=2, d_ff=1, max_seq_len=48, mlp=False,
                     attn_impl="einsum", bias=False, positional="rope", tie_embeddings=False)
     half = cfg.max_seq_len // 2
     # The ids mean nothing; a character per id only makes the plots and `ftransformer inspect` readable.

@@ -42,7 +42,7 @@ def write_demo_model(directory: Path) -> None:
     backend = ft.data.build_tokenizer("bpe", text, vocab_size=512).tokenizer
     backend.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     HFTokenizer(backend, {"eos_token": "<|im_end|>"}, templates={"default": CHATML}, eos_ids=[]).save(directory)
-    cfg = ft.Config(
+    cfg = ft.Config.from_flat(
         vocab_size=backend.get_vocab_size(), d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=128,
         max_seq_len=256, bias=False, norm="rmsnorm", positional="rope", activation="swiglu", norm_upcast=True,
         attention=Attention(head_dim=32, qk_norm=True, window=(None, 16)),
@@ -55,7 +55,7 @@ def main(directory: Path) -> None:
     tok = load_hf_tokenizer(directory)
     print(f"{directory}: {ft.count_params(params):,} parameters, {cfg.n_layers} layers, "
           f"{cfg.n_heads} query heads / {cfg.n_kv_heads} key-value heads of width {cfg.head_dim}")
-    print(f"  features: {cfg.attention}, rope_base={cfg.rope_base:g}, rope_scaling={cfg.rope_scaling}")
+    print(f"  features: {cfg.attention}, rope_base={cfg.positional.base:g}, rope_scaling={cfg.positional.scaling}")
 
     # 1. Chat: the template writes the conversation in the model's own format; generation stops at the
     #    end of the assistant's turn (the tokenizer's stop tokens).

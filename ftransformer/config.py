@@ -1,6 +1,7 @@
 """Config: every static choice about a model, frozen and validated. Sizes live here, never in params."""
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 NORMS = ("layernorm", "rmsnorm")
@@ -10,9 +11,11 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu_tanh")
 GATED_ACTIVATIONS = ("swiglu", "geglu_tanh")  # two input projections: w_gate (through the nonlinearity) and w_in
 ATTN_IMPLS = ("sdpa", "einsum")
 ROPE_SCALINGS = ("linear", "llama3")
-# How a block adds its sublayers to the residual stream (see Config.residual).
+# How a block adds its sublayers to the residual stream (see Layout.residual).
 RESIDUALS = ("sequential", "parallel", "parallel_shared_norm")
 QK_NORM_OVER = ("head", "projection")
+# Where RMSNorm computes in float32 (see Norm.float32).
+NORM_FLOAT32 = ("none", "normalize", "normalize_and_scale")
 # Rope scalings of Hugging Face configs that are not implemented yet (named in the error, never approximated).
 ROPE_SCALINGS_LATER = ("dynamic", "yarn", "longrope")
 
@@ -38,8 +41,35 @@ def _check_bool(owner: str, name: str, value) -> None:
         raise ValueError(f"{owner}.{name} must be a bool, got {value!r} ({type(value).__name__})")
 
 
+def _check_choice(owner: str, name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _fields_of(cls, d: Mapping) -> dict:
+    """``d`` when every key is a field of ``cls``; else an error listing the fields."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; fields are {sorted(names)}")
+    return dict(d)
+
+
+class _Spec:
+    """A frozen spec's shared conveniences: ``replace`` (validated again) and ``from_dict`` (JSON in)."""
+
+    def replace(self, **changes):
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **_fields_of(type(self), changes))
+
+    @classmethod
+    def from_dict(cls, d: Mapping):
+        return cls(**_fields_of(cls, d))
+
+
+
 @dataclass(frozen=True)
-class Attention:
+class Attention(_Spec):
     """The attention choices beyond sizes (all off by default: GPT-2's attention).
 
     ``Config(..., attention=Attention(head_dim=128, qk_norm=True, window=4096))``.
@@ -54,9 +84,6 @@ class Attention:
     # Sliding window: a query sees its own key and the window - 1 keys before it (Mistral). One int for every
     # layer, or a tuple with one entry per layer (None: that layer sees the whole causal prefix); None: no window.
     window: int | tuple[int | None, ...] | None = None
-    # Partial rotary: only the first rotary_dim channels of each head are turned, the rest pass unchanged
-    # (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor); None: all of head_dim.
-    rotary_dim: int | None = None
     # What q.k is multiplied by before the softmax; None: 1 / sqrt(head_dim). Gemma 2/3: query_pre_attn_scalar ** -0.5.
     scale: float | None = None
     # Attention-logit soft-capping: scores -> softcap * tanh(scores / softcap) before the mask (Gemma 2). The
@@ -68,7 +95,6 @@ class Attention:
             if getattr(self, name) is not None:
                 _check_positive("Attention", name, getattr(self, name))
         _check_int("Attention", "head_dim", self.head_dim, allow_none=True)
-        _check_int("Attention", "rotary_dim", self.rotary_dim, allow_none=True)
         _check_bool("Attention", "qkv_bias", self.qkv_bias)
         _check_bool("Attention", "qk_norm", self.qk_norm)
         if self.qk_norm_over not in QK_NORM_OVER:
@@ -79,15 +105,15 @@ class Attention:
             _check_int("Attention", where, w, allow_none=True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Attention":
+    def from_dict(cls, d: Mapping) -> "Attention":
         d = dict(d)
         if isinstance(d.get("window"), list):  # JSON has no tuples
             d["window"] = tuple(d["window"])
-        return cls(**_known_fields(cls, d))
+        return cls(**_fields_of(cls, d))
 
 
 @dataclass(frozen=True)
-class RopeScaling:
+class RopeScaling(_Spec):
     """Rotary frequencies stretched for a context longer than pretraining's.
 
     ``"linear"`` divides every frequency by ``factor`` (position interpolation). ``"llama3"`` divides the
@@ -116,22 +142,127 @@ class RopeScaling:
                 f"high_freq_factor={self.high_freq_factor} and low_freq_factor={self.low_freq_factor}"
             )
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "RopeScaling":
-        return cls(**_known_fields(cls, d))
+
+@dataclass(frozen=True)
+class Norm(_Spec):
+    """How every normalisation of the model computes; read by ``layers.norm`` alone.
+
+    ``Norm("rmsnorm", eps=1e-6, float32="normalize")`` is Llama's; ``Norm()`` is GPT-2's LayerNorm.
+    """
+
+    kind: str = "layernorm"  # "layernorm" (centre, scale, bias) or "rmsnorm" (scale only)
+    eps: float = 1e-5  # epsilon inside the square root
+    # RMSNorm scales by (1 + scale), all in float32, then casts (Gemma): a zero scale is the identity.
+    unit_offset: bool = False
+    # Where RMSNorm rounds (the same numbers in float32; below it the order decides the rounding): "none" (in the
+    # input's dtype), "normalize" (normalise in float32, cast back, then scale: Llama, Mistral, Qwen),
+    # "normalize_and_scale" (scale in float32 too, then cast: OLMo-2).
+    float32: str = "none"
+
+    def __post_init__(self):
+        _check_choice("Norm", "kind", self.kind, NORMS)
+        _check_positive("Norm", "eps", self.eps)
+        _check_bool("Norm", "unit_offset", self.unit_offset)
+        _check_choice("Norm", "float32", self.float32, NORM_FLOAT32)
+        for name, on in (("unit_offset", self.unit_offset), ("float32", self.float32 != "none")):
+            if on and self.kind != "rmsnorm":
+                raise ValueError(f"Norm.{name}={getattr(self, name)!r} needs kind='rmsnorm', got kind={self.kind!r}")
 
 
-def _known_fields(cls, d: dict) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; fields are {sorted(names)}")
-    return d
+@dataclass(frozen=True)
+class Positional(_Spec):
+    """Where positions enter: a learned or sinusoidal table added to the embeddings, or rotary q and k.
+
+    Read by ``layers.embedding`` (tables) and ``model.embed``. ``Positional("rope", base=5e5)`` is Llama 3's.
+    """
+
+    kind: str = "learned"  # "learned" table, fixed "sinusoidal", or "rope" (rotary, on q and k)
+    base: float = 10000.0  # base of the rotary / sinusoidal frequencies (Hugging Face's rope_theta)
+    scaling: RopeScaling | None = None  # stretched rotary frequencies (rope only)
+    # Partial rotary: only the first rotary_dim channels of each head are turned, the rest pass unchanged
+    # (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor); None: all of head_dim.
+    rotary_dim: int | None = None
+    # Rotary base of the sliding-window layers (Gemma 3: 1e4 on its local layers, base and scaling on its global
+    # ones); their frequencies are never scaled. None: every layer uses base and scaling.
+    window_base: float | None = None
+    # Rotate q and k in float32 and cast back (OLMo-2); False: the cos/sin tables are cast to q's dtype first
+    # (Llama). The same numbers in float32.
+    float32: bool = False
+
+    def __post_init__(self):
+        _check_choice("Positional", "kind", self.kind, POSITIONALS)
+        _check_positive("Positional", "base", self.base)
+        _check_int("Positional", "rotary_dim", self.rotary_dim, allow_none=True)
+        _check_bool("Positional", "float32", self.float32)
+        if isinstance(self.scaling, Mapping):
+            object.__setattr__(self, "scaling", RopeScaling.from_dict(self.scaling))
+        if self.scaling is not None and not isinstance(self.scaling, RopeScaling):
+            raise ValueError(f"Positional.scaling must be a RopeScaling or None, got {self.scaling!r}")
+        if self.window_base is not None:
+            _check_positive("Positional", "window_base", self.window_base)
+        rotary_only = dict(scaling=self.scaling, rotary_dim=self.rotary_dim, window_base=self.window_base)
+        for name, value in rotary_only.items():
+            if value is not None and self.kind != "rope":
+                raise ValueError(f"Positional.{name}={value!r} needs kind='rope', got kind={self.kind!r}")
+
+
+@dataclass(frozen=True)
+class Layout(_Spec):
+    """How a block wires its sublayers into the residual stream; read by ``layers.block`` alone.
+
+    ``Layout()`` is GPT-2's pre-LN, ``Layout(residual="parallel")`` GPT-NeoX's, ``Layout(mlp=False)``
+    attention-only blocks.
+    """
+
+    # "pre": x + f(norm(x)) (GPT-2); "post": norm(x + f(x)) (the 2017 diagram); "sandwich": x + norm'(f(norm(x)))
+    # (Gemma 2/3: a second norm on each sublayer's output, ln1_post / ln2_post); "output": x + norm(f(x)) (OLMo-2)
+    norm_position: str = "pre"
+    # "sequential": attention, then the MLP on the result (GPT-2, Llama). "parallel": both read the same
+    # block input, x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX / Pythia). "parallel_shared_norm": one norm
+    # for both, x + attn(ln1(x)) + mlp(ln1(x)), and no ln2 (GPT-J, Phi-2). Parallel needs pre-LN and an MLP.
+    residual: str = "sequential"
+    mlp: bool = True  # False: attention-only blocks (no feed-forward, no ln2; d_ff is then unused)
+
+    def __post_init__(self):
+        _check_choice("Layout", "norm_position", self.norm_position, NORM_POSITIONS)
+        _check_choice("Layout", "residual", self.residual, RESIDUALS)
+        _check_bool("Layout", "mlp", self.mlp)
+        if self.residual != "sequential" and (self.norm_position != "pre" or not self.mlp):
+            raise ValueError(
+                f"Layout.residual={self.residual!r} needs norm_position='pre' and mlp=True, got "
+                f"norm_position={self.norm_position!r}, mlp={self.mlp}"
+            )
+
+    @property
+    def final_norm(self) -> bool:
+        """Whether the stack ends in a norm before the unembedding (every layout but post-LN's)."""
+        return self.norm_position != "post"
+
+
+@dataclass(frozen=True)
+class Embeddings(_Spec):
+    """The token embedding and the output head; read by ``model.embed`` and ``model.unembed``."""
+
+    tie: bool = True  # reuse the token embedding as the output projection (GPT-2 does)
+    scale: bool = False  # token embeddings times sqrt(d_model), the constant rounded to their dtype first (Gemma)
+    # Final-logit soft-capping: logits -> logit_softcap * tanh(logits / logit_softcap) (Gemma 2); None: off.
+    logit_softcap: float | None = None
+
+    def __post_init__(self):
+        _check_bool("Embeddings", "tie", self.tie)
+        _check_bool("Embeddings", "scale", self.scale)
+        if self.logit_softcap is not None:
+            _check_positive("Embeddings", "logit_softcap", self.logit_softcap)
 
 
 @dataclass(frozen=True)
 class Config:
-    """Architecture of a decoder-only transformer. Invalid combinations raise ``ValueError``."""
+    """Architecture of a decoder-only transformer: sizes plus one small spec per layer kind.
+
+    ``Config(vocab_size=65, d_model=128, n_heads=4, n_layers=4, d_ff=512, max_seq_len=64, norm=Norm("rmsnorm"),
+    positional=Positional("rope"))``. Invalid combinations raise ``ValueError``. The flat keywords of 0.2
+    (``norm_eps=``, ``rope_base=``, ...) go through ``Config.from_flat`` / ``from_dict`` (one converter).
+    """
 
     vocab_size: int  # number of token ids; embeddings and logits have this many rows/columns
     d_model: int  # width of the residual stream
@@ -142,42 +273,15 @@ class Config:
     n_kv_heads: int | None = None  # key/value heads: None -> n_heads (MHA); fewer -> GQA; 1 -> MQA
     dropout: float = 0.0  # dropout rate on attention weights, sublayer outputs and embeddings (train only)
     bias: bool = True  # biases in linear layers and LayerNorms (GPT-2: True; modern models: False)
-    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
-    # "pre": x + f(norm(x)) (GPT-2); "post": norm(x + f(x)) (the 2017 diagram); "sandwich": x + norm'(f(norm(x)))
-    # (Gemma 2/3: a second norm on each sublayer's output, ln1_post / ln2_post); "output": x + norm(f(x)) (OLMo-2)
-    norm_position: str = "pre"
-    positional: str = "learned"  # "learned" table, fixed "sinusoidal", or "rope" (rotary, on q and k)
     # "gelu" (exact), "gelu_tanh" (GPT-2's approximation), "swiglu" or "geglu_tanh" (Gemma: the tanh GELU as the gate)
     activation: str = "gelu"
-    tie_embeddings: bool = True  # reuse the token embedding as the output projection (GPT-2 does)
-    attn_impl: str = "sdpa"  # "sdpa" (fused torch kernel) or "einsum" (written out; vmap-friendly grads)
     init_std: float = 0.02  # std of the normal init; residual output projections get /sqrt(2*n_layers)
-    norm_eps: float = 1e-5  # epsilon inside LayerNorm / RMSNorm
-    rope_base: float = 10000.0  # base of the rotary / sinusoidal frequencies (Hugging Face's rope_theta)
-    mlp: bool = True  # False: attention-only blocks (no feed-forward, no ln2; d_ff is then unused)
-    attention: Attention = Attention()  # head_dim, q/k/v-only bias, q/k norm, sliding windows
-    rope_scaling: RopeScaling | None = None  # stretched rotary frequencies (positional="rope" only)
-    # RMSNorm in Hugging Face's cast order: normalise in float32, cast back, then scale (Llama, Mistral, Qwen).
-    # Same numbers in float32; below it, the order decides the rounding.
-    norm_upcast: bool = False
-    # With norm_upcast: multiply by the scale in float32 too, then cast (OLMo-2); False: cast, then scale (Llama).
-    norm_scale_in_float32: bool = False
-    # Rotate q and k in float32 and cast back (OLMo-2); False: the cos/sin tables are cast to q's dtype first
-    # (Llama). The same numbers in float32.
-    rope_in_float32: bool = False
-    # "sequential": attention, then the MLP on the result (GPT-2, Llama). "parallel": both read the same
-    # block input, x + attn(ln1(x)) + mlp(ln2(x)) (GPT-NeoX / Pythia). "parallel_shared_norm": one norm
-    # for both, x + attn(ln1(x)) + mlp(ln1(x)), and no ln2 (GPT-J, Phi-2). Parallel needs pre-LN and an MLP.
-    residual: str = "sequential"
-    # RMSNorm scales by (1 + scale), all in float32, then casts (Gemma): a zero scale is the identity.
-    norm_unit_offset: bool = False
-    # Token embeddings times sqrt(d_model), the constant rounded to the embeddings' dtype first (Gemma).
-    embed_scale: bool = False
-    # Final-logit soft-capping: logits -> logit_softcap * tanh(logits / logit_softcap) (Gemma 2); None: off.
-    logit_softcap: float | None = None
-    # Rotary base of the sliding-window layers (Gemma 3: 1e4 on its local layers, rope_base and rope_scaling on
-    # its global ones); their frequencies are never scaled. None: every layer uses rope_base and rope_scaling.
-    window_rope_base: float | None = None
+    attn_impl: str = "sdpa"  # "sdpa" (fused torch kernel) or "einsum" (written out; vmap-friendly grads)
+    attention: Attention = Attention()  # head_dim, q/k/v-only bias, q/k norm, sliding windows, scale, soft-cap
+    norm: Norm = Norm()  # LayerNorm or RMSNorm, eps, where it rounds
+    positional: Positional = Positional()  # learned / sinusoidal / rotary positions
+    layout: Layout = Layout()  # the block's residual wiring
+    embeddings: Embeddings = Embeddings()  # tying, embedding scale, logit soft-cap
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -188,8 +292,10 @@ class Config:
                 raise ValueError(f"Config.{name} must be an int, got {value!r} ({type(value).__name__})")
             if value <= 0:
                 raise ValueError(f"Config.{name} must be positive, got {value}")
-        if not isinstance(self.attention, Attention):
-            raise ValueError(f"Config.attention must be an Attention, got {type(self.attention).__name__}")
+        for name, cls in SPECS.items():
+            if not isinstance(getattr(self, name), cls):
+                got = getattr(self, name)
+                raise ValueError(f"Config.{name} must be a {cls.__name__}, got {got!r} ({type(got).__name__})")
         if self.attention.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(
                 f"Config.d_model={self.d_model} must be divisible by n_heads={self.n_heads} "
@@ -200,70 +306,36 @@ class Config:
                 f"Config.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads} "
                 "(each key/value head serves a whole group of query heads)"
             )
-        for name, choices in (
-            ("norm", NORMS),
-            ("norm_position", NORM_POSITIONS),
-            ("positional", POSITIONALS),
-            ("activation", ACTIVATIONS),
-            ("attn_impl", ATTN_IMPLS),
-            ("residual", RESIDUALS),
-        ):
-            value = getattr(self, name)
-            if value not in choices:
-                raise ValueError(f"Config.{name}={value!r} is not one of {', '.join(map(repr, choices))}")
-        for name in ("bias", "tie_embeddings", "mlp", "norm_upcast", "norm_unit_offset", "embed_scale", "norm_scale_in_float32",
-                     "rope_in_float32"):
-            _check_bool("Config", name, getattr(self, name))
+        _check_choice("Config", "activation", self.activation, ACTIVATIONS)
+        _check_choice("Config", "attn_impl", self.attn_impl, ATTN_IMPLS)
+        _check_bool("Config", "bias", self.bias)
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"Config.dropout={self.dropout!r} must be a float in [0, 1)")
-        for name in ("init_std", "norm_eps", "rope_base"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"Config.{name}={value!r} must be a positive number")
-        if self.positional == "rope" and self.head_dim % 2:
+        _check_positive("Config", "init_std", self.init_std)
+        self._check_across_specs()
+
+    def _check_across_specs(self) -> None:
+        """The choices that depend on more than one spec, each against the rest of the config."""
+        if self.positional.kind == "rope" and self.head_dim % 2:
             raise ValueError(
-                f"Config.positional='rope' needs an even head_dim, got head_dim={self.head_dim} "
+                f"Config.positional.kind='rope' needs an even head_dim, got head_dim={self.head_dim} "
                 f"(d_model={self.d_model} / n_heads={self.n_heads})"
             )
-        if self.positional == "sinusoidal" and self.d_model % 2:
-            raise ValueError(f"Config.positional='sinusoidal' needs an even d_model, got d_model={self.d_model}")
-        self._check_new_choices()
-
-    def _check_new_choices(self) -> None:
-        """The grouped choices that modern checkpoints need, each against the rest of the config."""
-        if self.rope_scaling is not None:
-            if not isinstance(self.rope_scaling, RopeScaling):
-                raise ValueError(f"Config.rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r}")
-            if self.positional != "rope":
-                raise ValueError(f"Config.rope_scaling needs positional='rope', got positional={self.positional!r}")
-        for name in ("norm_upcast", "norm_unit_offset"):
-            if getattr(self, name) and self.norm != "rmsnorm":
-                raise ValueError(f"Config.{name}=True needs norm='rmsnorm', got norm={self.norm!r}")
-        if self.norm_scale_in_float32 and not self.norm_upcast:
-            raise ValueError("Config.norm_scale_in_float32=True needs norm_upcast=True, got norm_upcast=False")
-        if self.logit_softcap is not None:
-            _check_positive("Config", "logit_softcap", self.logit_softcap)
-        if self.window_rope_base is not None:
-            _check_positive("Config", "window_rope_base", self.window_rope_base)
-            if self.positional != "rope" or self.attention.window is None:
-                raise ValueError(
-                    f"Config.window_rope_base={self.window_rope_base} needs positional='rope' and sliding windows, got "
-                    f"positional={self.positional!r}, attention.window={self.attention.window}"
-                )
+        if self.positional.kind == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"Config.positional.kind='sinusoidal' needs an even d_model, got d_model={self.d_model}")
+        if self.positional.window_base is not None and self.attention.window is None:
+            raise ValueError(
+                f"Config.positional.window_base={self.positional.window_base} needs sliding windows, got "
+                f"attention.window={self.attention.window}"
+            )
         if self.attention.qkv_bias and self.bias:
             raise ValueError(
                 "Config.attention.qkv_bias=True needs bias=False, got bias=True (bias=True already biases q, k and v)"
             )
-        rotary_dim = self.attention.rotary_dim
-        if rotary_dim is not None and (self.positional != "rope" or rotary_dim % 2 or rotary_dim > self.head_dim):
+        rotary_dim = self.positional.rotary_dim
+        if rotary_dim is not None and (rotary_dim % 2 or rotary_dim > self.head_dim):
             raise ValueError(
-                f"Config.attention.rotary_dim={rotary_dim} needs positional='rope' (got {self.positional!r}) and an "
-                f"even number of channels <= head_dim={self.head_dim}"
-            )
-        if self.residual != "sequential" and (self.norm_position != "pre" or not self.mlp):
-            raise ValueError(
-                f"Config.residual={self.residual!r} needs norm_position='pre' and mlp=True, got "
-                f"norm_position={self.norm_position!r}, mlp={self.mlp}"
+                f"Config.positional.rotary_dim={rotary_dim} needs an even number of channels <= head_dim={self.head_dim}"
             )
         window = self.attention.window
         if isinstance(window, tuple) and len(window) != self.n_layers:
@@ -278,8 +350,8 @@ class Config:
 
     @property
     def rotary_dim(self) -> int:
-        """Channels of each head that rotary turns: ``attention.rotary_dim``, or all of ``head_dim``."""
-        return self.attention.rotary_dim or self.head_dim
+        """Channels of each head that rotary turns: ``positional.rotary_dim``, or all of ``head_dim``."""
+        return self.positional.rotary_dim or self.head_dim
 
     def layer_window(self, layer: int) -> int | None:
         """Layer ``layer``'s sliding window (None: it sees the whole causal prefix)."""
@@ -287,37 +359,90 @@ class Config:
         return window[layer] if isinstance(window, tuple) else window
 
     def replace(self, **changes) -> "Config":
-        """A copy with some fields changed (validated again)."""
-        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
-        if unknown:
-            raise ValueError(f"Config has no field(s) {unknown}; fields are {[f.name for f in dataclasses.fields(self)]}")
+        """A copy with some fields changed (validated again); 0.2's flat names go through ``upgrade``."""
         if "n_heads" in changes and "n_kv_heads" not in changes and self.n_kv_heads == self.n_heads:
             # n_kv_heads was filled in from n_heads (plain multi-head attention): keep it that way.
             changes["n_kv_heads"] = None
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **_known(upgrade(changes, base=self)))
 
     def to_dict(self) -> dict:
-        """The config's fields as a plain dict (JSON-ready; ``from_dict`` reads it back)."""
+        """The config as a plain nested dict (JSON-ready; ``from_dict`` reads it back)."""
         return dataclasses.asdict(self)
 
+    def to_flat(self) -> dict:
+        """The values under 0.2's flat names (``upgrade``'s inverse), with ``head_dim`` and ``rotary_dim``: what a
+        family's "can it express this config" checks compare field by field."""
+        flat = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in SPECS}
+        flat |= {name: getattr(getattr(self, spec), field) for name, (spec, field) in FLAT_NAMES.items()}
+        flat |= dict(attention=self.attention, head_dim=self.head_dim, rotary_dim=self.positional.rotary_dim,
+                     norm_upcast=self.norm.float32 != "none",
+                     norm_scale_in_float32=self.norm.float32 == "normalize_and_scale")
+        return flat
+
     @classmethod
-    def from_dict(cls, d: dict) -> "Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown Config field(s) {unknown}; fields are {sorted(names)}")
-        d = dict(d)
-        # Old checkpoints have neither key; the defaults stand in for them.
-        if isinstance(d.get("attention"), dict):
-            d["attention"] = Attention.from_dict(d["attention"])
-        if isinstance(d.get("rope_scaling"), dict):
-            d["rope_scaling"] = RopeScaling.from_dict(d["rope_scaling"])
-        return cls(**d)
+    def from_dict(cls, d: Mapping) -> "Config":
+        """A config from ``to_dict``'s dict, or from any older checkpoint's flat one (through ``upgrade``)."""
+        return cls(**_known(upgrade(d)))
+
+    @classmethod
+    def from_flat(cls, **flat) -> "Config":
+        """A config from 0.2's flat keywords: ``Config.from_flat(..., norm="rmsnorm", norm_eps=1e-6)``."""
+        return cls.from_dict(flat)
+
+
+SPECS = {"attention": Attention, "norm": Norm, "positional": Positional, "layout": Layout, "embeddings": Embeddings}
+# 0.2's flat keyword -> (the spec that now holds it, its name there)
+FLAT_NAMES = {
+    "norm": ("norm", "kind"), "norm_eps": ("norm", "eps"), "norm_unit_offset": ("norm", "unit_offset"),
+    "positional": ("positional", "kind"), "rope_base": ("positional", "base"), "rope_scaling": ("positional", "scaling"),
+    "rope_in_float32": ("positional", "float32"), "window_rope_base": ("positional", "window_base"),
+    "norm_position": ("layout", "norm_position"), "residual": ("layout", "residual"), "mlp": ("layout", "mlp"),
+    "tie_embeddings": ("embeddings", "tie"), "embed_scale": ("embeddings", "scale"),
+    "logit_softcap": ("embeddings", "logit_softcap"),
+}
+
+
+def _spec_fields(value, cls) -> dict | None:
+    """A spec given as itself or as its dict, as a dict of its fields; None for anything else."""
+    if isinstance(value, cls):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(cls)}
+    return dict(value) if isinstance(value, Mapping) else None
+
+
+def upgrade(d: Mapping, *, base: "Config | None" = None) -> dict:
+    """The one converter: a config dict of any version (0.2's flat names, 0.3's specs, as objects or dicts)
+    as ``Config``'s keywords. ``base``: the config whose values the missing ones keep (``replace``)."""
+    d = dict(d)
+    specs = {name: _spec_fields(getattr(base, name), cls) if base else {} for name, cls in SPECS.items()}
+    for name, cls in SPECS.items():
+        given = _spec_fields(d.get(name), cls)
+        if given is not None:
+            specs[name] = given if base is None else {**specs[name], **given}
+            del d[name]
+    for flat, (spec, field) in FLAT_NAMES.items():
+        if flat in d:
+            specs[spec][field] = d.pop(flat)
+    upcast, in_float32 = d.pop("norm_upcast", None), d.pop("norm_scale_in_float32", None)
+    if in_float32 and not upcast:
+        raise ValueError("Config.norm_scale_in_float32=True needs norm_upcast=True, got norm_upcast=False")
+    if upcast is not None:
+        specs["norm"]["float32"] = "normalize_and_scale" if in_float32 else "normalize" if upcast else "none"
+    if "rotary_dim" in specs["attention"]:  # 0.2 kept it on the attention
+        specs["positional"]["rotary_dim"] = specs["attention"].pop("rotary_dim")
+    touched = {name for name, fields in specs.items() if fields}
+    return {**d, **{name: SPECS[name].from_dict(specs[name]) for name in touched}}
+
+
+def _known(kwargs: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise ValueError(f"unknown Config field(s) {unknown}; fields are {sorted(names)}")
+    return kwargs
 
 
 _GPT2 = dict(
-    vocab_size=50257, max_seq_len=1024, bias=True, norm="layernorm", norm_position="pre",
-    positional="learned", activation="gelu_tanh", tie_embeddings=True, dropout=0.0,
+    vocab_size=50257, max_seq_len=1024, bias=True, activation="gelu_tanh", dropout=0.0,
 )
 
 PRESETS: dict[str, Config] = {

@@ -149,7 +149,7 @@ def untie_for_decoding(params: dict, cfg: Config) -> tuple[dict, Config]:
     Of an int8 tree (``ftransformer.quantization``) the copy is int8 as well, made once per embedding table
     (quantizing and packing it takes longer than a short generation).
     """
-    if not cfg.tie_embeddings:
+    if not cfg.embeddings.tie:
         return params, cfg
     table = params["embed"]["tokens"]
     if is_quantized(params):  # an int8 model reads its largest matrix as int8 too

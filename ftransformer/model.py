@@ -61,25 +61,25 @@ def embed(
 ) -> Residual:
     """Token embeddings plus absolute positions (rotary positions are added inside attention instead)."""
     x = embed_tokens(params["embed"]["tokens"], tokens)
-    if cfg.embed_scale:
+    if cfg.embeddings.scale:
         # transformers rounds sqrt(d_model) to float32, then to the embeddings' dtype, then multiplies.
         x = x * torch.tensor(cfg.d_model**0.5, dtype=torch.float32).to(device=x.device, dtype=x.dtype)
-    if cfg.positional == "learned":
+    if cfg.positional.kind == "learned":
         x = x + learned_positions(params["embed"]["positions"], positions)
-    elif cfg.positional == "sinusoidal":
-        x = x + sinusoidal_positions(positions, cfg.d_model, base=cfg.rope_base, dtype=x.dtype)
+    elif cfg.positional.kind == "sinusoidal":
+        x = x + sinusoidal_positions(positions, cfg.d_model, base=cfg.positional.base, dtype=x.dtype)
     return random.dropout(x, cfg.dropout, key)
 
 
 def unembed(params: dict, x: Residual, cfg: Config, *, tap: Tap = NO_TAP) -> Logits:
     """Final norm (all but post-LN) and the projection to one logit per token id, soft-capped with
-    ``cfg.logit_softcap``; ``tap`` sees ``final``, the residual the projection reads."""
-    if cfg.norm_position != "post":
-        x = norm(params["ln_f"], x, cfg)
+    ``cfg.embeddings.logit_softcap``; ``tap`` sees ``final``, the residual the projection reads."""
+    if cfg.layout.norm_position != "post":
+        x = norm(params["ln_f"], x, cfg.norm)
     x = tap("final", x)
-    logits = F.linear(x, params["embed"]["tokens"]) if cfg.tie_embeddings else linear(x, params["unembed"]["w"])
-    if cfg.logit_softcap is not None:
-        logits = torch.tanh(logits / cfg.logit_softcap) * cfg.logit_softcap
+    logits = F.linear(x, params["embed"]["tokens"]) if cfg.embeddings.tie else linear(x, params["unembed"]["w"])
+    if cfg.embeddings.logit_softcap is not None:
+        logits = torch.tanh(logits / cfg.embeddings.logit_softcap) * cfg.embeddings.logit_softcap
     return logits
 
 
@@ -95,9 +95,9 @@ def forward(params: dict, tokens: Tokens, cfg: Config, *, key: Key | None = None
 
 
 def layer_rotaries(positions: Int[Tensor, "*#batch seq"], cfg: Config) -> tuple[Rotary | None, ...]:
-    """One rotary table per layer, built once per call: one for all layers, or (``cfg.window_rope_base``)
+    """One rotary table per layer, built once per call: one for all layers, or (``cfg.positional.window_base``)
     one for the windowed layers and one for the rest."""
-    if cfg.window_rope_base is None:
+    if cfg.positional.window_base is None:
         return (rotary_tables(positions, cfg),) * cfg.n_layers
     built = {}
     for windowed in dict.fromkeys(cfg.layer_window(i) is not None for i in range(cfg.n_layers)):

@@ -22,6 +22,8 @@ trees: ``ftransformer.tree`` (its old names ``tree_map``, ``tree_leaves``, ``tre
 import math
 
 import torch
+
+from ftransformer.layers.norm import init_norm
 from torch import Tensor
 
 from ftransformer import tree
@@ -45,11 +47,7 @@ def _normal(gen: torch.Generator, shape: tuple[int, ...], std: float) -> Tensor:
 
 
 def _norm_params(cfg: Config, width: int | None = None) -> dict:
-    # norm_unit_offset scales by 1 + scale: a zero scale is the identity.
-    p = {"scale": (torch.zeros if cfg.norm_unit_offset else torch.ones)(width or cfg.d_model)}
-    if cfg.bias and cfg.norm == "layernorm":
-        p["bias"] = torch.zeros(cfg.d_model)
-    return p
+    return init_norm(cfg.norm, width or cfg.d_model, bias=cfg.bias)
 
 
 def _block_params(cfg: Config, gen: torch.Generator) -> dict:
@@ -74,11 +72,11 @@ def _block_params(cfg: Config, gen: torch.Generator) -> dict:
     mlp["w_out"] = _normal(gen, (cfg.d_ff, cfg.d_model), out_std)
     if cfg.bias:
         mlp["b_out"] = torch.zeros(cfg.d_model)
-    sandwich = cfg.norm_position == "sandwich"  # a second norm on each sublayer's output
+    sandwich = cfg.layout.norm_position == "sandwich"  # a second norm on each sublayer's output
     block = {"ln1": _norm_params(cfg), "attn": attn} | ({"ln1_post": _norm_params(cfg)} if sandwich else {})
-    if not cfg.mlp:
+    if not cfg.layout.mlp:
         return block
-    if cfg.residual != "parallel_shared_norm":  # the shared-norm layout's one norm feeds both sublayers
+    if cfg.layout.residual != "parallel_shared_norm":  # the shared-norm layout's one norm feeds both sublayers
         block["ln2"] = _norm_params(cfg)
     block["mlp"] = mlp
     return block | ({"ln2_post": _norm_params(cfg)} if sandwich else {})
@@ -93,12 +91,12 @@ def init_params(
         raise TypeError(f"cfg must be a Config, got {type(cfg).__name__}")
     gen = torch.Generator().manual_seed(seed)
     embed = {"tokens": _normal(gen, (cfg.vocab_size, cfg.d_model), cfg.init_std)}
-    if cfg.positional == "learned":
+    if cfg.positional.kind == "learned":
         embed["positions"] = _normal(gen, (cfg.max_seq_len, cfg.d_model), cfg.init_std)
     params: dict = {"embed": embed, "blocks": [_block_params(cfg, gen) for _ in range(cfg.n_layers)]}
-    if cfg.norm_position != "post":
+    if cfg.layout.norm_position != "post":
         params["ln_f"] = _norm_params(cfg)
-    if not cfg.tie_embeddings:
+    if not cfg.embeddings.tie:
         params["unembed"] = {"w": _normal(gen, (cfg.d_model, cfg.vocab_size), cfg.init_std)}
     return tree.to(params, device=device, dtype=dtype)
 
@@ -122,31 +120,31 @@ def param_breakdown(cfg: Config) -> dict:
     so a GPT-2-sized breakdown costs nothing.
     """
     d, L, V, hd = cfg.d_model, cfg.n_layers, cfg.vocab_size, cfg.head_dim
-    norm_size = d * (2 if cfg.bias and cfg.norm == "layernorm" else 1)
+    norm_size = d * (2 if cfg.bias and cfg.norm.kind == "layernorm" else 1)
     n_ff_in = 2 if cfg.activation in GATED_ACTIVATIONS else 1
     attn_w = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d
     attn_b = (cfg.n_heads + 2 * cfg.n_kv_heads) * hd * (cfg.bias or cfg.attention.qkv_bias) + d * cfg.bias
     qk_norms = 2 * hd if cfg.attention.qk_norm else 0
     if cfg.attention.qk_norm and cfg.attention.qk_norm_over == "projection":
         qk_norms = (cfg.n_heads + cfg.n_kv_heads) * hd
-    ff_w = (n_ff_in + 1) * d * cfg.d_ff if cfg.mlp else 0
-    ff_b = (n_ff_in * cfg.d_ff + d) if cfg.bias and cfg.mlp else 0
-    norms_per_block = (2 if cfg.mlp and cfg.residual != "parallel_shared_norm" else 1) + (
-        (2 if cfg.mlp else 1) if cfg.norm_position == "sandwich" else 0)
+    ff_w = (n_ff_in + 1) * d * cfg.d_ff if cfg.layout.mlp else 0
+    ff_b = (n_ff_in * cfg.d_ff + d) if cfg.bias and cfg.layout.mlp else 0
+    norms_per_block = (2 if cfg.layout.mlp and cfg.layout.residual != "parallel_shared_norm" else 1) + (
+        (2 if cfg.layout.mlp else 1) if cfg.layout.norm_position == "sandwich" else 0)
     rows = [
         ("token embeddings", V * d),
-        ("position embeddings", cfg.max_seq_len * d if cfg.positional == "learned" else 0),
+        ("position embeddings", cfg.max_seq_len * d if cfg.positional.kind == "learned" else 0),
         ("attention weights", L * attn_w),
         ("attention biases", L * attn_b),
         ("feed-forward weights", L * ff_w),
         ("feed-forward biases", L * ff_b),
-        ("norms", (norms_per_block * L + (1 if cfg.norm_position != "post" else 0)) * norm_size + L * qk_norms),
-        ("output projection", 0 if cfg.tie_embeddings else d * V),
+        ("norms", (norms_per_block * L + (1 if cfg.layout.norm_position != "post" else 0)) * norm_size + L * qk_norms),
+        ("output projection", 0 if cfg.embeddings.tie else d * V),
     ]
     terms = [
         ("token embeddings V*d", V * d),
         ("attention Q,K,V,O L*4*d^2", L * 4 * d * d),
-        ("feed-forward L*2*d*d_ff", L * 2 * d * cfg.d_ff if cfg.mlp else 0),
+        ("feed-forward L*2*d*d_ff", L * 2 * d * cfg.d_ff if cfg.layout.mlp else 0),
     ]
     total = sum(n for _, n in rows)
     estimate = sum(n for _, n in terms)
@@ -154,7 +152,7 @@ def param_breakdown(cfg: Config) -> dict:
         "position embeddings", "attention biases", "feed-forward biases", "norms", "output projection")]
     # GQA, SwiGLU and a head_dim other than d/n_heads change the weight counts themselves; say so rather
     # than hide it in a remainder.
-    shape_gap = (L * attn_w - L * 4 * d * d) + (L * ff_w - L * 2 * d * cfg.d_ff * cfg.mlp)
+    shape_gap = (L * attn_w - L * 4 * d * d) + (L * ff_w - L * 2 * d * cfg.d_ff * cfg.layout.mlp)
     if shape_gap:
         left_out.append(("GQA / SwiGLU / head_dim weight difference", shape_gap))
     return {"rows": rows, "total": total, "estimate_terms": terms, "estimate": estimate, "left_out": left_out}

@@ -29,7 +29,7 @@ class Induction(NamedTuple):
 
 @functools.lru_cache(maxsize=1)
 def induction_model() -> Induction:
-    cfg = ft.Config(vocab_size=32, d_model=32, n_heads=2, n_layers=2, d_ff=1, max_seq_len=24, mlp=False,
+    cfg = ft.Config.from_flat(vocab_size=32, d_model=32, n_heads=2, n_layers=2, d_ff=1, max_seq_len=24, mlp=False,
                     attn_impl="einsum", bias=False, positional="rope", tie_embeddings=False)
     params = ft.init_params(cfg, seed=0)
     gen = torch.Generator().manual_seed(0)

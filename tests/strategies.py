@@ -12,7 +12,7 @@ def configs(draw, min_seq_len: int = 4, max_seq_len: int = 12) -> ft.Config:
     n_heads = draw(st.sampled_from([1, 2, 4]))
     n_kv_heads = draw(st.sampled_from([h for h in (1, 2, 4) if n_heads % h == 0]))
     head_dim = draw(st.sampled_from([2, 4, 6]))
-    return ft.Config(
+    return ft.Config.from_flat(
         vocab_size=draw(st.integers(5, 40)),
         d_model=n_heads * head_dim,
         n_heads=n_heads,

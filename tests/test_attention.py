@@ -181,7 +181,7 @@ def test_multi_head_attention_matches_torch_multihead_attention(gen, impl):
 
 @pytest.mark.parametrize("kind", ["gqa", "mqa"])
 def test_multi_head_attention_with_rope_and_gqa_matches_a_hand_composition(gen, kind):
-    cfg = ft.Config(
+    cfg = ft.Config.from_flat(
         vocab_size=37, d_model=D_MODEL, n_heads=HEADS, n_kv_heads=KV_HEADS[kind], n_layers=1, d_ff=40,
         max_seq_len=16, positional="rope", attn_impl="einsum",
     )
@@ -238,7 +238,7 @@ def test_attention_gradcheck(gen, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_multi_head_attention_gradcheck(gen, impl):
     # batch 3, seq 5, heads 2, kv_heads 1, head_dim 4, d_model 8
-    cfg = ft.Config(vocab_size=7, d_model=8, n_heads=2, n_kv_heads=1, n_layers=1, d_ff=6, max_seq_len=5,
+    cfg = ft.Config.from_flat(vocab_size=7, d_model=8, n_heads=2, n_kv_heads=1, n_layers=1, d_ff=6, max_seq_len=5,
                     positional="rope", attn_impl=impl)
     p = ft.init_params(cfg, dtype=torch.float64)["blocks"][0]["attn"]
     x = torch.randn(3, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True)

@@ -113,7 +113,7 @@ def test_block_dropout_follows_the_key(gen):
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
 def test_block_gradcheck(gen, norm_position):
     # seq 3, heads 2, head_dim 4, d_model 8, d_ff 5
-    cfg = ft.Config(vocab_size=7, d_model=8, n_heads=2, n_layers=1, d_ff=5, max_seq_len=4,
+    cfg = ft.Config.from_flat(vocab_size=7, d_model=8, n_heads=2, n_layers=1, d_ff=5, max_seq_len=4,
                     norm_position=norm_position, attn_impl="einsum")
     p = randomized_block_params(cfg, gen)
     flat = ft.tree.flatten_with_paths(p)

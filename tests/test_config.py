@@ -106,8 +106,8 @@ def test_n_kv_heads_defaults_to_n_heads():
 
 def test_defaults_and_head_dim():
     cfg = make()
-    assert (cfg.dropout, cfg.bias, cfg.norm, cfg.norm_position) == (0.0, True, "layernorm", "pre")
-    assert (cfg.positional, cfg.activation, cfg.tie_embeddings, cfg.attn_impl) == ("learned", "gelu", True, "sdpa")
+    assert (cfg.dropout, cfg.bias, cfg.norm.kind, cfg.layout.norm_position) == (0.0, True, "layernorm", "pre")
+    assert (cfg.positional.kind, cfg.activation, cfg.embeddings.tie, cfg.attn_impl) == ("learned", "gelu", True, "sdpa")
     assert cfg.init_std == 0.02
     assert cfg.head_dim == 8
 
@@ -124,7 +124,7 @@ def test_replace_returns_a_changed_copy():
     cfg = make()
     other = cfg.replace(n_layers=5, norm="rmsnorm")
     assert (other.n_layers, other.norm) == (5, "rmsnorm")
-    assert (cfg.n_layers, cfg.norm) == (2, "layernorm")
+    assert (cfg.n_layers, cfg.norm.kind) == (2, "layernorm")
     assert other.replace(n_layers=2, norm="layernorm") == cfg
 
 
@@ -170,7 +170,7 @@ def test_presets_match_the_published_shapes():
     assert (sc.dropout, sc.bias) == (0.2, False)
     gpt2 = ft.PRESETS["gpt2"]
     assert (gpt2.n_layers, gpt2.n_heads, gpt2.d_model, gpt2.max_seq_len, gpt2.vocab_size) == (12, 12, 768, 1024, 50257)
-    assert (gpt2.positional, gpt2.norm_position, gpt2.tie_embeddings) == ("learned", "pre", True)
+    assert (gpt2.positional, gpt2.layout.norm_position, gpt2.embeddings.tie) == ("learned", "pre", True)
     tiny = ft.PRESETS["tiny"]
     sizes = [tiny.vocab_size, tiny.d_model, tiny.n_heads, tiny.n_layers, tiny.d_ff, tiny.max_seq_len, tiny.head_dim]
     assert len(set(sizes)) == len(sizes), "tiny must give every axis its own size"
@@ -322,7 +322,7 @@ def test_an_old_checkpoints_config_dict_still_loads_with_the_defaults():
     old = {k: v for k, v in make().to_dict().items() if k not in ("attention", "rope_scaling", "norm_upcast")}
     cfg = ft.Config.from_dict(old)
     assert cfg == make()
-    assert (cfg.attention, cfg.rope_scaling, cfg.norm_upcast) == (Attention(), None, False)
+    assert (cfg.attention, cfg.positional.scaling, cfg.norm_upcast) == (Attention(), None, False)
 
 
 def test_from_dict_names_an_unknown_sub_config_field():

@@ -46,7 +46,7 @@ def test_untied_unembedding_gives_the_same_logits(gen):
     params = ft.init_params(CFG, seed=2)
     tokens = torch.randint(0, CFG.vocab_size, (2, 7), generator=gen)
     untied, untied_cfg = untie_for_decoding(params, CFG)
-    assert not untied_cfg.tie_embeddings and untied["unembed"]["w"].shape == (CFG.d_model, CFG.vocab_size)
+    assert not untied_cfg.embeddings.tie and untied["unembed"]["w"].shape == (CFG.d_model, CFG.vocab_size)
     assert "unembed" not in params  # the caller's tree is untouched
     torch.testing.assert_close(ft.forward(untied, tokens, untied_cfg), ft.forward(params, tokens, CFG), atol=1e-5, rtol=0)
     own = CFG.replace(tie_embeddings=False)

@@ -71,7 +71,7 @@ def test_each_feature_changes_the_logits(models, family):
 
 def test_gpt_neox_config_becomes_features(models):
     cfg = models["gpt_neox"][1]
-    assert (cfg.residual, cfg.rotary_dim, cfg.head_dim, cfg.norm, cfg.bias, cfg.activation, cfg.tie_embeddings) == (
+    assert (cfg.layout.residual, cfg.rotary_dim, cfg.head_dim, cfg.norm.kind, cfg.bias, cfg.activation, cfg.embeddings.tie) == (
         "parallel", 4, 8, "layernorm", True, "gelu", False)
 
 
@@ -82,7 +82,7 @@ def test_gpt_neox_older_config_keys_are_read(models, tmp_path):
     hf.update(rotary_pct=0.25, rotary_emb_base=500.0)
     (tmp_path / "config.json").write_text(json.dumps(hf))
     cfg = config_from_hf_dir(tmp_path)
-    assert (cfg.rotary_dim, cfg.rope_base) == (2, 500.0)
+    assert (cfg.rotary_dim, cfg.positional.base) == (2, 500.0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -143,7 +143,7 @@ def test_parallel_activations_say_what_each_site_is(models):
     torch.testing.assert_close(b["resid_mid"], b["resid_pre"] + attn_write, rtol=1e-5, atol=1e-5)
     from ftransformer.layers.feedforward import feedforward
     from ftransformer.layers.norm import norm
-    mlp_write = feedforward(p["mlp"], norm(p["ln2"], b["resid_pre"], cfg), cfg)
+    mlp_write = feedforward(p["mlp"], norm(p["ln2"], b["resid_pre"], cfg.norm), cfg)
     torch.testing.assert_close(b["resid_post"], b["resid_mid"] + mlp_write, rtol=1e-5, atol=1e-5)
 
 
@@ -178,25 +178,25 @@ def test_gpt_neox_refuses_what_it_cannot_express(models, tmp_path, change, messa
 def test_config_validates_the_new_choices():
     base = dict(vocab_size=11, d_model=16, n_heads=2, n_layers=1, d_ff=8, max_seq_len=8)
     with pytest.raises(ValueError, match="rotary_dim=3 needs positional='rope'"):
-        ft.Config(**base, positional="rope", attention=Attention(rotary_dim=3))
+        ft.Config.from_flat(**base, positional="rope", attention=Attention(rotary_dim=3))
     with pytest.raises(ValueError, match="rotary_dim=4 needs positional='rope' \\(got 'learned'\\)"):
         ft.Config(**base, attention=Attention(rotary_dim=4))
     with pytest.raises(ValueError, match="residual='parallel' needs norm_position='pre'"):
-        ft.Config(**base, residual="parallel", norm_position="post")
+        ft.Config.from_flat(**base, residual="parallel", norm_position="post")
     with pytest.raises(ValueError, match="Config.residual='both' is not one of"):
-        ft.Config(**base, residual="both")
+        ft.Config.from_flat(**base, residual="both")
     with pytest.raises(ValueError, match="norm_scale_in_float32=True needs norm_upcast=True"):
-        ft.Config(**base, norm="rmsnorm", norm_scale_in_float32=True)
+        ft.Config.from_flat(**base, norm="rmsnorm", norm_scale_in_float32=True)
     with pytest.raises(ValueError, match="norm_unit_offset=True needs norm='rmsnorm'"):
-        ft.Config(**base, norm_unit_offset=True)
+        ft.Config.from_flat(**base, norm_unit_offset=True)
     with pytest.raises(ValueError, match="window_rope_base=10000.0 needs positional='rope' and sliding windows"):
-        ft.Config(**base, positional="rope", window_rope_base=1e4)
-    with pytest.raises(ValueError, match="Config.logit_softcap=0.0 must be a positive number"):
-        ft.Config(**base, logit_softcap=0.0)
+        ft.Config.from_flat(**base, positional="rope", window_rope_base=1e4)
+    with pytest.raises(ValueError, match="Config.embeddings.logit_softcap=0.0 must be a positive number"):
+        ft.Config.from_flat(**base, logit_softcap=0.0)
     with pytest.raises(ValueError, match="Attention.softcap=-1.0 must be a positive number"):
         Attention(softcap=-1.0)
-    with pytest.raises(ValueError, match="Config.norm_position='sideways' is not one of 'pre', 'post', 'sandwich', 'output'"):
-        ft.Config(**base, norm_position="sideways")
+    with pytest.raises(ValueError, match="Config.layout.norm_position='sideways' is not one of 'pre', 'post', 'sandwich', 'output'"):
+        ft.Config.from_flat(**base, norm_position="sideways")
 
 
 def test_an_intervention_on_resid_mid_flows_on_in_the_parallel_layout(models):
@@ -212,10 +212,10 @@ def test_an_intervention_on_resid_mid_flows_on_in_the_parallel_layout(models):
 def test_gemma_configs_become_features(models):
     g1, g2 = models["gemma"][1], models["gemma2"][1]
     for cfg in (g1, g2):
-        assert (cfg.norm_unit_offset, cfg.embed_scale, cfg.activation, cfg.head_dim, cfg.n_kv_heads) == (
+        assert (cfg.norm.unit_offset, cfg.embeddings.scale, cfg.activation, cfg.head_dim, cfg.n_kv_heads) == (
             True, True, "geglu_tanh", 16, 2)
-    assert (g1.norm_position, g1.attention.scale, g1.attention.softcap, g1.logit_softcap) == ("pre", None, None, None)
-    assert (g2.norm_position, g2.attention.scale, g2.attention.softcap, g2.logit_softcap) == ("sandwich", 12**-0.5, 5.0, 4.0)
+    assert (g1.layout.norm_position, g1.attention.scale, g1.attention.softcap, g1.embeddings.logit_softcap) == ("pre", None, None, None)
+    assert (g2.layout.norm_position, g2.attention.scale, g2.attention.softcap, g2.embeddings.logit_softcap) == ("sandwich", 12**-0.5, 5.0, 4.0)
     assert g2.attention.window == (5, None)  # sliding first, then global, alternating
     assert set(ft.init_params(g2)["blocks"][0]) == {"ln1", "attn", "ln1_post", "ln2", "mlp", "ln2_post"}
 
@@ -235,22 +235,22 @@ def test_gemma_bfloat16_embedding_and_norms_round_as_transformers(models, family
     with torch.no_grad():
         theirs = model16.model.embed_tokens(x)
         assert torch.equal(ours, theirs)
-        assert torch.equal(norm(params16["blocks"][0]["ln1"], ours, cfg16), model16.model.layers[0].input_layernorm(theirs))
+        assert torch.equal(norm(params16["blocks"][0]["ln1"], ours, cfg16.norm), model16.model.layers[0].input_layernorm(theirs))
     assert not torch.equal(ours, params16["embed"]["tokens"][x] * cfg.d_model**0.5)  # the rounding shows
 
 
 def test_gemma3_config_becomes_features(models, tmp_path):
     cfg = models["gemma3_text"][1]
-    assert (cfg.attention.qk_norm, cfg.window_rope_base, cfg.rope_base, cfg.rope_scaling.kind, cfg.rope_scaling.factor) == (
+    assert (cfg.attention.qk_norm, cfg.positional.window_base, cfg.positional.base, cfg.positional.scaling.kind, cfg.positional.scaling.factor) == (
         True, 1e4, 1e6, "linear", 8.0)
-    assert (cfg.attention.window, cfg.norm_position, cfg.attention.scale) == ((5, None), "sandwich", 12**-0.5)
+    assert (cfg.attention.window, cfg.layout.norm_position, cfg.attention.scale) == ((5, None), "sandwich", 12**-0.5)
     # transformers 4's spelling: rope_theta, rope_local_base_freq and rope_scaling beside each other
     hf = json.loads((models["gemma3_text"][3] / "config.json").read_text())
     del hf["rope_parameters"]
     hf.update(rope_theta=5e5, rope_local_base_freq=2e3, rope_scaling={"rope_type": "linear", "factor": 4.0})
     (tmp_path / "config.json").write_text(json.dumps(hf))
     old = config_from_hf_dir(tmp_path)
-    assert (old.rope_base, old.window_rope_base, old.rope_scaling.factor) == (5e5, 2e3, 4.0)
+    assert (old.positional.base, old.positional.window_base, old.positional.scaling.factor) == (5e5, 2e3, 4.0)
 
 
 def test_gemma3_multimodal_checkpoints_are_refused_by_name(models, tmp_path):
@@ -266,13 +266,13 @@ def test_gemma2_softcaps_and_windows_show_in_the_activations(models):
     x = tokens(1, SEQ, seed=5)
     logits, acts = ft.forward_with_activations(params, x, cfg)
     assert torch.equal(logits, ft.forward(params, x, cfg))
-    assert logits.abs().max() < cfg.logit_softcap
+    assert logits.abs().max() < cfg.embeddings.logit_softcap
     pattern = acts["blocks"][0]["attn"]["pattern"][0]
     assert torch.all(pattern[:, 10, :6] == 0) and torch.all(pattern[:, 10, 6:11] > 0)  # window 5
     # sandwich: resid_mid is resid_pre plus the attention output after its own norm (ln1_post)
     from ftransformer.layers.norm import norm
     b, p = acts["blocks"][1], params["blocks"][1]
-    attn_out = norm(p["ln1_post"], b["attn"]["head_out"].sum(-3), cfg)
+    attn_out = norm(p["ln1_post"], b["attn"]["head_out"].sum(-3), cfg.norm)
     torch.testing.assert_close(b["resid_mid"], b["resid_pre"] + attn_out, rtol=1e-5, atol=1e-5)
 
 
@@ -296,10 +296,10 @@ def test_save_hf_refuses_a_gemma_it_cannot_write(models, tmp_path):
     _, cfg, params, _ = models["gemma"]
     with pytest.raises(ValueError, match="cannot be expressed in gemma \\(pre-norm, no scale"):
         save_hf(params, cfg.replace(logit_softcap=3.0), tmp_path)
-    with pytest.raises(ValueError, match="Config.embed_scale=False cannot be expressed in gemma"):
+    with pytest.raises(ValueError, match="Config.embeddings.scale=False cannot be expressed in gemma"):
         save_hf(params, cfg.replace(embed_scale=False), tmp_path)
     llama_like = cfg.replace(norm_unit_offset=False, activation="swiglu", embed_scale=False, logit_softcap=3.0)
-    with pytest.raises(ValueError, match="Config.logit_softcap=3.0 has no Hugging Face family here"):
+    with pytest.raises(ValueError, match="Config.embeddings.logit_softcap=3.0 has no Hugging Face family here"):
         save_hf(params, llama_like, tmp_path)
 
 
@@ -316,7 +316,7 @@ def test_compiled_decoding_keeps_softcaps_windows_and_sandwich_norms(models, com
 def test_olmo2_config_becomes_features(models):
     cfg, params = models["olmo2"][1], models["olmo2"][2]
     a = cfg.attention
-    assert (cfg.norm_position, a.qk_norm, a.qk_norm_over, cfg.norm_upcast) == ("output", True, "projection", True)
+    assert (cfg.layout.norm_position, a.qk_norm, a.qk_norm_over, cfg.norm_upcast) == ("output", True, "projection", True)
     attn = params["blocks"][0]["attn"]
     assert attn["q_norm"]["scale"].shape == (cfg.n_heads * cfg.head_dim,)
     assert attn["k_norm"]["scale"].shape == (cfg.n_kv_heads * cfg.head_dim,)

@@ -116,10 +116,10 @@ def test_load_logits_match_transformers(name, fmt, tmp_path):
     assert cfg.d_model == hf_cfg["n_embd"]
     assert (cfg.n_layers, cfg.n_heads) == (hf_cfg["n_layer"], hf_cfg["n_head"])
     assert cfg.d_ff == (hf_cfg["n_inner"] or 4 * hf_cfg["n_embd"])
-    assert cfg.tie_embeddings == hf_cfg.get("tie_word_embeddings", True)
+    assert cfg.embeddings.tie == hf_cfg.get("tie_word_embeddings", True)
     assert cfg.activation == ("gelu" if hf_cfg.get("activation_function") == "gelu" else "gelu_tanh")
-    assert cfg.norm_eps == hf_cfg.get("layer_norm_epsilon", 1e-5)
-    assert ("unembed" in params) == (not cfg.tie_embeddings)
+    assert cfg.norm.eps == hf_cfg.get("layer_norm_epsilon", 1e-5)
+    assert ("unembed" in params) == (not cfg.embeddings.tie)
 
     # A full-length batch, and a short single sequence (the leading-batch-free path).
     tokens = random_tokens(cfg, 3, cfg.max_seq_len)
@@ -146,7 +146,7 @@ def test_inferred_config_detects_untied_head():
         vocab_size=53, n_positions=11, n_embd=64, n_layer=1, n_head=1, n_inner=24, tie_word_embeddings=False
     )
     cfg, params = ft.load_hf_gpt2(model.state_dict())
-    assert not cfg.tie_embeddings
+    assert not cfg.embeddings.tie
     assert torch.equal(params["unembed"]["w"], model.lm_head.weight.detach().T)
 
 

@@ -51,10 +51,10 @@ def test_config_json_becomes_the_features_of_the_family(saved, family):
     cfg = config_from_hf_dir(saved[family][0])
     e = EXPECTED[family]
     assert (cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers, cfg.d_ff) == (61, 24, 4, 2, 2, 40)
-    assert (cfg.norm, cfg.positional, cfg.activation, cfg.bias, cfg.norm_upcast) == ("rmsnorm", "rope", "swiglu", False, True)
+    assert (cfg.norm.kind, cfg.positional.kind, cfg.activation, cfg.bias, cfg.norm_upcast) == ("rmsnorm", "rope", "swiglu", False, True)
     assert (cfg.head_dim, cfg.attention.window, cfg.attention.qkv_bias, cfg.attention.qk_norm) == (
         e["head_dim"], e["window"], e["qkv_bias"], e["qk_norm"])
-    assert (cfg.tie_embeddings, cfg.rope_scaling, cfg.rope_base) == (e["tie"], e["rope_scaling"], e["rope_base"])
+    assert (cfg.embeddings.tie, cfg.positional.scaling, cfg.positional.base) == (e["tie"], e["rope_scaling"], e["rope_base"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -80,7 +80,7 @@ def test_every_tensor_lands_where_the_model_uses_it(saved, family):
     if family == "qwen3":
         assert torch.equal(b["attn"]["q_norm"]["scale"], attn.q_norm.weight)
         assert torch.equal(b["attn"]["k_norm"]["scale"], attn.k_norm.weight)
-    if not cfg.tie_embeddings:
+    if not cfg.embeddings.tie:
         assert torch.equal(params["unembed"]["w"], sd["lm_head.weight"].T)
     # The tree is exactly the one init_params builds for the config: same paths, same order, same shapes.
     expected = {k: v.shape for k, v in flat(ft.init_params(cfg)).items()}
@@ -160,7 +160,7 @@ def test_configs_no_family_expresses_are_refused_naming_the_field(tmp_path):
 
 
 def test_save_hf_names_a_mis_shaped_parameter(tmp_path):
-    cfg = ft.Config(vocab_size=37, d_model=24, n_heads=3, n_layers=2, d_ff=40, max_seq_len=16, bias=False,
+    cfg = ft.Config.from_flat(vocab_size=37, d_model=24, n_heads=3, n_layers=2, d_ff=40, max_seq_len=16, bias=False,
                     norm="rmsnorm", positional="rope", activation="swiglu")
     params = ft.init_params(cfg)
     params["blocks"][1]["mlp"]["w_in"] = torch.zeros(24, 41)

@@ -53,12 +53,12 @@ def test_acts_have_the_documented_names_and_shapes(variant):
     assert set(acts) == {"embed", "blocks", "final"} and len(acts["blocks"]) == cfg.n_layers
     assert acts["embed"].shape == acts["final"].shape == (3, 11, d)
     for b in acts["blocks"]:
-        assert set(b) == {"resid_pre", "attn", "resid_mid", "resid_post"} | ({"mlp"} if cfg.mlp else set())
+        assert set(b) == {"resid_pre", "attn", "resid_mid", "resid_post"} | ({"mlp"} if cfg.layout.mlp else set())
         assert b["resid_pre"].shape == b["resid_mid"].shape == b["resid_post"].shape == (3, 11, d)
         a = b["attn"]
         assert a["q"].shape == (3, h, 11, hd) and a["k"].shape == a["v"].shape == (3, kv, 11, hd)
         assert a["pattern"].shape == (3, h, 11, 11) and a["head_out"].shape == (3, h, 11, d)
-        if cfg.mlp:
+        if cfg.layout.mlp:
             assert b["mlp"]["hidden"].shape == (3, 11, cfg.d_ff)
     paths = interp.activation_paths(cfg)
     assert paths == list(ft.tree.flatten_with_paths(acts)) or set(paths) == set(ft.tree.flatten_with_paths(acts))
@@ -70,7 +70,7 @@ def test_residual_stream_is_chained_and_heads_sum_to_the_attention_output(varian
     assert torch.equal(acts["blocks"][0]["resid_pre"], acts["embed"])
     for prev, nxt in zip(acts["blocks"], acts["blocks"][1:]):
         assert torch.equal(nxt["resid_pre"], prev["resid_post"])
-    if cfg.norm_position == "pre":
+    if cfg.layout.norm_position == "pre":
         for bp, b in zip(params["blocks"], acts["blocks"]):
             attn_out = b["attn"]["head_out"].sum(-3) + bp["attn"].get("b_o", 0)
             torch.testing.assert_close(b["resid_mid"] - b["resid_pre"], attn_out, atol=1e-5, rtol=1e-5)
@@ -338,7 +338,7 @@ def test_direct_logit_attribution_sums_to_the_logit(name, tiny_cfg):
         want = logits[..., token] if isinstance(token, int) else logits.gather(-1, token[..., None])[..., 0]
         # A sum of ~30 float32 terms of size ~1: a few ulps each.
         torch.testing.assert_close(total, want, atol=1e-5, rtol=1e-5)
-    if not cfg.mlp:
+    if not cfg.layout.mlp:
         assert bool((dla["mlp"] == 0).all())
 
 

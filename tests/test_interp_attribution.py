@@ -56,7 +56,7 @@ def near_linear_norms(cfg: ft.Config, params: dict) -> dict:
     """With ``norm_eps`` far above the variance, a LayerNorm is ``(x - mean) * scale / sqrt(eps)`` to ~1e-8:
     multiplying every norm's scale by ``sqrt(eps)`` keeps the values' size and makes the norms linear. The
     q/k/v weights are tripled so the softmax is far from uniform (and far from linear)."""
-    factors = {"scale": cfg.norm_eps ** 0.5, "w_qkv": 3.0}
+    factors = {"scale": cfg.norm.eps ** 0.5, "w_qkv": 3.0}
     flat = ft.tree.flatten_with_paths(params)
     return ft.tree.unflatten_paths({p: x * factors.get(p.rsplit(".", 1)[-1], 1.0) for p, x in flat.items()}, params)
 

@@ -69,8 +69,8 @@ def test_all_ones_circuit_is_the_model_and_all_zeros_is_the_replacement_run(name
 
 def _hidden(block: dict, x: torch.Tensor, cfg: ft.Config) -> torch.Tensor:
     tap = Tap()
-    ln = block["ln1"] if cfg.residual == "parallel_shared_norm" else block["ln2"]
-    feedforward(block["mlp"], norm(ln, x, cfg), cfg, tap=tap)
+    ln = block["ln1"] if cfg.layout.residual == "parallel_shared_norm" else block["ln2"]
+    feedforward(block["mlp"], norm(ln, x, cfg.norm), cfg, tap=tap)
     return tap.acts["hidden"]
 
 
@@ -84,7 +84,7 @@ def single_edge_patch(params, cfg, base, acts, delta, reader: str) -> torch.Tens
     elif reader.startswith("m"):
         i = int(reader[1:])
         block = acts["blocks"][i]
-        x = block["resid_mid"] if cfg.residual == "sequential" else block["resid_pre"]
+        x = block["resid_mid"] if cfg.layout.residual == "sequential" else block["resid_pre"]
         fixes = {f"blocks.{i}.mlp.hidden": lambda v: _hidden(params["blocks"][i], x + delta, cfg)}
     else:
         layer, rest = reader[1:].split(".h")
@@ -92,7 +92,7 @@ def single_edge_patch(params, cfg, base, acts, delta, reader: str) -> torch.Tens
         p = params["blocks"][int(layer)]
         x = acts["blocks"][int(layer)]["resid_pre"] + delta
         _, _, rotaries = ft.model.block_inputs(base, cfg)
-        new = dict(zip("qkv", project_qkv(p["attn"], norm(p["ln1"], x, cfg), cfg, rotaries[int(layer)])))[site]
+        new = dict(zip("qkv", project_qkv(p["attn"], norm(p["ln1"], x, cfg.norm), cfg, rotaries[int(layer)])))[site]
 
         def replace(v, new=new, head=head):
             out = v.clone()

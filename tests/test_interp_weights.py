@@ -64,8 +64,8 @@ CASES = {
 def test_fold_layer_norm_keeps_logits_and_leaves_identity_norms(name):
     cfg = CASES[name]
     params, folded, new_cfg = transformed(w.fold_layer_norm, cfg)
-    assert not new_cfg.tie_embeddings
-    identity = 0.0 if cfg.norm_unit_offset else 1.0
+    assert not new_cfg.embeddings.tie
+    identity = 0.0 if cfg.norm.unit_offset else 1.0
     for block in folded["blocks"]:
         assert torch.all(block["ln1"]["scale"] == identity)
         assert "bias" not in block["ln1"] or torch.all(block["ln1"]["bias"] == 0)

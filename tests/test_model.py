@@ -48,7 +48,7 @@ def test_forward_matches_a_hand_written_model(tiny_cfg, gen, tie):
     x = p["embed"]["tokens"][tokens] + p["embed"]["positions"][:6]
     for blk in p["blocks"]:
         x = ft.layers.block(blk, x, cfg, mask=mask)
-    x = F.layer_norm(x, (cfg.d_model,), p["ln_f"]["scale"], p["ln_f"]["bias"], cfg.norm_eps)
+    x = F.layer_norm(x, (cfg.d_model,), p["ln_f"]["scale"], p["ln_f"]["bias"], cfg.norm.eps)
     w_out = p["embed"]["tokens"].T if tie else p["unembed"]["w"]
     torch.testing.assert_close(ft.forward(p, tokens, cfg), x @ w_out)
 
@@ -155,7 +155,7 @@ def test_per_example_grads_by_vmap_equal_the_loop(tiny_cfg, gen):
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
 def test_loss_gradcheck_float64(gen, norm_position):
     # batch 3, seq 5, heads 2, head_dim 4, d_model 8, d_ff 6, vocab 7
-    cfg = ft.Config(vocab_size=7, d_model=8, n_heads=2, n_layers=1, d_ff=6, max_seq_len=5, positional="rope",
+    cfg = ft.Config.from_flat(vocab_size=7, d_model=8, n_heads=2, n_layers=1, d_ff=6, max_seq_len=5, positional="rope",
                     tie_embeddings=False, norm_position=norm_position, activation="swiglu")
     flat = ft.tree.flatten_with_paths(ft.init_params(cfg, seed=0, dtype=torch.float64))
     names = list(flat)

@@ -41,13 +41,13 @@ def test_rms_norm_matches_the_formula_and_torch(gen):
 
 
 def test_norm_dispatches_on_the_config(gen):
-    cfg = ft.Config(vocab_size=37, d_model=D_MODEL, n_heads=1, n_layers=1, d_ff=11, max_seq_len=8, norm_eps=1e-3)
+    cfg = ft.Config.from_flat(vocab_size=37, d_model=D_MODEL, n_heads=1, n_layers=1, d_ff=11, max_seq_len=8, norm_eps=1e-3)
     x = torch.randn(2, 5, D_MODEL, generator=gen)
     p = {"scale": torch.randn(D_MODEL, generator=gen), "bias": torch.randn(D_MODEL, generator=gen)}
-    torch.testing.assert_close(norm(p, x, cfg), layer_norm(x, p["scale"], p["bias"], eps=1e-3))
-    torch.testing.assert_close(norm({"scale": p["scale"]}, x, cfg), layer_norm(x, p["scale"], eps=1e-3))
+    torch.testing.assert_close(norm(p, x, cfg.norm), layer_norm(x, p["scale"], p["bias"], eps=1e-3))
+    torch.testing.assert_close(norm({"scale": p["scale"]}, x, cfg.norm), layer_norm(x, p["scale"], eps=1e-3))
     rms = cfg.replace(norm="rmsnorm")
-    torch.testing.assert_close(norm({"scale": p["scale"]}, x, rms), rms_norm(x, p["scale"], eps=1e-3))
+    torch.testing.assert_close(norm({"scale": p["scale"]}, x, rms.norm), rms_norm(x, p["scale"], eps=1e-3))
 
 
 def test_norm_gradcheck(gen):

@@ -171,7 +171,7 @@ def test_tree_to_casts_floats_and_leaves_integers_alone():
 def test_modern_attention_leaves_follow_the_config():
     from ftransformer.config import Attention
 
-    cfg = ft.Config(vocab_size=37, d_model=24, n_heads=3, n_kv_heads=1, n_layers=2, d_ff=40, max_seq_len=16,
+    cfg = ft.Config.from_flat(vocab_size=37, d_model=24, n_heads=3, n_kv_heads=1, n_layers=2, d_ff=40, max_seq_len=16,
                     bias=False, norm="rmsnorm", positional="rope", activation="swiglu",
                     attention=Attention(head_dim=10, qkv_bias=True, qk_norm=True))
     attn = ft.init_params(cfg)["blocks"][0]["attn"]

@@ -9,7 +9,7 @@ from ftransformer.sampling import probs
 from ftransformer.speculative import speculative_generate
 
 TARGET = ft.Config(vocab_size=11, d_model=32, n_heads=4, n_layers=2, d_ff=64, max_seq_len=48)
-DRAFT = ft.Config(vocab_size=11, d_model=16, n_heads=2, n_layers=1, d_ff=24, max_seq_len=40, positional="rope")
+DRAFT = ft.Config.from_flat(vocab_size=11, d_model=16, n_heads=2, n_layers=1, d_ff=24, max_seq_len=40, positional="rope")
 
 
 def spread(cfg: ft.Config, seed: int, scale: float) -> dict:

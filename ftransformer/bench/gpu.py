@@ -56,7 +56,7 @@ def matmul_params(cfg: Config) -> int:
     """N of 6N: the parameters that take part in a product per token (not the position table, nor an
     untied input embedding, which are looked up)."""
     shapes = expected_param_shapes(cfg)
-    skip = {"embed.positions"} | (set() if cfg.tie_embeddings else {"embed.tokens"})
+    skip = {"embed.positions"} | (set() if cfg.embeddings.tie else {"embed.tokens"})
     return sum(s.numel() for name, s in shapes.items() if name not in skip)
 
 

@@ -42,9 +42,9 @@ class _Attention(nn.Module):
 class _Block(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm.eps, bias=cfg.bias)
         self.attn = _Attention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm.eps, bias=cfg.bias)
         self.fc = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.gelu = nn.GELU(approximate="tanh" if cfg.activation == "gelu_tanh" else "none")
         self.out = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
@@ -62,7 +62,7 @@ class NNGPT(nn.Module):
         self.tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.positions = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm.eps, bias=cfg.bias)
 
     def logits(self, tokens):
         pos = torch.arange(tokens.shape[1], device=tokens.device)

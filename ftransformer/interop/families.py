@@ -23,7 +23,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ftransformer.config import Attention, Config, RopeScaling
+from ftransformer.config import Attention, Config, Positional, RopeScaling
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3")
 # Families that store q/k/v as one qkv_proj and the SwiGLU's two inputs as one gate_up_proj.
@@ -73,7 +73,7 @@ def config_from_hf(hf: Mapping) -> Config:
     head_dim = hf.get("head_dim")
     rope_base, rope_scaling = _rope(hf, family)
     rotary_dim = _rotary_dim(hf, family, head_dim or d_model // n_heads)
-    return Config(
+    return Config.from_flat(
         vocab_size=hf["vocab_size"], d_model=d_model, n_heads=n_heads, n_layers=hf["num_hidden_layers"],
         d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, dropout=0.0, bias=_all_biases(hf, family),
@@ -84,8 +84,10 @@ def config_from_hf(hf: Mapping) -> Config:
         attention=Attention(
             head_dim=None if head_dim in (None, d_model // n_heads) and d_model % n_heads == 0 else head_dim,
             qkv_bias=family == "qwen2", qk_norm=family in ("qwen3", "olmo2"), window=_windows(hf, family),
-            qk_norm_over="projection" if family == "olmo2" else "head", rotary_dim=rotary_dim,
+            qk_norm_over="projection" if family == "olmo2" else "head",
         ),
+    ).replace(positional=Positional(
+        "rope", base=rope_base, scaling=rope_scaling, rotary_dim=rotary_dim, float32=family == "olmo2"),
     )
 
 
@@ -178,20 +180,20 @@ def family_for(cfg: Config) -> str:
     """The Llama-like family that can express ``cfg`` (its features decide), or a ``ValueError`` naming why none can."""
     needs = dict(positional="rope", norm="rmsnorm", activation="swiglu", mlp=True,
                  residual="sequential", embed_scale=False, logit_softcap=None)
-    if cfg.norm_position == "output" or cfg.attention.qk_norm_over == "projection":
+    if cfg.layout.norm_position == "output" or cfg.attention.qk_norm_over == "projection":
         return _olmo2(cfg, needs | {"norm_scale_in_float32": True, "rope_in_float32": True})
     needs |= {"norm_position": "pre", "norm_scale_in_float32": False, "rope_in_float32": False}
     for field, expected in needs.items():
-        if getattr(cfg, field) != expected:
+        if cfg.to_flat()[field] != expected:
             raise ValueError(
-                f"Config.{field}={getattr(cfg, field)!r} has no Hugging Face family here: expected {expected!r} "
+                f"Config.{field}={cfg.to_flat()[field]!r} has no Hugging Face family here: expected {expected!r} "
                 f"(supported families: {', '.join(FAMILIES)}; GPT-2 needs learned positions and LayerNorm)"
             )
     a = cfg.attention
     if a.scale is not None or a.softcap is not None:
         raise ValueError(f"Config.attention={a} has a scale or softcap, which no Llama-like family has")
     per_layer = isinstance(a.window, tuple)
-    if a.rotary_dim is not None:
+    if cfg.positional.rotary_dim is not None:
         return _phi3(cfg)
     if a.qk_norm:
         family = "qwen3"
@@ -219,11 +221,11 @@ def _phi3(cfg: Config) -> str:
     a = cfg.attention
     if cfg.bias or a.qk_norm or a.qkv_bias or isinstance(a.window, tuple) or cfg.head_dim != cfg.d_model // cfg.n_heads:
         raise ValueError(
-            f"Config.attention.rotary_dim={a.rotary_dim} needs phi3, which cannot express bias={cfg.bias}, attention={a}: "
+            f"Config.positional.rotary_dim={cfg.positional.rotary_dim} needs phi3, which cannot express bias={cfg.bias}, attention={a}: "
             "expected no biases, no q/k norm, one window for all layers, head_dim = d_model / n_heads"
         )
-    if int(cfg.head_dim * (a.rotary_dim / cfg.head_dim)) != a.rotary_dim:
-        raise ValueError(f"Config.attention.rotary_dim={a.rotary_dim} is not int(head_dim * a float) in phi3")
+    if int(cfg.head_dim * (cfg.positional.rotary_dim / cfg.head_dim)) != cfg.positional.rotary_dim:
+        raise ValueError(f"Config.positional.rotary_dim={cfg.positional.rotary_dim} is not int(head_dim * a float) in phi3")
     return "phi3"
 
 
@@ -231,11 +233,11 @@ def _olmo2(cfg: Config, needs: dict) -> str:
     """``olmo2`` when ``cfg`` is OLMo-2's layout (norms after the sublayers, q/k norms over whole projections)."""
     a = cfg.attention
     needs = needs | dict(norm_position="output", bias=False, head_dim=cfg.d_model // cfg.n_heads, attention=dataclasses.replace(
-        a, qk_norm=True, qk_norm_over="projection", qkv_bias=False, window=None, scale=None, softcap=None, rotary_dim=None))
+        a, qk_norm=True, qk_norm_over="projection", qkv_bias=False, window=None, scale=None, softcap=None), rotary_dim=None)
     for field, expected in needs.items():
-        if getattr(cfg, field) != expected:
+        if cfg.to_flat()[field] != expected:
             raise ValueError(
-                f"Config.{field}={getattr(cfg, field)!r} cannot be expressed in olmo2 (norm_position='output' or "
+                f"Config.{field}={cfg.to_flat()[field]!r} cannot be expressed in olmo2 (norm_position='output' or "
                 f"qk_norm_over='projection'): expected {expected!r}"
             )
     return "olmo2"
@@ -248,7 +250,7 @@ def common_hf(cfg: Config, family: str, dtype_name: str) -> dict:
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
-        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+        "rms_norm_eps": cfg.norm.eps, "tie_word_embeddings": cfg.embeddings.tie,
         "rope_parameters": _rope_parameters(cfg), "attention_dropout": 0.0, "dtype": dtype_name,
     }
 
@@ -279,13 +281,13 @@ def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
 
 
 def _rope_parameters(cfg: Config) -> dict:
-    s = cfg.rope_scaling
+    s = cfg.positional.scaling
     if s is None:
-        return {"rope_type": "default", "rope_theta": cfg.rope_base}
+        return {"rope_type": "default", "rope_theta": cfg.positional.base}
     if s.kind == "linear":
-        return {"rope_type": "linear", "rope_theta": cfg.rope_base, "factor": s.factor}
+        return {"rope_type": "linear", "rope_theta": cfg.positional.base, "factor": s.factor}
     return {
-        "rope_type": "llama3", "rope_theta": cfg.rope_base, "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+        "rope_type": "llama3", "rope_theta": cfg.positional.base, "factor": s.factor, "low_freq_factor": s.low_freq_factor,
         "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_seq_len,
     }
 
@@ -293,7 +295,7 @@ def _rope_parameters(cfg: Config) -> dict:
 # ---------------------------------------------------------------- tensor names
 
 
-# The norms after the attention sublayer, by Config.norm_position: (Hugging Face name, params name).
+# The norms after the attention sublayer, by Config.layout.norm_position: (Hugging Face name, params name).
 NORMS_AFTER_ATTN = {
     "pre": (("post_attention_layernorm", "ln2"),),
     "sandwich": (("post_attention_layernorm", "ln1_post"), ("pre_feedforward_layernorm", "ln2"),
@@ -332,7 +334,7 @@ def tensor_slots(cfg: Config, family: str | None = None) -> list[Slot]:
     slots = [Slot("model.embed_tokens.weight", "embed.tokens", (cfg.vocab_size, d))]
     for i in range(cfg.n_layers):
         h, b = f"model.layers.{i}.", f"blocks.{i}."
-        if cfg.norm_position != "output":
+        if cfg.layout.norm_position != "output":
             slots.append(Slot(h + "input_layernorm.weight", b + "ln1.scale", (d,)))
         if fused:
             slots.append(Slot(h + "self_attn.qkv_proj.weight", b + "attn.w_qkv", (q + 2 * kv, d), True))
@@ -347,7 +349,7 @@ def tensor_slots(cfg: Config, family: str | None = None) -> list[Slot]:
             whole = cfg.attention.qk_norm_over == "projection"
             slots += [Slot(h + f"self_attn.{n}_norm.weight", b + f"attn.{n}_norm.scale", (width if whole else hd,))
                       for n, width in (("q", q), ("k", kv))]
-        slots += [Slot(h + f"{name}.weight", b + f"{ours}.scale", (d,)) for name, ours in NORMS_AFTER_ATTN[cfg.norm_position]]
+        slots += [Slot(h + f"{name}.weight", b + f"{ours}.scale", (d,)) for name, ours in NORMS_AFTER_ATTN[cfg.layout.norm_position]]
         if fused:
             slots += [Slot(h + "mlp.gate_up_proj.weight", b + f"mlp.w_{n}", (2 * ff, d), True, rows=r)
                       for n, r in (("gate", (0, ff)), ("in", (ff, 2 * ff)))]
@@ -357,6 +359,6 @@ def tensor_slots(cfg: Config, family: str | None = None) -> list[Slot]:
             if cfg.bias:
                 slots.append(Slot(h + f"mlp.{hf_name}_proj.bias", b + f"mlp.b_{ft_name}", (shape[0],)))
     slots.append(Slot("model.norm.weight", "ln_f.scale", (d,)))
-    if not cfg.tie_embeddings:
+    if not cfg.embeddings.tie:
         slots.append(Slot("lm_head.weight", "unembed.w", (cfg.vocab_size, d), True))
     return slots

@@ -55,7 +55,7 @@ def config_from_hf(hf: Mapping) -> Config:
             softcap=hf.get("attn_logit_softcapping"), window=_windows(hf, family), qk_norm=family == "gemma3_text",
         ),
     ) if family != "gemma" else dict(norm_position="pre", attention=Attention(head_dim=head_dim))
-    return Config(
+    return Config.from_flat(
         vocab_size=hf["vocab_size"], d_model=d_model, n_heads=n_heads, n_layers=hf["num_hidden_layers"],
         d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 8192),
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, dropout=0.0, bias=False, norm="rmsnorm",
@@ -98,7 +98,7 @@ def _windows(hf: Mapping, family: str) -> int | tuple[int | None, ...] | None:
 
 def expresses(cfg: Config) -> bool:
     """Whether ``cfg`` is meant as a Gemma (its norm scales by ``1 + w``); ``family_for`` says which, or why none."""
-    return cfg.norm_unit_offset
+    return cfg.norm.unit_offset
 
 
 def family_for(cfg: Config) -> str:
@@ -106,23 +106,23 @@ def family_for(cfg: Config) -> str:
     needs = dict(positional="rope", activation="geglu_tanh", bias=False, embed_scale=True, mlp=True,
                  residual="sequential")
     for field, expected in needs.items():
-        if getattr(cfg, field) != expected:
-            raise ValueError(f"Config.{field}={getattr(cfg, field)!r} cannot be expressed in gemma: expected {expected!r}")
+        if cfg.to_flat()[field] != expected:
+            raise ValueError(f"Config.{field}={cfg.to_flat()[field]!r} cannot be expressed in gemma: expected {expected!r}")
     a = cfg.attention
-    if a.qkv_bias or a.rotary_dim is not None:
+    if a.qkv_bias or cfg.positional.rotary_dim is not None:
         raise ValueError(f"Config.attention={a} cannot be expressed in gemma: expected no qkv_bias, rotary_dim")
     family = "gemma3_text" if a.qk_norm else "gemma2"
-    if cfg.norm_position == "sandwich":
+    if cfg.layout.norm_position == "sandwich":
         if isinstance(a.window, int) or len({w for w in a.window or () if w is not None}) > 1:
             raise ValueError(f"Config.attention.window={a.window} cannot be expressed in {family}: one size, per layer")
-        if family == "gemma2" and cfg.window_rope_base is not None:
-            raise ValueError("Config.window_rope_base cannot be expressed in gemma2 (one rope); gemma3 needs qk_norm=True")
+        if family == "gemma2" and cfg.positional.window_base is not None:
+            raise ValueError("Config.positional.window_base cannot be expressed in gemma2 (one rope); gemma3 needs qk_norm=True")
         return family
     if a.qk_norm:
         raise ValueError("Config.attention.qk_norm=True cannot be expressed in gemma: gemma3 needs norm_position='sandwich'")
-    if cfg.norm_position != "pre" or a.scale is not None or a.softcap is not None or a.window is not None or cfg.logit_softcap:
+    if cfg.layout.norm_position != "pre" or a.scale is not None or a.softcap is not None or a.window is not None or cfg.embeddings.logit_softcap:
         raise ValueError(
-            f"Config.norm_position={cfg.norm_position!r} with attention {a} and logit_softcap={cfg.logit_softcap} "
+            f"Config.layout.norm_position={cfg.layout.norm_position!r} with attention {a} and logit_softcap={cfg.embeddings.logit_softcap} "
             "cannot be expressed in gemma (pre-norm, no scale, soft-caps or windows) nor gemma2 (sandwich norms)"
         )
     return "gemma"
@@ -140,11 +140,11 @@ def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
     if float(round(scalar)) ** -0.5 == (a.scale or cfg.head_dim**-0.5):
         scalar = round(scalar)  # Gemma's own configs hold integers
     if family == "gemma3_text":
-        local = {"rope_type": "default", "rope_theta": cfg.window_rope_base or cfg.rope_base}
+        local = {"rope_type": "default", "rope_theta": cfg.positional.window_base or cfg.positional.base}
         hf["rope_parameters"] = {"full_attention": hf["rope_parameters"], "sliding_attention": local}
     return hf | {
         "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": scalar,
-        "attn_logit_softcapping": a.softcap, "final_logit_softcapping": cfg.logit_softcap,
+        "attn_logit_softcapping": a.softcap, "final_logit_softcapping": cfg.embeddings.logit_softcap,
         "sliding_window": next((w for w in windows if w is not None), None),
         "layer_types": ["full_attention" if w is None else "sliding_attention" for w in windows],
     }

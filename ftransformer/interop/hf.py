@@ -98,7 +98,7 @@ def _checked(stored: dict[str, StoredTensor], slots: list[Slot], cfg: Config) ->
     """The stored tensors the slots need, after checking names and shapes (before any data is read)."""
     expected = {s.hf_key: s for s in slots}
     ignored = {k for k in stored if k.endswith(_BUFFER_SUFFIXES)}
-    if cfg.tie_embeddings:
+    if cfg.embeddings.tie:
         ignored |= {"lm_head.weight", "embed_out.weight"}  # some tied checkpoints store it anyway; the tie makes it the embedding
     missing = [f"{k!r} {s.hf_shape}" for k, s in expected.items() if k not in stored]
     extra = sorted(set(stored) - set(expected) - ignored)
@@ -176,10 +176,10 @@ def save_hf(
         neox.check(cfg)  # a config GPT-NeoX cannot express is refused before the params are looked at
         tensors = _hf_tensors(tree.flatten_with_paths(params), _template(cfg), neox.tensor_slots(cfg))
         hf = neox.config_to_hf(cfg, dtype_name=str(tensors["gpt_neox.embed_in.weight"][1]).removeprefix("torch."))
-    elif cfg.positional == "learned":
+    elif cfg.positional.kind == "learned":
         hf = hf_gpt2.config_to_hf(cfg)
         tensors = {k: (tuple(v.shape), v.dtype, lambda v=v: v) for k, v in hf_gpt2.to_hf_gpt2(params, cfg).items()}
-        if cfg.tie_embeddings:
+        if cfg.embeddings.tie:
             del tensors["lm_head.weight"]  # safetensors refuses two names for one tensor; HF re-ties it
     else:
         writer = gemma if gemma.expresses(cfg) else families

@@ -97,7 +97,7 @@ def config_from_hf(hf_config: Mapping | object) -> Config:
             raise ValueError(f"GPT-2 config has {key}={d[key]!r} but ftransformer needs {expected} ({why})")
     n_embd = d["n_embd"]
     n_inner = d.get("n_inner")
-    return Config(
+    return Config.from_flat(
         vocab_size=d["vocab_size"],
         d_model=n_embd,
         n_heads=d["n_head"],
@@ -129,7 +129,7 @@ def check_gpt2_compatible(cfg: Config) -> None:
         ("mlp", True, "every GPT-2 block has an MLP"),
     )
     for field, expected, why in rules:
-        got = getattr(cfg, field)
+        got = cfg.to_flat()[field]
         if got != expected:
             raise ValueError(f"Config.{field}={got!r} cannot be expressed in GPT-2: expected {expected!r} ({why})")
     if cfg.activation not in _ACTIVATIONS_OUT:
@@ -155,12 +155,12 @@ def config_to_hf(cfg: Config) -> dict:
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
         "attn_pdrop": cfg.dropout,
-        "layer_norm_epsilon": cfg.norm_eps,
+        "layer_norm_epsilon": cfg.norm.eps,
         "initializer_range": cfg.init_std,
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
-        "tie_word_embeddings": cfg.tie_embeddings,
+        "tie_word_embeddings": cfg.embeddings.tie,
         # GPT-2's <|endoftext|> is its last id, 50256; another vocabulary has no known end token.
         "bos_token_id": 50256 if cfg.vocab_size == 50257 else None,
         "eos_token_id": 50256 if cfg.vocab_size == 50257 else None,
@@ -188,7 +188,7 @@ def _infer_config(sd: Mapping[str, Tensor]) -> Config:
             "pass config=... (a Config or the model's config.json dict)"
         )
     tied = "lm_head.weight" not in sd or _same_values(sd["lm_head.weight"], sd["wte.weight"])
-    return Config(
+    return Config.from_flat(
         vocab_size=vocab,
         d_model=d_model,
         n_heads=d_model // _GPT2_HEAD_DIM,
@@ -231,7 +231,7 @@ def _table(cfg: Config) -> list[tuple[str, str, tuple[int, ...], bool]]:
             (h + "mlp.c_proj.bias", b + "mlp.b_out", (d,), False),
         ]
     rows += [("ln_f.weight", "ln_f.scale", (d,), False), ("ln_f.bias", "ln_f.bias", (d,), False)]
-    if not cfg.tie_embeddings:
+    if not cfg.embeddings.tie:
         rows.append(("lm_head.weight", "unembed.w", (cfg.vocab_size, d), True))
     return rows
 
@@ -330,7 +330,7 @@ def _params_by_path(sd: Mapping[str, Tensor], cfg: Config) -> dict[str, Tensor]:
 def _check_no_extra_keys(sd: Mapping[str, Tensor], cfg: Config) -> None:
     """Every key is one the table reads, or a ``lm_head.weight`` equal to the tied ``wte.weight``."""
     expected_keys = {row[0] for row in _table(cfg)}
-    if cfg.tie_embeddings and "lm_head.weight" in sd:
+    if cfg.embeddings.tie and "lm_head.weight" in sd:
         expected_keys.add("lm_head.weight")
         if not _same_values(sd["lm_head.weight"], sd["wte.weight"]):
             raise ValueError(
@@ -421,7 +421,7 @@ def to_hf_gpt2(params: dict, cfg: Config) -> dict[str, Tensor]:
     extra = sorted(set(flat) - known)
     if extra:
         raise ValueError(f"params has entries GPT-2 has no place for: {extra[:5]}")
-    if cfg.tie_embeddings:
+    if cfg.embeddings.tie:
         sd["lm_head.weight"] = sd["transformer.wte.weight"]
     return sd
 
@@ -442,7 +442,7 @@ def save_hf_gpt2(
             f"a GPT-2 directory holds a byte-level BPE tokenizer (vocab.json + merges.txt), got {tokenizer!r}"
         )
     sd = to_hf_gpt2(params, cfg)
-    if cfg.tie_embeddings:
+    if cfg.embeddings.tie:
         # safetensors refuses two names for one tensor; HF re-ties lm_head to wte on load.
         del sd["lm_head.weight"]
     directory = Path(directory)

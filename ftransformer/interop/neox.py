@@ -21,7 +21,7 @@ un-interleaved at load and interleaved again at export (``Slot.heads``).
 
 from collections.abc import Mapping
 
-from ftransformer.config import Attention, Config
+from ftransformer.config import Attention, Config, Positional
 from ftransformer.interop.families import Slot, _rope, _rope_parameters
 
 GELUS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -51,31 +51,31 @@ def config_from_hf(hf: Mapping) -> Config:
             f"gpt_neox config.json rotates int(head_dim={head_dim} * {fraction}) = {rotary_dim} channels; "
             "expected an even number > 0"
         )
-    return Config(
+    return Config.from_flat(
         vocab_size=hf["vocab_size"], d_model=d_model, n_heads=n_heads, n_layers=hf["num_hidden_layers"],
         d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048), dropout=0.0, bias=True,
         norm="layernorm", norm_position="pre", positional="rope", activation=GELUS[act],
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=float(hf.get("initializer_range", 0.02)),
         norm_eps=float(hf.get("layer_norm_eps", 1e-5)), rope_base=rope_base, rope_scaling=rope_scaling,
         residual="parallel" if hf.get("use_parallel_residual", True) else "sequential",
-        attention=Attention(rotary_dim=None if rotary_dim == head_dim else rotary_dim),
-    )
+    ).replace(positional=Positional(
+        "rope", base=rope_base, scaling=rope_scaling, rotary_dim=None if rotary_dim == head_dim else rotary_dim))
 
 
 def expresses(cfg: Config) -> bool:
     """Whether ``cfg`` is meant as GPT-NeoX: rotary positions with LayerNorm (``check`` says if it can be)."""
-    return cfg.positional == "rope" and cfg.norm == "layernorm"
+    return cfg.positional.kind == "rope" and cfg.norm.kind == "layernorm"
 
 
 def check(cfg: Config) -> None:
     """``ValueError`` naming the first choice of ``cfg`` that GPT-NeoX cannot express."""
     needs = dict(norm_position="pre", mlp=True, bias=True, n_kv_heads=cfg.n_heads, head_dim=cfg.d_model // cfg.n_heads)
     for field, expected in needs.items():
-        if getattr(cfg, field) != expected:
-            raise ValueError(f"Config.{field}={getattr(cfg, field)!r} cannot be expressed in gpt_neox: expected {expected!r}")
-    if cfg.activation not in ("gelu", "gelu_tanh") or cfg.residual == "parallel_shared_norm":
+        if cfg.to_flat()[field] != expected:
+            raise ValueError(f"Config.{field}={cfg.to_flat()[field]!r} cannot be expressed in gpt_neox: expected {expected!r}")
+    if cfg.activation not in ("gelu", "gelu_tanh") or cfg.layout.residual == "parallel_shared_norm":
         raise ValueError(
-            f"Config.activation={cfg.activation!r}, residual={cfg.residual!r} cannot be expressed in gpt_neox: expected "
+            f"Config.activation={cfg.activation!r}, residual={cfg.layout.residual!r} cannot be expressed in gpt_neox: expected "
             "activation 'gelu' or 'gelu_tanh', residual 'sequential' or 'parallel'"
         )
     a = cfg.attention
@@ -83,7 +83,7 @@ def check(cfg: Config) -> None:
         raise ValueError(f"Config.attention={a} cannot be expressed in gpt_neox: expected no window, qk_norm or qkv_bias")
     fraction = cfg.rotary_dim / cfg.head_dim
     if int(cfg.head_dim * fraction) != cfg.rotary_dim:
-        raise ValueError(f"Config.attention.rotary_dim={cfg.rotary_dim} is not int(head_dim * a float) in gpt_neox")
+        raise ValueError(f"Config.positional.rotary_dim={cfg.rotary_dim} is not int(head_dim * a float) in gpt_neox")
 
 
 def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
@@ -94,8 +94,8 @@ def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
         "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "hidden_act": "gelu" if cfg.activation == "gelu" else "gelu_pytorch_tanh",
-        "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std, "layer_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_embeddings, "use_parallel_residual": cfg.residual == "parallel",
+        "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std, "layer_norm_eps": cfg.norm.eps,
+        "tie_word_embeddings": cfg.embeddings.tie, "use_parallel_residual": cfg.layout.residual == "parallel",
         "attention_bias": True, "rope_parameters": rope, "attention_dropout": 0.0, "hidden_dropout": 0.0,
         "dtype": dtype_name,
     }
@@ -120,6 +120,6 @@ def tensor_slots(cfg: Config) -> list[Slot]:
             Slot(p + "mlp.dense_4h_to_h.bias", b + "mlp.b_out", (d,)),
         ]
     slots += [Slot("gpt_neox.final_layer_norm.weight", "ln_f.scale", (d,)), Slot("gpt_neox.final_layer_norm.bias", "ln_f.bias", (d,))]
-    if not cfg.tie_embeddings:
+    if not cfg.embeddings.tie:
         slots.append(Slot("embed_out.weight", "unembed.w", (cfg.vocab_size, d), True))
     return slots

@@ -52,7 +52,7 @@ def activation_paths(cfg: Config) -> list[str]:
     for i in range(cfg.n_layers):
         b = f"blocks.{i}."
         paths += [b + "resid_pre"] + [f"{b}attn.{s}" for s in ATTN_SITES] + [b + "resid_mid"]
-        if cfg.mlp:
+        if cfg.layout.mlp:
             paths.append(b + "mlp.hidden")
         paths.append(b + "resid_post")
     return paths + ["final"]

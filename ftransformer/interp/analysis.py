@@ -115,7 +115,7 @@ def logit_lens(params: dict, acts: dict, cfg: Config) -> Float[Tensor, "layers_p
 
 def _unembedding_columns(params: dict, cfg: Config, token) -> Tensor:
     """The unembedding's column(s) for ``token``: ``[d_model]`` for an int, ``[*batch, seq, d_model]`` for ids."""
-    w = params["embed"]["tokens"] if cfg.tie_embeddings else params["unembed"]["w"].t()
+    w = params["embed"]["tokens"] if cfg.embeddings.tie else params["unembed"]["w"].t()
     if isinstance(token, Tensor):
         return w[token]
     if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < cfg.vocab_size:
@@ -140,21 +140,21 @@ def direct_logit_attribution(
         "bias": [*batch, seq]}``; ``bias`` holds the attention output biases and the final norm's bias.
         Their sum is the logit.
     """
-    if cfg.norm_position != "pre":
+    if cfg.layout.norm_position != "pre":
         raise ValueError(
-            "direct logit attribution needs Config.norm_position='pre': in a post-LN model every block "
+            "direct logit attribution needs Config.layout.norm_position='pre': in a post-LN model every block "
             "renormalises the residual stream, so it is not a sum of the components' writes"
         )
     resid = acts["blocks"][-1]["resid_post"]
-    if cfg.norm == "layernorm":
-        inv = torch.rsqrt(resid.var(-1, unbiased=False, keepdim=True) + cfg.norm_eps)
+    if cfg.norm.kind == "layernorm":
+        inv = torch.rsqrt(resid.var(-1, unbiased=False, keepdim=True) + cfg.norm.eps)
     else:
-        inv = torch.rsqrt(resid.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+        inv = torch.rsqrt(resid.pow(2).mean(-1, keepdim=True) + cfg.norm.eps)
     u = _unembedding_columns(params, cfg, token).to(resid.dtype) * params["ln_f"]["scale"]
 
     def logit(c: Tensor) -> Tensor:
         """A write's share of the logit: the final norm's linear part (centre, frozen scale), then ``u``."""
-        if cfg.norm == "layernorm":
+        if cfg.norm.kind == "layernorm":
             c = c - c.mean(-1, keepdim=True)
         return (c * inv * u).sum(-1)
 

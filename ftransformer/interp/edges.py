@@ -86,8 +86,8 @@ class Faithfulness(NamedTuple):
 
 def check_layout(cfg: Config) -> None:
     """``ValueError`` for the layouts whose heads' writes are not plain summands of one residual stream."""
-    if cfg.norm_position != "pre":
-        raise ValueError(f"edge attribution supports Config.norm_position='pre' only, got {cfg.norm_position!r}")
+    if cfg.layout.norm_position != "pre":
+        raise ValueError(f"edge attribution supports Config.layout.norm_position='pre' only, got {cfg.layout.norm_position!r}")
     if cfg.attention.qk_norm and cfg.attention.qk_norm_over != "head":
         raise ValueError(
             "edge attribution supports Attention.qk_norm_over='head' only (a norm over every head's channels "
@@ -97,7 +97,7 @@ def check_layout(cfg: Config) -> None:
 
 def _sizes(cfg: Config) -> tuple[int, int, int]:
     """``(mlp, writers per layer, readers per layer)``."""
-    mlp = int(cfg.mlp)
+    mlp = int(cfg.layout.mlp)
     return mlp, cfg.n_heads + mlp, cfg.n_heads + 2 * cfg.n_kv_heads + mlp
 
 
@@ -114,7 +114,7 @@ def graph(cfg: Config) -> Graph:
         readers += [f"a{i}.h{h}.q" for h in range(cfg.n_heads)]
         readers += [f"a{i}.h{g}.{s}" for s in "kv" for g in range(cfg.n_kv_heads)] + [f"m{i}"] * mlp
         read += [2 * i + 1] * (cfg.n_heads + 2 * cfg.n_kv_heads)
-        read += [2 * i + (2 if cfg.residual == "sequential" else 1)] * mlp
+        read += [2 * i + (2 if cfg.layout.residual == "sequential" else 1)] * mlp
     readers.append("logits")
     read.append(2 * cfg.n_layers + 1)
     edges = torch.tensor(written)[:, None] < torch.tensor(read)[None, :]
@@ -126,13 +126,13 @@ def writer_values(params: dict, acts: dict, cfg: Config) -> Values:
     parts = [acts["embed"][None]]
     for i, block in enumerate(acts["blocks"]):
         parts.append(block["attn"]["head_out"].movedim(-3, 0))
-        if cfg.mlp:
+        if cfg.layout.mlp:
             parts.append(linear(block["mlp"]["hidden"], params["blocks"][i]["mlp"]["w_out"])[None])
     return torch.cat(parts)
 
 
 def _mlp_norm(block: dict, cfg: Config) -> dict:
-    return block["ln1"] if cfg.residual == "parallel_shared_norm" else block["ln2"]
+    return block["ln1"] if cfg.layout.residual == "parallel_shared_norm" else block["ln2"]
 
 
 def _diagonal(t: Tensor) -> Tensor:
@@ -144,7 +144,7 @@ def _circuit_attention(p: dict, x: Float[Tensor, "readers *batch seq d_model"], 
     """Each head's output ``[*batch, heads, seq, d_model]``, head ``h`` computing its query from reader input
     ``h``, key head ``g`` its key from input ``heads + g`` and its value from ``heads + kv_heads + g``."""
     heads, kv = cfg.n_heads, cfg.n_kv_heads
-    q, k, v = project_qkv(p["attn"], norm(p["ln1"], x, cfg), cfg, rotary)
+    q, k, v = project_qkv(p["attn"], norm(p["ln1"], x, cfg.norm), cfg, rotary)
     q, k, v = _diagonal(q[:heads]), _diagonal(k[heads : heads + kv]), _diagonal(v[heads + kv :])
     o = scaled_dot_product_attention(q, k, v, mask, impl="einsum", **score_args(cfg))
     return head_outputs(p["attn"], o)
@@ -165,16 +165,16 @@ def _circuit_layer(params: dict, i: int, x: Residual, diffs: list, mask: Tensor,
     head_out = _circuit_attention(p, _inputs(x, diffs, mask, slice(r0, r0 + n_readers - mlp)), cfg, masks[i], rotaries[i])
     b_o = p["attn"].get("b_o")
     attn = head_out.sum(-3) if b_o is None else head_out.sum(-3) + b_o
-    if cfg.residual == "sequential":
+    if cfg.layout.residual == "sequential":
         x = x + attn
     diffs = diffs + [head_out.movedim(-3, 0) - ablated[w0 : w0 + cfg.n_heads]]
     if mlp:
         m_in = _inputs(x, diffs, mask, slice(r0 + n_readers - 1, r0 + n_readers))[0]
-        out = feedforward(p["mlp"], norm(_mlp_norm(p, cfg), m_in, cfg), cfg)
+        out = feedforward(p["mlp"], norm(_mlp_norm(p, cfg), m_in, cfg.norm), cfg)
         b_out = p["mlp"].get("b_out")
         diffs = diffs + [(out if b_out is None else out - b_out)[None] - ablated[w0 + cfg.n_heads : w0 + n_writers]]
         x = x + out
-    if cfg.residual != "sequential":
+    if cfg.layout.residual != "sequential":
         x = x + attn
     return x, diffs
 
@@ -231,7 +231,7 @@ def _delta_paths(cfg: Config, tokens: Tokens) -> dict:
     zeros = {}
     for i in range(cfg.n_layers):
         zeros.update({f"blocks.{i}.attn.{s}": (*lead, *shape) for s, shape in shapes.items()})
-        if cfg.mlp:
+        if cfg.layout.mlp:
             zeros[f"blocks.{i}.mlp.hidden"] = (*lead, seq, cfg.d_ff)
     zeros[f"blocks.{cfg.n_layers - 1}.resid_post"] = (*lead, seq, cfg.d_model)
     return zeros
@@ -247,7 +247,7 @@ def _one_hot_cotangents(g: Tensor, n: int, before: int, after: int) -> Tensor:
 def _attn_reader_grads(p: dict, x: Residual, grads: tuple, cfg: Config, rotary, chunk) -> Tensor:
     """dM/dx for every q/k/v reader of one layer ``[heads + 2 kv_heads, *batch, seq, d_model]``: the vjp of
     ``x -> project_qkv(ln1(x))`` at the run's residual, with one head's cotangent at a time (vmapped)."""
-    _, vjp = torch.func.vjp(lambda x: project_qkv(p["attn"], norm(p["ln1"], x, cfg), cfg, rotary), x)
+    _, vjp = torch.func.vjp(lambda x: project_qkv(p["attn"], norm(p["ln1"], x, cfg.norm), cfg, rotary), x)
     heads, kv = cfg.n_heads, cfg.n_kv_heads
     gq, gk, gv = grads
     cotangents = (
@@ -261,7 +261,7 @@ def _attn_reader_grads(p: dict, x: Residual, grads: tuple, cfg: Config, rotary, 
 def _mlp_hidden(p: dict, x: Residual, cfg: Config) -> Tensor:
     """The hidden units of block ``p``'s MLP reading the residual ``x`` (through its norm)."""
     tap = Tap()
-    feedforward(p["mlp"], norm(_mlp_norm(p, cfg), x, cfg), cfg, tap=tap)
+    feedforward(p["mlp"], norm(_mlp_norm(p, cfg), x, cfg.norm), cfg, tap=tap)
     return tap.acts["hidden"]
 
 
@@ -286,8 +286,8 @@ def reader_gradients(
     for i, (p, a) in enumerate(zip(params["blocks"], acts["blocks"])):
         qkv = tuple(grads[f"blocks.{i}.attn.{s}"] for s in "qkv")
         parts.append(_attn_reader_grads(p, a["resid_pre"], qkv, cfg, rotaries[i], chunk))
-        if cfg.mlp:
-            x = a["resid_mid"] if cfg.residual == "sequential" else a["resid_pre"]
+        if cfg.layout.mlp:
+            x = a["resid_mid"] if cfg.layout.residual == "sequential" else a["resid_pre"]
             parts.append(_mlp_reader_grad(p, x, grads[f"blocks.{i}.mlp.hidden"], cfg)[None])
     parts.append(grads[f"blocks.{cfg.n_layers - 1}.resid_post"][None])
     return torch.cat(parts)
@@ -351,10 +351,10 @@ def _patched_reads(params: dict, base: dict, diff: Values, cfg: Config, i: int, 
     (``[writers, ...]`` per site): the q / k / v of ``ln1(resid_pre - diff[u])`` and the MLP hidden units of
     its input minus ``diff[u]``. Writer-many projections per layer, not one per edge."""
     p, a = params["blocks"][i], base["blocks"][i]
-    q, k, v = project_qkv(p["attn"], norm(p["ln1"], a["resid_pre"] - diff, cfg), cfg, rotary)
+    q, k, v = project_qkv(p["attn"], norm(p["ln1"], a["resid_pre"] - diff, cfg.norm), cfg, rotary)
     reads = {"attn.q": q, "attn.k": k, "attn.v": v}
-    if cfg.mlp:
-        x = a["resid_mid"] if cfg.residual == "sequential" else a["resid_pre"]
+    if cfg.layout.mlp:
+        x = a["resid_mid"] if cfg.layout.residual == "sequential" else a["resid_pre"]
         reads["mlp.hidden"] = _mlp_hidden(p, x - diff, cfg)
     return reads
 
@@ -367,7 +367,7 @@ def _layer_sweep(params, base: dict, diff: Values, metric: Metric, cfg: Config, 
     _, _, n_readers = _sizes(cfg)
     pick_writer = torch.nn.functional.one_hot(index[:, 0], diff.shape[0]).to(diff)
     pick_reader = torch.nn.functional.one_hot(index[:, 1] - i * n_readers, n_readers).to(diff)
-    widths = [cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads] + [1] * int(cfg.mlp)
+    widths = [cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads] + [1] * int(cfg.layout.mlp)
 
     def patched(writer: Float[Tensor, " writers"], reader: Tensor) -> Float[Tensor, ""]:
         fixes = {}

@@ -90,8 +90,8 @@ def _check_args(clean: Tokens, corrupt: Tensor, metric, cfg: Config, site: str, 
         raise TypeError(f"metric must be a function logits -> scalar tensor, got {type(metric).__name__}")
     if site not in SITES:
         raise ValueError(f"site must be one of {', '.join(map(repr, SITES))}, got {site!r}")
-    if site == "mlp.hidden" and not cfg.mlp:
-        raise ValueError("site 'mlp.hidden' needs a model with an MLP, got cfg.mlp=False")
+    if site == "mlp.hidden" and not cfg.layout.mlp:
+        raise ValueError("site 'mlp.hidden' needs a model with an MLP, got cfg.layout.mlp=False")
     if "layer" not in by or len(set(by)) != len(by) or not set(by) <= set(AXES):
         raise ValueError(f"by must hold 'layer' and any of 'position', 'head', each once, got {by!r}")
     if "head" in by and site not in HEAD_SITES:

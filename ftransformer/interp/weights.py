@@ -49,14 +49,14 @@ def _copy(params: dict) -> dict:
 
 def _untie(params: dict, cfg: Config) -> tuple[dict, Config]:
     """A separate unembedding ``[d_model, vocab]`` (the token embedding's transpose) when the two are tied."""
-    if not cfg.tie_embeddings:
+    if not cfg.embeddings.tie:
         return params, cfg
     params = dict(params, unembed={"w": params["embed"]["tokens"].t().clone()})
     return params, cfg.replace(tie_embeddings=False)
 
 
 def _unembedding(params: dict, cfg: Config) -> Float[Tensor, "d_model vocab"]:
-    return params["embed"]["tokens"].t() if cfg.tie_embeddings else params["unembed"]["w"]
+    return params["embed"]["tokens"].t() if cfg.embeddings.tie else params["unembed"]["w"]
 
 
 # ---------------------------------------------------------------- fold_layer_norm
@@ -64,12 +64,12 @@ def _unembedding(params: dict, cfg: Config) -> Float[Tensor, "d_model vocab"]:
 
 def _effective_scale(norm_params: dict, cfg: Config) -> Float[Tensor, " d_model"]:
     scale = norm_params["scale"]
-    return 1.0 + scale if cfg.norm_unit_offset else scale
+    return 1.0 + scale if cfg.norm.unit_offset else scale
 
 
 def _identity_norm(norm_params: dict, cfg: Config) -> dict:
     scale = norm_params["scale"]
-    out = {"scale": torch.zeros_like(scale) if cfg.norm_unit_offset else torch.ones_like(scale)}
+    out = {"scale": torch.zeros_like(scale) if cfg.norm.unit_offset else torch.ones_like(scale)}
     if "bias" in norm_params:
         out["bias"] = torch.zeros_like(norm_params["bias"])
     return out
@@ -116,7 +116,7 @@ def fold_layer_norm(params: dict, cfg: Config) -> tuple[dict, Config]:
     for block in params["blocks"]:
         block = dict(block, attn=dict(block["attn"]))
         _fold_into(block["attn"], block["ln1"], cfg, ("qkv",))
-        if cfg.mlp:
+        if cfg.layout.mlp:
             block["mlp"] = dict(block["mlp"])
             _fold_into(block["mlp"], block["ln2"] if "ln2" in block else block["ln1"], cfg, mlp_names)
             if "ln2" in block:

@@ -125,7 +125,7 @@ def project_qkv(params: dict, x: Residual, cfg, rotary: Rotary | None = None) ->
     if whole:  # OLMo-2: q and k each normalised over all their heads' channels at once
         widths = [n * cfg.head_dim for n in (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)]
         q, k, v = qkv.split(widths, dim=-1)
-        qkv = torch.cat([norm(params["q_norm"], q, cfg), norm(params["k_norm"], k, cfg), v], dim=-1)
+        qkv = torch.cat([norm(params["q_norm"], q, cfg.norm), norm(params["k_norm"], k, cfg.norm), v], dim=-1)
     # w_qkv's columns are n_heads query heads, then n_kv_heads key heads, then n_kv_heads value heads:
     # one rearrange into heads and a split along them gives the same views as three rearranges, in
     # half the time (per-call overhead is what bounds one-token decoding).
@@ -133,12 +133,12 @@ def project_qkv(params: dict, x: Residual, cfg, rotary: Rotary | None = None) ->
     q, k, v = qkv.split([cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads], dim=-3)
     if cfg.attention.qk_norm and not whole:
         # Qwen3: every head's query and key RMS-normalised over head_dim, before the rotation.
-        q = norm(params["q_norm"], q, cfg)
-        k = norm(params["k_norm"], k, cfg)
-    if cfg.positional == "rope":
+        q = norm(params["q_norm"], q, cfg.norm)
+        k = norm(params["k_norm"], k, cfg.norm)
+    if cfg.positional.kind == "rope":
         if rotary is None:
             raise ValueError("cfg.positional='rope' needs the rotary tables: rotary=rotary_tables(positions, cfg)")
-        q, k = (apply_rotary(t, *rotary, in_float32=cfg.rope_in_float32) for t in (q, k))
+        q, k = (apply_rotary(t, *rotary, in_float32=cfg.positional.float32) for t in (q, k))
     return q, k, v
 
 

@@ -37,16 +37,16 @@ def residual_with(
     """``residual`` for a sublayer that also returns something else, which is passed through untouched.
 
     ``post``: the sandwich layout's second norm, on the sublayer's output."""
-    if cfg.norm_position in ("pre", "sandwich"):
-        out, extra = sublayer(params, norm(norm_params, x, cfg))
+    if cfg.layout.norm_position in ("pre", "sandwich"):
+        out, extra = sublayer(params, norm(norm_params, x, cfg.norm))
         if post is not None:
-            out = norm(post, out, cfg)
+            out = norm(post, out, cfg.norm)
         return x + random.dropout(out, cfg.dropout, key), extra
-    if cfg.norm_position == "output":
+    if cfg.layout.norm_position == "output":
         out, extra = sublayer(params, x)
-        return x + random.dropout(norm(norm_params, out, cfg), cfg.dropout, key), extra
+        return x + random.dropout(norm(norm_params, out, cfg.norm), cfg.dropout, key), extra
     out, extra = sublayer(params, x)
-    return norm(norm_params, x + random.dropout(out, cfg.dropout, key), cfg), extra
+    return norm(norm_params, x + random.dropout(out, cfg.dropout, key), cfg.norm), extra
 
 
 def residual(
@@ -65,13 +65,13 @@ def wire(
     ``resid_mid`` (after attention), ``resid_post``, and the MLP's values under ``mlp.``.
     """
     x = tap("resid_pre", x)
-    if cfg.residual != "sequential":
+    if cfg.layout.residual != "sequential":
         return parallel_wire(params, x, cfg, attn, keys=keys, tap=tap)
-    sandwich = cfg.norm_position == "sandwich"
+    sandwich = cfg.layout.norm_position == "sandwich"
     post = (params["ln1_post"], params.get("ln2_post")) if sandwich else (None, None)
     x, extra = residual_with(params["attn"], x, attn, params["ln1"], cfg, keys[0], post[0])
     x = tap("resid_mid", x)
-    if cfg.mlp:
+    if cfg.layout.mlp:
         mlp = tap.scope("mlp")
 
         def ffn(p: dict, h: Tensor) -> Tensor:
@@ -87,12 +87,12 @@ def parallel_wire(
     """``wire`` for the parallel layouts: attention and MLP both read the block input ``x`` (normed by
     ``ln1`` and ``ln2``, or both by ``ln1``). ``resid_mid`` is ``x`` plus the attention output alone: the
     MLP does not read it, it is where the attention's write ends."""
-    h = norm(params["ln1"], x, cfg)
+    h = norm(params["ln1"], x, cfg.norm)
     out, extra = attn(params["attn"], h)
     out = random.dropout(out, cfg.dropout, keys[0])
     mid = tap("resid_mid", x + out)
-    if cfg.residual == "parallel":
-        h = norm(params["ln2"], x, cfg)
+    if cfg.layout.residual == "parallel":
+        h = norm(params["ln2"], x, cfg.norm)
     mlp = random.dropout(feedforward(params["mlp"], h, cfg, tap=tap.scope("mlp")), cfg.dropout, keys[1])
     # (mlp + attn) + x is GPT-NeoX's order of the sum (in bfloat16 the order decides the rounding); a
     # resid_mid an intervention replaced flows on instead.
@@ -110,7 +110,7 @@ def block(
     key: Key | None = None,
     tap: Tap = NO_TAP,
 ) -> Residual:
-    """One transformer block: ``params = {"ln1", "attn", "ln2"?, "mlp"?}`` (no MLP when ``cfg.mlp`` is False).
+    """One transformer block: ``params = {"ln1", "attn", "ln2"?, "mlp"?}`` (no MLP when ``cfg.layout.mlp`` is False).
 
     ``mask`` and ``rotary``: see ``multi_head_attention``. ``tap`` sees the values listed in ``wire``,
     and the attention's under ``attn.``.

@@ -72,13 +72,13 @@ def rotary_angles(
 def rotary_tables(positions: Int[Tensor, "*#batch seq"], cfg, *, windowed: bool = False) -> Rotary | None:
     """The tables ``cfg``'s attention layers rotate queries and keys by; None unless ``cfg.positional`` is "rope".
 
-    ``windowed``: the tables of the sliding-window layers, with ``cfg.window_rope_base`` (unscaled) when set.
+    ``windowed``: the tables of the sliding-window layers, with ``cfg.positional.window_base`` (unscaled) when set.
     """
-    if cfg.positional != "rope":
+    if cfg.positional.kind != "rope":
         return None
-    if windowed and cfg.window_rope_base is not None:
-        return rotary_angles(positions, cfg.rotary_dim, base=cfg.window_rope_base)
-    return rotary_angles(positions, cfg.rotary_dim, base=cfg.rope_base, scaling=cfg.rope_scaling)
+    if windowed and cfg.positional.window_base is not None:
+        return rotary_angles(positions, cfg.rotary_dim, base=cfg.positional.window_base)
+    return rotary_angles(positions, cfg.rotary_dim, base=cfg.positional.base, scaling=cfg.positional.scaling)
 
 
 def apply_rotary(
@@ -92,7 +92,7 @@ def apply_rotary(
 
     Tables narrower than the head (``half < head_dim / 2``: partial rotary) turn the first ``2 * half``
     channels and pass the rest through unchanged. ``in_float32``: rotate in float32 and cast back
-    (``Config.rope_in_float32``); else the tables are cast to ``x``'s dtype first.
+    (``Config.positional.float32``); else the tables are cast to ``x``'s dtype first.
     """
     rotated = 2 * cos.shape[-1]
     if rotated < x.shape[-1]:

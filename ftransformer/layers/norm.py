@@ -3,6 +3,7 @@
 import torch
 import torch.nn.functional as F
 
+from ftransformer.config import Norm
 from ftransformer.shapes import Float, Tensor
 
 
@@ -22,31 +23,37 @@ def rms_norm(
     scale: Float[Tensor, " d_model"],
     *,
     eps: float = 1e-5,
-    upcast: bool = False,
+    float32: str = "none",
     unit_offset: bool = False,
-    scale_in_float32: bool = False,
 ) -> Float[Tensor, "*batch d_model"]:
     """x / sqrt(mean(x^2) + eps) * scale, over the last axis (no centring, no bias).
 
-    ``upcast``: normalise in float32, cast back to x's dtype, then scale -- Hugging Face's order
-    (``Config.norm_upcast``). The same numbers in float32; below it, the order decides the rounding.
-    ``unit_offset``: scale by ``1 + scale`` instead, normalising and scaling in float32 before the cast
-    (Gemma's order, ``Config.norm_unit_offset``). ``scale_in_float32`` (with ``upcast``): scale in float32,
-    then cast (OLMo-2's order, ``Config.norm_scale_in_float32``).
+    ``float32`` (``Norm.float32``): "normalize" normalises in float32, casts back to x's dtype, then scales
+    (Hugging Face's order); "normalize_and_scale" scales in float32 too, then casts (OLMo-2's). The same
+    numbers in float32; below it, the order decides the rounding. ``unit_offset``: scale by ``1 + scale``
+    instead, normalising and scaling in float32 before the cast (Gemma's order, ``Norm.unit_offset``).
     """
-    if unit_offset or (upcast and scale_in_float32):
+    if unit_offset or float32 == "normalize_and_scale":
         h = x.to(torch.float32)
         w = scale.to(torch.float32)
         return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + w if unit_offset else w)).to(x.dtype)
-    if upcast:
+    if float32 == "normalize":
         h = x.to(torch.float32)
         return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * scale
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
 
 
-def norm(params: dict, x: Float[Tensor, "*batch d_model"], cfg) -> Float[Tensor, "*batch d_model"]:
-    """The config's normalisation, with ``params = {"scale": ..., "bias"?: ...}``."""
-    if cfg.norm == "rmsnorm":
-        return rms_norm(x, params["scale"], eps=cfg.norm_eps, upcast=cfg.norm_upcast, unit_offset=cfg.norm_unit_offset,
-                        scale_in_float32=cfg.norm_scale_in_float32)
-    return layer_norm(x, params["scale"], params.get("bias"), eps=cfg.norm_eps)
+def norm(params: dict, x: Float[Tensor, "*batch d_model"], spec: Norm) -> Float[Tensor, "*batch d_model"]:
+    """The spec's normalisation, with ``params = {"scale": ..., "bias"?: ...}`` (``init_norm``'s leaves)."""
+    if spec.kind == "rmsnorm":
+        return rms_norm(x, params["scale"], eps=spec.eps, float32=spec.float32, unit_offset=spec.unit_offset)
+    return layer_norm(x, params["scale"], params.get("bias"), eps=spec.eps)
+
+
+def init_norm(spec: Norm, width: int, *, bias: bool) -> dict:
+    """A norm's parameters: the identity at init (scale 1, or 0 with ``unit_offset``), a bias for a biased
+    LayerNorm."""
+    p = {"scale": (torch.zeros if spec.unit_offset else torch.ones)(width)}
+    if bias and spec.kind == "layernorm":
+        p["bias"] = torch.zeros(width)
+    return p

@@ -194,8 +194,6 @@ class Positional(_Spec):
         _check_positive("Positional", "base", self.base)
         _check_int("Positional", "rotary_dim", self.rotary_dim, allow_none=True)
         _check_bool("Positional", "float32", self.float32)
-        if isinstance(self.scaling, Mapping):
-            object.__setattr__(self, "scaling", RopeScaling.from_dict(self.scaling))
         if self.scaling is not None and not isinstance(self.scaling, RopeScaling):
             raise ValueError(f"Positional.scaling must be a RopeScaling or None, got {self.scaling!r}")
         if self.window_base is not None:
@@ -204,6 +202,13 @@ class Positional(_Spec):
         for name, value in rotary_only.items():
             if value is not None and self.kind != "rope":
                 raise ValueError(f"Positional.{name}={value!r} needs kind='rope', got kind={self.kind!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Positional":
+        d = _fields_of(cls, d)
+        if isinstance(d.get("scaling"), Mapping):
+            d["scaling"] = RopeScaling.from_dict(d["scaling"])
+        return cls(**d)
 
 
 @dataclass(frozen=True)

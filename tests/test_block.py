@@ -14,7 +14,7 @@ BATCH, SEQ, D_MODEL, HEADS, D_FF = 2, 5, 12, 3, 20
 
 
 def cfg_for(**changes) -> ft.Config:
-    return ft.Config(vocab_size=37, d_model=D_MODEL, n_heads=HEADS, n_layers=2, d_ff=D_FF, max_seq_len=9, **changes)
+    return ft.Config.from_flat(vocab_size=37, d_model=D_MODEL, n_heads=HEADS, n_layers=2, d_ff=D_FF, max_seq_len=9, **changes)
 
 
 def randomized_block_params(cfg, gen):
@@ -91,7 +91,7 @@ def test_block_with_cache_shares_the_blocks_wiring(gen, norm_position):
         v_cache=buffers, write_index=ft.cache.write_index(slots, HEADS, D_MODEL // HEADS),
     )
     torch.testing.assert_close(out, block(p, x, cfg, mask=self_mask(slots), rotary=rotary))
-    h = ft.layers.norm(p["ln1"], x, cfg) if norm_position == "pre" else x
+    h = ft.layers.norm(p["ln1"], x, cfg.norm) if norm_position == "pre" else x
     _, k_new, v_new = ft.layers.project_qkv(p["attn"], h, cfg, rotary)
     assert torch.equal(k[..., :SEQ, :], k_new) and torch.equal(v[..., :SEQ, :], v_new)
     assert not k[..., SEQ:, :].any() and not buffers.any()

@@ -148,7 +148,7 @@ def test_cache_holds_the_keys_and_values_forward_computes(name, gen):
     _, cache = ft.forward_with_cache(params, tokens, ft.init_cache(cfg, 3, max_len=9), cfg)
     positions = torch.arange(6).expand(3, 6)
     x = ft.model.embed(params, tokens, cfg, positions=positions)
-    h = ft.layers.norm(params["blocks"][0]["ln1"], x, cfg) if cfg.layout.norm_position == "pre" else x
+    h = ft.layers.norm(params["blocks"][0]["ln1"], x, cfg.norm) if cfg.layout.norm_position == "pre" else x
     _, k, v = ft.layers.project_qkv(params["blocks"][0]["attn"], h, cfg, ft.layers.rotary_tables(positions, cfg))
     torch.testing.assert_close(cache.k[0][..., :6, :], k)
     torch.testing.assert_close(cache.v[0][..., :6, :], v)

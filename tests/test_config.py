@@ -15,7 +15,8 @@ BASE = dict(vocab_size=37, d_model=24, n_heads=3, n_layers=2, d_ff=40, max_seq_l
 
 
 def make(**changes) -> ft.Config:
-    return ft.Config(**{**BASE, **changes})
+    """A config from 0.2's flat keywords: every case below also goes through the one converter."""
+    return ft.Config.from_flat(**{**BASE, **changes})
 
 
 # (changes, words the message must contain: the field, the bad value, and the rule)
@@ -27,16 +28,16 @@ INVALID = [
     ({"d_model": 25}, ["d_model=25", "n_heads=3", "divisible"]),
     ({"n_kv_heads": 2}, ["n_heads=3", "n_kv_heads=2", "divisible"]),
     ({"n_kv_heads": 6}, ["n_heads=3", "n_kv_heads=6", "divisible"]),
-    ({"norm": "batchnorm"}, ["norm", "'batchnorm'", *map(repr, NORMS)]),
+    ({"norm": "batchnorm"}, ["Norm.kind", "'batchnorm'", *map(repr, NORMS)]),
     ({"norm_position": "middle"}, ["norm_position", "'middle'", *map(repr, NORM_POSITIONS)]),
-    ({"positional": "alibi"}, ["positional", "'alibi'", *map(repr, POSITIONALS)]),
+    ({"positional": "alibi"}, ["Positional.kind", "'alibi'", *map(repr, POSITIONALS)]),
     ({"activation": "relu"}, ["activation", "'relu'", *map(repr, ACTIVATIONS)]),
     ({"attn_impl": "flash"}, ["attn_impl", "'flash'", *map(repr, ATTN_IMPLS)]),
     ({"dropout": 1.0}, ["dropout", "1.0", "[0, 1)"]),
     ({"dropout": -0.1}, ["dropout", "-0.1", "[0, 1)"]),
     ({"init_std": 0.0}, ["init_std", "0.0", "positive"]),
-    ({"rope_base": -1.0}, ["rope_base", "-1.0", "positive"]),
-    ({"norm_eps": -1e-5}, ["norm_eps", "-1e-05", "positive"]),
+    ({"rope_base": -1.0}, ["Positional.base", "-1.0", "positive"]),
+    ({"norm_eps": -1e-5}, ["Norm.eps", "-1e-05", "positive"]),
     # head_dim = 30 / 6 = 5 is odd: rotary pairs need an even head_dim.
     ({"d_model": 30, "n_heads": 6, "positional": "rope"}, ["rope", "head_dim=5", "even"]),
     ({"d_model": 21, "n_heads": 3, "positional": "sinusoidal"}, ["sinusoidal", "d_model=21", "even"]),
@@ -50,9 +51,9 @@ WRONG_TYPES = [
     ({"n_layers": True}, ["n_layers", "True", "int"]),
     ({"vocab_size": "37"}, ["vocab_size", "'37'", "int"]),
     ({"dropout": "0.1"}, ["dropout", "'0.1'", "[0, 1)"]),
-    ({"rope_base": "big"}, ["rope_base", "'big'", "positive"]),
+    ({"rope_base": "big"}, ["base", "'big'", "positive"]),
     ({"bias": "yes"}, ["bias", "'yes'", "bool"]),
-    ({"tie_embeddings": 1}, ["tie_embeddings", "1", "bool"]),
+    ({"tie_embeddings": 1}, ["tie", "1", "bool"]),
 ]
 
 
@@ -123,7 +124,7 @@ def test_config_is_frozen_and_hashable():
 def test_replace_returns_a_changed_copy():
     cfg = make()
     other = cfg.replace(n_layers=5, norm="rmsnorm")
-    assert (other.n_layers, other.norm) == (5, "rmsnorm")
+    assert (other.n_layers, other.norm.kind) == (5, "rmsnorm")
     assert (cfg.n_layers, cfg.norm.kind) == (2, "layernorm")
     assert other.replace(n_layers=2, norm="layernorm") == cfg
 
@@ -170,7 +171,7 @@ def test_presets_match_the_published_shapes():
     assert (sc.dropout, sc.bias) == (0.2, False)
     gpt2 = ft.PRESETS["gpt2"]
     assert (gpt2.n_layers, gpt2.n_heads, gpt2.d_model, gpt2.max_seq_len, gpt2.vocab_size) == (12, 12, 768, 1024, 50257)
-    assert (gpt2.positional, gpt2.layout.norm_position, gpt2.embeddings.tie) == ("learned", "pre", True)
+    assert (gpt2.positional.kind, gpt2.layout.norm_position, gpt2.embeddings.tie) == ("learned", "pre", True)
     tiny = ft.PRESETS["tiny"]
     sizes = [tiny.vocab_size, tiny.d_model, tiny.n_heads, tiny.n_layers, tiny.d_ff, tiny.max_seq_len, tiny.head_dim]
     assert len(set(sizes)) == len(sizes), "tiny must give every axis its own size"
@@ -258,8 +259,8 @@ INVALID_MODERN = [
     (dict(attention=Attention(head_dim=7), positional="rope"), ["rope", "head_dim=7", "even"]),
     (dict(attention=Attention(qkv_bias=True), bias=True), ["qkv_bias=True", "bias=False", "got bias=True"]),
     (dict(attention=Attention(window=(4, 8, 2))), ["window", "3 entries", "n_layers=2"]),
-    (dict(norm_upcast=True, norm="layernorm"), ["norm_upcast", "rmsnorm", "'layernorm'"]),
-    (dict(rope_scaling=RopeScaling("linear", 2.0), positional="learned"), ["rope_scaling", "'rope'", "'learned'"]),
+    (dict(norm_upcast=True, norm="layernorm"), ["float32", "rmsnorm", "'layernorm'"]),
+    (dict(rope_scaling=RopeScaling("linear", 2.0), positional="learned"), ["scaling", "'rope'", "'learned'"]),
 ]
 
 
@@ -322,7 +323,7 @@ def test_an_old_checkpoints_config_dict_still_loads_with_the_defaults():
     old = {k: v for k, v in make().to_dict().items() if k not in ("attention", "rope_scaling", "norm_upcast")}
     cfg = ft.Config.from_dict(old)
     assert cfg == make()
-    assert (cfg.attention, cfg.positional.scaling, cfg.norm_upcast) == (Attention(), None, False)
+    assert (cfg.attention, cfg.positional.scaling, cfg.norm.float32) == (Attention(), None, "none")
 
 
 def test_from_dict_names_an_unknown_sub_config_field():
@@ -330,3 +331,70 @@ def test_from_dict_names_an_unknown_sub_config_field():
     d["attention"] = {**d["attention"], "alibi": True}
     with pytest.raises(ValueError, match="unknown Attention field.*alibi"):
         ft.Config.from_dict(d)
+
+
+# ---------------------------------------------------------------- 0.3: sizes plus one spec per layer kind
+
+from ftransformer.config import FLAT_NAMES, SPECS, Embeddings, Layout, Norm, Positional, upgrade  # noqa: E402
+
+
+def test_config_is_sizes_plus_specs_with_at_most_17_top_level_fields():
+    names = [f.name for f in dataclasses.fields(ft.Config)]
+    assert len(names) <= 17, names
+    assert set(SPECS) <= set(names)
+
+
+def test_new_style_construction_equals_the_flat_one_through_the_converter():
+    new = ft.Config(vocab_size=37, d_model=24, n_heads=3, n_layers=2, d_ff=40, max_seq_len=16, bias=False, activation="swiglu", norm=Norm("rmsnorm", eps=1e-6, float32="normalize"),
+                    positional=Positional("rope", base=5e5, rotary_dim=4), layout=Layout(norm_position="output"),
+                    embeddings=Embeddings(tie=False, logit_softcap=3.0))
+    flat = make(bias=False, activation="swiglu", norm="rmsnorm", norm_eps=1e-6, norm_upcast=True,
+                positional="rope", rope_base=5e5, norm_position="output", tie_embeddings=False, logit_softcap=3.0,
+                attention={"rotary_dim": 4})
+    assert new == flat
+
+
+@pytest.mark.parametrize(("upcast", "in_float32", "expected"), [
+    (False, False, "none"), (True, False, "normalize"), (True, True, "normalize_and_scale")])
+def test_the_three_rounding_flags_become_one_field(upcast, in_float32, expected):
+    cfg = make(norm="rmsnorm", norm_upcast=upcast, norm_scale_in_float32=in_float32)
+    assert cfg.norm.float32 == expected
+    assert (cfg.to_flat()["norm_upcast"], cfg.to_flat()["norm_scale_in_float32"]) == (upcast, in_float32)
+
+
+def test_to_flat_is_the_converters_inverse_for_every_flat_name():
+    cfg = make(norm="rmsnorm", norm_eps=1e-6, norm_unit_offset=True, positional="rope", rope_base=7.0,
+               rope_in_float32=True, norm_position="sandwich", embed_scale=True, logit_softcap=2.0,
+               tie_embeddings=False, attention=Attention(window=(None, 3)), window_rope_base=11.0)
+    flat = cfg.to_flat()
+    assert ft.Config.from_flat(**{k: v for k, v in flat.items() if k not in ("head_dim", "rotary_dim")}) == cfg
+    assert set(FLAT_NAMES) <= set(flat)
+
+
+def test_replace_takes_new_fields_and_flat_names_keeping_the_rest_of_a_spec():
+    cfg = make(norm="rmsnorm", norm_eps=1e-6)
+    assert cfg.replace(norm_unit_offset=True).norm == Norm("rmsnorm", eps=1e-6, unit_offset=True)
+    assert cfg.replace(norm=Norm()).norm == Norm()
+    assert cfg.norm.replace(eps=1e-3).eps == 1e-3
+    with pytest.raises(ValueError, match="unknown Norm field"):
+        cfg.norm.replace(epsilon=1.0)
+
+
+def test_specs_validate_their_fields_naming_the_spec():
+    for build, words in [(lambda: Norm("layernorm", unit_offset=True), ["Norm.unit_offset", "rmsnorm"]),
+                         (lambda: Positional("learned", rotary_dim=4), ["Positional.rotary_dim", "'rope'"]),
+                         (lambda: Layout(residual="parallel", mlp=False), ["Layout.residual", "mlp=False"]),
+                         (lambda: Embeddings(logit_softcap=-1.0), ["logit_softcap", "positive"])]:
+        with pytest.raises(ValueError) as info:
+            build()
+        assert_names_all(str(info.value), words)
+
+
+def test_a_02_config_json_with_rotary_dim_on_the_attention_upgrades():
+    old = {**BASE, "positional": "rope", "norm": "rmsnorm", "norm_upcast": True, "norm_scale_in_float32": False,
+           "rope_base": 1e4, "rope_scaling": {"kind": "linear", "factor": 2.0}, "attention": {"rotary_dim": 4,
+           "window": [3, None]}, "mlp": True, "residual": "sequential", "norm_position": "pre"}
+    cfg = ft.Config.from_dict(json.loads(json.dumps(old)))
+    assert Positional("rope", scaling=RopeScaling("linear", 2.0), rotary_dim=4) == cfg.positional
+    assert cfg.attention.window == (3, None) and cfg.norm.float32 == "normalize"
+    assert ft.Config(**upgrade(json.loads(json.dumps(cfg.to_dict())))) == cfg

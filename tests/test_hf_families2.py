@@ -180,7 +180,7 @@ def test_config_validates_the_new_choices():
     with pytest.raises(ValueError, match="rotary_dim=3 needs positional='rope'"):
         ft.Config.from_flat(**base, positional="rope", attention=Attention(rotary_dim=3))
     with pytest.raises(ValueError, match="rotary_dim=4 needs positional='rope' \\(got 'learned'\\)"):
-        ft.Config(**base, attention=Attention(rotary_dim=4))
+        ft.Config.from_flat(**base, attention=Attention(rotary_dim=4))
     with pytest.raises(ValueError, match="residual='parallel' needs norm_position='pre'"):
         ft.Config.from_flat(**base, residual="parallel", norm_position="post")
     with pytest.raises(ValueError, match="Config.residual='both' is not one of"):

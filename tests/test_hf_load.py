@@ -153,8 +153,8 @@ def test_configs_no_family_expresses_are_refused_naming_the_field(tmp_path):
     base = dict(vocab_size=37, d_model=24, n_heads=3, n_layers=2, d_ff=40, max_seq_len=16, bias=False,
                 norm="rmsnorm", positional="rope", activation="swiglu")
     with pytest.raises(ValueError, match="activation='gelu'.*expected 'swiglu'"):
-        save_hf({}, ft.Config(**{**base, "activation": "gelu"}), tmp_path)
-    cfg = ft.Config(**base, attention=Attention(window=(3, None)))
+        save_hf({}, ft.Config.from_flat(**{**base, "activation": "gelu"}), tmp_path)
+    cfg = ft.Config.from_flat(**base, attention=Attention(window=(3, None)))
     with pytest.raises(ValueError, match="window per layer needs qwen2.*or qwen3"):
         save_hf(ft.init_params(cfg), cfg, tmp_path)
 

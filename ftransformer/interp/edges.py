@@ -31,8 +31,11 @@ parallel ones). Biases (``b_o``, ``b_out``) are constants of the sum, not writer
   keep, every other edge ablated (mean, zero or corrupted values), ONE ``vmap`` over the edge masks.
 
 Sign convention, as in ``attribution_patch``: the scores and the sweep are metric *changes* of the base
-run (``"denoise"``: base = corrupt, source = clean), and 0 where there is no edge. Supported: pre-LN
-models (``norm_position="pre"``), every residual layout, per-head qk-norm.
+run (``"denoise"``: base = corrupt, source = clean), and 0 where there is no edge. Supported: every layout
+in which each writer's output is a summand of the residual stream -- pre-LN (``norm_position="pre"``) with a
+sequential or either parallel residual -- and per-head qk-norm. Post-LN, sandwich and output norms are refused
+(``check_layout`` names why): a norm of a sum (or of a sublayer's sum of heads) before it is added makes no
+head's write a summand.
 """
 
 from collections.abc import Sequence
@@ -55,6 +58,14 @@ from ftransformer.shapes import Bool, Float, Logits, Residual, Tensor, Tokens
 METHODS = ("eap", "eap-ig")
 ABLATIONS = ("mean", "zero", "corrupt")
 Values = Float[Tensor, "writers *batch seq d_model"]
+# Why a layout's writes are not summands of one residual stream (an edge ablates one writer's summand).
+NOT_SUMMANDS = {
+    "post": "every block renormalises the sum x + f(x), so no write stays a summand of the residual stream",
+    "sandwich": "each sublayer's output is normed (ln1_post / ln2_post) before it is added, and a norm of the "
+                "heads' sum is not a sum of per-head writes",
+    "output": "each sublayer's output is normed (ln1 / ln2) before it is added, x + norm(f(x)), and a norm of "
+              "the heads' sum is not a sum of per-head writes",
+}
 
 
 class Graph(NamedTuple):
@@ -87,7 +98,10 @@ class Faithfulness(NamedTuple):
 def check_layout(cfg: Config) -> None:
     """``ValueError`` for the layouts whose heads' writes are not plain summands of one residual stream."""
     if cfg.norm_position != "pre":
-        raise ValueError(f"edge attribution supports Config.norm_position='pre' only, got {cfg.norm_position!r}")
+        raise ValueError(
+            f"edge attribution supports Config.norm_position='pre' only, got {cfg.norm_position!r}: "
+            f"{NOT_SUMMANDS[cfg.norm_position]}"
+        )
     if cfg.attention.qk_norm and cfg.attention.qk_norm_over != "head":
         raise ValueError(
             "edge attribution supports Attention.qk_norm_over='head' only (a norm over every head's channels "

@@ -42,12 +42,14 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+from einops import rearrange
 
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.attribution import site_gradients
 from ftransformer.interp.patching import Metric, _check_args, _check_scalar, base_and_source, run_from
 from ftransformer.layers.attention import head_outputs, project_qkv, scaled_dot_product_attention, scores as score_args
+from ftransformer.layers.block import wire
 from ftransformer.layers.feedforward import feedforward
 from ftransformer.layers.linear import linear
 from ftransformer.layers.norm import norm
@@ -170,26 +172,39 @@ def _inputs(x: Residual, diffs: list, mask: Tensor, readers: slice) -> Float[Ten
     return x - torch.tensordot(1 - mask[: d.shape[0], readers].to(x.dtype), d, dims=([0], [0]))
 
 
+def _mlp_read(acts: dict, cfg: Config) -> Residual:
+    """The residual the block's MLP reads (before its norm), from the block's recorded values: ``resid_mid``
+    in the sequential layout, ``resid_pre`` in the parallel ones."""
+    return acts["resid_mid"] if cfg.residual == "sequential" else acts["resid_pre"]
+
+
 def _circuit_layer(params: dict, i: int, x: Residual, diffs: list, mask: Tensor, ablated: Tensor, cfg: Config, inputs) -> tuple:
     """Block ``i`` of the circuit: ``(x, diffs)`` after it, from those entering it (``x`` the run's own residual,
-    ``diffs`` the writes so far minus their replacements, ``z_u - z~_u``, in the graph's order)."""
+    ``diffs`` the writes so far minus their replacements, ``z_u - z~_u``, in the graph's order).
+
+    The block's own wiring (``layers.block.wire``) adds the writes up; only what the readers read changes:
+    the attention computes each head from its readers' inputs, and the MLP's hidden units are replaced by
+    those of its input minus its ablated writes."""
     _, masks, rotaries = inputs
     mlp, n_writers, n_readers = _sizes(cfg)
     p, w0, r0 = params["blocks"][i], 1 + i * n_writers, i * n_readers
-    head_out = _circuit_attention(p, _inputs(x, diffs, mask, slice(r0, r0 + n_readers - mlp)), cfg, masks[i], rotaries[i])
     b_o = p["attn"].get("b_o")
-    attn = head_out.sum(-3) if b_o is None else head_out.sum(-3) + b_o
-    if cfg.residual == "sequential":
-        x = x + attn
-    diffs = diffs + [head_out.movedim(-3, 0) - ablated[w0 : w0 + cfg.n_heads]]
+
+    def attn(attn_params: dict, normed: Tensor) -> tuple[Tensor, None]:
+        readers = _inputs(x, diffs, mask, slice(r0, r0 + n_readers - mlp))
+        head_out = _circuit_attention(p, readers, cfg, masks[i], rotaries[i])
+        diffs.append(rearrange(head_out, "... heads seq d_model -> heads ... seq d_model") - ablated[w0 : w0 + cfg.n_heads])
+        out = head_out.sum(-3)
+        return (out if b_o is None else out + b_o), None
+
+    def hidden(h: Tensor) -> Tensor:
+        return _mlp_hidden(p, _inputs(_mlp_read(tap.acts, cfg), diffs, mask, slice(r0 + n_readers - 1, r0 + n_readers))[0], cfg)
+
+    diffs = list(diffs)
+    tap = Tap({"mlp.hidden": hidden})
+    x, _ = wire(p, x, cfg, attn, keys=(None, None), tap=tap)
     if mlp:
-        m_in = _inputs(x, diffs, mask, slice(r0 + n_readers - 1, r0 + n_readers))[0]
-        out = feedforward(p["mlp"], norm(_mlp_norm(p, cfg), m_in, cfg), cfg)
-        b_out = p["mlp"].get("b_out")
-        diffs = diffs + [(out if b_out is None else out - b_out)[None] - ablated[w0 + cfg.n_heads : w0 + n_writers]]
-        x = x + out
-    if cfg.residual != "sequential":
-        x = x + attn
+        diffs.append(linear(tap.acts["mlp.hidden"], p["mlp"]["w_out"])[None] - ablated[w0 + cfg.n_heads : w0 + n_writers])
     return x, diffs
 
 
@@ -301,8 +316,7 @@ def reader_gradients(
         qkv = tuple(grads[f"blocks.{i}.attn.{s}"] for s in "qkv")
         parts.append(_attn_reader_grads(p, a["resid_pre"], qkv, cfg, rotaries[i], chunk))
         if cfg.mlp:
-            x = a["resid_mid"] if cfg.residual == "sequential" else a["resid_pre"]
-            parts.append(_mlp_reader_grad(p, x, grads[f"blocks.{i}.mlp.hidden"], cfg)[None])
+            parts.append(_mlp_reader_grad(p, _mlp_read(a, cfg), grads[f"blocks.{i}.mlp.hidden"], cfg)[None])
     parts.append(grads[f"blocks.{cfg.n_layers - 1}.resid_post"][None])
     return torch.cat(parts)
 
@@ -368,8 +382,7 @@ def _patched_reads(params: dict, base: dict, diff: Values, cfg: Config, i: int, 
     q, k, v = project_qkv(p["attn"], norm(p["ln1"], a["resid_pre"] - diff, cfg), cfg, rotary)
     reads = {"attn.q": q, "attn.k": k, "attn.v": v}
     if cfg.mlp:
-        x = a["resid_mid"] if cfg.residual == "sequential" else a["resid_pre"]
-        reads["mlp.hidden"] = _mlp_hidden(p, x - diff, cfg)
+        reads["mlp.hidden"] = _mlp_hidden(p, _mlp_read(a, cfg) - diff, cfg)
     return reads
 
 

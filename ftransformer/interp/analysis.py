@@ -11,7 +11,7 @@ tokens repeated twice: in the second copy, a head that attends from token ``t`` 
 """
 
 import torch
-from einops import rearrange
+from einops import rearrange, reduce
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -29,8 +29,7 @@ def stacked_patterns(acts: dict) -> Float[Tensor, "layers *batch heads seq kv_se
 
 def _per_head_mean(x: Float[Tensor, "layers *batch heads seq"]) -> Float[Tensor, "layers heads"]:
     """Average over the batch axes and query positions, keeping (layer, head)."""
-    x = x.movedim(-2, 1)
-    return x.reshape(x.shape[0], x.shape[1], -1).mean(-1)
+    return reduce(x, "layers ... heads seq -> layers heads", "mean")
 
 
 def attention_entropy(acts: dict) -> Float[Tensor, "layers heads"]:
@@ -206,5 +205,5 @@ def loss_per_position(
         cross_entropy(logits[..., p : p + 1, :], targets[..., p : p + 1], ignore_index=ignore_index, reduction="sum")
         for p in range(tokens.shape[-1])
     ])
-    counted = (targets != ignore_index).reshape(-1, tokens.shape[-1]).sum(0)
+    counted = reduce((targets != ignore_index).long(), "... seq -> seq", "sum")
     return sums / counted

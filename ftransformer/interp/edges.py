@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
-from einops import rearrange
+from einops import einsum, rearrange
 
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
@@ -141,7 +141,7 @@ def writer_values(params: dict, acts: dict, cfg: Config) -> Values:
     """Every writer's write ``z_u`` in one run (``acts`` from ``forward_with_activations``), in the graph's order."""
     parts = [acts["embed"][None]]
     for i, block in enumerate(acts["blocks"]):
-        parts.append(block["attn"]["head_out"].movedim(-3, 0))
+        parts.append(rearrange(block["attn"]["head_out"], "... heads seq d_model -> heads ... seq d_model"))
         if cfg.mlp:
             parts.append(linear(block["mlp"]["hidden"], params["blocks"][i]["mlp"]["w_out"])[None])
     return torch.cat(parts)
@@ -370,7 +370,7 @@ def edge_attribution(
             return reader_gradients(params, base_tokens, metric, cfg, embedding=start + alpha * delta, chunk=chunk)
 
         grads = torch.func.vmap(at, chunk_size=chunk)(alphas).mean(0)
-    scores = diff.flatten(1) @ grads.flatten(1).T
+    scores = einsum(diff, grads, "writers ..., readers ... -> writers readers")
     return EdgeScores(scores * g.edges.to(scores), g)
 
 

@@ -59,6 +59,18 @@ def inverse_scale(x: Float[Tensor, "*batch d_model"], cfg) -> Float[Tensor, "*ba
     return torch.rsqrt(x.var(-1, unbiased=False, keepdim=True) + cfg.norm_eps)
 
 
+def norm_scale(params: dict, cfg) -> Float[Tensor, " d_model"]:
+    """The factor ``norm`` multiplies the normalised x by: ``scale``, or ``1 + scale`` under ``cfg.norm_unit_offset``."""
+    return 1.0 + params["scale"] if cfg.norm_unit_offset else params["scale"]
+
+
+def identity_params(params: dict, cfg) -> dict:
+    """Parameters shaped like ``params`` under which the norm only normalises (factor 1, bias 0)."""
+    scale = params["scale"]
+    out = {"scale": torch.zeros_like(scale) if cfg.norm_unit_offset else torch.ones_like(scale)}
+    return out if "bias" not in params else {**out, "bias": torch.zeros_like(params["bias"])}
+
+
 def norm(
     params: dict, x: Float[Tensor, "*batch d_model"], cfg, *, inv: Float[Tensor, "*#batch 1"] | None = None
 ) -> Float[Tensor, "*batch d_model"]:

@@ -9,10 +9,13 @@ whose writers are summands of the residual stream and refuse the others naming w
 
 import pytest
 import torch
+from einops import rearrange
 
 import ftransformer as ft
 from ftransformer import interp
 from ftransformer.interp import edges
+from ftransformer.layers.attention import head_outputs, project_qkv
+from ftransformer.layers.embedding import rotary_tables
 from ftransformer.layers.linear import linear
 from ftransformer.model import unembedding
 from tests import hf_tiny
@@ -131,3 +134,24 @@ def test_edges_run_where_writes_are_summands_and_refuse_naming_why_elsewhere(fam
     metric(edges.circuit_logits(params, corrupt, cfg, mask, source)).backward()
     scores = edges.edge_attribution(params, clean, corrupt, metric, cfg)
     torch.testing.assert_close(scores.scores, -mask.grad * g.edges, atol=_tol(cfg), rtol=_tol(cfg))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_qk_and_ov_circuits_are_the_attentions_own_projections(families, family):
+    """At position 0 (rotary is the identity there) and without biases, ``x W_Q W_K^T x^T`` is each head's
+    ``q . k`` from ``project_qkv`` and ``x W_V W_O`` its ``head_outputs`` of the values."""
+    cfg, params = families[family]
+    layer = cfg.n_layers - 1
+    if cfg.attention.qk_norm:
+        with pytest.raises(ValueError, match="qk_norm"):
+            interp.qk_circuit(params, cfg, layer)
+        return
+    attn = {name: w for name, w in params["blocks"][layer]["attn"].items() if not name.startswith("b_")}
+    x = torch.randn(5, cfg.d_model, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    q, k, v = project_qkv(attn, x, cfg, rotary_tables(torch.zeros(5, dtype=torch.long), cfg))
+    group = cfg.n_heads // cfg.n_kv_heads
+    k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    qk = rearrange(interp.qk_circuit(params, cfg, layer).full(), "kv_heads group d_in d_out -> (kv_heads group) d_in d_out")
+    ov = rearrange(interp.ov_circuit(params, cfg, layer).full(), "kv_heads group d_in d_out -> (kv_heads group) d_in d_out")
+    torch.testing.assert_close(x @ qk @ x.T, q @ k.mT)
+    torch.testing.assert_close(x @ ov, head_outputs(attn, v))

@@ -240,9 +240,10 @@ def save_hf(
 
 
 def hf_state_dict(params: dict, cfg: Config, family: str | None = None) -> dict[str, Tensor]:
-    """The state dict of ``family``'s model (None: the one ``save_hf`` would write) holding ``params``:
-    ``load_state_dict(sd, strict=True)`` accepts it. Tensors are ``params``' own where no conversion is
-    needed, and a tied head is the embedding itself, as in the ``transformers`` model."""
+    """``family``'s checkpoint (None: the family ``save_hf`` would write) of ``params`` as a state dict
+    that the ``transformers`` model's ``load_state_dict(sd, strict=True)`` accepts (transformers 5's
+    GPT-NeoX module alone renames a name: ``embed_out`` is its ``lm_head``). Tensors are ``params``' own
+    where no conversion is needed, and a tied head is the embedding itself, as in the model."""
     entry = family_for(cfg) if family is None else FAMILIES[family]
     entry.config_json(cfg)  # refuses a config the family cannot express, naming the field
     if not isinstance(params, dict):

@@ -1,14 +1,17 @@
 """Every Hugging Face family ``load_hf`` and ``save_hf`` know, one entry each in one table (``FAMILIES``).
 
 An entry says how a ``config.json`` names the family (``model_type``, else ``architectures``), how its
-config maps to a ``Config`` and back, which tensors its checkpoints hold (``Slot`` tables), and whether
+config maps to a ``Config`` and back, which tensors its checkpoints hold (a ``Slot`` table), and whether
 ``save_hf`` writes a given ``Config`` as it. The functions an entry points at live in the family's
 module: ``gpt2``, ``families`` (the Llama-like ones), ``neox``, ``gemma``.
 
-Adding a family is adding an entry plus a test (see "Adding a family" in ``docs/pretrained.md``)::
+Adding a family is adding an entry plus a test (``docs/pretrained.md``, "Adding a family"): write the
+family's ``config_from_hf``, ``config_to_hf`` and ``tensor_slots`` (a Llama-like family needs none:
+``_llama_like(model_type, architecture)`` is its entry), list it here, and add its tiny config to
+``tests/hf_tiny.py``, which the registry and parity tests run over. GPT-2's entry::
 
-    Family("starcoder2", "Starcoder2ForCausalLM", starcoder2.config_from_hf, starcoder2.config_to_hf,
-           starcoder2.tensor_slots, writes=starcoder2.expresses, buffers=(".rotary_emb.inv_freq",))
+    Family("gpt2", "GPT2LMHeadModel", gpt2.config_from_hf, gpt2.config_to_hf, gpt2.tensor_slots, gpt2.expresses,
+           buffers=(".attn.bias", ".attn.masked_bias"), base_prefix="transformer.")
 """
 
 from collections.abc import Callable, Mapping

@@ -90,8 +90,7 @@ def fill_params(
     for slot in slots:
         leaf, entry = flat[slot.path], stored.get(slot.hf_key)
         if slot.tied and entry is not None and not _same(leaf, entry):
-            source = next(s.hf_key for s in slots if s.path == slot.path and not s.tied)
-            shown = [k.removeprefix(family.base_prefix) for k in (slot.hf_key, source)]
+            shown = [k.removeprefix(family.base_prefix) for k in (slot.hf_key, _source_key(slots, slot))]
             raise ValueError(
                 f"{shown[0]} differs from {shown[1]} but the config ties them (tie_word_embeddings=True); "
                 "pass a config with tie_word_embeddings=False / tie_embeddings=False"
@@ -99,6 +98,11 @@ def fill_params(
         if not slot.tied and leaf is not entry:
             _fill(leaf, entry, slot)
     return tree.unflatten_paths(flat)
+
+
+def _source_key(slots: list[Slot], tied: Slot) -> str:
+    """The name of the tensor a tied slot copies (the slot that fills the same leaf)."""
+    return next(s.hf_key for s in slots if s.path == tied.path and not s.tied)
 
 
 def _renamed(stored: Mapping[str, Stored], family: Family, slots: list[Slot]) -> dict[str, Stored]:
@@ -253,7 +257,7 @@ def hf_state_dict(params: dict, cfg: Config, family: str | None = None) -> dict[
     sd = {key: make() for key, (_, _, make) in tensors.items()}
     for slot in slots:
         if slot.tied:
-            sd[slot.hf_key] = sd[next(s.hf_key for s in slots if s.path == slot.path and not s.tied)]
+            sd[slot.hf_key] = sd[_source_key(slots, slot)]
     return sd
 
 

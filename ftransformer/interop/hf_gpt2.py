@@ -59,7 +59,7 @@ def load_hf_gpt2(
             sizes are inferred from the shapes and the head count from GPT-2's 64-wide heads. A
             ``Config``, a ``config.json`` dict, or a ``transformers.GPT2Config``.
         dtype: cast every floating-point tensor (None keeps the stored dtype).
-        device: move every tensor (None keeps them on the CPU).
+        device: move every tensor (None: where the state dict's tensors are; the CPU for files).
 
     Returns:
         The config and the parameter tree ``init_params`` would build for it; a state dict's tensors
@@ -70,7 +70,8 @@ def load_hf_gpt2(
     sd = _checked_entries(state_dict)
     cfg = _resolve_config(sd, config)
     check_gpt2_compatible(cfg)
-    return cfg, fill_params(sd, GPT2, cfg, dtype=dtype, device="cpu" if device is None else device)
+    where = next((v.device for v in sd.values()), "cpu") if device is None else device
+    return cfg, fill_params(sd, GPT2, cfg, dtype=dtype, device=where)
 
 
 def _source(path_or_state_dict, config) -> tuple[Mapping[str, Tensor], Any]:

@@ -115,3 +115,13 @@ def test_adding_an_entry_adds_a_family(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text((tmp_path / "config.json").read_text().replace('"llama"', '"my_llama"'))
     cfg, loaded = load_hf(tmp_path)
     assert cfg == LLAMA_CFG and torch.equal(loaded["embed"]["tokens"], params["embed"]["tokens"])
+
+
+@pytest.mark.parametrize("cfg", [GPT2_CFG, LLAMA_CFG], ids=["gpt2", "llama"])
+def test_load_hf_reads_an_older_pytorch_model_bin(cfg, tmp_path):
+    params = ft.init_params(cfg, seed=7)
+    save_hf(params, cfg, tmp_path)
+    torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    (tmp_path / "model.safetensors").unlink()
+    loaded = load_hf(tmp_path)[1]
+    assert all(torch.equal(a, b) for a, b in zip(ft.tree.leaves(loaded), ft.tree.leaves(params)))

@@ -34,6 +34,10 @@ from ftransformer.params import init_params
 # Converted tensors pass through a temporary of at most this many bytes (a few rows of a big table).
 _CHUNK_BYTES = 16 * 2**20
 Stored = StoredTensor | Tensor  # a tensor in a file (read when filled), or one in memory
+# Looked for in this order; an index names the shards of a checkpoint split over several files.
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
 
 
 def read_hf_config(directory: str | os.PathLike) -> dict:
@@ -65,7 +69,8 @@ def load_hf(
     """``(cfg, params)`` from a Hugging Face model directory of any supported family.
 
     Args:
-        directory: holds ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``).
+        directory: holds ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``;
+            without them an older ``pytorch_model.bin``, or its shards, which are read whole).
         dtype: cast floating-point tensors to it as they are read (None keeps the stored dtype).
         device: where the parameters are allocated and filled.
 
@@ -75,7 +80,50 @@ def load_hf(
     hf = read_hf_config(directory)
     family = family_of(hf)
     cfg = family.config_in(hf)
-    return cfg, fill_params(list_tensors(directory), family, cfg, dtype=dtype, device=device)
+    return cfg, fill_params(_stored_tensors(Path(directory)), family, cfg, dtype=dtype, device=device)
+
+
+def _stored_tensors(directory: Path) -> dict[str, Stored]:
+    """A directory's safetensors, listed (read as they fill); else its older ``pytorch_model.bin``, read whole."""
+    if not any((directory / name).is_file() for name in WEIGHT_FILES[:2]) and any(
+            (directory / name).is_file() for name in WEIGHT_FILES[2:]):
+        return read_weights(directory)
+    return list_tensors(directory)
+
+
+def read_weights(directory: Path) -> dict[str, Tensor]:
+    """Every tensor of a directory's weights, read whole, from the first of ``WEIGHT_FILES`` it has."""
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is not a directory (expected a Hugging Face model directory)")
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            weight_map = json.loads(path.read_text(encoding="utf-8")).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{path} has no 'weight_map' (expected a sharded checkpoint index)")
+            sd: dict[str, Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                sd.update(read_weights_file(directory / shard))
+            return sd
+        return read_weights_file(path)
+    raise ValueError(f"{directory} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def read_weights_file(path: Path) -> dict[str, Tensor]:
+    """The tensors of one weights file; a damaged file raises ``ValueError`` naming it."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run code.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # safetensors, pickle and torch each raise their own types
+        raise ValueError(f"{path} is not a readable weights file ({type(e).__name__}: {e})") from None
 
 
 def fill_params(

@@ -20,7 +20,7 @@ from torch import Tensor
 from ftransformer.config import Config
 from ftransformer.data import BPETokenizer, Tokenizer
 from ftransformer.interop.gpt2 import check_gpt2_compatible, config_from_hf
-from ftransformer.interop.hf import fill_params, hf_state_dict, save_hf
+from ftransformer.interop.hf import fill_params, hf_state_dict, read_weights, read_weights_file, save_hf
 from ftransformer.interop.registry import FAMILIES
 
 GPT2 = FAMILIES["gpt2"]
@@ -28,10 +28,6 @@ GPT2 = FAMILIES["gpt2"]
 # the head count, so it is inferred from this when no config is given.
 _GPT2_HEAD_DIM = 64
 
-# Looked for in this order; an index names the shards of a checkpoint split over several files.
-WEIGHT_FILES = (
-    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
-)
 
 
 def config_to_hf(cfg: Config) -> dict:
@@ -80,8 +76,8 @@ def _source(path_or_state_dict, config) -> tuple[Mapping[str, Tensor], Any]:
         return path_or_state_dict, config
     path = Path(path_or_state_dict)
     if path.is_file():
-        return _read_file(path), config
-    state_dict = _read_weights(path)
+        return read_weights_file(path), config
+    state_dict = read_weights(path)
     return state_dict, _read_config_json(path) if config is None else config
 
 
@@ -129,40 +125,6 @@ def _read_config_json(directory: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-
-
-def _read_weights(directory: Path) -> dict[str, Tensor]:
-    if not directory.is_dir():
-        raise ValueError(f"{directory} is not a directory (expected a Hugging Face GPT-2 model directory)")
-    for name in WEIGHT_FILES:
-        path = directory / name
-        if not path.is_file():
-            continue
-        if name.endswith(".index.json"):
-            weight_map = json.loads(path.read_text(encoding="utf-8")).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{path} has no 'weight_map' (expected a sharded checkpoint index)")
-            sd: dict[str, Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                sd.update(_read_file(directory / shard))
-            return sd
-        return _read_file(path)
-    raise ValueError(f"{directory} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
-
-
-def _read_file(path: Path) -> dict[str, Tensor]:
-    """The tensors of one weights file; a damaged file raises ``ValueError`` naming it."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run code.
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except OSError:
-        raise
-    except Exception as e:  # safetensors, pickle and torch each raise their own types
-        raise ValueError(f"{path} is not a readable weights file ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------- export

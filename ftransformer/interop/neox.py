@@ -22,7 +22,7 @@ un-interleaved at load and interleaved again at export (``Slot.heads``).
 from collections.abc import Mapping
 
 from ftransformer.config import Attention, Config
-from ftransformer.interop.families import Slot, _rope, _rope_parameters
+from ftransformer.interop.families import Slot, head_slot, rope_from_hf, rope_parameters
 
 GELUS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -42,7 +42,7 @@ def config_from_hf(hf: Mapping) -> Config:
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope.setdefault("rope_theta", hf.get("rotary_emb_base", 10000.0))
     fraction = float(rope.pop("partial_rotary_factor", hf.get("rotary_pct", 0.25)))
-    rope_base, rope_scaling = _rope({"rope_parameters": rope}, "gpt_neox")
+    rope_base, rope_scaling = rope_from_hf({"rope_parameters": rope}, "gpt_neox")
     d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = d_model // n_heads
     rotary_dim = int(head_dim * fraction)
@@ -86,18 +86,18 @@ def check(cfg: Config) -> None:
         raise ValueError(f"Config.attention.rotary_dim={cfg.rotary_dim} is not int(head_dim * a float) in gpt_neox")
 
 
-def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
-    """The ``config.json`` contents that ``transformers`` reads back as ``cfg``'s GPT-NeoX model."""
+def config_to_hf(cfg: Config) -> dict:
+    """The ``config.json`` keys (all but ``model_type`` and ``architectures``) that ``transformers`` reads
+    back as ``cfg``'s GPT-NeoX model."""
     check(cfg)
-    rope = {**_rope_parameters(cfg), "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
+    rope = {**rope_parameters(cfg), "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
     return {
-        "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": cfg.vocab_size,
+        "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "hidden_act": "gelu" if cfg.activation == "gelu" else "gelu_pytorch_tanh",
         "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std, "layer_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings, "use_parallel_residual": cfg.residual == "parallel",
         "attention_bias": True, "rope_parameters": rope, "attention_dropout": 0.0, "hidden_dropout": 0.0,
-        "dtype": dtype_name,
     }
 
 
@@ -119,7 +119,5 @@ def tensor_slots(cfg: Config) -> list[Slot]:
             Slot(p + "mlp.dense_4h_to_h.weight", b + "mlp.w_out", (d, ff), True),
             Slot(p + "mlp.dense_4h_to_h.bias", b + "mlp.b_out", (d,)),
         ]
-    slots += [Slot("gpt_neox.final_layer_norm.weight", "ln_f.scale", (d,)), Slot("gpt_neox.final_layer_norm.bias", "ln_f.bias", (d,))]
-    if not cfg.tie_embeddings:
-        slots.append(Slot("embed_out.weight", "unembed.w", (cfg.vocab_size, d), True))
-    return slots
+    final = [Slot("gpt_neox.final_layer_norm.weight", "ln_f.scale", (d,)), Slot("gpt_neox.final_layer_norm.bias", "ln_f.bias", (d,))]
+    return [*slots, *final, head_slot("embed_out.weight", cfg)]

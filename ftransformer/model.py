@@ -14,6 +14,7 @@ from ftransformer.config import Config
 from ftransformer.layers.attention import KVWrite, write_kv, write_kv_
 from ftransformer.layers.block import block, block_with_cache
 from ftransformer.layers.embedding import Rotary, embed_tokens, learned_positions, rotary_tables, sinusoidal_positions
+from ftransformer.layers.int8 import Int8Weight
 from ftransformer.layers.linear import linear
 from ftransformer.layers.masks import cache_mask, layer_masks, self_mask
 from ftransformer.layers.norm import norm
@@ -71,13 +72,22 @@ def embed(
     return random.dropout(x, cfg.dropout, key)
 
 
+def final_norm(params: dict, x: Residual, cfg: Config, *, inv: Float[Tensor, "*#batch #seq 1"] | None = None) -> Residual:
+    """The norm the unembedding reads through: ``ln_f`` (none under post-LN, whose blocks end normed);
+    ``inv`` freezes its divisor (see ``layers.norm.norm``)."""
+    return x if cfg.layout.norm_position == "post" else norm(params["ln_f"], x, cfg.norm, inv=inv)
+
+
+def unembedding(params: dict, cfg: Config) -> Float[Tensor, "d_model vocab"] | Int8Weight:
+    """The unembedding's weight, ``[d_model, vocab]``: the token embedding's transpose when the two are tied."""
+    return params["embed"]["tokens"].t() if cfg.embeddings.tie else params["unembed"]["w"]
+
+
 def unembed(params: dict, x: Residual, cfg: Config, *, tap: Tap = NO_TAP) -> Logits:
     """Final norm (all but post-LN) and the projection to one logit per token id, soft-capped with
     ``cfg.embeddings.logit_softcap``; ``tap`` sees ``final``, the residual the projection reads."""
-    if cfg.layout.norm_position != "post":
-        x = norm(params["ln_f"], x, cfg.norm)
-    x = tap("final", x)
-    logits = F.linear(x, params["embed"]["tokens"]) if cfg.embeddings.tie else linear(x, params["unembed"]["w"])
+    x = tap("final", final_norm(params, x, cfg))
+    logits = linear(x, unembedding(params, cfg))
     if cfg.embeddings.logit_softcap is not None:
         logits = torch.tanh(logits / cfg.embeddings.logit_softcap) * cfg.embeddings.logit_softcap
     return logits

@@ -316,7 +316,7 @@ def test_compiled_decoding_keeps_softcaps_windows_and_sandwich_norms(models, com
 def test_olmo2_config_becomes_features(models):
     cfg, params = models["olmo2"][1], models["olmo2"][2]
     a = cfg.attention
-    assert (cfg.layout.norm_position, a.qk_norm, a.qk_norm_over, cfg.norm_upcast) == ("output", True, "projection", True)
+    assert (cfg.layout.norm_position, a.qk_norm, a.qk_norm_over, (cfg.norm.float32 != "none")) == ("output", True, "projection", True)
     attn = params["blocks"][0]["attn"]
     assert attn["q_norm"]["scale"].shape == (cfg.n_heads * cfg.head_dim,)
     assert attn["k_norm"]["scale"].shape == (cfg.n_kv_heads * cfg.head_dim,)
@@ -333,7 +333,7 @@ def test_olmo2_refusals(models, tmp_path):
 
 def test_phi3_config_becomes_features_and_fused_tensors_split(models):
     model, cfg, params, _ = models["phi3"]
-    assert (cfg.rotary_dim, cfg.attention.window, cfg.activation, cfg.norm_upcast) == (4, 5, "swiglu", True)
+    assert (cfg.rotary_dim, cfg.attention.window, cfg.activation, (cfg.norm.float32 != "none")) == (4, 5, "swiglu", True)
     sd, b = model.state_dict(), params["blocks"][1]
     assert torch.equal(b["attn"]["w_qkv"], sd["model.layers.1.self_attn.qkv_proj.weight"].T)
     gate, up = sd["model.layers.1.mlp.gate_up_proj.weight"].chunk(2)

@@ -51,7 +51,7 @@ def test_config_json_becomes_the_features_of_the_family(saved, family):
     cfg = config_from_hf_dir(saved[family][0])
     e = EXPECTED[family]
     assert (cfg.vocab_size, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers, cfg.d_ff) == (61, 24, 4, 2, 2, 40)
-    assert (cfg.norm.kind, cfg.positional.kind, cfg.activation, cfg.bias, cfg.norm_upcast) == ("rmsnorm", "rope", "swiglu", False, True)
+    assert (cfg.norm.kind, cfg.positional.kind, cfg.activation, cfg.bias, (cfg.norm.float32 != "none")) == ("rmsnorm", "rope", "swiglu", False, True)
     assert (cfg.head_dim, cfg.attention.window, cfg.attention.qkv_bias, cfg.attention.qk_norm) == (
         e["head_dim"], e["window"], e["qkv_bias"], e["qk_norm"])
     assert (cfg.embeddings.tie, cfg.positional.scaling, cfg.positional.base) == (e["tie"], e["rope_scaling"], e["rope_base"])

@@ -64,3 +64,25 @@ def test_wrong_shaped_scale_raises_a_type_error_naming_d_model(gen):
         layer_norm(x, torch.ones(D_MODEL + 1))
     with pytest.raises(TypeCheckError, match="d_model=7"):
         rms_norm(x, torch.ones(D_MODEL - 1))
+
+
+@pytest.mark.parametrize("kind", [dict(norm="layernorm"), dict(norm="rmsnorm"), dict(norm="rmsnorm", norm_unit_offset=True)])
+def test_a_frozen_divisor_makes_the_norm_affine_and_its_own_divisor_gives_the_norm(gen, kind):
+    from ftransformer.layers.norm import identity_params, inverse_scale, norm_scale
+
+    cfg = ft.PRESETS["tiny"].replace(d_model=D_MODEL, n_heads=1, **kind)
+    params = {"scale": torch.randn(D_MODEL, generator=gen, dtype=torch.float64)}
+    if cfg.norm.kind == "layernorm":
+        params["bias"] = torch.randn(D_MODEL, generator=gen, dtype=torch.float64)
+    a, b = (torch.randn(3, 5, D_MODEL, generator=gen, dtype=torch.float64) * 2 + 1 for _ in range(2))
+    inv = inverse_scale(a + b, cfg.norm)
+    assert inv.shape == (3, 5, 1)
+    tol = 1e-6 if cfg.norm.unit_offset else 1e-12  # the (1 + w) norm computes in float32, whatever x's dtype
+    torch.testing.assert_close(norm(params, a + b, cfg.norm, inv=inv), norm(params, a + b, cfg.norm), atol=tol, rtol=tol)
+    zero = norm(params, torch.zeros_like(a), cfg.norm, inv=inv)
+    torch.testing.assert_close(norm(params, a, cfg.norm, inv=inv) + norm(params, b, cfg.norm, inv=inv) - zero,
+                               norm(params, a + b, cfg.norm), atol=tol, rtol=tol)
+    # the norm's factor, and the parameters under which it only normalises
+    plain = norm(identity_params(params, cfg.norm), a, cfg.norm)
+    torch.testing.assert_close(norm(dict(params, bias=torch.zeros(D_MODEL, dtype=torch.float64)) if "bias" in params
+                                    else params, a, cfg), plain * norm_scale(params, cfg.norm))

@@ -23,76 +23,52 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ftransformer.config import Attention, Config, Positional, RopeScaling
+from ftransformer.config import Attention, Config, Embeddings, Layout, Norm, Positional, RopeScaling
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3")
 # Families that store q/k/v as one qkv_proj and the SwiGLU's two inputs as one gate_up_proj.
 FUSED = ("phi3",)
-FAMILIES = ("gpt2", *LLAMA_LIKE, "gpt_neox", "gemma", "gemma2", "gemma3_text")
-ARCHITECTURES = {
-    "GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3_text",
-    "GPTNeoXForCausalLM": "gpt_neox",
-    "GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "Olmo2ForCausalLM": "olmo2", "Phi3ForCausalLM": "phi3",
-}
 ROPE_TYPES = ("default", "linear", "llama3")
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-
-
-def family_of(hf: Mapping) -> str:
-    """The family a ``config.json`` describes, from ``model_type`` (else ``architectures``)."""
-    model_type = hf.get("model_type")
-    if model_type in FAMILIES:
-        return model_type
-    for arch in hf.get("architectures") or ():
-        if arch in ARCHITECTURES:
-            return ARCHITECTURES[arch]
-    raise ValueError(
-        f"unsupported model family: model_type={model_type!r}, architectures={hf.get('architectures')!r}; "
-        f"supported model_type: {', '.join(FAMILIES)} (architectures: {', '.join(ARCHITECTURES)})"
-    )
 
 
 # ---------------------------------------------------------------- config.json -> Config
 
 
-def config_from_hf(hf: Mapping) -> Config:
-    """A ``Config`` from a Llama / Mistral / Qwen2 / Qwen3 ``config.json`` (as a dict).
+def config_from_hf(hf: Mapping, family: str) -> Config:
+    """A ``Config`` from the ``config.json`` (as a dict) of ``family``, one of the Llama-like families.
 
     Dropout is 0 (``attention_dropout`` drops attention only, ftransformer's ``dropout`` also drops the
     residual stream: set it with ``cfg.replace(dropout=...)`` to train).
     """
-    family = family_of(hf)
-    if family not in LLAMA_LIKE:
-        raise ValueError(f"config_from_hf reads {', '.join(LLAMA_LIKE)} configs, got model_type={family!r}")
     missing = [k for k in _REQUIRED if k not in hf]
     if missing:
         raise ValueError(f"{family} config.json is missing {missing}; expected all of {list(_REQUIRED)}")
     _refuse_unsupported(hf, family)
     n_heads, d_model = hf["num_attention_heads"], hf["hidden_size"]
     head_dim = hf.get("head_dim")
-    rope_base, rope_scaling = _rope(hf, family)
+    rope_base, rope_scaling = rope_from_hf(hf, family)
     rotary_dim = _rotary_dim(hf, family, head_dim or d_model // n_heads)
-    return Config.from_flat(
+    olmo2 = family == "olmo2"
+    return Config(
         vocab_size=hf["vocab_size"], d_model=d_model, n_heads=n_heads, n_layers=hf["num_hidden_layers"],
         d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, dropout=0.0, bias=_all_biases(hf, family),
-        norm="rmsnorm", norm_position="output" if family == "olmo2" else "pre", positional="rope", activation="swiglu",
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=float(hf.get("initializer_range", 0.02)),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_base=rope_base, rope_scaling=rope_scaling,
-        norm_upcast=True, norm_scale_in_float32=family == "olmo2", rope_in_float32=family == "olmo2",
+        activation="swiglu", init_std=float(hf.get("initializer_range", 0.02)),
+        norm=Norm("rmsnorm", eps=float(hf.get("rms_norm_eps", 1e-6)),
+                  float32="normalize_and_scale" if olmo2 else "normalize"),
+        positional=Positional("rope", base=rope_base, scaling=rope_scaling, rotary_dim=rotary_dim, float32=olmo2),
+        layout=Layout(norm_position="output" if olmo2 else "pre"),
+        embeddings=Embeddings(tie=bool(hf.get("tie_word_embeddings", False))),
         attention=Attention(
             head_dim=None if head_dim in (None, d_model // n_heads) and d_model % n_heads == 0 else head_dim,
             qkv_bias=family == "qwen2", qk_norm=family in ("qwen3", "olmo2"), window=_windows(hf, family),
-            qk_norm_over="projection" if family == "olmo2" else "head",
+            qk_norm_over="projection" if olmo2 else "head",
         ),
-    ).replace(positional=Positional(
-        "rope", base=rope_base, scaling=rope_scaling, rotary_dim=rotary_dim, float32=family == "olmo2"),
     )
 
 
 def _rotary_dim(hf: Mapping, family: str, head_dim: int) -> int | None:
-    """Phi-3's ``partial_rotary_factor`` as ``Attention.rotary_dim`` (None: all of head_dim)."""
+    """Phi-3's ``partial_rotary_factor`` as ``Positional.rotary_dim`` (None: all of head_dim)."""
     partial = hf.get("partial_rotary_factor", (hf.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
     rotary_dim = int(head_dim * partial)
     if rotary_dim == head_dim:
@@ -123,7 +99,7 @@ def _all_biases(hf: Mapping, family: str) -> bool:
     return attn
 
 
-def _rope(hf: Mapping, family: str) -> tuple[float, RopeScaling | None]:
+def rope_from_hf(hf: Mapping, family: str) -> tuple[float, RopeScaling | None]:
     """``(rope_base, rope_scaling)`` from transformers 5's ``rope_parameters`` or the older
     ``rope_theta`` + ``rope_scaling``."""
     params = hf.get("rope_parameters")
@@ -187,7 +163,8 @@ def family_for(cfg: Config) -> str:
         if cfg.to_flat()[field] != expected:
             raise ValueError(
                 f"Config.{field}={cfg.to_flat()[field]!r} has no Hugging Face family here: expected {expected!r} "
-                f"(supported families: {', '.join(FAMILIES)}; GPT-2 needs learned positions and LayerNorm)"
+                "(the Llama-like families; GPT-2 needs learned positions and LayerNorm, GPT-NeoX rotary positions "
+                "and LayerNorm, Gemma norm_unit_offset=True)"
             )
     a = cfg.attention
     if a.scale is not None or a.softcap is not None:
@@ -243,22 +220,22 @@ def _olmo2(cfg: Config, needs: dict) -> str:
     return "olmo2"
 
 
-def common_hf(cfg: Config, family: str, dtype_name: str) -> dict:
+def common_hf(cfg: Config) -> dict:
     """The ``config.json`` keys every family with Llama's tensor names spells the same way."""
     return {
-        "architectures": [next(a for a, f in ARCHITECTURES.items() if f == family)], "model_type": family,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim, "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
         "rms_norm_eps": cfg.norm.eps, "tie_word_embeddings": cfg.embeddings.tie,
-        "rope_parameters": _rope_parameters(cfg), "attention_dropout": 0.0, "dtype": dtype_name,
+        "rope_parameters": rope_parameters(cfg), "attention_dropout": 0.0,
     }
 
 
-def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
-    """The ``config.json`` contents that ``transformers`` reads back as ``cfg``'s model."""
+def config_to_hf(cfg: Config) -> dict:
+    """The ``config.json`` keys (all but ``model_type`` and ``architectures``, which the registry adds)
+    that ``transformers`` reads back as ``cfg``'s model."""
     family = family_for(cfg)
-    hf = common_hf(cfg, family, dtype_name) | {"hidden_act": "silu"}
+    hf = common_hf(cfg) | {"hidden_act": "silu"}
     if family == "llama":
         hf.update(attention_bias=cfg.bias, mlp_bias=cfg.bias)
     if family in ("qwen3", "olmo2"):
@@ -280,7 +257,8 @@ def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
     return hf
 
 
-def _rope_parameters(cfg: Config) -> dict:
+def rope_parameters(cfg: Config) -> dict:
+    """``config.json``'s ``rope_parameters`` for ``cfg``'s rope."""
     s = cfg.positional.scaling
     if s is None:
         return {"rope_type": "default", "rope_theta": cfg.positional.base}
@@ -313,6 +291,9 @@ class Slot:
     ``heads``: the HF tensor's first axis is a fused q/k/v interleaved per head, ``(heads qkv head_dim)``,
     where the leaf has ``(qkv heads head_dim)`` (GPT-NeoX). ``rows``: the slot is rows ``rows[0]:rows[1]``
     of the HF tensor (of shape ``hf_shape``), whose other rows other slots fill (Phi-3's ``gate_up_proj``).
+    ``tied``: the HF tensor is a copy of a leaf another slot fills (a tied output head): never read, but
+    checked equal to the leaf where a checkpoint stores it anyway; the same tensor in a state dict, left
+    out of files (safetensors refuses two names for one tensor; ``transformers`` re-ties it on load).
     """
 
     hf_key: str
@@ -322,6 +303,14 @@ class Slot:
     cols: tuple[int, int] | None = None
     heads: int | None = None
     rows: tuple[int, int] | None = None
+    tied: bool = False
+
+
+def head_slot(hf_key: str, cfg: Config) -> Slot:
+    """The output head: ``unembed.w`` (an ``nn.Linear``, transposed), or a tied copy of the embedding."""
+    if cfg.embeddings.tie:
+        return Slot(hf_key, "embed.tokens", (cfg.vocab_size, cfg.d_model), tied=True)
+    return Slot(hf_key, "unembed.w", (cfg.vocab_size, cfg.d_model), True)
 
 
 def tensor_slots(cfg: Config, family: str | None = None) -> list[Slot]:
@@ -358,7 +347,4 @@ def tensor_slots(cfg: Config, family: str | None = None) -> list[Slot]:
             slots.append(Slot(h + f"mlp.{hf_name}_proj.weight", b + f"mlp.w_{ft_name}", shape, True))
             if cfg.bias:
                 slots.append(Slot(h + f"mlp.{hf_name}_proj.bias", b + f"mlp.b_{ft_name}", (shape[0],)))
-    slots.append(Slot("model.norm.weight", "ln_f.scale", (d,)))
-    if not cfg.embeddings.tie:
-        slots.append(Slot("lm_head.weight", "unembed.w", (cfg.vocab_size, d), True))
-    return slots
+    return [*slots, Slot("model.norm.weight", "ln_f.scale", (d,)), head_slot("lm_head.weight", cfg)]

@@ -24,17 +24,15 @@ model's tensors under ``language_model``) are not read; their text-only ``gemma3
 from collections.abc import Mapping
 
 from ftransformer.config import Attention, Config
-from ftransformer.interop.families import _rope, common_hf, family_of
+from ftransformer.interop.families import common_hf, rope_from_hf
 
-GEMMAS = ("gemma", "gemma2", "gemma3_text")
 # Gemma 1's released configs say "gelu" and mean the tanh approximation (transformers rewrites it so).
 TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new", "gelu")
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def config_from_hf(hf: Mapping) -> Config:
-    """A ``Config`` from a Gemma 1 / Gemma 2 ``config.json``."""
-    family = family_of(hf)
+def config_from_hf(hf: Mapping, family: str) -> Config:
+    """A ``Config`` from the ``config.json`` of ``family``: ``gemma``, ``gemma2`` or ``gemma3_text``."""
     missing = [k for k in _REQUIRED if k not in hf]
     if missing:
         raise ValueError(f"{family} config.json is missing {missing}; expected all of {list(_REQUIRED)}")
@@ -69,7 +67,7 @@ def _ropes(hf: Mapping, family: str) -> tuple[float, object, float | None]:
     """``(rope_base, rope_scaling, window_rope_base)``: Gemma 3's per-layer-type ``rope_parameters`` (or the
     older ``rope_theta`` + ``rope_local_base_freq`` + ``rope_scaling``), one rope for the others."""
     if family != "gemma3_text":
-        return (*_rope(hf, family), None)
+        return (*rope_from_hf(hf, family), None)
     params = hf.get("rope_parameters")
     if params is not None and "full_attention" in params:
         full, local = params["full_attention"], params.get("sliding_attention") or {"rope_type": "default"}
@@ -78,7 +76,7 @@ def _ropes(hf: Mapping, family: str) -> tuple[float, object, float | None]:
         local = {"rope_type": "default", "rope_theta": hf.get("rope_local_base_freq", 1e4)}
     if local.get("rope_type", "default") != "default":
         raise ValueError(f"gemma3_text config.json scales the sliding layers' rope ({local}); supported: 'default'")
-    return (*_rope({"rope_parameters": full}, family), float(local.get("rope_theta", 1e4)))
+    return (*rope_from_hf({"rope_parameters": full}, family), float(local.get("rope_theta", 1e4)))
 
 
 def _windows(hf: Mapping, family: str) -> int | tuple[int | None, ...] | None:
@@ -128,10 +126,11 @@ def family_for(cfg: Config) -> str:
     return "gemma"
 
 
-def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
-    """The ``config.json`` contents that ``transformers`` reads back as ``cfg``'s Gemma model."""
+def config_to_hf(cfg: Config) -> dict:
+    """The ``config.json`` keys (all but ``model_type`` and ``architectures``) that ``transformers`` reads
+    back as ``cfg``'s Gemma model."""
     family = family_for(cfg)
-    hf = common_hf(cfg, family, dtype_name) | {"attention_bias": False}
+    hf = common_hf(cfg) | {"attention_bias": False}
     if family == "gemma":
         return hf | {"hidden_act": "gelu_pytorch_tanh"}
     a = cfg.attention

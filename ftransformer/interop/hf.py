@@ -1,19 +1,21 @@
-"""Hugging Face checkpoints in and out: ``load_hf`` and ``save_hf`` for every supported family.
+"""Hugging Face checkpoints in and out: ``load_hf`` and ``save_hf`` for every family of ``interop.registry``.
 
-``load_hf`` reads ``config.json``, dispatches on its ``model_type`` / ``architectures`` (GPT-2 goes
-through ``interop.hf_gpt2``; Llama, Mistral, Qwen2 and Qwen3 through ``interop.families``; GPT-NeoX
-through ``interop.neox``), checks
-every stored tensor's name and shape against the config before reading any data, then fills
-parameters allocated once at their final dtype and device, one stored tensor at a time. The
+``load_hf`` reads ``config.json``, finds its family in the registry (``model_type`` / ``architectures``),
+checks every stored tensor's name and shape against the family's slots before reading any data, then
+fills parameters allocated once at their final dtype and device, one stored tensor at a time. The
 ``transformers`` model is never built, and no second full copy of the weights is ever held: the peak
-is the parameters plus the largest single tensor.
+is the parameters plus the largest single tensor. ``fill_params`` is that filling for any source: a
+directory's tensors, or a state dict in memory (``load_hf_gpt2``'s), whose tensors become the
+parameters themselves where they need no conversion.
 
 ``save_hf`` writes ``config.json`` and ``model.safetensors`` (shards and an index above
-``max_shard_size``) that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+``max_shard_size``) that ``transformers.AutoModelForCausalLM.from_pretrained`` loads;
+``hf_state_dict`` is the same tensors as a state dict ``load_state_dict(strict=True)`` accepts.
 """
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -21,20 +23,21 @@ from einops import rearrange
 from torch import Tensor
 
 from ftransformer.config import Config
-from ftransformer.interop import families, gemma, hf_gpt2, neox
 from ftransformer.interop.families import Slot
-from ftransformer.interop.hf_gpt2 import _first_few
+from ftransformer.interop.registry import FAMILIES, Family, family_for, family_of
 from ftransformer.interop.safetensors_io import (
     StoredTensor, list_tensors, parse_size, read_rows, read_tensor, write_safetensors,
 )
 from ftransformer import tree
 from ftransformer.params import init_params
 
-# Buffers older transformers versions saved beside the weights; they hold no learned numbers
-# (GPT-NeoX's causal-mask buffers among them).
-_BUFFER_SUFFIXES = (".rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias")
 # Converted tensors pass through a temporary of at most this many bytes (a few rows of a big table).
 _CHUNK_BYTES = 16 * 2**20
+Stored = StoredTensor | Tensor  # a tensor in a file (read when filled), or one in memory
+# Looked for in this order; an index names the shards of a checkpoint split over several files.
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)
 
 
 def read_hf_config(directory: str | os.PathLike) -> dict:
@@ -57,15 +60,7 @@ def read_hf_config(directory: str | os.PathLike) -> dict:
 def config_from_hf_dir(directory: str | os.PathLike) -> Config:
     """The ``Config`` of a Hugging Face directory, from its ``config.json`` alone (no weights are read)."""
     hf = read_hf_config(directory)
-    family = families.family_of(hf)
-    if family == "gpt2":
-        return hf_gpt2.config_from_hf(hf)
-    return _reader(family).config_from_hf(hf)
-
-
-def _reader(family: str):
-    """The module that reads and writes ``family``'s configs and tensor names."""
-    return neox if family == "gpt_neox" else gemma if family in gemma.GEMMAS else families
+    return family_of(hf).config_in(hf)
 
 
 def load_hf(
@@ -74,7 +69,8 @@ def load_hf(
     """``(cfg, params)`` from a Hugging Face model directory of any supported family.
 
     Args:
-        directory: holds ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``).
+        directory: holds ``config.json`` and ``model.safetensors`` (or shards + ``model.safetensors.index.json``;
+            without them an older ``pytorch_model.bin``, or its shards, which are read whole).
         dtype: cast floating-point tensors to it as they are read (None keeps the stored dtype).
         device: where the parameters are allocated and filled.
 
@@ -82,50 +78,141 @@ def load_hf(
     each raise one ``ValueError`` naming them.
     """
     hf = read_hf_config(directory)
-    family = families.family_of(hf)
-    if family == "gpt2":
-        return hf_gpt2.load_hf_gpt2(directory, dtype=dtype, device=device)
-    cfg = _reader(family).config_from_hf(hf)
-    slots = neox.tensor_slots(cfg) if family == "gpt_neox" else families.tensor_slots(cfg, family)
-    stored = _checked(list_tensors(directory), slots, cfg)
+    family = family_of(hf)
+    cfg = family.config_in(hf)
+    return cfg, fill_params(_stored_tensors(Path(directory)), family, cfg, dtype=dtype, device=device)
+
+
+def _stored_tensors(directory: Path) -> dict[str, Stored]:
+    """A directory's safetensors, listed (read as they fill); else its older ``pytorch_model.bin``, read whole."""
+    if not any((directory / name).is_file() for name in WEIGHT_FILES[:2]) and any(
+            (directory / name).is_file() for name in WEIGHT_FILES[2:]):
+        return read_weights(directory)
+    return list_tensors(directory)
+
+
+def read_weights(directory: Path) -> dict[str, Tensor]:
+    """Every tensor of a directory's weights, read whole, from the first of ``WEIGHT_FILES`` it has."""
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is not a directory (expected a Hugging Face model directory)")
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if not path.is_file():
+            continue
+        if name.endswith(".index.json"):
+            weight_map = json.loads(path.read_text(encoding="utf-8")).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{path} has no 'weight_map' (expected a sharded checkpoint index)")
+            sd: dict[str, Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                sd.update(read_weights_file(directory / shard))
+            return sd
+        return read_weights_file(path)
+    raise ValueError(f"{directory} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def read_weights_file(path: Path) -> dict[str, Tensor]:
+    """The tensors of one weights file; a damaged file raises ``ValueError`` naming it."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run code.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as e:  # safetensors, pickle and torch each raise their own types
+        raise ValueError(f"{path} is not a readable weights file ({type(e).__name__}: {e})") from None
+
+
+def fill_params(
+    stored: Mapping[str, Stored], family: Family, cfg: Config, *,
+    dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+) -> dict:
+    """``cfg``'s parameter tree from ``stored`` (``{Hugging Face name: tensor}``) by ``family``'s slots;
+    every name and shape is checked before any data is read."""
+    slots = family.slots(cfg)
+    stored = _checked(_renamed(stored, family, slots), slots, cfg, family.base_prefix)
     flat = _allocate(cfg, slots, stored, dtype, torch.device(device))
     for slot in slots:
-        _fill(flat[slot.path], stored[slot.hf_key], slot)
-    return cfg, tree.unflatten_paths(flat)
+        leaf, entry = flat[slot.path], stored.get(slot.hf_key)
+        if slot.tied and entry is not None and not _same(leaf, entry):
+            shown = [k.removeprefix(family.base_prefix) for k in (slot.hf_key, _source_key(slots, slot))]
+            raise ValueError(
+                f"{shown[0]} differs from {shown[1]} but the config ties them (tie_word_embeddings=True); "
+                "pass a config with tie_word_embeddings=False / tie_embeddings=False"
+            )
+        if not slot.tied and leaf is not entry:
+            _fill(leaf, entry, slot)
+    return tree.unflatten_paths(flat)
 
 
-def _checked(stored: dict[str, StoredTensor], slots: list[Slot], cfg: Config) -> dict[str, StoredTensor]:
-    """The stored tensors the slots need, after checking names and shapes (before any data is read)."""
+def _source_key(slots: list[Slot], tied: Slot) -> str:
+    """The name of the tensor a tied slot copies (the slot that fills the same leaf)."""
+    return next(s.hf_key for s in slots if s.path == tied.path and not s.tied)
+
+
+def _renamed(stored: Mapping[str, Stored], family: Family, slots: list[Slot]) -> dict[str, Stored]:
+    """The stored tensors under the slots' names: buffers left out, a base model's names put under the prefix."""
+    keys, prefix = {s.hf_key for s in slots}, family.base_prefix
+    out: dict[str, Stored] = {}
+    for name, entry in stored.items():
+        if family.buffers and name.endswith(family.buffers):
+            continue
+        key = prefix + name if name not in keys and prefix + name in keys else name
+        if key in out:
+            raise ValueError(f"{name!r} is stored both with and without the {prefix!r} prefix")
+        out[key] = entry
+    return out
+
+
+def _checked(stored: dict[str, Stored], slots: list[Slot], cfg: Config, prefix: str) -> dict[str, Stored]:
+    """The stored tensors the slots need, after checking names and shapes (before any data is read).
+    Names are shown without ``prefix``; a state dict in memory is worded as ``load_hf_gpt2`` always has."""
+    memory = any(isinstance(v, Tensor) for v in stored.values())
+    noun, missing_as, extra_as = ("state dict", "{!r} (expected shape {})", "{!r}") if memory else ("checkpoint", "{!r} {}", "{}")
     expected = {s.hf_key: s for s in slots}
-    ignored = {k for k in stored if k.endswith(_BUFFER_SUFFIXES)}
-    if cfg.embeddings.tie:
-        ignored |= {"lm_head.weight", "embed_out.weight"}  # some tied checkpoints store it anyway; the tie makes it the embedding
-    missing = [f"{k!r} {s.hf_shape}" for k, s in expected.items() if k not in stored]
-    extra = sorted(set(stored) - set(expected) - ignored)
+    missing = [missing_as.format(k.removeprefix(prefix), s.hf_shape) for k, s in expected.items() if k not in stored and not s.tied]
+    extra = [extra_as.format(k.removeprefix(prefix)) for k in sorted(set(stored) - set(expected))]
     sizes = f"(n_layers={cfg.n_layers}, vocab={cfg.vocab_size}, d_model={cfg.d_model}, head_dim={cfg.head_dim})"
     if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} tensor(s) the config {sizes} needs: {_first_few(missing)}")
+        raise ValueError(f"{noun} is missing {len(missing)} tensor(s) the config {sizes} needs: {_first_few(missing)}")
     if extra:
-        raise ValueError(f"checkpoint has {len(extra)} tensor(s) the config {sizes} has no place for: {_first_few(extra)}")
+        raise ValueError(f"{noun} has {len(extra)} tensor(s) the config {sizes} has no place for: {_first_few(extra)}")
     for key, slot in expected.items():
-        if stored[key].shape != slot.hf_shape:
-            raise ValueError(f"tensor {key!r} has shape {stored[key].shape} but the config {sizes} expects {slot.hf_shape}")
-    return {k: stored[k] for k in expected}
+        if key in stored and tuple(stored[key].shape) != slot.hf_shape:
+            raise ValueError(
+                f"tensor {key.removeprefix(prefix)!r} has shape {tuple(stored[key].shape)} but the config "
+                f"expects {slot.hf_shape} {sizes}"
+            )
+    return {k: stored[k] for k in expected if k in stored}
+
+
+def _first_few(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def _allocate(
-    cfg: Config, slots: list[Slot], stored: dict[str, StoredTensor], dtype: torch.dtype | None, device: torch.device
+    cfg: Config, slots: list[Slot], stored: dict[str, Stored], dtype: torch.dtype | None, device: torch.device
 ) -> dict[str, Tensor]:
-    """Empty leaves in ``init_params``' order and shapes (built on the meta device: no memory), each of
+    """Leaves in ``init_params``' order and shapes: a tensor in memory itself where it is the whole leaf
+    already (layout, dtype and device), else empty (built on the meta device first: no memory), of
     ``dtype`` or of the dtype its first stored tensor has."""
-    template = _template(cfg)
-    source = {}
+    filling: dict[str, list[Slot]] = {}
     for slot in slots:
-        source.setdefault(slot.path, stored[slot.hf_key].dtype)
-    return {
-        path: torch.empty(leaf.shape, dtype=dtype if dtype is not None else source[path], device=device)
-        for path, leaf in template.items()
-    }
+        if not slot.tied:
+            filling.setdefault(slot.path, []).append(slot)
+    flat = {}
+    for path, leaf in _template(cfg).items():
+        entry = stored[filling[path][0].hf_key]
+        want = dtype if dtype is not None else entry.dtype
+        whole = len(filling[path]) == 1 and _direct(filling[path][0])
+        if whole and isinstance(entry, Tensor) and entry.dtype == want and entry.device == device:
+            flat[path] = entry
+        else:
+            flat[path] = torch.empty(leaf.shape, dtype=want, device=device)
+    return flat
 
 
 def _template(cfg: Config) -> dict[str, Tensor]:
@@ -134,26 +221,46 @@ def _template(cfg: Config) -> dict[str, Tensor]:
         return tree.flatten_with_paths(init_params(cfg))
 
 
-def _fill(leaf: Tensor, entry: StoredTensor, slot: Slot) -> None:
+def _direct(slot: Slot) -> bool:
+    """Whether the stored tensor is the leaf as it is (no columns, rows, transpose or interleave)."""
+    return slot.cols is None and not slot.transpose and slot.heads is None and slot.rows is None
+
+
+def _fill(leaf: Tensor, entry: Stored, slot: Slot) -> None:
     """Read one stored tensor into its place in ``leaf``: straight into its memory when the layout,
     dtype and device already agree, else a block of rows at a time through a small temporary (so a
     transposed or cast vocabulary-sized table never needs a second full-size buffer)."""
-    direct = slot.cols is None and not slot.transpose and slot.heads is None and slot.rows is None
-    if direct and leaf.dtype == entry.dtype and leaf.device.type == "cpu":
+    if isinstance(entry, StoredTensor) and _direct(slot) and leaf.dtype == entry.dtype and leaf.device.type == "cpu":
         read_tensor(entry, leaf)
         return
     target = leaf if slot.cols is None else leaf[..., slot.cols[0]:slot.cols[1]]
     if slot.transpose:
         target = target.T  # now in the stored [d_out, d_in] layout, a view into leaf
     if slot.heads is not None:  # a fused q/k/v projection (d_model rows at most): read whole, un-interleave
-        target.copy_(_interleaved(read_tensor(entry), slot.heads, inverse=True))
+        whole = entry if isinstance(entry, Tensor) else read_tensor(entry)
+        target.copy_(_interleaved(whole, slot.heads, inverse=True))
         return
     first, rows = slot.rows or (0, entry.shape[0])  # the stored rows this slot holds
-    row_bytes = max(1, target[:1].numel() * entry.dtype.itemsize)
-    step = max(1, _CHUNK_BYTES // row_bytes)
-    for start in range(first, rows, step):
-        stop = min(start + step, rows)
-        target[start - first:stop - first].copy_(read_rows(entry, start, stop))
+    for start, stop in _blocks(target, entry, first, rows):
+        target[start - first:stop - first].copy_(_rows(entry, start, stop))
+
+
+def _same(leaf: Tensor, entry: Stored) -> bool:
+    """Whether a stored tied copy holds the leaf's values (compared a block of rows at a time)."""
+    return all(
+        torch.equal(leaf[start:stop], _rows(entry, start, stop).to(leaf.device, leaf.dtype))
+        for start, stop in _blocks(leaf, entry, 0, entry.shape[0])
+    )
+
+
+def _blocks(target: Tensor, entry: Stored, first: int, rows: int) -> list[tuple[int, int]]:
+    """Row ranges of ``entry`` of at most ``_CHUNK_BYTES`` each, from ``first`` to ``rows``."""
+    step = max(1, _CHUNK_BYTES // max(1, target[:1].numel() * entry.dtype.itemsize))
+    return [(start, min(start + step, rows)) for start in range(first, rows, step)]
+
+
+def _rows(entry: Stored, start: int, stop: int) -> Tensor:
+    return entry[start:stop] if isinstance(entry, Tensor) else read_rows(entry, start, stop)
 
 
 # ---------------------------------------------------------------- save
@@ -165,27 +272,18 @@ def save_hf(
     """Write ``config.json`` + ``model.safetensors`` (shards + index above ``max_shard_size``) for
     ``transformers`` to load (and ``load_hf`` to read back bit for bit). Returns the directory.
 
-    The family is chosen from ``cfg``'s features (``families.family_for``); GPT-2-shaped configs are
+    The family is chosen from ``cfg``'s features (``registry.family_for``); GPT-2-shaped configs are
     written as GPT-2. A config no supported family can express raises ``ValueError`` naming the field.
     Only one shard's worth of converted tensors is in memory at a time.
     """
     limit = parse_size(max_shard_size)
     if not isinstance(params, dict):
         raise TypeError(f"params must be the dict init_params returns, got {type(params).__name__}")
-    if neox.expresses(cfg):
-        neox.check(cfg)  # a config GPT-NeoX cannot express is refused before the params are looked at
-        tensors = _hf_tensors(tree.flatten_with_paths(params), _template(cfg), neox.tensor_slots(cfg))
-        hf = neox.config_to_hf(cfg, dtype_name=str(tensors["gpt_neox.embed_in.weight"][1]).removeprefix("torch."))
-    elif cfg.positional.kind == "learned":
-        hf = hf_gpt2.config_to_hf(cfg)
-        tensors = {k: (tuple(v.shape), v.dtype, lambda v=v: v) for k, v in hf_gpt2.to_hf_gpt2(params, cfg).items()}
-        if cfg.embeddings.tie:
-            del tensors["lm_head.weight"]  # safetensors refuses two names for one tensor; HF re-ties it
-    else:
-        writer = gemma if gemma.expresses(cfg) else families
-        family = writer.family_for(cfg)  # a config no family expresses is refused before the params are looked at
-        tensors = _hf_tensors(tree.flatten_with_paths(params), _template(cfg), families.tensor_slots(cfg, family))
-        hf = writer.config_to_hf(cfg, dtype_name=str(tensors["model.embed_tokens.weight"][1]).removeprefix("torch."))
+    family = family_for(cfg)
+    hf = family.config_json(cfg)  # a config the family cannot express is refused before the params are looked at
+    slots = family.slots(cfg)
+    tensors = _hf_tensors(tree.flatten_with_paths(params), _template(cfg), [s for s in slots if not s.tied])
+    hf["dtype"] = str(tensors[slots[0].hf_key][1]).removeprefix("torch.")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_safetensors(tensors, directory, limit)
@@ -193,10 +291,29 @@ def save_hf(
     return directory
 
 
+def hf_state_dict(params: dict, cfg: Config, family: str | None = None) -> dict[str, Tensor]:
+    """``family``'s checkpoint (None: the family ``save_hf`` would write) of ``params`` as a state dict
+    that the ``transformers`` model's ``load_state_dict(sd, strict=True)`` accepts (transformers 5's
+    GPT-NeoX module alone renames a name: ``embed_out`` is its ``lm_head``). Tensors are ``params``' own
+    where no conversion is needed, and a tied head is the embedding itself, as in the model."""
+    entry = family_for(cfg) if family is None else FAMILIES[family]
+    entry.config_json(cfg)  # refuses a config the family cannot express, naming the field
+    if not isinstance(params, dict):
+        raise TypeError(f"params must be the dict init_params returns, got {type(params).__name__}")
+    slots = entry.slots(cfg)
+    tensors = _hf_tensors(tree.flatten_with_paths(params), _template(cfg), [s for s in slots if not s.tied])
+    sd = {key: make() for key, (_, _, make) in tensors.items()}
+    for slot in slots:
+        if slot.tied:
+            sd[slot.hf_key] = sd[_source_key(slots, slot)]
+    return sd
+
+
 def _hf_tensors(flat: dict[str, Tensor], template: dict[str, Tensor], slots: list[Slot]) -> dict:
     """``{hf_key: (shape, dtype, producer)}``; each producer cuts and transposes its tensor when called."""
-    missing = [p for p in template if p not in flat]
-    extra = [p for p in flat if p not in template]
+    written_as = {s.path: s.hf_key for s in slots}
+    missing = [f"{p!r} (written as {written_as.get(p)})" for p in template if p not in flat]
+    extra = [repr(p) for p in flat if p not in template]
     if missing or extra:
         raise ValueError(f"params do not match the config: missing {_first_few(missing)}; unexpected {_first_few(extra)}")
     for path, leaf in template.items():

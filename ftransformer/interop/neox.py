@@ -4,7 +4,7 @@
 ``config.json`` key             ``Config`` choice
 ==============================  ============================================================================
 ``use_parallel_residual``       ``residual="parallel"`` (``x + attn(ln1 x) + mlp(ln2 x)``), else ``"sequential"``
-``rotary_pct`` /                ``Attention(rotary_dim=int(head_dim * pct))``: rotary on the first channels only
+``rotary_pct`` /                ``Positional(rotary_dim=int(head_dim * pct))``: rotary on the first channels only
 ``partial_rotary_factor``
 ``rotary_emb_base`` /           ``rope_base``
 ``rope_theta``
@@ -21,8 +21,8 @@ un-interleaved at load and interleaved again at export (``Slot.heads``).
 
 from collections.abc import Mapping
 
-from ftransformer.config import Attention, Config, Positional
-from ftransformer.interop.families import Slot, _rope, _rope_parameters
+from ftransformer.config import Config, Embeddings, Layout, Norm, Positional
+from ftransformer.interop.families import Slot, head_slot, rope_from_hf, rope_parameters
 
 GELUS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -42,7 +42,7 @@ def config_from_hf(hf: Mapping) -> Config:
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     rope.setdefault("rope_theta", hf.get("rotary_emb_base", 10000.0))
     fraction = float(rope.pop("partial_rotary_factor", hf.get("rotary_pct", 0.25)))
-    rope_base, rope_scaling = _rope({"rope_parameters": rope}, "gpt_neox")
+    rope_base, rope_scaling = rope_from_hf({"rope_parameters": rope}, "gpt_neox")
     d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = d_model // n_heads
     rotary_dim = int(head_dim * fraction)
@@ -51,15 +51,16 @@ def config_from_hf(hf: Mapping) -> Config:
             f"gpt_neox config.json rotates int(head_dim={head_dim} * {fraction}) = {rotary_dim} channels; "
             "expected an even number > 0"
         )
-    return Config.from_flat(
+    return Config(
         vocab_size=hf["vocab_size"], d_model=d_model, n_heads=n_heads, n_layers=hf["num_hidden_layers"],
         d_ff=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048), dropout=0.0, bias=True,
-        norm="layernorm", norm_position="pre", positional="rope", activation=GELUS[act],
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), init_std=float(hf.get("initializer_range", 0.02)),
-        norm_eps=float(hf.get("layer_norm_eps", 1e-5)), rope_base=rope_base, rope_scaling=rope_scaling,
-        residual="parallel" if hf.get("use_parallel_residual", True) else "sequential",
-    ).replace(positional=Positional(
-        "rope", base=rope_base, scaling=rope_scaling, rotary_dim=None if rotary_dim == head_dim else rotary_dim))
+        activation=GELUS[act], init_std=float(hf.get("initializer_range", 0.02)),
+        norm=Norm("layernorm", eps=float(hf.get("layer_norm_eps", 1e-5))),
+        positional=Positional("rope", base=rope_base, scaling=rope_scaling,
+                              rotary_dim=None if rotary_dim == head_dim else rotary_dim),
+        layout=Layout(residual="parallel" if hf.get("use_parallel_residual", True) else "sequential"),
+        embeddings=Embeddings(tie=bool(hf.get("tie_word_embeddings", False))),
+    )
 
 
 def expresses(cfg: Config) -> bool:
@@ -86,18 +87,18 @@ def check(cfg: Config) -> None:
         raise ValueError(f"Config.positional.rotary_dim={cfg.rotary_dim} is not int(head_dim * a float) in gpt_neox")
 
 
-def config_to_hf(cfg: Config, *, dtype_name: str = "float32") -> dict:
-    """The ``config.json`` contents that ``transformers`` reads back as ``cfg``'s GPT-NeoX model."""
+def config_to_hf(cfg: Config) -> dict:
+    """The ``config.json`` keys (all but ``model_type`` and ``architectures``) that ``transformers`` reads
+    back as ``cfg``'s GPT-NeoX model."""
     check(cfg)
-    rope = {**_rope_parameters(cfg), "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
+    rope = {**rope_parameters(cfg), "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim}
     return {
-        "architectures": ["GPTNeoXForCausalLM"], "model_type": "gpt_neox", "vocab_size": cfg.vocab_size,
+        "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "hidden_act": "gelu" if cfg.activation == "gelu" else "gelu_pytorch_tanh",
         "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std, "layer_norm_eps": cfg.norm.eps,
         "tie_word_embeddings": cfg.embeddings.tie, "use_parallel_residual": cfg.layout.residual == "parallel",
         "attention_bias": True, "rope_parameters": rope, "attention_dropout": 0.0, "hidden_dropout": 0.0,
-        "dtype": dtype_name,
     }
 
 
@@ -119,7 +120,5 @@ def tensor_slots(cfg: Config) -> list[Slot]:
             Slot(p + "mlp.dense_4h_to_h.weight", b + "mlp.w_out", (d, ff), True),
             Slot(p + "mlp.dense_4h_to_h.bias", b + "mlp.b_out", (d,)),
         ]
-    slots += [Slot("gpt_neox.final_layer_norm.weight", "ln_f.scale", (d,)), Slot("gpt_neox.final_layer_norm.bias", "ln_f.bias", (d,))]
-    if not cfg.embeddings.tie:
-        slots.append(Slot("embed_out.weight", "unembed.w", (cfg.vocab_size, d), True))
-    return slots
+    final = [Slot("gpt_neox.final_layer_norm.weight", "ln_f.scale", (d,)), Slot("gpt_neox.final_layer_norm.bias", "ln_f.bias", (d,))]
+    return [*slots, *final, head_slot("embed_out.weight", cfg)]

@@ -11,12 +11,15 @@ tokens repeated twice: in the second copy, a head that attends from token ``t`` 
 """
 
 import torch
+from einops import rearrange, reduce
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
-from ftransformer.model import check_ids, cross_entropy, forward, unembed
+from ftransformer.layers.block import write_norms
+from ftransformer.layers.norm import inverse_scale, norm
+from ftransformer.model import check_ids, cross_entropy, final_norm, forward, unembed, unembedding
 
 
 def stacked_patterns(acts: dict) -> Float[Tensor, "layers *batch heads seq kv_seq"]:
@@ -26,8 +29,7 @@ def stacked_patterns(acts: dict) -> Float[Tensor, "layers *batch heads seq kv_se
 
 def _per_head_mean(x: Float[Tensor, "layers *batch heads seq"]) -> Float[Tensor, "layers heads"]:
     """Average over the batch axes and query positions, keeping (layer, head)."""
-    x = x.movedim(-2, 1)
-    return x.reshape(x.shape[0], x.shape[1], -1).mean(-1)
+    return reduce(x, "layers ... heads seq -> layers heads", "mean")
 
 
 def attention_entropy(acts: dict) -> Float[Tensor, "layers heads"]:
@@ -115,7 +117,7 @@ def logit_lens(params: dict, acts: dict, cfg: Config) -> Float[Tensor, "layers_p
 
 def _unembedding_columns(params: dict, cfg: Config, token) -> Tensor:
     """The unembedding's column(s) for ``token``: ``[d_model]`` for an int, ``[*batch, seq, d_model]`` for ids."""
-    w = params["embed"]["tokens"] if cfg.embeddings.tie else params["unembed"]["w"].t()
+    w = unembedding(params, cfg).t()
     if isinstance(token, Tensor):
         return w[token]
     if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < cfg.vocab_size:
@@ -123,51 +125,60 @@ def _unembedding_columns(params: dict, cfg: Config, token) -> Tensor:
     return w[token]
 
 
+def _head_writes(block_params: dict, block_acts: dict, cfg: Config) -> tuple[Tensor, Tensor]:
+    """``(each head's write [heads, *batch, seq, d_model], the rest of the attention's write)``: a norm on the
+    attention's output (sandwich, output layouts) is split with its divisor frozen at the whole output."""
+    heads = rearrange(block_acts["attn"]["head_out"], "... heads seq d_model -> heads ... seq d_model")
+    written = block_acts["resid_mid"] - block_acts["resid_pre"]
+    post = write_norms(block_params, cfg)[0]
+    if post is not None:
+        b_o = block_params["attn"].get("b_o")
+        out = heads.sum(0) if b_o is None else heads.sum(0) + b_o
+        inv = inverse_scale(out, cfg.norm)
+        heads = norm(post, heads, cfg.norm, inv=inv) - norm(post, torch.zeros_like(out), cfg.norm, inv=inv)
+    return heads, written - heads.sum(0)
+
+
 def direct_logit_attribution(
     params: dict, acts: dict, cfg: Config, token: int | Int[Tensor, "*batch seq"]
 ) -> dict[str, Tensor]:
-    """Each component's direct contribution to the logit of ``token`` at every position.
+    """Each component's direct contribution to the logit of ``token`` at every position, before the soft-cap.
 
     The residual stream entering the final norm is a sum of writes: the embedding, every head, every
-    attention bias, every MLP. With the final norm's scale frozen at its value on the whole stream (the
-    usual convention), the logit splits exactly into one term per write.
+    attention bias, every MLP. With the final norm's divisor frozen at its value on the whole stream (the
+    usual convention) the norm is affine, and the logit splits exactly into one term per write. A norm on
+    a sublayer's output (the sandwich and output layouts) is split the same way, its divisor frozen at the
+    whole output, so each head keeps its own share. ``cfg.embeddings.logit_softcap`` (``tanh``) is not additive: the
+    parts sum to the logit *before* the cap, ``final @ unembedding`` (``model.unembedding``).
 
     Args:
         token: one id for every position, or a tensor of ids (``[*batch, seq]``, e.g. the targets).
 
     Returns:
         ``{"embed": [*batch, seq], "heads": [layers, heads, *batch, seq], "mlp": [layers, *batch, seq],
-        "bias": [*batch, seq]}``; ``bias`` holds the attention output biases and the final norm's bias.
-        Their sum is the logit.
+        "bias": [*batch, seq]}``; ``bias`` holds the attention output biases (with their share of a norm on
+        the attention's output) and the final norm's bias. Their sum is the pre-cap logit.
     """
-    if cfg.layout.norm_position != "pre":
+    if cfg.layout.norm_position == "post":
         raise ValueError(
-            "direct logit attribution needs Config.layout.norm_position='pre': in a post-LN model every block "
-            "renormalises the residual stream, so it is not a sum of the components' writes"
+            "direct logit attribution needs Config.layout.norm_position='pre', 'sandwich' or 'output', got 'post': in a "
+            "post-LN model every block renormalises the residual stream, so it is not a sum of the components' writes"
         )
     resid = acts["blocks"][-1]["resid_post"]
-    if cfg.norm.kind == "layernorm":
-        inv = torch.rsqrt(resid.var(-1, unbiased=False, keepdim=True) + cfg.norm.eps)
-    else:
-        inv = torch.rsqrt(resid.pow(2).mean(-1, keepdim=True) + cfg.norm.eps)
-    u = _unembedding_columns(params, cfg, token).to(resid.dtype) * params["ln_f"]["scale"]
+    inv = inverse_scale(resid, cfg.norm)
+    zero = final_norm(params, torch.zeros_like(resid), cfg, inv=inv)
+    u = _unembedding_columns(params, cfg, token).to(resid.dtype)
 
     def logit(c: Tensor) -> Tensor:
-        """A write's share of the logit: the final norm's linear part (centre, frozen scale), then ``u``."""
-        if cfg.norm.kind == "layernorm":
-            c = c - c.mean(-1, keepdim=True)
-        return (c * inv * u).sum(-1)
+        """A write's share of the logit: the final norm's linear part (frozen divisor), then ``u``."""
+        return ((final_norm(params, c, cfg, inv=inv) - zero) * u).sum(-1)
 
-    heads, mlps = [], []
-    bias = torch.zeros(resid.shape[:-1], dtype=resid.dtype, device=resid.device)
-    for b in acts["blocks"]:
-        head_out = b["attn"]["head_out"]
-        heads.append(logit(head_out.movedim(-3, 0)))
-        bias = bias + logit(b["resid_mid"] - b["resid_pre"] - head_out.sum(-3))
+    heads, mlps, bias = [], [], (zero * u).sum(-1)
+    for p, b in zip(params["blocks"], acts["blocks"]):
+        head_writes, rest = _head_writes(p, b, cfg)
+        heads.append(logit(head_writes))
+        bias = bias + logit(rest)
         mlps.append(logit(b["resid_post"] - b["resid_mid"]))
-    if "bias" in params["ln_f"]:
-        w = _unembedding_columns(params, cfg, token).to(resid.dtype)
-        bias = bias + (params["ln_f"]["bias"] * w).sum(-1)
     return {"embed": logit(acts["embed"]), "heads": torch.stack(heads), "mlp": torch.stack(mlps), "bias": bias}
 
 
@@ -194,5 +205,5 @@ def loss_per_position(
         cross_entropy(logits[..., p : p + 1, :], targets[..., p : p + 1], ignore_index=ignore_index, reduction="sum")
         for p in range(tokens.shape[-1])
     ])
-    counted = (targets != ignore_index).reshape(-1, tokens.shape[-1]).sum(0)
+    counted = reduce((targets != ignore_index).long(), "... seq -> seq", "sum")
     return sums / counted

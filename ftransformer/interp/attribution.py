@@ -21,6 +21,7 @@ so AtP's known false negatives are visible.
 from collections.abc import Sequence
 
 import torch
+from einops import rearrange, reduce
 
 from ftransformer.config import Config
 from ftransformer.interp.patching import (
@@ -88,13 +89,12 @@ def _slices(values: Tensor, by: tuple, has_heads: bool) -> Float[Tensor, " rows"
     """A per-element product ``[*batch, (heads,) seq, feature]`` summed into one value per patch row, in
     ``patch_masks``' order (head-major), the axes not in ``by`` summed whole."""
     values = values.sum(-1)
-    per = values.reshape(-1, *values.shape[-2:]) if has_heads else values.reshape(-1, 1, values.shape[-1])
-    per = per.sum(0)
+    per = reduce(values if has_heads else values[..., None, :], "... heads seq -> heads seq", "sum")
     if "head" not in by:
         per = per.sum(0, keepdim=True)
     if "position" not in by:
         per = per.sum(1, keepdim=True)
-    return per.reshape(-1)
+    return rearrange(per, "heads seq -> (heads seq)")
 
 
 def _qk_star(layer: dict, source: Tensor, grad_pattern: Tensor, mask: Mask, cfg: Config, *, site, by, chunk) -> Tensor:
@@ -108,8 +108,8 @@ def _qk_star(layer: dict, source: Tensor, grad_pattern: Tensor, mask: Mask, cfg:
         return t.unflatten(-3, (kv_heads, -1)).movedim(-4, 0)
 
     q, pattern, grad = by_kv(layer["attn"]["q"]), by_kv(layer["attn"]["pattern"]), by_kv(grad_pattern)
-    k = layer["attn"]["k"].movedim(-3, 0)
-    source = by_kv(source) if site == "attn.q" else source.movedim(-3, 0)[..., None, :, :]
+    k = rearrange(layer["attn"]["k"], "... kv_heads seq head_dim -> kv_heads ... seq head_dim")
+    source = by_kv(source) if site == "attn.q" else rearrange(source, "... kv_heads seq head_dim -> kv_heads ... 1 seq head_dim")
     rows = patch_masks(by, source.shape[-3], source.shape[-2], source.device)
     allowed = mask.allowed[..., None, None, :, :]
 
@@ -125,7 +125,7 @@ def _qk_star(layer: dict, source: Tensor, grad_pattern: Tensor, mask: Mask, cfg:
         return torch.func.vmap(effect, chunk_size=chunk)(rows)
 
     per_kv = torch.func.vmap(one_kv_head)(q, k, source, pattern, grad)
-    return per_kv.reshape(-1) if "head" in by else per_kv.sum(0)
+    return rearrange(per_kv, "kv_heads rows -> (kv_heads rows)") if "head" in by else per_kv.sum(0)
 
 
 def attribution_patch(

@@ -31,20 +31,25 @@ parallel ones). Biases (``b_o``, ``b_out``) are constants of the sum, not writer
   keep, every other edge ablated (mean, zero or corrupted values), ONE ``vmap`` over the edge masks.
 
 Sign convention, as in ``attribution_patch``: the scores and the sweep are metric *changes* of the base
-run (``"denoise"``: base = corrupt, source = clean), and 0 where there is no edge. Supported: pre-LN
-models (``norm_position="pre"``), every residual layout, per-head qk-norm.
+run (``"denoise"``: base = corrupt, source = clean), and 0 where there is no edge. Supported: every layout
+in which each writer's output is a summand of the residual stream -- pre-LN (``norm_position="pre"``) with a
+sequential or either parallel residual -- and per-head qk-norm. Post-LN, sandwich and output norms are refused
+(``check_layout`` names why): a norm of a sum (or of a sublayer's sum of heads) before it is added makes no
+head's write a summand.
 """
 
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+from einops import einsum, rearrange
 
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.attribution import site_gradients
 from ftransformer.interp.patching import Metric, _check_args, _check_scalar, base_and_source, run_from
 from ftransformer.layers.attention import head_outputs, project_qkv, scaled_dot_product_attention, scores as score_args
+from ftransformer.layers.block import wire
 from ftransformer.layers.feedforward import feedforward
 from ftransformer.layers.linear import linear
 from ftransformer.layers.norm import norm
@@ -55,6 +60,14 @@ from ftransformer.shapes import Bool, Float, Logits, Residual, Tensor, Tokens
 METHODS = ("eap", "eap-ig")
 ABLATIONS = ("mean", "zero", "corrupt")
 Values = Float[Tensor, "writers *batch seq d_model"]
+# Why a layout's writes are not summands of one residual stream (an edge ablates one writer's summand).
+NOT_SUMMANDS = {
+    "post": "every block renormalises the sum x + f(x), so no write stays a summand of the residual stream",
+    "sandwich": "each sublayer's output is normed (ln1_post / ln2_post) before it is added, and a norm of the "
+                "heads' sum is not a sum of per-head writes",
+    "output": "each sublayer's output is normed (ln1 / ln2) before it is added, x + norm(f(x)), and a norm of "
+              "the heads' sum is not a sum of per-head writes",
+}
 
 
 class Graph(NamedTuple):
@@ -87,7 +100,10 @@ class Faithfulness(NamedTuple):
 def check_layout(cfg: Config) -> None:
     """``ValueError`` for the layouts whose heads' writes are not plain summands of one residual stream."""
     if cfg.layout.norm_position != "pre":
-        raise ValueError(f"edge attribution supports Config.layout.norm_position='pre' only, got {cfg.layout.norm_position!r}")
+        raise ValueError(
+            f"edge attribution supports Config.layout.norm_position='pre' only, got {cfg.layout.norm_position!r}: "
+            f"{NOT_SUMMANDS[cfg.layout.norm_position]}"
+        )
     if cfg.attention.qk_norm and cfg.attention.qk_norm_over != "head":
         raise ValueError(
             "edge attribution supports Attention.qk_norm_over='head' only (a norm over every head's channels "
@@ -125,7 +141,7 @@ def writer_values(params: dict, acts: dict, cfg: Config) -> Values:
     """Every writer's write ``z_u`` in one run (``acts`` from ``forward_with_activations``), in the graph's order."""
     parts = [acts["embed"][None]]
     for i, block in enumerate(acts["blocks"]):
-        parts.append(block["attn"]["head_out"].movedim(-3, 0))
+        parts.append(rearrange(block["attn"]["head_out"], "... heads seq d_model -> heads ... seq d_model"))
         if cfg.layout.mlp:
             parts.append(linear(block["mlp"]["hidden"], params["blocks"][i]["mlp"]["w_out"])[None])
     return torch.cat(parts)
@@ -156,26 +172,39 @@ def _inputs(x: Residual, diffs: list, mask: Tensor, readers: slice) -> Float[Ten
     return x - torch.tensordot(1 - mask[: d.shape[0], readers].to(x.dtype), d, dims=([0], [0]))
 
 
+def _mlp_read(acts: dict, cfg: Config) -> Residual:
+    """The residual the block's MLP reads (before its norm), from the block's recorded values: ``resid_mid``
+    in the sequential layout, ``resid_pre`` in the parallel ones."""
+    return acts["resid_mid"] if cfg.layout.residual == "sequential" else acts["resid_pre"]
+
+
 def _circuit_layer(params: dict, i: int, x: Residual, diffs: list, mask: Tensor, ablated: Tensor, cfg: Config, inputs) -> tuple:
     """Block ``i`` of the circuit: ``(x, diffs)`` after it, from those entering it (``x`` the run's own residual,
-    ``diffs`` the writes so far minus their replacements, ``z_u - z~_u``, in the graph's order)."""
+    ``diffs`` the writes so far minus their replacements, ``z_u - z~_u``, in the graph's order).
+
+    The block's own wiring (``layers.block.wire``) adds the writes up; only what the readers read changes:
+    the attention computes each head from its readers' inputs, and the MLP's hidden units are replaced by
+    those of its input minus its ablated writes."""
     _, masks, rotaries = inputs
     mlp, n_writers, n_readers = _sizes(cfg)
     p, w0, r0 = params["blocks"][i], 1 + i * n_writers, i * n_readers
-    head_out = _circuit_attention(p, _inputs(x, diffs, mask, slice(r0, r0 + n_readers - mlp)), cfg, masks[i], rotaries[i])
     b_o = p["attn"].get("b_o")
-    attn = head_out.sum(-3) if b_o is None else head_out.sum(-3) + b_o
-    if cfg.layout.residual == "sequential":
-        x = x + attn
-    diffs = diffs + [head_out.movedim(-3, 0) - ablated[w0 : w0 + cfg.n_heads]]
+
+    def attn(attn_params: dict, normed: Tensor) -> tuple[Tensor, None]:
+        readers = _inputs(x, diffs, mask, slice(r0, r0 + n_readers - mlp))
+        head_out = _circuit_attention(p, readers, cfg, masks[i], rotaries[i])
+        diffs.append(rearrange(head_out, "... heads seq d_model -> heads ... seq d_model") - ablated[w0 : w0 + cfg.n_heads])
+        out = head_out.sum(-3)
+        return (out if b_o is None else out + b_o), None
+
+    def hidden(h: Tensor) -> Tensor:
+        return _mlp_hidden(p, _inputs(_mlp_read(tap.acts, cfg), diffs, mask, slice(r0 + n_readers - 1, r0 + n_readers))[0], cfg)
+
+    diffs = list(diffs)
+    tap = Tap({"mlp.hidden": hidden})
+    x, _ = wire(p, x, cfg, attn, keys=(None, None), tap=tap)
     if mlp:
-        m_in = _inputs(x, diffs, mask, slice(r0 + n_readers - 1, r0 + n_readers))[0]
-        out = feedforward(p["mlp"], norm(_mlp_norm(p, cfg), m_in, cfg.norm), cfg)
-        b_out = p["mlp"].get("b_out")
-        diffs = diffs + [(out if b_out is None else out - b_out)[None] - ablated[w0 + cfg.n_heads : w0 + n_writers]]
-        x = x + out
-    if cfg.layout.residual != "sequential":
-        x = x + attn
+        diffs.append(linear(tap.acts["mlp.hidden"], p["mlp"]["w_out"])[None] - ablated[w0 + cfg.n_heads : w0 + n_writers])
     return x, diffs
 
 
@@ -287,8 +316,7 @@ def reader_gradients(
         qkv = tuple(grads[f"blocks.{i}.attn.{s}"] for s in "qkv")
         parts.append(_attn_reader_grads(p, a["resid_pre"], qkv, cfg, rotaries[i], chunk))
         if cfg.layout.mlp:
-            x = a["resid_mid"] if cfg.layout.residual == "sequential" else a["resid_pre"]
-            parts.append(_mlp_reader_grad(p, x, grads[f"blocks.{i}.mlp.hidden"], cfg)[None])
+            parts.append(_mlp_reader_grad(p, _mlp_read(a, cfg), grads[f"blocks.{i}.mlp.hidden"], cfg)[None])
     parts.append(grads[f"blocks.{cfg.n_layers - 1}.resid_post"][None])
     return torch.cat(parts)
 
@@ -342,7 +370,7 @@ def edge_attribution(
             return reader_gradients(params, base_tokens, metric, cfg, embedding=start + alpha * delta, chunk=chunk)
 
         grads = torch.func.vmap(at, chunk_size=chunk)(alphas).mean(0)
-    scores = diff.flatten(1) @ grads.flatten(1).T
+    scores = einsum(diff, grads, "writers ..., readers ... -> writers readers")
     return EdgeScores(scores * g.edges.to(scores), g)
 
 
@@ -354,8 +382,7 @@ def _patched_reads(params: dict, base: dict, diff: Values, cfg: Config, i: int, 
     q, k, v = project_qkv(p["attn"], norm(p["ln1"], a["resid_pre"] - diff, cfg.norm), cfg, rotary)
     reads = {"attn.q": q, "attn.k": k, "attn.v": v}
     if cfg.layout.mlp:
-        x = a["resid_mid"] if cfg.layout.residual == "sequential" else a["resid_pre"]
-        reads["mlp.hidden"] = _mlp_hidden(p, x - diff, cfg)
+        reads["mlp.hidden"] = _mlp_hidden(p, _mlp_read(a, cfg) - diff, cfg)
     return reads
 
 

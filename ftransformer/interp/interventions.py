@@ -8,6 +8,8 @@ Each helper returns an ``interventions`` dict (``path -> value -> value``) for
 from collections.abc import Callable, Sequence
 
 import torch
+from einops import reduce
+
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.patching import replace_sweep
@@ -61,7 +63,7 @@ def masked_heads(
 
 def head_means(head_out: Float[Tensor, "*batch heads seq d_model"]) -> Float[Tensor, "heads d_model"]:
     """Each head's mean output over every batch axis and position (what mean-ablation writes instead)."""
-    return head_out.movedim(-3, 0).reshape(head_out.shape[-3], -1, head_out.shape[-1]).mean(1)
+    return reduce(head_out, "... heads seq d_model -> heads d_model", "mean")
 
 
 def ablate_heads(

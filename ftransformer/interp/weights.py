@@ -27,6 +27,7 @@ from einops import rearrange
 
 from ftransformer import tree
 from ftransformer.config import Config
+from ftransformer.layers.norm import identity_params, norm_scale
 from ftransformer.shapes import Float, Tensor
 
 # ---------------------------------------------------------------- checks and helpers
@@ -55,30 +56,13 @@ def _untie(params: dict, cfg: Config) -> tuple[dict, Config]:
     return params, cfg.replace(tie_embeddings=False)
 
 
-def _unembedding(params: dict, cfg: Config) -> Float[Tensor, "d_model vocab"]:
-    return params["embed"]["tokens"].t() if cfg.embeddings.tie else params["unembed"]["w"]
-
-
 # ---------------------------------------------------------------- fold_layer_norm
-
-
-def _effective_scale(norm_params: dict, cfg: Config) -> Float[Tensor, " d_model"]:
-    scale = norm_params["scale"]
-    return 1.0 + scale if cfg.norm.unit_offset else scale
-
-
-def _identity_norm(norm_params: dict, cfg: Config) -> dict:
-    scale = norm_params["scale"]
-    out = {"scale": torch.zeros_like(scale) if cfg.norm.unit_offset else torch.ones_like(scale)}
-    if "bias" in norm_params:
-        out["bias"] = torch.zeros_like(norm_params["bias"])
-    return out
 
 
 def _fold_into(layer: dict, norm_params: dict, cfg: Config, names: tuple[str, ...]) -> None:
     """Fold a norm's scale into the rows of each ``w_{name}`` and its bias into ``b_{name}`` (in place on ``layer``,
     a fresh copy). Every layer that reads a biased LayerNorm has a bias of its own (both come from ``Config.bias``)."""
-    scale = _effective_scale(norm_params, cfg)
+    scale = norm_scale(norm_params, cfg.norm)
     for name in names:
         w = layer["w_" + name]
         if "bias" in norm_params:
@@ -90,11 +74,11 @@ def _fold_final(params: dict, cfg: Config) -> dict:
     """Fold ``ln_f``'s scale into the unembedding. There is no unembedding bias, so ``ln_f``'s bias stays,
     divided by the scale: ``(n * s + b) @ W = (n + b / s) @ (s W)``."""
     ln_f = params["ln_f"]
-    scale = _effective_scale(ln_f, cfg)
+    scale = norm_scale(ln_f, cfg.norm)
     if "bias" in ln_f and bool(((scale == 0) & (ln_f["bias"] != 0)).any()):
         raise ValueError("fold_layer_norm needs ln_f's scale nonzero wherever its bias is nonzero (no unembedding bias)")
     params["unembed"] = {"w": scale[:, None] * params["unembed"]["w"]}
-    folded = _identity_norm(ln_f, cfg)
+    folded = identity_params(ln_f, cfg.norm)
     if "bias" in ln_f:
         folded["bias"] = torch.where(scale == 0, torch.zeros_like(scale), ln_f["bias"] / scale)
     params["ln_f"] = folded
@@ -120,8 +104,8 @@ def fold_layer_norm(params: dict, cfg: Config) -> tuple[dict, Config]:
             block["mlp"] = dict(block["mlp"])
             _fold_into(block["mlp"], block["ln2"] if "ln2" in block else block["ln1"], cfg, mlp_names)
             if "ln2" in block:
-                block["ln2"] = _identity_norm(block["ln2"], cfg)
-        block["ln1"] = _identity_norm(block["ln1"], cfg)
+                block["ln2"] = identity_params(block["ln2"], cfg.norm)
+        block["ln1"] = identity_params(block["ln1"], cfg.norm)
         blocks.append(block)
     params["blocks"] = blocks
     return _fold_final(params, cfg), cfg
@@ -294,7 +278,8 @@ def ov_circuit(params: dict, cfg: Config, layer: int) -> FactoredMatrix:
 def _flat_heads(m: FactoredMatrix) -> FactoredMatrix:
     """Leading axes ``[kv_heads, group]`` broadcast and flattened to ``[heads]`` (small r x r work only)."""
     shape = torch.broadcast_shapes(m.A.shape[:-2], m.B.shape[:-2])
-    return FactoredMatrix(m.A.expand(*shape, *m.A.shape[-2:]).flatten(0, 1), m.B.expand(*shape, *m.B.shape[-2:]).flatten(0, 1))
+    flat = "kv_heads group d_in d_out -> (kv_heads group) d_in d_out"
+    return FactoredMatrix(rearrange(m.A.expand(*shape, *m.A.shape[-2:]), flat), rearrange(m.B.expand(*shape, *m.B.shape[-2:]), flat))
 
 
 def composition_scores(params: dict, cfg: Config, writer: int, reader: int, kind: str) -> Float[Tensor, "heads heads"]:

@@ -56,6 +56,17 @@ def residual(
     return residual_with(params, x, lambda p, h: (sublayer(p, h), None), norm_params, cfg, key, post)[0]
 
 
+def write_norms(params: dict, cfg) -> tuple[dict | None, dict | None]:
+    """The norms the attention's and the MLP's outputs pass through before they are added to the residual
+    stream (sandwich: ``ln1_post`` / ``ln2_post``; output: ``ln1`` / ``ln2``); None where an output is
+    added as it is (pre-LN, parallel) or where the sum is normed instead (post-LN)."""
+    if cfg.layout.norm_position == "sandwich":
+        return params["ln1_post"], params.get("ln2_post")
+    if cfg.layout.norm_position == "output":
+        return params["ln1"], params.get("ln2")
+    return None, None
+
+
 def wire(
     params: dict, x: Residual, cfg, attn: Sublayer, *, keys: tuple[Key | None, Key | None], tap: Tap
 ) -> tuple[Residual, Any]:

@@ -407,6 +407,12 @@ FLAT_NAMES = {
 }
 
 
+def flat_path(name: str) -> str:
+    """Where 0.2's flat name ``name`` lives now, as ``spec.field`` (``"norm_eps"`` -> ``"norm.eps"``)."""
+    moved = {"norm_upcast": "norm.float32", "norm_scale_in_float32": "norm.float32", "rotary_dim": "positional.rotary_dim"}
+    return ".".join(FLAT_NAMES[name]) if name in FLAT_NAMES else moved.get(name, name)
+
+
 def _spec_fields(value, cls) -> dict | None:
     """A spec given as itself or as its dict, as a dict of its fields; None for anything else."""
     if isinstance(value, cls):

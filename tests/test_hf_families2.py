@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import ftransformer as ft
-from ftransformer.config import Attention
+from ftransformer.config import Attention, Positional
 from ftransformer.params import param_breakdown
 from ftransformer.interop.hf import config_from_hf_dir, load_hf, save_hf
 from hf_tiny import FAMILY_II_OPTIONS, assert_chunked_cache_equals_forward, build, hf_logits, tokens
@@ -48,12 +48,12 @@ FEATURES_OFF = {
     "gemma2": {"sandwich norms": dict(norm_position="pre"), "attention soft-cap": {"attention": {"softcap": None}},
                "logit soft-cap": dict(logit_softcap=None), "query_pre_attn_scalar": {"attention": {"scale": None}},
                "windows": {"attention": {"window": None}}},
-    "phi3": {"partial rotary": {"attention": {"rotary_dim": None}}, "window": {"attention": {"window": None}}},
+    "phi3": {"partial rotary": {"positional": {"rotary_dim": None}}, "window": {"attention": {"window": None}}},
     "olmo2": {"norms after the sublayers": dict(norm_position="pre"),
               "q/k norm over the projection": {"attention": {"qk_norm": False}}},
     "gemma3_text": {"q/k norm": {"attention": {"qk_norm": False}}, "local rope base": dict(window_rope_base=None),
                     "linear rope scaling (global layers)": dict(rope_scaling=None)},
-    "gpt_neox": {"partial rotary": dict(attention=Attention()), "parallel residual": dict(residual="sequential")},
+    "gpt_neox": {"partial rotary": {"positional": {"rotary_dim": None}}, "parallel residual": dict(residual="sequential")},
 }
 
 
@@ -64,8 +64,9 @@ def test_each_feature_changes_the_logits(models, family):
     x = tokens(2, SEQ)
     base = ft.forward(params, x, cfg)
     for feature, off in FEATURES_OFF[family].items():
-        if isinstance(off.get("attention"), dict):  # Attention fields to change
-            off = dict(attention=dataclasses.replace(cfg.attention, **off["attention"]))
+        for spec in ("attention", "positional"):
+            if isinstance(off.get(spec), dict):  # that spec's fields to change
+                off = {spec: getattr(cfg, spec).replace(**off[spec])}
         assert (ft.forward(params, x, cfg.replace(**off)) - base).abs().max() > 1e-3, feature
 
 
@@ -177,26 +178,24 @@ def test_gpt_neox_refuses_what_it_cannot_express(models, tmp_path, change, messa
 
 def test_config_validates_the_new_choices():
     base = dict(vocab_size=11, d_model=16, n_heads=2, n_layers=1, d_ff=8, max_seq_len=8)
-    with pytest.raises(ValueError, match="rotary_dim=3 needs positional='rope'"):
-        ft.Config.from_flat(**base, positional="rope", attention=Attention(rotary_dim=3))
-    with pytest.raises(ValueError, match="rotary_dim=4 needs positional='rope' \\(got 'learned'\\)"):
-        ft.Config.from_flat(**base, attention=Attention(rotary_dim=4))
+    with pytest.raises(ValueError, match="rotary_dim=3 needs an even number of channels <= head_dim=8"):
+        ft.Config(**base, positional=Positional("rope", rotary_dim=3))
+    with pytest.raises(ValueError, match="Positional.rotary_dim=4 needs kind='rope', got kind='learned'"):
+        ft.Config(**base, positional=Positional(rotary_dim=4))
     with pytest.raises(ValueError, match="residual='parallel' needs norm_position='pre'"):
         ft.Config.from_flat(**base, residual="parallel", norm_position="post")
-    with pytest.raises(ValueError, match="Config.residual='both' is not one of"):
+    with pytest.raises(ValueError, match="Layout.residual='both' is not one of"):
         ft.Config.from_flat(**base, residual="both")
     with pytest.raises(ValueError, match="norm_scale_in_float32=True needs norm_upcast=True"):
         ft.Config.from_flat(**base, norm="rmsnorm", norm_scale_in_float32=True)
-    with pytest.raises(ValueError, match="norm_unit_offset=True needs norm='rmsnorm'"):
+    with pytest.raises(ValueError, match="Norm.unit_offset=True needs kind='rmsnorm'"):
         ft.Config.from_flat(**base, norm_unit_offset=True)
-    with pytest.raises(ValueError, match="window_rope_base=10000.0 needs positional='rope' and sliding windows"):
+    with pytest.raises(ValueError, match="Positional.window_base=10000.0 needs kind='rope'"):
+        ft.Config.from_flat(**base, window_rope_base=1e4)
+    with pytest.raises(ValueError, match="positional.window_base=10000.0 needs sliding windows"):
         ft.Config.from_flat(**base, positional="rope", window_rope_base=1e4)
-    with pytest.raises(ValueError, match="Config.embeddings.logit_softcap=0.0 must be a positive number"):
+    with pytest.raises(ValueError, match="Embeddings.logit_softcap=0.0 must be a positive number"):
         ft.Config.from_flat(**base, logit_softcap=0.0)
-    with pytest.raises(ValueError, match="Attention.softcap=-1.0 must be a positive number"):
-        Attention(softcap=-1.0)
-    with pytest.raises(ValueError, match="Config.layout.norm_position='sideways' is not one of 'pre', 'post', 'sandwich', 'output'"):
-        ft.Config.from_flat(**base, norm_position="sideways")
 
 
 def test_an_intervention_on_resid_mid_flows_on_in_the_parallel_layout(models):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ftransformer as ft
+from ftransformer.config import flat_path
 from ftransformer.interop import (
     GPT2BPETokenizer,
     config_from_hf,
@@ -273,9 +274,9 @@ def test_save_hf_gpt2_directory_round_trip(tmp_path):
 def test_export_refuses_what_gpt2_cannot_express(field, value):
     cfg = ft_config(**{field: value})
     params = ft.init_params(cfg)
-    with pytest.raises(ValueError, match=f"Config.{field}="):
+    with pytest.raises(ValueError, match=f"Config.{flat_path(field)}="):
         ft.to_hf_gpt2(params, cfg)
-    with pytest.raises(ValueError, match=f"Config.{field}="):
+    with pytest.raises(ValueError, match=f"Config.{flat_path(field)}="):
         config_to_hf(cfg)
 
 

@@ -23,7 +23,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ftransformer.config import Attention, Config, Embeddings, Layout, Norm, Positional, RopeScaling
+from ftransformer.config import Attention, Config, Embeddings, Layout, Norm, Positional, RopeScaling, flat_path
 
 # Families that store q/k/v as one qkv_proj and the SwiGLU's two inputs as one gate_up_proj.
 FUSED = ("phi3",)
@@ -162,7 +162,7 @@ def family_for(cfg: Config) -> str:
     for field, expected in needs.items():
         if cfg.to_flat()[field] != expected:
             raise ValueError(
-                f"Config.{field}={cfg.to_flat()[field]!r} has no Hugging Face family here: expected {expected!r} "
+                f"Config.{flat_path(field)}={cfg.to_flat()[field]!r} has no Hugging Face family here: expected {expected!r} "
                 "(the Llama-like families; GPT-2 needs learned positions and LayerNorm, GPT-NeoX rotary positions "
                 "and LayerNorm, Gemma norm_unit_offset=True)"
             )
@@ -214,7 +214,7 @@ def _olmo2(cfg: Config, needs: dict) -> str:
     for field, expected in needs.items():
         if cfg.to_flat()[field] != expected:
             raise ValueError(
-                f"Config.{field}={cfg.to_flat()[field]!r} cannot be expressed in olmo2 (norm_position='output' or "
+                f"Config.{flat_path(field)}={cfg.to_flat()[field]!r} cannot be expressed in olmo2 (norm_position='output' or "
                 f"qk_norm_over='projection'): expected {expected!r}"
             )
     return "olmo2"

@@ -23,7 +23,7 @@ model's tensors under ``language_model``) are not read; their text-only ``gemma3
 
 from collections.abc import Mapping
 
-from ftransformer.config import Attention, Config
+from ftransformer.config import Attention, Config, flat_path
 from ftransformer.interop.families import common_hf, rope_from_hf
 
 # Gemma 1's released configs say "gelu" and mean the tanh approximation (transformers rewrites it so).
@@ -105,7 +105,7 @@ def family_for(cfg: Config) -> str:
                  residual="sequential")
     for field, expected in needs.items():
         if cfg.to_flat()[field] != expected:
-            raise ValueError(f"Config.{field}={cfg.to_flat()[field]!r} cannot be expressed in gemma: expected {expected!r}")
+            raise ValueError(f"Config.{flat_path(field)}={cfg.to_flat()[field]!r} cannot be expressed in gemma: expected {expected!r}")
     a = cfg.attention
     if a.qkv_bias or cfg.positional.rotary_dim is not None:
         raise ValueError(f"Config.attention={a} cannot be expressed in gemma: expected no qkv_bias, rotary_dim")

@@ -27,7 +27,7 @@ a GELU MLP, full multi-head attention. Anything else is refused with a ``ValueEr
 
 from collections.abc import Mapping
 
-from ftransformer.config import Config
+from ftransformer.config import Config, flat_path
 from ftransformer.interop.families import Slot, head_slot
 
 # HF activation names -> ftransformer's. "gelu_new", "gelu_fast" and the pytorch tanh variants are all
@@ -111,7 +111,7 @@ def check_gpt2_compatible(cfg: Config) -> None:
     for field, expected, why in rules:
         got = cfg.to_flat()[field]
         if got != expected:
-            raise ValueError(f"Config.{field}={got!r} cannot be expressed in GPT-2: expected {expected!r} ({why})")
+            raise ValueError(f"Config.{flat_path(field)}={got!r} cannot be expressed in GPT-2: expected {expected!r} ({why})")
     if cfg.activation not in ACTIVATIONS_OUT:
         raise ValueError(
             f"Config.activation={cfg.activation!r} cannot be expressed in GPT-2: expected one of "

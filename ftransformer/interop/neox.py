@@ -21,7 +21,7 @@ un-interleaved at load and interleaved again at export (``Slot.heads``).
 
 from collections.abc import Mapping
 
-from ftransformer.config import Config, Embeddings, Layout, Norm, Positional
+from ftransformer.config import Config, Embeddings, Layout, Norm, Positional, flat_path
 from ftransformer.interop.families import Slot, head_slot, rope_from_hf, rope_parameters
 
 GELUS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -73,7 +73,7 @@ def check(cfg: Config) -> None:
     needs = dict(norm_position="pre", mlp=True, bias=True, n_kv_heads=cfg.n_heads, head_dim=cfg.d_model // cfg.n_heads)
     for field, expected in needs.items():
         if cfg.to_flat()[field] != expected:
-            raise ValueError(f"Config.{field}={cfg.to_flat()[field]!r} cannot be expressed in gpt_neox: expected {expected!r}")
+            raise ValueError(f"Config.{flat_path(field)}={cfg.to_flat()[field]!r} cannot be expressed in gpt_neox: expected {expected!r}")
     if cfg.activation not in ("gelu", "gelu_tanh") or cfg.layout.residual == "parallel_shared_norm":
         raise ValueError(
             f"Config.activation={cfg.activation!r}, residual={cfg.layout.residual!r} cannot be expressed in gpt_neox: expected "

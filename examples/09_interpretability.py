@@ -20,9 +20,9 @@ Then it scores every head, draws the attention, shows the loss on the repeated h
 the first half, and knocks heads out to see which ones the model needs.
 
 Two choices make the circuit form in a couple of minutes on a CPU (each measured: without either, the
-same budget ends with no induction head). Rotary positions (``positional="rope"``): attention scores
+same budget ends with no induction head). Rotary positions (``Positional("rope")``): attention scores
 then depend on the *distance* between tokens, so "look one back" is one pattern for every position
-instead of one to learn per position. Separate unembedding (``tie_embeddings=False``): with a tied
+instead of one to learn per position. Separate unembedding (``Embeddings(tie=False)``): with a tied
 one, the direct path embedding -> unembedding scores each token highest as its own successor (a token's
 embedding is closest to itself), a bias the model has to unlearn on random data before copying pays.
 
@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import ftransformer as ft
+from ftransformer.config import Embeddings, Layout, Positional
 from ftransformer import optim, train
 
 
@@ -77,8 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
     # ---------------------------------------------------------------- 1. model and data
     # Attention only: each block is x + attention(norm(x)), so everything the model computes is done
     # by attention heads (and the embeddings). The explicit einsum attention keeps every pattern visible.
-    cfg = ft.Config.from_flat(vocab_size=64, d_model=64, n_heads=4, n_layers=2, d_ff=1, max_seq_len=48, mlp=False,
-                    attn_impl="einsum", bias=False, positional="rope", tie_embeddings=False)
+    cfg = ft.Config(vocab_size=64, d_model=64, n_heads=4, n_layers=2, d_ff=1, max_seq_len=48, attn_impl="einsum",
+                    bias=False, positional=Positional("rope"), layout=Layout(mlp=False),
+                    embeddings=Embeddings(tie=False))
     half = cfg.max_seq_len // 2
     # The ids mean nothing; a character per id only makes the plots and `ftransformer inspect` readable.
     chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-*/"[: cfg.vocab_size]

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import ftransformer as ft
-from ftransformer.config import Attention
+from ftransformer.config import Attention, Norm, Positional
 from ftransformer.interop import load_hf, save_hf
 from ftransformer.interop.hf_tokenizer import HFTokenizer, load_hf_tokenizer
 
@@ -42,10 +42,10 @@ def write_demo_model(directory: Path) -> None:
     backend = ft.data.build_tokenizer("bpe", text, vocab_size=512).tokenizer
     backend.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     HFTokenizer(backend, {"eos_token": "<|im_end|>"}, templates={"default": CHATML}, eos_ids=[]).save(directory)
-    cfg = ft.Config.from_flat(
+    cfg = ft.Config(
         vocab_size=backend.get_vocab_size(), d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=128,
-        max_seq_len=256, bias=False, norm="rmsnorm", positional="rope", activation="swiglu", norm_upcast=True,
-        attention=Attention(head_dim=32, qk_norm=True, window=(None, 16)),
+        max_seq_len=256, bias=False, activation="swiglu", norm=Norm("rmsnorm", float32="normalize"),
+        positional=Positional("rope"), attention=Attention(head_dim=32, qk_norm=True, window=(None, 16)),
     )
     save_hf(ft.init_params(cfg, seed=0), cfg, directory)
 

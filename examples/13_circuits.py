@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 import ftransformer as ft
+from ftransformer.config import Embeddings, Layout, Positional
 from ftransformer import optim, train
 
 HALF = 10  # the prompts: HALF random tokens, repeated once
@@ -47,8 +48,9 @@ HALF = 10  # the prompts: HALF random tokens, repeated once
 def train_model(steps: int, seed: int) -> tuple[ft.Config, dict]:
     """Step 9's attention-only model at a small size (2 layers of 2 heads), trained on
     ``ft.interp.repeated_stretches``; strong weight decay keeps the heads outside the circuit small."""
-    cfg = ft.Config.from_flat(vocab_size=32, d_model=32, n_heads=2, n_layers=2, d_ff=1, max_seq_len=24, mlp=False,
-                    attn_impl="einsum", bias=False, positional="rope", tie_embeddings=False)
+    cfg = ft.Config(vocab_size=32, d_model=32, n_heads=2, n_layers=2, d_ff=1, max_seq_len=24, attn_impl="einsum",
+                    bias=False, positional=Positional("rope"), layout=Layout(mlp=False),
+                    embeddings=Embeddings(tie=False))
     params = ft.init_params(cfg, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     opt = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(optim.warmup_cosine(3e-3, 30, steps, 3e-3), weight_decay=1.0))

@@ -410,7 +410,7 @@ def test_attention_only_config(tiny_cfg, tmp_path):
     assert ft.count_params(params) == ft.params.param_breakdown(cfg)["total"]
     with pytest.raises((ValueError, TypeError), match="mlp"):  # beartype (in tests) or Config's own check
         tiny_cfg.replace(mlp="no")
-    with pytest.raises(ValueError, match="Config.mlp=False cannot be expressed in GPT-2"):
+    with pytest.raises(ValueError, match="Config.layout.mlp=False cannot be expressed in GPT-2"):
         ft.to_hf_gpt2(params, cfg)
     ft.save_checkpoint(tmp_path / "ckpt", params=params, config=cfg, step=0)
     loaded = ft.load_checkpoint(tmp_path / "ckpt")

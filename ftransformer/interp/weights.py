@@ -26,7 +26,7 @@ import torch
 from einops import rearrange
 
 from ftransformer import tree
-from ftransformer.config import Config
+from ftransformer.config import Config, flat_path
 from ftransformer.layers.norm import identity_params, norm_scale
 from ftransformer.shapes import Float, Tensor
 
@@ -35,12 +35,11 @@ from ftransformer.shapes import Float, Tensor
 
 def _require(cfg: Config, transform: str, **allowed) -> None:
     """Raise naming the first Config field whose value ``transform`` does not support."""
+    flat = cfg.to_flat()
     for field, values in allowed.items():
-        value = getattr(cfg, field)
-        if value not in values:
-            raise ValueError(
-                f"{transform} supports Config.{field} in {values!r}, got Config.{field}={value!r}"
-            )
+        if flat[field] not in values:
+            where = flat_path(field)
+            raise ValueError(f"{transform} supports Config.{where} in {values!r}, got Config.{where}={flat[field]!r}")
 
 
 def _copy(params: dict) -> dict:

@@ -4,6 +4,7 @@ Step 8 adds ``forward_with_cache``: the same model over new tokens and a KV-cach
 """
 
 import sys
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +17,7 @@ from ftransformer.layers.block import block, block_with_cache
 from ftransformer.layers.embedding import Rotary, embed_tokens, learned_positions, rotary_tables, sinusoidal_positions
 from ftransformer.layers.int8 import Int8Weight
 from ftransformer.layers.linear import linear
-from ftransformer.layers.masks import cache_mask, layer_masks, self_mask
+from ftransformer.layers.masks import Mask, cache_mask, layer_masks, self_mask
 from ftransformer.layers.norm import norm
 from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.shapes import Float, Int, Key, Logits, Residual, Tensor, Tokens
@@ -115,11 +116,19 @@ def layer_rotaries(positions: Int[Tensor, "*#batch seq"], cfg: Config) -> tuple[
     return tuple(built[cfg.layer_window(i) is not None] for i in range(cfg.n_layers))
 
 
-def block_inputs(tokens: Tokens, cfg: Config) -> tuple[Tensor, tuple, tuple]:
-    """``(positions, masks, rotaries)`` for a cache-less pass over ``tokens``: built once per call and shared
-    by the blocks (the masks and rotary tables, one per layer, depend on positions only)."""
+class BlockInputs(NamedTuple):
+    """What the blocks of one cache-less pass read besides the residual stream: built once per call (the masks
+    and rotary tables, one per layer, depend on positions only)."""
+
+    positions: Int[Tensor, " seq"]
+    masks: tuple[Mask, ...]
+    rotaries: tuple[Rotary | None, ...]
+
+
+def block_inputs(tokens: Tokens, cfg: Config) -> BlockInputs:
+    """The ``BlockInputs`` of a cache-less pass over ``tokens``."""
     positions = default_positions(tokens)
-    return positions, layer_masks(cfg, lambda w: self_mask(positions, w)), layer_rotaries(positions, cfg)
+    return BlockInputs(positions, layer_masks(cfg, lambda w: self_mask(positions, w)), layer_rotaries(positions, cfg))
 
 
 def forward_unchecked(

@@ -52,7 +52,7 @@ def _run(params: dict, tokens: Tokens, cfg: Config, interventions: dict, at: lis
     (None: all): ``(those logits, acts)``."""
     tap = Tap(interventions)
     inputs = block_inputs(tokens, cfg)
-    x = tap("embed", embed(params, tokens, cfg, positions=inputs[0]))
+    x = tap("embed", embed(params, tokens, cfg, positions=inputs.positions))
     return run_from(params, x, cfg, 0, inputs, at=at, tap=tap), tree_unflatten_paths(tap.acts)
 
 

@@ -248,7 +248,7 @@ def circuit_logits(params: dict, tokens: Tokens, cfg: Config, mask: Tensor, abla
     _check_circuit(mask, ablated, graph(cfg))
     cfg = cfg.replace(attn_impl="einsum")
     inputs = block_inputs(tokens, cfg)
-    x = embed(params, tokens, cfg, positions=inputs[0])
+    x = embed(params, tokens, cfg, positions=inputs.positions)
     return _circuit_from(params, x, [x[None] - ablated[:1]], mask, ablated, cfg, inputs, 0)
 
 
@@ -390,7 +390,7 @@ def _layer_sweep(params, base: dict, diff: Values, metric: Metric, cfg: Config, 
     """The metric of every edge ``index`` (``[edges, 2]``, readers of block ``i``) patched alone: ONE vmap over
     the edges' one-hot writer and reader selectors, each run a plain run from block ``i`` whose reader (one
     head's q, k or v, or the MLP's hidden units) takes the value ``_patched_reads`` computed for its writer."""
-    reads = _patched_reads(params, base, diff, cfg, i, inputs[2][i])
+    reads = _patched_reads(params, base, diff, cfg, i, inputs.rotaries[i])
     _, _, n_readers = _sizes(cfg)
     pick_writer = torch.nn.functional.one_hot(index[:, 0], diff.shape[0]).to(diff)
     pick_reader = torch.nn.functional.one_hot(index[:, 1] - i * n_readers, n_readers).to(diff)
@@ -497,7 +497,7 @@ def faithfulness(
     on = g.edges.to(logits.device)
     masks = torch.stack([top_edges(scores, k).to(on.device) for k in ks] + [on, torch.zeros_like(on)]).to(logits)
     inputs = block_inputs(clean, cfg)
-    x = embed(params, clean, cfg, positions=inputs[0])
+    x = embed(params, clean, cfg, positions=inputs.positions)
 
     def kept(mask: Float[Tensor, "writers readers"]) -> Float[Tensor, ""]:
         return metric(_circuit_from(params, x, [x[None] - ablated[:1]], mask, ablated, cfg, inputs, 0))

@@ -44,7 +44,7 @@ from ftransformer.layers.block import block, wire
 from ftransformer.layers.embedding import Rotary
 from ftransformer.layers.masks import Mask
 from ftransformer.layers.tap import NO_TAP, Tap
-from ftransformer.model import block_inputs, check_tokens, unembed
+from ftransformer.model import BlockInputs, block_inputs, check_tokens, unembed
 from ftransformer.shapes import Float, Logits, Residual, Tensor, Tokens
 
 RESID_SITES = ("resid_pre", "resid_mid", "resid_post")
@@ -66,11 +66,11 @@ class _Apply(Tap):
 
 
 def run_from(
-    params: dict, x: Residual, cfg: Config, start: int, inputs: tuple, interventions: dict | None = None,
+    params: dict, x: Residual, cfg: Config, start: int, inputs: BlockInputs, interventions: dict | None = None,
     at: Sequence[int] | None = None, tap: Tap | None = None,
 ) -> Float[Tensor, "... vocab"]:
     """The logits of blocks ``start, ..., n_layers - 1`` and the unembedding applied to ``x``, the residual
-    stream entering block ``start``; ``inputs`` is ``model.block_inputs``'s ``(positions, masks, rotaries)``
+    stream entering block ``start``; ``inputs``: ``model.block_inputs``
     and ``interventions`` (paths ``blocks.{i}.*``, ``i >= start``) are applied as in ``forward_with_activations``.
     ``at``: unembed only these positions (of ``x``'s), the logits ``[*batch, len(at), vocab]``. ``tap``: a
     ``Tap`` to record the blocks' activations in (it applies its own interventions; None: record nothing)."""
@@ -135,13 +135,13 @@ def _site_value(acts: dict, layer: int, site: str) -> Tensor:
     return value
 
 
-def _suffix_inputs(inputs: tuple, start: int) -> tuple:
+def _suffix_inputs(inputs: BlockInputs, start: int) -> BlockInputs:
     """``block_inputs`` for the queries at positions ``start, ...`` only: the mask rows and rotary tables of
     those positions (the keys stay every position's: the prefix's come from the base run)."""
     positions, masks, rotaries = inputs
     rows = tuple(Mask(m.allowed[..., start:, :]) for m in masks)
     tables = tuple(None if r is None else Rotary(r.cos[..., start:, :], r.sin[..., start:, :]) for r in rotaries)
-    return positions[start:], rows, tables
+    return BlockInputs(positions[start:], rows, tables)
 
 
 def _with_prefix(base: dict, layer: int, first: int, cfg: Config, fixes: dict) -> dict:

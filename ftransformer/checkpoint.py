@@ -54,13 +54,21 @@ class Checkpoint:
     params: dict
     config: Config
     step: int
-    # The optimizer state in the structure of ``optimizer.init(params)`` when ``load_checkpoint`` was given
-    # the optimizer; otherwise a flat ``{dotted path: tensor}`` dict; None when none was saved.
-    opt_state: Any = None
+    # The optimizer state as saved: ``{dotted path: tensor (or plain number)}``, empty when none was saved or
+    # read. One type whatever ``load_checkpoint`` was asked: ``optimizer_state(optimizer)`` rebuilds the
+    # structure of ``optimizer.init(params)`` from it.
+    opt_state: dict[str, Any] = field(default_factory=dict)
     tokenizer: Tokenizer | None = None
     metrics: list[dict] = field(default_factory=list)  # history of evaluations
     extra: dict = field(default_factory=dict)  # JSON: data/RNG position, training settings, best val loss, ...
     path: Path | None = None
+
+    def optimizer_state(self, optimizer) -> Any:
+        """The saved optimizer state in the structure of ``optimizer.init(self.params)``, checked against it."""
+        where = repr(str(self.path))
+        if not self.opt_state:
+            raise ValueError(f"checkpoint {where} holds no optimizer state (or it was loaded with with_opt_state=False)")
+        return restore_opt_state(self.opt_state, optimizer.init(self.params), where=where)
 
 
 # ---------------------------------------------------------------- helpers
@@ -341,18 +349,13 @@ def _read_params(resolved: Path, where: str, meta: dict, config: Config, device)
     return tree.to(tree.unflatten_paths(flat, like=template), device=device)
 
 
-def _read_opt_state(resolved: Path, where: str, meta: dict, optimizer, params: dict, device) -> Any:
-    """The optimizer state: in ``optimizer.init(params)``'s structure, or a flat ``{path: leaf}`` dict
-    without an optimizer; None when none was saved."""
+def _read_opt_state(resolved: Path, where: str, meta: dict, device) -> dict[str, Any]:
+    """The optimizer state as a flat ``{path: leaf}`` dict (empty when none was saved)."""
     opt_meta = meta.get("opt_state")
     if opt_meta is None:
-        if optimizer is not None:
-            raise ValueError(f"checkpoint {where} holds no optimizer state")
-        return None
+        return {}
     flat: dict[str, Any] = dict(_read(where, OPT_STATE_FILE, lambda: load_file(resolved / OPT_STATE_FILE, device="cpu")))
     flat.update(opt_meta.get("other", {}))
-    if optimizer is not None:
-        return restore_opt_state(flat, optimizer.init(params), where=where)
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in flat.items()}
 
 
@@ -366,7 +369,6 @@ def load_checkpoint(
     path: str | os.PathLike,
     *,
     config: Config | None = None,
-    optimizer=None,
     device: str | torch.device | None = None,
     with_opt_state: bool = True,
 ) -> Checkpoint:
@@ -377,10 +379,11 @@ def load_checkpoint(
     Args:
         config: the config the parameters must fit (default: the one saved); a tensor that does not fit
             raises ``ValueError`` naming its key and both shapes.
-        optimizer (GradientTransformation | None): the saved state is restored into the structure of
-            ``optimizer.init(params)``, checked the same way.
         device: where the tensors go (default: CPU).
         with_opt_state: False skips reading the optimizer state (inference: it is twice the params' size).
+
+    ``opt_state`` comes back flat (``{dotted path: tensor}``); ``Checkpoint.optimizer_state(optimizer)``
+    puts it into the optimizer's structure, checking every tensor's shape.
 
     A damaged file (truncated tensors, a broken tokenizer, missing fields) raises ``ValueError`` naming it.
     """
@@ -395,7 +398,7 @@ def load_checkpoint(
         params=params,
         config=config,
         step=_read(where, META_FILE, lambda: int(meta["step"])),
-        opt_state=_read_opt_state(resolved, where, meta, optimizer, params, device) if with_opt_state else None,
+        opt_state=_read_opt_state(resolved, where, meta, device) if with_opt_state else {},
         tokenizer=_read_tokenizer(resolved, where),
         metrics=list(meta.get("metrics", [])),
         extra=dict(meta.get("extra", {})),

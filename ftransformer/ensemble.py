@@ -80,9 +80,10 @@ def _check_hparams(hparams, members: int | None, factory: bool) -> dict:
     out = {}
     for name, value in hparams.items():
         value = torch.as_tensor(value, dtype=torch.float32)
-        if value.ndim != 1 or (members is not None and value.shape != (members,)):
-            per = "" if members is None else f" ({members})"
-            raise ValueError(f"hparams[{name!r}] must hold one value per member{per}, got shape {tuple(value.shape)}")
+        if members is None and value.ndim == 1:
+            members = value.shape[0]  # the first one says how many members there are
+        if value.shape != (members,):
+            raise ValueError(f"hparams[{name!r}] must hold one value per member ({members}), got shape {tuple(value.shape)}")
         out[name] = value
     return out
 

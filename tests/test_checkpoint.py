@@ -63,6 +63,21 @@ def test_round_trip_everything(tmp_path):
     assert_trees_equal(u1, u2)
 
 
+def test_opt_state_has_one_type_whatever_the_arguments(tmp_path):
+    params, state, opt = trained_state()
+    checkpoint.save_checkpoint(tmp_path / "ck", params=params, config=CFG, step=1, opt_state=state)
+    checkpoint.save_checkpoint(tmp_path / "bare", params=params, config=CFG, step=1)
+    loads = [checkpoint.load_checkpoint(tmp_path / "ck"), checkpoint.load_checkpoint(tmp_path / "ck", config=CFG),
+             checkpoint.load_checkpoint(tmp_path / "ck", with_opt_state=False), checkpoint.load_checkpoint(tmp_path / "bare")]
+    assert all(type(ck.opt_state) is dict for ck in loads)
+    assert sorted(loads[0].opt_state) == sorted(tree.flatten_with_paths(state)) and loads[2].opt_state == loads[3].opt_state == {}
+    assert_trees_equal(loads[1].optimizer_state(opt), state)
+    with pytest.raises(ValueError, match="holds no optimizer state"):
+        loads[2].optimizer_state(opt)
+    with pytest.raises(TypeError, match="optimizer"):
+        checkpoint.load_checkpoint(tmp_path / "ck", optimizer=opt)
+
+
 def test_opt_state_paths_name_fields(tmp_path):
     _, state, _ = trained_state()
     flat = tree.flatten_with_paths(state)
@@ -135,8 +150,8 @@ def test_mismatched_config_names_key_and_shapes(tmp_path):
     with pytest.raises(ValueError, match=r"holds blocks.0.attn.b_o \(shape \(20,\)\), which the config does not have"):
         checkpoint.load_checkpoint(tmp_path / "ck", config=CFG.replace(bias=False))
     with pytest.raises(ValueError, match=r"does not fit the optimizer: 1.trace.embed.tokens \(shape \(29, 20\)\) is expected"):
-        checkpoint.load_checkpoint(
-            tmp_path / "ck", optimizer=optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(0.1, momentum=0.9))
+        checkpoint.load_checkpoint(tmp_path / "ck").optimizer_state(
+            optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(0.1, momentum=0.9))
         )
     # a config that only changes non-shape fields fits
     assert checkpoint.load_checkpoint(tmp_path / "ck", config=CFG.replace(dropout=0.1)).config.dropout == 0.1

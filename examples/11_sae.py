@@ -48,8 +48,10 @@ def tiny_model(steps: int, out: Path, data: str | None) -> tuple:
     ds = ft.load_dataset(data, tokenizer="char", seq_len=cfg.max_seq_len)
     cfg = cfg.replace(vocab_size=ds.tokenizer.vocab_size)
     print(f"\n2. a {ft.count_params(ft.init_params(cfg)):,}-parameter character model, {steps} training steps")
-    result = ft.fit(ft.init_params(cfg, seed=0), cfg, ft.optim.adamw(3e-3), ds.train, ds.val, steps=steps,
-                    batch_size=16, eval_every=steps, eval_batches=4, out_dir=out / "model", progress=False, log=None)
+    result = ft.fit(ft.init_params(cfg, seed=0), ft.make_train_step(cfg, ft.optim.adamw(3e-3)),
+                    ft.loop.TokenData(cfg, ds.train, ds.val),
+                    ft.loop.FitSettings(steps=steps, batch_size=16, eval_every=steps, eval_batches=4),
+                    out_dir=out / "model", progress=False, log=None)
     print(f"   val loss {result.history[-1]['val_loss']:.3f}")
     return cfg, result.params, ds
 

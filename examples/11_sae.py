@@ -92,7 +92,7 @@ def main() -> None:
         print(f"   {int(hp['k'][i]):>2}  {float(m['l0'][i]):>4.1f}  {float(m['explained_variance'][i]):>8.3f}"
               f"  {float(m['ce_recovered_zero'][i]):>13.3f}  {float(m['ce_recovered_mean'][i]):>13.3f}"
               f"  {float(m['delta_ce'][i]):>8.3f}  {float(m['kl'][i]):>5.3f}  {int(m['dead'][i]):>4}")
-    print(f"   files: {out}/acts (activations.f32 + .json), {out}/saes (saes.safetensors, metrics.jsonl)")
+    print(f"   files: {out}/acts (activations.f32 + .json), {out}/saes (latest/ checkpoint, metrics.jsonl)")
 
 
 if __name__ == "__main__":

@@ -416,7 +416,7 @@ def _one_step(run: FitRun, data: FitData, step_fn: Callable, state: FitState, wi
             f"loss became {loss} at step {state.step + 1} (lr {lr}); training stopped "
             f"and {where}; try a lower learning rate"
         )
-    window["tokens"] += tree.leaves(batch)[0].numel() * run.world
+    window["tokens"] += int(metrics["tokens"].sum())  # counted targets (rows for an SAE), all processes
     return replace(state, params=params, opt_state=opt_state, step=state.step + 1), loss
 
 
@@ -484,7 +484,8 @@ def _evaluate(run: FitRun, data: FitData, state: FitState, window: dict) -> FitS
 
 def _last_val(history: list[dict]) -> float | None:
     """The best finite val loss of the latest evaluation (one record, or one per member)."""
-    finite = [r["val_loss"] for r in history if r["step"] == history[-1]["step"] and math.isfinite(r["val_loss"])]
+    finite = [r["val_loss"] for r in history if r["step"] == history[-1]["step"] and "val_loss" in r
+              and math.isfinite(r["val_loss"])]
     return min(finite) if history and finite else None
 
 

@@ -19,7 +19,8 @@ trains on, how that is measured and where it is saved is a ``FitData`` adapter's
 ensemble or a sweep: stacked trees, per-member checkpoints, records and plot).
 
 With ``dist`` (a ``distributed.DistContext``, e.g. under ``torchrun``) each process trains on its share
-of the same global batch, gradients are summed across processes inside the step, and only rank 0
+of the same global batch, gradients are summed across processes inside the step (build it with
+``make_train_step(..., all_reduce=dist.all_reduce_sum)``), and only rank 0
 writes files and logs: the run is the one a single process would make.
 """
 

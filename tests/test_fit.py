@@ -182,3 +182,18 @@ def test_bad_arguments(tmp_path):
         run_fit(tmp_path, accum_steps=4)
     with pytest.raises(ValueError, match="eval_every must be an int >= 1"):
         run_fit(tmp_path, eval_every=0)
+
+
+def test_fit_takes_a_train_step_and_settings_and_no_step_options(tmp_path):
+    """Precision and compilation belong to whoever builds the step: fit has no argument it could ignore."""
+    step, data = ft.train.make_train_step(CFG, make_optimizer()), loop.TokenData(CFG, TRAIN, VAL)
+    settings = loop.FitSettings(**RUN)
+    with pytest.raises(TypeError, match="step"):  # beartype (tests) or fit's own check
+        loop.fit(ft.init_params(CFG), step.step, data, settings, out_dir=tmp_path)
+    with pytest.raises(TypeError, match="settings"):
+        loop.fit(ft.init_params(CFG), step, data, RUN, out_dir=tmp_path)
+    for option in ("compile", "precision"):
+        with pytest.raises(TypeError, match=option):
+            loop.fit(ft.init_params(CFG), step, data, settings, out_dir=tmp_path, **{option: None})
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        loop.FitSettings(steps=0, batch_size=2)

@@ -45,7 +45,7 @@ from ftransformer.checkpoint import (
 )
 from ftransformer.config import Config
 from ftransformer.data import SplitWindows, Tokenizer, fixed_batches, sample_batch
-from ftransformer.data.batches import Prefetcher
+from ftransformer.data.batches import to_device
 from ftransformer.io import atomic_write, save_figure
 from ftransformer.train import TrainStep, evaluate, loss_sums
 
@@ -240,7 +240,8 @@ class TokenData:
 
     ``tokenizer`` and ``extra`` (JSON) are saved with every checkpoint; ``record_extra``:
     ``(params, fixed train batches) -> dict`` added to every record (e.g. ``per_example.noise_scale_record``).
-    On a CUDA device the next step's batch is copied from pinned memory while the current step runs.
+    On a CUDA device batches are copied from pinned memory without blocking (``fit`` draws the next
+    step's while the current one runs).
     """
 
     def __init__(self, cfg: Config, train_ids: np.ndarray | Tensor, val_ids: np.ndarray | Tensor, *,
@@ -250,7 +251,7 @@ class TokenData:
             raise TypeError(f"cfg must be a Config, got {type(cfg).__name__}")
         self.cfg, self.train_ids, self.val_ids = cfg, train_ids, val_ids
         self.tokenizer, self.extra, self.record_extra = tokenizer, extra, record_extra
-        self._sets, self._prefetcher = None, None
+        self._sets = None
 
     # -- shared by every token-corpus adapter (ensemble.Members too)
 
@@ -274,9 +275,6 @@ class TokenData:
             raise ValueError(f"batch_size={s.batch_size} must be divisible by accum_steps={s.accum_steps}{procs} = "
                              f"{s.accum_steps * run.world}")
         self._sets = eval_sets(run, self.train_ids, self.val_ids, seq_len)
-        self._prefetcher = None
-        if run.device.type == "cuda":  # only there is a copy worth overlapping with the step
-            self._prefetcher = Prefetcher(lambda step: self.host_batch(run, step, s.seed), run.device)
 
     def host_batch(self, run: FitRun, step: int, seed: int) -> tuple[Tensor, Tensor]:
         """This process's rows of the global batch of ``step`` drawn with ``seed``, on the host."""
@@ -287,14 +285,8 @@ class TokenData:
         return tokens, targets
 
     def draw(self, run: FitRun, step: int, seed: int) -> tuple[Tensor, Tensor]:
-        """``host_batch`` on the device (prefetched on CUDA, and the next step's queued)."""
-        if self._prefetcher is not None and seed == run.settings.seed:
-            batch = self._prefetcher(step)
-            if step + 1 < run.settings.steps:
-                self._prefetcher.prefetch(step + 1)
-            return batch
-        tokens, targets = self.host_batch(run, step, seed)
-        return tokens.to(run.device), targets.to(run.device)
+        """``host_batch`` on the device (on CUDA: from pinned memory, without blocking)."""
+        return to_device(self.host_batch(run, step, seed), run.device)
 
     def dropout_key(self, run: FitRun, step: int, seed: int) -> Tensor | None:
         return random.fold_in(random.key(seed), step).to(run.device) if self.cfg.dropout > 0 else None
@@ -400,11 +392,18 @@ def _first_loss(metrics: dict) -> float:
     return min(finite) if finite else float("nan")
 
 
-def _one_step(run: FitRun, data: FitData, step_fn: Callable, state: FitState, window: dict) -> tuple[FitState, float]:
-    """One optimizer step: the new state and its (global) loss. Raises ``NonFiniteLossError``."""
-    batch, key = data.batch(run, state.step)
+def _one_step(run: FitRun, data: FitData, step_fn: Callable, state: FitState, window: dict,
+              ahead: dict) -> tuple[FitState, float]:
+    """One optimizer step: the new state and its (global) loss. Raises ``NonFiniteLossError``.
+
+    ``ahead`` holds the next step's batch, drawn (and, on CUDA, its copy queued) while this step runs:
+    a batch depends on ``(seed, step)`` alone, so drawing it early changes nothing but the waiting.
+    """
+    batch, key = ahead.pop(state.step) if state.step in ahead else data.batch(run, state.step)
     t = time.perf_counter()
     params, opt_state, metrics = step_fn(state.params, state.opt_state, batch, key)
+    if state.step + 1 < run.settings.steps:
+        ahead[state.step + 1] = data.batch(run, state.step + 1)
     loss = _first_loss(metrics)  # also waits for the device, so the timing is honest
     window["seconds"] += time.perf_counter() - t
     if not math.isfinite(loss):
@@ -495,7 +494,7 @@ def _loop(run: FitRun, data: FitData, step_fn: Callable, state: FitState) -> Fit
     steps, every = run.settings.steps, run.settings.eval_every
     bar = tqdm(total=steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not run.progress,
                file=sys.stderr)
-    window = {"tokens": 0, "seconds": 0.0}
+    window, ahead = {"tokens": 0, "seconds": 0.0}, {}
     t0, elapsed_before, interrupted = time.perf_counter(), state.elapsed, False
     try:
         while True:
@@ -505,7 +504,7 @@ def _loop(run: FitRun, data: FitData, step_fn: Callable, state: FitState) -> Fit
                 state = _evaluate(run, data, state, window)
             if state.step >= steps:
                 break
-            state, last_loss = _one_step(run, data, step_fn, state, window)
+            state, last_loss = _one_step(run, data, step_fn, state, window, ahead)
             bar.update(1)
             bar.set_postfix(
                 loss=_fmt(last_loss), val=_fmt(_last_val(state.history)),

@@ -97,15 +97,16 @@ def main() -> None:
     # fit runs the loop: every eval_every steps it measures the loss on fixed train and val batches
     # (the same batches each time, so the numbers are comparable), writes metrics.jsonl and loss.png,
     # saves a checkpoint to latest/ and, when the val loss improved, to best/. The step it runs is the
-    # one above (train.train_step pairs it with opt.init); a DP-SGD step or an ensemble's vmapped step
-    # goes in the same place.
+    # one above (a train.TrainStep: the step with its opt.init); a DP-SGD step or an ensemble's vmapped
+    # step goes in the same place. TokenData says what it trains on, FitSettings how long and how often.
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ft-example-07-"))
     print()
     print(f"4. {steps} steps of 16 x {seq_len} tokens (in 2 micro-batches each), evaluated every 50 steps")
     result = ft.fit(
-        params, cfg, opt, ds.train, ds.val, steps=steps, batch_size=16, seq_len=seq_len, accum_steps=2,
-        eval_every=50, eval_batches=4, seed=0, out_dir=out, tokenizer=ds.tokenizer, progress=False, log=None,
-        step=train.train_step(cfg, opt, accum_steps=2),
+        params, train.make_train_step(cfg, opt, accum_steps=2),
+        ft.loop.TokenData(cfg, ds.train, ds.val, tokenizer=ds.tokenizer),
+        ft.loop.FitSettings(steps=steps, batch_size=16, seq_len=seq_len, accum_steps=2, eval_every=50, eval_batches=4),
+        out_dir=out, progress=False, log=None,
     )
     print("   step   train loss   val loss   lr")
     for r in result.history:

@@ -109,7 +109,7 @@ def main() -> None:
     # Four copies of the same initial model (seed 0), stacked on a leading axis, each with its own peak
     # learning rate. The optimizer is built per member inside the vmapped step from that member's lr
     # (a 0-d tensor there), so one call updates all four: ensemble.make_ensemble_step is vmap of the
-    # very update make_train_step runs. ensemble.Members hands the stack to the same fit as one model
+    # very step make_train_step builds. ensemble.Members hands the stack to the same fit as one model
     # (resume, Ctrl-C, accumulation), with a checkpoint directory per member. The members share seed 0,
     # so they see the same batches: a fair sweep.
     lrs = [3e-4, 1e-3, 3e-3, 1e-2]
@@ -118,11 +118,12 @@ def main() -> None:
     def make_opt(lr):
         return optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(lambda s: lr * unit(s), betas=(0.9, 0.99)))
 
-    members = ensemble.Members(cfg, make_opt, [{"lr": lr, "seed": 0} for lr in lrs])
+    members = ensemble.Members(cfg, ds.train, ds.val, make_opt, [{"lr": lr, "seed": 0} for lr in lrs])
     out = Path(tempfile.mkdtemp(prefix="ft-example-10-"))
-    result = ft.fit(members.init_params(), cfg, None, ds.train, ds.val, steps=steps, batch_size=batch,
-                    seq_len=seq_len, eval_every=max(steps // 6, 1), eval_batches=4, seed=3, out_dir=out,
-                    model=members, progress=False, log=None)
+    settings = ft.loop.FitSettings(steps=steps, batch_size=batch, seq_len=seq_len, eval_every=max(steps // 6, 1),
+                                   eval_batches=4, seed=3)
+    result = ft.fit(members.init_params(), members.train_step(), members, settings, out_dir=out, progress=False,
+                    log=None)
     print()
     print(f"4. learning-rate sweep, {len(lrs)} members trained together for {steps} steps (one vmapped step each):")
     print(ensemble.format_ranking(members.summary(result)).replace("\n", "\n   ").join(["   ", ""]))

@@ -48,8 +48,10 @@ def tiny_model(steps: int, out: Path, data: str | None) -> tuple:
     ds = ft.load_dataset(data, tokenizer="char", seq_len=cfg.max_seq_len)
     cfg = cfg.replace(vocab_size=ds.tokenizer.vocab_size)
     print(f"\n2. a {ft.count_params(ft.init_params(cfg)):,}-parameter character model, {steps} training steps")
-    result = ft.fit(ft.init_params(cfg, seed=0), cfg, ft.optim.adamw(3e-3), ds.train, ds.val, steps=steps,
-                    batch_size=16, eval_every=steps, eval_batches=4, out_dir=out / "model", progress=False, log=None)
+    result = ft.fit(ft.init_params(cfg, seed=0), ft.make_train_step(cfg, ft.optim.adamw(3e-3)),
+                    ft.loop.TokenData(cfg, ds.train, ds.val),
+                    ft.loop.FitSettings(steps=steps, batch_size=16, eval_every=steps, eval_batches=4),
+                    out_dir=out / "model", progress=False, log=None)
     print(f"   val loss {result.history[-1]['val_loss']:.3f}")
     return cfg, result.params, ds
 
@@ -90,7 +92,7 @@ def main() -> None:
         print(f"   {int(hp['k'][i]):>2}  {float(m['l0'][i]):>4.1f}  {float(m['explained_variance'][i]):>8.3f}"
               f"  {float(m['ce_recovered_zero'][i]):>13.3f}  {float(m['ce_recovered_mean'][i]):>13.3f}"
               f"  {float(m['delta_ce'][i]):>8.3f}  {float(m['kl'][i]):>5.3f}  {int(m['dead'][i]):>4}")
-    print(f"   files: {out}/acts (activations.f32 + .json), {out}/saes (saes.safetensors, metrics.jsonl)")
+    print(f"   files: {out}/acts (activations.f32 + .json), {out}/saes (latest/ checkpoint, metrics.jsonl)")
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     # submodules
-    "checkpoint", "data", "ensemble", "interop", "interp", "layers", "optim", "per_example", "precision", "random",
-    "recipes", "speculative", "tree",
+    "checkpoint", "data", "ensemble", "interop", "interp", "layers", "loop", "optim", "per_example", "precision",
+    "random", "recipes", "speculative", "tree",
     # model
     "PRESETS", "Config", "get_preset", "count_params", "init_params", "forward", "forward_with_cache", "loss_fn",
     "forward_with_activations",

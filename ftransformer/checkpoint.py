@@ -52,15 +52,23 @@ class Checkpoint:
     """Everything a checkpoint holds."""
 
     params: dict
-    config: Config
+    config: Config | dict  # load_tree: the dict saved with a tree that is not a model
     step: int
-    # The optimizer state in the structure of ``optimizer.init(params)`` when ``load_checkpoint`` was given
-    # the optimizer; otherwise a flat ``{dotted path: tensor}`` dict; None when none was saved.
-    opt_state: Any = None
+    # The optimizer state as saved: ``{dotted path: tensor (or plain number)}``, empty when none was saved or
+    # read. One type whatever ``load_checkpoint`` was asked: ``optimizer_state(optimizer)`` rebuilds the
+    # structure of ``optimizer.init(params)`` from it.
+    opt_state: dict[str, Any] = field(default_factory=dict)
     tokenizer: Tokenizer | None = None
     metrics: list[dict] = field(default_factory=list)  # history of evaluations
     extra: dict = field(default_factory=dict)  # JSON: data/RNG position, training settings, best val loss, ...
     path: Path | None = None
+
+    def optimizer_state(self, optimizer) -> Any:
+        """The saved optimizer state in the structure of ``optimizer.init(self.params)``, checked against it."""
+        where = repr(str(self.path))
+        if not self.opt_state:
+            raise ValueError(f"checkpoint {where} holds no optimizer state (or it was loaded with with_opt_state=False)")
+        return restore_opt_state(self.opt_state, optimizer.init(self.params), where=where)
 
 
 # ---------------------------------------------------------------- helpers
@@ -105,9 +113,9 @@ def _json_default(x):
     raise TypeError(f"{type(x).__name__} is not JSON-serializable")
 
 
-def _check_save_args(config: Config, step: int) -> None:
-    if not isinstance(config, Config):
-        raise TypeError(f"config must be a Config, got {type(config).__name__}")
+def _check_save_args(config: Config | dict, step: int) -> None:
+    if not isinstance(config, (Config, dict)):
+        raise TypeError(f"config must be a Config (or, for a tree that is not a model, a JSON dict), got {type(config).__name__}")
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")
 
@@ -119,7 +127,7 @@ def _split_opt_state(opt_state: Any) -> tuple[dict[str, Tensor], dict[str, Any]]
     return tensors, {k: v for k, v in flat.items() if not isinstance(v, Tensor)}
 
 
-def _meta(config: Config, step: int, params: dict, metrics, extra, tokenizer, opt_flat) -> dict:
+def _meta(config: Config | dict, step: int, params: dict, metrics, extra, tokenizer, opt_flat) -> dict:
     """The checkpoint.json of a save; ``opt_flat`` is ``_split_opt_state``'s result or None."""
     opt_meta = None if opt_flat is None else {"tensors": list(opt_flat[0]), "other": opt_flat[1]}
     return {
@@ -127,7 +135,8 @@ def _meta(config: Config, step: int, params: dict, metrics, extra, tokenizer, op
         "version": VERSION,
         "paths": PATHS,
         "step": step,
-        "config": config.to_dict(),
+        "config": config.to_dict() if isinstance(config, Config) else dict(config),
+        "model": isinstance(config, Config),  # False: another tree (e.g. an SAE stack), read with load_tree
         "metrics": list(metrics),
         "extra": dict(extra or {}),
         "tokenizer": tokenizer.kind if tokenizer is not None else None,
@@ -153,14 +162,18 @@ def save_checkpoint(
     path: str | os.PathLike,
     *,
     params: dict,
-    config: Config,
+    config: Config | dict,
     step: int,
     opt_state: Any = None,
     tokenizer: Tokenizer | None = None,
     metrics: list[dict] | tuple = (),
     extra: dict | None = None,
 ) -> Path:
-    """Write a checkpoint directory at ``path`` atomically (the previous one survives a failed save)."""
+    """Write a checkpoint directory at ``path`` atomically (the previous one survives a failed save).
+
+    ``config`` is the model's ``Config``; for a tree that is not a model (an SAE stack), a JSON dict that
+    describes it, and ``load_tree`` reads the checkpoint back.
+    """
     _check_save_args(config, step)
     opt_flat = None if opt_state is None else _split_opt_state(opt_state)
     meta = _meta(config, step, params, metrics, extra, tokenizer, opt_flat)
@@ -341,18 +354,13 @@ def _read_params(resolved: Path, where: str, meta: dict, config: Config, device)
     return tree.to(tree.unflatten_paths(flat, like=template), device=device)
 
 
-def _read_opt_state(resolved: Path, where: str, meta: dict, optimizer, params: dict, device) -> Any:
-    """The optimizer state: in ``optimizer.init(params)``'s structure, or a flat ``{path: leaf}`` dict
-    without an optimizer; None when none was saved."""
+def _read_opt_state(resolved: Path, where: str, meta: dict, device) -> dict[str, Any]:
+    """The optimizer state as a flat ``{path: leaf}`` dict (empty when none was saved)."""
     opt_meta = meta.get("opt_state")
     if opt_meta is None:
-        if optimizer is not None:
-            raise ValueError(f"checkpoint {where} holds no optimizer state")
-        return None
+        return {}
     flat: dict[str, Any] = dict(_read(where, OPT_STATE_FILE, lambda: load_file(resolved / OPT_STATE_FILE, device="cpu")))
     flat.update(opt_meta.get("other", {}))
-    if optimizer is not None:
-        return restore_opt_state(flat, optimizer.init(params), where=where)
     return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in flat.items()}
 
 
@@ -366,7 +374,6 @@ def load_checkpoint(
     path: str | os.PathLike,
     *,
     config: Config | None = None,
-    optimizer=None,
     device: str | torch.device | None = None,
     with_opt_state: bool = True,
 ) -> Checkpoint:
@@ -377,15 +384,18 @@ def load_checkpoint(
     Args:
         config: the config the parameters must fit (default: the one saved); a tensor that does not fit
             raises ``ValueError`` naming its key and both shapes.
-        optimizer (GradientTransformation | None): the saved state is restored into the structure of
-            ``optimizer.init(params)``, checked the same way.
         device: where the tensors go (default: CPU).
         with_opt_state: False skips reading the optimizer state (inference: it is twice the params' size).
+
+    ``opt_state`` comes back flat (``{dotted path: tensor}``); ``Checkpoint.optimizer_state(optimizer)``
+    puts it into the optimizer's structure, checking every tensor's shape.
 
     A damaged file (truncated tensors, a broken tokenizer, missing fields) raises ``ValueError`` naming it.
     """
     resolved, where = _locate(path)
     meta = _read_meta(resolved, where)
+    if meta.get("model") is False:
+        raise ValueError(f"checkpoint {where} holds a tree that is not a model; read it with checkpoint.load_tree")
     saved_config = _read(where, META_FILE, lambda: Config.from_dict(meta["config"]))
     config = saved_config if config is None else config
     if not isinstance(config, Config):
@@ -395,11 +405,25 @@ def load_checkpoint(
         params=params,
         config=config,
         step=_read(where, META_FILE, lambda: int(meta["step"])),
-        opt_state=_read_opt_state(resolved, where, meta, optimizer, params, device) if with_opt_state else None,
+        opt_state=_read_opt_state(resolved, where, meta, device) if with_opt_state else {},
         tokenizer=_read_tokenizer(resolved, where),
         metrics=list(meta.get("metrics", [])),
         extra=dict(meta.get("extra", {})),
         path=resolved,
+    )
+
+
+def load_tree(path: str | os.PathLike, like: Any, *, device: str | torch.device | None = None) -> Checkpoint:
+    """A checkpoint of a tree that is not a model (``save_checkpoint`` with a dict ``config``), read into the
+    structure of ``like`` and checked against its shapes; ``Checkpoint.config`` is the saved dict."""
+    resolved, where = _locate(path)
+    meta = _read_meta(resolved, where)
+    flat = _read(where, PARAMS_FILE, lambda: load_file(resolved / PARAMS_FILE, device="cpu"))
+    _check_against(where, "tree", flat, {k: v.shape for k, v in tree.flatten_with_paths(like).items()})
+    return Checkpoint(
+        params=tree.to(tree.unflatten_paths(flat, like=like), device=device), config=meta["config"],
+        step=int(meta["step"]), opt_state=_read_opt_state(resolved, where, meta, device),
+        metrics=list(meta.get("metrics", [])), extra=dict(meta.get("extra", {})), path=resolved,
     )
 
 
@@ -412,6 +436,6 @@ def read_checkpoint_info(path: str | os.PathLike) -> dict:
 
 
 __all__ = [
-    "BEST", "LATEST", "Checkpoint", "checkpoint_exists", "expected_param_shapes", "load_checkpoint",
+    "BEST", "LATEST", "Checkpoint", "checkpoint_exists", "expected_param_shapes", "load_checkpoint", "load_tree",
     "read_checkpoint_info", "restore_opt_state", "save_checkpoint",
 ]

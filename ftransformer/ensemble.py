@@ -1,36 +1,34 @@
 """``vmap`` over models: ensembles and hyperparameter sweeps trained in one step, and ranked.
 
 ``stack_params`` puts N parameter trees on a leading ``member`` axis; ``make_ensemble_step`` is
-``vmap`` of the very update ``train.make_train_step`` runs (``train.train_update``), so all N members
+``vmap`` of the very step ``train.make_train_step`` builds (a ``train.TrainStep`` too), so all N members
 train in one call, each on its own batch with its own dropout key -- and, with an optimizer *factory*,
-each with its own learning rate or weight decay (a sweep). ``Members`` is ``loop.fit``'s adapter for
+each with its own learning rate or weight decay (a sweep). ``Members`` is ``loop.fit``'s data for
 them: the same loop as one model (resume, Ctrl-C, accumulation), with one checkpoint directory per
 member (``member-<i>/latest``, ``best``), records with a ``member`` field, and one plot of every
-member's curves. ``format_ranking`` prints the members by best val loss.
+member's curves (a ``loop.TokenData``: the same batches, evaluation sets and checks). ``format_ranking`` prints the members by best val loss.
 """
 
-import functools
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ftransformer import tree
 from ftransformer import optim, random
-from ftransformer.checkpoint import BEST, LATEST, checkpoint_exists, load_checkpoint, save_checkpoint
+from ftransformer.checkpoint import BEST, LATEST, restore_opt_state, save_checkpoint
 from ftransformer.config import Config
 from ftransformer.data import unpack_batch
 from ftransformer.io import save_figure
-from ftransformer.loop import FitResult, FitRun, FitState, check_resume, improved, refuse_overwrite
+from ftransformer.loop import FitResult, FitRun, FitState, TokenData, improved, refuse_overwrite
 from ftransformer.model import check_ids, check_tokens, loss_fn
-from ftransformer.params import init_params, tree_to
+from ftransformer.params import init_params
 from ftransformer.tree import stack as stack_params, unstack as unstack_params
 from ftransformer.per_example import vmap_config
-from ftransformer.train import TrainStep, train_update
+from ftransformer.train import TrainStep, make_train_step
 
 PyTree = Any
 
@@ -55,14 +53,6 @@ def _members(stacked: PyTree) -> int:
     return leaves[0].shape[0]
 
 
-class EnsembleStep(NamedTuple):
-    """``init(stacked_params, hparams=None) -> stacked opt state`` and
-    ``step(stacked_params, opt_state, (tokens, targets), keys=None, hparams=None) -> (params, opt_state, metrics)``."""
-
-    init: Callable
-    step: Callable
-
-
 def _member_optimizer(optimizer) -> tuple[Callable[[dict | None], optim.GradientTransformation], bool]:
     """``(hparams -> that member's optimizer, whether optimizer is a factory)``: the shared one, or the factory
     called with the member's values."""
@@ -79,7 +69,8 @@ def _member_optimizer(optimizer) -> tuple[Callable[[dict | None], optim.Gradient
     return member_opt, factory
 
 
-def _check_hparams(hparams, members: int, factory: bool) -> dict:
+def _check_hparams(hparams, members: int | None, factory: bool) -> dict:
+    """``hparams`` as float tensors of one value per member (``members``: None, any common length)."""
     if hparams is None or not hparams:
         if factory:
             raise ValueError("an optimizer factory needs hparams: {name: tensor of one value per member}")
@@ -89,6 +80,8 @@ def _check_hparams(hparams, members: int, factory: bool) -> dict:
     out = {}
     for name, value in hparams.items():
         value = torch.as_tensor(value, dtype=torch.float32)
+        if members is None and value.ndim == 1:
+            members = value.shape[0]  # the first one says how many members there are
         if value.shape != (members,):
             raise ValueError(f"hparams[{name!r}] must hold one value per member ({members}), got shape {tuple(value.shape)}")
         out[name] = value
@@ -108,35 +101,39 @@ def make_ensemble_step(
     cfg: Config,
     optimizer: optim.GradientTransformation | Callable[..., optim.GradientTransformation],
     *,
+    hparams: dict | None = None,
     accum_steps: int = 1,
     ignore_index: int = -100,
     attn_impl: str | None = "einsum",
-) -> EnsembleStep:
-    """ONE vmapped step that trains every member of an ensemble at once: ``vmap`` of ``train.train_update``.
+) -> TrainStep:
+    """ONE vmapped step that trains every member of an ensemble at once: ``vmap`` of ``make_train_step``'s step.
 
-    ``tokens``/``targets`` are ``(members, batch, seq)`` (each member its own batch), ``keys`` are
-    ``(members,)`` dropout keys (or None), and every metric (``loss``, ``grad_norm``, ``lr``, ``tokens``)
+    A ``train.TrainStep``: ``init(stacked_params)``, ``step(stacked_params, opt_state, (tokens, targets),
+    keys=None)``. ``tokens``/``targets`` are ``(members, batch, seq)`` (each member its own batch), ``keys``
+    are ``(members,)`` dropout keys (or None), and every metric (``loss``, ``grad_norm``, ``lr``, ``tokens``)
     has one value per member. Each member's update equals what ``make_train_step(cfg, optimizer,
-    accum_steps=accum_steps)`` would do to it alone. ``optimizer`` is a ``GradientTransformation``
-    shared by all members, or, for a sweep, a factory called inside the vmapped step with ``hparams``'
-    values for that member as 0-d tensors::
+    accum_steps=accum_steps)`` would do to it alone. ``optimizer`` is a ``GradientTransformation`` shared
+    by all members, or, for a sweep, a factory called inside the vmapped step with ``hparams``' values for
+    that member as 0-d tensors::
 
-        step = make_ensemble_step(cfg, lambda lr, weight_decay: optim.adamw(lr, weight_decay=weight_decay))
-        state = step.init(stacked, {"lr": tensor([3e-4, 1e-3]), "weight_decay": tensor([0.0, 0.1])})
+        hp = {"lr": tensor([3e-4, 1e-3]), "weight_decay": tensor([0.0, 0.1])}
+        step = make_ensemble_step(cfg, lambda lr, weight_decay: optim.adamw(lr, weight_decay=weight_decay), hparams=hp)
+        state = step.init(stacked)
     """
     cfg_v = vmap_config(cfg, attn_impl)
     member_opt, factory = _member_optimizer(optimizer)
-    update = functools.partial(train_update, cfg=cfg_v, accum_steps=accum_steps, ignore_index=ignore_index)
+    _check_hparams(hparams, None, factory)
 
-    def init(stacked_params, hparams=None):
+    def init(stacked_params):
         hp = _check_hparams(hparams, _members(stacked_params), factory)
         each = [{k: v[i] for k, v in hp.items()} for i in range(_members(stacked_params))]
         return stack_params([member_opt(h).init(p) for h, p in zip(each, unstack_params(stacked_params))])
 
     def member_step(params, opt_state, tokens, targets, key, hp):
-        return update(member_opt(hp), params, opt_state, tokens, targets, key)
+        one = make_train_step(cfg_v, member_opt(hp), accum_steps=accum_steps, ignore_index=ignore_index)
+        return one.step(params, opt_state, (tokens, targets), key)
 
-    def step(stacked_params, opt_state, batch, keys=None, hparams=None):
+    def step(stacked_params, opt_state, batch, keys=None):
         tokens, targets = unpack_batch(batch)
         members = _members(stacked_params)
         _check_member_batch(tokens, targets, members, cfg, ignore_index)
@@ -147,7 +144,7 @@ def make_ensemble_step(
         vmapped = torch.func.vmap(member_step, in_dims=in_dims, randomness="error")
         return vmapped(stacked_params, opt_state, tokens, targets, keys, hp if hp else None)
 
-    return EnsembleStep(init, step)
+    return TrainStep(init, step)
 
 
 # ---------------------------------------------------------------- evaluation and plots
@@ -220,23 +217,25 @@ def member_name(spec: dict) -> str:
     return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in spec.items())
 
 
-class Members:
-    """``loop.fit``'s adapter for an ensemble or a sweep: ``fit(members.init_params(), cfg, None, ..., model=members)``.
+class Members(TokenData):
+    """``loop.fit``'s data for an ensemble or a sweep on a token corpus:
+    ``fit(members.init_params(), members.train_step(), members, settings, out_dir=...)``.
 
     Each member is a dict: ``seed`` (its initial parameters, batches and dropout keys; default ``seed``)
     and hyperparameters passed to ``make_optimizer(**hparams)`` as 0-d tensors, one value per member
     (e.g. ``{"lr": 1e-3, "weight_decay": 0.1}``); with none, ``make_optimizer()`` is shared. All members
-    are evaluated on the same fixed batches (seeded by fit's ``seed``), so their losses compare. ``out_dir``
-    gets ``metrics.jsonl`` (records with a ``member`` field), one ``loss.png`` with every member's curves,
-    and ``member-<i>/latest`` and ``member-<i>/best`` checkpoints (each loadable on its own, e.g. by
-    ``ftransformer generate --checkpoint out_dir/member-0``). A member whose loss turns non-finite keeps
-    training in the stack (the others are independent of it); fit stops only when every member has.
-    ``extra(i)`` gives member ``i``'s JSON extra for its checkpoints.
+    are evaluated on the same fixed batches (seeded by the settings' ``seed``), so their losses compare.
+    ``out_dir`` gets ``metrics.jsonl`` (records with a ``member`` field), one ``loss.png`` with every
+    member's curves, and ``member-<i>/latest`` and ``member-<i>/best`` checkpoints (each loadable on its
+    own, e.g. by ``ftransformer generate --checkpoint out_dir/member-0``). A member whose loss turns
+    non-finite keeps training in the stack (the others are independent of it); fit stops only when every
+    member has. ``extra(i)`` gives member ``i``'s JSON extra for its checkpoints.
     """
 
-    def __init__(self, cfg: Config, make_optimizer: Callable[..., optim.GradientTransformation],
+    def __init__(self, cfg: Config, train_ids, val_ids, make_optimizer: Callable[..., optim.GradientTransformation],
                  members: Sequence[dict], *, seed: int = 0, tokenizer=None,
                  extra: Callable[[int], dict] | None = None):
+        super().__init__(cfg, train_ids, val_ids, tokenizer=tokenizer)
         self.members = [dict(m) for m in members]
         if not self.members:
             raise ValueError("an ensemble needs at least one member, got none")
@@ -245,7 +244,7 @@ class Members:
             missing = [k for k in self.hp_names if k not in m]
             if missing:
                 raise ValueError(f"member {i} ({m}) lacks {missing}: every member needs the same hyperparameters")
-        self.cfg, self.make_optimizer, self.tokenizer, self.extra = cfg, make_optimizer, tokenizer, extra
+        self.make_optimizer, self.member_extra = make_optimizer, extra
         self.seeds = [int(m.get("seed", seed)) for m in self.members]
         self.names = [member_name(m) for m in self.members]
 
@@ -265,36 +264,30 @@ class Members:
             return self.make_optimizer()
         return self.make_optimizer(**{k: torch.tensor(float(self.members[i][k])) for k in self.hp_names})
 
-    def make_step(self, run: FitRun, compile: bool) -> TrainStep:
-        if compile:
-            raise ValueError("an ensemble step does not run compiled; leave compile off")
-        if run.dist is not None and run.dist.world_size > 1:
-            raise ValueError("an ensemble trains in one process; launch without torchrun")
-        es = make_ensemble_step(self.cfg, self.make_optimizer if self.hp_names else self.make_optimizer(),
-                                accum_steps=run.accum_steps)
-        hp = self.hparams(run.device)
-        return TrainStep(functools.partial(es.init, hparams=hp),
-                         lambda params, state, batch, keys: es.step(params, state, batch, keys, hp))
+    def train_step(self, *, accum_steps: int = 1) -> TrainStep:
+        """The members' one vmapped ``TrainStep`` (``make_ensemble_step`` with their hyperparameters bound)."""
+        opt = self.make_optimizer if self.hp_names else self.make_optimizer()
+        return make_ensemble_step(self.cfg, opt, hparams=self.hparams(), accum_steps=accum_steps)
 
     def dirs(self, out: Path) -> list[Path]:
         """``out/member-<i>``: each member's checkpoint directory."""
         return [out / f"member-{i}" for i in range(len(self.members))]
 
     def start(self, run: FitRun, params: dict, init: Callable, resume: bool) -> FitState:
+        if run.world > 1:
+            raise ValueError("an ensemble trains in one process; launch without torchrun")
+        self.prepare(run)
         if resume:
-            return self._resume(run)
+            return self._resume(run, init)
         for d in self.dirs(run.out):
             refuse_overwrite(run, d / LATEST)
-        params = tree_to(params, device=run.device)
+        params = tree.to(params, device=run.device)
         return FitState(params, init(params), 0, [], [None] * len(self.members), 0.0)
 
-    def _resume(self, run: FitRun) -> FitState:
+    def _resume(self, run: FitRun, init: Callable) -> FitState:
         cks = []
         for i, d in enumerate(self.dirs(run.out)):
-            if not checkpoint_exists(d / LATEST):
-                raise ValueError(f"nothing to resume in {str(run.out)!r}: no checkpoint at {str(d / LATEST)!r}")
-            ck = load_checkpoint(d / LATEST, config=self.cfg, optimizer=self.optimizer(i), device=run.device)
-            check_resume(run, d / LATEST, ck.extra.get("fit", {}))
+            ck = self.latest_checkpoint(run, d / LATEST)
             if ck.extra.get("member", {}).get("name") != self.names[i]:
                 raise ValueError(f"cannot resume {str(d)!r} as member {i} ({self.names[i]}): it was saved as "
                                  f"{ck.extra.get('member', {}).get('name')!r}")
@@ -302,25 +295,27 @@ class Members:
         if len({ck.step for ck in cks}) != 1:
             raise ValueError(f"cannot resume {str(run.out)!r}: its members were saved at steps {[c.step for c in cks]}")
         run.say(f"resuming {str(run.out)!r} at step {cks[0].step} ({len(cks)} members)")
+        params = stack_params([c.params for c in cks])
+        flat = {k: torch.stack([c.opt_state[k] for c in cks]) if isinstance(v, Tensor) else v
+                for k, v in cks[0].opt_state.items()}
         history = sorted((r for ck in cks for r in ck.metrics), key=lambda r: (r["step"], r["member"]))
         fit_saved = cks[0].extra.get("fit", {})
-        return FitState(stack_params([c.params for c in cks]), stack_params([c.opt_state for c in cks]), cks[0].step,
+        return FitState(params, restore_opt_state(flat, init(params), where=repr(str(run.out))), cks[0].step,
                         history, [c.extra["member"].get("best_val_loss") for c in cks],
                         float(fit_saved.get("elapsed_s", 0.0)))
 
-    def batch(self, run: FitRun, step: int) -> tuple[Tensor, Tensor]:
+    def batch(self, run: FitRun, step: int) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
         """Every member's own batch of ``step`` (drawn with its seed), stacked: ``(members, batch, seq)``."""
-        batches = [run.batch(step, s) for s in self.seeds]
-        return torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
+        batches = [self.draw(run, step, s) for s in self.seeds]
+        keys = [self.dropout_key(run, step, s) for s in self.seeds]
+        tokens, targets = torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
+        return (tokens, targets), None if keys[0] is None else torch.stack(keys)
 
-    def key(self, run: FitRun, step: int) -> Tensor:
-        return torch.stack([random.fold_in(random.key(s), step) for s in self.seeds]).to(run.device)
-
-    def losses(self, run: FitRun, params: dict, batches: list, progress: bool, desc: str) -> list[float]:
-        return evaluate_ensemble(params, batches, run.cfg).tolist()
-
-    def record(self, run: FitRun, state: FitState, train_loss: list, val_loss: list, common: dict) -> FitState:
+    def evaluate(self, run: FitRun, state: FitState, common: dict) -> FitState:
         """The state with one record per member; each member's checkpoints saved (``best`` when it improved)."""
+        train_eval, val = self._sets
+        train_loss = evaluate_ensemble(state.params, train_eval, self.cfg).tolist()
+        val_loss = evaluate_ensemble(state.params, val, self.cfg).tolist()
         lrs = optim._find_lr(state.opt_state)
         records = [
             {"step": state.step, "member": i, "name": self.names[i], "seed": self.seeds[i],
@@ -331,22 +326,26 @@ class Members:
         better = [improved(b, v) for b, v in zip(state.best_val, val_loss)]
         best = [v if up else b for b, v, up in zip(state.best_val, val_loss, better)]
         new = replace(state, history=state.history + records, best_val=best)
-        self.save(run, new, "latest", better)
+        self._save_members(run, new, better)
+        if run.is_main:
+            plot_members(run.files["plot"], new.history, self.names)
         run.say(f"step {state.step}: val loss " + ", ".join(f"{n} {v:.4f}" for n, v in zip(self.names, val_loss)))
         return new
 
-    def save(self, run: FitRun, state: FitState, which: str = "latest", better: list[bool] | None = None) -> None:
-        """Every member's ``latest`` checkpoint, and ``best`` where ``better`` says it improved (all: ``which="best"``)."""
-        better = [which == "best"] * len(self.members) if better is None else better
+    def save(self, run: FitRun, state: FitState) -> None:
+        self._save_members(run, state, [False] * len(self.members))
+
+    def _save_members(self, run: FitRun, state: FitState, better: list[bool]) -> None:
+        """Every member's ``latest`` checkpoint, and ``best`` where ``better`` says it improved."""
         params, opt_states = unstack_params(state.params), unstack_params(state.opt_state)
         for i, d in enumerate(self.dirs(run.out)):
             meta = dict(
                 params=params[i], config=self.cfg, step=state.step, opt_state=opt_states[i], tokenizer=self.tokenizer,
                 metrics=[r for r in state.history if r["member"] == i],
-                extra={**(self.extra(i) if self.extra else {}),
+                extra={**(self.member_extra(i) if self.member_extra else {}),
                        "member": {"member": i, "name": self.names[i], **self.members[i], "seed": self.seeds[i],
                                   "best_val_loss": state.best_val[i]},
-                       "fit": run.fit_state(state.step, state.elapsed, state.best_val[i])},
+                       "fit": self.fit_state(run, state.step, state.elapsed, state.best_val[i])},
             )
             if better[i]:
                 save_checkpoint(d / BEST, **meta)
@@ -357,18 +356,6 @@ class Members:
         first = self.dirs(run.out)[0]
         return {"latest": first / LATEST, "best": first / BEST, "metrics": run.files["metrics"],
                 "plot": run.files["plot"]}
-
-    def loss(self, metrics: dict) -> float:
-        """The best finite member loss (NaN when every member diverged)."""
-        finite = [v for v in metrics["loss"].tolist() if math.isfinite(v)]
-        return min(finite) if finite else float("nan")
-
-    def val_loss(self, history: list[dict]) -> float | None:
-        finite = [r["val_loss"] for r in history if r["step"] == history[-1]["step"] and math.isfinite(r["val_loss"])]
-        return min(finite) if history and finite else None
-
-    def plot(self, path: Path, history: list[dict]) -> None:
-        plot_members(path, history, self.names)
 
     def summary(self, result: FitResult) -> list[dict]:
         """Per member: member, name, seed, hparams, best_val_loss, best_step, final_val_loss, dir."""
@@ -399,6 +386,6 @@ def format_ranking(members: list[dict]) -> str:
 
 
 __all__ = [
-    "EnsembleStep", "Members", "evaluate_ensemble", "format_ranking", "init_ensemble", "make_ensemble_step",
+    "Members", "evaluate_ensemble", "format_ranking", "init_ensemble", "make_ensemble_step",
     "member_name", "plot_members", "stack_params", "unstack_params",
 ]

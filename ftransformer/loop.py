@@ -1,24 +1,26 @@
-"""Learning-path step 7c: the training loop around the pure step -- ``fit``.
+"""Learning-path step 7c: the training loop around the pure step -- ``fit(params, step, data, settings)``.
 
 ``train.make_train_step`` is a function from state to state; ``fit`` is the part that touches the world:
 it draws batches, calls the step, measures train and val loss, writes ``metrics.jsonl``, a loss plot
 and checkpoints, and stops cleanly. Read it in the order it runs:
 
-1. ``SingleModel.start``: a fresh state, or the one in ``out_dir/latest`` (resume), checked against the
+1. ``data.start``: a fresh state, or the one in ``out_dir/latest`` (resume), checked against the
    settings (``check_resume``);
-2. ``_evaluate_and_record``: every ``eval_every`` steps, losses on fixed batches, records, checkpoints
-   (``latest``, and ``best`` when the val loss improved), the metrics file and the plot;
-3. ``_one_step``: the global batch for this step (a pure function of ``(seed, step)``), the step, and a
+2. ``data.evaluate``: every ``eval_every`` steps, losses on fixed batches, records, checkpoints
+   (``latest``, and ``best`` when the val loss improved) and the plot; then the metrics file;
+3. ``_one_step``: the batch for this step (a pure function of ``(seed, step)``), the step, and a
    ``NonFiniteLossError`` that leaves the last good checkpoint in place;
 4. ``fit``: the loop, and Ctrl-C, which saves the current step and returns ``interrupted=True``.
 
-What ``fit`` trains is an *adapter*'s business: ``SingleModel`` (one parameter tree, checkpoints in
-``out_dir``) by default, ``ensemble.Members`` for an ensemble or a sweep (stacked trees, one vmapped
-step, per-member checkpoints, records and plot). The step itself is a ``train.TrainStep`` (``step=``):
-the plain step by default, ``per_example.dp_train_step`` for DP-SGD.
+The step is any ``train.TrainStep`` (``make_train_step``, ``per_example.make_per_example_train_step``
+for DP-SGD, ``ensemble.make_ensemble_step``); its builder chose its precision and compilation. What it
+trains on, how that is measured and where it is saved is a ``FitData`` adapter's business (five methods):
+``TokenData`` (one model on a token corpus, checkpoints in ``out_dir``), ``ensemble.Members`` (an
+ensemble or a sweep: stacked trees, per-member checkpoints, records and plot).
 
 With ``dist`` (a ``distributed.DistContext``, e.g. under ``torchrun``) each process trains on its share
-of the same global batch, gradients are summed across processes inside the step, and only rank 0
+of the same global batch, gradients are summed across processes inside the step (build it with
+``make_train_step(..., all_reduce=dist.all_reduce_sum)``), and only rank 0
 writes files and logs: the run is the one a single process would make.
 """
 
@@ -30,23 +32,22 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ftransformer import optim, random
-from ftransformer.checkpoint import BEST, LATEST, checkpoint_exists, load_checkpoint, read_checkpoint_info, save_checkpoint
+from ftransformer import optim, random, tree
+from ftransformer.checkpoint import (
+    BEST, LATEST, checkpoint_exists, load_checkpoint, read_checkpoint_info, restore_opt_state, save_checkpoint,
+)
 from ftransformer.config import Config
 from ftransformer.data import SplitWindows, Tokenizer, fixed_batches, sample_batch
-from ftransformer.data.batches import Prefetcher
+from ftransformer.data.batches import to_device
 from ftransformer.io import atomic_write, save_figure
-from ftransformer.params import tree_to
-from ftransformer.precision import Precision
-from ftransformer.train import TrainStep, evaluate, loss_sums, train_step
+from ftransformer.train import TrainStep, evaluate, loss_sums
 
 METRICS_FILE, PLOT_FILE = "metrics.jsonl", "loss.png"
 # Random streams of the data sampler: training batches, the fixed validation batches, and the fixed
@@ -68,7 +69,7 @@ class FitResult:
     opt_state: Any
     step: int  # optimizer steps done
     history: list[dict]  # one record per evaluation (the lines of metrics.jsonl)
-    best_val_loss: float | list | None  # one per member for an ensemble
+    best_val_loss: Any  # the best val loss (None: none finite); ensemble.Members: a list, one per member
     interrupted: bool  # stopped by Ctrl-C (a checkpoint of the current step was saved)
     out_dir: Path
     files: dict[str, Path] = field(default_factory=dict)  # what was written where
@@ -101,26 +102,47 @@ def plot_history(path: Path, history: list[dict]) -> None:
 # ---------------------------------------------------------------- the run's fixed settings
 
 
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How long ``fit`` trains, on what batches, and how often it evaluates (what a resumed run must keep)."""
+
+    steps: int  # optimizer steps in all (a resumed run may raise it)
+    batch_size: int  # sequences per optimizer step, all processes together (the global batch)
+    seq_len: int | None = None  # tokens per training window (None: the model's max_seq_len)
+    accum_steps: int = 1  # micro-batches of evaluation and of the divisibility check; build the step with the same
+    eval_every: int = 250  # steps between evaluations (also at step 0 and at the end)
+    # Fixed batches of batch_size sequences (evaluated in accum_steps micro-batches) in each of the train and
+    # val estimates; "all": the exact val loss over the whole val split (data.SplitWindows).
+    eval_batches: int | str = 20
+    seed: int = 0  # batches and dropout keys are functions of (seed, step)
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "accum_steps", "eval_every"):
+            _positive_int(name, getattr(self, name))
+        if self.seq_len is not None:
+            _positive_int("seq_len", self.seq_len)
+        if self.eval_batches != "all":
+            try:
+                _positive_int("eval_batches", self.eval_batches)
+            except ValueError:
+                raise ValueError(f"eval_batches must be an int >= 1 or 'all', got {self.eval_batches!r}") from None
+
+
 @dataclass
 class FitRun:
     """Everything about one ``fit`` call that does not change while it runs."""
 
-    cfg: Config
-    train_ids: np.ndarray | Tensor
-    val_ids: np.ndarray | Tensor
-    steps: int
-    batch_size: int  # the global batch (all processes together)
-    seq_len: int
-    accum_steps: int
-    eval_every: int
-    eval_batches: int | str
-    seed: int
+    settings: FitSettings
     device: torch.device
     out: Path
     say: Callable[[str], None]
     dist: Any = None  # a distributed.DistContext, or None for one process
-    precision: Precision | None = None  # the default step's compute/param dtypes (None: fp32)
-    prefetcher: Prefetcher | None = None  # on CUDA: the next step's batch copied while this one computes
+    progress: bool = False  # progress bars (on the main process)
 
     @property
     def files(self) -> dict[str, Path]:
@@ -131,35 +153,18 @@ class FitRun:
     def is_main(self) -> bool:
         return self.dist is None or self.dist.is_main
 
-    def fit_state(self, step: int, elapsed: float, best_val) -> dict:
-        """The loop's own part of a checkpoint (``extra["fit"]``)."""
+    @property
+    def world(self) -> int:
+        return 1 if self.dist is None else self.dist.world_size
+
+    def fit_state(self, step: int, elapsed: float, best_val, **sizes) -> dict:
+        """The loop's own part of a checkpoint (``extra["fit"]``); ``sizes``: the data's (e.g. ``train_tokens``)."""
+        s = self.settings
         return {
-            "seed": self.seed, "next_step": step, "steps": self.steps, "batch_size": self.batch_size,
-            "seq_len": self.seq_len, "accum_steps": self.accum_steps, "eval_every": self.eval_every,
-            "eval_batches": self.eval_batches, "best_val_loss": best_val, "elapsed_s": elapsed,
-            "train_tokens": int(len(self.train_ids)), "val_tokens": int(len(self.val_ids)),
+            "seed": s.seed, "next_step": step, "steps": s.steps, "batch_size": s.batch_size, "seq_len": s.seq_len,
+            "accum_steps": s.accum_steps, "eval_every": s.eval_every, "eval_batches": s.eval_batches,
+            "best_val_loss": best_val, "elapsed_s": elapsed, **sizes,
         }
-
-    def batch(self, step: int, seed: int) -> tuple[Tensor, Tensor]:
-        """This process's rows of the global batch of ``step`` drawn with ``seed`` (all of it for one process)."""
-        if self.prefetcher is not None and seed == self.seed:
-            return self.prefetcher(step)
-        return self.host_batch(step, seed, to_device=True)
-
-    def host_batch(self, step: int, seed: int, *, to_device: bool = False) -> tuple[Tensor, Tensor]:
-        """``batch`` drawn on the host (``to_device``: then moved to the run's device)."""
-        tokens, targets = sample_batch(self.train_ids, self.batch_size, self.seq_len, seed=seed, step=step,
-                                       stream=TRAIN_STREAM)
-        if self.dist is not None:
-            tokens, targets = self.dist.shard(tokens), self.dist.shard(targets)
-        if not to_device:
-            return tokens, targets
-        return tokens.to(self.device), targets.to(self.device)
-
-    def prefetch(self, step: int) -> None:
-        """Start the host-to-device copy of ``step``'s batch (CUDA runs only; elsewhere nothing to overlap)."""
-        if self.prefetcher is not None and step < self.steps:
-            self.prefetcher.prefetch(step)
 
 
 @dataclass
@@ -174,35 +179,30 @@ class FitState:
     elapsed: float  # seconds spent before this call (resumed runs) plus this call's so far
 
 
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+@runtime_checkable
+class FitData(Protocol):
+    """What ``fit`` trains on, how it is measured and where it is saved: ``TokenData``, ``ensemble.Members``."""
+
+    def start(self, run: FitRun, params: Any, init: Callable, resume: bool) -> FitState:
+        """The first state: ``params`` with ``init(params)``, or the checkpoint in ``run.out`` (resume)."""
+
+    def batch(self, run: FitRun, step: int) -> tuple[Any, Tensor | None]:
+        """Step ``step``'s batch on the device and its dropout key (None: no dropout)."""
+
+    def evaluate(self, run: FitRun, state: FitState, common: dict) -> FitState:
+        """Measure ``state``, add its records (with ``common``), save checkpoints and the plot: the new state."""
+
+    def save(self, run: FitRun, state: FitState) -> None:
+        """Save ``state`` as the latest checkpoint (Ctrl-C)."""
+
+    def files(self, run: FitRun) -> dict[str, Path]:
+        """What the run writes where; ``latest`` is the checkpoint a failed or interrupted run points to."""
 
 
-def _check_settings(cfg: Config, steps, batch_size, seq_len, accum_steps, eval_every, eval_batches, dist) -> None:
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len),
-                        ("accum_steps", accum_steps), ("eval_every", eval_every)):
-        _positive_int(name, value)
-    if eval_batches != "all":
-        try:
-            _positive_int("eval_batches", eval_batches)
-        except ValueError:
-            raise ValueError(f"eval_batches must be an int >= 1 or 'all', got {eval_batches!r}") from None
-    if seq_len > cfg.max_seq_len:
-        raise ValueError(f"seq_len={seq_len} but the model's max_seq_len={cfg.max_seq_len}")
-    world = 1 if dist is None else dist.world_size
-    if batch_size % (accum_steps * world):
-        procs = f" x {world} processes" if world > 1 else ""
-        raise ValueError(
-            f"batch_size={batch_size} must be divisible by accum_steps={accum_steps}{procs} = {accum_steps * world}"
-        )
-
-
-def check_resume(run: FitRun, where: Path, saved: dict) -> None:
-    """``ValueError`` unless a checkpoint's ``extra["fit"]`` (``saved``) drew its batches as this run does."""
-    now = run.fit_state(0, 0.0, None)
+def check_resume(run: FitRun, where: Path, saved: dict, now: dict) -> None:
+    """``ValueError`` unless a checkpoint's ``extra["fit"]`` (``saved``) drew its batches as this run does (``now``)."""
     for name in _RESUME_KEYS:
-        if name in saved and saved[name] != now[name]:
+        if name in saved and name in now and saved[name] != now[name]:
             raise ValueError(
                 f"cannot resume {str(where)!r} with {name}={now[name]}: the run was saved with "
                 f"{name}={saved[name]} (only steps and eval_every may change on resume)"
@@ -218,28 +218,6 @@ def refuse_overwrite(run: FitRun, latest: Path) -> None:
         )
 
 
-def eval_sets(run: FitRun) -> tuple[list, list]:
-    """The fixed train batches and the val batches every evaluation uses, on the device.
-
-    Evaluation runs micro-batch by micro-batch, like training: a batch too large for one forward pass in
-    training (accum_steps > 1) is too large for one in evaluation too.
-    """
-    micro = run.batch_size // run.accum_steps
-
-    def to_device(batches):
-        return [(t.to(run.device), y.to(run.device)) for t, y in batches]
-
-    if run.eval_batches == "all":
-        val = to_device(SplitWindows(run.val_ids, run.seq_len, micro))
-        n_eval = len(val)
-    else:
-        n_eval = run.eval_batches * run.accum_steps
-        val = to_device(fixed_batches(run.val_ids, n_eval, micro, run.seq_len, seed=run.seed, stream=VAL_STREAM))
-    train = to_device(fixed_batches(run.train_ids, n_eval, micro, run.seq_len, seed=run.seed,
-                                    stream=TRAIN_EVAL_STREAM))
-    return train, val
-
-
 def current_lr(opt_state) -> float | None:
     """The optimizer state's learning rate as a float, or None if it keeps none."""
     try:
@@ -253,126 +231,183 @@ def improved(best: float | None, val_loss: float) -> bool:
     return math.isfinite(val_loss) and (best is None or val_loss < best)
 
 
-# ---------------------------------------------------------------- the adapter for one model
+# ---------------------------------------------------------------- one model on a token corpus
 
 
-class SingleModel:
-    """``fit``'s adapter for one parameter tree: checkpoints ``out_dir/latest`` and ``best``, one record per evaluation."""
+class TokenData:
+    """``fit``'s data for one model on a token corpus: checkpoints ``out_dir/latest`` and ``best``, one record
+    per evaluation.
 
-    def __init__(self, optimizer: optim.GradientTransformation | None = None, *, tokenizer: Tokenizer | None = None,
-                 extra: dict | None = None):
-        self.optimizer, self.tokenizer, self.extra = optimizer, tokenizer, extra
+    ``tokenizer`` and ``extra`` (JSON) are saved with every checkpoint; ``record_extra``:
+    ``(params, fixed train batches) -> dict`` added to every record (e.g. ``per_example.noise_scale_record``).
+    On a CUDA device batches are copied from pinned memory without blocking (``fit`` draws the next
+    step's while the current one runs).
+    """
 
-    def make_step(self, run: FitRun, compile: bool) -> TrainStep:
-        if self.optimizer is None:
-            raise ValueError("fit needs an optimizer or a step=, got neither")
-        all_reduce = None if run.dist is None else run.dist.all_reduce_sum
-        return train_step(run.cfg, self.optimizer, accum_steps=run.accum_steps, compile=compile,
-                          all_reduce=all_reduce, precision=run.precision)
+    def __init__(self, cfg: Config, train_ids: np.ndarray | Tensor, val_ids: np.ndarray | Tensor, *,
+                 tokenizer: Tokenizer | None = None, extra: dict | None = None,
+                 record_extra: Callable[[dict, list], dict] | None = None):
+        if not isinstance(cfg, Config):
+            raise TypeError(f"cfg must be a Config, got {type(cfg).__name__}")
+        self.cfg, self.train_ids, self.val_ids = cfg, train_ids, val_ids
+        self.tokenizer, self.extra, self.record_extra = tokenizer, extra, record_extra
+        self._sets = None
 
-    def start(self, run: FitRun, params: dict, init: Callable, resume: bool) -> FitState:
-        latest = run.files["latest"]
-        if not resume:
-            refuse_overwrite(run, latest)
-            params = tree_to(params, device=run.device)
-            return FitState(params, init(params), 0, [], None, 0.0)
-        if not checkpoint_exists(latest):
-            raise ValueError(f"nothing to resume in {str(run.out)!r}: no checkpoint at {str(latest)!r}")
-        template = optim.GradientTransformation(init, None)  # the state's structure, for the loader
-        ck = load_checkpoint(latest, config=run.cfg, optimizer=template, device=run.device)
-        saved = ck.extra.get("fit", {})
-        check_resume(run, latest, saved)
-        run.say(f"resuming {str(latest)!r} at step {ck.step}")
-        return FitState(ck.params, ck.opt_state, ck.step, ck.metrics, saved.get("best_val_loss"),
-                      float(saved.get("elapsed_s", 0.0)))
+    # -- shared by every token-corpus adapter (ensemble.Members too)
 
-    def batch(self, run: FitRun, step: int) -> tuple[Tensor, Tensor]:
-        return run.batch(step, run.seed)
+    def seq_len(self, run: FitRun) -> int:
+        return self.cfg.max_seq_len if run.settings.seq_len is None else run.settings.seq_len
 
-    def key(self, run: FitRun, step: int) -> Tensor:
-        return random.fold_in(random.key(run.seed), step).to(run.device)
+    def sizes(self) -> dict:
+        return {"train_tokens": int(len(self.train_ids)), "val_tokens": int(len(self.val_ids))}
 
-    def losses(self, run: FitRun, params: dict, batches: list, progress: bool, desc: str) -> float:
+    def fit_state(self, run: FitRun, step: int = 0, elapsed: float = 0.0, best_val=None) -> dict:
+        """``run.fit_state`` with this data's sizes and the resolved ``seq_len``."""
+        return {**run.fit_state(step, elapsed, best_val, **self.sizes()), "seq_len": self.seq_len(run)}
+
+    def prepare(self, run: FitRun) -> None:
+        """Check the settings against the model and the processes; set up the evaluation batches."""
+        s, seq_len = run.settings, self.seq_len(run)
+        if seq_len > self.cfg.max_seq_len:
+            raise ValueError(f"seq_len={seq_len} but the model's max_seq_len={self.cfg.max_seq_len}")
+        if s.batch_size % (s.accum_steps * run.world):
+            procs = f" x {run.world} processes" if run.world > 1 else ""
+            raise ValueError(f"batch_size={s.batch_size} must be divisible by accum_steps={s.accum_steps}{procs} = "
+                             f"{s.accum_steps * run.world}")
+        self._sets = eval_sets(run, self.train_ids, self.val_ids, seq_len)
+
+    def host_batch(self, run: FitRun, step: int, seed: int) -> tuple[Tensor, Tensor]:
+        """This process's rows of the global batch of ``step`` drawn with ``seed``, on the host."""
+        tokens, targets = sample_batch(self.train_ids, run.settings.batch_size, self.seq_len(run), seed=seed,
+                                       step=step, stream=TRAIN_STREAM)
+        if run.dist is not None:
+            tokens, targets = run.dist.shard(tokens), run.dist.shard(targets)
+        return tokens, targets
+
+    def draw(self, run: FitRun, step: int, seed: int) -> tuple[Tensor, Tensor]:
+        """``host_batch`` on the device (on CUDA: from pinned memory, without blocking)."""
+        return to_device(self.host_batch(run, step, seed), run.device)
+
+    def dropout_key(self, run: FitRun, step: int, seed: int) -> Tensor | None:
+        return random.fold_in(random.key(seed), step).to(run.device) if self.cfg.dropout > 0 else None
+
+    def losses(self, run: FitRun, params: dict) -> tuple[Any, Any, dict]:
+        """``(train loss, val loss, record_extra's fields)`` on the fixed batches."""
+        train_eval, val = self._sets
+        more = {} if self.record_extra is None else self.record_extra(params, train_eval)
+        return self._loss(run, params, train_eval, "eval train"), self._loss(run, params, val, "eval val"), more
+
+    def _loss(self, run: FitRun, params: dict, batches: list, desc: str) -> float:
         """The mean loss over ``batches``; with several processes each one evaluates every world_size-th batch."""
-        if run.dist is None or run.dist.world_size == 1:
-            return evaluate(params, batches, run.cfg, progress=None if progress else False, desc=desc)
-        total, count = loss_sums(params, batches[run.dist.rank::run.dist.world_size], run.cfg)
+        if run.world == 1:
+            return evaluate(params, batches, self.cfg, progress=None if run.progress else False, desc=desc)
+        total, count = loss_sums(params, batches[run.dist.rank::run.dist.world_size], self.cfg)
         total, count = run.dist.all_reduce_sum([total.to(torch.float64), count.to(torch.float64)])
         return float(total / count)
 
-    def record(self, run: FitRun, state: FitState, train_loss: float, val_loss: float, common: dict) -> FitState:
+    def latest_checkpoint(self, run: FitRun, latest: Path):
+        """The checkpoint at ``latest`` loaded on the device and checked to draw the batches this run draws."""
+        if not checkpoint_exists(latest):
+            raise ValueError(f"nothing to resume in {str(run.out)!r}: no checkpoint at {str(latest)!r}")
+        ck = load_checkpoint(latest, config=self.cfg, device=run.device)
+        check_resume(run, latest, ck.extra.get("fit", {}), self.fit_state(run))
+        return ck
+
+    # -- the FitData protocol
+
+    def start(self, run: FitRun, params: dict, init: Callable, resume: bool) -> FitState:
+        self.prepare(run)
+        latest = run.files["latest"]
+        if not resume:
+            refuse_overwrite(run, latest)
+            params = tree.to(params, device=run.device)
+            return FitState(params, init(params), 0, [], None, 0.0)
+        ck = self.latest_checkpoint(run, latest)
+        saved = ck.extra.get("fit", {})
+        run.say(f"resuming {str(latest)!r} at step {ck.step}")
+        opt_state = restore_opt_state(ck.opt_state, init(ck.params), where=repr(str(latest)))
+        return FitState(ck.params, opt_state, ck.step, ck.metrics, saved.get("best_val_loss"),
+                        float(saved.get("elapsed_s", 0.0)))
+
+    def batch(self, run: FitRun, step: int) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
+        return self.draw(run, step, run.settings.seed), self.dropout_key(run, step, run.settings.seed)
+
+    def evaluate(self, run: FitRun, state: FitState, common: dict) -> FitState:
         """The state with this evaluation's record, checkpoints saved (``best`` when the val loss improved)."""
-        record = {"step": state.step, "train_loss": train_loss, "val_loss": val_loss, "lr": current_lr(state.opt_state),
-                  **common}
+        train_loss, val_loss, more = self.losses(run, state.params)
+        record = {"step": state.step, "train_loss": train_loss, "val_loss": val_loss,
+                  "lr": current_lr(state.opt_state), **common, **more}
         better = improved(state.best_val, val_loss)
         new = replace(state, history=state.history + [record], best_val=val_loss if better else state.best_val)
         if better:
-            self.save(run, new, "best")
-        self.save(run, new, "latest")
+            self._save(run, new, "best")
+        self._save(run, new, "latest")
+        if run.is_main:
+            plot_history(run.files["plot"], new.history)
         run.say(f"step {state.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
                 + (" (best so far)" if better else ""))
         return new
 
-    def save(self, run: FitRun, state: FitState, which: str = "latest") -> None:
-        if not run.is_main:
-            return
-        save_checkpoint(
-            run.files[which], params=state.params, config=run.cfg, step=state.step, opt_state=state.opt_state,
-            tokenizer=self.tokenizer, metrics=state.history,
-            extra={**(self.extra or {}), "fit": run.fit_state(state.step, state.elapsed, state.best_val)},
-        )
+    def save(self, run: FitRun, state: FitState) -> None:
+        self._save(run, state, "latest")
+
+    def _save(self, run: FitRun, state: FitState, which: str) -> None:
+        if run.is_main:
+            save_checkpoint(run.files[which], params=state.params, config=self.cfg, step=state.step,
+                            opt_state=state.opt_state, tokenizer=self.tokenizer, metrics=state.history,
+                            extra={**(self.extra or {}), "fit": self.fit_state(run, state.step, state.elapsed, state.best_val)})
 
     def files(self, run: FitRun) -> dict[str, Path]:
-        """What the run writes where; ``latest`` is the checkpoint a failed or interrupted run points to."""
         return run.files
 
-    def loss(self, metrics: dict) -> float:
-        """The step's loss to show and to check for divergence."""
-        return float(metrics["loss"])
 
-    def val_loss(self, history: list[dict]) -> float | None:
-        return history[-1]["val_loss"] if history else None
+def eval_sets(run: FitRun, train_ids, val_ids, seq_len: int) -> tuple[list, list]:
+    """The fixed train batches and the val batches every evaluation uses, on the device.
 
-    def plot(self, path: Path, history: list[dict]) -> None:
-        plot_history(path, history)
+    Evaluation runs micro-batch by micro-batch, like training: a batch too large for one forward pass in
+    training (accum_steps > 1) is too large for one in evaluation too.
+    """
+    s = run.settings
+    micro = s.batch_size // s.accum_steps
 
+    def to_device(batches):
+        return [(t.to(run.device), y.to(run.device)) for t, y in batches]
 
-# ---------------------------------------------------------------- 2. evaluate and record
-
-
-def _evaluate_and_record(run: FitRun, model, state: FitState, sets, window: dict, progress: bool,
-                         record_extra: Callable | None) -> FitState:
-    """Measure, add records, save checkpoints, the metrics file and the plot: the new state."""
-    train_eval, val_batches = sets
-    train_loss = model.losses(run, state.params, train_eval, progress, "eval train")
-    val_loss = model.losses(run, state.params, val_batches, progress, "eval val")
-    common = {"tokens_per_s": window["tokens"] / window["seconds"] if window["seconds"] > 0 else None,
-              "elapsed_s": round(state.elapsed, 3)}
-    if record_extra is not None:
-        common.update(record_extra(state.params, train_eval))
-    new = model.record(run, state, train_loss, val_loss, common)
-    # Only now is the evaluation on record: an interrupt before this point redoes it on resume.
-    if run.is_main:
-        write_metrics(run.files["metrics"], new.history)
-        model.plot(run.files["plot"], new.history)
-    window.update(tokens=0, seconds=0.0)
-    return new
+    if s.eval_batches == "all":
+        val = to_device(SplitWindows(val_ids, seq_len, micro))
+        n_eval = len(val)
+    else:
+        n_eval = s.eval_batches * s.accum_steps
+        val = to_device(fixed_batches(val_ids, n_eval, micro, seq_len, seed=s.seed, stream=VAL_STREAM))
+    train = to_device(fixed_batches(train_ids, n_eval, micro, seq_len, seed=s.seed, stream=TRAIN_EVAL_STREAM))
+    return train, val
 
 
 # ---------------------------------------------------------------- 3. one step
 
 
-def _one_step(run: FitRun, model, step_fn: Callable, state: FitState, window: dict) -> tuple[FitState, float]:
-    """One optimizer step: the new state and its (global) loss. Raises ``NonFiniteLossError``."""
-    batch = model.batch(run, state.step)
-    key = model.key(run, state.step) if run.cfg.dropout > 0 else None
+def _first_loss(metrics: dict) -> float:
+    """The step's loss to show and to check for divergence: the best finite one of a stack (NaN if none is)."""
+    finite = [v for v in metrics["loss"].flatten().tolist() if math.isfinite(v)]
+    return min(finite) if finite else float("nan")
+
+
+def _one_step(run: FitRun, data: FitData, step_fn: Callable, state: FitState, window: dict,
+              ahead: dict) -> tuple[FitState, float]:
+    """One optimizer step: the new state and its (global) loss. Raises ``NonFiniteLossError``.
+
+    ``ahead`` holds the next step's batch, drawn (and, on CUDA, its copy queued) while this step runs:
+    a batch depends on ``(seed, step)`` alone, so drawing it early changes nothing but the waiting.
+    """
+    batch, key = ahead.pop(state.step) if state.step in ahead else data.batch(run, state.step)
     t = time.perf_counter()
     params, opt_state, metrics = step_fn(state.params, state.opt_state, batch, key)
-    run.prefetch(state.step + 1)  # queued behind the step's kernels, before waiting for them
-    loss = model.loss(metrics)  # also waits for the device, so the timing is honest
+    if state.step + 1 < run.settings.steps:
+        ahead[state.step + 1] = data.batch(run, state.step + 1)
+    loss = _first_loss(metrics)  # also waits for the device, so the timing is honest
     window["seconds"] += time.perf_counter() - t
     if not math.isfinite(loss):
-        latest = model.files(run)["latest"]
+        latest = data.files(run)["latest"]
         good = read_checkpoint_info(latest)["step"] if checkpoint_exists(latest) else None
         where = f"the last good checkpoint is {str(latest)!r} (step {good})" if good is not None else (
             "no checkpoint was saved yet")
@@ -381,7 +416,7 @@ def _one_step(run: FitRun, model, step_fn: Callable, state: FitState, window: di
             f"loss became {loss} at step {state.step + 1} (lr {lr}); training stopped "
             f"and {where}; try a lower learning rate"
         )
-    window["tokens"] += batch[0].numel() * (1 if run.dist is None else run.dist.world_size)
+    window["tokens"] += int(metrics["tokens"].sum())  # counted targets (rows for an SAE), all processes
     return replace(state, params=params, opt_state=opt_state, step=state.step + 1), loss
 
 
@@ -389,15 +424,11 @@ def _one_step(run: FitRun, model, step_fn: Callable, state: FitState, window: di
 
 
 def fit(
-    params: dict, cfg: Config, optimizer: optim.GradientTransformation | None, train_ids: np.ndarray | Tensor,
-    val_ids: np.ndarray | Tensor, *, steps: int, batch_size: int, out_dir: str | os.PathLike,
-    seq_len: int | None = None, accum_steps: int = 1, eval_every: int = 250, eval_batches: int | str = 20,
-    seed: int = 0, resume: bool = False, compile: bool = False, device: str | torch.device | None = None,
-    tokenizer: Tokenizer | None = None, extra: dict | None = None, progress: bool = True,
-    log: Callable[[str], None] | None = tqdm.write, step: TrainStep | None = None, model: Any = None,
-    record_extra: Callable[[dict, list], dict] | None = None, dist: Any = None, precision: Precision | None = None,
+    params: Any, step: TrainStep, data: FitData, settings: FitSettings, *, out_dir: str | os.PathLike,
+    resume: bool = False, device: str | torch.device | None = None, progress: bool = True,
+    log: Callable[[str], None] | None = tqdm.write, dist: Any = None,
 ) -> FitResult:
-    """Train for ``steps`` optimizer steps, evaluating and checkpointing as it goes.
+    """Train for ``settings.steps`` optimizer steps of ``step`` on ``data``, evaluating and checkpointing as it goes.
 
     Every ``eval_every`` steps (and at step 0 and at the end) the train and val losses are measured on
     fixed batches, appended to ``out_dir/metrics.jsonl`` and plotted to ``out_dir/loss.png``, and the
@@ -408,91 +439,94 @@ def fit(
 
     Args:
         params: initial parameters (with ``resume``: only the device template; the checkpoint's are used).
-        optimizer: builds the default step and its state (None: ``step`` and ``model`` bring their own).
-        batch_size: sequences per optimizer step, all processes together (the global batch).
-        seq_len: tokens per training window (default ``cfg.max_seq_len``).
-        accum_steps: micro-batches per step (same update as the whole batch, less memory).
-        eval_batches: fixed batches (of ``batch_size`` sequences, evaluated in ``accum_steps`` micro-batches)
-            in each of the train and val estimates; ``"all"``: the exact val loss over the whole val split
-            (``data.SplitWindows``), and the train loss on as many fixed random windows.
-        tokenizer, extra: saved with every checkpoint (``extra`` must be JSON).
-        step: the ``train.TrainStep`` to run (default ``train.train_step(cfg, optimizer, accum_steps=...,
-            compile=...)``); e.g. ``per_example.dp_train_step(cfg, optimizer)`` for DP-SGD.
-        model: the adapter for what is trained (default ``SingleModel(optimizer, tokenizer=, extra=)``);
-            ``ensemble.Members(...)`` trains an ensemble or a sweep, with per-member checkpoints.
-        record_extra: ``(params, fixed train batches) -> dict`` added to every evaluation's records,
-            e.g. ``per_example.noise_scale_record(cfg)``.
+        step: any ``train.TrainStep``: ``make_train_step(cfg, opt, accum_steps=..., precision=..., compile=...)``,
+            ``per_example.make_per_example_train_step`` (DP-SGD), ``ensemble.make_ensemble_step`` (``Members``).
+        data: a ``FitData``: ``TokenData(cfg, train_ids, val_ids, tokenizer=...)``, ``ensemble.Members(...)``.
+        settings: a ``FitSettings`` (steps, batch size, evaluation, seed).
         dist: a ``distributed.DistContext`` (``distributed.init_from_env()`` under torchrun): data parallel
-            over its processes, same result as one process; None: this process alone.
-        precision: the default step's ``precision.Precision`` (e.g. ``precision.BF16``: bf16 compute, fp32
-            master weights, optimizer state and checkpoints); None: fp32. On a CUDA device the next
-            step's batch is copied from pinned memory while the current step runs.
+            over its processes, same result as one process (build ``step`` with ``all_reduce=dist.all_reduce_sum``);
+            None: this process alone.
     """
-    seq_len = cfg.max_seq_len if seq_len is None else seq_len
-    _check_settings(cfg, steps, batch_size, seq_len, accum_steps, eval_every, eval_batches, dist)
-    model = SingleModel(optimizer, tokenizer=tokenizer, extra=extra) if model is None else model
-    run = _make_run(params, cfg, train_ids, val_ids, steps, batch_size, seq_len, accum_steps, eval_every,
-                    eval_batches, seed, device, out_dir, log, dist, precision)
-    step = model.make_step(run, compile) if step is None else step
-    state = model.start(run, params, step.init, resume)
+    if not isinstance(step, TrainStep):
+        raise TypeError(f"step must be a train.TrainStep (e.g. make_train_step(cfg, optimizer)), got {type(step).__name__}")
+    if not isinstance(settings, FitSettings):
+        raise TypeError(f"settings must be a loop.FitSettings, got {type(settings).__name__}")
+    run = _make_run(params, settings, device, out_dir, log, dist, progress)
+    state = data.start(run, params, step.init, resume)
     if dist is not None:
         dist.barrier()  # every process has read (or checked) out_dir before rank 0 writes to it
-    return _loop(run, model, step.step, state, eval_sets(run), progress and run.is_main, record_extra)
+    return _loop(run, data, step.step, state)
 
 
-def _make_run(params, cfg, train_ids, val_ids, steps, batch_size, seq_len, accum_steps, eval_every, eval_batches,
-              seed, device, out_dir, log, dist, precision=None) -> FitRun:
+def _make_run(params, settings, device, out_dir, log, dist, progress) -> FitRun:
     if device is None:
-        leaves = [x for x in pytree.tree_leaves(params) if isinstance(x, Tensor)]
+        leaves = [x for x in tree.leaves(params) if isinstance(x, Tensor)]
         device = leaves[0].device if leaves else torch.device("cpu")
     main = dist is None or dist.is_main
-    run = FitRun(cfg, train_ids, val_ids, steps, batch_size, seq_len, accum_steps, eval_every, eval_batches, seed,
-               torch.device(device), Path(out_dir), log if (log is not None and main) else (lambda msg: None), dist,
-               precision)
-    if run.device.type == "cuda":  # only there is a copy worth overlapping with the step
-        run.prefetcher = Prefetcher(lambda s: run.host_batch(s, run.seed), run.device)
+    run = FitRun(settings, torch.device(device), Path(out_dir), log if (log is not None and main) else (lambda msg: None),
+                 dist, progress and main)
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
     return run
 
 
-def _loop(run: FitRun, model, step_fn: Callable, state: FitState, sets, show: bool, record_extra) -> FitResult:
+def _evaluate(run: FitRun, data: FitData, state: FitState, window: dict) -> FitState:
+    """``data.evaluate`` with the window's throughput, then the metrics file."""
+    common = {"tokens_per_s": window["tokens"] / window["seconds"] if window["seconds"] > 0 else None,
+              "elapsed_s": round(state.elapsed, 3)}
+    new = data.evaluate(run, state, common)
+    # Only now is the evaluation on record: an interrupt before this point redoes it on resume.
+    if run.is_main:
+        write_metrics(run.files["metrics"], new.history)
+    window.update(tokens=0, seconds=0.0)
+    return new
+
+
+def _last_val(history: list[dict]) -> float | None:
+    """The best finite val loss of the latest evaluation (one record, or one per member)."""
+    finite = [r["val_loss"] for r in history if r["step"] == history[-1]["step"] and "val_loss" in r
+              and math.isfinite(r["val_loss"])]
+    return min(finite) if history and finite else None
+
+
+def _loop(run: FitRun, data: FitData, step_fn: Callable, state: FitState) -> FitResult:
     """Evaluate, step, repeat: the loop of ``fit``, with Ctrl-C saving the current step."""
-    bar = tqdm(total=run.steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not show,
+    steps, every = run.settings.steps, run.settings.eval_every
+    bar = tqdm(total=steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not run.progress,
                file=sys.stderr)
-    window = {"tokens": 0, "seconds": 0.0}
-    t0, elapsed_before, last_loss, interrupted = time.perf_counter(), state.elapsed, None, False
+    window, ahead = {"tokens": 0, "seconds": 0.0}, {}
+    t0, elapsed_before, interrupted = time.perf_counter(), state.elapsed, False
     try:
         while True:
             state = replace(state, elapsed=elapsed_before + time.perf_counter() - t0)
             last_eval = state.history[-1]["step"] if state.history else -1
-            if (state.step % run.eval_every == 0 or state.step == run.steps) and last_eval != state.step:
-                state = _evaluate_and_record(run, model, state, sets, window, show, record_extra)
-            if state.step >= run.steps:
+            if (state.step % every == 0 or state.step == steps) and last_eval != state.step:
+                state = _evaluate(run, data, state, window)
+            if state.step >= steps:
                 break
-            state, last_loss = _one_step(run, model, step_fn, state, window)
+            state, last_loss = _one_step(run, data, step_fn, state, window, ahead)
             bar.update(1)
             bar.set_postfix(
-                loss=_fmt(last_loss), val=_fmt(model.val_loss(state.history)),
+                loss=_fmt(last_loss), val=_fmt(_last_val(state.history)),
                 tok_s=f"{window['tokens'] / window['seconds']:.0f}" if window["seconds"] > 0 else "?", refresh=False,
             )
     except KeyboardInterrupt:
         interrupted = True
         bar.close()
-        _save_on_interrupt(run, model, replace(state, elapsed=elapsed_before + time.perf_counter() - t0))
+        _save_on_interrupt(run, data, replace(state, elapsed=elapsed_before + time.perf_counter() - t0))
     finally:
         bar.close()
     return FitResult(
         params=state.params, opt_state=state.opt_state, step=state.step, history=state.history,
-        best_val_loss=state.best_val, interrupted=interrupted, out_dir=run.out, files=model.files(run),
+        best_val_loss=state.best_val, interrupted=interrupted, out_dir=run.out, files=data.files(run),
     )
 
 
-def _save_on_interrupt(run: FitRun, model, state: FitState) -> None:
-    model.save(run, state, "latest")
+def _save_on_interrupt(run: FitRun, data: FitData, state: FitState) -> None:
+    data.save(run, state)
     if run.is_main:
         write_metrics(run.files["metrics"], state.history)
-    run.say(f"interrupted at step {state.step}; saved {str(model.files(run)['latest'])!r} (continue with resume)")
+    run.say(f"interrupted at step {state.step}; saved {str(data.files(run)['latest'])!r} (continue with resume)")
 
 
 def _fmt(x: float | None) -> str:

@@ -107,8 +107,8 @@ def make_per_example_train_step(
     ignore_index: int = -100,
     attn_impl: str | None = "einsum",
     chunk_size: int | None = None,
-):
-    """A training step like ``make_train_step``'s whose optimizer receives per-example gradients.
+) -> TrainStep:
+    """A ``train.TrainStep`` like ``make_train_step``'s whose optimizer receives per-example gradients.
 
     ``step(params, opt_state, (tokens, targets), key) -> (params, opt_state, metrics)``. The optimizer must
     reduce the batch axis -- start its chain with ``optim.dp_aggregate`` (DP-SGD). ``metrics`` holds
@@ -133,12 +133,7 @@ def make_per_example_train_step(
         params, new_state = apply_optimizer(optimizer, params, grads, opt_state)
         return params, new_state, step_metrics(loss, grad_norm, new_state, n_tokens, mean_example_grad_norm=norms.mean())
 
-    return step
-
-
-def dp_train_step(cfg: Config, optimizer: optim.GradientTransformation, **kwargs) -> TrainStep:
-    """``TrainStep(optimizer.init, make_per_example_train_step(cfg, optimizer, **kwargs))``, for ``loop.fit``."""
-    return TrainStep(optimizer.init, make_per_example_train_step(cfg, optimizer, **kwargs))
+    return TrainStep(optimizer.init, step)
 
 
 # ---------------------------------------------------------------- gradient noise scale
@@ -202,6 +197,6 @@ def noise_scale_record(cfg: Config, *, max_batches: int = 4) -> Callable[[dict, 
 
 
 __all__ = [
-    "NoiseScale", "dp_train_step", "gradient_noise_scale", "make_per_example_train_step", "noise_scale",
+    "NoiseScale", "gradient_noise_scale", "make_per_example_train_step", "noise_scale",
     "noise_scale_record", "per_example_grad_norms", "per_example_grads", "vmap_config",
 ]

@@ -5,7 +5,7 @@ updated in) and ``compute`` (what the forward and backward passes run in). The t
 master weights to ``compute`` *inside* the differentiated function (``train.loss_and_grads``), so the
 cast's backward brings the gradients back to ``param``: the optimizer sees fp32 gradients of fp32
 weights, and nothing else changes. There is no ``torch.autocast`` and no global state: the policy is an
-argument (``make_train_step(..., precision=...)``, ``fit(..., precision=...)``, ``--dtype``).
+argument of whoever builds the step (``make_train_step(..., precision=...)``, ``--dtype``).
 
 The loss stays fp32 where it matters: ``model.loss_fn`` lifts low-precision logits to fp32 for the
 log-sum-exp. fp32 is the default on a CPU (bf16 there is slower without AVX512-BF16/AMX); on a CUDA

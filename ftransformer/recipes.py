@@ -13,6 +13,7 @@ from torch import Tensor
 
 from ftransformer import optim
 from ftransformer.data import TOKENIZER_KINDS
+from ftransformer.loop import FitSettings
 
 WARMUP_FORMS = ("nanogpt", "zero")
 
@@ -157,6 +158,13 @@ QUICKSTART_PRESET = "shakespeare-char-cpu"
 QUICKSTART_STEPS = 1000
 
 
+def fit_settings(recipe: TrainRecipe, seed: int = 0) -> FitSettings:
+    """The ``loop.FitSettings`` of a recipe: its steps, batches and evaluation, with ``seed``."""
+    return FitSettings(steps=recipe.steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len,
+                       accum_steps=recipe.accum_steps, eval_every=recipe.eval_every,
+                       eval_batches=recipe.eval_batches, seed=seed)
+
+
 def get_recipe(preset: str) -> TrainRecipe:
     """The training recipe of ``preset`` (every preset in ``PRESETS`` has one)."""
     if preset not in RECIPES:
@@ -165,6 +173,6 @@ def get_recipe(preset: str) -> TrainRecipe:
 
 
 __all__ = [
-    "QUICKSTART_PRESET", "QUICKSTART_STEPS", "RECIPES", "TrainRecipe", "WARMUP_FORMS", "get_recipe", "optimizer_for",
+    "QUICKSTART_PRESET", "QUICKSTART_STEPS", "RECIPES", "TrainRecipe", "WARMUP_FORMS", "fit_settings", "get_recipe", "optimizer_for",
     "schedule_for",
 ]

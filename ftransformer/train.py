@@ -1,7 +1,7 @@
 """Learning-path step 7b: training as a pure function.
 
-``make_train_step`` turns a config and an optimizer into
-``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``: a ``torch.func`` transform
+``make_train_step`` turns a config and an optimizer into a ``TrainStep(init, step)`` whose
+``step(params, opt_state, batch, key) -> (params, opt_state, metrics)`` is pure: a ``torch.func`` transform
 differentiates ``loss_fn`` with respect to the parameter tree, the optimizer turns gradients into
 updates, and new trees come back -- the inputs are never touched, so a step can be replayed, compared,
 ``vmap``-ed over an ensemble or compiled.
@@ -12,18 +12,19 @@ batch's token-weighted mean, even when padding (``ignore_index``) leaves micro-b
 Across processes (``all_reduce``, see ``distributed``) the same holds: the token count is summed first,
 then each process's gradients of its share, so the update is the one a single process would compute.
 
-Every step in the library is built from the same two pieces: ``loss_and_grads`` (the loss and its
-gradients, with accumulation and the data-parallel sum) and ``apply_optimizer`` (the update, outside
-any autograd graph); ``train_update`` is the two in a row. ``make_train_step`` checks a batch and calls
-it, ``ensemble.make_ensemble_step`` is ``vmap`` of it, and ``per_example.make_per_example_train_step``
-feeds ``apply_optimizer`` per-example gradients. The loop that draws batches, evaluates and
-checkpoints (``fit``, which runs a ``TrainStep``) is in ``ftransformer.loop``.
+Every step in the library is a ``TrainStep(init, step)``, built from the same two pieces:
+``loss_and_grads`` (the loss and its gradients, with accumulation and the data-parallel sum) and
+``apply_optimizer`` (the update, outside any autograd graph). ``make_train_step`` is the two in a row,
+``ensemble.make_ensemble_step`` is ``vmap`` of ``make_train_step``'s step, and
+``per_example.make_per_example_train_step`` feeds ``apply_optimizer`` per-example gradients. The loop
+that draws batches, evaluates and checkpoints (``fit``, which runs any ``TrainStep``) is in
+``ftransformer.loop``.
 """
 
 import functools
 import sys
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -36,19 +37,20 @@ from ftransformer.data import unpack_batch
 from ftransformer.model import check_ids, check_tokens, loss_fn
 from ftransformer.precision import Precision
 
-StepFn = Callable[..., tuple[dict, object, dict]]
-
-
 class TrainStep(NamedTuple):
-    """A step and the optimizer state it starts from, like an optimizer's ``(init, update)``.
+    """The one training-step type: a step and the optimizer state it starts from, like an optimizer's ``(init, update)``.
 
-    ``init(params) -> opt_state``; ``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``.
-    ``loop.fit`` runs one of these: a plain step (``train_step``), DP-SGD (``per_example.dp_train_step``)
-    or an ensemble (``ensemble.EnsembleStep`` with its hyperparameters bound).
+    ``init(params) -> opt_state``; ``step(params, opt_state, batch, key=None) -> (params, opt_state, metrics)``;
+    calling the ``TrainStep`` itself calls ``step``. ``make_train_step``, ``ensemble.make_ensemble_step`` and
+    ``per_example.make_per_example_train_step`` return one, and ``loop.fit`` runs any of them. How the step
+    computes (precision, ``torch.compile``) is its builder's business.
     """
 
-    init: Callable
-    step: StepFn
+    init: Callable[[dict], Any]
+    step: Callable[..., tuple[dict, Any, dict]]
+
+    def __call__(self, params: dict, opt_state, batch, key: Tensor | None = None) -> tuple[dict, Any, dict]:
+        return self.step(params, opt_state, batch, key)
 
 
 def _storages(leaves: list) -> set[int]:
@@ -150,15 +152,15 @@ def make_train_step(
     ignore_index: int = -100,
     all_reduce: Callable[[list[Tensor]], list[Tensor]] | None = None,
     precision: Precision | None = None,
-) -> StepFn:
-    """A pure training step ``step(params, opt_state, (tokens, targets), key) -> (params, opt_state, metrics)``.
+) -> TrainStep:
+    """``TrainStep(optimizer.init, step)``: ``step(params, opt_state, (tokens, targets), key) -> (params, opt_state, metrics)``.
 
     Args:
         cfg: the model's config.
         optimizer: e.g. ``optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(lr))``.
         accum_steps: micro-batches per step, split along the first batch axis; the update equals the
             full batch's.
-        compile: wrap the step in ``torch.compile`` (the first call compiles).
+        compile: wrap the step in ``torch.compile`` (the first call compiles, once per device type).
         ignore_index: target id that counts for nothing (padding).
         all_reduce: for data parallelism, a function that sums a list of tensors over all processes
             (e.g. ``DistContext.all_reduce_sum``); each process passes its share of the global batch and
@@ -179,35 +181,17 @@ def make_train_step(
         raise ValueError(f"accum_steps must be an int >= 1, got {accum_steps!r}")
     if precision is not None and not isinstance(precision, Precision):
         raise TypeError(f"precision must be a precision.Precision or None, got {type(precision).__name__}")
-    update = functools.partial(train_update, cfg=cfg, accum_steps=accum_steps, ignore_index=ignore_index,
-                               all_reduce=all_reduce, precision=precision)
+    core = dict(accum_steps=accum_steps, ignore_index=ignore_index, all_reduce=all_reduce, precision=precision)
 
     def step(params, opt_state, batch, key=None):
         tokens, targets = unpack_batch(batch)
         check_batch(tokens, targets, cfg, ignore_index)
-        return update(optimizer, params, opt_state, tokens, targets, key)
+        grads, loss, n_tokens = loss_and_grads(params, tokens, targets, key, cfg, **core)
+        grad_norm = optim.global_norm(grads)
+        params, new_state = apply_optimizer(optimizer, params, grads, opt_state)
+        return params, new_state, step_metrics(loss, grad_norm, new_state, n_tokens)
 
-    return _compiled_per_device(step) if compile else step
-
-
-def train_update(
-    optimizer: optim.GradientTransformation, params: dict, opt_state, tokens: Tensor, targets: Tensor,
-    key: Tensor | None, *, cfg: Config, **core,
-) -> tuple[dict, object, dict]:
-    """``loss_and_grads`` then ``apply_optimizer``: one step's ``(params, opt_state, metrics)``, unchecked.
-
-    ``make_train_step`` checks the batch and calls this; ``ensemble.make_ensemble_step`` vmaps it.
-    ``core``: ``loss_and_grads``'s keywords (``accum_steps``, ``ignore_index``, ``all_reduce``, ``precision``).
-    """
-    grads, loss, n_tokens = loss_and_grads(params, tokens, targets, key, cfg, **core)
-    grad_norm = optim.global_norm(grads)
-    params, new_state = apply_optimizer(optimizer, params, grads, opt_state)
-    return params, new_state, step_metrics(loss, grad_norm, new_state, n_tokens)
-
-
-def train_step(cfg: Config, optimizer: optim.GradientTransformation, **kwargs) -> TrainStep:
-    """``TrainStep(optimizer.init, make_train_step(cfg, optimizer, **kwargs))``: what ``loop.fit`` runs by default."""
-    return TrainStep(optimizer.init, make_train_step(cfg, optimizer, **kwargs))
+    return TrainStep(optimizer.init, _compiled_per_device(step) if compile else step)
 
 
 def _micro_grads(cfg, ignore_index, leaves, treedef, tokens, targets, key, *, n_tokens, precision=None):
@@ -251,7 +235,7 @@ def _batch_grads(micro: Callable, accum_steps: int, tokens: Tensor, targets: Ten
     return grads, loss
 
 
-def _compiled_per_device(step: StepFn) -> StepFn:
+def _compiled_per_device(step: Callable) -> Callable:
     """``step`` under ``torch.compile``, compiled once per device type on first use."""
     compiled: dict[str, Callable] = {}
 

@@ -49,17 +49,33 @@ def test_round_trip_everything(tmp_path):
     )
     assert sorted(p.name for p in path.iterdir()) == [
         "checkpoint.json", "opt_state.safetensors", "params.safetensors", "tokenizer.json"]
-    ck = checkpoint.load_checkpoint(path, optimizer=opt)
+    ck = checkpoint.load_checkpoint(path)
+    restored = ck.optimizer_state(opt)
     assert ck.config == CFG and ck.step == 5 and ck.metrics == metrics and ck.extra == extra
     assert ck.tokenizer == tok
     assert_trees_equal(ck.params, params)
-    assert_trees_equal(ck.opt_state, state)
+    assert_trees_equal(restored, state)
     # the restored state has the optimizer's own structure (NamedTuples), so training continues from it
-    assert type(ck.opt_state[1]) is optim.AdamWState and int(ck.opt_state[1].count) == 1
+    assert type(restored[1]) is optim.AdamWState and int(restored[1].count) == 1
     grads = ft.tree.map(torch.ones_like, params)
     u1, _ = opt.update(grads, state, params)
-    u2, _ = opt.update(grads, ck.opt_state, ck.params)
+    u2, _ = opt.update(grads, restored, ck.params)
     assert_trees_equal(u1, u2)
+
+
+def test_opt_state_has_one_type_whatever_the_arguments(tmp_path):
+    params, state, opt = trained_state()
+    checkpoint.save_checkpoint(tmp_path / "ck", params=params, config=CFG, step=1, opt_state=state)
+    checkpoint.save_checkpoint(tmp_path / "bare", params=params, config=CFG, step=1)
+    loads = [checkpoint.load_checkpoint(tmp_path / "ck"), checkpoint.load_checkpoint(tmp_path / "ck", config=CFG),
+             checkpoint.load_checkpoint(tmp_path / "ck", with_opt_state=False), checkpoint.load_checkpoint(tmp_path / "bare")]
+    assert all(type(ck.opt_state) is dict for ck in loads)
+    assert sorted(loads[0].opt_state) == sorted(tree.flatten_with_paths(state)) and loads[2].opt_state == loads[3].opt_state == {}
+    assert_trees_equal(loads[1].optimizer_state(opt), state)
+    with pytest.raises(ValueError, match="holds no optimizer state"):
+        loads[2].optimizer_state(opt)
+    with pytest.raises(TypeError, match="optimizer"):
+        checkpoint.load_checkpoint(tmp_path / "ck", optimizer=opt)
 
 
 def test_opt_state_paths_name_fields(tmp_path):
@@ -100,10 +116,10 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="simulated"):
         checkpoint.save_checkpoint(path, params=params2, config=CFG, step=2, opt_state=state2)
     monkeypatch.undo()
-    ck = checkpoint.load_checkpoint(path, optimizer=opt)
+    ck = checkpoint.load_checkpoint(path)
     assert ck.step == 1
     assert_trees_equal(ck.params, params1)
-    assert_trees_equal(ck.opt_state, state1)
+    assert_trees_equal(ck.optimizer_state(opt), state1)
     assert [p.name for p in tmp_path.iterdir()] == ["latest"]  # no temporary directory left behind
     # a later save works and replaces it
     checkpoint.save_checkpoint(path, params=params2, config=CFG, step=2, opt_state=state2)
@@ -134,8 +150,8 @@ def test_mismatched_config_names_key_and_shapes(tmp_path):
     with pytest.raises(ValueError, match=r"holds blocks.0.attn.b_o \(shape \(20,\)\), which the config does not have"):
         checkpoint.load_checkpoint(tmp_path / "ck", config=CFG.replace(bias=False))
     with pytest.raises(ValueError, match=r"does not fit the optimizer: 1.trace.embed.tokens \(shape \(29, 20\)\) is expected"):
-        checkpoint.load_checkpoint(
-            tmp_path / "ck", optimizer=optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(0.1, momentum=0.9))
+        checkpoint.load_checkpoint(tmp_path / "ck").optimizer_state(
+            optim.chain(optim.clip_by_global_norm(1.0), optim.sgd(0.1, momentum=0.9))
         )
     # a config that only changes non-shape fields fits
     assert checkpoint.load_checkpoint(tmp_path / "ck", config=CFG.replace(dropout=0.1)).config.dropout == 0.1
@@ -150,7 +166,7 @@ def test_load_errors(tmp_path):
     params = ft.init_params(CFG)
     path = checkpoint.save_checkpoint(tmp_path / "ck", params=params, config=CFG, step=0)
     with pytest.raises(ValueError, match="holds no optimizer state"):
-        checkpoint.load_checkpoint(path, optimizer=make_optimizer())
+        checkpoint.load_checkpoint(path).optimizer_state(make_optimizer())
     meta = json.loads((path / "checkpoint.json").read_text())
     meta["format"] = "something-else"
     (path / "checkpoint.json").write_text(json.dumps(meta))
@@ -204,7 +220,7 @@ def test_loading_without_the_optimizer_state_skips_its_file(tmp_path):
     path = saved_checkpoint(tmp_path)
     (path / "opt_state.safetensors").write_bytes(b"not a safetensors file")
     ck = checkpoint.load_checkpoint(path, with_opt_state=False)
-    assert ck.opt_state is None and ck.step == 3
+    assert ck.opt_state == {} and ck.step == 3
     with pytest.raises(ValueError, match="opt_state.safetensors is damaged"):
         checkpoint.load_checkpoint(path)
 
@@ -230,19 +246,20 @@ def assert_flat_equal(got, expected):
 def test_reads_format_version_1_exactly():
     assert json.loads((V1 / "float" / checkpoint.META_FILE).read_text())["version"] == 1
     opt = make_optimizer()
-    ck = checkpoint.load_checkpoint(V1 / "float", optimizer=opt)
+    ck = checkpoint.load_checkpoint(V1 / "float")
+    restored = ck.optimizer_state(opt)
     assert ck.config == V1_CFG and ck.step == 1 and ck.extra == {"note": "v1"}
     assert ck.tokenizer == data.CharTokenizer.from_text("abcdef ")
     assert_flat_equal(tree.flatten_with_paths(ck.params), v1_expected("params"))
     assert list(tree.flatten_with_paths(ck.params)) == list(tree.flatten_with_paths(ft.init_params(V1_CFG)))
-    assert_flat_equal(tree.flatten_with_paths(ck.opt_state), v1_expected("opt_state"))
-    assert type(ck.opt_state[1]) is optim.AdamWState and int(ck.opt_state[1].count) == 1
+    assert_flat_equal(tree.flatten_with_paths(restored), v1_expected("opt_state"))
+    assert type(restored[1]) is optim.AdamWState and int(restored[1].count) == 1
 
 
 def test_resumes_from_format_version_1():
     """One more step from the v1 files equals one more step from the state rebuilt by hand."""
     opt = make_optimizer()
-    ck = checkpoint.load_checkpoint(V1 / "float", optimizer=opt)
+    ck = checkpoint.load_checkpoint(V1 / "float")
     template = ft.init_params(V1_CFG)  # safetensors sorts keys: the template gives init_params' order back
     params = tree.unflatten_paths(v1_expected("params"), like=template)
     flat_state = v1_expected("opt_state")
@@ -252,14 +269,14 @@ def test_resumes_from_format_version_1():
     tokens = torch.tensor([[3, 1, 4, 1, 5]])
     grads = torch.func.grad(ft.loss_fn)(params, tokens, tokens.roll(-1, dims=-1), V1_CFG)
     u1, s1 = opt.update(grads, state, params)
-    u2, s2 = opt.update(grads, ck.opt_state, ck.params)
+    u2, s2 = opt.update(grads, ck.optimizer_state(opt), ck.params)
     assert_trees_equal(u1, u2)
     assert_trees_equal(s1, s2)
 
 
 def test_reads_format_version_1_int8():
     ck = checkpoint.load_checkpoint(V1 / "int8")
-    assert ck.opt_state is None and is_quantized(ck.params)
+    assert ck.opt_state == {} and is_quantized(ck.params)
     assert isinstance(ck.params["blocks"][0]["attn"]["w_qkv"], Int8Weight)
     assert_flat_equal(tree.flatten_with_paths(ck.params), v1_expected("int8"))
     logits = ft.forward(ck.params, torch.tensor([[1, 2, 3]]), V1_CFG)
@@ -267,8 +284,9 @@ def test_reads_format_version_1_int8():
 
 
 def test_new_checkpoints_are_version_2_with_the_same_names(tmp_path):
-    ck = checkpoint.load_checkpoint(V1 / "float", optimizer=make_optimizer())
-    checkpoint.save_checkpoint(tmp_path / "v2", params=ck.params, config=ck.config, step=1, opt_state=ck.opt_state)
+    ck = checkpoint.load_checkpoint(V1 / "float")
+    checkpoint.save_checkpoint(tmp_path / "v2", params=ck.params, config=ck.config, step=1,
+                               opt_state=ck.optimizer_state(make_optimizer()))
     meta = checkpoint.read_checkpoint_info(tmp_path / "v2")
     assert meta["version"] == 2 and meta["paths"] == checkpoint.PATHS
     for name in ("params", "opt_state"):

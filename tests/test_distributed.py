@@ -150,5 +150,6 @@ def test_fit_refuses_a_batch_that_does_not_split_over_the_processes(tmp_path):
     ctx = distributed.DistContext(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), backend="gloo")
     ids = np.arange(500) % 11
     with pytest.raises(ValueError, match=r"batch_size=6 must be divisible by accum_steps=2 x 2 processes = 4"):
-        ft.fit(ft.init_params(cfg), cfg, ft.optim.sgd(0.1), ids, ids, steps=1, batch_size=6, accum_steps=2,
+        ft.fit(ft.init_params(cfg), ft.make_train_step(cfg, ft.optim.sgd(0.1), accum_steps=2),
+               ft.loop.TokenData(cfg, ids, ids), ft.loop.FitSettings(steps=1, batch_size=6, accum_steps=2),
                out_dir=tmp_path, dist=ctx, progress=False, log=None)

@@ -89,12 +89,12 @@ def test_sweep_per_member_lr_and_weight_decay(tiny_cfg, gen):
 
     hp = {"lr": torch.tensor(lrs), "weight_decay": torch.tensor(wds)}
     stacked = ft.ensemble.init_ensemble(cfg, [0, 0, 0])
-    step = ensemble.make_ensemble_step(cfg, make_opt)
-    state = step.init(stacked, hp)
+    step = ensemble.make_ensemble_step(cfg, make_opt, hparams=hp)
+    state = step.init(stacked)
     tokens, targets = _batch(gen, cfg, 1, 4, 13)
     tokens, targets = tokens.expand(3, 4, 13), targets.expand(3, 4, 13)  # a sweep: the same batches
     for _ in range(2):
-        stacked, state, metrics = step.step(stacked, state, (tokens, targets), hparams=hp)
+        stacked, state, metrics = step.step(stacked, state, (tokens, targets))
     torch.testing.assert_close(metrics["lr"], hp["lr"])
     for i, p in enumerate(ft.ensemble.unstack_params(ft.ensemble.init_ensemble(cfg, [0, 0, 0]))):
         opt = make_opt(lrs[i], wds[i])
@@ -104,9 +104,12 @@ def test_sweep_per_member_lr_and_weight_decay(tiny_cfg, gen):
         assert _max_diff(ft.ensemble.unstack_params(stacked)[i], p) < 1e-5
     assert _max_diff(ft.ensemble.unstack_params(stacked)[2], ft.init_params(cfg, seed=0)) == 0  # lr 0: unchanged
     with pytest.raises(ValueError, match="one value per member"):
-        step.step(stacked, state, (tokens, targets), hparams={"lr": torch.tensor([1.0]), "weight_decay": torch.tensor(wds)})
+        ensemble.make_ensemble_step(cfg, make_opt, hparams={"lr": torch.tensor([1.0]), "weight_decay": torch.tensor(wds)})
+    with pytest.raises(ValueError, match="one value per member"):  # 1 value each, 3 members
+        ensemble.make_ensemble_step(cfg, make_opt, hparams={"lr": torch.tensor([1.0]), "weight_decay": torch.tensor([0.0])}
+                                    ).step(stacked, state, (tokens, targets))
     with pytest.raises(ValueError, match="needs hparams"):
-        step.step(stacked, state, (tokens, targets))
+        ensemble.make_ensemble_step(cfg, make_opt)
 
 
 def test_ensemble_step_checks_shapes(tiny_cfg, gen):
@@ -140,7 +143,7 @@ def test_ensemble_step_with_accumulation_equals_the_whole_batch(tiny_cfg, gen):
     split = ensemble.make_ensemble_step(cfg, opt, accum_steps=2)
     a, _, ma = whole.step(stacked, whole.init(stacked), (tokens, targets))
     b, _, mb = split.step(stacked, split.init(stacked), (tokens, targets))
-    assert isinstance(whole, ensemble.EnsembleStep) and _max_diff(a, b) < 1e-6
+    assert isinstance(whole, ft.train.TrainStep) and _max_diff(a, b) < 1e-6
     torch.testing.assert_close(ma["loss"], mb["loss"])
 
 
@@ -148,7 +151,7 @@ def test_ensemble_step_with_accumulation_equals_the_whole_batch(tiny_cfg, gen):
 
 
 FIT_CFG = ft.Config(vocab_size=23, d_model=18, n_heads=3, n_layers=2, d_ff=30, max_seq_len=14, dropout=0.1)
-FIT_RUN = dict(steps=6, batch_size=4, seq_len=10, eval_every=3, eval_batches=2, seed=5, progress=False, log=None)
+FIT_RUN = dict(steps=6, batch_size=4, seq_len=10, eval_every=3, eval_batches=2, seed=5)
 FIT_IDS = (torch.arange(1500) % 23).numpy().astype("uint16")
 
 
@@ -156,12 +159,13 @@ def _make_opt(lr, weight_decay):
     return optim.adamw(lr, weight_decay=weight_decay)
 
 
-def _fit_members(out, **kw):
-    members = ensemble.Members(FIT_CFG, _make_opt, [{"lr": 1e-2, "weight_decay": 0.0, "seed": 0},
-                                                    {"lr": 3e-3, "weight_decay": 0.1, "seed": 1}], seed=5)
-    run = {**FIT_RUN, **kw}
-    return members, ft.fit(members.init_params(), FIT_CFG, None, FIT_IDS[:1300], FIT_IDS[1300:], out_dir=out,
-                           model=members, **run)
+def _fit_members(out, *, resume=False, **kw):
+    members = ensemble.Members(FIT_CFG, FIT_IDS[:1300], FIT_IDS[1300:], _make_opt,
+                               [{"lr": 1e-2, "weight_decay": 0.0, "seed": 0}, {"lr": 3e-3, "weight_decay": 0.1, "seed": 1}],
+                               seed=5)
+    settings = ft.loop.FitSettings(**{**FIT_RUN, **kw})
+    return members, ft.fit(members.init_params(), members.train_step(accum_steps=settings.accum_steps), members,
+                           settings, out_dir=out, resume=resume, progress=False, log=None)
 
 
 def test_fit_trains_members_with_per_member_checkpoints_records_and_plot(tmp_path):
@@ -197,8 +201,9 @@ def test_fit_members_resume_is_exact(tmp_path):
     assert _max_diff(resumed.params, reference.params) == 0
     with pytest.raises(ValueError, match="already holds a checkpoint"):
         _fit_members(tmp_path / "b")
-    with pytest.raises(ValueError, match="does not run compiled"):
-        _fit_members(tmp_path / "c", compile=True)
+    m = ensemble.Members(FIT_CFG, FIT_IDS[:1300], FIT_IDS[1300:], _make_opt, [{"lr": 1e-2, "weight_decay": 0.0}])
+    with pytest.raises(TypeError, match="compile"):  # compilation is the step builder's: fit takes no compile=
+        ft.fit(m.init_params(), m.train_step(), m, ft.loop.FitSettings(**FIT_RUN), out_dir=tmp_path / "c", compile=True)
 
 
 # ---------------------------------------------------------------- CLI
@@ -341,14 +346,14 @@ def test_sweep_optimizer_is_the_recipes_optimizer_per_member(tiny_cfg, gen):
     recipe = get_recipe("tiny").replace(warmup_steps=2, steps=6)
     hp = {"lr": torch.tensor([recipe.lr]), "weight_decay": torch.tensor([recipe.weight_decay])}
     stacked = ft.ensemble.init_ensemble(cfg, [0])
-    step = ensemble.make_ensemble_step(cfg, sweep_optimizer(recipe, recipe.steps))
-    state = step.init(stacked, hp)
+    step = ensemble.make_ensemble_step(cfg, sweep_optimizer(recipe, recipe.steps), hparams=hp)
+    state = step.init(stacked)
     opt = optimizer_for(recipe)
     p, s = ft.init_params(cfg, seed=0), opt.init(ft.init_params(cfg, seed=0))
     single = make_train_step(cfg, opt)
     for _ in range(4):
         tokens, targets = _batch(gen, cfg, 1, 4, 13)
-        stacked, state, m = step.step(stacked, state, (tokens, targets), hparams=hp)
+        stacked, state, m = step.step(stacked, state, (tokens, targets))
         p, s, m1 = single(p, s, (tokens[0], targets[0]))
         assert abs(float(m["lr"][0]) - float(m1["lr"])) < 1e-9
     assert _max_diff(ft.ensemble.unstack_params(stacked)[0], p) < 1e-5

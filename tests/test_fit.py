@@ -10,7 +10,7 @@ from ftransformer import checkpoint, loop, optim
 
 # every axis a different size: vocab 23, d_model 18, heads 3, d_ff 30, max_seq 14, seq 10, batch 6, layers 2
 CFG = ft.Config(vocab_size=23, d_model=18, n_heads=3, n_layers=2, d_ff=30, max_seq_len=14, dropout=0.1)
-RUN = dict(steps=10, batch_size=6, seq_len=10, eval_every=4, eval_batches=2, seed=5, progress=False, log=None)
+RUN = dict(steps=10, batch_size=6, seq_len=10, eval_every=4, eval_batches=2, seed=5)
 
 
 def corpus(n=2000):
@@ -30,9 +30,12 @@ def make_optimizer(steps=10):
     return optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(optim.warmup_cosine(1e-2, 2, steps, 1e-3)))
 
 
-def run_fit(out, **kw):
-    args = {**RUN, **kw}
-    return loop.fit(ft.init_params(CFG, seed=1), CFG, make_optimizer(args["steps"]), TRAIN, VAL, out_dir=out, **args)
+def run_fit(out, *, step=None, train=TRAIN, resume=False, progress=False, log=None, **kw):
+    settings = loop.FitSettings(**{**RUN, **kw})
+    if step is None:
+        step = ft.train.make_train_step(CFG, make_optimizer(settings.steps), accum_steps=settings.accum_steps)
+    return loop.fit(ft.init_params(CFG, seed=1), step, loop.TokenData(CFG, train, VAL), settings, out_dir=out,
+                    resume=resume, progress=progress, log=log)
 
 
 def misbehaving_step(at_call, action, accum_steps=1):
@@ -71,7 +74,8 @@ def test_fit_writes_metrics_plot_and_checkpoints(tmp_path):
     assert lines[-1]["val_loss"] < lines[0]["val_loss"]  # it learned something
     assert lines[0]["lr"] == 0.0 and math.isclose(lines[-1]["lr"], optim.warmup_cosine(1e-2, 2, 10, 1e-3)(9), rel_tol=1e-6)
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    latest = checkpoint.load_checkpoint(tmp_path / "latest", config=CFG, optimizer=make_optimizer())
+    latest = checkpoint.load_checkpoint(tmp_path / "latest", config=CFG)
+    latest.optimizer_state(make_optimizer())
     assert latest.step == 10 and latest.metrics == lines
     assert_trees_equal(latest.params, result.params)
     best = checkpoint.load_checkpoint(tmp_path / "best")
@@ -111,10 +115,8 @@ def test_resume_refuses_settings_that_change_the_batches(tmp_path, change, field
     run_fit(tmp_path, steps=4)
     kw = dict(change)
     train_ids = kw.pop("train", TRAIN)
-    args = {**RUN, "steps": 10, **kw}
     with pytest.raises(ValueError, match=rf"cannot resume .* with {field}=.*saved with {field}="):
-        loop.fit(ft.init_params(CFG, seed=1), CFG, make_optimizer(10), train_ids, VAL, out_dir=tmp_path,
-                  resume=True, **args)
+        run_fit(tmp_path, train=train_ids, resume=True, steps=10, **kw)
 
 
 def test_resume_may_extend_the_run(tmp_path):
@@ -180,3 +182,18 @@ def test_bad_arguments(tmp_path):
         run_fit(tmp_path, accum_steps=4)
     with pytest.raises(ValueError, match="eval_every must be an int >= 1"):
         run_fit(tmp_path, eval_every=0)
+
+
+def test_fit_takes_a_train_step_and_settings_and_no_step_options(tmp_path):
+    """Precision and compilation belong to whoever builds the step: fit has no argument it could ignore."""
+    step, data = ft.train.make_train_step(CFG, make_optimizer()), loop.TokenData(CFG, TRAIN, VAL)
+    settings = loop.FitSettings(**RUN)
+    with pytest.raises(TypeError, match="step"):  # beartype (tests) or fit's own check
+        loop.fit(ft.init_params(CFG), step.step, data, settings, out_dir=tmp_path)
+    with pytest.raises(TypeError, match="settings"):
+        loop.fit(ft.init_params(CFG), step, data, RUN, out_dir=tmp_path)
+    for option in ("compile", "precision"):
+        with pytest.raises(TypeError, match=option):
+            loop.fit(ft.init_params(CFG), step, data, settings, out_dir=tmp_path, **{option: None})
+    with pytest.raises(ValueError, match="steps must be an int >= 1"):
+        loop.FitSettings(steps=0, batch_size=2)

@@ -99,12 +99,14 @@ def test_bf16_accumulation_equals_the_whole_batch():
 
 def test_fit_in_bf16_checkpoints_fp32(tmp_path):
     ids = np.random.default_rng(0).integers(0, CFG.vocab_size, 400)
-    result = fit(ft.init_params(CFG), CFG, optim.adamw(1e-3), ids[:300], ids[300:], steps=2, batch_size=2,
-                 out_dir=tmp_path, eval_every=2, eval_batches=1, progress=False, log=None,
-                 precision=precision.BF16)
+    step = make_train_step(CFG, optim.adamw(1e-3), precision=precision.BF16)
+    result = fit(ft.init_params(CFG), step, ft.loop.TokenData(CFG, ids[:300], ids[300:]),
+                 ft.loop.FitSettings(steps=2, batch_size=2, eval_every=2, eval_batches=1), out_dir=tmp_path,
+                 progress=False, log=None)
     assert {x.dtype for x in tree.leaves(result.params)} == {torch.float32}
-    ck = checkpoint.load_checkpoint(tmp_path / "latest", optimizer=optim.adamw(1e-3))
-    assert {x.dtype for x in tree.leaves((ck.params, ck.opt_state)) if x.is_floating_point()} == {torch.float32}
+    ck = checkpoint.load_checkpoint(tmp_path / "latest")
+    opt_state = ck.optimizer_state(optim.adamw(1e-3))
+    assert {x.dtype for x in tree.leaves((ck.params, opt_state)) if x.is_floating_point()} == {torch.float32}
 
 
 def test_prefetcher_yields_the_batches_it_is_asked_for():

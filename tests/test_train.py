@@ -335,3 +335,26 @@ def test_evaluate_streams_a_generator_also_with_a_progress_bar():
     assert evaluate(params, (b for b in batches), cfg, progress=True) == expected
     with pytest.raises(ValueError, match="at least one batch"):
         evaluate(params, iter([]), cfg)
+
+
+def test_every_step_builder_returns_the_one_step_type(gen):
+    """make_train_step, the ensemble step and the per-example (DP-SGD) step are all a TrainStep(init, step):
+    init gives the optimizer state, and calling the TrainStep is calling its step."""
+    cfg = CFG.replace(attn_impl="einsum")
+    opt = optim.sgd(0.1)
+    dp = optim.chain(optim.dp_aggregate(1.0, 0.0, key=ft.random.key(0)), optim.sgd(0.1))
+    params = ft.init_params(cfg, seed=0)
+    tokens = torch.randint(0, cfg.vocab_size, (3, 9), generator=gen)
+    batch = (tokens[:, :-1], tokens[:, 1:])
+    stacked = ft.ensemble.init_ensemble(cfg, [0, 1])
+    steps = {
+        "plain": (make_train_step(cfg, opt), params, batch),
+        "dp": (ft.per_example.make_per_example_train_step(cfg, dp), params, batch),
+        "ensemble": (ft.ensemble.make_ensemble_step(cfg, opt), stacked, tuple(x.expand(2, 3, 8) for x in batch)),
+    }
+    for name, (step, p, b) in steps.items():
+        assert type(step) is ft.train.TrainStep, name
+        a = step(p, step.init(p), b)
+        c = step.step(p, step.init(p), b, None)
+        assert all(torch.equal(x, y) for x, y in zip(ft.tree.leaves(a[0]), ft.tree.leaves(c[0]))), name
+        assert set(a[2]) >= {"loss", "grad_norm", "lr", "tokens"}, name

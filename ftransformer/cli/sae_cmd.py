@@ -4,7 +4,8 @@
   corpus's training split (position 0 of each window dropped) into a memory-mapped file with metadata;
 * ``sae train --acts ACTS --out RUN --architecture topk --d-sae 1024 --k 8 16 32``: a stack of SAEs, one
   per value of the longest of ``--k/--l1/--lr/--seeds`` (the others broadcast), trained by one vmapped
-  step; ``RUN/metrics.jsonl``, ``RUN/saes.safetensors``; ``--resume`` continues a run;
+  step through ``fit``; ``RUN/metrics.jsonl``, ``RUN/latest`` (a checkpoint); ``--resume`` continues a run
+  (0.2's ``RUN/saes.safetensors`` too);
 * ``sae eval --checkpoint DIR --saes RUN``: every member spliced into the model on validation windows:
   L0, explained variance, CE recovered (zero and mean ablation), delta-CE, KL, dead and dense latents;
 * ``sae features --checkpoint DIR --saes RUN --member I``: each latent's top-activating contexts, the
@@ -42,7 +43,7 @@ def add_arguments(parser) -> None:
     train.add_argument("--batch-size", type=int, default=1024, help="activation rows per step (default: 1024)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     look = parser.add_argument_group("eval, features")
-    look.add_argument("--saes", metavar="RUN", default=None, help="a `sae train` run directory (or its saes.safetensors)")
+    look.add_argument("--saes", metavar="RUN", default=None, help="a `sae train` run directory (or its latest/ checkpoint)")
     look.add_argument("--member", type=int, default=0, help="features: which SAE of the stack (default: 0)")
     look.add_argument("--latents", type=int, nargs="+", default=None, help="features: latents to show (default: 5 most frequent)")
     look.add_argument("--top", type=int, default=5, help="features: contexts per latent (default: 5)")
@@ -117,18 +118,15 @@ def _train(args) -> int:
     state = fit_stack(acts, cfg, hp, args.out, steps=args.steps, batch_size=args.batch_size, seed=seed,
                       resume=args.resume, progress=sys.stderr.isatty())
     print(f"trained {n} {args.architecture} SAEs ({d_in} -> {d_sae}) on {acts.path} for {args.steps} steps; "
-          f"wrote {args.out}/saes.safetensors and metrics.jsonl")
+          f"wrote {args.out}/latest and metrics.jsonl")
     del state
     return 0
 
 
 def _load_saes(path: str):
-    from pathlib import Path
+    from ftransformer.interp.sae.train import load_stack
 
-    from ftransformer.interp.sae.train import CHECKPOINT_FILE, load_stack
-
-    p = Path(path)
-    return load_stack(p / CHECKPOINT_FILE if p.is_dir() else p)
+    return load_stack(path)
 
 
 def format_eval(out: dict) -> str:

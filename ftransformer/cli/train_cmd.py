@@ -15,11 +15,13 @@ from ftransformer import distributed, precision
 from ftransformer.checkpoint import BEST, LATEST, checkpoint_exists, read_checkpoint_info
 from ftransformer.config import PRESETS, Config, get_preset
 from ftransformer.data import TOKENIZER_KINDS, load_dataset, load_tokenizer
-from ftransformer.loop import fit
+from ftransformer.loop import TokenData, fit
 from ftransformer.params import count_params, init_params
-from ftransformer.per_example import dp_train_step, noise_scale_record
-from ftransformer.recipes import QUICKSTART_PRESET, QUICKSTART_STEPS, RECIPES, TrainRecipe, get_recipe, optimizer_for
-from ftransformer.train import TrainStep
+from ftransformer.per_example import make_per_example_train_step, noise_scale_record
+from ftransformer.recipes import (
+    QUICKSTART_PRESET, QUICKSTART_STEPS, RECIPES, TrainRecipe, fit_settings, get_recipe, optimizer_for,
+)
+from ftransformer.train import TrainStep, make_train_step
 
 RUNS_DIR = "runs"
 DEVICES = ("cpu", "cuda", "mps")
@@ -387,10 +389,13 @@ def _load_data(spec: RunSpec, ctx, say):
     return dataset, cfg
 
 
-def _step_for(spec: RunSpec, cfg: Config, optimizer, say) -> TrainStep | None:
-    """The step ``fit`` runs: DP-SGD's with ``--dp-clip``, else None (fit's own)."""
+def _step_for(spec: RunSpec, cfg: Config, optimizer, say, policy: precision.Precision, ctx) -> TrainStep:
+    """The step ``fit`` runs: DP-SGD's with ``--dp-clip``, else ``make_train_step`` (compiled, in ``policy``)."""
+    r = spec.recipe
     if spec.dp_clip is None:
-        return None
+        all_reduce = None if ctx is None else ctx.all_reduce_sum
+        return make_train_step(cfg, optimizer, accum_steps=r.accum_steps, compile=spec.compile,
+                               all_reduce=all_reduce, precision=policy)
     if spec.compile:
         raise ValueError("--dp-clip does not run compiled; leave out --compile")
     from ftransformer.cli import train_ensemble
@@ -398,8 +403,7 @@ def _step_for(spec: RunSpec, cfg: Config, optimizer, say) -> TrainStep | None:
     say(f"DP-SGD: per-example clipping to {spec.dp_clip:g}, noise multiplier {spec.dp_noise:g} "
         "(privacy accounting not done here; use e.g. Opacus's RDP accountant)")
     dp = train_ensemble.dp_optimizer(optimizer, spec.dp_clip, spec.dp_noise, spec.seed)
-    r = spec.recipe
-    return dp_train_step(cfg, dp, chunk_size=r.batch_size // r.accum_steps if r.accum_steps > 1 else None)
+    return make_per_example_train_step(cfg, dp, chunk_size=r.batch_size // r.accum_steps if r.accum_steps > 1 else None)
 
 
 def _precision(spec: RunSpec, device: torch.device) -> precision.Precision:
@@ -441,17 +445,13 @@ def execute(spec: RunSpec, ctx=None) -> int:
            if ctx is not None else "")
     )
     optimizer = optimizer_for(recipe)
-    step = _step_for(spec, cfg, optimizer, say)
+    step = _step_for(spec, cfg, optimizer, say, policy, ctx)
     if spec.log_noise_scale and recipe.batch_size // recipe.accum_steps < 2:
         raise ValueError("--log-noise-scale needs micro-batches of at least 2 sequences (batch_size / accum_steps)")
-    result = fit(
-        params, cfg, optimizer, dataset.train, dataset.val,
-        steps=recipe.steps, batch_size=recipe.batch_size, seq_len=recipe.seq_len, out_dir=spec.out,
-        accum_steps=recipe.accum_steps, eval_every=recipe.eval_every, eval_batches=recipe.eval_batches,
-        seed=spec.seed, resume=spec.resume, compile=spec.compile, device=device, tokenizer=dataset.tokenizer,
-        extra={"train": spec.settings()}, progress=not spec.quiet, step=step, dist=ctx,
-        record_extra=noise_scale_record(cfg) if spec.log_noise_scale else None, precision=policy,
-    )
+    data = TokenData(cfg, dataset.train, dataset.val, tokenizer=dataset.tokenizer, extra={"train": spec.settings()},
+                     record_extra=noise_scale_record(cfg) if spec.log_noise_scale else None)
+    result = fit(params, step, data, fit_settings(recipe, spec.seed), out_dir=spec.out, resume=spec.resume,
+                 device=device, progress=not spec.quiet, dist=ctx)
     return _report(result, spec.out, say)
 
 

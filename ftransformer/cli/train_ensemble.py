@@ -8,7 +8,7 @@ import argparse
 import itertools
 
 from ftransformer import optim, random
-from ftransformer.recipes import TrainRecipe
+from ftransformer.recipes import TrainRecipe, fit_settings
 
 # What a sweep can vary per member inside one vmapped step: values that are numbers in the step, not
 # shapes (the model's sizes fix the stacked tensors' shapes, so they cannot differ between members).
@@ -156,14 +156,11 @@ def run_members(spec, *, cfg, dataset, device) -> int:
                           "recipe": member_recipe.to_dict()},
                 "ensemble": {**spec.settings(), "members": members}}
 
-    model = Members(cfg, sweep_optimizer(recipe, recipe.steps), members, seed=spec.seed,
+    model = Members(cfg, dataset.train, dataset.val, sweep_optimizer(recipe, recipe.steps), members, seed=spec.seed,
                     tokenizer=dataset.tokenizer, extra=extra)
-    result = fit(
-        model.init_params(device), cfg, None, dataset.train, dataset.val, steps=recipe.steps,
-        batch_size=recipe.batch_size, seq_len=recipe.seq_len, out_dir=spec.out, accum_steps=recipe.accum_steps,
-        eval_every=recipe.eval_every, eval_batches=recipe.eval_batches, seed=spec.seed, resume=spec.resume,
-        device=device, progress=not spec.quiet, model=model,
-    )
+    result = fit(model.init_params(device), model.train_step(accum_steps=recipe.accum_steps), model,
+                 fit_settings(recipe, spec.seed), out_dir=spec.out, resume=spec.resume, device=device,
+                 progress=not spec.quiet)
     print(format_ranking(model.summary(result)))
     print(f"metrics: {result.files['metrics']}; plot: {result.files['plot']}")
     if result.interrupted:

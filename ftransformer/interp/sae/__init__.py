@@ -7,7 +7,7 @@ a stack of them trained by one ``vmap``-ed step, spliced back into the model as 
 * ``splice``: the SAE as an intervention (and its error-term form), ablation baselines;
 * ``metrics``: reconstruction and spliced-model metrics of a whole stack in one ``vmap``;
 * ``activations``: one site's activations collected to a memory-mapped file;
-* ``train``: the training loop (metrics.jsonl, safetensors checkpoints, resume).
+* ``train``: the stack's ``TrainStep`` and ``loop.fit``'s data for it (metrics.jsonl, checkpoints, resume).
 """
 
 from ftransformer.interp.sae.activations import (
@@ -20,12 +20,12 @@ from ftransformer.interp.sae.metrics import evaluate_stack, reconstruction_metri
 from ftransformer.interp.sae.splice import ablate_site, reconstruct, splice_sae
 from ftransformer.interp.sae.stack import SAEState, init_stack, init_state, make_hparams, sae_step, stack_step
 from ftransformer.interp.sae.synthetic import feature_directions, mean_max_cosine, superposition_batch
-from ftransformer.interp.sae.train import fit_stack, load_stack, save_stack
+from ftransformer.interp.sae.train import SAEData, fit_stack, load_stack, make_sae_step
 
 __all__ = [
-    "ARCHITECTURES", "ActivationFile", "HPARAMS", "SAEConfig", "SAEState", "ablate_site", "collect_activations",
+    "ARCHITECTURES", "ActivationFile", "HPARAMS", "SAEConfig", "SAEData", "SAEState", "ablate_site", "collect_activations",
     "decode", "encode", "evaluate_stack", "feature_directions", "fit_scale", "fit_stack", "init_sae", "init_stack",
-    "init_state", "load_stack", "make_hparams", "mean_max_cosine", "open_activations", "pre_activations",
-    "reconstruct", "reconstruction_metrics", "sae_loss", "sae_step", "save_stack", "site_activations", "splice_sae",
+    "init_state", "load_stack", "make_hparams", "make_sae_step", "mean_max_cosine", "open_activations", "pre_activations",
+    "reconstruct", "reconstruction_metrics", "sae_loss", "sae_step", "site_activations", "splice_sae",
     "stack_step", "superposition_batch",
 ]

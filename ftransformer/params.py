@@ -9,8 +9,8 @@
      "ln_f"?:   {"scale", "bias"?},           # pre-LN only
      "unembed"?: {"w": [d_model, vocab]}}     # untied only
 
-(``ln2`` and ``mlp`` are absent in attention-only models, ``Config(mlp=False)``; ``ln2`` alone with
-``Config(residual="parallel_shared_norm")``. ``Config(norm_position="sandwich")`` adds ``ln1_post`` after
+(``ln2`` and ``mlp`` are absent in attention-only models, ``Layout(mlp=False)``; ``ln2`` alone with
+``Layout(residual="parallel_shared_norm")``. ``Layout(norm_position="sandwich")`` adds ``ln1_post`` after
 ``attn`` and ``ln2_post`` after ``mlp``. ``b_qkv`` without ``b_o``
 is ``Attention(qkv_bias=True)``; ``q_norm`` / ``k_norm`` (``{"scale": [head_dim]}``) are ``Attention(qk_norm=True)``.)
 

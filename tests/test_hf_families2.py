@@ -179,9 +179,9 @@ def test_gpt_neox_refuses_what_it_cannot_express(models, tmp_path, change, messa
 def test_config_validates_the_new_choices():
     base = dict(vocab_size=11, d_model=16, n_heads=2, n_layers=1, d_ff=8, max_seq_len=8)
     with pytest.raises(ValueError, match="rotary_dim=3 needs an even number of channels <= head_dim=8"):
-        ft.Config(**base, positional=Positional("rope", rotary_dim=3))
+        ft.Config.from_flat(**base, positional=Positional("rope", rotary_dim=3))
     with pytest.raises(ValueError, match="Positional.rotary_dim=4 needs kind='rope', got kind='learned'"):
-        ft.Config(**base, positional=Positional(rotary_dim=4))
+        ft.Config.from_flat(**base, positional=Positional(rotary_dim=4))
     with pytest.raises(ValueError, match="residual='parallel' needs norm_position='pre'"):
         ft.Config.from_flat(**base, residual="parallel", norm_position="post")
     with pytest.raises(ValueError, match="Layout.residual='both' is not one of"):
@@ -194,7 +194,7 @@ def test_config_validates_the_new_choices():
         ft.Config.from_flat(**base, window_rope_base=1e4)
     with pytest.raises(ValueError, match="positional.window_base=10000.0 needs sliding windows"):
         ft.Config.from_flat(**base, positional="rope", window_rope_base=1e4)
-    with pytest.raises(ValueError, match="Embeddings.logit_softcap=0.0 must be a positive number"):
+    with pytest.raises(ValueError, match="Embeddings.embeddings.logit_softcap=0.0 must be a positive number"):
         ft.Config.from_flat(**base, logit_softcap=0.0)
 
 

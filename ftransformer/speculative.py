@@ -1,5 +1,5 @@
 """Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a small draft model proposes
-``draft_tokens`` tokens one by one, the target model scores them all in ONE forward pass, and a
+``Draft.tokens`` tokens one by one, the target model scores them all in ONE forward pass, and a
 rejection rule keeps the longest prefix the target agrees with -- plus one token of its own.
 
 The rule makes the output distributed exactly as the target's own sampling (greedy: token for token

@@ -87,9 +87,9 @@ def main() -> None:
     # Prompts of different lengths share a batch with right padding: each row's length says where its
     # next token goes (row 1 continues at slot 3 while row 0 continues at slot 6).
     prompts = torch.randint(0, cfg.vocab_size, (2, 6), generator=gen)
-    lengths = torch.tensor([6, 3])
-    out = ft.generate(params, prompts, cfg, max_new_tokens=5, temperature=0, seq_lengths=lengths, pad_id=-1)
-    alone = ft.generate(params, prompts[1, :3], cfg, max_new_tokens=5, temperature=0)
+    lengths, greedy = torch.tensor([6, 3]), ft.Sampling(temperature=0)
+    out = ft.generate(params, prompts, cfg, max_new_tokens=5, sampling=greedy, seq_lengths=lengths, pad_id=-1)
+    alone = ft.generate(params, prompts[1, :3], cfg, max_new_tokens=5, sampling=greedy)
     print()
     print("4. a ragged batch: prompts of 6 and 3 tokens, 5 new tokens each (-1 = padding)")
     for row in range(2):
@@ -120,7 +120,7 @@ def main() -> None:
         return seq
 
     def with_cache(n: int) -> torch.Tensor:
-        return ft.generate(seed_params, prompt, seed_cfg, max_new_tokens=n, temperature=0)
+        return ft.generate(seed_params, prompt, seed_cfg, max_new_tokens=n, sampling=ft.Sampling(temperature=0))
 
     def tokens_per_second(fn, n: int) -> tuple[float, torch.Tensor]:
         start = time.perf_counter()
@@ -145,10 +145,11 @@ def main() -> None:
     prompt = torch.randint(0, cfg.vocab_size, (1, 4), generator=gen)
     print()
     print("7. sampling (new tokens only)")
-    for label, kw in (("greedy", dict(temperature=0)), ("T=1.0 seed 1", dict(temperature=1.0, seed=1)),
-                      ("T=1.0 seed 1", dict(temperature=1.0, seed=1)), ("T=1.0 seed 2", dict(temperature=1.0, seed=2)),
-                      ("T=0.7 top-k 5", dict(temperature=0.7, top_k=5, seed=1)),
-                      ("T=1.0 top-p 0.5", dict(temperature=1.0, top_p=0.5, seed=1))):
+    warm = ft.Sampling(temperature=1.0)
+    for label, kw in (("greedy", dict(sampling=ft.Sampling(temperature=0))), ("T=1.0 seed 1", dict(sampling=warm, seed=1)),
+                      ("T=1.0 seed 1", dict(sampling=warm, seed=1)), ("T=1.0 seed 2", dict(sampling=warm, seed=2)),
+                      ("T=0.7 top-k 5", dict(sampling=ft.Sampling(temperature=0.7, top_k=5), seed=1)),
+                      ("T=1.0 top-p 0.5", dict(sampling=ft.Sampling(temperature=1.0, top_p=0.5), seed=1))):
         new = ft.generate(params, prompt, cfg, max_new_tokens=8, **kw)[0, 4:]
         print(f"   {label:<16} {new.tolist()}")
 

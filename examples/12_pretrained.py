@@ -61,7 +61,7 @@ def main(directory: Path) -> None:
     #    end of the assistant's turn (the tokenizer's stop tokens).
     messages = [{"role": "user", "content": "In one sentence: what does attention do in a transformer?"}]
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
-    out = ft.generate(params, torch.tensor([prompt]), cfg, max_new_tokens=40, temperature=0.0,
+    out = ft.generate(params, torch.tensor([prompt]), cfg, max_new_tokens=40, sampling=ft.Sampling(temperature=0),
                       stop_tokens=tok.stop_tokens)
     reply = out[0, len(prompt):].tolist()
     print(f"\nprompt ({len(prompt)} tokens):\n{tok.decode(prompt)}")

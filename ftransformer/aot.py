@@ -1,5 +1,5 @@
-"""Ahead-of-time compilation of a decode step: the machinery behind ``generate(..., compile="aot")``
-(``decode_steps.aot_compiled_decode_step`` hands it the loop's in-place step).
+"""Ahead-of-time compilation of a decode step: the machinery behind ``generate(..., step="aot")``
+(``decode_steps.decode_step_for("aot", params)`` hands it the loop's in-place step).
 
 ``torch.compile`` enters every compiled call through dynamo: a cache lookup per step, and a guard per
 parameter leaf on the first step of a generation. Ahead-of-time compilation removes that layer:
@@ -20,7 +20,7 @@ CPU. The cache length is rounded up to a multiple of ``CACHE_BUCKET`` slots (at 
 the extra slots are masked), so generations of nearby lengths share a step. The last ``KEEP`` steps
 built stay loaded for the rest of the process; params are inputs, not constants, so other params of the
 same shapes reuse a step too. Float params only: the int8 product (``layers.int8``) is a
-Python-registered operator, which a compiled library cannot call; ``compile=True`` handles int8 trees.
+Python-registered operator, which a compiled library cannot call; ``step="compile"`` handles int8 trees.
 """
 
 import collections
@@ -83,7 +83,7 @@ def cache_length(needed: int, cfg: Config) -> int:
 def check_params(params: dict) -> None:
     """Raise ``ValueError`` unless ``params`` is a float tree, the only kind a built step can run."""
     if is_quantized(params):
-        raise ValueError('compile="aot" takes float params; an int8 tree decodes with compile=True or eagerly')
+        raise ValueError('step="aot" takes float params; an int8 tree decodes with step="compile" or "eager"')
 
 
 def _library(step: Step, params: dict, token: Tensor, cache: KVCache, cfg: Config):

@@ -1,17 +1,22 @@
 """The decode steps: one new token per row through the model, against the KV-cache.
 
-* ``decode_step`` is the public one: checked, pure (it returns a new cache and leaves its argument be);
-* ``decode_step_in_place`` is the generation loop's: the loop owns its cache, so the step writes the
-  buffers in place and skips the per-step checks;
-* ``torch_compiled_decode_step(mode)`` is that step through ``torch.compile`` (on a CUDA device,
-  ``mode="reduce-overhead"``: the step is captured once as a CUDA graph and replayed per token), and
-  ``aot_compiled_decode_step(params)`` that step compiled ahead of time by AOTInductor (``ftransformer.aot``);
-* ``loop_decode_step(compile, params)`` picks one of the last three for ``generate(compile=...)``.
+``decode_step`` is the public one: checked, pure (it returns a new cache and leaves its argument be).
+
+The generation loops run a ``Stepper``: the step as a value, chosen in one place, ``decode_step_for(kind,
+params)``. Every kind runs the same in-place step (the loop owns its cache, so the step writes the buffers in
+place and skips the per-step checks), and gives the same tokens:
+
+* ``"eager"``: that step as it is;
+* ``"compile"``: through ``torch.compile`` with static shapes, one graph for every step; on CUDA params it is
+  captured as a CUDA graph (``mode="reduce-overhead"``) and replayed once per token;
+* ``"aot"``: compiled ahead of time by AOTInductor (``ftransformer.aot``; float params only).
 
 ``untie_for_decoding`` gives the loop a copy of the model whose unembedding decodes faster.
 """
 
+import contextlib
 import functools
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Float, Int
@@ -21,20 +26,12 @@ from ftransformer import aot, tree
 from ftransformer.cache import KVCache
 from ftransformer.config import Config
 from ftransformer.layers.int8 import memo_by_tensor
-from ftransformer.model import _forward_with_cache_in_place, forward_with_cache
+from ftransformer.model import forward_with_cache, forward_with_cache_in_place
 from ftransformer.quantization import is_quantized, quantize_matrix
 
 _INT8_UNEMBED: dict = {}  # embedding table -> its int8 [d_model, vocab] copy (see untie_for_decoding)
-
-
-def forward_in_place(
-    params: dict, tokens: Int[Tensor, "*batch seq"], cache: KVCache, cfg: Config
-) -> tuple[Float[Tensor, "*batch seq vocab"], KVCache]:
-    """``forward_with_cache`` for a loop that owns ``cache``: writes its buffers in place, checks nothing.
-
-    Every in-place caller (the decode steps here, speculative decoding) goes through this one function.
-    """
-    return _forward_with_cache_in_place(params, tokens, cache, cfg)
+STEP_KINDS = ("eager", "compile", "aot")  # the decode steps a generation loop can run (decode_step_for)
+_COMPILE_MODES = (None, "reduce-overhead")  # torch.compile modes of the decode step: default, CUDA graphs
 
 
 def decode_step(
@@ -45,42 +42,35 @@ def decode_step(
     return logits[..., 0, :], cache
 
 
-def decode_step_in_place(
+def _in_place_step(
     params: dict, token: Int[Tensor, "*batch"], cache: KVCache, cfg: Config
 ) -> tuple[Float[Tensor, "*batch vocab"], KVCache]:
-    """``decode_step`` for the generation loop, which owns its cache: it writes the buffers in place.
+    """``decode_step`` for a loop that owns its cache: it writes the buffers in place (the ``"eager"`` step).
 
     The loop checked the prompt and the room in the cache once, and samples ids in range by
     construction, so the per-step checks (ops and host syncs on every token) are skipped too.
     Copying the buffers every step costs more than the rest of the step's non-matmul work together.
     """
-    logits, cache = forward_in_place(params, token[..., None], cache, cfg)
+    logits, cache = forward_with_cache_in_place(params, token[..., None], cache, cfg)
     return logits[..., 0, :], cache
 
 
-COMPILE_MODES = (None, "reduce-overhead")  # torch.compile modes of the decode step: default, CUDA graphs
-
-
 @functools.cache
-def torch_compiled_decode_step(mode: str | None = None):
-    """``decode_step_in_place`` compiled by ``torch.compile`` with static shapes: every step reuses one graph.
+def _compiled_step(mode: str | None = None):
+    """``_in_place_step`` compiled by ``torch.compile`` with static shapes: every step reuses one graph.
 
     Built on first use (no compile work at import). Run it with jaxtyping checking off: a checked
-    function graph-breaks.
-
-    ``mode="reduce-overhead"`` (CUDA) captures the compiled step as a CUDA graph: one launch a token
-    instead of a few hundred kernel launches. Use it through ``cuda_graph_decode_step``, which marks the
-    params and the cache buffers (written in place) as static, so replays neither copy them nor skip the graph.
+    function graph-breaks. ``mode="reduce-overhead"`` is for ``_cuda_graph_step``.
 
     Inductor's C++ wrapper calls the step's ~50 kernels and products from C++ instead of generated
     Python: measured on the seed preset, 2.35 against 2.69 ms a step (1 thread), the same logits to the
     bit, for ~10 s more compile time once (the compiled code is cached on disk).
     """
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"mode must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode not in _COMPILE_MODES:
+        raise ValueError(f"mode must be one of {_COMPILE_MODES}, got {mode!r}")
     if mode is not None:
-        return torch.compile(decode_step_in_place, fullgraph=True, dynamic=False, mode=mode)
-    return torch.compile(decode_step_in_place, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        return torch.compile(_in_place_step, fullgraph=True, dynamic=False, mode=mode)
+    return torch.compile(_in_place_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
 
 _STATIC_PARAMS: list = [None]  # id() of the params tree whose leaves were marked static last
@@ -93,9 +83,10 @@ def _mark_static(leaves: list) -> None:
         torch._dynamo.mark_static_address(x)
 
 
-def cuda_graph_decode_step(params: dict, token: Int[Tensor, "*batch"], cache: KVCache, cfg: Config
-                           ) -> tuple[Float[Tensor, "*batch vocab"], KVCache]:
-    """``torch_compiled_decode_step("reduce-overhead")`` with the params and cache marked static (CUDA).
+def _cuda_graph_step(params: dict, token: Int[Tensor, "*batch"], cache: KVCache, cfg: Config
+                    ) -> tuple[Float[Tensor, "*batch vocab"], KVCache]:
+    """``_compiled_step("reduce-overhead")`` with the params and cache marked static: one CUDA graph replay a
+    token instead of a few hundred kernel launches (``"compile"`` on CUDA params).
 
     The logits live in the graph's memory until the next replay: sample from them before the next step.
     A new cache (each generation allocates one) re-records the graph once; the compiled code is reused.
@@ -105,38 +96,44 @@ def cuda_graph_decode_step(params: dict, token: Int[Tensor, "*batch"], cache: KV
         _STATIC_PARAMS[0] = id(params)
     if not hasattr(cache.k[0], "_dynamo_static_input_type"):  # the buffers are allocated together
         _mark_static([*cache.k, *cache.v])
-    return torch_compiled_decode_step("reduce-overhead")(params, token, cache, cfg)
+    return _compiled_step("reduce-overhead")(params, token, cache, cfg)
 
 
-def aot_compiled_decode_step(params: dict) -> aot.Step:
-    """``decode_step_in_place`` compiled ahead of time by AOTInductor (``ftransformer.aot``), built on its
-    first call for the shapes it sees. Raises ``ValueError`` for an int8 params tree."""
-    return aot.compile_ahead_of_time(decode_step_in_place, params)
+class Stepper(NamedTuple):
+    """A generation loop's decode step as a value (built by ``decode_step_for``): ``step(params, token, cache,
+    cfg) -> (logits, cache)`` writes the cache's buffers in place."""
+
+    kind: str  # one of STEP_KINDS
+    step: aot.Step
+
+    def cache_length(self, needed: int, cfg: Config) -> int:
+        """The cache length to allocate for ``needed`` slots: rounded up for ``"aot"``, so that nearby lengths
+        share one built step (``aot.cache_length``)."""
+        return aot.cache_length(needed, cfg) if self.kind == "aot" else needed
+
+    def guards(self, i: int):
+        """Dynamo's guards in full, or (``"compile"`` after step 0) only those that tell compiled graphs apart.
+
+        The first compiled step of a generation checks every guard (and compiles or picks the graph); the
+        later steps pass the same params, cfg and same-shaped token and cache, so re-checking a guard per
+        parameter leaf every token would only add overhead (~0.1-0.25 ms a token for the seed preset).
+        """
+        if self.kind != "compile" or i == 0:
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
 
-def check_compile(compile, params: dict) -> None:
-    """Raise ``ValueError`` unless ``compile`` is False, True or ``"aot"`` and ``params`` suits it."""
-    if not (isinstance(compile, bool) or compile == "aot"):
-        raise ValueError(f'compile must be False, True (torch.compile) or "aot" (AOTInductor), got {compile!r}')
-    if compile == "aot":
-        aot.check_params(params)
-
-
-def loop_decode_step(compile: bool | str, params: dict) -> aot.Step:
-    """The in-place decode step ``generate(compile=...)`` runs: eager (False), ``torch.compile`` (True; on
-    CUDA params, captured as a CUDA graph: ``cuda_graph_decode_step``) or AOTInductor (``"aot"``)."""
-    if compile == "aot":
-        return aot_compiled_decode_step(params)
-    if not compile:
-        return decode_step_in_place
+def decode_step_for(kind: str, params: dict) -> Stepper:
+    """The one place a generation loop's decode step is chosen: ``kind`` is one of ``STEP_KINDS`` (see the
+    module). Raises ``ValueError`` for another kind, or for ``"aot"`` with an int8 ``params`` tree."""
+    if kind not in STEP_KINDS:
+        raise ValueError(f"step must be one of {STEP_KINDS}, got {kind!r}")
+    if kind == "aot":
+        return Stepper(kind, aot.compile_ahead_of_time(_in_place_step, params))
+    if kind == "eager":
+        return Stepper(kind, _in_place_step)
     on_cuda = params["embed"]["tokens"].device.type == "cuda"
-    return cuda_graph_decode_step if on_cuda else torch_compiled_decode_step()
-
-
-def loop_cache_length(compile: bool | str, needed: int, cfg: Config) -> int:
-    """The cache length the loop allocates for ``needed`` slots: rounded up for ``"aot"``, so that nearby
-    lengths share one built step (``aot.cache_length``)."""
-    return aot.cache_length(needed, cfg) if compile == "aot" else needed
+    return Stepper(kind, _cuda_graph_step if on_cuda else _compiled_step())
 
 
 def untie_for_decoding(params: dict, cfg: Config) -> tuple[dict, Config]:
@@ -160,7 +157,10 @@ def untie_for_decoding(params: dict, cfg: Config) -> tuple[dict, Config]:
     return {**params, "unembed": {"w": w}}, cfg.replace(tie_embeddings=False)
 
 
-__all__ = [
-    "COMPILE_MODES", "aot_compiled_decode_step", "check_compile", "cuda_graph_decode_step", "decode_step", "decode_step_in_place", "forward_in_place",
-    "loop_cache_length", "loop_decode_step", "torch_compiled_decode_step", "untie_for_decoding",
-]
+def clear_compiled() -> None:
+    """Forget the ``torch.compile``'d steps (the next ``"compile"`` step compiles afresh, as a test or a
+    benchmark of compile time wants); ``aot.clear`` does the same for ahead-of-time steps."""
+    _compiled_step.cache_clear()
+
+
+__all__ = ["STEP_KINDS", "Stepper", "clear_compiled", "decode_step", "decode_step_for", "untie_for_decoding"]

@@ -10,9 +10,6 @@ prompt. Prompts of different lengths share a batch with right padding and ``seq_
 end a stream through ``ftransformer.stopping``, as they end speculative decoding (``generate(draft=...)``).
 """
 
-import contextlib
-import dataclasses
-import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -22,29 +19,13 @@ from torch import Tensor
 from ftransformer import random
 from ftransformer.cache import KVCache, init_cache
 from ftransformer.config import Config
-from ftransformer.decode_steps import check_compile, loop_cache_length, loop_decode_step, untie_for_decoding
+from ftransformer.decode_steps import Stepper, decode_step_for, untie_for_decoding
 from ftransformer.model import check_seq_lengths, check_tokens, forward_with_cache, is_tracing
-from ftransformer.sampling import Sampling, next_token, resolve_sampling
-from ftransformer.speculative import speculative_generate
+from ftransformer.sampling import Sampling, check_sampling_arg, sample
+from ftransformer.speculative import Draft, speculative_generate
 from ftransformer.stopping import check_max_new_tokens, stack_steps, until_stopped
 
-# Generation's vocabulary in one import, as before these moved to their own modules:
-# `from ftransformer.generation import decode_step, sample` keeps working.
-from ftransformer.decode_steps import decode_step  # noqa: F401
-from ftransformer.sampling import sample  # noqa: F401
-
 SeqLengths = Int[Tensor, "*batch"] | None
-
-
-def _seq_lengths(seq_lengths: Tensor | None, prompt_lengths: Tensor | None) -> Tensor | None:
-    """``seq_lengths``, or the deprecated ``prompt_lengths`` that says the same (with a warning)."""
-    if prompt_lengths is None:
-        return seq_lengths
-    warnings.warn("prompt_lengths= is deprecated: pass seq_lengths= (the name forward_with_cache uses)",
-                  DeprecationWarning, stacklevel=3)
-    if seq_lengths is not None:
-        raise ValueError("give seq_lengths only (prompt_lengths is its deprecated name), not both")
-    return prompt_lengths
 
 
 def prefill(
@@ -54,14 +35,11 @@ def prefill(
     cfg: Config,
     *,
     seq_lengths: SeqLengths = None,
-    prompt_lengths: SeqLengths = None,
 ) -> tuple[Float[Tensor, "*batch vocab"], KVCache]:
     """Put the prompt into the cache; returns the logits after each row's last real token and the new cache.
 
     ``seq_lengths`` counts the real tokens of each row (the rest is right padding); None: all.
-    ``prompt_lengths`` is its deprecated name.
     """
-    seq_lengths = _seq_lengths(seq_lengths, prompt_lengths)
     logits, cache = forward_with_cache(params, prompt, cache, cfg, seq_lengths=seq_lengths)
     if seq_lengths is None:
         return logits[..., -1, :], cache
@@ -100,33 +78,28 @@ def generate_stream(
     cfg: Config,
     *,
     max_new_tokens: int,
-    sampling: Sampling | None = None,
-    temperature: float | int | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
     stop_tokens: Sequence[int] = (),
     seq_lengths: SeqLengths = None,
     pad_id: int = 0,
-    compile: bool | str = False,
-    prompt_lengths: SeqLengths = None,
+    step: str = "eager",
 ) -> Iterator[Int[Tensor, "*batch"]]:
     """Yield the next token of every row, one step at a time, as soon as it is sampled.
 
-    The sampling options come as ``sampling=Sampling(...)`` or as the keywords ``temperature`` (default
-    1.0), ``top_k``, ``top_p`` and ``seed`` (default 0). A row that produced one of ``stop_tokens``
-    yields ``pad_id`` afterwards; the stream ends after ``max_new_tokens`` steps or once every row has
-    stopped. ``compile=True`` runs the decode step through ``torch.compile`` (one graph for all steps;
-    worth it for long generations); ``compile="aot"`` runs it compiled ahead of time by AOTInductor
-    (``ftransformer.aot``: faster per token, float params only, ~15-40 s to build once per shape).
-    ``prompt_lengths`` is the deprecated name of ``seq_lengths``.
+    ``sampling`` says how a token is chosen (default: temperature 1), ``seed`` drives the draws. A row that
+    produced one of ``stop_tokens`` yields ``pad_id`` afterwards; the stream ends after ``max_new_tokens``
+    steps or once every row has stopped. ``step`` picks the decode step (``decode_steps.decode_step_for``):
+    ``"eager"``, ``"compile"`` (``torch.compile``, one graph for all steps, a CUDA graph on CUDA; worth it for
+    long generations) or ``"aot"`` (AOTInductor: faster per token, float params only, ~15-40 s to build
+    once per shape).
     """
     # Checked here, at the call; the generator below starts working at the first next().
-    seq_lengths = _seq_lengths(seq_lengths, prompt_lengths)
-    check_compile(compile, params)
-    sampling = resolve_sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    stepper = decode_step_for(step, params)
+    check_sampling_arg(sampling)
+    key = random.key(seed)
     max_len = _check_generate_args(prompt, cfg, max_new_tokens, seq_lengths)
-    steps = _decode_loop(params, prompt, cfg, max_len, max_new_tokens, sampling, seq_lengths, compile)
+    steps = _decode_loop(params, prompt, cfg, max_len, max_new_tokens, sampling, key, seq_lengths, stepper)
     return until_stopped(steps, stop_tokens, pad_id)
 
 
@@ -137,41 +110,32 @@ def _decode_loop(
     max_len: int,
     max_new_tokens: int,
     sampling: Sampling,
+    key: Tensor,
     seq_lengths: Tensor | None,
-    compile: bool | str,
+    stepper: Stepper,
 ) -> Iterator[Tensor]:
-    """Prefill, then ``max_new_tokens`` times: sample a token, yield it, run it through the decode step."""
+    """The one decode loop: prefill, then ``max_new_tokens`` times: sample a token, yield it, run it through
+    ``stepper``'s step."""
     if max_new_tokens == 0:
         return
     dtype = params["embed"]["tokens"].dtype
     params, cfg = untie_for_decoding(params, cfg)
-    max_len = loop_cache_length(compile, max_len, cfg)
+    max_len = stepper.cache_length(max_len, cfg)
     cache = init_cache(cfg, tuple(prompt.shape[:-1]), max_len=max_len, dtype=dtype, device=prompt.device)
     # Gradients are never wanted here: without no_grad, params that require grad would make every step
     # record a graph (and keep the cache alive through it). Entered per step, never across a yield,
     # so the caller's grad mode is untouched while the stream is paused.
     with torch.no_grad():
         logits, cache = prefill(params, prompt, cache, cfg, seq_lengths=seq_lengths)
-    step = loop_decode_step(compile, params)
-    key = random.key(sampling.seed).to(prompt.device)
+    key = key.to(prompt.device)
     for i in range(max_new_tokens):
         # Greedy decoding draws nothing, so it skips deriving the step's key (a dozen ops per token).
-        token = next_token(logits, None if sampling.greedy else random.fold_in(key, i), sampling)
+        token = sample(logits, None if sampling.greedy else random.fold_in(key, i), sampling)
         yield token
         if i + 1 == max_new_tokens:
             return
-        with torch.no_grad(), _guards_checked(compile is not True or i == 0):
-            logits, cache = step(params, token, cache, cfg)
-
-
-def _guards_checked(check: bool):
-    """Dynamo's guards in full (``check``), or only those that tell compiled graphs apart.
-
-    The first compiled step of a generation checks every guard (and compiles or picks the graph); the
-    later steps pass the same params, cfg and same-shaped token and cache, so re-checking a guard per
-    parameter leaf every token would only add overhead (~0.1-0.25 ms a token for the seed preset).
-    """
-    return contextlib.nullcontext() if check else torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+        with torch.no_grad(), stepper.guards(i):
+            logits, cache = stepper.step(params, token, cache, cfg)
 
 
 def generate_stream_sliding(
@@ -180,15 +144,12 @@ def generate_stream_sliding(
     cfg: Config,
     *,
     max_new_tokens: int,
-    sampling: Sampling | None = None,
-    temperature: float | int | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
     keep: int | None = None,
-    compile: bool | str = False,
+    step: str = "eager",
 ) -> Iterator[Int[Tensor, "*batch"]]:
     """``generate_stream`` that may run past ``max_seq_len``: whenever the context is full it starts a fresh
     cache from the last ``keep`` tokens (default: half of ``max_seq_len``) and goes on.
@@ -196,33 +157,34 @@ def generate_stream_sliding(
     The model never sees more than ``max_seq_len`` tokens, as in training; re-filling only when full
     (rather than cropping and recomputing every step) keeps the KV-cache's speed. Each segment samples
     with its own key derived from ``seed``. A row that produced one of ``stop_tokens`` yields ``pad_id``
-    afterwards; the stream ends once every row has stopped. ``compile`` picks the decode step as in
+    afterwards; the stream ends once every row has stopped. ``step`` picks the decode step as in
     ``generate_stream`` (the full segments share one cache length, so one compiled step serves them).
     """
     if keep is None:
         keep = max(cfg.max_seq_len // 2, 1)
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep < cfg.max_seq_len:
         raise ValueError(f"keep must be an int in [1, max_seq_len={cfg.max_seq_len}), got {keep!r}")
-    sampling = resolve_sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    check_sampling_arg(sampling)
+    random.key(seed)  # checks the seed at the call
     check_max_new_tokens(max_new_tokens)
-    check_compile(compile, params)
+    decode_step_for(step, params)  # checks the kind at the call; each segment builds its own (its shapes)
     if isinstance(prompt, Tensor) and prompt.ndim and prompt.shape[-1] >= cfg.max_seq_len:
         prompt = prompt[..., -keep:]
     check_tokens(prompt, cfg, name="prompt")
-    return until_stopped(_segments(params, prompt, cfg, max_new_tokens, sampling, keep, compile), stop_tokens, pad_id)
+    segments = _segments(params, prompt, cfg, max_new_tokens, sampling, seed, keep, step)
+    return until_stopped(segments, stop_tokens, pad_id)
 
 
-def _segments(params, prompt, cfg, max_new_tokens, sampling, keep, compile) -> Iterator[Tensor]:
-    """The steps behind ``generate_stream_sliding``, on arguments it has checked: one stream per full context."""
+def _segments(params, prompt, cfg, max_new_tokens, sampling, seed, keep, step) -> Iterator[Tensor]:
+    """The steps behind ``generate_stream_sliding``, on arguments it has checked: one decode loop per full context."""
     left, segment, context = max_new_tokens, 0, prompt
     while left:
         n = min(left, cfg.max_seq_len - context.shape[-1])
-        seed = sampling.seed
-        segment_seed = int(random.fold_in(random.key(seed), segment)) if segment else seed
-        segment_sampling = dataclasses.replace(sampling, seed=segment_seed)
+        key = random.key(int(random.fold_in(random.key(seed), segment)) if segment else seed)
         new = []
-        stream = generate_stream(params, context, cfg, max_new_tokens=n, sampling=segment_sampling, compile=compile)
-        for token in stream:
+        loop = _decode_loop(params, context, cfg, context.shape[-1] + n, n, sampling, key, None,
+                            decode_step_for(step, params))
+        for token in loop:
             new.append(token)
             yield token
         left -= n
@@ -240,12 +202,12 @@ def _after_prompt(prompt: Tensor, new_tokens: Tensor, seq_lengths: Tensor | None
     return out.scatter(-1, seq_lengths[..., None] + torch.arange(steps, device=prompt.device), new_tokens)
 
 
-def _check_draft_options(seq_lengths: Tensor | None, compile, params: dict) -> None:
-    check_compile(compile, params)  # a bad value is named as such before the draft's own refusal
-    if seq_lengths is not None or compile:
+def _check_draft_options(seq_lengths: Tensor | None, step: str, params: dict) -> None:
+    decode_step_for(step, params)  # a bad kind is named as such before the draft's own refusal
+    if seq_lengths is not None or step != "eager":
         raise ValueError(
-            f"speculative decoding (draft=...) takes neither seq_lengths nor compile; got "
-            f"seq_lengths={'given' if seq_lengths is not None else None}, compile={compile!r}"
+            f"speculative decoding (draft=...) takes neither seq_lengths nor a step other than 'eager'; got "
+            f"seq_lengths={'given' if seq_lengths is not None else None}, step={step!r}"
         )
 
 
@@ -255,35 +217,28 @@ def generate(
     cfg: Config,
     *,
     max_new_tokens: int,
-    sampling: Sampling | None = None,
-    temperature: float | int | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
     stop_tokens: Sequence[int] = (),
     seq_lengths: SeqLengths = None,
     pad_id: int = 0,
-    compile: bool | str = False,
-    draft: tuple[dict, Config] | None = None,
-    draft_tokens: int = 4,
-    prompt_lengths: SeqLengths = None,
+    step: str = "eager",
+    draft: Draft | None = None,
 ) -> Int[Tensor, "*batch _"]:
     """The prompt followed by up to ``max_new_tokens`` new tokens (see ``generate_stream`` for the options).
 
     With ``seq_lengths`` each row's new tokens follow its own real prompt and the rest of the row is
     ``pad_id``; the result has ``seq + steps`` columns either way.
 
-    ``draft=(draft_params, draft_cfg)`` decodes speculatively (``ftransformer.speculative``): the draft
-    proposes ``draft_tokens`` tokens per round and the target checks them in one pass. The output is
-    distributed as without it (greedy: the same tokens); only the speed changes.
+    ``draft=speculative.Draft(draft_params, draft_cfg, tokens=4)`` decodes speculatively
+    (``ftransformer.speculative``): the draft proposes ``tokens`` tokens per round and the target checks them
+    in one pass. The output is distributed as without it (greedy: the same tokens); only the speed changes.
     """
-    seq_lengths = _seq_lengths(seq_lengths, prompt_lengths)
-    sampling = resolve_sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    options = dict(max_new_tokens=max_new_tokens, sampling=sampling, stop_tokens=stop_tokens, pad_id=pad_id)
+    options = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_tokens=stop_tokens, pad_id=pad_id)
     if draft is not None:
-        _check_draft_options(seq_lengths, compile, params)
-        return speculative_generate(params, prompt, cfg, draft=draft, draft_tokens=draft_tokens, **options)[0]
-    stream = generate_stream(params, prompt, cfg, seq_lengths=seq_lengths, compile=compile, **options)
+        _check_draft_options(seq_lengths, step, params)
+        return speculative_generate(params, prompt, cfg, draft=draft, **options)[0]
+    stream = generate_stream(params, prompt, cfg, seq_lengths=seq_lengths, step=step, **options)
     return _after_prompt(prompt, stack_steps(stream, prompt), seq_lengths, pad_id)
 
 

@@ -172,30 +172,24 @@ def forward_with_cache(
     check_cache(cache, cfg, tokens, params)
     check_room(cache.lengths, tokens.shape[-1], cache.max_len)
     check_seq_lengths(seq_lengths, tokens)
-    return forward_with_cache_unchecked(params, tokens, cache, cfg, seq_lengths=seq_lengths)
+    return forward_with_cache_in_place(params, tokens, cache, cfg, seq_lengths=seq_lengths, write=write_kv)
 
 
-def forward_with_cache_unchecked(
-    params: dict, tokens: Tokens, cache: KVCache, cfg: Config, *, seq_lengths: Int[Tensor, "*batch"] | None = None
+def forward_with_cache_in_place(
+    params: dict,
+    tokens: Tokens,
+    cache: KVCache,
+    cfg: Config,
+    *,
+    seq_lengths: Int[Tensor, "*batch"] | None = None,
+    write: KVWrite = write_kv_,
 ) -> tuple[Logits, KVCache]:
-    """``forward_with_cache`` without the input checks, for loops that checked their inputs once up front."""
-    return _forward_with_cache(params, tokens, cache, cfg, seq_lengths, write_kv)
+    """The decode loops' fast path: ``forward_with_cache`` unchecked, writing ``cache``'s buffers in place.
 
-
-def _forward_with_cache_in_place(
-    params: dict, tokens: Tokens, cache: KVCache, cfg: Config, *, seq_lengths: Int[Tensor, "*batch"] | None = None
-) -> tuple[Logits, KVCache]:
-    """``forward_with_cache_unchecked`` writing into ``cache``'s buffers in place (no copy per step).
-
-    Private to the decode steps (``generate``, ``speculative``, ``aot``): they own their cache and never
-    use the old one again, which is what makes the write safe (JAX's buffer donation).
+    Only for a loop that owns its cache and never uses the old one again (JAX's buffer donation): the
+    decode steps (``decode_steps``, ``speculative``). It checks nothing (the loop checked its inputs once).
+    ``forward_with_cache`` shares this body with ``write=write_kv`` (a new cache, the old one untouched).
     """
-    return _forward_with_cache(params, tokens, cache, cfg, seq_lengths, write_kv_)
-
-
-def _forward_with_cache(
-    params: dict, tokens: Tokens, cache: KVCache, cfg: Config, seq_lengths: Tensor | None, write: KVWrite
-) -> tuple[Logits, KVCache]:
     seq = tokens.shape[-1]
     # Everything position-dependent is built once here and shared by all layers: it is the per-op
     # overhead, not the arithmetic, that bounds one-token decoding.

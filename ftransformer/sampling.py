@@ -28,21 +28,17 @@ def check_sampling(temperature: float | int, top_k: int | None, top_p: float | N
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the next token is chosen: one validated home for the options every generation function takes.
-
-    ``generate(..., sampling=Sampling(temperature=0.8, top_k=40))`` and the keyword form
-    ``generate(..., temperature=0.8, top_k=40)`` mean the same; give one or the other.
+    """How the next token is chosen: one validated home for the options every generation function takes,
+    e.g. ``generate(..., sampling=Sampling(temperature=0.8, top_k=40), seed=0)``. The seed is not an option of
+    the distribution: it goes to the function that draws (``generate(seed=...)``, ``sample(logits, key, ...)``).
     """
 
     temperature: float | int = 1.0  # softmax temperature; 0 is greedy
     top_k: int | None = None  # sample among the k likeliest tokens only
     top_p: float | None = None  # sample among the likeliest tokens holding probability p only (nucleus)
-    seed: int = 0  # the random key's seed: the same seed gives the same text
 
     def __post_init__(self):
         check_sampling(self.temperature, self.top_k, self.top_p)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -50,16 +46,13 @@ class Sampling:
         return self.temperature == 0 or self.top_k == 1
 
 
-def resolve_sampling(sampling: Sampling | None, **keywords) -> Sampling:
-    """``sampling``, or a ``Sampling`` from the keyword options that were given (None means not given)."""
-    given = {name: value for name, value in keywords.items() if value is not None}
-    if sampling is None:
-        return Sampling(**given)
+GREEDY = Sampling(temperature=0)  # the argmax every step: no random numbers drawn
+
+
+def check_sampling_arg(sampling: object) -> None:
+    """Raise ``TypeError`` unless ``sampling`` is a ``Sampling``."""
     if not isinstance(sampling, Sampling):
-        raise TypeError(f"sampling must be a Sampling, got {type(sampling).__name__}")
-    if given:
-        raise ValueError(f"give the sampling options either as sampling=Sampling(...) or as keywords, not both ({', '.join(given)})")
-    return sampling
+        raise TypeError(f"sampling must be a Sampling(temperature=..., top_k=..., top_p=...), got {type(sampling).__name__}")
 
 
 def restrict_logits(
@@ -104,8 +97,10 @@ def draw(p: Float[Tensor, "*batch vocab"], key: Tensor) -> Int[Tensor, " *batch"
     return (p.log() + gumbel_noise(key, p)).argmax(-1)
 
 
-def next_token(logits: Float[Tensor, "*batch vocab"], key: Tensor | None, sampling: Sampling) -> Int[Tensor, " *batch"]:
-    """``sample`` on settings already checked: the argmax when greedy (``key`` unused), else a draw from ``probs``."""
+def sample(
+    logits: Float[Tensor, "*batch vocab"], key: Tensor | None, sampling: Sampling = Sampling()
+) -> Int[Tensor, " *batch"]:
+    """The next token of each row: the argmax when greedy (``key`` unused), else a draw from ``probs`` driven by ``key``."""
     if sampling.greedy:
         return logits.argmax(dim=-1)
     if key is None:
@@ -113,19 +108,4 @@ def next_token(logits: Float[Tensor, "*batch vocab"], key: Tensor | None, sampli
     return draw(probs(logits, sampling), key)
 
 
-def sample(
-    logits: Float[Tensor, "*batch vocab"],
-    key: Tensor | None,
-    *,
-    temperature: float | int = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-) -> Int[Tensor, " *batch"]:
-    """The next token of each row: greedy when ``temperature == 0``, else a draw from ``probs`` driven by ``key``."""
-    return next_token(logits, key, Sampling(temperature=temperature, top_k=top_k, top_p=top_p))
-
-
-__all__ = [
-    "Sampling", "check_sampling", "draw", "gumbel_noise", "next_token", "probs", "resolve_sampling",
-    "restrict_logits", "sample",
-]
+__all__ = ["GREEDY", "Sampling", "check_sampling", "check_sampling_arg", "draw", "gumbel_noise", "probs", "restrict_logits", "sample"]

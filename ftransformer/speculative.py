@@ -1,5 +1,5 @@
 """Speculative decoding (Leviathan et al. 2023; Chen et al. 2023): a small draft model proposes
-``draft_tokens`` tokens one by one, the target model scores them all in ONE forward pass, and a
+``Draft.tokens`` tokens one by one, the target model scores them all in ONE forward pass, and a
 rejection rule keeps the longest prefix the target agrees with -- plus one token of its own.
 
 The rule makes the output distributed exactly as the target's own sampling (greedy: token for token
@@ -28,9 +28,9 @@ from torch import Tensor
 from ftransformer import random
 from ftransformer.cache import KVCache, init_cache
 from ftransformer.config import Config
-from ftransformer.decode_steps import forward_in_place, untie_for_decoding
-from ftransformer.model import check_tokens
-from ftransformer.sampling import Sampling, draw, probs, resolve_sampling
+from ftransformer.decode_steps import untie_for_decoding
+from ftransformer.model import check_tokens, forward_with_cache_in_place
+from ftransformer.sampling import Sampling, check_sampling_arg, draw, probs
 from ftransformer.stopping import check_max_new_tokens, stack_steps, until_stopped
 
 
@@ -59,6 +59,25 @@ class _Tally:
         self.proposed, self.accepted, self.rounds = self.proposed + proposed, self.accepted + accepted, self.rounds + 1
 
 
+@dataclass(frozen=True)
+class Draft:
+    """The draft model of speculative decoding: ``generate(..., draft=Draft(draft_params, draft_cfg, tokens=4))``.
+
+    ``tokens`` is how many tokens it proposes per round (``K``): each round costs ``K`` draft steps and one
+    target pass over ``K + 1`` tokens, and yields 1 to ``K + 1`` tokens. The draft shares the target's vocabulary.
+    """
+
+    params: dict
+    cfg: Config
+    tokens: int = 4
+
+    def __post_init__(self):
+        if not isinstance(self.cfg, Config):
+            raise TypeError(f"Draft's cfg must be a Config, got {type(self.cfg).__name__}")
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
+            raise ValueError(f"draft tokens must be an int >= 1, got {self.tokens!r}")
+
+
 class _Model(NamedTuple):
     params: dict
     cfg: Config
@@ -74,34 +93,26 @@ class _State(NamedTuple):
     draft_cache: KVCache
 
 
-def _check_draft(draft, cfg: Config, draft_tokens: int) -> _Model:
-    if not (isinstance(draft, (tuple, list)) and len(draft) == 2 and isinstance(draft[1], Config)):
-        raise TypeError(f"draft must be a (draft_params, draft_cfg) pair, got {type(draft).__name__}")
-    draft_params, draft_cfg = draft
-    if draft_cfg.vocab_size != cfg.vocab_size:
+def _check_request(prompt: Tensor, cfg: Config, draft: Draft, max_new_tokens: int, sampling: Sampling) -> None:
+    """Validate a speculative generation."""
+    check_max_new_tokens(max_new_tokens)
+    check_sampling_arg(sampling)
+    if not isinstance(draft, Draft):
+        raise TypeError(f"draft must be a speculative.Draft(draft_params, draft_cfg, tokens=...), got {type(draft).__name__}")
+    if draft.cfg.vocab_size != cfg.vocab_size:
         raise ValueError(
-            f"the draft model has vocab_size={draft_cfg.vocab_size} but the target {cfg.vocab_size}: "
+            f"the draft model has vocab_size={draft.cfg.vocab_size} but the target {cfg.vocab_size}: "
             "both must share one tokenizer"
         )
-    if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 1:
-        raise ValueError(f"draft_tokens must be an int >= 1, got {draft_tokens!r}")
-    return _Model(draft_params, draft_cfg)
-
-
-def _check_request(prompt: Tensor, cfg: Config, draft, draft_tokens: int, max_new_tokens: int) -> _Model:
-    """Validate a speculative generation; returns the draft model."""
-    check_max_new_tokens(max_new_tokens)
-    draft = _check_draft(draft, cfg, draft_tokens)
     check_tokens(prompt, cfg, name="prompt")
-    n_prompt, k = prompt.shape[-1], draft_tokens
+    n_prompt, k = prompt.shape[-1], draft.tokens
     need = n_prompt + max_new_tokens + k
     for name, c in (("target", cfg), ("draft", draft.cfg)):
         if need > c.max_seq_len:
             raise ValueError(
-                f"prompt of seq={n_prompt} + max_new_tokens={max_new_tokens} + draft_tokens={k} is {need} tokens "
+                f"prompt of seq={n_prompt} + max_new_tokens={max_new_tokens} + draft tokens={k} is {need} tokens "
                 f"but the {name} model's max_seq_len={c.max_seq_len}"
             )
-    return draft
 
 
 def speculative_generate(
@@ -109,41 +120,34 @@ def speculative_generate(
     prompt: Int[Tensor, "*batch seq"],
     cfg: Config,
     *,
-    draft: tuple | list,
-    draft_tokens: int = 4,
+    draft: Draft,
     max_new_tokens: int,
-    sampling: Sampling | None = None,
-    temperature: float | int | None = None,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
+    sampling: Sampling = Sampling(),
+    seed: int = 0,
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
 ) -> tuple[Int[Tensor, "*batch _"], SpeculativeStats]:
     """The prompt followed by up to ``max_new_tokens`` tokens of the target model, drafted by ``draft``.
 
-    Args:
-        draft: ``(draft_params, draft_cfg)``, a (smaller) model with the target's vocabulary.
-        draft_tokens: tokens the draft proposes per round (``K``): each round costs ``K`` draft steps
-            and one target pass over ``K + 1`` tokens, and yields 1 to ``K + 1`` tokens.
-
     Returns:
         ``(tokens, stats)``: ``tokens`` exactly as ``generate(..., draft=draft)`` returns them (stop
         tokens included); ``stats`` counts proposals and acceptances. The prompt, the new tokens and
-        ``draft_tokens`` must fit both models' ``max_seq_len`` (the last round may look ``K`` tokens past
+        ``draft.tokens`` must fit both models' ``max_seq_len`` (the last round may look ``K`` tokens past
         the end).
     """
-    sampling = resolve_sampling(sampling, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    draft = _check_request(prompt, cfg, draft, draft_tokens, max_new_tokens)
+    _check_request(prompt, cfg, draft, max_new_tokens, sampling)
+    key = random.key(seed).to(prompt.device)
     tally = _Tally()
     with torch.no_grad():
-        steps = _steps(_Model(params, cfg), draft, prompt, draft_tokens, max_new_tokens, sampling, tally)
+        steps = _steps(_Model(params, cfg), _Model(draft.params, draft.cfg), prompt, draft.tokens, max_new_tokens,
+                       sampling, key, tally)
         new = stack_steps(until_stopped(steps, stop_tokens, pad_id), prompt)
     return torch.cat([prompt, new], dim=-1), SpeculativeStats(tally.proposed, tally.accepted, tally.rounds)
 
 
 def _steps(
-    target: _Model, draft: _Model, prompt: Tensor, k: int, max_new_tokens: int, sampling: Sampling, tally: _Tally
+    target: _Model, draft: _Model, prompt: Tensor, k: int, max_new_tokens: int, sampling: Sampling, key: Tensor,
+    tally: _Tally,
 ) -> Iterator[Tensor]:
     """The rounds behind ``speculative_generate`` (checked arguments), yielded one step at a time: step
     ``j`` as soon as every row has its ``j``-th new token. ``tally`` counts what the rounds did."""
@@ -152,7 +156,6 @@ def _steps(
     end = n_prompt + max_new_tokens
     target, draft = _Model(*untie_for_decoding(*target)), _Model(*untie_for_decoding(*draft))
     state = _start(target, draft, prompt2, end, k)
-    key = random.key(sampling.seed).to(prompt.device)
     shown = n_prompt
     while shown < end:
         round_key = random.fold_in(key, tally.rounds)
@@ -181,13 +184,13 @@ def _propose(
     draft: _Model, cache: KVCache, tokens: Tensor, k: int, sampling: Sampling, round_key: Tensor
 ) -> tuple[Tensor, Tensor, KVCache]:
     """The draft's ``k`` proposals after ``tokens``, drawn one by one, and the distributions ``q`` they came from."""
-    logits, cache = forward_in_place(draft.params, tokens, cache, draft.cfg)
+    logits, cache = forward_with_cache_in_place(draft.params, tokens, cache, draft.cfg)
     drafts, q = [], []
     for i in range(k):
         q.append(probs(logits[:, -1], sampling))
         drafts.append(draw(q[-1], random.fold_in(round_key, i)))
         if i + 1 < k:
-            logits, cache = forward_in_place(draft.params, drafts[-1][:, None], cache, draft.cfg)
+            logits, cache = forward_with_cache_in_place(draft.params, drafts[-1][:, None], cache, draft.cfg)
     return torch.stack(drafts, 1), torch.stack(q, 1), cache
 
 
@@ -231,7 +234,7 @@ def _round(
     drafts, q, draft_cache = _propose(draft, draft_cache, draft_in, k, sampling, round_key)
     # One target pass scores every proposal: p[:, i] is its distribution after drafts[:, :i].
     target_in = torch.cat([prompt2 if first else s.out.gather(1, (n - 1)[:, None]), drafts], 1)
-    logits, target_cache = forward_in_place(target.params, target_in, s.target_cache, target.cfg)
+    logits, target_cache = forward_with_cache_in_place(target.params, target_in, s.target_cache, target.cfg)
     new, n_accepted = _accept(probs(logits[:, -(k + 1):], sampling), q, drafts, round_key)
     active = n < end
     at = n[:, None] + offsets
@@ -241,4 +244,4 @@ def _round(
     return state, int(active.sum()) * k, int(n_accepted[active].sum())
 
 
-__all__ = ["SpeculativeStats", "speculative_generate"]
+__all__ = ["Draft", "SpeculativeStats", "speculative_generate"]

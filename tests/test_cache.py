@@ -229,7 +229,7 @@ def test_the_in_place_path_writes_in_place_and_gives_the_same_numbers(gen):
     _, cache = ft.forward_with_cache(params, tokens[:, :5], ft.init_cache(cfg, 2, max_len=8), cfg)
     pure_logits, pure_cache = ft.forward_with_cache(params, tokens[:, 5:], cache, cfg)
     owned = clone_cache(cache)
-    logits, donated = ft.model._forward_with_cache_in_place(params, tokens[:, 5:], owned, cfg)
+    logits, donated = ft.model.forward_with_cache_in_place(params, tokens[:, 5:], owned, cfg)
     assert torch.equal(logits, pure_logits)
     assert_caches_equal(donated, pure_cache)
     assert donated.k[0].untyped_storage().data_ptr() == owned.k[0].untyped_storage().data_ptr()

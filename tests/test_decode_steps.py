@@ -1,5 +1,5 @@
 """The decode steps: the pure public one, the loop's in-place one (same logits, buffers written in place),
-which step ``compile=`` picks, and the untied unembedding (same logits)."""
+which step ``decode_step_for(kind)`` picks, and the untied unembedding (same logits)."""
 
 from pathlib import Path
 
@@ -8,10 +8,7 @@ import torch
 
 import ftransformer as ft
 from ftransformer import decode_steps
-from ftransformer.decode_steps import (
-    check_compile, decode_step_in_place, loop_cache_length, loop_decode_step, torch_compiled_decode_step,
-    untie_for_decoding,
-)
+from ftransformer.decode_steps import decode_step_for, untie_for_decoding
 
 CFG = ft.Config(vocab_size=29, d_model=20, n_heads=5, n_kv_heads=1, n_layers=2, d_ff=36, max_seq_len=100)
 
@@ -23,23 +20,27 @@ def test_in_place_step_equals_the_pure_step_and_writes_the_buffers_it_was_given(
     _, cache = ft.prefill(params, prompt, ft.init_cache(CFG, 3, max_len=6), CFG)
     want, pure = ft.decode_step(params, token, cache, CFG)
     assert pure.k[0].data_ptr() != cache.k[0].data_ptr()  # the public step leaves its cache be
-    got, owned = decode_step_in_place(params, token, cache, CFG)
+    got, owned = decode_step_for("eager", params).step(params, token, cache, CFG)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     assert owned.k[0].data_ptr() == cache.k[0].data_ptr() and owned.lengths.tolist() == [5, 5, 5]
     torch.testing.assert_close(owned.k[1], pure.k[1])
 
 
-def test_compile_picks_one_step():
+def test_the_kind_picks_one_step():
     params = ft.init_params(CFG)
-    assert loop_decode_step(False, params) is decode_step_in_place
-    assert loop_decode_step(True, params) is torch_compiled_decode_step()  # built once, nothing compiled yet
-    assert callable(loop_decode_step("aot", params))  # the library is built on its first call
-    assert [loop_cache_length(c, 70, CFG) for c in (False, True, "aot")] == [70, 70, 100]
-    for bad in ("fast", None, 1.0):
-        with pytest.raises(ValueError, match=f'compile must be False, True .* or "aot" .*got {bad!r}'):
-            check_compile(bad, params)
-    with pytest.raises(ValueError, match='compile="aot" takes float params'):
-        loop_decode_step("aot", ft.quantize(params, CFG, "int8"))
+    eager, compiled, ahead = (decode_step_for(kind, params) for kind in ("eager", "compile", "aot"))
+    assert eager.step is decode_steps._in_place_step
+    assert compiled.step is decode_step_for("compile", params).step  # built once, nothing compiled yet
+    assert callable(ahead.step)  # the library is built on its first call
+    assert [s.cache_length(70, CFG) for s in (eager, compiled, ahead)] == [70, 70, 100]
+    for bad in ("fast", "AOT", ""):
+        with pytest.raises(ValueError, match=rf"step must be one of \('eager', 'compile', 'aot'\), got {bad!r}"):
+            decode_step_for(bad, params)
+    for bad in (None, 1.0, True):  # beartype (in tests) names the argument, else the ValueError above
+        with pytest.raises((TypeError, ValueError), match="kind|step must be one of"):
+            decode_step_for(bad, params)
+    with pytest.raises(ValueError, match='step="aot" takes float params'):
+        decode_step_for("aot", ft.quantize(params, CFG, "int8"))
 
 
 def test_untied_unembedding_gives_the_same_logits(gen):
@@ -54,14 +55,14 @@ def test_untied_unembedding_gives_the_same_logits(gen):
     assert untie_for_decoding(separate, own) == (separate, own)
 
 
-def test_every_in_place_caller_goes_through_one_function():
-    # Outside the model itself, only decode_steps.forward_in_place asks for the in-place forward: the
-    # decode steps, the ahead-of-time step and speculative decoding all call that one function.
+def test_only_the_decode_loops_call_the_in_place_forward():
+    # Outside the model itself, only the decode steps (whose in-place step the eager, compiled and
+    # ahead-of-time kinds all run) and speculative decoding call the one in-place forward.
     package = Path(decode_steps.__file__).parent
     model_side = {"model.py", "cache.py", "layers"}
-    in_place = ("donate=True", "_forward_with_cache_in_place")
+    in_place = ("donate=True", "forward_with_cache_in_place", "write_kv_")
     callers = sorted(
         str(p.relative_to(package)) for p in package.rglob("*.py")
         if p.relative_to(package).parts[0] not in model_side and any(word in p.read_text() for word in in_place)
     )
-    assert callers == ["decode_steps.py"]
+    assert callers == ["decode_steps.py", "speculative.py"]

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import ftransformer as ft
-from ftransformer.decode_steps import torch_compiled_decode_step
+from ftransformer.decode_steps import clear_compiled
+from ftransformer.sampling import GREEDY
+from ftransformer.speculative import Draft
 
 CFG = ft.Config(vocab_size=37, d_model=24, n_heads=6, n_kv_heads=2, n_layers=2, d_ff=40, max_seq_len=20)
 
@@ -61,7 +63,7 @@ def test_prefill_of_ragged_prompts_returns_each_rows_last_real_logits(gen):
 def test_greedy_generate_equals_an_argmax_loop_over_forward(cfg, gen):
     params = ft.init_params(cfg, seed=2)
     prompt = tokens_for(cfg, (2, 4), gen)
-    out = ft.generate(params, prompt, cfg, max_new_tokens=9, temperature=0)
+    out = ft.generate(params, prompt, cfg, max_new_tokens=9, sampling=GREEDY)
     assert out.shape == (2, 13) and out.dtype == prompt.dtype
     assert torch.equal(out, argmax_loop(params, prompt, cfg, 9))
 
@@ -69,7 +71,7 @@ def test_greedy_generate_equals_an_argmax_loop_over_forward(cfg, gen):
 def test_generate_one_unbatched_prompt(gen):
     params = ft.init_params(CFG, seed=3)
     prompt = tokens_for(CFG, (5,), gen)
-    out = ft.generate(params, prompt, CFG, max_new_tokens=4, temperature=0)
+    out = ft.generate(params, prompt, CFG, max_new_tokens=4, sampling=GREEDY)
     assert out.shape == (9,)
     assert torch.equal(out, argmax_loop(params, prompt, CFG, 4))
 
@@ -77,7 +79,7 @@ def test_generate_one_unbatched_prompt(gen):
 def test_generate_fills_the_context_exactly(gen):
     params = ft.init_params(CFG, seed=4)
     prompt = tokens_for(CFG, (1, 15), gen)
-    out = ft.generate(params, prompt, CFG, max_new_tokens=5, temperature=0)
+    out = ft.generate(params, prompt, CFG, max_new_tokens=5, sampling=GREEDY)
     assert out.shape == (1, CFG.max_seq_len)
     assert torch.equal(out, argmax_loop(params, prompt, CFG, 5))
 
@@ -92,32 +94,31 @@ def test_ragged_prompts_generate_what_each_row_generates_alone(gen):
     params = ft.init_params(CFG, seed=6)
     prompts = tokens_for(CFG, (3, 6), gen)
     lengths = torch.tensor([6, 2, 4])
-    out = ft.generate(params, prompts, CFG, max_new_tokens=5, temperature=0, seq_lengths=lengths, pad_id=-1)
+    out = ft.generate(params, prompts, CFG, max_new_tokens=5, sampling=GREEDY, seq_lengths=lengths, pad_id=-1)
     assert out.shape == (3, 11)
     for row, n in enumerate(lengths.tolist()):
-        alone = ft.generate(params, prompts[row, :n], CFG, max_new_tokens=5, temperature=0)
+        alone = ft.generate(params, prompts[row, :n], CFG, max_new_tokens=5, sampling=GREEDY)
         assert torch.equal(out[row, : n + 5], alone)
         assert bool((out[row, n + 5 :] == -1).all())
 
 
-def test_prompt_lengths_is_the_deprecated_name_of_seq_lengths(gen):
+def test_the_removed_keywords_are_type_errors(gen):
+    # 0.3: sampling comes as one Sampling, the step as step=, the draft as one Draft, seq_lengths by that name.
     params = ft.init_params(CFG, seed=6)
     prompts = tokens_for(CFG, (3, 6), gen)
     lengths = torch.tensor([6, 2, 4])
-    kw = dict(max_new_tokens=3, temperature=0.8, seed=2)
-    want = ft.generate(params, prompts, CFG, seq_lengths=lengths, **kw)
-    with pytest.warns(DeprecationWarning, match="prompt_lengths= is deprecated: pass seq_lengths="):
-        assert torch.equal(ft.generate(params, prompts, CFG, prompt_lengths=lengths, **kw), want)
-    with pytest.warns(DeprecationWarning, match="prompt_lengths"):
-        stream = ft.generate_stream(params, prompts, CFG, prompt_lengths=lengths, **kw)
-    assert torch.equal(torch.stack(list(stream), -1), torch.stack(list(ft.generate_stream(
-        params, prompts, CFG, seq_lengths=lengths, **kw)), -1))
-    cache = ft.init_cache(CFG, 3, max_len=6)
-    with pytest.warns(DeprecationWarning, match="prompt_lengths"):
-        old, _ = ft.prefill(params, prompts, cache, CFG, prompt_lengths=lengths)
-    torch.testing.assert_close(old, ft.prefill(params, prompts, cache, CFG, seq_lengths=lengths)[0])
-    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="give seq_lengths only .* not both"):
-        ft.generate(params, prompts, CFG, seq_lengths=lengths, prompt_lengths=lengths, **kw)
+    for removed in (dict(temperature=0.8), dict(top_k=3), dict(top_p=0.9), dict(compile=True),
+                    dict(prompt_lengths=lengths), dict(draft_tokens=2)):
+        with pytest.raises(TypeError, match=next(iter(removed))):
+            ft.generate(params, prompts, CFG, max_new_tokens=3, **removed)
+        with pytest.raises(TypeError, match=next(iter(removed))):
+            ft.generate_stream(params, prompts, CFG, max_new_tokens=3, **removed)
+    with pytest.raises(TypeError, match="prompt_lengths"):
+        ft.prefill(params, prompts, ft.init_cache(CFG, 3, max_len=6), CFG, prompt_lengths=lengths)
+    with pytest.raises(TypeError, match="sampling"):  # beartype (in tests) or the library's own check
+        ft.generate(params, prompts, CFG, max_new_tokens=3, sampling={"temperature": 0.5})
+    with pytest.raises(TypeError, match="seed"):
+        ft.generate(params, prompts, CFG, max_new_tokens=3, seed=1.5)
 
 
 # ---------------------------------------------------------------- sampling
@@ -126,7 +127,7 @@ def test_prompt_lengths_is_the_deprecated_name_of_seq_lengths(gen):
 def test_same_seed_same_text_other_seed_other_text(gen):
     params = ft.init_params(CFG, seed=7)
     prompt = tokens_for(CFG, (2, 3), gen)
-    kwargs = dict(max_new_tokens=12, temperature=1.5, top_k=20, top_p=0.95)
+    kwargs = dict(max_new_tokens=12, sampling=ft.Sampling(temperature=1.5, top_k=20, top_p=0.95))
     a = ft.generate(params, prompt, CFG, seed=11, **kwargs)
     b = ft.generate(params, prompt, CFG, seed=11, **kwargs)
     c = ft.generate(params, prompt, CFG, seed=12, **kwargs)
@@ -141,16 +142,16 @@ def test_same_seed_same_text_other_seed_other_text(gen):
 def test_stop_tokens_end_a_row_and_pad_it(gen):
     params = ft.init_params(CFG, seed=8)
     prompt = tokens_for(CFG, (3, 4), gen)
-    free = ft.generate(params, prompt, CFG, max_new_tokens=10, temperature=0)
+    free = ft.generate(params, prompt, CFG, max_new_tokens=10, sampling=GREEDY)
     stop = int(free[0, 6])  # the third new token of row 0
-    out = ft.generate(params, prompt, CFG, max_new_tokens=10, temperature=0, stop_tokens=[stop], pad_id=-1)
+    out = ft.generate(params, prompt, CFG, max_new_tokens=10, sampling=GREEDY, stop_tokens=[stop], pad_id=-1)
     for row in range(3):
         new = free[row, 4:].tolist()
         n = new.index(stop) + 1 if stop in new else len(new)
         assert out[row, 4 : 4 + n].tolist() == new[:n]
         assert bool((out[row, 4 + n :] == -1).all())
     # The stream ends as soon as every row has stopped.
-    single = ft.generate(params, prompt[:1], CFG, max_new_tokens=10, temperature=0, stop_tokens=[stop])
+    single = ft.generate(params, prompt[:1], CFG, max_new_tokens=10, sampling=GREEDY, stop_tokens=[stop])
     assert single.shape == (1, 4 + free[0, 4:].tolist().index(stop) + 1)
     assert int(single[0, -1]) == stop
 
@@ -158,7 +159,7 @@ def test_stop_tokens_end_a_row_and_pad_it(gen):
 def test_the_stream_yields_the_tokens_generate_returns(gen):
     params = ft.init_params(CFG, seed=9)
     prompt = tokens_for(CFG, (2, 5), gen)
-    kwargs = dict(max_new_tokens=7, temperature=0.8, top_k=10, seed=3)
+    kwargs = dict(max_new_tokens=7, sampling=ft.Sampling(temperature=0.8, top_k=10), seed=3)
     stream = ft.generate_stream(params, prompt, CFG, **kwargs)
     first = next(stream)  # produced before the rest is computed
     assert first.shape == (2,)
@@ -170,23 +171,23 @@ def test_the_stream_yields_the_tokens_generate_returns(gen):
 
 
 def test_compiled_decode_step_does_not_recompile_per_step(gen, no_typecheck):
-    cfg = CFG.replace(n_layers=1)
+    cfg, warm = CFG.replace(n_layers=1), ft.Sampling(temperature=0.7)
     params = ft.init_params(cfg, seed=10)
     prompt = tokens_for(cfg, (2, 3), gen)
     torch._dynamo.reset()
-    torch_compiled_decode_step.cache_clear()
+    clear_compiled()
     with torch._dynamo.config.patch(error_on_recompile=True):
-        out = ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0, compile=True)
+        out = ft.generate(params, prompt, cfg, max_new_tokens=8, sampling=GREEDY, step="compile")
         # A second generation of the same shapes reuses the graph too.
-        again = ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0.7, seed=1, compile=True)
-    assert torch.equal(out, ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0))
-    assert torch.equal(again, ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0.7, seed=1))
+        again = ft.generate(params, prompt, cfg, max_new_tokens=8, sampling=warm, seed=1, step="compile")
+    assert torch.equal(out, ft.generate(params, prompt, cfg, max_new_tokens=8, sampling=GREEDY))
+    assert torch.equal(again, ft.generate(params, prompt, cfg, max_new_tokens=8, sampling=warm, seed=1))
     torch._dynamo.reset()
-    torch_compiled_decode_step.cache_clear()
+    clear_compiled()
 
 
 def test_aot_decode_step_generates_what_the_eager_loop_generates(gen):
-    # compile="aot": the decode step exported and compiled by AOTInductor (ftransformer.aot), with the
+    # step="aot": the decode step exported and compiled by AOTInductor (ftransformer.aot), with the
     # written-out attention. Greedy and sampled tokens equal the eager loop's (the logits agree to float
     # rounding, far inside the margins of a random tiny model); a second generation of the same shapes,
     # also with other params, reuses the built step.
@@ -196,18 +197,18 @@ def test_aot_decode_step_generates_what_the_eager_loop_generates(gen):
     prompt = tokens_for(CFG, (2, 5), gen)
     lengths = torch.tensor([5, 3])
     before = aot.built_steps()
-    greedy = ft.generate(params, prompt, CFG, max_new_tokens=9, temperature=0, compile="aot")
+    greedy = ft.generate(params, prompt, CFG, max_new_tokens=9, sampling=GREEDY, step="aot")
     assert aot.built_steps() == before + 1
-    assert torch.equal(greedy, ft.generate(params, prompt, CFG, max_new_tokens=9, temperature=0))
-    kw = dict(max_new_tokens=9, temperature=0.8, top_k=7, seed=4, seq_lengths=lengths)
+    assert torch.equal(greedy, ft.generate(params, prompt, CFG, max_new_tokens=9, sampling=GREEDY))
+    kw = dict(max_new_tokens=9, sampling=ft.Sampling(temperature=0.8, top_k=7), seed=4, seq_lengths=lengths)
     other = ft.init_params(CFG, seed=13)
-    sampled = ft.generate(other, prompt, CFG, compile="aot", **kw)
+    sampled = ft.generate(other, prompt, CFG, step="aot", **kw)
     assert torch.equal(sampled, ft.generate(other, prompt, CFG, **kw))
     # cache lengths are bucketed (5 + 7 and 5 + 9 both round up to max_seq_len=20): one step serves both
-    shorter = ft.generate(params, prompt, CFG, max_new_tokens=7, temperature=0, compile="aot")
+    shorter = ft.generate(params, prompt, CFG, max_new_tokens=7, sampling=GREEDY, step="aot")
     assert torch.equal(shorter, greedy[:, :12])
     # a generation that needs no decode step (one new token) builds none, whatever its shape
-    ft.generate(params, tokens_for(CFG, (3, 4), gen), CFG, max_new_tokens=1, compile="aot")
+    ft.generate(params, tokens_for(CFG, (3, 4), gen), CFG, max_new_tokens=1, step="aot")
     assert aot.built_steps() == before + 1
 
 
@@ -227,17 +228,17 @@ def test_aot_step_signature_tells_memory_layouts_apart():
     assert [aot.cache_length(n, big) for n in (1, 64, 65, 199)] == [64, 64, 128, 200]
 
 
-def test_compile_takes_a_bool_or_aot():
+def test_step_is_one_of_the_kinds():
     params = ft.init_params(CFG)
     prompt = torch.zeros(1, 2, dtype=torch.long)
-    with pytest.raises(ValueError, match='compile must be False, True .* or "aot"'):
-        ft.generate(params, prompt, CFG, max_new_tokens=2, compile="fast")
-    with pytest.raises(ValueError, match='compile="aot" takes float params'):
-        ft.generate_stream(ft.quantize(params, CFG, "int8"), prompt, CFG, max_new_tokens=2, compile="aot")
-    with pytest.raises(ValueError, match="takes neither seq_lengths nor compile; got .* compile='aot'"):
-        ft.generate(params, prompt, CFG, max_new_tokens=2, compile="aot", draft=(params, CFG))
-    with pytest.raises(ValueError, match="compile must be False, True"):
-        ft.generate(params, prompt, CFG, max_new_tokens=2, compile="AOT", draft=(params, CFG))
+    with pytest.raises(ValueError, match=r"step must be one of \('eager', 'compile', 'aot'\), got 'fast'"):
+        ft.generate(params, prompt, CFG, max_new_tokens=2, step="fast")
+    with pytest.raises(ValueError, match='step="aot" takes float params'):
+        ft.generate_stream(ft.quantize(params, CFG, "int8"), prompt, CFG, max_new_tokens=2, step="aot")
+    with pytest.raises(ValueError, match="takes neither seq_lengths nor a step other than 'eager'; got .* step='aot'"):
+        ft.generate(params, prompt, CFG, max_new_tokens=2, step="aot", draft=Draft(params, CFG))
+    with pytest.raises(ValueError, match="step must be one of"):
+        ft.generate(params, prompt, CFG, max_new_tokens=2, step="AOT", draft=Draft(params, CFG))
 
 
 # ---------------------------------------------------------------- errors
@@ -265,7 +266,7 @@ def test_bad_generation_arguments(gen):
     with pytest.raises(ValueError, match="prompt contains id 37"):
         ft.generate(params, torch.tensor([[1, 37]]), CFG, max_new_tokens=2)
     with pytest.raises(ValueError, match="top_p"):
-        ft.generate(params, prompt, CFG, max_new_tokens=2, top_p=2.0)
+        ft.generate(params, prompt, CFG, max_new_tokens=2, sampling=ft.Sampling(top_p=2.0))
     with pytest.raises(ValueError, match=r"length 7 .*max_len=6"):
         _, cache = ft.prefill(params, prompt, ft.init_cache(CFG, 2, max_len=6), CFG)
         ft.prefill(params, prompt.repeat(1, 2)[:, :4], cache, CFG)
@@ -292,7 +293,7 @@ def test_cli_generate_prints_the_prompt_and_its_sampled_continuation(char_checkp
     assert main([*argv, "--checkpoint", str(run_dir)]) == 0
     out = capsys.readouterr().out
     prompt = torch.tensor(tokenizer.encode("cab"))
-    expected = ft.generate(params, prompt, cfg, max_new_tokens=9, temperature=0.8, top_k=5, seed=4)
+    expected = ft.generate(params, prompt, cfg, max_new_tokens=9, sampling=ft.Sampling(0.8, top_k=5), seed=4)
     assert out == tokenizer.decode(expected.tolist()) + "\n"
     # The checkpoint directory itself works too, and the same seed prints the same text.
     assert main([*argv, "--checkpoint", str(run_dir / "best")]) == 0
@@ -323,13 +324,13 @@ def test_cli_generate_can_decode_with_the_compiled_step(char_checkpoint, capsys,
     assert main(argv) == 0
     eager = capsys.readouterr().out
     torch._dynamo.reset()
-    torch_compiled_decode_step.cache_clear()
+    clear_compiled()
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
             assert main([*argv, "--compile"]) == 0
     finally:
         torch._dynamo.reset()
-        torch_compiled_decode_step.cache_clear()
+        clear_compiled()
     assert capsys.readouterr().out == eager
 
 
@@ -417,7 +418,7 @@ def test_bench_generate_aot_contender(capsys):
 def test_sliding_stream_equals_plain_generation_while_it_fits(gen):
     prompt = tokens_for(CFG, (2, 5), gen)
     params = ft.init_params(CFG, seed=3)
-    kw = dict(max_new_tokens=CFG.max_seq_len - 5, temperature=0.9, top_k=7, seed=11)
+    kw = dict(max_new_tokens=CFG.max_seq_len - 5, sampling=ft.Sampling(temperature=0.9, top_k=7), seed=11)
     sliding = torch.stack(list(ft.generation.generate_stream_sliding(params, prompt, CFG, **kw)), dim=-1)
     torch.testing.assert_close(torch.cat([prompt, sliding], -1), ft.generate(params, prompt, CFG, **kw))
 
@@ -428,13 +429,13 @@ def test_sliding_stream_restarts_from_the_last_keep_tokens(gen):
     params = ft.init_params(CFG, seed=5)
     keep, total = 8, 3 * CFG.max_seq_len
     out = torch.stack(list(ft.generation.generate_stream_sliding(
-        params, prompt, CFG, max_new_tokens=total, temperature=0, keep=keep)), dim=-1)
+        params, prompt, CFG, max_new_tokens=total, sampling=GREEDY, keep=keep)), dim=-1)
     assert out.shape == (1, total)
     first = CFG.max_seq_len - 4
-    expected = ft.generate(params, prompt, CFG, max_new_tokens=first, temperature=0)[:, 4:]
+    expected = ft.generate(params, prompt, CFG, max_new_tokens=first, sampling=GREEDY)[:, 4:]
     torch.testing.assert_close(out[:, :first], expected)
     context = torch.cat([prompt, out[:, :first]], -1)[:, -keep:]
-    second = ft.generate(params, context, CFG, max_new_tokens=CFG.max_seq_len - keep, temperature=0)[:, keep:]
+    second = ft.generate(params, context, CFG, max_new_tokens=CFG.max_seq_len - keep, sampling=GREEDY)[:, keep:]
     torch.testing.assert_close(out[:, first:first + second.shape[1]], second)
 
 
@@ -446,19 +447,20 @@ def test_sliding_stream_rejects_a_bad_keep(gen):
 def test_sliding_stream_crops_a_prompt_longer_than_the_context(gen):
     params = ft.init_params(CFG, seed=2)
     long_prompt = tokens_for(CFG, (1, 3 * CFG.max_seq_len), gen)
-    out = list(ft.generation.generate_stream_sliding(params, long_prompt, CFG, max_new_tokens=5, temperature=0, keep=6))
-    expected = ft.generate(params, long_prompt[:, -6:], CFG, max_new_tokens=5, temperature=0)[:, 6:]
+    out = list(ft.generation.generate_stream_sliding(params, long_prompt, CFG, max_new_tokens=5, sampling=GREEDY,
+                                                     keep=6))
+    expected = ft.generate(params, long_prompt[:, -6:], CFG, max_new_tokens=5, sampling=GREEDY)[:, 6:]
     torch.testing.assert_close(torch.stack(out, -1), expected)
 
 
 def test_sliding_stream_keeps_stopped_rows_stopped_across_segments(gen):
     params = ft.init_params(CFG, seed=4)
     prompt = tokens_for(CFG, (4, 3), gen)
-    free = torch.stack(list(ft.generation.generate_stream_sliding(params, prompt, CFG, max_new_tokens=60, temperature=1.0,
-                                                       seed=3, keep=4)), -1)
+    kw = dict(max_new_tokens=60, sampling=ft.Sampling(temperature=1.0), seed=3, keep=4)
+    free = torch.stack(list(ft.generation.generate_stream_sliding(params, prompt, CFG, **kw)), -1)
     stop = int(free[0, 2])  # row 0 certainly stops at step 2, in the first segment
-    out = torch.stack(list(ft.generation.generate_stream_sliding(params, prompt, CFG, max_new_tokens=60, temperature=1.0,
-                                                      seed=3, keep=4, stop_tokens=[stop], pad_id=-1)), -1)
+    out = torch.stack(list(ft.generation.generate_stream_sliding(params, prompt, CFG, **kw, stop_tokens=[stop],
+                                                                 pad_id=-1)), -1)
     for row in range(4):
         hits = (free[row] == stop).nonzero()
         if len(hits) and int(hits[0]) < out.shape[-1]:
@@ -471,9 +473,9 @@ def test_ragged_prompt_shorter_than_its_padding_gets_a_big_enough_cache(gen):
     params = ft.init_params(CFG, seed=1)
     prompt = tokens_for(CFG, (2, 10), gen)
     lengths = torch.tensor([3, 5])
-    out = ft.generate(params, prompt, CFG, max_new_tokens=2, temperature=0, seq_lengths=lengths)
+    out = ft.generate(params, prompt, CFG, max_new_tokens=2, sampling=GREEDY, seq_lengths=lengths)
     for row in range(2):
-        alone = ft.generate(params, prompt[row, : lengths[row]], CFG, max_new_tokens=2, temperature=0)
+        alone = ft.generate(params, prompt[row, : lengths[row]], CFG, max_new_tokens=2, sampling=GREEDY)
         torch.testing.assert_close(out[row, : lengths[row] + 2], alone)
 
 
@@ -481,18 +483,17 @@ def test_sampling_options_have_one_home():
     cfg = ft.PRESETS["tiny"]
     params = ft.init_params(cfg, seed=0)
     prompt = torch.tensor([[1, 2, 3]])
-    s = ft.Sampling(temperature=0.8, top_k=5, seed=3)
-    by_object = ft.generate(params, prompt, cfg, max_new_tokens=6, sampling=s)
-    by_keywords = ft.generate(params, prompt, cfg, max_new_tokens=6, temperature=0.8, top_k=5, seed=3)
-    assert torch.equal(by_object, by_keywords)
-    streamed = torch.stack(list(ft.generate_stream(params, prompt, cfg, max_new_tokens=6, sampling=s)), -1)
+    s = ft.Sampling(temperature=0.8, top_k=5)
+    by_object = ft.generate(params, prompt, cfg, max_new_tokens=6, sampling=s, seed=3)
+    streamed = torch.stack(list(ft.generate_stream(params, prompt, cfg, max_new_tokens=6, sampling=s, seed=3)), -1)
     assert torch.equal(streamed, by_object[:, 3:])
-    slid = torch.stack(list(ft.generation.generate_stream_sliding(params, prompt, cfg, max_new_tokens=6, sampling=s)), -1)
+    slid = torch.stack(list(ft.generation.generate_stream_sliding(params, prompt, cfg, max_new_tokens=6, sampling=s,
+                                                                  seed=3)), -1)
     assert torch.equal(slid, by_object[:, 3:])
     assert ft.Sampling().temperature == 1.0 and ft.Sampling(temperature=0).greedy and ft.Sampling(top_k=1).greedy
     with pytest.raises(ValueError, match="temperature must be a number >= 0"):
         ft.Sampling(temperature=-1)
     with pytest.raises(ValueError, match=r"top_p must be a number in \(0, 1\]"):
         ft.Sampling(top_p=1.5)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(TypeError, match="temperature"):  # one way: the loose keywords are gone
         ft.generate(params, prompt, cfg, max_new_tokens=2, sampling=s, temperature=0.5)

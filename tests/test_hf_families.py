@@ -11,6 +11,7 @@ import torch
 
 import ftransformer as ft
 from ftransformer.interop.hf import load_hf, save_hf
+from ftransformer.sampling import GREEDY
 from hf_tiny import FAMILY_OPTIONS, assert_bfloat16_within_rounding, assert_chunked_cache_equals_forward, build, hf_logits, tokens
 
 transformers = pytest.importorskip("transformers")
@@ -65,7 +66,7 @@ def test_greedy_generate_equals_transformers_past_the_window(models, family):
         # eos_token_id=None: no stop token (a GenerationConfig object would let the saved eos back in)
         expected = model.generate(prompt, max_new_tokens=SEQ, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert expected.shape == (2, 4 + SEQ)  # past the window of 5
-    assert torch.equal(ft.generate(params, prompt, cfg, max_new_tokens=SEQ, temperature=0.0), expected)
+    assert torch.equal(ft.generate(params, prompt, cfg, max_new_tokens=SEQ, sampling=GREEDY), expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -134,7 +135,7 @@ def test_cli_generate_from_an_hf_dir_prints_what_generate_makes(chat_dir, chat, 
     cfg, params = load_hf(chat_dir)
     text = "Hello there, world"
     ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True) if chat else tok.encode(text)
-    out = ft.generate(params, torch.tensor([ids]), cfg, max_new_tokens=10, temperature=0.0, stop_tokens=tok.stop_tokens)
+    out = ft.generate(params, torch.tensor([ids]), cfg, max_new_tokens=10, sampling=GREEDY, stop_tokens=tok.stop_tokens)
     reply = [t for t in out[0, len(ids):].tolist()]
     reply = reply[: next((i for i, t in enumerate(reply) if t in tok.stop_tokens), len(reply))]
     flags = ["--chat"] if chat else []
@@ -154,13 +155,13 @@ def test_cli_chat_needs_a_chat_template(models, tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("compile", [True, "aot"])
-def test_compiled_decoding_keeps_the_windows(models, compile, no_typecheck):
+@pytest.mark.parametrize("step", ["compile", "aot"])
+def test_compiled_decoding_keeps_the_windows(models, step, no_typecheck):
     """The compiled decode steps (torch.compile, AOTInductor) build the same per-layer window masks."""
     model, cfg, params = models["qwen2"]  # one windowed layer, one full: both kinds of mask in one step
     prompt = tokens(2, 4, seed=1)
-    eager = ft.generate(params, prompt, cfg, max_new_tokens=SEQ, temperature=0.0)
-    assert torch.equal(ft.generate(params, prompt, cfg, max_new_tokens=SEQ, temperature=0.0, compile=compile), eager)
+    eager = ft.generate(params, prompt, cfg, max_new_tokens=SEQ, sampling=GREEDY)
+    assert torch.equal(ft.generate(params, prompt, cfg, max_new_tokens=SEQ, sampling=GREEDY, step=step), eager)
 
 
 def test_cli_train_init_from_hf_fine_tunes_the_model_with_its_tokenizer(chat_dir, tmp_path, capsys):

@@ -18,6 +18,7 @@ import ftransformer as ft
 from ftransformer.config import Attention, Positional
 from ftransformer.params import param_breakdown
 from ftransformer.interop.hf import config_from_hf_dir, load_hf, save_hf
+from ftransformer.sampling import GREEDY
 from hf_tiny import FAMILY_II_OPTIONS, assert_chunked_cache_equals_forward, build, hf_logits, tokens
 
 transformers = pytest.importorskip("transformers")
@@ -93,7 +94,7 @@ def test_greedy_generate_equals_transformers(models, family):
     with torch.no_grad():
         expected = model.generate(prompt, max_new_tokens=SEQ, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert expected.shape == (2, 4 + SEQ)
-    assert torch.equal(ft.generate(params, prompt, cfg, max_new_tokens=SEQ, temperature=0.0), expected)
+    assert torch.equal(ft.generate(params, prompt, cfg, max_new_tokens=SEQ, sampling=GREEDY), expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -303,13 +304,13 @@ def test_save_hf_refuses_a_gemma_it_cannot_write(models, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("compile", [True, "aot"])
-def test_compiled_decoding_keeps_softcaps_windows_and_sandwich_norms(models, compile, no_typecheck):
+@pytest.mark.parametrize("step", ["compile", "aot"])
+def test_compiled_decoding_keeps_softcaps_windows_and_sandwich_norms(models, step, no_typecheck):
     """The compiled decode steps (torch.compile, AOTInductor) cap the scores and logits and mask the windows."""
     model, cfg, params, _ = models["gemma2"]
     prompt = tokens(2, 4, seed=1)
-    eager = ft.generate(params, prompt, cfg, max_new_tokens=SEQ, temperature=0.0)
-    assert torch.equal(ft.generate(params, prompt, cfg, max_new_tokens=SEQ, temperature=0.0, compile=compile), eager)
+    eager = ft.generate(params, prompt, cfg, max_new_tokens=SEQ, sampling=GREEDY)
+    assert torch.equal(ft.generate(params, prompt, cfg, max_new_tokens=SEQ, sampling=GREEDY, step=step), eager)
 
 
 def test_olmo2_config_becomes_features(models):
@@ -378,7 +379,7 @@ def test_cli_generate_runs_the_new_families_from_their_directory(family, tmp_pat
     cfg, params = load_hf(tmp_path)
     text = "Hello there"
     ids = tok.encode(text)
-    out = ft.generate(params, torch.tensor([ids]), cfg, max_new_tokens=8, temperature=0.0, stop_tokens=tok.stop_tokens)
+    out = ft.generate(params, torch.tensor([ids]), cfg, max_new_tokens=8, sampling=GREEDY, stop_tokens=tok.stop_tokens)
     reply = out[0, len(ids):].tolist()
     reply = reply[: next((i for i, t in enumerate(reply) if t in tok.stop_tokens), len(reply))]
     assert main(["generate", "--hf-dir", str(tmp_path), "--prompt", text, "--max-new-tokens", "8", "--temperature", "0"]) == 0

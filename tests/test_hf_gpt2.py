@@ -16,6 +16,7 @@ from ftransformer.interop import (
     save_hf_gpt2,
     save_vocab_merges,
 )
+from ftransformer.sampling import GREEDY
 
 transformers = pytest.importorskip("transformers")
 GPT2Config, GPT2LMHeadModel = transformers.GPT2Config, transformers.GPT2LMHeadModel
@@ -210,7 +211,7 @@ def test_greedy_generation_matches_transformers_token_for_token(name, tmp_path):
             prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=64, min_new_tokens=64,
             pad_token_id=0,
         )
-    got = ft.generate(params, prompt, cfg, max_new_tokens=64, temperature=0.0)
+    got = ft.generate(params, prompt, cfg, max_new_tokens=64, sampling=GREEDY)
     assert got.shape == expected.shape == (2, 7 + 64)
     assert torch.equal(got, expected)
 

@@ -18,6 +18,7 @@ import ftransformer as ft
 from ftransformer.data import Tokenizer
 from ftransformer.interop.chat_template import chat_environment, plain_data, render_chat
 from ftransformer.interop.hf_tokenizer import HFTokenizer, load_hf_tokenizer
+from ftransformer.sampling import GREEDY
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -329,7 +330,7 @@ def test_generate_stops_at_the_tokenizers_stop_tokens(spm_dir):
     cfg = ft.PRESETS["tiny"].replace(vocab_size=tok.vocab_size, max_seq_len=64)
     params = ft.init_params(cfg, seed=0)
     prompt = torch.tensor([tok.apply_chat_template(CHATS[0], add_generation_prompt=True)])
-    out = ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0.0, stop_tokens=tok.stop_tokens, pad_id=0)
+    out = ft.generate(params, prompt, cfg, max_new_tokens=8, sampling=GREEDY, stop_tokens=tok.stop_tokens, pad_id=0)
     new = out[0, prompt.shape[-1]:].tolist()
     assert len(new) == 8 and isinstance(tok.decode(new), str)
     stops = [i for i, t in enumerate(new) if t in tok.stop_tokens]

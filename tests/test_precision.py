@@ -130,11 +130,11 @@ def test_prefetcher_yields_the_batches_it_is_asked_for():
 
 
 def test_decode_step_modes():
-    assert decode_steps.loop_decode_step(False, ft.init_params(CFG)) is decode_steps.decode_step_in_place
-    # on a CPU, compile=True stays the C++-wrapped step (CUDA graphs are for CUDA params only)
-    assert decode_steps.loop_decode_step(True, ft.init_params(CFG)) is decode_steps.torch_compiled_decode_step()
+    assert decode_steps.decode_step_for("eager", ft.init_params(CFG)).step is decode_steps._in_place_step
+    # on a CPU, step="compile" stays the C++-wrapped step (CUDA graphs are for CUDA params only)
+    assert decode_steps.decode_step_for("compile", ft.init_params(CFG)).step is decode_steps._compiled_step()
     with pytest.raises(ValueError, match="mode must be one of"):
-        decode_steps.torch_compiled_decode_step("max-autotune-no-cudagraphs")
+        decode_steps._compiled_step("max-autotune-no-cudagraphs")
 
 
 def test_train_and_generate_take_dtype(tmp_path, capsys):
@@ -161,7 +161,7 @@ def test_cuda_graph_step_gives_the_eager_logits_and_compiles_once(no_typecheck):
     outs = {}
     # A step compiled by an earlier test (other shapes) would count here as a recompile: start clean.
     torch._dynamo.reset()
-    for name, step in (("eager", decode_steps.decode_step_in_place), ("graph", decode_steps.cuda_graph_decode_step)):
+    for name, step in (("eager", decode_steps._in_place_step), ("graph", decode_steps._cuda_graph_step)):
         cache = ft.init_cache(CFG, batch_size=2, max_len=8)
         before = counters["stats"]["unique_graphs"]
         logits = []

@@ -11,6 +11,7 @@ import ftransformer as ft
 from ftransformer.layers import int8
 from ftransformer.layers.int8 import Int8Weight
 from ftransformer.quantization import is_quantized, quantize_matrix, weight_bytes
+from ftransformer.sampling import GREEDY
 
 CFG = ft.Config(vocab_size=37, d_model=24, n_heads=6, n_kv_heads=2, n_layers=2, d_ff=40, max_seq_len=20)
 fbgemm = pytest.mark.skipif(not int8.fbgemm_available(), reason="this torch build has no fbgemm int8 product")
@@ -98,10 +99,10 @@ def test_generation_packs_each_matrix_once_and_releases_it(gen):
     params = ft.quantize(ft.init_params(CFG, seed=2), CFG)
     prompt = torch.randint(0, CFG.vocab_size, (2, 4), generator=gen)
     before = int8.packed_count()
-    first = ft.generate(params, prompt, CFG, max_new_tokens=6, temperature=0)
+    first = ft.generate(params, prompt, CFG, max_new_tokens=6, sampling=GREEDY)
     packed = int8.packed_count() - before
     assert packed == 2 * 4 + 1  # 4 matrices a block, and the untied int8 unembedding
-    assert torch.equal(ft.generate(params, prompt, CFG, max_new_tokens=6, temperature=0), first)
+    assert torch.equal(ft.generate(params, prompt, CFG, max_new_tokens=6, sampling=GREEDY), first)
     assert int8.packed_count() - before == packed  # reused, not packed again
     del params
     gc.collect()
@@ -111,20 +112,20 @@ def test_generation_packs_each_matrix_once_and_releases_it(gen):
 @fbgemm
 def test_int8_generation_compiled_equals_eager(gen, no_typecheck):
     """The compiled step calls the same fbgemm product (a custom op), so its tokens equal eager's exactly."""
-    from ftransformer.decode_steps import torch_compiled_decode_step
+    from ftransformer.decode_steps import clear_compiled
 
     cfg = CFG.replace(n_layers=1)
     params = ft.quantize(ft.init_params(cfg, seed=3), cfg)
     prompt = torch.randint(0, cfg.vocab_size, (2, 3), generator=gen)
     torch._dynamo.reset()
-    torch_compiled_decode_step.cache_clear()
+    clear_compiled()
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
-            compiled = ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0, compile=True)
-        assert torch.equal(compiled, ft.generate(params, prompt, cfg, max_new_tokens=8, temperature=0))
+            compiled = ft.generate(params, prompt, cfg, max_new_tokens=8, sampling=GREEDY, step="compile")
+        assert torch.equal(compiled, ft.generate(params, prompt, cfg, max_new_tokens=8, sampling=GREEDY))
     finally:
         torch._dynamo.reset()
-        torch_compiled_decode_step.cache_clear()
+        clear_compiled()
 
 
 def test_int8_generation_follows_the_float_model_on_clear_margins(gen):
@@ -135,7 +136,7 @@ def test_int8_generation_follows_the_float_model_on_clear_margins(gen):
     params = ft.tree.map(lambda t: t * 4 if t.ndim == 2 else t, params)  # sharper logits than at init
     qp = ft.quantize(params, cfg)
     prompt = torch.randint(0, cfg.vocab_size, (4, 3), generator=gen)
-    out = ft.generate(qp, prompt, cfg, max_new_tokens=10, temperature=0)
+    out = ft.generate(qp, prompt, cfg, max_new_tokens=10, sampling=GREEDY)
     logits = ft.forward(params, out[:, :-1], cfg)[:, prompt.shape[1] - 1:]
     err = (ft.forward(qp, out[:, :-1], cfg)[:, prompt.shape[1] - 1:] - logits).abs().amax()
     top2 = logits.topk(2, dim=-1).values
@@ -166,7 +167,7 @@ def test_cli_generate_quantize_int8(tmp_path, capsys):
             "--max-new-tokens", "7", "--quantize", "int8"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    expected = ft.generate(ft.quantize(params, cfg), torch.tensor(tok.encode("abc")), cfg, max_new_tokens=7, temperature=0)
+    expected = ft.generate(ft.quantize(params, cfg), torch.tensor(tok.encode("abc")), cfg, max_new_tokens=7, sampling=GREEDY)
     assert out == tok.decode(expected.tolist()) + "\n"
     with pytest.raises(SystemExit):
         main([*argv[:-1], "int3"])

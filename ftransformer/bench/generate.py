@@ -6,7 +6,7 @@ Contenders, all greedy from the same prompt, producing exactly ``--new-tokens`` 
 * **KV-cache (eager)**: ``ftransformer.generation`` -- prefill once, then one-token decode steps;
 * **KV-cache (compiled)** with ``--compile``: the same, its decode step under ``torch.compile``;
 * **KV-cache (AOTInductor)** with ``--aot``: the same, its decode step compiled ahead of time
-  (``compile="aot"``, ``ftransformer.aot``), called with no dynamo in between;
+  (``step="aot"``, ``ftransformer.aot``), called with no dynamo in between;
 * **int8 (eager)** / **int8 (compiled)** with ``--int8``: the same on ``quantize(params, cfg, "int8")``
   (weight-only int8, per-channel scales); its tokens may differ from fp32 where the logits nearly tie;
 * **no cache**: ``forward`` over the whole sequence so far for every new token (the slow, obvious loop);
@@ -33,16 +33,17 @@ from ftransformer import aot
 from ftransformer.bench import torchao_ref
 from ftransformer.bench.timing import interleaved, medians, num_threads
 from ftransformer.config import PRESETS, Config, get_preset
-from ftransformer.decode_steps import torch_compiled_decode_step, untie_for_decoding
+from ftransformer.decode_steps import clear_compiled, untie_for_decoding
 from ftransformer.generation import generate
 from ftransformer.model import forward
 from ftransformer.params import init_params
 from ftransformer.quantization import quantize
+from ftransformer.sampling import GREEDY
 
 DEFAULT_PRESET = "seed"
 CACHE, COMPILED, NO_CACHE, HF = "KV-cache (eager)", "KV-cache (compiled)", "no cache (forward)", "transformers"
 INT8, INT8_COMPILED = "int8 (eager)", "int8 (compiled)"
-AOT = "KV-cache (AOTInductor)"  # generate(compile="aot"): torch.export + AOTInductor
+AOT = "KV-cache (AOTInductor)"  # generate(step="aot"): torch.export + AOTInductor
 HF_TORCHAO = "transformers + torchao int8"  # bench.torchao_ref.hf_int8: torchao's int8 weight-only
 FLOOR = "floor (weight products alone)"
 # Targets (tokens/s ratios) from the issue: the cache path against recomputing and against transformers.
@@ -108,18 +109,18 @@ def contenders(
     """name -> a function producing ``prompt`` + ``new_tokens`` greedy tokens (``hf``: a model from ``hf_model``;
     ``int8``: the quantized params; ``hf_int8``: a transformers model quantized by torchao; ``aot``: add
     the decode step compiled ahead of time)."""
-    def cached(p, compile=False):
-        return lambda: generate(p, prompt, cfg, max_new_tokens=new_tokens, temperature=0, compile=compile)
+    def cached(p, step="eager"):
+        return lambda: generate(p, prompt, cfg, max_new_tokens=new_tokens, sampling=GREEDY, step=step)
 
     fns = {CACHE: cached(params)}
     if compiled:
-        fns[COMPILED] = cached(params, compile=True)
+        fns[COMPILED] = cached(params, step="compile")
     if aot:
-        fns[AOT] = cached(params, compile="aot")
+        fns[AOT] = cached(params, step="aot")
     if int8 is not None:
         fns[INT8] = cached(int8)
         if compiled:
-            fns[INT8_COMPILED] = cached(int8, compile=True)
+            fns[INT8_COMPILED] = cached(int8, step="compile")
     fns[NO_CACHE] = lambda: no_cache_generate(params, prompt, cfg, new_tokens)
     if hf is not None:
         fns[HF] = lambda: hf_generate(hf, prompt, new_tokens)
@@ -221,9 +222,9 @@ def format_table(times: dict, ops: dict, new_tokens: int, *, floor_tokens_per_s:
 def profile_decode_step(params: dict, cfg: Config, prompt: torch.Tensor, new_tokens: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
-    generate(params, prompt, cfg, max_new_tokens=8, temperature=0)
+    generate(params, prompt, cfg, max_new_tokens=8, sampling=GREEDY)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        generate(params, prompt, cfg, max_new_tokens=new_tokens, temperature=0)
+        generate(params, prompt, cfg, max_new_tokens=new_tokens, sampling=GREEDY)
     print(f"\nprofile of {CACHE} ({new_tokens} tokens):")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
 
@@ -292,7 +293,7 @@ def _measure(args) -> int:
             print(f"{HF_TORCHAO}: {torchao_ref.SKIPPED}")
     fns = contenders(params, cfg, prompt, args.new_tokens, compiled=args.compile, hf=hf, int8=int8, hf_int8=hf_int8,
                      aot=args.aot)
-    torch_compiled_decode_step.cache_clear()  # the compile times printed are fresh compiles
+    clear_compiled()  # the compile times printed are fresh compiles
     aot.clear()
     for name in (COMPILED, AOT, INT8_COMPILED):
         if name in fns:

@@ -4,7 +4,7 @@
 On a CUDA device (the default when there is one) it times GPT-2 124M at sequence 1024 with the library's
 GPU settings: bf16 compute with fp32 master weights (``precision.BF16``), the whole train step under
 ``torch.compile``, SDPA attention, TF32 for what stays fp32, multi-tensor optimizer math; decoding with
-the step captured as a CUDA graph (``generate(compile=True)`` on CUDA). The baseline is nanoGPT's recipe
+the step captured as a CUDA graph (``generate(step="compile")`` on CUDA). The baseline is nanoGPT's recipe
 on the same weights and batches: ``torch.nn`` modules, ``torch.autocast`` bf16, ``torch.compile(model)``,
 fused AdamW; its decoding is nanoGPT's ``generate``, the whole context through the model for every token.
 
@@ -35,6 +35,7 @@ from ftransformer.checkpoint import expected_param_shapes
 from ftransformer.config import PRESETS, Config, get_preset
 from ftransformer.generation import generate
 from ftransformer.params import init_params
+from ftransformer.sampling import GREEDY
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), from the vendors' data sheets. Matched against
 # torch.cuda.get_device_name in order: the first key whose words all appear in the name wins.
@@ -202,7 +203,8 @@ def _decoders(s: dict, params: dict) -> dict:
     autocast = policy.compute if policy.casts else None
     n = s["new_tokens"]
     return {
-        OURS: lambda prompt: generate(ours, prompt, cfg, max_new_tokens=n, temperature=0, compile=s["compile"]),
+        OURS: lambda prompt: generate(ours, prompt, cfg, max_new_tokens=n, sampling=GREEDY,
+                                      step="compile" if s["compile"] else "eager"),
         NANOGPT: lambda prompt: _nanogpt_generate(model, prompt, n, autocast),
     }
 

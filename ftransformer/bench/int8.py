@@ -30,6 +30,7 @@ from ftransformer.data import SplitWindows, load_dataset
 from ftransformer.generation import generate
 from ftransformer.model import forward_with_cache
 from ftransformer.quantization import quantize, weight_bytes
+from ftransformer.sampling import GREEDY
 from ftransformer.train import evaluate
 
 DECODE_ROWS = 16  # rows decoded together: at most layers.int8.FAST_ROWS, so the decode product is fbgemm's
@@ -111,7 +112,7 @@ def _measure(args) -> int:
     prompt_len = min(16, seq // 4)
     prompts = windows[: args.prompts, :prompt_len]
     new = min(args.new_tokens, seq - prompt_len)
-    outs = {name: generate(p, prompts, cfg, max_new_tokens=new, temperature=0) for name, p in models.items()}
+    outs = {name: generate(p, prompts, cfg, max_new_tokens=new, sampling=GREEDY) for name, p in models.items()}
     for name in (n for n in models if n != "float32"):
         share, first_diffs = greedy_agreement(outs["float32"], outs[name], prompt_len)
         print(f"greedy agreement of {name} over {prompts.shape[0]} val prompts x {new} tokens: {share:.1%} of "

@@ -19,8 +19,9 @@ import torch
 from ftransformer.bench.timing import interleaved, num_threads
 from ftransformer.checkpoint import load_checkpoint
 from ftransformer.data import load_dataset
-from ftransformer.generation import Sampling, generate
-from ftransformer.speculative import speculative_generate
+from ftransformer.generation import generate
+from ftransformer.sampling import GREEDY
+from ftransformer.speculative import Draft, speculative_generate
 
 
 def add_arguments(parser) -> None:
@@ -63,13 +64,12 @@ def _measure(args) -> int:
     val = torch.as_tensor(data.val.astype("int64"))
     stride = (len(val) - args.prompt_len) // args.batch_size
     prompt = torch.stack([val[i * stride:i * stride + args.prompt_len] for i in range(args.batch_size)])
-    greedy = Sampling(temperature=0)
 
-    contenders = {"target alone": lambda: (generate(params, prompt, cfg, max_new_tokens=new, sampling=greedy), None)}
+    contenders = {"target alone": lambda: (generate(params, prompt, cfg, max_new_tokens=new, sampling=GREEDY), None)}
     for k in args.draft_tokens:
         contenders[f"speculative, K={k}"] = (lambda k=k: speculative_generate(
-            params, prompt, cfg, draft=(dparams, dcfg), draft_tokens=k, max_new_tokens=new, sampling=greedy))
-    contenders["draft alone"] = lambda: (generate(dparams, prompt, dcfg, max_new_tokens=new, sampling=greedy), None)
+            params, prompt, cfg, draft=Draft(dparams, dcfg, tokens=k), max_new_tokens=new, sampling=GREEDY))
+    contenders["draft alone"] = lambda: (generate(dparams, prompt, dcfg, max_new_tokens=new, sampling=GREEDY), None)
     times, results = interleaved(contenders, repeats=args.repeats, warmup=1, device=prompt.device)
     outputs = {name: out for name, (out, _) in results.items()}
     stats = {name: s for name, (_, s) in results.items()}

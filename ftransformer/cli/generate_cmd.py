@@ -15,14 +15,15 @@ import torch
 from ftransformer import precision
 from ftransformer.checkpoint import checkpoint_exists, load_checkpoint
 from ftransformer.config import Config
-from ftransformer.generation import Sampling, generate_stream_sliding
+from ftransformer.generation import generate_stream_sliding
 from ftransformer.quantization import SCHEMES, is_quantized, quantize
+from ftransformer.sampling import Sampling
 
 DEVICES = ("cpu", "cuda", "mps")
 # A run directory written by `ftransformer train` holds these checkpoints; the first one found is used.
 RUN_CHECKPOINTS = ("best", "latest")
-# --compile VALUE -> generate's compile= argument
-COMPILE = {"torch": True, "aot": "aot"}
+# --compile VALUE -> the decode step's kind (decode_steps.decode_step_for)
+COMPILE = {"torch": "compile", "aot": "aot"}
 
 
 def add_arguments(parser) -> None:
@@ -176,7 +177,7 @@ def _with_dtype(args, params: dict, cfg: Config, device: torch.device) -> dict:
 def run(args) -> int:
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     device = _device(args.device)
     cfg, params, tokenizer = load_model(args, device)
     params = _with_dtype(args, params, cfg, device)
@@ -188,8 +189,8 @@ def run(args) -> int:
               f"{cfg.max_seq_len // 2}", file=sys.stderr)
     # Past max_seq_len the context slides: the model always sees at most max_seq_len tokens.
     stream = generate_stream_sliding(
-        params, prompt, cfg, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_tokens=stop,
-        compile=COMPILE.get(args.compile, False),
+        params, prompt, cfg, max_new_tokens=args.max_new_tokens, sampling=sampling, seed=args.seed, stop_tokens=stop,
+        step=COMPILE.get(args.compile, "eager"),
     )
     out = sys.stdout
     out.write("" if args.chat else args.prompt)

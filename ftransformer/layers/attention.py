@@ -257,7 +257,7 @@ def write_kv_(
     """``write_kv`` in place: ``buffer`` itself, with ``new`` written at the slots in ``index``.
 
     Only for a caller that owns the buffers and drops the old cache (JAX's buffer donation), as the
-    decode loops do through ``model._forward_with_cache_in_place``.
+    decode loops do through ``model.forward_with_cache_in_place``.
 
     Eagerly ``scatter_`` is the cheapest write. Under ``torch.compile`` the same write is an
     ``index_put_``, which Inductor performs in place; a ``scatter_`` on a graph input it turns into a

@@ -364,7 +364,8 @@ class Config:
         return window[layer] if isinstance(window, tuple) else window
 
     def replace(self, **changes) -> "Config":
-        """A copy with some fields changed (validated again); 0.2's flat names go through ``upgrade``."""
+        """A copy with some fields changed (validated again): top-level fields, whole specs, one spec field by its
+        path (``**{"norm.eps": 1e-6}``) or by 0.2's flat name (``norm_eps=1e-6``), all through ``upgrade``."""
         if "n_heads" in changes and "n_kv_heads" not in changes and self.n_kv_heads == self.n_heads:
             # n_kv_heads was filled in from n_heads (plain multi-head attention): keep it that way.
             changes["n_kv_heads"] = None
@@ -407,6 +408,15 @@ FLAT_NAMES = {
 }
 
 
+def field_types() -> dict[str, object]:
+    """Every settable name and its annotation: top-level sizes, ``spec.field`` paths, and 0.2's flat names (what
+    ``replace`` and ``from_dict`` accept; the CLI's ``--set`` reads it)."""
+    types = {f.name: f.type for f in dataclasses.fields(Config) if f.name not in SPECS}
+    for spec, cls in SPECS.items():
+        types |= {f"{spec}.{f.name}": f.type for f in dataclasses.fields(cls)}
+    return types | {flat: types[".".join(path)] for flat, path in FLAT_NAMES.items()}
+
+
 def flat_path(name: str) -> str:
     """Where 0.2's flat name ``name`` lives now, as ``spec.field`` (``"norm_eps"`` -> ``"norm.eps"``)."""
     moved = {"norm_upcast": "norm.float32", "norm_scale_in_float32": "norm.float32", "rotary_dim": "positional.rotary_dim"}
@@ -433,6 +443,9 @@ def upgrade(d: Mapping, *, base: "Config | None" = None) -> dict:
     for flat, (spec, field) in FLAT_NAMES.items():
         if flat in d:
             specs[spec][field] = d.pop(flat)
+    for dotted in [k for k in d if isinstance(k, str) and k.partition(".")[0] in SPECS]:  # "norm.eps": one spec field
+        spec, _, field = dotted.partition(".")
+        specs[spec][field] = d.pop(dotted)
     upcast, in_float32 = d.pop("norm_upcast", None), d.pop("norm_scale_in_float32", None)
     if in_float32 and not upcast:
         raise ValueError("Config.norm_scale_in_float32=True needs norm_upcast=True, got norm_upcast=False")

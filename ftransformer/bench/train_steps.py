@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ftransformer import optim
-from ftransformer.config import Config
+from ftransformer.config import Config, flat_path
 from ftransformer.model import loss_fn
 from ftransformer.train import make_train_step
 
@@ -79,9 +79,10 @@ class NNGPT(nn.Module):
 def check_supported(cfg: Config) -> None:
     """The baseline covers the GPT-2 family's architecture; anything else raises ``ValueError``."""
     wanted = dict(positional="learned", norm="layernorm", norm_position="pre", tie_embeddings=True)
+    flat = cfg.to_flat()
     for name, value in wanted.items():
-        if getattr(cfg, name) != value:
-            raise ValueError(f"bench train's torch.nn baseline needs {name}={value!r}, got {getattr(cfg, name)!r}")
+        if flat[name] != value:
+            raise ValueError(f"bench train's torch.nn baseline needs {flat_path(name)}={value!r}, got {flat[name]!r}")
     if cfg.activation not in ("gelu", "gelu_tanh"):
         raise ValueError(
             f"bench train's torch.nn baseline needs activation 'gelu' or 'gelu_tanh', got {cfg.activation!r}"

@@ -13,7 +13,7 @@ import torch
 
 from ftransformer import distributed, precision
 from ftransformer.checkpoint import BEST, LATEST, checkpoint_exists, read_checkpoint_info
-from ftransformer.config import PRESETS, Config, get_preset
+from ftransformer.config import PRESETS, Config, field_types, get_preset
 from ftransformer.data import TOKENIZER_KINDS, load_dataset, load_tokenizer
 from ftransformer.loop import TokenData, fit
 from ftransformer.params import count_params, init_params
@@ -164,7 +164,7 @@ def _parse_value(key: str, raw: str, annotation) -> object:
 
 def parse_overrides(items: list[str]) -> tuple[dict, dict]:
     """``--set`` items split into ``(config changes, recipe changes)``, each value converted to its field's type."""
-    config_fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    config_fields = field_types()
     recipe_fields = {f.name: f.type for f in dataclasses.fields(TrainRecipe)}
     config_changes, recipe_changes = {}, {}
     for item in items:

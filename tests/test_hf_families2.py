@@ -195,7 +195,7 @@ def test_config_validates_the_new_choices():
         ft.Config.from_flat(**base, window_rope_base=1e4)
     with pytest.raises(ValueError, match="positional.window_base=10000.0 needs sliding windows"):
         ft.Config.from_flat(**base, positional="rope", window_rope_base=1e4)
-    with pytest.raises(ValueError, match="Embeddings.embeddings.logit_softcap=0.0 must be a positive number"):
+    with pytest.raises(ValueError, match="Embeddings.logit_softcap=0.0 must be a positive number"):
         ft.Config.from_flat(**base, logit_softcap=0.0)
 
 

@@ -85,4 +85,4 @@ def test_a_frozen_divisor_makes_the_norm_affine_and_its_own_divisor_gives_the_no
     # the norm's factor, and the parameters under which it only normalises
     plain = norm(identity_params(params, cfg.norm), a, cfg.norm)
     torch.testing.assert_close(norm(dict(params, bias=torch.zeros(D_MODEL, dtype=torch.float64)) if "bias" in params
-                                    else params, a, cfg), plain * norm_scale(params, cfg.norm))
+                                    else params, a, cfg.norm), plain * norm_scale(params, cfg.norm))

@@ -8,8 +8,6 @@ No exported function shares its name with a submodule (the functions ``ft.genera
 live in ``ftransformer.generation`` and ``ftransformer.quantization``).
 """
 
-from ftransformer.deprecation import forwarder
-
 # Submodules users reach through ``ft.``: one idea each.
 from ftransformer import (
     checkpoint, data, ensemble, interop, interp, layers, optim, per_example, precision, random, recipes, speculative,
@@ -58,29 +56,3 @@ __all__ = [
     # pretrained
     "load_hf", "save_hf", "load_hf_gpt2", "to_hf_gpt2", "load_hf_tokenizer",
 ]
-
-# Names that left the top level in 0.2, kept for one release: old name -> (module, name there).
-# (``ftransformer.batched`` is a module of its own that warns on every name it forwards.)
-MOVED = {
-    "cross_entropy": ("model", "cross_entropy"),
-    "format_breakdown": ("params", "format_breakdown"),
-    "param_breakdown": ("params", "param_breakdown"),
-    "tree_flatten_with_paths": ("tree", "flatten_with_paths"),
-    "tree_leaves": ("tree", "leaves"),
-    "tree_map": ("tree", "map"),
-    "tree_to": ("tree", "to"),
-    "tree_unflatten_paths": ("tree", "unflatten_paths"),
-    "generate_stream_sliding": ("generation", "generate_stream_sliding"),
-    "BPETokenizer": ("data", "BPETokenizer"),
-    "CharTokenizer": ("data", "CharTokenizer"),
-    "head_ablation_sweep": ("interp", "head_ablation_sweep"),
-    "gradient_noise_scale": ("per_example", "gradient_noise_scale"),
-    "per_example_grad_norms": ("per_example", "per_example_grad_norms"),
-    "per_example_grads": ("per_example", "per_example_grads"),
-    "init_ensemble": ("ensemble", "init_ensemble"),
-    "stack_params": ("ensemble", "stack_params"),
-    "unstack_params": ("ensemble", "unstack_params"),
-}
-
-
-__getattr__ = forwarder("ftransformer", MOVED, shown_as="ft", removal="the old name will be removed in the next release")

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ftransformer.cache import KVCache
 from ftransformer.config import Config
-from ftransformer.params import tree_flatten_with_paths
+from ftransformer.tree import flatten_with_paths
 from ftransformer.quantization import is_quantized
 
 CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this, so nearby lengths share a step
@@ -59,7 +59,7 @@ class _ExportedStep(torch.nn.Module):
 
 def _signature(params: dict, token: Tensor, cache: KVCache, cfg: Config) -> tuple:
     # strides too: a compiled library assumes the memory layout it was built for and does not check it
-    leaves = tuple((path, tuple(x.shape), x.stride(), x.dtype) for path, x in tree_flatten_with_paths(params).items())
+    leaves = tuple((path, tuple(x.shape), x.stride(), x.dtype) for path, x in flatten_with_paths(params).items())
     buffers = (tuple(cache.k[0].shape), cache.k[0].stride(), cache.k[0].dtype, len(cache.k))
     return cfg, leaves, tuple(token.shape), token.dtype, buffers, str(token.device)
 

@@ -15,8 +15,7 @@
 is ``Attention(qkv_bias=True)``; ``q_norm`` / ``k_norm`` (``{"scale": [head_dim]}``) are ``Attention(qk_norm=True)``.)
 
 A leaf that a config does not use is absent, never ``None``. Walking, flattening, casting and moving
-trees: ``ftransformer.tree`` (its old names ``tree_map``, ``tree_leaves``, ``tree_flatten_with_paths``,
-``tree_unflatten_paths`` and ``tree_to`` stay importable from here).
+trees: ``ftransformer.tree``.
 """
 
 import math
@@ -30,12 +29,6 @@ from ftransformer import tree
 from ftransformer.config import GATED_ACTIVATIONS, Config
 from ftransformer.tree import PyTree
 
-# The tree helpers moved to ftransformer.tree; these names stay importable from here.
-tree_map = tree.map
-tree_leaves = tree.leaves
-tree_flatten_with_paths = tree.flatten_with_paths
-tree_unflatten_paths = tree.unflatten_paths
-tree_to = tree.to
 
 
 def _normal(gen: torch.Generator, shape: tuple[int, ...], std: float) -> Tensor:

@@ -28,12 +28,12 @@ def test_no_exported_function_shares_a_name_with_a_submodule():
     assert inspect.isfunction(ft.generate) and inspect.isfunction(ft.quantize)
 
 
-@pytest.mark.parametrize("old", sorted(ft.MOVED))
-def test_moved_names_warn_and_forward_to_their_new_home(old):
-    module, attr = ft.MOVED[old]
-    with pytest.warns(DeprecationWarning, match=rf"ft\.{old} moved to ftransformer\.{module}\.{attr}"):
-        got = getattr(ft, old)
-    assert got is getattr(importlib.import_module(f"ftransformer.{module}"), attr)
+@pytest.mark.parametrize("old", ["cross_entropy", "tree_map", "per_example_grads", "stack_params", "BPETokenizer"])
+def test_the_names_02_forwarded_are_gone_in_03(old):
+    with pytest.raises(AttributeError, match=f"no attribute '{old}'"):
+        getattr(ft, old)
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("ftransformer.batched")
 
 
 def test_an_unknown_name_is_an_attribute_error():

@@ -33,7 +33,8 @@ from ftransformer import distributed
 from ftransformer.bench import train_steps
 from ftransformer.bench.timing import interleaved, medians, num_threads
 from ftransformer.config import get_preset
-from ftransformer.params import init_params, tree_flatten_with_paths
+from ftransformer.params import init_params
+from ftransformer.tree import flatten_with_paths
 
 FUNCTIONAL, NN, DDP = "functional (eager)", "torch.nn + AdamW", "DDP + AdamW"
 COMPILED = "functional (compiled)"
@@ -58,7 +59,7 @@ class _ReduceClock:
 
 def _same_everywhere(params: dict, ctx) -> bool:
     """Whether every process holds the same parameters (a sum and a max-abs checksum, compared exactly)."""
-    leaves = list(tree_flatten_with_paths(params).values())
+    leaves = list(flatten_with_paths(params).values())
     mine = torch.stack([sum(x.double().sum() for x in leaves), max(x.abs().max().double() for x in leaves)])
     everyone = [torch.empty_like(mine) for _ in range(ctx.world_size)]
     dist.all_gather(everyone, mine)

@@ -33,7 +33,8 @@ from ftransformer.bench.timing import interleaved, num_threads
 from ftransformer.config import PRESETS, Config, get_preset
 from ftransformer.ensemble import init_ensemble, make_ensemble_step, unstack_params
 from ftransformer.model import loss_fn
-from ftransformer.params import init_params, tree_flatten_with_paths
+from ftransformer.params import init_params
+from ftransformer.tree import flatten_with_paths
 from ftransformer.per_example import per_example_grads
 from ftransformer.train import make_train_step
 
@@ -151,7 +152,7 @@ def _opacus_contender(params, cfg):
 
 def _check_opacus(grads: dict, ours: dict, cfg: Config) -> float:
     """Largest difference between Opacus' per-sample gradients and ours (mapped to our layout)."""
-    flat = tree_flatten_with_paths(ours)
+    flat = flatten_with_paths(ours)
     theirs = {k.removeprefix("_module."): v for k, v in grads.items()}
     worst = 0.0
 

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from ftransformer.config import Config
 from ftransformer.layers.tap import Tap
 from ftransformer.model import check_tokens, forward_unchecked
-from ftransformer.params import tree_unflatten_paths
+from ftransformer.tree import unflatten_paths
 from ftransformer.shapes import Logits, Tokens
 
 ATTN_SITES = ("q", "k", "v", "pattern", "head_out")
@@ -89,4 +89,4 @@ def forward_with_activations(
     check_tokens(tokens, cfg)
     tap = Tap(check_interventions(interventions, cfg))
     logits = forward_unchecked(params, tokens, cfg, tap=tap)
-    return logits, tree_unflatten_paths(tap.acts)
+    return logits, unflatten_paths(tap.acts)

@@ -41,7 +41,7 @@ from ftransformer.layers.attention import attention_pattern, scores
 from ftransformer.layers.masks import Mask
 from ftransformer.layers.tap import Tap
 from ftransformer.model import block_inputs, embed
-from ftransformer.params import tree_unflatten_paths
+from ftransformer.tree import unflatten_paths
 from ftransformer.shapes import Float, Tensor, Tokens
 
 QK_SITES = ("attn.q", "attn.k")
@@ -53,7 +53,7 @@ def _run(params: dict, tokens: Tokens, cfg: Config, interventions: dict, at: lis
     tap = Tap(interventions)
     inputs = block_inputs(tokens, cfg)
     x = tap("embed", embed(params, tokens, cfg, positions=inputs.positions))
-    return run_from(params, x, cfg, 0, inputs, at=at, tap=tap), tree_unflatten_paths(tap.acts)
+    return run_from(params, x, cfg, 0, inputs, at=at, tap=tap), unflatten_paths(tap.acts)
 
 
 def _at_positions(logits: Tensor, at: list[int] | None, seq: int) -> Tensor:

@@ -138,7 +138,7 @@ def _is_wrapped(x: Tensor) -> bool:
     return torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
-def _use_foreach(*lists: list[Tensor]) -> bool:
+def use_foreach(*lists: list[Tensor]) -> bool:
     """Whether to call the ``_foreach`` kernels: eagerly, yes; not under ``vmap``/``grad``, whose wrappers
     lack them, and not under ``torch.compile``, which fuses plain per-tensor code itself (and would
     break the graph on a ``_foreach`` call with a tensor scalar)."""
@@ -255,8 +255,9 @@ def _host_int(count: Tensor) -> int | None:
     return int(count)
 
 
-def _ops(*lists: list[Tensor]):
-    return _Foreach if _use_foreach(*lists) else _PerTensor
+def tensor_ops(*lists: list[Tensor]):
+    """The list-of-tensors kernels to use here: the ``_foreach`` ones or the per-tensor loop."""
+    return _Foreach if use_foreach(*lists) else _PerTensor
 
 
 # ---------------------------------------------------------------- tree helpers
@@ -271,7 +272,7 @@ def global_norm(tree: PyTree) -> Tensor:
     leaves = tree_leaves(tree)
     if not leaves:
         return torch.zeros(())
-    norms = _ops(leaves).norms(leaves)
+    norms = tensor_ops(leaves).norms(leaves)
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
@@ -280,7 +281,7 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     p, spec = flatten(params)
     u = flatten_like(updates, spec, "updates")
     u = [x.to(y.dtype) for x, y in zip(u, p)]
-    return unflatten(_ops(p, u).add(p, u), spec)
+    return unflatten(tensor_ops(p, u).add(p, u), spec)
 
 
 # ---------------------------------------------------------------- transformations
@@ -373,7 +374,7 @@ def _adamw_update(schedule: Schedule, b1: float, b2: float, eps: float, weight_d
         g, spec = flatten(grads)
         m = flatten_like(state.mu, spec, "opt_state.mu")
         v = flatten_like(state.nu, spec, "opt_state.nu")
-        ops = _ops(g, m, v)
+        ops = tensor_ops(g, m, v)
         lr_t, bias1, sqrt_bias2 = _bias_corrections(state.count, schedule, b1, b2)
         m, v = _adam_moments(ops, g, m, v, b1, b2)
         updates = _adam_direction(ops, m, v, eps, sqrt_bias2)
@@ -436,13 +437,13 @@ def sgd(lr: float | Schedule, momentum: float = 0.0) -> GradientTransformation:
         trace = state.trace
         if momentum:
             buf = flatten_like(state.trace, spec, "opt_state.trace")
-            ops = _ops(g, buf)
+            ops = tensor_ops(g, buf)
             # buf starts at zero, so the first step's buffer is the gradient itself, as in torch.
             direction = ops.mul(buf, momentum)
             ops.add_(direction, g)
             trace = unflatten(direction, spec)
         else:
-            ops, direction = _ops(g), g
+            ops, direction = tensor_ops(g), g
         updates = ops.mul(direction, -lr_t)
         count = state.count + 1
         lr_saved = torch.as_tensor(lr_t, dtype=torch.float32, device=count.device)
@@ -464,7 +465,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         g, spec = flatten(grads)
         if not g:
             return grads, state
-        ops = _ops(g)
+        ops = tensor_ops(g)
         norm = torch.linalg.vector_norm(torch.stack(ops.norms(g)))
         factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         return unflatten(ops.mul(g, factor), spec), state
@@ -580,13 +581,14 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def _find_lr(state) -> Tensor | None:
+def find_lr(state) -> Tensor | None:
+    """The learning rate stored in an optimiser state (searched through nested states), or None."""
     if isinstance(state, tuple) and hasattr(state, "_fields"):
         if "lr" in state._fields:
             return state.lr
     if isinstance(state, (tuple, list)):
         for s in state:
-            found = _find_lr(s)
+            found = find_lr(s)
             if found is not None:
                 return found
     return None
@@ -594,7 +596,7 @@ def _find_lr(state) -> Tensor | None:
 
 def current_lr(opt_state) -> Tensor:
     """The learning rate of the latest update (before any update: of the first), read from the state."""
-    lr = _find_lr(opt_state)
+    lr = find_lr(opt_state)
     if lr is None:
         raise ValueError(f"opt_state of type {type(opt_state).__name__} holds no learning rate")
     return lr

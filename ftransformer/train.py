@@ -63,7 +63,7 @@ def _owned(updates: list[Tensor], params: list[Tensor], *held) -> bool:
     Built-in optimizers always return such tensors; a custom one might return a view of its state, a
     tensor used twice or an expanded one, and then the step falls back to a new allocation.
     """
-    if torch.compiler.is_compiling() or not optim._use_foreach(updates, params):
+    if torch.compiler.is_compiling() or not optim.use_foreach(updates, params):
         return False
     seen = set()
     for u, p in zip(updates, params):
@@ -138,7 +138,7 @@ def apply_optimizer(
 
 def step_metrics(loss: Tensor, grad_norm: Tensor, opt_state, n_tokens: Tensor, **more: Tensor) -> dict:
     """The one metrics schema of every step: ``loss``, ``grad_norm``, ``lr`` (NaN if none), ``tokens``, + ``more``."""
-    lr = optim._find_lr(opt_state)
+    lr = optim.find_lr(opt_state)
     lr = torch.full((), float("nan"), device=loss.device) if lr is None else lr
     return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": n_tokens, **more}
 
@@ -230,7 +230,7 @@ def _batch_grads(micro: Callable, accum_steps: int, tokens: Tensor, targets: Ten
             grads, loss = g, part
         else:
             # The first micro-batch's gradients are ours alone: summing into them is safe.
-            optim._ops(grads, g).add_(grads, g)
+            optim.tensor_ops(grads, g).add_(grads, g)
             loss = loss + part
     return grads, loss
 

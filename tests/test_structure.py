@@ -125,6 +125,48 @@ def test_the_checker_sees_a_cycle_through_a_function_level_import(tmp_path):
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _module_aliases(module: str, tree: ast.Module, is_package: bool, known: set[str]) -> dict[str, str]:
+    """The local names that stand for an ftransformer module in ``module`` (``from pkg import mod``, ``as``)."""
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            target = _resolve(module, node, is_package)
+            aliases.update({a.asname or a.name: f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in known})
+        elif isinstance(node, ast.Import):
+            aliases.update({a.asname: a.name for a in node.names if a.asname and a.name in known})
+    return aliases
+
+
+def _private_imports() -> list[str]:
+    """Every ``_private`` name that a module takes from ANOTHER ftransformer module (imported or read)."""
+    modules = _modules()
+    found = []
+    for module, path in modules.items():
+        is_package = path.name == "__init__.py"
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                target = _resolve(module, node, is_package)
+                if target.split(".")[0] == "ftransformer" and target != module:
+                    found += [f"{module}: {target}.{a.name}" for a in node.names if _is_private(a.name)]
+        aliases = _module_aliases(module, tree, is_package, set(modules))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and _is_private(node.attr):
+                target = aliases.get(node.value.id)
+                if target is not None and target != module:
+                    found.append(f"{module}: {target}.{node.attr}")
+    return sorted(set(found))
+
+
+def test_no_module_uses_a_private_name_of_another_module():
+    private = _private_imports()
+    assert not private, f"private names used across modules (make them public): {private}"
+
+
 if __name__ == "__main__":
     print("cycles:", _cycles(_graph()))
     print("long functions:", *_long_functions(), sep="\n  ")

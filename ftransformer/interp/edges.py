@@ -47,7 +47,7 @@ from einops import einsum, rearrange
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.attribution import site_gradients
-from ftransformer.interp.patching import Metric, _check_args, _check_scalar, base_and_source, run_from
+from ftransformer.interp.patching import Metric, check_args, check_scalar, base_and_source, run_from
 from ftransformer.layers.attention import head_outputs, project_qkv, scaled_dot_product_attention, scores as score_args
 from ftransformer.layers.block import wire
 from ftransformer.layers.feedforward import feedforward
@@ -354,7 +354,7 @@ def edge_attribution(
     Returns:
         ``scores[u, v] = sum over batch and positions of (z_u(source) - z_u(base)) . dM/dx_v`` (0 off the graph).
     """
-    _check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), direction, chunk)
+    check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), direction, chunk)
     _check_method(method, steps)
     g = graph(cfg)
     cfg = cfg.replace(attn_impl="einsum")
@@ -423,12 +423,12 @@ def edge_patch_sweep(
     block's edges (``chunk`` at a time) runs from block ``i`` on with the one reader replaced; the logits'
     edges are one unembedding per writer.
     """
-    _check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), direction, chunk)
+    check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), direction, chunk)
     g = graph(cfg)
     cfg = cfg.replace(attn_impl="einsum")
     base_tokens, base_logits, base, source = _runs(params, clean, corrupt, cfg, direction)
     before = metric(base_logits)
-    _check_scalar(before)
+    check_scalar(before)
     diff = writer_values(params, base, cfg) - writer_values(params, source, cfg)
     inputs = block_inputs(base_tokens, cfg)
     index = g.edges.nonzero().to(diff.device)
@@ -484,7 +484,7 @@ def faithfulness(
     (None: ``default_ks``), every other edge ablated: ``"mean"`` (each writer's mean over the clean run's
     batch and positions, as ``interventions.head_means``), ``"zero"`` or ``"corrupt"`` (the corrupted run's
     writes). The circuits, the full model and the empty circuit are ONE ``vmap`` over their masks."""
-    _check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), "denoise", chunk)
+    check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), "denoise", chunk)
     if ablation not in ABLATIONS:
         raise ValueError(f"ablation must be one of {', '.join(map(repr, ABLATIONS))}, got {ablation!r}")
     g = graph(cfg)
@@ -493,7 +493,7 @@ def faithfulness(
     ks = default_ks(int(g.edges.sum())) if ks is None else tuple(ks)
     cfg = cfg.replace(attn_impl="einsum")
     logits, ablated = _replacements(params, clean, corrupt, cfg, ablation)
-    _check_scalar(metric(logits))
+    check_scalar(metric(logits))
     on = g.edges.to(logits.device)
     masks = torch.stack([top_edges(scores, k).to(on.device) for k in ks] + [on, torch.zeros_like(on)]).to(logits)
     inputs = block_inputs(clean, cfg)

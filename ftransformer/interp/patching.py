@@ -81,7 +81,8 @@ def run_from(
     return unembed(params, x if at is None else x[..., list(at), :], cfg)
 
 
-def _check_args(clean: Tokens, corrupt: Tensor, metric, cfg: Config, site: str, by: tuple, direction: str, chunk) -> None:
+def check_args(clean: Tokens, corrupt: Tensor, metric, cfg: Config, site: str, by: tuple, direction: str, chunk) -> None:
+    """Raise ValueError/TypeError unless the patching arguments agree with each other and with ``cfg``."""
     check_tokens(clean, cfg, name="clean")
     check_tokens(corrupt, cfg, name="corrupt")
     if clean.shape != corrupt.shape:
@@ -107,7 +108,8 @@ def base_and_source(clean: Tokens, corrupt: Tensor, direction: str) -> tuple[Tok
     return (corrupt, clean) if direction == "denoise" else (clean, corrupt)
 
 
-def _check_scalar(value: object) -> None:
+def check_scalar(value: object) -> None:
+    """Raise ValueError unless the metric returned a scalar tensor."""
     if not isinstance(value, Tensor) or value.ndim != 0:
         got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
         raise ValueError(f"metric must return a scalar tensor (shape ()), got {got}")
@@ -122,13 +124,14 @@ def patch_masks(by: Sequence[str], heads: int, seq: int, device: torch.device) -
     return masks.reshape(-1, heads, seq)
 
 
-def _replace(value: Tensor, source: Tensor, mask: Float[Tensor, "heads seq"], has_heads: bool) -> Tensor:
+def replace_at(value: Tensor, source: Tensor, mask: Float[Tensor, "heads seq"], has_heads: bool) -> Tensor:
     """``value`` with ``source`` where ``mask`` is 1 (the ``heads`` and ``seq`` axes; every other axis whole)."""
     where = mask[..., None] if has_heads else mask[0][:, None]
     return torch.where(where.bool(), source.to(value.dtype), value)
 
 
-def _site_value(acts: dict, layer: int, site: str) -> Tensor:
+def site_value(acts: dict, layer: int, site: str) -> Tensor:
+    """The activation at ``site`` (a dotted path such as ``attn.z``) of block ``layer``."""
     value = acts["blocks"][layer]
     for part in site.split("."):
         value = value[part]
@@ -152,7 +155,7 @@ def _with_prefix(base: dict, layer: int, first: int, cfg: Config, fixes: dict) -
     fixes = dict(fixes)
     for j in range(layer, cfg.n_layers):
         for name in ("k", "v"):
-            path, prefix = f"blocks.{j}.attn.{name}", _site_value(base, j, f"attn.{name}")[..., :first, :]
+            path, prefix = f"blocks.{j}.attn.{name}", site_value(base, j, f"attn.{name}")[..., :first, :]
             fix = fixes.get(path, lambda v: v)
             fixes[path] = lambda v, prefix=prefix, fix=fix: torch.cat([prefix.to(v.dtype).expand(*v.shape[:-2], -1, -1), fix(v)], dim=-2)
     return fixes
@@ -178,9 +181,9 @@ def _bucket_sweep(params, base: dict, src: Tensor, masks: Tensor, metric, cfg, l
     has_heads = site in HEAD_SITES
     skip_attn = site == "attn.head_out"
     start = layer + 1 if site == "resid_post" or skip_attn else layer
-    x = _site_value(base, layer, "resid_post" if site == "resid_post" else "resid_pre")[..., first:, :]
+    x = site_value(base, layer, "resid_post" if site == "resid_post" else "resid_pre")[..., first:, :]
     src, masks, suffix = src[..., first:, :], masks[..., first:], _suffix_inputs(inputs, first)
-    head_out = _site_value(base, layer, site)[..., first:, :] if skip_attn else None
+    head_out = site_value(base, layer, site)[..., first:, :] if skip_attn else None
     before = base["logits"][..., :first, :]
     need = None if at is None else [p - first for p in at if p >= first]
     where = None if at is None else torch.tensor([first + p for p in need], dtype=torch.long, device=x.device)
@@ -188,11 +191,11 @@ def _bucket_sweep(params, base: dict, src: Tensor, masks: Tensor, metric, cfg, l
     def patched_metric(mask: Float[Tensor, "heads seq"]) -> Float[Tensor, ""]:
         fixes, y = {}, x
         if site == "resid_post":
-            y = _replace(x, src, mask, False)
+            y = replace_at(x, src, mask, False)
         elif skip_attn:
-            y = from_head_out(params, x, _replace(head_out, src, mask, True), cfg, layer)
+            y = from_head_out(params, x, replace_at(head_out, src, mask, True), cfg, layer)
         else:
-            fixes[f"blocks.{layer}.{site}"] = lambda v: _replace(v, src, mask, has_heads)
+            fixes[f"blocks.{layer}.{site}"] = lambda v: replace_at(v, src, mask, has_heads)
         logits = run_from(params, y, cfg, start, suffix, _with_prefix(base, start, first, cfg, fixes), at=need)
         if at is not None:
             logits = base["logits"].expand(*logits.shape[:-2], -1, -1).index_copy(-2, where, logits)
@@ -269,12 +272,12 @@ def patch_sweep(
         interventions=patch(f"blocks.{i}.{site}", source_acts, positions=p, heads=h))[0])``.
     """
     by = tuple(by)
-    _check_args(clean, corrupt, metric, cfg, site, by, direction, chunk)
+    check_args(clean, corrupt, metric, cfg, site, by, direction, chunk)
     # SDPA has no vmap batching rule; the einsum path computes the same attention and batches.
     cfg = cfg.replace(attn_impl="einsum")
     base_tokens, source_tokens = base_and_source(clean, corrupt, direction)
     _, source = forward_with_activations(params, source_tokens, cfg)
-    sources = [_site_value(source, i, site) for i in range(cfg.n_layers)]
+    sources = [site_value(source, i, site) for i in range(cfg.n_layers)]
     return replace_sweep(params, base_tokens, sources, metric, cfg, site=site, by=by, chunk=chunk, logits_at=logits_at)
 
 
@@ -289,25 +292,25 @@ def replace_sweep(
     ``run``: ``forward_with_activations(params, tokens, cfg)`` when the caller has it already (with
     ``cfg.attn_impl="einsum"``, which the sweep's runs use); ``logits_at``: as in ``patch_sweep``."""
     by = tuple(by)
-    _check_args(tokens, tokens, metric, cfg, site, by, "denoise", chunk)
+    check_args(tokens, tokens, metric, cfg, site, by, "denoise", chunk)
     cfg = cfg.replace(attn_impl="einsum")
     if isinstance(sources, Tensor) or len(sources) != cfg.n_layers:
         got = f"a tensor of shape {tuple(sources.shape)}" if isinstance(sources, Tensor) else f"{len(sources)} of them"
         raise ValueError(f"sources must be a sequence of one tensor per layer ({cfg.n_layers}), got {got}")
     base_logits, base = forward_with_activations(params, tokens, cfg) if run is None else run
-    _check_scalar(metric(base_logits))
+    check_scalar(metric(base_logits))
     base = {**base, "logits": base_logits}
     inputs = block_inputs(tokens, cfg)
-    sample = _site_value(base, 0, site)
-    at = None if logits_at is None else _positions(logits_at, tokens.shape[-1])
+    sample = site_value(base, 0, site)
+    at = None if logits_at is None else logit_positions(logits_at, tokens.shape[-1])
     rows = [
         _layer_sweep(params, base, sources[i].expand_as(sample), metric, cfg, i, site=site, by=by, inputs=inputs, chunk=chunk, at=at)
         for i in range(cfg.n_layers)
     ]
-    return _arrange(torch.stack(rows), by, sample, site in HEAD_SITES)
+    return arrange(torch.stack(rows), by, sample, site in HEAD_SITES)
 
 
-def _positions(logits_at: Sequence[int] | int, seq: int) -> list[int]:
+def logit_positions(logits_at: Sequence[int] | int, seq: int) -> list[int]:
     """``logits_at`` as sorted distinct positions in ``[0, seq)`` (negative ones count from the end)."""
     items = [logits_at] if isinstance(logits_at, int) else list(logits_at)
     bad = [p for p in items if isinstance(p, bool) or not isinstance(p, int) or not -seq <= p < seq]
@@ -316,7 +319,7 @@ def _positions(logits_at: Sequence[int] | int, seq: int) -> list[int]:
     return sorted({p % seq for p in items})
 
 
-def _arrange(values: Float[Tensor, "layers rows"], by: tuple, sample: Tensor, has_heads: bool) -> Tensor:
+def arrange(values: Float[Tensor, "layers rows"], by: tuple, sample: Tensor, has_heads: bool) -> Tensor:
     """``[layers, heads-axis?, position-axis?]`` reordered to ``by``'s order, without the axes not in it."""
     heads = sample.shape[-3] if has_heads and "head" in by else 1
     seq = sample.shape[-2] if "position" in by else 1

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from ftransformer.config import Config
 from ftransformer.shapes import Int, Positions, Tensor
+from ftransformer.tracing import is_tracing
 
 
 class KVCache(NamedTuple):
@@ -109,7 +110,7 @@ def check_cache(cache: KVCache, cfg: Config, tokens: Tensor, params: dict | None
 
 def check_room(lengths: Int[Tensor, "*batch"], seq: int, max_len: int) -> None:
     """Raise ``ValueError`` if writing ``seq`` more tokens would run past ``max_len`` (skipped while tracing)."""
-    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(lengths):
+    if is_tracing(lengths):
         return
     asked = int(lengths.max()) + seq if lengths.numel() else seq
     if asked > max_len:

@@ -20,10 +20,11 @@ from ftransformer import random
 from ftransformer.cache import KVCache, init_cache
 from ftransformer.config import Config
 from ftransformer.decode_steps import Stepper, decode_step_for, untie_for_decoding
-from ftransformer.model import check_seq_lengths, check_tokens, forward_with_cache, is_tracing
+from ftransformer.model import check_seq_lengths, check_tokens, forward_with_cache
 from ftransformer.sampling import Sampling, check_sampling_arg, sample
 from ftransformer.speculative import Draft, speculative_generate
 from ftransformer.stopping import check_max_new_tokens, stack_steps, until_stopped
+from ftransformer.tracing import is_tracing
 
 SeqLengths = Int[Tensor, "*batch"] | None
 

@@ -3,7 +3,6 @@
 Step 8 adds ``forward_with_cache``: the same model over new tokens and a KV-cache of the old ones.
 """
 
-import sys
 from typing import NamedTuple
 
 import torch
@@ -21,13 +20,7 @@ from ftransformer.layers.masks import Mask, cache_mask, layer_masks, self_mask
 from ftransformer.layers.norm import norm
 from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.shapes import Float, Int, Key, Logits, Residual, Tensor, Tokens
-
-
-def is_tracing(x: Tensor) -> bool:
-    """True under ``torch.compile`` or a ``torch.func`` transform, where reading tensor values is not allowed."""
-    # Nothing can be compiling before torch._dynamo is imported; asking would import it (seconds).
-    compiling = "torch._dynamo" in sys.modules and torch.compiler.is_compiling()
-    return compiling or torch._C._functorch.is_functorch_wrapped_tensor(x)
+from ftransformer.tracing import is_tracing
 
 
 def check_ids(name: str, ids: Tensor, limit: int, *, allowed: int | None = None) -> None:

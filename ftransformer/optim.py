@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ftransformer import random
+from ftransformer.tracing import compiling, functorch_wrapped, is_tracing
 from ftransformer.tree import PyTree, flatten, flatten_like, unflatten
 from ftransformer.tree import leaves as tree_leaves
 
@@ -134,18 +135,14 @@ def _as_schedule(lr) -> Schedule:
 # ---------------------------------------------------------------- multi-tensor arithmetic
 
 
-def _is_wrapped(x: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(x)
-
-
 def use_foreach(*lists: list[Tensor]) -> bool:
     """Whether to call the ``_foreach`` kernels: eagerly, yes; not under ``vmap``/``grad``, whose wrappers
     lack them, and not under ``torch.compile``, which fuses plain per-tensor code itself (and would
     break the graph on a ``_foreach`` call with a tensor scalar)."""
-    if torch.compiler.is_compiling():
+    if compiling():
         return False
     # A transform wraps every tensor it maps over, so the first of each list tells.
-    return not any(_is_wrapped(xs[0]) for xs in lists if xs)
+    return not any(functorch_wrapped(xs[0]) for xs in lists if xs)
 
 
 class _Foreach:
@@ -250,7 +247,7 @@ def _host_int(count: Tensor) -> int | None:
     Reading a CUDA tensor would wait for the device, and reading under ``torch.compile`` or a
     ``torch.func`` transform would break the graph; those keep the arithmetic on tensors.
     """
-    if torch.compiler.is_compiling() or count.device.type != "cpu" or _is_wrapped(count):
+    if is_tracing(count) or count.device.type != "cpu":
         return None
     return int(count)
 

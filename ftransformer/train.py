@@ -36,6 +36,7 @@ from ftransformer.config import Config
 from ftransformer.data import unpack_batch
 from ftransformer.model import check_ids, check_tokens, loss_fn
 from ftransformer.precision import Precision
+from ftransformer.tracing import compiling
 
 class TrainStep(NamedTuple):
     """The one training-step type: a step and the optimizer state it starts from, like an optimizer's ``(init, update)``.
@@ -63,7 +64,7 @@ def _owned(updates: list[Tensor], params: list[Tensor], *held) -> bool:
     Built-in optimizers always return such tensors; a custom one might return a view of its state, a
     tensor used twice or an expanded one, and then the step falls back to a new allocation.
     """
-    if torch.compiler.is_compiling() or not optim.use_foreach(updates, params):
+    if compiling() or not optim.use_foreach(updates, params):
         return False
     seen = set()
     for u, p in zip(updates, params):

@@ -167,6 +167,23 @@ def test_no_module_uses_a_private_name_of_another_module():
     assert not private, f"private names used across modules (make them public): {private}"
 
 
+def _modules_naming(words: tuple[str, ...]) -> list[str]:
+    """The modules whose code names any of ``words`` (as a name or an attribute)."""
+    found = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+            if name in words:
+                found.append(module)
+                break
+    return found
+
+
+def test_only_the_tracing_module_asks_whether_torch_traces():
+    askers = _modules_naming(("is_compiling", "is_functorch_wrapped_tensor"))
+    assert askers == ["ftransformer.tracing"], f"ask ftransformer.tracing instead: {askers}"
+
+
 if __name__ == "__main__":
     print("cycles:", _cycles(_graph()))
     print("long functions:", *_long_functions(), sep="\n  ")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from ftransformer import random
+from ftransformer import validate
 from ftransformer.tracing import compiling, functorch_wrapped, is_tracing
 from ftransformer.tree import PyTree, flatten, flatten_like, unflatten
 from ftransformer.tree import leaves as tree_leaves
@@ -62,13 +63,13 @@ class SGDState(NamedTuple):
 
 
 def _step_value(step) -> int | float:
-    if isinstance(step, bool) or not isinstance(step, (int, float)):
+    if not validate.is_number(step):
         raise TypeError(f"step must be an int or a 0-d tensor, got {type(step).__name__}")
     return step
 
 
 def _check_lr(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not validate.is_number(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
@@ -96,8 +97,7 @@ def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int, final_lr:
     _check_lr("peak_lr", peak_lr)
     _check_lr("final_lr", final_lr)
     for name, value in (("warmup_steps", warmup_steps), ("total_steps", total_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        validate.non_negative_int(name, value)
     if total_steps < warmup_steps:
         raise ValueError(f"total_steps={total_steps} must be >= warmup_steps={warmup_steps}")
     peak, final = float(peak_lr), float(final_lr)
@@ -452,7 +452,7 @@ def sgd(lr: float | Schedule, momentum: float = 0.0) -> GradientTransformation:
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Scale all gradients down together when their global norm exceeds ``max_norm`` (as
     ``torch.nn.utils.clip_grad_norm_``: factor ``min(1, max_norm / (norm + 1e-6))``)."""
-    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
+    if not validate.is_number(max_norm) or not max_norm > 0:
         raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
 
     def init(params):
@@ -526,7 +526,7 @@ def dp_aggregate(clip_norm: float, noise_multiplier: float, *, key: Tensor) -> G
 
 def _check_dp_args(clip_norm: float, noise_multiplier: float, key: Tensor) -> None:
     for name, value in (("clip_norm", clip_norm), ("noise_multiplier", noise_multiplier)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not validate.is_number(value) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0, got {clip_norm!r}")

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ftransformer import tree
 from ftransformer import optim, random
+from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.data import unpack_batch
 from ftransformer.model import check_ids, check_tokens, loss_fn
@@ -178,8 +179,7 @@ def make_train_step(
     if not isinstance(cfg, Config):
         raise TypeError(f"cfg must be a Config, got {type(cfg).__name__}")
     check_optimizer(optimizer)
-    if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
-        raise ValueError(f"accum_steps must be an int >= 1, got {accum_steps!r}")
+    validate.int_at_least("accum_steps", accum_steps, 1)
     if precision is not None and not isinstance(precision, Precision):
         raise TypeError(f"precision must be a precision.Precision or None, got {type(precision).__name__}")
     core = dict(accum_steps=accum_steps, ignore_index=ignore_index, all_reduce=all_reduce, precision=precision)

@@ -184,6 +184,36 @@ def test_only_the_tracing_module_asks_whether_torch_traces():
     assert askers == ["ftransformer.tracing"], f"ask ftransformer.tracing instead: {askers}"
 
 
+def _isinstance_types(node: ast.AST) -> set[str]:
+    """The type names an ``isinstance(x, T)`` / ``isinstance(x, (T, U))`` call tests, else nothing."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance"):
+        return set()
+    if len(node.args) != 2:
+        return set()
+    types = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+    return {t.id for t in types if isinstance(t, ast.Name)}
+
+
+def _hand_written_int_checks() -> list[str]:
+    """``isinstance(x, bool) or not isinstance(x, int)`` (and its ``and not`` twin) outside validate.py."""
+    found = []
+    for module, path in _modules().items():
+        if module == "ftransformer.validate":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.BoolOp):
+                tested = set().union(*(_isinstance_types(v.operand if isinstance(v, ast.UnaryOp) else v)
+                                       for v in node.values))
+                if {"bool", "int"} <= tested:
+                    found.append(f"{module}:{node.lineno}")
+    return found
+
+
+def test_int_arguments_are_checked_by_the_validate_module():
+    found = _hand_written_int_checks()
+    assert not found, f"use ftransformer.validate (is_int, positive_int, ...) instead: {found}"
+
+
 if __name__ == "__main__":
     print("cycles:", _cycles(_graph()))
     print("long functions:", *_long_functions(), sep="\n  ")

@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from torch import Tensor
 
+from ftransformer import validate
 from ftransformer.io import atomic_write
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -158,7 +159,7 @@ class BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
+        if not validate.is_int(vocab_size) or vocab_size < 257:
             raise ValueError(f"BPE vocab_size must be an int >= 257 (256 byte symbols + merges), got {vocab_size!r}")
         if not text:
             raise ValueError("cannot train a BPE tokenizer on empty text")

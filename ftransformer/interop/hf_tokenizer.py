@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ftransformer import validate
 from ftransformer.data.tokenizers import ids_list, smallest_uint
 from ftransformer.io import atomic_write
 from ftransformer.interop.chat_template import render_chat
@@ -141,7 +142,7 @@ def generation_eos_ids(generation_config: Mapping | None) -> list[int]:
     """``eos_token_id`` of a ``generation_config.json``: one id, a list of ids, or none."""
     value = (generation_config or {}).get("eos_token_id")
     ids = [] if value is None else value if isinstance(value, list) else [value]
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    if not all(validate.is_int(i) for i in ids):
         raise ValueError(f"{GENERATION_CONFIG}: eos_token_id must be an int or a list of ints, got {value!r}")
     return ids
 

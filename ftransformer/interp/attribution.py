@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import torch
 from einops import rearrange, reduce
 
+from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.interp.patching import (
     HEAD_SITES,
@@ -183,8 +184,7 @@ def atp_report(exact: Tensor, estimate: Tensor, top: int = 10) -> str:
     if not isinstance(exact, Tensor) or not isinstance(estimate, Tensor) or exact.shape != estimate.shape:
         shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in (exact, estimate)]
         raise ValueError(f"exact and estimate must be tensors of the same shape, got {shapes[0]} and {shapes[1]}")
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ValueError(f"top must be a positive int, got {top!r}")
+    validate.positive_int("top", top)
     x, y = exact.detach().double().flatten(), estimate.detach().double().flatten()
     corr = torch.corrcoef(torch.stack([x, y]))[0, 1].item() if x.numel() > 1 else float("nan")
     # Sign agreement over the patches with an effect (exact zeros plus rounding would count as noise).

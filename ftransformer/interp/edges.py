@@ -44,6 +44,7 @@ from typing import NamedTuple
 import torch
 from einops import einsum, rearrange
 
+from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.attribution import site_gradients
@@ -324,8 +325,7 @@ def reader_gradients(
 def _check_method(method: str, steps: object) -> None:
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    validate.positive_int("steps", steps)
 
 
 def _runs(params: dict, clean: Tokens, corrupt: Tensor, cfg: Config, direction: str) -> tuple:
@@ -448,7 +448,7 @@ def top_edges(scores: EdgeScores, k: int) -> Bool[Tensor, "writers readers"]:
     if not isinstance(scores, EdgeScores):
         raise TypeError(f"scores must be the EdgeScores of edge_attribution, got {type(scores).__name__}")
     n = int(scores.graph.edges.sum())
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+    if not validate.is_int(k) or not 0 <= k <= n:
         raise ValueError(f"k must be an int in [0, {n}] (the number of edges), got {k!r}")
     magnitude = scores.scores.detach().abs().masked_fill(~scores.graph.edges.to(scores.scores.device), -float("inf"))
     keep = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)

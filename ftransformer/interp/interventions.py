@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from einops import reduce
 
+from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.patching import replace_sweep
@@ -34,14 +35,13 @@ def combine(*interventions: Interventions) -> Interventions:
 
 
 def _check_layer(layer: int, cfg: Config) -> None:
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cfg.n_layers:
-        raise ValueError(f"layer must be an int in [0, n_layers={cfg.n_layers}), got {layer!r}")
+    validate.int_in("layer", layer, 0, cfg.n_layers, high_name="n_layers")
 
 
 def _head_mask(heads: Sequence[int] | int, cfg: Config) -> Tensor:
     """1.0 for the heads kept, 0.0 for the heads named."""
     heads = [heads] if isinstance(heads, int) else list(heads)
-    bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < cfg.n_heads]
+    bad = [h for h in heads if not validate.is_int(h) or not 0 <= h < cfg.n_heads]
     if bad:
         raise ValueError(f"heads must be ints in [0, n_heads={cfg.n_heads}), got {bad}")
     keep = torch.ones(cfg.n_heads)

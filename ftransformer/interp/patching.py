@@ -38,6 +38,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.layers.block import block, wire
@@ -99,8 +100,7 @@ def check_args(clean: Tokens, corrupt: Tensor, metric, cfg: Config, site: str, b
         raise ValueError(f"by='head' needs an attn.* site (one with a heads axis), got site {site!r}")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}, got {direction!r}")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"chunk must be None or a positive int, got {chunk!r}")
+    validate.positive_int("chunk", chunk, allow_none=True)
 
 
 def base_and_source(clean: Tokens, corrupt: Tensor, direction: str) -> tuple[Tokens, Tokens]:
@@ -313,7 +313,7 @@ def replace_sweep(
 def logit_positions(logits_at: Sequence[int] | int, seq: int) -> list[int]:
     """``logits_at`` as sorted distinct positions in ``[0, seq)`` (negative ones count from the end)."""
     items = [logits_at] if isinstance(logits_at, int) else list(logits_at)
-    bad = [p for p in items if isinstance(p, bool) or not isinstance(p, int) or not -seq <= p < seq]
+    bad = [p for p in items if not validate.is_int(p) or not -seq <= p < seq]
     if bad or not items:
         raise ValueError(f"logits_at must be positions in [-seq, seq) = [{-seq}, {seq}), at least one, got {logits_at!r}")
     return sorted({p % seq for p in items})

@@ -25,6 +25,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ftransformer import random
+from ftransformer import validate
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 HPARAMS = ("l1", "k", "lr")
@@ -48,14 +49,11 @@ class SAEConfig:
     def __post_init__(self):
         for name in ("d_in", "d_sae", "k_max", "dead_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SAEConfig.{name} must be an int >= 1, got {value!r}")
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"SAEConfig.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+            validate.int_at_least(f"SAEConfig.{name}", value, 1)
+        validate.one_of("SAEConfig.architecture", self.architecture, ARCHITECTURES)
         if self.architecture in ("topk", "batchtopk") and self.k_max > self.d_sae:
             raise ValueError(f"SAEConfig.k_max={self.k_max} must be <= d_sae={self.d_sae}")
-        if isinstance(self.k_aux, bool) or not isinstance(self.k_aux, int) or not 0 <= self.k_aux <= self.d_sae:
-            raise ValueError(f"SAEConfig.k_aux must be an int in [0, d_sae={self.d_sae}], got {self.k_aux!r}")
+        validate.int_in("SAEConfig.k_aux", self.k_aux, 0, self.d_sae, closed=True, high_name="d_sae")
         for name in ("aux_coeff", "bandwidth", "init_threshold"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"SAEConfig.{name} must be >= 0, got {getattr(self, name)!r}")

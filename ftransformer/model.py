@@ -129,9 +129,10 @@ def forward_unchecked(
 ) -> Logits:
     """``forward`` without the input checks. ``tap`` sees ``embed``, then every block's values under
     ``blocks.{i}.``, then ``final`` (``interp.forward_with_activations`` passes one)."""
-    positions, masks, rotaries = block_inputs(tokens, cfg)
+    inputs = block_inputs(tokens, cfg)
+    masks, rotaries = inputs.masks, inputs.rotaries
     keys = [None] * (cfg.n_layers + 1) if key is None else random.split(key, cfg.n_layers + 1)
-    x = tap("embed", embed(params, tokens, cfg, positions=positions, key=keys[0]))
+    x = tap("embed", embed(params, tokens, cfg, positions=inputs.positions, key=keys[0]))
     for i, block_params in enumerate(params["blocks"]):
         x = block(block_params, x, cfg, mask=masks[i], rotary=rotaries[i], key=keys[i + 1], tap=tap.scope(f"blocks.{i}"))
     return unembed(params, x, cfg, tap=tap)

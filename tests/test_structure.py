@@ -214,6 +214,61 @@ def test_int_arguments_are_checked_by_the_validate_module():
     assert not found, f"use ftransformer.validate (is_int, positive_int, ...) instead: {found}"
 
 
+def _calls(node: ast.AST, name: str) -> bool:
+    func = node.func if isinstance(node, ast.Call) else None
+    return (isinstance(func, ast.Name) and func.id == name) or (isinstance(func, ast.Attribute) and func.attr == name)
+
+
+def _block_inputs_names(fn: ast.FunctionDef) -> set[str]:
+    """The names in ``fn`` that hold a ``BlockInputs``: annotated parameters and ``x = block_inputs(...)``."""
+    args = fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs
+    names = {a.arg for a in args if isinstance(a.annotation, ast.Name) and a.annotation.id == "BlockInputs"}
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Assign) and _calls(node.value, "block_inputs"):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def _positional_uses(tree: ast.Module) -> list[str]:
+    """Where a ``BlockInputs`` is indexed by position (``x[0]``) or unpacked (``a, b, c = x``) in ``tree``."""
+    found = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        names = _block_inputs_names(fn)
+
+        def holds(e, names=names):
+            return _calls(e, "block_inputs") or (isinstance(e, ast.Name) and e.id in names)
+
+        for node in ast.walk(fn):
+            by_index = isinstance(node, ast.Subscript) and holds(node.value)
+            unpacked = isinstance(node, ast.Assign) and holds(node.value)
+            unpacked = unpacked and any(isinstance(t, (ast.Tuple, ast.List)) for t in node.targets)
+            if by_index or unpacked:
+                found.append(f"{fn.name}:{node.lineno}")
+    return found
+
+
+def _positional_block_inputs() -> list[str]:
+    return [f"{m}.{use}" for m, path in _modules().items() for use in _positional_uses(ast.parse(path.read_text()))]
+
+
+def test_block_inputs_is_a_named_tuple_read_by_field_names():
+    import typing
+
+    from ftransformer import model
+
+    assert typing.get_type_hints(model.block_inputs)["return"] is model.BlockInputs
+    assert issubclass(model.BlockInputs, tuple) and model.BlockInputs._fields == ("positions", "masks", "rotaries")
+    positional = _positional_block_inputs()
+    assert not positional, f"read BlockInputs by field name (.positions, .masks, .rotaries): {positional}"
+
+
+def test_the_checker_sees_positional_block_inputs():
+    source = "def f(inputs: BlockInputs):\n    a, b, c = inputs\n    d = block_inputs(t, c)[1]\n    e = inputs.masks[0]\n"
+    assert _positional_uses(ast.parse(source)) == ["f:2", "f:3"]
+
+
 if __name__ == "__main__":
     print("cycles:", _cycles(_graph()))
     print("long functions:", *_long_functions(), sep="\n  ")

@@ -163,7 +163,7 @@ def attribution_patch(
     sample = {f"blocks.{i}.{s}": site_value(source, i, s) for i in range(cfg.n_layers) for s in (site, "attn.pattern")}
     zeros = {path: torch.zeros_like(sample[path]) for path in paths}
     grads, base = site_gradients(params, base_tokens, metric, cfg, zeros, at=at)
-    _, masks, _ = block_inputs(base_tokens, cfg)
+    masks = block_inputs(base_tokens, cfg).masks
     has_heads = site in HEAD_SITES
     rows = []
     for i in range(cfg.n_layers):

@@ -55,7 +55,7 @@ from ftransformer.layers.feedforward import feedforward
 from ftransformer.layers.linear import linear
 from ftransformer.layers.norm import norm
 from ftransformer.layers.tap import Tap
-from ftransformer.model import block_inputs, check_tokens, embed, unembed
+from ftransformer.model import BlockInputs, block_inputs, check_tokens, embed, unembed
 from ftransformer.shapes import Bool, Float, Logits, Residual, Tensor, Tokens
 
 METHODS = ("eap", "eap-ig")
@@ -179,14 +179,16 @@ def _mlp_read(acts: dict, cfg: Config) -> Residual:
     return acts["resid_mid"] if cfg.layout.residual == "sequential" else acts["resid_pre"]
 
 
-def _circuit_layer(params: dict, i: int, x: Residual, diffs: list, mask: Tensor, ablated: Tensor, cfg: Config, inputs) -> tuple:
+def _circuit_layer(
+    params: dict, i: int, x: Residual, diffs: list, mask: Tensor, ablated: Tensor, cfg: Config, inputs: BlockInputs
+) -> tuple:
     """Block ``i`` of the circuit: ``(x, diffs)`` after it, from those entering it (``x`` the run's own residual,
     ``diffs`` the writes so far minus their replacements, ``z_u - z~_u``, in the graph's order).
 
     The block's own wiring (``layers.block.wire``) adds the writes up; only what the readers read changes:
     the attention computes each head from its readers' inputs, and the MLP's hidden units are replaced by
     those of its input minus its ablated writes."""
-    _, masks, rotaries = inputs
+    masks, rotaries = inputs.masks, inputs.rotaries
     mlp, n_writers, n_readers = _sizes(cfg)
     p, w0, r0 = params["blocks"][i], 1 + i * n_writers, i * n_readers
     b_o = p["attn"].get("b_o")
@@ -311,7 +313,7 @@ def reader_gradients(
     fixes = {} if embedding is None else {"embed": lambda v: embedding.to(v.dtype)}
     check_tokens(tokens, cfg)
     grads, acts = site_gradients(params, tokens, metric, cfg, zeros, interventions=fixes)
-    _, _, rotaries = block_inputs(tokens, cfg)
+    rotaries = block_inputs(tokens, cfg).rotaries
     parts = []
     for i, (p, a) in enumerate(zip(params["blocks"], acts["blocks"])):
         qkv = tuple(grads[f"blocks.{i}.attn.{s}"] for s in "qkv")

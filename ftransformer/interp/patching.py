@@ -75,7 +75,7 @@ def run_from(
     and ``interventions`` (paths ``blocks.{i}.*``, ``i >= start``) are applied as in ``forward_with_activations``.
     ``at``: unembed only these positions (of ``x``'s), the logits ``[*batch, len(at), vocab]``. ``tap``: a
     ``Tap`` to record the blocks' activations in (it applies its own interventions; None: record nothing)."""
-    _, masks, rotaries = inputs
+    masks, rotaries = inputs.masks, inputs.rotaries
     tap = _Apply(interventions) if tap is None else tap
     for i in range(start, cfg.n_layers):
         x = block(params["blocks"][i], x, cfg, mask=masks[i], rotary=rotaries[i], tap=tap.scope(f"blocks.{i}"))
@@ -141,10 +141,9 @@ def site_value(acts: dict, layer: int, site: str) -> Tensor:
 def _suffix_inputs(inputs: BlockInputs, start: int) -> BlockInputs:
     """``block_inputs`` for the queries at positions ``start, ...`` only: the mask rows and rotary tables of
     those positions (the keys stay every position's: the prefix's come from the base run)."""
-    positions, masks, rotaries = inputs
-    rows = tuple(Mask(m.allowed[..., start:, :]) for m in masks)
-    tables = tuple(None if r is None else Rotary(r.cos[..., start:, :], r.sin[..., start:, :]) for r in rotaries)
-    return BlockInputs(positions[start:], rows, tables)
+    rows = tuple(Mask(m.allowed[..., start:, :]) for m in inputs.masks)
+    tables = tuple(None if r is None else Rotary(r.cos[..., start:, :], r.sin[..., start:, :]) for r in inputs.rotaries)
+    return BlockInputs(inputs.positions[start:], rows, tables)
 
 
 def _with_prefix(base: dict, layer: int, first: int, cfg: Config, fixes: dict) -> dict:

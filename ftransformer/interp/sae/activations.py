@@ -61,8 +61,9 @@ def site_activations(params: dict, tokens: Int[Tensor, "*batch seq"], cfg: Confi
         return site_value(forward_with_activations(params, tokens, cfg)[1], path)
     check_tokens(tokens, cfg)
     tap = _SiteTap({path})
-    positions, masks, rotaries = block_inputs(tokens, cfg)
-    x = tap("embed", embed(params, tokens, cfg, positions=positions))
+    inputs = block_inputs(tokens, cfg)
+    masks, rotaries = inputs.masks, inputs.rotaries
+    x = tap("embed", embed(params, tokens, cfg, positions=inputs.positions))
     last = int(path.split(".")[1]) if path.startswith("blocks.") else -1
     for i in range(last + 1):
         x = block(params["blocks"][i], x, cfg, mask=masks[i], rotary=rotaries[i], tap=tap.scope(f"blocks.{i}"))

@@ -269,6 +269,34 @@ def test_the_checker_sees_positional_block_inputs():
     assert _positional_uses(ast.parse(source)) == ["f:2", "f:3"]
 
 
+RESHAPES = ("reshape", "view", "permute", "transpose", "flatten", "unflatten")
+# (module, function) pairs of ftransformer.interp that may reshape by hand, each with its reason: their axes are
+# decided at run time, where an einops pattern would have to be built from strings.
+RESHAPES_ALLOWED: dict[tuple[str, str], str] = {}
+
+
+def _hand_reshapes(package: str = "ftransformer.interp") -> list[tuple[str, str]]:
+    """``(module, function)`` of every ``.reshape(`` / ``.view(`` / ... call in ``package`` (einops elsewhere)."""
+    found = []
+    for module, path in _modules().items():
+        if module != package and not module.startswith(package + "."):
+            continue
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in RESHAPES:
+                        found.append((module, fn.name))
+    return sorted(set(found))
+
+
+def test_interp_reshapes_with_einops():
+    by_hand = [f"{m}.{f}" for m, f in _hand_reshapes() if (m, f) not in RESHAPES_ALLOWED]
+    assert not by_hand, f"use einops.rearrange (glossary axis names) or add a reasoned RESHAPES_ALLOWED entry: {by_hand}"
+    stale = [key for key in RESHAPES_ALLOWED if key not in _hand_reshapes()]
+    assert not stale, f"RESHAPES_ALLOWED entries that no longer reshape by hand: {stale}"
+
+
 if __name__ == "__main__":
     print("cycles:", _cycles(_graph()))
     print("long functions:", *_long_functions(), sep="\n  ")

@@ -106,7 +106,7 @@ def _qk_star(layer: dict, source: Tensor, grad_pattern: Tensor, mask: Mask, cfg:
 
     def by_kv(t: Tensor) -> Tensor:
         """``[*batch, heads, seq, last]`` -> ``[kv_heads, *batch, group, seq, last]`` (query heads by key head)."""
-        return t.unflatten(-3, (kv_heads, -1)).movedim(-4, 0)
+        return rearrange(t, "... (kv_heads group) seq last -> kv_heads ... group seq last", kv_heads=kv_heads)
 
     q, pattern, grad = by_kv(layer["attn"]["q"]), by_kv(layer["attn"]["pattern"]), by_kv(grad_pattern)
     k = rearrange(layer["attn"]["k"], "... kv_heads seq head_dim -> kv_heads ... seq head_dim")
@@ -185,7 +185,7 @@ def atp_report(exact: Tensor, estimate: Tensor, top: int = 10) -> str:
         shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in (exact, estimate)]
         raise ValueError(f"exact and estimate must be tensors of the same shape, got {shapes[0]} and {shapes[1]}")
     validate.positive_int("top", top)
-    x, y = exact.detach().double().flatten(), estimate.detach().double().flatten()
+    x, y = (rearrange(t.detach().double(), "... -> (...)") for t in (exact, estimate))
     corr = torch.corrcoef(torch.stack([x, y]))[0, 1].item() if x.numel() > 1 else float("nan")
     # Sign agreement over the patches with an effect (exact zeros plus rounding would count as noise).
     real = x.abs() > 1e-3 * x.abs().max()

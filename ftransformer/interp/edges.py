@@ -271,7 +271,8 @@ def _delta_paths(cfg: Config, tokens: Tokens) -> dict:
 
 def _one_hot_cotangents(g: Tensor, n: int, before: int, after: int) -> Tensor:
     """``[before + n + after, *g.shape]``: zeros, then ``g`` restricted to head ``j`` for row ``before + j``."""
-    eye = torch.eye(n, dtype=g.dtype, device=g.device).reshape(n, *[1] * (g.ndim - 3), n, 1, 1)
+    batch = " ".join(["()"] * (g.ndim - 3))  # g is [*batch, heads, seq, last]
+    eye = rearrange(torch.eye(n, dtype=g.dtype, device=g.device), f"row heads -> row {batch} heads () ()")
     rows = g[None] * eye
     return torch.cat([rows.new_zeros(before, *g.shape), rows, rows.new_zeros(after, *g.shape)])
 
@@ -453,9 +454,10 @@ def top_edges(scores: EdgeScores, k: int) -> Bool[Tensor, "writers readers"]:
     if not validate.is_int(k) or not 0 <= k <= n:
         raise ValueError(f"k must be an int in [0, {n}] (the number of edges), got {k!r}")
     magnitude = scores.scores.detach().abs().masked_fill(~scores.graph.edges.to(scores.scores.device), -float("inf"))
-    keep = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
-    keep[magnitude.flatten().topk(k).indices] = True
-    return keep.reshape(magnitude.shape)
+    top = rearrange(magnitude, "writers readers -> (writers readers)").topk(k).indices
+    keep = torch.zeros_like(magnitude, dtype=torch.bool)
+    keep[torch.unravel_index(top, magnitude.shape)] = True
+    return keep
 
 
 def default_ks(n: int) -> tuple[int, ...]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -105,7 +106,7 @@ def collect_activations(
     with torch.no_grad():
         for tokens in batches:
             acts = site_activations(params, tokens, cfg, path)
-            rows = (acts[..., 1:, :] if drop_first else acts).reshape(-1, d_in)
+            rows = rearrange(acts[..., 1:, :] if drop_first else acts, "... d_in -> (...) d_in", d_in=d_in)
             take = min(rows.shape[0], n_tokens - filled)
             data[filled : filled + take] = rows[:take].to(torch.float32).numpy()
             filled += take

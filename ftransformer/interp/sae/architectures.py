@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor
 
@@ -129,9 +130,9 @@ def jump_l0(pre: Float[Tensor, "*batch d_sae"], theta: Float[Tensor, " d_sae"], 
 
 def batch_kth(pre: Float[Tensor, "*batch d_sae"], k: Tensor, width: int) -> Float[Tensor, ""]:
     """BatchTopK's cut: the ``k * tokens``-th largest pre-activation over the whole batch."""
-    flat = pre.reshape(1, -1)
+    flat = rearrange(pre, "... d_sae -> () (... d_sae)")
     tokens = flat.shape[-1] // pre.shape[-1]
-    return kth_largest(flat, k * tokens, width * tokens).reshape(())
+    return rearrange(kth_largest(flat, k * tokens, width * tokens), "() () ->")
 
 
 def encode(params: dict, x: Float[Tensor, "*batch d_in"], hp: dict, cfg: SAEConfig, *,

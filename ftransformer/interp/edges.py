@@ -326,8 +326,7 @@ def reader_gradients(
 
 
 def _check_method(method: str, steps: object) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    validate.one_of("method", method, METHODS)
     validate.positive_int("steps", steps)
 
 
@@ -489,8 +488,7 @@ def faithfulness(
     batch and positions, as ``interventions.head_means``), ``"zero"`` or ``"corrupt"`` (the corrupted run's
     writes). The circuits, the full model and the empty circuit are ONE ``vmap`` over their masks."""
     check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), "denoise", chunk)
-    if ablation not in ABLATIONS:
-        raise ValueError(f"ablation must be one of {', '.join(map(repr, ABLATIONS))}, got {ablation!r}")
+    validate.one_of("ablation", ablation, ABLATIONS)
     g = graph(cfg)
     if not isinstance(scores, EdgeScores) or scores.graph.writers != g.writers or scores.graph.readers != g.readers:
         raise ValueError("scores must be the EdgeScores of edge_attribution for a model of this config")

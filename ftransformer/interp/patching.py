@@ -91,16 +91,14 @@ def check_args(clean: Tokens, corrupt: Tensor, metric, cfg: Config, site: str, b
         raise ValueError(f"clean and corrupt must have the same shape, got {tuple(clean.shape)} and {tuple(corrupt.shape)}")
     if not callable(metric):
         raise TypeError(f"metric must be a function logits -> scalar tensor, got {type(metric).__name__}")
-    if site not in SITES:
-        raise ValueError(f"site must be one of {', '.join(map(repr, SITES))}, got {site!r}")
+    validate.one_of("site", site, SITES)
     if site == "mlp.hidden" and not cfg.layout.mlp:
         raise ValueError("site 'mlp.hidden' needs a model with an MLP, got cfg.layout.mlp=False")
     if "layer" not in by or len(set(by)) != len(by) or not set(by) <= set(AXES):
         raise ValueError(f"by must hold 'layer' and any of 'position', 'head', each once, got {by!r}")
     if "head" in by and site not in HEAD_SITES:
         raise ValueError(f"by='head' needs an attn.* site (one with a heads axis), got site {site!r}")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}, got {direction!r}")
+    validate.one_of("direction", direction, DIRECTIONS)
     if chunk is not None and (not validate.is_int(chunk) or chunk < 1):
         raise ValueError(f"chunk must be None or a positive int, got {chunk!r}")
 

@@ -135,7 +135,8 @@ def _module_aliases(module: str, tree: ast.Module, is_package: bool, known: set[
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             target = _resolve(module, node, is_package)
-            aliases.update({a.asname or a.name: f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in known})
+            full = {a.asname or a.name: f"{target}.{a.name}" for a in node.names}
+            aliases.update({name: module_ for name, module_ in full.items() if module_ in known})
         elif isinstance(node, ast.Import):
             aliases.update({a.asname: a.name for a in node.names if a.asname and a.name in known})
     return aliases
@@ -265,7 +266,7 @@ def test_block_inputs_is_a_named_tuple_read_by_field_names():
 
 
 def test_the_checker_sees_positional_block_inputs():
-    source = "def f(inputs: BlockInputs):\n    a, b, c = inputs\n    d = block_inputs(t, c)[1]\n    e = inputs.masks[0]\n"
+    source = "def f(inputs: BlockInputs):\n    a, b, c = inputs\n    d = block_inputs(t, c)[1]\n    e = inputs.masks[0]"
     assert _positional_uses(ast.parse(source)) == ["f:2", "f:3"]
 
 
@@ -285,14 +286,15 @@ def _hand_reshapes(package: str = "ftransformer.interp") -> list[tuple[str, str]
         for fn in ast.walk(tree):
             if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 for node in ast.walk(fn):
-                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in RESHAPES:
+                    call = node.func if isinstance(node, ast.Call) else None
+                    if isinstance(call, ast.Attribute) and call.attr in RESHAPES:
                         found.append((module, fn.name))
     return sorted(set(found))
 
 
 def test_interp_reshapes_with_einops():
     by_hand = [f"{m}.{f}" for m, f in _hand_reshapes() if (m, f) not in RESHAPES_ALLOWED]
-    assert not by_hand, f"use einops.rearrange (glossary axis names) or add a reasoned RESHAPES_ALLOWED entry: {by_hand}"
+    assert not by_hand, f"use einops.rearrange (glossary axis names), or a reasoned RESHAPES_ALLOWED entry: {by_hand}"
     stale = [key for key in RESHAPES_ALLOWED if key not in _hand_reshapes()]
     assert not stale, f"RESHAPES_ALLOWED entries that no longer reshape by hand: {stale}"
 

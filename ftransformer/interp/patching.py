@@ -220,7 +220,8 @@ def _layer_sweep(params, base: dict, src: Tensor, metric: Metric, cfg: Config, l
     has_heads = site in HEAD_SITES
     masks = patch_masks(by, src.shape[-3] if has_heads else 1, src.shape[-2], src.device)
     seq = src.shape[-2]
-    grid = rearrange(masks, "(head_row seq_row) heads seq -> head_row seq_row heads seq", seq_row=seq if "position" in by else 1)
+    seq_rows = seq if "position" in by else 1
+    grid = rearrange(masks, "(head_row seq_row) heads seq -> head_row seq_row heads seq", seq_row=seq_rows)
     parts = []
     for first, stop in position_buckets(seq, by):
         part = rearrange(grid[:, first:stop], "head_row seq_row heads seq -> (head_row seq_row) heads seq")

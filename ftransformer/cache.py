@@ -17,8 +17,10 @@ the row's next tokens overwrite them. The mask that hides them is ``layers.masks
 from typing import NamedTuple
 
 import torch
+from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.shapes import Int, Positions, Tensor
+from ftransformer.tracing import is_tracing
 
 
 class KVCache(NamedTuple):
@@ -57,16 +59,15 @@ def init_cache(
     """
     if not isinstance(cfg, Config):
         raise TypeError(f"cfg must be a Config, got {type(cfg).__name__}")
-    batch_shape = (batch_size,) if isinstance(batch_size, int) and not isinstance(batch_size, bool) else batch_size
+    batch_shape = (batch_size,) if validate.is_int(batch_size) else batch_size
     if not (
         isinstance(batch_shape, tuple)
-        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in batch_shape)
+        and all(validate.is_int(n) and n > 0 for n in batch_shape)
     ):
         raise ValueError(f"batch_size must be a positive int or a tuple of them, got {batch_size!r}")
     if max_len is None:
         max_len = cfg.max_seq_len
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len <= 0:
-        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    validate.positive_int("max_len", max_len)
     if max_len > cfg.max_seq_len:
         raise ValueError(f"max_len={max_len} exceeds max_seq_len={cfg.max_seq_len}")
     dtype = torch.get_default_dtype() if dtype is None else dtype
@@ -109,7 +110,7 @@ def check_cache(cache: KVCache, cfg: Config, tokens: Tensor, params: dict | None
 
 def check_room(lengths: Int[Tensor, "*batch"], seq: int, max_len: int) -> None:
     """Raise ``ValueError`` if writing ``seq`` more tokens would run past ``max_len`` (skipped while tracing)."""
-    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(lengths):
+    if is_tracing(lengths):
         return
     asked = int(lengths.max()) + seq if lengths.numel() else seq
     if asked > max_len:

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor
 
+from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.data import TOKENIZER_FILE, Tokenizer, tokenizer_from_json
 from ftransformer.io import fsync, temp_sibling
@@ -116,8 +117,7 @@ def _json_default(x):
 def _check_save_args(config: Config | dict, step: int) -> None:
     if not isinstance(config, (Config, dict)):
         raise TypeError(f"config must be a Config (or, for a tree that is not a model, a JSON dict), got {type(config).__name__}")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    validate.non_negative_int("step", step)
 
 
 def _split_opt_state(opt_state: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:

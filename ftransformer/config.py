@@ -4,6 +4,8 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ftransformer import validate
+
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post", "sandwich", "output")
 POSITIONALS = ("learned", "sinusoidal", "rope")
@@ -21,24 +23,18 @@ ROPE_SCALINGS_LATER = ("dynamic", "yarn", "longrope")
 
 
 def _check_int(owner: str, name: str, value, *, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        none = " or None" if allow_none else ""
-        raise ValueError(f"{owner}.{name} must be an int{none}, got {value!r} ({type(value).__name__})")
-    if value <= 0:
+    validate.integer(f"{owner}.{name}", value, allow_none=allow_none)
+    if value is not None and value <= 0:
         raise ValueError(f"{owner}.{name} must be positive, got {value}")
 
 
 def _check_positive(owner: str, name: str, value) -> None:
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+    if not (validate.is_number(value) and value > 0):
         raise ValueError(f"{owner}.{name}={value!r} must be a positive number")
 
 
 def _check_bool(owner: str, name: str, value) -> None:
-    # A string like "false" is truthy; only a real bool says what the caller meant.
-    if not isinstance(value, bool):
-        raise ValueError(f"{owner}.{name} must be a bool, got {value!r} ({type(value).__name__})")
+    validate.boolean(f"{owner}.{name}", value)
 
 
 def _check_choice(owner: str, name: str, value, choices: tuple) -> None:
@@ -292,11 +288,7 @@ class Config:
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "n_layers", "d_ff", "max_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"Config.{name} must be an int, got {value!r} ({type(value).__name__})")
-            if value <= 0:
-                raise ValueError(f"Config.{name} must be positive, got {value}")
+            _check_int("Config", name, getattr(self, name))
         for name, cls in SPECS.items():
             if not isinstance(getattr(self, name), cls):
                 got = getattr(self, name)

@@ -316,7 +316,7 @@ class Members(TokenData):
         train_eval, val = self._sets
         train_loss = evaluate_ensemble(state.params, train_eval, self.cfg).tolist()
         val_loss = evaluate_ensemble(state.params, val, self.cfg).tolist()
-        lrs = optim._find_lr(state.opt_state)
+        lrs = optim.find_lr(state.opt_state)
         records = [
             {"step": state.step, "member": i, "name": self.names[i], "seed": self.seeds[i],
              "hparams": {k: self.members[i][k] for k in self.hp_names}, "train_loss": train_loss[i],

@@ -17,13 +17,15 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ftransformer import random
+from ftransformer import validate
 from ftransformer.cache import KVCache, init_cache
 from ftransformer.config import Config
 from ftransformer.decode_steps import Stepper, decode_step_for, untie_for_decoding
-from ftransformer.model import check_seq_lengths, check_tokens, forward_with_cache, is_tracing
+from ftransformer.model import check_seq_lengths, check_tokens, forward_with_cache
 from ftransformer.sampling import Sampling, check_sampling_arg, sample
 from ftransformer.speculative import Draft, speculative_generate
 from ftransformer.stopping import check_max_new_tokens, stack_steps, until_stopped
+from ftransformer.tracing import is_tracing
 
 SeqLengths = Int[Tensor, "*batch"] | None
 
@@ -162,8 +164,7 @@ def generate_stream_sliding(
     """
     if keep is None:
         keep = max(cfg.max_seq_len // 2, 1)
-    if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep < cfg.max_seq_len:
-        raise ValueError(f"keep must be an int in [1, max_seq_len={cfg.max_seq_len}), got {keep!r}")
+    validate.int_in("keep", keep, 1, cfg.max_seq_len, high_name="max_seq_len")
     check_sampling_arg(sampling)
     random.key(seed)  # checks the seed at the call
     check_max_new_tokens(max_new_tokens)

@@ -40,6 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ftransformer import optim, random, tree
+from ftransformer import validate
 from ftransformer.checkpoint import (
     BEST, LATEST, checkpoint_exists, load_checkpoint, read_checkpoint_info, restore_opt_state, save_checkpoint,
 )
@@ -103,8 +104,7 @@ def plot_history(path: Path, history: list[dict]) -> None:
 
 
 def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    validate.int_at_least(name, value, 1)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@
 Step 8 adds ``forward_with_cache``: the same model over new tokens and a KV-cache of the old ones.
 """
 
-import sys
 from typing import NamedTuple
 
 import torch
@@ -21,13 +20,7 @@ from ftransformer.layers.masks import Mask, cache_mask, layer_masks, self_mask
 from ftransformer.layers.norm import norm
 from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.shapes import Float, Int, Key, Logits, Residual, Tensor, Tokens
-
-
-def is_tracing(x: Tensor) -> bool:
-    """True under ``torch.compile`` or a ``torch.func`` transform, where reading tensor values is not allowed."""
-    # Nothing can be compiling before torch._dynamo is imported; asking would import it (seconds).
-    compiling = "torch._dynamo" in sys.modules and torch.compiler.is_compiling()
-    return compiling or torch._C._functorch.is_functorch_wrapped_tensor(x)
+from ftransformer.tracing import is_tracing
 
 
 def check_ids(name: str, ids: Tensor, limit: int, *, allowed: int | None = None) -> None:
@@ -136,9 +129,10 @@ def forward_unchecked(
 ) -> Logits:
     """``forward`` without the input checks. ``tap`` sees ``embed``, then every block's values under
     ``blocks.{i}.``, then ``final`` (``interp.forward_with_activations`` passes one)."""
-    positions, masks, rotaries = block_inputs(tokens, cfg)
+    inputs = block_inputs(tokens, cfg)
+    masks, rotaries = inputs.masks, inputs.rotaries
     keys = [None] * (cfg.n_layers + 1) if key is None else random.split(key, cfg.n_layers + 1)
-    x = tap("embed", embed(params, tokens, cfg, positions=positions, key=keys[0]))
+    x = tap("embed", embed(params, tokens, cfg, positions=inputs.positions, key=keys[0]))
     for i, block_params in enumerate(params["blocks"]):
         x = block(block_params, x, cfg, mask=masks[i], rotary=rotaries[i], key=keys[i + 1], tap=tap.scope(f"blocks.{i}"))
     return unembed(params, x, cfg, tap=tap)

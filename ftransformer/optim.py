@@ -23,6 +23,8 @@ import torch
 from torch import Tensor
 
 from ftransformer import random
+from ftransformer import validate
+from ftransformer.tracing import compiling, functorch_wrapped, is_tracing
 from ftransformer.tree import PyTree, flatten, flatten_like, unflatten
 from ftransformer.tree import leaves as tree_leaves
 
@@ -61,13 +63,13 @@ class SGDState(NamedTuple):
 
 
 def _step_value(step) -> int | float:
-    if isinstance(step, bool) or not isinstance(step, (int, float)):
+    if not validate.is_number(step):
         raise TypeError(f"step must be an int or a 0-d tensor, got {type(step).__name__}")
     return step
 
 
 def _check_lr(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if not validate.is_number(value) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
@@ -95,8 +97,7 @@ def warmup_cosine(peak_lr: float, warmup_steps: int, total_steps: int, final_lr:
     _check_lr("peak_lr", peak_lr)
     _check_lr("final_lr", final_lr)
     for name, value in (("warmup_steps", warmup_steps), ("total_steps", total_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        validate.non_negative_int(name, value)
     if total_steps < warmup_steps:
         raise ValueError(f"total_steps={total_steps} must be >= warmup_steps={warmup_steps}")
     peak, final = float(peak_lr), float(final_lr)
@@ -134,18 +135,14 @@ def _as_schedule(lr) -> Schedule:
 # ---------------------------------------------------------------- multi-tensor arithmetic
 
 
-def _is_wrapped(x: Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(x)
-
-
-def _use_foreach(*lists: list[Tensor]) -> bool:
+def use_foreach(*lists: list[Tensor]) -> bool:
     """Whether to call the ``_foreach`` kernels: eagerly, yes; not under ``vmap``/``grad``, whose wrappers
     lack them, and not under ``torch.compile``, which fuses plain per-tensor code itself (and would
     break the graph on a ``_foreach`` call with a tensor scalar)."""
-    if torch.compiler.is_compiling():
+    if compiling():
         return False
     # A transform wraps every tensor it maps over, so the first of each list tells.
-    return not any(_is_wrapped(xs[0]) for xs in lists if xs)
+    return not any(functorch_wrapped(xs[0]) for xs in lists if xs)
 
 
 class _Foreach:
@@ -250,13 +247,14 @@ def _host_int(count: Tensor) -> int | None:
     Reading a CUDA tensor would wait for the device, and reading under ``torch.compile`` or a
     ``torch.func`` transform would break the graph; those keep the arithmetic on tensors.
     """
-    if torch.compiler.is_compiling() or count.device.type != "cpu" or _is_wrapped(count):
+    if is_tracing(count) or count.device.type != "cpu":
         return None
     return int(count)
 
 
-def _ops(*lists: list[Tensor]):
-    return _Foreach if _use_foreach(*lists) else _PerTensor
+def tensor_ops(*lists: list[Tensor]):
+    """The list-of-tensors kernels to use here: the ``_foreach`` ones or the per-tensor loop."""
+    return _Foreach if use_foreach(*lists) else _PerTensor
 
 
 # ---------------------------------------------------------------- tree helpers
@@ -271,7 +269,7 @@ def global_norm(tree: PyTree) -> Tensor:
     leaves = tree_leaves(tree)
     if not leaves:
         return torch.zeros(())
-    norms = _ops(leaves).norms(leaves)
+    norms = tensor_ops(leaves).norms(leaves)
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
@@ -280,7 +278,7 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     p, spec = flatten(params)
     u = flatten_like(updates, spec, "updates")
     u = [x.to(y.dtype) for x, y in zip(u, p)]
-    return unflatten(_ops(p, u).add(p, u), spec)
+    return unflatten(tensor_ops(p, u).add(p, u), spec)
 
 
 # ---------------------------------------------------------------- transformations
@@ -373,7 +371,7 @@ def _adamw_update(schedule: Schedule, b1: float, b2: float, eps: float, weight_d
         g, spec = flatten(grads)
         m = flatten_like(state.mu, spec, "opt_state.mu")
         v = flatten_like(state.nu, spec, "opt_state.nu")
-        ops = _ops(g, m, v)
+        ops = tensor_ops(g, m, v)
         lr_t, bias1, sqrt_bias2 = _bias_corrections(state.count, schedule, b1, b2)
         m, v = _adam_moments(ops, g, m, v, b1, b2)
         updates = _adam_direction(ops, m, v, eps, sqrt_bias2)
@@ -436,13 +434,13 @@ def sgd(lr: float | Schedule, momentum: float = 0.0) -> GradientTransformation:
         trace = state.trace
         if momentum:
             buf = flatten_like(state.trace, spec, "opt_state.trace")
-            ops = _ops(g, buf)
+            ops = tensor_ops(g, buf)
             # buf starts at zero, so the first step's buffer is the gradient itself, as in torch.
             direction = ops.mul(buf, momentum)
             ops.add_(direction, g)
             trace = unflatten(direction, spec)
         else:
-            ops, direction = _ops(g), g
+            ops, direction = tensor_ops(g), g
         updates = ops.mul(direction, -lr_t)
         count = state.count + 1
         lr_saved = torch.as_tensor(lr_t, dtype=torch.float32, device=count.device)
@@ -454,7 +452,7 @@ def sgd(lr: float | Schedule, momentum: float = 0.0) -> GradientTransformation:
 def clip_by_global_norm(max_norm: float) -> GradientTransformation:
     """Scale all gradients down together when their global norm exceeds ``max_norm`` (as
     ``torch.nn.utils.clip_grad_norm_``: factor ``min(1, max_norm / (norm + 1e-6))``)."""
-    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
+    if not validate.is_number(max_norm) or not max_norm > 0:
         raise ValueError(f"max_norm must be a number > 0, got {max_norm!r}")
 
     def init(params):
@@ -464,7 +462,7 @@ def clip_by_global_norm(max_norm: float) -> GradientTransformation:
         g, spec = flatten(grads)
         if not g:
             return grads, state
-        ops = _ops(g)
+        ops = tensor_ops(g)
         norm = torch.linalg.vector_norm(torch.stack(ops.norms(g)))
         factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
         return unflatten(ops.mul(g, factor), spec), state
@@ -528,7 +526,7 @@ def dp_aggregate(clip_norm: float, noise_multiplier: float, *, key: Tensor) -> G
 
 def _check_dp_args(clip_norm: float, noise_multiplier: float, key: Tensor) -> None:
     for name, value in (("clip_norm", clip_norm), ("noise_multiplier", noise_multiplier)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not validate.is_number(value) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0, got {clip_norm!r}")
@@ -580,13 +578,14 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def _find_lr(state) -> Tensor | None:
+def find_lr(state) -> Tensor | None:
+    """The learning rate stored in an optimiser state (searched through nested states), or None."""
     if isinstance(state, tuple) and hasattr(state, "_fields"):
         if "lr" in state._fields:
             return state.lr
     if isinstance(state, (tuple, list)):
         for s in state:
-            found = _find_lr(s)
+            found = find_lr(s)
             if found is not None:
                 return found
     return None
@@ -594,7 +593,7 @@ def _find_lr(state) -> Tensor | None:
 
 def current_lr(opt_state) -> Tensor:
     """The learning rate of the latest update (before any update: of the first), read from the state."""
-    lr = _find_lr(opt_state)
+    lr = find_lr(opt_state)
     if lr is None:
         raise ValueError(f"opt_state of type {type(opt_state).__name__} holds no learning rate")
     return lr

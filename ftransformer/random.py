@@ -7,6 +7,7 @@ eagerly, under ``torch.func.vmap`` (each member's key gives that member its own 
 
 import torch
 
+from ftransformer import validate
 from ftransformer.shapes import Int, Key, Tensor
 
 _MASK32 = 0xFFFFFFFF
@@ -16,7 +17,7 @@ _M1, _M2, _GOLDEN = 0x7FEB352D, 0x5BD1E995, 0x1E3779B9
 
 def key(seed: int) -> Key:
     """A key from an integer seed."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not validate.is_int(seed):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
     return torch.tensor(seed & 0x7FFFFFFFFFFFFFFF, dtype=torch.int64)
 

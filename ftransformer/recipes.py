@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from ftransformer import optim
+from ftransformer import validate
 from ftransformer.data import TOKENIZER_KINDS
 from ftransformer.loop import FitSettings
 
@@ -46,34 +47,26 @@ class TrainRecipe:
     def __post_init__(self):
         for name in ("batch_size", "seq_len", "steps", "accum_steps", "eval_every", "bpe_vocab_size"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            validate.int_at_least(name, value, 1)
         e = self.eval_batches
-        if e != "all" and (isinstance(e, bool) or not isinstance(e, int) or e < 1):
+        if e != "all" and (not validate.is_int(e) or e < 1):
             raise ValueError(f"eval_batches must be an int >= 1 or 'all', got {e!r}")
-        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        validate.non_negative_int("warmup_steps", self.warmup_steps)
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by accum_steps={self.accum_steps}")
-        if self.warmup_form not in WARMUP_FORMS:
-            choices = ", ".join(map(repr, WARMUP_FORMS))
-            raise ValueError(f"warmup_form must be one of {choices}, got {self.warmup_form!r}")
-        if self.tokenizer not in TOKENIZER_KINDS:
-            choices = ", ".join(map(repr, TOKENIZER_KINDS))
-            raise ValueError(f"tokenizer must be one of {choices}, got {self.tokenizer!r}")
+        validate.one_of("warmup_form", self.warmup_form, WARMUP_FORMS)
+        validate.one_of("tokenizer", self.tokenizer, TOKENIZER_KINDS)
         if self.tokenizer == "bpe" and self.bpe_vocab_size < 257:
             raise ValueError(f"bpe_vocab_size must be >= 257 (256 byte symbols + merges), got {self.bpe_vocab_size}")
         for name in ("lr", "eps", "weight_decay", "grad_clip"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            if not validate.is_number(value) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            if not validate.is_number(value) or not 0 <= value < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {value!r}")
-        if isinstance(self.min_lr_ratio, bool) or not isinstance(self.min_lr_ratio, (int, float)) or not (
-            0 <= self.min_lr_ratio <= 1
-        ):
+        if not validate.is_number(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if not (isinstance(self.val_fraction, (int, float)) and 0 < self.val_fraction < 1):
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction!r}")

@@ -12,16 +12,16 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ftransformer import random
+from ftransformer import validate
 
 
 def check_sampling(temperature: float | int, top_k: int | None, top_p: float | None) -> None:
     """Raise ``ValueError`` on sampling settings outside their ranges."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+    if not validate.is_number(temperature) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
-        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+    validate.positive_int("top_k", top_k, allow_none=True)
     if top_p is not None and (
-        isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0
+        not validate.is_number(top_p) or not 0.0 < top_p <= 1.0
     ):
         raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
 

@@ -26,6 +26,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ftransformer import random
+from ftransformer import validate
 from ftransformer.cache import KVCache, init_cache
 from ftransformer.config import Config
 from ftransformer.decode_steps import untie_for_decoding
@@ -74,8 +75,7 @@ class Draft:
     def __post_init__(self):
         if not isinstance(self.cfg, Config):
             raise TypeError(f"Draft's cfg must be a Config, got {type(self.cfg).__name__}")
-        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
-            raise ValueError(f"draft tokens must be an int >= 1, got {self.tokens!r}")
+        validate.int_at_least("draft tokens", self.tokens, 1)
 
 
 class _Model(NamedTuple):

@@ -12,11 +12,12 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from ftransformer import validate
+
 
 def check_max_new_tokens(max_new_tokens) -> None:
     """Raise ``ValueError`` unless ``max_new_tokens`` is an int >= 0."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    validate.non_negative_int("max_new_tokens", max_new_tokens)
 
 
 def until_stopped(steps: Iterator[Tensor], stop_tokens: Sequence[int], pad_id: int) -> Iterator[Tensor]:

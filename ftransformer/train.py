@@ -32,10 +32,12 @@ from tqdm.auto import tqdm
 
 from ftransformer import tree
 from ftransformer import optim, random
+from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.data import unpack_batch
 from ftransformer.model import check_ids, check_tokens, loss_fn
 from ftransformer.precision import Precision
+from ftransformer.tracing import compiling
 
 class TrainStep(NamedTuple):
     """The one training-step type: a step and the optimizer state it starts from, like an optimizer's ``(init, update)``.
@@ -63,7 +65,7 @@ def _owned(updates: list[Tensor], params: list[Tensor], *held) -> bool:
     Built-in optimizers always return such tensors; a custom one might return a view of its state, a
     tensor used twice or an expanded one, and then the step falls back to a new allocation.
     """
-    if torch.compiler.is_compiling() or not optim._use_foreach(updates, params):
+    if compiling() or not optim.use_foreach(updates, params):
         return False
     seen = set()
     for u, p in zip(updates, params):
@@ -138,7 +140,7 @@ def apply_optimizer(
 
 def step_metrics(loss: Tensor, grad_norm: Tensor, opt_state, n_tokens: Tensor, **more: Tensor) -> dict:
     """The one metrics schema of every step: ``loss``, ``grad_norm``, ``lr`` (NaN if none), ``tokens``, + ``more``."""
-    lr = optim._find_lr(opt_state)
+    lr = optim.find_lr(opt_state)
     lr = torch.full((), float("nan"), device=loss.device) if lr is None else lr
     return {"loss": loss, "grad_norm": grad_norm, "lr": lr, "tokens": n_tokens, **more}
 
@@ -177,8 +179,7 @@ def make_train_step(
     if not isinstance(cfg, Config):
         raise TypeError(f"cfg must be a Config, got {type(cfg).__name__}")
     check_optimizer(optimizer)
-    if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
-        raise ValueError(f"accum_steps must be an int >= 1, got {accum_steps!r}")
+    validate.int_at_least("accum_steps", accum_steps, 1)
     if precision is not None and not isinstance(precision, Precision):
         raise TypeError(f"precision must be a precision.Precision or None, got {type(precision).__name__}")
     core = dict(accum_steps=accum_steps, ignore_index=ignore_index, all_reduce=all_reduce, precision=precision)
@@ -230,7 +231,7 @@ def _batch_grads(micro: Callable, accum_steps: int, tokens: Tensor, targets: Ten
             grads, loss = g, part
         else:
             # The first micro-batch's gradients are ours alone: summing into them is safe.
-            optim._ops(grads, g).add_(grads, g)
+            optim.tensor_ops(grads, g).add_(grads, g)
             loss = loss + part
     return grads, loss
 

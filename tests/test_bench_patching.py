@@ -29,7 +29,7 @@ def test_the_bench_runs_on_a_tiny_model_and_prints_every_contender(capsys):
 
 def test_its_contenders_compute_the_same_sweep():
     args = _args(TINY + ["--site", "resid_mid"])
-    fns = bench_patching.contenders(*bench_patching._setup(args), args.site)
+    fns = bench_patching.contenders(*bench_patching.setup(args), args.site)
     values = {name: fn() for name, fn in fns.items()}
     assert values[bench_patching.SWEEP].shape == (2, 6)
     for value in values.values():
@@ -39,7 +39,7 @@ def test_its_contenders_compute_the_same_sweep():
 
 def test_a_contender_that_disagrees_is_refused_before_timing():
     args = _args(TINY)
-    fns = bench_patching.contenders(*bench_patching._setup(args), args.site)
+    fns = bench_patching.contenders(*bench_patching.setup(args), args.site)
     fns[bench_patching.SWEEP] = lambda: fns[bench_patching.LOOP]() + 1.0
     with pytest.raises(AssertionError, match=r"patch_sweep differs from the loop by 1 \(expected <= 0.0001\)"):
         bench_patching.check_equal(fns)

@@ -125,6 +125,180 @@ def test_the_checker_sees_a_cycle_through_a_function_level_import(tmp_path):
     assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _module_aliases(module: str, tree: ast.Module, is_package: bool, known: set[str]) -> dict[str, str]:
+    """The local names that stand for an ftransformer module in ``module`` (``from pkg import mod``, ``as``)."""
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            target = _resolve(module, node, is_package)
+            full = {a.asname or a.name: f"{target}.{a.name}" for a in node.names}
+            aliases.update({name: module_ for name, module_ in full.items() if module_ in known})
+        elif isinstance(node, ast.Import):
+            aliases.update({a.asname: a.name for a in node.names if a.asname and a.name in known})
+    return aliases
+
+
+def _private_imports() -> list[str]:
+    """Every ``_private`` name that a module takes from ANOTHER ftransformer module (imported or read)."""
+    modules = _modules()
+    found = []
+    for module, path in modules.items():
+        is_package = path.name == "__init__.py"
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                target = _resolve(module, node, is_package)
+                if target.split(".")[0] == "ftransformer" and target != module:
+                    found += [f"{module}: {target}.{a.name}" for a in node.names if _is_private(a.name)]
+        aliases = _module_aliases(module, tree, is_package, set(modules))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and _is_private(node.attr):
+                target = aliases.get(node.value.id)
+                if target is not None and target != module:
+                    found.append(f"{module}: {target}.{node.attr}")
+    return sorted(set(found))
+
+
+def test_no_module_uses_a_private_name_of_another_module():
+    private = _private_imports()
+    assert not private, f"private names used across modules (make them public): {private}"
+
+
+def _modules_naming(words: tuple[str, ...]) -> list[str]:
+    """The modules whose code names any of ``words`` (as a name or an attribute)."""
+    found = []
+    for module, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+            if name in words:
+                found.append(module)
+                break
+    return found
+
+
+def test_only_the_tracing_module_asks_whether_torch_traces():
+    askers = _modules_naming(("is_compiling", "is_functorch_wrapped_tensor"))
+    assert askers == ["ftransformer.tracing"], f"ask ftransformer.tracing instead: {askers}"
+
+
+def _isinstance_types(node: ast.AST) -> set[str]:
+    """The type names an ``isinstance(x, T)`` / ``isinstance(x, (T, U))`` call tests, else nothing."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance"):
+        return set()
+    if len(node.args) != 2:
+        return set()
+    types = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+    return {t.id for t in types if isinstance(t, ast.Name)}
+
+
+def _hand_written_int_checks() -> list[str]:
+    """``isinstance(x, bool) or not isinstance(x, int)`` (and its ``and not`` twin) outside validate.py."""
+    found = []
+    for module, path in _modules().items():
+        if module == "ftransformer.validate":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.BoolOp):
+                tested = set().union(*(_isinstance_types(v.operand if isinstance(v, ast.UnaryOp) else v)
+                                       for v in node.values))
+                if {"bool", "int"} <= tested:
+                    found.append(f"{module}:{node.lineno}")
+    return found
+
+
+def test_int_arguments_are_checked_by_the_validate_module():
+    found = _hand_written_int_checks()
+    assert not found, f"use ftransformer.validate (is_int, positive_int, ...) instead: {found}"
+
+
+def _calls(node: ast.AST, name: str) -> bool:
+    func = node.func if isinstance(node, ast.Call) else None
+    return (isinstance(func, ast.Name) and func.id == name) or (isinstance(func, ast.Attribute) and func.attr == name)
+
+
+def _block_inputs_names(fn: ast.FunctionDef) -> set[str]:
+    """The names in ``fn`` that hold a ``BlockInputs``: annotated parameters and ``x = block_inputs(...)``."""
+    args = fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs
+    names = {a.arg for a in args if isinstance(a.annotation, ast.Name) and a.annotation.id == "BlockInputs"}
+    for node in ast.walk(fn):
+        if isinstance(node, ast.Assign) and _calls(node.value, "block_inputs"):
+            names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    return names
+
+
+def _positional_uses(tree: ast.Module) -> list[str]:
+    """Where a ``BlockInputs`` is indexed by position (``x[0]``) or unpacked (``a, b, c = x``) in ``tree``."""
+    found = []
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        names = _block_inputs_names(fn)
+
+        def holds(e, names=names):
+            return _calls(e, "block_inputs") or (isinstance(e, ast.Name) and e.id in names)
+
+        for node in ast.walk(fn):
+            by_index = isinstance(node, ast.Subscript) and holds(node.value)
+            unpacked = isinstance(node, ast.Assign) and holds(node.value)
+            unpacked = unpacked and any(isinstance(t, (ast.Tuple, ast.List)) for t in node.targets)
+            if by_index or unpacked:
+                found.append(f"{fn.name}:{node.lineno}")
+    return found
+
+
+def _positional_block_inputs() -> list[str]:
+    return [f"{m}.{use}" for m, path in _modules().items() for use in _positional_uses(ast.parse(path.read_text()))]
+
+
+def test_block_inputs_is_a_named_tuple_read_by_field_names():
+    import typing
+
+    from ftransformer import model
+
+    assert typing.get_type_hints(model.block_inputs)["return"] is model.BlockInputs
+    assert issubclass(model.BlockInputs, tuple) and model.BlockInputs._fields == ("positions", "masks", "rotaries")
+    positional = _positional_block_inputs()
+    assert not positional, f"read BlockInputs by field name (.positions, .masks, .rotaries): {positional}"
+
+
+def test_the_checker_sees_positional_block_inputs():
+    source = "def f(inputs: BlockInputs):\n    a, b, c = inputs\n    d = block_inputs(t, c)[1]\n    e = inputs.masks[0]"
+    assert _positional_uses(ast.parse(source)) == ["f:2", "f:3"]
+
+
+RESHAPES = ("reshape", "view", "permute", "transpose", "flatten", "unflatten")
+# (module, function) pairs of ftransformer.interp that may reshape by hand, each with its reason: their axes are
+# decided at run time, where an einops pattern would have to be built from strings.
+RESHAPES_ALLOWED: dict[tuple[str, str], str] = {}
+
+
+def _hand_reshapes(package: str = "ftransformer.interp") -> list[tuple[str, str]]:
+    """``(module, function)`` of every ``.reshape(`` / ``.view(`` / ... call in ``package`` (einops elsewhere)."""
+    found = []
+    for module, path in _modules().items():
+        if module != package and not module.startswith(package + "."):
+            continue
+        tree = ast.parse(path.read_text())
+        for fn in ast.walk(tree):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    call = node.func if isinstance(node, ast.Call) else None
+                    if isinstance(call, ast.Attribute) and call.attr in RESHAPES:
+                        found.append((module, fn.name))
+    return sorted(set(found))
+
+
+def test_interp_reshapes_with_einops():
+    by_hand = [f"{m}.{f}" for m, f in _hand_reshapes() if (m, f) not in RESHAPES_ALLOWED]
+    assert not by_hand, f"use einops.rearrange (glossary axis names), or a reasoned RESHAPES_ALLOWED entry: {by_hand}"
+    stale = [key for key in RESHAPES_ALLOWED if key not in _hand_reshapes()]
+    assert not stale, f"RESHAPES_ALLOWED entries that no longer reshape by hand: {stale}"
+
+
 if __name__ == "__main__":
     print("cycles:", _cycles(_graph()))
     print("long functions:", *_long_functions(), sep="\n  ")

@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from ftransformer.bench import patching as patching_bench
-from ftransformer.bench.patching import _setup, logit_diff
+from ftransformer.bench.patching import setup, logit_diff
 from ftransformer.bench.timing import interleaved, num_threads
 from ftransformer.bench.vmap import format_table
 from ftransformer.interp import edges
@@ -65,7 +65,7 @@ def contenders(cfg, params, clean, corrupt, steps: int, loop: bool) -> dict:
 def run(args) -> int:
     with warnings.catch_warnings(), num_threads(args.threads) as threads:
         warnings.filterwarnings("ignore", message=".*batching rule.*")
-        cfg, params, clean, corrupt = _setup(args)
+        cfg, params, clean, corrupt = setup(args)
         fns = contenders(cfg, params, clean, corrupt, args.steps, not args.no_loop)
         on = edges.graph(cfg).edges
         exact = fns[SWEEP]()

@@ -23,6 +23,7 @@ import time
 import torch
 
 from ftransformer import precision
+from ftransformer import validate
 from ftransformer.bench.timing import interleaved, sync
 from ftransformer.bench.train_steps import (
     check_supported,
@@ -68,8 +69,7 @@ def flops_per_token(cfg: Config, seq_len: int) -> int:
     and the weighted values, ``2 * 2 * H Q T`` per layer forward and twice that backward, counted over
     the full ``T x T`` square (as the formula does, although causal kernels skip half of it).
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-        raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
+    validate.int_at_least("seq_len", seq_len, 1)
     return 6 * matmul_params(cfg) + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
 

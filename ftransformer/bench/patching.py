@@ -54,7 +54,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and tokens (default: 0)")
 
 
-def _setup(args):
+def setup(args):
+    """The model, tokens and metric the benchmark patches, built from the parsed arguments."""
     heads = max(1, args.d_model // 32)
     cfg = PRESETS[args.preset].replace(
         n_layers=args.layers, d_model=args.d_model, n_heads=heads, n_kv_heads=heads, d_ff=4 * args.d_model,
@@ -74,7 +75,7 @@ def logit_diff(logits: torch.Tensor) -> torch.Tensor:
 
 
 def _site(acts: dict, layer: int, site: str) -> torch.Tensor:
-    return patching._site_value(acts, layer, site)
+    return patching.site_value(acts, layer, site)
 
 
 def _loop(params, clean, corrupt, cfg, site):
@@ -142,7 +143,7 @@ def check_equal(fns: dict) -> float:
 def run(args) -> int:
     with warnings.catch_warnings(), num_threads(args.threads) as threads:
         warnings.filterwarnings("ignore", message=".*batching rule.*")
-        cfg, params, clean, corrupt = _setup(args)
+        cfg, params, clean, corrupt = setup(args)
         fns = contenders(cfg, params, clean, corrupt, args.site)
         diff = check_equal(fns)
         times, _ = interleaved(fns, repeats=args.repeats, warmup=args.warmup, device=torch.device("cpu"), unit=1e3)

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 
 import torch
 
+from ftransformer import validate
+
 
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work, so a clock reading covers it (a no-op on CPU)."""
@@ -64,7 +66,7 @@ def medians(times: dict[str, list[float]]) -> dict[str, float]:
 def num_threads(n: int | None) -> Iterator[int]:
     """Run the block with ``n`` torch intra-op threads (None: as they are); the old count is restored on
     exit, also on an error. Yields the count in use."""
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+    if n is not None and (not validate.is_int(n) or n < 1):
         raise ValueError(f"--threads must be >= 1, got {n}")
     before = torch.get_num_threads()
     if n is not None:

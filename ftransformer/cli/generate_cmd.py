@@ -126,7 +126,8 @@ def prompt_ids(tokenizer, prompt: str, *, chat: bool) -> list[int]:
     return ids
 
 
-def _device(name: str) -> torch.device:
+def select_device(name: str) -> torch.device:
+    """The torch device named by ``--device``, checked to be available."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available to torch")
     if name == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
@@ -178,7 +179,7 @@ def run(args) -> int:
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    device = _device(args.device)
+    device = select_device(args.device)
     cfg, params, tokenizer = load_model(args, device)
     params = _with_dtype(args, params, cfg, device)
     ids = prompt_ids(tokenizer, args.prompt, chat=args.chat)

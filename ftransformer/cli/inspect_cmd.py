@@ -138,9 +138,9 @@ def run(args) -> int:
     import torch
 
     from ftransformer import interp
-    from ftransformer.cli.generate_cmd import _device, load_model
+    from ftransformer.cli.generate_cmd import select_device, load_model
 
-    device = _device(args.device)
+    device = select_device(args.device)
     cfg, params, tokenizer = load_model(args, device)
     source = args.checkpoint if args.checkpoint is not None else args.hf_dir
 

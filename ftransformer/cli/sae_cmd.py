@@ -67,10 +67,10 @@ def _windows(ids, seq: int, count: int | None):
 
 
 def _model_and_data(args):
-    from ftransformer.cli.generate_cmd import _device, load_model
+    from ftransformer.cli.generate_cmd import select_device, load_model
     from ftransformer.data import load_dataset
 
-    device = _device(args.device)
+    device = select_device(args.device)
     cfg, params, tokenizer = load_model(args, device)
     data = load_dataset(args.data, tokenizer=tokenizer, seq_len=cfg.max_seq_len)
     return cfg, params, tokenizer, data, device

@@ -13,6 +13,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from ftransformer import validate
 from ftransformer.data.corpus import load_corpus, tokenize_cached
 from ftransformer.data.tokenizers import Tokenizer, build_tokenizer
 
@@ -55,11 +56,9 @@ def sample_batch(
     (exact resume) and the train (stream 0) and validation (stream 1) draws never collide.
     """
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        validate.positive_int(name, value)
     for name, value in (("seed", seed), ("step", step), ("stream", stream)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        validate.non_negative_int(name, value)
     if len(ids) < seq_len + 1:
         raise ValueError(f"need at least seq_len + 1 = {seq_len + 1} tokens to draw a batch, got {len(ids)}")
     rng = np.random.default_rng([seed, stream, step])
@@ -100,8 +99,7 @@ class SplitWindows(Sequence):
         ignore_index: int = -100,
     ):
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            validate.positive_int(name, value)
         if len(ids) < 2:
             raise ValueError(f"need at least 2 tokens to score one target, got {len(ids)}")
         self.ids, self.batch_size, self.ignore_index = ids, batch_size, ignore_index
@@ -117,7 +115,7 @@ class SplitWindows(Sequence):
         return -(-self.n_windows // self.batch_size)
 
     def __getitem__(self, i: int) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
-        if isinstance(i, bool) or not isinstance(i, int):
+        if not validate.is_int(i):
             raise TypeError(f"SplitWindows indices must be ints, got {type(i).__name__}")
         if i < 0:
             i += len(self)

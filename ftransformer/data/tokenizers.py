@@ -14,6 +14,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 from torch import Tensor
 
+from ftransformer import validate
 from ftransformer.io import atomic_write
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -51,7 +52,7 @@ class Tokenizer(Protocol):
         ...
 
 
-def _ids_list(ids, vocab_size: int) -> list[int]:
+def ids_list(ids, vocab_size: int) -> list[int]:
     """Token ids as a flat list of ints, each checked against ``[0, vocab_size)``."""
     if isinstance(ids, Tensor):
         ids = ids.detach().cpu().reshape(-1).tolist()
@@ -65,7 +66,8 @@ def _ids_list(ids, vocab_size: int) -> list[int]:
     return ids
 
 
-def _smallest_uint(vocab_size: int) -> np.dtype:
+def smallest_uint(vocab_size: int) -> np.dtype:
+    """The smallest unsigned numpy dtype that holds every id below ``vocab_size``."""
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
 
 
@@ -110,7 +112,7 @@ class CharTokenizer:
                 f"character {ch!r} (U+{ord(ch):04X}) at position {pos} is not in the tokenizer's vocabulary "
                 f"of {self.vocab_size} characters"
             )
-        return idx.astype(_smallest_uint(self.vocab_size))
+        return idx.astype(smallest_uint(self.vocab_size))
 
     def encode(self, text: str) -> list[int]:
         """See ``Tokenizer.encode``."""
@@ -118,7 +120,7 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         """See ``Tokenizer.decode``."""
-        return "".join(self.chars[i] for i in _ids_list(ids, self.vocab_size))
+        return "".join(self.chars[i] for i in ids_list(ids, self.vocab_size))
 
     def to_json(self) -> str:
         """The tokenizer as the JSON text ``save`` writes."""
@@ -157,7 +159,7 @@ class BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 257:
+        if not validate.is_int(vocab_size) or vocab_size < 257:
             raise ValueError(f"BPE vocab_size must be an int >= 257 (256 byte symbols + merges), got {vocab_size!r}")
         if not text:
             raise ValueError("cannot train a BPE tokenizer on empty text")
@@ -187,7 +189,7 @@ class BPETokenizer:
     def encode_array(self, text: str) -> np.ndarray:
         """See ``Tokenizer.encode_array``."""
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return np.asarray(ids, dtype=_smallest_uint(self.vocab_size))
+        return np.asarray(ids, dtype=smallest_uint(self.vocab_size))
 
     def encode(self, text: str) -> list[int]:
         """See ``Tokenizer.encode``."""
@@ -195,7 +197,7 @@ class BPETokenizer:
 
     def decode(self, ids) -> str:
         """See ``Tokenizer.decode``."""
-        return self.tokenizer.decode(_ids_list(ids, self.vocab_size), skip_special_tokens=False)
+        return self.tokenizer.decode(ids_list(ids, self.vocab_size), skip_special_tokens=False)
 
     def to_json(self) -> str:
         """The tokenizer as the JSON text ``save`` writes."""

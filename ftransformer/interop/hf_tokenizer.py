@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ftransformer.data.tokenizers import _ids_list, _smallest_uint
+from ftransformer import validate
+from ftransformer.data.tokenizers import ids_list, smallest_uint
 from ftransformer.io import atomic_write
 from ftransformer.interop.chat_template import render_chat
 
@@ -141,7 +142,7 @@ def generation_eos_ids(generation_config: Mapping | None) -> list[int]:
     """``eos_token_id`` of a ``generation_config.json``: one id, a list of ids, or none."""
     value = (generation_config or {}).get("eos_token_id")
     ids = [] if value is None else value if isinstance(value, list) else [value]
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    if not all(validate.is_int(i) for i in ids):
         raise ValueError(f"{GENERATION_CONFIG}: eos_token_id must be an int or a list of ints, got {value!r}")
     return ids
 
@@ -263,11 +264,11 @@ class HFTokenizer:
 
     def encode_array(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
         """``encode`` as a numpy array of the smallest unsigned dtype that holds the vocabulary."""
-        return np.asarray(self.encode(text, add_special_tokens), dtype=_smallest_uint(self.vocab_size))
+        return np.asarray(self.encode(text, add_special_tokens), dtype=smallest_uint(self.vocab_size))
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """The text of a sequence of ids (a list or a 1-d tensor/array)."""
-        return self.tokenizer.decode(_ids_list(ids, self.vocab_size), skip_special_tokens=skip_special_tokens)
+        return self.tokenizer.decode(ids_list(ids, self.vocab_size), skip_special_tokens=skip_special_tokens)
 
     def chat_template_name(self, name: str | None = None, *, tools=None) -> str:
         """``name`` if given, else ``"tool_use"`` when there are tools and such a template, else ``"default"``."""

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ftransformer import validate
+
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -128,7 +130,7 @@ def _read_bytes(entry: StoredTensor, offset: int, out: Tensor) -> Tensor:
 
 def parse_size(size: int | str) -> int:
     """Bytes from an int or a string like ``"500MB"``, ``"5GB"``, ``"2GiB"`` (as ``save_pretrained`` reads it)."""
-    if isinstance(size, int) and not isinstance(size, bool):
+    if validate.is_int(size):
         if size <= 0:
             raise ValueError(f"max_shard_size must be positive, got {size}")
         return size

@@ -15,6 +15,7 @@ from einops import rearrange, reduce
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.layers.block import write_norms
@@ -120,7 +121,7 @@ def _unembedding_columns(params: dict, cfg: Config, token) -> Tensor:
     w = unembedding(params, cfg).t()
     if isinstance(token, Tensor):
         return w[token]
-    if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < cfg.vocab_size:
+    if not validate.is_int(token) or not 0 <= token < cfg.vocab_size:
         raise ValueError(f"token must be an id in [0, vocab_size={cfg.vocab_size}) or a tensor of ids, got {token!r}")
     return w[token]
 

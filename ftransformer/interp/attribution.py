@@ -23,16 +23,17 @@ from collections.abc import Sequence
 import torch
 from einops import rearrange, reduce
 
+from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.interp.patching import (
     HEAD_SITES,
     Metric,
-    _arrange,
-    _check_args,
-    _check_scalar,
-    _positions,
-    _replace,
-    _site_value,
+    arrange,
+    check_args,
+    check_scalar,
+    logit_positions,
+    replace_at,
+    site_value,
     base_and_source,
     patch_masks,
     run_from,
@@ -79,7 +80,7 @@ def site_gradients(
         adds = {path: (lambda v, d=d: v + d.to(v.dtype)) for path, d in deltas.items()}
         logits, acts = _run(params, tokens, cfg, {**(interventions or {}), **adds}, at)
         value = metric(_at_positions(logits, at, tokens.shape[-1]))
-        _check_scalar(value)
+        check_scalar(value)
         return value, acts
 
     return torch.func.grad(run, has_aux=True)(zeros)
@@ -105,7 +106,7 @@ def _qk_star(layer: dict, source: Tensor, grad_pattern: Tensor, mask: Mask, cfg:
 
     def by_kv(t: Tensor) -> Tensor:
         """``[*batch, heads, seq, last]`` -> ``[kv_heads, *batch, group, seq, last]`` (query heads by key head)."""
-        return t.unflatten(-3, (kv_heads, -1)).movedim(-4, 0)
+        return rearrange(t, "... (kv_heads group) seq last -> kv_heads ... group seq last", kv_heads=kv_heads)
 
     q, pattern, grad = by_kv(layer["attn"]["q"]), by_kv(layer["attn"]["pattern"]), by_kv(grad_pattern)
     k = rearrange(layer["attn"]["k"], "... kv_heads seq head_dim -> kv_heads ... seq head_dim")
@@ -116,9 +117,9 @@ def _qk_star(layer: dict, source: Tensor, grad_pattern: Tensor, mask: Mask, cfg:
     def one_kv_head(q, k, source, pattern, grad) -> Float[Tensor, " rows"]:
         def effect(row: Float[Tensor, "heads seq"]) -> Float[Tensor, ""]:
             if site == "attn.q":
-                pq, pk = _replace(q, source, row, True), k
+                pq, pk = replace_at(q, source, row, True), k
             else:
-                pq, pk = q, _replace(k[..., None, :, :], source, row, True)[..., 0, :, :]
+                pq, pk = q, replace_at(k[..., None, :, :], source, row, True)[..., 0, :, :]
             patched = attention_pattern(pq[..., None, :, :, :], pk[..., None, :, :], allowed, **scores(cfg))
             return ((patched[..., 0, :, :, :] - pattern) * grad).sum()
 
@@ -151,29 +152,29 @@ def attribution_patch(
         corrupted one for ``"denoise"``, the clean one for ``"noise"``).
     """
     by = tuple(by)
-    _check_args(clean, corrupt, metric, cfg, site, by, direction, chunk)
+    check_args(clean, corrupt, metric, cfg, site, by, direction, chunk)
     cfg = cfg.replace(attn_impl="einsum")
     base_tokens, source_tokens = base_and_source(clean, corrupt, direction)
-    at = None if logits_at is None else _positions(logits_at, base_tokens.shape[-1])
+    at = None if logits_at is None else logit_positions(logits_at, base_tokens.shape[-1])
     # The source run's activations are all that is read of it: its unembedding reads one position only.
     _, source = _run(params, source_tokens, cfg, {}, [source_tokens.shape[-1] - 1])
     star = correction and site in QK_SITES
     paths = [f"blocks.{i}.{s}" for i in range(cfg.n_layers) for s in ((site, "attn.pattern") if star else (site,))]
-    sample = {f"blocks.{i}.{s}": _site_value(source, i, s) for i in range(cfg.n_layers) for s in (site, "attn.pattern")}
+    sample = {f"blocks.{i}.{s}": site_value(source, i, s) for i in range(cfg.n_layers) for s in (site, "attn.pattern")}
     zeros = {path: torch.zeros_like(sample[path]) for path in paths}
     grads, base = site_gradients(params, base_tokens, metric, cfg, zeros, at=at)
-    _, masks, _ = block_inputs(base_tokens, cfg)
+    masks = block_inputs(base_tokens, cfg).masks
     has_heads = site in HEAD_SITES
     rows = []
     for i in range(cfg.n_layers):
-        src = _site_value(source, i, site)
+        src = site_value(source, i, site)
         if star:
             grad_pattern = grads[f"blocks.{i}.attn.pattern"]
             rows.append(_qk_star(base["blocks"][i], src, grad_pattern, masks[i], cfg, site=site, by=by, chunk=chunk))
         else:
-            product = (src - _site_value(base, i, site)) * grads[f"blocks.{i}.{site}"]
+            product = (src - site_value(base, i, site)) * grads[f"blocks.{i}.{site}"]
             rows.append(_slices(product, by, has_heads))
-    return _arrange(torch.stack(rows), by, _site_value(source, 0, site), has_heads)
+    return arrange(torch.stack(rows), by, site_value(source, 0, site), has_heads)
 
 
 def atp_report(exact: Tensor, estimate: Tensor, top: int = 10) -> str:
@@ -183,9 +184,8 @@ def atp_report(exact: Tensor, estimate: Tensor, top: int = 10) -> str:
     if not isinstance(exact, Tensor) or not isinstance(estimate, Tensor) or exact.shape != estimate.shape:
         shapes = [tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__ for t in (exact, estimate)]
         raise ValueError(f"exact and estimate must be tensors of the same shape, got {shapes[0]} and {shapes[1]}")
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-        raise ValueError(f"top must be a positive int, got {top!r}")
-    x, y = exact.detach().double().flatten(), estimate.detach().double().flatten()
+    validate.positive_int("top", top)
+    x, y = (rearrange(t.detach().double(), "... -> (...)") for t in (exact, estimate))
     corr = torch.corrcoef(torch.stack([x, y]))[0, 1].item() if x.numel() > 1 else float("nan")
     # Sign agreement over the patches with an effect (exact zeros plus rounding would count as noise).
     real = x.abs() > 1e-3 * x.abs().max()

@@ -44,17 +44,18 @@ from typing import NamedTuple
 import torch
 from einops import einsum, rearrange
 
+from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.attribution import site_gradients
-from ftransformer.interp.patching import Metric, _check_args, _check_scalar, base_and_source, run_from
+from ftransformer.interp.patching import Metric, check_args, check_scalar, base_and_source, run_from
 from ftransformer.layers.attention import head_outputs, project_qkv, scaled_dot_product_attention, scores as score_args
 from ftransformer.layers.block import wire
 from ftransformer.layers.feedforward import feedforward
 from ftransformer.layers.linear import linear
 from ftransformer.layers.norm import norm
 from ftransformer.layers.tap import Tap
-from ftransformer.model import block_inputs, check_tokens, embed, unembed
+from ftransformer.model import BlockInputs, block_inputs, check_tokens, embed, unembed
 from ftransformer.shapes import Bool, Float, Logits, Residual, Tensor, Tokens
 
 METHODS = ("eap", "eap-ig")
@@ -178,14 +179,16 @@ def _mlp_read(acts: dict, cfg: Config) -> Residual:
     return acts["resid_mid"] if cfg.layout.residual == "sequential" else acts["resid_pre"]
 
 
-def _circuit_layer(params: dict, i: int, x: Residual, diffs: list, mask: Tensor, ablated: Tensor, cfg: Config, inputs) -> tuple:
+def _circuit_layer(
+    params: dict, i: int, x: Residual, diffs: list, mask: Tensor, ablated: Tensor, cfg: Config, inputs: BlockInputs
+) -> tuple:
     """Block ``i`` of the circuit: ``(x, diffs)`` after it, from those entering it (``x`` the run's own residual,
     ``diffs`` the writes so far minus their replacements, ``z_u - z~_u``, in the graph's order).
 
     The block's own wiring (``layers.block.wire``) adds the writes up; only what the readers read changes:
     the attention computes each head from its readers' inputs, and the MLP's hidden units are replaced by
     those of its input minus its ablated writes."""
-    _, masks, rotaries = inputs
+    masks, rotaries = inputs.masks, inputs.rotaries
     mlp, n_writers, n_readers = _sizes(cfg)
     p, w0, r0 = params["blocks"][i], 1 + i * n_writers, i * n_readers
     b_o = p["attn"].get("b_o")
@@ -268,7 +271,8 @@ def _delta_paths(cfg: Config, tokens: Tokens) -> dict:
 
 def _one_hot_cotangents(g: Tensor, n: int, before: int, after: int) -> Tensor:
     """``[before + n + after, *g.shape]``: zeros, then ``g`` restricted to head ``j`` for row ``before + j``."""
-    eye = torch.eye(n, dtype=g.dtype, device=g.device).reshape(n, *[1] * (g.ndim - 3), n, 1, 1)
+    batch = " ".join(["()"] * (g.ndim - 3))  # g is [*batch, heads, seq, last]
+    eye = rearrange(torch.eye(n, dtype=g.dtype, device=g.device), f"row heads -> row {batch} heads () ()")
     rows = g[None] * eye
     return torch.cat([rows.new_zeros(before, *g.shape), rows, rows.new_zeros(after, *g.shape)])
 
@@ -310,7 +314,7 @@ def reader_gradients(
     fixes = {} if embedding is None else {"embed": lambda v: embedding.to(v.dtype)}
     check_tokens(tokens, cfg)
     grads, acts = site_gradients(params, tokens, metric, cfg, zeros, interventions=fixes)
-    _, _, rotaries = block_inputs(tokens, cfg)
+    rotaries = block_inputs(tokens, cfg).rotaries
     parts = []
     for i, (p, a) in enumerate(zip(params["blocks"], acts["blocks"])):
         qkv = tuple(grads[f"blocks.{i}.attn.{s}"] for s in "qkv")
@@ -322,10 +326,8 @@ def reader_gradients(
 
 
 def _check_method(method: str, steps: object) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    validate.one_of("method", method, METHODS)
+    validate.positive_int("steps", steps)
 
 
 def _runs(params: dict, clean: Tokens, corrupt: Tensor, cfg: Config, direction: str) -> tuple:
@@ -354,7 +356,7 @@ def edge_attribution(
     Returns:
         ``scores[u, v] = sum over batch and positions of (z_u(source) - z_u(base)) . dM/dx_v`` (0 off the graph).
     """
-    _check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), direction, chunk)
+    check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), direction, chunk)
     _check_method(method, steps)
     g = graph(cfg)
     cfg = cfg.replace(attn_impl="einsum")
@@ -423,12 +425,12 @@ def edge_patch_sweep(
     block's edges (``chunk`` at a time) runs from block ``i`` on with the one reader replaced; the logits'
     edges are one unembedding per writer.
     """
-    _check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), direction, chunk)
+    check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), direction, chunk)
     g = graph(cfg)
     cfg = cfg.replace(attn_impl="einsum")
     base_tokens, base_logits, base, source = _runs(params, clean, corrupt, cfg, direction)
     before = metric(base_logits)
-    _check_scalar(before)
+    check_scalar(before)
     diff = writer_values(params, base, cfg) - writer_values(params, source, cfg)
     inputs = block_inputs(base_tokens, cfg)
     index = g.edges.nonzero().to(diff.device)
@@ -448,12 +450,13 @@ def top_edges(scores: EdgeScores, k: int) -> Bool[Tensor, "writers readers"]:
     if not isinstance(scores, EdgeScores):
         raise TypeError(f"scores must be the EdgeScores of edge_attribution, got {type(scores).__name__}")
     n = int(scores.graph.edges.sum())
-    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= n:
+    if not validate.is_int(k) or not 0 <= k <= n:
         raise ValueError(f"k must be an int in [0, {n}] (the number of edges), got {k!r}")
     magnitude = scores.scores.detach().abs().masked_fill(~scores.graph.edges.to(scores.scores.device), -float("inf"))
-    keep = torch.zeros(magnitude.numel(), dtype=torch.bool, device=magnitude.device)
-    keep[magnitude.flatten().topk(k).indices] = True
-    return keep.reshape(magnitude.shape)
+    top = rearrange(magnitude, "writers readers -> (writers readers)").topk(k).indices
+    keep = torch.zeros_like(magnitude, dtype=torch.bool)
+    keep[torch.unravel_index(top, magnitude.shape)] = True
+    return keep
 
 
 def default_ks(n: int) -> tuple[int, ...]:
@@ -484,16 +487,15 @@ def faithfulness(
     (None: ``default_ks``), every other edge ablated: ``"mean"`` (each writer's mean over the clean run's
     batch and positions, as ``interventions.head_means``), ``"zero"`` or ``"corrupt"`` (the corrupted run's
     writes). The circuits, the full model and the empty circuit are ONE ``vmap`` over their masks."""
-    _check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), "denoise", chunk)
-    if ablation not in ABLATIONS:
-        raise ValueError(f"ablation must be one of {', '.join(map(repr, ABLATIONS))}, got {ablation!r}")
+    check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), "denoise", chunk)
+    validate.one_of("ablation", ablation, ABLATIONS)
     g = graph(cfg)
     if not isinstance(scores, EdgeScores) or scores.graph.writers != g.writers or scores.graph.readers != g.readers:
         raise ValueError("scores must be the EdgeScores of edge_attribution for a model of this config")
     ks = default_ks(int(g.edges.sum())) if ks is None else tuple(ks)
     cfg = cfg.replace(attn_impl="einsum")
     logits, ablated = _replacements(params, clean, corrupt, cfg, ablation)
-    _check_scalar(metric(logits))
+    check_scalar(metric(logits))
     on = g.edges.to(logits.device)
     masks = torch.stack([top_edges(scores, k).to(on.device) for k in ks] + [on, torch.zeros_like(on)]).to(logits)
     inputs = block_inputs(clean, cfg)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from einops import reduce
 
+from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.patching import replace_sweep
@@ -34,14 +35,13 @@ def combine(*interventions: Interventions) -> Interventions:
 
 
 def _check_layer(layer: int, cfg: Config) -> None:
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < cfg.n_layers:
-        raise ValueError(f"layer must be an int in [0, n_layers={cfg.n_layers}), got {layer!r}")
+    validate.int_in("layer", layer, 0, cfg.n_layers, high_name="n_layers")
 
 
 def _head_mask(heads: Sequence[int] | int, cfg: Config) -> Tensor:
     """1.0 for the heads kept, 0.0 for the heads named."""
     heads = [heads] if isinstance(heads, int) else list(heads)
-    bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, int) or not 0 <= h < cfg.n_heads]
+    bad = [h for h in heads if not validate.is_int(h) or not 0 <= h < cfg.n_heads]
     if bad:
         raise ValueError(f"heads must be ints in [0, n_heads={cfg.n_heads}), got {bad}")
     keep = torch.ones(cfg.n_heads)
@@ -77,8 +77,7 @@ def ablate_heads(
             or, when None, over the batch and positions of the very run being ablated.
     """
     _check_layer(layer, cfg)
-    if kind not in ABLATIONS:
-        raise ValueError(f"kind must be one of {', '.join(map(repr, ABLATIONS))}, got {kind!r}")
+    validate.one_of("kind", kind, ABLATIONS)
     keep = _head_mask(heads, cfg)
 
     def ablate(v: Tensor) -> Tensor:
@@ -130,8 +129,7 @@ def steer(
     """
     _check_layer(layer, cfg)
     sites = ("resid_pre", "resid_mid", "resid_post")
-    if site not in sites:
-        raise ValueError(f"site must be one of {', '.join(map(repr, sites))}, got {site!r}")
+    validate.one_of("site", site, sites)
     if not isinstance(vector, Tensor) or vector.shape != (cfg.d_model,):
         got = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
         raise ValueError(f"vector must have shape (d_model,) = ({cfg.d_model},), got {got}")
@@ -164,8 +162,7 @@ def head_ablation_sweep(
     head outputs (the ablated layer's queries, keys and pattern are not recomputed: only ``head_out``
     changes), ``chunk_size`` of them at a time.
     """
-    if kind not in ABLATIONS:
-        raise ValueError(f"kind must be one of {', '.join(map(repr, ABLATIONS))}, got {kind!r}")
+    validate.one_of("kind", kind, ABLATIONS)
     # SDPA has no vmap batching rule: the einsum path computes the same attention (to rounding) and batches.
     cfg = cfg.replace(attn_impl="einsum")
     clean_logits, clean = forward_with_activations(params, tokens, cfg)

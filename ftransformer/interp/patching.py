@@ -37,7 +37,9 @@ values into the clean run (base = clean, source = corrupt: how much does this sl
 from collections.abc import Callable, Sequence
 
 import torch
+from einops import rearrange, reduce
 
+from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.layers.block import block, wire
@@ -74,31 +76,30 @@ def run_from(
     and ``interventions`` (paths ``blocks.{i}.*``, ``i >= start``) are applied as in ``forward_with_activations``.
     ``at``: unembed only these positions (of ``x``'s), the logits ``[*batch, len(at), vocab]``. ``tap``: a
     ``Tap`` to record the blocks' activations in (it applies its own interventions; None: record nothing)."""
-    _, masks, rotaries = inputs
+    masks, rotaries = inputs.masks, inputs.rotaries
     tap = _Apply(interventions) if tap is None else tap
     for i in range(start, cfg.n_layers):
         x = block(params["blocks"][i], x, cfg, mask=masks[i], rotary=rotaries[i], tap=tap.scope(f"blocks.{i}"))
     return unembed(params, x if at is None else x[..., list(at), :], cfg)
 
 
-def _check_args(clean: Tokens, corrupt: Tensor, metric, cfg: Config, site: str, by: tuple, direction: str, chunk) -> None:
+def check_args(clean: Tokens, corrupt: Tensor, metric, cfg: Config, site: str, by: tuple, direction: str, chunk) -> None:
+    """Raise ValueError/TypeError unless the patching arguments agree with each other and with ``cfg``."""
     check_tokens(clean, cfg, name="clean")
     check_tokens(corrupt, cfg, name="corrupt")
     if clean.shape != corrupt.shape:
         raise ValueError(f"clean and corrupt must have the same shape, got {tuple(clean.shape)} and {tuple(corrupt.shape)}")
     if not callable(metric):
         raise TypeError(f"metric must be a function logits -> scalar tensor, got {type(metric).__name__}")
-    if site not in SITES:
-        raise ValueError(f"site must be one of {', '.join(map(repr, SITES))}, got {site!r}")
+    validate.one_of("site", site, SITES)
     if site == "mlp.hidden" and not cfg.layout.mlp:
         raise ValueError("site 'mlp.hidden' needs a model with an MLP, got cfg.layout.mlp=False")
     if "layer" not in by or len(set(by)) != len(by) or not set(by) <= set(AXES):
         raise ValueError(f"by must hold 'layer' and any of 'position', 'head', each once, got {by!r}")
     if "head" in by and site not in HEAD_SITES:
         raise ValueError(f"by='head' needs an attn.* site (one with a heads axis), got site {site!r}")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {', '.join(map(repr, DIRECTIONS))}, got {direction!r}")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+    validate.one_of("direction", direction, DIRECTIONS)
+    if chunk is not None and (not validate.is_int(chunk) or chunk < 1):
         raise ValueError(f"chunk must be None or a positive int, got {chunk!r}")
 
 
@@ -107,7 +108,8 @@ def base_and_source(clean: Tokens, corrupt: Tensor, direction: str) -> tuple[Tok
     return (corrupt, clean) if direction == "denoise" else (clean, corrupt)
 
 
-def _check_scalar(value: object) -> None:
+def check_scalar(value: object) -> None:
+    """Raise ValueError unless the metric returned a scalar tensor."""
     if not isinstance(value, Tensor) or value.ndim != 0:
         got = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
         raise ValueError(f"metric must return a scalar tensor (shape ()), got {got}")
@@ -119,16 +121,17 @@ def patch_masks(by: Sequence[str], heads: int, seq: int, device: torch.device) -
     pick_heads = torch.eye(heads, device=device) if "head" in by else torch.ones(1, heads, device=device)
     pick_seq = torch.eye(seq, device=device) if "position" in by else torch.ones(1, seq, device=device)
     masks = pick_heads[:, None, :, None] * pick_seq[None, :, None, :]
-    return masks.reshape(-1, heads, seq)
+    return rearrange(masks, "head_row seq_row heads seq -> (head_row seq_row) heads seq")
 
 
-def _replace(value: Tensor, source: Tensor, mask: Float[Tensor, "heads seq"], has_heads: bool) -> Tensor:
+def replace_at(value: Tensor, source: Tensor, mask: Float[Tensor, "heads seq"], has_heads: bool) -> Tensor:
     """``value`` with ``source`` where ``mask`` is 1 (the ``heads`` and ``seq`` axes; every other axis whole)."""
     where = mask[..., None] if has_heads else mask[0][:, None]
     return torch.where(where.bool(), source.to(value.dtype), value)
 
 
-def _site_value(acts: dict, layer: int, site: str) -> Tensor:
+def site_value(acts: dict, layer: int, site: str) -> Tensor:
+    """The activation at ``site`` (a dotted path such as ``attn.z``) of block ``layer``."""
     value = acts["blocks"][layer]
     for part in site.split("."):
         value = value[part]
@@ -138,10 +141,9 @@ def _site_value(acts: dict, layer: int, site: str) -> Tensor:
 def _suffix_inputs(inputs: BlockInputs, start: int) -> BlockInputs:
     """``block_inputs`` for the queries at positions ``start, ...`` only: the mask rows and rotary tables of
     those positions (the keys stay every position's: the prefix's come from the base run)."""
-    positions, masks, rotaries = inputs
-    rows = tuple(Mask(m.allowed[..., start:, :]) for m in masks)
-    tables = tuple(None if r is None else Rotary(r.cos[..., start:, :], r.sin[..., start:, :]) for r in rotaries)
-    return BlockInputs(positions[start:], rows, tables)
+    rows = tuple(Mask(m.allowed[..., start:, :]) for m in inputs.masks)
+    tables = tuple(None if r is None else Rotary(r.cos[..., start:, :], r.sin[..., start:, :]) for r in inputs.rotaries)
+    return BlockInputs(inputs.positions[start:], rows, tables)
 
 
 def _with_prefix(base: dict, layer: int, first: int, cfg: Config, fixes: dict) -> dict:
@@ -152,7 +154,7 @@ def _with_prefix(base: dict, layer: int, first: int, cfg: Config, fixes: dict) -
     fixes = dict(fixes)
     for j in range(layer, cfg.n_layers):
         for name in ("k", "v"):
-            path, prefix = f"blocks.{j}.attn.{name}", _site_value(base, j, f"attn.{name}")[..., :first, :]
+            path, prefix = f"blocks.{j}.attn.{name}", site_value(base, j, f"attn.{name}")[..., :first, :]
             fix = fixes.get(path, lambda v: v)
             fixes[path] = lambda v, prefix=prefix, fix=fix: torch.cat([prefix.to(v.dtype).expand(*v.shape[:-2], -1, -1), fix(v)], dim=-2)
     return fixes
@@ -178,9 +180,9 @@ def _bucket_sweep(params, base: dict, src: Tensor, masks: Tensor, metric, cfg, l
     has_heads = site in HEAD_SITES
     skip_attn = site == "attn.head_out"
     start = layer + 1 if site == "resid_post" or skip_attn else layer
-    x = _site_value(base, layer, "resid_post" if site == "resid_post" else "resid_pre")[..., first:, :]
+    x = site_value(base, layer, "resid_post" if site == "resid_post" else "resid_pre")[..., first:, :]
     src, masks, suffix = src[..., first:, :], masks[..., first:], _suffix_inputs(inputs, first)
-    head_out = _site_value(base, layer, site)[..., first:, :] if skip_attn else None
+    head_out = site_value(base, layer, site)[..., first:, :] if skip_attn else None
     before = base["logits"][..., :first, :]
     need = None if at is None else [p - first for p in at if p >= first]
     where = None if at is None else torch.tensor([first + p for p in need], dtype=torch.long, device=x.device)
@@ -188,11 +190,11 @@ def _bucket_sweep(params, base: dict, src: Tensor, masks: Tensor, metric, cfg, l
     def patched_metric(mask: Float[Tensor, "heads seq"]) -> Float[Tensor, ""]:
         fixes, y = {}, x
         if site == "resid_post":
-            y = _replace(x, src, mask, False)
+            y = replace_at(x, src, mask, False)
         elif skip_attn:
-            y = from_head_out(params, x, _replace(head_out, src, mask, True), cfg, layer)
+            y = from_head_out(params, x, replace_at(head_out, src, mask, True), cfg, layer)
         else:
-            fixes[f"blocks.{layer}.{site}"] = lambda v: _replace(v, src, mask, has_heads)
+            fixes[f"blocks.{layer}.{site}"] = lambda v: replace_at(v, src, mask, has_heads)
         logits = run_from(params, y, cfg, start, suffix, _with_prefix(base, start, first, cfg, fixes), at=need)
         if at is not None:
             logits = base["logits"].expand(*logits.shape[:-2], -1, -1).index_copy(-2, where, logits)
@@ -218,13 +220,14 @@ def _layer_sweep(params, base: dict, src: Tensor, metric: Metric, cfg: Config, l
     has_heads = site in HEAD_SITES
     masks = patch_masks(by, src.shape[-3] if has_heads else 1, src.shape[-2], src.device)
     seq = src.shape[-2]
-    grid = masks.reshape(-1, seq if "position" in by else 1, *masks.shape[1:])  # [heads axis, position axis, ...]
+    seq_rows = seq if "position" in by else 1
+    grid = rearrange(masks, "(head_row seq_row) heads seq -> head_row seq_row heads seq", seq_row=seq_rows)
     parts = []
     for first, stop in position_buckets(seq, by):
-        part = grid[:, first:stop].reshape(-1, *masks.shape[1:])
+        part = rearrange(grid[:, first:stop], "head_row seq_row heads seq -> (head_row seq_row) heads seq")
         values = _bucket_sweep(params, base, src, part, metric, cfg, layer, first, site=site, inputs=inputs, chunk=chunk, at=at)
-        parts.append(values.reshape(grid.shape[0], stop - first))
-    return torch.cat(parts, dim=1).reshape(-1)
+        parts.append(rearrange(values, "(head_row seq_row) -> head_row seq_row", head_row=grid.shape[0]))
+    return rearrange(torch.cat(parts, dim=1), "head_row seq_row -> (head_row seq_row)")
 
 
 def patch_sweep(
@@ -269,12 +272,12 @@ def patch_sweep(
         interventions=patch(f"blocks.{i}.{site}", source_acts, positions=p, heads=h))[0])``.
     """
     by = tuple(by)
-    _check_args(clean, corrupt, metric, cfg, site, by, direction, chunk)
+    check_args(clean, corrupt, metric, cfg, site, by, direction, chunk)
     # SDPA has no vmap batching rule; the einsum path computes the same attention and batches.
     cfg = cfg.replace(attn_impl="einsum")
     base_tokens, source_tokens = base_and_source(clean, corrupt, direction)
     _, source = forward_with_activations(params, source_tokens, cfg)
-    sources = [_site_value(source, i, site) for i in range(cfg.n_layers)]
+    sources = [site_value(source, i, site) for i in range(cfg.n_layers)]
     return replace_sweep(params, base_tokens, sources, metric, cfg, site=site, by=by, chunk=chunk, logits_at=logits_at)
 
 
@@ -289,40 +292,37 @@ def replace_sweep(
     ``run``: ``forward_with_activations(params, tokens, cfg)`` when the caller has it already (with
     ``cfg.attn_impl="einsum"``, which the sweep's runs use); ``logits_at``: as in ``patch_sweep``."""
     by = tuple(by)
-    _check_args(tokens, tokens, metric, cfg, site, by, "denoise", chunk)
+    check_args(tokens, tokens, metric, cfg, site, by, "denoise", chunk)
     cfg = cfg.replace(attn_impl="einsum")
     if isinstance(sources, Tensor) or len(sources) != cfg.n_layers:
         got = f"a tensor of shape {tuple(sources.shape)}" if isinstance(sources, Tensor) else f"{len(sources)} of them"
         raise ValueError(f"sources must be a sequence of one tensor per layer ({cfg.n_layers}), got {got}")
     base_logits, base = forward_with_activations(params, tokens, cfg) if run is None else run
-    _check_scalar(metric(base_logits))
+    check_scalar(metric(base_logits))
     base = {**base, "logits": base_logits}
     inputs = block_inputs(tokens, cfg)
-    sample = _site_value(base, 0, site)
-    at = None if logits_at is None else _positions(logits_at, tokens.shape[-1])
+    sample = site_value(base, 0, site)
+    at = None if logits_at is None else logit_positions(logits_at, tokens.shape[-1])
     rows = [
         _layer_sweep(params, base, sources[i].expand_as(sample), metric, cfg, i, site=site, by=by, inputs=inputs, chunk=chunk, at=at)
         for i in range(cfg.n_layers)
     ]
-    return _arrange(torch.stack(rows), by, sample, site in HEAD_SITES)
+    return arrange(torch.stack(rows), by, sample, site in HEAD_SITES)
 
 
-def _positions(logits_at: Sequence[int] | int, seq: int) -> list[int]:
+def logit_positions(logits_at: Sequence[int] | int, seq: int) -> list[int]:
     """``logits_at`` as sorted distinct positions in ``[0, seq)`` (negative ones count from the end)."""
     items = [logits_at] if isinstance(logits_at, int) else list(logits_at)
-    bad = [p for p in items if isinstance(p, bool) or not isinstance(p, int) or not -seq <= p < seq]
+    bad = [p for p in items if not validate.is_int(p) or not -seq <= p < seq]
     if bad or not items:
         raise ValueError(f"logits_at must be positions in [-seq, seq) = [{-seq}, {seq}), at least one, got {logits_at!r}")
     return sorted({p % seq for p in items})
 
 
-def _arrange(values: Float[Tensor, "layers rows"], by: tuple, sample: Tensor, has_heads: bool) -> Tensor:
+def arrange(values: Float[Tensor, "layers rows"], by: tuple, sample: Tensor, has_heads: bool) -> Tensor:
     """``[layers, heads-axis?, position-axis?]`` reordered to ``by``'s order, without the axes not in it."""
     heads = sample.shape[-3] if has_heads and "head" in by else 1
     seq = sample.shape[-2] if "position" in by else 1
-    grid = values.reshape(values.shape[0], heads, seq)
-    canonical = ("layer", "head", "position")
-    order = [canonical.index(axis) for axis in by]
-    dropped = [canonical.index(axis) for axis in canonical if axis not in by]
-    # The dropped axes have size 1, so after the permutation they fall away in the reshape.
-    return grid.permute(order + dropped).reshape(*(grid.shape[i] for i in order))
+    grid = rearrange(values, "layer (head position) -> layer head position", head=heads, position=seq)
+    # The axes not in ``by`` have size 1: summing over them only drops them.
+    return reduce(grid, f"layer head position -> {' '.join(by)}", "sum")

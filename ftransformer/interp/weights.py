@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 from einops import rearrange
 
-from ftransformer import tree
+from ftransformer import tree, validate
 from ftransformer.config import Config, flat_path
 from ftransformer.layers.norm import identity_params, norm_scale
 from ftransformer.shapes import Float, Tensor
@@ -288,8 +288,7 @@ def composition_scores(params: dict, cfg: Config, writer: int, reader: int, kind
 
     All products go through the r x r cores: ``||A1 (B1 A2) B2||_F = ||R_A1 (B1 A2) R_B2^T||_F``.
     """
-    if kind not in ("q", "k", "v"):
-        raise ValueError(f"kind must be one of 'q', 'k', 'v', got {kind!r}")
+    validate.one_of("kind", kind, ("q", "k", "v"))
     if not writer < reader:
         raise ValueError(f"the writer layer must come before the reader layer, got writer={writer}, reader={reader}")
     first = _flat_heads(ov_circuit(params, cfg, writer))

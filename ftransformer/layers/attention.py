@@ -24,6 +24,7 @@ from ftransformer.layers.masks import Mask
 from ftransformer.layers.norm import norm
 from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.shapes import Bool, Float, Int, Key, Residual, Tensor, einsum_equation
+from ftransformer.tracing import compiling
 
 # torch.einsum equations, written in the glossary's words (translated once, here).
 SCORES = einsum_equation(
@@ -264,7 +265,7 @@ def write_kv_(
     copy of the whole buffer plus a write back (measured: ~40 us a layer per decode step, seed preset).
     """
     new = new.to(buffer.dtype)
-    if not torch.compiler.is_compiling():
+    if not compiling():
         return buffer.scatter_(-2, index, new)
     rows = buffer.reshape(-1, *buffer.shape[-3:])  # a view: the cache buffers are contiguous
     slots = index[..., 0, :, 0].reshape(rows.shape[0], 1, -1)  # [rows, 1, seq]

@@ -25,6 +25,8 @@ import torch
 from jaxtyping import Float, Int8
 from torch import Tensor
 
+from ftransformer.tracing import compiling, functorch_wrapped
+
 FAST_ROWS = 16  # inputs with at most this many rows (decode steps) take the fbgemm product
 
 
@@ -165,14 +167,14 @@ def _takes_fast_path(x: Tensor) -> bool:
         return False
     if x.numel() // x.shape[-1] > FAST_ROWS:
         return False
-    if torch.compiler.is_compiling():  # traced: the probe ran eagerly (quantize calls it), read its answer
+    if compiling():  # traced: the probe ran eagerly (quantize calls it), read its answer
         return bool(_AVAILABLE) and _AVAILABLE[0] and op_registered()
-    return not torch._C._functorch.is_functorch_wrapped_tensor(x) and fbgemm_available()
+    return not functorch_wrapped(x) and fbgemm_available()
 
 
 def int8_matmul(x: Float[Tensor, "*batch d_in"], w: Int8Weight) -> Float[Tensor, "*batch d_out"]:
     """``x @ (q * scale)``: fbgemm's int8 GEMM for few rows on CPU (see the module note), else the reference."""
     if _takes_fast_path(x):
-        op = torch.ops.ftransformer.int8_matmul if torch.compiler.is_compiling() else _fbgemm_matmul
+        op = torch.ops.ftransformer.int8_matmul if compiling() else _fbgemm_matmul
         return op(x, w.q, w.scale)
     return reference_matmul(x, w)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 from jaxtyping import Float, Int
 from torch import Tensor
 
@@ -61,8 +62,9 @@ def site_activations(params: dict, tokens: Int[Tensor, "*batch seq"], cfg: Confi
         return site_value(forward_with_activations(params, tokens, cfg)[1], path)
     check_tokens(tokens, cfg)
     tap = _SiteTap({path})
-    positions, masks, rotaries = block_inputs(tokens, cfg)
-    x = tap("embed", embed(params, tokens, cfg, positions=positions))
+    inputs = block_inputs(tokens, cfg)
+    masks, rotaries = inputs.masks, inputs.rotaries
+    x = tap("embed", embed(params, tokens, cfg, positions=inputs.positions))
     last = int(path.split(".")[1]) if path.startswith("blocks.") else -1
     for i in range(last + 1):
         x = block(params["blocks"][i], x, cfg, mask=masks[i], rotary=rotaries[i], tap=tap.scope(f"blocks.{i}"))
@@ -104,7 +106,7 @@ def collect_activations(
     with torch.no_grad():
         for tokens in batches:
             acts = site_activations(params, tokens, cfg, path)
-            rows = (acts[..., 1:, :] if drop_first else acts).reshape(-1, d_in)
+            rows = rearrange(acts[..., 1:, :] if drop_first else acts, "... d_in -> (...) d_in", d_in=d_in)
             take = min(rows.shape[0], n_tokens - filled)
             data[filled : filled + take] = rows[:take].to(torch.float32).numpy()
             filled += take

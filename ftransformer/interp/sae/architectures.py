@@ -21,10 +21,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ftransformer import random
+from ftransformer import validate
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 HPARAMS = ("l1", "k", "lr")
@@ -48,14 +50,11 @@ class SAEConfig:
     def __post_init__(self):
         for name in ("d_in", "d_sae", "k_max", "dead_tokens"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SAEConfig.{name} must be an int >= 1, got {value!r}")
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"SAEConfig.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+            validate.int_at_least(f"SAEConfig.{name}", value, 1)
+        validate.one_of("SAEConfig.architecture", self.architecture, ARCHITECTURES)
         if self.architecture in ("topk", "batchtopk") and self.k_max > self.d_sae:
             raise ValueError(f"SAEConfig.k_max={self.k_max} must be <= d_sae={self.d_sae}")
-        if isinstance(self.k_aux, bool) or not isinstance(self.k_aux, int) or not 0 <= self.k_aux <= self.d_sae:
-            raise ValueError(f"SAEConfig.k_aux must be an int in [0, d_sae={self.d_sae}], got {self.k_aux!r}")
+        validate.int_in("SAEConfig.k_aux", self.k_aux, 0, self.d_sae, closed=True, high_name="d_sae")
         for name in ("aux_coeff", "bandwidth", "init_threshold"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"SAEConfig.{name} must be >= 0, got {getattr(self, name)!r}")
@@ -131,9 +130,9 @@ def jump_l0(pre: Float[Tensor, "*batch d_sae"], theta: Float[Tensor, " d_sae"], 
 
 def batch_kth(pre: Float[Tensor, "*batch d_sae"], k: Tensor, width: int) -> Float[Tensor, ""]:
     """BatchTopK's cut: the ``k * tokens``-th largest pre-activation over the whole batch."""
-    flat = pre.reshape(1, -1)
+    flat = rearrange(pre, "... d_sae -> () (... d_sae)")
     tokens = flat.shape[-1] // pre.shape[-1]
-    return kth_largest(flat, k * tokens, width * tokens).reshape(())
+    return rearrange(kth_largest(flat, k * tokens, width * tokens), "() () ->")
 
 
 def encode(params: dict, x: Float[Tensor, "*batch d_in"], hp: dict, cfg: SAEConfig, *,

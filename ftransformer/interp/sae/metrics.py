@@ -11,6 +11,7 @@
 from functools import partial
 
 import torch
+from einops import rearrange
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -58,7 +59,7 @@ def _baselines(params: dict, tokens: Tensor, cfg: Config, path: str) -> dict[str
     """The clean run's logits, site value and CE, and the CE with the site zero- and mean-ablated."""
     clean, acts = forward_with_activations(params, tokens, cfg)
     site = site_value(acts, path)
-    mean = site[..., 1:, :].reshape(-1, site.shape[-1]).mean(0)
+    mean = rearrange(site[..., 1:, :], "... d_in -> (...) d_in").mean(0)
     out = {"logits": clean, "site": site, "ce_clean": next_token_ce(clean, tokens)}
     for kind in ("zero", "mean"):
         logits, _ = forward_with_activations(params, tokens, cfg, interventions=ablate_site(path, kind, mean))
@@ -68,7 +69,7 @@ def _baselines(params: dict, tokens: Tensor, cfg: Config, path: str) -> dict[str
 
 def _member_metrics(sae: dict, hp: dict, *, params: dict, tokens: Tensor, cfg: Config, path: str,
                     sae_cfg: SAEConfig, scale: float, base: dict) -> dict[str, Tensor]:
-    x = base["site"][..., 1:, :].reshape(-1, sae_cfg.d_in)
+    x = rearrange(base["site"][..., 1:, :], "... d_in -> (...) d_in", d_in=sae_cfg.d_in)
     x_hat, latents = reconstruct(sae, x, hp, sae_cfg, scale=scale)
     out = reconstruction_metrics(x, x_hat, latents)
     logits, _ = forward_with_activations(params, tokens, cfg, interventions=splice_sae(path, sae, hp, sae_cfg, scale=scale))

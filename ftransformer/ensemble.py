@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ftransformer import tree
-from ftransformer import optim, random
+from ftransformer import optim, tree
 from ftransformer.checkpoint import BEST, LATEST, restore_opt_state, save_checkpoint
 from ftransformer.config import Config
 from ftransformer.data import unpack_batch

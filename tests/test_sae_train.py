@@ -11,7 +11,7 @@ from ftransformer.interp.sae.activations import collect_activations, open_activa
 from ftransformer.interp.sae.architectures import SAEConfig
 from ftransformer.interp.sae.stack import make_hparams
 from ftransformer.interp.sae.train import CHECKPOINT_FILE, METRICS_FILE, fit_stack, load_stack
-from ftransformer.interp.sae.stack import init_stack
+
 
 
 def _batches(cfg: ft.Config, n: int, seed: int = 0) -> list[torch.Tensor]:

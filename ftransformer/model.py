@@ -15,9 +15,9 @@ from ftransformer.layers.attention import KVWrite, write_kv, write_kv_
 from ftransformer.layers.block import block, block_with_cache
 from ftransformer.layers.embedding import Rotary, embed_tokens, learned_positions, rotary_tables, sinusoidal_positions
 from ftransformer.layers.int8 import Int8Weight
-from ftransformer.layers.linear import linear
+from ftransformer.layers.linear import init_normal, linear
 from ftransformer.layers.masks import Mask, cache_mask, layer_masks, self_mask
-from ftransformer.layers.norm import norm
+from ftransformer.layers.norm import init_norm, norm
 from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.shapes import Float, Int, Key, Logits, Residual, Tensor, Tokens
 from ftransformer.tracing import is_tracing
@@ -69,12 +69,20 @@ def embed(
 def final_norm(params: dict, x: Residual, cfg: Config, *, inv: Float[Tensor, "*#batch #seq 1"] | None = None) -> Residual:
     """The norm the unembedding reads through: ``ln_f`` (none under post-LN, whose blocks end normed);
     ``inv`` freezes its divisor (see ``layers.norm.norm``)."""
-    return x if cfg.layout.norm_position == "post" else norm(params["ln_f"], x, cfg.norm, inv=inv)
+    return norm(params["ln_f"], x, cfg.norm, inv=inv) if cfg.layout.final_norm else x
 
 
 def unembedding(params: dict, cfg: Config) -> Float[Tensor, "d_model vocab"] | Int8Weight:
     """The unembedding's weight, ``[d_model, vocab]``: the token embedding's transpose when the two are tied."""
     return params["embed"]["tokens"].t() if cfg.embeddings.tie else params["unembed"]["w"]
+
+
+def init_head(cfg: Config, gen: torch.Generator) -> dict:
+    """The parameters after the blocks: ``ln_f`` (all but post-LN) and, untied, ``unembed.w`` [d_model, vocab]."""
+    head = {"ln_f": init_norm(cfg.norm, cfg.d_model, bias=cfg.bias)} if cfg.layout.final_norm else {}
+    if not cfg.embeddings.tie:
+        head["unembed"] = {"w": init_normal(gen, (cfg.d_model, cfg.vocab_size), cfg.init_std)}
+    return head
 
 
 def unembed(params: dict, x: Residual, cfg: Config, *, tap: Tap = NO_TAP) -> Logits:

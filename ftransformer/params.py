@@ -18,80 +18,32 @@ A leaf that a config does not use is absent, never ``None``. Walking, flattening
 trees: ``ftransformer.tree``.
 """
 
-import math
+import re
 
 import torch
-
-from ftransformer.layers.norm import init_norm
 from torch import Tensor
 
 from ftransformer import tree
-from ftransformer.config import GATED_ACTIVATIONS, Config
+from ftransformer.config import Config
+from ftransformer.layers.block import init_block
+from ftransformer.layers.embedding import init_embed
+from ftransformer.model import init_head
 from ftransformer.tree import PyTree
 
-
-
-def _normal(gen: torch.Generator, shape: tuple[int, ...], std: float) -> Tensor:
-    if torch.get_default_device().type == "meta":
-        # Shapes only (checkpoint and Hugging Face loaders): drawing on meta would import torch._dynamo (~3 s).
-        return torch.empty(shape)
-    # Scaled in place: no second full-size temporary, which GPT-2-sized tables would feel.
-    return torch.randn(shape, generator=gen).mul_(std)
-
-
-def _norm_params(cfg: Config, width: int | None = None) -> dict:
-    return init_norm(cfg.norm, width or cfg.d_model, bias=cfg.bias)
-
-
-def _block_params(cfg: Config, gen: torch.Generator) -> dict:
-    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
-    qkv_width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
-    attn = {"w_qkv": _normal(gen, (cfg.d_model, qkv_width), std)}
-    if cfg.bias or cfg.attention.qkv_bias:
-        attn["b_qkv"] = torch.zeros(qkv_width)
-    attn["w_o"] = _normal(gen, (cfg.n_heads * cfg.head_dim, cfg.d_model), out_std)
-    if cfg.bias:
-        attn["b_o"] = torch.zeros(cfg.d_model)
-    if cfg.attention.qk_norm:
-        whole = cfg.attention.qk_norm_over == "projection"  # one norm over all heads' channels (OLMo-2)
-        attn["q_norm"] = _norm_params(cfg, cfg.head_dim * (cfg.n_heads if whole else 1))
-        attn["k_norm"] = _norm_params(cfg, cfg.head_dim * (cfg.n_kv_heads if whole else 1))
-    mlp = {}
-    names = ("w_gate", "w_in") if cfg.activation in GATED_ACTIVATIONS else ("w_in",)
-    for name in names:
-        mlp[name] = _normal(gen, (cfg.d_model, cfg.d_ff), std)
-        if cfg.bias:
-            mlp["b" + name[1:]] = torch.zeros(cfg.d_ff)
-    mlp["w_out"] = _normal(gen, (cfg.d_ff, cfg.d_model), out_std)
-    if cfg.bias:
-        mlp["b_out"] = torch.zeros(cfg.d_model)
-    sandwich = cfg.layout.norm_position == "sandwich"  # a second norm on each sublayer's output
-    block = {"ln1": _norm_params(cfg), "attn": attn} | ({"ln1_post": _norm_params(cfg)} if sandwich else {})
-    if not cfg.layout.mlp:
-        return block
-    if cfg.layout.residual != "parallel_shared_norm":  # the shared-norm layout's one norm feeds both sublayers
-        block["ln2"] = _norm_params(cfg)
-    block["mlp"] = mlp
-    return block | ({"ln2_post": _norm_params(cfg)} if sandwich else {})
 
 
 def init_params(
     cfg: Config, seed: int = 0, *, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None
 ) -> dict:
     """GPT-2-style initial parameters: N(0, init_std) weights, residual outputs scaled by 1/sqrt(2 n_layers),
-    zero biases, unit norm scales. The same seed gives the same tensors on every device."""
+    zero biases, unit norm scales. Each layer builds its own part (``init_embed``, ``init_block``,
+    ``init_head``), drawing in that order from one generator: the same seed gives the same tensors on every
+    device."""
     if not isinstance(cfg, Config):
         raise TypeError(f"cfg must be a Config, got {type(cfg).__name__}")
     gen = torch.Generator().manual_seed(seed)
-    embed = {"tokens": _normal(gen, (cfg.vocab_size, cfg.d_model), cfg.init_std)}
-    if cfg.positional.kind == "learned":
-        embed["positions"] = _normal(gen, (cfg.max_seq_len, cfg.d_model), cfg.init_std)
-    params: dict = {"embed": embed, "blocks": [_block_params(cfg, gen) for _ in range(cfg.n_layers)]}
-    if cfg.layout.norm_position != "post":
-        params["ln_f"] = _norm_params(cfg)
-    if not cfg.embeddings.tie:
-        params["unembed"] = {"w": _normal(gen, (cfg.d_model, cfg.vocab_size), cfg.init_std)}
-    return tree.to(params, device=device, dtype=dtype)
+    params: dict = {"embed": init_embed(cfg, gen), "blocks": [init_block(cfg, gen) for _ in range(cfg.n_layers)]}
+    return tree.to(params | init_head(cfg, gen), device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------- counts
@@ -105,49 +57,47 @@ def count_params(params: PyTree) -> int:
 # ---------------------------------------------------------------- breakdown
 
 
+# part of the breakdown -> what a leaf's path looks like (the first that matches wins)
+_PARTS = (
+    ("token embeddings", r"embed\.tokens"),
+    ("position embeddings", r"embed\.positions"),
+    ("attention weights", r"blocks\.\d+\.attn\.w_\w+"),
+    ("attention biases", r"blocks\.\d+\.attn\.b_\w+"),
+    ("feed-forward weights", r"blocks\.\d+\.mlp\.w_\w+"),
+    ("feed-forward biases", r"blocks\.\d+\.mlp\.b_\w+"),
+    ("norms", r".*(ln\w*|_norm)\.\w+"),
+    ("output projection", r"unembed\.w"),
+)
+
+
 def param_breakdown(cfg: Config) -> dict:
     """Exact parameter counts by part, next to the classic estimate ``V d + L (4 d^2 + 2 d d_ff)``.
 
     Returns ``{"rows": [(part, count), ...], "total": int, "estimate_terms": [(term, count), ...],
-    "estimate": int, "left_out": [(what, count), ...]}``. Counts come from shapes, not from tensors,
-    so a GPT-2-sized breakdown costs nothing.
+    "estimate": int, "left_out": [(what, count), ...]}``. Counts come from the shapes ``init_params`` builds
+    on the meta device (no data), so a GPT-2-sized breakdown costs nothing and reads no architecture flag.
     """
-    d, L, V, hd = cfg.d_model, cfg.n_layers, cfg.vocab_size, cfg.head_dim
-    norm_size = d * (2 if cfg.bias and cfg.norm.kind == "layernorm" else 1)
-    n_ff_in = 2 if cfg.activation in GATED_ACTIVATIONS else 1
-    attn_w = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + cfg.n_heads * hd * d
-    attn_b = (cfg.n_heads + 2 * cfg.n_kv_heads) * hd * (cfg.bias or cfg.attention.qkv_bias) + d * cfg.bias
-    qk_norms = 2 * hd if cfg.attention.qk_norm else 0
-    if cfg.attention.qk_norm and cfg.attention.qk_norm_over == "projection":
-        qk_norms = (cfg.n_heads + cfg.n_kv_heads) * hd
-    ff_w = (n_ff_in + 1) * d * cfg.d_ff if cfg.layout.mlp else 0
-    ff_b = (n_ff_in * cfg.d_ff + d) if cfg.bias and cfg.layout.mlp else 0
-    norms_per_block = (2 if cfg.layout.mlp and cfg.layout.residual != "parallel_shared_norm" else 1) + (
-        (2 if cfg.layout.mlp else 1) if cfg.layout.norm_position == "sandwich" else 0)
-    rows = [
-        ("token embeddings", V * d),
-        ("position embeddings", cfg.max_seq_len * d if cfg.positional.kind == "learned" else 0),
-        ("attention weights", L * attn_w),
-        ("attention biases", L * attn_b),
-        ("feed-forward weights", L * ff_w),
-        ("feed-forward biases", L * ff_b),
-        ("norms", (norms_per_block * L + (1 if cfg.layout.norm_position != "post" else 0)) * norm_size + L * qk_norms),
-        ("output projection", 0 if cfg.embeddings.tie else d * V),
-    ]
+    with torch.device("meta"):
+        shapes = tree.flatten_with_paths(init_params(cfg, device="meta"))
+    counts = dict.fromkeys((part for part, _ in _PARTS), 0)
+    for path, leaf in shapes.items():
+        counts[next(part for part, pattern in _PARTS if re.fullmatch(pattern, path))] += leaf.numel()
+    d, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
+    has_mlp = counts["feed-forward weights"] > 0
     terms = [
         ("token embeddings V*d", V * d),
         ("attention Q,K,V,O L*4*d^2", L * 4 * d * d),
-        ("feed-forward L*2*d*d_ff", L * 2 * d * cfg.d_ff if cfg.layout.mlp else 0),
+        ("feed-forward L*2*d*d_ff", L * 2 * d * cfg.d_ff if has_mlp else 0),
     ]
-    total = sum(n for _, n in rows)
-    estimate = sum(n for _, n in terms)
+    rows = list(counts.items())
     left_out = [(name, n) for name, n in rows if n and name in (
         "position embeddings", "attention biases", "feed-forward biases", "norms", "output projection")]
     # GQA, SwiGLU and a head_dim other than d/n_heads change the weight counts themselves; say so rather
     # than hide it in a remainder.
-    shape_gap = (L * attn_w - L * 4 * d * d) + (L * ff_w - L * 2 * d * cfg.d_ff * cfg.layout.mlp)
+    shape_gap = (counts["attention weights"] - L * 4 * d * d) + (counts["feed-forward weights"] - terms[2][1])
     if shape_gap:
         left_out.append(("GQA / SwiGLU / head_dim weight difference", shape_gap))
+    total, estimate = sum(counts.values()), sum(n for _, n in terms)
     return {"rows": rows, "total": total, "estimate_terms": terms, "estimate": estimate, "left_out": left_out}
 
 

@@ -19,9 +19,9 @@ from einops import rearrange, repeat
 
 from ftransformer import random
 from ftransformer.layers.embedding import Rotary, apply_rotary
-from ftransformer.layers.linear import linear
+from ftransformer.layers.linear import init_normal, linear
 from ftransformer.layers.masks import Mask
-from ftransformer.layers.norm import norm
+from ftransformer.layers.norm import init_norm, norm
 from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.shapes import Bool, Float, Int, Key, Residual, Tensor, einsum_equation
 from ftransformer.tracing import compiling
@@ -302,3 +302,20 @@ def multi_head_attention_with_cache(
     k_cache, v_cache = write(k_cache, k, write_index), write(v_cache, v, write_index)
     o = scaled_dot_product_attention(q, k_cache, v_cache, mask, impl=cfg.attn_impl, **scores(cfg))
     return project_out(params, o), k_cache, v_cache
+
+
+def init_attention(cfg, gen: torch.Generator, *, std: float, out_std: float) -> dict:
+    """An attention layer's parameters: ``w_qkv`` (+ ``b_qkv``), ``w_o`` (+ ``b_o``), and the q/k norms of
+    ``Attention(qk_norm=True)`` (over each head, or over the whole projections)."""
+    qkv_width = (cfg.n_heads + 2 * cfg.n_kv_heads) * cfg.head_dim
+    attn = {"w_qkv": init_normal(gen, (cfg.d_model, qkv_width), std)}
+    if cfg.bias or cfg.attention.qkv_bias:
+        attn["b_qkv"] = torch.zeros(qkv_width)
+    attn["w_o"] = init_normal(gen, (cfg.n_heads * cfg.head_dim, cfg.d_model), out_std)
+    if cfg.bias:
+        attn["b_o"] = torch.zeros(cfg.d_model)
+    if cfg.attention.qk_norm:
+        whole = cfg.attention.qk_norm_over == "projection"  # one norm over all heads' channels (OLMo-2)
+        attn["q_norm"] = init_norm(cfg.norm, cfg.head_dim * (cfg.n_heads if whole else 1), bias=cfg.bias)
+        attn["k_norm"] = init_norm(cfg.norm, cfg.head_dim * (cfg.n_kv_heads if whole else 1), bias=cfg.bias)
+    return attn

@@ -15,15 +15,20 @@ residual connection and a normalisation, in either order.
 the residual connections are made.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from ftransformer import random
-from ftransformer.layers.attention import KVWrite, multi_head_attention, multi_head_attention_with_cache, write_kv
+from ftransformer.layers.attention import (
+    KVWrite, init_attention, multi_head_attention, multi_head_attention_with_cache, write_kv,
+)
 from ftransformer.layers.embedding import Rotary
-from ftransformer.layers.feedforward import feedforward
+from ftransformer.layers.feedforward import feedforward, init_feedforward
 from ftransformer.layers.masks import Mask
-from ftransformer.layers.norm import norm
+from ftransformer.layers.norm import init_norm, norm
 from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.shapes import Float, Int, Key, Residual, Tensor
 
@@ -161,3 +166,22 @@ def block_with_cache(
 
     x, (k_new, v_new) = wire(params, x, cfg, attn, keys=(None, None), tap=NO_TAP)
     return x, k_new, v_new
+
+
+def init_block(cfg, gen: torch.Generator) -> dict:
+    """One block's parameters for the config's ``Layout``: ``ln1`` and ``attn``; ``ln2`` and ``mlp`` unless
+    attention-only (no ``ln2`` under the shared-norm parallel residual); ``ln1_post`` / ``ln2_post`` when
+    sandwiched. Weights N(0, init_std), residual outputs scaled by 1/sqrt(2 n_layers) (GPT-2)."""
+    std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    layout, new_norm = cfg.layout, lambda: init_norm(cfg.norm, cfg.d_model, bias=cfg.bias)
+    attn = init_attention(cfg, gen, std=std, out_std=out_std)
+    # Drawn even for attention-only blocks (and dropped): a seed keeps giving the same attention weights
+    # whatever the layout, as it has since 0.1.
+    mlp = init_feedforward(cfg, gen, std=std, out_std=out_std)
+    sandwich = layout.norm_position == "sandwich"  # a second norm on each sublayer's output
+    block = {"ln1": new_norm(), "attn": attn} | ({"ln1_post": new_norm()} if sandwich else {})
+    if not layout.mlp:
+        return block
+    if layout.residual != "parallel_shared_norm":  # the shared-norm layout's one norm feeds both sublayers
+        block["ln2"] = new_norm()
+    return block | {"mlp": mlp} | ({"ln2_post": new_norm()} if sandwich else {})

@@ -6,6 +6,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ftransformer.layers.linear import init_normal
 from ftransformer.shapes import Float, Int, Positions, Residual, Tensor, Tokens
 
 
@@ -102,3 +103,12 @@ def apply_rotary(
     cos = cos.unsqueeze(-3).to(dtype)
     sin = sin.unsqueeze(-3).to(dtype)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def init_embed(cfg, gen: torch.Generator) -> dict:
+    """The embedding's parameters: ``tokens`` [vocab, d_model], and ``positions`` [max_seq, d_model] for a
+    learned position table; N(0, init_std)."""
+    embed = {"tokens": init_normal(gen, (cfg.vocab_size, cfg.d_model), cfg.init_std)}
+    if cfg.positional.kind == "learned":
+        embed["positions"] = init_normal(gen, (cfg.max_seq_len, cfg.d_model), cfg.init_std)
+    return embed

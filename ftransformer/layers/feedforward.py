@@ -1,8 +1,10 @@
 """Learning-path step 4: the position-wise feed-forward network (GELU MLP, or a gated one: SwiGLU, GeGLU)."""
 
+import torch
 import torch.nn.functional as F
 
-from ftransformer.layers.linear import linear
+from ftransformer.config import GATED_ACTIVATIONS
+from ftransformer.layers.linear import init_normal, linear
 from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.shapes import Residual
 
@@ -39,3 +41,17 @@ def feedforward(
     if cfg.activation in ("swiglu", "geglu_tanh"):
         return swiglu_mlp(params, x, tap=tap, gelu_gate=cfg.activation == "geglu_tanh")
     return gelu_mlp(params, x, approximate="tanh" if cfg.activation == "gelu_tanh" else "none", tap=tap)
+
+
+def init_feedforward(cfg, gen: torch.Generator, *, std: float, out_std: float) -> dict:
+    """A feed-forward layer's parameters: ``w_in`` (and ``w_gate`` for the gated activations), ``w_out``, and
+    their biases when ``cfg.bias``."""
+    mlp = {}
+    for name in ("w_gate", "w_in") if cfg.activation in GATED_ACTIVATIONS else ("w_in",):
+        mlp[name] = init_normal(gen, (cfg.d_model, cfg.d_ff), std)
+        if cfg.bias:
+            mlp["b" + name[1:]] = torch.zeros(cfg.d_ff)
+    mlp["w_out"] = init_normal(gen, (cfg.d_ff, cfg.d_model), out_std)
+    if cfg.bias:
+        mlp["b_out"] = torch.zeros(cfg.d_model)
+    return mlp

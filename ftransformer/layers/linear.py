@@ -4,6 +4,7 @@
 ``ftransformer.quantization``): int8 values with one float scale per output column, ``w ~= q * scale``.
 """
 
+import torch
 import torch.nn.functional as F
 
 from ftransformer.layers.int8 import Int8Weight, int8_matmul
@@ -21,3 +22,12 @@ def linear(
         return y if b is None else y + b
     # F.linear wants [d_out, d_in]; the transpose is a free view and one fused addmm does the rest.
     return F.linear(x, w.t(), b)
+
+
+def init_normal(gen: torch.Generator, shape: tuple[int, ...], std: float) -> Tensor:
+    """N(0, std) values of ``shape`` drawn from ``gen`` (a weight or a table); empty on the meta device."""
+    if torch.get_default_device().type == "meta":
+        # Shapes only (checkpoint and Hugging Face loaders): drawing on meta would import torch._dynamo (~3 s).
+        return torch.empty(shape)
+    # Scaled in place: no second full-size temporary, which GPT-2-sized tables would feel.
+    return torch.randn(shape, generator=gen).mul_(std)

@@ -52,8 +52,8 @@ def history(out):
 
 
 def assert_same_run(a, b, *, atol):
-    pa = ft.params.tree_flatten_with_paths(ft.load_checkpoint(a / "latest").params)
-    pb = ft.params.tree_flatten_with_paths(ft.load_checkpoint(b / "latest").params)
+    pa = ft.tree.flatten_with_paths(ft.load_checkpoint(a / "latest").params)
+    pb = ft.tree.flatten_with_paths(ft.load_checkpoint(b / "latest").params)
     assert pa.keys() == pb.keys()
     for path, x in pa.items():
         y = pb[path]

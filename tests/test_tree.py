@@ -138,10 +138,9 @@ def test_unflatten_paths_names_missing_and_unexpected_paths():
         tree.unflatten_paths(flat, like=p)
 
 
-def test_params_keeps_the_old_names():
-    assert params.tree_map is tree.map and params.tree_leaves is tree.leaves and params.tree_to is tree.to
-    assert params.tree_flatten_with_paths is tree.flatten_with_paths
-    assert params.tree_unflatten_paths is tree.unflatten_paths
+def test_params_no_longer_forwards_the_tree_helpers():
+    for old in ("tree_map", "tree_leaves", "tree_to", "tree_flatten_with_paths", "tree_unflatten_paths"):
+        assert not hasattr(params, old), f"params.{old} was removed in 0.3 (ftransformer.tree has it)"
 
 
 # ---------------------------------------------------------------- stack / unstack

@@ -33,7 +33,7 @@ FAST_ROWS = 16  # inputs with at most this many rows (decode steps) take the fbg
 class Int8Weight(NamedTuple):
     """A ``[d_in, d_out]`` matrix stored as int8 with per-output-channel scales: ``w ~= q * scale``.
 
-    A NamedTuple, so it is a pytree node: ``tree_map``, ``tree_to``, ``torch.compile`` and checkpoints
+    A NamedTuple, so it is a pytree node: ``tree.map``, ``tree.to``, ``torch.compile`` and checkpoints
     see its two tensors as leaves (paths ``....w_qkv.q`` and ``....w_qkv.scale``).
     """
 

@@ -7,7 +7,7 @@ an *argument*::
     acts["blocks"][1]["attn"]["pattern"]                                       # [*batch, heads, seq, kv_seq]
     ft.forward_with_activations(params, tokens, cfg, interventions=ft.interp.ablate_heads(1, [2], cfg))
 
-This script trains a two-layer, *attention-only* model (no MLPs: ``Config(mlp=False)``) on random
+This script trains a two-layer, *attention-only* model (no MLPs: ``Config(layout=Layout(mlp=False))``) on random
 tokens in which a random stretch occurs twice, at random places. The second copy can only be predicted
 by looking back: find where the current token occurred before and copy the token that *followed* it.
 That takes two heads working together (Olsson et al. 2022, "In-context Learning and Induction Heads"):

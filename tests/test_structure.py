@@ -273,7 +273,16 @@ def test_the_checker_sees_positional_block_inputs():
 RESHAPES = ("reshape", "view", "permute", "transpose", "flatten", "unflatten")
 # (module, function) pairs of ftransformer.interp that may reshape by hand, each with its reason: their axes are
 # decided at run time, where an einops pattern would have to be built from strings.
-RESHAPES_ALLOWED: dict[tuple[str, str], str] = {}
+RESHAPES_ALLOWED: dict[tuple[str, str], str] = {
+    ("ftransformer.interp.attribution", "_qk_star"): "through its by_kv",
+    ("ftransformer.interp.attribution", "by_kv"): "the last axis is head_dim for q/k and kv_seq for patterns, by call",
+    ("ftransformer.interp.edges", "_one_hot_cotangents"): "as many broadcast axes as the cotangent has batch axes",
+    ("ftransformer.interp.patching", "patch_masks"): "the patch rows are (patched head x patched position), each of "
+                                                      "size 1 or full as `by` says: no glossary word names them",
+    ("ftransformer.interp.patching", "_layer_sweep"): "the same patch rows, cut into position buckets",
+    ("ftransformer.interp.patching", "arrange"): "the result's axes and their order are the caller's `by`",
+    ("ftransformer.interp.plots", "_patch_grid"): "the result's axes and their order are the caller's `by`",
+}
 
 
 def _hand_reshapes(package: str = "ftransformer.interp") -> list[tuple[str, str]]:

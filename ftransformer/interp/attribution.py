@@ -106,7 +106,7 @@ def _qk_star(layer: dict, source: Tensor, grad_pattern: Tensor, mask: Mask, cfg:
 
     def by_kv(t: Tensor) -> Tensor:
         """``[*batch, heads, seq, last]`` -> ``[kv_heads, *batch, group, seq, last]`` (query heads by key head)."""
-        return rearrange(t, "... (kv_heads group) seq last -> kv_heads ... group seq last", kv_heads=kv_heads)
+        return t.unflatten(-3, (kv_heads, -1)).movedim(-4, 0)
 
     q, pattern, grad = by_kv(layer["attn"]["q"]), by_kv(layer["attn"]["pattern"]), by_kv(grad_pattern)
     k = rearrange(layer["attn"]["k"], "... kv_heads seq head_dim -> kv_heads ... seq head_dim")

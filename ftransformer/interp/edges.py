@@ -271,8 +271,7 @@ def _delta_paths(cfg: Config, tokens: Tokens) -> dict:
 
 def _one_hot_cotangents(g: Tensor, n: int, before: int, after: int) -> Tensor:
     """``[before + n + after, *g.shape]``: zeros, then ``g`` restricted to head ``j`` for row ``before + j``."""
-    batch = " ".join(["()"] * (g.ndim - 3))  # g is [*batch, heads, seq, last]
-    eye = rearrange(torch.eye(n, dtype=g.dtype, device=g.device), f"row heads -> row {batch} heads () ()")
+    eye = torch.eye(n, dtype=g.dtype, device=g.device).reshape(n, *[1] * (g.ndim - 3), n, 1, 1)
     rows = g[None] * eye
     return torch.cat([rows.new_zeros(before, *g.shape), rows, rows.new_zeros(after, *g.shape)])
 

@@ -37,7 +37,6 @@ values into the clean run (base = clean, source = corrupt: how much does this sl
 from collections.abc import Callable, Sequence
 
 import torch
-from einops import rearrange, reduce
 
 from ftransformer import validate
 from ftransformer.config import Config
@@ -121,7 +120,7 @@ def patch_masks(by: Sequence[str], heads: int, seq: int, device: torch.device) -
     pick_heads = torch.eye(heads, device=device) if "head" in by else torch.ones(1, heads, device=device)
     pick_seq = torch.eye(seq, device=device) if "position" in by else torch.ones(1, seq, device=device)
     masks = pick_heads[:, None, :, None] * pick_seq[None, :, None, :]
-    return rearrange(masks, "head_row seq_row heads seq -> (head_row seq_row) heads seq")
+    return masks.reshape(-1, heads, seq)
 
 
 def replace_at(value: Tensor, source: Tensor, mask: Float[Tensor, "heads seq"], has_heads: bool) -> Tensor:
@@ -220,14 +219,13 @@ def _layer_sweep(params, base: dict, src: Tensor, metric: Metric, cfg: Config, l
     has_heads = site in HEAD_SITES
     masks = patch_masks(by, src.shape[-3] if has_heads else 1, src.shape[-2], src.device)
     seq = src.shape[-2]
-    seq_rows = seq if "position" in by else 1
-    grid = rearrange(masks, "(head_row seq_row) heads seq -> head_row seq_row heads seq", seq_row=seq_rows)
+    grid = masks.reshape(-1, seq if "position" in by else 1, *masks.shape[1:])  # [heads axis, position axis, ...]
     parts = []
     for first, stop in position_buckets(seq, by):
-        part = rearrange(grid[:, first:stop], "head_row seq_row heads seq -> (head_row seq_row) heads seq")
+        part = grid[:, first:stop].reshape(-1, *masks.shape[1:])
         values = _bucket_sweep(params, base, src, part, metric, cfg, layer, first, site=site, inputs=inputs, chunk=chunk, at=at)
-        parts.append(rearrange(values, "(head_row seq_row) -> head_row seq_row", head_row=grid.shape[0]))
-    return rearrange(torch.cat(parts, dim=1), "head_row seq_row -> (head_row seq_row)")
+        parts.append(values.reshape(grid.shape[0], stop - first))
+    return torch.cat(parts, dim=1).reshape(-1)
 
 
 def patch_sweep(
@@ -323,6 +321,9 @@ def arrange(values: Float[Tensor, "layers rows"], by: tuple, sample: Tensor, has
     """``[layers, heads-axis?, position-axis?]`` reordered to ``by``'s order, without the axes not in it."""
     heads = sample.shape[-3] if has_heads and "head" in by else 1
     seq = sample.shape[-2] if "position" in by else 1
-    grid = rearrange(values, "layer (head position) -> layer head position", head=heads, position=seq)
-    # The axes not in ``by`` have size 1: summing over them only drops them.
-    return reduce(grid, f"layer head position -> {' '.join(by)}", "sum")
+    grid = values.reshape(values.shape[0], heads, seq)
+    canonical = ("layer", "head", "position")
+    order = [canonical.index(axis) for axis in by]
+    dropped = [canonical.index(axis) for axis in canonical if axis not in by]
+    # The dropped axes have size 1, so after the permutation they fall away in the reshape.
+    return grid.permute(order + dropped).reshape(*(grid.shape[i] for i in order))

@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from einops import rearrange
 from jaxtyping import Float
 from torch import Tensor
 
@@ -177,7 +176,7 @@ def _patch_grid(result: Tensor, by: Sequence[str]) -> tuple[Tensor, list[str]]:
     if result.ndim != len(by):
         raise ValueError(f"result has {result.ndim} axes, shape {tuple(result.shape)}, but by names {len(by)}: {by!r}")
     axes = [a for a in ("layer", "head", "position") if a in by]
-    return rearrange(result, f"{' '.join(by)} -> {' '.join(axes)}"), axes
+    return result.permute([by.index(a) for a in axes]), axes
 
 
 def _patch_ticks(grid: Tensor, axes: list[str], by: Sequence[str], labels: Sequence[str] | None) -> tuple[str, list[str] | None]:

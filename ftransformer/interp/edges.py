@@ -50,7 +50,7 @@ from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.attribution import site_gradients
 from ftransformer.interp.patching import Metric, check_args, check_scalar, base_and_source, run_from
 from ftransformer.layers.attention import head_outputs, project_qkv, scaled_dot_product_attention, scores as score_args
-from ftransformer.layers.block import wire
+from ftransformer.layers.block import mlp_norm, mlp_reads, wire
 from ftransformer.layers.feedforward import feedforward
 from ftransformer.layers.linear import linear
 from ftransformer.layers.norm import norm
@@ -131,7 +131,7 @@ def graph(cfg: Config) -> Graph:
         readers += [f"a{i}.h{h}.q" for h in range(cfg.n_heads)]
         readers += [f"a{i}.h{g}.{s}" for s in "kv" for g in range(cfg.n_kv_heads)] + [f"m{i}"] * mlp
         read += [2 * i + 1] * (cfg.n_heads + 2 * cfg.n_kv_heads)
-        read += [2 * i + (2 if cfg.layout.residual == "sequential" else 1)] * mlp
+        read += [2 * i + (2 if mlp_reads(cfg) == "resid_mid" else 1)] * mlp
     readers.append("logits")
     read.append(2 * cfg.n_layers + 1)
     edges = torch.tensor(written)[:, None] < torch.tensor(read)[None, :]
@@ -146,10 +146,6 @@ def writer_values(params: dict, acts: dict, cfg: Config) -> Values:
         if cfg.layout.mlp:
             parts.append(linear(block["mlp"]["hidden"], params["blocks"][i]["mlp"]["w_out"])[None])
     return torch.cat(parts)
-
-
-def _mlp_norm(block: dict, cfg: Config) -> dict:
-    return block["ln1"] if cfg.layout.residual == "parallel_shared_norm" else block["ln2"]
 
 
 def _diagonal(t: Tensor) -> Tensor:
@@ -171,12 +167,6 @@ def _inputs(x: Residual, diffs: list, mask: Tensor, readers: slice) -> Float[Ten
     """The readers' inputs: ``x`` minus the ablated part of every write so far."""
     d = torch.cat(diffs)
     return x - torch.tensordot(1 - mask[: d.shape[0], readers].to(x.dtype), d, dims=([0], [0]))
-
-
-def _mlp_read(acts: dict, cfg: Config) -> Residual:
-    """The residual the block's MLP reads (before its norm), from the block's recorded values: ``resid_mid``
-    in the sequential layout, ``resid_pre`` in the parallel ones."""
-    return acts["resid_mid"] if cfg.layout.residual == "sequential" else acts["resid_pre"]
 
 
 def _circuit_layer(
@@ -201,7 +191,7 @@ def _circuit_layer(
         return (out if b_o is None else out + b_o), None
 
     def hidden(h: Tensor) -> Tensor:
-        return _mlp_hidden(p, _inputs(_mlp_read(tap.acts, cfg), diffs, mask, slice(r0 + n_readers - 1, r0 + n_readers))[0], cfg)
+        return _mlp_hidden(p, _inputs(tap.acts[mlp_reads(cfg)], diffs, mask, slice(r0 + n_readers - 1, r0 + n_readers))[0], cfg)
 
     diffs = list(diffs)
     tap = Tap({"mlp.hidden": hidden})
@@ -293,7 +283,7 @@ def _attn_reader_grads(p: dict, x: Residual, grads: tuple, cfg: Config, rotary, 
 def _mlp_hidden(p: dict, x: Residual, cfg: Config) -> Tensor:
     """The hidden units of block ``p``'s MLP reading the residual ``x`` (through its norm)."""
     tap = Tap()
-    feedforward(p["mlp"], norm(_mlp_norm(p, cfg), x, cfg.norm), cfg, tap=tap)
+    feedforward(p["mlp"], norm(mlp_norm(p, cfg), x, cfg.norm), cfg, tap=tap)
     return tap.acts["hidden"]
 
 
@@ -319,7 +309,7 @@ def reader_gradients(
         qkv = tuple(grads[f"blocks.{i}.attn.{s}"] for s in "qkv")
         parts.append(_attn_reader_grads(p, a["resid_pre"], qkv, cfg, rotaries[i], chunk))
         if cfg.layout.mlp:
-            parts.append(_mlp_reader_grad(p, _mlp_read(a, cfg), grads[f"blocks.{i}.mlp.hidden"], cfg)[None])
+            parts.append(_mlp_reader_grad(p, a[mlp_reads(cfg)], grads[f"blocks.{i}.mlp.hidden"], cfg)[None])
     parts.append(grads[f"blocks.{cfg.n_layers - 1}.resid_post"][None])
     return torch.cat(parts)
 
@@ -383,7 +373,7 @@ def _patched_reads(params: dict, base: dict, diff: Values, cfg: Config, i: int, 
     q, k, v = project_qkv(p["attn"], norm(p["ln1"], a["resid_pre"] - diff, cfg.norm), cfg, rotary)
     reads = {"attn.q": q, "attn.k": k, "attn.v": v}
     if cfg.layout.mlp:
-        reads["mlp.hidden"] = _mlp_hidden(p, _mlp_read(a, cfg) - diff, cfg)
+        reads["mlp.hidden"] = _mlp_hidden(p, a[mlp_reads(cfg)] - diff, cfg)
     return reads
 
 

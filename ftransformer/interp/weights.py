@@ -27,6 +27,7 @@ from einops import rearrange
 
 from ftransformer import tree, validate
 from ftransformer.config import Config, flat_path
+from ftransformer.layers.block import mlp_norm
 from ftransformer.layers.norm import identity_params, norm_scale
 from ftransformer.shapes import Float, Tensor
 
@@ -101,7 +102,7 @@ def fold_layer_norm(params: dict, cfg: Config) -> tuple[dict, Config]:
         _fold_into(block["attn"], block["ln1"], cfg, ("qkv",))
         if cfg.layout.mlp:
             block["mlp"] = dict(block["mlp"])
-            _fold_into(block["mlp"], block["ln2"] if "ln2" in block else block["ln1"], cfg, mlp_names)
+            _fold_into(block["mlp"], mlp_norm(block, cfg), cfg, mlp_names)
             if "ln2" in block:
                 block["ln2"] = identity_params(block["ln2"], cfg.norm)
         block["ln1"] = identity_params(block["ln1"], cfg.norm)

@@ -72,6 +72,18 @@ def write_norms(params: dict, cfg) -> tuple[dict | None, dict | None]:
     return None, None
 
 
+def mlp_norm(params: dict, cfg) -> dict:
+    """The norm the MLP reads through in the pre-LN layouts: ``ln2``, or ``ln1`` under the shared-norm parallel
+    residual (one norm feeds both sublayers)."""
+    return params["ln1"] if cfg.layout.residual == "parallel_shared_norm" else params["ln2"]
+
+
+def mlp_reads(cfg) -> str:
+    """Which recorded residual the MLP reads (before its norm): ``"resid_mid"`` (after attention) in the
+    sequential layout, ``"resid_pre"`` (the block's input) in the parallel ones."""
+    return "resid_mid" if cfg.layout.residual == "sequential" else "resid_pre"
+
+
 def wire(
     params: dict, x: Residual, cfg, attn: Sublayer, *, keys: tuple[Key | None, Key | None], tap: Tap
 ) -> tuple[Residual, Any]:
@@ -108,7 +120,7 @@ def parallel_wire(
     out = random.dropout(out, cfg.dropout, keys[0])
     mid = tap("resid_mid", x + out)
     if cfg.layout.residual == "parallel":
-        h = norm(params["ln2"], x, cfg.norm)
+        h = norm(mlp_norm(params, cfg), x, cfg.norm)
     mlp = random.dropout(feedforward(params["mlp"], h, cfg, tap=tap.scope("mlp")), cfg.dropout, keys[1])
     # (mlp + attn) + x is GPT-NeoX's order of the sum (in bfloat16 the order decides the rounding); a
     # resid_mid an intervention replaced flows on instead.

@@ -51,11 +51,16 @@ def test_collect_drops_position_zero_and_fits_the_scale(tiny_cfg, tmp_path):
         collect_activations(params, batches, tiny_cfg, "blocks.1.resid_post", tmp_path / "b", n_tokens=100)
 
 
-def test_fit_writes_metrics_and_checkpoint_and_resumes_exactly(tiny_cfg, tmp_path):
+def _two_member_run(tiny_cfg, tmp_path, site: str):
+    """Activations of ``site`` (192 rows from 8 batches of a seed-0 model) and the hparams of a 2-member stack."""
     params = ft.init_params(tiny_cfg, seed=0)
-    store = collect_activations(params, _batches(tiny_cfg, 8), tiny_cfg, "blocks.0.mlp.hidden", tmp_path / "acts", 192)
+    store = collect_activations(params, _batches(tiny_cfg, 8), tiny_cfg, site, tmp_path / "acts", 192)
+    return store, make_hparams(2, k=[2, 4], lr=[1e-3, 3e-3])
+
+
+def test_fit_writes_metrics_and_checkpoint_and_resumes_exactly(tiny_cfg, tmp_path):
+    store, hp = _two_member_run(tiny_cfg, tmp_path, "blocks.0.mlp.hidden")
     cfg = SAEConfig(d_in=40, d_sae=64, architecture="batchtopk", k_max=4, dead_tokens=200)
-    hp = make_hparams(2, k=[2, 4], lr=[1e-3, 3e-3])
     kw = dict(steps=12, batch_size=32, seed=3, log_every=4, progress=False)
     full = fit_stack(store, cfg, hp, tmp_path / "full", **kw)
     lines = [json.loads(line) for line in (tmp_path / "full" / METRICS_FILE).read_text().splitlines()]
@@ -87,10 +92,8 @@ def _write_old_run_dir(directory, state, hp, cfg, step, extra, lines):
 
 
 def test_old_sae_run_directories_still_load_and_resume(tiny_cfg, tmp_path):
-    params = ft.init_params(tiny_cfg, seed=0)
-    store = collect_activations(params, _batches(tiny_cfg, 8), tiny_cfg, "blocks.0.resid_post", tmp_path / "acts", 192)
+    store, hp = _two_member_run(tiny_cfg, tmp_path, "blocks.0.resid_post")
     cfg = SAEConfig(d_in=24, d_sae=32, architecture="topk", k_max=4, dead_tokens=200)
-    hp = make_hparams(2, k=[2, 4], lr=[1e-3, 3e-3])
     kw = dict(steps=8, batch_size=16, seed=1, log_every=4, progress=False)
     full = fit_stack(store, cfg, hp, tmp_path / "full", **kw)
     half = fit_stack(store, cfg, hp, tmp_path / "half", **{**kw, "steps": 4})

@@ -95,8 +95,8 @@ def wire(
     x = tap("resid_pre", x)
     if cfg.layout.residual != "sequential":
         return parallel_wire(params, x, cfg, attn, keys=keys, tap=tap)
-    sandwich = cfg.layout.norm_position == "sandwich"
-    post = (params["ln1_post"], params.get("ln2_post")) if sandwich else (None, None)
+    # Only the sandwich's second norms reach residual_with as `post`; the output layout's are its norm_params.
+    post = write_norms(params, cfg) if cfg.layout.norm_position == "sandwich" else (None, None)
     x, extra = residual_with(params["attn"], x, attn, params["ln1"], cfg, keys[0], post[0])
     x = tap("resid_mid", x)
     if cfg.layout.mlp:

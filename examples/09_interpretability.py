@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---------------------------------------------------------------- 1. model and data
     # Attention only: each block is x + attention(norm(x)), so everything the model computes is done
-    # by attention heads (and the embeddings). The explicit einsum attention keeps every pattern visible.
-    cfg = ft.Config(vocab_size=64, d_model=64, n_heads=4, n_layers=2, d_ff=1, max_seq_len=48, attn_impl="einsum",
+    # by attention heads (and the embeddings).
+    cfg = ft.Config(vocab_size=64, d_model=64, n_heads=4, n_layers=2, d_ff=1, max_seq_len=48,
                     bias=False, positional=Positional("rope"), layout=Layout(mlp=False),
                     embeddings=Embeddings(tie=False))
     half = cfg.max_seq_len // 2

@@ -48,7 +48,7 @@ HALF = 10  # the prompts: HALF random tokens, repeated once
 def train_model(steps: int, seed: int) -> tuple[ft.Config, dict]:
     """Step 9's attention-only model at a small size (2 layers of 2 heads), trained on
     ``ft.interp.repeated_stretches``; strong weight decay keeps the heads outside the circuit small."""
-    cfg = ft.Config(vocab_size=32, d_model=32, n_heads=2, n_layers=2, d_ff=1, max_seq_len=24, attn_impl="einsum",
+    cfg = ft.Config(vocab_size=32, d_model=32, n_heads=2, n_layers=2, d_ff=1, max_seq_len=24,
                     bias=False, positional=Positional("rope"), layout=Layout(mlp=False),
                     embeddings=Embeddings(tie=False))
     params = ft.init_params(cfg, seed=seed)

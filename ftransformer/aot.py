@@ -8,7 +8,7 @@ parameter leaf on the first step of a generation. Ahead-of-time compilation remo
 calls that library with the flattened params, token and cache. The cache buffers are written in place,
 as in the eager loop; the step returns the logits and the new lengths.
 
-The step attends with the written-out (``"einsum"``) attention whatever ``cfg.attn_impl`` says: for one
+The step attends with the written-out (``"einsum"``) attention (``layers.attention_kernel``): for one
 query over the cache, AOTInductor fuses the written-out form into its own kernels, while the fused SDPA
 operator keeps a fixed cost per call. Measured on the ``seed`` preset, batch 1, 1 thread, in one process
 (``bench generate --compile --aot``): AOTInductor with einsum 2.35 ms/token, with SDPA 2.68,
@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ftransformer.cache import KVCache
 from ftransformer.config import Config
+from ftransformer.layers.attention import attention_kernel
 from ftransformer.tree import flatten_with_paths
 from ftransformer.quantization import is_quantized
 
@@ -65,8 +66,8 @@ def _signature(params: dict, token: Tensor, cache: KVCache, cfg: Config) -> tupl
 
 
 def _build(step: Step, params: dict, token: Tensor, cache: KVCache, cfg: Config):
-    module = _ExportedStep(step, cfg.replace(attn_impl="einsum"))
-    with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="ft-aoti-") as tmp:
+    module = _ExportedStep(step, cfg)
+    with attention_kernel("einsum"), torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="ft-aoti-") as tmp:
         # torch 2.13's own export code copies a LeafSpec, which it has deprecated: not ours to act on
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
         program = torch.export.export(module, (params, token, cache.k, cache.v, cache.lengths), strict=False)

@@ -11,7 +11,6 @@ NORM_POSITIONS = ("pre", "post", "sandwich", "output")
 POSITIONALS = ("learned", "sinusoidal", "rope")
 ACTIVATIONS = ("gelu", "gelu_tanh", "swiglu", "geglu_tanh")
 GATED_ACTIVATIONS = ("swiglu", "geglu_tanh")  # two input projections: w_gate (through the nonlinearity) and w_in
-ATTN_IMPLS = ("sdpa", "einsum")
 ROPE_SCALINGS = ("linear", "llama3")
 # How a block adds its sublayers to the residual stream (see Layout.residual).
 RESIDUALS = ("sequential", "parallel", "parallel_shared_norm")
@@ -277,7 +276,6 @@ class Config:
     # "gelu" (exact), "gelu_tanh" (GPT-2's approximation), "swiglu" or "geglu_tanh" (Gemma: the tanh GELU as the gate)
     activation: str = "gelu"
     init_std: float = 0.02  # std of the normal init; residual output projections get /sqrt(2*n_layers)
-    attn_impl: str = "sdpa"  # "sdpa" (fused torch kernel) or "einsum" (written out; vmap-friendly grads)
     attention: Attention = Attention()  # head_dim, q/k/v-only bias, q/k norm, sliding windows, scale, soft-cap
     norm: Norm = Norm()  # LayerNorm or RMSNorm, eps, where it rounds
     positional: Positional = Positional()  # learned / sinusoidal / rotary positions
@@ -304,7 +302,6 @@ class Config:
                 "(each key/value head serves a whole group of query heads)"
             )
         _check_choice("Config", "activation", self.activation, ACTIVATIONS)
-        _check_choice("Config", "attn_impl", self.attn_impl, ATTN_IMPLS)
         _check_bool("Config", "bias", self.bias)
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"Config.dropout={self.dropout!r} must be a float in [0, 1)")
@@ -358,6 +355,7 @@ class Config:
     def replace(self, **changes) -> "Config":
         """A copy with some fields changed (validated again): top-level fields, whole specs, one spec field by its
         path (``**{"norm.eps": 1e-6}``) or by 0.2's flat name (``norm_eps=1e-6``), all through ``upgrade``."""
+        _refuse_runtime(changes)
         if "n_heads" in changes and "n_kv_heads" not in changes and self.n_kv_heads == self.n_heads:
             # n_kv_heads was filled in from n_heads (plain multi-head attention): keep it that way.
             changes["n_kv_heads"] = None
@@ -379,12 +377,16 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Config":
-        """A config from ``to_dict``'s dict, or from any older checkpoint's flat one (through ``upgrade``)."""
-        return cls(**_known(upgrade(d)))
+        """A config from ``to_dict``'s dict, or from any older checkpoint's flat one (through ``upgrade``).
+
+        A saved ``attn_impl`` (0.2 kept the attention kernel in the config) is dropped: it never changed
+        the model, and the kernel is now chosen per call (``layers.attention_kernel``)."""
+        return cls(**_known(upgrade({k: v for k, v in d.items() if k not in RUNTIME_CHOICES})))
 
     @classmethod
     def from_flat(cls, **flat) -> "Config":
         """A config from 0.2's flat keywords: ``Config.from_flat(..., norm="rmsnorm", norm_eps=1e-6)``."""
+        _refuse_runtime(flat)
         return cls.from_dict(flat)
 
 
@@ -398,6 +400,19 @@ FLAT_NAMES = {
     "tie_embeddings": ("embeddings", "tie"), "embed_scale": ("embeddings", "scale"),
     "logit_softcap": ("embeddings", "logit_softcap"),
 }
+
+
+# 0.2 config fields that were runtime choices, not architecture -> where the choice is made now
+RUNTIME_CHOICES = {
+    "attn_impl": "per call: `with ftransformer.layers.attention_kernel('einsum'):` (the default runs the fused "
+                 "kernel, and the written-out one under vmap, jvp or a second grad)",
+}
+
+
+def _refuse_runtime(changes: Mapping) -> None:
+    """A clear error for a runtime choice that left the config, saying where it is made now."""
+    for name in RUNTIME_CHOICES.keys() & changes.keys():
+        raise TypeError(f"Config has no {name!r} since 0.3: it is not architecture; choose it {RUNTIME_CHOICES[name]}")
 
 
 def field_types() -> dict[str, object]:

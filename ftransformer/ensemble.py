@@ -26,7 +26,6 @@ from ftransformer.loop import FitResult, FitRun, FitState, TokenData, improved, 
 from ftransformer.model import check_ids, check_tokens, loss_fn
 from ftransformer.params import init_params
 from ftransformer.tree import stack as stack_params, unstack as unstack_params
-from ftransformer.per_example import vmap_config
 from ftransformer.train import TrainStep, make_train_step
 
 PyTree = Any
@@ -103,7 +102,6 @@ def make_ensemble_step(
     hparams: dict | None = None,
     accum_steps: int = 1,
     ignore_index: int = -100,
-    attn_impl: str | None = "einsum",
 ) -> TrainStep:
     """ONE vmapped step that trains every member of an ensemble at once: ``vmap`` of ``make_train_step``'s step.
 
@@ -119,7 +117,6 @@ def make_ensemble_step(
         step = make_ensemble_step(cfg, lambda lr, weight_decay: optim.adamw(lr, weight_decay=weight_decay), hparams=hp)
         state = step.init(stacked)
     """
-    cfg_v = vmap_config(cfg, attn_impl)
     member_opt, factory = _member_optimizer(optimizer)
     _check_hparams(hparams, None, factory)
 
@@ -129,7 +126,7 @@ def make_ensemble_step(
         return stack_params([member_opt(h).init(p) for h, p in zip(each, unstack_params(stacked_params))])
 
     def member_step(params, opt_state, tokens, targets, key, hp):
-        one = make_train_step(cfg_v, member_opt(hp), accum_steps=accum_steps, ignore_index=ignore_index)
+        one = make_train_step(cfg, member_opt(hp), accum_steps=accum_steps, ignore_index=ignore_index)
         return one.step(params, opt_state, (tokens, targets), key)
 
     def step(stacked_params, opt_state, batch, keys=None):
@@ -150,16 +147,15 @@ def make_ensemble_step(
 
 
 def evaluate_ensemble(
-    stacked: dict, batches: Iterable, cfg: Config, *, ignore_index: int = -100, attn_impl: str | None = "einsum"
+    stacked: dict, batches: Iterable, cfg: Config, *, ignore_index: int = -100
 ) -> Tensor:
     """Every member's token-weighted mean loss over ``batches``, in one vmapped forward per batch.
 
     A batch's ``tokens``/``targets`` are ``(batch, seq)`` (all members see them) or
     ``(members, batch, seq)`` (each member its own). Returns one loss per member. (SDPA's CPU kernel
-    has no ``vmap`` batching rule even forward, hence the einsum path by default.)
+    has no ``vmap`` batching rule even forward: attention runs on the einsum path, ``layers.kernel_here``.)
     """
     members = _members(stacked)
-    cfg = vmap_config(cfg, attn_impl)
     total, count = None, None
 
     def member_sum(params, tokens, targets):

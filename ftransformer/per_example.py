@@ -5,10 +5,11 @@ example's gradient in one call (what Opacus hooks into ``nn.Module``s to get). D
 (``optim.dp_aggregate``, stepped by ``make_per_example_train_step``) and the gradient noise scale
 (``gradient_noise_scale``, McCandlish et al. 2018) are made of them.
 
-Why the einsum attention path by default: PyTorch's fused ``scaled_dot_product_attention`` has had no
-``vmap`` batching rule for its backward pass (``vmap`` then falls back to a slow per-example loop, and
-on some versions and devices refuses), while the written-out einsum path is made of ops that all batch.
-``attn_impl=None`` keeps the config's own path (``bench vmap`` times both on the running torch).
+Attention runs on the einsum path here (``layers.kernel_here``'s rule under ``vmap``): PyTorch's fused
+``scaled_dot_product_attention`` has had no ``vmap`` batching rule for its backward pass (``vmap`` then
+falls back to a slow per-example loop, and on some versions and devices refuses), while the written-out
+einsum path is made of ops that all batch. ``with layers.attention_kernel("sdpa"):`` forces the fused
+kernel (``bench vmap`` times both on the running torch).
 """
 
 from collections.abc import Callable, Iterable
@@ -26,15 +27,6 @@ from ftransformer.model import check_ids, check_tokens, loss_fn
 from ftransformer.train import TrainStep, apply_optimizer, check_optimizer, step_metrics
 
 PyTree = Any
-
-
-def vmap_config(cfg: Config, attn_impl: str | None) -> Config:
-    """``cfg`` on the attention path ``attn_impl`` (None: its own) -- the config a vmapped model runs with."""
-    if not isinstance(cfg, Config):
-        raise TypeError(f"cfg must be a Config, got {type(cfg).__name__}")
-    if attn_impl is None or attn_impl == cfg.attn_impl:
-        return cfg
-    return cfg.replace(attn_impl=attn_impl)
 
 
 def _check_batch(tokens: Tensor, targets: Tensor, cfg: Config, ignore_index: int) -> None:
@@ -70,22 +62,19 @@ def per_example_grads(
     *,
     key: Tensor | None = None,
     ignore_index: int = -100,
-    attn_impl: str | None = "einsum",
     chunk_size: int | None = None,
 ) -> dict:
     """The gradient of each example's mean loss: every leaf of ``params`` gains a leading ``batch`` axis.
 
     ``tokens`` and ``targets`` are ``(batch, seq)``; example ``i``'s gradient is that of
     ``loss_fn(params, tokens[i], targets[i], cfg)``, computed for all ``i`` at once by
-    ``vmap(grad(...))``. Attention runs on the einsum path (``attn_impl``): SDPA's backward has had no
-    ``vmap`` batching rule, so ``vmap`` would fall back to a per-example loop there (``None`` keeps
-    ``cfg.attn_impl``). ``key`` gives every example its own dropout key (split from it);
+    ``vmap(grad(...))``. Attention runs on the einsum path (the module note says
+    why). ``key`` gives every example its own dropout key (split from it);
     ``chunk_size`` bounds how many examples are in flight at once (memory), as in ``vmap``.
     """
     _check_batch(tokens, targets, cfg, ignore_index)
-    cfg_v = vmap_config(cfg, attn_impl)
     leaves, treedef = tree.flatten(params)
-    grad_fn = torch.func.grad(_example_loss(cfg_v, treedef, ignore_index))
+    grad_fn = torch.func.grad(_example_loss(cfg, treedef, ignore_index))
     keys = None if key is None else random.split(key, tokens.shape[0])
     batched = torch.func.vmap(grad_fn, in_dims=(None, 0, 0, None if keys is None else 0), chunk_size=chunk_size)
     grads = batched(leaves, tokens, targets, keys)
@@ -95,7 +84,7 @@ def per_example_grads(
 def per_example_grad_norms(params: dict, tokens: Tensor, targets: Tensor, cfg: Config, **options) -> Float[Tensor, " batch"]:
     """The L2 norm of each example's gradient (all parameters together): which sequences pull hardest.
 
-    ``options``: ``per_example_grads``'s keywords (``key``, ``ignore_index``, ``attn_impl``, ``chunk_size``).
+    ``options``: ``per_example_grads``'s keywords (``key``, ``ignore_index``, ``chunk_size``).
     """
     return optim.per_example_norms(per_example_grads(params, tokens, targets, cfg, **options))
 
@@ -105,7 +94,6 @@ def make_per_example_train_step(
     optimizer: optim.GradientTransformation,
     *,
     ignore_index: int = -100,
-    attn_impl: str | None = "einsum",
     chunk_size: int | None = None,
 ) -> TrainStep:
     """A ``train.TrainStep`` like ``make_train_step``'s whose optimizer receives per-example gradients.
@@ -121,7 +109,7 @@ def make_per_example_train_step(
     def step(params, opt_state, batch, key=None):
         tokens, targets = unpack_batch(batch)
         grads = per_example_grads(
-            params, tokens, targets, cfg, key=key, ignore_index=ignore_index, attn_impl=attn_impl,
+            params, tokens, targets, cfg, key=key, ignore_index=ignore_index,
             chunk_size=chunk_size,
         )
         with torch.no_grad():
@@ -170,13 +158,13 @@ def gradient_noise_scale(grads: PyTree) -> NoiseScale:
 
 
 def noise_scale(
-    params: dict, batches: Iterable, cfg: Config, *, ignore_index: int = -100, attn_impl: str | None = "einsum"
+    params: dict, batches: Iterable, cfg: Config, *, ignore_index: int = -100
 ) -> NoiseScale:
     """``gradient_noise_scale`` over several ``(tokens, targets)`` batches: both estimates averaged, then divided."""
     traces, g2s = [], []
     for batch in batches:
         tokens, targets = unpack_batch(batch)
-        grads = per_example_grads(params, tokens, targets, cfg, ignore_index=ignore_index, attn_impl=attn_impl)
+        grads = per_example_grads(params, tokens, targets, cfg, ignore_index=ignore_index)
         est = gradient_noise_scale(grads)
         traces.append(est.trace_cov)
         g2s.append(est.grad_sq_norm)
@@ -198,5 +186,5 @@ def noise_scale_record(cfg: Config, *, max_batches: int = 4) -> Callable[[dict, 
 
 __all__ = [
     "NoiseScale", "gradient_noise_scale", "make_per_example_train_step", "noise_scale",
-    "noise_scale_record", "per_example_grad_norms", "per_example_grads", "vmap_config",
+    "noise_scale_record", "per_example_grad_norms", "per_example_grads",
 ]

@@ -20,3 +20,12 @@ def functorch_wrapped(x: Tensor) -> bool:
 def is_tracing(x: Tensor) -> bool:
     """True under ``torch.compile`` or a ``torch.func`` transform, where reading tensor values is not allowed."""
     return compiling() or functorch_wrapped(x)
+
+
+def transforms() -> tuple[str, ...]:
+    """The ``torch.func`` transforms the current call runs under, outermost first (``"vmap"``, ``"grad"``,
+    ``"jvp"``, ``"functionalize"``); empty outside them and while ``torch.compile`` traces (which hides them)."""
+    if compiling():
+        return ()
+    stack = torch._C._functorch.get_interpreter_stack()
+    return tuple(interpreter.key().name.lower() for interpreter in stack or ())

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import ftransformer as ft
+from ftransformer.layers import attention_kernel
 from tests.typecheck import unchecked
 
 
@@ -32,3 +33,10 @@ def tiny_cfg() -> ft.Config:
 def gen() -> torch.Generator:
     """A seeded generator for test data, so no test touches torch's global random state."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(params=["sdpa", "einsum"])
+def kernel(request) -> str:
+    """The test runs once per attention kernel, inside ``layers.attention_kernel(kernel)``."""
+    with attention_kernel(request.param):
+        yield request.param

@@ -3,7 +3,8 @@
 from hypothesis import strategies as st
 
 import ftransformer as ft
-from ftransformer.config import ACTIVATIONS, ATTN_IMPLS, NORM_POSITIONS, NORMS, POSITIONALS
+from ftransformer.config import ACTIVATIONS, NORM_POSITIONS, NORMS, POSITIONALS
+from ftransformer.layers.attention import KERNELS
 
 
 @st.composite
@@ -26,6 +27,9 @@ def configs(draw, min_seq_len: int = 4, max_seq_len: int = 12) -> ft.Config:
         positional=draw(st.sampled_from(POSITIONALS)),
         activation=draw(st.sampled_from(ACTIVATIONS)),
         tie_embeddings=draw(st.booleans()),
-        attn_impl=draw(st.sampled_from(ATTN_IMPLS)),
         mlp=draw(st.booleans()),
     )
+
+
+# the attention kernels a property test runs on (inside ``layers.attention_kernel``)
+kernels = st.sampled_from(KERNELS[1:])

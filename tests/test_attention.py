@@ -12,6 +12,8 @@ from jaxtyping import TypeCheckError
 
 import ftransformer as ft
 from ftransformer.layers import (
+    attention_kernel,
+    kernel_here,
     Mask,
     apply_rotary,
     attend,
@@ -158,9 +160,8 @@ def test_pattern_with_fewer_queries_than_keys_is_aligned_to_the_last_keys(gen):
     assert (pattern[0, 0, 1] > 0).all()
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_multi_head_attention_matches_torch_multihead_attention(gen, impl):
-    cfg = ft.Config(vocab_size=37, d_model=D_MODEL, n_heads=HEADS, n_layers=1, d_ff=40, max_seq_len=16, attn_impl=impl)
+def test_multi_head_attention_matches_torch_multihead_attention(gen, kernel):
+    cfg = ft.Config(vocab_size=37, d_model=D_MODEL, n_heads=HEADS, n_layers=1, d_ff=40, max_seq_len=16)
     params = ft.init_params(cfg, seed=1, dtype=torch.float64)["blocks"][0]["attn"]
     # Non-zero biases, so the bias layout is checked too.
     params = {**params, "b_qkv": torch.randn(3 * D_MODEL, generator=gen, dtype=torch.float64) * 0.1,
@@ -179,11 +180,12 @@ def test_multi_head_attention_matches_torch_multihead_attention(gen, impl):
     torch.testing.assert_close(ours, theirs)
 
 
+@attention_kernel("einsum")
 @pytest.mark.parametrize("kind", ["gqa", "mqa"])
 def test_multi_head_attention_with_rope_and_gqa_matches_a_hand_composition(gen, kind):
     cfg = ft.Config.from_flat(
         vocab_size=37, d_model=D_MODEL, n_heads=HEADS, n_kv_heads=KV_HEADS[kind], n_layers=1, d_ff=40,
-        max_seq_len=16, positional="rope", attn_impl="einsum",
+        max_seq_len=16, positional="rope",
     )
     params = ft.init_params(cfg, seed=2)["blocks"][0]["attn"]
     x = torch.randn(BATCH, SEQ, D_MODEL, generator=gen)
@@ -200,8 +202,8 @@ def test_multi_head_attention_with_rope_and_gqa_matches_a_hand_composition(gen, 
     o = loop_attention(apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v)
     expected = o.transpose(1, 2).reshape(BATCH, SEQ, D_MODEL) @ params["w_o"] + params["b_o"]
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
-    cfg_sdpa = cfg.replace(attn_impl="sdpa")
-    torch.testing.assert_close(multi_head_attention(params, x, cfg_sdpa, mask=mask, rotary=rotary), out)
+    with attention_kernel("sdpa"):
+        torch.testing.assert_close(multi_head_attention(params, x, cfg, mask=mask, rotary=rotary), out)
 
 
 def test_rope_attention_without_rotary_tables_says_what_it_needs(gen):
@@ -235,11 +237,10 @@ def test_attention_gradcheck(gen, impl):
     assert torch.autograd.gradcheck(lambda q, k, v: scaled_dot_product_attention(q, k, v, mask, impl=impl), (q, k, v))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_multi_head_attention_gradcheck(gen, impl):
+def test_multi_head_attention_gradcheck(gen, kernel):
     # batch 3, seq 5, heads 2, kv_heads 1, head_dim 4, d_model 8
     cfg = ft.Config.from_flat(vocab_size=7, d_model=8, n_heads=2, n_kv_heads=1, n_layers=1, d_ff=6, max_seq_len=5,
-                    positional="rope", attn_impl=impl)
+                    positional="rope")
     p = ft.init_params(cfg, dtype=torch.float64)["blocks"][0]["attn"]
     x = torch.randn(3, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
     names = sorted(p)
@@ -292,3 +293,48 @@ def test_positions_broadcast_over_batch_axes():
         return multi_head_attention(params, x, cfg, mask=self_mask(positions), rotary=rotary_tables(positions, cfg))
 
     torch.testing.assert_close(attn(torch.arange(5)), attn(torch.arange(5).expand(2, 3, 5)))
+
+
+def test_the_kernel_is_chosen_per_call_by_the_transform_or_by_attention_kernel(gen):
+    """Fused (sdpa) by default; written out (einsum) under vmap, jvp or grad of grad, where the fused kernel
+    has no batching rule for its backward or no double backward; ``attention_kernel`` overrides both."""
+    seen = []
+
+    def probe(x):
+        seen.append(kernel_here())
+        return (x * 1.0).sum()
+
+    x = torch.randn(3, 2, generator=gen)
+    probe(x)
+    torch.func.grad(probe)(x)
+    torch.func.vmap(probe)(x)
+    torch.func.jvp(probe, (x,), (x,))
+    torch.func.grad(lambda y: torch.func.grad(probe)(y).sum())(x)
+    with attention_kernel("einsum"):
+        probe(x)
+        with attention_kernel("sdpa"):
+            torch.func.vmap(probe)(x)
+        with attention_kernel("auto"):
+            probe(x)
+    assert seen == ["sdpa", "sdpa", "einsum", "einsum", "einsum", "einsum", "sdpa", "sdpa"]
+    assert kernel_here() == "sdpa"  # every choice is undone on the way out
+    with pytest.raises(ValueError, match="kernel.*'sdpa'.*'flash'"):
+        with attention_kernel("flash"):
+            pass
+    q, k, v = qkv(gen, 2)
+    with pytest.raises(ValueError, match="impl.*'flash'"):
+        scaled_dot_product_attention(q, k, v, CAUSAL, impl="flash")
+
+
+def test_double_backward_through_attention_runs_on_the_einsum_kernel(gen):
+    """A Hessian-vector product through a model (jvp of grad): works with no kernel named anywhere."""
+    cfg = ft.PRESETS["tiny"]
+    params = ft.init_params(cfg, seed=0, dtype=torch.float64)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 6), generator=gen)
+    loss = lambda p: ft.loss_fn(p, tokens, tokens, cfg)
+    direction = ft.tree.map(torch.ones_like, params)
+    _, hvp = torch.func.jvp(torch.func.grad(loss), (params,), (direction,))
+    with attention_kernel("einsum"):
+        _, expected = torch.func.jvp(torch.func.grad(loss), (params,), (direction,))
+    for a, b in zip(ft.tree.leaves(hvp), ft.tree.leaves(expected)):
+        assert torch.equal(a, b)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import ftransformer as ft
 from ftransformer.layers import block, self_mask
 from ftransformer.layers.block import block_with_cache
+from ftransformer.layers import attention_kernel
 
 BATCH, SEQ, D_MODEL, HEADS, D_FF = 2, 5, 12, 3, 20
 
@@ -41,9 +42,8 @@ def ln(p, x):
     return F.layer_norm(x, (D_MODEL,), p["scale"], p["bias"], 1e-5)
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "einsum"])
-def test_pre_ln_block_is_x_plus_f_of_norm_x(gen, impl):
-    cfg = cfg_for(norm_position="pre", attn_impl=impl)
+def test_pre_ln_block_is_x_plus_f_of_norm_x(gen, kernel):
+    cfg = cfg_for(norm_position="pre")
     p = randomized_block_params(cfg, gen)
     x = torch.randn(BATCH, SEQ, D_MODEL, generator=gen, dtype=torch.float64)
     h = x + attention_by_hand(p["attn"], ln(p["ln1"], x))
@@ -52,9 +52,8 @@ def test_pre_ln_block_is_x_plus_f_of_norm_x(gen, impl):
     torch.testing.assert_close(out, expected)
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "einsum"])
-def test_post_ln_block_is_norm_of_x_plus_f_x(gen, impl):
-    cfg = cfg_for(norm_position="post", attn_impl=impl)
+def test_post_ln_block_is_norm_of_x_plus_f_x(gen, kernel):
+    cfg = cfg_for(norm_position="post")
     p = randomized_block_params(cfg, gen)
     x = torch.randn(BATCH, SEQ, D_MODEL, generator=gen, dtype=torch.float64)
     h = ln(p["ln1"], x + attention_by_hand(p["attn"], x))
@@ -110,11 +109,12 @@ def test_block_dropout_follows_the_key(gen):
     torch.testing.assert_close(block(p, x, cfg, mask=mask), block(p, x, cfg.replace(dropout=0.0), mask=mask))
 
 
+@attention_kernel("einsum")
 @pytest.mark.parametrize("norm_position", ["pre", "post"])
 def test_block_gradcheck(gen, norm_position):
     # seq 3, heads 2, head_dim 4, d_model 8, d_ff 5
     cfg = ft.Config.from_flat(vocab_size=7, d_model=8, n_heads=2, n_layers=1, d_ff=5, max_seq_len=4,
-                    norm_position=norm_position, attn_impl="einsum")
+                    norm_position=norm_position)
     p = randomized_block_params(cfg, gen)
     flat = ft.tree.flatten_with_paths(p)
     names = list(flat)

@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ftransformer as ft
-from strategies import configs
+from strategies import configs, kernels
+from ftransformer.layers import attention_kernel
 from ftransformer.cache import write_index
 from ftransformer.layers.attention import write_kv
 from ftransformer.layers.masks import cache_mask
@@ -17,13 +18,12 @@ POSITIONALS = ("learned", "sinusoidal", "rope")
 # Every switch appears at least once; every axis a different size (vocab 37, d_model 24, head_dim 4,
 # heads 6, kv_heads 3/2/1, d_ff 40, layers 2, max_seq_len 16).
 BASE = ft.Config(vocab_size=37, d_model=24, n_heads=6, n_layers=2, d_ff=40, max_seq_len=16)
-VARIANTS = {
-    f"{pos}-{impl}": BASE.replace(positional=pos, attn_impl=impl) for pos in POSITIONALS for impl in ("sdpa", "einsum")
-}
+# a variant named "*-einsum" runs its attention on the einsum kernel (``_variant_kernel``)
+VARIANTS = {f"{pos}-{impl}": BASE.replace(positional=pos) for pos in POSITIONALS for impl in ("sdpa", "einsum")}
 VARIANTS |= {
     "post-norm": BASE.replace(norm_position="post"),
     "gqa-rope": BASE.replace(n_kv_heads=3, positional="rope"),
-    "gqa-einsum": BASE.replace(n_kv_heads=2, attn_impl="einsum"),
+    "gqa-einsum": BASE.replace(n_kv_heads=2),
     "mqa-sinusoidal": BASE.replace(n_kv_heads=1, positional="sinusoidal"),
     "swiglu-rmsnorm-nobias": BASE.replace(activation="swiglu", norm="rmsnorm", bias=False),
     "untied-gelu_tanh-post-rope": BASE.replace(
@@ -33,6 +33,15 @@ VARIANTS |= {
         n_kv_heads=2, positional="rope", activation="swiglu", norm="rmsnorm", bias=False, tie_embeddings=False
     ),
 }
+
+
+@pytest.fixture(autouse=True)
+def _variant_kernel(request):
+    """A test of a variant named ``*-einsum`` runs inside ``attention_kernel("einsum")``."""
+    callspec = getattr(request.node, "callspec", None)
+    name = callspec.params.get("name", "") if callspec else ""
+    with attention_kernel("einsum" if str(name).endswith("-einsum") else "auto"):
+        yield
 
 
 def tokens_for(cfg, shape, gen):
@@ -287,18 +296,19 @@ def cases(draw):
         chunks.append(draw(st.integers(1, left)))
         left -= chunks[-1]
     max_len = draw(st.integers(seq, cfg.max_seq_len))
-    return cfg, chunks, max_len, draw(st.integers(1, 3)), draw(st.integers(0, 2**16))
+    return cfg, chunks, max_len, draw(st.integers(1, 3)), draw(st.integers(0, 2**16)), draw(kernels)
 
 
 @settings(max_examples=40, deadline=None)
 @given(cases())
 def test_any_chunking_of_any_config_equals_forward(case):
-    cfg, chunks, max_len, batch, seed = case
-    params = ft.init_params(cfg, seed=seed)
-    tokens = torch.randint(0, cfg.vocab_size, (batch, sum(chunks)), generator=torch.Generator().manual_seed(seed))
-    logits, cache = run_in_chunks(params, tokens, ft.init_cache(cfg, batch, max_len=max_len), cfg, chunks)
-    torch.testing.assert_close(logits, ft.forward(params, tokens, cfg), atol=1e-5, rtol=0)
-    assert cache.lengths.tolist() == [sum(chunks)] * batch
+    cfg, chunks, max_len, batch, seed, kernel = case
+    with attention_kernel(kernel):
+        params = ft.init_params(cfg, seed=seed)
+        tokens = torch.randint(0, cfg.vocab_size, (batch, sum(chunks)), generator=torch.Generator().manual_seed(seed))
+        logits, cache = run_in_chunks(params, tokens, ft.init_cache(cfg, batch, max_len=max_len), cfg, chunks)
+        torch.testing.assert_close(logits, ft.forward(params, tokens, cfg), atol=1e-5, rtol=0)
+        assert cache.lengths.tolist() == [sum(chunks)] * batch
 
 
 # ---------------------------------------------------------------- errors

@@ -8,7 +8,7 @@ import torch
 
 import ftransformer as ft
 from ftransformer.config import (
-    ACTIVATIONS, ATTN_IMPLS, NORM_POSITIONS, NORMS, POSITIONALS, ROPE_SCALINGS, Attention, RopeScaling,
+    ACTIVATIONS, NORM_POSITIONS, NORMS, POSITIONALS, ROPE_SCALINGS, Attention, RopeScaling,
 )
 
 BASE = dict(vocab_size=37, d_model=24, n_heads=3, n_layers=2, d_ff=40, max_seq_len=16)
@@ -32,7 +32,6 @@ INVALID = [
     ({"norm_position": "middle"}, ["norm_position", "'middle'", *map(repr, NORM_POSITIONS)]),
     ({"positional": "alibi"}, ["Positional.kind", "'alibi'", *map(repr, POSITIONALS)]),
     ({"activation": "relu"}, ["activation", "'relu'", *map(repr, ACTIVATIONS)]),
-    ({"attn_impl": "flash"}, ["attn_impl", "'flash'", *map(repr, ATTN_IMPLS)]),
     ({"dropout": 1.0}, ["dropout", "1.0", "[0, 1)"]),
     ({"dropout": -0.1}, ["dropout", "-0.1", "[0, 1)"]),
     ({"init_std": 0.0}, ["init_std", "0.0", "positive"]),
@@ -108,7 +107,7 @@ def test_n_kv_heads_defaults_to_n_heads():
 def test_defaults_and_head_dim():
     cfg = make()
     assert (cfg.dropout, cfg.bias, cfg.norm.kind, cfg.layout.norm_position) == (0.0, True, "layernorm", "pre")
-    assert (cfg.positional.kind, cfg.activation, cfg.embeddings.tie, cfg.attn_impl) == ("learned", "gelu", True, "sdpa")
+    assert (cfg.positional.kind, cfg.activation, cfg.embeddings.tie) == ("learned", "gelu", True)
     assert cfg.init_std == 0.02
     assert cfg.head_dim == 8
 
@@ -398,3 +397,16 @@ def test_a_02_config_json_with_rotary_dim_on_the_attention_upgrades():
     assert Positional("rope", scaling=RopeScaling("linear", 2.0), rotary_dim=4) == cfg.positional
     assert cfg.attention.window == (3, None) and cfg.norm.float32 == "normalize"
     assert ft.Config(**upgrade(json.loads(json.dumps(cfg.to_dict())))) == cfg
+
+
+def test_attn_impl_left_the_config_old_files_load_and_code_is_told_where_it_went():
+    """0.2 kept the attention kernel in the config; it is a runtime choice now (``layers.attention_kernel``)."""
+    cfg = ft.PRESETS["tiny"]
+    assert "attn_impl" not in {f.name for f in dataclasses.fields(ft.Config)}
+    old = {**cfg.to_flat(), "attn_impl": "einsum"}
+    for derived in ("attention", "head_dim", "rotary_dim"):
+        old.pop(derived)
+    assert ft.Config.from_dict(old) == cfg  # a saved 0.2 config: the kernel is dropped, the model is the same
+    for make in (lambda: cfg.replace(attn_impl="einsum"), lambda: ft.Config.from_flat(**old)):
+        with pytest.raises(TypeError, match="attention_kernel"):
+            make()

@@ -9,6 +9,7 @@ from test_per_example import _batch, _max_diff
 import ftransformer as ft
 from ftransformer import ensemble, optim
 from ftransformer.train import make_train_step
+from ftransformer.layers import attention_kernel
 
 
 # ---------------------------------------------------------------- ensembles and sweeps
@@ -36,9 +37,10 @@ def test_stack_unstack_init_ensemble(tiny_cfg):
 # each gives float32 round-off (~1e-7 relative). Adam divides m by sqrt(v), so where a gradient is tiny
 # a relative change in it moves the update by up to ~lr; with lr=1e-3 over three steps the parameters
 # still agree to ~2e-7 in practice, well inside 1e-5.
+@attention_kernel("einsum")
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_ensemble_step_equals_separate_train_steps(tiny_cfg, gen, dropout):
-    cfg = tiny_cfg.replace(attn_impl="einsum", dropout=dropout)
+    cfg = tiny_cfg.replace(dropout=dropout)
     seeds = [0, 1, 2]
 
     def make_opt():
@@ -80,8 +82,9 @@ def test_ensemble_step_with_sdpa_config(tiny_cfg, gen):
     assert _max_diff(new, ft.ensemble.stack_params(ref)) < 1e-5
 
 
+@attention_kernel("einsum")
 def test_sweep_per_member_lr_and_weight_decay(tiny_cfg, gen):
-    cfg = tiny_cfg.replace(attn_impl="einsum")
+    cfg = tiny_cfg
     lrs, wds = [1e-3, 1e-2, 0.0], [0.0, 0.1, 0.5]
 
     def make_opt(lr, weight_decay):
@@ -133,9 +136,10 @@ def test_evaluate_ensemble_equals_evaluate_per_member(tiny_cfg, gen):
     torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-6)
 
 
+@attention_kernel("einsum")
 def test_ensemble_step_with_accumulation_equals_the_whole_batch(tiny_cfg, gen):
     # the same core as make_train_step: accum_steps splits each member's batch, same update
-    cfg = tiny_cfg.replace(attn_impl="einsum")
+    cfg = tiny_cfg
     opt = optim.sgd(0.1)
     stacked = ft.ensemble.init_ensemble(cfg, [0, 1])
     tokens, targets = _batch(gen, cfg, 2, 4, 9)
@@ -168,6 +172,7 @@ def _fit_members(out, *, resume=False, **kw):
                            settings, out_dir=out, resume=resume, progress=False, log=None)
 
 
+@attention_kernel("einsum")
 def test_fit_trains_members_with_per_member_checkpoints_records_and_plot(tmp_path):
     members, result = _fit_members(tmp_path)
     assert result.step == 6 and not result.interrupted
@@ -183,7 +188,7 @@ def test_fit_trains_members_with_per_member_checkpoints_records_and_plot(tmp_pat
     from ftransformer.loop import TRAIN_STREAM
 
     p0, opt = ft.init_params(FIT_CFG, seed=1), _make_opt(3e-3, 0.1)
-    step, state = make_train_step(FIT_CFG.replace(attn_impl="einsum"), opt), opt.init(p0)
+    step, state = make_train_step(FIT_CFG, opt), opt.init(p0)
     for t in range(6):
         batch = ft.data.sample_batch(FIT_IDS[:1300], 4, 10, seed=1, step=t, stream=TRAIN_STREAM)
         p0, state, _ = step(p0, state, batch, ft.random.fold_in(ft.random.key(1), t))
@@ -338,11 +343,12 @@ def test_bench_vmap_memory_of_one_contender(capsys):
     assert json.loads(capsys.readouterr().out)["peak_mib"] >= 0
 
 
+@attention_kernel("einsum")
 def test_sweep_optimizer_is_the_recipes_optimizer_per_member(tiny_cfg, gen):
     from ftransformer.cli.train_ensemble import sweep_optimizer
     from ftransformer.recipes import get_recipe, optimizer_for
 
-    cfg = tiny_cfg.replace(attn_impl="einsum")
+    cfg = tiny_cfg
     recipe = get_recipe("tiny").replace(warmup_steps=2, steps=6)
     hp = {"lr": torch.tensor([recipe.lr]), "weight_decay": torch.tensor([recipe.weight_decay])}
     stacked = ft.ensemble.init_ensemble(cfg, [0])

@@ -31,12 +31,11 @@ def models(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "einsum"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_forward_logits_equal_transformers(models, family, impl):
+def test_forward_logits_equal_transformers(models, family, kernel):
     model, cfg, params = models[family]
     x = tokens(2, SEQ)
-    torch.testing.assert_close(ft.forward(params, x, cfg.replace(attn_impl=impl)), hf_logits(model, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ft.forward(params, x, cfg), hf_logits(model, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -20,6 +20,7 @@ from ftransformer.params import param_breakdown
 from ftransformer.interop.hf import config_from_hf_dir, load_hf, save_hf
 from ftransformer.sampling import GREEDY
 from hf_tiny import FAMILY_II_OPTIONS, assert_chunked_cache_equals_forward, build, hf_logits, tokens
+from ftransformer.layers import attention_kernel
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,12 +35,11 @@ def models(tmp_path_factory):
     return {f: (build(f, root / f, seed=1), *load_hf(root / f), root / f) for f in FAMILIES}
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "einsum"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_forward_logits_equal_transformers(models, family, impl):
+def test_forward_logits_equal_transformers(models, family, kernel):
     model, cfg, params, _ = models[family]
     x = tokens(2, SEQ)
-    torch.testing.assert_close(ft.forward(params, x, cfg.replace(attn_impl=impl)), hf_logits(model, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ft.forward(params, x, cfg), hf_logits(model, x), rtol=1e-5, atol=1e-5)
 
 
 # family -> {feature: the Config change that switches it off}
@@ -120,6 +120,7 @@ def test_save_hf_then_transformers_gives_the_same_logits(models, family, tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(ft.tree.leaves(params2), ft.tree.leaves(params)))
 
 
+@attention_kernel("einsum")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bfloat16_logits_are_the_bits_transformers_computes(models, family):
     """Every cast where transformers puts it (norms, embedding scale, rotary, the parallel sum's order): on
@@ -129,7 +130,7 @@ def test_bfloat16_logits_are_the_bits_transformers_computes(models, family):
                                                                 dtype=torch.bfloat16).eval()
     cfg16, params16 = load_hf(directory, dtype=torch.bfloat16)
     x = tokens(2, SEQ, seed=4)
-    ours = ft.forward(params16, x, cfg16.replace(attn_impl="einsum"))
+    ours = ft.forward(params16, x, cfg16)
     assert ours.dtype == torch.bfloat16 and torch.equal(ours, hf_logits(model16, x))
 
 

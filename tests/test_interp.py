@@ -9,12 +9,13 @@ import ftransformer as ft
 from ftransformer import interp
 from ftransformer.layers import feedforward, norm, residual
 from ftransformer.model import unembed
-from tests.strategies import configs
+from tests.strategies import configs, kernels
+from ftransformer.layers import attention_kernel
 
 # Every Config switch the tapped forward has to follow, each at once with a different neighbour.
 VARIANTS = {
     "default-sdpa": {},
-    "einsum": dict(attn_impl="einsum"),
+    "einsum": {},  # the default config on the einsum kernel (see ``variant``)
     "rope-gqa-swiglu": dict(positional="rope", n_heads=4, d_model=24, n_kv_heads=2, activation="swiglu"),
     "post-ln-rmsnorm": dict(norm_position="post", norm="rmsnorm", bias=False),
     "mqa-untied-sinusoidal": dict(n_kv_heads=1, tie_embeddings=False, positional="sinusoidal"),
@@ -35,7 +36,8 @@ def tokens_for(cfg: ft.Config, batch: int = 3, seq: int = 11, seed: int = 0) -> 
 @pytest.fixture(params=sorted(VARIANTS))
 def variant(request, tiny_cfg):
     cfg = tiny_cfg.replace(**VARIANTS[request.param])
-    return cfg, perturbed_params(cfg)
+    with attention_kernel("einsum" if request.param == "einsum" else "auto"):
+        yield cfg, perturbed_params(cfg)
 
 
 def test_logits_are_forwards_bit_for_bit(variant):
@@ -77,18 +79,19 @@ def test_residual_stream_is_chained_and_heads_sum_to_the_attention_output(varian
 
 
 @settings(max_examples=25, deadline=None)
-@given(cfg=configs(), batch=st.integers(1, 3), seed=st.integers(0, 2**16))
-def test_patterns_are_causal_softmax_rows(cfg, batch, seed):
-    params = ft.init_params(cfg, seed=seed)
-    tokens = tokens_for(cfg, batch=batch, seq=cfg.max_seq_len, seed=seed)
-    _, acts = ft.forward_with_activations(params, tokens, cfg)
-    seq = cfg.max_seq_len
-    future = torch.ones(seq, seq, dtype=torch.bool).triu(1)
-    for b in acts["blocks"]:
-        p = b["attn"]["pattern"]
-        assert bool((p >= 0).all())
-        torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-6, rtol=0)
-        assert bool((p[..., future] == 0).all())
+@given(cfg=configs(), kernel=kernels, batch=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_patterns_are_causal_softmax_rows(cfg, kernel, batch, seed):
+    with attention_kernel(kernel):
+        params = ft.init_params(cfg, seed=seed)
+        tokens = tokens_for(cfg, batch=batch, seq=cfg.max_seq_len, seed=seed)
+        _, acts = ft.forward_with_activations(params, tokens, cfg)
+        seq = cfg.max_seq_len
+        future = torch.ones(seq, seq, dtype=torch.bool).triu(1)
+        for b in acts["blocks"]:
+            p = b["attn"]["pattern"]
+            assert bool((p >= 0).all())
+            torch.testing.assert_close(p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-6, rtol=0)
+            assert bool((p[..., future] == 0).all())
 
 
 def test_acts_equal_hugging_face_attentions_and_hidden_states():
@@ -295,8 +298,9 @@ def test_grad_through_activations_equals_a_hand_written_equivalent(tiny_cfg):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=path)
 
 
+@attention_kernel("einsum")
 def test_vmap_over_examples_and_over_models_equals_the_loop(tiny_cfg):
-    cfg = tiny_cfg.replace(attn_impl="einsum")
+    cfg = tiny_cfg
     params = perturbed_params(cfg)
     tokens = tokens_for(cfg, batch=4, seq=8)
     logits, acts = torch.func.vmap(lambda t: ft.forward_with_activations(params, t, cfg))(tokens)

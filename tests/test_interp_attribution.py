@@ -5,6 +5,7 @@ import torch
 
 import ftransformer as ft
 from ftransformer import interp
+from ftransformer.layers import attention_kernel
 from tests.test_interp import perturbed_params
 
 BATCH, SEQ = 5, 7
@@ -28,7 +29,8 @@ def exact_effect(params, clean, corrupt, cfg, **kwargs) -> torch.Tensor:
     """``patch_sweep``'s metric minus the base run's: what AtP estimates."""
     base = corrupt if kwargs.get("direction", "denoise") == "denoise" else clean
     swept = interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, **kwargs)
-    return swept - logit_diff(ft.forward(params, base, cfg.replace(attn_impl="einsum")))
+    with attention_kernel("einsum"):  # the kernel patch_sweep's runs use
+        return swept - logit_diff(ft.forward(params, base, cfg))
 
 
 # layers 3, heads 4, kv_heads 2, head_dim 6, seq 7, batch 5, d_model 24, d_ff 40, vocab 37 (every axis differs).

@@ -13,6 +13,7 @@ from ftransformer.layers.tap import Tap
 from tests.induction import induction_metric, induction_model, induction_prompts
 from tests.test_interp import perturbed_params
 from tests.test_interp_attribution import logit_diff, tokens
+from ftransformer.layers import attention_kernel
 
 # layers 3, heads 4, kv_heads 2, head_dim 6, seq 7, batch 5, d_model 24, d_ff 40, vocab 37 (every axis differs).
 GQA = dict(n_layers=3, n_heads=4, n_kv_heads=2, positional="rope")
@@ -30,8 +31,8 @@ def model(name: str, dtype: torch.dtype = torch.float32) -> tuple[ft.Config, dic
 
 
 def values(params: dict, tokens: torch.Tensor, cfg: ft.Config) -> tuple[torch.Tensor, dict]:
-    logits, acts = forward_with_activations(params, tokens, cfg.replace(attn_impl="einsum"))
-    return logits, acts
+    with attention_kernel("einsum"):  # the kernel the edge functions run on
+        return forward_with_activations(params, tokens, cfg)
 
 
 def test_graph_names_every_writer_and_reader_and_links_only_earlier_writes():
@@ -74,11 +75,11 @@ def _hidden(block: dict, x: torch.Tensor, cfg: ft.Config) -> torch.Tensor:
     return tap.acts["hidden"]
 
 
+@attention_kernel("einsum")
 def single_edge_patch(params, cfg, base, acts, delta, reader: str) -> torch.Tensor:
     """The base run's logits with reader ``reader`` fed ``its input + delta``, through interventions of
     ``forward_with_activations``: a patch of a reader at layer i leaves every earlier activation unchanged, so
     the patched q/k/v (or MLP hidden units) are projections of the base run's cached residual plus ``delta``."""
-    cfg = cfg.replace(attn_impl="einsum")
     if reader == "logits":
         fixes = {f"blocks.{cfg.n_layers - 1}.resid_post": lambda v: v + delta}
     elif reader.startswith("m"):
@@ -142,13 +143,14 @@ def test_eap_is_minus_the_gradient_of_the_circuit_metric_wrt_the_mask_at_all_one
     assert scores.scores.abs().max() > 1e-2 and (scores.scores[~scores.graph.edges] == 0).all()
 
 
+@attention_kernel("einsum")
 def test_eap_ig_vmap_over_alpha_equals_a_loop_over_alpha():
     cfg, params = model("gqa-rope-qknorm-bias", torch.float64)
     clean, corrupt = tokens(cfg)
     steps = 3
     ig = edges.edge_attribution(params, clean, corrupt, logit_diff, cfg, method="eap-ig", steps=steps)
     (_, base), (_, source) = values(params, corrupt, cfg), values(params, clean, cfg)
-    einsum = cfg.replace(attn_impl="einsum")
+    einsum = cfg
     grads = sum(
         edges.reader_gradients(params, corrupt, logit_diff, einsum, embedding=base["embed"] + k / steps * (source["embed"] - base["embed"]))
         for k in range(1, steps + 1)
@@ -177,6 +179,7 @@ def test_eap_and_eap_ig_track_exact_edge_patching_on_a_random_model():
     assert _correlation(exact[on], ig[on]) > 0.6
 
 
+@attention_kernel("einsum")
 @pytest.mark.parametrize("ablation", edges.ABLATIONS)
 def test_faithfulness_runs_from_the_empty_circuit_to_the_full_model_and_vmap_equals_a_loop(ablation):
     cfg, params = model("parallel-swiglu", torch.float64)
@@ -184,7 +187,7 @@ def test_faithfulness_runs_from_the_empty_circuit_to_the_full_model_and_vmap_equ
     scores = edges.edge_attribution(params, clean, corrupt, logit_diff, cfg)
     n = int(scores.graph.edges.sum())
     curve = edges.faithfulness(params, clean, corrupt, logit_diff, cfg, scores, ks=[0, 3, 40, n], ablation=ablation, chunk=2)
-    full = logit_diff(ft.forward(params, clean, cfg.replace(attn_impl="einsum")))
+    full = logit_diff(ft.forward(params, clean, cfg))
     assert curve.ks == (0, 3, 40, n) and curve.ablation == ablation
     torch.testing.assert_close(curve.metric[-1], full, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(curve.metric[0], torch.tensor(curve.empty, dtype=torch.float64))

@@ -9,6 +9,7 @@ import ftransformer as ft
 from ftransformer import interp
 from ftransformer.interp import patching
 from tests.test_interp import perturbed_params
+from ftransformer.layers import attention_kernel
 
 BATCH, SEQ = 5, 7
 TARGET, OTHER = 3, 11
@@ -148,6 +149,7 @@ def test_mismatched_tokens_and_non_scalar_metrics_are_refused(model):
         interp.patch_sweep(params, clean, corrupt, lambda logits: logits[..., -1, 0], cfg)
 
 
+@attention_kernel("einsum")
 def test_the_sweep_costs_the_flops_of_suffix_runs_from_the_patched_layer_not_of_full_runs(model):
     """FLOPs (torch's counter): two full runs (base and source) plus, per patch at layer i and position p,
     blocks i..L-1 and the unembedding on the queries from p's bucket on -- under 0.7 of the runs from the
@@ -156,7 +158,7 @@ def test_the_sweep_costs_the_flops_of_suffix_runs_from_the_patched_layer_not_of_
     from torch.utils.flop_counter import FlopCounterMode
 
     cfg, params, clean, corrupt = model
-    cfg = cfg.replace(attn_impl="einsum")
+    cfg = cfg
 
     def flops(fn) -> int:
         with FlopCounterMode(display=False) as counter:
@@ -231,11 +233,12 @@ def test_logits_at_unembeds_only_those_positions(model, monkeypatch):
         interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, logits_at=[7])
 
 
+@attention_kernel("einsum")
 def test_replace_sweep_takes_any_values_and_equals_patch_sweep_with_the_source_run(model):
     """replace_sweep is patch_sweep's core: the clean run's values give patch_sweep's result; zeros at
     attn.head_out by layer x head are head_ablation-style patches, checked against single interventions."""
     cfg, params, clean, corrupt = model
-    _, acts = ft.forward_with_activations(params, clean, cfg.replace(attn_impl="einsum"))
+    _, acts = ft.forward_with_activations(params, clean, cfg)
     sources = [acts["blocks"][i]["attn"]["v"] for i in range(cfg.n_layers)]
     by = ("layer", "head")
     swept = interp.replace_sweep(params, corrupt, sources, logit_diff, cfg, site="attn.v", by=by)

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from jaxtyping import TypeCheckError
 
 import ftransformer as ft
-from strategies import configs
+from strategies import configs, kernels
+from ftransformer.layers import attention_kernel
 
 POSITIONALS = ("learned", "sinusoidal", "rope")
 IMPLS = ("sdpa", "einsum")
@@ -65,9 +66,9 @@ def assert_causal(cfg, params, tokens, t, *, changes_itself=True):
         assert not torch.allclose(a[..., t, :], b[..., t, :]), "the changed token must change its own logits"
 
 
-@pytest.mark.parametrize(("positional", "impl"), list(itertools.product(POSITIONALS, IMPLS)))
-def test_changing_token_t_never_changes_earlier_logits(tiny_cfg, gen, positional, impl):
-    cfg = tiny_cfg.replace(positional=positional, attn_impl=impl, n_kv_heads=1)
+@pytest.mark.parametrize("positional", POSITIONALS)
+def test_changing_token_t_never_changes_earlier_logits(tiny_cfg, gen, positional, kernel):
+    cfg = tiny_cfg.replace(positional=positional, n_kv_heads=1)
     params = ft.init_params(cfg, seed=1)
     tokens = tokens_for(cfg, (2, 9), gen)
     for t in range(9):
@@ -75,23 +76,25 @@ def test_changing_token_t_never_changes_earlier_logits(tiny_cfg, gen, positional
 
 
 @settings(max_examples=25, deadline=None)
-@given(cfg=configs(min_seq_len=6, max_seq_len=11), data=st.data())
-def test_causality_for_random_configs(cfg, data):
-    seq = data.draw(st.integers(2, cfg.max_seq_len), label="seq")
-    t = data.draw(st.integers(0, seq - 1), label="t")
-    seed = data.draw(st.integers(0, 2**16), label="seed")
-    params = ft.init_params(cfg, seed=seed)
-    tokens = torch.randint(0, cfg.vocab_size, (2, seq), generator=torch.Generator().manual_seed(seed))
-    # Only the causal half: in a degenerate draw (LayerNorm over d_model=2 maps every vector to
-    # +-(1, -1)) a changed token can leave even its own logits unchanged.
-    assert_causal(cfg, params, tokens, t, changes_itself=False)
+@given(cfg=configs(min_seq_len=6, max_seq_len=11), kernel=kernels, data=st.data())
+def test_causality_for_random_configs(cfg, kernel, data):
+    with attention_kernel(kernel):
+        seq = data.draw(st.integers(2, cfg.max_seq_len), label="seq")
+        t = data.draw(st.integers(0, seq - 1), label="t")
+        seed = data.draw(st.integers(0, 2**16), label="seed")
+        params = ft.init_params(cfg, seed=seed)
+        tokens = torch.randint(0, cfg.vocab_size, (2, seq), generator=torch.Generator().manual_seed(seed))
+        # Only the causal half: in a degenerate draw (LayerNorm over d_model=2 maps every vector to
+        # +-(1, -1)) a changed token can leave even its own logits unchanged.
+        assert_causal(cfg, params, tokens, t, changes_itself=False)
 
 
 # ---------------------------------------------------------------- transforms
 
 
+@attention_kernel("einsum")
 def test_func_grad_of_loss_equals_autograd(tiny_cfg, gen):
-    cfg = tiny_cfg.replace(positional="rope", n_kv_heads=1, attn_impl="einsum")
+    cfg = tiny_cfg.replace(positional="rope", n_kv_heads=1)
     params = ft.init_params(cfg, seed=2)
     tokens, targets = tokens_for(cfg, (5, 8), gen), tokens_for(cfg, (5, 8), gen)
     grads = torch.func.grad(ft.loss_fn)(params, tokens, targets, cfg)
@@ -106,9 +109,8 @@ def test_func_grad_of_loss_equals_autograd(tiny_cfg, gen):
     assert float(got["embed.tokens"].abs().sum()) > 0
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_vmap_of_unbatched_forward_equals_batched_forward(tiny_cfg, gen, impl):
-    cfg = tiny_cfg.replace(attn_impl=impl, positional="rope")
+def test_vmap_of_unbatched_forward_equals_batched_forward(tiny_cfg, gen, kernel):
+    cfg = tiny_cfg.replace(positional="rope")
     params = ft.init_params(cfg, seed=3)
     tokens = tokens_for(cfg, (4, 7), gen)
     # The token-id check reads tensor values; under vmap it must step aside, not crash.
@@ -121,18 +123,20 @@ def test_vmap_of_unbatched_forward_equals_batched_forward(tiny_cfg, gen, impl):
 
 
 @settings(max_examples=10, deadline=None)
-@given(cfg=configs(min_seq_len=6, max_seq_len=11), batch=st.integers(1, 3), data=st.data())
-def test_vmap_equals_batched_forward_for_random_configs(cfg, batch, data):
-    seq = data.draw(st.integers(1, cfg.max_seq_len), label="seq")
-    params = ft.init_params(cfg, seed=0)
-    tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seq))
-    vmapped = torch.func.vmap(ft.forward, in_dims=(None, 0, None))(params, tokens, cfg)
-    torch.testing.assert_close(vmapped, ft.forward(params, tokens, cfg))
+@given(cfg=configs(min_seq_len=6, max_seq_len=11), kernel=kernels, batch=st.integers(1, 3), data=st.data())
+def test_vmap_equals_batched_forward_for_random_configs(cfg, kernel, batch, data):
+    with attention_kernel(kernel):
+        seq = data.draw(st.integers(1, cfg.max_seq_len), label="seq")
+        params = ft.init_params(cfg, seed=0)
+        tokens = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seq))
+        vmapped = torch.func.vmap(ft.forward, in_dims=(None, 0, None))(params, tokens, cfg)
+        torch.testing.assert_close(vmapped, ft.forward(params, tokens, cfg))
 
 
+@attention_kernel("einsum")
 def test_vmap_over_stacked_params_is_an_ensemble(tiny_cfg, gen):
     # The einsum path: vmap over weights has no fused SDPA batching rule (torch warns and loops).
-    cfg = tiny_cfg.replace(attn_impl="einsum")
+    cfg = tiny_cfg
     members = [ft.init_params(cfg, seed=s) for s in range(4)]
     stacked = ft.tree.map(lambda *xs: torch.stack(xs), *members)
     tokens = tokens_for(cfg, (2, 5), gen)
@@ -141,8 +145,9 @@ def test_vmap_over_stacked_params_is_an_ensemble(tiny_cfg, gen):
         torch.testing.assert_close(out[i], ft.forward(p, tokens, cfg))
 
 
+@attention_kernel("einsum")
 def test_per_example_grads_by_vmap_equal_the_loop(tiny_cfg, gen):
-    cfg = tiny_cfg.replace(attn_impl="einsum")
+    cfg = tiny_cfg
     params = ft.init_params(cfg, seed=0)
     tokens, targets = tokens_for(cfg, (4, 6), gen), tokens_for(cfg, (4, 6), gen)
     per_example = torch.func.vmap(torch.func.grad(ft.loss_fn), in_dims=(None, 0, 0, None))(params, tokens, targets, cfg)
@@ -186,8 +191,7 @@ def test_compiled_forward_matches_eager(tiny_cfg, gen, no_typecheck):
 
 @pytest.mark.parametrize(
     "changes",
-    [{}, dict(positional="rope", n_kv_heads=1, norm_position="post", activation="swiglu", norm="rmsnorm",
-              attn_impl="einsum")],
+    [{}, dict(positional="rope", n_kv_heads=1, norm_position="post", activation="swiglu", norm="rmsnorm")],
 )
 def test_dropout_only_with_a_key(tiny_cfg, gen, changes):
     cfg = tiny_cfg.replace(dropout=0.2, **changes)

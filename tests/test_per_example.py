@@ -6,6 +6,7 @@ import torch
 import ftransformer as ft
 from ftransformer import optim, per_example
 from ftransformer.train import make_train_step
+from ftransformer.layers import attention_kernel
 
 
 def _batch(gen, cfg, *shape):
@@ -25,9 +26,8 @@ def _loop_grads(params, tokens, targets, cfg):
 # ---------------------------------------------------------------- per-example gradients
 
 
-@pytest.mark.parametrize("attn_impl", ["sdpa", "einsum"])
-def test_per_example_grads_equal_a_python_loop(tiny_cfg, gen, attn_impl):
-    cfg = tiny_cfg.replace(attn_impl=attn_impl, n_kv_heads=1, positional="rope")
+def test_per_example_grads_equal_a_python_loop(tiny_cfg, gen, kernel):
+    cfg = tiny_cfg.replace(n_kv_heads=1, positional="rope")
     params = ft.init_params(cfg, seed=0)
     tokens, targets = _batch(gen, cfg, 5, 11)
     grads = ft.per_example.per_example_grads(params, tokens, targets, cfg)
@@ -41,6 +41,7 @@ def test_per_example_grads_equal_a_python_loop(tiny_cfg, gen, attn_impl):
     torch.testing.assert_close(norms, expected, rtol=1e-5, atol=1e-6)
 
 
+@attention_kernel("einsum")
 def test_per_example_grads_chunked_padding_and_dropout(tiny_cfg, gen):
     cfg = tiny_cfg.replace(dropout=0.2)
     params = ft.init_params(cfg, seed=1)
@@ -52,7 +53,7 @@ def test_per_example_grads_chunked_padding_and_dropout(tiny_cfg, gen):
     assert all(leaf[2].abs().max() == 0 for leaf in ft.tree.leaves(grads))
     # example 1 with its own key (split from the key) equals a single-example gradient with that key
     k1 = ft.random.split(key, 4)[1]
-    ref = torch.func.grad(lambda p: ft.loss_fn(p, tokens[1], targets[1], cfg.replace(attn_impl="einsum"), key=k1))(params)
+    ref = torch.func.grad(lambda p: ft.loss_fn(p, tokens[1], targets[1], cfg, key=k1))(params)
     assert _max_diff(ft.tree.map(lambda x: x[1], grads), ref) < 1e-6
     # the same key gives the same gradients
     again = ft.per_example.per_example_grads(params, tokens, targets, cfg, key=key)
@@ -92,6 +93,7 @@ def test_dp_aggregate_clips_every_example(tiny_cfg, gen):
     assert float(optim.global_norm(out)) <= clip * (1 + 1e-5)
 
 
+@attention_kernel("einsum")
 def test_dp_aggregate_without_noise_or_clipping_is_the_plain_mean(tiny_cfg, gen):
     params = ft.init_params(tiny_cfg, seed=0)
     tokens, targets = _batch(gen, tiny_cfg, 4, 8)
@@ -103,7 +105,7 @@ def test_dp_aggregate_without_noise_or_clipping_is_the_plain_mean(tiny_cfg, gen)
         assert torch.equal(a, b)
     assert int(state.count) == 1
     # equal token counts per example: the mean of per-example gradients is the batch gradient
-    cfg = tiny_cfg.replace(attn_impl="einsum")
+    cfg = tiny_cfg
     batch_grad = torch.func.grad(lambda p: ft.loss_fn(p, tokens, targets, cfg))(params)
     assert _max_diff(out, batch_grad) < 1e-6
 
@@ -146,6 +148,7 @@ def test_dp_aggregate_checks(tiny_cfg):
         dp.update(params, dp.init(params), params)
 
 
+@attention_kernel("einsum")
 def test_dp_train_step_composes_with_adamw_and_learns(tiny_cfg, gen):
     cfg = tiny_cfg
     params = ft.init_params(cfg, seed=0)
@@ -165,7 +168,7 @@ def test_dp_train_step_composes_with_adamw_and_learns(tiny_cfg, gen):
     dp_sgd = optim.chain(optim.dp_aggregate(1e9, 0.0, key=ft.random.key(0)), optim.sgd(0.1))
     a, _, _ = per_example.make_per_example_train_step(cfg, dp_sgd).__call__(p0, dp_sgd.init(p0), (tokens, targets))
     plain = optim.sgd(0.1)
-    b, _, _ = make_train_step(cfg.replace(attn_impl="einsum"), plain)(p0, plain.init(p0), (tokens, targets))
+    b, _, _ = make_train_step(cfg, plain)(p0, plain.init(p0), (tokens, targets))
     assert _max_diff(a, b) < 1e-6
     # an optimizer that does not reduce the batch axis is refused
     with pytest.raises(ValueError, match="dp_aggregate"):

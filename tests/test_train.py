@@ -7,6 +7,7 @@ import torch.utils._pytree as pytree
 import ftransformer as ft
 from ftransformer import optim
 from ftransformer.train import evaluate, make_train_step
+from ftransformer.layers import attention_kernel
 
 # tiny: vocab 37, d_model 24, heads 3, layers 2, d_ff 40, max_seq_len 16; batches below use batch 4-6, seq 11.
 CFG = ft.PRESETS["tiny"]
@@ -285,9 +286,10 @@ def test_evaluate_rejects_empty_input():
 # ---------------------------------------------------------------- transforms of the step
 
 
+@attention_kernel("einsum")
 def test_vmap_over_the_step_trains_an_ensemble():
     # SDPA's backward has no batching rule; no key bias (see assert_params_after_adam_close)
-    cfg = CFG.replace(attn_impl="einsum", bias=False)
+    cfg = CFG.replace(bias=False)
     opt = optim.chain(optim.clip_by_global_norm(1.0), optim.adamw(1e-2, weight_decay=0.1))
     step = make_train_step(cfg, opt)
     members = [ft.init_params(cfg, seed=s) for s in range(2)]
@@ -337,10 +339,11 @@ def test_evaluate_streams_a_generator_also_with_a_progress_bar():
         evaluate(params, iter([]), cfg)
 
 
+@attention_kernel("einsum")
 def test_every_step_builder_returns_the_one_step_type(gen):
     """make_train_step, the ensemble step and the per-example (DP-SGD) step are all a TrainStep(init, step):
     init gives the optimizer state, and calling the TrainStep is calling its step."""
-    cfg = CFG.replace(attn_impl="einsum")
+    cfg = CFG
     opt = optim.sgd(0.1)
     dp = optim.chain(optim.dp_aggregate(1.0, 0.0, key=ft.random.key(0)), optim.sgd(0.1))
     params = ft.init_params(cfg, seed=0)

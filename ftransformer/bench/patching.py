@@ -59,7 +59,7 @@ def setup(args):
     heads = max(1, args.d_model // 32)
     cfg = PRESETS[args.preset].replace(
         n_layers=args.layers, d_model=args.d_model, n_heads=heads, n_kv_heads=heads, d_ff=4 * args.d_model,
-        max_seq_len=max(args.seq_len, PRESETS[args.preset].max_seq_len), dropout=0.0, attn_impl="einsum",
+        max_seq_len=max(args.seq_len, PRESETS[args.preset].max_seq_len), dropout=0.0,
     )
     params = init_params(cfg, args.seed)
     gen = torch.Generator().manual_seed(args.seed)

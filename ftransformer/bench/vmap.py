@@ -31,6 +31,7 @@ from ftransformer import tree
 from ftransformer import optim
 from ftransformer.bench.timing import interleaved, num_threads
 from ftransformer.config import PRESETS, Config, get_preset
+from ftransformer.layers.attention import attention_kernel
 from ftransformer.ensemble import init_ensemble, make_ensemble_step, unstack_params
 from ftransformer.model import loss_fn
 from ftransformer.params import init_params
@@ -168,12 +169,13 @@ def _check_opacus(grads: dict, ours: dict, cfg: Config) -> float:
     return worst
 
 
-def _ensemble_contender(cfg: Config, attn_impl, stacked, batch):
-    ens_step = make_ensemble_step(cfg, _optimizer(), attn_impl=attn_impl)
+def _ensemble_contender(cfg: Config, kernel: str, stacked, batch):
+    ens_step = make_ensemble_step(cfg, _optimizer())
     ens = {"params": stacked, "opt": ens_step.init(stacked)}
 
     def vmapped():
-        ens["params"], ens["opt"], m = ens_step.step(ens["params"], ens["opt"], batch)
+        with attention_kernel(kernel):
+            ens["params"], ens["opt"], m = ens_step.step(ens["params"], ens["opt"], batch)
         return m["loss"]
 
     return vmapped
@@ -185,10 +187,9 @@ def _contenders(cfg: Config, s: dict, members: int, names=None) -> dict:
     out = {}
     want = set(names or PER_EXAMPLE + ENSEMBLE)
     if "vmap (einsum attention)" in want:
-        out["vmap (einsum attention)"] = lambda: per_example_grads(params, tokens, targets, cfg, attn_impl="einsum")
+        out["vmap (einsum attention)"] = lambda: per_example_grads(params, tokens, targets, cfg)
     if "vmap (sdpa attention)" in want:
-        sdpa = cfg.replace(attn_impl="sdpa")
-        out["vmap (sdpa attention)"] = lambda: per_example_grads(params, tokens, targets, sdpa, attn_impl=None)
+        out["vmap (sdpa attention)"] = attention_kernel("sdpa")(lambda: per_example_grads(params, tokens, targets, cfg))
     if "python loop" in want:
         out["python loop"] = lambda: _loop_grads(params, tokens, targets, cfg)
     if "opacus GradSampleModule" in want and _opacus() is not None:
@@ -197,7 +198,7 @@ def _contenders(cfg: Config, s: dict, members: int, names=None) -> dict:
     if want & set(ENSEMBLE):
         stacked = init_ensemble(cfg, range(members), device=tokens.device)
         batch = (s["ens_tokens"], s["ens_targets"])
-        for name, impl in (("make_ensemble_step (vmap)", "einsum"), ("make_ensemble_step (vmap, sdpa)", None)):
+        for name, impl in (("make_ensemble_step (vmap)", "auto"), ("make_ensemble_step (vmap, sdpa)", "sdpa")):
             if name in want:
                 out[name] = _ensemble_contender(cfg, impl, stacked, batch)
         if "8 x make_train_step" in want:

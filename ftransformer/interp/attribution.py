@@ -38,7 +38,7 @@ from ftransformer.interp.patching import (
     patch_masks,
     run_from,
 )
-from ftransformer.layers.attention import attention_pattern, scores
+from ftransformer.layers.attention import attention_kernel, attention_pattern, scores
 from ftransformer.layers.masks import Mask
 from ftransformer.layers.tap import Tap
 from ftransformer.model import block_inputs, embed
@@ -129,6 +129,7 @@ def _qk_star(layer: dict, source: Tensor, grad_pattern: Tensor, mask: Mask, cfg:
     return rearrange(per_kv, "kv_heads rows -> (kv_heads rows)") if "head" in by else per_kv.sum(0)
 
 
+@attention_kernel("einsum")  # vmap batches the einsum path; clean and patched runs share it
 def attribution_patch(
     params: dict, clean: Tokens, corrupt: Tensor, metric: Metric, cfg: Config, *, site: str = "resid_pre",
     by: Sequence[str] = ("layer", "position"), direction: str = "denoise", correction: bool = True,
@@ -153,7 +154,6 @@ def attribution_patch(
     """
     by = tuple(by)
     check_args(clean, corrupt, metric, cfg, site, by, direction, chunk)
-    cfg = cfg.replace(attn_impl="einsum")
     base_tokens, source_tokens = base_and_source(clean, corrupt, direction)
     at = None if logits_at is None else logit_positions(logits_at, base_tokens.shape[-1])
     # The source run's activations are all that is read of it: its unembedding reads one position only.

@@ -49,7 +49,7 @@ from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.attribution import site_gradients
 from ftransformer.interp.patching import Metric, check_args, check_scalar, base_and_source, run_from
-from ftransformer.layers.attention import head_outputs, project_qkv, scaled_dot_product_attention, scores as score_args
+from ftransformer.layers.attention import attention_kernel, head_outputs, project_qkv, scaled_dot_product_attention, scores as score_args
 from ftransformer.layers.block import mlp_norm, mlp_reads, wire
 from ftransformer.layers.feedforward import feedforward
 from ftransformer.layers.linear import linear
@@ -225,6 +225,7 @@ def _check_circuit(mask: object, ablated: object, g: Graph) -> None:
         raise ValueError(f"ablated must be a tensor [writers={shape[0]}, *batch, seq, d_model] (or broadcastable), got {got}")
 
 
+@attention_kernel("einsum")  # vmap batches the einsum path; clean and patched runs share it
 def circuit_logits(params: dict, tokens: Tokens, cfg: Config, mask: Tensor, ablated: Tensor) -> Logits:
     """The logits of the circuit ``mask`` (``[writers, readers]``, 1 keeps an edge, 0 ablates it, values in
     between interpolate) on ``tokens``: reader ``v`` reads its residual minus ``sum_u (1 - mask[u, v]) *
@@ -239,7 +240,6 @@ def circuit_logits(params: dict, tokens: Tokens, cfg: Config, mask: Tensor, abla
     """
     check_tokens(tokens, cfg)
     _check_circuit(mask, ablated, graph(cfg))
-    cfg = cfg.replace(attn_impl="einsum")
     inputs = block_inputs(tokens, cfg)
     x = embed(params, tokens, cfg, positions=inputs.positions)
     return _circuit_from(params, x, [x[None] - ablated[:1]], mask, ablated, cfg, inputs, 0)
@@ -297,7 +297,7 @@ def reader_gradients(
 ) -> Float[Tensor, "readers *batch seq d_model"]:
     """``dM/dx_v`` for every reader ``v`` (its input residual, before its norm), in the graph's order, from ONE
     forward + backward (gradients at zero perturbations) and per-layer local vjps. ``embedding`` replaces
-    the run's embeddings (EAP-IG's points); ``cfg`` must use ``attn_impl="einsum"`` under ``vmap``."""
+    the run's embeddings (EAP-IG's points); under ``vmap`` attention takes the einsum path (``layers.kernel_here``)."""
     dtype = params["embed"]["tokens"].dtype
     zeros = {path: torch.zeros(shape, dtype=dtype, device=tokens.device) for path, shape in _delta_paths(cfg, tokens).items()}
     fixes = {} if embedding is None else {"embed": lambda v: embedding.to(v.dtype)}
@@ -327,6 +327,7 @@ def _runs(params: dict, clean: Tokens, corrupt: Tensor, cfg: Config, direction: 
     return base_tokens, base_logits, base, source
 
 
+@attention_kernel("einsum")  # vmap batches the einsum path; clean and patched runs share it
 def edge_attribution(
     params: dict, clean: Tokens, corrupt: Tensor, metric: Metric, cfg: Config, *, method: str = "eap", steps: int = 5,
     direction: str = "denoise", chunk: int | None = None,
@@ -348,7 +349,6 @@ def edge_attribution(
     check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), direction, chunk)
     _check_method(method, steps)
     g = graph(cfg)
-    cfg = cfg.replace(attn_impl="einsum")
     base_tokens, _, base, source = _runs(params, clean, corrupt, cfg, direction)
     diff = writer_values(params, source, cfg) - writer_values(params, base, cfg)
     if method == "eap":
@@ -401,6 +401,7 @@ def _layer_sweep(params, base: dict, diff: Values, metric: Metric, cfg: Config, 
     return torch.func.vmap(patched, chunk_size=chunk)(pick_writer, pick_reader)
 
 
+@attention_kernel("einsum")  # vmap batches the einsum path; clean and patched runs share it
 def edge_patch_sweep(
     params: dict, clean: Tokens, corrupt: Tensor, metric: Metric, cfg: Config, *, direction: str = "denoise",
     chunk: int | None = None,
@@ -416,7 +417,6 @@ def edge_patch_sweep(
     """
     check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), direction, chunk)
     g = graph(cfg)
-    cfg = cfg.replace(attn_impl="einsum")
     base_tokens, base_logits, base, source = _runs(params, clean, corrupt, cfg, direction)
     before = metric(base_logits)
     check_scalar(before)
@@ -468,6 +468,7 @@ def _replacements(params: dict, clean: Tokens, corrupt: Tensor, cfg: Config, abl
     return logits, writer_values(params, forward_with_activations(params, corrupt, cfg)[1], cfg)
 
 
+@attention_kernel("einsum")  # vmap batches the einsum path; clean and patched runs share it
 def faithfulness(
     params: dict, clean: Tokens, corrupt: Tensor, metric: Metric, cfg: Config, scores: EdgeScores, *,
     ks: Sequence[int] | None = None, ablation: str = "mean", chunk: int | None = None,
@@ -482,7 +483,6 @@ def faithfulness(
     if not isinstance(scores, EdgeScores) or scores.graph.writers != g.writers or scores.graph.readers != g.readers:
         raise ValueError("scores must be the EdgeScores of edge_attribution for a model of this config")
     ks = default_ks(int(g.edges.sum())) if ks is None else tuple(ks)
-    cfg = cfg.replace(attn_impl="einsum")
     logits, ablated = _replacements(params, clean, corrupt, cfg, ablation)
     check_scalar(metric(logits))
     on = g.edges.to(logits.device)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 import torch
 from einops import reduce
 
+from ftransformer.layers.attention import attention_kernel
 from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
@@ -145,6 +146,7 @@ def steer(
     return {f"blocks.{layer}.{site}": add}
 
 
+@attention_kernel("einsum")  # vmap batches the einsum path; clean and patched runs share it
 def head_ablation_sweep(
     params: dict,
     tokens: Tokens,
@@ -163,8 +165,6 @@ def head_ablation_sweep(
     changes), ``chunk_size`` of them at a time.
     """
     validate.one_of("kind", kind, ABLATIONS)
-    # SDPA has no vmap batching rule: the einsum path computes the same attention (to rounding) and batches.
-    cfg = cfg.replace(attn_impl="einsum")
     clean_logits, clean = forward_with_activations(params, tokens, cfg)
     base = cross_entropy(clean_logits, targets)
     outs = [b["attn"]["head_out"] for b in clean["blocks"]]

@@ -41,6 +41,7 @@ import torch
 from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
+from ftransformer.layers.attention import attention_kernel
 from ftransformer.layers.block import block, wire
 from ftransformer.layers.embedding import Rotary
 from ftransformer.layers.masks import Mask
@@ -228,6 +229,7 @@ def _layer_sweep(params, base: dict, src: Tensor, metric: Metric, cfg: Config, l
     return torch.cat(parts, dim=1).reshape(-1)
 
 
+@attention_kernel("einsum")  # vmap batches the einsum path; clean and patched runs share it
 def patch_sweep(
     params: dict,
     clean: Tokens,
@@ -271,14 +273,13 @@ def patch_sweep(
     """
     by = tuple(by)
     check_args(clean, corrupt, metric, cfg, site, by, direction, chunk)
-    # SDPA has no vmap batching rule; the einsum path computes the same attention and batches.
-    cfg = cfg.replace(attn_impl="einsum")
     base_tokens, source_tokens = base_and_source(clean, corrupt, direction)
     _, source = forward_with_activations(params, source_tokens, cfg)
     sources = [site_value(source, i, site) for i in range(cfg.n_layers)]
     return replace_sweep(params, base_tokens, sources, metric, cfg, site=site, by=by, chunk=chunk, logits_at=logits_at)
 
 
+@attention_kernel("einsum")  # vmap batches the einsum path; clean and patched runs share it
 def replace_sweep(
     params: dict, tokens: Tokens, sources: Sequence[Tensor], metric: Metric, cfg: Config, *, site: str,
     by: Sequence[str], chunk: int | None = None, run: tuple | None = None, logits_at: Sequence[int] | int | None = None,
@@ -287,11 +288,10 @@ def replace_sweep(
     replaced by ``sources[i]``'s (another run's activations, zeros, means: anything of the site's shape,
     or broadcasting to it), for every slice; the same axes as ``patch_sweep``'s result.
 
-    ``run``: ``forward_with_activations(params, tokens, cfg)`` when the caller has it already (with
-    ``cfg.attn_impl="einsum"``, which the sweep's runs use); ``logits_at``: as in ``patch_sweep``."""
+    ``run``: ``forward_with_activations(params, tokens, cfg)`` when the caller has it already (under
+    ``layers.attention_kernel("einsum")``, which the sweep's runs use); ``logits_at``: as in ``patch_sweep``."""
     by = tuple(by)
     check_args(tokens, tokens, metric, cfg, site, by, "denoise", chunk)
-    cfg = cfg.replace(attn_impl="einsum")
     if isinstance(sources, Tensor) or len(sources) != cfg.n_layers:
         got = f"a tensor of shape {tuple(sources.shape)}" if isinstance(sources, Tensor) else f"{len(sources)} of them"
         raise ValueError(f"sources must be a sequence of one tensor per layer ({cfg.n_layers}), got {got}")

@@ -2,10 +2,12 @@
 
 from ftransformer.layers.attention import (
     attend,
+    attention_kernel,
     attention_pattern,
     multi_head_attention,
     project_out,
     project_qkv,
+    kernel_here,
     scaled_dot_product_attention,
 )
 from ftransformer.layers.block import block, residual
@@ -23,8 +25,8 @@ from ftransformer.layers.masks import Mask, cache_mask, causal_mask, self_mask
 from ftransformer.layers.norm import layer_norm, norm, rms_norm
 
 __all__ = [
-    "Mask", "apply_rotary", "attend", "attention_pattern", "block", "cache_mask", "causal_mask", "embed_tokens",
-    "feedforward", "gelu_mlp", "layer_norm", "learned_positions", "linear", "multi_head_attention", "norm",
+    "Mask", "apply_rotary", "attend", "attention_kernel", "attention_pattern", "block", "cache_mask", "causal_mask", "embed_tokens",
+    "feedforward", "gelu_mlp", "kernel_here", "layer_norm", "learned_positions", "linear", "multi_head_attention", "norm",
     "project_out", "project_qkv", "residual", "rms_norm", "rotary_angles", "rotary_tables",
     "scaled_dot_product_attention", "self_mask", "sinusoidal_positions", "swiglu_mlp",
 ]

@@ -1,17 +1,25 @@
 """Learning-path steps 2 and 3: causal scaled dot-product attention, then many heads (MHA / GQA / MQA).
 
-Two interchangeable paths compute the same numbers:
+Two interchangeable kernels compute the same numbers (to rounding):
 
 * ``"einsum"`` writes attention out -- scores, mask, softmax, weighted sum -- and can hand back the
-  pattern. It is the path to read, and the one to use under ``vmap`` for per-example gradients.
+  pattern. It is the path to read, and the one every ``torch.func`` transform can batch and differentiate
+  twice.
 * ``"sdpa"`` calls ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels, fast).
+
+The kernel is how attention is computed, not what the model is, so it is not part of ``Config``: each
+call picks it (``kernel_here``). By default (``"auto"``) that is ``"sdpa"``, except under ``vmap``,
+``jvp`` or a second ``grad``, where the fused kernel has no batching rule for its backward or no double
+backward and the einsum path runs instead. ``with attention_kernel("einsum"):`` (or ``"sdpa"``) fixes it
+for the calls inside: e.g. to compare a vmapped run with a plain one to the last bit, or to time both.
 
 Who may see whom is never decided here: every function takes the ``Mask`` (``layers.masks``) and the
 rotary tables (``layers.embedding.rotary_tables``) its caller built once for the whole forward pass.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +32,8 @@ from ftransformer.layers.masks import Mask
 from ftransformer.layers.norm import init_norm, norm
 from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.shapes import Bool, Float, Int, Key, Residual, Tensor, einsum_equation
-from ftransformer.tracing import compiling
+from ftransformer.tracing import compiling, transforms
+from ftransformer.validate import one_of
 
 # torch.einsum equations, written in the glossary's words (translated once, here).
 SCORES = einsum_equation(
@@ -81,13 +90,39 @@ def ungroup_heads(o: Float[Tensor, "*batch kv_heads group seq head_dim"]) -> Flo
     return rearrange(o, "... kv_heads group seq head_dim -> ... (kv_heads group) seq head_dim")
 
 
+KERNELS = ("auto", "sdpa", "einsum")
+_CHOSEN = ["auto"]  # the innermost attention_kernel(...) choice last
+
+
+@contextmanager
+def attention_kernel(kernel: str) -> Iterator[None]:
+    """Run the attention of every call inside on ``kernel`` (``"sdpa"``, ``"einsum"``, or ``"auto"``: the
+    default rule of ``kernel_here``). Nests; a process-wide setting, like ``torch.nn.attention.sdpa_kernel``."""
+    one_of("kernel", kernel, KERNELS)
+    _CHOSEN.append(kernel)
+    try:
+        yield
+    finally:
+        _CHOSEN.pop()
+
+
+def kernel_here() -> str:
+    """The kernel attention runs on at this call: ``attention_kernel``'s choice, else ``"einsum"`` under a
+    ``torch.func`` transform that needs it (``vmap``, ``jvp``, ``grad`` of ``grad``), else ``"sdpa"``."""
+    if _CHOSEN[-1] != "auto":
+        return _CHOSEN[-1]
+    active = transforms()
+    needs_einsum = "vmap" in active or "jvp" in active or active.count("grad") > 1
+    return "einsum" if needs_einsum else "sdpa"
+
+
 def scaled_dot_product_attention(
     q: Float[Tensor, "*batch heads seq head_dim"],
     k: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
     v: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
     mask: Mask,
     *,
-    impl: str = "sdpa",
+    impl: str = "auto",
     dropout: float = 0.0,
     key: Key | None = None,
     scale: float | None = None,
@@ -95,11 +130,14 @@ def scaled_dot_product_attention(
 ) -> Float[Tensor, "*batch heads seq head_dim"]:
     """Attention of every query head over its key/value head, hiding the keys ``mask`` hides.
 
-    With ``key`` given and ``dropout > 0`` the pattern is dropped out with that key, on the einsum path
+    ``impl``: the kernel (``KERNELS``); ``"auto"`` takes ``kernel_here()``'s. With ``key`` given and ``dropout > 0`` the pattern is dropped out with that key, on the einsum path
     (the fused kernel draws from torch's global generator, which explicit keys rule out). ``scale`` and
     ``softcap``: see ``attention_pattern``; soft-capping always takes the einsum path.
     """
     kv_heads = k.shape[-3]
+    if impl == "auto":
+        impl = kernel_here()
+    one_of("impl", impl, KERNELS[1:])
     if impl == "sdpa" and (key is None or dropout == 0.0) and softcap is None:
         group = q.shape[-3] // kv_heads
         if group > 1:
@@ -167,7 +205,7 @@ def multi_head_attention(
     q, k, v = project_qkv(params, x, cfg, rotary)
     if tap.active:
         return tapped_attention(params, q, k, v, cfg, mask=mask, tap=tap)
-    o = scaled_dot_product_attention(q, k, v, mask, impl=cfg.attn_impl, dropout=cfg.dropout, key=key, **scores(cfg))
+    o = scaled_dot_product_attention(q, k, v, mask, dropout=cfg.dropout, key=key, **scores(cfg))
     return project_out(params, o)
 
 
@@ -224,7 +262,7 @@ def tapped_attention(
         grouped = rearrange(pattern, "... (kv_heads group) seq kv_seq -> ... kv_heads group seq kv_seq", kv_heads=kv_heads)
         o = ungroup_heads(attend(grouped, v))
     else:
-        o = scaled_dot_product_attention(q, k, v, mask, impl=cfg.attn_impl, **scores(cfg))
+        o = scaled_dot_product_attention(q, k, v, mask, **scores(cfg))
     head_out = tap("head_out", head_outputs(params, o))
     if tap.intervenes("head_out"):
         b_o = params.get("b_o")
@@ -300,7 +338,7 @@ def multi_head_attention_with_cache(
     """
     q, k, v = project_qkv(params, x, cfg, rotary)
     k_cache, v_cache = write(k_cache, k, write_index), write(v_cache, v, write_index)
-    o = scaled_dot_product_attention(q, k_cache, v_cache, mask, impl=cfg.attn_impl, **scores(cfg))
+    o = scaled_dot_product_attention(q, k_cache, v_cache, mask, **scores(cfg))
     return project_out(params, o), k_cache, v_cache
 
 

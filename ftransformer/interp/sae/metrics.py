@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ftransformer.layers.attention import attention_kernel
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.sae.architectures import SAEConfig
@@ -78,6 +79,7 @@ def _member_metrics(sae: dict, hp: dict, *, params: dict, tokens: Tensor, cfg: C
     return out
 
 
+@attention_kernel("einsum")  # vmap batches the einsum path; clean and patched runs share it
 def evaluate_stack(
     params: dict, tokens: Int[Tensor, "batch seq"], cfg: Config, path: str, saes: dict, hp: dict,
     sae_cfg: SAEConfig, *, scale: float = 1.0, dense_above: float = DENSE_ABOVE,
@@ -85,9 +87,6 @@ def evaluate_stack(
     """Every metric of the module docstring for every SAE of a stack (leaves ``[members, ...]``), the
     spliced forwards of all members in ONE ``vmap``. Returns ``[members]`` tensors and the 0-d
     baselines ``ce_clean ce_zero ce_mean``."""
-    # SDPA has no vmap batching rule (torch would loop over the members, and warn); einsum attention
-    # computes the same thing and batches.
-    cfg = cfg.replace(attn_impl="einsum")
     base = _baselines(params, tokens, cfg, path)
     member = partial(_member_metrics, params=params, tokens=tokens, cfg=cfg, path=path, sae_cfg=sae_cfg,
                      scale=scale, base=base)

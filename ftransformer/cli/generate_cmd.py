@@ -36,6 +36,7 @@ def add_arguments(parser) -> None:
         help="a Hugging Face model directory: config.json, model.safetensors (or shards), and tokenizer.json "
         "(GPT-2: or vocab.json + merges.txt); families: gpt2, llama, mistral, qwen2, qwen3",
     )
+    add_gguf_argument(parser)
     parser.add_argument("--prompt", metavar="TEXT", required=True, help="text to continue (with --chat: the user's message)")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt in the tokenizer's chat template as one user turn and print the reply")
@@ -80,10 +81,24 @@ def _checkpoint_dir(path: str) -> Path:
     )
 
 
+SOURCES = ("checkpoint", "hf_dir", "gguf")  # the flags that name a model: --checkpoint DIR, --hf-dir DIR, --gguf FILE
+
+
+def add_gguf_argument(parser) -> None:
+    """``--gguf FILE``: the model and its tokenizer from one GGUF file (what llama.cpp and Ollama run)."""
+    parser.add_argument("--gguf", metavar="FILE", default=None,
+                        help="a GGUF file (llama.cpp's format): weights dequantized to float32, the tokenizer and "
+                        "chat template from its metadata; architectures: llama (SmolLM, Mistral), qwen2, qwen3, "
+                        "gemma 1-3, phi3, olmo2, gpt-neox, gpt2")
+
+
 def load_model(args, device: torch.device) -> tuple[Config, dict, object]:
     """(config, params, tokenizer) from the source the flags name."""
-    if args.checkpoint is not None and args.hf_dir is not None:
-        raise ValueError("give one model source: --checkpoint DIR or --hf-dir DIR, not both")
+    given = [f"--{name.replace('_', '-')}" for name in SOURCES if getattr(args, name, None) is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one model source: {' or '.join(given)}, not {'both' if len(given) == 2 else 'all'}")
+    if getattr(args, "gguf", None) is not None:
+        return load_gguf_model(args.gguf, device)
     if args.hf_dir is not None:
         return load_hf_model(args.hf_dir, device)
     if args.checkpoint is not None:
@@ -91,7 +106,7 @@ def load_model(args, device: torch.device) -> tuple[Config, dict, object]:
         if ckpt.tokenizer is None:
             raise ValueError(f"the checkpoint at {str(ckpt.path)!r} holds no tokenizer, so text cannot be encoded")
         return ckpt.config, ckpt.params, ckpt.tokenizer
-    raise ValueError("say which model to use: --checkpoint DIR or --hf-dir DIR")
+    raise ValueError("say which model to use: --checkpoint DIR, --hf-dir DIR or --gguf FILE")
 
 
 def load_hf_model(directory: str, device: torch.device) -> tuple[Config, dict, object]:
@@ -111,6 +126,19 @@ def load_hf_model(directory: str, device: torch.device) -> tuple[Config, dict, o
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"{directory}: tokenizer has vocab_size={tokenizer.vocab_size} but the model has vocab_size={cfg.vocab_size}")
     return cfg, params, tokenizer
+
+
+def load_gguf_model(path: str, device: torch.device) -> tuple[Config, dict, object]:
+    """(config, params, tokenizer) of a GGUF file, in float32 (``load_gguf`` + ``load_gguf_tokenizer``)."""
+    from ftransformer import tree
+    from ftransformer.interop.gguf import load_gguf
+    from ftransformer.interop.gguf_tokenizer import load_gguf_tokenizer
+
+    cfg, params = load_gguf(path, dtype=torch.float32)
+    tokenizer = load_gguf_tokenizer(path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{path}: tokenizer has vocab_size={tokenizer.vocab_size} but the model has vocab_size={cfg.vocab_size}")
+    return cfg, tree.to(params, device=device), tokenizer
 
 
 def prompt_ids(tokenizer, prompt: str, *, chat: bool) -> list[int]:
@@ -209,4 +237,5 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["TextStream", "add_arguments", "load_hf_model", "load_model", "prompt_ids", "run"]
+__all__ = ["TextStream", "add_arguments", "add_gguf_argument", "load_gguf_model", "load_hf_model", "load_model",
+           "prompt_ids", "run"]

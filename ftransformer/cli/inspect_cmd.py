@@ -26,7 +26,7 @@ import dataclasses
 import sys
 
 from ftransformer.cli import inspect_circuits
-from ftransformer.cli.generate_cmd import DEVICES
+from ftransformer.cli.generate_cmd import DEVICES, add_gguf_argument
 from ftransformer.config import PRESETS, get_preset
 from ftransformer.params import format_breakdown
 
@@ -48,6 +48,7 @@ def add_arguments(parser) -> None:
     model.add_argument("--hf-dir", metavar="DIR", default=None,
                        help="a Hugging Face model directory; without a VIEW, describe its config (any supported family); "
                             "with one, a GPT-2 directory (config.json, weights, vocab.json, merges.txt)")
+    add_gguf_argument(model)
     model.add_argument("--text", metavar="TEXT", default=None,
                        help="attention, logit-lens: the text to run (cropped to its last max_seq_len tokens)")
     model.add_argument("--layer", type=int, metavar="L", default=None,
@@ -124,7 +125,7 @@ def _check_view_args(args) -> None:
 
 def run(args) -> int:
     if args.view is None:
-        given = [f for f in ("checkpoint", "text", "layer", "half", "out", "clean", "corrupt") if getattr(args, f) is not None]
+        given = [f for f in ("checkpoint", "gguf", "text", "layer", "half", "out", "clean", "corrupt") if getattr(args, f) is not None]
         if given:
             flags = ", ".join("--" + f.replace("_", "-") for f in given)
             raise ValueError(f"{flags} need a VIEW: inspect {{{','.join(VIEWS)}}} ...")
@@ -138,11 +139,11 @@ def run(args) -> int:
     import torch
 
     from ftransformer import interp
-    from ftransformer.cli.generate_cmd import select_device, load_model
+    from ftransformer.cli.generate_cmd import SOURCES, select_device, load_model
 
     device = select_device(args.device)
     cfg, params, tokenizer = load_model(args, device)
-    source = args.checkpoint if args.checkpoint is not None else args.hf_dir
+    source = next(getattr(args, name) for name in SOURCES if getattr(args, name, None) is not None)
 
     if args.view in CIRCUITS:
         return inspect_circuits.run(args, cfg, params, tokenizer, source, device)

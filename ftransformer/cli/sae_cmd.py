@@ -18,13 +18,14 @@ ACTIONS = ("collect", "train", "eval", "features")
 
 
 def add_arguments(parser) -> None:
-    from ftransformer.cli.generate_cmd import DEVICES
+    from ftransformer.cli.generate_cmd import DEVICES, add_gguf_argument
     from ftransformer.interp.sae.architectures import ARCHITECTURES
 
     parser.add_argument("action", choices=ACTIONS, help="collect activations, train SAEs, evaluate them, show features")
     model = parser.add_argument_group("the model (collect, eval, features)")
     model.add_argument("--checkpoint", metavar="DIR", default=None, help="a checkpoint or `ftransformer train` run directory")
-    model.add_argument("--hf-dir", metavar="DIR", default=None, help="a Hugging Face GPT-2 directory instead")
+    model.add_argument("--hf-dir", metavar="DIR", default=None, help="a Hugging Face model directory instead")
+    add_gguf_argument(model)
     model.add_argument("--data", metavar="FILE", default=None, help="corpus text file (default: the built-in corpus)")
     model.add_argument("--site", default=None, help="collect: activation path, e.g. blocks.1.resid_post")
     model.add_argument("--tokens", type=int, default=100_000, help="collect: activation rows to store (default: 100000)")

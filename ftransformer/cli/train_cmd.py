@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ftransformer import distributed, precision
+from ftransformer import distributed, precision, tree
 from ftransformer.checkpoint import BEST, LATEST, checkpoint_exists, read_checkpoint_info
 from ftransformer.config import PRESETS, Config, field_types, get_preset
 from ftransformer.data import TOKENIZER_KINDS, load_dataset, load_tokenizer
@@ -99,6 +99,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--init-from-hf", metavar="DIR", default=None,
         help="fine-tune a Hugging Face model directory (any supported family: its weights, config and tokenizer.json; "
         "full fine-tuning) with the preset's training recipe instead of training the preset's model from scratch",
+    )
+    parser.add_argument(
+        "--init-from-gguf", metavar="FILE", default=None,
+        help="like --init-from-hf, from a GGUF file (llama.cpp's format: weights dequantized to float32, its "
+        "tokenizer from the file's metadata)",
     )
     parser.add_argument("--compile", action="store_true", help="compile the train step with torch.compile")
     parser.add_argument(
@@ -245,13 +250,19 @@ class RunSpec:
     log_noise_scale: bool = False
     members: list | None = None  # --ensemble / --sweep: one dict per member
     init_from_hf: str | None = None  # a Hugging Face model directory to fine-tune instead of the preset's model
+    init_from_gguf: str | None = None  # or a GGUF file to fine-tune
     dtype: str = "auto"  # --dtype: the compute dtype (precision.resolve); weights and checkpoints stay float32
 
     def settings(self) -> dict:
         """What a checkpoint keeps of the run (``extra["train"]``), so ``--resume`` can rebuild it."""
         return {"preset": self.preset, "data": self.data, "seed": self.seed, "recipe": self.recipe.to_dict(),
                 "dp_clip": self.dp_clip, "dp_noise": self.dp_noise, "log_noise_scale": self.log_noise_scale,
-                "init_from_hf": self.init_from_hf}
+                "init_from_hf": self.init_from_hf, "init_from_gguf": self.init_from_gguf}
+
+    @property
+    def pretrained(self) -> str | None:
+        """The pretrained model the run fine-tunes (a Hugging Face directory or a GGUF file), if any."""
+        return self.init_from_hf or self.init_from_gguf
 
 
 def run(args) -> int:
@@ -281,9 +292,12 @@ def resolve_run(args) -> RunSpec:
     from ftransformer.cli import train_ensemble
 
     train_ensemble.check_flags(args)
-    init_from_hf = getattr(args, "init_from_hf", None)
-    if init_from_hf is not None and (args.resume or args.ensemble is not None or args.sweep):
-        raise ValueError("--init-from-hf starts one fresh run: it does not go with --resume, --ensemble or --sweep")
+    init = {"init_from_hf": getattr(args, "init_from_hf", None), "init_from_gguf": getattr(args, "init_from_gguf", None)}
+    given = ["--" + k.replace("_", "-") for k, v in init.items() if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give one pretrained model: {' or '.join(given)}, not both")
+    if given and (args.resume or args.ensemble is not None or args.sweep):
+        raise ValueError(f"{given[0]} starts one fresh run: it does not go with --resume, --ensemble or --sweep")
     config_changes, recipe_changes = parse_overrides(args.overrides)
     changes = {**recipe_changes, **_flag_changes(args)}  # a flag wins over --set
     common = dict(config_changes=config_changes, device=args.device, compile=args.compile, quiet=args.quiet,
@@ -292,8 +306,8 @@ def resolve_run(args) -> RunSpec:
         spec = _resolve_resume(args, changes, common)
     else:
         spec = _resolve_fresh(args, changes, common)
-    if init_from_hf is not None:
-        spec = dataclasses.replace(spec, init_from_hf=init_from_hf)
+    if given:
+        spec = dataclasses.replace(spec, **init)
     if spec.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {spec.seed}")
     if (args.ensemble is not None or args.sweep) and args.resume:
@@ -361,8 +375,8 @@ def _load_data(spec: RunSpec, ctx, say):
     main = ctx is None or ctx.is_main
     if not main:
         ctx.barrier()  # rank 0 builds the tokenizer and the token cache; the others then read the cache
-    if spec.init_from_hf is not None:
-        tokenizer = _hf_tokenizer(spec.init_from_hf)  # the corpus in the model's own ids
+    if spec.pretrained is not None:
+        tokenizer = _pretrained_tokenizer(spec)  # the corpus in the model's own ids
     else:
         tokenizer = load_tokenizer(spec.tokenizer) if isinstance(spec.tokenizer, Path) else spec.tokenizer
     recipe = spec.recipe
@@ -374,11 +388,11 @@ def _load_data(spec: RunSpec, ctx, say):
     if cfg is None:
         cfg = get_preset(spec.preset).replace(vocab_size=dataset.tokenizer.vocab_size, **spec.config_changes)
     elif cfg.vocab_size < dataset.tokenizer.vocab_size or (
-        cfg.vocab_size != dataset.tokenizer.vocab_size and spec.init_from_hf is None
+        cfg.vocab_size != dataset.tokenizer.vocab_size and spec.pretrained is None
     ):
         # A Hugging Face model's embedding table may have rows past its tokenizer's ids (padding); never fewer.
         raise ValueError(
-            f"the {'checkpoint' if spec.init_from_hf is None else 'model'}'s vocab_size={cfg.vocab_size} but its "
+            f"the {'checkpoint' if spec.pretrained is None else 'model'}'s vocab_size={cfg.vocab_size} but its "
             f"tokenizer has {dataset.tokenizer.vocab_size}"
         )
     if recipe.seq_len > cfg.max_seq_len:
@@ -423,8 +437,8 @@ def execute(spec: RunSpec, ctx=None) -> int:
     policy = _precision(spec, device)
     precision.allow_tf32(device)  # a CUDA run starts here; elsewhere nothing changes
     hf_params = None
-    if spec.init_from_hf is not None:
-        hf_cfg, hf_params = _hf_model(spec.init_from_hf, device, spec.config_changes)
+    if spec.pretrained is not None:
+        hf_cfg, hf_params = _pretrained_model(spec, device)
         spec = dataclasses.replace(spec, config=hf_cfg)
     dataset, cfg = _load_data(spec, ctx, say)
     if spec.members is not None:
@@ -433,7 +447,7 @@ def execute(spec: RunSpec, ctx=None) -> int:
         return train_ensemble.run_members(spec, cfg=cfg, dataset=dataset, device=device)
     recipe = spec.recipe
     params = init_params(cfg, seed=spec.seed, device=device) if hf_params is None else hf_params
-    model = f"preset {spec.preset}" if hf_params is None else spec.init_from_hf
+    model = f"preset {spec.preset}" if hf_params is None else spec.pretrained
     say(f"model: {model}, {count_params(params):,} parameters, vocab {cfg.vocab_size} "
         f"({dataset.tokenizer.kind} tokenizer), {len(dataset.train):,} train / {len(dataset.val):,} val tokens")
     say(
@@ -468,23 +482,35 @@ def _report(result, out: Path, say) -> int:
     return 0
 
 
-def _hf_tokenizer(directory: str):
-    """The tokenizer of a Hugging Face directory (``load_hf_tokenizer``)."""
+def _pretrained_tokenizer(spec: RunSpec):
+    """The tokenizer of the pretrained model: a Hugging Face directory's, or a GGUF file's metadata."""
+    if spec.init_from_gguf is not None:
+        from ftransformer.interop.gguf_tokenizer import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(spec.init_from_gguf)
     from ftransformer.interop.hf_tokenizer import load_hf_tokenizer
 
-    return load_hf_tokenizer(directory)
+    return load_hf_tokenizer(spec.init_from_hf)
 
 
-def _hf_model(directory: str, device: torch.device, config_changes: dict) -> tuple[Config, dict]:
-    """A Hugging Face model's config and float32 params on ``device``; ``--set`` may change training-only
+def _pretrained_model(spec: RunSpec, device: torch.device) -> tuple[Config, dict]:
+    """The pretrained model's config and float32 params on ``device``; ``--set`` may change training-only
     fields (e.g. dropout), never a shape."""
     from ftransformer.checkpoint import expected_param_shapes
-    from ftransformer.interop.hf import load_hf
 
-    cfg, params = load_hf(directory, dtype=torch.float32, device=device)
-    changed = cfg.replace(**config_changes) if config_changes else cfg
+    if spec.init_from_gguf is not None:
+        from ftransformer.interop.gguf import load_gguf
+
+        cfg, params = load_gguf(spec.init_from_gguf, dtype=torch.float32)
+        params = tree.to(params, device=device)
+    else:
+        from ftransformer.interop.hf import load_hf
+
+        cfg, params = load_hf(spec.init_from_hf, dtype=torch.float32, device=device)
+    changes = spec.config_changes
+    changed = cfg.replace(**changes) if changes else cfg
     if expected_param_shapes(changed) != expected_param_shapes(cfg):
-        raise ValueError(f"--set {', '.join(config_changes)} would change the shapes of the model in {directory}")
+        raise ValueError(f"--set {', '.join(changes)} would change the shapes of the model in {spec.pretrained}")
     return changed, params
 
 

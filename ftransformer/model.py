@@ -86,6 +86,17 @@ def untie(params: dict, cfg: Config) -> tuple[dict, Config]:
     return params, cfg.replace(embeddings=cfg.embeddings.replace(tie=False))
 
 
+def check_uncapped(cfg: Config, what: str) -> None:
+    """``ValueError`` unless the logits are the projection's own, uncapped: moving every logit of a position by
+    the same amount then leaves the softmax as it is."""
+    cap = cfg.embeddings.logit_softcap
+    if cap is not None:
+        raise ValueError(
+            f"{what} supports Config.embeddings.logit_softcap=None only (under the tanh cap a shift of every logit "
+            f"changes the softmax), got {cap!r}"
+        )
+
+
 def init_head(cfg: Config, gen: torch.Generator) -> dict:
     """The parameters after the blocks: ``ln_f`` (all but post-LN) and, untied, ``unembed.w`` [d_model, vocab]."""
     head = {"ln_f": init_norm(cfg.norm, cfg.d_model, bias=cfg.bias)} if cfg.layout.final_norm else {}

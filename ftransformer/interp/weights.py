@@ -26,23 +26,14 @@ import torch
 from einops import rearrange
 
 from ftransformer import tree, validate
-from ftransformer.config import Config, flat_path
+from ftransformer.config import Config
 from ftransformer.layers.attention import check_scores_bilinear
-from ftransformer.layers.block import has_mlp, mlp_norm
-from ftransformer.layers.norm import identity_params, norm_scale
-from ftransformer.model import untie
+from ftransformer.layers.block import check_writes_are_summands, has_mlp, mlp_norm
+from ftransformer.layers.norm import check_removes_mean, identity_params, norm_scale
+from ftransformer.model import check_uncapped, untie
 from ftransformer.shapes import Float, Tensor
 
 # ---------------------------------------------------------------- checks and helpers
-
-
-def _require(cfg: Config, transform: str, **allowed) -> None:
-    """Raise naming the first Config field whose value ``transform`` does not support."""
-    flat = cfg.to_flat()
-    for field, values in allowed.items():
-        if flat[field] not in values:
-            where = flat_path(field)
-            raise ValueError(f"{transform} supports Config.{where} in {values!r}, got Config.{where}={flat[field]!r}")
 
 
 def _copy(params: dict) -> dict:
@@ -87,7 +78,7 @@ def fold_layer_norm(params: dict, cfg: Config) -> tuple[dict, Config]:
     is); the folded norms keep the identity's parameters (see the module docstring). Pre-norm only: a
     post-, sandwich- or output-norm scales what a sublayer *writes*, which no reader's weights can absorb.
     """
-    _require(cfg, "fold_layer_norm", norm_position=("pre",))
+    check_writes_are_summands(cfg, "fold_layer_norm")
     params, cfg = untie(_copy(params), cfg)
     mlp_names = ("gate", "in") if "w_gate" in (params["blocks"][0].get("mlp") or {}) else ("in",)
     blocks = []
@@ -121,7 +112,8 @@ def center_writing_weights(params: dict, cfg: Config) -> tuple[dict, Config]:
     and stay uncentred (the LayerNorms still remove their mean). A tied unembedding is untied first, so the
     logits keep reading the uncentred embedding.
     """
-    _require(cfg, "center_writing_weights", norm=("layernorm",), norm_position=("pre",))
+    check_removes_mean(cfg.norm, "center_writing_weights")
+    check_writes_are_summands(cfg, "center_writing_weights")
     params, cfg = untie(_copy(params), cfg)
     params["embed"] = {name: _centre(t) for name, t in params["embed"].items()}
     blocks = []
@@ -139,7 +131,7 @@ def center_unembed(params: dict, cfg: Config) -> tuple[dict, Config]:
     """Subtract each d_model row's mean over the vocabulary from the unembedding: every logit of a position
     moves by the same amount, so the softmax (and ``log_softmax``) is unchanged. Unties a tied embedding
     (the embedding stays); refuses ``logit_softcap``, under which a shift is not softmax-invariant."""
-    _require(cfg, "center_unembed", logit_softcap=(None,))
+    check_uncapped(cfg, "center_unembed")
     params, cfg = untie(_copy(params), cfg)
     params["unembed"] = {"w": _centre(params["unembed"]["w"])}
     return params, cfg

@@ -308,6 +308,49 @@ def test_interp_reshapes_with_einops():
     assert not stale, f"RESHAPES_ALLOWED entries that no longer reshape by hand: {stale}"
 
 
+# The Config specs whose fields only their own layer reads (layers.block: layout; model: embeddings; layers.attention:
+# attention; layers.norm: norm; layers.embedding and model: positional). Interpretability calls those layers.
+SPEC_FIELDS = ("layout", "embeddings", "attention", "norm", "positional")
+# (module, what it reads) pairs of ftransformer.interp that may still read a spec's field, each with its reason.
+SPEC_READS_ALLOWED: dict[tuple[str, str], str] = {}
+
+
+def _spec_reads(tree: ast.Module) -> list[str]:
+    """``cfg.<spec>.<field>`` reads (any name holding the config) and ``to_flat()`` calls in ``tree``: the spec
+    itself may be passed on (``norm(p, x, cfg.norm)``), its fields are the owning layer's to read."""
+    found = []
+    for node in ast.walk(tree):
+        spec = node.value if isinstance(node, ast.Attribute) else None
+        if isinstance(spec, ast.Attribute) and spec.attr in SPEC_FIELDS and isinstance(spec.value, ast.Name):
+            found.append(f"{spec.value.id}.{spec.attr}.{node.attr}")
+        elif _calls(node, "to_flat"):
+            found.append("to_flat()")
+    return sorted(set(found))
+
+
+def _interp_spec_reads() -> list[tuple[str, str]]:
+    return [
+        (module, read) for module, path in _modules().items() if module.startswith("ftransformer.interp")
+        for read in _spec_reads(ast.parse(path.read_text()))
+    ]
+
+
+def test_interp_reads_the_specs_through_their_layers():
+    reads = _interp_spec_reads()
+    direct = [f"{m}: {r}" for m, r in reads if (m, r) not in SPEC_READS_ALLOWED]
+    assert not direct, f"call the spec's layer (layers.block, layers.norm, layers.attention, model) instead: {direct}"
+    stale = [key for key in SPEC_READS_ALLOWED if key not in reads]
+    assert not stale, f"SPEC_READS_ALLOWED entries that no longer read a spec field: {stale}"
+
+
+def test_the_checker_sees_spec_field_reads():
+    source = (
+        "def f(cfg, config):\n    if cfg.layout.mlp and config.embeddings.tie:\n        return norm(p, x, cfg.norm)\n"
+        "    return cfg.to_flat()['norm'], cfg.head_dim"
+    )
+    assert _spec_reads(ast.parse(source)) == ["cfg.layout.mlp", "config.embeddings.tie", "to_flat()"]
+
+
 if __name__ == "__main__":
     print("cycles:", _cycles(_graph()))
     print("long functions:", *_long_functions(), sep="\n  ")

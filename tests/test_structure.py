@@ -215,6 +215,23 @@ def test_int_arguments_are_checked_by_the_validate_module():
     assert not found, f"use ftransformer.validate (is_int, positive_int, ...) instead: {found}"
 
 
+def _hand_written_bool_checks(tree: ast.Module, module: str) -> list[str]:
+    """``not isinstance(x, bool)`` in ``tree``: a flag refused by hand instead of by ``validate.boolean``."""
+    return [
+        f"{module}:{node.lineno}" for node in ast.walk(tree)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not) and _isinstance_types(node.operand) == {"bool"}
+    ]
+
+
+def test_bool_arguments_are_checked_by_the_validate_module():
+    found = [
+        where for module, path in _modules().items() if module != "ftransformer.validate"
+        for where in _hand_written_bool_checks(ast.parse(path.read_text()), module)
+    ]
+    assert not found, f"use ftransformer.validate.boolean instead: {found}"
+    assert _hand_written_bool_checks(ast.parse("if not isinstance(flag, bool):\n    raise TypeError"), "m") == ["m:1"]
+
+
 def _calls(node: ast.AST, name: str) -> bool:
     func = node.func if isinstance(node, ast.Call) else None
     return (isinstance(func, ast.Name) and func.id == name) or (isinstance(func, ast.Attribute) and func.attr == name)

@@ -140,7 +140,7 @@ def make_ensemble_step(
         vmapped = torch.func.vmap(member_step, in_dims=in_dims, randomness="error")
         return vmapped(stacked_params, opt_state, tokens, targets, keys, hp if hp else None)
 
-    return TrainStep(init, step)
+    return TrainStep(init, step, accum_steps)
 
 
 # ---------------------------------------------------------------- evaluation and plots

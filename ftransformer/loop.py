@@ -114,7 +114,9 @@ class FitSettings:
     steps: int  # optimizer steps in all (a resumed run may raise it)
     batch_size: int  # sequences per optimizer step, all processes together (the global batch)
     seq_len: int | None = None  # tokens per training window (None: the model's max_seq_len)
-    accum_steps: int = 1  # micro-batches of evaluation and of the divisibility check; build the step with the same
+    # Micro-batches of evaluation and of the divisibility check. None: the step's own (TrainStep.accum_steps, as
+    # make_train_step(accum_steps=...) was told), 1 where it says none; given on both, they must agree.
+    accum_steps: int | None = None
     eval_every: int = 250  # steps between evaluations (also at step 0 and at the end)
     # Fixed batches of batch_size sequences (evaluated in accum_steps micro-batches) in each of the train and
     # val estimates; "all": the exact val loss over the whole val split (data.SplitWindows).
@@ -122,8 +124,9 @@ class FitSettings:
     seed: int = 0  # batches and dropout keys are functions of (seed, step)
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "accum_steps", "eval_every"):
+        for name in ("steps", "batch_size", "eval_every"):
             _positive_int(name, getattr(self, name))
+        validate.int_at_least("accum_steps", self.accum_steps, 1, allow_none=True)
         if self.seq_len is not None:
             _positive_int("seq_len", self.seq_len)
         if self.eval_batches != "all":
@@ -451,11 +454,23 @@ def fit(
         raise TypeError(f"step must be a train.TrainStep (e.g. make_train_step(cfg, optimizer)), got {type(step).__name__}")
     if not isinstance(settings, FitSettings):
         raise TypeError(f"settings must be a loop.FitSettings, got {type(settings).__name__}")
-    run = _make_run(params, settings, device, out_dir, log, dist, progress)
+    run = _make_run(params, settle_accum_steps(settings, step), device, out_dir, log, dist, progress)
     state = data.start(run, params, step.init, resume)
     if dist is not None:
         dist.barrier()  # every process has read (or checked) out_dir before rank 0 writes to it
     return _loop(run, data, step.step, state)
+
+
+def settle_accum_steps(settings: FitSettings, step: TrainStep) -> FitSettings:
+    """``settings`` with ``accum_steps`` decided: the one of ``settings`` or of ``step`` that is given (``ValueError``
+    when both are and disagree), 1 when neither is."""
+    given, stated = settings.accum_steps, step.accum_steps
+    if given is not None and stated is not None and given != stated:
+        raise ValueError(
+            f"FitSettings.accum_steps={given} but the step was built with accum_steps={stated}: give it once "
+            "(make_train_step(..., accum_steps=...) is enough) or the same on both"
+        )
+    return replace(settings, accum_steps=next((n for n in (given, stated) if n is not None), 1))
 
 
 def _make_run(params, settings, device, out_dir, log, dist, progress) -> FitRun:

@@ -77,6 +77,26 @@ def unembedding(params: dict, cfg: Config) -> Float[Tensor, "d_model vocab"] | I
     return params["embed"]["tokens"].t() if cfg.embeddings.tie else params["unembed"]["w"]
 
 
+def untie(params: dict, cfg: Config) -> tuple[dict, Config]:
+    """The same model with its own unembedding ``unembed.w`` (a copy of the token embedding's transpose) when the
+    two are tied; ``(params, cfg)`` as they are otherwise. The input tree is not modified."""
+    if not cfg.embeddings.tie:
+        return params, cfg
+    params = dict(params, unembed={"w": params["embed"]["tokens"].t().clone()})
+    return params, cfg.replace(embeddings=cfg.embeddings.replace(tie=False))
+
+
+def check_uncapped(cfg: Config, what: str) -> None:
+    """``ValueError`` unless the logits are the projection's own, uncapped: moving every logit of a position by
+    the same amount then leaves the softmax as it is."""
+    cap = cfg.embeddings.logit_softcap
+    if cap is not None:
+        raise ValueError(
+            f"{what} supports Config.embeddings.logit_softcap=None only (under the tanh cap a shift of every logit "
+            f"changes the softmax), got {cap!r}"
+        )
+
+
 def init_head(cfg: Config, gen: torch.Generator) -> dict:
     """The parameters after the blocks: ``ln_f`` (all but post-LN) and, untied, ``unembed.w`` [d_model, vocab]."""
     head = {"ln_f": init_norm(cfg.norm, cfg.d_model, bias=cfg.bias)} if cfg.layout.final_norm else {}

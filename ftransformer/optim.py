@@ -291,8 +291,7 @@ def _decay_mask(mask, params: PyTree, p_leaves: list, spec) -> list[bool]:
         mask = mask(params)
     flags = flatten_like(mask, spec, "mask")
     for flag in flags:
-        if not isinstance(flag, bool):
-            raise TypeError(f"mask leaves must be bools (True = decay this tensor), got {type(flag).__name__}")
+        validate.boolean("mask leaves", flag, expected="bools (True = decay this tensor)", error=TypeError)
     return flags
 
 

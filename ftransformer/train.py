@@ -43,13 +43,15 @@ class TrainStep(NamedTuple):
     """The one training-step type: a step and the optimizer state it starts from, like an optimizer's ``(init, update)``.
 
     ``init(params) -> opt_state``; ``step(params, opt_state, batch, key=None) -> (params, opt_state, metrics)``;
-    calling the ``TrainStep`` itself calls ``step``. ``make_train_step``, ``ensemble.make_ensemble_step`` and
+    calling the ``TrainStep`` itself calls ``step``. ``accum_steps``: the micro-batches the step splits each batch
+    into, as its builder was told (None: the builder does not say); ``fit`` takes it from here. ``make_train_step``, ``ensemble.make_ensemble_step`` and
     ``per_example.make_per_example_train_step`` return one, and ``loop.fit`` runs any of them. How the step
     computes (precision, ``torch.compile``) is its builder's business.
     """
 
     init: Callable[[dict], Any]
     step: Callable[..., tuple[dict, Any, dict]]
+    accum_steps: int | None = None
 
     def __call__(self, params: dict, opt_state, batch, key: Tensor | None = None) -> tuple[dict, Any, dict]:
         return self.step(params, opt_state, batch, key)
@@ -192,7 +194,7 @@ def make_train_step(
         params, new_state = apply_optimizer(optimizer, params, grads, opt_state)
         return params, new_state, step_metrics(loss, grad_norm, new_state, n_tokens)
 
-    return TrainStep(optimizer.init, _compiled_per_device(step) if compile else step)
+    return TrainStep(optimizer.init, _compiled_per_device(step) if compile else step, accum_steps)
 
 
 def _micro_grads(cfg, ignore_index, leaves, treedef, tokens, targets, key, *, n_tokens, precision=None):

@@ -57,10 +57,11 @@ def int_in(name: str, value, low: int, high: int, *, closed: bool = False, high_
         _fail(name, f"an int in [{low}, {top}{']' if closed else ')'}", value, False, ValueError)
 
 
-def boolean(name: str, value) -> None:
-    """Raise ValueError unless ``value`` is a real bool (a string like ``"false"`` is truthy, so it is refused)."""
+def boolean(name: str, value, *, expected: str = "a bool", error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` unless ``value`` is a real bool (a string like ``"false"`` is truthy, so it is refused);
+    ``expected`` words it for the reader (``"true or false"`` in a JSON file)."""
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
+        raise error(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
 def positive_number(name: str, value) -> None:

@@ -168,7 +168,7 @@ def _fit_members(out, *, resume=False, **kw):
                                [{"lr": 1e-2, "weight_decay": 0.0, "seed": 0}, {"lr": 3e-3, "weight_decay": 0.1, "seed": 1}],
                                seed=5)
     settings = ft.loop.FitSettings(**{**FIT_RUN, **kw})
-    return members, ft.fit(members.init_params(), members.train_step(accum_steps=settings.accum_steps), members,
+    return members, ft.fit(members.init_params(), members.train_step(accum_steps=settings.accum_steps or 1), members,
                            settings, out_dir=out, resume=resume, progress=False, log=None)
 
 

@@ -33,7 +33,7 @@ def make_optimizer(steps=10):
 def run_fit(out, *, step=None, train=TRAIN, resume=False, progress=False, log=None, **kw):
     settings = loop.FitSettings(**{**RUN, **kw})
     if step is None:
-        step = ft.train.make_train_step(CFG, make_optimizer(settings.steps), accum_steps=settings.accum_steps)
+        step = ft.train.make_train_step(CFG, make_optimizer(settings.steps), accum_steps=settings.accum_steps or 1)
     return loop.fit(ft.init_params(CFG, seed=1), step, loop.TokenData(CFG, train, VAL), settings, out_dir=out,
                     resume=resume, progress=progress, log=log)
 
@@ -182,6 +182,24 @@ def test_bad_arguments(tmp_path):
         run_fit(tmp_path, accum_steps=4)
     with pytest.raises(ValueError, match="eval_every must be an int >= 1"):
         run_fit(tmp_path, eval_every=0)
+
+
+def test_accum_steps_is_given_once_or_the_same_on_the_step_and_the_settings(tmp_path):
+    """The step's accum_steps is fit's when FitSettings leaves it out; given on both, the two must agree."""
+    step = ft.train.make_train_step(CFG, make_optimizer(), accum_steps=2)
+    assert step.accum_steps == 2 and loop.FitSettings(**RUN).accum_steps is None
+    with pytest.raises(ValueError, match="FitSettings.accum_steps=3 but the step was built with accum_steps=2"):
+        run_fit(tmp_path / "a", step=step, accum_steps=3)
+    with pytest.raises(ValueError, match="batch_size=5 must be divisible by accum_steps=2"):
+        run_fit(tmp_path / "b", step=step, batch_size=5)
+    both = run_fit(tmp_path / "c", accum_steps=2)
+    from_step = run_fit(tmp_path / "d", step=ft.train.make_train_step(CFG, make_optimizer(), accum_steps=2))
+    assert same_numbers(from_step.history) == same_numbers(both.history)
+    assert checkpoint.load_checkpoint(tmp_path / "d" / "latest").extra["fit"]["accum_steps"] == 2
+    plain = ft.train.make_train_step(CFG, make_optimizer())
+    neither = run_fit(tmp_path / "e", step=ft.train.TrainStep(plain.init, plain.step))  # a step that does not say: 1
+    assert checkpoint.load_checkpoint(tmp_path / "e" / "latest").extra["fit"]["accum_steps"] == 1
+    assert same_numbers(neither.history) == same_numbers(run_fit(tmp_path / "f", accum_steps=1).history)
 
 
 def test_fit_takes_a_train_step_and_settings_and_no_step_options(tmp_path):

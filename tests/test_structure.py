@@ -215,6 +215,23 @@ def test_int_arguments_are_checked_by_the_validate_module():
     assert not found, f"use ftransformer.validate (is_int, positive_int, ...) instead: {found}"
 
 
+def _hand_written_bool_checks(tree: ast.Module, module: str) -> list[str]:
+    """``not isinstance(x, bool)`` in ``tree``: a flag refused by hand instead of by ``validate.boolean``."""
+    return [
+        f"{module}:{node.lineno}" for node in ast.walk(tree)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not) and _isinstance_types(node.operand) == {"bool"}
+    ]
+
+
+def test_bool_arguments_are_checked_by_the_validate_module():
+    found = [
+        where for module, path in _modules().items() if module != "ftransformer.validate"
+        for where in _hand_written_bool_checks(ast.parse(path.read_text()), module)
+    ]
+    assert not found, f"use ftransformer.validate.boolean instead: {found}"
+    assert _hand_written_bool_checks(ast.parse("if not isinstance(flag, bool):\n    raise TypeError"), "m") == ["m:1"]
+
+
 def _calls(node: ast.AST, name: str) -> bool:
     func = node.func if isinstance(node, ast.Call) else None
     return (isinstance(func, ast.Name) and func.id == name) or (isinstance(func, ast.Attribute) and func.attr == name)
@@ -306,6 +323,49 @@ def test_interp_reshapes_with_einops():
     assert not by_hand, f"use einops.rearrange (glossary axis names), or a reasoned RESHAPES_ALLOWED entry: {by_hand}"
     stale = [key for key in RESHAPES_ALLOWED if key not in _hand_reshapes()]
     assert not stale, f"RESHAPES_ALLOWED entries that no longer reshape by hand: {stale}"
+
+
+# The Config specs whose fields only their own layer reads (layers.block: layout; model: embeddings; layers.attention:
+# attention; layers.norm: norm; layers.embedding and model: positional). Interpretability calls those layers.
+SPEC_FIELDS = ("layout", "embeddings", "attention", "norm", "positional")
+# (module, what it reads) pairs of ftransformer.interp that may still read a spec's field, each with its reason.
+SPEC_READS_ALLOWED: dict[tuple[str, str], str] = {}
+
+
+def _spec_reads(tree: ast.Module) -> list[str]:
+    """``cfg.<spec>.<field>`` reads (any name holding the config) and ``to_flat()`` calls in ``tree``: the spec
+    itself may be passed on (``norm(p, x, cfg.norm)``), its fields are the owning layer's to read."""
+    found = []
+    for node in ast.walk(tree):
+        spec = node.value if isinstance(node, ast.Attribute) else None
+        if isinstance(spec, ast.Attribute) and spec.attr in SPEC_FIELDS and isinstance(spec.value, ast.Name):
+            found.append(f"{spec.value.id}.{spec.attr}.{node.attr}")
+        elif _calls(node, "to_flat"):
+            found.append("to_flat()")
+    return sorted(set(found))
+
+
+def _interp_spec_reads() -> list[tuple[str, str]]:
+    return [
+        (module, read) for module, path in _modules().items() if module.startswith("ftransformer.interp")
+        for read in _spec_reads(ast.parse(path.read_text()))
+    ]
+
+
+def test_interp_reads_the_specs_through_their_layers():
+    reads = _interp_spec_reads()
+    direct = [f"{m}: {r}" for m, r in reads if (m, r) not in SPEC_READS_ALLOWED]
+    assert not direct, f"call the spec's layer (layers.block, layers.norm, layers.attention, model) instead: {direct}"
+    stale = [key for key in SPEC_READS_ALLOWED if key not in reads]
+    assert not stale, f"SPEC_READS_ALLOWED entries that no longer read a spec field: {stale}"
+
+
+def test_the_checker_sees_spec_field_reads():
+    source = (
+        "def f(cfg, config):\n    if cfg.layout.mlp and config.embeddings.tie:\n        return norm(p, x, cfg.norm)\n"
+        "    return cfg.to_flat()['norm'], cfg.head_dim"
+    )
+    assert _spec_reads(ast.parse(source)) == ["cfg.layout.mlp", "config.embeddings.tie", "to_flat()"]
 
 
 if __name__ == "__main__":

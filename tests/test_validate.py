@@ -54,6 +54,8 @@ def test_boolean_positive_number_one_of():
     validate.boolean("flag", False)
     with pytest.raises(ValueError, match=r"flag must be a bool, got 'false' \(str\)"):
         validate.boolean("flag", "false")
+    with pytest.raises(TypeError, match=r"add_bos must be true or false, got 1 \(int\)"):
+        validate.boolean("add_bos", 1, expected="true or false", error=TypeError)
     validate.positive_number("lr", 0.1)
     with pytest.raises(ValueError, match="lr must be a number > 0, got 0"):
         validate.positive_number("lr", 0)

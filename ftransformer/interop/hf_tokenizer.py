@@ -180,8 +180,7 @@ def bos_eos_post_processor(backend, add_bos: bool, add_eos: bool, bos: str | Non
 def config_flag(config: Mapping, flag: str) -> bool:
     """A true/false switch of a tokenizer config (False when absent)."""
     value = config.get(flag, False)
-    if not isinstance(value, bool):
-        raise ValueError(f"{TOKENIZER_CONFIG}: {flag} must be true or false, got {value!r}")
+    validate.boolean(f"{TOKENIZER_CONFIG}: {flag}", value, expected="true or false")
     return value
 
 

@@ -38,6 +38,7 @@ registered or removed, and the whole call runs under ``torch.func.grad``, ``vmap
 from collections.abc import Callable
 
 from ftransformer.config import Config
+from ftransformer.layers.block import has_mlp
 from ftransformer.layers.tap import Tap
 from ftransformer.model import check_tokens, forward_unchecked
 from ftransformer.tree import unflatten_paths
@@ -52,7 +53,7 @@ def activation_paths(cfg: Config) -> list[str]:
     for i in range(cfg.n_layers):
         b = f"blocks.{i}."
         paths += [b + "resid_pre"] + [f"{b}attn.{s}" for s in ATTN_SITES] + [b + "resid_mid"]
-        if cfg.layout.mlp:
+        if has_mlp(cfg):
             paths.append(b + "mlp.hidden")
         paths.append(b + "resid_post")
     return paths + ["final"]

@@ -18,7 +18,7 @@ from torch import Tensor
 from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
-from ftransformer.layers.block import write_norms
+from ftransformer.layers.block import check_stream_is_sum, write_norms
 from ftransformer.layers.norm import inverse_scale, norm
 from ftransformer.model import check_ids, cross_entropy, final_norm, forward, unembed, unembedding
 
@@ -149,7 +149,7 @@ def direct_logit_attribution(
     attention bias, every MLP. With the final norm's divisor frozen at its value on the whole stream (the
     usual convention) the norm is affine, and the logit splits exactly into one term per write. A norm on
     a sublayer's output (the sandwich and output layouts) is split the same way, its divisor frozen at the
-    whole output, so each head keeps its own share. ``cfg.embeddings.logit_softcap`` (``tanh``) is not additive: the
+    whole output, so each head keeps its own share. The logit soft-cap (``Embeddings.logit_softcap``, a ``tanh``) is not additive: the
     parts sum to the logit *before* the cap, ``final @ unembedding`` (``model.unembedding``).
 
     Args:
@@ -160,11 +160,7 @@ def direct_logit_attribution(
         "bias": [*batch, seq]}``; ``bias`` holds the attention output biases (with their share of a norm on
         the attention's output) and the final norm's bias. Their sum is the pre-cap logit.
     """
-    if cfg.layout.norm_position == "post":
-        raise ValueError(
-            "direct logit attribution needs Config.layout.norm_position='pre', 'sandwich' or 'output', got 'post': in a "
-            "post-LN model every block renormalises the residual stream, so it is not a sum of the components' writes"
-        )
+    check_stream_is_sum(cfg, "direct logit attribution")
     resid = acts["blocks"][-1]["resid_post"]
     inv = inverse_scale(resid, cfg.norm)
     zero = final_norm(params, torch.zeros_like(resid), cfg, inv=inv)

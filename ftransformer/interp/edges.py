@@ -49,8 +49,11 @@ from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.attribution import site_gradients
 from ftransformer.interp.patching import Metric, check_args, check_scalar, base_and_source, run_from
-from ftransformer.layers.attention import attention_kernel, head_outputs, project_qkv, scaled_dot_product_attention, scores as score_args
-from ftransformer.layers.block import mlp_norm, mlp_reads, wire
+from ftransformer.layers.attention import (
+    attention_kernel, check_heads_separate, head_outputs, project_qkv, scaled_dot_product_attention,
+    scores as score_args,
+)
+from ftransformer.layers.block import check_writes_are_summands, has_mlp, mlp_norm, mlp_reads, wire
 from ftransformer.layers.feedforward import feedforward
 from ftransformer.layers.linear import linear
 from ftransformer.layers.norm import norm
@@ -61,14 +64,6 @@ from ftransformer.shapes import Bool, Float, Logits, Residual, Tensor, Tokens
 METHODS = ("eap", "eap-ig")
 ABLATIONS = ("mean", "zero", "corrupt")
 Values = Float[Tensor, "writers *batch seq d_model"]
-# Why a layout's writes are not summands of one residual stream (an edge ablates one writer's summand).
-NOT_SUMMANDS = {
-    "post": "every block renormalises the sum x + f(x), so no write stays a summand of the residual stream",
-    "sandwich": "each sublayer's output is normed (ln1_post / ln2_post) before it is added, and a norm of the "
-                "heads' sum is not a sum of per-head writes",
-    "output": "each sublayer's output is normed (ln1 / ln2) before it is added, x + norm(f(x)), and a norm of "
-              "the heads' sum is not a sum of per-head writes",
-}
 
 
 class Graph(NamedTuple):
@@ -100,21 +95,13 @@ class Faithfulness(NamedTuple):
 
 def check_layout(cfg: Config) -> None:
     """``ValueError`` for the layouts whose heads' writes are not plain summands of one residual stream."""
-    if cfg.layout.norm_position != "pre":
-        raise ValueError(
-            f"edge attribution supports Config.layout.norm_position='pre' only, got {cfg.layout.norm_position!r}: "
-            f"{NOT_SUMMANDS[cfg.layout.norm_position]}"
-        )
-    if cfg.attention.qk_norm and cfg.attention.qk_norm_over != "head":
-        raise ValueError(
-            "edge attribution supports Attention.qk_norm_over='head' only (a norm over every head's channels "
-            f"mixes the heads' inputs), got {cfg.attention.qk_norm_over!r}"
-        )
+    check_writes_are_summands(cfg, "edge attribution")
+    check_heads_separate(cfg, "edge attribution")
 
 
 def _sizes(cfg: Config) -> tuple[int, int, int]:
     """``(mlp, writers per layer, readers per layer)``."""
-    mlp = int(cfg.layout.mlp)
+    mlp = int(has_mlp(cfg))
     return mlp, cfg.n_heads + mlp, cfg.n_heads + 2 * cfg.n_kv_heads + mlp
 
 
@@ -143,7 +130,7 @@ def writer_values(params: dict, acts: dict, cfg: Config) -> Values:
     parts = [acts["embed"][None]]
     for i, block in enumerate(acts["blocks"]):
         parts.append(rearrange(block["attn"]["head_out"], "... heads seq d_model -> heads ... seq d_model"))
-        if cfg.layout.mlp:
+        if has_mlp(cfg):
             parts.append(linear(block["mlp"]["hidden"], params["blocks"][i]["mlp"]["w_out"])[None])
     return torch.cat(parts)
 
@@ -253,7 +240,7 @@ def _delta_paths(cfg: Config, tokens: Tokens) -> dict:
     zeros = {}
     for i in range(cfg.n_layers):
         zeros.update({f"blocks.{i}.attn.{s}": (*lead, *shape) for s, shape in shapes.items()})
-        if cfg.layout.mlp:
+        if has_mlp(cfg):
             zeros[f"blocks.{i}.mlp.hidden"] = (*lead, seq, cfg.d_ff)
     zeros[f"blocks.{cfg.n_layers - 1}.resid_post"] = (*lead, seq, cfg.d_model)
     return zeros
@@ -308,7 +295,7 @@ def reader_gradients(
     for i, (p, a) in enumerate(zip(params["blocks"], acts["blocks"])):
         qkv = tuple(grads[f"blocks.{i}.attn.{s}"] for s in "qkv")
         parts.append(_attn_reader_grads(p, a["resid_pre"], qkv, cfg, rotaries[i], chunk))
-        if cfg.layout.mlp:
+        if has_mlp(cfg):
             parts.append(_mlp_reader_grad(p, a[mlp_reads(cfg)], grads[f"blocks.{i}.mlp.hidden"], cfg)[None])
     parts.append(grads[f"blocks.{cfg.n_layers - 1}.resid_post"][None])
     return torch.cat(parts)
@@ -372,7 +359,7 @@ def _patched_reads(params: dict, base: dict, diff: Values, cfg: Config, i: int, 
     p, a = params["blocks"][i], base["blocks"][i]
     q, k, v = project_qkv(p["attn"], norm(p["ln1"], a["resid_pre"] - diff, cfg.norm), cfg, rotary)
     reads = {"attn.q": q, "attn.k": k, "attn.v": v}
-    if cfg.layout.mlp:
+    if has_mlp(cfg):
         reads["mlp.hidden"] = _mlp_hidden(p, a[mlp_reads(cfg)] - diff, cfg)
     return reads
 
@@ -385,7 +372,7 @@ def _layer_sweep(params, base: dict, diff: Values, metric: Metric, cfg: Config, 
     _, _, n_readers = _sizes(cfg)
     pick_writer = torch.nn.functional.one_hot(index[:, 0], diff.shape[0]).to(diff)
     pick_reader = torch.nn.functional.one_hot(index[:, 1] - i * n_readers, n_readers).to(diff)
-    widths = [cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads] + [1] * int(cfg.layout.mlp)
+    widths = [cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads] + [1] * int(has_mlp(cfg))
 
     def patched(writer: Float[Tensor, " writers"], reader: Tensor) -> Float[Tensor, ""]:
         fixes = {}

@@ -42,7 +42,7 @@ from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.layers.attention import attention_kernel
-from ftransformer.layers.block import block, wire
+from ftransformer.layers.block import block, has_mlp, wire
 from ftransformer.layers.embedding import Rotary
 from ftransformer.layers.masks import Mask
 from ftransformer.layers.tap import NO_TAP, Tap
@@ -92,8 +92,8 @@ def check_args(clean: Tokens, corrupt: Tensor, metric, cfg: Config, site: str, b
     if not callable(metric):
         raise TypeError(f"metric must be a function logits -> scalar tensor, got {type(metric).__name__}")
     validate.one_of("site", site, SITES)
-    if site == "mlp.hidden" and not cfg.layout.mlp:
-        raise ValueError("site 'mlp.hidden' needs a model with an MLP, got cfg.layout.mlp=False")
+    if site == "mlp.hidden" and not has_mlp(cfg):
+        raise ValueError("site 'mlp.hidden' needs a model with an MLP, got Config.layout.mlp=False")
     if "layer" not in by or len(set(by)) != len(by) or not set(by) <= set(AXES):
         raise ValueError(f"by must hold 'layer' and any of 'position', 'head', each once, got {by!r}")
     if "head" in by and site not in HEAD_SITES:

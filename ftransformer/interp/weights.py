@@ -26,34 +26,19 @@ import torch
 from einops import rearrange
 
 from ftransformer import tree, validate
-from ftransformer.config import Config, flat_path
-from ftransformer.layers.block import mlp_norm
-from ftransformer.layers.norm import identity_params, norm_scale
+from ftransformer.config import Config
+from ftransformer.layers.attention import check_scores_bilinear
+from ftransformer.layers.block import check_writes_are_summands, has_mlp, mlp_norm
+from ftransformer.layers.norm import check_removes_mean, identity_params, norm_scale
+from ftransformer.model import check_uncapped, untie
 from ftransformer.shapes import Float, Tensor
 
 # ---------------------------------------------------------------- checks and helpers
 
 
-def _require(cfg: Config, transform: str, **allowed) -> None:
-    """Raise naming the first Config field whose value ``transform`` does not support."""
-    flat = cfg.to_flat()
-    for field, values in allowed.items():
-        if flat[field] not in values:
-            where = flat_path(field)
-            raise ValueError(f"{transform} supports Config.{where} in {values!r}, got Config.{where}={flat[field]!r}")
-
-
 def _copy(params: dict) -> dict:
     """New containers around the same tensors: a transform replaces leaves without touching the input tree."""
     return tree.map(lambda t: t, params)
-
-
-def _untie(params: dict, cfg: Config) -> tuple[dict, Config]:
-    """A separate unembedding ``[d_model, vocab]`` (the token embedding's transpose) when the two are tied."""
-    if not cfg.embeddings.tie:
-        return params, cfg
-    params = dict(params, unembed={"w": params["embed"]["tokens"].t().clone()})
-    return params, cfg.replace(tie_embeddings=False)
 
 
 # ---------------------------------------------------------------- fold_layer_norm
@@ -93,14 +78,14 @@ def fold_layer_norm(params: dict, cfg: Config) -> tuple[dict, Config]:
     is); the folded norms keep the identity's parameters (see the module docstring). Pre-norm only: a
     post-, sandwich- or output-norm scales what a sublayer *writes*, which no reader's weights can absorb.
     """
-    _require(cfg, "fold_layer_norm", norm_position=("pre",))
-    params, cfg = _untie(_copy(params), cfg)
+    check_writes_are_summands(cfg, "fold_layer_norm")
+    params, cfg = untie(_copy(params), cfg)
     mlp_names = ("gate", "in") if "w_gate" in (params["blocks"][0].get("mlp") or {}) else ("in",)
     blocks = []
     for block in params["blocks"]:
         block = dict(block, attn=dict(block["attn"]))
         _fold_into(block["attn"], block["ln1"], cfg, ("qkv",))
-        if cfg.layout.mlp:
+        if has_mlp(cfg):
             block["mlp"] = dict(block["mlp"])
             _fold_into(block["mlp"], mlp_norm(block, cfg), cfg, mlp_names)
             if "ln2" in block:
@@ -127,8 +112,9 @@ def center_writing_weights(params: dict, cfg: Config) -> tuple[dict, Config]:
     and stay uncentred (the LayerNorms still remove their mean). A tied unembedding is untied first, so the
     logits keep reading the uncentred embedding.
     """
-    _require(cfg, "center_writing_weights", norm=("layernorm",), norm_position=("pre",))
-    params, cfg = _untie(_copy(params), cfg)
+    check_removes_mean(cfg.norm, "center_writing_weights")
+    check_writes_are_summands(cfg, "center_writing_weights")
+    params, cfg = untie(_copy(params), cfg)
     params["embed"] = {name: _centre(t) for name, t in params["embed"].items()}
     blocks = []
     for block in params["blocks"]:
@@ -145,8 +131,8 @@ def center_unembed(params: dict, cfg: Config) -> tuple[dict, Config]:
     """Subtract each d_model row's mean over the vocabulary from the unembedding: every logit of a position
     moves by the same amount, so the softmax (and ``log_softmax``) is unchanged. Unties a tied embedding
     (the embedding stays); refuses ``logit_softcap``, under which a shift is not softmax-invariant."""
-    _require(cfg, "center_unembed", logit_softcap=(None,))
-    params, cfg = _untie(_copy(params), cfg)
+    check_uncapped(cfg, "center_unembed")
+    params, cfg = untie(_copy(params), cfg)
     params["unembed"] = {"w": _centre(params["unembed"]["w"])}
     return params, cfg
 
@@ -183,7 +169,7 @@ def fold_value_biases(params: dict, cfg: Config) -> tuple[dict, Config]:
     if "b_o" not in params["blocks"][0]["attn"]:
         raise ValueError(
             "fold_value_biases needs an output bias b_o to move the value bias into (Config.bias=True), got "
-            f"Config.bias={cfg.bias} with Attention.qkv_bias={cfg.attention.qkv_bias}"
+            f"Config.bias={cfg.bias} (the value bias is Attention.qkv_bias's)"
         )
     params["blocks"] = [dict(b, attn=_fold_value_bias(b["attn"], cfg)) for b in params["blocks"]]
     return params, cfg
@@ -254,17 +240,12 @@ def _head_weights(params: dict, cfg: Config, layer: int) -> tuple[Tensor, Tensor
     return w_q, w_k, w_v, w_o
 
 
-def _check_plain_attention(cfg: Config, what: str) -> None:
-    if cfg.attention.qk_norm:
-        raise ValueError(f"{what}: q/k norms make scores nonlinear in the residual, got Attention.qk_norm=True")
-
-
 def qk_circuit(params: dict, cfg: Config, layer: int) -> FactoredMatrix:
     """Every head's ``W_Q W_K^T`` (d_model x d_model, rank head_dim), leading axes ``[kv_heads, group]``:
     query head ``h = kv * group + j``, the order of ``w_qkv``'s columns (``.full().flatten(0, 1)`` gives
     ``[heads, ...]``). Rotary positions act between the two factors and are left out, as in
     TransformerLens; biases are left out too."""
-    _check_plain_attention(cfg, "qk_circuit")
+    check_scores_bilinear(cfg, "qk_circuit")
     w_q, w_k, _, _ = _head_weights(params, cfg, layer)
     return FactoredMatrix(w_q, w_k.mT)
 

@@ -357,3 +357,20 @@ def init_attention(cfg, gen: torch.Generator, *, std: float, out_std: float) -> 
         attn["q_norm"] = init_norm(cfg.norm, cfg.head_dim * (cfg.n_heads if whole else 1), bias=cfg.bias)
         attn["k_norm"] = init_norm(cfg.norm, cfg.head_dim * (cfg.n_kv_heads if whole else 1), bias=cfg.bias)
     return attn
+
+
+def check_heads_separate(cfg, what: str) -> None:
+    """``ValueError`` naming why, unless each head's q and k are computed from the residual on their own (no
+    q/k norm over every head's channels): for a consumer (``what``) that feeds each head its own input."""
+    over = cfg.attention.qk_norm_over
+    if cfg.attention.qk_norm and over != "head":
+        raise ValueError(
+            f"{what} supports Attention.qk_norm_over='head' only (a norm over every head's channels mixes the heads' "
+            f"inputs), got {over!r}"
+        )
+
+
+def check_scores_bilinear(cfg, what: str) -> None:
+    """``ValueError`` unless every score is bilinear in the query's and the key's residuals (no q/k norm)."""
+    if cfg.attention.qk_norm:
+        raise ValueError(f"{what}: q/k norms make scores nonlinear in the residual, got Attention.qk_norm=True")

@@ -84,6 +84,41 @@ def mlp_reads(cfg) -> str:
     return "resid_mid" if cfg.layout.residual == "sequential" else "resid_pre"
 
 
+def has_mlp(cfg) -> bool:
+    """Whether the config's blocks have an MLP (``ln2`` / ``mlp`` parameters, ``mlp.*`` activations)."""
+    return cfg.layout.mlp
+
+
+# Why a layout's writes are not summands of the residual stream: each norm position but pre-LN's.
+NOT_SUMMANDS = {
+    "post": "every block renormalises the sum x + f(x), so no write stays a summand of the residual stream",
+    "sandwich": "each sublayer's output is normed (ln1_post / ln2_post) before it is added, and a norm of the "
+                "heads' sum is not a sum of per-head writes",
+    "output": "each sublayer's output is normed (ln1 / ln2) before it is added, x + norm(f(x)), and a norm of "
+              "the heads' sum is not a sum of per-head writes",
+}
+
+
+def check_writes_are_summands(cfg, what: str) -> None:
+    """``ValueError`` naming why, unless every head's and MLP's own output is a summand of the residual stream
+    (pre-LN, sequential or parallel): for a consumer (``what``) that removes or moves one writer's write."""
+    position = cfg.layout.norm_position
+    if position != "pre":
+        raise ValueError(
+            f"{what} supports Config.layout.norm_position='pre' only, got {position!r}: {NOT_SUMMANDS[position]}"
+        )
+
+
+def check_stream_is_sum(cfg, what: str) -> None:
+    """``ValueError`` naming why, unless the last residual stream is the embedding plus every sublayer's write
+    (each maybe normed on its own first): every layout but post-LN's."""
+    if cfg.layout.norm_position == "post":
+        raise ValueError(
+            f"{what} needs Config.layout.norm_position='pre', 'sandwich' or 'output', got 'post': in a post-LN model "
+            "every block renormalises the residual stream, so it is not a sum of the components' writes"
+        )
+
+
 def wire(
     params: dict, x: Residual, cfg, attn: Sublayer, *, keys: tuple[Key | None, Key | None], tap: Tap
 ) -> tuple[Residual, Any]:

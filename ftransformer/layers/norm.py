@@ -70,6 +70,15 @@ def identity_params(params: dict, spec: Norm) -> dict:
     return out if "bias" not in params else {**out, "bias": torch.zeros_like(params["bias"])}
 
 
+def check_removes_mean(spec: Norm, what: str) -> None:
+    """``ValueError`` unless the norm subtracts its input's mean over d_model (LayerNorm): for a consumer (``what``)
+    that relies on every reader ignoring a constant added along d_model."""
+    if spec.kind != "layernorm":
+        raise ValueError(
+            f"{what} supports Config.norm.kind='layernorm' only (a norm that subtracts the mean), got {spec.kind!r}"
+        )
+
+
 def init_norm(spec: Norm, width: int, *, bias: bool) -> dict:
     """A norm's parameters at init: the identity (scale 1, or 0 under ``unit_offset``), a bias for a biased
     LayerNorm."""

@@ -21,15 +21,23 @@ class default): every id stays inside the model's vocabulary. ``add_tokenizer(wr
 an ``HFTokenizer`` as this metadata (``save_gguf`` calls it).
 """
 
+import mmap
 import os
+import struct
 from collections.abc import Mapping
 from pathlib import Path
+
+import numpy as np
 
 from ftransformer.interop.hf_tokenizer import HFTokenizer, configure_backend, special_tokens
 
 # llama.cpp's token types (gguf.TokenType).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 SUPPORTED_MODELS = ("gpt2", "llama")
+GGUF_MAGIC = b"GGUF"
+# GGUF's value types: the numbers as struct/numpy codes, then strings and arrays.
+SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+STRING, ARRAY = 8, 9
 # The named special tokens GGUF stores by id, and the key of each.
 SPECIAL_ID_KEYS = {
     "bos_token": "tokenizer.ggml.bos_token_id",
@@ -79,20 +87,57 @@ def byte_spelling() -> dict[int, str]:
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
-def read_tokenizer_metadata(path: Path) -> dict:
-    """``general.architecture`` and every ``tokenizer.*`` key of a GGUF file, as Python values."""
-    import gguf
+def read_value(data, offset: int, kind: int, order: str):
+    """The GGUF value of type ``kind`` at ``offset``, and the offset just past it."""
+    if kind in SCALARS:
+        fmt = order + SCALARS[kind]
+        return struct.unpack_from(fmt, data, offset)[0], offset + struct.calcsize(fmt)
+    if kind == STRING:
+        (n,) = struct.unpack_from(order + "Q", data, offset)
+        if offset + 8 + n > len(data):
+            raise ValueError(f"a string of {n} bytes at offset {offset} runs past the end of the file")
+        return data[offset + 8:offset + 8 + n].decode("utf-8"), offset + 8 + n
+    if kind != ARRAY:
+        raise ValueError(f"unknown GGUF value type {kind} at offset {offset}")
+    item, n = struct.unpack_from(order + "IQ", data, offset)
+    offset += 12
+    if item in SCALARS:  # numbers in one read
+        dtype = np.dtype(order + SCALARS[item])
+        return np.frombuffer(data, dtype, n, offset).tolist(), offset + n * dtype.itemsize
+    values = []
+    for _ in range(n):
+        value, offset = read_value(data, offset, item, order)
+        values.append(value)
+    return values, offset
 
+
+def read_gguf_metadata(path: Path, keep=lambda key: True) -> dict:
+    """The metadata of a GGUF file (the keys ``keep`` accepts) as Python values, tensors left unread."""
     if not path.is_file():
         raise ValueError(f"{path} is not a file: expected a GGUF model file")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError, struct.error, ... for a file that is not GGUF
-        raise ValueError(f"{path} is not a GGUF file: {e}") from None
-    return {
-        key: field.contents() for key, field in reader.fields.items()
-        if key.startswith("tokenizer.") or key == "general.architecture"
-    }
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if data[:4] != GGUF_MAGIC:
+            raise ValueError(f"{path} is not a GGUF file: it starts with {data[:4]!r}, not {GGUF_MAGIC!r}")
+        order = "<" if struct.unpack_from("<I", data, 4)[0] < 2**16 else ">"  # the version says the byte order
+        version, _, n_kv = struct.unpack_from(order + "IQQ", data, 4)
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is not supported; expected 2 or 3")
+        meta, offset = {}, 24
+        try:
+            for _ in range(n_kv):
+                key, offset = read_value(data, offset, STRING, order)
+                (kind,), offset = struct.unpack_from(order + "I", data, offset), offset + 4
+                value, offset = read_value(data, offset, kind, order)
+                if keep(key):
+                    meta[key] = value
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: malformed GGUF metadata near offset {offset}: {e}") from None
+    return meta
+
+
+def read_tokenizer_metadata(path: Path) -> dict:
+    """``general.architecture`` and every ``tokenizer.*`` key of a GGUF file."""
+    return read_gguf_metadata(path, lambda key: key.startswith("tokenizer.") or key == "general.architecture")
 
 
 def merges_from_scores(tokens: list[str], scores) -> list[tuple[str, str]]:
@@ -113,9 +158,13 @@ def file_merges(meta: Mapping, tokens: list[str]) -> list[tuple[str, str]]:
     """``tokenizer.ggml.merges`` as pairs, or the merges the tokens and their scores imply."""
     if "tokenizer.ggml.merges" in meta:
         pairs = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
-        bad = [m for m in pairs if len(m) != 2]
+        known = set(tokens)
+        bad = [m for m in pairs if len(m) != 2 or not {m[0], m[1], m[0] + m[1]} <= known]
         if bad:
-            raise ValueError(f"tokenizer.ggml.merges: each merge must be two tokens split by one space, got {bad[0]}")
+            raise ValueError(
+                f"tokenizer.ggml.merges: each merge must be two tokens split by one space that make a token of "
+                f"the vocabulary, got {' '.join(bad[0])!r}"
+            )
         return pairs
     if "tokenizer.ggml.scores" not in meta:
         raise ValueError("a GGUF tokenizer needs tokenizer.ggml.merges or tokenizer.ggml.scores, found neither")
@@ -241,3 +290,108 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> HFTokenizer:
     stops = [token_index(meta, key, len(tokens)) for key in stop_keys if key in meta]
     templates = gguf_templates(meta)
     return HFTokenizer(backend, config, templates=templates, eos_ids=stops, source=str(path))
+
+
+# ---------------------------------------------------------------- writing the metadata
+
+
+def gguf_tokenizer_model(backend) -> tuple[str, str | None]:
+    """``(tokenizer.ggml.model, tokenizer.ggml.pre)`` for a BPE backend: byte-level is gpt2, byte fallback llama."""
+    import json
+
+    pipeline = json.loads(backend.to_str())
+    model, pre = pipeline["model"], pipeline.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE":
+        raise ValueError(f"only BPE tokenizers can be written to GGUF, got a {model.get('type')} model")
+    if model.get("byte_fallback"):
+        return "llama", None
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt2", "gpt2"
+    parts = pre.get("pretokenizers", [])
+    if [p.get("type") for p in parts] == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
+        regex = parts[0].get("pattern", {}).get("Regex")
+        names = [name for name, split in SPLITS.items() if split == regex]
+        if names:
+            return "gpt2", names[0]
+    raise ValueError(
+        "the tokenizer is neither byte-level BPE (a ByteLevel pre-tokenizer, or a Split by one of the regexes of "
+        f"{sorted(set(SPLITS))} then ByteLevel) nor SentencePiece BPE with byte fallback; got pre-tokenizer "
+        f"{json.dumps(pre)[:200]}"
+    )
+
+
+def vocabulary_list(backend) -> list[str]:
+    """Every token (added ones included) in id order; ids must be 0..n-1 without gaps."""
+    vocab = backend.get_vocab(with_added_tokens=True)
+    tokens = sorted(vocab, key=vocab.get)
+    gaps = [i for i, t in enumerate(tokens) if vocab[t] != i]
+    if gaps:
+        raise ValueError(f"GGUF stores token ids 0..n-1; this vocabulary has no token with id {gaps[0]}")
+    return tokens
+
+
+def token_types(backend, tokens: list[str], unk: str | None) -> list[int]:
+    """llama.cpp's type of each token: control (special added), user-defined (added), byte, unknown, normal."""
+    added = {t.content: t.special for t in backend.get_added_tokens_decoder().values()}
+    byte_tokens = {f"<0x{b:02X}>" for b in range(256)}
+
+    def kind(token: str) -> int:
+        if token == unk:
+            return UNKNOWN
+        if token in added:
+            return CONTROL if added[token] else USER_DEFINED
+        return BYTE if token in byte_tokens else NORMAL
+
+    return [kind(t) for t in tokens]
+
+
+def merge_scores(tokens: list[str], merges: list[str]) -> list[float]:
+    """SentencePiece scores for llama.cpp: minus the rank of the merge that makes a token, 0 for the rest."""
+    rank = {}
+    for r, merge in enumerate(merges):
+        rank.setdefault(merge.replace(" ", ""), r)
+    return [-float(rank[t] + 1) if t in rank else 0.0 for t in tokens]
+
+
+def bos_eos_flags(tokenizer: HFTokenizer) -> tuple[bool, bool]:
+    """Whether encoding adds ``bos_token`` in front and ``eos_token`` at the end (what add_bos/eos_token say)."""
+    ends = tokenizer.encode("", add_special_tokens=True)
+    bos, eos = tokenizer.bos_id, tokenizer.special_tokens.get("eos_token")
+    eos = None if eos is None else tokenizer.token_id(eos)
+    add_bos = bos is not None and ends[:1] == [bos]
+    add_eos = eos is not None and len(ends) > add_bos and ends[-1] == eos
+    if len(ends) != add_bos + add_eos:
+        raise ValueError(f"GGUF can only say 'add BOS' and 'add EOS'; this tokenizer adds {ends} to an empty text")
+    return add_bos, add_eos
+
+
+def add_tokenizer(writer, tokenizer: HFTokenizer) -> None:
+    """Write ``tokenizer`` as GGUF ``tokenizer.*`` metadata: vocabulary, merges, types, specials, template."""
+    import json
+
+    if not isinstance(tokenizer, HFTokenizer):
+        raise TypeError(f"add_tokenizer writes an HFTokenizer, got {type(tokenizer).__name__}")
+    backend = tokenizer.tokenizer
+    kind, pre = gguf_tokenizer_model(backend)
+    tokens = vocabulary_list(backend)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(backend.to_str())["model"]["merges"]]
+    writer.add_tokenizer_model(kind)
+    if pre is not None:
+        writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types(backend, tokens, tokenizer.special_tokens.get("unk_token")))
+    writer.add_token_merges(merges)
+    if kind == "llama":
+        writer.add_token_scores(merge_scores(tokens, merges))
+    for name, key in SPECIAL_ID_KEYS.items():
+        if name in tokenizer.special_tokens:
+            writer.add_uint32(key, tokenizer.token_id(tokenizer.special_tokens[name]))
+    stops = [i for i in tokenizer.eos_ids if tokens[i] != tokenizer.special_tokens.get("eos_token")]
+    if stops:
+        writer.add_eot_token_id(stops[0])
+    add_bos, add_eos = bos_eos_flags(tokenizer)
+    writer.add_add_bos_token(add_bos)
+    writer.add_add_eos_token(add_eos)
+    templates = tokenizer.chat_templates
+    if templates:
+        writer.add_chat_template([{"name": name, "template": source} for name, source in templates.items()])

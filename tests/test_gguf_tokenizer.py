@@ -79,26 +79,38 @@ def byte_level_fill(pre: str, *, endoftext: bool = True):
     return fill
 
 
-def sentencepiece_fill(*, merges: bool = True, flags: dict | None = None):
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+
+
+def gemma_tokens() -> list[str]:
+    """The SentencePiece vocabulary as a Gemma file holds it: its specials first, runs of spaces as spaces."""
+    tokens = GEMMA_SPECIALS + [t for t in id_ordered(sentencepiece_backend()) if t not in ("<unk>", "<s>", "</s>")]
+    return [t.replace("▁", " ") if set(t) == {"▁"} and len(t) > 1 else t for t in tokens]
+
+
+def sentencepiece_fill(*, merges: bool = True, flags: dict | None = None, typed: bool = True, gemma: bool = False):
     """The SentencePiece BPE as llama.cpp writes a "llama" vocabulary (scores: minus the id, as in Llama 2)."""
     backend = sentencepiece_backend()
-    tokens = id_ordered(backend)
+    tokens = gemma_tokens() if gemma else id_ordered(backend)
+    bos, eos, unk = ("<bos>", "<eos>", "<unk>") if gemma else ("<s>", "</s>", "<unk>")
 
     def kind(t):
         if t == "<unk>":
             return UNKNOWN
-        return BYTE if t.startswith("<0x") else CONTROL if t in ("<s>", "</s>", "<|im_start|>", "<|im_end|>") else 1
+        control = ("<s>", "</s>", "<|im_start|>", "<|im_end|>", *GEMMA_SPECIALS)
+        return BYTE if t.startswith("<0x") else CONTROL if t in control else NORMAL
 
     def fill(writer):
         writer.add_tokenizer_model("llama")
         writer.add_token_list(tokens)
-        writer.add_token_types([kind(t) for t in tokens])
+        if typed:
+            writer.add_token_types([kind(t) for t in tokens])
         writer.add_token_scores([-float(i) for i in range(len(tokens))])
         if merges:
             writer.add_token_merges(model_merges(backend))
-        writer.add_bos_token_id(1)
-        writer.add_eos_token_id(2)
-        writer.add_unk_token_id(0)
+        writer.add_bos_token_id(tokens.index(bos))
+        writer.add_eos_token_id(tokens.index(eos))
+        writer.add_unk_token_id(tokens.index(unk))
         for flag, value in (flags or {}).items():
             getattr(writer, f"add_{flag}")(value)
         writer.add_chat_template(CHATML_TEMPLATE)
@@ -114,7 +126,10 @@ FILES = {
     "gpt2-default": lambda: (byte_level_fill("default"), "llama"),
     "llama": lambda: (sentencepiece_fill(), "llama"),
     "llama-no-merges": lambda: (sentencepiece_fill(merges=False), "llama"),
+    "llama-untyped": lambda: (sentencepiece_fill(typed=False), "llama"),
     "phi3": lambda: (sentencepiece_fill(), "phi3"),
+    "gemma2": lambda: (sentencepiece_fill(merges=False, gemma=True), "gemma2"),
+    "gemma3": lambda: (sentencepiece_fill(merges=False, gemma=True, flags={"add_bos_token": True}), "gemma3"),
 }
 
 
@@ -145,7 +160,7 @@ def assert_same_ids_and_text(ours, other, text):
             assert ours.decode(ids, skip_special_tokens=skip) == other.decode(ids, skip_special_tokens=skip)
 
 
-TEXTS = st.lists(st.one_of(PIECES, st.just(ENDOFTEXT)), max_size=6).map("".join)
+TEXTS = st.lists(st.one_of(PIECES, st.sampled_from([ENDOFTEXT, *GEMMA_SPECIALS])), max_size=6).map("".join)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -154,6 +169,7 @@ TEXTS = st.lists(st.one_of(PIECES, st.just(ENDOFTEXT)), max_size=6).map("".join)
 @example(text="   leading and  multiple   spaces  \n\n\n x")
 @example(text="digits 1 12 123 1234 12345 3.14159")
 @example(text="a<|eot_id|>b<s>c</s> <|im_start|>user\nHi<|im_end|> <|endoftext|>")
+@example(text="<bos>x  y   z<mask><pad>")
 def test_ids_and_decoding_equal_transformers_gguf_tokenizer(pairs, text):
     for ours, other in pairs.values():
         assert_same_ids_and_text(ours, other, text)
@@ -207,9 +223,9 @@ def test_byte_level_vocabulary_gets_no_token_the_file_lacks(tmp_path):
 # ---------------------------------------------------------------- writing: add_tokenizer
 
 
-def round_trip(tmp_path, tokenizer: HFTokenizer, name: str = "out.gguf"):
+def round_trip(tmp_path, tokenizer: HFTokenizer, name: str = "out.gguf", architecture: str = "llama"):
     """``tokenizer`` written by add_tokenizer, read back by us and by transformers."""
-    path = write_gguf(tmp_path / name, lambda writer: add_tokenizer(writer, tokenizer))
+    path = write_gguf(tmp_path / name, lambda writer: add_tokenizer(writer, tokenizer), architecture)
     return load_gguf_tokenizer(path), theirs(path)
 
 
@@ -217,7 +233,10 @@ def round_trip(tmp_path, tokenizer: HFTokenizer, name: str = "out.gguf"):
 def written(pairs, tmp_path_factory):
     """Each file's tokenizer as we read it, written again with add_tokenizer: (read back by us, by transformers)."""
     directory = tmp_path_factory.mktemp("written")
-    return {name: round_trip(directory, pairs[name][0], f"{name}.gguf") for name in ("gpt2-qwen2", "llama")}
+    return {
+        name: round_trip(directory, pairs[name][0], f"{name}.gguf", FILES[name]()[1])
+        for name in ("gpt2-qwen2", "llama", "gemma3")
+    }
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -10,15 +10,18 @@ are the same:
   that is not is respelled from its UTF-8 bytes); the text is split by the regex that
   ``tokenizer.ggml.pre`` names (``SPLITS``), or by GPT-2's own regex for any other name.
 - ``tokenizer.ggml.model == "llama"``: SentencePiece BPE with byte fallback (``<0x41>``): ``"▁"`` for
-  spaces and one before the text (``Metaspace``); Phi-3 files prepend it in a normalizer instead. Without
-  merges in the file, they are recovered from the vocabulary, best score first. ``add_bos_token`` defaults
-  to true here, as llama.cpp and transformers default it for such files.
+  spaces and one before the text (``Metaspace``); Phi-3 files prepend it in a normalizer instead, Gemma 1-3
+  files not at all (``GEMMA_ARCHITECTURES``). Without merges in the file, they are recovered from the
+  vocabulary, best score first (Gemma: vocabulary order). ``add_bos_token`` defaults to true here, as
+  llama.cpp and transformers default it for such files.
 - control tokens (type 3) stay whole as special tokens, user-defined ones (type 4) as plain added tokens;
   ``bos/eos/unk/pad`` come from their ids.
 
-Unlike transformers, no ``<|endoftext|>`` is added to a byte-level vocabulary that lacks it (GPT-2's
-class default): every id stays inside the model's vocabulary. ``add_tokenizer(writer, tokenizer)`` writes
-an ``HFTokenizer`` as this metadata (``save_gguf`` calls it).
+transformers' tokenizer classes make their default special tokens special (``<|endoftext|>`` for byte-level
+BPE, ``<unk> <s> </s>`` for SentencePiece, Gemma's five): so do we where the vocabulary has them, but unlike
+transformers we add none the file lacks, so every id stays inside the model's vocabulary. ``add_tokenizer(writer, tokenizer)`` writes
+an ``HFTokenizer`` as this metadata (``save_gguf`` calls it); the file's ``general.architecture`` picks the
+SentencePiece flavour it is read back as.
 """
 
 import mmap
@@ -29,11 +32,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ftransformer.interop.hf_tokenizer import HFTokenizer, configure_backend, special_tokens
+from ftransformer.interop.hf_tokenizer import (
+    HFTokenizer, add_missing_special_tokens, configure_backend, special_tokens,
+)
 
 # llama.cpp's token types (gguf.TokenType).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 SUPPORTED_MODELS = ("gpt2", "llama")
+# Architectures whose "llama" tokenizer is Gemma's SentencePiece (no prefix space, merges in vocabulary order).
+GEMMA_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 GGUF_MAGIC = b"GGUF"
 # GGUF's value types: the numbers as struct/numpy codes, then strings and arrays.
 SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -209,6 +216,25 @@ def sentencepiece_backend(meta: Mapping, tokens: list[str], architecture: str):
     return backend
 
 
+def gemma_backend(meta: Mapping, tokens: list[str]):
+    """Gemma's SentencePiece BPE (``"llama"`` tokenizer, ``gemma*`` architecture): spaces become "▁", no prefix.
+
+    Gemma files spell a token of two or more spaces with real spaces; it is the "▁" token the text meets.
+    Without merges in the file they are recovered in vocabulary order (Gemma's scores do not follow it).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    tokens = ["▁" * len(t) if " " in t and not t.strip() else t for t in tokens]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    ranked = {**meta, "tokenizer.ggml.scores": [-float(i) for i in range(len(tokens))]}
+    model = models.BPE(vocab, file_merges(ranked, tokens), fuse_unk=True, unk_token="<unk>", byte_fallback=True)
+    backend = Tokenizer(model)
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return backend
+
+
 def add_typed_tokens(backend, tokens: list[str], types, alphabet: set[str] | None) -> None:
     """Control tokens as special added tokens, user-defined ones as plain added tokens (kept whole in text).
 
@@ -238,6 +264,8 @@ def gguf_config(meta: Mapping, tokens: list[str]) -> dict:
             config[flag] = bool(meta[f"tokenizer.ggml.{flag}"])
     if meta["tokenizer.ggml.model"] == "llama":  # llama.cpp adds BOS to a SentencePiece vocabulary by default
         config.setdefault("add_bos_token", True)
+        if meta.get("general.architecture") in GEMMA_ARCHITECTURES and "<mask>" in tokens:
+            config["mask_token"] = "<mask>"  # the one default of Gemma's tokenizer class no GGUF key overrides
     return config
 
 
@@ -262,12 +290,15 @@ def build_backend(meta: Mapping, tokens: list[str], path: Path):
     if kind not in SUPPORTED_MODELS:
         raise ValueError(f"{path}: tokenizer.ggml.model {kind!r} is not supported; supported: {list(SUPPORTED_MODELS)}")
     architecture = meta.get("general.architecture", "")
-    if kind == "llama" and architecture.startswith("gemma"):
-        raise ValueError(f"{path}: the SentencePiece tokenizer of {architecture!r} files is not supported yet")
     if kind == "gpt2":
-        backend, alphabet = byte_level_backend(meta, tokens)
+        (backend, alphabet), defaults = byte_level_backend(meta, tokens), ("<|endoftext|>",)
+    elif architecture in GEMMA_ARCHITECTURES:
+        backend, alphabet, defaults = gemma_backend(meta, tokens), None, ("<unk>", "<bos>", "<eos>", "<pad>", "<mask>")
     else:
-        backend, alphabet = sentencepiece_backend(meta, tokens, architecture), None
+        backend, alphabet, defaults = sentencepiece_backend(meta, tokens, architecture), None, ("<unk>", "<s>", "</s>")
+    # transformers' tokenizer class makes its default special tokens special (we: only those in the vocabulary)
+    vocab = backend.get_vocab()
+    add_missing_special_tokens(backend, [t for t in defaults if t in vocab])
     types = meta.get("tokenizer.ggml.token_type", [])
     if len(types) not in (0, len(tokens)):
         raise ValueError(f"{path}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")

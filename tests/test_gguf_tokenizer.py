@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import ftransformer as ft
 from ftransformer.interop.gguf_tokenizer import (
-    SUPPORTED_MODELS, add_tokenizer, load_gguf_tokenizer, read_gguf_metadata,
+    SPLITS, SUPPORTED_MODELS, add_tokenizer, load_gguf_tokenizer, read_gguf_metadata,
 )
 from ftransformer.interop.hf_tokenizer import HFTokenizer
 from tests.test_hf_tokenizer import (
@@ -209,6 +209,12 @@ def test_chat_template_renders_as_transformers(pairs, chat, add_generation_promp
         text = other.apply_chat_template(CHATS[chat], tokenize=False, **kwargs)
         assert ours.render_chat(CHATS[chat], **kwargs) == text
         assert ours.apply_chat_template(CHATS[chat], **kwargs) == other.encode(text, add_special_tokens=False)
+
+
+def test_every_pre_tokenizer_name_splits_as_in_transformers():
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    assert SPLITS == GGUF_PRE_TOKENIZER_SPLITS
 
 
 def test_byte_level_vocabulary_gets_no_token_the_file_lacks(tmp_path):

@@ -19,9 +19,12 @@ are the same:
 
 transformers' tokenizer classes make their default special tokens special (``<|endoftext|>`` for byte-level
 BPE, ``<unk> <s> </s>`` for SentencePiece, Gemma's five): so do we where the vocabulary has them, but unlike
-transformers we add none the file lacks, so every id stays inside the model's vocabulary. ``add_tokenizer(writer, tokenizer)`` writes
-an ``HFTokenizer`` as this metadata (``save_gguf`` calls it); the file's ``general.architecture`` picks the
-SentencePiece flavour it is read back as.
+transformers we add none the file lacks, so every id stays inside the model's vocabulary.
+
+``add_tokenizer(writer, tokenizer)`` writes an ``HFTokenizer`` as this metadata (``save_gguf`` calls it); the
+file's ``general.architecture`` picks the SentencePiece flavour it is read back as. ``read_gguf_metadata``
+reads a file's metadata without touching its tensors (gguf's own reader parses every string through numpy:
+9 s against 0.7 s here for SmolLM2's 49k-token vocabulary).
 """
 
 import mmap
@@ -67,10 +70,9 @@ _MARKS_1_DIGIT = (
 _CASED = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
 _UPPER = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
 _CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-_TEKKEN = f"{_CASED}|{_UPPER}" + r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-_GPT4O = (
-    f"{_CASED}{_CONTRACTION}|{_UPPER}{_CONTRACTION}" + r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+_SYMBOLS_AND_SPACES = r" ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_TEKKEN = f"{_CASED}|{_UPPER}|" + r"\p{N}|" + _SYMBOLS_AND_SPACES
+_GPT4O = f"{_CASED}{_CONTRACTION}|{_UPPER}{_CONTRACTION}|" + r"\p{N}{1,3}|" + _SYMBOLS_AND_SPACES
 # ``tokenizer.ggml.pre`` -> the regex the text is split by before byte-level BPE (as transformers maps them).
 SPLITS = {
     **dict.fromkeys(
@@ -122,6 +124,8 @@ def read_gguf_metadata(path: Path, keep=lambda key: True) -> dict:
     """The metadata of a GGUF file (the keys ``keep`` accepts) as Python values, tensors left unread."""
     if not path.is_file():
         raise ValueError(f"{path} is not a file: expected a GGUF model file")
+    if path.stat().st_size < 24:
+        raise ValueError(f"{path} is not a GGUF file: {path.stat().st_size} bytes, shorter than a GGUF header")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         if data[:4] != GGUF_MAGIC:
             raise ValueError(f"{path} is not a GGUF file: it starts with {data[:4]!r}, not {GGUF_MAGIC!r}")

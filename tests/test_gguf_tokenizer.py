@@ -28,9 +28,10 @@ from tests.test_hf_tokenizer import (
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
-CONTROL, UNKNOWN, BYTE, NORMAL = 3, 2, 6, 1
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
 DATE = {"date_string": "26 Jul 2024"}
 ENDOFTEXT = "<|endoftext|>"
+THINK = "<think>"  # a user-defined token: kept whole in text, but not special (decoding does not skip it)
 
 
 def write_gguf(path: Path, fill, architecture: str = "llama") -> Path:
@@ -61,14 +62,15 @@ def model_merges(backend) -> list[str]:
 def byte_level_fill(pre: str, *, endoftext: bool = True):
     """The byte-level BPE as llama.cpp writes a "gpt2" vocabulary (Llama 3 style: BOS added, its template)."""
     backend = byte_level_backend()
-    tokens = id_ordered(backend) + [ENDOFTEXT] * endoftext
+    tokens = id_ordered(backend) + [THINK] + [ENDOFTEXT] * endoftext
     ids = {t: i for i, t in enumerate(tokens)}
+    kinds = {**dict.fromkeys([*LLAMA3_SPECIALS, ENDOFTEXT], CONTROL), THINK: USER_DEFINED}
 
     def fill(writer):
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre)
         writer.add_token_list(tokens)
-        writer.add_token_types([CONTROL if t in LLAMA3_SPECIALS or t == ENDOFTEXT else NORMAL for t in tokens])
+        writer.add_token_types([kinds.get(t, NORMAL) for t in tokens])
         writer.add_token_merges(model_merges(backend))
         writer.add_bos_token_id(ids["<|begin_of_text|>"])
         writer.add_eos_token_id(ids["<|end_of_text|>"])
@@ -160,7 +162,7 @@ def assert_same_ids_and_text(ours, other, text):
             assert ours.decode(ids, skip_special_tokens=skip) == other.decode(ids, skip_special_tokens=skip)
 
 
-TEXTS = st.lists(st.one_of(PIECES, st.sampled_from([ENDOFTEXT, *GEMMA_SPECIALS])), max_size=6).map("".join)
+TEXTS = st.lists(st.one_of(PIECES, st.sampled_from([ENDOFTEXT, THINK, *GEMMA_SPECIALS])), max_size=6).map("".join)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -170,6 +172,7 @@ TEXTS = st.lists(st.one_of(PIECES, st.sampled_from([ENDOFTEXT, *GEMMA_SPECIALS])
 @example(text="digits 1 12 123 1234 12345 3.14159")
 @example(text="a<|eot_id|>b<s>c</s> <|im_start|>user\nHi<|im_end|> <|endoftext|>")
 @example(text="<bos>x  y   z<mask><pad>")
+@example(text="a<think>b <think> c")
 def test_ids_and_decoding_equal_transformers_gguf_tokenizer(pairs, text):
     for ours, other in pairs.values():
         assert_same_ids_and_text(ours, other, text)
@@ -221,7 +224,7 @@ def test_byte_level_vocabulary_gets_no_token_the_file_lacks(tmp_path):
     """transformers adds GPT-2's default <|endoftext|> past the vocabulary; every id here stays inside it."""
     path = write_gguf(tmp_path / "t.gguf", byte_level_fill("llama-bpe", endoftext=False))
     ours, other = load_gguf_tokenizer(path), theirs(path)
-    assert ours.vocab_size == len(other) - 1 == len(byte_level_backend().get_vocab())
+    assert ours.vocab_size == len(other) - 1 == len(byte_level_backend().get_vocab()) + 1  # + <think>
     assert ENDOFTEXT not in ours.tokenizer.get_vocab()
     assert ours.encode("a b  c<|eot_id|>") == other.encode("a b  c<|eot_id|>")
 
@@ -297,9 +300,12 @@ def test_add_tokenizer_writes_hugging_face_tokenizers(tmp_path):
 def test_load_errors(tmp_path, gguf_dir):
     with pytest.raises(ValueError, match="is not a file"):
         load_gguf_tokenizer(tmp_path / "missing.gguf")
-    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
-    with pytest.raises(ValueError, match="is not a GGUF file"):
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file, nor a header at all")
+    with pytest.raises(ValueError, match="is not a GGUF file: it starts with b'not ', not b'GGUF'"):
         load_gguf_tokenizer(tmp_path / "junk.gguf")
+    (tmp_path / "short.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match="is not a GGUF file: 4 bytes, shorter than a GGUF header"):
+        load_gguf_tokenizer(tmp_path / "short.gguf")
     with pytest.raises(ValueError, match="holds no tokenizer"):
         load_gguf_tokenizer(write_gguf(tmp_path / "empty.gguf", lambda writer: None))
 
@@ -362,6 +368,17 @@ def test_add_tokenizer_errors(tmp_path, pairs):
     whitespace.pre_tokenizer = pre_tokenizers.Whitespace()
     with pytest.raises(ValueError, match="neither byte-level BPE .* got pre-tokenizer"):
         add_tokenizer(writer, HFTokenizer(whitespace, {}, templates={}, eos_ids=[]))
+
+
+def test_a_gguf_tokenizer_saves_as_a_hugging_face_directory(pairs, tmp_path):
+    """The tokenizer of a GGUF file saves as transformers' files (checkpoints and the CLI keep it that way)."""
+    for name in ("gpt2-llama-bpe", "llama", "gemma3"):
+        ours = pairs[name][0]
+        ours.save(tmp_path / name)
+        again = ft.load_hf_tokenizer(tmp_path / name)
+        text = " a<think>b  <|eot_id|>c<s>d<bos>\n\n 123"
+        assert again.encode(text) == ours.encode(text) and again.stop_tokens == ours.stop_tokens
+        assert again.fingerprint() == ours.fingerprint() and again.chat_templates == ours.chat_templates
 
 
 def test_exported():

@@ -120,8 +120,9 @@ def read_value(data, offset: int, kind: int, order: str):
     return values, offset
 
 
-def read_gguf_metadata(path: Path, keep=lambda key: True) -> dict:
+def read_gguf_metadata(path: str | os.PathLike, keep=lambda key: True) -> dict:
     """The metadata of a GGUF file (the keys ``keep`` accepts) as Python values, tensors left unread."""
+    path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path} is not a file: expected a GGUF model file")
     if path.stat().st_size < 24:
@@ -154,7 +155,8 @@ def read_tokenizer_metadata(path: Path) -> dict:
 def merges_from_scores(tokens: list[str], scores) -> list[tuple[str, str]]:
     """The merges a vocabulary implies: every split of a token into two tokens, the best-scored token first.
 
-    Splits of one token go in id order of their halves; ties keep vocabulary order, then longer halves first.
+    Splits of one token go in id order of their halves; among equal scores the longer left half goes first,
+    then the longer right half, then vocabulary order.
     """
     ids = {token: i for i, token in enumerate(tokens)}
     found = []
@@ -177,9 +179,12 @@ def file_merges(meta: Mapping, tokens: list[str]) -> list[tuple[str, str]]:
                 f"the vocabulary, got {' '.join(bad[0])!r}"
             )
         return pairs
-    if "tokenizer.ggml.scores" not in meta:
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None:
         raise ValueError("a GGUF tokenizer needs tokenizer.ggml.merges or tokenizer.ggml.scores, found neither")
-    return merges_from_scores(tokens, meta["tokenizer.ggml.scores"])
+    if len(scores) != len(tokens):
+        raise ValueError(f"tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
+    return merges_from_scores(tokens, scores)
 
 
 def byte_level_backend(meta: Mapping, tokens: list[str]):

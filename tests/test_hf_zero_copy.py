@@ -64,8 +64,8 @@ def test_matrices_are_transposed_views_of_the_mapped_file_and_only_fused_qkv_is_
             w = flat[f"blocks.{i}.{name}"]
             assert not w.is_contiguous() and w.t().is_contiguous() and mapped_from(w, file), name
         assert mapped_from(flat[f"blocks.{i}.ln1.scale"], file)
-        qkv = flat[f"blocks.{i}.attn.w_qkv"]  # q, k and v concatenated: a value that must change, so a copy
-        assert qkv.is_contiguous() and not mapped_from(qkv, file)
+        qkv = flat[f"blocks.{i}.attn.w_qkv"]  # q, k and v concatenated: a value that must change, so a copy,
+        assert qkv.t().is_contiguous() and not mapped_from(qkv, file)  # laid out in the file's rows
     assert mapped_from(flat["embed.tokens"], file) and flat["embed.tokens"].is_contiguous()
     assert mapped_from(flat["unembed.w"], file) and torch.equal(flat["unembed.w"], model.lm_head.weight.T)
 
@@ -79,7 +79,10 @@ def test_fused_rows_become_views_and_a_cast_copies(saved):
     assert torch.equal(mlp["w_gate"], gate_up[: cfg.d_ff].T) and torch.equal(mlp["w_in"], gate_up[cfg.d_ff:].T)
     _, cast = load_hf(directory, dtype=torch.float64)
     assert not any(mapped_from(t, file) for t in leaves(cast).values())
-    assert all(t.is_contiguous() and t.dtype == torch.float64 for t in leaves(cast).values())
+    assert all(t.dtype == torch.float64 for t in leaves(cast).values())
+    assert cast["blocks"][1]["attn"]["w_o"].t().is_contiguous() and cast["embed"]["tokens"].is_contiguous()
+    for k, t in leaves(params).items():
+        assert torch.equal(leaves(cast)[k], t.double()), k
 
 
 def test_fill_params_makes_views_of_tensors_in_memory(saved):

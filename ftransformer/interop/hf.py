@@ -6,8 +6,9 @@ builds the parameters without copying what needs no change: a parameter that is 
 (an ``nn.Linear``'s ``[d_out, d_in]`` weight transposed to our ``[d_in, d_out]``, a block of its rows,
 or the tensor as it is) *is* that tensor of the file, memory-mapped copy-on-write
 (``safetensors_io.mapped``), or a transposed view of it (``linear`` transposes it back for free). Only
-a value that must change is copied, into a parameter allocated once: a dtype cast, a fused q/k/v
-concatenation, GPT-NeoX's interleave, or a device other than the CPU. The ``transformers`` model is
+a value that must change is copied, into a parameter allocated once (a matrix in the file's
+``[d_out, d_in]`` row order, transposed like the views, so rows are copied as they lie): a dtype cast,
+a fused q/k/v concatenation, GPT-NeoX's interleave, or a device other than the CPU. The ``transformers`` model is
 never built, and no second full copy of the weights is ever held. ``fill_params`` is that for any
 source: a directory's tensors, or plain tensors in memory (``load_hf_gpt2``'s state dict, a GGUF
 file's), which become the parameters themselves, or views of them, under the same rule.
@@ -226,8 +227,17 @@ def _allocate(
             flat[path] = _view(tensors[path], views[path])
         else:
             first = stored[filling[path][0].hf_key]
-            flat[path] = torch.empty(leaf.shape, dtype=first.dtype if dtype is None else dtype, device=device)
+            want = first.dtype if dtype is None else dtype
+            flat[path] = _empty(leaf.shape, want, device, all(s.transpose for s in filling[path]))
     return flat, set(views)
+
+
+def _empty(shape: torch.Size, dtype: torch.dtype, device: torch.device, transposed: bool) -> Tensor:
+    """A new leaf; ``transposed``: laid out as the file's ``[d_out, d_in]`` rows (a ``.t()`` view, as a
+    mapped matrix is), so the stored rows are copied in as they are, not scattered by a strided copy."""
+    if not transposed:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty(shape[::-1], dtype=dtype, device=device).t()
 
 
 def _viewable(slot: Slot, entry: Stored, dtype: torch.dtype | None, device: torch.device) -> bool:
@@ -253,8 +263,9 @@ def _template(cfg: Config) -> dict[str, Tensor]:
 
 def _fill(leaf: Tensor, entry: Stored, slot: Slot) -> None:
     """Read one stored tensor into its place in ``leaf`` (whose values differ from it: a cast, a column
-    block, an interleave), a block of rows at a time through a small temporary (so a transposed or cast
-    vocabulary-sized table never needs a second full-size buffer)."""
+    block, an interleave), a block of rows at a time: straight into the leaf where that block is
+    contiguous and of the stored dtype, else through a small temporary (so a cast vocabulary-sized
+    table never needs a second full-size buffer)."""
     target = leaf if slot.cols is None else leaf[..., slot.cols[0]:slot.cols[1]]
     if slot.transpose:
         target = target.T  # now in the stored [d_out, d_in] layout, a view into leaf
@@ -264,7 +275,11 @@ def _fill(leaf: Tensor, entry: Stored, slot: Slot) -> None:
         return
     first, rows = slot.rows or (0, entry.shape[0])  # the stored rows this slot holds
     for start, stop in _blocks(target, entry, first, rows):
-        target[start - first:stop - first].copy_(_rows(entry, start, stop))
+        block = target[start - first:stop - first]
+        if isinstance(entry, StoredTensor) and block.is_contiguous() and block.dtype == entry.dtype:
+            read_rows(entry, start, stop, block)  # straight into the leaf's memory
+        else:
+            block.copy_(_rows(entry, start, stop))
 
 
 def _same(leaf: Tensor, entry: Stored) -> bool:

@@ -276,7 +276,8 @@ def _fill(leaf: Tensor, entry: Stored, slot: Slot) -> None:
     first, rows = slot.rows or (0, entry.shape[0])  # the stored rows this slot holds
     for start, stop in _blocks(target, entry, first, rows):
         block = target[start - first:stop - first]
-        if isinstance(entry, StoredTensor) and block.is_contiguous() and block.dtype == entry.dtype:
+        if isinstance(entry, StoredTensor) and block.is_contiguous() and (block.dtype, block.device.type) == (
+                entry.dtype, "cpu"):
             read_rows(entry, start, stop, block)  # straight into the leaf's memory
         else:
             block.copy_(_rows(entry, start, stop))

@@ -143,7 +143,12 @@ def fill_params(
     dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
 ) -> dict:
     """``cfg``'s parameter tree from ``stored`` (``{Hugging Face name: tensor}``) by ``family``'s slots;
-    every name and shape is checked before any data is read."""
+    every name and shape is checked before any data is read.
+
+    A tensor in memory that needs no change (dtype, device, concatenation) becomes its parameter itself,
+    or a transposed view of it: memory mapped read-only (a ``numpy.memmap`` opened ``"r"``) would then
+    crash an in-place update, so map it copy-on-write (``"c"``) or clone it first.
+    """
     slots = family.slots(cfg)
     stored = _checked(_renamed(stored, family, slots), slots, cfg, family.base_prefix)
     flat, viewed = _allocate(cfg, slots, stored, dtype, torch.device(device))

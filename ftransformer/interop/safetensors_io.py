@@ -195,8 +195,11 @@ def write_safetensors(
     for file_name, members in zip(names, shards):
         shard = {name: tensors[name][2]().detach().to("cpu").contiguous() for name in members}
         part = directory / f".{file_name}.partial"
-        save_file(shard, str(part), metadata={"format": "pt"})
-        os.replace(part, directory / file_name)  # a new file: maps of the old one keep their bytes
+        try:
+            save_file(shard, str(part), metadata={"format": "pt"})
+            os.replace(part, directory / file_name)  # a new file: maps of the old one keep their bytes
+        finally:
+            part.unlink(missing_ok=True)
         del shard
     if len(shards) > 1:
         index = {

@@ -196,4 +196,5 @@ def test_another_device_gets_copies_in_the_config_shapes(saved):
     """Off the CPU nothing is mapped: every leaf is allocated on the device (meta here: no GPU needed)."""
     cfg, params = load_hf(saved["llama"][0], device="meta")
     assert all(t.device.type == "meta" for t in leaves(params).values())
-    assert {k: t.shape for k, t in leaves(params).items()} == {k: t.shape for k, t in leaves(ft.init_params(cfg)).items()}
+    expected = {k: t.shape for k, t in leaves(ft.init_params(cfg)).items()}
+    assert {k: t.shape for k, t in leaves(params).items()} == expected

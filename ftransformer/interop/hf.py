@@ -8,8 +8,8 @@ or the tensor as it is) *is* that tensor of the file, memory-mapped copy-on-writ
 (``safetensors_io.mapped``), or a transposed view of it (``linear`` transposes it back for free). Only
 a value that must change is copied, into a parameter allocated once (a matrix in the file's
 ``[d_out, d_in]`` row order, transposed like the views, so rows are copied as they lie): a dtype cast,
-a fused q/k/v concatenation, GPT-NeoX's interleave, or a device other than the CPU. The ``transformers`` model is
-never built, and no second full copy of the weights is ever held. ``fill_params`` is that for any
+a fused q/k/v concatenation, GPT-NeoX's interleave, or a device other than the CPU. The
+``transformers`` model is never built, and no second full copy of the weights is ever held. ``fill_params`` is that for any
 source: a directory's tensors, or plain tensors in memory (``load_hf_gpt2``'s state dict, a GGUF
 file's), which become the parameters themselves, or views of them, under the same rule.
 

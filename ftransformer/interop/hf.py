@@ -2,11 +2,21 @@
 
 ``load_hf`` reads ``config.json``, finds its family in the registry (``model_type`` / ``architectures``),
 checks every stored tensor's name and shape against the family's slots before reading any data, then
-fills parameters allocated once at their final dtype and device, one stored tensor at a time. The
-``transformers`` model is never built, and no second full copy of the weights is ever held: the peak
-is the parameters plus the largest single tensor. ``fill_params`` is that filling for any source: a
-directory's tensors, or a state dict in memory (``load_hf_gpt2``'s), whose tensors become the
-parameters themselves where they need no conversion.
+builds the parameters without copying what needs no change: a parameter that is one stored tensor
+(an ``nn.Linear``'s ``[d_out, d_in]`` weight transposed to our ``[d_in, d_out]``, a block of its rows,
+or the tensor as it is) *is* that tensor of the file, memory-mapped copy-on-write
+(``safetensors_io.mapped``), or a transposed view of it (``linear`` transposes it back for free). Only
+a value that must change is copied, into a parameter allocated once (a matrix in the file's
+``[d_out, d_in]`` row order, transposed like the views, so rows are copied as they lie): a dtype cast,
+a fused q/k/v concatenation, GPT-NeoX's interleave, or a device other than the CPU. The
+``transformers`` model is never built, and no second full copy of the weights is ever held. ``fill_params`` is that for any
+source: a directory's tensors, or plain tensors in memory (``load_hf_gpt2``'s state dict, a GGUF
+file's), which become the parameters themselves, or views of them, under the same rule.
+
+Parameters mapped from a file are copy-on-write: an in-place update changes the process's own copy of
+the touched pages, never the file (train steps here make new tensors anyway). Saving makes every tensor
+contiguous, and ``save_hf`` replaces files by renaming, so saving over the directory a model was loaded
+from is safe.
 
 ``save_hf`` writes ``config.json`` and ``model.safetensors`` (shards and an index above
 ``max_shard_size``) that ``transformers.AutoModelForCausalLM.from_pretrained`` loads;
@@ -15,6 +25,7 @@ parameters themselves where they need no conversion.
 
 import json
 import os
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,7 +37,7 @@ from ftransformer.config import Config
 from ftransformer.interop.families import Slot
 from ftransformer.interop.registry import FAMILIES, Family, family_for, family_of
 from ftransformer.interop.safetensors_io import (
-    StoredTensor, list_tensors, parse_size, read_rows, read_tensor, write_safetensors,
+    StoredTensor, list_tensors, mapped, parse_size, read_rows, read_tensor, write_safetensors,
 )
 from ftransformer import tree
 from ftransformer.params import init_params
@@ -118,8 +129,9 @@ def read_weights_file(path: Path) -> dict[str, Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run code.
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # weights_only: a .bin is a pickle, and unpickling arbitrary objects can run code. A zip archive
+        # (torch >= 1.6's format) is mapped copy-on-write, like safetensors; an older file is read whole.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except OSError:
         raise
     except Exception as e:  # safetensors, pickle and torch each raise their own types
@@ -131,10 +143,15 @@ def fill_params(
     dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
 ) -> dict:
     """``cfg``'s parameter tree from ``stored`` (``{Hugging Face name: tensor}``) by ``family``'s slots;
-    every name and shape is checked before any data is read."""
+    every name and shape is checked before any data is read.
+
+    A tensor in memory that needs no change (dtype, device, concatenation) becomes its parameter itself,
+    or a transposed view of it: memory mapped read-only (a ``numpy.memmap`` opened ``"r"``) would then
+    crash an in-place update, so map it copy-on-write (``"c"``) or clone it first.
+    """
     slots = family.slots(cfg)
     stored = _checked(_renamed(stored, family, slots), slots, cfg, family.base_prefix)
-    flat = _allocate(cfg, slots, stored, dtype, torch.device(device))
+    flat, viewed = _allocate(cfg, slots, stored, dtype, torch.device(device))
     for slot in slots:
         leaf, entry = flat[slot.path], stored.get(slot.hf_key)
         if slot.tied and entry is not None and not _same(leaf, entry):
@@ -143,7 +160,7 @@ def fill_params(
                 f"{shown[0]} differs from {shown[1]} but the config ties them (tie_word_embeddings=True); "
                 "pass a config with tie_word_embeddings=False / tie_embeddings=False"
             )
-        if not slot.tied and leaf is not entry:
+        if not slot.tied and slot.path not in viewed:
             _fill(leaf, entry, slot)
     return tree.unflatten_paths(flat)
 
@@ -195,24 +212,52 @@ def _first_few(items: list[str], n: int = 5) -> str:
 
 def _allocate(
     cfg: Config, slots: list[Slot], stored: dict[str, Stored], dtype: torch.dtype | None, device: torch.device
-) -> dict[str, Tensor]:
-    """Leaves in ``init_params``' order and shapes: a tensor in memory itself where it is the whole leaf
-    already (layout, dtype and device), else empty (built on the meta device first: no memory), of
-    ``dtype`` or of the dtype its first stored tensor has."""
+) -> tuple[dict[str, Tensor], set[str]]:
+    """Leaves in ``init_params``' order and shapes, and the paths of those that are views already: a
+    stored tensor (mapped from its file, or in memory) or a view of it where it is the whole leaf's
+    values already (``_viewable``), else empty (built on the meta device first: no memory), of ``dtype``
+    or of the dtype its first stored tensor has."""
     filling: dict[str, list[Slot]] = {}
     for slot in slots:
         if not slot.tied:
             filling.setdefault(slot.path, []).append(slot)
+    views = {path: group[0] for path, group in filling.items()
+             if len(group) == 1 and _viewable(group[0], stored[group[0].hf_key], dtype, device)}
+    tensors = {path: stored[slot.hf_key] for path, slot in views.items()}
+    in_files = [path for path, entry in tensors.items() if isinstance(entry, StoredTensor)]
+    tensors.update(zip(in_files, mapped(tensors[path] for path in in_files)))  # one map per file
     flat = {}
     for path, leaf in _template(cfg).items():
-        entry = stored[filling[path][0].hf_key]
-        want = dtype if dtype is not None else entry.dtype
-        whole = len(filling[path]) == 1 and _direct(filling[path][0])
-        if whole and isinstance(entry, Tensor) and entry.dtype == want and entry.device == device:
-            flat[path] = entry
+        if path in views:
+            flat[path] = _view(tensors[path], views[path])
         else:
-            flat[path] = torch.empty(leaf.shape, dtype=want, device=device)
-    return flat
+            first = stored[filling[path][0].hf_key]
+            want = first.dtype if dtype is None else dtype
+            flat[path] = _empty(leaf.shape, want, device, all(s.transpose for s in filling[path]))
+    return flat, set(views)
+
+
+def _empty(shape: torch.Size, dtype: torch.dtype, device: torch.device, transposed: bool) -> Tensor:
+    """A new leaf; ``transposed``: laid out as the file's ``[d_out, d_in]`` rows (a ``.t()`` view, as a
+    mapped matrix is), so the stored rows are copied in as they are, not scattered by a strided copy."""
+    if not transposed:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty(shape[::-1], dtype=dtype, device=device).t()
+
+
+def _viewable(slot: Slot, entry: Stored, dtype: torch.dtype | None, device: torch.device) -> bool:
+    """Whether the leaf ``slot`` fills alone can be ``entry`` itself or a view of it: no value changes
+    (dtype, device, interleave), only a transpose or a block of rows."""
+    if slot.cols is not None or slot.heads is not None or (dtype is not None and entry.dtype != dtype):
+        return False
+    where = entry.device if isinstance(entry, Tensor) else torch.device("cpu")
+    return where == device
+
+
+def _view(t: Tensor, slot: Slot) -> Tensor:
+    """The leaf as a view of its stored tensor: its rows ``slot.rows``, transposed if ``slot.transpose``."""
+    t = t if slot.rows is None else t[slot.rows[0]:slot.rows[1]]
+    return t.t() if slot.transpose else t
 
 
 def _template(cfg: Config) -> dict[str, Tensor]:
@@ -221,18 +266,11 @@ def _template(cfg: Config) -> dict[str, Tensor]:
         return tree.flatten_with_paths(init_params(cfg))
 
 
-def _direct(slot: Slot) -> bool:
-    """Whether the stored tensor is the leaf as it is (no columns, rows, transpose or interleave)."""
-    return slot.cols is None and not slot.transpose and slot.heads is None and slot.rows is None
-
-
 def _fill(leaf: Tensor, entry: Stored, slot: Slot) -> None:
-    """Read one stored tensor into its place in ``leaf``: straight into its memory when the layout,
-    dtype and device already agree, else a block of rows at a time through a small temporary (so a
-    transposed or cast vocabulary-sized table never needs a second full-size buffer)."""
-    if isinstance(entry, StoredTensor) and _direct(slot) and leaf.dtype == entry.dtype and leaf.device.type == "cpu":
-        read_tensor(entry, leaf)
-        return
+    """Read one stored tensor into its place in ``leaf`` (whose values differ from it: a cast, a column
+    block, an interleave), a block of rows at a time: straight into the leaf where that block is
+    contiguous and of the stored dtype, else through a small temporary (so a cast vocabulary-sized
+    table never needs a second full-size buffer)."""
     target = leaf if slot.cols is None else leaf[..., slot.cols[0]:slot.cols[1]]
     if slot.transpose:
         target = target.T  # now in the stored [d_out, d_in] layout, a view into leaf
@@ -242,7 +280,12 @@ def _fill(leaf: Tensor, entry: Stored, slot: Slot) -> None:
         return
     first, rows = slot.rows or (0, entry.shape[0])  # the stored rows this slot holds
     for start, stop in _blocks(target, entry, first, rows):
-        target[start - first:stop - first].copy_(_rows(entry, start, stop))
+        block = target[start - first:stop - first]
+        if isinstance(entry, StoredTensor) and block.is_contiguous() and (block.dtype, block.device.type) == (
+                entry.dtype, "cpu"):
+            read_rows(entry, start, stop, block)  # straight into the leaf's memory
+        else:
+            block.copy_(_rows(entry, start, stop))
 
 
 def _same(leaf: Tensor, entry: Stored) -> bool:

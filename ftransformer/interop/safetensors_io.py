@@ -1,12 +1,17 @@
 """Safetensors files read tensor by tensor and written shard by shard, without a second full copy in memory.
 
 Reading: ``safe_open`` checks each file (a damaged header or a truncated file is refused before any
-data is read) and lists its tensors; the bytes are then read with ``readinto`` straight into the
-destination's memory. Reading through ``safe_open``'s memory map instead would keep every page it
-touched resident until the whole file is closed -- twice the parameters' bytes at the peak.
+data is read) and lists its tensors. A tensor used as it is stored (or as a transposed view of it)
+comes from ``mapped``: ``safe_open``'s own copy-on-write memory map of the file (``MAP_PRIVATE``), so
+no byte is copied, a page is read only when first used, and writing into the tensor (an in-place
+update) copies that page privately instead of changing the file. A tensor whose values must change
+(a cast, a concatenation) is read with ``readinto`` straight into its destination instead, so its
+pages of the file are never mapped and never count twice.
 
 Writing: ``save_pretrained``'s layout -- one ``model.safetensors``, or ``model-0000i-of-0000n.safetensors``
-shards and a ``model.safetensors.index.json`` mapping every tensor to its shard.
+shards and a ``model.safetensors.index.json`` mapping every tensor to its shard. Each file is written
+beside its place and renamed over it: parameters mapped from the file being replaced keep reading the
+old one (truncating a mapped file in place would crash whoever reads those parameters next).
 """
 
 import json
@@ -34,13 +39,14 @@ DTYPES = {
 
 @dataclass(frozen=True)
 class StoredTensor:
-    """Where one tensor's bytes lie: its file, dtype, shape and byte range in the file."""
+    """Where one tensor's bytes lie: its file, dtype, shape, byte range in the file and name there."""
 
     path: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
     start: int  # absolute byte offset in the file
     end: int
+    name: str = ""
 
 
 def list_tensors(directory: str | os.PathLike) -> dict[str, StoredTensor]:
@@ -93,8 +99,21 @@ def _read_header(path: Path) -> dict[str, StoredTensor]:
         if entry["dtype"] not in DTYPES:
             raise ValueError(f"{path}: tensor {name!r} has dtype {entry['dtype']}; supported: {', '.join(DTYPES)}")
         start, end = entry["data_offsets"]
-        stored[name] = StoredTensor(path, DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + length + start, 8 + length + end)
+        stored[name] = StoredTensor(
+            path, DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + length + start, 8 + length + end, name)
     return stored
+
+
+def mapped(entries: Iterable[StoredTensor]) -> list[Tensor]:
+    """The stored tensors themselves, memory-mapped copy-on-write by ``safe_open`` (one map per file)."""
+    from safetensors import safe_open
+
+    entries = list(entries)
+    out: dict[StoredTensor, Tensor] = {}
+    for path in dict.fromkeys(e.path for e in entries):
+        with safe_open(str(path), framework="pt") as f:  # the map outlives the handle: the tensors hold it
+            out.update({e: f.get_tensor(e.name) for e in entries if e.path == path})
+    return [out[e] for e in entries]
 
 
 def read_tensor(entry: StoredTensor, out: Tensor | None = None) -> Tensor:
@@ -175,7 +194,12 @@ def write_safetensors(
             (directory / stale).unlink()  # a previous save's files would be read instead of, or beside, these
     for file_name, members in zip(names, shards):
         shard = {name: tensors[name][2]().detach().to("cpu").contiguous() for name in members}
-        save_file(shard, str(directory / file_name), metadata={"format": "pt"})
+        part = directory / f".{file_name}.partial"
+        try:
+            save_file(shard, str(part), metadata={"format": "pt"})
+            os.replace(part, directory / file_name)  # a new file: maps of the old one keep their bytes
+        finally:
+            part.unlink(missing_ok=True)
         del shard
     if len(shards) > 1:
         index = {

@@ -143,6 +143,8 @@ def gguf_names(family: Family, cfg: Config, arch: str) -> dict[str, str]:
     for slot in family.slots(cfg):
         stem, _, suffix = slot.hf_key.rpartition(".")
         name = names.get_name(stem)
+        if name is None and slot.tied:
+            continue  # a tied head the architecture has no tensor for (Gemma's): the embedding serves
         if name is None:
             raise ValueError(f"{slot.hf_key} has no GGUF name for architecture {arch}")
         out[slot.hf_key] = f"{name}.{suffix}"

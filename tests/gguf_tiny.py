@@ -27,8 +27,11 @@ CASES = {
     "gemma": ("gemma", "gemma", {}, "tiny"),
     "olmo2": ("olmo2", "olmo2", {}, "tiny"),
     "gptneox": ("gpt_neox", "gptneox", {}, "tiny"),
+    "gpt2": ("gpt2", "gpt2", {}, "tiny"),
 }
-TRANSFORMERS_READS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")  # its GGUF loader knows these
+# transformers' GGUF loader gives GPT-2 its default 1024 positions and 4 * n_embd MLP (it reads neither)
+GPT2 = dict(vocab_size=VOCAB, n_embd=24, n_layer=2, n_head=4, n_positions=1024)
+TRANSFORMERS_READS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2")  # its GGUF loader knows these
 
 
 def gguf_module():
@@ -42,7 +45,13 @@ def build_model(case: str, seed: int = 0, **changes):
     from transformers import AutoModelForCausalLM
 
     family, _, options, _ = CASES[case]
-    model = AutoModelForCausalLM.from_config(hf_config(family, **{**options, **changes}), attn_implementation="eager")
+    if family == "gpt2":
+        from transformers import GPT2Config
+
+        config = GPT2Config(**{**GPT2, **changes})
+    else:
+        config = hf_config(family, **{**options, **changes})
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     randomize_(model, seed, norm_center=0.0 if family in UNIT_OFFSET_NORMS else 1.0)
     return model.eval()
 
@@ -54,15 +63,18 @@ def _metadata(writer, arch: str, c) -> None:
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_block_count(c.num_hidden_layers)
-    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_feed_forward_length(getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * c.hidden_size)
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
-    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    if arch != "gpt2":
+        writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+        writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     writer.add_vocab_size(c.vocab_size)
-    if arch == "gptneox":
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(c.layer_norm_epsilon)
+    elif arch == "gptneox":
         writer.add_layer_norm_eps(c.layer_norm_eps)
         writer.add_parallel_residual(c.use_parallel_residual)
     else:
@@ -86,6 +98,8 @@ def _as_written(name: str, w: torch.Tensor, arch: str, c) -> torch.Tensor:
         return rearrange(w, "(heads two half) ... -> (heads half two) ...", heads=heads, two=2)
     if arch.startswith("gemma") and name.endswith("norm.weight"):
         return w + 1
+    if arch == "gpt2" and name.endswith(("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")):
+        return w.T  # HF's Conv1D is [d_in, d_out]
     if arch == "gptneox" and ".attn_qkv." in name:
         return rearrange(w, "(heads qkv hd) ... -> (qkv heads hd) ...", qkv=3, heads=c.num_attention_heads)
     return w
@@ -98,7 +112,9 @@ def gguf_tensors(model, arch: str) -> dict[str, np.ndarray]:
     names = gguf.get_tensor_name_map(arch_id, model.config.num_hidden_layers)
     out = {}
     for key, w in model.state_dict().items():
-        if key == "lm_head.weight" and model.config.tie_word_embeddings or key.endswith("rotary_emb.inv_freq"):
+        if key == "lm_head.weight" and model.config.tie_word_embeddings and arch != "gpt2":
+            continue  # llama.cpp writes GPT-2's tied head out as output.weight; the others it leaves out
+        if key.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")):
             continue
         stem, _, suffix = key.rpartition(".")
         name = f"{names.get_name(stem)}.{suffix}"

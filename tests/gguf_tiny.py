@@ -105,21 +105,27 @@ def _as_written(name: str, w: torch.Tensor, arch: str, c) -> torch.Tensor:
     return w
 
 
-def gguf_tensors(model, arch: str) -> dict[str, np.ndarray]:
-    """``{GGUF name: float32 array}`` of ``model`` as llama.cpp's converter names and lays them out."""
+def hf_names(model, arch: str) -> dict[str, str]:
+    """``{GGUF name: HF name}`` of the tensors llama.cpp's converter writes for ``model``."""
     gguf = gguf_module()
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     names = gguf.get_tensor_name_map(arch_id, model.config.num_hidden_layers)
     out = {}
-    for key, w in model.state_dict().items():
+    for key in model.state_dict():
         if key == "lm_head.weight" and model.config.tie_word_embeddings and arch != "gpt2":
             continue  # llama.cpp writes GPT-2's tied head out as output.weight; the others it leaves out
         if key.endswith(("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")):
             continue
         stem, _, suffix = key.rpartition(".")
-        name = f"{names.get_name(stem)}.{suffix}"
-        out[name] = _as_written(name, w.detach().float(), arch, model.config).contiguous().numpy()
+        out[f"{names.get_name(stem)}.{suffix}"] = key
     return out
+
+
+def gguf_tensors(model, arch: str) -> dict[str, np.ndarray]:
+    """``{GGUF name: float32 array}`` of ``model`` as llama.cpp's converter names and lays them out."""
+    sd = model.state_dict()
+    return {name: _as_written(name, sd[key].detach().float(), arch, model.config).contiguous().numpy()
+            for name, key in hf_names(model, arch).items()}
 
 
 def write(path, model, arch: str, *, name: str = "tiny", types=None, tensors=None) -> None:

@@ -175,3 +175,31 @@ def test_errors_name_the_architecture_type_and_tensor(tmp_path):
         load_gguf(tmp_path / "e.gguf")
     with pytest.raises(ValueError, match="is not a file"):
         load_gguf(tmp_path / "nothing.gguf")
+
+
+def test_save_gguf_hands_the_tokenizer_to_gguf_tokenizer(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    def add_tokenizer(writer, tokenizer):
+        calls.append(tokenizer)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokenizer)
+
+    monkeypatch.setitem(sys.modules, "ftransformer.interop.gguf_tokenizer", types.SimpleNamespace(add_tokenizer=add_tokenizer))
+    cfg, params = load_gguf(_written(tmp_path, "llama"))
+    vocab = [f"t{i}" for i in range(cfg.vocab_size)]
+    out = save_gguf(params, cfg, tmp_path / "tok.gguf", tokenizer=vocab)
+    fields = gguf.GGUFReader(out).fields
+    assert calls == [vocab] and fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert fields["tokenizer.ggml.tokens"].contents() == vocab
+    no_tokenizer = gguf.GGUFReader(save_gguf(params, cfg, tmp_path / "none.gguf")).fields
+    assert no_tokenizer["tokenizer.ggml.model"].contents() == "none" and "tokenizer.ggml.tokens" not in no_tokenizer
+
+
+def _written(tmp_path, case: str):
+    path = tmp_path / f"{case}.gguf"
+    gguf_tiny.write(path, gguf_tiny.build_model(case), gguf_tiny.CASES[case][1])
+    return path

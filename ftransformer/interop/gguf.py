@@ -181,7 +181,8 @@ def _convert(w: Tensor, name: str, arch: str, heads: tuple[int, int], *, to_gguf
     """
     if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
         n = heads[0] if ".attn_q." in name else heads[1]
-        pattern = "(heads two half) ... -> (heads half two) ..." if to_gguf else "(heads half two) ... -> (heads two half) ..."
+        hf_order, gguf_order = "(heads two half) ...", "(heads half two) ..."
+        pattern = f"{hf_order} -> {gguf_order}" if to_gguf else f"{gguf_order} -> {hf_order}"
         return rearrange(w, pattern, heads=n, two=2).contiguous()
     if arch.startswith("gemma") and name.endswith("norm.weight"):
         return w + 1 if to_gguf else w - 1
@@ -298,7 +299,8 @@ def save_gguf(
             _add_value(writer, key, value)
         _add_tokenizer(writer, tokenizer)
         for name, t in tensors.items():
-            _add_tensor(writer, name, _convert(t.detach(), name, arch, (cfg.n_heads, cfg.n_kv_heads or cfg.n_heads), to_gguf=True), quant)
+            heads = (cfg.n_heads, cfg.n_kv_heads or cfg.n_heads)
+            _add_tensor(writer, name, _convert(t.detach(), name, arch, heads, to_gguf=True), quant)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -79,7 +79,7 @@ def _metadata(writer, arch: str, c) -> None:
         writer.add_parallel_residual(c.use_parallel_residual)
     else:
         writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    if getattr(c, "sliding_window", None) is not None and arch.startswith("gemma"):
+    if getattr(c, "sliding_window", None) is not None and arch in ("gemma2", "gemma3", "phi3"):
         writer.add_sliding_window(c.sliding_window)
     if arch == "gemma2":
         writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
@@ -128,11 +128,12 @@ def gguf_tensors(model, arch: str) -> dict[str, np.ndarray]:
             for name, key in hf_names(model, arch).items()}
 
 
-def write(path, model, arch: str, *, name: str = "tiny", types=None, tensors=None) -> None:
+def write(path, model, arch: str, *, name: str = "tiny", types=None, tensors=None, writer=None) -> None:
     """Write ``model`` (or ``tensors``: ``{GGUF name: float array, or (raw bytes, type)}``) as a GGUF file;
-    ``types``: ``{GGUF name: GGMLQuantizationType}`` for the float arrays (F32 where not named)."""
+    ``types``: ``{GGUF name: GGMLQuantizationType}`` for the float arrays (F32 where not named); ``writer``:
+    a ``GGUFWriter`` for ``path`` holding extra metadata already."""
     gguf = gguf_module()
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = writer or gguf.GGUFWriter(str(path), arch)
     writer.add_name(name)
     _metadata(writer, arch, model.config)
     for tname, data in (tensors or gguf_tensors(model, arch)).items():

@@ -111,7 +111,7 @@ def test_int8_keeps_q8_0_matrices_as_int8_weights(tmp_path):
     torch.testing.assert_close(ft.forward(packed, x, cfg), expected, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["llama", "qwen3", "gemma2", "phi3", "gpt2", "gptneox", "olmo2"])
+@pytest.mark.parametrize("case", list(gguf_tiny.CASES))
 def test_save_gguf_f32_round_trips_exactly(case, tmp_path):
     model = gguf_tiny.build_model(case)
     gguf_tiny.write(tmp_path / "in.gguf", model, gguf_tiny.CASES[case][1])
@@ -203,3 +203,32 @@ def _written(tmp_path, case: str):
     path = tmp_path / f"{case}.gguf"
     gguf_tiny.write(path, gguf_tiny.build_model(case), gguf_tiny.CASES[case][1])
     return path
+
+
+# Features transformers' GGUF loader drops (it keeps its config defaults) but llama.cpp's metadata holds.
+BEYOND_TRANSFORMERS = {
+    "phi3": dict(sliding_window=5, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+    "gemma2": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=5, attn_logit_softcapping=5.0,
+                   final_logit_softcapping=4.0),
+    "gemma3": dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=5, num_hidden_layers=7, rope_parameters={
+        "full_attention": {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    "qwen3": dict(head_dim=10),
+}
+
+
+@pytest.mark.parametrize("case", list(BEYOND_TRANSFORMERS))
+def test_metadata_transformers_ignores_is_read(case, tmp_path):
+    model = gguf_tiny.build_model(case, **BEYOND_TRANSFORMERS[case])
+    path = tmp_path / "m.gguf"
+    gguf_tiny.write(path, model, gguf_tiny.CASES[case][1])
+    if case == "gemma3":  # rope scaling on the global layers, as llama.cpp's converter writes it
+        meta = gguf.GGUFWriter(path, "gemma3")
+        meta.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        meta.add_rope_scaling_factor(8.0)
+        gguf_tiny.write(path, model, "gemma3", writer=meta)
+    cfg, params = load_gguf(path)
+    x = tokens(2, 11)
+    torch.testing.assert_close(ft.forward(params, x, cfg), hf_logits(model, x), rtol=1e-5, atol=1e-5)
+    save_gguf(params, cfg, tmp_path / "again.gguf", quant="f32")
+    assert load_gguf(tmp_path / "again.gguf")[0] == cfg

@@ -35,6 +35,7 @@ from ftransformer.data import load_dataset, load_tokenizer
 
 # Pretrained weights and tokenizers.
 from ftransformer.interop.hf import load_hf, save_hf
+from ftransformer.interop.gguf import load_gguf, save_gguf
 from ftransformer.interop.hf_gpt2 import load_hf_gpt2, to_hf_gpt2
 from ftransformer.interop.hf_tokenizer import load_hf_tokenizer
 from ftransformer.interop.gguf_tokenizer import load_gguf_tokenizer
@@ -55,5 +56,6 @@ __all__ = [
     "evaluate", "make_train_step", "fit", "Checkpoint", "load_checkpoint", "save_checkpoint", "load_dataset",
     "load_tokenizer",
     # pretrained
-    "load_hf", "save_hf", "load_hf_gpt2", "to_hf_gpt2", "load_hf_tokenizer", "load_gguf_tokenizer",
+    "load_hf", "save_hf", "load_gguf", "save_gguf", "load_hf_gpt2", "to_hf_gpt2", "load_hf_tokenizer",
+    "load_gguf_tokenizer",
 ]

@@ -12,6 +12,7 @@ import ftransformer as ft
 from ftransformer.bench import scaling, torchao_ref
 from ftransformer.bench import train as bench_train
 from ftransformer.cli import main
+from ftransformer.layers import int8
 
 
 def test_bench_train_runs_and_prints_the_table(capsys):
@@ -194,6 +195,7 @@ def test_bench_int8_reports_loss_change_and_agreement(tmp_path, capsys):
     assert re.search(r"whole split, weight-only \([\d,]+\)\s+\d\.\d{4}\s+\d\.\d{4}\s+[+-]\d+\.\d\d%", out)
     assert re.search(r"decode path \(3 windows x 32\)\s+\d\.\d{4}", out)
     assert re.search(r"target: int8 val loss within 1% of float32: (met|missed)", out)
+    assert f"decode product: {int8.product()}" in out  # which int8 product ran: fbgemm (which range) or reference
     assert re.search(r"greedy agreement of int8 over 2 val prompts x 6 tokens: \d+\.\d% of positions equal", out)
     if torchao_ref.available():  # torchao's rounding as the reference scheme: a second pair of columns
         assert re.search(r"decode path \(3 windows x 32\)(\s+\d\.\d{4}){2}\s+[+-]\d+\.\d\d%\s+\d\.\d{4}", out)

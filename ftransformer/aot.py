@@ -24,6 +24,7 @@ Python-registered operator, which a compiled library cannot call; ``step="compil
 """
 
 import collections
+import contextlib
 import math
 import tempfile
 import warnings
@@ -64,9 +65,25 @@ def _signature(params: dict, token: Tensor, cache: KVCache, cfg: Config) -> tupl
     return cfg, leaves, tuple(token.shape), token.dtype, buffers, str(token.device)
 
 
+@contextlib.contextmanager
+def einops_backends_kept():
+    """Leave einops' backend cache (tensor type -> backend) as it was found: ``torch.export`` adds its own tensor
+    types to it, and ``torch.compile``'d code that traced through einops guards on that cache, so a compiled
+    step built before or after an export would otherwise rebuild once more."""
+    from einops import _backends
+
+    kept = dict(_backends._type2backend)
+    try:
+        yield
+    finally:
+        _backends._type2backend.clear()
+        _backends._type2backend.update(kept)
+
+
 def _build(step: Step, params: dict, token: Tensor, cache: KVCache, cfg: Config):
     module = _ExportedStep(step, cfg.replace(attn_impl="einsum"))
-    with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="ft-aoti-") as tmp:
+    with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory(prefix="ft-aoti-") as tmp, \
+            einops_backends_kept():
         # torch 2.13's own export code copies a LeafSpec, which it has deprecated: not ours to act on
         warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
         program = torch.export.export(module, (params, token, cache.k, cache.v, cache.lengths), strict=False)

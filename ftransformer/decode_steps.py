@@ -10,7 +10,8 @@ place and skips the per-step checks), and gives the same tokens:
 * ``"compile"``: on CPU, the step with its block compiled by ``torch.compile`` once for every layer (params are
   arguments, so one graph serves all layers of one shape: the build does not grow with depth); on CUDA params
   the whole step, captured as a CUDA graph (``mode="reduce-overhead"``) and replayed once per token;
-* ``"aot"``: compiled ahead of time by AOTInductor (``ftransformer.aot``; float params only).
+* ``"aot"``: the step with its block compiled ahead of time by AOTInductor, one library for every layer
+  (``ftransformer.aot``; float params only).
 
 Compiled steps are built for static shapes, so both compiled kinds round the cache length up to a bucket
 (``aot.cache_length``): a new prompt or ``max_new_tokens`` within the bucket reuses the built step.
@@ -90,12 +91,21 @@ def _compiled_block():
     return torch.compile(block_with_cache, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
 
-def _blockwise_step(
-    params: dict, token: Int[Tensor, "*batch"], cache: KVCache, cfg: Config
-) -> tuple[Float[Tensor, "*batch vocab"], KVCache]:
-    """``_in_place_step`` whose blocks run ``_compiled_block`` (the ``"compile"`` step on CPU)."""
-    logits, cache = forward_with_cache_in_place(params, token[..., None], cache, cfg, layer=_compiled_block())
-    return logits[..., 0, :], cache
+def _blockwise(layer: aot.Layer) -> aot.Step:
+    """``_in_place_step`` whose blocks run ``layer`` (a compiled ``block_with_cache``)."""
+
+    def step(params: dict, token: Int[Tensor, "*batch"], cache: KVCache, cfg: Config
+             ) -> tuple[Float[Tensor, "*batch vocab"], KVCache]:
+        logits, cache = forward_with_cache_in_place(params, token[..., None], cache, cfg, layer=layer)
+        return logits[..., 0, :], cache
+
+    return step
+
+
+@functools.cache
+def _blockwise_step() -> aot.Step:
+    """The ``"compile"`` step on CPU: ``_in_place_step`` whose blocks run ``_compiled_block``."""
+    return _blockwise(_compiled_block())
 
 
 _STATIC_PARAMS: list = [None]  # id() of the params tree whose leaves were marked static last
@@ -157,11 +167,11 @@ def decode_step_for(kind: str | Stepper, params: dict) -> Stepper:
     if kind not in STEP_KINDS:
         raise ValueError(f"step must be one of {STEP_KINDS}, got {kind!r}")
     if kind == "aot":
-        return Stepper(kind, aot.compile_ahead_of_time(_in_place_step, params))
+        return Stepper(kind, _blockwise(aot.compile_ahead_of_time(block_with_cache, params)))
     if kind == "eager":
         return Stepper(kind, _in_place_step)
     on_cuda = params["embed"]["tokens"].device.type == "cuda"
-    return Stepper(kind, _cuda_graph_step if on_cuda else _blockwise_step)
+    return Stepper(kind, _cuda_graph_step if on_cuda else _blockwise_step())
 
 
 def whole_graph_step() -> Stepper:
@@ -196,6 +206,7 @@ def clear_compiled() -> None:
     benchmark of compile time wants); ``aot.clear`` does the same for ahead-of-time steps."""
     _compiled_step.cache_clear()
     _compiled_block.cache_clear()
+    _blockwise_step.cache_clear()
 
 
 __all__ = ["STEP_KINDS", "Stepper", "clear_compiled", "decode_step", "decode_step_for", "untie_for_decoding",

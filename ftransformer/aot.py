@@ -37,6 +37,7 @@ from torch import Tensor
 
 from ftransformer.cache import KVCache
 from ftransformer.config import Config
+from ftransformer.layers.embedding import Rotary
 from ftransformer.layers.masks import Mask
 from ftransformer.tree import flatten_with_paths
 from ftransformer.quantization import is_quantized
@@ -59,7 +60,7 @@ class _ExportedLayer(torch.nn.Module):
         self.layer, self.cfg, self.write, self.causal = layer, cfg, write, causal
 
     def forward(self, params: dict, x: Tensor, allowed: Tensor, rotary, k: Tensor, v: Tensor, index: Tensor):
-        mask = Mask(allowed, self.causal)
+        mask, rotary = Mask(allowed, self.causal), None if rotary is None else Rotary(*rotary)
         return self.layer(params, x, self.cfg, mask=mask, rotary=rotary, k_cache=k, v_cache=v, write_index=index,
                           write=self.write)[0]
 
@@ -133,7 +134,8 @@ def compile_ahead_of_time(layer: Layer, params: dict) -> Layer:
 
     def compiled(params: dict, x: Tensor, cfg: Config, *, mask: Mask, rotary, k_cache: Tensor, v_cache: Tensor,
                  write_index: Tensor, write) -> tuple[Tensor, Tensor, Tensor]:
-        args = (params, x, mask.allowed, rotary, k_cache, v_cache, write_index)
+        # as plain tuples: a program's input spec cannot name the library's own NamedTuple types
+        args = (params, x, mask.allowed, None if rotary is None else tuple(rotary), k_cache, v_cache, write_index)
         library = found.get(id(params))
         if library is None:  # the loop passes the same shapes every step
             library = found[id(params)] = _library(layer, write, cfg, mask.causal, args)

@@ -72,10 +72,10 @@ def test_only_the_decode_loops_call_the_in_place_forward():
 def test_one_compiled_block_serves_every_layer_and_every_prompt_in_a_bucket(gen, no_typecheck):
     # step="compile" compiles the block once (params are arguments: both layers share the graph); the cache
     # length is bucketed (tiny: max_seq_len=16), so new prompt lengths and max_new_tokens reuse the graph, and
-    # an ahead-of-time export in between leaves its guards (einops' backend cache) holding.
+    # an ahead-of-time export in between leaves its guards (einops' backend cache) holding. Rotary, as Llama.
     from torch._dynamo.utils import counters
 
-    cfg = ft.PRESETS["tiny"]
+    cfg = ft.PRESETS["tiny"].replace(positional="rope")
     params = ft.init_params(cfg, seed=5)
     torch._dynamo.reset()
     decode_steps.clear_compiled()

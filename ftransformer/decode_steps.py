@@ -79,16 +79,28 @@ def _compiled_step(mode: str | None = None):
     return torch.compile(_in_place_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
 
+def _block_residual(params: dict, x: Tensor, cfg: Config, **cache_args) -> Tensor:
+    """``block_with_cache``'s new residual alone (it writes the buffers in place): what ``_compiled_block``
+    compiles, so that the compiled code returns no alias of its inputs (which costs a view rebuilt per call)."""
+    return block_with_cache(params, x, cfg, **cache_args)[0]
+
+
 @functools.cache
 def _compiled_block():
-    """``block_with_cache`` under ``torch.compile`` with static shapes, built on first use: one graph per block
+    """``_block_residual`` under ``torch.compile`` with static shapes, built on first use: one graph per block
     shape (params, batch, cache length), shared by every layer of that shape.
 
     Compiling one block instead of the whole step keeps the build time independent of depth (the whole
     30-layer step of SmolLM2-135M takes minutes to compile); the embedding, masks and unembedding around
     the blocks run eagerly, a few dozen ops a token.
     """
-    return torch.compile(block_with_cache, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+    return torch.compile(_block_residual, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+
+
+def _compiled_layer(params: dict, x: Tensor, cfg: Config, *, k_cache: Tensor, v_cache: Tensor, **rest
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """``block_with_cache`` through ``_compiled_block``: the buffers it was given, written in place."""
+    return _compiled_block()(params, x, cfg, k_cache=k_cache, v_cache=v_cache, **rest), k_cache, v_cache
 
 
 def _blockwise(layer: aot.Layer) -> aot.Step:
@@ -105,7 +117,7 @@ def _blockwise(layer: aot.Layer) -> aot.Step:
 @functools.cache
 def _blockwise_step() -> aot.Step:
     """The ``"compile"`` step on CPU: ``_in_place_step`` whose blocks run ``_compiled_block``."""
-    return _blockwise(_compiled_block())
+    return _blockwise(_compiled_layer)
 
 
 _STATIC_PARAMS: list = [None]  # id() of the params tree whose leaves were marked static last

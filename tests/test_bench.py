@@ -278,3 +278,29 @@ def test_a_failing_bench_restores_the_thread_count(capsys):
     assert main(["bench", "generate", "--preset", "tiny", "--threads", str(other), "--prompt-len", "1000"]) == 2
     assert "exceeds the preset's max_seq_len" in capsys.readouterr().err
     assert torch.get_num_threads() == before
+
+
+def test_bench_generate_builds_a_llama_baseline_and_names_the_int8_product(capsys):
+    # A config GPT-2 cannot express gets its family's transformers model (SmolLM2's shape: LlamaForCausalLM)
+    # holding the same weights; --no-recompute drops the cache-less loop, --int8 names the product that ran.
+    from ftransformer.bench import generate as bench_generate
+    from ftransformer.interop.families import config_from_hf
+
+    cfg = config_from_hf(dict(vocab_size=50, hidden_size=24, num_hidden_layers=2, num_attention_heads=6,
+                              num_key_value_heads=2, intermediate_size=40, tie_word_embeddings=True,
+                              max_position_embeddings=32), "llama")
+    params = ft.init_params(cfg, seed=3)
+    hf = bench_generate.hf_model(params, cfg)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    tokens = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ft.forward(params, tokens, cfg), atol=1e-5, rtol=1e-5)
+    fns = bench_generate.contenders(params, cfg, tokens, 3, compiled=True, whole_graph=True, recompute=False)
+    assert list(fns) == [bench_generate.CACHE, bench_generate.COMPILED, bench_generate.WHOLE]
+    assert bench_generate.SHAPES["smollm2-135m"].n_layers == 30
+    argv = ["bench", "generate", "--preset", "tiny", "--prompt-len", "4", "--new-tokens", "3", "--repeats", "1",
+            "--warmup", "0", "--int8", "--no-recompute", "--no-hf"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert bench_generate.NO_CACHE not in out and "int8 (eager) vs KV-cache (eager)" in out
+    assert f"the decode product is {int8.product()}" in out

@@ -130,15 +130,16 @@ def compile_ahead_of_time(layer: Layer, params: dict) -> Layer:
     Raises ``ValueError`` for an int8 params tree.
     """
     check_params(params)
-    found: dict[int, object] = {}  # id(a block's params) -> its library; they live while the generation runs
+    found: dict[tuple, object] = {}  # (id(a block's params), shapes) -> its library; params live while the loop runs
 
     def compiled(params: dict, x: Tensor, cfg: Config, *, mask: Mask, rotary, k_cache: Tensor, v_cache: Tensor,
                  write_index: Tensor, write) -> tuple[Tensor, Tensor, Tensor]:
         # as plain tuples: a program's input spec cannot name the library's own NamedTuple types
         args = (params, x, mask.allowed, None if rotary is None else tuple(rotary), k_cache, v_cache, write_index)
-        library = found.get(id(params))
+        key = (id(params), x.shape, k_cache.shape)
+        library = found.get(key)
         if library is None:  # the loop passes the same shapes every step
-            library = found[id(params)] = _library(layer, write, cfg, mask.causal, args)
+            library = found[key] = _library(layer, write, cfg, mask.causal, args)
         return library(*args), k_cache, v_cache
 
     return compiled

@@ -7,9 +7,14 @@ params)``. Every kind runs the same in-place step (the loop owns its cache, so t
 place and skips the per-step checks), and gives the same tokens:
 
 * ``"eager"``: that step as it is;
-* ``"compile"``: through ``torch.compile`` with static shapes, one graph for every step; on CUDA params it is
-  captured as a CUDA graph (``mode="reduce-overhead"``) and replayed once per token;
-* ``"aot"``: compiled ahead of time by AOTInductor (``ftransformer.aot``; float params only).
+* ``"compile"``: on CPU, the step with its block compiled by ``torch.compile`` once for every layer (params are
+  arguments, so one graph serves all layers of one shape: the build does not grow with depth); on CUDA params
+  the whole step, captured as a CUDA graph (``mode="reduce-overhead"``) and replayed once per token;
+* ``"aot"``: the step with its block compiled ahead of time by AOTInductor, one library for every layer
+  (``ftransformer.aot``; float params only).
+
+Compiled steps are built for static shapes, so both compiled kinds round the cache length up to a bucket
+(``aot.cache_length``): a new prompt or ``max_new_tokens`` within the bucket reuses the built step.
 
 ``untie_for_decoding`` gives the loop a copy of the model whose unembedding decodes faster.
 """
@@ -25,6 +30,7 @@ from torch import Tensor
 from ftransformer import aot, tree
 from ftransformer.cache import KVCache
 from ftransformer.config import Config
+from ftransformer.layers.block import block_with_cache
 from ftransformer.layers.int8 import memo_by_tensor
 from ftransformer.model import forward_with_cache, forward_with_cache_in_place
 from ftransformer.quantization import is_quantized, quantize_matrix
@@ -73,6 +79,47 @@ def _compiled_step(mode: str | None = None):
     return torch.compile(_in_place_step, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
 
 
+def _block_residual(params: dict, x: Tensor, cfg: Config, **cache_args) -> Tensor:
+    """``block_with_cache``'s new residual alone (it writes the buffers in place): what ``_compiled_block``
+    compiles, so that the compiled code returns no alias of its inputs (which costs a view rebuilt per call)."""
+    return block_with_cache(params, x, cfg, **cache_args)[0]
+
+
+@functools.cache
+def _compiled_block():
+    """``_block_residual`` under ``torch.compile`` with static shapes, built on first use: one graph per block
+    shape (params, batch, cache length), shared by every layer of that shape.
+
+    Compiling one block instead of the whole step keeps the build time independent of depth (the whole
+    30-layer step of SmolLM2-135M takes minutes to compile); the embedding, masks and unembedding around
+    the blocks run eagerly, a few dozen ops a token.
+    """
+    return torch.compile(_block_residual, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+
+
+def _compiled_layer(params: dict, x: Tensor, cfg: Config, *, k_cache: Tensor, v_cache: Tensor, **rest
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """``block_with_cache`` through ``_compiled_block``: the buffers it was given, written in place."""
+    return _compiled_block()(params, x, cfg, k_cache=k_cache, v_cache=v_cache, **rest), k_cache, v_cache
+
+
+def _blockwise(layer: aot.Layer) -> aot.Step:
+    """``_in_place_step`` whose blocks run ``layer`` (a compiled ``block_with_cache``)."""
+
+    def step(params: dict, token: Int[Tensor, "*batch"], cache: KVCache, cfg: Config
+             ) -> tuple[Float[Tensor, "*batch vocab"], KVCache]:
+        logits, cache = forward_with_cache_in_place(params, token[..., None], cache, cfg, layer=layer)
+        return logits[..., 0, :], cache
+
+    return step
+
+
+@functools.cache
+def _blockwise_step() -> aot.Step:
+    """The ``"compile"`` step on CPU: ``_in_place_step`` whose blocks run ``_compiled_block``."""
+    return _blockwise(_compiled_layer)
+
+
 _STATIC_PARAMS: list = [None]  # id() of the params tree whose leaves were marked static last
 
 
@@ -107,9 +154,9 @@ class Stepper(NamedTuple):
     step: aot.Step
 
     def cache_length(self, needed: int, cfg: Config) -> int:
-        """The cache length to allocate for ``needed`` slots: rounded up for ``"aot"``, so that nearby lengths
-        share one built step (``aot.cache_length``)."""
-        return aot.cache_length(needed, cfg) if self.kind == "aot" else needed
+        """The cache length to allocate for ``needed`` slots: rounded up for the compiled kinds, so that nearby
+        lengths share one built step (``aot.cache_length``)."""
+        return needed if self.kind == "eager" else aot.cache_length(needed, cfg)
 
     def guards(self, i: int):
         """Dynamo's guards in full, or (``"compile"`` after step 0) only those that tell compiled graphs apart.
@@ -123,17 +170,26 @@ class Stepper(NamedTuple):
         return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
 
 
-def decode_step_for(kind: str, params: dict) -> Stepper:
+def decode_step_for(kind: str | Stepper, params: dict) -> Stepper:
     """The one place a generation loop's decode step is chosen: ``kind`` is one of ``STEP_KINDS`` (see the
-    module). Raises ``ValueError`` for another kind, or for ``"aot"`` with an int8 ``params`` tree."""
+    module), or a ``Stepper`` already built (``whole_graph_step``). Raises ``ValueError`` for another kind,
+    or for ``"aot"`` with an int8 ``params`` tree."""
+    if isinstance(kind, Stepper):
+        return kind
     if kind not in STEP_KINDS:
         raise ValueError(f"step must be one of {STEP_KINDS}, got {kind!r}")
     if kind == "aot":
-        return Stepper(kind, aot.compile_ahead_of_time(_in_place_step, params))
+        return Stepper(kind, _blockwise(aot.compile_ahead_of_time(block_with_cache, params)))
     if kind == "eager":
         return Stepper(kind, _in_place_step)
     on_cuda = params["embed"]["tokens"].device.type == "cuda"
-    return Stepper(kind, _cuda_graph_step if on_cuda else _compiled_step())
+    return Stepper(kind, _cuda_graph_step if on_cuda else _blockwise_step())
+
+
+def whole_graph_step() -> Stepper:
+    """The ``"compile"`` step as one ``torch.compile`` graph over all layers (the benchmark's baseline for the
+    blockwise step; its build time grows with depth)."""
+    return Stepper("compile", _compiled_step())
 
 
 def untie_for_decoding(params: dict, cfg: Config) -> tuple[dict, Config]:
@@ -161,6 +217,9 @@ def clear_compiled() -> None:
     """Forget the ``torch.compile``'d steps (the next ``"compile"`` step compiles afresh, as a test or a
     benchmark of compile time wants); ``aot.clear`` does the same for ahead-of-time steps."""
     _compiled_step.cache_clear()
+    _compiled_block.cache_clear()
+    _blockwise_step.cache_clear()
 
 
-__all__ = ["STEP_KINDS", "Stepper", "clear_compiled", "decode_step", "decode_step_for", "untie_for_decoding"]
+__all__ = ["STEP_KINDS", "Stepper", "clear_compiled", "decode_step", "decode_step_for", "untie_for_decoding",
+           "whole_graph_step"]

@@ -85,16 +85,16 @@ def generate_stream(
     stop_tokens: Sequence[int] = (),
     seq_lengths: SeqLengths = None,
     pad_id: int = 0,
-    step: str = "eager",
+    step: str | Stepper = "eager",
 ) -> Iterator[Int[Tensor, "*batch"]]:
     """Yield the next token of every row, one step at a time, as soon as it is sampled.
 
     ``sampling`` says how a token is chosen (default: temperature 1), ``seed`` drives the draws. A row that
     produced one of ``stop_tokens`` yields ``pad_id`` afterwards; the stream ends after ``max_new_tokens``
     steps or once every row has stopped. ``step`` picks the decode step (``decode_steps.decode_step_for``):
-    ``"eager"``, ``"compile"`` (``torch.compile``, one graph for all steps, a CUDA graph on CUDA; worth it for
-    long generations) or ``"aot"`` (AOTInductor: faster per token, float params only, ~15-40 s to build
-    once per shape).
+    ``"eager"``, ``"compile"`` (``torch.compile``, one graph for every block of every step, a CUDA graph on CUDA;
+    worth it for long generations), ``"aot"`` (AOTInductor: faster per token, float params only, ~15-40 s to build
+    once per shape) or a ``decode_steps.Stepper``.
     """
     # Checked here, at the call; the generator below starts working at the first next().
     stepper = decode_step_for(step, params)
@@ -151,7 +151,7 @@ def generate_stream_sliding(
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
     keep: int | None = None,
-    step: str = "eager",
+    step: str | Stepper = "eager",
 ) -> Iterator[Int[Tensor, "*batch"]]:
     """``generate_stream`` that may run past ``max_seq_len``: whenever the context is full it starts a fresh
     cache from the last ``keep`` tokens (default: half of ``max_seq_len``) and goes on.
@@ -203,7 +203,7 @@ def _after_prompt(prompt: Tensor, new_tokens: Tensor, seq_lengths: Tensor | None
     return out.scatter(-1, seq_lengths[..., None] + torch.arange(steps, device=prompt.device), new_tokens)
 
 
-def _check_draft_options(seq_lengths: Tensor | None, step: str, params: dict) -> None:
+def _check_draft_options(seq_lengths: Tensor | None, step: str | Stepper, params: dict) -> None:
     decode_step_for(step, params)  # a bad kind is named as such before the draft's own refusal
     if seq_lengths is not None or step != "eager":
         raise ValueError(
@@ -223,7 +223,7 @@ def generate(
     stop_tokens: Sequence[int] = (),
     seq_lengths: SeqLengths = None,
     pad_id: int = 0,
-    step: str = "eager",
+    step: str | Stepper = "eager",
     draft: Draft | None = None,
 ) -> Int[Tensor, "*batch _"]:
     """The prompt followed by up to ``max_new_tokens`` new tokens (see ``generate_stream`` for the options).

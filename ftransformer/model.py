@@ -3,6 +3,7 @@
 Step 8 adds ``forward_with_cache``: the same model over new tokens and a KV-cache of the old ones.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -205,12 +206,14 @@ def forward_with_cache_in_place(
     *,
     seq_lengths: Int[Tensor, "*batch"] | None = None,
     write: KVWrite = write_kv_,
+    layer: Callable = block_with_cache,
 ) -> tuple[Logits, KVCache]:
     """The decode loops' fast path: ``forward_with_cache`` unchecked, writing ``cache``'s buffers in place.
 
     Only for a loop that owns its cache and never uses the old one again (JAX's buffer donation): the
     decode steps (``decode_steps``, ``speculative``). It checks nothing (the loop checked its inputs once).
     ``forward_with_cache`` shares this body with ``write=write_kv`` (a new cache, the old one untouched).
+    ``layer`` runs each block (``block_with_cache``, or that compiled once for all layers: ``decode_steps``).
     """
     seq = tokens.shape[-1]
     # Everything position-dependent is built once here and shared by all layers: it is the per-op
@@ -223,7 +226,7 @@ def forward_with_cache_in_place(
     x = embed(params, tokens, cfg, positions=slots)
     new_k, new_v = [], []
     for block_params, k_cache, v_cache, mask, rotary in zip(params["blocks"], cache.k, cache.v, masks, rotaries):
-        x, k_cache, v_cache = block_with_cache(
+        x, k_cache, v_cache = layer(
             block_params, x, cfg, mask=mask, rotary=rotary, k_cache=k_cache, v_cache=v_cache, write_index=index,
             write=write,
         )

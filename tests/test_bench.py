@@ -12,6 +12,7 @@ import ftransformer as ft
 from ftransformer.bench import scaling, torchao_ref
 from ftransformer.bench import train as bench_train
 from ftransformer.cli import main
+from ftransformer.layers import int8
 
 
 def test_bench_train_runs_and_prints_the_table(capsys):
@@ -194,6 +195,7 @@ def test_bench_int8_reports_loss_change_and_agreement(tmp_path, capsys):
     assert re.search(r"whole split, weight-only \([\d,]+\)\s+\d\.\d{4}\s+\d\.\d{4}\s+[+-]\d+\.\d\d%", out)
     assert re.search(r"decode path \(3 windows x 32\)\s+\d\.\d{4}", out)
     assert re.search(r"target: int8 val loss within 1% of float32: (met|missed)", out)
+    assert f"decode product: {int8.product()}" in out  # which int8 product ran: fbgemm (which range) or reference
     assert re.search(r"greedy agreement of int8 over 2 val prompts x 6 tokens: \d+\.\d% of positions equal", out)
     if torchao_ref.available():  # torchao's rounding as the reference scheme: a second pair of columns
         assert re.search(r"decode path \(3 windows x 32\)(\s+\d\.\d{4}){2}\s+[+-]\d+\.\d\d%\s+\d\.\d{4}", out)
@@ -276,3 +278,29 @@ def test_a_failing_bench_restores_the_thread_count(capsys):
     assert main(["bench", "generate", "--preset", "tiny", "--threads", str(other), "--prompt-len", "1000"]) == 2
     assert "exceeds the preset's max_seq_len" in capsys.readouterr().err
     assert torch.get_num_threads() == before
+
+
+def test_bench_generate_builds_a_llama_baseline_and_names_the_int8_product(capsys):
+    # A config GPT-2 cannot express gets its family's transformers model (SmolLM2's shape: LlamaForCausalLM)
+    # holding the same weights; --no-recompute drops the cache-less loop, --int8 names the product that ran.
+    from ftransformer.bench import generate as bench_generate
+    from ftransformer.interop.families import config_from_hf
+
+    cfg = config_from_hf(dict(vocab_size=50, hidden_size=24, num_hidden_layers=2, num_attention_heads=6,
+                              num_key_value_heads=2, intermediate_size=40, tie_word_embeddings=True,
+                              max_position_embeddings=32), "llama")
+    params = ft.init_params(cfg, seed=3)
+    hf = bench_generate.hf_model(params, cfg)
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    tokens = torch.randint(0, cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, ft.forward(params, tokens, cfg), atol=1e-5, rtol=1e-5)
+    fns = bench_generate.contenders(params, cfg, tokens, 3, compiled=True, whole_graph=True, recompute=False)
+    assert list(fns) == [bench_generate.CACHE, bench_generate.COMPILED, bench_generate.WHOLE]
+    assert bench_generate.SHAPES["smollm2-135m"].n_layers == 30
+    argv = ["bench", "generate", "--preset", "tiny", "--prompt-len", "4", "--new-tokens", "3", "--repeats", "1",
+            "--warmup", "0", "--int8", "--no-recompute", "--no-hf"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert bench_generate.NO_CACHE not in out and "int8 (eager) vs KV-cache (eager)" in out
+    assert f"the decode product is {int8.product()}" in out

@@ -9,6 +9,7 @@ import torch
 import ftransformer as ft
 from ftransformer import decode_steps
 from ftransformer.decode_steps import decode_step_for, untie_for_decoding
+from ftransformer.sampling import GREEDY
 
 CFG = ft.Config(vocab_size=29, d_model=20, n_heads=5, n_kv_heads=1, n_layers=2, d_ff=36, max_seq_len=100)
 
@@ -32,7 +33,7 @@ def test_the_kind_picks_one_step():
     assert eager.step is decode_steps._in_place_step
     assert compiled.step is decode_step_for("compile", params).step  # built once, nothing compiled yet
     assert callable(ahead.step)  # the library is built on its first call
-    assert [s.cache_length(70, CFG) for s in (eager, compiled, ahead)] == [70, 70, 100]
+    assert [s.cache_length(70, CFG) for s in (eager, compiled, ahead)] == [70, 100, 100]  # compiled: bucketed
     for bad in ("fast", "AOT", ""):
         with pytest.raises(ValueError, match=rf"step must be one of \('eager', 'compile', 'aot'\), got {bad!r}"):
             decode_step_for(bad, params)
@@ -66,3 +67,28 @@ def test_only_the_decode_loops_call_the_in_place_forward():
         if p.relative_to(package).parts[0] not in model_side and any(word in p.read_text() for word in in_place)
     )
     assert callers == ["decode_steps.py", "speculative.py"]
+
+
+def test_one_compiled_block_serves_every_layer_and_every_prompt_in_a_bucket(gen, no_typecheck):
+    # step="compile" compiles the block once (params are arguments: both layers share the graph); the cache
+    # length is bucketed (tiny: max_seq_len=16), so new prompt lengths and max_new_tokens reuse the graph, and
+    # an ahead-of-time export in between leaves its guards (einops' backend cache) holding. Rotary, as Llama.
+    from torch._dynamo.utils import counters
+
+    cfg = ft.PRESETS["tiny"].replace(positional="rope")
+    params = ft.init_params(cfg, seed=5)
+    torch._dynamo.reset()
+    decode_steps.clear_compiled()
+    counters.clear()
+    try:
+        for prompt_len, new in ((3, 4), (5, 6), (2, 9), (4, 5)):
+            if prompt_len == 4:  # the last one after an ahead-of-time build of the same block
+                ft.generate(params, torch.randint(0, cfg.vocab_size, (1, 3), generator=gen), cfg,
+                            max_new_tokens=3, sampling=GREEDY, step="aot")
+            prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), generator=gen)
+            got = ft.generate(params, prompt, cfg, max_new_tokens=new, sampling=GREEDY, step="compile")
+            assert torch.equal(got, ft.generate(params, prompt, cfg, max_new_tokens=new, sampling=GREEDY))
+            assert counters["stats"]["unique_graphs"] == 1, (prompt_len, new)
+    finally:
+        torch._dynamo.reset()
+        decode_steps.clear_compiled()

@@ -221,8 +221,8 @@ def test_aot_step_signature_tells_memory_layouts_apart():
     other = ft.tree.map(lambda x: x.t().contiguous().t() if x.ndim == 2 else x, params)
     cache = ft.init_cache(CFG, (1,), max_len=8)
     token = torch.zeros(1, dtype=torch.long)
-    assert aot._signature(params, token, cache, CFG) == aot._signature(ft.tree.map(torch.clone, params), token, cache, CFG)
-    assert aot._signature(params, token, cache, CFG) != aot._signature(other, token, cache, CFG)
+    assert aot._signature(CFG, (params, token, cache)) == aot._signature(CFG, (ft.tree.map(torch.clone, params), token, cache))
+    assert aot._signature(CFG, (params, token, cache)) != aot._signature(CFG, (other, token, cache))
     assert [aot.cache_length(n, CFG) for n in (1, 14, 20)] == [20, 20, 20]
     big = CFG.replace(max_seq_len=200)
     assert [aot.cache_length(n, big) for n in (1, 64, 65, 199)] == [64, 64, 128, 200]

@@ -131,8 +131,8 @@ def test_prefetcher_yields_the_batches_it_is_asked_for():
 
 def test_decode_step_modes():
     assert decode_steps.decode_step_for("eager", ft.init_params(CFG)).step is decode_steps._in_place_step
-    # on a CPU, step="compile" stays the C++-wrapped step (CUDA graphs are for CUDA params only)
-    assert decode_steps.decode_step_for("compile", ft.init_params(CFG)).step is decode_steps._compiled_step()
+    # on a CPU, step="compile" is the step with its C++-wrapped block (CUDA graphs are for CUDA params only)
+    assert decode_steps.decode_step_for("compile", ft.init_params(CFG)).step is decode_steps._blockwise_step()
     with pytest.raises(ValueError, match="mode must be one of"):
         decode_steps._compiled_step("max-autotune-no-cudagraphs")
 

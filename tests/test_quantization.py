@@ -59,29 +59,63 @@ def test_quantize_errors_say_what_is_wrong():
 def test_reference_product_is_exactly_the_dequantized_model(gen, monkeypatch):
     """Where the fbgemm product is not taken (here: switched off) the int8 model is its dequantized float
     model: the only rounding is the weights' (to float32 accumulation-order noise)."""
-    monkeypatch.setattr(int8, "_AVAILABLE", [False])
+    monkeypatch.setattr(int8, "_CHOSEN", [int8.REFERENCE])
     params = ft.init_params(CFG, seed=1)
     qp = ft.quantize(params, CFG)
     tokens = torch.randint(0, CFG.vocab_size, (3, 11), generator=gen)
     torch.testing.assert_close(ft.forward(qp, tokens, CFG), ft.forward(ft.dequantize(qp), tokens, CFG), atol=1e-5, rtol=1e-5)
     # and many rows never take the fast path, even where it exists
-    monkeypatch.setattr(int8, "_AVAILABLE", [True])
+    monkeypatch.setattr(int8, "_CHOSEN", [int8.FBGEMM])
     many = torch.randint(0, CFG.vocab_size, (2, int8.FAST_ROWS), generator=gen)
     torch.testing.assert_close(ft.forward(qp, many, CFG), ft.forward(ft.dequantize(qp), many, CFG), atol=1e-5, rtol=1e-5)
 
 
 @fbgemm
 def test_fbgemm_product_within_the_activation_rounding_bound(gen):
-    """fbgemm quantizes the input to 8 bits (one affine scale ``s`` over the range of the input and 0):
-    each input entry moves by at most ``s/2``, so output ``j`` moves by at most ``s/2 * sum_i |w_ij|``."""
+    """fbgemm quantizes the input to 8 bits (7 with ``reduce_range``; one affine scale ``s`` over the range of
+    the input and 0): each input entry moves by at most ``s/2``, so output ``j`` moves by at most
+    ``s/2 * sum_i |w_ij|``."""
     w = quantize_matrix(torch.randn(64, 48, generator=gen) * 0.05)
+    levels = 127 if int8.product() == int8.FBGEMM_REDUCED else 255
     for rows in (1, 5, int8.FAST_ROWS):
         x = torch.randn(rows, 64, generator=gen) * 3
         fast, ref = int8.int8_matmul(x, w), int8.reference_matmul(x, w)
         lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-        bound = (hi - lo) / 255 / 2 * w.dequantize().abs().sum(0)
+        bound = (hi - lo) / levels / 2 * w.dequantize().abs().sum(0)
         assert bool(((fast - ref).abs() <= bound * 1.001 + 1e-5).all()), rows
         assert not torch.equal(fast, ref)  # it is the fast path, not the reference
+
+
+@fbgemm
+def test_the_probe_falls_back_to_reduce_range_then_to_the_reference(gen, monkeypatch):
+    """Where fbgemm's 8-bit product saturates (CPUs without VNNI; simulated here) the 7-bit one is chosen, and
+    int8_matmul runs it; where both fail, the reference."""
+    real = int8._fbgemm_product
+    calls = []
+
+    def saturating(broken: tuple):
+        def product(rows, packed, reduce_range):
+            calls.append(reduce_range)
+            y = real(rows, packed, reduce_range)
+            return y.clamp(-0.1, 0.1) if reduce_range in broken else y
+        return product
+
+    monkeypatch.setattr(int8, "_fbgemm_product", saturating(broken=()))
+    assert int8.choose_product() == int8.FBGEMM and calls == [False]
+    calls.clear()
+    monkeypatch.setattr(int8, "_fbgemm_product", saturating(broken=(False,)))
+    assert int8.choose_product() == int8.FBGEMM_REDUCED and calls == [False, True]
+    monkeypatch.setattr(int8, "_CHOSEN", [int8.choose_product()])
+    w, x = quantize_matrix(torch.randn(32, 8, generator=gen)), torch.randn(2, 32, generator=gen)
+    calls.clear()
+    reduced = int8.int8_matmul(x, w)
+    assert calls == [True]  # the decode product runs with the range the probe chose
+    torch.testing.assert_close(reduced, real(x, int8._pack(w.q, w.scale), True))
+    monkeypatch.setattr(int8, "_fbgemm_product", saturating(broken=(False, True)))
+    assert int8.choose_product() == int8.REFERENCE
+    monkeypatch.setattr(int8, "_CHOSEN", [])
+    assert int8.product() == int8.REFERENCE and not int8.fbgemm_available()
+    torch.testing.assert_close(int8.int8_matmul(x, w), int8.reference_matmul(x, w))
 
 
 @fbgemm

@@ -4,14 +4,22 @@ and against Hugging Face ``transformers``.
 Contenders, all greedy from the same prompt, producing exactly ``--new-tokens`` tokens:
 
 * **KV-cache (eager)**: ``ftransformer.generation`` -- prefill once, then one-token decode steps;
-* **KV-cache (compiled)** with ``--compile``: the same, its decode step under ``torch.compile``;
+* **KV-cache (compiled)** with ``--compile``: the same, its decode step's block under ``torch.compile`` (one
+  graph for every layer);
+* **KV-cache (compiled, whole graph)** with ``--whole-graph``: the whole decode step as one ``torch.compile``
+  graph (``decode_steps.whole_graph_step``: what ``--compile`` ran before; its build grows with depth);
 * **KV-cache (AOTInductor)** with ``--aot``: the same, its decode step compiled ahead of time
   (``step="aot"``, ``ftransformer.aot``), called with no dynamo in between;
 * **int8 (eager)** / **int8 (compiled)** with ``--int8``: the same on ``quantize(params, cfg, "int8")``
   (weight-only int8, per-channel scales); its tokens may differ from fp32 where the logits nearly tie;
 * **no cache**: ``forward`` over the whole sequence so far for every new token (the slow, obvious loop);
-* **transformers**: ``GPT2LMHeadModel.generate(use_cache=True)`` on the equivalent ``GPT2Config``,
-  holding a copy of the same (random) weights, so all contenders should produce the same tokens.
+* **transformers**: ``GPT2LMHeadModel.generate(use_cache=True)`` on the equivalent ``GPT2Config`` (for another
+  architecture, e.g. ``--preset smollm2-135m``, the family's model: ``LlamaForCausalLM``), holding the same
+  (random) weights, so all contenders should produce the same tokens.
+
+``--preset`` takes the library's presets and ``SHAPES``: real models' sizes with random weights
+(``smollm2-135m``: SmolLM2-135M's Llama shape). Set ``TORCHINDUCTOR_CACHE_DIR`` to an empty folder to time
+cold builds (inductor keeps compiled code on disk between runs).
 
 Repetitions are interleaved (each repetition runs every contender once) so drifting machine load hits
 all alike; medians are reported. Ops per token count the aten operators one generation dispatches,
@@ -33,8 +41,10 @@ from ftransformer import aot
 from ftransformer.bench import torchao_ref
 from ftransformer.bench.timing import interleaved, medians, num_threads
 from ftransformer.config import PRESETS, Config, get_preset
-from ftransformer.decode_steps import clear_compiled, untie_for_decoding
+from ftransformer.decode_steps import clear_compiled, untie_for_decoding, whole_graph_step
 from ftransformer.generation import generate
+from ftransformer.interop.families import config_from_hf
+from ftransformer.layers.int8 import product
 from ftransformer.model import forward
 from ftransformer.params import init_params
 from ftransformer.quantization import quantize
@@ -43,12 +53,20 @@ from ftransformer.sampling import GREEDY
 DEFAULT_PRESET = "seed"
 CACHE, COMPILED, NO_CACHE, HF = "KV-cache (eager)", "KV-cache (compiled)", "no cache (forward)", "transformers"
 INT8, INT8_COMPILED = "int8 (eager)", "int8 (compiled)"
+WHOLE = "KV-cache (compiled, whole graph)"  # decode_steps.whole_graph_step: one graph for the whole step
 AOT = "KV-cache (AOTInductor)"  # generate(step="aot"): torch.export + AOTInductor
 HF_TORCHAO = "transformers + torchao int8"  # bench.torchao_ref.hf_int8: torchao's int8 weight-only
 FLOOR = "floor (weight products alone)"
 # Targets (tokens/s ratios) from the issue: the cache path against recomputing and against transformers.
 TARGETS = {NO_CACHE: 5.0, HF: 3.0}
 INT8_TARGET = 1.6  # int8 weight-only decode against the fp32 decode of the same kind (eager/compiled)
+# Real models' shapes, random weights (``--preset``): SmolLM2-135M(-Instruct) is Llama with GQA and tied embeddings.
+SHAPES = {
+    "smollm2-135m": config_from_hf(dict(
+        vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        intermediate_size=1536, tie_word_embeddings=True, rope_theta=100000.0, rms_norm_eps=1e-5,
+        max_position_embeddings=8192), "llama"),
+}
 
 
 class OpCounter(TorchDispatchMode):
@@ -80,16 +98,34 @@ def no_cache_generate(params: dict, prompt: torch.Tensor, cfg: Config, new_token
 
 
 def hf_model(params: dict, cfg: Config):
-    """A ``GPT2LMHeadModel`` holding a copy of ``params``, or None when transformers is not installed."""
+    """The ``transformers`` model of ``cfg`` (``GPT2LMHeadModel`` where GPT-2 expresses it, else its family's,
+    e.g. ``LlamaForCausalLM``) holding a copy of ``params``, or None when transformers is not installed."""
     try:
         import transformers
     except ImportError:
         return None
-    from ftransformer.interop.hf_gpt2 import config_to_hf, to_hf_gpt2
+    from ftransformer.interop import gpt2
 
     transformers.logging.set_verbosity_error()  # its generation-config notices are not results
+    if not gpt2.expresses(cfg):
+        return _hf_family_model(transformers, params, cfg)
+    from ftransformer.interop.hf_gpt2 import config_to_hf, to_hf_gpt2
+
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**config_to_hf(cfg)))
     model.load_state_dict({k: v.detach().clone() for k, v in to_hf_gpt2(params, cfg).items()}, strict=False)
+    model.tie_weights()
+    return model.eval().to(params["embed"]["tokens"].device)
+
+
+def _hf_family_model(transformers, params: dict, cfg: Config):
+    """``cfg``'s family's ``transformers`` model (``interop.registry``) holding a copy of ``params``."""
+    from ftransformer.interop.hf import hf_state_dict
+    from ftransformer.interop.registry import family_for
+
+    hf = dict(family_for(cfg).config_json(cfg))
+    hf.pop("architectures")
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**hf))
+    model.load_state_dict({k: v.detach().clone() for k, v in hf_state_dict(params, cfg).items()}, strict=False)
     model.tie_weights()
     return model.eval().to(params["embed"]["tokens"].device)
 
@@ -104,24 +140,28 @@ def hf_generate(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 def contenders(
     params: dict, cfg: Config, prompt: torch.Tensor, new_tokens: int, *, compiled: bool, hf=None, int8=None,
-    hf_int8=None, aot: bool = False,
+    hf_int8=None, aot: bool = False, whole_graph: bool = False, recompute: bool = True,
 ) -> dict[str, Callable[[], torch.Tensor]]:
     """name -> a function producing ``prompt`` + ``new_tokens`` greedy tokens (``hf``: a model from ``hf_model``;
     ``int8``: the quantized params; ``hf_int8``: a transformers model quantized by torchao; ``aot``: add
-    the decode step compiled ahead of time)."""
+    the decode step compiled ahead of time; ``whole_graph``: add the step compiled as one graph;
+    ``recompute``: add the loop without a cache)."""
     def cached(p, step="eager"):
         return lambda: generate(p, prompt, cfg, max_new_tokens=new_tokens, sampling=GREEDY, step=step)
 
     fns = {CACHE: cached(params)}
     if compiled:
         fns[COMPILED] = cached(params, step="compile")
+    if whole_graph:
+        fns[WHOLE] = cached(params, step=whole_graph_step())
     if aot:
         fns[AOT] = cached(params, step="aot")
     if int8 is not None:
         fns[INT8] = cached(int8)
         if compiled:
             fns[INT8_COMPILED] = cached(int8, step="compile")
-    fns[NO_CACHE] = lambda: no_cache_generate(params, prompt, cfg, new_tokens)
+    if recompute:
+        fns[NO_CACHE] = lambda: no_cache_generate(params, prompt, cfg, new_tokens)
     if hf is not None:
         fns[HF] = lambda: hf_generate(hf, prompt, new_tokens)
     if hf_int8 is not None:
@@ -199,7 +239,7 @@ def format_table(times: dict, ops: dict, new_tokens: int, *, floor_tokens_per_s:
             line += f"{new_tokens / med[name] / floor_tokens_per_s:>10.0%}"
         lines.append(line)
     lines.append("")
-    for fast in (CACHE, COMPILED, AOT):
+    for fast in (CACHE, COMPILED, WHOLE, AOT):
         if fast not in med:
             continue
         for slow, target in TARGETS.items():
@@ -214,8 +254,9 @@ def format_table(times: dict, ops: dict, new_tokens: int, *, floor_tokens_per_s:
             lines.append(f"{q} vs {f}: {ratio:.2f}x tokens/s ({verdict} the >= {INT8_TARGET:g}x target)")
         if q in med and HF_TORCHAO in med:
             lines.append(f"{q} vs {HF_TORCHAO}: {med[HF_TORCHAO] / med[q]:.2f}x tokens/s")
-    if AOT in med and COMPILED in med:
-        lines.append(f"{AOT} vs {COMPILED}: {med[COMPILED] / med[AOT]:.2f}x tokens/s")
+    for other in (WHOLE, AOT):
+        if other in med and COMPILED in med:
+            lines.append(f"{COMPILED} vs {other}: {med[other] / med[COMPILED]:.2f}x tokens/s")
     return "\n".join(lines)
 
 
@@ -230,8 +271,9 @@ def profile_decode_step(params: dict, cfg: Config, prompt: torch.Tensor, new_tok
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
-                        help=f"model sizes (default: {DEFAULT_PRESET}); dropout is irrelevant at inference")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS) + sorted(SHAPES),
+                        help=f"model sizes (default: {DEFAULT_PRESET}; {', '.join(SHAPES)}: a real model's shape, "
+                        "random weights); dropout is irrelevant at inference")
     parser.add_argument("--batch-size", type=int, default=1, help="prompts generated together (default: 1)")
     parser.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default: 16)")
     parser.add_argument("--new-tokens", type=int, default=256, help="tokens to generate (default: 256)")
@@ -241,6 +283,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--aot", action="store_true",
                         help="also time the decode step exported and compiled ahead of time by AOTInductor "
                         "(float params; ~15-40 s to build)")
+    parser.add_argument("--whole-graph", action="store_true",
+                        help="also time the decode step compiled as one graph (the old --compile; minutes to build "
+                        "for a deep model)")
+    parser.add_argument("--no-recompute", action="store_true",
+                        help="leave out the loop without a cache (slow for a real-size model)")
     parser.add_argument("--no-hf", action="store_true", help="leave out the Hugging Face transformers baseline")
     parser.add_argument("--int8", action="store_true",
                         help="also time the model quantized to int8 weights (compiled too with --compile)")
@@ -264,7 +311,7 @@ def run(args) -> int:
 
 
 def _measure(args) -> int:
-    cfg = get_preset(args.preset).replace(dropout=0.0)
+    cfg = (SHAPES[args.preset] if args.preset in SHAPES else get_preset(args.preset)).replace(dropout=0.0)
     if args.prompt_len + args.new_tokens > cfg.max_seq_len:
         raise ValueError(
             f"--prompt-len {args.prompt_len} + --new-tokens {args.new_tokens} exceeds the preset's "
@@ -292,10 +339,10 @@ def _measure(args) -> int:
         else:
             print(f"{HF_TORCHAO}: {torchao_ref.SKIPPED}")
     fns = contenders(params, cfg, prompt, args.new_tokens, compiled=args.compile, hf=hf, int8=int8, hf_int8=hf_int8,
-                     aot=args.aot)
+                     aot=args.aot, whole_graph=args.whole_graph, recompute=not args.no_recompute)
     clear_compiled()  # the compile times printed are fresh compiles
     aot.clear()
-    for name in (COMPILED, AOT, INT8_COMPILED):
+    for name in (COMPILED, WHOLE, AOT, INT8_COMPILED):
         if name in fns:
             start = time.perf_counter()
             fns[name]()  # compile before timing, so no repetition waits on inductor
@@ -303,7 +350,8 @@ def _measure(args) -> int:
     # Counted on a short generation (the count per token hardly depends on the length); a compiled
     # step's kernels are not aten dispatches, so it has no count.
     count_tokens = min(args.new_tokens, 32)
-    short = contenders(params, cfg, prompt, count_tokens, compiled=False, hf=hf, int8=int8, hf_int8=hf_int8)
+    short = contenders(params, cfg, prompt, count_tokens, compiled=False, hf=hf, int8=int8, hf_int8=hf_int8,
+                       recompute=not args.no_recompute)
     ops = {name: ops_per_token(fn, count_tokens * args.batch_size) for name, fn in short.items()}
 
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
@@ -327,11 +375,14 @@ def _measure(args) -> int:
     if HF in times:
         line += f" = {statistics.median(times[HF]) / args.new_tokens / floor:.2f}x transformers"
     print(line)
+    reference = NO_CACHE if NO_CACHE in outputs else CACHE
     quantized = {name: outputs.pop(name) for name in (INT8, INT8_COMPILED, HF_TORCHAO) if name in outputs}
+    if int8 is not None:
+        print(f"int8: every block matrix and the (untied) unembedding are int8; the decode product is {product()}")
     for name, out in quantized.items():
-        same = float((out[:, args.prompt_len:] == outputs[NO_CACHE][:, args.prompt_len:]).float().mean())
+        same = float((out[:, args.prompt_len:] == outputs[reference][:, args.prompt_len:]).float().mean())
         print(f"{name}: {same:.0%} of its greedy tokens equal the fp32 model's (random weights: near-ties are common)")
-    differences = agreement(outputs, NO_CACHE)
+    differences = agreement(outputs, reference)
     print("all contenders produced the same tokens" if not differences else "\n".join(differences))
     if args.profile:
         profile_decode_step(params, cfg, prompt, args.new_tokens)

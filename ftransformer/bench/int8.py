@@ -28,6 +28,7 @@ from ftransformer.cache import init_cache
 from ftransformer.checkpoint import load_checkpoint
 from ftransformer.data import SplitWindows, load_dataset
 from ftransformer.generation import generate
+from ftransformer.layers.int8 import product
 from ftransformer.model import forward_with_cache
 from ftransformer.quantization import quantize, weight_bytes
 from ftransformer.sampling import GREEDY
@@ -89,7 +90,7 @@ def _measure(args) -> int:
     qparams = quantize(params, cfg, "int8")
     print(f"bench int8: {args.checkpoint} ({cfg.n_layers} layers, d_model {cfg.d_model}), quantized in "
           f"{time.perf_counter() - start:.2f} s; weights {weight_bytes(params) / 2**20:.2f} MiB -> "
-          f"{weight_bytes(qparams) / 2**20:.2f} MiB; torch {torch.__version__}")
+          f"{weight_bytes(qparams) / 2**20:.2f} MiB; torch {torch.__version__}; decode product: {product()}")
 
     models = {"float32": params, "int8": qparams}
     if torchao_ref.available():

@@ -12,6 +12,11 @@ float scale per output column (made by ``ftransformer.quantization``). Two ways 
   (decoding: the step whose time the weights' bytes set), on CPU float32, outside ``grad``/``vmap``.
   Its extra rounding (the activations') is measured by ``ftransformer bench generate --int8``.
 
+Which product runs is probed once per process (``product()``): fbgemm with 8-bit activations
+(``reduce_range=False``) where it gets the reference's answer; else with 7-bit activations
+(``reduce_range=True``, what PyTorch's own dynamic quantization uses on x86): on CPUs without VNNI the
+8-bit product's int16 accumulation saturates, the 7-bit one's does not; else the reference.
+
 The fbgemm path is a ``torch.library`` operator (registered on first use), so a compiled decode step calls it
 as one opaque node.
 It needs the weight in fbgemm's packed layout, made once per ``Int8Weight`` and kept while ``q`` lives.
@@ -102,9 +107,21 @@ def packed_count() -> int:
     return len(_PACKED)
 
 
-def _fbgemm_matmul(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+FBGEMM, FBGEMM_REDUCED, REFERENCE = "fbgemm reduce_range=False", "fbgemm reduce_range=True", "reference"
+PRODUCTS = (FBGEMM, FBGEMM_REDUCED, REFERENCE)  # what product() may answer, in the order the probe tries them
+_CHOSEN: list[str] = []  # filled by the first product() call: one of PRODUCTS
+
+
+def _fbgemm_product(rows: Tensor, packed, reduce_range: bool) -> Tensor:
+    """fbgemm's dynamic int8 product of ``rows`` ``[n, d_in]`` with a packed weight (the probe's subject)."""
+    return torch.ops.quantized.linear_dynamic(rows, packed, reduce_range)
+
+
+def _fbgemm_matmul(x: Tensor, q: Tensor, scale: Tensor, reduce_range: bool | None = None) -> Tensor:
+    if reduce_range is None:  # the range the probe chose
+        reduce_range = _CHOSEN == [FBGEMM_REDUCED]
     rows = x.reshape(-1, x.shape[-1])
-    y = torch.ops.quantized.linear_dynamic(rows, memo_by_tensor(_PACKED, q, lambda: _pack(q, scale)), False)
+    y = _fbgemm_product(rows, memo_by_tensor(_PACKED, q, lambda: _pack(q, scale)), reduce_range)
     return y.reshape(*x.shape[:-1], q.shape[1])
 
 
@@ -136,30 +153,41 @@ def op_registered() -> bool:
     return bool(_LIBRARY)
 
 
-def _probe() -> bool:
-    """Whether this PyTorch build runs the fbgemm product and gets the reference's answer on it."""
+def _probe(reduce_range: bool) -> bool:
+    """Whether this PyTorch build runs the fbgemm product with ``reduce_range`` and gets the reference's answer."""
     try:
         gen = torch.Generator().manual_seed(0)
         w = quantize_matrix(torch.randn(64, 32, generator=gen))
         x = torch.randn(2, 64, generator=gen)
         ref = reference_matmul(x, w)
-        return bool(torch.allclose(_fbgemm_matmul(x, w.q, w.scale), ref, atol=0.05 * float(ref.abs().max())))
+        got = _fbgemm_matmul(x, w.q, w.scale, reduce_range)
+        return bool(torch.allclose(got, ref, atol=0.05 * float(ref.abs().max())))
     except (RuntimeError, NotImplementedError, AttributeError):  # a build without fbgemm/quantized ops
         return False
     finally:
         _PACKED.clear()
 
 
-_AVAILABLE: list[bool] = []  # filled by the first fbgemm_available() call
+def choose_product() -> str:
+    """Probe the fbgemm product with 8-bit, then 7-bit activations: the first that passes, else the reference."""
+    for name, reduce_range in ((FBGEMM, False), (FBGEMM_REDUCED, True)):
+        if _probe(reduce_range):
+            return name
+    return REFERENCE
+
+
+def product() -> str:
+    """The product a decode step's int8 matmul runs here, one of ``PRODUCTS`` (probed once per process)."""
+    if not _CHOSEN:
+        _CHOSEN.append(choose_product())
+        if _CHOSEN[0] != REFERENCE:
+            register_op()
+    return _CHOSEN[0]
 
 
 def fbgemm_available() -> bool:
-    """Whether the fbgemm int8 product works here (probed once; False where this torch build lacks it)."""
-    if not _AVAILABLE:
-        _AVAILABLE.append(_probe())
-        if _AVAILABLE[0]:
-            register_op()
-    return _AVAILABLE[0]
+    """Whether an fbgemm int8 product works here (``product()`` is not the reference)."""
+    return product() != REFERENCE
 
 
 def _takes_fast_path(x: Tensor) -> bool:
@@ -168,7 +196,7 @@ def _takes_fast_path(x: Tensor) -> bool:
     if x.numel() // x.shape[-1] > FAST_ROWS:
         return False
     if compiling():  # traced: the probe ran eagerly (quantize calls it), read its answer
-        return bool(_AVAILABLE) and _AVAILABLE[0] and op_registered()
+        return bool(_CHOSEN) and _CHOSEN[0] != REFERENCE and op_registered()
     return not functorch_wrapped(x) and fbgemm_available()
 
 

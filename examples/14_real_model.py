@@ -193,8 +193,8 @@ def main() -> None:
     results["perplexity"] = perplexity(params, cfg, tok, text, 256 if args.quick else 4096)
     results["ioi"] = ioi(params, cfg, tok, out, quick=args.quick)
     with tempfile.TemporaryDirectory(prefix="ft-example-14-") as work:
-        results["sae"] = sparse_autoencoder(params, cfg, tok, text, Path(work), n_tokens=2_000 if args.quick else 40_000,
-                                            steps=20 if args.quick else 400)
+        results["sae"] = sparse_autoencoder(params, cfg, tok, text, Path(work), n_tokens=2_000 if args.quick else 16_000,
+                                            steps=20 if args.quick else 300)
     if not args.quick:
         results["decode"] = decode_speed(params, cfg, path, 64)
     if out is not None:

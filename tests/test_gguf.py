@@ -41,7 +41,7 @@ QUANT_TYPES = {"token_embd": T.Q5_0, "attn_q": T.Q4_1, "attn_k": T.Q5_1, "attn_v
 RANDOM_BYTES = {"ffn_gate": T.Q4_K, "ffn_up": T.Q5_K, "ffn_down": T.Q6_K}  # gguf cannot quantize K-types: raw blocks
 
 
-def _quantized_file(path, model):
+def _quantized_file(path, model, writer=None):
     """``model`` written with every supported type (K-types as random blocks, rows of 256 values)."""
     tensors = gguf_tiny.gguf_tensors(model, "llama")
     types = {}
@@ -50,7 +50,7 @@ def _quantized_file(path, model):
         if part in RANDOM_BYTES:
             tensors[name] = (gguf_tiny.random_blocks(*data.shape, RANDOM_BYTES[part], seed=len(types)), RANDOM_BYTES[part])
         types[name] = next((t for k, t in QUANT_TYPES.items() if k in part), T.F32)
-    gguf_tiny.write(path, model, "llama", types=types, tensors=tensors)
+    gguf_tiny.write(path, model, "llama", types=types, tensors=tensors, writer=writer)
 
 
 def test_quantized_tensors_dequantize_bit_for_bit_as_gguf_does(tmp_path):
@@ -232,3 +232,87 @@ def test_metadata_transformers_ignores_is_read(case, tmp_path):
     torch.testing.assert_close(ft.forward(params, x, cfg), hf_logits(model, x), rtol=1e-5, atol=1e-5)
     save_gguf(params, cfg, tmp_path / "again.gguf", quant="f32")
     assert load_gguf(tmp_path / "again.gguf")[0] == cfg
+
+
+# ---------------------------------------------------------------- reading: header, memory map, one tensor at a time
+
+
+@pytest.mark.parametrize("alignment", [None, 64])
+def test_header_reader_gives_gguf_readers_tensor_infos(alignment, tmp_path):
+    from ftransformer.interop.gguf_file import read_gguf_header
+
+    model = gguf_tiny.build_model("llama", hidden_size=256, intermediate_size=512)
+    writer = gguf.GGUFWriter(tmp_path / "q.gguf", "llama")
+    if alignment is not None:
+        writer.add_custom_alignment(alignment)
+    _quantized_file(tmp_path / "q.gguf", model, writer=writer)
+    reader = gguf.GGUFReader(tmp_path / "q.gguf")
+    meta, infos = read_gguf_header(tmp_path / "q.gguf")
+    assert list(infos) == [t.name for t in reader.tensors]
+    for t in reader.tensors:
+        info = infos[t.name]
+        assert (info.shape, info.ggml_type, info.start) == (tuple(reversed(t.shape.tolist())), int(t.tensor_type), t.data_offset)
+    assert meta.get("general.alignment") == alignment
+    assert meta["tokenizer.ggml.tokens"] == reader.fields["tokenizer.ggml.tokens"].contents()
+    skipped, _ = read_gguf_header(tmp_path / "q.gguf", keep=lambda key: not key.startswith("tokenizer."))
+    assert skipped == {k: v for k, v in meta.items() if not k.startswith("tokenizer.")}
+
+
+def test_float_tensors_are_views_of_the_mapped_file_which_is_never_written(tmp_path):
+    from test_hf_zero_copy import mapped_from
+
+    path = tmp_path / "f32.gguf"
+    gguf_tiny.write(path, gguf_tiny.build_model("llama"), "llama")
+    before = path.read_bytes()
+    cfg, params = load_gguf(path)
+    flat = ft.tree.flatten_with_paths(params)
+    views = [p for p, t in flat.items() if mapped_from(t, path)]
+    # every leaf one stored tensor needs no change is the file's memory; the fused q|k|v (and the
+    # permuted q/k rows in it) is a copy
+    assert set(views) == {p for p in flat if not p.endswith("w_qkv")}
+    assert flat["blocks.0.mlp.w_in"].stride() == (1, cfg.d_model)  # a transposed view, not a copy
+    for t in flat.values():
+        t.mul_(2)
+    assert path.read_bytes() == before
+
+
+def test_each_tensor_is_read_once_after_every_name_and_shape_is_checked(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    from ftransformer.interop import gguf as gguf_io
+
+    model = gguf_tiny.build_model("llama", hidden_size=256, intermediate_size=512)
+    _quantized_file(tmp_path / "q.gguf", model)
+    made, alive = [], []
+    real = gguf_io._file_tensor
+
+    def recording(data, info, kind, order):
+        gc.collect()
+        alive.append(sum(r() is not None for r in made))  # dequantized tensors still held when the next is read
+        t = real(data, info, kind, order)
+        made.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(gguf_io, "_file_tensor", recording)
+    load_gguf(tmp_path / "q.gguf", dtype=torch.float64)  # every parameter a cast copy: no tensor is kept
+    assert len(made) == len(gguf.GGUFReader(tmp_path / "q.gguf").tensors) and max(alive) == 0
+    made.clear()
+    tensors = gguf_tiny.gguf_tensors(model, "llama")
+    tensors["blk.1.ffn_up.weight"] = np.ascontiguousarray(tensors["blk.1.ffn_up.weight"][:256])
+    gguf_tiny.write(tmp_path / "bad.gguf", model, "llama", tensors=tensors)
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' has shape \(256, 256\) but the config expects \(512, 256\)"):
+        load_gguf(tmp_path / "bad.gguf")
+    assert made == []
+
+
+def test_a_truncated_file_is_refused_before_any_tensor_is_read(tmp_path):
+    path = tmp_path / "f32.gguf"
+    gguf_tiny.write(path, gguf_tiny.build_model("llama"), "llama")
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-100])
+    with pytest.raises(ValueError, match=r"is truncated: tensor .* ends at byte \d+ of a \d+-byte file"):
+        load_gguf(path)
+    path.write_bytes(whole[:300])
+    with pytest.raises(ValueError, match="is not a readable GGUF file .*malformed GGUF metadata"):
+        load_gguf(path)

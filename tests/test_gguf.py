@@ -316,3 +316,20 @@ def test_a_truncated_file_is_refused_before_any_tensor_is_read(tmp_path):
     path.write_bytes(whole[:300])
     with pytest.raises(ValueError, match="is not a readable GGUF file .*malformed GGUF metadata"):
         load_gguf(path)
+
+
+def test_bench_load_gguf_times_both_loaders(tmp_path, capsys):
+    from ftransformer.cli import main
+
+    path = tmp_path / "tiny.gguf"
+    gguf_tiny.write(path, gguf_tiny.build_model("llama"), "llama")
+    assert main(["bench", "load", "--gguf", str(path), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "loading tiny.gguf (float32, 1 thread(s))" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if line.startswith(("ft.load_gguf ", "transformers ")) and "/" not in line}
+    assert set(rows) == {"ft.load_gguf", "transformers"}
+    assert all(len(r) == 5 and float(r[0]) >= 0 and float(r[1]) > 0 for r in rows.values())
+    assert "ft.load_gguf / transformers: time x" in out
+    with pytest.raises(ValueError, match="--gguf .*nothing.gguf is not a file"):
+        main(["bench", "load", "--gguf", str(tmp_path / "nothing.gguf")])

@@ -14,6 +14,7 @@ GGUF loader gets), F32 / F16 / BF16 ones views of the copy-on-write memory map (
 ``gguf.quants.quantize``, with the metadata llama.cpp reads.
 """
 
+import mmap
 import os
 from pathlib import Path
 
@@ -170,27 +171,41 @@ def _nbytes(info: TensorInfo, kind: str) -> int:
     return _rows(info.shape) * (info.shape[-1] // block) * size
 
 
-def _mapped(path: Path, infos: dict[str, TensorInfo], types: dict[str, str]) -> np.memmap:
+def _mapped(path: Path, infos: dict[str, TensorInfo], types: dict[str, str]) -> mmap.mmap:
     """The file memory-mapped copy-on-write (views of it are writable, the file is not), every tensor inside it."""
     size = path.stat().st_size
     for name, info in infos.items():
         if info.start + _nbytes(info, types[name]) > size:
             raise ValueError(f"{path} is truncated: tensor {name} ends at byte {info.start + _nbytes(info, types[name])} "
                              f"of a {size}-byte file")
-    return np.memmap(path, dtype=np.uint8, mode="c")
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
 
-def _file_tensor(data: np.memmap, info: TensorInfo, kind: str, order: np.ndarray | None) -> Tensor:
+def _file_tensor(data: mmap.mmap, info: TensorInfo, kind: str, order: np.ndarray | None) -> Tensor:
     """One file tensor, its rows taken in ``order`` (None: as stored): a view of the map for F32 / F16 / BF16
-    (a copy when reordered), ``gguf.quants.dequantize``'s float32 otherwise (the quantized rows reordered first)."""
-    raw = data[info.start:info.start + _nbytes(info, kind)]
+    (a copy when reordered), ``gguf.quants.dequantize``'s float32 otherwise (the quantized rows reordered first).
+    The map's pages of a tensor that was copied are then dropped from memory (read again if ever needed)."""
+    n = _nbytes(info, kind)
+    raw = np.frombuffer(data, np.uint8, n, info.start)
     floating = {"F32": np.float32, "F16": np.float16, "BF16": np.int16}.get(kind)
     if order is not None:  # each first-axis row is whole bytes (a quantized row of one axis is not reordered)
         raw = raw.reshape(info.shape[0], -1)[order]
     if floating is not None:
         t = torch.from_numpy(raw.view(floating).reshape(info.shape))
-        return t.view(torch.bfloat16) if kind == "BF16" else t
-    return torch.from_numpy(dequantize(raw.reshape(-1, _nbytes(info, kind) // _rows(info.shape)), kind).reshape(info.shape))
+        t = t.view(torch.bfloat16) if kind == "BF16" else t
+    else:
+        t = torch.from_numpy(dequantize(raw.reshape(-1, n // _rows(info.shape)), kind).reshape(info.shape))
+    if floating is None or order is not None:
+        _release(data, info.start, n)
+    return t
+
+
+def _release(data: mmap.mmap, start: int, n: int) -> None:
+    """Drop the pages lying wholly inside bytes ``start:start + n`` of the map (already copied out) from memory."""
+    lo, hi = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + n) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo and hasattr(mmap, "MADV_DONTNEED"):
+        data.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def _rows(shape: tuple[int, ...]) -> int:
@@ -213,7 +228,7 @@ def dequantize(rows: np.ndarray, kind: str) -> np.ndarray:
     return out
 
 
-def _deferred(data: np.memmap, info: TensorInfo, kind: str, arch: str, heads: tuple[int, int]) -> Deferred:
+def _deferred(data: mmap.mmap, info: TensorInfo, kind: str, arch: str, heads: tuple[int, int]) -> Deferred:
     """A file tensor read, dequantized and converted (``row_order``, ``_convert``) only when its parameter fills."""
     dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(kind, torch.float32)
     shape = _convert(torch.empty(info.shape, dtype=dtype, device="meta"), info.name, arch).shape

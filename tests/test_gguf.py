@@ -122,7 +122,7 @@ def test_save_gguf_f32_round_trips_exactly(case, tmp_path):
     for path, leaf in ft.tree.flatten_with_paths(params).items():
         assert torch.equal(ft.tree.flatten_with_paths(params2)[path], leaf), path
     x = tokens(2, 11)
-    if case in gguf_tiny.TRANSFORMERS_READS and case != "gpt2":  # GPT-2's vocabulary size is read from a tokenizer
+    if case in gguf_tiny.TRANSFORMERS_READS:  # GPT-2's vocabulary size from the placeholder tokens
         torch.testing.assert_close(hf_logits(transformers_gguf(out), x), ft.forward(params, x, cfg), rtol=1e-5, atol=1e-5)
 
 
@@ -333,3 +333,52 @@ def test_bench_load_gguf_times_both_loaders(tmp_path, capsys):
     assert "ft.load_gguf / transformers: time x" in out
     assert main(["bench", "load", "--gguf", str(tmp_path / "nothing.gguf")]) == 2
     assert "--gguf" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- save_gguf with a tokenizer
+
+
+def _tokenizers():
+    """The two tiny trained tokenizers of test_hf_tokenizer: byte-level BPE (Llama 3 style) and SentencePiece BPE."""
+    from test_gguf_tokenizer import hf_style
+    from test_hf_tokenizer import CHATML_TEMPLATE, LLAMA3_TEMPLATE, byte_level_backend, sentencepiece_backend
+
+    return {
+        "byte-level": hf_style(byte_level_backend(), bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                               chat_template=LLAMA3_TEMPLATE),
+        "sentencepiece": hf_style(sentencepiece_backend(), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  chat_template=CHATML_TEMPLATE),
+    }
+
+
+TEXTS = ["Hello, world! 12345", "To be, or not to be: that is the question.", "café 東京 😀 <|eot_id|>x"]
+
+
+@pytest.mark.parametrize("kind,case", [("byte-level", "llama"), ("sentencepiece", "llama"), ("byte-level", "gpt2")])
+def test_save_gguf_with_a_tokenizer_reads_back_the_same_ids_and_logits(kind, case, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = _tokenizers()[kind]
+    model = gguf_tiny.build_model(case, vocab_size=tokenizer.vocab_size)
+    gguf_tiny.write(tmp_path / "in.gguf", model, gguf_tiny.CASES[case][1])
+    cfg, params = load_gguf(tmp_path / "in.gguf")
+    out = save_gguf(params, cfg, tmp_path / "out.gguf", tokenizer=tokenizer, quant="f32")
+    ours, theirs = ft.load_gguf_tokenizer(out), AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    cfg2, params2 = load_gguf(out)
+    model2 = transformers_gguf(out)
+    assert cfg2 == cfg and ours.chat_templates == tokenizer.chat_templates
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        assert ours.encode(text) == ids and theirs.encode(text) == ids, text
+        x = torch.tensor([ids])
+        logits = ft.forward(params, x, cfg)
+        assert torch.equal(ft.forward(params2, x, cfg2), logits)
+        torch.testing.assert_close(hf_logits(model2, x), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_save_gguf_refuses_a_tokenizer_of_another_size(tmp_path):
+    tokenizer = _tokenizers()["byte-level"]
+    cfg, params = load_gguf(_written(tmp_path, "llama"))
+    with pytest.raises(ValueError, match=rf"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}"):
+        save_gguf(params, cfg, tmp_path / "x.gguf", tokenizer=tokenizer)
+    assert not (tmp_path / "x.gguf").exists()

@@ -363,7 +363,7 @@ def save_gguf(
         writer = _gguf().GGUFWriter(tmp, arch)
         for key, value in meta.items():
             _add_value(writer, key, value)
-        _add_tokenizer(writer, tokenizer)
+        _add_tokenizer(writer, tokenizer, arch, cfg.vocab_size)
         heads = (cfg.n_heads, cfg.n_kv_heads or cfg.n_heads)
         for name, t in tensors.items():
             order = row_order(name, arch, heads, t.shape[0])
@@ -428,11 +428,21 @@ def _add_value(writer, key: str, value) -> None:
         writer.add_string(key, str(value))
 
 
-def _add_tokenizer(writer, tokenizer) -> None:
-    """The tokenizer's metadata (``interop.gguf_tokenizer.add_tokenizer``), or ``none`` (no vocabulary) for None."""
+def _add_tokenizer(writer, tokenizer, arch: str, vocab_size: int) -> None:
+    """The tokenizer's metadata (``interop.gguf_tokenizer.add_tokenizer``), or ``none`` (no vocabulary) for None.
+
+    Without a tokenizer, a ``gpt2`` file still lists ``vocab_size`` placeholder tokens: transformers reads
+    GPT-2's vocabulary size from the token count alone (llama.cpp reads no tokens of a ``none`` vocabulary).
+    """
     if tokenizer is None:
         writer.add_tokenizer_model("none")  # llama.cpp loads a model without a vocabulary from ids
+        if arch == "gpt2":
+            writer.add_token_list([f"<unnamed_{i}>" for i in range(vocab_size)])
         return
+    size = getattr(tokenizer, "vocab_size", vocab_size)
+    if size != vocab_size:
+        raise ValueError(f"the tokenizer has {size} tokens but the model's vocab_size is {vocab_size}; "
+                         "llama.cpp needs one token per embedding row")
     from ftransformer.interop.gguf_tokenizer import add_tokenizer
 
     add_tokenizer(writer, tokenizer)

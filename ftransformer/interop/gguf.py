@@ -265,6 +265,19 @@ def _convert(w: Tensor, name: str, arch: str, *, to_gguf: bool = False) -> Tenso
 # ---------------------------------------------------------------- load
 
 
+def config_from_gguf(path: str | os.PathLike) -> tuple[Config, dict]:
+    """``(cfg, metadata)`` of a GGUF file from its header alone (metadata and tensor shapes; no tensor is read)."""
+    meta, infos = read_header(path)
+    return _config(meta, infos)[2], meta
+
+
+def _config(meta: dict, infos: dict[str, TensorInfo]) -> tuple[dict, Family, Config]:
+    """The ``config.json`` dict, the family and the ``Config`` a file's metadata and tensor shapes describe."""
+    hf = hf_config(meta, {name: info.shape for name, info in infos.items()})
+    family = FAMILIES[hf["model_type"]]
+    return hf, family, family.config_in(hf)
+
+
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, *, int8: bool = False) -> tuple[Config, dict]:
     """``(cfg, params)`` from a GGUF file of any architecture in ``ARCHITECTURES``, like ``load_hf``.
 
@@ -287,9 +300,7 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, *, int8
     meta, infos = read_header(path)
     arch = _architecture(meta)
     types = _types(infos)
-    hf = hf_config(meta, {name: info.shape for name, info in infos.items()})
-    family = FAMILIES[hf["model_type"]]
-    cfg = family.config_in(hf)
+    hf, family, cfg = _config(meta, infos)
     heads = (hf.get("num_attention_heads", hf.get("n_head")), hf.get("num_key_value_heads", hf.get("n_head")))
     names = _matched(gguf_names(family, cfg, arch), infos, family, cfg)
     data = _mapped(Path(path), infos, types)

@@ -195,7 +195,7 @@ def _file_tensor(data: mmap.mmap, info: TensorInfo, kind: str, order: np.ndarray
         t = torch.from_numpy(raw.view(floating).reshape(info.shape))
         t = t.view(torch.bfloat16) if kind == "BF16" else t
     else:
-        t = torch.from_numpy(dequantize(raw.reshape(-1, n // _rows(info.shape)), kind).reshape(info.shape))
+        t = dequantize(raw.reshape(-1, n // _rows(info.shape)), kind).reshape(info.shape)
     if floating is None or order is not None:
         _release(data, info.start, n)
     return t
@@ -212,19 +212,21 @@ def _rows(shape: tuple[int, ...]) -> int:
     return int(np.prod(shape[:-1], dtype=np.int64))
 
 
-def dequantize(rows: np.ndarray, kind: str) -> np.ndarray:
+def dequantize(rows: np.ndarray, kind: str) -> Tensor:
     """``[n, row bytes]`` of ggml type ``kind`` as ``[n, row]`` float32, bit for bit ``gguf.quants.dequantize``.
 
-    The same per-block arithmetic (the type's own ``dequantize_rows``), over runs of rows of ~1 MiB:
-    twice as fast as ``gguf``'s groups of 16 rows, and the temporaries stay that small.
+    The same per-block arithmetic (the type's own ``dequantize_rows``), over runs of rows of ~1 MiB (twice
+    as fast as ``gguf``'s groups of 16 rows; the temporaries stay that small), into memory torch allocates
+    (numpy asks for huge pages, whose first touch costs several times more on a busy machine).
     """
     quant = getattr(_gguf().quants, kind)
     quant.init_grid()
     width = rows.shape[1] // quant.type_size * quant.block_size
-    out = np.empty((rows.shape[0], width), dtype=np.float32)
+    out = torch.empty(rows.shape[0], width, dtype=torch.float32)
+    values = out.numpy()
     step = max(1, DEQUANTIZE_CHUNK // width)
     for start in range(0, rows.shape[0], step):
-        out[start:start + step] = quant.dequantize_rows(rows[start:start + step])
+        values[start:start + step] = quant.dequantize_rows(rows[start:start + step])
     return out
 
 

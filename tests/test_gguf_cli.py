@@ -13,10 +13,10 @@ from ftransformer.interop.gguf import load_gguf, save_gguf
 from ftransformer.interop.gguf_tokenizer import load_gguf_tokenizer
 
 import gguf_tiny
+from test_hf_families import assert_cli_fine_tunes, assert_cli_generate_prints_what_generate_makes
 
 pytest.importorskip("gguf")
 pytest.importorskip("transformers")
-GREEDY = ft.Sampling(temperature=0)
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +36,9 @@ def chat_gguf(tmp_path_factory):
 
 @pytest.mark.parametrize("chat", [False, True])
 def test_generate_from_a_gguf_file_prints_what_generate_makes(chat_gguf, chat, capsys):
-    tok = load_gguf_tokenizer(chat_gguf)
     cfg, params = load_gguf(chat_gguf)
-    text = "Hello there, world"
-    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True) if chat else tok.encode(text)
-    out = ft.generate(params, torch.tensor([ids]), cfg, max_new_tokens=10, sampling=GREEDY, stop_tokens=tok.stop_tokens)
-    reply = out[0, len(ids):].tolist()
-    reply = reply[: next((i for i, t in enumerate(reply) if t in tok.stop_tokens), len(reply))]
-    flags = ["--chat"] if chat else []
-    assert main(["generate", "--gguf", str(chat_gguf), "--prompt", text, "--max-new-tokens", "10",
-                 "--temperature", "0", *flags]) == 0
-    assert capsys.readouterr().out == ("" if chat else text) + tok.decode(reply) + "\n"
+    assert_cli_generate_prints_what_generate_makes(["--gguf", str(chat_gguf)], cfg, params, load_gguf_tokenizer(chat_gguf),
+                                                    chat, capsys)
 
 
 def test_inspect_a_gguf_file_describes_its_config_from_the_header(chat_gguf, capsys, monkeypatch):
@@ -74,15 +66,7 @@ def test_inspect_attention_on_a_gguf_file(chat_gguf, tmp_path, capsys):
 
 
 def test_train_init_from_gguf_fine_tunes_the_model_with_its_tokenizer(chat_gguf, tmp_path, capsys):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 100)
-    out = tmp_path / "run"
-    assert main(["train", "--init-from-gguf", str(chat_gguf), "--data", str(corpus), "--preset", "tiny", "--steps", "2",
-                 "--batch-size", "2", "--set", "seq_len=16", "--eval-every", "2", "--out", str(out), "--quiet"]) == 0
-    assert f"model: {chat_gguf}" in capsys.readouterr().out
     cfg, params = load_gguf(chat_gguf)
-    ckpt = ft.load_checkpoint(out / "latest", with_opt_state=False)
-    assert ckpt.config == cfg
-    assert ckpt.tokenizer.encode("the lazy dog") == load_gguf_tokenizer(chat_gguf).encode("the lazy dog", add_special_tokens=False)
-    before, after = ft.tree.flatten_with_paths(params), ft.tree.flatten_with_paths(ckpt.params)
-    assert list(before) == list(after) and not torch.equal(before["blocks.0.attn.w_qkv"], after["blocks.0.attn.w_qkv"])
+    losses = assert_cli_fine_tunes(["--init-from-gguf", str(chat_gguf)], cfg, params, load_gguf_tokenizer(chat_gguf),
+                                   tmp_path, capsys, steps=2)
+    assert len(losses) >= 1

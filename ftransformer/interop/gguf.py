@@ -4,16 +4,18 @@ A GGUF file is read as if it were a Hugging Face checkpoint: its metadata become
 tensors get their Hugging Face names (through ``gguf``'s own tensor-name map), with what llama.cpp's converter
 changed undone -- the q/k row permutation of ``llama`` files, the ``+1`` folded into Gemma's norm weights,
 GPT-2's transposed ``Conv1D`` matrices, GPT-NeoX's q/k/v un-interleaved. The registry's family then makes the
-``Config`` and ``interop.hf.fill_params`` the parameters, exactly as ``load_hf`` does. Quantized tensors are
-dequantized by ``gguf.quants.dequantize`` (ggml's reference, so bit for bit what transformers' GGUF loader
-gets); F32 / F16 / BF16 tensors are views of the copy-on-write memory map (no copy until a value changes).
+``Config`` and ``interop.hf.fill_params`` the parameters, exactly as ``load_hf`` does. The header is read by
+``interop.gguf_file`` (not ``gguf``'s reader, which parses the whole vocabulary through numpy), names and
+shapes are checked against the family's slots, and only then is each tensor read, as its parameter fills:
+quantized ones dequantized by ``gguf.quants.dequantize`` (ggml's reference, so bit for bit what transformers'
+GGUF loader gets), F32 / F16 / BF16 ones views of the copy-on-write memory map (no copy until a value changes).
 
 ``save_gguf`` writes the reverse: the family's Hugging Face tensors renamed, re-permuted and quantized by
 ``gguf.quants.quantize``, with the metadata llama.cpp reads.
 """
 
+import mmap
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,8 @@ from torch import Tensor
 
 from ftransformer import tree
 from ftransformer.config import Config
+from ftransformer.interop.gguf_file import TensorInfo, read_gguf_header
+from ftransformer.interop.hf import Deferred
 from ftransformer.interop.registry import FAMILIES, Family, family_for
 
 # GGUF ``general.architecture`` -> Hugging Face ``model_type`` (Mistral and SmolLM are written as ``llama``).
@@ -33,8 +37,10 @@ ARCHITECTURES = {
 WRITTEN_AS = {**{v: k for k, v in ARCHITECTURES.items()}, "mistral": "llama"}  # model_type -> GGUF architecture
 TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")  # what gguf.quants.quantize writes
+DEQUANTIZE_CHUNK = 2**18  # float32 values dequantized per run of rows (1 MiB: fits the cache)
 GEMMA3_FULL_EVERY = 6  # llama.cpp's Gemma 3: every sixth layer attends globally, the others in a window
 GEMMA3_LOCAL_BASE = 10000.0  # llama.cpp's Gemma 3 rotary base for the windowed layers
+_TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
 _GPT2_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
 
 
@@ -48,21 +54,15 @@ def _gguf():
 # ---------------------------------------------------------------- metadata -> config.json
 
 
-def read_gguf(path: str | os.PathLike):
-    """A ``gguf.GGUFReader`` over ``path``, memory-mapped copy-on-write (views of it are writable, the file is not)."""
+def read_header(path: str | os.PathLike) -> tuple[dict, dict[str, TensorInfo]]:
+    """A model file's metadata (the tokenizer's long arrays stepped over) and tensor infos; a bad file refused."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path} is not a file (expected a GGUF model file)")
     try:
-        return _gguf().GGUFReader(path, mode="c")
-    except (ValueError, KeyError, IndexError, TypeError) as e:  # the reader's own checks on a damaged file
-        raise ValueError(f"{path} is not a readable GGUF file ({type(e).__name__}: {e})") from None
-
-
-def metadata(reader) -> dict:
-    """The file's key/value metadata as Python values (the tokenizer's long arrays left out)."""
-    skip = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
-    return {k: f.contents() for k, f in reader.fields.items() if k not in skip}
+        return read_gguf_header(path, keep=lambda key: key not in _TOKENIZER_ARRAYS)
+    except ValueError as e:
+        raise ValueError(f"{path} is not a readable GGUF file ({e})") from None
 
 
 def _architecture(meta: dict) -> str:
@@ -151,51 +151,133 @@ def gguf_names(family: Family, cfg: Config, arch: str) -> dict[str, str]:
     return out
 
 
-def _dequantized(t, qtype) -> Tensor:
-    """One file tensor as a torch tensor: a view for F32 / F16 / BF16, ``gguf``'s dequantization otherwise."""
-    gguf = _gguf()
-    T = gguf.GGMLQuantizationType
-    shape = tuple(int(n) for n in reversed(t.shape))
-    with warnings.catch_warnings():  # a copy-on-write map is writable; older numpy flags it read-only anyway
-        warnings.filterwarnings("ignore", message=".*not writable.*")
-        if qtype in (T.F32, T.F16):
-            return torch.from_numpy(t.data).reshape(shape)
-        if qtype == T.BF16:
-            return torch.from_numpy(t.data.view(np.int16)).view(torch.bfloat16).reshape(shape)
-        return torch.from_numpy(gguf.quants.dequantize(t.data, qtype)).reshape(shape)
-
-
-def _check_types(reader) -> None:
-    """Refuse a tensor type outside ``TYPES`` by name, before any data is read."""
-    bad = sorted({f"{t.name} ({t.tensor_type.name})" for t in reader.tensors if t.tensor_type.name not in TYPES})
+def _types(infos: dict[str, TensorInfo]) -> dict[str, str]:
+    """Each tensor's ggml type name; a type outside ``TYPES`` refused by name, before any data is read."""
+    T = _gguf().GGMLQuantizationType
+    known = {int(t): t.name for t in T}
+    types = {name: known.get(info.ggml_type, f"type {info.ggml_type}") for name, info in infos.items()}
+    bad = sorted({f"{name} ({kind})" for name, kind in types.items() if kind not in TYPES})
     if bad:
         raise ValueError(f"GGUF tensor type(s) not supported: {', '.join(bad[:5])}; supported: {', '.join(TYPES)}")
+    return types
 
 
-def _convert(w: Tensor, name: str, arch: str, heads: tuple[int, int], *, to_gguf: bool = False) -> Tensor:
-    """Undo what llama.cpp's converter did to the tensor ``name`` of an ``arch`` file (``to_gguf``: do it).
+def _nbytes(info: TensorInfo, kind: str) -> int:
+    """The bytes of a tensor of ggml type ``kind`` (whole blocks of its rows)."""
+    gguf = _gguf()
+    block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]]
+    if info.shape[-1] % block:
+        raise ValueError(f"tensor {info.name} has rows of {info.shape[-1]}, not whole {kind} blocks of {block}")
+    return _rows(info.shape) * (info.shape[-1] // block) * size
 
-    ``heads``: (query heads, key/value heads). llama.cpp permutes q/k rows of ``llama`` files so each head's
-    rotary pairs interleave, stores Gemma's ``1 + w`` norms, GPT-2's ``Conv1D`` matrices as ``[d_out, d_in]``
-    and GPT-NeoX's fused q/k/v as ``[q; k; v]`` (HF interleaves them per head).
+
+def _mapped(path: Path, infos: dict[str, TensorInfo], types: dict[str, str]) -> mmap.mmap:
+    """The file memory-mapped copy-on-write (views of it are writable, the file is not), every tensor inside it."""
+    size = path.stat().st_size
+    for name, info in infos.items():
+        if info.start + _nbytes(info, types[name]) > size:
+            raise ValueError(f"{path} is truncated: tensor {name} ends at byte {info.start + _nbytes(info, types[name])} "
+                             f"of a {size}-byte file")
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+
+def _file_tensor(data: mmap.mmap, info: TensorInfo, kind: str, order: np.ndarray | None) -> Tensor:
+    """One file tensor, its rows taken in ``order`` (None: as stored): a view of the map for F32 / F16 / BF16
+    (a copy when reordered), ``gguf.quants.dequantize``'s float32 otherwise (the quantized rows reordered first).
+    The map's pages of a tensor that was copied are then dropped from memory (read again if ever needed)."""
+    n = _nbytes(info, kind)
+    raw = np.frombuffer(data, np.uint8, n, info.start)
+    floating = {"F32": np.float32, "F16": np.float16, "BF16": np.int16}.get(kind)
+    if order is not None:  # each first-axis row is whole bytes (a quantized row of one axis is not reordered)
+        raw = raw.reshape(info.shape[0], -1)[order]
+    if floating is not None:
+        t = torch.from_numpy(raw.view(floating).reshape(info.shape))
+        t = t.view(torch.bfloat16) if kind == "BF16" else t
+    else:
+        t = dequantize(raw.reshape(-1, n // _rows(info.shape)), kind).reshape(info.shape)
+    if floating is None or order is not None:
+        _release(data, info.start, n)
+    return t
+
+
+def _release(data: mmap.mmap, start: int, n: int) -> None:
+    """Drop the pages lying wholly inside bytes ``start:start + n`` of the map (already copied out) from memory."""
+    lo, hi = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + n) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo and hasattr(mmap, "MADV_DONTNEED"):
+        data.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape[:-1], dtype=np.int64))
+
+
+def dequantize(rows: np.ndarray, kind: str) -> Tensor:
+    """``[n, row bytes]`` of ggml type ``kind`` as ``[n, row]`` float32, bit for bit ``gguf.quants.dequantize``.
+
+    The same per-block arithmetic (the type's own ``dequantize_rows``), over runs of rows of ~1 MiB (twice
+    as fast as ``gguf``'s groups of 16 rows; the temporaries stay that small), into memory torch allocates
+    (numpy asks for huge pages, whose first touch costs several times more on a busy machine).
+    """
+    quant = getattr(_gguf().quants, kind)
+    quant.init_grid()
+    width = rows.shape[1] // quant.type_size * quant.block_size
+    out = torch.empty(rows.shape[0], width, dtype=torch.float32)
+    values = out.numpy()
+    step = max(1, DEQUANTIZE_CHUNK // width)
+    for start in range(0, rows.shape[0], step):
+        values[start:start + step] = quant.dequantize_rows(rows[start:start + step])
+    return out
+
+
+def _deferred(data: mmap.mmap, info: TensorInfo, kind: str, arch: str, heads: tuple[int, int]) -> Deferred:
+    """A file tensor read, dequantized and converted (``row_order``, ``_convert``) only when its parameter fills."""
+    dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(kind, torch.float32)
+    shape = _convert(torch.empty(info.shape, dtype=dtype, device="meta"), info.name, arch).shape
+    order = row_order(info.name, arch, heads, info.shape[0])
+    return Deferred(tuple(shape), dtype, lambda: _convert(_file_tensor(data, info, kind, order), info.name, arch))
+
+
+def row_order(name: str, arch: str, heads: tuple[int, int], n_rows: int) -> np.ndarray | None:
+    """For each Hugging Face row of the tensor ``name`` of an ``arch`` file, the file's row it is (None: the same).
+
+    ``heads``: (query heads, key/value heads). llama.cpp permutes the q/k rows of ``llama`` files so each
+    head's rotary pairs interleave, and stores GPT-NeoX's fused q/k/v as ``[q; k; v]`` (HF interleaves them
+    per head). Loading takes the rows in this order (quantized rows before they are dequantized: bytes, not
+    floats, are moved); saving puts them back (``numpy.argsort`` of it).
     """
     if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
         n = heads[0] if ".attn_q." in name else heads[1]
-        hf_order, gguf_order = "(heads two half) ...", "(heads half two) ..."
-        pattern = f"{hf_order} -> {gguf_order}" if to_gguf else f"{gguf_order} -> {hf_order}"
-        return rearrange(w, pattern, heads=n, two=2).contiguous()
+        return rearrange(np.arange(n_rows), "(heads half two) -> (heads two half)", heads=n, two=2)
+    if arch == "gptneox" and ".attn_qkv." in name:
+        return rearrange(np.arange(n_rows), "(qkv heads hd) -> (heads qkv hd)", qkv=3, heads=heads[0])
+    return None
+
+
+def _convert(w: Tensor, name: str, arch: str, *, to_gguf: bool = False) -> Tensor:
+    """Undo the value changes llama.cpp's converter made to the tensor ``name`` of an ``arch`` file (``to_gguf``:
+    make them): Gemma's norms stored as ``1 + w``, GPT-2's ``Conv1D`` matrices as ``[d_out, d_in]``."""
     if arch.startswith("gemma") and name.endswith("norm.weight"):
         return w + 1 if to_gguf else w - 1
     if arch == "gpt2" and name.endswith(_GPT2_TRANSPOSED):
         return w.T  # HF's GPT-2 Conv1D stores [d_in, d_out]
-    if arch == "gptneox" and ".attn_qkv." in name:
-        gguf_order, hf_order = "(qkv heads hd) ...", "(heads qkv hd) ..."
-        pattern = f"{hf_order} -> {gguf_order}" if to_gguf else f"{gguf_order} -> {hf_order}"
-        return rearrange(w, pattern, qkv=3, heads=heads[0])
     return w
 
 
 # ---------------------------------------------------------------- load
+
+
+def config_from_gguf(path: str | os.PathLike) -> tuple[Config, dict]:
+    """``(cfg, metadata)`` of a GGUF file from its header alone (metadata and tensor shapes; no tensor is read)."""
+    meta, infos = read_header(path)
+    return _config(meta, infos)[2], meta
+
+
+def _config(meta: dict, infos: dict[str, TensorInfo]) -> tuple[dict, Family, Config]:
+    """The ``config.json`` dict, the family and the ``Config`` a file's metadata and tensor shapes describe."""
+    hf = hf_config(meta, {name: info.shape for name, info in infos.items()})
+    family = FAMILIES[hf["model_type"]]
+    return hf, family, family.config_in(hf)
 
 
 def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, *, int8: bool = False) -> tuple[Config, dict]:
@@ -210,26 +292,23 @@ def load_gguf(path: str | os.PathLike, dtype: torch.dtype | None = None, *, int8
             scale). Other types and matrices stay float.
 
     Tensor types outside ``TYPES``, architectures outside ``ARCHITECTURES`` and missing or unexpected tensors
-    each raise one ``ValueError`` naming them. Peak memory: the parameters plus the dequantized tensors.
+    each raise one ``ValueError`` naming them, before any tensor is read. The file is memory-mapped
+    copy-on-write and read tensor by tensor as the parameters fill (``interop.hf.Deferred``): a float tensor
+    needing no change is a view of the map, a quantized one is dequantized just then, so the peak memory is
+    the parameters plus one tensor.
     """
     from ftransformer.interop.hf import fill_params
 
-    reader = read_gguf(path)
-    meta = metadata(reader)
+    meta, infos = read_header(path)
     arch = _architecture(meta)
-    _check_types(reader)
-    tensors = {t.name: t for t in reader.tensors}
-    hf = hf_config(meta, {name: tuple(int(n) for n in reversed(t.shape)) for name, t in tensors.items()})
-    family = FAMILIES[hf["model_type"]]
-    cfg = family.config_in(hf)
+    types = _types(infos)
+    hf, family, cfg = _config(meta, infos)
     heads = (hf.get("num_attention_heads", hf.get("n_head")), hf.get("num_key_value_heads", hf.get("n_head")))
-    stored, types = {}, {}
-    for key, name in _matched(gguf_names(family, cfg, arch), tensors, family, cfg).items():
-        t = tensors[name]
-        stored[key] = _convert(_dequantized(t, t.tensor_type), name, arch, heads)
-        types[key] = t.tensor_type.name
+    names = _matched(gguf_names(family, cfg, arch), infos, family, cfg)
+    data = _mapped(Path(path), infos, types)
+    stored = {key: _deferred(data, infos[name], types[name], arch, heads) for key, name in names.items()}
     params = fill_params(stored, family, cfg, dtype=torch.float32 if dtype is None else dtype)
-    return cfg, _q8_as_int8(params, family, cfg, types) if int8 else params
+    return cfg, _q8_as_int8(params, family, cfg, {key: types[name] for key, name in names.items()}) if int8 else params
 
 
 def _matched(names: dict[str, str], tensors: dict, family: Family, cfg: Config) -> dict[str, str]:
@@ -297,10 +376,12 @@ def save_gguf(
         writer = _gguf().GGUFWriter(tmp, arch)
         for key, value in meta.items():
             _add_value(writer, key, value)
-        _add_tokenizer(writer, tokenizer)
+        _add_tokenizer(writer, tokenizer, arch, cfg.vocab_size)
+        heads = (cfg.n_heads, cfg.n_kv_heads or cfg.n_heads)
         for name, t in tensors.items():
-            heads = (cfg.n_heads, cfg.n_kv_heads or cfg.n_heads)
-            _add_tensor(writer, name, _convert(t.detach(), name, arch, heads, to_gguf=True), quant)
+            order = row_order(name, arch, heads, t.shape[0])
+            t = t.detach() if order is None else t.detach()[torch.from_numpy(np.argsort(order))]
+            _add_tensor(writer, name, _convert(t, name, arch, to_gguf=True), quant)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -360,11 +441,21 @@ def _add_value(writer, key: str, value) -> None:
         writer.add_string(key, str(value))
 
 
-def _add_tokenizer(writer, tokenizer) -> None:
-    """The tokenizer's metadata (``interop.gguf_tokenizer.add_tokenizer``), or ``none`` (no vocabulary) for None."""
+def _add_tokenizer(writer, tokenizer, arch: str, vocab_size: int) -> None:
+    """The tokenizer's metadata (``interop.gguf_tokenizer.add_tokenizer``), or ``none`` (no vocabulary) for None.
+
+    Without a tokenizer, a ``gpt2`` file still lists ``vocab_size`` placeholder tokens: transformers reads
+    GPT-2's vocabulary size from the token count alone (llama.cpp reads no tokens of a ``none`` vocabulary).
+    """
     if tokenizer is None:
         writer.add_tokenizer_model("none")  # llama.cpp loads a model without a vocabulary from ids
+        if arch == "gpt2":
+            writer.add_token_list([f"<unnamed_{i}>" for i in range(vocab_size)])
         return
+    size = getattr(tokenizer, "vocab_size", vocab_size)
+    if size != vocab_size:
+        raise ValueError(f"the tokenizer has {size} tokens but the model's vocab_size is {vocab_size}; "
+                         "llama.cpp needs one token per embedding row")
     from ftransformer.interop.gguf_tokenizer import add_tokenizer
 
     add_tokenizer(writer, tokenizer)

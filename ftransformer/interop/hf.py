@@ -10,8 +10,9 @@ a value that must change is copied, into a parameter allocated once (a matrix in
 ``[d_out, d_in]`` row order, transposed like the views, so rows are copied as they lie): a dtype cast,
 a fused q/k/v concatenation, GPT-NeoX's interleave, or a device other than the CPU. The
 ``transformers`` model is never built, and no second full copy of the weights is ever held. ``fill_params`` is that for any
-source: a directory's tensors, or plain tensors in memory (``load_hf_gpt2``'s state dict, a GGUF
-file's), which become the parameters themselves, or views of them, under the same rule.
+source: a directory's tensors, plain tensors in memory (``load_hf_gpt2``'s state dict), or ``Deferred``
+ones made as each parameter is filled (a GGUF file's, dequantized one at a time), which become the
+parameters themselves, or views of them, under the same rule.
 
 Parameters mapped from a file are copy-on-write: an in-place update changes the process's own copy of
 the touched pages, never the file (train steps here make new tensors anyway). Saving makes every tensor
@@ -26,7 +27,8 @@ from is safe.
 import json
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,7 +46,18 @@ from ftransformer.params import init_params
 
 # Converted tensors pass through a temporary of at most this many bytes (a few rows of a big table).
 _CHUNK_BYTES = 16 * 2**20
-Stored = StoredTensor | Tensor  # a tensor in a file (read when filled), or one in memory
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A tensor made only when its parameter is filled (a GGUF tensor dequantized); shape and dtype known before."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], Tensor]
+
+
+Stored = StoredTensor | Tensor | Deferred  # a tensor in a file (read when filled), in memory, or made when filled
 # Looked for in this order; an index names the shards of a checkpoint split over several files.
 WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -223,7 +236,7 @@ def _allocate(
             filling.setdefault(slot.path, []).append(slot)
     views = {path: group[0] for path, group in filling.items()
              if len(group) == 1 and _viewable(group[0], stored[group[0].hf_key], dtype, device)}
-    tensors = {path: stored[slot.hf_key] for path, slot in views.items()}
+    tensors = {path: _made(stored[slot.hf_key]) for path, slot in views.items()}
     in_files = [path for path, entry in tensors.items() if isinstance(entry, StoredTensor)]
     tensors.update(zip(in_files, mapped(tensors[path] for path in in_files)))  # one map per file
     flat = {}
@@ -272,6 +285,7 @@ def _fill(leaf: Tensor, entry: Stored, slot: Slot) -> None:
     contiguous and of the stored dtype, else through a small temporary (so a cast vocabulary-sized
     table never needs a second full-size buffer)."""
     target = leaf if slot.cols is None else leaf[..., slot.cols[0]:slot.cols[1]]
+    entry = _made(entry)
     if slot.transpose:
         target = target.T  # now in the stored [d_out, d_in] layout, a view into leaf
     if slot.heads is not None:  # a fused q/k/v projection (d_model rows at most): read whole, un-interleave
@@ -290,6 +304,7 @@ def _fill(leaf: Tensor, entry: Stored, slot: Slot) -> None:
 
 def _same(leaf: Tensor, entry: Stored) -> bool:
     """Whether a stored tied copy holds the leaf's values (compared a block of rows at a time)."""
+    entry = _made(entry)
     return all(
         torch.equal(leaf[start:stop], _rows(entry, start, stop).to(leaf.device, leaf.dtype))
         for start, stop in _blocks(leaf, entry, 0, entry.shape[0])
@@ -300,6 +315,16 @@ def _blocks(target: Tensor, entry: Stored, first: int, rows: int) -> list[tuple[
     """Row ranges of ``entry`` of at most ``_CHUNK_BYTES`` each, from ``first`` to ``rows``."""
     step = max(1, _CHUNK_BYTES // max(1, target[:1].numel() * entry.dtype.itemsize))
     return [(start, min(start + step, rows)) for start in range(first, rows, step)]
+
+
+def _made(entry: Stored) -> StoredTensor | Tensor:
+    """A deferred tensor made now; any other entry as it is."""
+    if not isinstance(entry, Deferred):
+        return entry
+    made = entry.make()
+    if (tuple(made.shape), made.dtype) != (tuple(entry.shape), entry.dtype):
+        raise ValueError(f"a deferred tensor promised {tuple(entry.shape)} {entry.dtype}, made {tuple(made.shape)} {made.dtype}")
+    return made
 
 
 def _rows(entry: Stored, start: int, stop: int) -> Tensor:

@@ -206,15 +206,16 @@ def forward_with_cache_in_place(
     *,
     seq_lengths: Int[Tensor, "*batch"] | None = None,
     write: KVWrite = write_kv_,
-    layer: Callable = block_with_cache,
+    layer: Callable | None = None,
 ) -> tuple[Logits, KVCache]:
     """The decode loops' fast path: ``forward_with_cache`` unchecked, writing ``cache``'s buffers in place.
 
     Only for a loop that owns its cache and never uses the old one again (JAX's buffer donation): the
     decode steps (``decode_steps``, ``speculative``). It checks nothing (the loop checked its inputs once).
     ``forward_with_cache`` shares this body with ``write=write_kv`` (a new cache, the old one untouched).
-    ``layer`` runs each block (``block_with_cache``, or that compiled once for all layers: ``decode_steps``).
+    ``layer`` runs each block (None: ``block_with_cache``; or that compiled once for all layers: ``decode_steps``).
     """
+    layer = block_with_cache if layer is None else layer  # looked up per call, not frozen at import
     seq = tokens.shape[-1]
     # Everything position-dependent is built once here and shared by all layers: it is the per-op
     # overhead, not the arithmetic, that bounds one-token decoding.

@@ -12,6 +12,7 @@ kv_heads       key/value heads (``heads`` for MHA, fewer for GQA, 1 for MQA)
 group          query heads per key/value head (``heads // kv_heads``)
 head_dim       width of one head (``d_model // heads``)
 half           one rotary angle per pair of rotated channels (``rotary_dim // 2``: ``head_dim // 2`` unless partial)
+pair           the two channels one rotary angle turns (llama.cpp stores them side by side, Hugging Face half apart)
 d_ff           hidden width of the feed-forward layer
 d_in, d_out    input and output width of one ``linear``
 vocab          number of token ids
@@ -40,7 +41,7 @@ from torch import Tensor
 
 AXES = (
     "batch", "seq", "kv_seq", "d_model", "heads", "kv_heads", "group", "head_dim", "half", "d_ff", "d_in", "d_out",
-    "vocab", "layers", "layers_plus_1", "max_seq", "member", "rows", "d_sae", "features", "qkv",
+    "vocab", "layers", "layers_plus_1", "max_seq", "member", "rows", "d_sae", "features", "qkv", "pair",
     "writers", "readers", "edges", "steps",
 )
 

@@ -248,9 +248,9 @@ def row_order(name: str, arch: str, heads: tuple[int, int], n_rows: int) -> np.n
     """
     if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
         n = heads[0] if ".attn_q." in name else heads[1]
-        return rearrange(np.arange(n_rows), "(heads half two) -> (heads two half)", heads=n, two=2)
+        return rearrange(np.arange(n_rows), "(heads half pair) -> (heads pair half)", heads=n, pair=2)
     if arch == "gptneox" and ".attn_qkv." in name:
-        return rearrange(np.arange(n_rows), "(qkv heads hd) -> (heads qkv hd)", qkv=3, heads=heads[0])
+        return rearrange(np.arange(n_rows), "(qkv heads head_dim) -> (heads qkv head_dim)", qkv=3, heads=heads[0])
     return None
 
 

@@ -1,6 +1,7 @@
 """Curvature as transforms, checked against matrices formed explicitly (float64, a model small enough)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -179,3 +180,35 @@ def test_bad_input_names_expected_and_got(setup):
         curvature.top_eigenvalues(lambda v: v, like, 4, key=ft.random.key(0))
     with pytest.raises(ValueError, match="samples"):
         curvature.hutchinson_trace(lambda v: v, like, key=ft.random.key(0), samples=1)
+
+
+def test_plot_spectrum_writes_a_png(hessian, tmp_path):
+    from ftransformer.attribution.plots import plot_spectrum
+
+    h, chosen = hessian
+    d = curvature.spectral_density(_dense(h, chosen), chosen, key=ft.random.key(1), probes=2, iters=12)
+    path = plot_spectrum(d, tmp_path / "spectrum.png", title="attn block")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
+    with pytest.raises(TypeError, match="curvature.Density"):
+        plot_spectrum(h, tmp_path / "no.png")
+
+
+def test_inspect_curvature_prints_eigenvalues_and_traces_per_layer(tmp_path, capsys):
+    from ftransformer.cli import main
+    from ftransformer.data import CharTokenizer
+
+    tok = CharTokenizer.from_text("the cat sat on the mat. ")
+    cfg = ft.Config(vocab_size=tok.vocab_size, d_model=D_MODEL, n_heads=HEADS, n_layers=2, d_ff=D_FF, max_seq_len=9)
+    ft.save_checkpoint(tmp_path / "run", params=ft.init_params(cfg, seed=0), config=cfg, step=0, tokenizer=tok)
+    out = tmp_path / "curv.png"
+    argv = ["inspect", "curvature", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--top-k", "2",
+            "--iters", "6", "--probes", "4", "--batch", "2"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for part in ("model", "embed", "blocks.0", "blocks.1", "ln_f"):
+        assert re.search(rf"^  {re.escape(part)}\s+\d+\s+\S+ \+- ", printed, flags=re.M), printed
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([*argv[:-6], "--top-k", "3", "--iters", "2"]) == 2
+    assert "--iters must be >= --top-k" in capsys.readouterr().err
+    assert main(["inspect", "curvature", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--text", "the cat"]) == 0
+    assert "on 1 x 6 tokens" in capsys.readouterr().out

@@ -84,6 +84,22 @@ def test_hvp_of_the_whole_model_restricts_to_the_sub_tree(setup, hessian):
     torch.testing.assert_close(_flatten({p: out[p] for p in chosen}), h @ _flatten(_vector(chosen)), atol=1e-10, rtol=0)
 
 
+def test_hvp_on_a_gqa_rope_swiglu_rmsnorm_model_equals_the_hessian():
+    cfg = ft.Config(vocab_size=VOCAB, d_model=D_MODEL, n_heads=4, n_kv_heads=2, n_layers=1, d_ff=6, max_seq_len=8,
+                    bias=False, activation="swiglu", init_std=0.4, norm=ft.config.Norm(kind="rmsnorm"),
+                    positional=ft.config.Positional(kind="rope"))
+    params = ft.init_params(cfg, seed=3, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(4)
+    tokens, targets = torch.randint(0, VOCAB, (2, 2, SEQ), generator=gen)
+    loss = lambda p: ft.loss_fn(p, tokens, targets, cfg)  # noqa: E731
+    paths = ["blocks.0.attn.*", "blocks.0.ln1.*"]
+    f, x, chosen = _explicit(loss, params, paths)
+    with attention.attention_kernel("einsum"):
+        h = torch.autograd.functional.hessian(f, x, vectorize=True)
+    v = _vector(chosen, seed=5)
+    torch.testing.assert_close(_flatten(curvature.hvp(loss, params, v, paths=paths)), h @ _flatten(v), atol=1e-10, rtol=0)
+
+
 def test_ggn_vp_equals_j_transpose_h_j(setup):
     cfg, params, tokens, _ = setup
     paths = ["blocks.0.mlp.*", "ln_f.*"]

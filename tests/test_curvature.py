@@ -194,6 +194,8 @@ def test_bad_input_names_expected_and_got(setup):
     like = {"x": torch.zeros(3, dtype=torch.float64)}
     with pytest.raises(ValueError, match=r"k must be an int in \[1, the dimension=3\]"):
         curvature.top_eigenvalues(lambda v: v, like, 4, key=ft.random.key(0))
+    with pytest.raises(TypeError, match="key must be a key|parameter 'key'"):
+        curvature.spectral_density(lambda v: v, like, key=0)
     with pytest.raises(ValueError, match="samples"):
         curvature.hutchinson_trace(lambda v: v, like, key=ft.random.key(0), samples=1)
 

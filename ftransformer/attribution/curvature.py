@@ -58,7 +58,7 @@ def restrict(fn: Callable[[dict], Tensor], params: dict, paths: Sequence[str] | 
     chosen = {path: leaf.detach() for path, leaf in select(params, paths).items()}
 
     def of_sub(sub: Flat):
-        _check_like(sub, chosen, "vector")
+        _check_like(sub, chosen, "the sub-tree")
         return fn(tree.unflatten_paths({**flat, **sub}, params))
 
     return of_sub, chosen
@@ -114,6 +114,12 @@ def _flat_matvec(matvec: MatVec, like: Flat) -> Callable[[Tensor], Tensor]:
     return apply
 
 
+def _key_on(key: Key, device: torch.device) -> Key:
+    if not isinstance(key, Tensor) or key.dtype != torch.int64 or key.ndim != 0:
+        raise TypeError(f"key must be a key (ftransformer.random.key(seed): a 0-d int64 tensor), got {key!r}")
+    return key.to(device)
+
+
 def _dimension(like: Flat) -> tuple[int, torch.dtype, torch.device]:
     if not isinstance(like, dict) or not like:
         raise ValueError(f"like must be a non-empty dict of tensors (select's result), got {type(like).__name__}")
@@ -154,7 +160,7 @@ def top_eigenvalues(matvec: MatVec, like: Flat, k: int, *, key: Key, iters: int 
     n, dtype, device = _dimension(like)
     validate.int_in("k", k, 1, n, closed=True, high_name="the dimension")
     validate.int_at_least("iters", iters, k)
-    start = random.normal(key.to(device), (n,), dtype=dtype)
+    start = random.normal(_key_on(key, device), (n,), dtype=dtype)
     alphas, betas = lanczos(_flat_matvec(matvec, like), start, iters)
     values = _ritz(alphas, betas)[0]
     if values.numel() < k:
@@ -179,7 +185,7 @@ def hutchinson_trace(matvec: MatVec, like: Flat, *, key: Key, samples: int = 32)
     n, dtype, device = _dimension(like)
     validate.int_at_least("samples", samples, 2)
     apply = _flat_matvec(matvec, like)
-    keys = random.split(key.to(device), samples)
+    keys = random.split(_key_on(key, device), samples)
     values = []
     for i in range(samples):
         z = rademacher(keys[i], (n,), dtype=dtype)
@@ -224,7 +230,7 @@ def spectral_density(
     if sigma is not None:
         validate.positive_number("sigma", sigma)
     iters = min(iters, n)
-    nodes, weights = _quadrature(_flat_matvec(matvec, like), random.split(key.to(device), probes), n, iters, dtype)
+    nodes, weights = _quadrature(_flat_matvec(matvec, like), random.split(_key_on(key, device), probes), n, iters, dtype)
     low, high = nodes.min(), nodes.max()
     width = float(sigma) if sigma is not None else max(float(high - low), float(abs(high)), 1e-12) * 0.01
     points = torch.linspace(float(low) - 5 * width, float(high) + 5 * width, grid, dtype=dtype, device=device)

@@ -70,7 +70,8 @@ def _check_like(vector: Flat, like: Flat, name: str) -> None:
         raise ValueError(f"{name} must hold the selected paths {list(like)}, got {got}")
     for path, v in vector.items():
         if v.shape != like[path].shape:
-            raise ValueError(f"{name}[{path!r}] has shape {tuple(v.shape)} but the parameter has {tuple(like[path].shape)}")
+            raise ValueError(f"{name}[{path!r}] has shape {tuple(v.shape)} "
+                             f"but the parameter has {tuple(like[path].shape)}")
 
 
 def hvp(loss: Callable[[dict], Tensor], params: dict, vector: Flat, *, paths: Sequence[str] | None = None) -> Flat:
@@ -216,7 +217,8 @@ def _quadrature(apply: Callable[[Tensor], Tensor], keys: Tensor, n: int, iters: 
 
 
 def spectral_density(
-    matvec: MatVec, like: Flat, *, key: Key, probes: int = 8, iters: int = 32, grid: int = 256, sigma: float | None = None
+    matvec: MatVec, like: Flat, *, key: Key, probes: int = 8, iters: int = 32, grid: int = 256,
+    sigma: float | None = None,
 ) -> Density:
     """The eigenvalue density of ``matvec`` by stochastic Lanczos quadrature, smoothed by Gaussians of width ``sigma``.
 
@@ -230,7 +232,8 @@ def spectral_density(
     if sigma is not None:
         validate.positive_number("sigma", sigma)
     iters = min(iters, n)
-    nodes, weights = _quadrature(_flat_matvec(matvec, like), random.split(_key_on(key, device), probes), n, iters, dtype)
+    keys = random.split(_key_on(key, device), probes)
+    nodes, weights = _quadrature(_flat_matvec(matvec, like), keys, n, iters, dtype)
     low, high = nodes.min(), nodes.max()
     width = float(sigma) if sigma is not None else max(float(high - low), float(abs(high)), 1e-12) * 0.01
     points = torch.linspace(float(low) - 5 * width, float(high) + 5 * width, grid, dtype=dtype, device=device)

@@ -60,7 +60,7 @@ def add_arguments(parser) -> None:
     model.add_argument("--half", type=int, metavar="N", default=None,
                        help="heads: length of the random sequence that is repeated (default: min(max_seq_len // 2, 50))")
     model.add_argument("--batch", type=int, metavar="B", default=8, help="heads, curvature: random sequences to average over (default: 8)")
-    model.add_argument("--seed", type=int, metavar="S", default=0, help="heads, curvature: seed of the random tokens (and of curvature's probes) (default: 0)")
+    model.add_argument("--seed", type=int, metavar="S", default=0, help="heads, curvature: seed of the random tokens and probes (default: 0)")
     model.add_argument("--out", metavar="FILE.png", default=None, help="where to write the picture (PNG)")
     model.add_argument("--device", choices=DEVICES, default="cpu", help="where to run (default: cpu)")
     inspect_circuits.add_arguments(parser.add_argument_group("the patching, attribution and edges views"))

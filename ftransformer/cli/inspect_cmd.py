@@ -19,7 +19,9 @@
   (AtP / AtP*) from one forward + backward; ``--compare`` prints it next to exact patching;
 * ``ftransformer inspect edges ... [--method eap|eap-ig|exact] [--compare] [--faithfulness]``: every edge
   writer -> reader scored by EAP / EAP-IG (or patched exactly), the top edges printed and drawn as a
-  graph, and the faithfulness of the top-k circuits (``cli/inspect_circuits.py`` has these three views).
+  graph, and the faithfulness of the top-k circuits (``cli/inspect_circuits.py`` has these three views);
+* ``ftransformer inspect curvature --checkpoint DIR [--text TEXT] --out FILE.png``: the loss Hessian's top
+  eigenvalues and trace, whole model and per layer, and its spectral density (``cli/inspect_curvature.py``).
 
 Each view takes ``--hf-dir DIR`` (a Hugging Face GPT-2 directory) instead of ``--checkpoint``.
 """
@@ -27,12 +29,12 @@ Each view takes ``--hf-dir DIR`` (a Hugging Face GPT-2 directory) instead of ``-
 import dataclasses
 import sys
 
-from ftransformer.cli import inspect_circuits
+from ftransformer.cli import inspect_circuits, inspect_curvature
 from ftransformer.cli.generate_cmd import DEVICES, add_gguf_argument
 from ftransformer.config import PRESETS, get_preset
 from ftransformer.params import format_breakdown
 
-VIEWS = ("attention", "heads", "logit-lens", *inspect_circuits.VIEWS)
+VIEWS = ("attention", "heads", "logit-lens", *inspect_circuits.VIEWS, *inspect_curvature.VIEWS)
 NEEDS_TEXT = ("attention", "logit-lens")
 CIRCUITS = inspect_circuits.VIEWS
 
@@ -40,7 +42,7 @@ CIRCUITS = inspect_circuits.VIEWS
 def add_arguments(parser) -> None:
     parser.add_argument(
         "view", nargs="?", choices=VIEWS, default=None, metavar="VIEW",
-        help="what to draw from a model: attention, heads, logit-lens, patching, attribution or edges; without one, describe --preset",
+        help="what to draw from a model: attention, heads, logit-lens, patching, attribution, edges or curvature; without one, describe --preset",
     )
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="preset to describe when no VIEW is given (default: seed)")
@@ -52,16 +54,17 @@ def add_arguments(parser) -> None:
                             "with one, a GPT-2 directory (config.json, weights, vocab.json, merges.txt)")
     add_gguf_argument(model)
     model.add_argument("--text", metavar="TEXT", default=None,
-                       help="attention, logit-lens: the text to run (cropped to its last max_seq_len tokens)")
+                       help="attention, logit-lens, curvature: the text to run (cropped to its last max_seq_len tokens)")
     model.add_argument("--layer", type=int, metavar="L", default=None,
                        help="attention: the layer to draw, 0-based (default: the last)")
     model.add_argument("--half", type=int, metavar="N", default=None,
                        help="heads: length of the random sequence that is repeated (default: min(max_seq_len // 2, 50))")
-    model.add_argument("--batch", type=int, metavar="B", default=8, help="heads: random sequences to average over (default: 8)")
-    model.add_argument("--seed", type=int, metavar="S", default=0, help="heads: seed of the random tokens (default: 0)")
+    model.add_argument("--batch", type=int, metavar="B", default=8, help="heads, curvature: random sequences to average over (default: 8)")
+    model.add_argument("--seed", type=int, metavar="S", default=0, help="heads, curvature: seed of the random tokens and probes (default: 0)")
     model.add_argument("--out", metavar="FILE.png", default=None, help="where to write the picture (PNG)")
     model.add_argument("--device", choices=DEVICES, default="cpu", help="where to run (default: cpu)")
     inspect_circuits.add_arguments(parser.add_argument_group("the patching, attribution and edges views"))
+    inspect_curvature.add_arguments(parser.add_argument_group("the curvature view"))
 
 
 def describe(cfg, title: str) -> int:
@@ -126,6 +129,7 @@ def _check_view_args(args) -> None:
     if args.view in NEEDS_TEXT and args.text is None:
         raise ValueError(f"inspect {args.view} needs --text TEXT")
     inspect_circuits.check_args(args)
+    inspect_curvature.check_args(args)
     if args.view == "heads" and args.text is not None:
         raise ValueError(f"inspect {args.view} runs on random repeated tokens; it takes no --text")
     if args.view != "attention" and args.layer is not None:
@@ -162,6 +166,8 @@ def run(args) -> int:
 
     if args.view in CIRCUITS:
         return inspect_circuits.run(args, cfg, params, tokenizer, source, device)
+    if args.view in inspect_curvature.VIEWS:
+        return inspect_curvature.run(args, cfg, params, tokenizer, source, device, _encode)
 
     def decode(i: int) -> str:
         return tokenizer.decode([int(i)])

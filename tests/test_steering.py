@@ -192,3 +192,13 @@ def test_steering_bad_inputs_name_expected_and_got():
         steering.steering_sweep(params, cfg, tokens, {0: v}, [], _logit_diff)
     with pytest.raises(ValueError, match="metric must return a scalar"):
         steering.steering_sweep(params, cfg, tokens, {0: v}, [1.0], lambda logits: logits[..., -1, :].sum(-1))
+
+
+def test_bench_steering_overhead_runs_on_tiny_sizes():
+    from ftransformer.bench.steering import format_overhead, steering_overhead
+
+    result = steering_overhead("tiny", prompt_len=4, new_tokens=4, repeats=1, warmup=0)
+    assert set(result) == {"plain_tok_s", "steered_tok_s", "overhead"}
+    assert result["plain_tok_s"] > 0 and result["steered_tok_s"] > 0
+    assert result["overhead"] == pytest.approx(1 - result["steered_tok_s"] / result["plain_tok_s"])
+    assert format_overhead(result, "tiny").startswith("tiny: plain ")

@@ -105,8 +105,8 @@ def _intervention_taps(interventions: dict | None, positions: str, cfg: Config, 
     if step != "eager":
         raise ValueError(f"interventions during generation need step='eager' (a compiled step would be rebuilt "
                          f"for every intervention), got step={step!r}")
-    return (NO_TAP if positions == "generated" else Tap(interventions),
-            NO_TAP if positions == "prompt" else Tap(interventions))
+    return (NO_TAP if positions == "generated" else Tap(interventions, record=False),
+            NO_TAP if positions == "prompt" else Tap(interventions, record=False))
 
 
 def generate_stream(

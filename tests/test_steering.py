@@ -66,8 +66,10 @@ def test_prefill_and_the_tapped_step_give_the_uncached_logits(cfg):
     tokens = torch.cat([prompt, torch.tensor([[3, 4], [5, 6]])], dim=-1)
     expected, _ = ft.forward_with_activations(params, tokens, cfg, interventions=interventions)
     cache = ft.init_cache(cfg, 2, max_len=tokens.shape[-1], dtype=torch.float64)
-    logits, cache = ft.prefill(params, prompt, cache, cfg, tap=Tap(interventions))
+    tap = Tap(interventions, record=False)  # what generation passes: it intervenes and keeps nothing
+    logits, cache = ft.prefill(params, prompt, cache, cfg, tap=tap)
     torch.testing.assert_close(logits, expected[:, prompt.shape[-1] - 1], atol=1e-12, rtol=0)
+    assert tap.acts == {}
     stepper = tapped_step(Tap(interventions))
     for i in range(prompt.shape[-1], tokens.shape[-1]):
         logits, cache = stepper.step(params, tokens[:, i], cache, cfg)

@@ -135,8 +135,8 @@ def generate_stream(
     (``"all"``, ``"prompt"`` or ``"generated"``; eager step only).
     """
     # Checked here, at the call; the generator below starts working at the first next().
+    prompt_tap, step_tap = _intervention_taps(interventions, positions, cfg, step)  # before an "aot" build
     stepper = decode_step_for(step, params)
-    prompt_tap, step_tap = _intervention_taps(interventions, positions, cfg, step)
     stepper = tapped_step(step_tap) if step_tap.active else stepper
     check_sampling_arg(sampling)
     key = random.key(seed)

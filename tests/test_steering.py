@@ -104,6 +104,8 @@ def test_generation_refuses_what_it_cannot_intervene_on():
         ft.generate(params, prompt, cfg, interventions={"blocks.0.attn.head_out": lambda v: v}, **kw)
     with pytest.raises(ValueError, match="step='eager'.*got step='compile'"):
         ft.generate(params, prompt, cfg, interventions=interventions, step="compile", **kw)
+    with pytest.raises(ValueError, match="got step='aot'"):  # refused before the step is built
+        ft.generate_stream(params, prompt, cfg, interventions=interventions, step="aot", **kw)
     with pytest.raises(ValueError, match="positions must be one of"):
         ft.generate(params, prompt, cfg, interventions=interventions, positions="middle", **kw)
     with pytest.raises(ValueError, match="unknown activation path 'blocks.9.resid_post'"):

@@ -32,6 +32,7 @@ from ftransformer.cache import KVCache
 from ftransformer.config import Config
 from ftransformer.layers.block import block_with_cache
 from ftransformer.layers.int8 import memo_by_tensor
+from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.model import forward_with_cache, forward_with_cache_in_place
 from ftransformer.quantization import is_quantized, quantize_matrix
 
@@ -49,15 +50,16 @@ def decode_step(
 
 
 def _in_place_step(
-    params: dict, token: Int[Tensor, "*batch"], cache: KVCache, cfg: Config
+    params: dict, token: Int[Tensor, "*batch"], cache: KVCache, cfg: Config, *, tap: Tap = NO_TAP
 ) -> tuple[Float[Tensor, "*batch vocab"], KVCache]:
     """``decode_step`` for a loop that owns its cache: it writes the buffers in place (the ``"eager"`` step).
 
     The loop checked the prompt and the room in the cache once, and samples ids in range by
     construction, so the per-step checks (ops and host syncs on every token) are skipped too.
     Copying the buffers every step costs more than the rest of the step's non-matmul work together.
+    ``tap`` applies interventions (``tapped_step``).
     """
-    logits, cache = forward_with_cache_in_place(params, token[..., None], cache, cfg)
+    logits, cache = forward_with_cache_in_place(params, token[..., None], cache, cfg, tap=tap)
     return logits[..., 0, :], cache
 
 
@@ -186,6 +188,12 @@ def decode_step_for(kind: str | Stepper, params: dict) -> Stepper:
     return Stepper(kind, _cuda_graph_step if on_cuda else _blockwise_step())
 
 
+def tapped_step(tap: Tap) -> Stepper:
+    """The ``"eager"`` step with ``tap`` threaded through every token's pass: the decode step of a generation
+    under interventions (``generation.generate(interventions=...)``)."""
+    return Stepper("eager", functools.partial(_in_place_step, tap=tap))
+
+
 def whole_graph_step() -> Stepper:
     """The ``"compile"`` step as one ``torch.compile`` graph over all layers (the benchmark's baseline for the
     blockwise step; its build time grows with depth)."""
@@ -221,5 +229,5 @@ def clear_compiled() -> None:
     _blockwise_step.cache_clear()
 
 
-__all__ = ["STEP_KINDS", "Stepper", "clear_compiled", "decode_step", "decode_step_for", "untie_for_decoding",
-           "whole_graph_step"]
+__all__ = ["STEP_KINDS", "Stepper", "clear_compiled", "decode_step", "decode_step_for", "tapped_step",
+           "untie_for_decoding", "whole_graph_step"]

@@ -8,6 +8,15 @@
 ``generate_stream`` yields the new tokens as they are produced; ``generate`` collects them after the
 prompt. Prompts of different lengths share a batch with right padding and ``seq_lengths``. Stop tokens
 end a stream through ``ftransformer.stopping``, as they end speculative decoding (``generate(draft=...)``).
+
+Interventions (``interventions={"blocks.3.resid_post": fn}``, the mapping ``interp.forward_with_activations``
+takes) act through the KV-cache path at the prefill and at every decode step. ``fn`` sees the value of the
+positions that pass computes: the whole (padded) prompt at the prefill, ``[*batch, 1, d]`` at a decode step,
+so a position-wise ``fn`` (a steering vector, a clamped feature) gives what the uncached forward with the
+same ``fn`` gives. The position rule ``positions``: ``"all"`` (both), ``"prompt"`` (the prefill only) or
+``"generated"`` (the decode steps only: the positions of generated tokens; the first new token, read off the
+prompt's last position, is then not yet affected). The cached attention does not tap its insides, so the
+``attn.*`` sites are refused, and so is any decode step but ``"eager"``.
 """
 
 from collections.abc import Iterator, Sequence
@@ -20,7 +29,9 @@ from ftransformer import random
 from ftransformer import validate
 from ftransformer.cache import KVCache, init_cache
 from ftransformer.config import Config
-from ftransformer.decode_steps import Stepper, decode_step_for, untie_for_decoding
+from ftransformer.decode_steps import Stepper, decode_step_for, tapped_step, untie_for_decoding
+from ftransformer.interp.activations import check_interventions
+from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.model import check_seq_lengths, check_tokens, forward_with_cache
 from ftransformer.sampling import Sampling, check_sampling_arg, sample
 from ftransformer.speculative import Draft, speculative_generate
@@ -28,6 +39,7 @@ from ftransformer.stopping import check_max_new_tokens, stack_steps, until_stopp
 from ftransformer.tracing import is_tracing
 
 SeqLengths = Int[Tensor, "*batch"] | None
+POSITION_RULES = ("all", "prompt", "generated")  # where a generation's interventions act (see the module)
 
 
 def prefill(
@@ -37,12 +49,14 @@ def prefill(
     cfg: Config,
     *,
     seq_lengths: SeqLengths = None,
+    tap: Tap = NO_TAP,
 ) -> tuple[Float[Tensor, "*batch vocab"], KVCache]:
     """Put the prompt into the cache; returns the logits after each row's last real token and the new cache.
 
-    ``seq_lengths`` counts the real tokens of each row (the rest is right padding); None: all.
+    ``seq_lengths`` counts the real tokens of each row (the rest is right padding); None: all. ``tap``: see
+    ``model.forward_with_cache``.
     """
-    logits, cache = forward_with_cache(params, prompt, cache, cfg, seq_lengths=seq_lengths)
+    logits, cache = forward_with_cache(params, prompt, cache, cfg, seq_lengths=seq_lengths, tap=tap)
     if seq_lengths is None:
         return logits[..., -1, :], cache
     last = (seq_lengths - 1).clamp(min=0)[..., None, None].expand(*seq_lengths.shape, 1, logits.shape[-1])
@@ -74,6 +88,27 @@ def _check_generate_args(prompt: Tensor, cfg: Config, max_new_tokens: int, seq_l
     return max(prompt.shape[-1], longest + max_new_tokens, 1)
 
 
+def _intervention_taps(interventions: dict | None, positions: str, cfg: Config, step: str | Stepper
+                       ) -> tuple[Tap, Tap]:
+    """The checked ``interventions`` as two taps: the prefill's and the decode steps' (``NO_TAP`` where the
+    position rule keeps them out)."""
+    validate.one_of("positions", positions, POSITION_RULES)
+    interventions = check_interventions(interventions, cfg)
+    if not interventions:
+        return NO_TAP, NO_TAP
+    inside = [path for path in interventions if ".attn." in path]
+    if inside:
+        raise ValueError(
+            f"interventions during generation act on the residual stream, mlp.hidden, embed and final; the cached "
+            f"attention does not tap its insides, got {', '.join(inside)}"
+        )
+    if step != "eager":
+        raise ValueError(f"interventions during generation need step='eager' (a compiled step would be rebuilt "
+                         f"for every intervention), got step={step!r}")
+    return (NO_TAP if positions == "generated" else Tap(interventions, record=False),
+            NO_TAP if positions == "prompt" else Tap(interventions, record=False))
+
+
 def generate_stream(
     params: dict,
     prompt: Int[Tensor, "*batch seq"],
@@ -86,6 +121,8 @@ def generate_stream(
     seq_lengths: SeqLengths = None,
     pad_id: int = 0,
     step: str | Stepper = "eager",
+    interventions: dict | None = None,
+    positions: str = "all",
 ) -> Iterator[Int[Tensor, "*batch"]]:
     """Yield the next token of every row, one step at a time, as soon as it is sampled.
 
@@ -94,14 +131,18 @@ def generate_stream(
     steps or once every row has stopped. ``step`` picks the decode step (``decode_steps.decode_step_for``):
     ``"eager"``, ``"compile"`` (``torch.compile``, one graph for every block of every step, a CUDA graph on CUDA;
     worth it for long generations), ``"aot"`` (AOTInductor: faster per token, float params only, ~15-40 s to build
-    once per shape) or a ``decode_steps.Stepper``.
+    once per shape) or a ``decode_steps.Stepper``. ``interventions`` act at the ``positions`` the module states
+    (``"all"``, ``"prompt"`` or ``"generated"``; eager step only).
     """
     # Checked here, at the call; the generator below starts working at the first next().
+    prompt_tap, step_tap = _intervention_taps(interventions, positions, cfg, step)  # before an "aot" build
     stepper = decode_step_for(step, params)
+    stepper = tapped_step(step_tap) if step_tap.active else stepper
     check_sampling_arg(sampling)
     key = random.key(seed)
     max_len = _check_generate_args(prompt, cfg, max_new_tokens, seq_lengths)
-    steps = _decode_loop(params, prompt, cfg, max_len, max_new_tokens, sampling, key, seq_lengths, stepper)
+    steps = _decode_loop(params, prompt, cfg, max_len, max_new_tokens, sampling, key, seq_lengths, stepper,
+                         tap=prompt_tap)
     return until_stopped(steps, stop_tokens, pad_id)
 
 
@@ -115,9 +156,11 @@ def _decode_loop(
     key: Tensor,
     seq_lengths: Tensor | None,
     stepper: Stepper,
+    *,
+    tap: Tap = NO_TAP,
 ) -> Iterator[Tensor]:
-    """The one decode loop: prefill, then ``max_new_tokens`` times: sample a token, yield it, run it through
-    ``stepper``'s step."""
+    """The one decode loop: prefill (through ``tap``), then ``max_new_tokens`` times: sample a token, yield it,
+    run it through ``stepper``'s step."""
     if max_new_tokens == 0:
         return
     dtype = params["embed"]["tokens"].dtype
@@ -128,7 +171,7 @@ def _decode_loop(
     # record a graph (and keep the cache alive through it). Entered per step, never across a yield,
     # so the caller's grad mode is untouched while the stream is paused.
     with torch.no_grad():
-        logits, cache = prefill(params, prompt, cache, cfg, seq_lengths=seq_lengths)
+        logits, cache = prefill(params, prompt, cache, cfg, seq_lengths=seq_lengths, tap=tap)
     key = key.to(prompt.device)
     for i in range(max_new_tokens):
         # Greedy decoding draws nothing, so it skips deriving the step's key (a dozen ops per token).
@@ -225,6 +268,8 @@ def generate(
     pad_id: int = 0,
     step: str | Stepper = "eager",
     draft: Draft | None = None,
+    interventions: dict | None = None,
+    positions: str = "all",
 ) -> Int[Tensor, "*batch _"]:
     """The prompt followed by up to ``max_new_tokens`` new tokens (see ``generate_stream`` for the options).
 
@@ -234,13 +279,18 @@ def generate(
     ``draft=speculative.Draft(draft_params, draft_cfg, tokens=4)`` decodes speculatively
     (``ftransformer.speculative``): the draft proposes ``tokens`` tokens per round and the target checks them
     in one pass. The output is distributed as without it (greedy: the same tokens); only the speed changes.
+    ``interventions`` / ``positions``: see the module (not with ``draft``).
     """
     options = dict(max_new_tokens=max_new_tokens, sampling=sampling, seed=seed, stop_tokens=stop_tokens, pad_id=pad_id)
     if draft is not None:
         _check_draft_options(seq_lengths, step, params)
+        if interventions:
+            raise ValueError("speculative decoding (draft=...) takes no interventions; got interventions for "
+                             f"{', '.join(interventions)}")
         return speculative_generate(params, prompt, cfg, draft=draft, **options)[0]
-    stream = generate_stream(params, prompt, cfg, seq_lengths=seq_lengths, step=step, **options)
+    stream = generate_stream(params, prompt, cfg, seq_lengths=seq_lengths, step=step, interventions=interventions,
+                             positions=positions, **options)
     return _after_prompt(prompt, stack_steps(stream, prompt), seq_lengths, pad_id)
 
 
-__all__ = ["generate", "generate_stream", "generate_stream_sliding", "prefill"]
+__all__ = ["POSITION_RULES", "generate", "generate_stream", "generate_stream_sliding", "prefill"]

@@ -183,19 +183,21 @@ def check_seq_lengths(seq_lengths: object, tokens: Tokens, *, name: str = "seq_l
 
 
 def forward_with_cache(
-    params: dict, tokens: Tokens, cache: KVCache, cfg: Config, *, seq_lengths: Int[Tensor, "*batch"] | None = None
+    params: dict, tokens: Tokens, cache: KVCache, cfg: Config, *, seq_lengths: Int[Tensor, "*batch"] | None = None,
+    tap: Tap = NO_TAP,
 ) -> tuple[Logits, KVCache]:
     """Logits for ``tokens`` placed after what ``cache`` holds, and the new cache (the old one is untouched).
 
     One function for a whole prompt (prefill), a prompt in chunks, and one token at a time (decode).
     ``seq_lengths`` says how many of each row's tokens are real (the rest is right padding, whose
-    logits are meaningless); None means all of them.
+    logits are meaningless); None means all of them. ``tap`` sees ``embed``, the residual stream and MLP values
+    under ``blocks.{i}.``, and ``final`` (not the attention's: ``generation`` passes one to intervene).
     """
     check_tokens(tokens, cfg)
     check_cache(cache, cfg, tokens, params)
     check_room(cache.lengths, tokens.shape[-1], cache.max_len)
     check_seq_lengths(seq_lengths, tokens)
-    return forward_with_cache_in_place(params, tokens, cache, cfg, seq_lengths=seq_lengths, write=write_kv)
+    return forward_with_cache_in_place(params, tokens, cache, cfg, seq_lengths=seq_lengths, write=write_kv, tap=tap)
 
 
 def forward_with_cache_in_place(
@@ -207,13 +209,15 @@ def forward_with_cache_in_place(
     seq_lengths: Int[Tensor, "*batch"] | None = None,
     write: KVWrite = write_kv_,
     layer: Callable | None = None,
+    tap: Tap = NO_TAP,
 ) -> tuple[Logits, KVCache]:
     """The decode loops' fast path: ``forward_with_cache`` unchecked, writing ``cache``'s buffers in place.
 
     Only for a loop that owns its cache and never uses the old one again (JAX's buffer donation): the
     decode steps (``decode_steps``, ``speculative``). It checks nothing (the loop checked its inputs once).
     ``forward_with_cache`` shares this body with ``write=write_kv`` (a new cache, the old one untouched).
-    ``layer`` runs each block (None: ``block_with_cache``; or that compiled once for all layers: ``decode_steps``).
+    ``layer`` runs each block (None: ``block_with_cache``; or that compiled once for all layers: ``decode_steps``);
+    an active ``tap`` (see ``forward_with_cache``) is passed to it, so only ``block_with_cache`` takes one.
     """
     layer = block_with_cache if layer is None else layer  # looked up per call, not frozen at import
     seq = tokens.shape[-1]
@@ -224,17 +228,19 @@ def forward_with_cache_in_place(
     masks = layer_masks(cfg, lambda w: cache_mask(slots, cache.max_len, cache.k[0].dtype, w))
     rotaries = layer_rotaries(slots, cfg)
     index = write_index(slots, cfg.n_kv_heads, cfg.head_dim)
-    x = embed(params, tokens, cfg, positions=slots)
+    x = tap("embed", embed(params, tokens, cfg, positions=slots))
     new_k, new_v = [], []
-    for block_params, k_cache, v_cache, mask, rotary in zip(params["blocks"], cache.k, cache.v, masks, rotaries):
+    layers = zip(params["blocks"], cache.k, cache.v, masks, rotaries)
+    for i, (block_params, k_cache, v_cache, mask, rotary) in enumerate(layers):
+        tapped = {"tap": tap.scope(f"blocks.{i}")} if tap.active else {}
         x, k_cache, v_cache = layer(
             block_params, x, cfg, mask=mask, rotary=rotary, k_cache=k_cache, v_cache=v_cache, write_index=index,
-            write=write,
+            write=write, **tapped,
         )
         new_k.append(k_cache)
         new_v.append(v_cache)
     lengths = cache.lengths + (seq if seq_lengths is None else seq_lengths)
-    return unembed(params, x, cfg), KVCache(tuple(new_k), tuple(new_v), lengths)
+    return unembed(params, x, cfg, tap=tap), KVCache(tuple(new_k), tuple(new_v), lengths)
 
 
 def cross_entropy(

@@ -11,6 +11,8 @@ analyses as pure functions of them, and plots.
   their faithfulness curves;
 * ``analysis``: attention entropy, previous-token and induction scores, logit lens, direct logit
   attribution, loss per position;
+* ``steering``: steering vectors from prompt pairs (``steering_vector``), ``steering.steer`` (a site path and
+  a scale) and the layer x scale ``steering_sweep`` as one vmap;
 * ``weights``: weight processing as pure params transforms (``fold_layer_norm``, ``center_writing_weights``,
   ``center_unembed``, ``fold_value_biases``) and per-head QK / OV circuits kept factored, composition scores;
 * ``plots``: attention grids, layer x head heatmaps, the logit lens, as PNG files (matplotlib, Agg).
@@ -61,6 +63,7 @@ from ftransformer.interp.plots import (
     plot_logit_lens,
     plot_patching,
 )
+from ftransformer.interp.steering import steering_sweep, steering_vector
 from ftransformer.interp.weights import (
     FactoredMatrix,
     center_unembed,
@@ -82,4 +85,5 @@ __all__ = [
     "logit_lens", "loss_per_position", "masked_heads", "patch", "patch_sweep", "replace_sweep", "plot_attention", "plot_head_scores",
     "plot_logit_lens", "previous_token_scores",
     "repeated_random_tokens", "repeated_stretches", "stacked_patterns", "steer",
+    "steering_sweep", "steering_vector",
 ]

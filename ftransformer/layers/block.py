@@ -197,12 +197,14 @@ def block_with_cache(
     v_cache: Float[Tensor, "*batch kv_heads kv_seq head_dim"],
     write_index: Int[Tensor, "*batch kv_heads seq head_dim"],
     write: KVWrite = write_kv,
+    tap: Tap = NO_TAP,
 ) -> tuple[
     Residual, Float[Tensor, "*batch kv_heads kv_seq head_dim"], Float[Tensor, "*batch kv_heads kv_seq head_dim"]
 ]:
     """``block`` for inference with a KV-cache: also returns this layer's updated key/value buffers.
 
-    ``write``: see ``multi_head_attention_with_cache``.
+    ``write``: see ``multi_head_attention_with_cache``. ``tap`` sees the values ``wire`` lists (the residual
+    stream and ``mlp.hidden``), not the attention's.
     """
 
     def attn(p: dict, h: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -211,7 +213,7 @@ def block_with_cache(
         )
         return out, (k, v)
 
-    x, (k_new, v_new) = wire(params, x, cfg, attn, keys=(None, None), tap=NO_TAP)
+    x, (k_new, v_new) = wire(params, x, cfg, attn, keys=(None, None), tap=tap)
     return x, k_new, v_new
 
 

@@ -19,15 +19,17 @@ class Tap:
 
     active = True
 
-    def __init__(self, interventions: dict[str, Intervention] | None = None):
+    def __init__(self, interventions: dict[str, Intervention] | None = None, *, record: bool = True):
         self.acts: dict[str, Tensor] = {}
         self.interventions = dict(interventions or {})
         self.prefix = ""
+        self.record = record  # False: only intervene (generation keeps no activations alive)
 
     def scope(self, name: str) -> "Tap":
         """The same recorder, with ``name.`` in front of every path given to it."""
         child = object.__new__(type(self))
         child.acts, child.interventions, child.prefix = self.acts, self.interventions, f"{self.prefix}{name}."
+        child.record = self.record
         return child
 
     def intervenes(self, name: str) -> bool:
@@ -43,7 +45,8 @@ class Tap:
                 got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
                 raise ValueError(f"the intervention at {path!r} must return a tensor of shape {tuple(value.shape)}, got {got}")
             value = new
-        self.acts[path] = value
+        if self.record:
+            self.acts[path] = value
         return value
 
 

@@ -54,6 +54,7 @@ class AdapterDropout(NamedTuple):
 
 
 ADAPTERS = (LoRAWeight, DoRAWeight)
+Adapted = LoRAWeight | DoRAWeight | AdapterDropout  # what ``linear`` takes as an adapted weight
 
 
 def column_norm(w: LoRAWeight | DoRAWeight) -> Float[Tensor, " d_out"]:

@@ -8,14 +8,14 @@ or a low-rank adapter over either (``ftransformer.layers.adapter``, made by ``ft
 import torch
 import torch.nn.functional as F
 
-from ftransformer.layers.adapter import ADAPTERS, AdapterDropout, DoRAWeight, LoRAWeight, adapter_output
+from ftransformer.layers.adapter import ADAPTERS, AdapterDropout, Adapted, adapter_output
 from ftransformer.layers.int8 import Int8Weight, int8_matmul
 from ftransformer.shapes import Float, Tensor
 
 
 def linear(
     x: Float[Tensor, "*batch d_in"],
-    w: Float[Tensor, "d_in d_out"] | Int8Weight | LoRAWeight | DoRAWeight | AdapterDropout,
+    w: Float[Tensor, "d_in d_out"] | Int8Weight | Adapted,
     b: Float[Tensor, " d_out"] | None = None,
 ) -> Float[Tensor, "*batch d_out"]:
     """Affine map. ``w`` is ``[d_in, d_out]`` (the order of ``x @ w``, and of GPT-2's Conv1D), float, int8 or adapted."""

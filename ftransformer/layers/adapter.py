@@ -26,10 +26,6 @@ class LoRAWeight(NamedTuple):
     b: Float[Tensor, "rank d_out"]
     scale: Float[Tensor, ""]
 
-    @property
-    def shape(self):
-        return self.base.shape
-
 
 class DoRAWeight(NamedTuple):
     """``m * V / ||V||`` (column norms, detached) with ``V = base + scale * a @ b``."""
@@ -39,10 +35,6 @@ class DoRAWeight(NamedTuple):
     b: Float[Tensor, "rank d_out"]
     scale: Float[Tensor, ""]
     m: Float[Tensor, " d_out"]
-
-    @property
-    def shape(self):
-        return self.base.shape
 
 
 class AdapterDropout(NamedTuple):

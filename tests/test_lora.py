@@ -5,6 +5,7 @@ import torch
 
 import ftransformer as ft
 from ftransformer import peft
+from ftransformer.config import Attention
 from ftransformer.layers.adapter import AdapterDropout, DoRAWeight, LoRAWeight
 from ftransformer.layers.linear import linear
 
@@ -17,6 +18,9 @@ LAYOUTS = {
                   tie_embeddings=False),
     # GPT-NeoX's parallel residual with grouped queries
     "neox": dict(positional="rope", n_kv_heads=1, residual="parallel"),
+    # Qwen3-like: per-head q/k norms, a gated GeGLU MLP (w_gate matched by "mlp.*" too), untied
+    "qwen3": dict(positional="rope", n_kv_heads=1, attention=Attention(qk_norm=True), activation="geglu_tanh",
+                  norm="rmsnorm", tie_embeddings=False),
 }
 
 
@@ -212,7 +216,7 @@ def test_training_adapters_lowers_the_loss_and_leaves_the_base_alone(gen, dora):
     assert not torch.allclose(ft.forward(peft.combine(trainable, frozen), x, cfg), ft.forward(params, x, cfg))
 
 
-def test_two_adapters_under_vmap_on_one_shared_base(gen):
+def test_two_adapters_under_vmap_on_one_shared_base_equal_each_alone(gen):
     cfg = config("llama")
     params = base_of(cfg)
     members = [perturbed(peft.lora(params, cfg, rank=2, alpha=2.0, key=ft.random.key(s)), seed=s) for s in (1, 2)]
@@ -228,6 +232,13 @@ def test_two_adapters_under_vmap_on_one_shared_base(gen):
     for i, member in enumerate(members):
         torch.testing.assert_close(together[i], ft.forward(member, x, cfg), rtol=0, atol=1e-10)
     assert not torch.allclose(together[0], together[1])
+    y = tokens(cfg, gen)
+    grads = torch.func.vmap(torch.func.grad(peft.adapter_loss), in_dims=(0, None, None, None, None))(
+        stacked, frozen, x, y, cfg)
+    for i, (trainable, _) in enumerate(split):
+        alone = torch.func.grad(peft.adapter_loss)(trainable, frozen, x, y, cfg)
+        for g, want in zip(ft.tree.leaves(grads), ft.tree.leaves(alone)):
+            torch.testing.assert_close(g[i], want, rtol=0, atol=1e-10)
 
 
 def test_checkpoint_of_the_trainable_tree(tmp_path, gen):

@@ -76,7 +76,7 @@ def init_adapter(w, rank: int, alpha: float, key: Tensor, dora: bool) -> LoRAWei
 
 
 def lora(
-    params: dict, cfg: Config, *, rank: int, alpha: float, targets: Sequence[str] = DEFAULT_TARGETS,
+    params: dict, cfg: Config, *, rank: int, alpha: float | int, targets: Sequence[str] = DEFAULT_TARGETS,
     key: Tensor, dora: bool = False,
 ) -> dict:
     """``params`` with the matrices ``targets`` match wrapped in fresh adapters (the base tensors shared, not copied)."""

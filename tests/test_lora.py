@@ -8,6 +8,7 @@ from ftransformer import peft
 from ftransformer.config import Attention
 from ftransformer.layers.adapter import AdapterDropout, DoRAWeight, LoRAWeight
 from ftransformer.layers.linear import linear
+from hf_tiny import FAMILY_II_OPTIONS, FAMILY_OPTIONS, build, tokens as hf_tokens
 
 F64 = torch.float64
 LAYOUTS = {
@@ -135,11 +136,15 @@ def test_adapter_dropout_drops_the_adapter_input_only(gen):
     key = ft.random.key(5)
     dropped = ft.random.dropout(x, 0.4, key)
     assert not torch.equal(dropped, x)
-    want = x @ w.base + w.scale * (dropped @ w.a) @ w.b
-    torch.testing.assert_close(linear(x, AdapterDropout(lora_w, 0.4, key)), want, rtol=0, atol=1e-12)
+    bias = torch.randn(7, generator=gen, dtype=F64)
+    want = x @ w.base + bias + w.scale * (dropped @ w.a) @ w.b
+    torch.testing.assert_close(linear(x, AdapterDropout(lora_w, 0.4, key), bias), want, rtol=0, atol=1e-12)
     g = w.m / (w.base + w.scale * w.a @ w.b).norm(dim=0)  # PEFT's DoRA forward with lora_dropout
-    want = x @ w.base + (g - 1) * (dropped @ w.base) + g * w.scale * ((dropped @ w.a) @ w.b)
-    torch.testing.assert_close(linear(x, AdapterDropout(w, 0.4, key)), want, rtol=0, atol=1e-12)
+    want = x @ w.base + bias + (g - 1) * (dropped @ w.base) + g * w.scale * ((dropped @ w.a) @ w.b)
+    torch.testing.assert_close(linear(x, AdapterDropout(w, 0.4, key), bias), want, rtol=0, atol=1e-12)
+    # without dropout the bias stays outside DoRA's rescaling: g * (x @ V) + bias
+    want = x @ (w.m * (w.base + w.scale * w.a @ w.b) / (w.base + w.scale * w.a @ w.b).norm(dim=0)) + bias
+    torch.testing.assert_close(linear(x, w, bias), want, rtol=0, atol=1e-12)
 
 
 def test_dropout_is_off_without_a_key(gen):
@@ -256,6 +261,24 @@ def test_checkpoint_of_the_trainable_tree(tmp_path, gen):
     x = tokens(cfg, gen)
     assert torch.equal(ft.forward(peft.combine(back.params, frozen), x, cfg),
                        ft.forward(peft.combine(trainable, frozen), x, cfg))
+
+
+FAMILIES = sorted({**FAMILY_OPTIONS, **FAMILY_II_OPTIONS})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_step_zero_and_merge(tmp_path, family):
+    pytest.importorskip("transformers")
+    build(family, tmp_path)
+    cfg, params = ft.load_hf(tmp_path, dtype=F64)
+    dora = FAMILIES.index(family) % 2 == 1  # half the families LoRA, half DoRA
+    adapted = peft.lora(params, cfg, rank=2, alpha=4.0, targets=targets_for(cfg), key=ft.random.key(0), dora=dora)
+    x = hf_tokens(2, 9)
+    assert torch.equal(ft.forward(adapted, x, cfg), ft.forward(params, x, cfg))
+    adapted = perturbed(adapted, seed=1)
+    want = ft.forward(adapted, x, cfg)
+    assert not torch.allclose(want, ft.forward(params, x, cfg))
+    torch.testing.assert_close(ft.forward(peft.merge(adapted), x, cfg), want, rtol=0, atol=1e-10)
 
 
 # ---------------------------------------------------------------- errors

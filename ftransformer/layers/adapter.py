@@ -58,18 +58,23 @@ def column_norm(w: LoRAWeight | DoRAWeight) -> Float[Tensor, " d_out"]:
 def adapter_output(
     x: Float[Tensor, "*batch d_in"],
     w: LoRAWeight | DoRAWeight | AdapterDropout,
+    bias: Float[Tensor, " d_out"] | None,
     base_product,
 ) -> Float[Tensor, "*batch d_out"]:
-    """``x`` times the adapted weight; ``base_product(x, base)`` multiplies by the frozen matrix."""
+    """``x`` times the adapted weight, plus ``bias``; ``base_product(x, base, bias)`` is the frozen affine map
+    (the bias goes into the base's product, so at ``b = 0`` the output is the base layer's to the bit)."""
     dropped = x
     if isinstance(w, AdapterDropout):
         w, dropped = w.weight, random.dropout(x, w.rate, w.key)
-    y = base_product(x, w.base)
+    y = base_product(x, w.base, bias)
     update = w.scale * ((dropped @ w.a) @ w.b)
     if isinstance(w, LoRAWeight):
         return y + update
-    # PEFT's DoRA forward: base(x) + (g - 1) * base(x_dropped) + g * update, g = m / ||V||. Without dropout
-    # it is g * (x @ V); at b = 0, g is exactly 1 and the output is exactly the base's.
+    # PEFT's DoRA forward: base(x) + (g - 1) * base(x_dropped) + g * update (the bias outside), g = m / ||V||.
+    # Without dropout it is g * (x @ V) + bias; at b = 0, g is exactly 1 and the output is exactly the base's.
     g = w.m / column_norm(w)
-    base_dropped = y if dropped is x else base_product(dropped, w.base)
+    if dropped is not x:
+        base_dropped = base_product(dropped, w.base, None)
+    else:
+        base_dropped = y if bias is None else y - bias
     return y + (g - 1) * base_dropped + g * update

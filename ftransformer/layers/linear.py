@@ -20,8 +20,7 @@ def linear(
 ) -> Float[Tensor, "*batch d_out"]:
     """Affine map. ``w`` is ``[d_in, d_out]`` (the order of ``x @ w``, and of GPT-2's Conv1D), float, int8 or adapted."""
     if isinstance(w, ADAPTERS + (AdapterDropout,)):
-        y = adapter_output(x, w, linear)
-        return y if b is None else y + b
+        return adapter_output(x, w, b, linear)
     if isinstance(w, Int8Weight):
         y = int8_matmul(x, w)
         return y if b is None else y + b

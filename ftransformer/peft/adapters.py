@@ -65,8 +65,8 @@ def select(params: dict, targets: Sequence[str]) -> list[str]:
 def init_adapter(w, rank: int, alpha: float, key: Tensor, dora: bool) -> LoRAWeight | DoRAWeight:
     """PEFT's initial adapter over ``w``: ``a`` uniform in ``+-1/sqrt(d_in)``, ``b = 0``, ``scale = alpha/rank``."""
     d_in, d_out = w.shape
-    dtype = as_float(w).dtype if isinstance(w, Int8Weight) else w.dtype
-    device = w.scale.device if isinstance(w, Int8Weight) else w.device
+    like = w.scale if isinstance(w, Int8Weight) else w  # an int8 matrix's float dtype is its scales'
+    dtype, device = like.dtype, like.device
     bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)): gain sqrt(1/3) * sqrt(3 / fan_in)
     a = (random.uniform(key.to(device), (d_in, rank), dtype=dtype) * 2.0 - 1.0) * bound
     b = torch.zeros(rank, d_out, dtype=dtype, device=device)

@@ -263,6 +263,16 @@ def test_checkpoint_of_the_trainable_tree(tmp_path, gen):
                        ft.forward(peft.combine(trainable, frozen), x, cfg))
 
 
+@pytest.mark.slow
+def test_adapted_forward_compiles_in_one_graph(gen, no_typecheck):
+    cfg = config("llama")
+    adapted = perturbed(peft.lora(ft.init_params(cfg, seed=0), cfg, rank=2, alpha=2.0, key=ft.random.key(0),
+                                  dora=True), seed=1)
+    x = tokens(cfg, gen)
+    compiled = torch.compile(ft.model.forward_unchecked, fullgraph=True)
+    torch.testing.assert_close(compiled(adapted, x, cfg), ft.forward(adapted, x, cfg), rtol=1e-5, atol=1e-5)
+
+
 FAMILIES = sorted({**FAMILY_OPTIONS, **FAMILY_II_OPTIONS})
 
 

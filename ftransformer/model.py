@@ -15,6 +15,7 @@ from ftransformer.config import Config
 from ftransformer.layers.attention import KVWrite, write_kv, write_kv_
 from ftransformer.layers.block import block, block_with_cache
 from ftransformer.layers.embedding import Rotary, embed_tokens, learned_positions, rotary_tables, sinusoidal_positions
+from ftransformer.layers.adapter import Adapted
 from ftransformer.layers.int8 import Int8Weight
 from ftransformer.layers.linear import init_normal, linear
 from ftransformer.layers.masks import Mask, cache_mask, layer_masks, self_mask
@@ -73,7 +74,7 @@ def final_norm(params: dict, x: Residual, cfg: Config, *, inv: Float[Tensor, "*#
     return norm(params["ln_f"], x, cfg.norm, inv=inv) if cfg.layout.final_norm else x
 
 
-def unembedding(params: dict, cfg: Config) -> Float[Tensor, "d_model vocab"] | Int8Weight:
+def unembedding(params: dict, cfg: Config) -> Float[Tensor, "d_model vocab"] | Int8Weight | Adapted:
     """The unembedding's weight, ``[d_model, vocab]``: the token embedding's transpose when the two are tied."""
     return params["embed"]["tokens"].t() if cfg.embeddings.tie else params["unembed"]["w"]
 

@@ -153,9 +153,10 @@ def _key_name(entry) -> str:
     raise TypeError(f"cannot name pytree key {entry!r}: expected a dict key, a position or a field")
 
 
-def flatten_with_paths(tree: PyTree) -> dict[str, Any]:
-    """``{"blocks.0.attn.w_qkv": leaf, ...}`` in leaf order, named by the module's path convention."""
-    with_paths, _ = pytree.tree_flatten_with_path(tree)
+def flatten_with_paths(tree: PyTree, *, is_leaf: IsLeaf = None) -> dict[str, Any]:
+    """``{"blocks.0.attn.w_qkv": leaf, ...}`` in leaf order, named by the module's path convention
+    (``is_leaf`` as in ``map``: a node it accepts is one leaf)."""
+    with_paths, _ = pytree.tree_flatten_with_path(tree, is_leaf=is_leaf)
     flat = {".".join(_key_name(k) for k in path): leaf for path, leaf in with_paths}
     if len(flat) != len(with_paths):
         names = [".".join(_key_name(k) for k in path) for path, _ in with_paths]

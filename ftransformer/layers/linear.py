@@ -1,22 +1,26 @@
 """The one leaf op every projection uses: ``x @ w + b`` with ``w`` stored ``[d_in, d_out]``.
 
 ``w`` is a float matrix, or an ``Int8Weight`` (``ftransformer.layers.int8``, made by
-``ftransformer.quantization``): int8 values with one float scale per output column, ``w ~= q * scale``.
+``ftransformer.quantization``): int8 values with one float scale per output column, ``w ~= q * scale``;
+or a low-rank adapter over either (``ftransformer.layers.adapter``, made by ``ftransformer.peft``).
 """
 
 import torch
 import torch.nn.functional as F
 
+from ftransformer.layers.adapter import ADAPTERS, AdapterDropout, Adapted, adapter_output
 from ftransformer.layers.int8 import Int8Weight, int8_matmul
 from ftransformer.shapes import Float, Tensor
 
 
 def linear(
     x: Float[Tensor, "*batch d_in"],
-    w: Float[Tensor, "d_in d_out"] | Int8Weight,
+    w: Float[Tensor, "d_in d_out"] | Int8Weight | Adapted,
     b: Float[Tensor, " d_out"] | None = None,
 ) -> Float[Tensor, "*batch d_out"]:
-    """Affine map. ``w`` is ``[d_in, d_out]`` (the order of ``x @ w``, and of GPT-2's Conv1D), float or int8."""
+    """Affine map. ``w`` is ``[d_in, d_out]`` (the order of ``x @ w``, and of GPT-2's Conv1D), float, int8 or adapted."""
+    if isinstance(w, ADAPTERS + (AdapterDropout,)):
+        return adapter_output(x, w, b, linear)
     if isinstance(w, Int8Weight):
         y = int8_matmul(x, w)
         return y if b is None else y + b

@@ -1,0 +1,57 @@
+"""A training step over adapters only: the ``TrainStep`` whose params are the trainable tree of ``peft.split``.
+
+The frozen tree rides in the closure, so the loss is a function of the adapters' tensors alone:
+``torch.func`` differentiates those, and the base never enters the differentiated function's inputs (no
+gradient is computed for it, none is stored, none is in the optimizer state or a checkpoint of the params).
+"""
+
+import torch
+from torch import Tensor
+
+from ftransformer import optim, random
+from ftransformer.config import Config
+from ftransformer.data import unpack_batch
+from ftransformer.model import loss_fn
+from ftransformer.peft.adapters import dropout as drop_adapters
+from ftransformer.peft.partition import combine
+from ftransformer.train import TrainStep, apply_optimizer, check_batch, check_optimizer, step_metrics
+
+
+def adapter_loss(
+    trainable: dict, frozen: dict, tokens: Tensor, targets: Tensor, cfg: Config, *,
+    key: Tensor | None = None, dropout: float = 0.0, ignore_index: int = -100,
+) -> Tensor:
+    """Mean next-token loss of ``combine(trainable, frozen)``; ``key`` drives the model's dropout and the
+    adapters' input dropout at ``dropout`` (None: neither)."""
+    params = combine(trainable, frozen)
+    if key is not None:
+        key, adapter_key = random.split(key, 2)
+        params = drop_adapters(params, dropout, adapter_key)
+    return loss_fn(params, tokens, targets, cfg, key=key, ignore_index=ignore_index)
+
+
+def make_adapter_step(
+    cfg: Config, optimizer: optim.GradientTransformation, frozen: dict, *, dropout: float = 0.0,
+    ignore_index: int = -100,
+) -> TrainStep:
+    """``TrainStep(optimizer.init, step)`` with ``step(trainable, opt_state, (tokens, targets), key)``: the
+    gradients, the optimizer state and the returned params are trees of the adapters alone."""
+    if not isinstance(cfg, Config):
+        raise TypeError(f"cfg must be a Config, got {type(cfg).__name__}")
+    check_optimizer(optimizer)
+
+    def loss_of(trainable, tokens, targets, key):
+        return adapter_loss(
+            trainable, frozen, tokens, targets, cfg, key=key, dropout=dropout, ignore_index=ignore_index
+        )
+
+    def step(trainable, opt_state, batch, key=None):
+        tokens, targets = unpack_batch(batch)
+        check_batch(tokens, targets, cfg, ignore_index)
+        grads, loss = torch.func.grad_and_value(loss_of)(trainable, tokens, targets, key)
+        grad_norm = optim.global_norm(grads)
+        trainable, new_state = apply_optimizer(optimizer, trainable, grads, opt_state)
+        n_tokens = (targets != ignore_index).sum()
+        return trainable, new_state, step_metrics(loss.detach(), grad_norm, new_state, n_tokens)
+
+    return TrainStep(optimizer.init, step, 1)

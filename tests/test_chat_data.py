@@ -17,7 +17,7 @@ from ftransformer.interop.hf_tokenizer import HFTokenizer, load_hf_tokenizer
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
-from test_hf_tokenizer import byte_level_backend, save_hf, sentencepiece_backend  # noqa: E402
+from test_hf_tokenizer import LLAMA3_TEMPLATE, byte_level_backend, save_hf, sentencepiece_backend  # noqa: E402
 
 CHATML_GENERATION = """{% for message in messages %}
 <|im_start|>{{ message['role'] }}
@@ -100,9 +100,28 @@ def test_mask_without_generation_blocks_is_the_same(ours, messages):
     """Rendering prefixes needs no generation blocks: the plain template gives the same ids and mask."""
     ours_plain = with_template(ours, CHATML_PLAIN)
     assert render_with_mask(ours_plain, messages) == render_with_mask(ours, messages)
-    decoded = ours.decode([i for i, m in zip(*render_with_mask(ours, messages)) if m])
-    assert decoded.replace(" ", "").startswith(next(m for m in messages if m["role"] == "assistant")["content"][:5]
-                                               .replace(" ", ""))
+
+
+def trained_text(tokenizer, messages):
+    ids, mask = render_with_mask(tokenizer, messages)
+    return tokenizer.decode([i for i, m in zip(ids, mask) if m])
+
+
+def test_mask_covers_each_assistant_turn_and_its_end_token(ours):
+    """The trained tokens decode to the assistant turns' text and end-of-turn tokens, nothing else."""
+    if ours.tokenizer.decoder.__class__.__name__ != "ByteLevel":
+        pytest.skip("the SentencePiece-style decoder strips a leading space from what it decodes")
+    assert trained_text(ours, CHATS[1]) == "It is 4.<|im_end|>\nThe quick brown fox: 827115.<|im_end|>\n"
+
+
+def test_mask_with_a_llama3_template(tmp_path):
+    """A template with no generation blocks, a BOS and a date header: the turns' trimmed text and <|eot_id|>."""
+    directory = save_hf(tmp_path, byte_level_backend(), bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                        chat_template=LLAMA3_TEMPLATE)
+    tok = load_hf_tokenizer(directory)
+    assert trained_text(tok, CHATS[1]) == "It is 4.<|eot_id|>The quick brown fox: 827115.<|eot_id|>"
+    ids, mask = render_with_mask(tok, CHATS[1])
+    assert ids == tok.apply_chat_template(CHATS[1]) and not mask[0]
 
 
 def test_prefix_inconsistent_template_is_refused(ours):

@@ -138,7 +138,8 @@ def check_documents(documents: object, tokens: Tokens) -> None:
     if documents is None:
         return
     if not isinstance(documents, Tensor) or documents.dtype.is_floating_point or documents.dtype == torch.bool:
-        raise TypeError(f"documents must be an integer tensor, got {getattr(documents, 'dtype', type(documents).__name__)}")
+        got = getattr(documents, "dtype", type(documents).__name__)
+        raise TypeError(f"documents must be an integer tensor, got {got}")
     if documents.shape != tokens.shape:
         raise ValueError(f"documents has shape {tuple(documents.shape)} but tokens has shape {tuple(tokens.shape)}")
 

@@ -43,7 +43,11 @@ CHATS = [
         {"role": "user", "content": "and 12345 * 67?"},
         {"role": "assistant", "content": "The quick brown fox: 827115."},
     ],
-    [{"role": "user", "content": "café?"}, {"role": "assistant", "content": "Oui, café!"}, {"role": "user", "content": "ok"}],
+    [
+        {"role": "user", "content": "café?"},
+        {"role": "assistant", "content": "Oui, café!"},
+        {"role": "user", "content": "ok"},
+    ],
 ]
 
 
@@ -68,7 +72,9 @@ def tokenizer_dir(request, tmp_path_factory):
 
 def with_template(tokenizer, template):
     """The same tokenizer with another default chat template."""
-    return HFTokenizer(tokenizer.tokenizer, tokenizer.config, templates={"default": template}, eos_ids=tokenizer.eos_ids)
+    return HFTokenizer(
+        tokenizer.tokenizer, tokenizer.config, templates={"default": template}, eos_ids=tokenizer.eos_ids
+    )
 
 
 # A 'tool' message renders nothing: the ChatML loop over the other messages only.
@@ -202,7 +208,9 @@ def test_pack_layout(gen):
 CONFIGS = {
     "learned": ft.PRESETS["tiny"],
     "rope": dataclasses.replace(ft.PRESETS["tiny"], positional=Positional("rope")),
-    "rope_window": dataclasses.replace(ft.PRESETS["tiny"], positional=Positional("rope"), attention=Attention(window=3)),
+    "rope_window": dataclasses.replace(
+        ft.PRESETS["tiny"], positional=Positional("rope"), attention=Attention(window=3)
+    ),
 }
 
 

@@ -46,8 +46,10 @@ from ftransformer.data.tokenizers import (
 from ftransformer.io import atomic_write, temp_sibling
 
 __all__ = [
-    "BUILTIN_CORPUS", "BUILTIN_MAX_CHARS", "BPETokenizer", "CharTokenizer", "ChatData", "Dataset", "Example", "Packed", "Prefetcher", "SplitWindows", "TOKENIZER_FILE", "TOKENIZER_KINDS",
-    "Tokenizer", "atomic_write", "build_tokenizer", "builtin_corpus", "cache_key", "fixed_batches", "load_corpus",
-    "load_dataset", "load_tokenizer", "min_tokens", "pack", "read_chat_jsonl", "read_text_file", "render_with_mask", "sample_batch", "split_ids", "stdlib_files",
-    "temp_sibling", "to_device", "tokenize_cached", "tokenizer_from_json", "unpack_batch",
+    "BUILTIN_CORPUS", "BUILTIN_MAX_CHARS", "BPETokenizer", "CharTokenizer", "ChatData", "Dataset", "Example",
+    "Packed", "Prefetcher", "SplitWindows", "TOKENIZER_FILE", "TOKENIZER_KINDS", "Tokenizer", "atomic_write",
+    "build_tokenizer", "builtin_corpus", "cache_key", "fixed_batches", "load_corpus", "load_dataset",
+    "load_tokenizer", "min_tokens", "pack", "read_chat_jsonl", "read_text_file", "render_with_mask", "sample_batch",
+    "split_ids", "stdlib_files", "temp_sibling", "to_device", "tokenize_cached", "tokenizer_from_json",
+    "unpack_batch",
 ]

@@ -8,7 +8,8 @@ A sliding window of ``w`` (``Config.attention.window``, per layer) adds ``j > i 
 own key and the ``w - 1`` before it. With a cache the window is a mask over the whole cache (keys
 older than the window stay in the buffers, invisible); a ring buffer of window size would save that
 memory and is not done here. Packed rows (several documents in one row, ``documents`` ids) add
-``documents[j] == documents[i]``: block-diagonal causal. ``layer_masks`` builds one mask per distinct window, once per call.
+``documents[j] == documents[i]``: block-diagonal causal. ``layer_masks`` builds one mask per distinct
+window, once per call.
 """
 
 from collections.abc import Callable
@@ -43,7 +44,9 @@ def causal_mask(
 
 
 def self_mask(
-    positions: Int[Tensor, "*#batch seq"], window: int | None = None, documents: Int[Tensor, "*#batch seq"] | None = None
+    positions: Int[Tensor, "*#batch seq"],
+    window: int | None = None,
+    documents: Int[Tensor, "*#batch seq"] | None = None,
 ) -> Mask:
     """The mask of a sequence attending to itself (``positions`` increasing along ``seq``, or restarting at
     each of the packed ``documents``, whose block-diagonal causal mask lets no query see another document)."""

@@ -18,7 +18,7 @@ from ftransformer.layers.embedding import Rotary, embed_tokens, learned_position
 from ftransformer.layers.adapter import Adapted
 from ftransformer.layers.int8 import Int8Weight
 from ftransformer.layers.linear import init_normal, linear
-from ftransformer.layers.masks import Mask, cache_mask, layer_masks, self_mask
+from ftransformer.layers.masks import Mask, cache_mask, document_positions, layer_masks, self_mask
 from ftransformer.layers.norm import init_norm, norm
 from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.shapes import Float, Int, Key, Logits, Residual, Tensor, Tokens
@@ -122,10 +122,26 @@ def default_positions(tokens: Tokens) -> Int[Tensor, " seq"]:
     return torch.arange(tokens.shape[-1], device=tokens.device)
 
 
-def forward(params: dict, tokens: Tokens, cfg: Config, *, key: Key | None = None) -> Logits:
-    """Logits for the next token at every position. ``key`` turns dropout on (training); None is eval."""
+def forward(
+    params: dict, tokens: Tokens, cfg: Config, *, key: Key | None = None, documents: Tokens | None = None
+) -> Logits:
+    """Logits for the next token at every position. ``key`` turns dropout on (training); None is eval.
+    ``documents`` (ids per token, shaped like ``tokens``) packs several documents per row: no attention
+    across them, positions restarting at each."""
     check_tokens(tokens, cfg)
-    return forward_unchecked(params, tokens, cfg, key=key)
+    check_documents(documents, tokens)
+    return forward_unchecked(params, tokens, cfg, key=key, documents=documents)
+
+
+def check_documents(documents: object, tokens: Tokens) -> None:
+    """``documents`` is None or an integer tensor shaped like ``tokens``."""
+    if documents is None:
+        return
+    if not isinstance(documents, Tensor) or documents.dtype.is_floating_point or documents.dtype == torch.bool:
+        got = getattr(documents, "dtype", type(documents).__name__)
+        raise TypeError(f"documents must be an integer tensor, got {got}")
+    if documents.shape != tokens.shape:
+        raise ValueError(f"documents has shape {tuple(documents.shape)} but tokens has shape {tuple(tokens.shape)}")
 
 
 def layer_rotaries(positions: Int[Tensor, "*#batch seq"], cfg: Config) -> tuple[Rotary | None, ...]:
@@ -143,23 +159,25 @@ class BlockInputs(NamedTuple):
     """What the blocks of one cache-less pass read besides the residual stream: built once per call (the masks
     and rotary tables, one per layer, depend on positions only)."""
 
-    positions: Int[Tensor, " seq"]
+    positions: Int[Tensor, "*#batch seq"]
     masks: tuple[Mask, ...]
     rotaries: tuple[Rotary | None, ...]
 
 
-def block_inputs(tokens: Tokens, cfg: Config) -> BlockInputs:
-    """The ``BlockInputs`` of a cache-less pass over ``tokens``."""
-    positions = default_positions(tokens)
-    return BlockInputs(positions, layer_masks(cfg, lambda w: self_mask(positions, w)), layer_rotaries(positions, cfg))
+def block_inputs(tokens: Tokens, cfg: Config, documents: Tokens | None = None) -> BlockInputs:
+    """The ``BlockInputs`` of a cache-less pass over ``tokens`` (packed ``documents``: see ``forward``)."""
+    positions = default_positions(tokens) if documents is None else document_positions(documents)
+    masks = layer_masks(cfg, lambda w: self_mask(positions, w, documents))
+    return BlockInputs(positions, masks, layer_rotaries(positions, cfg))
 
 
 def forward_unchecked(
-    params: dict, tokens: Tokens, cfg: Config, *, key: Key | None = None, tap: Tap = NO_TAP
+    params: dict, tokens: Tokens, cfg: Config, *, key: Key | None = None, tap: Tap = NO_TAP,
+    documents: Tokens | None = None,
 ) -> Logits:
     """``forward`` without the input checks. ``tap`` sees ``embed``, then every block's values under
     ``blocks.{i}.``, then ``final`` (``interp.forward_with_activations`` passes one)."""
-    inputs = block_inputs(tokens, cfg)
+    inputs = block_inputs(tokens, cfg, documents)
     masks, rotaries = inputs.masks, inputs.rotaries
     keys = [None] * (cfg.n_layers + 1) if key is None else random.split(key, cfg.n_layers + 1)
     x = tap("embed", embed(params, tokens, cfg, positions=inputs.positions, key=keys[0]))
@@ -274,12 +292,13 @@ def loss_fn(
     key: Key | None = None,
     ignore_index: int = -100,
     reduction: str = "mean",
+    documents: Tokens | None = None,
 ) -> Float[Tensor, ""]:
-    """Mean (or summed) next-token cross-entropy of ``forward`` against ``targets``."""
+    """Mean (or summed) next-token cross-entropy of ``forward`` (packed ``documents``) against ``targets``."""
     if not isinstance(targets, Tensor) or targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise TypeError(f"targets must be an integer tensor, got {getattr(targets, 'dtype', type(targets).__name__)}")
     if targets.shape != tokens.shape:
         raise ValueError(f"targets has shape {tuple(targets.shape)} but tokens has shape {tuple(tokens.shape)}")
     check_ids("targets", targets, cfg.vocab_size, allowed=ignore_index)
-    logits = forward(params, tokens, cfg, key=key)
+    logits = forward(params, tokens, cfg, key=key, documents=documents)
     return cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction)

@@ -7,7 +7,9 @@ slots, where right padding sits past each row's length and is hidden by the same
 A sliding window of ``w`` (``Config.attention.window``, per layer) adds ``j > i - w``: a query sees its
 own key and the ``w - 1`` before it. With a cache the window is a mask over the whole cache (keys
 older than the window stay in the buffers, invisible); a ring buffer of window size would save that
-memory and is not done here. ``layer_masks`` builds one mask per distinct window, once per call.
+memory and is not done here. Packed rows (several documents in one row, ``documents`` ids) add
+``documents[j] == documents[i]``: block-diagonal causal. ``layer_masks`` builds one mask per distinct
+window, once per call.
 """
 
 from collections.abc import Callable
@@ -41,8 +43,17 @@ def causal_mask(
     return allowed
 
 
-def self_mask(positions: Int[Tensor, "*#batch seq"], window: int | None = None) -> Mask:
-    """The mask of a sequence attending to itself (``positions`` increasing along ``seq``)."""
+def self_mask(
+    positions: Int[Tensor, "*#batch seq"],
+    window: int | None = None,
+    documents: Int[Tensor, "*#batch seq"] | None = None,
+) -> Mask:
+    """The mask of a sequence attending to itself (``positions`` increasing along ``seq``, or restarting at
+    each of the packed ``documents``, whose block-diagonal causal mask lets no query see another document)."""
+    if documents is not None:
+        index = torch.arange(documents.shape[-1], device=documents.device)
+        same = documents[..., None, :] == documents[..., :, None]
+        return Mask(causal_mask(index, index, window) & same)
     # Increasing positions make causal_mask the lower triangle, whatever the values: hence causal=True.
     if window is not None:
         return Mask(causal_mask(positions, positions, window))
@@ -65,3 +76,11 @@ def layer_masks(cfg, build: Callable[[int | None], Mask]) -> tuple[Mask, ...]:
     windows = [cfg.layer_window(i) for i in range(cfg.n_layers)]
     built = {w: build(w) for w in dict.fromkeys(windows)}
     return tuple(built[w] for w in windows)
+
+
+def document_positions(documents: Int[Tensor, "*#batch seq"]) -> Int[Tensor, "*#batch seq"]:
+    """Positions that restart at 0 where each packed document starts (``documents`` constant within one)."""
+    index = torch.arange(documents.shape[-1], device=documents.device).expand_as(documents)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[..., 1:] = documents[..., 1:] != documents[..., :-1]
+    return index - torch.cummax(torch.where(starts, index, 0), dim=-1).values

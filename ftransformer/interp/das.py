@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from ftransformer import validate
 from ftransformer.config import Config
@@ -26,10 +27,10 @@ from ftransformer.optim import adamw, apply_updates
 from ftransformer.shapes import Float, Logits, Tensor, Tokens
 from ftransformer.tree import flatten_with_paths
 
-Positions = Sequence[int] | None  # the sequence positions an intervention acts at; None: all of them
+SitePositions = Sequence[int] | None  # the sequence positions an intervention acts at; None: all of them
 
 
-def orthogonal(a: Float[Tensor, "d d"]) -> Float[Tensor, "d d"]:
+def orthogonal(a: Float[Tensor, "rows cols"]) -> Float[Tensor, "rows rows"]:
     """The rotation ``matrix_exp(a - a^T)``: orthogonal (determinant 1) for every square ``a``."""
     if not isinstance(a, Tensor) or a.ndim != 2 or a.shape[0] != a.shape[1]:
         got = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
@@ -49,20 +50,19 @@ def subspace(params_i: dict, k: int) -> Float[Tensor, "d k"]:
     return orthogonal(params_i["rotation"])[:k].T
 
 
-def position_mask(positions: Positions, seq: int, device: torch.device) -> Tensor:
+def position_mask(positions: SitePositions, seq: int, device: torch.device) -> Tensor:
     """A ``[seq, 1]`` bool mask, true at ``positions`` (negative ones count from the end; None: everywhere)."""
     if positions is None:
         return torch.ones(seq, 1, dtype=torch.bool, device=device)
     for p in positions:
-        if not isinstance(p, int) or isinstance(p, bool) or not -seq <= p < seq:
-            raise ValueError(f"positions must be ints in [-{seq}, {seq}) (seq = {seq}), got {p!r}")
+        validate.int_in("each of positions", p, -seq, seq, high_name="seq")
     mask = torch.zeros(seq, dtype=torch.bool, device=device)
     mask[torch.tensor([p % seq for p in positions], dtype=torch.long, device=device)] = True
     return mask[:, None]
 
 
 def das_intervention(
-    params_i: dict, source_activation: Float[Tensor, "*batch seq d"], k: int, positions: Positions = None
+    params_i: dict, source_activation: Float[Tensor, "*batch seq d"], k: int, positions: SitePositions = None
 ) -> Callable[[Tensor], Tensor]:
     """``h -> R^T swap(R h)``: the first ``k`` rotated coordinates of the base taken from the source, at
     ``positions`` (all when None); elsewhere the base's value is returned unchanged."""
@@ -88,7 +88,7 @@ def site_activation(params: dict, tokens: Tokens, cfg: Config, site: str) -> Ten
 
 def interchange_logits(
     params: dict, cfg: Config, site: str, base: Tokens, source_activation: Tensor, params_i: dict, k: int,
-    positions: Positions = None,
+    positions: SitePositions = None,
 ) -> Logits:
     """The logits of the base run with the DAS swap from the source's activation at ``site``."""
     swap = das_intervention(params_i, source_activation, k, positions)
@@ -114,13 +114,13 @@ def last_position_loss(logits: Logits, labels: Tensor) -> Tensor:
     """The mean cross-entropy of the last position's logits against ``labels`` (``[*batch]`` token ids)."""
     if labels.shape != logits.shape[:-2]:
         raise ValueError(f"labels must have shape {tuple(logits.shape[:-2])} (one per sequence), got {tuple(labels.shape)}")
-    last = logits[..., -1, :]
-    return F.cross_entropy(last.reshape(-1, last.shape[-1]), labels.reshape(-1))
+    last = rearrange(logits[..., -1, :], "... vocab -> (...) vocab")
+    return F.cross_entropy(last, rearrange(labels, "... -> (...)"))
 
 
 def train_das(
     params: dict, cfg: Config, site: str, base: Tokens, source: Tokens, labels: Tensor, k: int, *,
-    positions: Positions = None, steps: int = 200, lr: float = 0.05, init: dict | None = None, seed: int = 0,
+    positions: SitePositions = None, steps: int = 200, lr: float = 0.05, init: dict | None = None, seed: int = 0,
 ) -> tuple[dict, list[float]]:
     """DAS trained on counterfactual pairs: the rotation that makes the base run, with the source's ``k``-dim
     subspace swapped in at ``site`` / ``positions``, predict ``labels`` at its last position. The model's
@@ -136,7 +136,7 @@ def train_das(
 
 def iia(
     params: dict, cfg: Config, site: str, base: Tokens, source: Tokens, labels: Tensor, params_i: dict, k: int, *,
-    positions: Positions = None,
+    positions: SitePositions = None,
 ) -> Tensor:
     """Interchange-intervention accuracy: the fraction of pairs whose intervened last-position argmax is the label."""
     source_activation = site_activation(params, source, cfg, site)

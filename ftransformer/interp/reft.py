@@ -13,7 +13,7 @@ import torch
 from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
-from ftransformer.interp.das import Positions, fit, last_position_loss, position_mask
+from ftransformer.interp.das import SitePositions, fit, last_position_loss, position_mask
 from ftransformer.interp.steering import check_site
 from ftransformer.shapes import Float, Logits, Tensor, Tokens
 
@@ -36,7 +36,7 @@ def reft_params(d: int, r: int, *, seed: int = 0, dtype: torch.dtype = torch.flo
     return {"R": raw, "W": rows.clone(), "b": torch.zeros(r, dtype=dtype)}
 
 
-def loreft_intervention(params_i: dict, positions: Positions = None) -> Callable[[Tensor], Tensor]:
+def loreft_intervention(params_i: dict, positions: SitePositions = None) -> Callable[[Tensor], Tensor]:
     """``h -> h + R^T (W h + b - R h)`` at ``positions`` (all when None), ``h`` unchanged elsewhere."""
     rows = orthonormal_rows(params_i["R"])
     w, b = params_i["W"], params_i["b"]
@@ -52,7 +52,7 @@ def loreft_intervention(params_i: dict, positions: Positions = None) -> Callable
     return edit
 
 
-def reft_logits(params: dict, cfg: Config, site: str, tokens: Tokens, params_i: dict, positions: Positions = None) -> Logits:
+def reft_logits(params: dict, cfg: Config, site: str, tokens: Tokens, params_i: dict, positions: SitePositions = None) -> Logits:
     """The logits of ``tokens`` with the LoReFT edit at ``site``."""
     check_site(site, cfg)
     return forward_with_activations(params, tokens, cfg, interventions={site: loreft_intervention(params_i, positions)})[0]
@@ -60,7 +60,7 @@ def reft_logits(params: dict, cfg: Config, site: str, tokens: Tokens, params_i: 
 
 def train_reft(
     params: dict, cfg: Config, site: str, tokens: Tokens, labels: Tensor, r: int, *,
-    positions: Positions = None, steps: int = 200, lr: float = 0.05, seed: int = 0,
+    positions: SitePositions = None, steps: int = 200, lr: float = 0.05, seed: int = 0,
 ) -> tuple[dict, list[float]]:
     """A rank-``r`` LoReFT edit at ``site`` / ``positions`` trained so the last position predicts ``labels``;
     the model's ``params`` stay constants. Returns ``(params_i, losses)``."""

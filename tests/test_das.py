@@ -101,8 +101,7 @@ def test_das_finds_the_planted_subspace(model, trained):
     assert losses[-1] < 0.05 * losses[0]
     base, source, labels = pairs(256, seed=6)
     assert float(das.iia(model, CFG, SITE, base, source, labels, params_i, 2, positions=[-1])) >= 0.95
-    cosines = torch.linalg.svdvals(das.subspace(params_i, 2).T @ PLANTED)
-    angles = torch.rad2deg(torch.arccos(cosines.clamp(max=1.0)))
+    angles = das.principal_angles(das.subspace(params_i, 2), PLANTED)
     assert float(angles.max()) < 10.0, f"principal angles {angles.tolist()} degrees"
 
 
@@ -121,17 +120,18 @@ def test_the_swap_acts_only_at_the_chosen_positions(model):
     assert float(das.iia(model, CFG, SITE, base, source, base[:, -1], identity, 2, positions=[0])) == 1.0
 
 
-def test_a_rank_1_reft_edit_teaches_a_new_fixed_answer(model):
-    """LoReFT, rank 1 at one layer and the last position, trained so the model always answers token 5: it does on
+@pytest.mark.parametrize("kind", ["loreft", "direft"])
+def test_a_rank_1_reft_edit_teaches_a_new_fixed_answer(model, kind):
+    """LoReFT (and DiReFT), rank 1 at one layer and the last position, trained so the model always answers token 5: it does on
     held-out inputs, and the model's weights stay bit-identical."""
     snapshot = {k: v.clone() for k, v in ft.tree.flatten_with_paths(model).items()}
     gen = torch.Generator().manual_seed(8)
     tokens, held_out = torch.randint(0, VOCAB, (64, SEQ), generator=gen), torch.randint(0, VOCAB, (128, SEQ), generator=gen)
     target = torch.full((64,), 5)
-    params_i, losses = reft.train_reft(model, CFG, SITE, tokens, target, 1, positions=[-1], steps=150, lr=0.1)
+    params_i, losses = reft.train_reft(model, CFG, SITE, tokens, target, 1, positions=[-1], steps=150, lr=0.1, kind=kind)
     assert losses[-1] < 0.1 * losses[0]
     assert sorted(ft.tree.flatten_with_paths(params_i)) == ["R", "W", "b"] and params_i["R"].shape == (1, D)
-    logits = reft.reft_logits(model, CFG, SITE, held_out, params_i, positions=[-1])
+    logits = reft.reft_logits(model, CFG, SITE, held_out, params_i, positions=[-1], kind=kind)
     assert float((logits[:, -1].argmax(-1) == 5).to(torch.float64).mean()) >= 0.95
     after = ft.tree.flatten_with_paths(model)
     assert all(torch.equal(snapshot[k], after[k]) for k in snapshot)
@@ -145,6 +145,30 @@ def test_loreft_rows_are_orthonormal_and_the_edit_starts_as_a_no_op():
     torch.testing.assert_close(rows @ rows.T, torch.eye(3, dtype=torch.float64))
     h = torch.randn(2, SEQ, D, dtype=torch.float64)
     torch.testing.assert_close(reft.loreft_intervention(p)(h), h)
+    torch.testing.assert_close(reft.direft_intervention(reft.reft_params(D, 3, dtype=torch.float64, kind="direft"))(h), h)
+
+
+def test_loreft_and_direft_edits_are_the_formulas_at_the_chosen_positions():
+    """LoReFT is ``h + R^T (W h + b - R h)``, DiReFT ``h + R^T (W h + b)``, with ``R``'s rows orthonormal, at the
+    chosen positions only (float64)."""
+    gen = torch.Generator().manual_seed(9)
+    p = {"R": torch.randn(2, D, generator=gen, dtype=torch.float64), "W": torch.randn(2, D, generator=gen, dtype=torch.float64),
+         "b": torch.randn(2, generator=gen, dtype=torch.float64)}
+    h = torch.randn(3, SEQ, D, generator=gen, dtype=torch.float64)
+    rows = torch.linalg.qr(p["R"].T).Q.T
+    lo, di = reft.loreft_intervention(p, positions=[1])(h), reft.direft_intervention(p, positions=[1])(h)
+    torch.testing.assert_close(lo[:, 1], h[:, 1] + (h[:, 1] @ p["W"].T + p["b"] - h[:, 1] @ rows.T) @ rows)
+    torch.testing.assert_close(di[:, 1], h[:, 1] + (h[:, 1] @ p["W"].T + p["b"]) @ rows)
+    for edited in (lo, di):
+        assert torch.equal(edited[:, [0, 2]], h[:, [0, 2]])
+
+
+def test_principal_angles_of_a_known_pair():
+    """Spans of (e0, e1) and (e0, cos 30 e1 + sin 30 e2): angles 0 and 30 degrees."""
+    eye = torch.eye(3, dtype=torch.float64)
+    tilted = torch.stack([eye[0], math.cos(math.pi / 6) * eye[1] + math.sin(math.pi / 6) * eye[2]], dim=-1)
+    torch.testing.assert_close(das.principal_angles(eye[:, :2], tilted).sort().values,
+                               torch.tensor([0.0, 30.0], dtype=torch.float64), atol=1e-6, rtol=0)
 
 
 def test_bad_input_is_named():
@@ -156,6 +180,8 @@ def test_bad_input_is_named():
         das.das_intervention(das.das_params(4), torch.zeros(1, 2, 4), 2, positions=[7])(torch.zeros(1, 2, 4))
     with pytest.raises(ValueError, match="r <= d"):
         reft.orthonormal_rows(torch.zeros(5, 4))
+    with pytest.raises(ValueError, match="kind"):
+        reft.train_reft({}, CFG, SITE, torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, dtype=torch.long), 1, kind="lora")
     with pytest.raises(ValueError, match="site"):
         das.site_activation({}, torch.zeros(1, 2, dtype=torch.long), CFG, "nowhere")
     assert interp.train_das is das.train_das and interp.train_reft is reft.train_reft

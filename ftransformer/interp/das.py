@@ -50,6 +50,15 @@ def subspace(params_i: dict, k: int) -> Float[Tensor, "d k"]:
     return orthogonal(params_i["rotation"])[:k].T
 
 
+def principal_angles(q_a: Float[Tensor, "d_model k"], q_b: Float[Tensor, "d_model k"]) -> Float[Tensor, " k"]:
+    """The principal angles (degrees, ascending) between the spans of two orthonormal-column matrices:
+    ``arccos`` of the singular values of ``q_a^T q_b``."""
+    if q_a.shape != q_b.shape:
+        raise ValueError(f"the two bases must have the same shape, got {tuple(q_a.shape)} and {tuple(q_b.shape)}")
+    cosines = torch.linalg.svdvals(q_a.T @ q_b).clamp(max=1.0)
+    return torch.rad2deg(torch.arccos(cosines))
+
+
 def position_mask(positions: SitePositions, seq: int, device: torch.device) -> Tensor:
     """A ``[seq, 1]`` bool mask, true at ``positions`` (negative ones count from the end; None: everywhere)."""
     if positions is None:

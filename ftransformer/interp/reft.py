@@ -26,14 +26,17 @@ def orthonormal_rows(raw: Float[Tensor, "r d"]) -> Float[Tensor, "r d"]:
     return torch.linalg.qr(raw.T).Q.T
 
 
-def reft_params(d: int, r: int, *, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
-    """A rank-``r`` LoReFT edit of a ``d``-wide site: random ``R``, ``W`` and ``b`` at zero (a no-op at init)."""
+def reft_params(d: int, r: int, *, seed: int = 0, dtype: torch.dtype = torch.float32, kind: str = "loreft") -> dict:
+    """A rank-``r`` edit of a ``d``-wide site, a no-op at init: random ``R``, ``b = 0`` and ``W = R``'s
+    orthonormal rows (LoReFT) or ``W = 0`` (DiReFT, ``kind="direft"``)."""
     validate.integer("d", d)
     validate.int_in("r", r, 1, d, closed=True, high_name="d")
+    validate.one_of("kind", kind, ("loreft", "direft"))
     gen = torch.Generator().manual_seed(seed)
     raw = torch.randn(r, d, generator=gen, dtype=dtype)
     rows = orthonormal_rows(raw)
-    return {"R": raw, "W": rows.clone(), "b": torch.zeros(r, dtype=dtype)}
+    w = rows.clone() if kind == "loreft" else torch.zeros_like(rows)
+    return {"R": raw, "W": w, "b": torch.zeros(r, dtype=dtype)}
 
 
 def loreft_intervention(params_i: dict, positions: SitePositions = None) -> Callable[[Tensor], Tensor]:
@@ -52,22 +55,42 @@ def loreft_intervention(params_i: dict, positions: SitePositions = None) -> Call
     return edit
 
 
-def reft_logits(params: dict, cfg: Config, site: str, tokens: Tokens, params_i: dict, positions: SitePositions = None) -> Logits:
-    """The logits of ``tokens`` with the LoReFT edit at ``site``."""
+def direft_intervention(params_i: dict, positions: SitePositions = None) -> Callable[[Tensor], Tensor]:
+    """DiReFT: ``h -> h + R^T (W h + b)`` at ``positions``, the same params as LoReFT without the ``- R h``
+    (the edit adds to the subspace instead of replacing it)."""
+    rows = orthonormal_rows(params_i["R"])
+    w, b = params_i["W"], params_i["b"]
+
+    def edit(h: Tensor) -> Tensor:
+        return torch.where(position_mask(positions, h.shape[-2], h.device), h + (h @ w.T + b) @ rows, h)
+
+    return edit
+
+
+EDITS = {"loreft": loreft_intervention, "direft": direft_intervention}
+
+
+def reft_logits(
+    params: dict, cfg: Config, site: str, tokens: Tokens, params_i: dict, positions: SitePositions = None,
+    kind: str = "loreft",
+) -> Logits:
+    """The logits of ``tokens`` with the ``kind`` edit (``"loreft"`` or ``"direft"``) at ``site``."""
     check_site(site, cfg)
-    return forward_with_activations(params, tokens, cfg, interventions={site: loreft_intervention(params_i, positions)})[0]
+    validate.one_of("kind", kind, tuple(EDITS))
+    return forward_with_activations(params, tokens, cfg, interventions={site: EDITS[kind](params_i, positions)})[0]
 
 
 def train_reft(
     params: dict, cfg: Config, site: str, tokens: Tokens, labels: Tensor, r: int, *,
-    positions: SitePositions = None, steps: int = 200, lr: float = 0.05, seed: int = 0,
+    positions: SitePositions = None, steps: int = 200, lr: float = 0.05, seed: int = 0, kind: str = "loreft",
 ) -> tuple[dict, list[float]]:
-    """A rank-``r`` LoReFT edit at ``site`` / ``positions`` trained so the last position predicts ``labels``;
+    """A rank-``r`` LoReFT (or ``kind="direft"``) edit at ``site`` / ``positions`` trained so the last position predicts ``labels``;
     the model's ``params`` stay constants. Returns ``(params_i, losses)``."""
     check_site(site, cfg)
-    params_i = reft_params(cfg.d_model, r, seed=seed, dtype=params["embed"]["tokens"].dtype)
+    validate.one_of("kind", kind, tuple(EDITS))
+    params_i = reft_params(cfg.d_model, r, seed=seed, dtype=params["embed"]["tokens"].dtype, kind=kind)
 
     def loss(p: dict) -> Tensor:
-        return last_position_loss(reft_logits(params, cfg, site, tokens, p, positions), labels)
+        return last_position_loss(reft_logits(params, cfg, site, tokens, p, positions, kind), labels)
 
     return fit(loss, params_i, steps=steps, lr=lr)

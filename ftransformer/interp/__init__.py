@@ -13,6 +13,9 @@ analyses as pure functions of them, and plots.
   attribution, loss per position;
 * ``steering``: steering vectors from prompt pairs (``steering_vector``), ``steering.steer`` (a site path and
   a scale) and the layer x scale ``steering_sweep`` as one vmap;
+* ``das``: distributed alignment search, a trainable rotation whose first k coordinates are swapped between a
+  base and a source run (``train_das``, ``iia``), trained by ``grad`` over the intervention params only;
+* ``reft``: LoReFT, the low-rank edit ``h + R^T (W h + b - R h)`` at chosen positions and DiReFT ``h + R^T (W h + b)`` (``train_reft``);
 * ``weights``: weight processing as pure params transforms (``fold_layer_norm``, ``center_writing_weights``,
   ``center_unembed``, ``fold_value_biases``) and per-head QK / OV circuits kept factored, composition scores;
 * ``plots``: attention grids, layer x head heatmaps, the logit lens, as PNG files (matplotlib, Agg).
@@ -32,6 +35,7 @@ from ftransformer.interp.analysis import (
     stacked_patterns,
 )
 from ftransformer.interp.attribution import atp_report, attribution_patch
+from ftransformer.interp.das import das_intervention, das_params, iia, orthogonal, principal_angles, train_das
 from ftransformer.interp.edges import (
     EdgeScores,
     Faithfulness,
@@ -63,6 +67,7 @@ from ftransformer.interp.plots import (
     plot_logit_lens,
     plot_patching,
 )
+from ftransformer.interp.reft import direft_intervention, loreft_intervention, reft_params, train_reft
 from ftransformer.interp.steering import steering_sweep, steering_vector
 from ftransformer.interp.weights import (
     FactoredMatrix,
@@ -86,4 +91,6 @@ __all__ = [
     "plot_logit_lens", "previous_token_scores",
     "repeated_random_tokens", "repeated_stretches", "stacked_patterns", "steer",
     "steering_sweep", "steering_vector",
+    "das_intervention", "das_params", "iia", "orthogonal", "principal_angles", "train_das",
+    "direft_intervention", "loreft_intervention", "reft_params", "train_reft",
 ]

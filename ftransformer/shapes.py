@@ -13,6 +13,14 @@ group          query heads per key/value head (``heads // kv_heads``)
 head_dim       width of one head (``d_model // heads``)
 half           one rotary angle per pair of rotated channels (``rotary_dim // 2``: ``head_dim // 2`` unless partial)
 pair           the two channels one rotary angle turns (llama.cpp stores them side by side, Hugging Face half apart)
+width          the feature width of an activation site (d_model, d_ff, ...: whatever the site holds)
+rank           the rank of a low-rank adapter or edit (LoRA, DoRA, LoReFT)
+k              the size of a chosen subset: top-k eigenvalues, a DAS subspace, one-hot choices of a sweep
+cols           the columns of a matrix parameter that need not be square (checked by the function itself)
+scales         the scale values of a steering sweep
+probes         the random probe vectors of a stochastic estimate (Hutchinson, stochastic Lanczos quadrature)
+iters          the steps of a Lanczos run
+grid           the points a spectral density is evaluated at
 d_ff           hidden width of the feed-forward layer
 d_in, d_out    input and output width of one ``linear``
 vocab          number of token ids
@@ -41,7 +49,7 @@ from torch import Tensor
 
 AXES = (
     "batch", "seq", "kv_seq", "d_model", "heads", "kv_heads", "group", "head_dim", "half", "d_ff", "d_in", "d_out",
-    "vocab", "layers", "layers_plus_1", "max_seq", "member", "rows", "d_sae", "features", "qkv", "pair",
+    "vocab", "layers", "layers_plus_1", "max_seq", "member", "rows", "d_sae", "features", "qkv", "pair", "width", "rank", "k", "cols", "scales", "probes", "iters", "grid",
     "writers", "readers", "edges", "steps",
 )
 

@@ -45,7 +45,7 @@ def das_params(d: int, *, seed: int = 0, dtype: torch.dtype = torch.float32, sca
     return {"rotation": scale * torch.randn(d, d, generator=gen, dtype=dtype)}
 
 
-def subspace(params_i: dict, k: int) -> Float[Tensor, "d k"]:
+def subspace(params_i: dict, k: int) -> Float[Tensor, "width k"]:
     """The swapped subspace in the site's own coordinates: orthonormal columns, the first ``k`` rows of ``R``."""
     return orthogonal(params_i["rotation"])[:k].T
 
@@ -71,7 +71,7 @@ def position_mask(positions: SitePositions, seq: int, device: torch.device) -> T
 
 
 def das_intervention(
-    params_i: dict, source_activation: Float[Tensor, "*batch seq d"], k: int, positions: SitePositions = None
+    params_i: dict, source_activation: Float[Tensor, "*batch seq width"], k: int, positions: SitePositions = None
 ) -> Callable[[Tensor], Tensor]:
     """``h -> R^T swap(R h)``: the first ``k`` rotated coordinates of the base taken from the source, at
     ``positions`` (all when None); elsewhere the base's value is returned unchanged."""

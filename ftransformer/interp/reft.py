@@ -18,7 +18,7 @@ from ftransformer.interp.steering import check_site
 from ftransformer.shapes import Float, Logits, Tensor, Tokens
 
 
-def orthonormal_rows(raw: Float[Tensor, "r d"]) -> Float[Tensor, "r d"]:
+def orthonormal_rows(raw: Float[Tensor, "rank width"]) -> Float[Tensor, "rank width"]:
     """``raw``'s rows made orthonormal (Q of the QR factorisation of ``raw^T``); needs ``r <= d``."""
     if not isinstance(raw, Tensor) or raw.ndim != 2 or raw.shape[0] > raw.shape[1]:
         got = tuple(raw.shape) if isinstance(raw, Tensor) else type(raw).__name__

@@ -36,8 +36,8 @@ def _site_means(params: dict, tokens: Tensor, cfg: Config, site: str, position: 
         raise ValueError(f"prompt tokens must have shape (prompts, seq), got {got}")
     with torch.no_grad():
         value = flatten_with_paths(forward_with_activations(params, tokens, cfg)[1])[site]
-    per_prompt = value[..., -1, :] if position == "last" else reduce(value, "... seq d -> ... d", "mean")
-    return reduce(per_prompt, "... d -> d", "mean")
+    per_prompt = value[..., -1, :] if position == "last" else reduce(value, "... seq width -> ... width", "mean")
+    return reduce(per_prompt, "... width -> width", "mean")
 
 
 def steering_vector(
@@ -108,7 +108,7 @@ def steering_sweep(
     vectors = torch.stack([vectors_by_layer[layer] for layer in layers])
     scale = torch.tensor([float(s) for s in scales], dtype=vectors.dtype, device=vectors.device)
     onehot = torch.eye(len(layers), dtype=vectors.dtype, device=vectors.device)
-    coefs = rearrange(onehot[:, None, :] * scale[None, :, None], "layer scale k -> (layer scale) k")
+    coefs = rearrange(onehot[:, None, :] * scale[None, :, None], "layers scales k -> (layers scales) k")
 
     def cell(coef: Float[Tensor, " k"]) -> Float[Tensor, ""]:
         interventions: Interventions = {}
@@ -120,4 +120,4 @@ def steering_sweep(
         return out
 
     values = torch.func.vmap(cell, chunk_size=chunk_size)(coefs)
-    return rearrange(values, "(layer scale) -> layer scale", layer=len(layers))
+    return rearrange(values, "(layers scales) -> layers scales", layers=len(layers))

@@ -47,6 +47,7 @@ class AdapterDropout(NamedTuple):
 
 ADAPTERS = (LoRAWeight, DoRAWeight)
 Adapted = LoRAWeight | DoRAWeight | AdapterDropout  # what ``linear`` takes as an adapted weight
+ADAPTED = (LoRAWeight, DoRAWeight, AdapterDropout)  # the same, as the tuple ``isinstance`` checks on the hot path
 
 
 def column_norm(w: LoRAWeight | DoRAWeight) -> Float[Tensor, " d_out"]:

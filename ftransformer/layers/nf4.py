@@ -94,13 +94,14 @@ def _check_matrix(w, block: int) -> None:
         got = f"a {w.dtype} tensor of shape {tuple(w.shape)}" if isinstance(w, Tensor) else type(w).__name__
         raise TypeError(f"quantize_nf4 expects a float [d_in, d_out] matrix, got {got}")
     if w.shape[0] % 2:
-        raise ValueError(f"quantize_nf4 packs two codes a byte along d_in: expected an even d_in, got d_in={w.shape[0]}")
+        raise ValueError(f"quantize_nf4 packs two codes a byte along d_in: expected an even d_in, "
+                         f"got d_in={w.shape[0]}")
     if block not in BLOCKS:
         raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
 
 
 def quantize_nf4(w: Tensor, block: int = BLOCK) -> NF4Weight:
-    """``w`` (a float ``[d_in, d_out]`` matrix, checked here) in NF4 with blocks of ``block`` weights and double-quantized absmax (bitsandbytes' codes)."""
+    """``w`` (a float ``[d_in, d_out]`` matrix) in NF4, ``block`` weights a block, absmax double-quantized."""
     _check_matrix(w, block)
     with torch.no_grad():
         flat = rearrange(w, "d_in d_out -> (d_out d_in)").float()

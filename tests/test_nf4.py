@@ -79,6 +79,16 @@ def test_dequantize_in_float64_is_exact_and_float32_rounds_it_once(gen):
     assert torch.equal(as_float(q, F64), exact) and as_float(q).dtype == torch.float32
 
 
+def test_linear_dequantizes_in_the_inputs_dtype(gen):
+    q = quantize_nf4(draw(gen, 64, 40))
+    b = draw(gen, 40)
+    for dtype in (torch.bfloat16, torch.float32, F64):
+        x = torch.randn(3, 64, generator=gen).to(dtype)
+        y = linear(x, q, b.to(dtype))
+        assert y.dtype == dtype
+        torch.testing.assert_close(y, x @ dequantize_nf4(q, dtype) + b.to(dtype), rtol=0, atol=1e-12 if dtype == F64 else 1e-2)
+
+
 def test_bitsandbytes_quantizes_the_same_tensor_to_the_same_codes(gen):
     bnb = pytest.importorskip("bitsandbytes.functional")
     w = draw(gen, 128, 96 * 10)  # 1920 blocks: 8 superblocks (the last one short)

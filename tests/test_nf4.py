@@ -86,7 +86,8 @@ def test_linear_dequantizes_in_the_inputs_dtype(gen):
         x = torch.randn(3, 64, generator=gen).to(dtype)
         y = linear(x, q, b.to(dtype))
         assert y.dtype == dtype
-        torch.testing.assert_close(y, x @ dequantize_nf4(q, dtype) + b.to(dtype), rtol=0, atol=1e-12 if dtype == F64 else 1e-2)
+        want = x @ dequantize_nf4(q, dtype) + b.to(dtype)
+        torch.testing.assert_close(y, want, rtol=0, atol=1e-12 if dtype == F64 else 1e-2)
 
 
 def test_bitsandbytes_quantizes_the_same_tensor_to_the_same_codes(gen):

@@ -36,6 +36,10 @@ writers        nodes of the edge graph that write to the residual stream: the em
 readers        nodes of the edge graph that read it: every head's q/k/v input, every MLP input, the logits
 edges          a stack of edge masks or edge runs, one per edge (or per circuit size)
 steps          the points of an integrated-gradients path (EAP-IG's alphas)
+blocks         the quantization blocks of a 4-bit matrix (each weight's block shares one absmax)
+block          the weights of one quantization block (64 for NF4)
+superblocks    groups of 256 blocks whose absmax values share one float32 scale (NF4's double quantization)
+code           the entries of a quantization code book (bitsandbytes' 8-bit dynamic map)
 =============  ===============================================================
 
 The aliases below are the annotations layers use; jaxtyping checks them when the import hook is on
@@ -50,7 +54,7 @@ from torch import Tensor
 AXES = (
     "batch", "seq", "kv_seq", "d_model", "heads", "kv_heads", "group", "head_dim", "half", "d_ff", "d_in", "d_out",
     "vocab", "layers", "layers_plus_1", "max_seq", "member", "rows", "d_sae", "features", "qkv", "pair", "width", "rank", "k", "cols", "scales", "probes", "iters", "grid",
-    "writers", "readers", "edges", "steps",
+    "writers", "readers", "edges", "steps", "blocks", "block", "superblocks", "code",
 )
 
 Tokens = Int[Tensor, "*batch seq"]

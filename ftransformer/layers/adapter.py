@@ -1,8 +1,8 @@
 """Low-rank adapters as weight leaves: ``LoRAWeight``, ``DoRAWeight`` and the products ``linear`` takes with them.
 
-A ``LoRAWeight`` stands for ``base + scale * a @ b`` (``base`` ``[d_in, d_out]``, float or an ``Int8Weight``;
-``a`` ``[d_in, rank]``, ``b`` ``[rank, d_out]``), computed as ``x @ base + scale * (x @ a) @ b`` so the
-full-size sum is never formed. A ``DoRAWeight`` adds a magnitude ``m`` ``[d_out]``: the weight is
+A ``LoRAWeight`` stands for ``base + scale * a @ b`` (``base`` ``[d_in, d_out]``, float, an ``Int8Weight`` or
+an ``NF4Weight``; ``a`` ``[d_in, rank]``, ``b`` ``[rank, d_out]``), computed as ``x @ base + scale * (x @ a) @ b``
+so the full-size sum is never formed. A ``DoRAWeight`` adds a magnitude ``m`` ``[d_out]``: the weight is
 ``m * V / ||V||`` with ``V = base + scale * a @ b`` and the norm taken per output column (over ``d_in``), detached
 from the gradient as DoRA's paper and PEFT do. Both are NamedTuples, so parameter trees stay plain pytrees
 (paths ``....w_qkv.a``, ``....w_qkv.b``). ``AdapterDropout`` wraps either for one call: dropout on the adapter's
@@ -16,12 +16,13 @@ from torch import Tensor
 
 from ftransformer import random
 from ftransformer.layers.int8 import Int8Weight, as_float
+from ftransformer.layers.nf4 import NF4Weight
 
 
 class LoRAWeight(NamedTuple):
     """``base + scale * a @ b``: a frozen ``[d_in, d_out]`` matrix plus a rank-``rank`` update."""
 
-    base: Float[Tensor, "d_in d_out"] | Int8Weight
+    base: Float[Tensor, "d_in d_out"] | Int8Weight | NF4Weight
     a: Float[Tensor, "d_in rank"]
     b: Float[Tensor, "rank d_out"]
     scale: Float[Tensor, ""]
@@ -30,7 +31,7 @@ class LoRAWeight(NamedTuple):
 class DoRAWeight(NamedTuple):
     """``m * V / ||V||`` (column norms, detached) with ``V = base + scale * a @ b``."""
 
-    base: Float[Tensor, "d_in d_out"] | Int8Weight
+    base: Float[Tensor, "d_in d_out"] | Int8Weight | NF4Weight
     a: Float[Tensor, "d_in rank"]
     b: Float[Tensor, "rank d_out"]
     scale: Float[Tensor, ""]
@@ -52,7 +53,7 @@ ADAPTED = (LoRAWeight, DoRAWeight, AdapterDropout)  # the same, as the tuple ``i
 
 def column_norm(w: LoRAWeight | DoRAWeight) -> Float[Tensor, " d_out"]:
     """``||base + scale * a @ b||`` per output column, detached (DoRA's weight norm)."""
-    v = as_float(w.base).detach() + w.scale * (w.a.detach() @ w.b.detach())
+    v = as_float(w.base, w.a.dtype).detach() + w.scale * (w.a.detach() @ w.b.detach())
     return v.norm(dim=0)
 
 

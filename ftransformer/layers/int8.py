@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Float, Int8
 from torch import Tensor
 
+from ftransformer.layers.nf4 import NF4Weight, dequantize_nf4
 from ftransformer.tracing import compiling, functorch_wrapped
 
 FAST_ROWS = 16  # inputs with at most this many rows (decode steps) take the fbgemm product
@@ -55,8 +56,13 @@ class Int8Weight(NamedTuple):
         return self.q.to(self.scale.dtype) * self.scale
 
 
-def as_float(w: Float[Tensor, "d_in d_out"] | Int8Weight) -> Float[Tensor, "d_in d_out"]:
-    """``w`` as a float matrix (an ``Int8Weight`` dequantized; a float matrix as it is)."""
+def as_float(
+    w: Float[Tensor, "d_in d_out"] | Int8Weight | NF4Weight, dtype: torch.dtype = torch.float32
+) -> Float[Tensor, "d_in d_out"]:
+    """``w`` as a float matrix (an ``Int8Weight`` dequantized, an ``NF4Weight`` dequantized in ``dtype``; a
+    float matrix as it is)."""
+    if isinstance(w, NF4Weight):
+        return dequantize_nf4(w, dtype)
     return w.dequantize() if isinstance(w, Int8Weight) else w
 
 

@@ -2,7 +2,8 @@
 
 ``w`` is a float matrix, or an ``Int8Weight`` (``ftransformer.layers.int8``, made by
 ``ftransformer.quantization``): int8 values with one float scale per output column, ``w ~= q * scale``;
-or a low-rank adapter over either (``ftransformer.layers.adapter``, made by ``ftransformer.peft``).
+an ``NF4Weight`` (``ftransformer.layers.nf4``: 4-bit NormalFloat, dequantized in ``x``'s dtype);
+or a low-rank adapter over any of them (``ftransformer.layers.adapter``, made by ``ftransformer.peft``).
 """
 
 import torch
@@ -10,20 +11,23 @@ import torch.nn.functional as F
 
 from ftransformer.layers.adapter import ADAPTED, Adapted, adapter_output
 from ftransformer.layers.int8 import Int8Weight, int8_matmul
+from ftransformer.layers.nf4 import NF4Weight, nf4_matmul
 from ftransformer.shapes import Float, Tensor
 
 
 def linear(
     x: Float[Tensor, "*batch d_in"],
-    w: Float[Tensor, "d_in d_out"] | Int8Weight | Adapted,
+    w: Float[Tensor, "d_in d_out"] | Int8Weight | NF4Weight | Adapted,
     b: Float[Tensor, " d_out"] | None = None,
 ) -> Float[Tensor, "*batch d_out"]:
-    """Affine map. ``w`` is ``[d_in, d_out]`` (the order of ``x @ w``, and of GPT-2's Conv1D), float, int8 or adapted."""
+    """Affine map. ``w`` is ``[d_in, d_out]`` (the order of ``x @ w``, as GPT-2's Conv1D): float, int8, NF4, adapted."""
     if isinstance(w, ADAPTED):
         return adapter_output(x, w, b, linear)
     if isinstance(w, Int8Weight):
         y = int8_matmul(x, w)
         return y if b is None else y + b
+    if isinstance(w, NF4Weight):
+        return nf4_matmul(x, w, b)
     # F.linear wants [d_out, d_in]; the transpose is a free view and one fused addmm does the rest.
     return F.linear(x, w.t(), b)
 

@@ -6,6 +6,11 @@ initialised as PEFT does: ``a`` kaiming-uniform with ``a=sqrt(5)`` (uniform in `
 ``scale = alpha / rank``, DoRA's ``m`` the base's column norms. With ``b = 0`` the forward at step 0 equals the
 base's bit for bit. Vectors a pattern matches (biases, norm scales) are left alone; a pattern that matches
 only vectors, or nothing, is an error.
+
+``base="nf4"`` (QLoRA) or ``base="int8"`` quantizes each targeted matrix before wrapping it, so the adapters sit
+on a 4-bit NormalFloat (``layers.nf4``) or int8 base and step 0 equals the quantized base's forward; ``a``, ``b``
+(and ``m``) keep the float matrix's dtype. ``merge`` dequantizes a quantized base first and returns plain
+float matrices: nothing is re-quantized, so the merged model computes what the adapted one does.
 """
 
 import math
@@ -18,15 +23,18 @@ from torch import Tensor
 from ftransformer import random, tree, validate
 from ftransformer.config import Config
 from ftransformer.layers.adapter import ADAPTERS, AdapterDropout, DoRAWeight, LoRAWeight, column_norm
-from ftransformer.layers.int8 import Int8Weight, as_float
+from ftransformer.layers.int8 import Int8Weight, as_float, quantize_matrix
+from ftransformer.layers.nf4 import NF4Weight, quantize_nf4
 
 DEFAULT_TARGETS = ("blocks.*.attn.w_qkv", "blocks.*.attn.w_o", "blocks.*.mlp.*")
 EMBEDDING_TABLES = ("embed.tokens", "embed.positions")  # read by lookup, not by linear
+QUANTIZERS = {None: lambda w: w, "int8": quantize_matrix, "nf4": quantize_nf4}  # lora's ``base`` choices
+QUANTIZED = (Int8Weight, NF4Weight)
 
 
 def is_weight_node(x) -> bool:
-    """Whether ``x`` is one weight of the tree as ``linear`` reads it (an int8 matrix or an adapter: one node)."""
-    return isinstance(x, (Int8Weight, *ADAPTERS))
+    """Whether ``x`` is one weight of the tree as ``linear`` reads it (a quantized matrix or an adapter: one node)."""
+    return isinstance(x, (*QUANTIZED, *ADAPTERS))
 
 
 def map_nodes(params, fn, is_node=is_weight_node):
@@ -38,7 +46,7 @@ def map_nodes(params, fn, is_node=is_weight_node):
 
 
 def _is_matrix(x) -> bool:
-    return isinstance(x, Int8Weight) or (isinstance(x, Tensor) and x.ndim == 2 and x.is_floating_point())
+    return isinstance(x, QUANTIZED) or (isinstance(x, Tensor) and x.ndim == 2 and x.is_floating_point())
 
 
 def select(params: dict, targets: Sequence[str]) -> list[str]:
@@ -62,11 +70,24 @@ def select(params: dict, targets: Sequence[str]) -> list[str]:
     return chosen
 
 
-def init_adapter(w, rank: int, alpha: float, key: Tensor, dora: bool) -> LoRAWeight | DoRAWeight:
-    """PEFT's initial adapter over ``w``: ``a`` uniform in ``+-1/sqrt(d_in)``, ``b = 0``, ``scale = alpha/rank``."""
+def _float_like(w) -> Tensor:
+    """A tensor with ``w``'s float dtype and device (an int8 matrix's are its scales', an NF4 one's float32)."""
+    if isinstance(w, Int8Weight):
+        return w.scale
+    return w.absmax_scale if isinstance(w, NF4Weight) else w
+
+
+def init_adapter(
+    w, rank: int, alpha: float, key: Tensor, dora: bool, base: str | None = None
+) -> LoRAWeight | DoRAWeight:
+    """PEFT's initial adapter over ``w`` quantized as ``base`` says: ``a`` uniform in ``+-1/sqrt(d_in)``, ``b = 0``,
+    ``scale = alpha/rank``."""
     d_in, d_out = w.shape
-    like = w.scale if isinstance(w, Int8Weight) else w  # an int8 matrix's float dtype is its scales'
+    like = _float_like(w)
     dtype, device = like.dtype, like.device
+    if base is not None and isinstance(w, QUANTIZED):
+        raise ValueError(f"base={base!r} quantizes the targets, but one is already a {type(w).__name__}")
+    w = QUANTIZERS[base](w)
     bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)): gain sqrt(1/3) * sqrt(3 / fan_in)
     a = (random.uniform(key.to(device), (d_in, rank), dtype=dtype) * 2.0 - 1.0) * bound
     b = torch.zeros(rank, d_out, dtype=dtype, device=device)
@@ -77,24 +98,27 @@ def init_adapter(w, rank: int, alpha: float, key: Tensor, dora: bool) -> LoRAWei
 
 def lora(
     params: dict, cfg: Config, *, rank: int, alpha: float | int, targets: Sequence[str] = DEFAULT_TARGETS,
-    key: Tensor, dora: bool = False,
+    key: Tensor, dora: bool = False, base: str | None = None,
 ) -> dict:
-    """``params`` with the matrices ``targets`` match wrapped in fresh adapters (the base tensors shared, not copied)."""
+    """``params`` with the matrices ``targets`` match wrapped in fresh adapters (the base tensors shared, not copied;
+    ``base="nf4"`` or ``"int8"``: quantized first, QLoRA)."""
     if not isinstance(cfg, Config):
         raise TypeError(f"cfg must be a Config, got {type(cfg).__name__}")
     validate.positive_int("rank", rank)
     validate.positive_number("alpha", alpha)
     validate.boolean("dora", dora)
+    if base not in QUANTIZERS:
+        raise ValueError(f"base must be one of {list(QUANTIZERS)}, got {base!r}")
     if not isinstance(key, Tensor) or key.dtype != torch.int64:
         raise TypeError(f"key must be a random key (ft.random.key(seed), an int64 tensor), got {key!r}")
     chosen = select(params, targets)
     keys = {p: random.fold_in(key, i) for i, p in enumerate(chosen)}
-    return map_nodes(params, lambda p, x: init_adapter(x, rank, alpha, keys[p], dora) if p in keys else x)
+    return map_nodes(params, lambda p, x: init_adapter(x, rank, alpha, keys[p], dora, base) if p in keys else x)
 
 
 def merged_matrix(w: LoRAWeight | DoRAWeight) -> Tensor:
-    """The float matrix an adapter stands for (an int8 base dequantized first)."""
-    v = as_float(w.base) + w.scale * (w.a @ w.b)
+    """The float matrix an adapter stands for (a quantized base dequantized first, in the adapter's dtype)."""
+    v = as_float(w.base, w.a.dtype) + w.scale * (w.a @ w.b)
     return v if isinstance(w, LoRAWeight) else v * (w.m / column_norm(w))
 
 

@@ -1,7 +1,17 @@
 """Shared fixtures for the test suite."""
 
+import sys
+import types
+from pathlib import Path
+
 import pytest
 import torch
+
+# `tests` is this folder (a namespace package). Some wheels (kronfluence 1.0.1) install a top-level `tests`
+# package of their own that would shadow it; name this folder explicitly before importing from it.
+if getattr(sys.modules.get("tests"), "__path__", [None])[0] != str(Path(__file__).parent):
+    sys.modules["tests"] = types.ModuleType("tests")
+    sys.modules["tests"].__path__ = [str(Path(__file__).parent)]
 
 import ftransformer as ft
 from ftransformer.layers import attention_kernel

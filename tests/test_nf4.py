@@ -220,8 +220,41 @@ def test_compiled_qlora_linear_equals_eager(gen, no_typecheck):
     w = qlora(llama(), dora=True)["blocks"][0]["mlp"]["w_out"]  # DoRA over an NF4 base: the whole QLoRA product
     w = ft.tree.map(lambda t: t.float() if t.is_floating_point() and t.dtype == F64 else t, w)
     x = torch.randn(2, 6, 40, generator=gen)
-    compiled = torch.compile(linear, fullgraph=True)  # one graph: no tensor subclass, no autograd.Function
+    compiled = torch.compile(linear, fullgraph=True)  # one graph: no tensor subclass; the Function traces
     torch.testing.assert_close(compiled(x, w), linear(x, w), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the inference path: plain ops, no Function
+        torch.testing.assert_close(compiled(x, w), linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for backward while ``fn()`` runs (each storage counted once)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_backward_keeps_the_packed_base_not_the_dequantized_matrix(gen):
+    """A QLoRA layer's backward saves the 4-bit codes (recomputing the matrix), so training holds ~1/8 of
+    a float32 base for it; its gradients equal those of the plain-ops product (float64)."""
+    w = quantize_nf4(draw(gen, 256, 512))
+    x = torch.randn(4, 256, generator=gen, dtype=F64, requires_grad=True)
+    float_base = saved_bytes(lambda: linear(x.float(), as_float(w, torch.float32)))
+    packed = saved_bytes(lambda: linear(x.float(), w))
+    assert packed < 0.2 * float_base, (packed, float_base)
+    g = torch.randn(4, 512, generator=gen, dtype=F64, requires_grad=True)
+    (ours,) = torch.autograd.grad(linear(x, w), x, g, create_graph=True)
+    torch.testing.assert_close(ours, g @ dequantize_nf4(w, F64).T, rtol=0, atol=1e-12)
+    (second,) = torch.autograd.grad((ours * ours).sum(), g)  # double backward goes through the recomputation
+    torch.testing.assert_close(second, 2 * ours @ dequantize_nf4(w, F64), rtol=0, atol=1e-10)
+    tangent = torch.randn(4, 256, generator=gen, dtype=F64)
+    _, jvp_out = torch.func.jvp(lambda v: linear(v, w), (x.detach(),), (tangent,))
+    torch.testing.assert_close(jvp_out, tangent @ dequantize_nf4(w, F64), rtol=0, atol=1e-12)
 
 
 def test_int8_base_option(gen):

@@ -148,11 +148,47 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype) -> Float[Tensor, "d_in d_ou
     return rearrange(dequantize_rows(q, dtype), "d_out d_in -> d_in d_out")
 
 
+class _FrozenNF4Product(torch.autograd.Function):
+    """``x @ w`` for a frozen NF4 ``w`` that keeps only the packed codes for backward, not the float matrix.
+
+    Plain ops would save the dequantized ``[d_out, d_in]`` matrix of every layer until backward (``dx`` needs
+    it), so a QLoRA step would hold as much as a float base. This recomputes it in ``backward`` and ``jvp``
+    instead. ``setup_context`` + ``generate_vmap_rule`` make it compose with ``grad``, ``vmap``, ``jvp`` and
+    ``torch.compile``; ``backward`` is made of differentiable ops, so second derivatives in ``x`` work too.
+    The codes and scales get no gradient (the base is frozen by construction: they are integers or fixed).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, codes, absmax, absmax_scale, absmax_offset):
+        return F.linear(x, dequantize_rows(NF4Weight(codes, absmax, absmax_scale, absmax_offset), x.dtype))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, *stored = inputs
+        ctx.dtype = x.dtype
+        ctx.save_for_backward(*stored)
+        ctx.save_for_forward(*stored)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows = dequantize_rows(NF4Weight(*ctx.saved_tensors), ctx.dtype)
+        return grad @ rows, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_tangent, *_):
+        return F.linear(x_tangent, dequantize_rows(NF4Weight(*ctx.saved_tensors), ctx.dtype))
+
+
 def nf4_matmul(
     x: Float[Tensor, "*batch d_in"], w: NF4Weight, b: Float[Tensor, " d_out"] | None
 ) -> Float[Tensor, "*batch d_out"]:
-    """``x @ w + b`` with ``w`` dequantized in ``x``'s dtype."""
-    return F.linear(x, dequantize_rows(w, x.dtype), b)
+    """``x @ w + b`` with ``w`` dequantized in ``x``'s dtype (recomputed in backward, not kept: see above)."""
+    if not torch.is_grad_enabled():
+        return F.linear(x, dequantize_rows(w, x.dtype), b)
+    y = _FrozenNF4Product.apply(x, *w)
+    return y if b is None else y + b
 
 
 def nbytes(q: NF4Weight) -> int:

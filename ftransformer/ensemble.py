@@ -117,9 +117,7 @@ def make_ensemble_step(
         hp = {"lr": tensor([3e-4, 1e-3]), "weight_decay": tensor([0.0, 0.1])}
         step = make_ensemble_step(cfg, lambda lr, weight_decay: optim.adamw(lr, weight_decay=weight_decay), hparams=hp)
         state = step.init(stacked)
-
-    ``member_step(optimizer, index)`` builds member ``index``'s (a 0-d tensor, batched under ``vmap``) one-model
-    step instead of ``make_train_step`` (e.g. ``peft.stack``'s adapter step over one shared frozen base).
+    ``member_step(optimizer, index)``: member ``index``'s step in place of ``make_train_step``'s (``peft.stack``).
     """
     member_opt, factory = _member_optimizer(optimizer)
     _check_hparams(hparams, None, factory)
@@ -130,10 +128,8 @@ def make_ensemble_step(
         return stack_params([member_opt(h).init(p) for h, p in zip(each, unstack_params(stacked_params))])
 
     def one_step(params, opt_state, tokens, targets, key, hp, index):
-        if member_step is None:
-            one = make_train_step(cfg, member_opt(hp), accum_steps=accum_steps, ignore_index=ignore_index)
-        else:
-            one = member_step(member_opt(hp), index)
+        one = (make_train_step(cfg, member_opt(hp), accum_steps=accum_steps, ignore_index=ignore_index)
+               if member_step is None else member_step(member_opt(hp), index))
         return one.step(params, opt_state, (tokens, targets), key)
 
     def step(stacked_params, opt_state, batch, keys=None):
@@ -145,8 +141,8 @@ def make_ensemble_step(
         hp = {k: v.to(tokens.device) for k, v in _check_hparams(hparams, members, factory).items()}
         in_dims = (0, 0, 0, 0, None if keys is None else 0, 0 if hp else None, 0)
         vmapped = torch.func.vmap(one_step, in_dims=in_dims, randomness="error")
-        index = torch.arange(members, device=tokens.device)
-        return vmapped(stacked_params, opt_state, tokens, targets, keys, hp if hp else None, index)
+        return vmapped(stacked_params, opt_state, tokens, targets, keys, hp if hp else None,
+                       torch.arange(members, device=tokens.device))
 
     return TrainStep(init, step, accum_steps)
 

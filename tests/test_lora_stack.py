@@ -146,7 +146,8 @@ MEMBERS = [{"seed": 0, "rank": 2, "lr": 1e-2}, {"seed": 1, "rank": 3, "lr": 3e-3
 
 
 def fit_stack(out, *, resume=False, **kw):
-    task = peft.AdapterMembers(base(), CFG, FIT_IDS[:1300], FIT_IDS[1300:], adamw, MEMBERS, alpha=4.0, seed=5)
+    task = peft.AdapterMembers(base(), CFG, FIT_IDS[:1300], FIT_IDS[1300:], adamw, MEMBERS, alpha=4.0, seed=5,
+                               dropout=0.1)
     settings = ft.loop.FitSettings(**{**FIT_RUN, **kw})
     return task, ft.fit(task.init_params(), task.train_step(), task, settings, out_dir=out, resume=resume,
                         progress=False, log=None)
@@ -173,6 +174,8 @@ def test_fit_trains_the_stack_with_per_member_records_and_checkpoints(fitted):
         assert ck.step == 4 and max_diff(ck.params, member) == 0
         assert ck.config["adapter"]["rank"] == MEMBERS[i]["rank"] and ck.config["model"]["d_model"] == CFG.d_model
         assert all(p.endswith((".a", ".b")) for p in ft.tree.flatten_with_paths(ck.params))  # the adapter only
+    run = ft.loop.FitRun(ft.loop.FitSettings(**FIT_RUN), torch.device("cpu"), out, print)
+    assert CFG.dropout == 0 and torch.equal(task.dropout_key(run, 3, 1), ft.random.fold_in(ft.random.key(1), 3))
 
 
 def test_fit_stack_resume_is_exact(fitted, tmp_path):

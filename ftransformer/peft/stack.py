@@ -190,6 +190,12 @@ class AdapterMembers(Members):
         opt = self.make_optimizer if self.hp_names else self.make_optimizer()
         return make_stack_step(self.cfg, self.stack, opt, hparams=self.hparams(), dropout=self.dropout)
 
+    def dropout_key(self, run: FitRun, step: int, seed: int) -> Tensor | None:
+        """The key of ``step``'s dropout: the model's and the adapters' input dropout (None: neither drops)."""
+        if self.dropout == 0 and self.cfg.dropout == 0:
+            return None
+        return random.fold_in(random.key(seed), step).to(run.device)
+
     def load_latest(self, run: FitRun, latest: Path):
         if not checkpoint_exists(latest):
             raise ValueError(f"nothing to resume in {str(run.out)!r}: no checkpoint at {str(latest)!r}")

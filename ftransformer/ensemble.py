@@ -169,19 +169,18 @@ def evaluate_ensemble(
         s = loss_fn(params, tokens, targets, cfg, ignore_index=ignore_index, reduction="sum")
         return s, (targets != ignore_index).sum()
 
-    index = torch.arange(members)
     with torch.no_grad():
         for batch in batches:
             tokens, targets = unpack_batch(batch)
             check_tokens(tokens, cfg)
             check_ids("targets", targets, cfg.vocab_size, allowed=ignore_index)
+            index = torch.arange(members, device=tokens.device)
             if tokens.ndim == 3:
                 if tokens.shape[0] != members:
                     raise ValueError(f"per-member tokens must have members={members} first, got {tuple(tokens.shape)}")
-                s, n = torch.func.vmap(member_sum, in_dims=(0, 0, 0, 0))(stacked, tokens, targets, index.to(tokens.device))
+                s, n = torch.func.vmap(member_sum, in_dims=(0, 0, 0, 0))(stacked, tokens, targets, index)
             else:
-                s, n = torch.func.vmap(member_sum, in_dims=(0, None, None, 0))(stacked, tokens, targets,
-                                                                                  index.to(tokens.device))
+                s, n = torch.func.vmap(member_sum, in_dims=(0, None, None, 0))(stacked, tokens, targets, index)
             total = s if total is None else total + s
             count = n if count is None else count + n
     if count is None:

@@ -372,8 +372,8 @@ def _adamw_update(schedule: Schedule, b1: float, b2: float, eps: float, weight_d
         m = flatten_like(state.mu, spec, "opt_state.mu")
         v = flatten_like(state.nu, spec, "opt_state.nu")
         ops = tensor_ops(g, m, v)
-        wide = any(x.dtype == torch.float64 for x in g)
-        lr_t, bias1, sqrt_bias2 = _bias_corrections(state.count, schedule, b1, b2, torch.float64 if wide else torch.float32)
+        wide = torch.float64 if any(x.dtype == torch.float64 for x in g) else torch.float32
+        lr_t, bias1, sqrt_bias2 = _bias_corrections(state.count, schedule, b1, b2, wide)
         m, v = _adam_moments(ops, g, m, v, b1, b2)
         updates = _adam_direction(ops, m, v, eps, sqrt_bias2)
         if isinstance(weight_decay, Tensor) or weight_decay:

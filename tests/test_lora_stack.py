@@ -173,6 +173,12 @@ def test_fit_trains_the_stack_with_per_member_records_and_checkpoints(fitted):
         assert ck.step == 4 and max_diff(ck.params, member) == 0
         assert ck.config["adapter"]["rank"] == MEMBERS[i]["rank"] and ck.config["model"]["d_model"] == CFG.d_model
         assert all(p.endswith((".a", ".b")) for p in ft.tree.flatten_with_paths(ck.params))  # the adapter only
+    stack, x = task.stack._replace(trainable=result.params), torch.arange(8).reshape(1, 8)
+    loaded = peft.load_member(out / "a" / "member-1" / "latest", base(), CFG)
+    assert loaded["blocks"][0]["attn"]["w_o"].a.shape[-1] == MEMBERS[1]["rank"]
+    assert torch.equal(ft.forward(loaded, x, CFG), ft.forward(peft.member_adapters(stack, 1), x, CFG))
+    with pytest.raises(ValueError, match="another model"):
+        peft.load_member(out / "a" / "member-1" / "latest", base(), CFG.replace(d_ff=48))
     run = ft.loop.FitRun(ft.loop.FitSettings(**FIT_RUN), torch.device("cpu"), out, print)
     assert CFG.dropout == 0 and torch.equal(task.dropout_key(run, 3, 1), ft.random.fold_in(ft.random.key(1), 3))
 

@@ -14,13 +14,13 @@ from ftransformer.peft.private import (
     adapter_per_example_grads, dp_epsilon, make_private_adapter_step, private_optimizer,
 )
 from ftransformer.peft.stack import (
-    AdapterMembers, AdapterStack, forward_rows, make_stack_step, member_adapters, stack_adapters,
+    AdapterMembers, AdapterStack, forward_rows, load_member, make_stack_step, member_adapters, stack_adapters,
 )
 from ftransformer.peft.step import adapter_loss, make_adapter_step
 
 __all__ = [
     "DEFAULT_TARGETS", "AdapterMembers", "AdapterStack", "DoRAWeight", "FrozenAdapter", "LoRAWeight",
-    "adapter_loss", "adapter_per_example_grads", "combine", "dp_epsilon", "dropout", "forward_rows", "lora",
-    "make_adapter_step", "make_private_adapter_step", "make_stack_step", "member_adapters", "merge",
+    "adapter_loss", "adapter_per_example_grads", "combine", "dp_epsilon", "dropout", "forward_rows", "load_member",
+    "lora", "make_adapter_step", "make_private_adapter_step", "make_stack_step", "member_adapters", "merge",
     "private_optimizer", "split", "stack_adapters",
 ]

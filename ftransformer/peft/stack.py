@@ -21,7 +21,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ftransformer import optim, random, tree, validate
-from ftransformer.checkpoint import checkpoint_exists, load_tree
+from ftransformer.checkpoint import checkpoint_exists, load_tree, read_checkpoint_info
 from ftransformer.config import Config
 from ftransformer.ensemble import Members, evaluate_ensemble, make_ensemble_step
 from ftransformer.loop import FitRun, check_resume
@@ -113,6 +113,22 @@ def member_adapters(stack: AdapterStack, i: int) -> dict:
     return combine(tree.unflatten_paths(cut), scaled(stack.frozen, stack.alpha, torch.tensor(r)))
 
 
+def load_member(path: str | Path, params: dict, cfg: Config) -> dict:
+    """The adapted params a stack member's checkpoint (``out_dir/member-<i>/latest`` or ``best``) holds, on the
+    base ``params`` (the model ``cfg`` describes, as in training): a plain rank-``r_i`` adapter tree."""
+    saved = read_checkpoint_info(path)["config"]
+    spec = saved.get("adapter") if isinstance(saved, dict) else None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{str(path)!r} is not a checkpoint of a stack member (its config names no adapter)")
+    if Config.from_dict(saved["model"]) != cfg:
+        raise ValueError(f"{str(path)!r} was trained on another model: its config is {saved['model']}")
+    like = stack_adapters(params, cfg, seeds=[0], ranks=[spec["max_rank"]], alpha=spec["alpha"],
+                          targets=spec["targets"], dora=spec["kind"] == "dora")
+    template = tree.map(lambda x: x[0], like.trainable)
+    ck = load_tree(path, like=template, device=tree.leaves(template)[0].device)
+    return member_adapters(like._replace(trainable=tree.stack([ck.params]), ranks=torch.tensor([spec["rank"]])), 0)
+
+
 def make_stack_step(
     cfg: Config, stack: AdapterStack,
     optimizer: optim.GradientTransformation | Callable[..., optim.GradientTransformation], *,
@@ -186,7 +202,8 @@ class AdapterMembers(Members):
     def train_step(self, *, accum_steps: int = 1) -> TrainStep:
         """The stack's one vmapped ``TrainStep`` (``make_stack_step`` with the members' hyperparameters)."""
         if accum_steps != 1:
-            raise ValueError(f"a stack of adapters trains without gradient accumulation (accum_steps=1), got {accum_steps}")
+            raise ValueError(f"a stack of adapters trains without gradient accumulation (accum_steps=1), "
+                             f"got {accum_steps}")
         opt = self.make_optimizer if self.hp_names else self.make_optimizer()
         return make_stack_step(self.cfg, self.stack, opt, hparams=self.hparams(), dropout=self.dropout)
 
@@ -216,6 +233,6 @@ class AdapterMembers(Members):
 
 
 __all__ = [
-    "AdapterMembers", "AdapterStack", "check_shared", "forward_rows", "make_stack_step", "member_adapters",
-    "member_params", "rank_mask", "scaled", "stack_adapters",
+    "AdapterMembers", "AdapterStack", "check_shared", "forward_rows", "load_member", "make_stack_step",
+    "member_adapters", "member_params", "rank_mask", "scaled", "stack_adapters",
 ]

@@ -102,6 +102,7 @@ def make_ensemble_step(
     hparams: dict | None = None,
     accum_steps: int = 1,
     ignore_index: int = -100,
+    member_step: Callable[[optim.GradientTransformation, Tensor], TrainStep] | None = None,
 ) -> TrainStep:
     """ONE vmapped step that trains every member of an ensemble at once: ``vmap`` of ``make_train_step``'s step.
 
@@ -116,6 +117,7 @@ def make_ensemble_step(
         hp = {"lr": tensor([3e-4, 1e-3]), "weight_decay": tensor([0.0, 0.1])}
         step = make_ensemble_step(cfg, lambda lr, weight_decay: optim.adamw(lr, weight_decay=weight_decay), hparams=hp)
         state = step.init(stacked)
+    ``member_step(optimizer, index)``: member ``index``'s step in place of ``make_train_step``'s (``peft.stack``).
     """
     member_opt, factory = _member_optimizer(optimizer)
     _check_hparams(hparams, None, factory)
@@ -125,8 +127,9 @@ def make_ensemble_step(
         each = [{k: v[i] for k, v in hp.items()} for i in range(_members(stacked_params))]
         return stack_params([member_opt(h).init(p) for h, p in zip(each, unstack_params(stacked_params))])
 
-    def member_step(params, opt_state, tokens, targets, key, hp):
-        one = make_train_step(cfg, member_opt(hp), accum_steps=accum_steps, ignore_index=ignore_index)
+    def one_step(params, opt_state, tokens, targets, key, hp, index):
+        one = (make_train_step(cfg, member_opt(hp), accum_steps=accum_steps, ignore_index=ignore_index)
+               if member_step is None else member_step(member_opt(hp), index))
         return one.step(params, opt_state, (tokens, targets), key)
 
     def step(stacked_params, opt_state, batch, keys=None):
@@ -136,9 +139,10 @@ def make_ensemble_step(
         if keys is not None and (not isinstance(keys, Tensor) or keys.shape != (members,)):
             raise ValueError(f"keys must be a tensor of one key per member ({members},), got {keys!r}")
         hp = {k: v.to(tokens.device) for k, v in _check_hparams(hparams, members, factory).items()}
-        in_dims = (0, 0, 0, 0, None if keys is None else 0, 0 if hp else None)
-        vmapped = torch.func.vmap(member_step, in_dims=in_dims, randomness="error")
-        return vmapped(stacked_params, opt_state, tokens, targets, keys, hp if hp else None)
+        in_dims = (0, 0, 0, 0, None if keys is None else 0, 0 if hp else None, 0)
+        vmapped = torch.func.vmap(one_step, in_dims=in_dims, randomness="error")
+        return vmapped(stacked_params, opt_state, tokens, targets, keys, hp if hp else None,
+                       torch.arange(members, device=tokens.device))
 
     return TrainStep(init, step, accum_steps)
 
@@ -147,18 +151,21 @@ def make_ensemble_step(
 
 
 def evaluate_ensemble(
-    stacked: dict, batches: Iterable, cfg: Config, *, ignore_index: int = -100
+    stacked: dict, batches: Iterable, cfg: Config, *, ignore_index: int = -100,
+    member_params: Callable[[dict, Tensor], dict] | None = None,
 ) -> Tensor:
     """Every member's token-weighted mean loss over ``batches``, in one vmapped forward per batch.
 
     A batch's ``tokens``/``targets`` are ``(batch, seq)`` (all members see them) or
     ``(members, batch, seq)`` (each member its own). Returns one loss per member. (SDPA's CPU kernel
     has no ``vmap`` batching rule even forward: attention runs on the einsum path, ``layers.kernel_here``.)
+    ``member_params(tree, index)``: the model params member ``index``'s tree stands for (default: the tree).
     """
     members = _members(stacked)
     total, count = None, None
 
-    def member_sum(params, tokens, targets):
+    def member_sum(params, tokens, targets, index):
+        params = params if member_params is None else member_params(params, index)
         s = loss_fn(params, tokens, targets, cfg, ignore_index=ignore_index, reduction="sum")
         return s, (targets != ignore_index).sum()
 
@@ -167,12 +174,13 @@ def evaluate_ensemble(
             tokens, targets = unpack_batch(batch)
             check_tokens(tokens, cfg)
             check_ids("targets", targets, cfg.vocab_size, allowed=ignore_index)
+            index = torch.arange(members, device=tokens.device)
             if tokens.ndim == 3:
                 if tokens.shape[0] != members:
                     raise ValueError(f"per-member tokens must have members={members} first, got {tuple(tokens.shape)}")
-                s, n = torch.func.vmap(member_sum, in_dims=(0, 0, 0))(stacked, tokens, targets)
+                s, n = torch.func.vmap(member_sum, in_dims=(0, 0, 0, 0))(stacked, tokens, targets, index)
             else:
-                s, n = torch.func.vmap(member_sum, in_dims=(0, None, None))(stacked, tokens, targets)
+                s, n = torch.func.vmap(member_sum, in_dims=(0, None, None, 0))(stacked, tokens, targets, index)
             total = s if total is None else total + s
             count = n if count is None else count + n
     if count is None:
@@ -282,7 +290,7 @@ class Members(TokenData):
     def _resume(self, run: FitRun, init: Callable) -> FitState:
         cks = []
         for i, d in enumerate(self.dirs(run.out)):
-            ck = self.latest_checkpoint(run, d / LATEST)
+            ck = self.load_latest(run, d / LATEST)
             if ck.extra.get("member", {}).get("name") != self.names[i]:
                 raise ValueError(f"cannot resume {str(d)!r} as member {i} ({self.names[i]}): it was saved as "
                                  f"{ck.extra.get('member', {}).get('name')!r}")
@@ -299,6 +307,19 @@ class Members(TokenData):
                         history, [c.extra["member"].get("best_val_loss") for c in cks],
                         float(fit_saved.get("elapsed_s", 0.0)))
 
+    # -- what a stack of another kind (peft.stack's adapters) changes
+    def load_latest(self, run: FitRun, latest: Path):
+        """A member's ``latest`` checkpoint, loaded and checked to draw this run's batches."""
+        return self.latest_checkpoint(run, latest)
+
+    def checkpoint_config(self, i: int) -> Config | dict:
+        """What member ``i``'s checkpoints record as their config (a model's ``Config`` here)."""
+        return self.cfg
+
+    def member_losses(self, params: dict, batches: list) -> Tensor:
+        """Every member's mean loss over ``batches`` (``evaluate_ensemble``)."""
+        return evaluate_ensemble(params, batches, self.cfg)
+
     def batch(self, run: FitRun, step: int) -> tuple[tuple[Tensor, Tensor], Tensor | None]:
         """Every member's own batch of ``step`` (drawn with its seed), stacked: ``(members, batch, seq)``."""
         batches = [self.draw(run, step, s) for s in self.seeds]
@@ -309,8 +330,8 @@ class Members(TokenData):
     def evaluate(self, run: FitRun, state: FitState, common: dict) -> FitState:
         """The state with one record per member; each member's checkpoints saved (``best`` when it improved)."""
         train_eval, val = self._sets
-        train_loss = evaluate_ensemble(state.params, train_eval, self.cfg).tolist()
-        val_loss = evaluate_ensemble(state.params, val, self.cfg).tolist()
+        train_loss = self.member_losses(state.params, train_eval).tolist()
+        val_loss = self.member_losses(state.params, val).tolist()
         lrs = optim.find_lr(state.opt_state)
         records = [
             {"step": state.step, "member": i, "name": self.names[i], "seed": self.seeds[i],
@@ -335,7 +356,7 @@ class Members(TokenData):
         params, opt_states = unstack_params(state.params), unstack_params(state.opt_state)
         for i, d in enumerate(self.dirs(run.out)):
             meta = dict(
-                params=params[i], config=self.cfg, step=state.step, opt_state=opt_states[i], tokenizer=self.tokenizer,
+                params=params[i], config=self.checkpoint_config(i), step=state.step, opt_state=opt_states[i], tokenizer=self.tokenizer,
                 metrics=[r for r in state.history if r["member"] == i],
                 extra={**(self.member_extra(i) if self.member_extra else {}),
                        "member": {"member": i, "name": self.names[i], **self.members[i], "seed": self.seeds[i],

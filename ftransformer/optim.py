@@ -309,15 +309,16 @@ def _log_beta(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf
 
 
-def _bias_corrections(count: Tensor, schedule: Schedule, b1: float, b2: float):
+def _bias_corrections(count: Tensor, schedule: Schedule, b1: float, b2: float, dtype: torch.dtype = torch.float32):
     """``(lr, 1 - b1^t, sqrt(1 - b2^t))`` for the update ``t = count + 1``: Python numbers where the count is
-    free to read (exact float64, cheaper scalar kernels), else 0-d tensors."""
+    free to read (exact float64, cheaper scalar kernels), else 0-d tensors of ``dtype`` (float64 for float64
+    params, so a vmapped float64 update equals the eager one to the last bits)."""
     step = _host_int(count)
     if step is not None:
         return schedule(step), 1.0 - b1 ** (step + 1), math.sqrt(1.0 - b2 ** (step + 1))
     # log(beta) in float64 here, expm1 in float32 there, so 1 - beta**t stays accurate to the last bit
     # even for beta2 = 0.999, where beta**t in float32 would lose four digits.
-    t = (count + 1).to(torch.float32)
+    t = (count + 1).to(dtype)
     return schedule(count), -torch.expm1(t * _log_beta(b1)), torch.sqrt(-torch.expm1(t * _log_beta(b2)))
 
 
@@ -371,7 +372,8 @@ def _adamw_update(schedule: Schedule, b1: float, b2: float, eps: float, weight_d
         m = flatten_like(state.mu, spec, "opt_state.mu")
         v = flatten_like(state.nu, spec, "opt_state.nu")
         ops = tensor_ops(g, m, v)
-        lr_t, bias1, sqrt_bias2 = _bias_corrections(state.count, schedule, b1, b2)
+        wide = torch.float64 if any(x.dtype == torch.float64 for x in g) else torch.float32
+        lr_t, bias1, sqrt_bias2 = _bias_corrections(state.count, schedule, b1, b2, wide)
         m, v = _adam_moments(ops, g, m, v, b1, b2)
         updates = _adam_direction(ops, m, v, eps, sqrt_bias2)
         if isinstance(weight_decay, Tensor) or weight_decay:

@@ -39,11 +39,12 @@ def _check_batch(tokens: Tensor, targets: Tensor, cfg: Config, ignore_index: int
     check_ids("targets", targets, cfg.vocab_size, allowed=ignore_index)
 
 
-def _example_loss(cfg: Config, treedef, ignore_index: int):
+def _example_loss(cfg: Config, treedef, ignore_index: int, params_of: Callable[[dict], dict] | None = None):
     """``(leaves, tokens[seq], targets[seq], key) -> that one example's mean loss`` over its counted targets."""
 
     def loss_of(leaves, tokens, targets, key):
         params = tree.unflatten(leaves, treedef)
+        params = params if params_of is None else params_of(params)
         total = loss_fn(params, tokens, targets, cfg, key=key, ignore_index=ignore_index, reduction="sum")
         # An example of nothing but padding gives a zero gradient instead of 0/0.
         return total / (targets != ignore_index).sum().clamp(min=1).to(total.dtype)
@@ -63,6 +64,7 @@ def per_example_grads(
     key: Tensor | None = None,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    params_of: Callable[[dict], dict] | None = None,
 ) -> dict:
     """The gradient of each example's mean loss: every leaf of ``params`` gains a leading ``batch`` axis.
 
@@ -71,10 +73,12 @@ def per_example_grads(
     ``vmap(grad(...))``. Attention runs on the einsum path (the module note says
     why). ``key`` gives every example its own dropout key (split from it);
     ``chunk_size`` bounds how many examples are in flight at once (memory), as in ``vmap``.
+    ``params_of(params)``: the model params ``params`` stand for (e.g. adapters joined to a frozen base,
+    ``peft.private``), so the gradients are of ``params`` alone.
     """
     _check_batch(tokens, targets, cfg, ignore_index)
     leaves, treedef = tree.flatten(params)
-    grad_fn = torch.func.grad(_example_loss(cfg, treedef, ignore_index))
+    grad_fn = torch.func.grad(_example_loss(cfg, treedef, ignore_index, params_of))
     keys = None if key is None else random.split(key, tokens.shape[0])
     batched = torch.func.vmap(grad_fn, in_dims=(None, 0, 0, None if keys is None else 0), chunk_size=chunk_size)
     grads = batched(leaves, tokens, targets, keys)
@@ -95,6 +99,7 @@ def make_per_example_train_step(
     *,
     ignore_index: int = -100,
     chunk_size: int | None = None,
+    params_of: Callable[[dict], dict] | None = None,
 ) -> TrainStep:
     """A ``train.TrainStep`` like ``make_train_step``'s whose optimizer receives per-example gradients.
 
@@ -102,7 +107,7 @@ def make_per_example_train_step(
     reduce the batch axis -- start its chain with ``optim.dp_aggregate`` (DP-SGD). ``metrics`` holds
     ``loss`` (token-weighted mean, as ``make_train_step``), ``grad_norm`` (norm of the plain mean of the
     per-example gradients, before any clipping), ``mean_example_grad_norm`` (the average example's
-    gradient norm: compare it with the clip norm), ``lr`` and ``tokens``.
+    gradient norm: compare it with the clip norm), ``lr`` and ``tokens``. ``params_of``: as ``per_example_grads``'.
     """
     check_optimizer(optimizer)
 
@@ -110,11 +115,12 @@ def make_per_example_train_step(
         tokens, targets = unpack_batch(batch)
         grads = per_example_grads(
             params, tokens, targets, cfg, key=key, ignore_index=ignore_index,
-            chunk_size=chunk_size,
+            chunk_size=chunk_size, params_of=params_of,
         )
         with torch.no_grad():
             n_tokens = (targets != ignore_index).sum()
-            loss = loss_fn(params, tokens, targets, cfg, ignore_index=ignore_index, reduction="sum")
+            model = params if params_of is None else params_of(params)
+            loss = loss_fn(model, tokens, targets, cfg, ignore_index=ignore_index, reduction="sum")
             loss = loss / n_tokens.clamp(min=1)
             norms = optim.per_example_norms(grads)
             grad_norm = optim.global_norm([x.mean(0) for x in tree.leaves(grads)])

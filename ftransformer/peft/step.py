@@ -19,11 +19,12 @@ from ftransformer.train import TrainStep, apply_optimizer, check_batch, check_op
 
 def adapter_loss(
     trainable: dict, frozen: dict, tokens: Tensor, targets: Tensor, cfg: Config, *,
-    key: Tensor | None = None, dropout: float = 0.0, ignore_index: int = -100,
+    key: Tensor | None = None, dropout: float = 0.0, ignore_index: int = -100, view=None,
 ) -> Tensor:
     """Mean next-token loss of ``combine(trainable, frozen)``; ``key`` drives the model's dropout and the
-    adapters' input dropout at ``dropout`` (None: neither)."""
-    params = combine(trainable, frozen)
+    adapters' input dropout at ``dropout`` (None: neither); ``view(trainable)``: the tensors the forward reads
+    (e.g. ``peft.stack``'s rank mask; None: ``trainable`` itself)."""
+    params = combine(trainable if view is None else view(trainable), frozen)
     if key is not None:
         key, adapter_key = random.split(key, 2)
         params = drop_adapters(params, dropout, adapter_key)
@@ -32,17 +33,18 @@ def adapter_loss(
 
 def make_adapter_step(
     cfg: Config, optimizer: optim.GradientTransformation, frozen: dict, *, dropout: float = 0.0,
-    ignore_index: int = -100,
+    ignore_index: int = -100, view=None,
 ) -> TrainStep:
     """``TrainStep(optimizer.init, step)`` with ``step(trainable, opt_state, (tokens, targets), key)``: the
-    gradients, the optimizer state and the returned params are trees of the adapters alone."""
+    gradients, the optimizer state and the returned params are trees of the adapters alone (``view``: as
+    ``adapter_loss``'s, inside the differentiated function)."""
     if not isinstance(cfg, Config):
         raise TypeError(f"cfg must be a Config, got {type(cfg).__name__}")
     check_optimizer(optimizer)
 
     def loss_of(trainable, tokens, targets, key):
         return adapter_loss(
-            trainable, frozen, tokens, targets, cfg, key=key, dropout=dropout, ignore_index=ignore_index
+            trainable, frozen, tokens, targets, cfg, key=key, dropout=dropout, ignore_index=ignore_index, view=view
         )
 
     def step(trainable, opt_state, batch, key=None):

@@ -43,7 +43,7 @@ VIEWS = ("patching", "attribution", "edges")
 EDGE_METHODS = ("eap", "eap-ig", "exact")
 # The flags of one view or two, default None so that a flag given to another view can be named.
 ONLY = {"by": ("patching", "attribution"), "site": ("patching", "attribution"), "correction": ("attribution",),
-        "compare": ("attribution", "edges"), "method": ("edges", "influence"), "steps": ("edges",), "ablation": ("edges",),
+        "compare": ("attribution", "edges"), "method": ("edges",), "steps": ("edges",), "ablation": ("edges",),
         "faithfulness": ("edges",), "curve_out": ("edges",)}
 # The edges view's own flags (each default None: given or not).
 EDGE_FLAGS = {
@@ -95,7 +95,7 @@ def check_args(args) -> None:
     """Flags that do not fit the view, and missing ones, as one-line errors."""
     if args.view not in VIEWS:
         given = [f for f in ("clean", "corrupt", "answer", "wrong", *ONLY)
-                 if getattr(args, f) is not None and args.view not in ONLY.get(f, ())]
+                 if getattr(args, f) is not None and not (f == "method" and args.view in inspect_influence.VIEWS)]
         if given:
             raise ValueError(f"{', '.join(map(_flag, given))} go with the {', '.join(VIEWS)} views, not {args.view!r}")
         return

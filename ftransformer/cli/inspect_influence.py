@@ -72,9 +72,8 @@ def data_path(args) -> str:
         return args.data
     if args.checkpoint is not None:
         from ftransformer.checkpoint import read_checkpoint_info
-        from ftransformer.cli.generate_cmd import _checkpoint_dir
 
-        recorded = read_checkpoint_info(_checkpoint_dir(args.checkpoint)).get("extra", {}).get("train", {}).get("data")
+        recorded = read_checkpoint_info(args.checkpoint).get("extra", {}).get("train", {}).get("data")
         if recorded is not None:
             return recorded
     raise ValueError("inspect influence needs --data FILE: the model's source records no training corpus file")

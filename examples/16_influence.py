@@ -38,16 +38,6 @@ PLANTED = [16, 17, 5, 1, 9, 3, 7, 2, 8]  # tokens 16 and 17 appear in no other s
 DAMPING = 0.01
 
 
-def progressions(seed: int, n: int) -> list[list[int]]:
-    """``n`` sequences: a marker token ``12 + step``, then 8 terms of ``start + i * step`` mod 12."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        start, step = int(torch.randint(0, 12, (1,), generator=gen)), int(torch.randint(1, 4, (1,), generator=gen))
-        out.append([12 + step] + [(start + i * step) % 12 for i in range(8)])
-    return out
-
-
 def train_models(cfg, train, seeds, masks, steps):
     """One model per (mask, seed), all trained at once: full batch, the sequences outside a mask ignored."""
     tokens, targets = projected.pad_sequences(train)
@@ -74,10 +64,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # tensors this small run fastest on one thread (more only add fork/join waits)
     seeds, subsets, steps = ((0,) if args.quick else (0, 1, 2)), 20, 100
-    base = progressions(0, 48)
+    base = lds.progressions(0, 48)
     train = base[:20] + [PLANTED] + base[20:30] + [PLANTED] + base[30:] + [PLANTED]
     planted_at = [i for i, s in enumerate(train) if s == PLANTED]
-    queries = progressions(99, 8)
+    queries = lds.progressions(99, 8)
     cfg = ft.Config(vocab_size=20, d_model=16, n_heads=2, n_layers=1, d_ff=32, max_seq_len=12, init_std=0.1)
     print(f"{len(train)} training sequences (the planted one at {planted_at}), a {ft.count_params(ft.init_params(cfg))}"
           f"-parameter model, {len(seeds)} seeds")

@@ -7,6 +7,7 @@ import torch
 
 import ftransformer as ft
 from ftransformer.attribution import projected as pj
+from ftransformer.peft.adapters import map_nodes
 
 SEQS = [[1, 2, 3, 4, 5], [6, 7, 8], [9, 10, 11, 12], [3, 3, 3, 3, 3, 3], [0, 1]]
 ATTN = ["blocks.0.attn.*"]
@@ -135,3 +136,27 @@ def test_bad_input_names_expected_and_got(model, tmp_path):
         pj.scores(index_feats, torch.zeros(2, 5))
     with pytest.raises(ValueError, match="texts must hold one text per sequence"):
         pj.build_index(params, cfg, SEQS, pj.Projection(ft.random.key(0), 4), tmp_path, texts=["a"])
+
+
+def test_kronecker_on_a_gqa_swiglu_model_and_dense_on_lora_adapters():
+    cfg = ft.Config(vocab_size=13, d_model=8, n_heads=4, n_kv_heads=2, n_layers=1, d_ff=6, max_seq_len=8,
+                    bias=False, activation="swiglu", init_std=0.4, norm=ft.config.Norm(kind="rmsnorm"),
+                    positional=ft.config.Positional(kind="rope"))
+    params = ft.init_params(cfg, seed=3, dtype=torch.float64)
+    tokens, targets = pj.pad_sequences(SEQS)
+    proj = pj.Projection(ft.random.key(2), 2, kind="kronecker")
+    out = pj.kronecker_grads(params, tokens, targets, cfg, proj)
+    nodes = ft.tree.flatten_with_paths(params)
+    assert set(out) == {p for p in nodes if p.startswith("blocks.0.") and nodes[p].ndim == 2}, list(out)
+    full = pj.example_grads(params, tokens, targets, cfg, list(out))
+    for path, projected in out.items():
+        p_a, p_g = pj.kronecker_factors(proj, path, *nodes[path].shape, torch.float64, "cpu")
+        torch.testing.assert_close(projected, p_a.T @ full[path] @ p_g, atol=1e-12, rtol=0)
+    # Adapters are leaves like any other: the dense projection of a LoRA tree's a and b matrices.
+    b_nonzero = lambda p, x: x._replace(b=torch.full_like(x.b, 0.1)) if hasattr(x, "b") else x  # noqa: E731
+    adapted = map_nodes(ft.peft.lora(params, cfg, rank=2, alpha=4.0, key=ft.random.key(0)), b_nonzero)
+    lora_paths = ["blocks.0.*.a", "blocks.0.*.b"]
+    g, chosen = _explicit_grads(adapted, cfg, lora_paths)
+    dense = pj.Projection(ft.random.key(4), 5)
+    torch.testing.assert_close(pj.features(adapted, tokens, targets, cfg, dense, lora_paths),
+                               g @ pj.dense_matrix(dense, chosen), atol=1e-12, rtol=0)

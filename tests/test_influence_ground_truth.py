@@ -29,18 +29,8 @@ PLANTED_AT = (20, 31, 50)
 DAMPING = 0.01
 
 
-def progressions(seed: int, n: int) -> list[list[int]]:
-    """``n`` sequences: a marker ``12 + step`` then 8 terms of ``start + i * step`` mod 12."""
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        start, step = int(torch.randint(0, 12, (1,), generator=gen)), int(torch.randint(1, 4, (1,), generator=gen))
-        out.append([12 + step] + [(start + i * step) % 12 for i in range(8)])
-    return out
-
-
 def training_set() -> list[list[int]]:
-    base = progressions(0, 48)
+    base = L.progressions(0, 48)
     return base[:20] + [PLANTED] + base[20:30] + [PLANTED] + base[30:] + [PLANTED]
 
 
@@ -60,7 +50,7 @@ def world():
         stacked = ft.ensemble.init_ensemble(cfg, L.seeds_for(SUBSETS, SEEDS))
         member_targets = L.subset_targets(targets, masks.repeat_interleave(len(SEEDS), 0))
         trained = L.train_on_subsets(cfg, stacked, tokens, member_targets, opt, STEPS)
-        q_tokens, q_targets = pj.pad_sequences(progressions(99, 8))
+        q_tokens, q_targets = pj.pad_sequences(L.progressions(99, 8))
         measured = L.query_losses(cfg, trained, q_tokens, q_targets).reshape(SUBSETS, len(SEEDS), -1).mean(1)
     return cfg, train, ft.tree.unstack(full), masks, (q_tokens, q_targets), measured
 

@@ -95,3 +95,14 @@ def query_losses(cfg: Config, stacked: dict, tokens: Int[Tensor, "batch seq"],
 def seeds_for(count: int, seeds: Sequence[int]) -> list[int]:
     """The init seed of every member when each of ``count`` subsets is trained from each of ``seeds``."""
     return [s for _ in range(count) for s in seeds]
+
+
+def progressions(seed: int, n: int) -> list[list[int]]:
+    """A synthetic corpus for checks: ``n`` sequences of a marker ``12 + step`` (step 1-3), then 8 terms of
+    ``start + i * step`` mod 12 (ids < 16; ids 16 and up are free for planted facts)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        start, step = int(torch.randint(0, 12, (1,), generator=gen)), int(torch.randint(1, 4, (1,), generator=gen))
+        out.append([12 + step] + [(start + i * step) % 12 for i in range(8)])
+    return out

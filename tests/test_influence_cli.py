@@ -69,7 +69,7 @@ def test_the_index_is_kept_and_reused(run_dir, capsys):
     second = capsys.readouterr().out
     assert "reusing the index" in second and _table(second) == _table(first)
     assert main([*base[:-1], "32"]) == 2
-    assert "built with another projection or data" in capsys.readouterr().err
+    assert "built with another projection, data or model" in capsys.readouterr().err
 
 
 def test_ekfac_runs_where_this_build_has_it(run_dir, capsys):

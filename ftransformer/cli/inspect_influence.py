@@ -6,7 +6,7 @@ sequence's score is how much training on it lowered that loss, to first order:
 
 * ``--method projected`` (default): TRAK / LoGra projected gradients (``attribution.projected``): every
   sequence's gradient projected by a random matrix from ``--seed`` (``--projection dense`` with ``--k`` numbers,
-  or ``kronecker``: ``--k x --k`` per projection matrix), preconditioned by ``(Phi^T Phi + lambda I)^-1`` with
+  the default up to ``DENSE_UP_TO`` parameters, or ``kronecker``: ``--k x --k`` per projection matrix), preconditioned by ``(Phi^T Phi + lambda I)^-1`` with
   relative ``--damping`` (0: the plain inner product); ``--index DIR`` keeps the index on disk and reuses it;
 * ``--method ekfac``: EK-FAC influence functions (``attribution.ekfac``), where this build has them.
 
@@ -25,6 +25,8 @@ METHODS = ("projected", "ekfac")  # inspect_circuits offers them on its --method
 EKFAC_MODULE = "ftransformer.attribution.ekfac"
 # The flags only this view reads (default None, so a flag given to another view can be named).
 FLAGS = ("query", "data", "projection", "k", "damping", "index")
+# The dense projection draws parameters x k random numbers for every batch of sequences: above this, LoGra's.
+DENSE_UP_TO = 2_000_000
 
 
 def add_arguments(group) -> None:
@@ -32,7 +34,8 @@ def add_arguments(group) -> None:
     group.add_argument("--data", metavar="FILE", default=None,
                        help="influence: the training text, one sequence a line (default: the checkpoint's training corpus)")
     group.add_argument("--projection", choices=("dense", "kronecker"), default=None,
-                       help="influence --method projected: TRAK's dense projection or LoGra's per-matrix Kronecker one (default: dense)")
+                       help="influence --method projected: TRAK's dense projection or LoGra's per-matrix Kronecker one "
+                            f"(default: dense up to {DENSE_UP_TO:,} parameters, kronecker above)")
     group.add_argument("--k", type=int, metavar="K", default=None,
                        help="influence: projected dimension (dense, default 512) or side of each k x k block (kronecker, default 16)")
     group.add_argument("--damping", type=float, metavar="L", default=None,
@@ -104,19 +107,28 @@ def query_ids(query: str, tokenizer, width: int) -> list[int]:
     return ids[-width:]
 
 
-def _index_matches(index, projection, n: int) -> bool:
+def _fingerprint(params, data: str) -> dict:
+    """What an index on disk must have been built from to be reused: the data file and (a digest of) the weights."""
+    import ftransformer as ft
+
+    return {"data": str(Path(data).resolve()),
+            "weights": float(sum(x.double().square().sum() for x in ft.tree.leaves(params)))}
+
+
+def _index_matches(index, projection, n: int, fingerprint: dict) -> bool:
     from ftransformer.attribution import projected
 
     same = projected.index_projection(index)
-    return (index.meta["rows"] == n and int(same.key) == int(projection.key) and same[1:] == projection[1:])
+    return (index.meta["rows"] == n and int(same.key) == int(projection.key) and same[1:] == projection[1:]
+            and index.meta["extra"] == fingerprint)
 
 
-def projected_scores(args, cfg, params, sequences, texts, query) -> torch.Tensor:
+def projected_scores(args, cfg, params, sequences, texts, query, data: str) -> torch.Tensor:
     """TRAK / LoGra scores of every training sequence for the query (building or reusing the index)."""
     import ftransformer as ft
     from ftransformer.attribution import projected
 
-    kind = args.projection or "dense"
+    kind = args.projection or ("dense" if ft.count_params(params) <= DENSE_UP_TO else "kronecker")
     k = args.k or (512 if kind == "dense" else 16)
     projection = projected.Projection(ft.random.key(args.seed), k, kind=kind)
     damping = 0.01 if args.damping is None else args.damping
@@ -125,11 +137,12 @@ def projected_scores(args, cfg, params, sequences, texts, query) -> torch.Tensor
         index = None
         if (where / projected.META_FILE).is_file():
             index = projected.load_index(where)
-            if not _index_matches(index, projection, len(sequences)):
-                raise ValueError(f"--index {where} was built with another projection or data; give a new directory")
+            if not _index_matches(index, projection, len(sequences), _fingerprint(params, data)):
+                raise ValueError(f"--index {where} was built with another projection, data or model; give a new directory")
             print(f"reusing the index in {where}")
         if index is None:
-            index = projected.build_index(params, cfg, sequences, projection, where, texts=texts)
+            index = projected.build_index(params, cfg, sequences, projection, where, texts=texts,
+                                          extra=_fingerprint(params, data))
         q = projected.features(params, *projected.pad_sequences([query], device=index.features.device), cfg, projection)
         return projected.scores(index, q, damping=damping or None)[0]
 
@@ -139,9 +152,10 @@ def ekfac_scores(args, cfg, params, sequences, query) -> torch.Tensor:
     import ftransformer as ft
     from ftransformer.attribution import ekfac, projected
 
-    batches = [projected.pad_sequences(sequences[i: i + 32]) for i in range(0, len(sequences), 32)]
+    device = next(iter(ft.tree.leaves(params))).device
+    batches = [projected.pad_sequences(sequences[i: i + 32], device=device) for i in range(0, len(sequences), 32)]
     factors = ekfac.fit_factors(params, cfg, batches, key=ft.random.key(args.seed))
-    return ekfac.pairwise_scores(params, cfg, factors, projected.pad_sequences([query]), batches,
+    return ekfac.pairwise_scores(params, cfg, factors, projected.pad_sequences([query], device=device), batches,
                                  damping=args.damping)[0]
 
 
@@ -159,7 +173,7 @@ def run(args, cfg, params, tokenizer, source, device) -> int:
     if method == "ekfac":
         scores = ekfac_scores(args, cfg, params, sequences, query)
     else:
-        scores = projected_scores(args, cfg, params, sequences, texts, query)
+        scores = projected_scores(args, cfg, params, sequences, texts, query, path)
     top = scores.double().cpu().argsort(descending=True)[: args.top].tolist()
     print(f"  {'rank':>4}  {'score':>11}  {'sequence':>8}  text")
     for rank, i in enumerate(top, 1):

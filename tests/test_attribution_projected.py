@@ -134,6 +134,8 @@ def test_bad_input_names_expected_and_got(model, tmp_path):
     index_feats = torch.zeros(4, 6)
     with pytest.raises(ValueError, match=r"dim=6.*got \(2, 5\)"):
         pj.scores(index_feats, torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="at least one sequence"):
+        pj.build_index(params, cfg, [], pj.Projection(ft.random.key(0), 4), tmp_path)
     with pytest.raises(ValueError, match="texts must hold one text per sequence"):
         pj.build_index(params, cfg, SEQS, pj.Projection(ft.random.key(0), 4), tmp_path, texts=["a"])
 

@@ -220,6 +220,8 @@ def build_index(params: dict, cfg: Config, sequences: Sequence, projection: Proj
     """Project every training sequence's gradient into ``directory`` (``features.npy`` memory-mapped, then
     ``index.json``, written last: an index without it is incomplete) and open it."""
     check_projection(projection)
+    if len(sequences) == 0:
+        raise ValueError("build_index needs at least one sequence, got none")
     if texts is not None and len(texts) != len(sequences):
         raise ValueError(f"texts must hold one text per sequence ({len(sequences)}), got {len(texts)}")
     directory = Path(directory)

@@ -1,4 +1,4 @@
-"""Pictures of curvature: a spectral density as a PNG (matplotlib imported on the first call)."""
+"""Pictures of curvature and attribution: a spectral density, influence scores, as PNGs (matplotlib on the first call)."""
 
 from pathlib import Path
 
@@ -30,4 +30,29 @@ def plot_spectrum(density, path, *, title: str | None = None) -> Path:
     ax.legend(loc="upper right")
     if title:
         ax.set_title(title)
+    return save_figure(fig, path)
+
+
+def plot_influence(scores, labels, path, *, title: str | None = None) -> Path:
+    """Horizontal bars: one per training sequence (``labels``, cut to 48 characters), its score, largest on top."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    values = torch.as_tensor(scores).detach().double().cpu().reshape(-1)
+    if len(labels) != values.numel() or values.numel() == 0:
+        raise ValueError(f"plot_influence needs one label per score (>= 1), got {len(labels)} labels "
+                         f"and {values.numel()} scores")
+    shown = [repr(text)[1:-1][:45] + ("..." if len(repr(text)) > 47 else "") for text in labels]
+    fig = Figure(figsize=(7.2, 0.9 + 0.32 * len(shown)), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    rows = torch.arange(values.numel()).numpy()
+    ax.barh(rows, values.numpy(), color=["tab:blue" if v >= 0 else "tab:red" for v in values.tolist()])
+    ax.set_yticks(rows, shown, fontsize=8, family="monospace")
+    ax.invert_yaxis()
+    ax.axvline(0.0, color="black", lw=0.8)
+    ax.set_xlabel("influence score (positive: lowered the query's loss)")
+    ax.grid(axis="x", alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=10)
     return save_figure(fig, path)

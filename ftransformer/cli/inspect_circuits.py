@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from ftransformer import interp
+from ftransformer.cli import inspect_influence
 from ftransformer.interp.patching import HEAD_SITES
 from ftransformer.interp.edges import ABLATIONS, EdgeScores
 from ftransformer.interp.plots import plot_edges, plot_faithfulness, plot_patching
@@ -46,8 +47,9 @@ ONLY = {"by": ("patching", "attribution"), "site": ("patching", "attribution"), 
         "faithfulness": ("edges",), "curve_out": ("edges",)}
 # The edges view's own flags (each default None: given or not).
 EDGE_FLAGS = {
-    "--method": dict(choices=EDGE_METHODS, help="edges: eap (one forward + backward), eap-ig (integrated gradients) or "
-                                                "exact (every edge patched alone) (default: eap-ig)"),
+    "--method": dict(choices=(*EDGE_METHODS, *inspect_influence.METHODS),
+                     help="edges: eap (one forward + backward), eap-ig (integrated gradients) or exact (every edge "
+                          "patched alone) (default: eap-ig); influence: projected or ekfac (default: projected)"),
     "--steps": dict(type=int, metavar="M", help="edges: EAP-IG's integration steps (default: 5)"),
     "--faithfulness": dict(action="store_true", help="edges: the metric of the top-k circuits, every other edge ablated, "
                                                      "printed and plotted"),
@@ -92,7 +94,8 @@ def _flag(name: str) -> str:
 def check_args(args) -> None:
     """Flags that do not fit the view, and missing ones, as one-line errors."""
     if args.view not in VIEWS:
-        given = [f for f in ("clean", "corrupt", "answer", "wrong", *ONLY) if getattr(args, f) is not None]
+        given = [f for f in ("clean", "corrupt", "answer", "wrong", *ONLY)
+                 if getattr(args, f) is not None and not (f == "method" and args.view in inspect_influence.VIEWS)]
         if given:
             raise ValueError(f"{', '.join(map(_flag, given))} go with the {', '.join(VIEWS)} views, not {args.view!r}")
         return
@@ -118,6 +121,8 @@ def check_args(args) -> None:
 def check_edge_args(args) -> None:
     """The edges view's own flags: --steps with eap-ig, --compare with an estimate, the curve's flags with --faithfulness."""
     method = args.method or "eap-ig"
+    if method not in EDGE_METHODS:
+        raise ValueError(f"inspect edges --method must be one of {', '.join(EDGE_METHODS)}, got {method!r}")
     if args.steps is not None and method != "eap-ig":
         raise ValueError(f"--steps goes with --method eap-ig, not {method}")
     if args.steps is not None and args.steps < 1:
@@ -297,6 +302,8 @@ def edge_scores(args, cfg, params, prompts: tuple) -> tuple[str, EdgeScores]:
     """``(the method's name, its scores)``: EAP, EAP-IG or exact edge patching, as the flags ask."""
     clean, corrupt, metric = prompts
     method = args.method or "eap-ig"
+    if method not in EDGE_METHODS:
+        raise ValueError(f"inspect edges --method must be one of {', '.join(EDGE_METHODS)}, got {method!r}")
     if method == "exact":
         with torch.no_grad():
             sweep = interp.edge_patch_sweep(params, clean, corrupt, metric, cfg, direction=args.direction)

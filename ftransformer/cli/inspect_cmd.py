@@ -21,7 +21,10 @@
   writer -> reader scored by EAP / EAP-IG (or patched exactly), the top edges printed and drawn as a
   graph, and the faithfulness of the top-k circuits (``cli/inspect_circuits.py`` has these three views);
 * ``ftransformer inspect curvature --checkpoint DIR [--text TEXT] --out FILE.png``: the loss Hessian's top
-  eigenvalues and trace, whole model and per layer, and its spectral density (``cli/inspect_curvature.py``).
+  eigenvalues and trace, whole model and per layer, and its spectral density (``cli/inspect_curvature.py``);
+* ``ftransformer inspect influence --checkpoint DIR --query TEXT [--data FILE] [--top N] [--method
+  projected|ekfac] [--out FILE.png]``: the training sequences that most lowered the query's loss, with their
+  scores, and a bar plot of them (``cli/inspect_influence.py``).
 
 Each view takes ``--hf-dir DIR`` (a Hugging Face GPT-2 directory) instead of ``--checkpoint``.
 """
@@ -29,12 +32,12 @@ Each view takes ``--hf-dir DIR`` (a Hugging Face GPT-2 directory) instead of ``-
 import dataclasses
 import sys
 
-from ftransformer.cli import inspect_circuits, inspect_curvature
+from ftransformer.cli import inspect_circuits, inspect_curvature, inspect_influence
 from ftransformer.cli.generate_cmd import DEVICES, add_gguf_argument
 from ftransformer.config import PRESETS, get_preset
 from ftransformer.params import format_breakdown
 
-VIEWS = ("attention", "heads", "logit-lens", *inspect_circuits.VIEWS, *inspect_curvature.VIEWS)
+VIEWS = ("attention", "heads", "logit-lens", *inspect_circuits.VIEWS, *inspect_curvature.VIEWS, *inspect_influence.VIEWS)
 NEEDS_TEXT = ("attention", "logit-lens")
 CIRCUITS = inspect_circuits.VIEWS
 
@@ -42,7 +45,7 @@ CIRCUITS = inspect_circuits.VIEWS
 def add_arguments(parser) -> None:
     parser.add_argument(
         "view", nargs="?", choices=VIEWS, default=None, metavar="VIEW",
-        help="what to draw from a model: attention, heads, logit-lens, patching, attribution, edges or curvature; without one, describe --preset",
+        help="what to draw from a model: attention, heads, logit-lens, patching, attribution, edges, curvature or influence; without one, describe --preset",
     )
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="preset to describe when no VIEW is given (default: seed)")
@@ -65,6 +68,7 @@ def add_arguments(parser) -> None:
     model.add_argument("--device", choices=DEVICES, default="cpu", help="where to run (default: cpu)")
     inspect_circuits.add_arguments(parser.add_argument_group("the patching, attribution and edges views"))
     inspect_curvature.add_arguments(parser.add_argument_group("the curvature view"))
+    inspect_influence.add_arguments(parser.add_argument_group("the influence view"))
 
 
 def describe(cfg, title: str) -> int:
@@ -124,12 +128,13 @@ def _encode(text: str, tokenizer, cfg) -> list[int]:
 def _check_view_args(args) -> None:
     if args.preset is not None:
         raise ValueError(f"--preset describes a preset; it does not go with the {args.view!r} view")
-    if args.out is None:
+    if args.out is None and args.view not in inspect_influence.VIEWS:
         raise ValueError(f"inspect {args.view} needs --out FILE.png")
     if args.view in NEEDS_TEXT and args.text is None:
         raise ValueError(f"inspect {args.view} needs --text TEXT")
     inspect_circuits.check_args(args)
     inspect_curvature.check_args(args)
+    inspect_influence.check_args(args)
     if args.view == "heads" and args.text is not None:
         raise ValueError(f"inspect {args.view} runs on random repeated tokens; it takes no --text")
     if args.view != "attention" and args.layer is not None:
@@ -168,6 +173,8 @@ def run(args) -> int:
         return inspect_circuits.run(args, cfg, params, tokenizer, source, device)
     if args.view in inspect_curvature.VIEWS:
         return inspect_curvature.run(args, cfg, params, tokenizer, source, device, _encode)
+    if args.view in inspect_influence.VIEWS:
+        return inspect_influence.run(args, cfg, params, tokenizer, source, device)
 
     def decode(i: int) -> str:
         return tokenizer.decode([int(i)])

@@ -322,3 +322,11 @@ def test_bad_input_gives_clear_errors():
 def test_exports():
     assert {"lora", "merge", "split", "combine"} <= set(peft.__all__)
     assert "lora" not in ft.__all__
+
+
+def test_an_int_alpha_is_a_scale_like_a_float():
+    cfg = ft.PRESETS["tiny"]
+    params = ft.init_params(cfg, seed=0)
+    by_int = peft.lora(params, cfg, rank=2, alpha=4, key=ft.random.key(0))
+    by_float = peft.lora(params, cfg, rank=2, alpha=4.0, key=ft.random.key(0))
+    assert by_int["blocks"][0]["attn"]["w_o"].scale == by_float["blocks"][0]["attn"]["w_o"].scale == 2.0

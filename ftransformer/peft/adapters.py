@@ -113,6 +113,7 @@ def lora(
         raise TypeError(f"key must be a random key (ft.random.key(seed), an int64 tensor), got {key!r}")
     chosen = select(params, targets)
     keys = {p: random.fold_in(key, i) for i, p in enumerate(chosen)}
+    alpha = float(alpha)  # an int alpha (PEFT's lora_alpha=32) is a scale like any other
     return map_nodes(params, lambda p, x: init_adapter(x, rank, alpha, keys[p], dora, base) if p in keys else x)
 
 

@@ -89,7 +89,7 @@ def lora(
         raise TypeError(f"key must be a random key (ft.random.key(seed), an int64 tensor), got {key!r}")
     chosen = select(params, targets)
     keys = {p: random.fold_in(key, i) for i, p in enumerate(chosen)}
-    return map_nodes(params, lambda p, x: init_adapter(x, rank, alpha, keys[p], dora) if p in keys else x)
+    return map_nodes(params, lambda p, x: init_adapter(x, rank, float(alpha), keys[p], dora) if p in keys else x)
 
 
 def merged_matrix(w: LoRAWeight | DoRAWeight) -> Tensor:

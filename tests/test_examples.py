@@ -143,3 +143,19 @@ def test_circuits_example_finds_the_induction_circuit_by_every_method(tmp_path):
     assert re.search(r"EAP-IG vs exact: 29 edges, correlation 0\.9\d", out), out
     for name in ("resid_pre", "head_out", "keys", "keys_by_position", "atp_keys", "edges", "faithfulness"):
         assert (tmp_path / f"circuit_{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_finetune_example_quick(tmp_path):
+    # examples/17_finetune.py --quick: LoRA on a tiny random Llama-shaped model and a chat set it writes; the loss
+    # on the assistant tokens falls, merging and the PEFT round trip change the logits by round-off only.
+    png = tmp_path / "loss.png"
+    result = run_example(ROOT / "examples" / "17_finetune.py", "--quick", "--plot", str(png))
+    assert result.returncode == 0, f"17_finetune.py failed:\n{result.stdout}\n{result.stderr}"
+    out = result.stdout
+    losses = [float(v) for v in re.findall(r"^\s+step\s+\d+\s+loss (\d+\.\d+)", out, flags=re.M)]
+    assert len(losses) > 5 and losses[-1] < 0.5 * losses[0], out
+    assert re.search(r"max \|merged - adapted logits\| = " + SMALL, out), out
+    assert re.search(r"save_peft -> load_peft: \['adapter_config\.json', 'adapter_model\.safetensors'\], "
+                     r"max \|logits change\| = " + SMALL, out), out
+    assert "answers before -> after fine-tuning:" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

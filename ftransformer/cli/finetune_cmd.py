@@ -69,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="conversations held out for validation (default 0.1, at least one)")
     parser.add_argument("--skip-bad", action="store_true", default=None, help="skip bad rows (counted) instead of stopping")
     parser.add_argument("--seed", type=int, metavar="S", default=None, help="adapter init, split and batches (default 0)")
-    parser.add_argument("--device", choices=("cpu", "cuda", "mps"), default=None, help="default: cuda if available")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--qlora", action="store_true", help="QLoRA: a 4-bit NF4 base (where this build has it)")
     parser.add_argument("--adapters", metavar="SPEC", default=None, help="a stack of adapters (where this build has it)")
@@ -237,9 +237,10 @@ def replace_rows(packed, n: int):
 
 
 def _device(name: str | None) -> torch.device:
-    from ftransformer.cli.generate_cmd import select_device
-
-    return select_device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """``--device``, checked (default: cuda where there is one)."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available to torch")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def load_chat_data(s: dict, tokenizer, cfg: Config, say):

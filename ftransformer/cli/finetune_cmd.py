@@ -24,6 +24,7 @@ from ftransformer.checkpoint import (
 )
 from ftransformer.config import Config
 from ftransformer.loop import FitRun, FitSettings, FitState, check_resume, current_lr, fit, improved, plot_history, refuse_overwrite
+from ftransformer.cli.train_cmd import report
 from ftransformer.recipes import TrainRecipe, optimizer_for
 
 PEFT_DIR = "peft"  # RUN/peft: the adapter in Hugging Face PEFT's format, written when the run ends
@@ -285,16 +286,9 @@ def run(args) -> int:
                  progress=not args.quiet)
     out = Path(args.out)
     peft.save_peft(out / PEFT_DIR, peft.combine(result.params, frozen), cfg, base_model=s["hf_dir"])
-    last = result.history[-1] if result.history else None
-    if last is not None:
-        say(f"step {last['step']}: train loss {last['train_loss']:.4f}, val loss {last['val_loss']:.4f}; "
-            f"best val loss {result.best_val_loss:.4f}")
-    say(f"adapter: {out / BEST} (best val), {out / LATEST}; PEFT format: {out / PEFT_DIR}; plot: {result.files['plot']}")
+    say(f"adapter in PEFT's format: {out / PEFT_DIR}")
     say(f"chat with it: ftransformer generate --hf-dir {s['hf_dir']} --adapter {out} --chat --prompt '...'")
-    if result.interrupted:
-        say(f"interrupted at step {result.step}; continue with: ftransformer finetune --resume --out {out}")
-        return 130
-    return 0
+    return report(result, out, say, command="finetune")
 
 
 # ---------------------------------------------------------------- used by `generate --adapter`

@@ -32,6 +32,7 @@ from torch import Tensor
 from ftransformer import tree
 from ftransformer.config import Config
 from ftransformer.interop.families import Slot
+from ftransformer.interop.hf import read_hf_config
 from ftransformer.interop.registry import FAMILIES, Family, family_for
 from ftransformer.io import atomic_write
 from ftransformer.layers.adapter import ADAPTERS, DoRAWeight, LoRAWeight, column_norm
@@ -206,13 +207,8 @@ def save_peft(
 
 def read_adapter_config(directory: str | os.PathLike) -> dict:
     """``adapter_config.json`` of a PEFT LoRA / DoRA adapter, refused by name where it holds more than LoRA."""
+    config = read_hf_config(directory, name=CONFIG_FILE, what="a PEFT adapter directory")
     path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise ValueError(f"{directory} has no {CONFIG_FILE} (expected a PEFT adapter directory)")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{path} has peft_type={config.get('peft_type')!r}; supported: 'LORA' (LoRA and DoRA)")
     for key, expected in REFUSED.items():

@@ -122,7 +122,7 @@ def test_bad_adapters_are_refused_by_name(base_dir, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="already adapted"):
         ftpeft.load_peft(tmp_path, adapted, cfg)
-    with pytest.raises(ValueError, match="is not a directory \(expected a PEFT adapter directory\)"):
+    with pytest.raises(ValueError, match=r"is not a directory \(expected a PEFT adapter directory\)"):
         ftpeft.load_peft(tmp_path / "nowhere", params, cfg)
     (tmp_path / "adapter_config.json").unlink()
     with pytest.raises(ValueError, match="has no adapter_config.json"):

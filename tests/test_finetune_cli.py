@@ -133,3 +133,12 @@ def test_hooks_say_what_is_missing(base_dir, chat_file, tmp_path, capsys, flag):
     assert finetune(base_dir, chat_file, tmp_path / "hook", *flag) == 2
     err = capsys.readouterr().err
     assert flag[0] in err and ("not yet supported in this build" in err or "does not drive it yet" in err)
+
+
+def test_dora_run_writes_a_dora_adapter(base_dir, chat_file, tmp_path):
+    out = tmp_path / "dora"
+    assert finetune(base_dir, chat_file, out, "--dora", "--steps", "2", "--eval-every", "2", "--targets",
+                    "blocks.*.attn.w_qkv") == 0
+    config = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["target_modules"] == ["k_proj", "q_proj", "v_proj"]
+    assert config["r"] == 4 and config["lora_alpha"] == 8

@@ -138,3 +138,17 @@ def test_a_fresh_adapter_writes_every_target(base_dir, tmp_path):
     assert config["target_modules"] == sorted(f"model.layers.1.self_attn.{n}_proj" for n in "qkvo")
     x = hf_tiny.tokens(1, 7)
     torch.testing.assert_close(peft_logits(base_dir, tmp_path, x), ft.forward(params, x, cfg), **TOL)
+
+
+@pytest.mark.parametrize("family,dora", [("phi3", True), ("gpt_neox", False), ("qwen3", True)])
+def test_fused_and_interleaved_layouts_round_trip(tmp_path, family, dora):
+    """Phi-3's fused qkv_proj and gate_up_proj (our w_gate and w_in share its lora_A), GPT-NeoX's per-head
+    interleaved query_key_value, Qwen3's q/k norms and tied head: PEFT computes our logits, and back."""
+    hf_tiny.build(family, tmp_path / "base", seed=1)
+    cfg, params = load_hf(tmp_path / "base")
+    adapted = randomised(ftpeft.lora(params, cfg, rank=3, alpha=6, key=ft.random.key(0), dora=dora), seed=1)
+    ftpeft.save_peft(tmp_path / "adapter", adapted, cfg)
+    x = hf_tiny.tokens(1, 9)
+    ours = ft.forward(adapted, x, cfg)
+    torch.testing.assert_close(peft_logits(tmp_path / "base", tmp_path / "adapter", x), ours, **TOL)
+    torch.testing.assert_close(ft.forward(ftpeft.load_peft(tmp_path / "adapter", params, cfg), x, cfg), ours, **TOL)

@@ -156,3 +156,19 @@ def test_influence_example_finds_the_planted_fact_and_a_high_lds(tmp_path):
     found = {kind: float(v) for kind, v in re.findall(r"LDS \((dense|kronecker), k=\d+, damping [\d.]+\) = (-?\d\.\d+)", out)}
     assert set(found) == {"dense", "kronecker"} and min(found.values()) > 0.5, out
     assert (tmp_path / "index-dense-0" / "features.npy").is_file()
+
+
+def test_finetune_example_quick(tmp_path):
+    # examples/17_finetune.py --quick: LoRA on a tiny random Llama-shaped model and a chat set it writes; the loss
+    # on the assistant tokens falls, merging and the PEFT round trip change the logits by round-off only.
+    png = tmp_path / "loss.png"
+    result = run_example(ROOT / "examples" / "17_finetune.py", "--quick", "--plot", str(png))
+    assert result.returncode == 0, f"17_finetune.py failed:\n{result.stdout}\n{result.stderr}"
+    out = result.stdout
+    losses = [float(v) for v in re.findall(r"^\s+step\s+\d+\s+loss (\d+\.\d+)", out, flags=re.M)]
+    assert len(losses) > 5 and losses[-1] < 0.5 * losses[0], out
+    assert re.search(r"max \|merged - adapted logits\| = " + SMALL, out), out
+    assert re.search(r"save_peft -> load_peft: \['adapter_config\.json', 'adapter_model\.safetensors'\], "
+                     r"max \|logits change\| = " + SMALL, out), out
+    assert "answers before -> after fine-tuning:" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,6 +17,8 @@ COMMANDS = {
     "generate": ("ftransformer.cli.generate_cmd", "generate text from a checkpoint or a Hugging Face GPT-2 directory"),
     "inspect": ("ftransformer.cli.inspect_cmd",
                 "a preset's config and parameter breakdown; a model's attention, head scores, logit lens, activation patching, attribution, edges"),
+    "finetune": ("ftransformer.cli.finetune_cmd",
+                 "LoRA / DoRA chat fine-tuning of a Hugging Face model (adapter checkpoints, PEFT format out)"),
     "bench": ("ftransformer.cli.bench_cmd", "benchmarks: train step and generation against baselines"),
     "sae": ("ftransformer.cli.sae_cmd", "sparse autoencoders: collect activations, train a stack, evaluate, show features"),
 }

@@ -37,6 +37,9 @@ def add_arguments(parser) -> None:
         "(GPT-2: or vocab.json + merges.txt); families: gpt2, llama, mistral, qwen2, qwen3",
     )
     add_gguf_argument(parser)
+    parser.add_argument("--adapter", metavar="DIR", default=None,
+                        help="put a LoRA / DoRA adapter on the model first: a PEFT adapter directory or a run of "
+                        "`ftransformer finetune` (merged into the weights for decoding)")
     parser.add_argument("--prompt", metavar="TEXT", required=True, help="text to continue (with --chat: the user's message)")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt in the tokenizer's chat template as one user turn and print the reply")
@@ -209,6 +212,11 @@ def run(args) -> int:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     device = select_device(args.device)
     cfg, params, tokenizer = load_model(args, device)
+    if getattr(args, "adapter", None) is not None:
+        from ftransformer.cli.finetune_cmd import load_adapter
+        from ftransformer.peft import merge
+
+        params = merge(load_adapter(args.adapter, params, cfg))
     params = _with_dtype(args, params, cfg, device)
     ids = prompt_ids(tokenizer, args.prompt, chat=args.chat)
     stop = tuple(getattr(tokenizer, "stop_tokens", ()))

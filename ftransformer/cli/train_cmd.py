@@ -466,10 +466,12 @@ def execute(spec: RunSpec, ctx=None) -> int:
                      record_extra=noise_scale_record(cfg) if spec.log_noise_scale else None)
     result = fit(params, step, data, fit_settings(recipe, spec.seed), out_dir=spec.out, resume=spec.resume,
                  device=device, progress=not spec.quiet, dist=ctx)
-    return _report(result, spec.out, say)
+    return report(result, spec.out, say)
 
 
-def _report(result, out: Path, say) -> int:
+def report(result, out: Path, say, command: str = "train") -> int:
+    """The end of a run of ``fit``: last and best losses, the files, and how to resume an interrupted run
+    (130), else 0."""
     last = result.history[-1] if result.history else None
     if last is not None:
         say(f"step {last['step']}: train loss {last['train_loss']:.4f}, val loss {last['val_loss']:.4f}; "
@@ -477,7 +479,7 @@ def _report(result, out: Path, say) -> int:
     say(f"checkpoints: {out / LATEST}, {out / BEST}")
     say(f"metrics: {result.files['metrics']}; plot: {result.files['plot']}")
     if result.interrupted:
-        say(f"interrupted at step {result.step}; continue with: ftransformer train --resume --out {_quote(out)}")
+        say(f"interrupted at step {result.step}; continue with: ftransformer {command} --resume --out {_quote(out)}")
         return 130
     return 0
 
@@ -519,4 +521,4 @@ def _quote(path: Path) -> str:
     return s if s and all(c.isalnum() or c in "-_./" for c in s) else repr(s)
 
 
-__all__ = ["RunSpec", "add_arguments", "execute", "parse_overrides", "resolve_run", "run"]
+__all__ = ["RunSpec", "add_arguments", "execute", "parse_overrides", "report", "resolve_run", "run"]

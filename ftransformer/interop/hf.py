@@ -64,14 +64,17 @@ WEIGHT_FILES = (
 )
 
 
-def read_hf_config(directory: str | os.PathLike) -> dict:
-    """``directory/config.json`` as a dict; a missing or broken file raises ``ValueError`` naming it."""
+def read_hf_config(
+    directory: str | os.PathLike, *, name: str = "config.json", what: str = "a Hugging Face model directory"
+) -> dict:
+    """``directory/name`` (a JSON object) as a dict; a missing or broken file raises ``ValueError`` naming it
+    and saying the directory was expected to be ``what``."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise ValueError(f"{directory} is not a directory (expected a Hugging Face model directory)")
-    path = directory / "config.json"
+        raise ValueError(f"{directory} is not a directory (expected {what})")
+    path = directory / name
     if not path.is_file():
-        raise ValueError(f"{directory} has no config.json (expected a Hugging Face model directory)")
+        raise ValueError(f"{directory} has no {name} (expected {what})")
     try:
         hf = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

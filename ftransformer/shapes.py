@@ -36,6 +36,7 @@ writers        nodes of the edge graph that write to the residual stream: the em
 readers        nodes of the edge graph that read it: every head's q/k/v input, every MLP input, the logits
 edges          a stack of edge masks or edge runs, one per edge (or per circuit size)
 steps          the points of an integrated-gradients path (EAP-IG's alphas)
+queries        query sequences of an influence computation (rows of a score matrix)
 =============  ===============================================================
 
 The aliases below are the annotations layers use; jaxtyping checks them when the import hook is on
@@ -50,7 +51,7 @@ from torch import Tensor
 AXES = (
     "batch", "seq", "kv_seq", "d_model", "heads", "kv_heads", "group", "head_dim", "half", "d_ff", "d_in", "d_out",
     "vocab", "layers", "layers_plus_1", "max_seq", "member", "rows", "d_sae", "features", "qkv", "pair", "width", "rank", "k", "cols", "scales", "probes", "iters", "grid",
-    "writers", "readers", "edges", "steps",
+    "writers", "readers", "edges", "steps", "queries",
 )
 
 Tokens = Int[Tensor, "*batch seq"]

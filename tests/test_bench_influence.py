@@ -16,7 +16,8 @@ from ftransformer.bench import influence  # noqa: E402
 def _args(**kw):
     parser = argparse.ArgumentParser()
     influence.add_arguments(parser)
-    return parser.parse_args([f"--{k.replace('_', '-')}={v}" for k, v in kw.items()])
+    flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f"={v}") for k, v in kw.items()]
+    return parser.parse_args(flags)
 
 
 def test_ours_match_kronfluence_eigenvalues_and_scores():
@@ -34,8 +35,8 @@ def test_ours_match_kronfluence_eigenvalues_and_scores():
     assert corr["eigenvalues"] >= influence.GOAL_CORRELATION and corr["scores"] >= influence.GOAL_CORRELATION, corr
 
 
-def test_cli_prints_the_table(capsys):
-    assert influence.run(_args(train=8, queries=2, seq_len=5, batch_size=4, vocab=30, d_model=16, layers=1)) == 0
+def test_cli_prints_the_table_and_says_why_kronfluence_is_skipped(capsys, monkeypatch):
+    monkeypatch.setattr(influence, "kronfluence_missing", lambda: "kronfluence not installed (test)")
+    assert influence.run(_args(train=8, queries=2, seq_len=5, batch_size=4, vocab=30, d_model=16, layers=1, no_memory=True)) == 0
     out = capsys.readouterr().out
-    assert "ftransformer" in out and "fit s" in out
-    assert ("kronfluence" in out)
+    assert "ftransformer" in out and "fit s" in out and "skipped: kronfluence not installed (test)" in out

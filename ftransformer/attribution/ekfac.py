@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
-from ftransformer import io, random, tree
+from ftransformer import io, random, tree, validate
 from ftransformer.attribution.curvature import select
 from ftransformer.config import Config
 from ftransformer.data import unpack_batch
@@ -224,7 +224,7 @@ def block_damping(factor: BlockFactors, damping: float | None) -> float | Tensor
     """The damping added to a block's corrected eigenvalues: ``damping``, or None for 0.1 * their mean."""
     if damping is None:
         return HEURISTIC_DAMPING * factor.lambdas.mean()
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or damping < 0:
+    if not validate.is_number(damping) or damping < 0:
         raise ValueError(f"damping must be a float >= 0 or None (kronfluence's heuristic), got {damping!r}")
     return float(damping)
 

@@ -13,10 +13,13 @@ bench prints why and reports ours alone.
 
 Times are CPU seconds of this process (``time.process_time``) with ``--clock cpu`` (the default: robust on a
 shared machine), wall seconds with ``--clock wall``; peak memory on CUDA is ``torch.cuda.max_memory_allocated``
-above the start, on a CPU the rise of the process's peak RSS (``/proc`` VmHWM) over the step (ours runs first, so
-kronfluence's rise is over ours: a lower bound of its own need).
+above the start, on a CPU the rise of the peak RSS (``/proc`` VmHWM) over the post-setup peak, each side run again
+alone in a fresh process (``--only``; ``--no-memory`` skips it).
 """
 
+import json
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 from ftransformer import tree
 from ftransformer.attribution import ekfac
 from ftransformer.bench.timing import num_threads, sync
-from ftransformer.bench.vmap import _peak_rss_mib
+from ftransformer.bench.vmap import peak_rss_mib
 from ftransformer.model import forward
 
 # our block name (after "blocks.{i}.") -> kronfluence's module name (after "model.layers.{i}.")
@@ -117,12 +120,12 @@ def _measured(fn, device, clock):
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
-        base = _peak_rss_mib()
+        base = peak_rss_mib()
     start = clock()
     out = fn()
     sync(device)
     seconds = clock() - start
-    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else _peak_rss_mib() - base
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if device.type == "cuda" else peak_rss_mib() - base
     return out, seconds, max(peak, 0.0)
 
 
@@ -190,7 +193,8 @@ def format_table(rows: dict, corr: dict | None, missing: str | None) -> str:
         ec = sc = ""
         if corr is not None and name != "ftransformer":
             ec, sc = f"{corr['eigenvalues']:.6f}", f"{corr['scores']:.6f}"
-        lines.append(f"{name:<34}{r['fit_s']:>9.2f}{r['score_s']:>9.2f}{r['peak_mib']:>10.0f}{ec:>10}{sc:>12}")
+        mem = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        lines.append(f"{name:<34}{r['fit_s']:>9.2f}{r['score_s']:>9.2f}{mem:>10}{ec:>10}{sc:>12}")
     if missing:
         lines.append(f"{'kronfluence':<34}skipped: {missing}")
     return "\n".join(lines)
@@ -210,6 +214,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="cpu: this process's CPU seconds (default); wall: elapsed seconds")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model and the data (default: 0)")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the peak-memory column on CPU (it reruns each side in a fresh process)")
+    parser.add_argument("--only", choices=("ftransformer", "kronfluence"), default=None,
+                        help="run one side alone and print its peak RSS as JSON (what the CPU memory column runs)")
 
 
 def run(args) -> int:
@@ -239,17 +247,44 @@ def _run(args, threads: int, missing: str | None, tmp: Path) -> int:
           f"{args.train} training and {args.queries} query sequences of {args.seq_len} tokens, batch {args.batch_size}, "
           f"damping {args.damping:g}, empirical Fisher, device {device}, {threads} threads, {args.clock} clock, "
           f"torch {torch.__version__}; our logits vs transformers' max |diff| {float(diff):.1e}")
-    rows = {"ftransformer": run_ours(cfg, params, train, queries, args, device, clock)}
+    sides = {"ftransformer": lambda: run_ours(cfg, params, train, queries, args, device, clock),
+             "kronfluence": lambda: run_kronfluence(model, train, queries, args, device, clock, tmp / "kronfluence")}
+    if args.only is not None:  # a fresh process measuring one side's peak RSS for the parent (CPU memory)
+        base = peak_rss_mib()
+        sides[args.only]()
+        print(json.dumps({"peak_mib": max(peak_rss_mib() - base, 0.0)}))
+        return 0
+    print(f"bench influence: tiny Llama ({args.layers} blocks, d_model {args.d_model}, vocab {args.vocab}, GQA 4/2), "
+          f"{args.train} training and {args.queries} query sequences of {args.seq_len} tokens, batch {args.batch_size}, "
+          f"damping {args.damping:g}, empirical Fisher, device {device}, {threads} threads, {args.clock} clock, "
+          f"torch {torch.__version__}; our logits vs transformers' max |diff| {float(diff):.1e}")
+    rows = {"ftransformer": sides["ftransformer"]()}
     corr = None
     if not missing:
         import kronfluence
 
-        rows[f"kronfluence {kronfluence.__version__}"] = theirs = run_kronfluence(
-            model, train, queries, args, device, clock, tmp / "kronfluence")
+        rows[f"kronfluence {kronfluence.__version__}"] = theirs = sides["kronfluence"]()
         corr = compare(rows["ftransformer"], theirs)
+    if device.type == "cpu":
+        for row, side in zip(rows.values(), sides):
+            row["peak_mib"] = None if args.no_memory else _peak_in_fresh_process(args, side)
     print(format_table(rows, corr, missing))
     print(f"\ncorrelations: Pearson, against ours (goal >= {GOAL_CORRELATION}); eigenvalues: each block's corrected "
           "eigenvalues sorted, all blocks together; peak MiB: "
-          + ("torch.cuda.max_memory_allocated above the start" if device.type == "cuda"
-             else "rise of the process's peak RSS over each step (kronfluence's over ours: a lower bound)"))
+          + ("torch.cuda.max_memory_allocated above the start of each step" if device.type == "cuda"
+             else "peak RSS (/proc VmHWM) above the post-setup peak, each side in a fresh process"))
     return 0
+
+
+def _peak_in_fresh_process(args, side: str) -> float | None:
+    """One side's peak RSS rise (MiB), measured by this bench run again with ``--only side`` in a new process."""
+    argv = [sys.executable, "-m", "ftransformer", "bench", "influence", "--only", side]
+    for name in ("train", "queries", "seq_len", "batch_size", "vocab", "d_model", "layers", "damping", "device",
+                 "threads", "clock", "seed"):
+        if getattr(args, name) is not None:
+            argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+    if r.returncode != 0:
+        print(f"(memory of {side} not measured: {r.stderr.strip().splitlines()[-1:]})")
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])["peak_mib"]

@@ -33,9 +33,11 @@ def setup():
 
 
 def _leaf_grad(params, cfg, tokens, targets, path):
-    """The gradient of the summed loss of one sequence at the leaf ``path`` (plain autograd on the parameter)."""
+    """The gradient of the summed loss of one sequence at the leaf ``path`` (plain autograd on the parameter); a
+    pattern gives the dict of every leaf it matches."""
     of_sub, chosen = curvature.restrict(lambda p: ft.loss_fn(p, tokens, targets, cfg, reduction="sum"), params, [path])
-    return torch.func.grad(of_sub)(chosen)[path]
+    grads = torch.func.grad(of_sub)(chosen)
+    return grads if "*" in path else grads[path]
 
 
 def test_blocks_split_fused_qkv_by_gqa_widths(setup):
@@ -46,7 +48,7 @@ def test_blocks_split_fused_qkv_by_gqa_widths(setup):
     assert blocks["blocks.1.attn.w_qkv.v"] == ekfac.Block("blocks.1.attn.w_qkv", (HEADS + KV_HEADS) * hd,
                                                           (HEADS + 2 * KV_HEADS) * hd)
     assert set(ekfac.kfac_blocks(params, cfg, split_qkv=False)) >= {"blocks.0.attn.w_qkv", "blocks.0.mlp.w_out"}
-    with pytest.raises(ValueError, match="match no parameter"):
+    with pytest.raises(ValueError, match="match no projection"):
         ekfac.kfac_blocks(params, cfg, ["blocks.9.*"])
     with pytest.raises(ValueError, match=r"\[d_in, d_out\] projection leaves"):
         ekfac.kfac_blocks(params, cfg, ["blocks.0.ln1.*"])
@@ -69,6 +71,28 @@ def _labels(params, cfg, batches, key):
         return [targets for _, targets in batches]
     return [ekfac.sample_labels(ft.forward(params, tokens, cfg), ft.random.fold_in(key, b))
             for b, (tokens, _) in enumerate(batches)]
+
+
+def test_lora_adapter_blocks_equal_autograd_on_the_adapter_matrices(setup):
+    cfg, params, batches = setup
+    adapted = ft.peft.lora(params, cfg, rank=3, alpha=6.0, targets=["blocks.*.attn.w_qkv", "blocks.1.mlp.w_in"],
+                           key=ft.random.key(0))
+    gen = torch.Generator().manual_seed(4)
+    adapted = ft.peft.adapters.map_nodes(adapted, lambda p, w: w._replace(b=torch.randn(w.b.shape, generator=gen,
+                                         dtype=torch.float64)) if isinstance(w, ft.peft.LoRAWeight) else w)
+    blocks = ekfac.kfac_blocks(adapted, cfg, ["blocks.*.attn.w_qkv", "blocks.1.mlp.w_in.b"])
+    assert blocks["blocks.0.attn.w_qkv.a"] == ekfac.Block("blocks.0.attn.w_qkv", 0, 3, "lora_a")
+    assert "blocks.1.mlp.w_in.a" not in blocks and blocks["blocks.1.mlp.w_in.b"].kind == "lora_b"
+    factors = ekfac.fit_factors(adapted, cfg, batches, paths=list(blocks), key=ft.random.key(2), progress=False)
+    assert factors.factors["blocks.0.attn.w_qkv.a"].lambdas.shape == (D_MODEL, 3)
+    tokens, targets = batches[1]
+    grads = ekfac.sequence_grads(adapted, cfg, factors, batches[1])
+    for i in range(tokens.shape[0]):
+        expected = _leaf_grad(adapted, cfg, tokens[i], targets[i], "blocks.*.*.[ab]")
+        for name in blocks:
+            torch.testing.assert_close(grads[name][i], expected[name])
+    scores = ekfac.pairwise_scores(adapted, cfg, factors, batches[1], batches, damping=1e-2, progress=False)
+    assert scores.shape == (2, 6) and scores.isfinite().all()
 
 
 def _loop_covariances(params, cfg, batches, layer, key):

@@ -22,6 +22,7 @@ gradients of the training set; memory holds the preconditioned query gradients a
 
 import json
 from collections.abc import Iterable, Sequence
+from fnmatch import fnmatchcase
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -33,11 +34,12 @@ from safetensors.torch import save as safetensors_bytes
 from tqdm.auto import tqdm
 
 from ftransformer import io, random, tree, validate
-from ftransformer.attribution.curvature import select
 from ftransformer.config import Config
 from ftransformer.data import unpack_batch
+from ftransformer.layers.adapter import LoRAWeight
 from ftransformer.layers.probe import Probe
 from ftransformer.model import cross_entropy, forward
+from ftransformer.peft.adapters import is_weight_node, map_nodes
 from ftransformer.shapes import Float, Key, Tensor, einsum_equation
 
 FISHERS = ("true", "empirical")
@@ -51,11 +53,13 @@ _TOKEN_SCORES = einsum_equation("queries d_in d_out, batch seq d_in, batch seq d
 
 
 class Block(NamedTuple):
-    """One Kronecker block: output columns ``start:stop`` of the leaf at ``path``."""
+    """One Kronecker block: output columns ``start:stop`` of the weight node at ``path``; ``kind`` ``"weight"``, or
+    ``"lora_a"`` / ``"lora_b"`` for a ``LoRAWeight``'s adapter matrices (``a``: ``[d_in, rank]``, ``b``: ``[rank, d_out]``)."""
 
     path: str
     start: int
     stop: int
+    kind: str = "weight"
 
 
 class BlockFactors(NamedTuple):
@@ -81,27 +85,46 @@ class Factors(NamedTuple):
 
 
 class Reading(NamedTuple):
-    """One batch seen at each probed leaf: inputs ``[batch seq d_in]``, output gradients ``[batch seq d_out]``."""
+    """One batch seen at each probed weight node: inputs ``[batch seq d_in]``, output gradients ``[batch seq d_out]``,
+    and the nodes themselves."""
 
     inputs: dict[str, Tensor]
     grads: dict[str, Tensor]
+    nodes: dict[str, object]
+
+
+def _weight_blocks(path: str, leaf, cfg: Config, split_qkv: bool) -> dict[str, Block]:
+    if not isinstance(leaf, Tensor) or leaf.ndim != 2 or not leaf.is_floating_point():
+        got = tuple(leaf.shape) if isinstance(leaf, Tensor) else type(leaf).__name__
+        raise ValueError(f"EK-FAC needs float [d_in, d_out] projection leaves or LoRA adapters; {path!r} is {got}")
+    if not (split_qkv and path.endswith("attn.w_qkv")):
+        return {path: Block(path, 0, leaf.shape[1])}
+    widths = [n * cfg.head_dim for n in (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)]
+    starts = [0, widths[0], widths[0] + widths[1]]
+    return {f"{path}.{part}": Block(path, start, start + width) for part, start, width in zip("qkv", starts, widths)}
 
 
 def kfac_blocks(params: dict, cfg: Config, paths: Sequence[str] | None = None, *, split_qkv: bool = True) -> dict[str, Block]:
-    """The blocks of the projection leaves matching ``paths`` (``fnmatch`` patterns; None: every projection)."""
-    chosen = select(params, PROJECTIONS if paths is None else paths)
+    """The blocks of the projection leaves matching ``paths`` (``fnmatch`` patterns; None: every projection).
+
+    A pattern matching a ``LoRAWeight`` node (``"blocks.0.attn.w_qkv"``) gives its two adapter matrices (the frozen
+    base is not a block); ``"....w_qkv.a"`` / ``".b"`` give one of them.
+    """
+    patterns = PROJECTIONS if paths is None else paths
+    if isinstance(patterns, str) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"paths must be a sequence of pattern strings, got {paths!r}")
+    hit = lambda path: any(fnmatchcase(path, p) for p in patterns)  # noqa: E731
     blocks = {}
-    for path, leaf in chosen.items():
-        if not isinstance(leaf, Tensor) or leaf.ndim != 2 or not leaf.is_floating_point():
-            got = tuple(leaf.shape) if isinstance(leaf, Tensor) else type(leaf).__name__
-            raise ValueError(f"EK-FAC needs float [d_in, d_out] projection leaves; {path!r} is {got}")
-        if split_qkv and path.endswith("attn.w_qkv"):
-            widths = [n * cfg.head_dim for n in (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)]
-            starts = [0, widths[0], widths[0] + widths[1]]
-            for part, start, width in zip("qkv", starts, widths):
-                blocks[f"{path}.{part}"] = Block(path, start, start + width)
-        else:
-            blocks[path] = Block(path, 0, leaf.shape[1])
+    for path, node in tree.flatten_with_paths(params, is_leaf=is_weight_node).items():
+        if isinstance(node, LoRAWeight):
+            for part, kind, width in (("a", "lora_a", node.a.shape[1]), ("b", "lora_b", node.b.shape[1])):
+                if hit(path) or hit(f"{path}.{part}"):
+                    blocks[f"{path}.{part}"] = Block(path, 0, width, kind)
+        elif hit(path):
+            blocks.update(_weight_blocks(path, node, cfg, split_qkv))
+    if not blocks:
+        raise ValueError(f"paths {list(patterns)} match no projection; expected patterns over "
+                         f"{list(tree.flatten_with_paths(params, is_leaf=is_weight_node))[:6]} ...")
     return blocks
 
 
@@ -114,27 +137,41 @@ def sample_labels(logits: Float[Tensor, "*batch seq vocab"], key: Key) -> Tensor
 
 def read_leaves(params: dict, cfg: Config, tokens: Tensor, targets: Tensor | None, leaf_paths: Iterable[str],
                 *, key: Key | None = None) -> Reading:
-    """Inputs and output gradients (of the summed cross-entropy) of the leaves at ``leaf_paths``, token by token.
+    """Inputs and output gradients (of the summed cross-entropy) of the weight nodes at ``leaf_paths``, by token.
 
     ``targets`` None: labels sampled from the model with ``key`` (the true Fisher's pseudo-gradients).
     """
-    flat = {path: leaf.detach() for path, leaf in tree.flatten_with_paths(params).items()}
+    wanted = set(leaf_paths)
     inputs: dict[str, Tensor] = {}
     deltas: dict[str, Tensor] = {}
-    for path in dict.fromkeys(leaf_paths):
-        w = flat[path]
-        deltas[path] = torch.zeros(*tokens.shape, w.shape[-1], dtype=w.dtype, device=w.device, requires_grad=True)
-        flat[path] = Probe(w, deltas[path], partial(inputs.__setitem__, path))
+    nodes: dict[str, object] = {}
+
+    def probe(path, node):
+        if path not in wanted:
+            return node
+        nodes[path] = node
+        width = node.b.shape[-1] if isinstance(node, LoRAWeight) else node.shape[-1]
+        like = node.b if isinstance(node, LoRAWeight) else node
+        deltas[path] = torch.zeros(*tokens.shape, width, dtype=like.dtype, device=like.device, requires_grad=True)
+        return Probe(node, deltas[path], partial(inputs.__setitem__, path))
+
     with torch.enable_grad():
-        logits = forward(tree.unflatten_paths(flat, params), tokens, cfg)
+        logits = forward(map_nodes(params, probe), tokens, cfg)
         labels = sample_labels(logits, key) if targets is None else targets
         loss = cross_entropy(logits, labels, reduction="sum")
         grads = torch.autograd.grad(loss, list(deltas.values()))
-    return Reading({p: x.detach() for p, x in inputs.items()}, dict(zip(deltas, grads)))
+    return Reading({p: x.detach() for p, x in inputs.items()}, dict(zip(deltas, grads)), nodes)
 
 
 def _block_io(reading: Reading, block: Block) -> tuple[Tensor, Tensor]:
-    return reading.inputs[block.path], reading.grads[block.path][..., block.start:block.stop]
+    """The block's inputs and output gradients: a weight's columns, or through a LoRA adapter's other matrix."""
+    x, g = reading.inputs[block.path], reading.grads[block.path]
+    if block.kind == "weight":
+        return x, g[..., block.start:block.stop]
+    w = reading.nodes[block.path]
+    scale, a, b = w.scale.detach(), w.a.detach(), w.b.detach()
+    # x @ base + scale * (x @ a) @ b: a reads x and gets scale * g @ b^T; b reads scale * x @ a and gets g.
+    return (x, scale * g @ b.T) if block.kind == "lora_a" else (scale * (x @ a), g)
 
 
 def _check_fit_args(batches, fisher: str, key: Key | None) -> None:

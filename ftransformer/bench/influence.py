@@ -243,10 +243,6 @@ def _run(args, threads: int, missing: str | None, tmp: Path) -> int:
     with torch.no_grad():
         diff = (forward(params, train[0][:2].to(device), cfg) - model.to(device)(train[0][:2].to(device)).logits).abs().max()
     train, queries = tuple(t.to(device) for t in train), tuple(t.to(device) for t in queries)
-    print(f"bench influence: tiny Llama ({args.layers} blocks, d_model {args.d_model}, vocab {args.vocab}, GQA 4/2), "
-          f"{args.train} training and {args.queries} query sequences of {args.seq_len} tokens, batch {args.batch_size}, "
-          f"damping {args.damping:g}, empirical Fisher, device {device}, {threads} threads, {args.clock} clock, "
-          f"torch {torch.__version__}; our logits vs transformers' max |diff| {float(diff):.1e}")
     sides = {"ftransformer": lambda: run_ours(cfg, params, train, queries, args, device, clock),
              "kronfluence": lambda: run_kronfluence(model, train, queries, args, device, clock, tmp / "kronfluence")}
     if args.only is not None:  # a fresh process measuring one side's peak RSS for the parent (CPU memory)

@@ -204,6 +204,7 @@ def _covariances(params, cfg, batches, blocks, fisher, key, bar) -> tuple[dict, 
             a, g = (rearrange(x, "... width -> (...) width") for x in _block_io(reading, block))
             pair = sums.setdefault(name, [0, 0])
             pair[0], pair[1] = pair[0] + a.T @ a, pair[1] + g.T @ g
+        del reading, a, g  # not alive while the next batch's pass runs: one batch in memory at a time
     if not sequences:
         raise ValueError("batches is empty: EK-FAC needs at least one batch of sequences")
     return {name: (a / tokens_seen, g / tokens_seen) for name, (a, g) in sums.items()}, sequences, tokens_seen
@@ -240,6 +241,7 @@ def fit_factors(
             for name, block in blocks.items():
                 _, a_vectors, _, g_vectors = eig[name]
                 lambdas[name] = lambdas[name] + rotated_grads(*_block_io(reading, block), a_vectors, g_vectors).square().sum(0)
+            del reading
     factors = {name: BlockFactors(*covs[name], *eig[name], lambdas[name] / sequences) for name in blocks}
     return Factors(blocks, factors, fisher, sequences, tokens_seen)
 
@@ -292,6 +294,7 @@ def _stream_scores(params, cfg, factors, queries, train_batches, damping, progre
         reading = read_leaves(params, cfg, tokens, targets, [b.path for b in factors.blocks.values()])
         parts.append(sum(torch.einsum(equation, pre[name], *_block_io(reading, block))
                          for name, block in factors.blocks.items()))
+        del reading
     if not parts:
         raise ValueError("train_batches is empty: nothing to score")
     return torch.cat(parts, dim=1)

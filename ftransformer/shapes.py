@@ -40,6 +40,7 @@ blocks         the quantization blocks of a 4-bit matrix (each weight's block sh
 block          the weights of one quantization block (64 for NF4)
 superblocks    groups of 256 blocks whose absmax values share one float32 scale (NF4's double quantization)
 code           the entries of a quantization code book (bitsandbytes' 8-bit dynamic map)
+queries        query sequences of an influence computation (rows of a score matrix)
 =============  ===============================================================
 
 The aliases below are the annotations layers use; jaxtyping checks them when the import hook is on
@@ -54,7 +55,7 @@ from torch import Tensor
 AXES = (
     "batch", "seq", "kv_seq", "d_model", "heads", "kv_heads", "group", "head_dim", "half", "d_ff", "d_in", "d_out",
     "vocab", "layers", "layers_plus_1", "max_seq", "member", "rows", "d_sae", "features", "qkv", "pair", "width", "rank", "k", "cols", "scales", "probes", "iters", "grid",
-    "writers", "readers", "edges", "steps", "blocks", "block", "superblocks", "code",
+    "writers", "readers", "edges", "steps", "blocks", "block", "superblocks", "code", "queries",
 )
 
 Tokens = Int[Tensor, "*batch seq"]

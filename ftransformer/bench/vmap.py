@@ -230,7 +230,7 @@ def _peak_cuda(fn, device) -> float:
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
     """This process's peak resident set size. /proc's VmHWM belongs to the process image, while
     ``ru_maxrss`` survives ``exec`` and so starts at the (large) parent's peak in a child."""
     try:
@@ -256,11 +256,11 @@ def measure_memory_here(args_json: str) -> None:
     warnings.filterwarnings("ignore", message=".*batching rule.*")
     warnings.filterwarnings("ignore", message=".*Full backward hook.*")
     fn = _contenders(cfg, s, a["members"], [a["name"]])[a["name"]]
-    before = _peak_rss_mib()
+    before = peak_rss_mib()
     for _ in range(2):
         result = fn()
         del result
-    print(json.dumps({"peak_mib": max(_peak_rss_mib() - before, 0.0)}))
+    print(json.dumps({"peak_mib": max(peak_rss_mib() - before, 0.0)}))
 
 
 def _peak_cpu(name: str, args, seq: int, threads: int) -> float | None:

@@ -12,15 +12,19 @@ import torch.nn.functional as F
 from ftransformer.layers.adapter import ADAPTED, Adapted, adapter_output
 from ftransformer.layers.int8 import Int8Weight, int8_matmul
 from ftransformer.layers.nf4 import NF4Weight, nf4_matmul
+from ftransformer.layers.probe import Probe
 from ftransformer.shapes import Float, Tensor
 
 
 def linear(
     x: Float[Tensor, "*batch d_in"],
-    w: Float[Tensor, "d_in d_out"] | Int8Weight | NF4Weight | Adapted,
+    w: Float[Tensor, "d_in d_out"] | Int8Weight | NF4Weight | Adapted | Probe,
     b: Float[Tensor, " d_out"] | None = None,
 ) -> Float[Tensor, "*batch d_out"]:
     """Affine map. ``w`` is ``[d_in, d_out]`` (the order of ``x @ w``, as GPT-2's Conv1D): float, int8, NF4, adapted."""
+    if isinstance(w, Probe):  # influence functions read the input and the output gradient (layers/probe.py)
+        w.record(x)
+        return linear(x, w.weight, b) + w.delta
     if isinstance(w, ADAPTED):
         return adapter_output(x, w, b, linear)
     if isinstance(w, Int8Weight):

@@ -13,7 +13,6 @@ sequence's score is how much training on it lowered that loss, to first order:
 Printed: the ``--top`` sequences with their scores; written (``--out``): a bar plot of them.
 """
 
-import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -22,7 +21,6 @@ import torch
 
 VIEWS = ("influence",)
 METHODS = ("projected", "ekfac")  # inspect_circuits offers them on its --method flag (one flag, two views)
-EKFAC_MODULE = "ftransformer.attribution.ekfac"
 # The flags only this view reads (default None, so a flag given to another view can be named).
 FLAGS = ("query", "data", "projection", "k", "damping", "index")
 # The dense projection draws parameters x k random numbers for every batch of sequences: above this, LoGra's.
@@ -56,9 +54,6 @@ def check_args(args) -> None:
     method = args.method or "projected"
     if method not in METHODS:
         raise ValueError(f"inspect influence --method must be one of {', '.join(METHODS)}, got {method!r}")
-    if method == "ekfac" and importlib.util.find_spec(EKFAC_MODULE) is None:
-        raise ValueError("--method ekfac: EK-FAC influence is not in this build (no ftransformer.attribution.ekfac); "
-                         "use --method projected")
     if method == "ekfac" and (args.projection is not None or args.k is not None or args.index is not None):
         raise ValueError("--projection, --k and --index go with --method projected, not ekfac")
     if args.k is not None and args.k < 1:

@@ -8,7 +8,7 @@ sequence's score is how much training on it lowered that loss, to first order:
   sequence's gradient projected by a random matrix from ``--seed`` (``--projection dense`` with ``--k`` numbers,
   the default up to ``DENSE_UP_TO`` parameters, or ``kronecker``: ``--k x --k`` per projection matrix), preconditioned by ``(Phi^T Phi + lambda I)^-1`` with
   relative ``--damping`` (0: the plain inner product); ``--index DIR`` keeps the index on disk and reuses it;
-* ``--method ekfac``: EK-FAC influence functions (``attribution.ekfac``), where this build has them.
+* ``--method ekfac``: EK-FAC influence functions (``attribution.ekfac``).
 
 Printed: the ``--top`` sequences with their scores; written (``--out``): a bar plot of them.
 """

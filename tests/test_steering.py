@@ -102,8 +102,11 @@ def test_generation_refuses_what_it_cannot_intervene_on():
     kw = dict(max_new_tokens=2, sampling=GREEDY)
     with pytest.raises(ValueError, match="attn.head_out"):
         ft.generate(params, prompt, cfg, interventions={"blocks.0.attn.head_out": lambda v: v}, **kw)
-    with pytest.raises(ValueError, match="step='eager'.*got step='compile'"):
+    with pytest.raises(ValueError, match="step='eager'.*got step='compile'"):  # plain functions: eager only
         ft.generate(params, prompt, cfg, interventions=interventions, step="compile", **kw)
+    steered = steering.steer(torch.ones(cfg.d_model, dtype=torch.float64), "blocks.0.resid_post")
+    with pytest.raises(ValueError, match="got step='aot'"):  # WithTensors ones: eager or compile, never aot
+        ft.generate(params, prompt, cfg, interventions=steered, step="aot", **kw)
     with pytest.raises(ValueError, match="got step='aot'"):  # refused before the step is built
         ft.generate_stream(params, prompt, cfg, interventions=interventions, step="aot", **kw)
     with pytest.raises(ValueError, match="positions must be one of"):

@@ -21,7 +21,10 @@
   writer -> reader scored by EAP / EAP-IG (or patched exactly), the top edges printed and drawn as a
   graph, and the faithfulness of the top-k circuits (``cli/inspect_circuits.py`` has these three views);
 * ``ftransformer inspect curvature --checkpoint DIR [--text TEXT] --out FILE.png``: the loss Hessian's top
-  eigenvalues and trace, whole model and per layer, and its spectral density (``cli/inspect_curvature.py``).
+  eigenvalues and trace, whole model and per layer, and its spectral density (``cli/inspect_curvature.py``);
+* ``ftransformer inspect steer --checkpoint DIR --positive TEXT --negative TEXT --prompt TEXT [--layer L]
+  [--scale S] [--sweep LAYERS:SCALES] --out FILE.png``: a steering vector, its layer x scale sweep drawn as a
+  heatmap, and samples without and with it (``cli/inspect_steer.py``).
 
 Each view takes ``--hf-dir DIR`` (a Hugging Face GPT-2 directory) instead of ``--checkpoint``.
 """
@@ -29,12 +32,12 @@ Each view takes ``--hf-dir DIR`` (a Hugging Face GPT-2 directory) instead of ``-
 import dataclasses
 import sys
 
-from ftransformer.cli import inspect_circuits, inspect_curvature
+from ftransformer.cli import inspect_circuits, inspect_curvature, inspect_steer
 from ftransformer.cli.generate_cmd import DEVICES, add_gguf_argument
 from ftransformer.config import PRESETS, get_preset
 from ftransformer.params import format_breakdown
 
-VIEWS = ("attention", "heads", "logit-lens", *inspect_circuits.VIEWS, *inspect_curvature.VIEWS)
+VIEWS = ("attention", "heads", "logit-lens", *inspect_circuits.VIEWS, *inspect_curvature.VIEWS, *inspect_steer.VIEWS)
 NEEDS_TEXT = ("attention", "logit-lens")
 CIRCUITS = inspect_circuits.VIEWS
 
@@ -42,7 +45,7 @@ CIRCUITS = inspect_circuits.VIEWS
 def add_arguments(parser) -> None:
     parser.add_argument(
         "view", nargs="?", choices=VIEWS, default=None, metavar="VIEW",
-        help="what to draw from a model: attention, heads, logit-lens, patching, attribution, edges or curvature; without one, describe --preset",
+        help="what to draw from a model: attention, heads, logit-lens, patching, attribution, edges, curvature or steer; without one, describe --preset",
     )
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="preset to describe when no VIEW is given (default: seed)")
@@ -56,7 +59,7 @@ def add_arguments(parser) -> None:
     model.add_argument("--text", metavar="TEXT", default=None,
                        help="attention, logit-lens, curvature: the text to run (cropped to its last max_seq_len tokens)")
     model.add_argument("--layer", type=int, metavar="L", default=None,
-                       help="attention: the layer to draw, 0-based (default: the last)")
+                       help="attention: the layer to draw, 0-based (default: the last); steer: the layer to steer (default: the middle)")
     model.add_argument("--half", type=int, metavar="N", default=None,
                        help="heads: length of the random sequence that is repeated (default: min(max_seq_len // 2, 50))")
     model.add_argument("--batch", type=int, metavar="B", default=8, help="heads, curvature: random sequences to average over (default: 8)")
@@ -65,6 +68,7 @@ def add_arguments(parser) -> None:
     model.add_argument("--device", choices=DEVICES, default="cpu", help="where to run (default: cpu)")
     inspect_circuits.add_arguments(parser.add_argument_group("the patching, attribution and edges views"))
     inspect_curvature.add_arguments(parser.add_argument_group("the curvature view"))
+    inspect_steer.add_arguments(parser.add_argument_group("the steer view"))
 
 
 def describe(cfg, title: str) -> int:
@@ -130,9 +134,10 @@ def _check_view_args(args) -> None:
         raise ValueError(f"inspect {args.view} needs --text TEXT")
     inspect_circuits.check_args(args)
     inspect_curvature.check_args(args)
+    inspect_steer.check_args(args)
     if args.view == "heads" and args.text is not None:
         raise ValueError(f"inspect {args.view} runs on random repeated tokens; it takes no --text")
-    if args.view != "attention" and args.layer is not None:
+    if args.view not in ("attention", "steer") and args.layer is not None:
         raise ValueError(f"--layer goes with the attention view, not {args.view!r}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
@@ -168,6 +173,8 @@ def run(args) -> int:
         return inspect_circuits.run(args, cfg, params, tokenizer, source, device)
     if args.view in inspect_curvature.VIEWS:
         return inspect_curvature.run(args, cfg, params, tokenizer, source, device, _encode)
+    if args.view in inspect_steer.VIEWS:
+        return inspect_steer.run(args, cfg, params, tokenizer, source, device, _encode)
 
     def decode(i: int) -> str:
         return tokenizer.decode([int(i)])

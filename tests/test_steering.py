@@ -209,3 +209,18 @@ def test_bench_steering_overhead_runs_on_tiny_sizes():
     assert result["plain_tok_s"] > 0 and result["steered_tok_s"] > 0
     assert result["overhead"] == pytest.approx(1 - result["steered_tok_s"] / result["plain_tok_s"])
     assert format_overhead(result, "tiny").startswith("tiny: plain ")
+
+
+def test_nnsight_steering_of_the_same_hf_model_gives_our_tokens():
+    pytest.importorskip("nnsight")
+    pytest.importorskip("transformers")
+    from ftransformer.bench.steering import _hf_model, _setup, nnsight_generate
+
+    cfg, params, prompt, vector = _setup("tiny", 4, 0)
+    _, lm = _hf_model(params, cfg)
+    layer = cfg.n_layers // 2
+    theirs = nnsight_generate(lm, prompt, layer, 4.0 * vector, 6)
+    ours = ft.generate(params, prompt, cfg, max_new_tokens=6, sampling=GREEDY,
+                       interventions=steering.steer(vector, f"blocks.{layer}.resid_post", 4.0))
+    assert torch.equal(theirs, ours)
+    assert not torch.equal(ours, ft.generate(params, prompt, cfg, max_new_tokens=6, sampling=GREEDY))

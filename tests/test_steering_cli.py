@@ -50,3 +50,14 @@ def test_the_steer_flags_go_with_the_steer_view_only(checkpoint, tmp_path, capsy
     argv = ["inspect", "heads", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "h.png"), "--positive", "a"]
     assert main(argv) == 2
     assert "--positive go with the steer view, not 'heads'" in capsys.readouterr().err
+
+
+def test_plot_steering_sweep_checks_the_shape(tmp_path):
+    import torch
+
+    from ftransformer.interp.plots import plot_steering_sweep
+
+    path = plot_steering_sweep(torch.rand(2, 3), [0, 2], [-1.0, 0.0, 1.0], tmp_path / "s.png", title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match=r"shape \(layers, scales\) = \(2, 2\), got \(2, 3\)"):
+        plot_steering_sweep(torch.rand(2, 3), [0, 2], [-1.0, 1.0], tmp_path / "t.png")

@@ -66,21 +66,10 @@ def _sample(params, cfg, prompt, args, tokenizer, interventions=None) -> str:
     return tokenizer.decode(out[0, prompt.shape[-1]:].tolist())
 
 
-def _plot(values: torch.Tensor, layers: list[int], scales: list[float], path: str, title: str):
-    from ftransformer.interp import plots
-
-    fig = plots._figure(max(3.5, 0.6 * len(scales) + 2.0), max(2.4, 0.4 * len(layers) + 1.4))
-    ax = fig.subplots()
-    plots._heatmap(fig, ax, plots._numpy(values), "mean log-prob of --positive", ".2f",
-                   xlabel="scale", xticklabels=[f"{s:g}" for s in scales])
-    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-    fig.suptitle(title)
-    return plots.save_figure(fig, path)
-
-
 def run(args, cfg, params, tokenizer, source, device, encode) -> int:
     """Print the sweep and the two samples; write the sweep's heatmap."""
     from ftransformer.interp import steering
+    from ftransformer.interp.plots import plot_steering_sweep
 
     if args.layer is not None and not 0 <= args.layer < cfg.n_layers:
         raise ValueError(f"--layer must lie in [0, n_layers={cfg.n_layers}), got {args.layer}")
@@ -98,7 +87,8 @@ def run(args, cfg, params, tokenizer, source, device, encode) -> int:
     print("  layer  " + "  ".join(f"{s:>8g}" for s in scales))
     for i, row in zip(sorted(layers), values):
         print(f"  {i:>5}  " + "  ".join(f"{float(v):8.3f}" for v in row))
-    path = _plot(values, sorted(layers), scales, args.out, f"{source}: steering sweep")
+    path = plot_steering_sweep(values, sorted(layers), scales, args.out, title=f"{source}: steering sweep",
+                               label="mean log-prob of --positive")
     prompt = _ids(args.prompt, tokenizer, cfg, device, encode)
     steered = steering.steer(vectors[layer], f"blocks.{layer}.resid_post", args.scale)
     print(f"\nsamples after {args.prompt!r} (seed {args.seed}, step {args.step}):")

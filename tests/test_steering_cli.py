@@ -2,32 +2,21 @@
 
 import pytest
 
-import ftransformer as ft
 from ftransformer.cli import main
-from ftransformer.data import CharTokenizer
 
-TEXT = "the cat sat on the mat; the dog sat on the log. "
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    tok = CharTokenizer.from_text(TEXT)
-    cfg = ft.Config(vocab_size=tok.vocab_size, d_model=24, n_heads=3, n_layers=3, d_ff=40, max_seq_len=32)
-    path = tmp_path_factory.mktemp("ckpt") / "run"
-    ft.save_checkpoint(path, params=ft.init_params(cfg, seed=0), config=cfg, step=0, tokenizer=tok)
-    return path
+from tests.test_interp_cli import checkpoint  # noqa: F401  (the fixture: a 2-layer char-level checkpoint)
 
 
 def test_inspect_steer_prints_the_sweep_and_both_samples_and_writes_the_heatmap(checkpoint, tmp_path, capsys):
     out = tmp_path / "steer.png"
     argv = ["inspect", "steer", "--checkpoint", str(checkpoint), "--positive", "the cat sat", "--negative",
-            "the dog sat", "--prompt", "the ", "--layer", "1", "--scale", "6", "--sweep", "0,2:-6,0,6",
+            "the dog sat", "--prompt", "the ", "--layer", "1", "--scale", "6", "--sweep", "0,1:-6,0,6",
             "--max-new-tokens", "8", "--out", str(out)]
     assert main(argv) == 0
     text = capsys.readouterr().out
     assert "mean next-token log-prob of --positive" in text
-    rows = [line.split() for line in text.splitlines() if line.strip().split(" ")[0] in ("0", "2")]
-    assert [r[0] for r in rows] == ["0", "2"] and all(len(r) == 4 for r in rows)
+    rows = [line.split() for line in text.splitlines() if line.strip().split(" ")[0] in ("0", "1")]
+    assert [r[0] for r in rows] == ["0", "1"] and all(len(r) == 4 for r in rows)
     assert rows[0][2] == rows[1][2]  # scale 0 steers nothing: the same score at every layer
     assert "plain" in text and "layer  1 x 6" in text
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -36,8 +25,8 @@ def test_inspect_steer_prints_the_sweep_and_both_samples_and_writes_the_heatmap(
 @pytest.mark.parametrize("extra, message", [
     (["--positive", "a"], "inspect steer needs --negative --prompt"),
     (["--sweep", "0,1"], "--sweep must be LAYERS:SCALES, comma-separated (e.g. 0,1:-4,0,4), got '0,1'"),
-    (["--sweep", "5:1"], "--sweep layers must lie in [0, n_layers=3), got [5]"),
-    (["--layer", "7"], "--layer must lie in [0, n_layers=3), got 7"),
+    (["--sweep", "5:1"], "--sweep layers must lie in [0, n_layers=2), got [5]"),
+    (["--layer", "7"], "--layer must lie in [0, n_layers=2), got 7"),
 ])
 def test_inspect_steer_names_what_is_missing_or_wrong(checkpoint, tmp_path, capsys, extra, message):
     texts = [] if extra[0] == "--positive" else ["--positive", "the cat", "--negative", "the dog", "--prompt", "the"]

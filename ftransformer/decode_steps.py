@@ -32,7 +32,7 @@ from ftransformer.cache import KVCache
 from ftransformer.config import Config
 from ftransformer.layers.block import block_with_cache
 from ftransformer.layers.int8 import memo_by_tensor
-from ftransformer.layers.tap import NO_TAP, Tap
+from ftransformer.layers.tap import NO_TAP, Tap, WithTensors
 from ftransformer.model import forward_with_cache, forward_with_cache_in_place
 from ftransformer.quantization import is_quantized, quantize_matrix
 
@@ -106,11 +106,11 @@ def _compiled_layer(params: dict, x: Tensor, cfg: Config, *, k_cache: Tensor, v_
 
 
 def _blockwise(layer: aot.Layer) -> aot.Step:
-    """``_in_place_step`` whose blocks run ``layer`` (a compiled ``block_with_cache``)."""
+    """``_in_place_step`` whose blocks run ``layer`` (a compiled ``block_with_cache``; given ``tap=`` where active)."""
 
-    def step(params: dict, token: Int[Tensor, "*batch"], cache: KVCache, cfg: Config
+    def step(params: dict, token: Int[Tensor, "*batch"], cache: KVCache, cfg: Config, *, tap: Tap = NO_TAP
              ) -> tuple[Float[Tensor, "*batch vocab"], KVCache]:
-        logits, cache = forward_with_cache_in_place(params, token[..., None], cache, cfg, layer=layer)
+        logits, cache = forward_with_cache_in_place(params, token[..., None], cache, cfg, layer=layer, tap=tap)
         return logits[..., 0, :], cache
 
     return step
@@ -188,10 +188,59 @@ def decode_step_for(kind: str | Stepper, params: dict) -> Stepper:
     return Stepper(kind, _cuda_graph_step if on_cuda else _blockwise_step())
 
 
-def tapped_step(tap: Tap) -> Stepper:
-    """The ``"eager"`` step with ``tap`` threaded through every token's pass: the decode step of a generation
-    under interventions (``generation.generate(interventions=...)``)."""
-    return Stepper("eager", functools.partial(_in_place_step, tap=tap))
+def _tapped_block_residual(params: dict, x: Tensor, cfg: Config, names: tuple[str, ...], fns: tuple,
+                           tensors: tuple[tuple[Tensor, ...], ...], **cache_args) -> Tensor:
+    """``_block_residual`` under the interventions ``WithTensors(fns[i], tensors[i])`` at the block's ``names[i]``:
+    what ``_compiled_tapped_block`` compiles, the tensors its arguments (no constants baked into the graph)."""
+    tap = Tap({n: WithTensors(f, t) for n, f, t in zip(names, fns, tensors)}, record=False)
+    return block_with_cache(params, x, cfg, tap=tap, **cache_args)[0]
+
+
+@functools.cache
+def _compiled_tapped_block():
+    """``_tapped_block_residual`` under ``torch.compile`` (static shapes), built on first use: one graph per block
+    shape and set of intervention functions, whatever the values of their tensors."""
+    return torch.compile(_tapped_block_residual, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+
+
+def _block_interventions(tap: Tap) -> tuple[tuple[str, ...], tuple, tuple]:
+    """The names (inside the block), functions and tensors of the ``WithTensors`` interventions ``tap`` (scoped to
+    one block) applies."""
+    local = {path[len(tap.prefix):]: fn for path, fn in tap.interventions.items() if path.startswith(tap.prefix)}
+    return tuple(local), tuple(fn.fn for fn in local.values()), tuple(tuple(fn.tensors) for fn in local.values())
+
+
+def _compiled_tapped_layer(params: dict, x: Tensor, cfg: Config, *, k_cache: Tensor, v_cache: Tensor,
+                           tap: Tap = NO_TAP, **rest) -> tuple[Tensor, Tensor, Tensor]:
+    """``_compiled_layer``, or, where ``tap`` intervenes in this block, ``_compiled_tapped_block`` with the
+    interventions' tensors as arguments."""
+    names, fns, tensors = _block_interventions(tap)
+    if not names:
+        return _compiled_layer(params, x, cfg, k_cache=k_cache, v_cache=v_cache, **rest)
+    x = _compiled_tapped_block()(params, x, cfg, names, fns, tensors, k_cache=k_cache, v_cache=v_cache, **rest)
+    return x, k_cache, v_cache
+
+
+def is_compilable(interventions: dict) -> bool:
+    """Whether every intervention is a ``WithTensors`` (what a ``"compile"`` step takes as arguments)."""
+    return all(isinstance(fn, WithTensors) for fn in interventions.values())
+
+
+def tapped_step(tap: Tap, kind: str = "eager") -> Stepper:
+    """The ``kind`` step (``"eager"`` or ``"compile"``) with ``tap`` threaded through every token's pass: the decode
+    step of a generation under interventions (``generation.generate(interventions=...)``).
+
+    ``"compile"`` (CPU and CUDA alike: blockwise, no CUDA graph) takes only ``WithTensors`` interventions
+    (``is_compilable``): the blocks they act in run ``_compiled_tapped_block``, their tensors passed per call,
+    the others the plain compiled block; ``embed`` and ``final`` act in the eager code around the blocks.
+    """
+    if kind == "eager":
+        return Stepper("eager", functools.partial(_in_place_step, tap=tap))
+    if kind != "compile" or not is_compilable(tap.interventions):
+        raise ValueError(f"a tapped step is 'eager', or 'compile' with WithTensors interventions only; got {kind!r} "
+                         f"with {sorted(type(fn).__name__ for fn in tap.interventions.values())}")
+    step = _blockwise(_compiled_tapped_layer)
+    return Stepper("compile", lambda params, token, cache, cfg: step(params, token, cache, cfg, tap=tap))
 
 
 def whole_graph_step() -> Stepper:
@@ -227,7 +276,8 @@ def clear_compiled() -> None:
     _compiled_step.cache_clear()
     _compiled_block.cache_clear()
     _blockwise_step.cache_clear()
+    _compiled_tapped_block.cache_clear()
 
 
-__all__ = ["STEP_KINDS", "Stepper", "clear_compiled", "decode_step", "decode_step_for", "tapped_step",
+__all__ = ["STEP_KINDS", "Stepper", "clear_compiled", "decode_step", "decode_step_for", "is_compilable", "tapped_step",
            "untie_for_decoding", "whole_graph_step"]

@@ -16,7 +16,9 @@ so a position-wise ``fn`` (a steering vector, a clamped feature) gives what the 
 same ``fn`` gives. The position rule ``positions``: ``"all"`` (both), ``"prompt"`` (the prefill only) or
 ``"generated"`` (the decode steps only: the positions of generated tokens; the first new token, read off the
 prompt's last position, is then not yet affected). The cached attention does not tap its insides, so the
-``attn.*`` sites are refused, and so is any decode step but ``"eager"``.
+``attn.*`` sites are refused. The decode step is ``"eager"``, or ``"compile"`` where every intervention is a
+``layers.tap.WithTensors`` (``fn(value, *tensors)``, as ``interp.steering.steer`` makes): the compiled blocks
+take those tensors as arguments, so a new vector or scale runs the same compiled code (``"aot"`` is refused).
 """
 
 from collections.abc import Iterator, Sequence
@@ -29,7 +31,7 @@ from ftransformer import random
 from ftransformer import validate
 from ftransformer.cache import KVCache, init_cache
 from ftransformer.config import Config
-from ftransformer.decode_steps import Stepper, decode_step_for, tapped_step, untie_for_decoding
+from ftransformer.decode_steps import Stepper, decode_step_for, is_compilable, tapped_step, untie_for_decoding
 from ftransformer.interp.activations import check_interventions
 from ftransformer.layers.tap import NO_TAP, Tap
 from ftransformer.model import check_seq_lengths, check_tokens, forward_with_cache
@@ -102,9 +104,10 @@ def _intervention_taps(interventions: dict | None, positions: str, cfg: Config, 
             f"interventions during generation act on the residual stream, mlp.hidden, embed and final; the cached "
             f"attention does not tap its insides, got {', '.join(inside)}"
         )
-    if step != "eager":
-        raise ValueError(f"interventions during generation need step='eager' (a compiled step would be rebuilt "
-                         f"for every intervention), got step={step!r}")
+    if step != "eager" and not (step == "compile" and is_compilable(interventions)):
+        raise ValueError(f"interventions during generation need step='eager', or step='compile' with WithTensors "
+                         f"interventions only (interp.steering.steer makes one; a compiled step would be rebuilt "
+                         f"for every other function), got step={step!r}")
     return (NO_TAP if positions == "generated" else Tap(interventions, record=False),
             NO_TAP if positions == "prompt" else Tap(interventions, record=False))
 
@@ -132,12 +135,12 @@ def generate_stream(
     ``"eager"``, ``"compile"`` (``torch.compile``, one graph for every block of every step, a CUDA graph on CUDA;
     worth it for long generations), ``"aot"`` (AOTInductor: faster per token, float params only, ~15-40 s to build
     once per shape) or a ``decode_steps.Stepper``. ``interventions`` act at the ``positions`` the module states
-    (``"all"``, ``"prompt"`` or ``"generated"``; eager step only).
+    (``"all"``, ``"prompt"`` or ``"generated"``; the eager step, or ``"compile"`` for ``WithTensors`` ones).
     """
     # Checked here, at the call; the generator below starts working at the first next().
     prompt_tap, step_tap = _intervention_taps(interventions, positions, cfg, step)  # before an "aot" build
     stepper = decode_step_for(step, params)
-    stepper = tapped_step(step_tap) if step_tap.active else stepper
+    stepper = tapped_step(step_tap, stepper.kind) if step_tap.active else stepper
     check_sampling_arg(sampling)
     key = random.key(seed)
     max_len = _check_generate_args(prompt, cfg, max_new_tokens, seq_lengths)

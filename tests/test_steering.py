@@ -102,8 +102,11 @@ def test_generation_refuses_what_it_cannot_intervene_on():
     kw = dict(max_new_tokens=2, sampling=GREEDY)
     with pytest.raises(ValueError, match="attn.head_out"):
         ft.generate(params, prompt, cfg, interventions={"blocks.0.attn.head_out": lambda v: v}, **kw)
-    with pytest.raises(ValueError, match="step='eager'.*got step='compile'"):
+    with pytest.raises(ValueError, match="step='eager'.*got step='compile'"):  # plain functions: eager only
         ft.generate(params, prompt, cfg, interventions=interventions, step="compile", **kw)
+    steered = steering.steer(torch.ones(cfg.d_model, dtype=torch.float64), "blocks.0.resid_post")
+    with pytest.raises(ValueError, match="got step='aot'"):  # WithTensors ones: eager or compile, never aot
+        ft.generate(params, prompt, cfg, interventions=steered, step="aot", **kw)
     with pytest.raises(ValueError, match="got step='aot'"):  # refused before the step is built
         ft.generate_stream(params, prompt, cfg, interventions=interventions, step="aot", **kw)
     with pytest.raises(ValueError, match="positions must be one of"):
@@ -206,3 +209,18 @@ def test_bench_steering_overhead_runs_on_tiny_sizes():
     assert result["plain_tok_s"] > 0 and result["steered_tok_s"] > 0
     assert result["overhead"] == pytest.approx(1 - result["steered_tok_s"] / result["plain_tok_s"])
     assert format_overhead(result, "tiny").startswith("tiny: plain ")
+
+
+def test_nnsight_steering_of_the_same_hf_model_gives_our_tokens():
+    pytest.importorskip("nnsight")
+    pytest.importorskip("transformers")
+    from ftransformer.bench.steering import _hf_model, _setup, nnsight_generate
+
+    cfg, params, prompt, vector = _setup("tiny", 4, 0)
+    _, lm = _hf_model(params, cfg)
+    layer = cfg.n_layers // 2
+    theirs = nnsight_generate(lm, prompt, layer, 4.0 * vector, 6)
+    ours = ft.generate(params, prompt, cfg, max_new_tokens=6, sampling=GREEDY,
+                       interventions=steering.steer(vector, f"blocks.{layer}.resid_post", 4.0))
+    assert torch.equal(theirs, ours)
+    assert not torch.equal(ours, ft.generate(params, prompt, cfg, max_new_tokens=6, sampling=GREEDY))

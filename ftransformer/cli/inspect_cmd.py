@@ -25,6 +25,9 @@
 * ``ftransformer inspect influence --checkpoint DIR --query TEXT [--data FILE] [--top N] [--method
   projected|ekfac] [--out FILE.png]``: the training sequences that most lowered the query's loss, with their
   scores, and a bar plot of them (``cli/inspect_influence.py``).
+* ``ftransformer inspect steer --checkpoint DIR --positive TEXT --negative TEXT --prompt TEXT [--layer L]
+  [--scale S] [--sweep LAYERS:SCALES] --out FILE.png``: a steering vector, its layer x scale sweep drawn as a
+  heatmap, and samples without and with it (``cli/inspect_steer.py``).
 
 Each view takes ``--hf-dir DIR`` (a Hugging Face GPT-2 directory) instead of ``--checkpoint``.
 """
@@ -32,12 +35,13 @@ Each view takes ``--hf-dir DIR`` (a Hugging Face GPT-2 directory) instead of ``-
 import dataclasses
 import sys
 
-from ftransformer.cli import inspect_circuits, inspect_curvature, inspect_influence
+from ftransformer.cli import inspect_circuits, inspect_curvature, inspect_influence, inspect_steer
 from ftransformer.cli.generate_cmd import DEVICES, add_gguf_argument
 from ftransformer.config import PRESETS, get_preset
 from ftransformer.params import format_breakdown
 
-VIEWS = ("attention", "heads", "logit-lens", *inspect_circuits.VIEWS, *inspect_curvature.VIEWS, *inspect_influence.VIEWS)
+VIEWS = ("attention", "heads", "logit-lens", *inspect_circuits.VIEWS, *inspect_curvature.VIEWS,
+         *inspect_influence.VIEWS, *inspect_steer.VIEWS)
 NEEDS_TEXT = ("attention", "logit-lens")
 CIRCUITS = inspect_circuits.VIEWS
 
@@ -45,7 +49,7 @@ CIRCUITS = inspect_circuits.VIEWS
 def add_arguments(parser) -> None:
     parser.add_argument(
         "view", nargs="?", choices=VIEWS, default=None, metavar="VIEW",
-        help="what to draw from a model: attention, heads, logit-lens, patching, attribution, edges, curvature or influence; without one, describe --preset",
+        help="what to draw from a model: attention, heads, logit-lens, patching, attribution, edges, curvature, influence or steer; without one, describe --preset",
     )
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="preset to describe when no VIEW is given (default: seed)")
@@ -59,7 +63,7 @@ def add_arguments(parser) -> None:
     model.add_argument("--text", metavar="TEXT", default=None,
                        help="attention, logit-lens, curvature: the text to run (cropped to its last max_seq_len tokens)")
     model.add_argument("--layer", type=int, metavar="L", default=None,
-                       help="attention: the layer to draw, 0-based (default: the last)")
+                       help="attention: the layer to draw, 0-based (default: the last); steer: the layer to steer (default: the middle)")
     model.add_argument("--half", type=int, metavar="N", default=None,
                        help="heads: length of the random sequence that is repeated (default: min(max_seq_len // 2, 50))")
     model.add_argument("--batch", type=int, metavar="B", default=8, help="heads, curvature: random sequences to average over (default: 8)")
@@ -69,6 +73,7 @@ def add_arguments(parser) -> None:
     inspect_circuits.add_arguments(parser.add_argument_group("the patching, attribution and edges views"))
     inspect_curvature.add_arguments(parser.add_argument_group("the curvature view"))
     inspect_influence.add_arguments(parser.add_argument_group("the influence view"))
+    inspect_steer.add_arguments(parser.add_argument_group("the steer view"))
 
 
 def describe(cfg, title: str) -> int:
@@ -135,9 +140,10 @@ def _check_view_args(args) -> None:
     inspect_circuits.check_args(args)
     inspect_curvature.check_args(args)
     inspect_influence.check_args(args)
+    inspect_steer.check_args(args)
     if args.view == "heads" and args.text is not None:
         raise ValueError(f"inspect {args.view} runs on random repeated tokens; it takes no --text")
-    if args.view != "attention" and args.layer is not None:
+    if args.view not in ("attention", "steer") and args.layer is not None:
         raise ValueError(f"--layer goes with the attention view, not {args.view!r}")
     if args.batch < 1:
         raise ValueError(f"--batch must be >= 1, got {args.batch}")
@@ -175,6 +181,8 @@ def run(args) -> int:
         return inspect_curvature.run(args, cfg, params, tokenizer, source, device, _encode)
     if args.view in inspect_influence.VIEWS:
         return inspect_influence.run(args, cfg, params, tokenizer, source, device)
+    if args.view in inspect_steer.VIEWS:
+        return inspect_steer.run(args, cfg, params, tokenizer, source, device, _encode)
 
     def decode(i: int) -> str:
         return tokenizer.decode([int(i)])

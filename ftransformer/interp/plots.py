@@ -360,4 +360,20 @@ def plot_faithfulness(curve, path: str | Path, *, title: str | None = None) -> P
     return save_figure(fig, path)
 
 
-__all__ = ["plot_attention", "plot_edges", "plot_faithfulness", "plot_head_scores", "plot_logit_lens", "plot_patching"]
+def plot_steering_sweep(values: Float[Tensor, "layers scales"], layers: Sequence[int], scales: Sequence[float],
+                        path: str | Path, *, title: str | None = None, label: str = "metric") -> Path:
+    """A layer x scale heatmap of a steering sweep (``interp.steering.steering_sweep``), each value in its cell."""
+    if tuple(values.shape) != (len(layers), len(scales)):
+        raise ValueError(f"values must have shape (layers, scales) = ({len(layers)}, {len(scales)}), "
+                         f"got {tuple(values.shape)}")
+    fig = _figure(max(3.5, 0.6 * len(scales) + 2.0), max(2.4, 0.4 * len(layers) + 1.4))
+    ax = fig.subplots()
+    _heatmap(fig, ax, _numpy(values), label, ".2f", xlabel="scale", xticklabels=[f"{s:g}" for s in scales])
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+__all__ = ["plot_attention", "plot_edges", "plot_faithfulness", "plot_head_scores", "plot_logit_lens", "plot_patching",
+           "plot_steering_sweep"]

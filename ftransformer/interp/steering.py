@@ -14,6 +14,7 @@ from einops import rearrange, reduce
 
 from ftransformer import validate
 from ftransformer.config import Config
+from ftransformer.layers.tap import WithTensors
 from ftransformer.interp.activations import activation_paths, forward_with_activations
 from ftransformer.tree import flatten_with_paths
 from ftransformer.shapes import Float, Logits, Tensor, Tokens
@@ -54,8 +55,19 @@ def steering_vector(
     )
 
 
+def add_scaled(v: Tensor, vector: Tensor, scale: Tensor) -> Tensor:
+    """``v + scale * vector`` at every position: the steering edit (``steer``), a pure function of its tensors."""
+    if v.shape[-1] != vector.shape[0]:
+        raise ValueError(f"the steering vector has width {vector.shape[0]}, the site {v.shape[-1]}")
+    return v + scale.to(v.dtype) * vector.to(v.dtype)
+
+
 def steer(vector: Float[Tensor, " width"], site: str, scale: float | Tensor = 1.0) -> Interventions:
-    """``{site: v -> v + scale * vector}``: adds the vector at every position of the site's value."""
+    """``{site: v -> v + scale * vector}``: adds the vector at every position of the site's value.
+
+    The edit is a ``WithTensors`` (``add_scaled`` of the vector and the scale as a 0-d tensor), so
+    ``generate(..., step="compile")`` takes both as arguments: a new vector or scale reuses the compiled step.
+    """
     if not isinstance(vector, Tensor) or vector.ndim != 1:
         got = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
         raise ValueError(f"vector must be a 1-D tensor (width,), got {got}")
@@ -63,13 +75,9 @@ def steer(vector: Float[Tensor, " width"], site: str, scale: float | Tensor = 1.
         raise TypeError(f"site must be an activation path (str), got {type(site).__name__}")
     if not (validate.is_number(scale) or (isinstance(scale, Tensor) and scale.ndim == 0)):
         raise TypeError(f"scale must be a number or a 0-d tensor, got {scale!r}")
-
-    def add(v: Tensor) -> Tensor:
-        if v.shape[-1] != vector.shape[0]:
-            raise ValueError(f"the steering vector at {site!r} has width {vector.shape[0]}, the site {v.shape[-1]}")
-        return v + scale * vector.to(v.dtype)
-
-    return {site: add}
+    if not isinstance(scale, Tensor):
+        scale = torch.tensor(float(scale), dtype=vector.dtype, device=vector.device)
+    return {site: WithTensors(add_scaled, (vector, scale))}
 
 
 def _check_sweep(vectors_by_layer: dict, scales: Sequence[float], cfg: Config, site: str) -> list[int]:

@@ -8,12 +8,14 @@ Nothing global is touched, so a tapped forward still runs under ``grad``, ``vmap
 """
 
 from collections.abc import Callable
+from typing import NamedTuple, no_type_check
 
 from ftransformer.shapes import Tensor
 
 Intervention = Callable[[Tensor], Tensor]
 
 
+@no_type_check  # not wrapped by the jaxtyping hook: a wrapped method stops torch.compile (decode_steps)
 class Tap:
     """Records values by dotted path (``"blocks.1.attn.pattern"``) and applies interventions to them."""
 
@@ -50,6 +52,7 @@ class Tap:
         return value
 
 
+@no_type_check
 class _NoTap(Tap):
     """The tap of a plain forward pass: records nothing, changes nothing."""
 
@@ -69,3 +72,15 @@ class _NoTap(Tap):
 
 
 NO_TAP: Tap = _NoTap()
+
+
+@no_type_check
+class WithTensors(NamedTuple):
+    """An intervention as a pure function of the value and its tensors, ``fn(value, *tensors)``: a compiled decode
+    step takes the tensors as arguments (a new vector or scale reuses the compiled step; ``decode_steps``)."""
+
+    fn: Callable[..., Tensor]  # a function defined once (e.g. at module level), so compiled code can key on it
+    tensors: tuple[Tensor, ...]
+
+    def __call__(self, value: Tensor) -> Tensor:
+        return self.fn(value, *self.tensors)

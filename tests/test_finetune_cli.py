@@ -211,6 +211,24 @@ def test_dp_noise_trains_and_reports_epsilon(base_dir, chat_file, tmp_path, caps
         assert eps > 0 and "delta 1e-05 after 10 steps" in line
 
 
+def test_a_private_run_resumes_exactly(base_dir, chat_file, tmp_path, monkeypatch):
+    whole, split, draw = tmp_path / "whole", tmp_path / "split", finetune_cmd.ChatRows.batch
+    flags = ("--dp-noise", "0.5", "--steps", "4", "--eval-every", "2")
+    assert finetune(base_dir, chat_file, whole, *flags) == 0
+
+    def interrupted(self, run, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return draw(self, run, step)
+
+    monkeypatch.setattr(finetune_cmd.ChatRows, "batch", interrupted)
+    assert finetune(base_dir, chat_file, split, *flags) == 130
+    monkeypatch.setattr(finetune_cmd.ChatRows, "batch", draw)
+    assert finetune(base_dir, chat_file, split, "--resume") == 0
+    a, b = load_tree_of(whole), load_tree_of(split)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--dp-clip", "1.0"], "--dp-clip needs --dp-noise"),
     (["--dp-noise", "0"], "--dp-noise must be > 0"),

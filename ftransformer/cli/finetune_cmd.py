@@ -111,8 +111,6 @@ def stack_members(spec: str, s: dict) -> list[dict]:
                            flag="--adapters")
     if not grid or any(r < 1 for r in grid.get("rank", [1])):
         raise ValueError(f"--adapters expects N or KEY=V1,V2;... with ranks >= 1, got {spec!r}")
-    grid.setdefault("lr", [s["lr"]])
-    grid.setdefault("weight_decay", [0.0])
     return [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
 
 
@@ -146,7 +144,7 @@ def resolve_settings(args) -> dict:
         if k not in MAY_CHANGE_ON_RESUME and not same:
             raise ValueError(f"--{k.replace('_', '-')} {v} differs from the run's {saved[k]}; on resume only "
                              f"{', '.join('--' + m.replace('_', '-') for m in MAY_CHANGE_ON_RESUME)} may change")
-    return {**saved, **{k: given[k] for k in MAY_CHANGE_ON_RESUME if k in given}}
+    return {**DEFAULTS, **saved, **{k: given[k] for k in MAY_CHANGE_ON_RESUME if k in given}}
 
 
 def latest_of(out: Path) -> Path:
@@ -414,8 +412,12 @@ def run_stack(args, s: dict, cfg: Config, params: dict, rows: tuple, recipe: Tra
     from ftransformer.cli.train_ensemble import sweep_optimizer
     from ftransformer.ensemble import format_ranking
 
-    members = stack_members(s["adapters"], s)
-    task = ChatMembers(params, cfg, *rows, sweep_optimizer(recipe, recipe.steps), members, alpha=s["lora_alpha"],
+    members, make = stack_members(s["adapters"], s), sweep_optimizer(recipe, recipe.steps)
+
+    def optimizer(lr=s["lr"], weight_decay=0.0):  # what a member does not set is the run's
+        return make(lr, weight_decay)
+
+    task = ChatMembers(params, cfg, *rows, optimizer, members, alpha=s["lora_alpha"],
                        rank=s["lora_rank"], targets=s["targets"].split(","), dora=s["dora"],
                        dropout=s["lora_dropout"], seed=s["seed"])
     task.member_extra = lambda i: {"finetune": s}

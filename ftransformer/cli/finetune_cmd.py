@@ -6,7 +6,10 @@ turns only, several conversations packed to a row with a document mask. ``loop.f
 validation on held-out conversations, ``metrics.jsonl`` and ``loss.png``, checkpoints of the adapter alone in
 ``RUN/latest`` and ``RUN/best`` (Ctrl-C keeps the last good one; ``--resume`` continues exactly), and at the end
 the adapter in PEFT's format in ``RUN/peft`` (``PeftModel.from_pretrained(base, "RUN/peft")``).
-``ftransformer generate --hf-dir DIR --adapter RUN --chat`` talks to the result.
+``--qlora`` puts the adapters on an NF4-quantized base, ``--adapters SPEC`` trains a stack of adapters in one
+vmapped step (``ChatMembers``: ``RUN/member-<i>/``), ``--dp-noise`` trains with DP-SGD on the adapters and prints
+the epsilon (Opacus' accountant). ``ftransformer generate --hf-dir DIR --adapter RUN [--member I] --chat`` talks
+to the result.
 """
 
 import argparse

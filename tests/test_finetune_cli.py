@@ -128,11 +128,117 @@ def test_generate_with_the_adapter(base_dir, run_dir, capsys):
     assert rc == 2 and "no adapter" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", [["--qlora"], ["--adapters", "4x"], ["--dp-noise", "1.0"]])
-def test_hooks_say_what_is_missing(base_dir, chat_file, tmp_path, capsys, flag):
-    assert finetune(base_dir, chat_file, tmp_path / "hook", *flag) == 2
-    err = capsys.readouterr().err
-    assert flag[0] in err and ("not yet supported in this build" in err or "does not drive it yet" in err)
+def test_qlora_trains_the_adapter_alone_on_an_nf4_base(base_dir, chat_file, tmp_path, capsys):
+    out = tmp_path / "qlora"
+    assert finetune(base_dir, chat_file, out, "--qlora", "--steps", "10") == 0
+    records = metrics(out)
+    assert records[-1]["train_loss"] < 0.8 * records[0]["train_loss"]
+    info = read_checkpoint_info(out / "latest")
+    assert info["config"]["base"] == "nf4" and info["extra"]["finetune"]["qlora"] is True
+    assert all(p.endswith((".a", ".b")) for p in load_tree_of(out))  # the adapter alone, no NF4 base
+    capsys.readouterr()
+    with unchecked():
+        rc = main(["generate", "--hf-dir", str(base_dir), "--adapter", str(out), "--prompt", "Where",
+                   "--max-new-tokens", "3", "--temperature", "0"])
+    assert rc == 0 and "dequantizes its NF4 base" in capsys.readouterr().out
+
+
+def test_a_stack_of_adapters_trains_each_member(base_dir, chat_file, tmp_path, capsys):
+    from ftransformer.model import forward
+
+    out = tmp_path / "stack"
+    assert finetune(base_dir, chat_file, out, "--adapters", "seed=0,1;rank=2,4", "--steps", "10") == 0
+    records = metrics(out)
+    assert sorted({r["member"] for r in records}) == [0, 1, 2, 3]
+    for i in range(4):
+        mine = [r for r in records if r["member"] == i]
+        assert mine[-1]["train_loss"] < 0.8 * mine[0]["train_loss"], i
+        assert (out / f"member-{i}" / "latest").exists() and (out / f"member-{i}" / "peft").exists()
+    assert read_checkpoint_info(out / "member-3" / "latest")["config"]["adapter"]["rank"] == 4
+    cfg, params = load_hf(base_dir)
+    x = hf_tiny.tokens(1, 8)
+    with unchecked():
+        one = forward(finetune_cmd.load_adapter(str(out), params, cfg, member=1), x, cfg)
+        peft_copy = forward(load_peft(out / "member-1" / "peft", params, cfg), x, cfg)
+        other = forward(finetune_cmd.load_adapter(str(out), params, cfg, member=0), x, cfg)
+    torch.testing.assert_close(one, peft_copy, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(one, other)
+    capsys.readouterr()
+    with unchecked():
+        rc = main(["generate", "--hf-dir", str(base_dir), "--adapter", str(out), "--member", "1", "--chat",
+                   "--prompt", "Where is Peru?", "--max-new-tokens", "4", "--temperature", "0"])
+        assert rc == 0 and capsys.readouterr().out.strip()
+        assert main(["generate", "--hf-dir", str(base_dir), "--adapter", str(out), "--prompt", "x"]) == 2
+        assert "--member" in capsys.readouterr().err
+        assert main(["generate", "--hf-dir", str(base_dir), "--adapter", str(out), "--member", "4", "--prompt", "x"]) == 2
+        assert "--member must be in [0, 4)" in capsys.readouterr().err
+
+
+def test_a_stack_resumes_exactly(base_dir, chat_file, tmp_path, monkeypatch):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert finetune(base_dir, chat_file, whole, "--adapters", "2", "--steps", "6") == 0
+    draw = finetune_cmd.ChatMembers.host_batch
+
+    def interrupted(self, run, step, seed):
+        if step == 4:
+            raise KeyboardInterrupt
+        return draw(self, run, step, seed)
+
+    monkeypatch.setattr(finetune_cmd.ChatMembers, "host_batch", interrupted)
+    assert finetune(base_dir, chat_file, split, "--adapters", "2", "--steps", "6") == 130
+    monkeypatch.setattr(finetune_cmd.ChatMembers, "host_batch", draw)
+    assert finetune(base_dir, chat_file, split, "--resume") == 0
+    for i in range(2):
+        a, b = (load_tree_of(d / f"member-{i}") for d in (whole, split))
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), i
+
+
+def test_dp_noise_trains_and_reports_epsilon(base_dir, chat_file, tmp_path, capsys):
+    out = tmp_path / "dp"
+    capsys.readouterr()
+    assert finetune(base_dir, chat_file, out, "--dp-noise", "0.02", "--dp-clip", "1.0", "--batch", "8", "--steps", "10") == 0
+    text = capsys.readouterr().out
+    records = metrics(out)
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert read_checkpoint_info(out / "latest")["extra"]["finetune"]["dp_noise"] == 0.02
+    line = next(x for x in text.splitlines() if x.startswith("privacy:"))
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        assert "epsilon not computed" in line and "opacus" in line
+    else:
+        eps = float(line.split("epsilon ")[1].split()[0])
+        assert eps > 0 and "delta 1e-05 after 10 steps" in line
+
+
+def test_a_private_run_resumes_exactly(base_dir, chat_file, tmp_path, monkeypatch):
+    whole, split, draw = tmp_path / "whole", tmp_path / "split", finetune_cmd.ChatRows.batch
+    flags = ("--dp-noise", "0.5", "--steps", "4", "--eval-every", "2")
+    assert finetune(base_dir, chat_file, whole, *flags) == 0
+
+    def interrupted(self, run, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return draw(self, run, step)
+
+    monkeypatch.setattr(finetune_cmd.ChatRows, "batch", interrupted)
+    assert finetune(base_dir, chat_file, split, *flags) == 130
+    monkeypatch.setattr(finetune_cmd.ChatRows, "batch", draw)
+    assert finetune(base_dir, chat_file, split, "--resume") == 0
+    a, b = load_tree_of(whole), load_tree_of(split)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dp-clip", "1.0"], "--dp-clip needs --dp-noise"),
+    (["--dp-noise", "0"], "--dp-noise must be > 0"),
+    (["--adapters", "2", "--qlora"], "leave out --qlora"),
+    (["--adapters", "rank=0"], "ranks >= 1"),
+    (["--adapters", "depth=2"], "--adapters depth: can sweep only seed, rank, lr, weight_decay"),
+])
+def test_bad_mode_flags_are_named(base_dir, chat_file, tmp_path, capsys, flags, message):
+    assert finetune(base_dir, chat_file, tmp_path / "bad", *flags) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_dora_run_writes_a_dora_adapter(base_dir, chat_file, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ftransformer import precision
+from ftransformer import precision, tree
 from ftransformer.checkpoint import checkpoint_exists, load_checkpoint
 from ftransformer.config import Config
 from ftransformer.generation import generate_stream_sliding
@@ -39,7 +39,10 @@ def add_arguments(parser) -> None:
     add_gguf_argument(parser)
     parser.add_argument("--adapter", metavar="DIR", default=None,
                         help="put a LoRA / DoRA adapter on the model first: a PEFT adapter directory or a run of "
-                        "`ftransformer finetune` (merged into the weights for decoding)")
+                        "`ftransformer finetune` (merged into the weights for decoding; a QLoRA adapter's NF4 base "
+                        "is dequantized first)")
+    parser.add_argument("--member", type=int, metavar="I", default=None,
+                        help="with --adapter RUN of `finetune --adapters`: use stack member I")
     parser.add_argument("--prompt", metavar="TEXT", required=True, help="text to continue (with --chat: the user's message)")
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt in the tokenizer's chat template as one user turn and print the reply")
@@ -214,9 +217,16 @@ def run(args) -> int:
     cfg, params, tokenizer = load_model(args, device)
     if getattr(args, "adapter", None) is not None:
         from ftransformer.cli.finetune_cmd import load_adapter
+        from ftransformer.layers.nf4 import NF4Weight
         from ftransformer.peft import merge
 
-        params = merge(load_adapter(args.adapter, params, cfg))
+        adapted = load_adapter(args.adapter, params, cfg, member=args.member)
+        if any(isinstance(x, NF4Weight) for x in tree.leaves(adapted, is_leaf=lambda x: isinstance(x, NF4Weight))):
+            print("note: a QLoRA adapter: merging dequantizes its NF4 base (the float weights decoded are the "
+                  "4-bit base the adapter was trained on plus the adapter, not re-quantized)")
+        params = merge(adapted)
+    elif getattr(args, "member", None) is not None:
+        raise ValueError("--member needs --adapter RUN (a run of `ftransformer finetune --adapters`)")
     params = _with_dtype(args, params, cfg, device)
     ids = prompt_ids(tokenizer, args.prompt, chat=args.chat)
     stop = tuple(getattr(tokenizer, "stop_tokens", ()))

@@ -44,29 +44,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def parse_sweep(items: list[str]) -> dict[str, list]:
-    """``["lr=1e-3,3e-3", "seed=0,1"]`` -> ``{"lr": [0.001, 0.003], "seed": [0, 1]}``."""
+def parse_sweep(items: list[str], keys: tuple = SWEEP_KEYS, ints: tuple = ("seed",),
+                flag: str = "--sweep") -> dict[str, list]:
+    """``["lr=1e-3,3e-3", "seed=0,1"]`` -> ``{"lr": [0.001, 0.003], "seed": [0, 1]}`` (``keys``: those allowed,
+    ``ints``: those whose values are ints; ``flag`` names the option in errors)."""
     grid: dict[str, list] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key or not raw.strip():
-            raise ValueError(f"--sweep expects KEY=V1,V2,..., got {item!r}")
-        if key not in SWEEP_KEYS:
-            raise ValueError(f"--sweep {key}: can sweep only {', '.join(SWEEP_KEYS)} (model sizes differ in shape)")
+            raise ValueError(f"{flag} expects KEY=V1,V2,..., got {item!r}")
+        if key not in keys:
+            raise ValueError(f"{flag} {key}: can sweep only {', '.join(keys)} (model sizes differ in shape)")
         if key in grid:
-            raise ValueError(f"--sweep {key} given twice; put all its values in one comma list")
+            raise ValueError(f"{flag} {key} given twice; put all its values in one comma list")
         values = []
         for v in raw.split(","):
             v = v.strip()
             try:
-                values.append(int(v) if key == "seed" else float(v))
+                values.append(int(v) if key in ints else float(v))
             except ValueError:
-                raise ValueError(f"--sweep {key}={raw}: {v!r} is not {'an int' if key == 'seed' else 'a number'}") from None
-        if key == "seed" and any(x < 0 for x in values):
-            raise ValueError(f"--sweep seed values must be >= 0, got {values}")
-        if key != "seed" and any(x < 0 for x in values):
-            raise ValueError(f"--sweep {key} values must be >= 0, got {values}")
+                raise ValueError(f"{flag} {key}={raw}: {v!r} is not {'an int' if key in ints else 'a number'}") from None
+        if any(x < 0 for x in values):
+            raise ValueError(f"{flag} {key} values must be >= 0, got {values}")
         grid[key] = values
     return grid
 

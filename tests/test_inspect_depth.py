@@ -10,7 +10,7 @@ import torch
 import ftransformer as ft
 from ftransformer import interp
 from ftransformer.cli import inspect_circuits, main
-from ftransformer.data import BPETokenizer, CharTokenizer
+from ftransformer.data import CharTokenizer
 from ftransformer.interop.registry import FAMILIES
 from ftransformer.interp import edges, patching, plots
 from tests.test_interp import perturbed_params
@@ -85,18 +85,29 @@ def test_answer_says_which_token_it_became(checkpoint, tmp_path, capsys):
     assert f"--answer 'm' is token {tok.encode('m')[0]} 'm'" in out and f"--wrong 'l' is token {tok.encode('l')[0]} 'l'" in out
 
 
+class Words:
+    """A tokenizer of whole words, ``Mary`` and `` Mary`` two tokens (as in SmolLM2's and GPT-2's vocabularies)."""
+
+    vocab = ["Mary", " Mary", "John", " John"]
+
+    def encode(self, text: str) -> list[int]:
+        return [self.vocab.index(text)] if text in self.vocab else [0, 0]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.vocab[i] for i in ids)
+
+
 def test_answer_warns_when_the_leading_space_variant_is_far_likelier(capsys):
-    tok = BPETokenizer.train(TEXT * 30, vocab_size=270)
-    bare, spaced = tok.encode("mat"), tok.encode(" mat")
-    assert len(bare) == 1 and len(spaced) == 1 and bare != spaced
-    logits = torch.zeros(270)
-    logits[spaced[0]] = 8.0
-    assert inspect_circuits.one_token("answer", "mat", tok, logits) == bare[0]
-    err = capsys.readouterr().err
-    assert re.search(r"warning: --answer 'mat' \(token \d+\) is 2.98e\+03x less likely at the last position than ' mat' "
-                     r"\(token \d+\), its leading-space variant; did you mean --answer ' mat'\?", err), err
-    logits[spaced[0]] = 1.0  # e^1 < SPACE_RATIO: no warning
-    inspect_circuits.one_token("answer", "mat", tok, logits)
+    logits = torch.zeros(4)
+    logits[1] = 8.0
+    assert inspect_circuits.one_token("answer", "Mary", Words(), logits) == 0
+    captured = capsys.readouterr()
+    assert "--answer 'Mary' is token 0 'Mary'" in captured.out
+    assert ("warning: --answer 'Mary' (token 0) is 2.98e+03x less likely at the last position than ' Mary' (token 1), "
+            "its leading-space variant; did you mean --answer ' Mary'?") in captured.err
+    logits[1] = 1.0  # e^1 < SPACE_RATIO: no warning
+    assert inspect_circuits.one_token("answer", "Mary", Words(), logits) == 0
+    assert inspect_circuits.one_token("wrong", " John", Words(), logits) == 3
     assert "warning" not in capsys.readouterr().err
 
 
@@ -165,11 +176,12 @@ def test_edge_graph_draws_only_the_circuits_nodes_by_layer_at_30_layers(monkeypa
     fig = figures[0]
     ax = fig.axes[0]
     keep = edges.top_edges(edges.EdgeScores(scores, g), 12)
-    names = {t.get_text() for t in ax.texts if t.get_text() not in ("q", "k", "v")}
+    names = {t.get_text() for t in ax.texts if t.get_text() not in ("", "q", "k", "v")}  # arrows are empty annotations
     writers = {g.writers[u] for u, _ in keep.nonzero().tolist()}
     assert writers <= names and len(names) <= 2 * 12 + 1  # the circuit's nodes, not all 301 writers
+    columns = len({plots._layer_of(n, cfg.n_layers) for n in names})
     width, height = fig.get_size_inches() * fig.dpi
-    assert width < 2000 and height < 1200
+    assert width <= 110 * columns + 300 and height < 1200  # a column per layer of the circuit, not 2 per layer of the model
     # laid out by layer: the x of a node grows with its layer
     places = {t.get_text(): t.get_position() for t in ax.texts if t.get_text() in names}
     layer = {n: plots._layer_of(n, cfg.n_layers) for n in places}

@@ -442,6 +442,8 @@ def edge_patch_sweep(
     with progress_bar(sweep_cost(cfg, on), "exact edge patching", "block", progress) as bar:
         for i in range(cfg.n_layers):
             for rows in index[layer == i].split(chunk or max(1, len(index))):
+                if not len(rows):
+                    continue
                 values = _layer_sweep(params, base, diff, metric, cfg, i, rows, inputs=inputs, chunk=chunk, at=at)
                 out[rows[:, 0], rows[:, 1]] = values - before
                 bar.update(len(rows) * (cfg.n_layers - i))

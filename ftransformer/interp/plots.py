@@ -284,7 +284,7 @@ def _layer_of(node: str, n_layers: int) -> int:
     return int(node[1:].split(".")[0])
 
 
-def _node_places(writers: Sequence[str], readers: Sequence[str], kept: list[tuple[int, int]]) -> tuple[dict, dict]:
+def _node_places(writers: Sequence[str], readers: Sequence[str], kept: Sequence[Sequence[int]]) -> tuple[dict, dict]:
     """Places of the circuit's nodes only (those of the ``kept`` edges, ``(writer, reader)`` indices): a column
     per layer that has one (in order, the embedding first, the logits last), its heads from the top and its
     MLP below them; a head's q / k / v inputs sit just left of it (a key/value head's by the first query head
@@ -308,7 +308,7 @@ def _node_places(writers: Sequence[str], readers: Sequence[str], kept: list[tupl
     places = {}
     for x, layer in enumerate(columns):
         for y, node in enumerate(sorted((n for n in nodes if _layer_of(n, n_layers) == layer), key=order)):
-            places[node] = (1.6 * x, float(y))
+            places[node] = (1.25 * x, float(y))
     ports = {}
     for _, v in kept:
         r = readers[v]
@@ -331,7 +331,7 @@ def plot_edges(edge_scores, path: str | Path, *, k: int = 20, title: str | None 
     places, ports = _node_places(g.writers, g.readers, kept)
     xs = [p[0] for p in places.values()] or [0.0]
     ys = [p[1] for p in places.values()] or [0.0]
-    fig = _figure(min(max(4.0, 1.1 * max(xs) + 2.4), 30.0), min(max(3.0, 0.9 * max(ys) + 2.2), 20.0))
+    fig = _figure(min(max(4.0, 0.85 * max(xs) + 2.2), 40.0), min(max(3.0, 0.9 * max(ys) + 2.2), 20.0))
     ax = fig.add_subplot()
     values = _numpy(scores)
     top = float(abs(values[_numpy(keep) > 0]).max()) if keep.any() else 1.0

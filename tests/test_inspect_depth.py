@@ -10,22 +10,12 @@ import torch
 import ftransformer as ft
 from ftransformer import interp
 from ftransformer.cli import inspect_circuits, main
-from ftransformer.data import CharTokenizer
 from ftransformer.interop.registry import FAMILIES
 from ftransformer.interp import edges, patching, plots
 from tests.test_interp import perturbed_params
+from tests.test_interp_cli import checkpoint  # noqa: F401 (a fixture)
 
-TEXT = "the cat sat on the mat; the dog sat on the log. "
-CLEAN, CORRUPT = "the cat sat on the", "the dog sat on the"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    tok = CharTokenizer.from_text(TEXT)
-    cfg = ft.Config(vocab_size=tok.vocab_size, d_model=24, n_heads=3, n_layers=2, d_ff=40, max_seq_len=21)
-    path = tmp_path_factory.mktemp("ckpt") / "run"
-    ft.save_checkpoint(path, params=ft.init_params(cfg, seed=0), config=cfg, step=0, tokenizer=tok)
-    return path
+CLEAN, CORRUPT = "the cat sat on", "the dog sat on"
 
 
 def view(checkpoint, tmp_path, name: str, *flags: str) -> list[str]:

@@ -111,8 +111,10 @@ def test_each_layer_runs_only_the_blocks_and_queries_after_the_patch(model, monk
     monkeypatch.setattr(patching, "block", counting)
     by = ("layer", "position", "head") if site.startswith("attn.") else ("layer", "position")
     heads = cfg.n_heads if "head" in by else 1
-    buckets = patching.position_buckets(SEQ, by)
-    assert len(buckets) == min(SEQ, patching.BUCKETS) and buckets[0][0] == 0 and buckets[-1][1] == SEQ
+    assert len(patching.position_buckets(SEQ, by)) == min(SEQ, patching.BUCKETS)
+    # corrupt differs from clean at positions 2 and 4: the patches at 0 and 1 replace values by equal ones (no run)
+    buckets = patching.position_buckets(SEQ, by, start=2)
+    assert buckets[0][0] == 2 and buckets[-1][1] == SEQ
     chunk = 2 * heads  # a one-position bucket at two layers a pass
     jobs = patching.sweep_jobs(cfg.n_layers, buckets, heads, chunk)
     assert all(len(layers) * heads * (b - a) <= chunk or len(layers) == 1 for a, b, layers in jobs)

@@ -494,8 +494,8 @@ def _replacements(params: dict, clean: Tokens, corrupt: Tensor, cfg: Config, abl
         return logits, own.new_zeros(own.shape[0], *[1] * (own.ndim - 2), own.shape[-1])
     other = writer_values(params, forward_with_activations(params, corrupt, cfg)[1], cfg)
     if ablation == "mean":
-        both = torch.stack([own, other], dim=1)
-        return logits, both.mean(dim=tuple(range(1, both.ndim - 1))).reshape(own.shape[0], *[1] * (own.ndim - 2), own.shape[-1])
+        # Rows and positions alike: joined along the axis after the writers, every value counts once.
+        return logits, torch.cat([own, other], dim=1).mean(dim=tuple(range(1, own.ndim - 1)), keepdim=True)
     return logits, other
 
 

@@ -18,6 +18,9 @@ run's logits. It gives the same numbers as the loop of single ``interventions.pa
   pattern), and the runs go on from block ``i + 1``;
 * with ``logits_at`` (the positions the metric reads, e.g. the last) only those positions are unembedded:
   with GPT-2's vocabulary, the unembedding of every position costs as much as a few blocks;
+* a patch before the first position where the source's values differ from the base run's (for a minimal pair,
+  the tokens before the first changed one: causal attention keeps them equal) is no patch: its run is the
+  base run, and it is not run;
 * the positions are cut into ``BUCKETS`` ranges; the patches of one range at EVERY layer (every head,
   for ``by`` with ``"head"``) are ONE batched pass through the blocks (``_wavefront``): block ``j`` runs
   once on all the runs alive there, those patched at ``j`` joining after it (one ``vmap`` over the 0/1
@@ -216,7 +219,7 @@ def _wavefront(params, base: dict, sources, masks: Tensor, cfg: Config, layers: 
     return xs
 
 
-def _metrics(params, base: dict, xs: Tensor, metric: Metric, cfg: Config, first: int, *, at, chunk) -> Float[Tensor, " runs"]:
+def _metrics(params, base: dict, xs: Tensor, metric: Metric, cfg: Config, first: int, *, at, chunk) -> Float[Tensor, " rows"]:
     """``metric`` of each run whose final residual from position ``first`` on is ``xs[r]``: the logits before
     ``first`` (and, with ``at``, at every position not in it) are the base run's."""
     need = None if at is None else [p - first for p in at if p >= first]
@@ -234,14 +237,29 @@ def _metrics(params, base: dict, xs: Tensor, metric: Metric, cfg: Config, first:
     return torch.func.vmap(one, chunk_size=chunk)(xs)
 
 
-def position_buckets(seq: int, by: Sequence[str]) -> list[tuple[int, int]]:
-    """The position ranges ``[first, stop)`` whose patches run together: one batched pass each, over the
-    queries from ``first`` on. More buckets skip more of the prefix (a patch at ``p`` costs ``seq - first`` of
-    ``seq`` positions) but make more calls; ``BUCKETS`` of them is the measured compromise."""
+def position_buckets(seq: int, by: Sequence[str], start: int = 0) -> list[tuple[int, int]]:
+    """The position ranges ``[first, stop)`` of ``[start, seq)`` whose patches run together: one batched pass
+    each, over the queries from ``first`` on. More buckets skip more of the prefix (a patch at ``p`` costs
+    ``seq - first`` of ``seq`` positions) but make more calls; ``BUCKETS`` of them is the measured compromise."""
     if "position" not in by:
         return [(0, 1)]
-    edges = [round(seq * k / min(seq, BUCKETS)) for k in range(min(seq, BUCKETS) + 1)]
+    n = min(seq - start, BUCKETS)
+    edges = [start + round((seq - start) * k / n) for k in range(n + 1)]
     return list(zip(edges[:-1], edges[1:]))
+
+
+def first_difference(base: dict, sources: Sequence[Tensor], site: str) -> int:
+    """The first position where a source value differs from the base run's at some layer (seq if none): a patch
+    at an earlier position replaces values by equal ones, so its run IS the base run (causal attention makes
+    the positions before the first differing token equal in both runs: most of a minimal pair's prompt)."""
+    seq = sources[0].shape[-2]
+    differs = torch.zeros(seq, dtype=torch.bool, device=sources[0].device)
+    for j, src in enumerate(sources):
+        unequal = (src != site_value(base, j, site).expand_as(src)).any(-1)
+        while unequal.ndim > 1:  # over the batch (and heads) axes: to [seq]
+            unequal = unequal.any(0)
+        differs |= unequal
+    return int(differs.nonzero()[0]) if differs.any() else seq
 
 
 def sweep_jobs(n_layers: int, buckets: list, patches: int, chunk: int | None) -> list[tuple[int, int, range]]:
@@ -261,8 +279,10 @@ def _sweep(params, base: dict, sources, metric: Metric, cfg: Config, *, site, by
     masks = patch_masks(by, sample.shape[-3] if has_heads else 1, sample.shape[-2], sample.device)
     seq = sample.shape[-2]
     grid = masks.reshape(-1, seq if "position" in by else 1, *masks.shape[1:])  # [heads axis, position axis, ...]
-    jobs = sweep_jobs(cfg.n_layers, position_buckets(seq, by), grid.shape[0], chunk)
-    out = torch.empty(cfg.n_layers, grid.shape[0], grid.shape[1], dtype=base["logits"].dtype, device=sample.device)
+    start = first_difference(base, sources, site) if "position" in by else 0
+    jobs = sweep_jobs(cfg.n_layers, position_buckets(seq, by, start) if start < seq else [], grid.shape[0], chunk)
+    # The patches before ``start`` change nothing: their runs are the base run.
+    out = metric(base["logits"]).detach().expand(cfg.n_layers, grid.shape[0], grid.shape[1]).clone()
     with progress_bar(sum(cfg.n_layers - layers[0] for *_, layers in jobs), f"patching {site}", "block", progress) as bar:
         for first, stop, layers in jobs:
             part = grid[:, first:stop].reshape(-1, *masks.shape[1:])
@@ -302,14 +322,12 @@ def patch_sweep(
         by: the sweep's axes, in the order of the result: ``"layer"`` and any of ``"position"``, ``"head"``
             (``"head"`` for ``attn.*`` sites only). An axis left out is patched whole.
         direction: ``"denoise"``: clean values into the corrupted run; ``"noise"``: corrupted into the clean.
-        chunk: how many patched runs one batched pass carries at most (bounds the memory; None: every layer's
-            patches of a position bucket at once).
+        chunk: the most patched runs one batched pass carries (the memory bound; None: a position bucket's all).
         logits_at: the positions whose logits ``metric`` reads (e.g. ``[-1]`` for a metric of the last
-            position), when it reads only some: the patched runs unembed only those (with GPT-2's 50257-token
-            vocabulary, that projection costs as much as a few blocks); ``metric`` sees the base run's
-            logits at every other position. None: all positions (a metric that reads a position left out
-            gets wrong values, silently).
-        progress: a tqdm bar on stderr, counting blocks run, with its time-left estimate.
+            position): the patched runs unembed only those (with a 50k vocabulary that costs a few blocks);
+            ``metric`` sees the base run's logits at every other position. None: all positions (a metric
+            that reads a position left out gets wrong values, silently).
+        progress: a tqdm bar on stderr (blocks run) with its time-left estimate.
 
     Returns:
         ``metric`` of each patched run, with one axis per entry of ``by`` in that order: e.g. ``[layers,

@@ -218,3 +218,19 @@ def test_batched_passes_equal_single_patches_in_float64(site, by, chunk):
 
     swept = interp.patch_sweep(params, clean, corrupt, metric, cfg, site=site, by=by, chunk=chunk, logits_at=[-1])
     torch.testing.assert_close(swept, single_patches(params, clean, corrupt, cfg, site, by, metric), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.real
+def test_answer_mary_on_smollm2_names_its_token_and_warns_of_the_likelier_leading_space(capsys):
+    """The new user's case: SmolLM2 predicts ' Mary' after the IOI prompt; ``--answer Mary`` is another token."""
+    from ftransformer.cli.generate_cmd import load_gguf_model
+    from tests.real_models import smollm2_path
+
+    cfg, params, tok = load_gguf_model(str(smollm2_path()), torch.device("cpu"))
+    prompt = torch.tensor(tok.encode("When Mary and John went to the store, John gave a drink to"))
+    with torch.no_grad():
+        logits = ft.forward(params, prompt, cfg)[-1]
+    assert inspect_circuits.one_token("answer", "Mary", tok, logits) == tok.encode("Mary")[0]
+    captured = capsys.readouterr()
+    assert f"--answer 'Mary' is token {tok.encode('Mary')[0]} 'Mary'" in captured.out
+    assert "its leading-space variant; did you mean --answer ' Mary'?" in captured.err

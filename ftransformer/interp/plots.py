@@ -350,7 +350,8 @@ def plot_edges(edge_scores, path: str | Path, *, k: int = 20, title: str | None 
     ax.set_xlim(-0.8, max(xs) + 0.8)
     ax.set_ylim(max(ys) + 0.8, -0.8)
     ax.axis("off")
-    ax.set_title(title or f"top {int(keep.sum())} edges (red: raises the metric, blue: lowers it)")
+    title = title or f"top {int(keep.sum())} edges (red: raises the metric, blue: lowers it)"
+    ax.set_title(textwrap.fill(title, max(40, int(11 * fig.get_size_inches()[0]))))  # a long path wraps to the width
     return save_figure(fig, path)
 
 

@@ -25,7 +25,7 @@ run's logits. It gives the same numbers as the loop of single ``interventions.pa
   for ``by`` with ``"head"``) are ONE batched pass through the blocks (``_wavefront``): block ``j`` runs
   once on all the runs alive there, those patched at ``j`` joining after it (one ``vmap`` over the 0/1
   patch masks of that block). Per-layer passes read every weight once per patched layer for a batch of
-  a few rows; this reads it once per range for all of them (7x faster on SmolLM2-135M, 30 layers, one
+  a few rows; this reads it once per range for all of them (3x faster on SmolLM2-135M, 30 layers, one
   CPU thread); ``chunk`` bounds the runs of one pass (layers cut into groups) and so the memory.
 
 Measured (``python -m ftransformer.bench.patching --threads 1``, which checks the values equal first):

@@ -380,7 +380,7 @@ def test_inspect_edges_writes_the_curve_beside_the_graph_by_default(hf_dir, tmp_
     assert_png(out, min_bytes=3_000)
     assert_png(tmp_path / "graph-faithfulness.png")
     printed = capsys.readouterr().out
-    assert "EAP: the 10 largest of" in printed and "mean ablation" in printed and "a2.h1" in printed
+    assert "EAP: the 10 largest of" in printed and "corrupt ablation" in printed and "a2.h1" in printed  # the default ablation
 
 
 @pytest.mark.parametrize(

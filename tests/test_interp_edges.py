@@ -194,8 +194,10 @@ def test_faithfulness_runs_from_the_empty_circuit_to_the_full_model_and_vmap_equ
     torch.testing.assert_close(curve.normalized[[0, -1]], torch.tensor([0.0, 1.0], dtype=torch.float64))
     (_, clean_acts), (corrupt_logits, corrupt_acts) = values(params, clean, cfg), values(params, corrupt, cfg)
     z = edges.writer_values(params, clean_acts, cfg)
-    ablated = {"zero": torch.zeros_like(z), "mean": z.mean((1, 2), keepdim=True).expand_as(z),
-               "corrupt": edges.writer_values(params, corrupt_acts, cfg)}[ablation]
+    zc = edges.writer_values(params, corrupt_acts, cfg)
+    # mean: over the reference distribution, every prompt (clean and corrupted, every row) at every position
+    reference = torch.cat([z, zc], dim=1)
+    ablated = {"zero": torch.zeros_like(z), "mean": reference.mean((1, 2), keepdim=True).expand_as(z), "corrupt": zc}[ablation]
     for k, value in zip(curve.ks, curve.metric):
         mask = edges.top_edges(scores, k).double()
         torch.testing.assert_close(value, logit_diff(edges.circuit_logits(params, clean, cfg, mask, ablated)))
@@ -276,3 +278,39 @@ def test_plots_of_edges_and_faithfulness_are_pngs(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     with pytest.raises(ValueError, match="curve is empty"):
         plots.plot_faithfulness([], tmp_path / "none.png")
+
+
+def test_faithfulness_mean_ablation_takes_the_mean_over_every_prompt_and_position_and_corrupt_is_the_default():
+    """The mean of one prompt's positions is no reference distribution: it reads as "no circuit" on a real
+    model. The mean is over the clean and the corrupted runs' rows and positions; the default is the corrupted run."""
+    cfg, params = model("parallel-swiglu", torch.float64)
+    clean, corrupt = tokens(cfg)
+    scores = edges.edge_attribution(params, clean, corrupt, logit_diff, cfg)
+    logits, ablated = edges._replacements(params, clean, corrupt, cfg, "mean")
+    z = edges.writer_values(params, values(params, clean, cfg)[1], cfg)
+    zc = edges.writer_values(params, values(params, corrupt, cfg)[1], cfg)
+    expected = torch.stack([z, zc]).mean(dim=(0, 2, 3))
+    assert ablated.shape == (z.shape[0], 1, 1, z.shape[-1])
+    torch.testing.assert_close(ablated[:, 0, 0], expected)
+    assert not torch.allclose(ablated[:, 0, 0], z.mean((1, 2)))  # not the clean prompt's alone
+    default = edges.faithfulness(params, clean, corrupt, logit_diff, cfg, scores, ks=[0, 5])
+    corrupted = edges.faithfulness(params, clean, corrupt, logit_diff, cfg, scores, ks=[0, 5], ablation="corrupt")
+    assert default.ablation == "corrupt"
+    torch.testing.assert_close(default.metric, corrupted.metric)
+
+
+def test_edge_patch_sweep_over_some_edges_with_logits_at_equals_the_whole_sweep_there():
+    """``only`` patches a subset (the rest 0), ``logits_at`` unembeds the last position only: the same values
+    (float64), and ``sweep_cost`` counts the blocks each edge runs."""
+    cfg, params = model("parallel-swiglu", torch.float64)
+    clean, corrupt = tokens(cfg)
+    whole = edges.edge_patch_sweep(params, clean, corrupt, logit_diff, cfg)
+    g = edges.graph(cfg)
+    only = edges.top_edges(edges.EdgeScores(whole, g), 7)
+    only[0, -1] = True  # an edge into the logits too
+    some = edges.edge_patch_sweep(params, clean, corrupt, logit_diff, cfg, only=only, logits_at=[-1], chunk=3)
+    torch.testing.assert_close(some[only], whole[only], atol=1e-10, rtol=1e-10)
+    assert not some[~only].any()
+    assert edges.sweep_cost(cfg) > edges.sweep_cost(cfg, only) >= int(only.sum())
+    with pytest.raises(ValueError, match=r"only must be a bool tensor of shape \[writers, readers\]"):
+        edges.edge_patch_sweep(params, clean, corrupt, logit_diff, cfg, only=only[:-1])

@@ -97,8 +97,9 @@ def test_patching_a_whole_layer_with_clean_values_gives_the_clean_metric(model):
 @pytest.mark.parametrize(("site", "first"), [("resid_pre", 0), ("attn.head_out", 1), ("resid_post", 1)])
 def test_each_layer_runs_only_the_blocks_and_queries_after_the_patch(model, monkeypatch, site, first):
     """Neither the layers before the patched one nor the positions before the patch are recomputed: per
-    layer i and position bucket [a, b), blocks i..L-1 run once per chunk (vmap traces the function once
-    per chunk) on the queries at positions a..seq-1 only, where full runs would run all L on all seq."""
+    position bucket [a, b) and group of layers (``chunk`` bounds the runs of a pass), block j runs ONCE on
+    the queries at positions a..seq-1 of every run alive there (the runs of the group's layers before j),
+    and once more (vmapped) for the runs patched at j, where full runs would run all L on all seq per patch."""
     cfg, params, clean, corrupt = model
     called = []
     block = patching.block
@@ -110,17 +111,19 @@ def test_each_layer_runs_only_the_blocks_and_queries_after_the_patch(model, monk
     monkeypatch.setattr(patching, "block", counting)
     by = ("layer", "position", "head") if site.startswith("attn.") else ("layer", "position")
     heads = cfg.n_heads if "head" in by else 1
-    buckets = patching.position_buckets(SEQ, by)
-    assert len(buckets) == min(SEQ, patching.BUCKETS) and buckets[0][0] == 0 and buckets[-1][1] == SEQ
-    chunk = 2 * heads  # two positions of a bucket at a time
+    assert len(patching.position_buckets(SEQ, by)) == min(SEQ, patching.BUCKETS)
+    # corrupt differs from clean at positions 2 and 4: the patches at 0 and 1 replace values by equal ones (no run)
+    buckets = patching.position_buckets(SEQ, by, start=2)
+    assert buckets[0][0] == 2 and buckets[-1][1] == SEQ
+    chunk = 2 * heads  # a one-position bucket at two layers a pass
+    jobs = patching.sweep_jobs(cfg.n_layers, buckets, heads, chunk)
+    assert all(len(layers) * heads * (b - a) <= chunk or len(layers) == 1 for a, b, layers in jobs)
+    assert len(jobs) > len(buckets)  # the chunk cut the layers into groups
     interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, site=site, by=by, chunk=chunk)
-    expected = [
-        (j, SEQ - a)
-        for i in range(cfg.n_layers)
-        for a, b in buckets
-        for _ in range(-(-(b - a) * heads // chunk))
-        for j in range(i + first, cfg.n_layers)
-    ]
+    expected = []
+    for a, b, layers in jobs:
+        for j in range(layers[0], cfg.n_layers):
+            expected += [(j, SEQ - a)] * ((j > layers[0]) + (j in layers and first == 0))
     assert called == expected
 
 
@@ -228,7 +231,7 @@ def test_logits_at_unembeds_only_those_positions(model, monkeypatch):
 
     monkeypatch.setattr(patching, "unembed", counting)
     interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, site="resid_pre", by=("layer",), logits_at=[-1])
-    assert rows == [1] * cfg.n_layers
+    assert rows and set(rows) == {1}  # one position unembedded, once per batched pass
     with pytest.raises(ValueError, match=r"logits_at must be positions in \[-seq, seq\) = \[-7, 7\), at least one, got \[7\]"):
         interp.patch_sweep(params, clean, corrupt, logit_diff, cfg, logits_at=[7])
 

@@ -296,7 +296,7 @@ RESHAPES_ALLOWED: dict[tuple[str, str], str] = {
     ("ftransformer.interp.edges", "_one_hot_cotangents"): "as many broadcast axes as the cotangent has batch axes",
     ("ftransformer.interp.patching", "patch_masks"): "the patch rows are (patched head x patched position), each of "
                                                       "size 1 or full as `by` says: no glossary word names them",
-    ("ftransformer.interp.patching", "_layer_sweep"): "the same patch rows, cut into position buckets",
+    ("ftransformer.interp.patching", "_sweep"): "the same patch rows, cut into position buckets",
     ("ftransformer.interp.patching", "arrange"): "the result's axes and their order are the caller's `by`",
     ("ftransformer.interp.plots", "_patch_grid"): "the result's axes and their order are the caller's `by`",
 }

@@ -14,7 +14,7 @@ import sys
 # parsed, so ``ftransformer --help`` loads none of them (nor torch.compile, matplotlib or transformers).
 COMMANDS = {
     "train": ("ftransformer.cli.train_cmd", "train a model (default: built-in corpus, CPU-sized preset)"),
-    "generate": ("ftransformer.cli.generate_cmd", "generate text from a checkpoint or a Hugging Face GPT-2 directory"),
+    "generate": ("ftransformer.cli.generate_cmd", "generate text from a checkpoint, a Hugging Face model directory or a GGUF file"),
     "inspect": ("ftransformer.cli.inspect_cmd",
                 "a preset's config and parameter breakdown; a model's attention, head scores, logit lens, activation patching, attribution, edges"),
     "finetune": ("ftransformer.cli.finetune_cmd",

@@ -1,7 +1,7 @@
 """``ftransformer generate``: continue a prompt with a trained model, printing the text as it is produced.
 
 The model comes from a *source* -- a checkpoint directory (``--checkpoint``) or a Hugging Face model
-directory (``--hf-dir``: GPT-2, Llama, Mistral, Qwen2, Qwen3) -- that yields a config, parameters and a
+directory (``--hf-dir``: any family of ``interop.registry.FAMILIES``) or a GGUF file -- that yields a config, parameters and a
 tokenizer; ``load_model`` picks the one the flags name, so another source is one more flag and one
 more branch there. ``--chat`` wraps the prompt in the tokenizer's chat template as one user turn and
 prints the reply alone; a tokenizer's stop tokens (``generation_config.json``'s EOS ids) end the text.
@@ -34,7 +34,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--hf-dir", metavar="DIR", default=None,
         help="a Hugging Face model directory: config.json, model.safetensors (or shards), and tokenizer.json "
-        "(GPT-2: or vocab.json + merges.txt); families: gpt2, llama, mistral, qwen2, qwen3",
+        f"(GPT-2: or vocab.json + merges.txt); families: {hf_families()}",
     )
     add_gguf_argument(parser)
     parser.add_argument("--adapter", metavar="DIR", default=None,
@@ -88,6 +88,13 @@ def _checkpoint_dir(path: str) -> Path:
 
 
 SOURCES = ("checkpoint", "hf_dir", "gguf")  # the flags that name a model: --checkpoint DIR, --hf-dir DIR, --gguf FILE
+
+
+def hf_families() -> str:
+    """The Hugging Face families ``--hf-dir`` reads, from the one registry (``interop.registry.FAMILIES``)."""
+    from ftransformer.interop.registry import FAMILIES
+
+    return ", ".join(FAMILIES)
 
 
 def add_gguf_argument(parser) -> None:

@@ -35,16 +35,20 @@ import torch
 from ftransformer import interp
 from ftransformer.cli import inspect_influence
 from ftransformer.interp.patching import HEAD_SITES
-from ftransformer.interp.edges import ABLATIONS, EdgeScores
+from ftransformer.interp.edges import ABLATIONS, EdgeScores, sweep_cost, top_edges
 from ftransformer.interp.plots import plot_edges, plot_faithfulness, plot_patching
 
 METRICS = ("logit-diff", "logprob", "loss")
+# --answer TEXT without a leading space: warn when " TEXT" is this many times likelier at the last position.
+SPACE_RATIO = 10.0
 VIEWS = ("patching", "attribution", "edges")
 EDGE_METHODS = ("eap", "eap-ig", "exact")
 # The flags of one view or two, default None so that a flag given to another view can be named.
 ONLY = {"by": ("patching", "attribution"), "site": ("patching", "attribution"), "correction": ("attribution",),
         "compare": ("attribution", "edges"), "method": ("edges",), "steps": ("edges",), "ablation": ("edges",),
-        "faithfulness": ("edges",), "curve_out": ("edges",)}
+        "faithfulness": ("edges",), "curve_out": ("edges",), "compare_edges": ("edges",)}
+# edges --compare over more edges than this: print the estimated time and the flag that bounds it first.
+BIG_SWEEP = 2000
 # The edges view's own flags (each default None: given or not).
 EDGE_FLAGS = {
     "--method": dict(choices=(*EDGE_METHODS, *inspect_influence.METHODS),
@@ -54,7 +58,12 @@ EDGE_FLAGS = {
     "--faithfulness": dict(action="store_true", help="edges: the metric of the top-k circuits, every other edge ablated, "
                                                      "printed and plotted"),
     "--ablation": dict(metavar="KINDS", help="edges --faithfulness: how the edges outside a circuit are ablated, "
-                                             "comma-separated, any of mean, zero, corrupt (default: mean)"),
+                                             "comma-separated, any of corrupt (the corrupted run's writes, as ACDC and "
+                                             "EAP-IG measure faithfulness), mean (each writer's mean over both prompts "
+                                             "at every position) or zero (default: corrupt)"),
+    "--compare-edges": dict(type=int, metavar="N", help="edges --compare: patch exactly only the N edges the estimate "
+                                                        "ranks highest (default: every edge, with a warning and an "
+                                                        f"estimate above {BIG_SWEEP} edges)"),
     "--curve-out": dict(metavar="FILE.png", help="edges --faithfulness: where to draw the curve (default: --out's name "
                                                  "with -faithfulness)"),
 }
@@ -83,6 +92,9 @@ def add_arguments(group) -> None:
                        help="attribution, edges: run the exact sweep too and print the estimate next to it")
     group.add_argument("--correction", action=argparse.BooleanOptionalAction, default=None,
                        help="attribution: AtP* for attn.q / attn.k (default: on)")
+    group.add_argument("--chunk", type=int, metavar="N", default=64,
+                       help="patching, attribution, edges: patched runs (edges, circuits) computed at once; bounds the "
+                            "memory (default: 64)")
     for flag, kwargs in EDGE_FLAGS.items():
         group.add_argument(flag, default=None, **kwargs)
 
@@ -114,6 +126,8 @@ def check_args(args) -> None:
             raise ValueError(f"--{flag} does not go with --metric {args.metric}")
     if args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
+    if args.chunk < 1:
+        raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
     if args.view == "edges":
         check_edge_args(args)
 
@@ -132,15 +146,18 @@ def check_edge_args(args) -> None:
     for name in ("ablation", "curve_out"):
         if getattr(args, name) is not None and not args.faithfulness:
             raise ValueError(f"{_flag(name)} goes with --faithfulness")
+    if args.compare_edges is not None and (not args.compare or args.compare_edges < 1):
+        raise ValueError(f"--compare-edges N goes with --compare and N >= 1, got {args.compare_edges}"
+                         + ("" if args.compare else " without --compare"))
     for kind in ablations(args):
         if kind not in ABLATIONS:
             raise ValueError(f"--ablation must be one or more of {', '.join(ABLATIONS)} (comma-separated), got {kind!r}")
 
 
 def ablations(args) -> list[str]:
-    """The kinds of ablation ``--ablation`` names, in its order (default: mean)."""
+    """The kinds of ablation ``--ablation`` names, in its order (default: corrupt)."""
     if args.ablation is None:
-        return ["mean"]
+        return ["corrupt"]
     kinds = [a.strip() for a in args.ablation.split(",") if a.strip()]
     return kinds or [""]
 
@@ -161,34 +178,46 @@ def encode_pair(clean: str, corrupt: str, tokenizer, cfg) -> tuple[list[int], li
     return ids["clean"][-cfg.max_seq_len:], ids["corrupt"][-cfg.max_seq_len:]
 
 
-def one_token(flag: str, text: str, tokenizer) -> int:
+def one_token(flag: str, text: str, tokenizer, last_logits: torch.Tensor | None = None) -> int:
+    """``--answer`` / ``--wrong`` as its one token id, said on stdout (which token the text became); with the
+    clean run's last logits, a warning on stderr when the leading-space variant is far likelier."""
     ids = tokenizer.encode(text)
     if len(ids) != 1:
         raise ValueError(f"--{flag} must be one token, got {text!r}, which encodes to {len(ids)} tokens {ids}")
+    print(f"--{flag} {text!r} is token {ids[0]} {tokenizer.decode(ids)!r}")
+    spaced = tokenizer.encode(" " + text) if not text.startswith(" ") else []
+    if last_logits is not None and len(spaced) == 1 and spaced[0] != ids[0]:
+        logp = torch.log_softmax(last_logits.detach().float().reshape(-1, last_logits.shape[-1]), dim=-1).mean(0)
+        ratio = float((logp[spaced[0]] - logp[ids[0]]).exp())
+        if ratio >= SPACE_RATIO:
+            print(f"warning: --{flag} {text!r} (token {ids[0]}) is {ratio:.3g}x less likely at the last position than "
+                  f"{' ' + text!r} (token {spaced[0]}), its leading-space variant; did you mean --{flag} {' ' + text!r}?",
+                  file=sys.stderr)
     return ids[0]
 
 
-def make_metric(args, tokenizer, clean: torch.Tensor):
-    """``(metric, description)``: the scalar function of the logits the flags ask for."""
+def make_metric(args, tokenizer, clean: torch.Tensor, last_logits: torch.Tensor | None = None):
+    """``(metric, description, positions)``: the scalar function of the logits the flags ask for, and the
+    positions it reads (None: all; the patched runs unembed only those)."""
     if args.metric == "loss":
         targets = clean[1:]
 
         def loss(logits: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.cross_entropy(logits[..., :-1, :].reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
-        return loss, "loss (mean next-token cross-entropy of the clean prompt)"
-    answer = one_token("answer", args.answer, tokenizer)
+        return loss, "loss (mean next-token cross-entropy of the clean prompt)", None
+    answer = one_token("answer", args.answer, tokenizer, last_logits)
     if args.metric == "logprob":
         def logprob(logits: torch.Tensor) -> torch.Tensor:
             return torch.log_softmax(logits[..., -1, :], dim=-1)[..., answer].mean()
 
-        return logprob, f"log-probability of {args.answer!r} at the last position"
-    wrong = one_token("wrong", args.wrong, tokenizer)
+        return logprob, f"log-probability of {args.answer!r} at the last position", [-1]
+    wrong = one_token("wrong", args.wrong, tokenizer, last_logits)
 
     def logit_diff(logits: torch.Tensor) -> torch.Tensor:
         return (logits[..., -1, answer] - logits[..., -1, wrong]).mean()
 
-    return logit_diff, f"logit difference {args.answer!r} - {args.wrong!r} at the last position"
+    return logit_diff, f"logit difference {args.answer!r} - {args.wrong!r} at the last position", [-1]
 
 
 def parse_by(args) -> tuple[str, ...]:
@@ -218,9 +247,10 @@ def run(args, cfg, params, tokenizer, source: str, device: torch.device) -> int:
     clean_ids, corrupt_ids = encode_pair(args.clean, args.corrupt, tokenizer, cfg)
     clean = torch.tensor(clean_ids, dtype=torch.long, device=device)
     corrupt = torch.tensor(corrupt_ids, dtype=torch.long, device=device)
-    metric, described = make_metric(args, tokenizer, clean)
     with torch.no_grad():
-        clean_metric = float(metric(interp.forward_with_activations(params, clean, cfg)[0]))
+        clean_logits = interp.forward_with_activations(params, clean, cfg)[0]
+        metric, described, at = make_metric(args, tokenizer, clean, clean_logits[..., -1, :])
+        clean_metric = float(metric(clean_logits))
         corrupt_metric = float(metric(interp.forward_with_activations(params, corrupt, cfg)[0]))
     base = corrupt_metric if args.direction == "denoise" else clean_metric
     what = "clean values into the corrupted run" if args.direction == "denoise" else "corrupted values into the clean run"
@@ -233,16 +263,16 @@ def run(args, cfg, params, tokenizer, source: str, device: torch.device) -> int:
     print(f"clean run {clean_metric:.4f}, corrupted run {corrupt_metric:.4f}; the tables give the change from {base:.4f}")
     labels = [tokenizer.decode([i]) for i in clean_ids]
     if args.view == "edges":
-        return run_edges(args, cfg, params, (clean, corrupt, metric), source)
-    return run_sweep(args, cfg, params, (clean, corrupt, metric), base, labels, source)
+        return run_edges(args, cfg, params, (clean, corrupt, metric, at), source)
+    return run_sweep(args, cfg, params, (clean, corrupt, metric, at), base, labels, source)
 
 
 def run_sweep(args, cfg, params, prompts: tuple, base: float, labels: list[str], source: str) -> int:
     """The patching or attribution view: the sweep (or its estimate) of one site, its largest effects and heatmap."""
-    clean, corrupt, metric = prompts
+    clean, corrupt, metric, at = prompts
     by = parse_by(args)
     correction = args.correction is not False
-    sweep_args = dict(site=args.site, by=by, direction=args.direction)
+    sweep_args = dict(site=args.site, by=by, direction=args.direction, chunk=args.chunk, logits_at=at, progress=True)
     if args.view == "patching":
         with torch.no_grad():
             change = interp.patch_sweep(params, clean, corrupt, metric, cfg, **sweep_args) - base
@@ -300,33 +330,65 @@ def edge_report(exact: torch.Tensor, estimate: torch.Tensor, g, top: int) -> str
 
 def edge_scores(args, cfg, params, prompts: tuple) -> tuple[str, EdgeScores]:
     """``(the method's name, its scores)``: EAP, EAP-IG or exact edge patching, as the flags ask."""
-    clean, corrupt, metric = prompts
+    clean, corrupt, metric, at = prompts
     method = args.method or "eap-ig"
     if method not in EDGE_METHODS:
         raise ValueError(f"inspect edges --method must be one of {', '.join(EDGE_METHODS)}, got {method!r}")
     if method == "exact":
+        warn_big_sweep(params, clean, cfg, None, "--method exact", "--method eap-ig (an estimate of every edge)")
         with torch.no_grad():
-            sweep = interp.edge_patch_sweep(params, clean, corrupt, metric, cfg, direction=args.direction)
+            sweep = interp.edge_patch_sweep(params, clean, corrupt, metric, cfg, direction=args.direction, chunk=args.chunk,
+                                            logits_at=at, progress=True)
         return "exact edge patching", EdgeScores(sweep, interp.graph(cfg))
     steps = 5 if args.steps is None else args.steps
-    scores = interp.edge_attribution(params, clean, corrupt, metric, cfg, method=method, steps=steps, direction=args.direction)
+    scores = interp.edge_attribution(params, clean, corrupt, metric, cfg, method=method, steps=steps, direction=args.direction,
+                                     chunk=args.chunk, progress=True)
     name = f"EAP-IG ({steps} steps)" if method == "eap-ig" else "EAP"
     return name, EdgeScores(scores.scores.detach(), scores.graph)
+
+
+def block_seconds(params, tokens: torch.Tensor, cfg, runs: int = 16) -> float:
+    """Seconds one block takes on one run of ``tokens``, timed on a batch of ``runs`` copies (the sweeps' batches)."""
+    import time
+
+    batch = tokens.expand(runs, *tokens.shape)
+    with torch.no_grad():
+        start = time.perf_counter()
+        interp.forward_with_activations(params, batch, cfg)
+    return (time.perf_counter() - start) / (runs * cfg.n_layers)
+
+
+def warn_big_sweep(params, tokens: torch.Tensor, cfg, only, what: str, bound: str) -> None:
+    """Before an exact edge sweep: its edge count and estimated time; above ``BIG_SWEEP`` edges, a warning with
+    the flag that bounds it (on stderr)."""
+    g = interp.graph(cfg)
+    n = int((g.edges if only is None else g.edges & only.cpu()).sum())
+    seconds = sweep_cost(cfg, only) * block_seconds(params, tokens, cfg)
+    print(f"{what}: exact patching of {n} edges, about {seconds:.0f} s ({seconds / 60:.1f} min) on this machine", file=sys.stderr)
+    if n > BIG_SWEEP:
+        print(f"warning: {n} edges is a long sweep; {bound} bounds it", file=sys.stderr)
 
 
 def run_edges(args, cfg, params, prompts: tuple, source: str) -> int:
     """The edges view: the top edges by |score| (and the exact sweep's value), the graph image, and with
     --faithfulness the metric the top-k circuits keep."""
-    clean, corrupt, metric = prompts
+    clean, corrupt, metric, at = prompts
     name, scores = edge_scores(args, cfg, params, prompts)
     g = scores.graph
     n = int(g.edges.sum())
     columns = {"score" if args.method != "exact" else "change": scores.scores}
     if args.compare:
+        only = None if args.compare_edges is None else top_edges(scores, min(args.compare_edges, n))
+        warn_big_sweep(params, clean, cfg, only, "--compare", "--compare-edges N (the top N edges by the estimate)")
         with torch.no_grad():
-            columns["exact"] = interp.edge_patch_sweep(params, clean, corrupt, metric, cfg, direction=args.direction)
+            columns["exact"] = interp.edge_patch_sweep(params, clean, corrupt, metric, cfg, direction=args.direction,
+                                                       chunk=args.chunk, only=only, logits_at=at, progress=True)
+        if only is not None:
+            g = g._replace(edges=g.edges & only.cpu())
+            n = int(g.edges.sum())
     print()
-    print(f"{name}: the {min(args.top, n)} largest of {n} edges ({len(g.writers)} writers, {len(g.readers)} readers)")
+    among = " compared (--compare-edges: the estimate's top)" if args.compare_edges is not None else ""
+    print(f"{name}: the {min(args.top, n)} largest of {n} edges{among} ({len(g.writers)} writers, {len(g.readers)} readers)")
     print(format_edges(columns, g, args.top))
     if args.compare:
         print()
@@ -338,7 +400,8 @@ def run_edges(args, cfg, params, prompts: tuple, source: str) -> int:
         curves = []
         with torch.no_grad():
             for kind in ablations(args):
-                curves.append(interp.faithfulness(params, clean, corrupt, metric, cfg, scores, ablation=kind))
+                curves.append(interp.faithfulness(params, clean, corrupt, metric, cfg, scores, ablation=kind, chunk=args.chunk,
+                                                  progress=True))
         print()
         print(format_faithfulness(curves, name))
         out = Path(args.out)

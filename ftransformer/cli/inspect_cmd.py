@@ -29,14 +29,17 @@
   [--scale S] [--sweep LAYERS:SCALES] --out FILE.png``: a steering vector, its layer x scale sweep drawn as a
   heatmap, and samples without and with it (``cli/inspect_steer.py``).
 
-Each view takes ``--hf-dir DIR`` (a Hugging Face GPT-2 directory) instead of ``--checkpoint``.
+Each view takes ``--hf-dir DIR`` (a Hugging Face model directory of any family ``interop.registry.FAMILIES``
+lists) or ``--gguf FILE`` instead of ``--checkpoint``; ``inspect VIEW --help`` prints that view's flags only.
 """
 
+import argparse
 import dataclasses
+import re
 import sys
 
 from ftransformer.cli import inspect_circuits, inspect_curvature, inspect_influence, inspect_steer
-from ftransformer.cli.generate_cmd import DEVICES, add_gguf_argument
+from ftransformer.cli.generate_cmd import DEVICES, add_gguf_argument, hf_families
 from ftransformer.config import PRESETS, get_preset
 from ftransformer.params import format_breakdown
 
@@ -57,8 +60,9 @@ def add_arguments(parser) -> None:
     model.add_argument("--checkpoint", metavar="DIR", default=None,
                        help="a checkpoint directory, or a run directory of `ftransformer train` (its best/, else latest/)")
     model.add_argument("--hf-dir", metavar="DIR", default=None,
-                       help="a Hugging Face model directory; without a VIEW, describe its config (any supported family); "
-                            "with one, a GPT-2 directory (config.json, weights, vocab.json, merges.txt)")
+                       help=f"a Hugging Face model directory of any supported family ({hf_families()}): config.json, "
+                            "model.safetensors (or shards) and tokenizer.json (GPT-2: or vocab.json + merges.txt); "
+                            "without a VIEW, describe its config (no weights are read); with one, the model to run")
     add_gguf_argument(model)
     model.add_argument("--text", metavar="TEXT", default=None,
                        help="attention, logit-lens, curvature: the text to run (cropped to its last max_seq_len tokens)")
@@ -74,6 +78,50 @@ def add_arguments(parser) -> None:
     inspect_curvature.add_arguments(parser.add_argument_group("the curvature view"))
     inspect_influence.add_arguments(parser.add_argument_group("the influence view"))
     inspect_steer.add_arguments(parser.add_argument_group("the steer view"))
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            action.__class__ = ViewHelp  # `inspect VIEW --help`: that view's flags only
+
+
+# "patching, attribution: ..." or "edges --faithfulness: ...": a flag's help that names the views it goes with.
+VIEW_PREFIX = re.compile(r"([a-z-]+(?:, [a-z-]+)*)(?: --[a-z-]+)?: ")
+
+
+def for_view(action, title: str | None, view: str) -> bool:
+    """Whether a flag goes with ``view``: its group's title (``the ... views``) and its help's prefix name it,
+    or name no view at all."""
+    if action.dest in ("view", "preset"):
+        return False
+    if title and title.startswith("the ") and re.search(r" views?$", title) and view not in re.findall(r"[a-z-]+", title):
+        return False
+    named = VIEW_PREFIX.match(action.help or "")
+    views = [w for w in named.group(1).split(", ") if w in VIEWS] if named else []
+    return not views or view in views
+
+
+def view_help(parser, view: str) -> str:
+    """The help of ``inspect VIEW``: the view's line of this module's notes and the flags that go with it."""
+    lines = [line for line in (__doc__ or "").split("* ``")[1:] if line.startswith(f"ftransformer inspect {view} ")]
+    summary = re.sub(r"\s+", " ", lines[0].split("``:", 1)[1]).strip() if lines else None
+    one = argparse.ArgumentParser(prog=f"{parser.prog} {view}", description=summary, add_help=False)
+    for group in parser._action_groups:
+        actions = [a for a in group._group_actions if for_view(a, group.title, view)]
+        if actions:
+            target = one.add_argument_group(group.title)
+            for action in actions:
+                target._add_action(action)
+    return one.format_help()
+
+
+class ViewHelp(argparse._HelpAction):
+    """``-h`` after a VIEW prints that view's help alone; without one, the whole command's."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        view = getattr(namespace, "view", None)
+        if view is None:
+            return super().__call__(parser, namespace, values, option_string)
+        print(view_help(parser, view), end="")
+        parser.exit()
 
 
 def describe(cfg, title: str) -> int:

@@ -38,6 +38,7 @@ from ftransformer.interp.patching import (
     patch_masks,
     run_from,
 )
+from ftransformer.interp.progress import progress_bar
 from ftransformer.layers.attention import attention_kernel, attention_pattern, scores
 from ftransformer.layers.masks import Mask
 from ftransformer.layers.tap import Tap
@@ -133,7 +134,7 @@ def _qk_star(layer: dict, source: Tensor, grad_pattern: Tensor, mask: Mask, cfg:
 def attribution_patch(
     params: dict, clean: Tokens, corrupt: Tensor, metric: Metric, cfg: Config, *, site: str = "resid_pre",
     by: Sequence[str] = ("layer", "position"), direction: str = "denoise", correction: bool = True,
-    chunk: int | None = None, logits_at: Sequence[int] | int | None = None,
+    chunk: int | None = None, logits_at: Sequence[int] | int | None = None, progress: bool = False,
 ) -> Tensor:
     """Attribution patching: the first-order estimate of every patch of a ``patch_sweep`` at once.
 
@@ -146,6 +147,7 @@ def attribution_patch(
         logits_at: as in ``patch_sweep``: the positions whose logits ``metric`` reads; only those are
             unembedded (and differentiated through). ``metric`` sees zeros at the others (its gradient, all
             AtP uses, does not depend on positions it does not read).
+        progress: a tqdm bar on stderr: the forward + backward, then each layer's estimates.
 
     Returns:
         The estimated *change* of the metric for each patch, shaped like ``patch_sweep``'s result: its
@@ -162,9 +164,16 @@ def attribution_patch(
     paths = [f"blocks.{i}.{s}" for i in range(cfg.n_layers) for s in ((site, "attn.pattern") if star else (site,))]
     sample = {f"blocks.{i}.{s}": site_value(source, i, s) for i in range(cfg.n_layers) for s in (site, "attn.pattern")}
     zeros = {path: torch.zeros_like(sample[path]) for path in paths}
-    grads, base = site_gradients(params, base_tokens, metric, cfg, zeros, at=at)
-    masks = block_inputs(base_tokens, cfg).masks
-    has_heads = site in HEAD_SITES
+    with progress_bar(cfg.n_layers + 1, f"attribution {site}", "step", progress) as bar:
+        grads, base = site_gradients(params, base_tokens, metric, cfg, zeros, at=at)
+        bar.update(1)
+        rows = _layer_estimates(source, base, grads, cfg, block_inputs(base_tokens, cfg).masks, site=site, by=by, star=star,
+                                chunk=chunk, bar=bar)
+    return arrange(torch.stack(rows), by, site_value(source, 0, site), site in HEAD_SITES)
+
+
+def _layer_estimates(source: dict, base: dict, grads: dict, cfg: Config, masks, *, site, by, star, chunk, bar) -> list[Tensor]:
+    """Each layer's AtP (or AtP*) estimates from the gradients at the site, ``[rows]`` per layer."""
     rows = []
     for i in range(cfg.n_layers):
         src = site_value(source, i, site)
@@ -173,8 +182,9 @@ def attribution_patch(
             rows.append(_qk_star(base["blocks"][i], src, grad_pattern, masks[i], cfg, site=site, by=by, chunk=chunk))
         else:
             product = (src - site_value(base, i, site)) * grads[f"blocks.{i}.{site}"]
-            rows.append(_slices(product, by, has_heads))
-    return arrange(torch.stack(rows), by, site_value(source, 0, site), has_heads)
+            rows.append(_slices(product, by, site in HEAD_SITES))
+        bar.update(1)
+    return rows
 
 
 def atp_report(exact: Tensor, estimate: Tensor, top: int = 10) -> str:

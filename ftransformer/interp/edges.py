@@ -48,7 +48,8 @@ from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.attribution import site_gradients
-from ftransformer.interp.patching import Metric, check_args, check_scalar, base_and_source, run_from
+from ftransformer.interp.patching import Metric, check_args, check_scalar, base_and_source, logit_positions, run_from
+from ftransformer.interp.progress import progress_bar
 from ftransformer.layers.attention import (
     attention_kernel, check_heads_separate, head_outputs, project_qkv, scaled_dot_product_attention,
     scores as score_args,
@@ -317,7 +318,7 @@ def _runs(params: dict, clean: Tokens, corrupt: Tensor, cfg: Config, direction: 
 @attention_kernel("einsum")  # vmap batches the einsum path; clean and patched runs share it
 def edge_attribution(
     params: dict, clean: Tokens, corrupt: Tensor, metric: Metric, cfg: Config, *, method: str = "eap", steps: int = 5,
-    direction: str = "denoise", chunk: int | None = None,
+    direction: str = "denoise", chunk: int | None = None, progress: bool = False,
 ) -> EdgeScores:
     """EAP / EAP-IG: the first-order estimate of every edge's ``edge_patch_sweep`` value at once.
 
@@ -329,6 +330,7 @@ def edge_attribution(
             ``alpha = 1/steps, 2/steps, ..., 1`` between the base run's embeddings and the source run's.
         steps: EAP-IG's number of points (one ``vmap``); ``"eap"`` ignores it.
         chunk: how many heads' vjps (and EAP-IG points) go through ``vmap`` at once (None: all).
+        progress: a tqdm bar on stderr counting the gradient points (one for EAP), with its estimate.
 
     Returns:
         ``scores[u, v] = sum over batch and positions of (z_u(source) - z_u(base)) . dM/dx_v`` (0 off the graph).
@@ -338,16 +340,22 @@ def edge_attribution(
     g = graph(cfg)
     base_tokens, _, base, source = _runs(params, clean, corrupt, cfg, direction)
     diff = writer_values(params, source, cfg) - writer_values(params, base, cfg)
-    if method == "eap":
-        grads = reader_gradients(params, base_tokens, metric, cfg, chunk=chunk)
-    else:
-        start, delta = base["embed"], source["embed"] - base["embed"]
-        alphas = torch.arange(1, steps + 1, dtype=start.dtype, device=start.device) / steps
+    with progress_bar(1 if method == "eap" else steps, method.upper(), "point", progress) as bar:
+        if method == "eap":
+            grads = reader_gradients(params, base_tokens, metric, cfg, chunk=chunk)
+        else:
+            start, delta = base["embed"], source["embed"] - base["embed"]
+            alphas = torch.arange(1, steps + 1, dtype=start.dtype, device=start.device) / steps
 
-        def at(alpha: Float[Tensor, ""]) -> Float[Tensor, "readers *batch seq d_model"]:
-            return reader_gradients(params, base_tokens, metric, cfg, embedding=start + alpha * delta, chunk=chunk)
+            def at(alpha: Float[Tensor, ""]) -> Float[Tensor, "readers *batch seq d_model"]:
+                return reader_gradients(params, base_tokens, metric, cfg, embedding=start + alpha * delta, chunk=chunk)
 
-        grads = torch.func.vmap(at, chunk_size=chunk)(alphas).mean(0)
+            grads = 0
+            for piece in alphas.split(chunk or steps):
+                grads = grads + torch.func.vmap(at)(piece).sum(0)
+                bar.update(len(piece))
+            grads = grads / steps
+        bar.update(method == "eap")
     scores = einsum(diff, grads, "writers ..., readers ... -> writers readers")
     return EdgeScores(scores * g.edges.to(scores), g)
 
@@ -364,34 +372,48 @@ def _patched_reads(params: dict, base: dict, diff: Values, cfg: Config, i: int, 
     return reads
 
 
-def _layer_sweep(params, base: dict, diff: Values, metric: Metric, cfg: Config, i: int, index: Tensor, *, inputs, chunk) -> Tensor:
+def _layer_sweep(params, base: dict, diff: Values, metric: Metric, cfg: Config, i: int, index: Tensor, *, inputs, chunk, at) -> Tensor:
     """The metric of every edge ``index`` (``[edges, 2]``, readers of block ``i``) patched alone: ONE vmap over
     the edges' one-hot writer and reader selectors, each run a plain run from block ``i`` whose reader (one
-    head's q, k or v, or the MLP's hidden units) takes the value ``_patched_reads`` computed for its writer."""
+    head's q, k or v, or the MLP's hidden units) takes the value ``_patched_reads`` computed for its writer;
+    with ``at``, only those positions are unembedded (the base run's logits elsewhere)."""
     reads = _patched_reads(params, base, diff, cfg, i, inputs.rotaries[i])
     _, _, n_readers = _sizes(cfg)
     pick_writer = torch.nn.functional.one_hot(index[:, 0], diff.shape[0]).to(diff)
     pick_reader = torch.nn.functional.one_hot(index[:, 1] - i * n_readers, n_readers).to(diff)
     widths = [cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads] + [1] * int(has_mlp(cfg))
+    where = None if at is None else torch.tensor(at, dtype=torch.long, device=diff.device)
 
     def patched(writer: Float[Tensor, " writers"], reader: Tensor) -> Float[Tensor, ""]:
         fixes = {}
-        for (site, value), where in zip(reads.items(), reader.split(widths)):
-            where = where[:, None, None] if site.startswith("attn") else where
+        for (site, value), pick in zip(reads.items(), reader.split(widths)):
+            pick = pick[:, None, None] if site.startswith("attn") else pick
 
-            def fix(v: Tensor, value=value, where=where) -> Tensor:
-                return torch.where(where.bool(), torch.tensordot(writer, value, dims=1), v)
+            def fix(v: Tensor, value=value, pick=pick) -> Tensor:
+                return torch.where(pick.bool(), torch.tensordot(writer, value, dims=1), v)
 
             fixes[f"blocks.{i}.{site}"] = fix
-        return metric(run_from(params, base["blocks"][i]["resid_pre"], cfg, i, inputs, fixes))
+        logits = run_from(params, base["blocks"][i]["resid_pre"], cfg, i, inputs, fixes, at=at)
+        return metric(logits if at is None else base["logits"].index_copy(-2, where, logits))
 
     return torch.func.vmap(patched, chunk_size=chunk)(pick_writer, pick_reader)
+
+
+def sweep_cost(cfg: Config, only: Tensor | None = None) -> int:
+    """The blocks ``edge_patch_sweep`` runs over ``only``'s edges (None: every edge): an edge into a reader of
+    block ``i`` runs blocks ``i, ..., n_layers - 1`` (one unembedding for the logits' edges: counted as one)."""
+    g = graph(cfg)
+    on = g.edges if only is None else g.edges & only.cpu().bool()
+    layer = torch.div(torch.arange(len(g.readers)), _sizes(cfg)[2], rounding_mode="floor").clamp(max=cfg.n_layers - 1)
+    runs = (cfg.n_layers - layer).masked_fill(torch.arange(len(g.readers)) == len(g.readers) - 1, 1)
+    return int((on.sum(0) * runs).sum())
 
 
 @attention_kernel("einsum")  # vmap batches the einsum path; clean and patched runs share it
 def edge_patch_sweep(
     params: dict, clean: Tokens, corrupt: Tensor, metric: Metric, cfg: Config, *, direction: str = "denoise",
-    chunk: int | None = None,
+    chunk: int | None = None, only: Tensor | None = None, logits_at: Sequence[int] | int | None = None,
+    progress: bool = False,
 ) -> Float[Tensor, "writers readers"]:
     """The exact metric change of patching each edge alone: reader ``v`` of the base run reads the source
     run's ``z_u`` in place of its own (the ``circuit_logits`` of an all-ones mask but for that edge, with the
@@ -399,26 +421,45 @@ def edge_patch_sweep(
 
     A patch of a reader of block ``i`` changes nothing before it and only that reader in it: per block,
     every writer's swapped projections are computed once (``_patched_reads``), then ONE ``vmap`` over the
-    block's edges (``chunk`` at a time) runs from block ``i`` on with the one reader replaced; the logits'
-    edges are one unembedding per writer.
+    block's edges (``chunk`` at a time: the memory bound) runs from block ``i`` on with the one reader
+    replaced; the logits' edges are one unembedding per writer. ``only``: a ``[writers, readers]`` mask of
+    the edges to patch (the rest stay 0; ``sweep_cost`` counts the blocks). ``logits_at``: as in
+    ``patch_sweep``. ``progress``: a tqdm bar on stderr counting blocks run, with its time-left estimate.
     """
     check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), direction, chunk)
     g = graph(cfg)
     base_tokens, base_logits, base, source = _runs(params, clean, corrupt, cfg, direction)
     before = metric(base_logits)
     check_scalar(before)
+    base["logits"] = base_logits
+    at = None if logits_at is None else logit_positions(logits_at, base_tokens.shape[-1])
     diff = writer_values(params, base, cfg) - writer_values(params, source, cfg)
     inputs = block_inputs(base_tokens, cfg)
-    index = g.edges.nonzero().to(diff.device)
+    on = g.edges if only is None else g.edges & _check_only(only, g)
+    index = on.nonzero().to(diff.device)
     layer = torch.div(index[:, 1], _sizes(cfg)[2], rounding_mode="floor")
     out = torch.zeros(g.edges.shape, dtype=diff.dtype, device=diff.device)
-    for i in range(cfg.n_layers):
-        rows = index[layer == i]
-        values = _layer_sweep(params, base, diff, metric, cfg, i, rows, inputs=inputs, chunk=chunk)
-        out[rows[:, 0], rows[:, 1]] = values - before
-    final = base["blocks"][-1]["resid_post"]
-    out[:, -1] = torch.func.vmap(lambda d: metric(unembed(params, final - d, cfg)), chunk_size=chunk)(diff) - before
+    with progress_bar(sweep_cost(cfg, on), "exact edge patching", "block", progress) as bar:
+        for i in range(cfg.n_layers):
+            for rows in index[layer == i].split(chunk or max(1, len(index))):
+                if not len(rows):
+                    continue
+                values = _layer_sweep(params, base, diff, metric, cfg, i, rows, inputs=inputs, chunk=chunk, at=at)
+                out[rows[:, 0], rows[:, 1]] = values - before
+                bar.update(len(rows) * (cfg.n_layers - i))
+        final, writers = base["blocks"][-1]["resid_post"], on[:, -1].nonzero()[:, 0].to(diff.device)
+        if len(writers):
+            out[writers, -1] = torch.func.vmap(lambda d: metric(unembed(params, final - d, cfg)), chunk_size=chunk)(diff[writers]) - before
+        bar.update(len(writers))
     return out
+
+
+def _check_only(only: object, g: Graph) -> Tensor:
+    shape = (len(g.writers), len(g.readers))
+    if not isinstance(only, Tensor) or tuple(only.shape) != shape:
+        got = tuple(only.shape) if isinstance(only, Tensor) else type(only).__name__
+        raise ValueError(f"only must be a bool tensor of shape [writers, readers] = {shape}, got {got}")
+    return only.cpu().bool()
 
 
 def top_edges(scores: EdgeScores, k: int) -> Bool[Tensor, "writers readers"]:
@@ -445,25 +486,29 @@ def default_ks(n: int) -> tuple[int, ...]:
 
 
 def _replacements(params: dict, clean: Tokens, corrupt: Tensor, cfg: Config, ablation: str) -> tuple:
-    """``(the clean logits, the ablated writes)``: the clean run's means or zeros, or the corrupted run's."""
+    """``(the clean logits, the ablated writes)``: zeros, the corrupted run's writes, or each writer's mean over
+    the reference distribution: every prompt (the clean and the corrupted runs, every batch row) at every position."""
     logits, acts = forward_with_activations(params, clean, cfg)
     own = writer_values(params, acts, cfg)
     if ablation == "zero":
         return logits, own.new_zeros(own.shape[0], *[1] * (own.ndim - 2), own.shape[-1])
+    other = writer_values(params, forward_with_activations(params, corrupt, cfg)[1], cfg)
     if ablation == "mean":
-        return logits, own.mean(dim=tuple(range(1, own.ndim - 1)), keepdim=True)
-    return logits, writer_values(params, forward_with_activations(params, corrupt, cfg)[1], cfg)
+        # Rows and positions alike: joined along the axis after the writers, every value counts once.
+        return logits, torch.cat([own, other], dim=1).mean(dim=tuple(range(1, own.ndim - 1)), keepdim=True)
+    return logits, other
 
 
 @attention_kernel("einsum")  # vmap batches the einsum path; clean and patched runs share it
 def faithfulness(
     params: dict, clean: Tokens, corrupt: Tensor, metric: Metric, cfg: Config, scores: EdgeScores, *,
-    ks: Sequence[int] | None = None, ablation: str = "mean", chunk: int | None = None,
+    ks: Sequence[int] | None = None, ablation: str = "corrupt", chunk: int | None = None, progress: bool = False,
 ) -> Faithfulness:
     """The metric of the circuit of the top ``k`` edges of ``scores`` on ``clean``, for every ``k`` in ``ks``
-    (None: ``default_ks``), every other edge ablated: ``"mean"`` (each writer's mean over the clean run's
-    batch and positions, as ``interventions.head_means``), ``"zero"`` or ``"corrupt"`` (the corrupted run's
-    writes). The circuits, the full model and the empty circuit are ONE ``vmap`` over their masks."""
+    (None: ``default_ks``), every other edge ablated: ``"corrupt"`` (the corrupted run's writes: the patching
+    ablation of ACDC and EAP-IG's faithfulness, the default), ``"mean"`` (each writer's mean over every prompt,
+    clean and corrupted, at every position) or ``"zero"``. The circuits, the full model and the empty circuit
+    are ONE ``vmap`` over their masks (``chunk`` at a time; ``progress``: a tqdm bar on stderr)."""
     check_args(clean, corrupt, metric, cfg, "resid_pre", ("layer",), "denoise", chunk)
     validate.one_of("ablation", ablation, ABLATIONS)
     g = graph(cfg)
@@ -480,12 +525,17 @@ def faithfulness(
     def kept(mask: Float[Tensor, "writers readers"]) -> Float[Tensor, ""]:
         return metric(_circuit_from(params, x, [x[None] - ablated[:1]], mask, ablated, cfg, inputs, 0))
 
-    values = torch.func.vmap(kept, chunk_size=chunk)(masks)
+    parts = []
+    with progress_bar(len(masks), f"faithfulness ({ablation})", "circuit", progress) as bar:
+        for piece in masks.split(chunk or len(masks)):
+            parts.append(torch.func.vmap(kept)(piece))
+            bar.update(len(piece))
+    values = torch.cat(parts)
     full, empty = values[-2], values[-1]
     return Faithfulness(ks, values[:-2], (values[:-2] - empty) / (full - empty), full.item(), empty.item(), ablation)
 
 
 __all__ = [
     "EdgeScores", "Faithfulness", "Graph", "check_layout", "circuit_logits", "default_ks", "edge_attribution",
-    "edge_patch_sweep", "faithfulness", "graph", "reader_gradients", "top_edges", "writer_values",
+    "edge_patch_sweep", "faithfulness", "graph", "reader_gradients", "sweep_cost", "top_edges", "writer_values",
 ]

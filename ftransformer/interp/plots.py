@@ -275,59 +275,74 @@ def plot_logit_lens(
     return save_figure(fig, path)
 
 
-def _node_places(writers: Sequence[str], readers: Sequence[str]) -> tuple[dict, dict]:
-    """Grid places: column 0 the embedding, ``2i + 1`` layer ``i``'s heads (one row each), ``2i + 2`` its MLP,
-    the last the logits; a head's q / k / v inputs sit just left of it, one above the other (a key/value
-    head's by the first query head of its group)."""
-    heads = 1 + max([int(w.split(".h")[1]) for w in writers if ".h" in w] or [0])
-    middle = (heads - 1) / 2
-    layers = 1 + max([int(w[1 : w.index(".")]) if w.startswith("a") else int(w[1:]) for w in writers[1:]] or [0])
-    places = {"embed": (0.0, middle), "logits": (2.0 * layers + 1, middle)}
-    for w in writers[1:]:
-        if w.startswith("a"):
-            layer, head = w[1:].split(".h")
-            places[w] = (2.0 * int(layer) + 1, float(head))
-        else:
-            places[w] = (2.0 * int(w[1:]) + 2, middle)
-    # Key/value head g (grouped-query attention) sits by query head g * group, the first that reads it.
+def _layer_of(node: str, n_layers: int) -> int:
+    """The column a node is drawn in: -1 the embedding, ``i`` layer ``i``'s heads and MLP, ``n_layers`` the logits."""
+    if node == "embed":
+        return -1
+    if node == "logits":
+        return n_layers
+    return int(node[1:].split(".")[0])
+
+
+def _node_places(writers: Sequence[str], readers: Sequence[str], kept: Sequence[Sequence[int]]) -> tuple[dict, dict]:
+    """Places of the circuit's nodes only (those of the ``kept`` edges, ``(writer, reader)`` indices): a column
+    per layer that has one (in order, the embedding first, the logits last), its heads from the top and its
+    MLP below them; a head's q / k / v inputs sit just left of it (a key/value head's by the first query head
+    of its group)."""
     group = sum(r.endswith(".q") for r in readers) // max(1, sum(r.endswith(".k") for r in readers))
+    n_layers = 1 + max([_layer_of(w, 0) for w in writers[1:]] or [0])
+
+    def node_of(reader: str) -> str:
+        if reader.count(".") != 2:
+            return reader
+        node, port = reader.rsplit(".", 1)
+        layer, head = node.split(".h")
+        return f"{layer}.h{int(head) * (1 if port == 'q' else group)}"
+
+    nodes = {writers[u] for u, _ in kept} | {node_of(readers[v]) for _, v in kept}
+    columns = sorted({_layer_of(n, n_layers) for n in nodes})
+
+    def order(node: str) -> tuple:
+        return (node.startswith("m"), int(node.split(".h")[1]) if ".h" in node else 0)
+
+    places = {}
+    for x, layer in enumerate(columns):
+        for y, node in enumerate(sorted((n for n in nodes if _layer_of(n, n_layers) == layer), key=order)):
+            places[node] = (1.25 * x, float(y))
     ports = {}
-    for r in readers:
-        if r.count(".") == 2:
-            node, port = r.rsplit(".", 1)
-            layer, head = node.split(".h")
-            x, y = places[f"{layer}.h{int(head) * (1 if port == 'q' else group)}"]
-            ports[r] = (x - 0.22, y + {"q": -0.22, "k": 0.0, "v": 0.22}[port], port)
-        else:
-            x, y = places[r]
-            ports[r] = (x - 0.22, y, "")
+    for _, v in kept:
+        r = readers[v]
+        x, y = places[node_of(r)]
+        port = r.rsplit(".", 1)[1] if r.count(".") == 2 else ""
+        ports[r] = (x - 0.3, y + {"q": -0.22, "k": 0.0, "v": 0.22, "": 0.0}[port], port)
     return places, ports
 
 
 def plot_edges(edge_scores, path: str | Path, *, k: int = 20, title: str | None = None) -> Path:
-    """The top ``k`` edges of ``edge_scores`` (``interp.edges.edge_attribution``'s result) as a graph: nodes by
-    layer on a grid (a column per attention layer, heads in rows, and per MLP), an arrow per edge into the
-    reader's q / k / v input, red where patching the edge raises the metric, blue where it lowers it, as wide
-    as its ``|score|``."""
+    """The top ``k`` edges of ``edge_scores`` (``interp.edges.edge_attribution``'s result) as a graph of the
+    circuit's nodes only, laid out by layer (a column per layer that has one: its heads, then its MLP), an
+    arrow per edge into the reader's q / k / v input, red where patching the edge raises the metric, blue
+    where it lowers it, as wide as its ``|score|``."""
     from ftransformer.interp.edges import top_edges
 
     scores, g = edge_scores
     keep = top_edges(edge_scores, min(k, int(g.edges.sum())))
-    places, ports = _node_places(g.writers, g.readers)
-    xs = [p[0] for p in places.values()]
-    ys = [p[1] for p in places.values()]
-    fig = _figure(min(max(4.0, 1.3 * max(xs) + 2.0), 30.0), min(max(3.0, 0.9 * max(ys) + 2.2), 20.0))
+    kept = keep.nonzero().tolist()
+    places, ports = _node_places(g.writers, g.readers, kept)
+    xs = [p[0] for p in places.values()] or [0.0]
+    ys = [p[1] for p in places.values()] or [0.0]
+    fig = _figure(min(max(4.0, 0.85 * max(xs) + 2.2), 40.0), min(max(3.0, 0.9 * max(ys) + 2.2), 20.0))
     ax = fig.add_subplot()
     values = _numpy(scores)
     top = float(abs(values[_numpy(keep) > 0]).max()) if keep.any() else 1.0
-    for u, v in keep.nonzero().tolist():
+    for u, v in kept:
         (x0, y0), (x1, y1, _) = places[g.writers[u]], ports[g.readers[v]]
         s = float(values[u, v])
-        ax.annotate("", xy=(x1, y1), xytext=(x0 + 0.15, y0), arrowprops=dict(
+        ax.annotate("", xy=(x1, y1), xytext=(x0 + 0.25, y0), arrowprops=dict(
             arrowstyle="-|>", color="tab:red" if s > 0 else "tab:blue", lw=0.5 + 4.0 * abs(s) / (top or 1.0),
             alpha=0.8, shrinkA=0, shrinkB=0, connectionstyle="arc3,rad=0.08"))
     for name, (x, y) in places.items():
-        ax.scatter([x], [y], s=700, color="white", edgecolors="black", zorder=3)
+        ax.scatter([x], [y], s=900, color="white", edgecolors="black", zorder=3)
         ax.text(x, y, name, ha="center", va="center", fontsize=6.5, zorder=4)
     for x, y, port in ports.values():
         if port:
@@ -335,7 +350,8 @@ def plot_edges(edge_scores, path: str | Path, *, k: int = 20, title: str | None 
     ax.set_xlim(-0.8, max(xs) + 0.8)
     ax.set_ylim(max(ys) + 0.8, -0.8)
     ax.axis("off")
-    ax.set_title(title or f"top {int(keep.sum())} edges (red: raises the metric, blue: lowers it)")
+    title = title or f"top {int(keep.sum())} edges (red: raises the metric, blue: lowers it)"
+    ax.set_title(textwrap.fill(title, max(40, int(11 * fig.get_size_inches()[0]))))  # a long path wraps to the width
     return save_figure(fig, path)
 
 
@@ -348,11 +364,13 @@ def plot_faithfulness(curve, path: str | Path, *, title: str | None = None) -> P
     fig = _figure(5.5, 3.6)
     ax = fig.add_subplot()
     for c in curves:
-        ax.plot(list(c.ks), _numpy(c.normalized), marker="o", markersize=3, label=f"{c.ablation} ablation")
+        ax.plot(list(c.ks), _numpy(c.normalized), marker="o", markersize=3, label=f"{c.ablation} ablation", clip_on=False)
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
     ax.axhline(0.0, color="gray", lw=0.8, ls=":")
     if max(max(c.ks) for c in curves) > 50:
         ax.set_xscale("symlog", linthresh=1.0)
+    # k >= 0: the axis starts at 0 (symlog's margins would show negative ticks, -1 and -10, of no meaning).
+    ax.set_xlim(left=0, right=max(max(c.ks) for c in curves) * 1.15 + 0.5)
     ax.set_xlabel("edges kept (top k by |score|)")
     ax.set_ylabel("(M(circuit) - M(empty)) / (M(full) - M(empty))")
     ax.legend(fontsize=8)

@@ -5,7 +5,8 @@ units). Rotated coordinate ``i`` is taken from the source with weight ``m_i = si
 soft step that is 1 for the coordinates below the boundary and 0 above it, as sharp as the temperature ``T``
 makes it. Training anneals ``T`` geometrically (``temperature_schedule``: from soft, where every coordinate
 gets a gradient, to nearly hard) and adds ``size_weight * b / d`` to the counterfactual cross-entropy, so the
-boundary settles at the smallest subspace that carries the variable: ``learned_size`` is ``b`` rounded.
+boundary settles just past the last coordinate the variable needs (at ``k - 1/2 + O(T)``): ``learned_size``
+counts the coordinates swapped more than half, ``i + 1/2 < b``.
 """
 
 import torch
@@ -75,19 +76,20 @@ def temperature_schedule(steps: int, start: float = 2.0, end: float = 0.05) -> F
 
 
 def learned_size(params_i: dict) -> int:
-    """The subspace size Boundless DAS learned: the boundary rounded, within ``[0, d]``."""
+    """The subspace size Boundless DAS learned: how many rotated coordinates are swapped more than half
+    (``m_i > 1/2 <=> i + 1/2 < b``, at any temperature)."""
     d = params_i["rotation"].shape[0]
-    return int(min(max(round(float(params_i["boundary"])), 0), d))
+    return int((torch.arange(d, dtype=torch.float64) + 0.5 < float(params_i["boundary"])).sum())
 
 
 def train_boundless_das(
     params: dict, cfg: Config, site: str, base: Tokens, source: Tokens, labels: Tensor, *,
-    positions: SitePositions = None, steps: int = 300, lr: float = 0.05, size_weight: float = 0.5,
-    temperatures: tuple[float, float] = (1.0, 0.05), seed: int = 0, boundary: float | None = None,
+    positions: SitePositions = None, steps: int = 150, lr: float = 0.1, size_weight: float = 1.0,
+    temperatures: tuple[float, float] = (1.0, 0.05), seed: int = 0, boundary: float | None = 1.0,
 ) -> tuple[dict, list[float]]:
     """Boundless DAS on counterfactual pairs: rotation and boundary trained together (``interp.das.fit``, the
     model's params constants) on cross-entropy + ``size_weight * boundary / d``, the temperature annealed
-    over ``temperatures`` (the boundary starts at ``boundary``, default ``d / 2``). Returns ``(params_i, losses)``; ``learned_size(params_i)`` is the subspace size."""
+    over ``temperatures`` (the boundary starts at ``boundary``: small, so it grows until the variable fits). Returns ``(params_i, losses)``; ``learned_size(params_i)`` is the subspace size."""
     if not (validate.is_number(size_weight) and size_weight >= 0):
         raise ValueError(f"size_weight must be a number >= 0, got {size_weight!r}")
     source_activation = site_activation(params, source, cfg, site)

@@ -44,7 +44,7 @@ class Hypotheses(NamedTuple):
     k_mask: Tensor
 
 
-def hypotheses(n_layers: int, positions: Sequence[int], ks: Sequence[int], seq: int, d: int) -> Hypotheses:
+def hypothesis_masks(n_layers: int, positions: Sequence[int], ks: Sequence[int], seq: int, d: int) -> Hypotheses:
     """The masks of every (layer, position, k), in that nesting order (``n_layers`` swept layers)."""
     if not positions or not ks:
         raise ValueError(f"positions and ks must be non-empty, got positions={positions!r}, ks={ks!r}")
@@ -103,7 +103,7 @@ def das_sweep(
     for s in sites:
         check_site(s, cfg)
     base, source, labels = _check_pairs("train", train)
-    masks = hypotheses(len(layers), list(positions), list(ks), base.shape[-1], cfg.d_model)
+    masks = hypothesis_masks(len(layers), list(positions), list(ks), base.shape[-1], cfg.d_model)
     sources = _sources(params, cfg, source, sites)
     members = masks.layer_on.shape[0]
     stacked = stack([das_params(cfg.d_model, seed=seed, dtype=sources.dtype)] * members)
@@ -137,4 +137,4 @@ def sweep_iia(params: dict, cfg: Config, test: Pairs, stacked: dict, masks: Hypo
         return torch.func.vmap(member, chunk_size=chunk_size)(stacked, *masks)
 
 
-__all__ = ["DasSweep", "Hypotheses", "das_sweep", "hypotheses", "sweep_iia"]
+__all__ = ["DasSweep", "Hypotheses", "das_sweep", "hypothesis_masks", "sweep_iia"]

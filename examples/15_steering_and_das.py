@@ -2,7 +2,7 @@
 
 The model is one whose answer we know (``ft.interp.planted``): a Llama-shaped transformer with hand-set weights
 that echoes the last token. Token ``t`` of 8 sits at angle ``2 pi t / 8`` on a circle in a PLANTED 2-D subspace of
-the 16-wide residual stream (random directions, plus noise elsewhere that the unembedding never reads), and its
+the 16-wide (8 with ``--quick``) residual stream (random directions, plus noise elsewhere that the unembedding never reads), and its
 blocks write nothing, so that circle is in the stream at every layer.
 
 1. *Steering* (``ft.interp.steering_vector``, ``steering_sweep``, ``steering.steer``): the mean difference of the last position's
@@ -54,7 +54,7 @@ def steering(cfg: ft.Config, params: dict, out: Path) -> None:
     for layer, row in enumerate(grid.tolist()):
         print(f"  layer {layer}: " + " ".join(f"{v:.2f}" for v in row))
     plot_steering(grid, scales, out / "steering_sweep.png")
-    prompt, new = torch.tensor([[5, FROM]]), cfg.max_seq_len - 2
+    prompt, new = torch.tensor([[FROM]]), cfg.max_seq_len - 1
     steer = ft.interp.steering.steer(vectors[1], "blocks.1.resid_post", 1.0)
     plain = ft.generate(params, prompt, cfg, max_new_tokens=new, sampling=GREEDY)
     print(f"  greedy after {prompt[0].tolist()}: plain {plain[0, -new:].tolist()} (the echo)")
@@ -78,7 +78,7 @@ def plot_steering(grid: torch.Tensor, scales: list[float], path: Path) -> None:
     print(f"  wrote {path}")
 
 
-def alignment_search(cfg: ft.Config, params: dict, out: Path, steps: int, n: int) -> None:
+def alignment_search(cfg: ft.Config, params: dict, out: Path, steps: int, n: int, boundless_steps: int) -> None:
     """The (layer x position x k) DAS sweep, its heatmap and the learned subspace; then Boundless DAS."""
     train, test = planted.pairs(n, cfg, seed=5), planted.pairs(256, cfg, seed=6)
     positions, ks = list(range(cfg.max_seq_len)), [1, 2, 3]
@@ -94,7 +94,7 @@ def alignment_search(cfg: ft.Config, params: dict, out: Path, steps: int, n: int
     print(f"  learned subspace (last layer, last position, k=2) vs planted: principal angles "
           f"{', '.join(f'{a:.1f}' for a in angles.tolist())} degrees")
     params_i, _ = boundless.train_boundless_das(params, cfg, f"blocks.{cfg.n_layers - 1}.resid_post", *train,
-                                                positions=[-1], steps=steps)
+                                                positions=[-1], steps=boundless_steps)
     print(f"Boundless DAS at the last layer and position: boundary {float(params_i['boundary']):.2f}, "
           f"learned size {boundless.learned_size(params_i)} (planted: {planted.PLANTED_DIM})")
 
@@ -107,10 +107,14 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="ft-steer-das-"))
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    cfg = planted.planted_config(vocab=8, d_model=16, n_layers=3, seq=4, n_heads=2)
+    if args.quick:  # a narrower, shallower model and fewer pairs: the same lesson in seconds
+        cfg = planted.planted_config(vocab=8, d_model=8, n_layers=2, seq=3, n_heads=2)
+    else:
+        cfg = planted.planted_config(vocab=8, d_model=16, n_layers=3, seq=4, n_heads=2)
     params = planted.planted_model(cfg)
     steering(cfg, params, out)
-    alignment_search(cfg, params, out, steps=60 if args.quick else 150, n=32 if args.quick else 64)
+    alignment_search(cfg, params, out, steps=60 if args.quick else 150, n=32 if args.quick else 64,
+                     boundless_steps=150)
 
 
 if __name__ == "__main__":

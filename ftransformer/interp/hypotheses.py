@@ -24,7 +24,7 @@ from ftransformer.optim import adamw
 from ftransformer.shapes import Tensor, Tokens
 from ftransformer.tree import flatten_with_paths, stack
 
-Pairs = tuple[Tokens, Tokens, Tensor]  # (base, source, counterfactual labels)
+Pairs = tuple[Tensor, Tensor, Tensor]  # (base, source, counterfactual labels): token ids (n, seq), (n, seq), (n,)
 
 
 class DasSweep(NamedTuple):

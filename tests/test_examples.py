@@ -172,3 +172,17 @@ def test_finetune_example_quick(tmp_path):
                      r"max \|logits change\| = " + SMALL, out), out
     assert "answers before -> after fine-tuning:" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_steering_and_das_example_finds_the_planted_variable(tmp_path):
+    # examples/15_steering_and_das.py --quick on the planted echo model: steering flips 0 into 2, the DAS sweep
+    # finds the last position (IIA 1.00 at k = 2) and Boundless DAS the planted size 2; both plots written.
+    result = run_example(ROOT / "examples" / "15_steering_and_das.py", "--quick", "--out", str(tmp_path))
+    assert result.returncode == 0, f"15_steering_and_das.py failed:\n{result.stdout}\n{result.stderr}"
+    out = result.stdout
+    assert re.search(r"layer 1: 0\.00 .* 1\.00$", out, flags=re.M), out
+    assert "plain [0, 0] (the echo)" in out and "steered at layer 1, positions='prompt': [2, 2]" in out, out
+    assert re.search(r"k = 2: ((0\.00 )+1\.00\s*){2}$", out, flags=re.M), out
+    assert "learned size 2 (planted: 2)" in out, out
+    for name in ("steering_sweep.png", "das_iia.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -17,6 +17,7 @@ BENCHES = {
     "patching": ("ftransformer.bench.patching", "an activation-patching sweep: patch_sweep vs a vmap of full runs vs a loop of single patches"),
     "edges": ("ftransformer.bench.edges", "edge attribution: EAP and EAP-IG vs exact edge patching (one vmap per layer) vs a loop of circuits"),
     "interp": ("ftransformer.bench.interp", "interpretability sweeps (head ablation, patching, attribution) vs TransformerLens' loops"),
+    "das": ("ftransformer.bench.das", "a (layer x position) DAS sweep in one vmapped step vs pyvene, one hypothesis at a time"),
     "sae": ("ftransformer.bench.sae", "a stack of SAEs in one vmapped step vs the same SAEs one by one"),
     "gpu": ("ftransformer.bench.gpu", "train tokens/s and MFU, decode tokens/s, peak memory: bf16 + compile + CUDA graphs vs nanoGPT"),
     "influence": ("ftransformer.bench.influence", "EK-FAC influence (factors, pairwise scores) vs kronfluence on the same tiny Llama"),

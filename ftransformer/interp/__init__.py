@@ -15,6 +15,9 @@ analyses as pure functions of them, and plots.
   a scale) and the layer x scale ``steering_sweep`` as one vmap;
 * ``das``: distributed alignment search, a trainable rotation whose first k coordinates are swapped between a
   base and a source run (``train_das``, ``iia``), trained by ``grad`` over the intervention params only;
+* ``boundless``: Boundless DAS, the subspace size learned as a soft boundary (``train_boundless_das``);
+* ``hypotheses``: ``das_sweep``, DAS over (layer x position x k) as ONE vmapped step, each hypothesis its own optimizer state;
+* ``planted``: ground truth for them, a hand-set model that stores a known variable in a known subspace;
 * ``reft``: LoReFT, the low-rank edit ``h + R^T (W h + b - R h)`` at chosen positions and DiReFT ``h + R^T (W h + b)`` (``train_reft``);
 * ``weights``: weight processing as pure params transforms (``fold_layer_norm``, ``center_writing_weights``,
   ``center_unembed``, ``fold_value_biases``) and per-head QK / OV circuits kept factored, composition scores;
@@ -35,7 +38,9 @@ from ftransformer.interp.analysis import (
     stacked_patterns,
 )
 from ftransformer.interp.attribution import atp_report, attribution_patch
+from ftransformer.interp.boundless import boundless_das_params, boundless_intervention, learned_size, train_boundless_das
 from ftransformer.interp.das import das_intervention, das_params, iia, orthogonal, principal_angles, train_das
+from ftransformer.interp.hypotheses import DasSweep, das_sweep
 from ftransformer.interp.edges import (
     EdgeScores,
     Faithfulness,
@@ -64,6 +69,7 @@ from ftransformer.interp.plots import (
     plot_edges,
     plot_faithfulness,
     plot_head_scores,
+    plot_iia_heatmap,
     plot_logit_lens,
     plot_patching,
 )
@@ -92,5 +98,7 @@ __all__ = [
     "repeated_random_tokens", "repeated_stretches", "stacked_patterns", "steer",
     "steering_sweep", "steering_vector",
     "das_intervention", "das_params", "iia", "orthogonal", "principal_angles", "train_das",
+    "boundless_das_params", "boundless_intervention", "learned_size", "train_boundless_das", "DasSweep", "das_sweep",
+    "plot_iia_heatmap",
     "direft_intervention", "loreft_intervention", "reft_params", "train_reft",
 ]

@@ -23,7 +23,7 @@ from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.steering import check_site
-from ftransformer.optim import adamw, apply_updates
+from ftransformer.optim import GradientTransformation, adamw, apply_updates
 from ftransformer.shapes import Float, Logits, Tensor, Tokens
 from ftransformer.tree import flatten_with_paths
 
@@ -70,20 +70,35 @@ def position_mask(positions: SitePositions, seq: int, device: torch.device) -> T
     return mask[:, None]
 
 
+def rotated_swap(
+    h: Float[Tensor, "*batch seq width"], source: Float[Tensor, "*batch seq width"], rotation: Float[Tensor, "width width"],
+    k_mask: Tensor, at: Tensor,
+) -> Float[Tensor, "*batch seq width"]:
+    """``R^T where(k_mask, R s, R h)`` where ``at`` (broadcast over ``[seq, 1]``), ``h`` elsewhere: the one swap
+    that DAS, its sweeps and their tests share (``k_mask``: which rotated coordinates come from the source)."""
+    if h.shape != source.shape:
+        raise ValueError(f"the base activation has shape {tuple(h.shape)}, the source {tuple(source.shape)}")
+    z = torch.where(k_mask, source @ rotation.T, h @ rotation.T)
+    return torch.where(at, z @ rotation, h)
+
+
+def first_k_mask(k: int, d: int, device: torch.device | None = None) -> Tensor:
+    """A ``[d]`` bool mask, true at the first ``k`` coordinates (the swapped subspace of size ``k``)."""
+    validate.int_in("k", k, 1, d, closed=True, high_name="d")
+    return torch.arange(d, device=device) < k
+
+
 def das_intervention(
     params_i: dict, source_activation: Float[Tensor, "*batch seq width"], k: int, positions: SitePositions = None
 ) -> Callable[[Tensor], Tensor]:
     """``h -> R^T swap(R h)``: the first ``k`` rotated coordinates of the base taken from the source, at
     ``positions`` (all when None); elsewhere the base's value is returned unchanged."""
     rotation = orthogonal(params_i["rotation"])
-    validate.int_in("k", k, 1, rotation.shape[0], closed=True, high_name="d")
+    k_mask = first_k_mask(k, rotation.shape[0], rotation.device)
 
     def swap(h: Tensor) -> Tensor:
-        if h.shape != source_activation.shape:
-            raise ValueError(f"the base activation has shape {tuple(h.shape)}, the source {tuple(source_activation.shape)}")
-        z_base, z_source = h @ rotation.T, source_activation @ rotation.T
-        z = torch.cat([z_source[..., :k], z_base[..., k:]], dim=-1)
-        return torch.where(position_mask(positions, h.shape[-2], h.device), z @ rotation, h)
+        at = position_mask(positions, h.shape[-2], h.device)
+        return rotated_swap(h, source_activation, rotation, k_mask, at)
 
     return swap
 
@@ -104,17 +119,33 @@ def interchange_logits(
     return forward_with_activations(params, base, cfg, interventions={site: swap})[0]
 
 
-def fit(loss: Callable[[dict], Tensor], params_i: dict, *, steps: int, lr: float) -> tuple[dict, list[float]]:
-    """Adam (``ft.optim.adamw``, no decay) on ``loss`` by ``torch.func.grad`` over ``params_i`` alone;
-    returns the trained params and the loss before each step."""
-    validate.int_in("steps", steps, 1, 10**9)
-    opt = adamw(lr, weight_decay=0.0)
-    state, losses = opt.init(params_i), []
+def optimizer_step(loss: Callable[..., Tensor], opt: GradientTransformation) -> Callable:
+    """``step(params_i, opt_state, *args) -> (params_i, opt_state, loss)``: one ``ft.optim`` update by
+    ``torch.func.grad`` of ``loss(params_i, *args)`` over ``params_i`` alone; pure, so a stack of
+    hypotheses trains by ``vmap`` of this very step."""
     grad_and_loss = torch.func.grad_and_value(loss)
-    for _ in range(steps):
-        grads, value = grad_and_loss(params_i)
-        updates, state = opt.update(grads, state, params_i)
-        params_i = apply_updates(params_i, updates)
+
+    def step(params_i: dict, opt_state, *args):
+        grads, value = grad_and_loss(params_i, *args)
+        updates, opt_state = opt.update(grads, opt_state, params_i)
+        return apply_updates(params_i, updates), opt_state, value
+
+    return step
+
+
+def fit(
+    loss: Callable[..., Tensor], params_i: dict, *, steps: int, lr: float, per_step: Tensor | None = None,
+) -> tuple[dict, list[float]]:
+    """Adam (``ft.optim.adamw``, no decay) on ``loss`` by ``torch.func.grad`` over ``params_i`` alone (``optimizer_step``);
+    ``per_step[i]`` (a temperature, say) is ``loss``'s second argument at step ``i`` when given. Returns the
+    trained params and the loss before each step."""
+    validate.int_in("steps", steps, 1, 10**9)
+    if per_step is not None and len(per_step) != steps:
+        raise ValueError(f"per_step must have one value per step ({steps}), got {len(per_step)}")
+    opt = adamw(lr, weight_decay=0.0)
+    step, state, losses = optimizer_step(loss, opt), opt.init(params_i), []
+    for i in range(steps):
+        params_i, state, value = step(params_i, state, *(() if per_step is None else (per_step[i],)))
         losses.append(float(value))
     return params_i, losses
 

@@ -5,6 +5,7 @@
 * ``plot_patching``: a patching sweep or its attribution estimate (layer x position, layer x head, or one
   layer x position panel per head) on a diverging colour scale centred at 0;
 * ``plot_logit_lens``: the top next-token guess after every layer, at every position;
+* ``plot_iia_heatmap``: a DAS sweep's interchange-intervention accuracy, layer x position, one panel per k;
 * ``plot_edges``: the top-k edges of an edge attribution as a graph; ``plot_faithfulness``: the metric of
   the top-k circuits against k.
 
@@ -393,5 +394,36 @@ def plot_steering_sweep(values: Float[Tensor, "layers scales"], layers: Sequence
     return save_figure(fig, path)
 
 
-__all__ = ["plot_attention", "plot_edges", "plot_faithfulness", "plot_head_scores", "plot_logit_lens", "plot_patching",
-           "plot_steering_sweep"]
+def plot_iia_heatmap(
+    iia: Float[Tensor, "layers seq k"],
+    path: str | Path,
+    *,
+    layers: Sequence[int] | None = None,
+    positions: Sequence[int] | None = None,
+    ks: Sequence[int] | None = None,
+    title: str | None = None,
+) -> Path:
+    """``das_sweep``'s IIA as layer x position heatmaps, one panel per subspace size ``k`` (values in [0, 1],
+    written in the cells); ``layers`` / ``positions`` / ``ks`` label the axes (default: their indices)."""
+    if not isinstance(iia, Tensor) or iia.ndim != 3:
+        raise ValueError(f"iia must be a [layers, positions, k] tensor, got {getattr(iia, 'shape', type(iia).__name__)}")
+    n_layers, n_positions, n_k = iia.shape
+    layers = _check_labels([str(x) for x in (range(n_layers) if layers is None else layers)], n_layers, "layers", "iia")
+    positions = _check_labels([str(x) for x in (range(n_positions) if positions is None else positions)], n_positions,
+                              "positions", "iia")
+    ks = _check_labels([str(x) for x in (range(1, n_k + 1) if ks is None else ks)], n_k, "k", "iia")
+    width, height = min(max(3.0, 0.55 * n_positions + 1.8), 12.0), min(max(2.4, 0.45 * n_layers + 1.4), 12.0)
+    fig = _figure(width * n_k, height + (0.4 if title else 0.0))
+    for ax, (j, k) in zip(fig.subplots(1, n_k, squeeze=False)[0], enumerate(ks)):
+        _heatmap(fig, ax, _numpy(iia[:, :, j]), f"k = {k}", ".2f", xlabel="position",
+                 xticklabels=positions)
+        ax.set_yticks(range(n_layers), layers)
+        ax.images[0].set_clim(0.0, 1.0)
+    fig.suptitle(title or "interchange-intervention accuracy (DAS)")
+    return save_figure(fig, path)
+
+
+__all__ = [
+    "plot_attention", "plot_edges", "plot_faithfulness", "plot_head_scores", "plot_iia_heatmap", "plot_logit_lens",
+    "plot_patching", "plot_steering_sweep",
+]

@@ -19,6 +19,7 @@ BENCHES = {
     "interp": ("ftransformer.bench.interp", "interpretability sweeps (head ablation, patching, attribution) vs TransformerLens' loops"),
     "sae": ("ftransformer.bench.sae", "a stack of SAEs in one vmapped step vs the same SAEs one by one"),
     "gpu": ("ftransformer.bench.gpu", "train tokens/s and MFU, decode tokens/s, peak memory: bf16 + compile + CUDA graphs vs nanoGPT"),
+    "finetune": ("ftransformer.bench.finetune", "full fine-tuning, LoRA, DoRA: ours vs transformers + AdamW and PEFT, step time and peak RSS"),
     "load": ("ftransformer.bench.load", "load a Hugging Face checkpoint: ft.load_hf vs transformers, time and peak memory"),
 }
 

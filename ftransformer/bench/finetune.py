@@ -104,9 +104,11 @@ def _ours(kind: str, directory: str, opts: dict):
     from ftransformer.train import make_train_step
 
     cfg, params = load_hf(directory)
+    if kind == "qlora":  # the base quantized by what this build calls it (feature-detected by the parent)
+        params, kind = getattr(peft, opts["nf4"])(params), "lora"
     opt = optim.adamw(opts["lr"], weight_decay=0.0)
     if kind == "full":
-        ts = make_train_step(cfg, opt)
+        ts = make_train_step(cfg, opt, donate=True)
     else:
         targets = [f"blocks.*.{name}" for name in TARGETS]
         params = peft.lora(params, cfg, rank=opts["rank"], alpha=2 * opts["rank"], targets=targets,
@@ -164,29 +166,41 @@ def _theirs(kind: str, directory: str, opts: dict):
     return step, sum(p.numel() for p in trainable)
 
 
-def child_main(mode: str, directory: str, opts_json: str) -> None:
-    """One configuration in this (fresh) process; prints one JSON line."""
+def write_checkpoint(directory: str, size: str) -> None:
+    """The random checkpoint of ``size``, written by ``transformers`` (seed 0)."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config(size).items()
+                                      if k not in ("architectures", "model_type", "dtype")})
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(directory)
+
+
+def measure_one(mode: str, directory: str, opts: dict) -> dict:
+    """One configuration (``ours:full``, ``theirs:lora``, ...): losses and CPU seconds of every step, the trained
+    parameters and the process's peak RSS so far."""
     import resource
 
-    import torch
-
-    opts = json.loads(opts_json)
-    torch.set_num_threads(opts["threads"])
-    if mode == "write":
-        import transformers
-
-        cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config(opts["size"]).items()
-                                          if k not in ("architectures", "model_type", "dtype")})
-        torch.manual_seed(0)
-        transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(directory)
-        print(json.dumps({"written": directory}))
-        return
     side, kind = mode.split(":")
     step, trained = (_ours if side == "ours" else _theirs)(kind, directory, opts)
     result = _timed_steps(step, opts["steps"])
     result["trained"] = trained
     result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps(result))
+    return result
+
+
+def child_main(mode: str, directory: str, opts_json: str) -> None:
+    """One configuration in this (fresh) process; prints one JSON line."""
+    import torch
+
+    opts = json.loads(opts_json)
+    torch.set_num_threads(opts["threads"])
+    if mode == "write":
+        write_checkpoint(directory, opts["size"])
+        print(json.dumps({"written": directory}))
+        return
+    print(json.dumps(measure_one(mode, directory, opts)))
 
 
 # ---------------------------------------------------------------- the parent: children, checks, table
@@ -226,8 +240,10 @@ def goal(name: str, ratio: float, limit: float) -> str:
     return f"{name}: {ratio:.2f}x (goal <= {limit:g}x) {'PASS' if ratio <= limit else 'MISS'}"
 
 
-def measure(args, directory: Path) -> tuple[dict, list[str]]:
-    """Every asked row's runs (``{label: summary}``) and the lines for rows skipped in this build."""
+def measure(args, directory: Path, child=None) -> tuple[dict, list[str]]:
+    """Every asked row's runs (``{label: summary}``) and the lines for rows skipped in this build;
+    ``child(mode, directory, opts)`` runs one configuration (None: in a fresh process)."""
+    child = child or _child
     opts = {k: getattr(args, k) for k in ("steps", "batch", "seq", "threads", "rank", "lr", "size")}
     tokens = args.batch * args.seq
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -237,14 +253,28 @@ def measure(args, directory: Path) -> tuple[dict, list[str]]:
     runs, skipped = {}, []
     for row in rows:
         if row in ("qlora", "stack8"):
-            skipped.append(f"{row}: skipped: not in this build")
+            skipped.append(_optional_row(row, child, directory, opts, tokens, runs))
             continue
-        ours, theirs = _child(f"ours:{row}", directory, opts), _child(f"theirs:{row}", directory, opts)
+        ours, theirs = child(f"ours:{row}", directory, opts), child(f"theirs:{row}", directory, opts)
         check_agree(ours, theirs, row)
         base = "transformers" if row == "full" else "PEFT"
         runs[f"{row} ours"] = summary(ours, tokens)
         runs[f"{row} {base}"] = summary(theirs, tokens)
     return runs, skipped
+
+
+def _optional_row(row: str, child, directory: Path, opts: dict, tokens: int, runs: dict) -> str:
+    """A row of a feature other work adds to ``ftransformer.peft``: measured (ours only) when the build has it."""
+    name = feature(NF4_NAMES if row == "qlora" else STACK_NAMES)
+    if name is None:
+        return f"{row}: skipped: not in this build"
+    if row == "stack8":
+        return f"stack8: peft.{name} is in this build; its row is not wired yet"
+    try:
+        runs["qlora ours"] = summary(child("ours:qlora", directory, dict(opts, nf4=name)), tokens)
+    except (RuntimeError, TypeError, ValueError) as e:
+        return f"qlora: failed with peft.{name}: {str(e).strip().splitlines()[-1]}"
+    return f"qlora: our LoRA on an NF4 base (peft.{name}); PEFT's needs bitsandbytes' CUDA kernels"
 
 
 def goals(runs: dict) -> list[str]:
@@ -260,6 +290,8 @@ def goals(runs: dict) -> list[str]:
                   goal("LoRA peak RSS ours / PEFT", o["rss_gb"] / t["rss_gb"], 1.0)]
     if "dora ours" in runs and "lora ours" in runs:
         lines.append(goal("DoRA step time / our LoRA", runs["dora ours"]["step_s"] / runs["lora ours"]["step_s"], 1.15))
+    if "qlora ours" in runs and "lora ours" in runs:
+        lines.append(goal("QLoRA peak RSS / our LoRA", runs["qlora ours"]["rss_gb"] / runs["lora ours"]["rss_gb"], 0.4))
     return lines
 
 
@@ -270,12 +302,15 @@ def table(runs: dict) -> list[str]:
     return lines
 
 
-def run(args) -> int:
+def run(args, child=None) -> int:
     with tempfile.TemporaryDirectory(prefix="ft-bench-finetune-") as tmp:
         directory = Path(args.dir or tmp)
-        if not (directory / "config.json").is_file():
+        config = directory / "config.json"
+        if config.is_file() and json.loads(config.read_text())["hidden_size"] != hf_config(args.size)["hidden_size"]:
+            raise ValueError(f"{directory} holds a checkpoint of another size than --size {args.size}; give another --dir")
+        if not config.is_file():
             _child("write", directory, {"size": args.size, "threads": args.threads})
-        runs, skipped = measure(args, directory)
+        runs, skipped = measure(args, directory, child)
     print(f"bench finetune --size {args.size}: batch {args.batch} x {args.seq} tokens, {args.threads} thread(s), "
           f"{args.steps} AdamW steps (lr {args.lr:g}), rank {args.rank}; losses of every step agree with the baseline")
     print("\n".join(table(runs) + skipped + goals(runs)))

@@ -387,6 +387,6 @@ def test_donated_step_equals_the_pure_step_in_float64(chained):
     assert mine["blocks"][0]["attn"]["w_o"] is given  # written in place: the buffer given is the one returned
 
 
-def test_donate_must_be_a_bool():
+def test_donate_must_be_a_bool(no_typecheck):
     with pytest.raises(ValueError, match="donate must be a bool"):
         make_train_step(CFG, optim.adamw(1e-3), donate="yes")

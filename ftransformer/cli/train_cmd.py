@@ -99,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--init-from-hf", metavar="DIR", default=None,
         help="fine-tune a Hugging Face model directory (any supported family: its weights, config and tokenizer.json; "
         "full fine-tuning) instead of training the preset's model from scratch: the preset's recipe with a "
-        f"fine-tuning lr {FINETUNE_LR:g}, warm-up over {FINETUNE_WARMUP:.0%} of the steps and weight decay "
+        f"fine-tuning lr {FINETUNE_LR:g}, warm-up over {FINETUNE_WARMUP:.0%}% of the steps and weight decay "
         f"{FINETUNE_WEIGHT_DECAY:g}, unless --lr / --set give them",
     )
     parser.add_argument(

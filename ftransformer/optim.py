@@ -32,10 +32,16 @@ Schedule = Callable[[Any], Any]  # step (int or 0-d tensor) -> learning rate (fl
 
 
 class GradientTransformation(NamedTuple):
-    """A pure optimizer: ``init(params) -> state``, ``update(grads, state, params) -> (updates, state)``."""
+    """A pure optimizer: ``init(params) -> state``, ``update(grads, state, params) -> (updates, state)``.
+
+    ``apply_(grads, state, params) -> (params, state)`` (None where a transformation has none) is ``update``
+    and ``apply_updates`` in one, written into the buffers of ``params``, ``state`` and ``grads``: for a caller
+    that donates them (JAX's ``donate_argnums``) and never reads them again, e.g. ``make_train_step(donate=True)``.
+    """
 
     init: Callable[[PyTree], Any]
     update: Callable[..., tuple[PyTree, Any]]
+    apply_: Callable[..., tuple[PyTree, Any]] | None = None
 
 
 class EmptyState(NamedTuple):
@@ -390,6 +396,67 @@ def _adamw_update(schedule: Schedule, b1: float, b2: float, eps: float, weight_d
     return update
 
 
+def _same_layout(*xs: Tensor) -> bool:
+    """Whether the tensors share dtype, device and strides and each covers its memory densely: then
+    ``torch._fused_adamw_`` may walk them as flat arrays side by side."""
+    first = xs[0]
+    dense = first.is_contiguous() or first.t().is_contiguous() if first.ndim == 2 else first.is_contiguous()
+    return dense and all(x.stride() == first.stride() and x.dtype == first.dtype and x.device == first.device
+                         for x in xs)
+
+
+def _adamw_step_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, hyper: dict, decay: float) -> None:
+    """``torch.optim.AdamW``'s single-tensor update, in place, for tensors of different layouts."""
+    m.lerp_(g, 1.0 - hyper["beta1"])
+    v.mul_(hyper["beta2"]).addcmul_(g, g, value=1.0 - hyper["beta2"])
+    if decay:
+        p.mul_(1.0 - hyper["lr"] * decay)
+    denom = (v.sqrt() / hyper["sqrt_bias2"]).add_(hyper["eps"])
+    p.addcdiv_(m, denom, value=-hyper["lr"] / hyper["bias1"])
+
+
+def _adamw_in_place(p: list, g: list, m: list, v: list, flags: list[bool], hyper: dict, weight_decay: float) -> None:
+    """One AdamW update written into ``p``, ``m`` and ``v`` (``g`` may be overwritten): torch's fused CPU kernel
+    (one pass over memory) for tensors of one layout, grouped by decay, and the single-tensor update for the rest."""
+    groups: dict[tuple, list[int]] = {}
+    for i in range(len(p)):
+        if _same_layout(p[i], g[i], m[i], v[i]) and p[i].device.type == "cpu":
+            groups.setdefault((flags[i], p[i].dtype), []).append(i)
+        else:
+            _adamw_step_(p[i], g[i], m[i], v[i], hyper, weight_decay if flags[i] else 0.0)
+    fused = {k: hyper[k] for k in ("lr", "beta1", "beta2", "eps")}
+    for (flag, dtype), idx in groups.items():
+        steps = [torch.full((), float(hyper["step"]), dtype=torch.float32)] * len(idx)
+        torch._fused_adamw_(
+            [p[i] for i in idx], [g[i] for i in idx], [m[i] for i in idx], [v[i] for i in idx], [], steps,
+            weight_decay=weight_decay if flag else 0.0, amsgrad=False, maximize=False, **fused,
+        )
+
+
+def _adamw_apply(schedule: Schedule, b1: float, b2: float, eps: float, weight_decay, mask, update):
+    """AdamW's ``apply_``: eagerly with a float weight decay, in place; otherwise ``update`` + ``apply_updates``."""
+
+    def apply_(grads, state, params):
+        p, spec = flatten(params)
+        g = flatten_like(grads, spec, "grads")
+        step = _host_int(state.count)
+        lr = None if step is None else schedule(step)
+        if step is None or isinstance(weight_decay, Tensor) or isinstance(lr, Tensor) or not use_foreach(p, g):
+            updates, new_state = update(grads, state, params)
+            return apply_updates(params, updates), new_state
+        m = flatten_like(state.mu, spec, "opt_state.mu")
+        v = flatten_like(state.nu, spec, "opt_state.nu")
+        flags = _decay_mask(mask, params, p, spec) if weight_decay else [False] * len(p)
+        hyper = dict(lr=float(lr), beta1=b1, beta2=b2, eps=eps, step=step + 1, bias1=1.0 - b1 ** (step + 1),
+                     sqrt_bias2=math.sqrt(1.0 - b2 ** (step + 1)))
+        _adamw_in_place(p, g, m, v, flags, hyper, float(weight_decay))
+        count = state.count + 1
+        lr_saved = torch.as_tensor(lr, dtype=torch.float32, device=count.device)
+        return params, AdamWState(count=count, lr=lr_saved, mu=state.mu, nu=state.nu)
+
+    return apply_
+
+
 def adamw(
     lr: float | Tensor | Schedule,
     betas: tuple[float, float] = (0.9, 0.999),
@@ -412,7 +479,9 @@ def adamw(
     schedule = _as_schedule(lr)
     b1, b2 = betas
     _check_adamw_args(b1, b2, eps, weight_decay)
-    return GradientTransformation(_adamw_init(schedule), _adamw_update(schedule, b1, b2, eps, weight_decay, mask))
+    update = _adamw_update(schedule, b1, b2, eps, weight_decay, mask)
+    apply_ = _adamw_apply(schedule, b1, b2, eps, weight_decay, mask, update)
+    return GradientTransformation(_adamw_init(schedule), update, apply_)
 
 
 def sgd(lr: float | Schedule, momentum: float = 0.0) -> GradientTransformation:
@@ -576,7 +645,18 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             new_state.append(s)
         return grads, tuple(new_state)
 
-    return GradientTransformation(init, update)
+    def apply_(grads, state, params):
+        # The transformations before the last update the gradients as usual; the last applies them in place.
+        if not isinstance(state, tuple) or len(state) != len(transforms):
+            raise ValueError(f"chain of {len(transforms)} transformations expected a state tuple of that length")
+        new_state = []
+        for t, s in zip(transforms[:-1], state[:-1]):
+            grads, s = t.update(grads, s, params)
+            new_state.append(s)
+        params, s = transforms[-1].apply_(grads, state[-1], params)
+        return params, (*new_state, s)
+
+    return GradientTransformation(init, update, apply_ if transforms and transforms[-1].apply_ else None)
 
 
 def find_lr(state) -> Tensor | None:

@@ -24,7 +24,7 @@ tree definition that compares with ``==``. ``map`` is ``torch.utils._pytree.tree
 
 import builtins
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -70,18 +70,19 @@ def _kind_of(kind: type) -> str:
 def flatten(tree: PyTree, *, is_leaf: IsLeaf = None) -> tuple[list, TreeDef]:
     """The leaves of ``tree`` in order, and its definition (for ``unflatten``)."""
     out: list = []
+    return out, _walk(tree, out, is_leaf)
 
-    def walk(node):
-        kind = type(node)
-        found = _KINDS.get(kind) or _kind_of(kind)
-        if found is _LEAF or (is_leaf is not None and is_leaf(node)):
-            out.append(node)
-            return None
-        if found is _MAPPING:
-            return (kind, tuple(node), tuple([walk(v) for v in node.values()]))
-        return (kind, None, tuple([walk(v) for v in node]))
 
-    return out, walk(tree)
+def _walk(node, out: list, is_leaf: IsLeaf) -> TreeDef:
+    # Module-level like ``_build``: a self-calling closure would keep ``out`` alive in a reference cycle.
+    kind = type(node)
+    found = _KINDS.get(kind) or _kind_of(kind)
+    if found is _LEAF or (is_leaf is not None and is_leaf(node)):
+        out.append(node)
+        return None
+    if found is _MAPPING:
+        return (kind, tuple(node), tuple([_walk(v, out, is_leaf) for v in node.values()]))
+    return (kind, None, tuple([_walk(v, out, is_leaf) for v in node]))
 
 
 def leaves(tree: PyTree, *, is_leaf: IsLeaf = None) -> list:
@@ -91,18 +92,19 @@ def leaves(tree: PyTree, *, is_leaf: IsLeaf = None) -> list:
 
 def unflatten(values: Sequence, treedef: TreeDef) -> PyTree:
     """The tree of definition ``treedef`` with ``values`` as its leaves (the inverse of ``flatten``)."""
-    it = iter(values)
+    return _build(treedef, iter(values))
 
-    def build(d):
-        if d is None:
-            return next(it)
-        kind, keys, children = d
-        built = [build(c) for c in children]
-        if keys is not None:
-            return kind(zip(keys, built))
-        return kind(*built) if hasattr(kind, "_fields") else kind(built)
 
-    return build(treedef)
+def _build(d: TreeDef, it: Iterator) -> PyTree:
+    # A module-level function, not a closure calling itself: such a closure is a reference cycle that
+    # would keep ``values`` (a step's gradients, an optimizer's new moments) alive until the cyclic GC runs.
+    if d is None:
+        return next(it)
+    kind, keys, children = d
+    built = [_build(c, it) for c in children]
+    if keys is not None:
+        return kind(zip(keys, built))
+    return kind(*built) if hasattr(kind, "_fields") else kind(built)
 
 
 def num_leaves(treedef: TreeDef) -> int:

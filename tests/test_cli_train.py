@@ -249,3 +249,21 @@ def test_ensemble_trains_with_accumulation_and_resumes_through_fit(tmp_path, sma
     assert checkpoint.load_checkpoint(out / "member-0" / "latest").extra["member"]["lr"] == 1e-3
     rc = main(["train", "--resume", "--quiet", "--out", str(out), "--ensemble", "2"])
     assert rc == 2 and "--ensemble/--sweep cannot change when resuming" in capsys.readouterr().err
+
+
+def test_init_from_hf_defaults_to_a_fine_tuning_recipe(tmp_path):
+    """A pretrained model trains at lr 5e-5, warm-up over 10% of the steps, no weight decay; --lr and --set win."""
+    from ftransformer.cli.train_cmd import FINETUNE_LR, resolve_run
+
+    def recipe(*flags):
+        args = build_parser().parse_args(["train", "--init-from-hf", str(tmp_path), "--preset", "tiny", "--steps", "50",
+                                          "--out", str(tmp_path / "run"), *flags])
+        return resolve_run(args).recipe
+
+    tuned = recipe()
+    assert (tuned.lr, tuned.warmup_steps, tuned.weight_decay) == (FINETUNE_LR, 5, 0.0) == (5e-5, 5, 0.0)
+    assert tuned.batch_size == RECIPES["tiny"].batch_size  # the rest is the preset's
+    given = recipe("--lr", "2e-4", "--set", "warmup_steps=3")
+    assert (given.lr, given.warmup_steps, given.weight_decay) == (2e-4, 3, 0.0)
+    scratch = build_parser().parse_args(["train", "--preset", "tiny", "--out", str(tmp_path / "other")])
+    assert resolve_run(scratch).recipe.lr == RECIPES["tiny"].lr  # from scratch: the preset's own

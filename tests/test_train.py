@@ -361,3 +361,32 @@ def test_every_step_builder_returns_the_one_step_type(gen):
         c = step.step(p, step.init(p), b, None)
         assert all(torch.equal(x, y) for x, y in zip(ft.tree.leaves(a[0]), ft.tree.leaves(c[0]))), name
         assert set(a[2]) >= {"loss", "grad_norm", "lr", "tokens"}, name
+
+
+@pytest.mark.parametrize("chained", [False, True])
+def test_donated_step_equals_the_pure_step_in_float64(chained):
+    """``donate=True`` writes the update into the buffers passed in (torch's fused AdamW where the layouts agree,
+    the single-tensor update where a weight is a transposed view): the same params, state and metrics."""
+    params = ft.tree.map(lambda x: x.double(), ft.init_params(CFG, seed=0))
+    params["blocks"][0]["attn"]["w_o"] = params["blocks"][0]["attn"]["w_o"].t().contiguous().t()  # a view
+    adamw = optim.adamw(optim.warmup_cosine(1e-2, 2, 10), weight_decay=0.1)
+    opt = optim.chain(optim.clip_by_global_norm(0.5), adamw) if chained else adamw
+    pure, donating = make_train_step(CFG, opt), make_train_step(CFG, opt, donate=True)
+    mine = ft.tree.map(lambda x: x.clone(), params)
+    mine["blocks"][0]["attn"]["w_o"] = params["blocks"][0]["attn"]["w_o"].t().clone().t()
+    given = mine["blocks"][0]["attn"]["w_o"]
+    a_state, b_state = pure.init(params), donating.init(mine)
+    for i in range(3):
+        tokens, targets = make_batch(i)
+        tokens, targets = tokens[:, :8], targets[:, :8]
+        params, a_state, a_metrics = pure(params, a_state, (tokens, targets))
+        mine, b_state, b_metrics = donating(mine, b_state, (tokens, targets))
+        assert_trees_close(params, mine, atol=1e-13, rtol=1e-12)
+        assert_trees_close(a_state, b_state, atol=1e-13, rtol=1e-12)
+        assert_trees_close(a_metrics, b_metrics, atol=1e-13, rtol=1e-12)
+    assert mine["blocks"][0]["attn"]["w_o"] is given  # written in place: the buffer given is the one returned
+
+
+def test_donate_must_be_a_bool(no_typecheck):
+    with pytest.raises(ValueError, match="donate must be a bool"):
+        make_train_step(CFG, optim.adamw(1e-3), donate="yes")

@@ -184,3 +184,21 @@ def test_unstack_errors():
         tree.unstack({"a": torch.ones(2, 4), "b": torch.ones(3)})
     with pytest.raises(ValueError, match=r"got leading sizes \['2', 'None'\]"):
         tree.unstack({"a": torch.ones(2), "b": torch.tensor(1.0)})
+
+
+def test_flatten_and_unflatten_leave_no_reference_cycle():
+    """A leaf passed through ``flatten`` / ``unflatten`` dies with its last reference, without the cyclic GC:
+    a step's gradients must not wait for it (that held a whole extra set of them)."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        leaf = torch.ones(3)
+        alive = weakref.ref(leaf)
+        values, treedef = tree.flatten({"a": [leaf], "b": {"c": torch.zeros(2)}})
+        rebuilt = tree.unflatten(values, treedef)
+        del leaf, values, rebuilt
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -22,6 +22,7 @@ BENCHES = {
     "gpu": ("ftransformer.bench.gpu", "train tokens/s and MFU, decode tokens/s, peak memory: bf16 + compile + CUDA graphs vs nanoGPT"),
     "influence": ("ftransformer.bench.influence", "EK-FAC influence (factors, pairwise scores) vs kronfluence on the same tiny Llama"),
     "steering": ("ftransformer.bench.steering", "a steering vector while decoding: tok/s against plain, eager and compiled, and nnsight's"),
+    "finetune": ("ftransformer.bench.finetune", "full fine-tuning, LoRA, DoRA: ours vs transformers + AdamW and PEFT, step time and peak RSS"),
     "load": ("ftransformer.bench.load", "load a Hugging Face checkpoint: ft.load_hf vs transformers, time and peak memory"),
 }
 

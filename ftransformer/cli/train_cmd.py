@@ -98,7 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--init-from-hf", metavar="DIR", default=None,
         help="fine-tune a Hugging Face model directory (any supported family: its weights, config and tokenizer.json; "
-        "full fine-tuning) with the preset's training recipe instead of training the preset's model from scratch",
+        "full fine-tuning) instead of training the preset's model from scratch: the preset's recipe with a "
+        f"fine-tuning lr {FINETUNE_LR:g}, warm-up over {FINETUNE_WARMUP:.0%}% of the steps and weight decay "
+        f"{FINETUNE_WEIGHT_DECAY:g}, unless --lr / --set give them",
     )
     parser.add_argument(
         "--init-from-gguf", metavar="FILE", default=None,
@@ -277,6 +279,20 @@ def run(args) -> int:
         distributed.shutdown()
 
 
+# A pretrained model (--init-from-hf / --init-from-gguf) is fine-tuned, not trained from scratch: a preset's
+# from-scratch rate (1e-3 for tiny models) makes the validation loss of a pretrained model rise.
+FINETUNE_LR = 5e-5  # peak learning rate (Hugging Face Trainer's default)
+FINETUNE_WARMUP = 0.1  # linear warm-up over this fraction of the steps (at least one step)
+FINETUNE_WEIGHT_DECAY = 0.0  # no decay towards zero of weights that were trained to be where they are
+
+
+def finetune_recipe(recipe: TrainRecipe, changes: dict) -> TrainRecipe:
+    """``recipe`` with the fine-tuning defaults (lr, warm-up, weight decay) where ``changes`` (--lr, --set) sets none."""
+    defaults = {"lr": FINETUNE_LR, "warmup_steps": max(1, round(recipe.steps * FINETUNE_WARMUP)),
+                "weight_decay": FINETUNE_WEIGHT_DECAY}
+    return recipe.replace(**{k: v for k, v in defaults.items() if k not in changes})
+
+
 def _flag_changes(args) -> dict:
     flags = (("steps", args.steps), ("batch_size", args.batch_size), ("accum_steps", args.accum), ("lr", args.lr),
              ("eval_every", args.eval_every), ("tokenizer", args.tokenizer), ("eval_batches", args.eval_batches))
@@ -307,7 +323,7 @@ def resolve_run(args) -> RunSpec:
     else:
         spec = _resolve_fresh(args, changes, common)
     if given:
-        spec = dataclasses.replace(spec, **init)
+        spec = dataclasses.replace(spec, recipe=finetune_recipe(spec.recipe, changes), **init)
     if spec.seed < 0:
         raise ValueError(f"--seed must be >= 0, got {spec.seed}")
     if (args.ensemble is not None or args.sweep) and args.resume:
@@ -408,8 +424,9 @@ def _step_for(spec: RunSpec, cfg: Config, optimizer, say, policy: precision.Prec
     r = spec.recipe
     if spec.dp_clip is None:
         all_reduce = None if ctx is None else ctx.all_reduce_sum
+        # fit never reads a state twice, so the step may update it in place (one copy of the params and moments).
         return make_train_step(cfg, optimizer, accum_steps=r.accum_steps, compile=spec.compile,
-                               all_reduce=all_reduce, precision=policy)
+                               all_reduce=all_reduce, precision=policy, donate=True)
     if spec.compile:
         raise ValueError("--dp-clip does not run compiled; leave out --compile")
     from ftransformer.cli import train_ensemble

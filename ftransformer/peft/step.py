@@ -5,16 +5,15 @@ The frozen tree rides in the closure, so the loss is a function of the adapters'
 gradient is computed for it, none is stored, none is in the optimizer state or a checkpoint of the params).
 """
 
-import torch
 from torch import Tensor
 
-from ftransformer import optim, random
+from ftransformer import optim, random, tree
 from ftransformer.config import Config
 from ftransformer.data import unpack_batch
 from ftransformer.model import loss_fn
 from ftransformer.peft.adapters import dropout as drop_adapters
 from ftransformer.peft.partition import combine
-from ftransformer.train import TrainStep, apply_optimizer, check_batch, check_optimizer, step_metrics
+from ftransformer.train import TrainStep, apply_optimizer, check_batch, check_optimizer, grads_and_value, step_metrics
 
 
 def adapter_loss(
@@ -52,7 +51,9 @@ def make_adapter_step(
         documents = batch[2] if isinstance(batch, (tuple, list)) and len(batch) == 3 else None
         tokens, targets = unpack_batch(batch[:2] if documents is not None else batch)
         check_batch(tokens, targets, cfg, ignore_index)
-        grads, loss = torch.func.grad_and_value(loss_of)(trainable, tokens, targets, documents, key)
+        leaves, treedef = tree.flatten(trainable)
+        grads, loss = grads_and_value(lambda x: loss_of(tree.unflatten(x, treedef), tokens, targets, documents, key), leaves)
+        grads = tree.unflatten(grads, treedef)
         grad_norm = optim.global_norm(grads)
         trainable, new_state = apply_optimizer(optimizer, trainable, grads, opt_state)
         n_tokens = (targets != ignore_index).sum()

@@ -3,7 +3,8 @@
 One random Llama-architecture checkpoint (``--size``: ``135m`` is SmolLM2-135M's shape, ``1b`` a ~1B Llama
 shape, ``tiny`` for tests) is written once by ``transformers`` (``save_pretrained``) into a temporary
 directory. Every configuration then runs in a fresh Python process (so its peak resident memory,
-``resource.getrusage``'s ``ru_maxrss``, is its own), loads that checkpoint, and trains ``--steps`` AdamW steps
+``resource.getrusage``'s ``ru_maxrss``, is its own; "training peak" is the peak of the steps alone, the
+process's peak reset after loading through ``/proc/self/clear_refs``), loads that checkpoint, and trains ``--steps`` AdamW steps
 (no weight decay, no clipping, constant ``--lr``) on the same random batch of ``--batch`` x ``--seq`` tokens
 with ``--threads`` torch threads:
 
@@ -17,8 +18,12 @@ with ``--threads`` torch threads:
   ``a`` (``lora_A``) to the same numbers drawn from one seed per matrix, so the runs are the same
   computation: the losses of every step are checked equal (step 0 to 1e-5, later steps to 1e-3 relative)
   before any number is printed.
-* **qlora** and **stack8** (an NF4 base; 8 adapters in one vmapped step) run when ``ftransformer.peft`` has
-  them, and print "skipped: not in this build" otherwise.
+* **qlora**: our LoRA on a 4-bit NF4 base (``peft.lora(..., base="nf4")``), ours only: PEFT's QLoRA runs on
+  bitsandbytes' 4-bit layers, whose kernels are CUDA's. Its losses are checked close to the float LoRA's (the
+  base is rounded: 1e-1 relative at step 0). Compared with our LoRA's peak memory.
+* **stack8**: 8 LoRA adapters (seeds 0-7, each its own ``--batch`` x ``--seq`` batch and AdamW state) on ONE
+  base, trained by one vmapped step (``peft.stack_adapters`` + ``peft.make_stack_step``), against 8 runs of the
+  ``lora`` row one after another (8 x its step time, the same tokens), and its peak memory against one run's.
 
 Step times are CPU seconds of the process (``time.process_time``; on a shared machine wall time measures
 the neighbours), the median over the steps after the first (the first allocates the optimizer state).
@@ -41,8 +46,7 @@ SIZES = {
 TARGETS = {"attn.w_o": "self_attn.o_proj", "mlp.w_gate": "mlp.gate_proj", "mlp.w_in": "mlp.up_proj",
            "mlp.w_out": "mlp.down_proj"}
 ROWS = ("full", "lora", "dora", "qlora", "stack8")
-NF4_NAMES = ("nf4", "quantize_nf4", "qlora")  # what ftransformer.peft may call the NF4 base (feature-detected)
-STACK_NAMES = ("make_stack_step", "stack")  # and the adapter stack's step
+STACK = 8  # adapters in the stack8 row
 
 
 def add_arguments(parser) -> None:
@@ -69,10 +73,10 @@ def hf_config(size: str) -> dict:
 # ---------------------------------------------------------------- what runs in each child process
 
 
-def _batch(vocab: int, batch: int, seq: int):
+def _batch(vocab: int, batch: int, seq: int, seed: int = 0):
     import torch
 
-    ids = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (batch, seq + 1), generator=torch.Generator().manual_seed(seed))
     return ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
 
 
@@ -99,20 +103,28 @@ def _timed_steps(step, steps: int) -> dict:
 
 
 def _ours(kind: str, directory: str, opts: dict):
+    import torch
+
     from ftransformer import optim, peft, random, tree
     from ftransformer.interop.hf import load_hf
     from ftransformer.train import make_train_step
 
     cfg, params = load_hf(directory)
-    if kind == "qlora":  # the base quantized by what this build calls it (feature-detected by the parent)
-        params, kind = getattr(peft, opts["nf4"])(params), "lora"
     opt = optim.adamw(opts["lr"], weight_decay=0.0)
+    targets = [f"blocks.*.{name}" for name in TARGETS]
+    batch = _batch(cfg.vocab_size, opts["batch"], opts["seq"])
     if kind == "full":
         ts = make_train_step(cfg, opt, donate=True)
+    elif kind == "stack8":
+        stack = peft.stack_adapters(params, cfg, seeds=range(STACK), ranks=[opts["rank"]] * STACK,
+                                    alpha=2 * opts["rank"], targets=targets)
+        del params  # the stack holds the one base
+        params, ts = stack.trainable, peft.make_stack_step(cfg, stack, opt)
+        batches = [_batch(cfg.vocab_size, opts["batch"], opts["seq"], seed=i) for i in range(STACK)]
+        batch = tuple(torch.stack(part) for part in zip(*batches))
     else:
-        targets = [f"blocks.*.{name}" for name in TARGETS]
         params = peft.lora(params, cfg, rank=opts["rank"], alpha=2 * opts["rank"], targets=targets,
-                           key=random.key(0), dora=kind == "dora")
+                           key=random.key(0), dora=kind == "dora", base="nf4" if kind == "qlora" else None)
         for i, block in enumerate(params["blocks"]):
             for name in TARGETS:
                 part, leaf = name.split(".")
@@ -120,12 +132,11 @@ def _ours(kind: str, directory: str, opts: dict):
                 block[part][leaf] = w._replace(a=shared_a(i, name, w.a.shape[0], opts["rank"]))
         params, frozen = peft.split(params)
         ts = peft.make_adapter_step(cfg, opt, frozen)
-    batch = _batch(cfg.vocab_size, opts["batch"], opts["seq"])
     state = {"params": params, "opt": ts.init(params)}
 
     def step():
         state["params"], state["opt"], metrics = ts(state["params"], state["opt"], batch)
-        return metrics["loss"]
+        return metrics["loss"].mean()  # stack8: the members' mean
 
     trained = sum(x.numel() for x in tree.leaves(params))
     return step, trained
@@ -180,14 +191,35 @@ def write_checkpoint(directory: str, size: str) -> None:
 def measure_one(mode: str, directory: str, opts: dict) -> dict:
     """One configuration (``ours:full``, ``theirs:lora``, ...): losses and CPU seconds of every step, the trained
     parameters and the process's peak RSS so far."""
+    import gc
     import resource
 
     side, kind = mode.split(":")
     step, trained = (_ours if side == "ours" else _theirs)(kind, directory, opts)
+    gc.collect()
+    reset = reset_peak_rss()  # from here on, the peak of the training steps alone (loading not counted)
     result = _timed_steps(step, opts["steps"])
     result["trained"] = trained
     result["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["train_rss"] = read_peak_rss() if reset else result["peak_rss"]
     return result
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (Linux: ``5`` into ``/proc/self/clear_refs``); False elsewhere."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def read_peak_rss() -> int:
+    """This process's peak resident set since the last reset, in bytes (Linux ``VmHWM``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
 
 
 def child_main(mode: str, directory: str, opts_json: str) -> None:
@@ -214,17 +246,10 @@ def _child(mode: str, directory: Path, opts: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def feature(names: tuple[str, ...]) -> str | None:
-    """The first of ``names`` that ``ftransformer.peft`` has (None: not in this build)."""
-    from ftransformer import peft
-
-    return next((n for n in names if hasattr(peft, n)), None)
-
-
-def check_agree(ours: dict, theirs: dict, what: str) -> None:
-    """``ValueError`` unless the two runs' losses agree: step 0 to 1e-5, later steps to 1e-3 (relative)."""
+def check_agree(ours: dict, theirs: dict, what: str, *, first: float = 1e-5, later: float = 1e-3) -> None:
+    """``ValueError`` unless the two runs' losses agree: step 0 to ``first``, later steps to ``later`` (relative)."""
     for i, (a, b) in enumerate(zip(ours["losses"], theirs["losses"])):
-        tol = 1e-5 if i == 0 else 1e-3
+        tol = first if i == 0 else later
         if abs(a - b) > tol * max(abs(b), 1.0):
             raise ValueError(f"{what}: ours and the baseline disagree at step {i}: loss {a!r} vs {b!r}")
 
@@ -233,7 +258,8 @@ def summary(result: dict, tokens: int) -> dict:
     """Median step time (after the first step when there are more), tokens/s and peak RSS of one run."""
     times = result["times"][1:] or result["times"]
     t = statistics.median(times)
-    return {"step_s": t, "tok_s": tokens / t, "rss_gb": result["peak_rss"] / 1e9, "trained": result["trained"]}
+    return {"step_s": t, "tok_s": tokens / t, "rss_gb": result["peak_rss"] / 1e9,
+            "train_gb": result["train_rss"] / 1e9, "trained": result["trained"]}
 
 
 def goal(name: str, ratio: float, limit: float) -> str:
@@ -241,7 +267,7 @@ def goal(name: str, ratio: float, limit: float) -> str:
 
 
 def measure(args, directory: Path, child=None) -> tuple[dict, list[str]]:
-    """Every asked row's runs (``{label: summary}``) and the lines for rows skipped in this build;
+    """Every asked row's runs (``{label: summary}``) and the notes of the ours-only rows;
     ``child(mode, directory, opts)`` runs one configuration (None: in a fresh process)."""
     child = child or _child
     opts = {k: getattr(args, k) for k in ("steps", "batch", "seq", "threads", "rank", "lr", "size")}
@@ -250,31 +276,40 @@ def measure(args, directory: Path, child=None) -> tuple[dict, list[str]]:
     bad = [r for r in rows if r not in ROWS]
     if bad:
         raise ValueError(f"--rows takes names from {', '.join(ROWS)}, got {', '.join(bad)}")
-    runs, skipped = {}, []
+    runs, notes = {}, []
     for row in rows:
         if row in ("qlora", "stack8"):
-            skipped.append(_optional_row(row, child, directory, opts, tokens, runs))
+            notes.append(_ours_only_row(row, child, directory, opts, tokens, runs))
             continue
         ours, theirs = child(f"ours:{row}", directory, opts), child(f"theirs:{row}", directory, opts)
         check_agree(ours, theirs, row)
         base = "transformers" if row == "full" else "PEFT"
         runs[f"{row} ours"] = summary(ours, tokens)
         runs[f"{row} {base}"] = summary(theirs, tokens)
-    return runs, skipped
+        runs[f"{row} ours"]["losses"] = ours["losses"]
+    return runs, notes
 
 
-def _optional_row(row: str, child, directory: Path, opts: dict, tokens: int, runs: dict) -> str:
-    """A row of a feature other work adds to ``ftransformer.peft``: measured (ours only) when the build has it."""
-    name = feature(NF4_NAMES if row == "qlora" else STACK_NAMES)
-    if name is None:
-        return f"{row}: skipped: not in this build"
-    if row == "stack8":
-        return f"stack8: peft.{name} is in this build; its row is not wired yet"
-    try:
-        runs["qlora ours"] = summary(child("ours:qlora", directory, dict(opts, nf4=name)), tokens)
-    except (RuntimeError, TypeError, ValueError) as e:
-        return f"qlora: failed with peft.{name}: {str(e).strip().splitlines()[-1]}"
-    return f"qlora: our LoRA on an NF4 base (peft.{name}); PEFT's needs bitsandbytes' CUDA kernels"
+def _ours_only_row(row: str, child, directory: Path, opts: dict, tokens: int, runs: dict) -> str:
+    """The qlora and stack8 rows: ours only, checked against our float LoRA (the ``lora`` row runs first)."""
+    if "lora ours" not in runs:
+        runs.update(measure_lora_first(child, directory, opts, tokens))
+    result = child(f"ours:{row}", directory, opts)
+    if row == "qlora":  # an NF4 base is a rounded base: close to the float LoRA's losses, not equal
+        check_agree(result, {"losses": runs["lora ours"]["losses"]}, row, first=1e-1, later=1e-1)
+        runs["qlora ours"] = summary(result, tokens)
+        return "qlora: our LoRA on an NF4 base; PEFT's QLoRA needs bitsandbytes' CUDA kernels (not run)"
+    runs["stack8 ours"] = summary(result, tokens * STACK)
+    one = runs["lora ours"]
+    runs["8 x lora, in turn"] = {"step_s": STACK * one["step_s"], "tok_s": one["tok_s"], "rss_gb": one["rss_gb"],
+                                 "train_gb": one["train_gb"], "trained": STACK * one["trained"]}
+    return f"stack8: {STACK} adapters, each its own {opts['batch']} x {opts['seq']} batch, one vmapped step"
+
+
+def measure_lora_first(child, directory: Path, opts: dict, tokens: int) -> dict:
+    """Our float LoRA row, which the qlora and stack8 rows are compared with."""
+    ours = child("ours:lora", directory, opts)
+    return {"lora ours": dict(summary(ours, tokens), losses=ours["losses"])}
 
 
 def goals(runs: dict) -> list[str]:
@@ -291,14 +326,20 @@ def goals(runs: dict) -> list[str]:
     if "dora ours" in runs and "lora ours" in runs:
         lines.append(goal("DoRA step time / our LoRA", runs["dora ours"]["step_s"] / runs["lora ours"]["step_s"], 1.15))
     if "qlora ours" in runs and "lora ours" in runs:
-        lines.append(goal("QLoRA peak RSS / our LoRA", runs["qlora ours"]["rss_gb"] / runs["lora ours"]["rss_gb"], 0.4))
+        lines.append(goal("QLoRA training peak RSS / our LoRA's", runs["qlora ours"]["train_gb"] / runs["lora ours"]["train_gb"], 0.4))
+    if "stack8 ours" in runs:
+        stack, one = runs["stack8 ours"], runs["lora ours"]
+        gain = stack["tok_s"] / one["tok_s"]
+        lines += [f"stack8 tokens/s / 8 LoRA runs in turn: {gain:.2f}x (goal >= 1.5x) {'PASS' if gain >= 1.5 else 'MISS'}",
+                  goal("stack8 peak RSS / one LoRA run", stack["rss_gb"] / one["rss_gb"], 1.3)]
     return lines
 
 
 def table(runs: dict) -> list[str]:
-    lines = [f"{'config':<20} {'trained':>12} {'step (s)':>10} {'tokens/s':>10} {'peak RSS (GB)':>14}"]
+    lines = [f"{'config':<20} {'trained':>12} {'step (s)':>10} {'tokens/s':>10} {'peak RSS (GB)':>14} {'training peak (GB)':>19}"]
     for label, r in runs.items():
-        lines.append(f"{label:<20} {r['trained']:>12,} {r['step_s']:>10.3f} {r['tok_s']:>10.1f} {r['rss_gb']:>14.2f}")
+        lines.append(f"{label:<20} {r['trained']:>12,} {r['step_s']:>10.3f} {r['tok_s']:>10.1f} {r['rss_gb']:>14.2f} "
+                     f"{r['train_gb']:>19.2f}")
     return lines
 
 
@@ -310,8 +351,8 @@ def run(args, child=None) -> int:
             raise ValueError(f"{directory} holds a checkpoint of another size than --size {args.size}; give another --dir")
         if not config.is_file():
             _child("write", directory, {"size": args.size, "threads": args.threads})
-        runs, skipped = measure(args, directory, child)
+        runs, notes = measure(args, directory, child)
     print(f"bench finetune --size {args.size}: batch {args.batch} x {args.seq} tokens, {args.threads} thread(s), "
           f"{args.steps} AdamW steps (lr {args.lr:g}), rank {args.rank}; losses of every step agree with the baseline")
-    print("\n".join(table(runs) + skipped + goals(runs)))
+    print("\n".join(table(runs) + notes + goals(runs)))
     return 0

@@ -11,6 +11,7 @@ input only (PEFT's ``lora_dropout``), driven by an explicit key (made by ``ftran
 
 from typing import NamedTuple
 
+import torch
 from jaxtyping import Float
 from torch import Tensor
 
@@ -52,9 +53,19 @@ ADAPTED = (LoRAWeight, DoRAWeight, AdapterDropout)  # the same, as the tuple ``i
 
 
 def column_norm(w: LoRAWeight | DoRAWeight) -> Float[Tensor, " d_out"]:
-    """``||base + scale * a @ b||`` per output column, detached (DoRA's weight norm)."""
-    v = as_float(w.base, w.a.dtype).detach() + w.scale * (w.a.detach() @ w.b.detach())
-    return v.norm(dim=0)
+    """``||base + scale * a @ b||`` per output column, detached (DoRA's weight norm), the sum never formed.
+
+    ``||w_j + s a b_j||^2 = ||w_j||^2 + 2 s (a^T w)_j . b_j + s^2 b_j^T (a^T a) b_j``: one ``a^T @ base`` product
+    and one norm reduction read the base twice, where forming ``base + s a @ b`` and its norm makes about five
+    passes over a ``d_in x d_out`` matrix (PEFT's way, and what made DoRA cost 1.4-2.4x LoRA per step).
+    """
+    base = as_float(w.base, w.a.dtype).detach()
+    a, b, s = w.a.detach(), w.b.detach(), w.scale.detach()
+    wide = torch.float64 if base.device.type != "mps" else torch.float32  # the three terms cancel: sum them wide
+    across = ((a.mT @ base) * b).sum(-2, dtype=wide)
+    update = (b * ((a.mT @ a) @ b)).sum(-2, dtype=wide)
+    squares = torch.linalg.vector_norm(base, dim=-2, dtype=wide).square()
+    return (squares + 2 * s.to(wide) * across + s.to(wide) ** 2 * update).clamp(min=0).sqrt().to(base.dtype)
 
 
 def adapter_output(

@@ -4,7 +4,8 @@ One random Llama-architecture checkpoint (``--size``: ``135m`` is SmolLM2-135M's
 shape, ``tiny`` for tests) is written once by ``transformers`` (``save_pretrained``) into a temporary
 directory. Every configuration then runs in a fresh Python process (so its peak resident memory,
 ``resource.getrusage``'s ``ru_maxrss``, is its own; "training peak" is the peak of the steps alone, the
-process's peak reset after loading through ``/proc/self/clear_refs``), loads that checkpoint, and trains ``--steps`` AdamW steps
+process's peak reset after loading through ``/proc/self/clear_refs``; ours copies the memory-mapped weights
+first, so pages of the file that quantizing has replaced are not counted), loads that checkpoint, and trains ``--steps`` AdamW steps
 (no weight decay, no clipping, constant ``--lr``) on the same random batch of ``--batch`` x ``--seq`` tokens
 with ``--threads`` torch threads:
 
@@ -110,6 +111,9 @@ def _ours(kind: str, directory: str, opts: dict):
     from ftransformer.train import make_train_step
 
     cfg, params = load_hf(directory)
+    # load_hf maps the file: its pages would stay resident (and counted) after quantizing replaced the tensors
+    # that read them. Owned copies make every row's training peak the memory it needs (the mapping is dropped).
+    params = tree.map(torch.clone, params)
     opt = optim.adamw(opts["lr"], weight_decay=0.0)
     targets = [f"blocks.*.{name}" for name in TARGETS]
     batch = _batch(cfg.vocab_size, opts["batch"], opts["seq"])

@@ -24,9 +24,10 @@ from ftransformer import validate
 from ftransformer.config import Config
 from ftransformer.interp.activations import forward_with_activations
 from ftransformer.interp.das import das_params, last_position_loss, orthogonal, rotated_swap
-from ftransformer.interp.patching import run_from
 from ftransformer.interp.steering import check_site
-from ftransformer.model import BlockInputs, block_inputs
+from ftransformer.layers.block import block
+from ftransformer.layers.tap import Tap
+from ftransformer.model import BlockInputs, block_inputs, unembed
 from ftransformer.optim import adamw, apply_updates
 from ftransformer.shapes import Logits, Tensor, Tokens
 from ftransformer.tree import flatten_with_paths, stack
@@ -90,35 +91,51 @@ def starts(params: dict, cfg: Config, base: Tokens, source: Tokens, layers: Sequ
     return out
 
 
-def group_logits(params: dict, cfg: Config, start: Start, rotations: Tensor, masks: Hypotheses) -> Logits:
-    """The last-position logits ``[member, *batch, 1, vocab]`` of one layer's members (rotation ``rotations[i]``,
-    masks ``masks[i]``): each member's swap (a vmap), then the blocks after it as one batched run."""
+def _swaps(start: Start, rotations: Tensor, masks: Hypotheses) -> Callable[[Tensor], Tensor]:
+    """``h -> [member, *h]``: each member's swap of ``h`` (rotation ``rotations[i]``, masks ``masks[i]``), a vmap."""
     swap_all = torch.func.vmap(rotated_swap, in_dims=(0 if start.path else None, None, 0, 0, 0))
+    return lambda h: swap_all(h, start.source, rotations, masks.k_mask, masks.at)
 
-    def swap(h: Tensor) -> Tensor:
-        return swap_all(h, start.source, rotations, masks.k_mask, masks.at)
 
-    if start.path is None:
-        return run_from(params, swap(start.x), cfg, start.first, start.inputs, at=[-1])
-    x = start.x.expand(rotations.shape[0], *start.x.shape)
-    return run_from(params, x, cfg, start.first, start.inputs, {start.path: swap}, at=[-1])
+def _wavefront(params: dict, cfg: Config, groups: list[Start], rotations: Tensor, masks: Hypotheses) -> Logits:
+    """The last-position logits ``[group * member, *batch, 1, vocab]`` (``rotations``: ``[group, member, d, d]``):
+    ONE batched pass through the blocks, a layer's members joining the runs of the layers before at their own
+    block (as ``patching``'s sweeps do), so each block runs once on every member alive there."""
+    xs, joined, inputs = None, [], groups[0].inputs
+    for i in range(min(s.first for s in groups), cfg.n_layers + 1):
+        for j, s in enumerate(groups):  # members whose swap acts on the residual entering block i
+            if s.first == i and s.path is None:
+                new = _swaps(s, rotations[j], masks)(s.x)
+                xs, joined = (new if xs is None else torch.cat([xs, new])), joined + [j]
+        if i == cfg.n_layers:
+            break
+        if xs is not None:
+            xs = block(params["blocks"][i], xs, cfg, mask=inputs.masks[i], rotary=inputs.rotaries[i])
+        for j, s in enumerate(groups):  # members whose swap acts inside block i
+            if s.first == i and s.path is not None:
+                tap = Tap({s.path: _swaps(s, rotations[j], masks)}, record=False).scope(f"blocks.{i}")
+                x = s.x.expand(rotations.shape[1], *s.x.shape)
+                new = block(params["blocks"][i], x, cfg, mask=inputs.masks[i], rotary=inputs.rotaries[i], tap=tap)
+                xs, joined = (new if xs is None else torch.cat([xs, new])), joined + [j]
+    logits = rearrange(unembed(params, xs[..., -1:, :], cfg), "(group member) ... -> group member ...", group=len(groups))
+    return rearrange(logits[torch.tensor(joined).argsort()], "group member ... -> (group member) ...")
 
 
 def sweep_logits(params: dict, cfg: Config, groups: list[Start], stacked: dict, masks: Hypotheses,
                  chunk: int | None = None) -> Logits:
     """Every member's last-position logits ``[member, *batch, 1, vocab]``, layer-major (``groups[j]``'s members
     are rows ``j * m ... (j + 1) * m - 1`` of ``stacked``, ``m`` = the members of one layer); ``chunk``: the
-    most members in one batched run (None: a layer's members at once)."""
+    most members of one layer in one batched pass (None: all of them)."""
     rotations, m = torch.func.vmap(orthogonal)(stacked["rotation"]), masks.at.shape[0]
     if rotations.shape[0] != len(groups) * m:
         raise ValueError(f"the stack has {rotations.shape[0]} members, expected {len(groups)} layers x {m}")
     if chunk is not None:
         validate.int_in("chunk_size", chunk, 1, 10**9)
-    size = m if chunk is None else chunk
-    parts = [group_logits(params, cfg, s, rotations[j * m + c : j * m + min(c + size, m)],
-                          Hypotheses(*(x[c : c + size] for x in masks)))
-             for j, s in enumerate(groups) for c in range(0, m, size)]
-    return torch.cat(parts)
+    size, rotations = m if chunk is None else chunk, rearrange(rotations, "(group member) ... -> group member ...", member=m)
+    parts = [_wavefront(params, cfg, groups, rotations[:, c : c + size], Hypotheses(*(x[c : c + size] for x in masks)))
+             for c in range(0, m, size)]
+    parts = [rearrange(x, "(group member) ... -> group member ...", group=len(groups)) for x in parts]
+    return rearrange(torch.cat(parts, dim=1), "group member ... -> (group member) ...")
 
 
 def sweep_step(params: dict, cfg: Config, groups: list[Start], masks: Hypotheses, labels: Tensor, opt,
@@ -191,4 +208,4 @@ def sweep_iia(params: dict, cfg: Config, test: Pairs, stacked: dict, masks: Hypo
         return (logits[..., -1, :].argmax(-1) == labels).to(torch.float64).mean(-1)
 
 
-__all__ = ["DasSweep", "Hypotheses", "Start", "das_sweep", "hypothesis_masks", "group_logits", "starts", "sweep_iia", "sweep_logits", "sweep_step"]
+__all__ = ["DasSweep", "Hypotheses", "Start", "das_sweep", "hypothesis_masks", "starts", "sweep_iia", "sweep_logits", "sweep_step"]

@@ -1,16 +1,17 @@
-"""A DAS hypothesis sweep as vmapped steps: every (layer, position, k) trained at once, each its own optimizer state.
+"""A DAS hypothesis sweep as ONE stacked step: every (layer, position, k) trained at once, each its own optimizer state.
 
 A hypothesis is a member of a stack: its rotation params (``interp.das``), its own Adam state, and two masks
 that say how it acts: a one-hot over positions and the first ``k`` of ``k_max = max(ks)`` rotated coordinates.
-Members are grouped by layer, and a member runs only from its own layer on, the way ``interp.patching``'s
-sweeps start a patched run at the patched layer: the base run's activations before layer ``L`` are the same for
-every member at ``L`` and need no gradient (the rotation acts at ``L``), so the base and source runs are
-computed ONCE (no grad), and a member at ``L`` runs the swap (``das.rotated_swap``) on the base run's cached
-value at its site and the blocks after it (for ``resid_post``: blocks ``L + 1, ...``; for a site inside block
-``L``: block ``L`` from its cached ``resid_pre`` with the swap at the site), unembedding the last position only.
-Its loss, gradient and update are those of ``das.train_das`` on its hypothesis alone. One training iteration is,
-for each layer group, one ``vmap`` of ``das.optimizer_step`` over that group's members; IIA on held-out pairs
-is a vmap per group too.
+A member runs only from its own layer on, the way ``interp.patching``'s sweeps start a patched run at the
+patched layer: the base run's activations before layer ``L`` are the same for every member at ``L`` and need
+no gradient (the rotation acts at ``L``), so the base and source runs are computed ONCE (no grad, ``starts``),
+and a member at ``L`` is its swap (``das.rotated_swap``, vmapped over the members) of the base run's cached
+value at its site, then the blocks after it (``resid_post``: blocks ``L + 1, ...``; a site inside block ``L``:
+block ``L`` from its cached ``resid_pre``, swap inside). All members go through the blocks in ONE batched pass
+(``_wavefront``): each layer's members join the runs of the layers before at their own block, and only the last
+position is unembedded. One training iteration is ONE ``ft.optim`` step of the whole stack (``sweep_step``):
+``grad`` of the sum of the members' (independent) losses gives each member its own gradient, and the update
+is a ``vmap`` over the members' Adam states; so every member equals ``das.train_das`` on it alone.
 """
 
 import itertools
@@ -117,7 +118,8 @@ def _wavefront(params: dict, cfg: Config, groups: list[Start], rotations: Tensor
                 x = s.x.expand(rotations.shape[1], *s.x.shape)
                 new = block(params["blocks"][i], x, cfg, mask=inputs.masks[i], rotary=inputs.rotaries[i], tap=tap)
                 xs, joined = (new if xs is None else torch.cat([xs, new])), joined + [j]
-    logits = rearrange(unembed(params, xs[..., -1:, :], cfg), "(group member) ... -> group member ...", group=len(groups))
+    logits = unembed(params, xs[..., -1:, :], cfg)
+    logits = rearrange(logits, "(group member) ... -> group member ...", group=len(groups))
     return rearrange(logits[torch.tensor(joined).argsort()], "group member ... -> (group member) ...")
 
 
@@ -131,7 +133,8 @@ def sweep_logits(params: dict, cfg: Config, groups: list[Start], stacked: dict, 
         raise ValueError(f"the stack has {rotations.shape[0]} members, expected {len(groups)} layers x {m}")
     if chunk is not None:
         validate.int_in("chunk_size", chunk, 1, 10**9)
-    size, rotations = m if chunk is None else chunk, rearrange(rotations, "(group member) ... -> group member ...", member=m)
+    size = m if chunk is None else chunk
+    rotations = rearrange(rotations, "(group member) ... -> group member ...", member=m)
     parts = [_wavefront(params, cfg, groups, rotations[:, c : c + size], Hypotheses(*(x[c : c + size] for x in masks)))
              for c in range(0, m, size)]
     parts = [rearrange(x, "(group member) ... -> group member ...", group=len(groups)) for x in parts]
@@ -208,4 +211,5 @@ def sweep_iia(params: dict, cfg: Config, test: Pairs, stacked: dict, masks: Hypo
         return (logits[..., -1, :].argmax(-1) == labels).to(torch.float64).mean(-1)
 
 
-__all__ = ["DasSweep", "Hypotheses", "Start", "das_sweep", "hypothesis_masks", "starts", "sweep_iia", "sweep_logits", "sweep_step"]
+__all__ = ["DasSweep", "Hypotheses", "Start", "das_sweep", "hypothesis_masks", "starts", "sweep_iia", "sweep_logits",
+           "sweep_step"]

@@ -11,7 +11,7 @@ blocks write nothing, so that circle is in the stream at every layer.
    every (layer, scale), and ``ft.generate(..., interventions=...)`` samples with and without it.
 2. *DAS* (``ft.interp.das_sweep``): which (layer, position, subspace size k) holds "the last token"? Train a
    rotation per hypothesis so that swapping the first k rotated coordinates from a source run makes the model
-   answer the source's last token -- all hypotheses in ONE vmapped step -- and score each by interchange
+   answer the source's last token -- all hypotheses in ONE stacked step -- and score each by interchange
    intervention accuracy (IIA) on held-out pairs. The heatmap lights up at the last position for k >= 2 only,
    and the learned 2-D subspace lines up with the planted one (principal angles).
 3. *Boundless DAS* (``ft.interp.train_boundless_das``): learn k too, as a soft boundary; it settles on 2.
@@ -84,7 +84,7 @@ def alignment_search(cfg: ft.Config, params: dict, out: Path, steps: int, n: int
     positions, ks = list(range(cfg.max_seq_len)), [1, 2, 3]
     result = ft.interp.das_sweep(params, cfg, train, test, layers=range(cfg.n_layers), positions=positions, ks=ks,
                                  steps=steps, lr=0.1)
-    print(f"DAS: IIA per (layer, position) for k = {ks}, {result.params['rotation'].shape[0]} hypotheses in one vmap")
+    print(f"DAS: IIA per (layer, position) for k = {ks}, {result.params['rotation'].shape[0]} hypotheses in one stacked step")
     for j, k in enumerate(ks):
         print(f"  k = {k}: " + "  ".join(" ".join(f"{v:.2f}" for v in row) for row in result.iia[:, :, j].tolist()))
     print(f"  wrote {ft.interp.plot_iia_heatmap(result.iia, out / 'das_iia.png', positions=positions, ks=ks)}")

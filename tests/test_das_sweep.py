@@ -1,7 +1,9 @@
-"""``interp.das_sweep``: DAS over (layer x position x k) as ONE vmapped step, against training each hypothesis alone,
-and against the ground truth of ``interp.planted`` (the variable lives in a planted 2-D subspace at the last
-position of every layer, so IIA is 1 there for k >= 2 and 0 at the other positions, where the base's own last
-token stays the answer)."""
+"""``interp.das_sweep``: DAS over (layer x position x k) as ONE stacked step (each member run from its own layer),
+against training each hypothesis alone, and against the ground truth of ``interp.planted`` (the variable lives in a
+planted 2-D subspace at the last position of every layer, so IIA is 1 there for k >= 2 and 0 at the other
+positions, where the base's own last token stays the answer)."""
+
+import itertools
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from tests.typecheck import unchecked
 
 CFG = planted.planted_config(vocab=8, d_model=6, n_layers=2, seq=3)
 LAYERS, POSITIONS, KS = [0, 1], [0, -1], [1, 2]
+GRID = list(itertools.product(LAYERS, POSITIONS, KS))  # the members, in (layer, position, k) nesting order
 
 
 @pytest.fixture(scope="module")
@@ -60,27 +63,61 @@ def test_each_member_equals_training_it_alone(model, swept):
     assert float(score) == float(result.iia[1, 1, 1])
 
 
-def test_one_vmapped_step_equals_each_step_alone(model):
-    """One step of the stacked hypotheses (float64): every member's loss, gradient-driven update and Adam state
-    equal ``optimizer_step`` on it alone, masks built for that member (atol 1e-12 for values and moments)."""
+def _members(seeds: range) -> list[dict]:
+    return [das.das_params(CFG.d_model, seed=s, dtype=torch.float64) for s in seeds]
+
+
+def _alone_loss(model, base, source, labels, layer: int, site: str, position: int, k: int):
+    """One hypothesis's loss, run alone through the whole model (``das.interchange_logits``)."""
+    path = f"blocks.{layer}.{site}"
+    source_activation = das.site_activation(model, source, CFG, path)
+    return lambda p: das.last_position_loss(
+        das.interchange_logits(model, CFG, path, base, source_activation, p, k, [position]), labels)
+
+
+def test_one_stacked_step_equals_each_step_alone(model):
+    """One step of the stacked hypotheses (float64; every member started at its own layer): every member's loss,
+    gradient-driven update and Adam state equal ``optimizer_step`` on it alone through the whole model (atol 1e-12
+    for values and moments)."""
     base, source, labels = planted.pairs(8, CFG, seed=5)
-    sites = [f"blocks.{layer}.resid_post" for layer in LAYERS]
-    masks = hypotheses.hypothesis_masks(2, POSITIONS, KS, 3, CFG.d_model)
-    sources = hypotheses._sources(model, CFG, source, sites)
+    masks = hypotheses.hypothesis_masks(POSITIONS, KS, 3, CFG.d_model)
     opt = ft.optim.adamw(0.1, weight_decay=0.0)
-
-    def loss(p, layer_on, at, k_mask):
-        return das.last_position_loss(hypotheses._member_logits(model, CFG, sites, base, sources, p, layer_on, at, k_mask), labels)
-
-    step = das.optimizer_step(loss, opt)
-    members = [das.das_params(CFG.d_model, seed=s, dtype=torch.float64) for s in range(8)]
-    stacked = ft.tree.stack(members)
-    new, state, values = torch.func.vmap(step)(stacked, ft.tree.stack([opt.init(p) for p in members]), *masks)
-    for i, p in enumerate(members):
-        one, one_state, value = step(p, opt.init(p), *(m[i] for m in masks))
+    groups = hypotheses.starts(model, CFG, base, source, LAYERS, "resid_post")
+    members = _members(range(8))
+    step = hypotheses.sweep_step(model, CFG, groups, masks, labels, opt)
+    new, state, values = step(ft.tree.stack(members), ft.tree.stack([opt.init(p) for p in members]))
+    for i, (p, (layer, position, k)) in enumerate(zip(members, GRID, strict=True)):
+        alone = das.optimizer_step(_alone_loss(model, base, source, labels, layer, "resid_post", position, k), opt)
+        one, one_state, value = alone(p, opt.init(p))
         torch.testing.assert_close(values[i], value, rtol=0, atol=1e-12)
         torch.testing.assert_close(state.mu["rotation"][i], one_state.mu["rotation"], rtol=0, atol=1e-12)
         torch.testing.assert_close(new["rotation"][i], one["rotation"], rtol=1e-6, atol=1e-9)
+
+
+def test_started_members_equal_the_whole_model_run(model):
+    """Every member started at its layer from the cached base run gives the last-position logits of the whole
+    intervened model (``das.interchange_logits``), float64 to 1e-12, for ``resid_post`` (started after the block)
+    and ``resid_mid`` (started at the block, the swap inside it); the same in any layer order and in chunks."""
+    base, source, _ = planted.pairs(8, CFG, seed=7)
+    masks = hypotheses.hypothesis_masks(POSITIONS, KS, 3, CFG.d_model)
+    members = _members(range(8, 16))
+    for site in ("resid_post", "resid_mid"):
+        groups = hypotheses.starts(model, CFG, base, source, LAYERS, site)
+        got = hypotheses.sweep_logits(model, CFG, groups, ft.tree.stack(members), masks)
+        for i, (p, (layer, position, k)) in enumerate(zip(members, GRID, strict=True)):
+            path = f"blocks.{layer}.{site}"
+            activation = das.site_activation(model, source, CFG, path)
+            whole = das.interchange_logits(model, CFG, path, base, activation, p, k, [position])
+            torch.testing.assert_close(got[i, ..., -1, :], whole[..., -1, :], rtol=0, atol=1e-12)
+        backwards = hypotheses.starts(model, CFG, base, source, LAYERS[::-1], site)  # layer-major in the order given
+        swapped = hypotheses.sweep_logits(model, CFG, backwards, ft.tree.stack(members[4:] + members[:4]), masks)
+        torch.testing.assert_close(torch.cat([swapped[4:], swapped[:4]]), got, rtol=0, atol=1e-12)
+        chunked = hypotheses.sweep_logits(model, CFG, groups, ft.tree.stack(members), masks, chunk=3)
+        torch.testing.assert_close(chunked, got, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="chunk_size"):
+        hypotheses.sweep_logits(model, CFG, groups, ft.tree.stack(members), masks, chunk=0)
+    with pytest.raises(ValueError, match="expected 2 layers x 4"):
+        hypotheses.sweep_logits(model, CFG, groups, ft.tree.stack(members[:3]), masks)
 
 
 def test_the_heatmap_is_written(swept, tmp_path):

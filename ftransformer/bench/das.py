@@ -1,12 +1,13 @@
-"""``ftransformer bench das``: a (layer x position) DAS sweep, ours as ONE vmapped step vs pyvene one hypothesis at a time.
+"""``ftransformer bench das``: a (layer x position) DAS sweep, ours as ONE stacked step vs pyvene one hypothesis at a time.
 
 Both sides train on the same counterfactual pairs of the same model: ``interp.planted``'s echo model (the
 variable "last token" in a planted 2-D subspace at the last position of every layer), which ``interop.save_hf``
 writes as a ``transformers`` Llama for pyvene (its logits checked against ours first). Ours is
-``interp.das_sweep`` over every (layer, position) at one ``k``; pyvene's is what its tutorials do for each
-hypothesis: an ``IntervenableModel`` with a ``RotatedSpaceIntervention`` on that layer's ``block_output`` at that
-position, trained by ``torch.optim.Adam`` (same learning rate, steps and full batch), then IIA on the same held-out
-pairs. End-to-end time (model conversion, training, evaluation) on the process's CPU clock, one thread.
+``interp.das_sweep`` over every (layer, position) at one ``k`` (each member run from its own layer, all in one
+batched pass); pyvene's is what its tutorials do for each hypothesis: an ``IntervenableModel`` with a
+``RotatedSpaceIntervention`` on that layer's ``block_output`` at that position, trained by ``torch.optim.Adam``
+(same learning rate, steps and full batch), then IIA on the same held-out pairs. End-to-end time (model
+conversion, training, evaluation) on the process's CPU clock, one thread.
 pyvene is optional (the ``bench`` extra): without it the bench says so and times ours alone.
 """
 
@@ -44,7 +45,7 @@ def setup(args) -> tuple:
 
 
 def ours(args, cfg, params, train, test) -> torch.Tensor:
-    """IIA ``[layers, positions]`` of the whole sweep, trained as one vmapped step."""
+    """IIA ``[layers, positions]`` of the whole sweep, trained by one stacked step per iteration."""
     result = das_sweep(params, cfg, train, test, layers=range(cfg.n_layers), positions=range(cfg.max_seq_len),
                        ks=[args.k], steps=args.steps, lr=args.lr)
     return result.iia[..., 0]

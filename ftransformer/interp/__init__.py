@@ -16,7 +16,7 @@ analyses as pure functions of them, and plots.
 * ``das``: distributed alignment search, a trainable rotation whose first k coordinates are swapped between a
   base and a source run (``train_das``, ``iia``), trained by ``grad`` over the intervention params only;
 * ``boundless``: Boundless DAS, the subspace size learned as a soft boundary (``train_boundless_das``);
-* ``hypotheses``: ``das_sweep``, DAS over (layer x position x k) as ONE vmapped step, each hypothesis its own optimizer state;
+* ``hypotheses``: ``das_sweep``, DAS over (layer x position x k) as ONE stacked step, each hypothesis its own optimizer state;
 * ``planted``: ground truth for them, a hand-set model that stores a known variable in a known subspace;
 * ``reft``: LoReFT, the low-rank edit ``h + R^T (W h + b - R h)`` at chosen positions and DiReFT ``h + R^T (W h + b)`` (``train_reft``);
 * ``weights``: weight processing as pure params transforms (``fold_layer_norm``, ``center_writing_weights``,

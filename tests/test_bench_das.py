@@ -21,7 +21,7 @@ def test_ours_alone_prints_its_row_and_finds_the_planted_site(capsys):
     with unchecked():
         assert bench_das.run(_args(TINY + ["--no-pyvene"])) == 0
     out = capsys.readouterr().out
-    assert "pyvene skipped (--no-pyvene)" in out and "ftransformer (one vmap)" in out
+    assert "pyvene skipped (--no-pyvene)" in out and "ftransformer (one stacked step)" in out
     assert "[[0.0, 1.0], [0.0, 1.0]]" in out  # IIA 1 at the last position of both layers, 0 at position 0
 
 

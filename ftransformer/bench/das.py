@@ -132,7 +132,7 @@ def run(args) -> int:
     cfg, params, train, test = setup(args)
     pv, transformers = (None, "--no-pyvene") if args.no_pyvene else load_pyvene()
     with num_threads(args.threads):
-        rows = [("ftransformer (one vmap)", *timed(lambda: ours(args, cfg, params, train, test)))]
+        rows = [("ftransformer (one stacked step)", *timed(lambda: ours(args, cfg, params, train, test)))]
         if pv is None:
             print(f"pyvene skipped ({transformers}); install the bench extra to compare")
         else:

@@ -10,6 +10,8 @@
     so they agree up to the Monte Carlo error of the labels (stated bound).
 """
 
+import weakref
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -52,6 +54,25 @@ def test_blocks_split_fused_qkv_by_gqa_widths(setup):
         ekfac.kfac_blocks(params, cfg, ["blocks.9.*"])
     with pytest.raises(ValueError, match=r"\[d_in, d_out\] projection leaves"):
         ekfac.kfac_blocks(params, cfg, ["blocks.0.ln1.*"])
+
+
+def test_probe_pass_hands_each_gradient_over_during_the_backward_and_drops_it(setup):
+    cfg, params, batches = setup
+    paths = {b.path for b in ekfac.kfac_blocks(params, cfg).values()}
+    seen, inputs, earlier = [], [], []
+
+    def on_grad(path, node, g):
+        # every earlier gradient still alive is the residual stream's (autograd's own): no w_qkv / w_in gradient
+        # outlives its own call, so memory holds one layer's, not the batch's
+        assert all(r().shape[-1] == D_MODEL for r in earlier if r() is not None), path
+        assert g.shape == (*batches[0][0].shape, node.shape[-1])
+        earlier.append(weakref.ref(g))
+        seen.append(path)
+
+    ekfac.probe_pass(params, cfg, *batches[0], paths, lambda path, node, x: inputs.append(path), on_grad)
+    assert sorted(seen) == sorted(inputs) == sorted(paths)
+    assert seen.index("blocks.1.attn.w_qkv") < seen.index("blocks.0.mlp.w_out")  # the backward's order, layer by layer
+    assert {r().shape[-1] for r in earlier if r() is not None} <= {D_MODEL}
 
 
 def test_sequence_grads_equal_autograd_per_sequence(setup):

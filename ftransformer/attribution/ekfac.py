@@ -14,14 +14,15 @@ output columns into q, k and v blocks, GQA widths included) is one block of a bl
   kronfluence's heuristic ``0.1 * mean(lambdas)`` per block.
 
 Inputs and output gradients come from one forward and backward pass per batch with ``layers.probe.Probe``
-leaves in the parameter tree (no hooks). Query and training gradients use the data's targets. Scores are
+leaves in the parameter tree (no hooks); each layer's statistics are folded in as the backward pass reaches it
+(an identity ``autograd.Function`` on its output), so no batch's output gradients are held all at once. Query and training gradients use the data's targets. Scores are
 ``query_grad . preconditioned(train_grad)`` (kronfluence's sign: positive when the training sequence
-lowers the query's loss), computed from each batch's inputs and output gradients without forming per-example
-gradients of the training set; memory holds the preconditioned query gradients and one batch.
+lowers the query's loss), computed from each layer's inputs and output gradients without forming per-example
+gradients of the training set; memory holds the preconditioned query gradients and one batch's pass.
 """
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from fnmatch import fnmatchcase
 from functools import partial
 from pathlib import Path
@@ -84,15 +85,6 @@ class Factors(NamedTuple):
     tokens: int
 
 
-class Reading(NamedTuple):
-    """One batch seen at each probed weight node: inputs ``[batch seq d_in]``, output gradients ``[batch seq d_out]``,
-    and the nodes themselves."""
-
-    inputs: dict[str, Tensor]
-    grads: dict[str, Tensor]
-    nodes: dict[str, object]
-
-
 def _weight_blocks(path: str, leaf, cfg: Config, split_qkv: bool) -> dict[str, Block]:
     if not isinstance(leaf, Tensor) or leaf.ndim != 2 or not leaf.is_floating_point():
         got = tuple(leaf.shape) if isinstance(leaf, Tensor) else type(leaf).__name__
@@ -135,43 +127,74 @@ def sample_labels(logits: Float[Tensor, "*batch seq vocab"], key: Key) -> Tensor
     return (logits.detach().double() + gumbel).argmax(-1)
 
 
-def read_leaves(params: dict, cfg: Config, tokens: Tensor, targets: Tensor | None, leaf_paths: Iterable[str],
-                *, key: Key | None = None) -> Reading:
-    """Inputs and output gradients (of the summed cross-entropy) of the weight nodes at ``leaf_paths``, by token.
+class _Tap(torch.autograd.Function):
+    """Identity on a layer's output whose backward hands the output gradient to ``fold`` as it passes."""
 
-    ``targets`` None: labels sampled from the model with ``key`` (the true Fisher's pseudo-gradients).
+    @staticmethod
+    def forward(ctx, output, anchor, fold):
+        ctx.fold = fold
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.fold(grad)
+        return (grad if ctx.needs_input_grad[0] else None), None, None
+
+
+def probe_pass(params: dict, cfg: Config, tokens: Tensor, targets: Tensor | None, leaf_paths: Iterable[str],
+               on_input: Callable, on_grad: Callable, *, key: Key | None = None) -> None:
+    """One forward and backward over ``tokens``: ``on_input(path, node, x)`` as each weight node at ``leaf_paths`` reads
+    its input, ``on_grad(path, node, g)`` as the backward reaches its output (gradients of the summed cross-entropy).
+
+    ``targets`` None: labels sampled from the model with ``key`` (the true Fisher's pseudo-gradients). Each output
+    gradient is dropped once ``on_grad`` returns: memory holds one layer's, not the whole batch's.
     """
     wanted = set(leaf_paths)
-    inputs: dict[str, Tensor] = {}
-    deltas: dict[str, Tensor] = {}
-    nodes: dict[str, object] = {}
+    anchor = torch.zeros((), requires_grad=True)  # every tapped output needs a gradient, parameters frozen or not
 
     def probe(path, node):
         if path not in wanted:
             return node
-        nodes[path] = node
-        width = node.b.shape[-1] if isinstance(node, LoRAWeight) else node.shape[-1]
-        like = node.b if isinstance(node, LoRAWeight) else node
-        deltas[path] = torch.zeros(*tokens.shape, width, dtype=like.dtype, device=like.device, requires_grad=True)
-        return Probe(node, deltas[path], partial(inputs.__setitem__, path))
+
+        def tap(x, y):
+            on_input(path, node, x.detach())
+            return _Tap.apply(y, anchor, partial(on_grad, path, node))
+        return Probe(node, tap)
 
     with torch.enable_grad():
         logits = forward(map_nodes(params, probe), tokens, cfg)
         labels = sample_labels(logits, key) if targets is None else targets
         loss = cross_entropy(logits, labels, reduction="sum")
-        grads = torch.autograd.grad(loss, list(deltas.values()))
-    return Reading({p: x.detach() for p, x in inputs.items()}, dict(zip(deltas, grads)), nodes)
+        del logits
+        torch.autograd.backward(loss, inputs=[anchor])
 
 
-def _block_io(reading: Reading, block: Block) -> tuple[Tensor, Tensor]:
-    """The block's inputs and output gradients: a weight's columns, or through a LoRA adapter's other matrix."""
-    x, g = reading.inputs[block.path], reading.grads[block.path]
-    if block.kind == "weight":
-        return x, g[..., block.start:block.stop]
-    w = reading.nodes[block.path]
-    scale, a, b = w.scale.detach(), w.a.detach(), w.b.detach()
+def _paired(fold: Callable) -> tuple[Callable, Callable]:
+    """``probe_pass`` callbacks calling ``fold(path, node, x, g)``, each input held only until its gradient comes."""
+    held: dict[str, Tensor] = {}
+    return (lambda path, node, x: held.__setitem__(path, x),
+            lambda path, node, g: fold(path, node, held.pop(path), g))
+
+
+def _by_path(blocks: dict[str, Block]) -> dict[str, list[tuple[str, Block]]]:
+    """The blocks of each weight node, by its path."""
+    out: dict[str, list[tuple[str, Block]]] = {}
+    for name, block in blocks.items():
+        out.setdefault(block.path, []).append((name, block))
+    return out
+
+
+def _block_input(block: Block, node, x: Tensor) -> Tensor:
+    """The block's inputs: the weight's, or a LoRA adapter's (``b`` reads ``scale * x @ a``)."""
+    return node.scale.detach() * (x @ node.a.detach()) if block.kind == "lora_b" else x
+
+
+def _block_grad(block: Block, node, g: Tensor) -> Tensor:
+    """The block's output gradients: the weight's columns, or a LoRA adapter's (``a`` gets ``scale * g @ b^T``)."""
     # x @ base + scale * (x @ a) @ b: a reads x and gets scale * g @ b^T; b reads scale * x @ a and gets g.
-    return (x, scale * g @ b.T) if block.kind == "lora_a" else (scale * (x @ a), g)
+    if block.kind == "weight":
+        return g[..., block.start:block.stop]
+    return node.scale.detach() * g @ node.b.detach().T if block.kind == "lora_a" else g
 
 
 def _check_fit_args(batches, fisher: str, key: Key | None) -> None:
@@ -183,31 +206,51 @@ def _check_fit_args(batches, fisher: str, key: Key | None) -> None:
         raise TypeError("batches must be re-iterable (a list, or a Sequence of batches): EK-FAC reads them twice")
 
 
-def _readings(params, cfg, batches, blocks, fisher, key, bar) -> Iterable[tuple[Tensor, Reading]]:
-    """Each batch's tokens and reading; the same labels on every pass (keys folded from the batch index)."""
-    paths = [b.path for b in blocks.values()]
+def _each_batch(params, cfg, batches, blocks, fisher, key, bar, on_input, on_grad) -> tuple[int, int]:
+    """``probe_pass`` over every batch, the same labels on every pass (keys folded from the batch index); the
+    sequences and tokens seen."""
+    paths = _by_path(blocks)
+    sequences = tokens_seen = 0
     for i, batch in enumerate(batches):
         tokens, targets = unpack_batch(batch)
         sampled = fisher == "true"
-        yield tokens, read_leaves(params, cfg, tokens, None if sampled else targets, paths,
-                                  key=random.fold_in(key, i) if sampled else None)
+        probe_pass(params, cfg, tokens, None if sampled else targets, paths, on_input, on_grad,
+                   key=random.fold_in(key, i) if sampled else None)
+        sequences, tokens_seen = sequences + tokens.shape[0], tokens_seen + tokens.numel()
         bar.update(1)
+    if not sequences:
+        raise ValueError("batches is empty: EK-FAC needs at least one batch of sequences")
+    return sequences, tokens_seen
 
 
 def _covariances(params, cfg, batches, blocks, fisher, key, bar) -> tuple[dict, int, int]:
-    sums: dict[str, list[Tensor]] = {}
-    sequences = tokens_seen = 0
-    for tokens, reading in _readings(params, cfg, batches, blocks, fisher, key, bar):
-        sequences += tokens.shape[0]
-        tokens_seen += tokens.numel()
-        for name, block in blocks.items():
-            a, g = (rearrange(x, "... width -> (...) width") for x in _block_io(reading, block))
-            pair = sums.setdefault(name, [0, 0])
-            pair[0], pair[1] = pair[0] + a.T @ a, pair[1] + g.T @ g
-        del reading, a, g  # not alive while the next batch's pass runs: one batch in memory at a time
-    if not sequences:
-        raise ValueError("batches is empty: EK-FAC needs at least one batch of sequences")
+    """Input and output-gradient covariances, each layer's folded in as the pass reaches it."""
+    by_path = _by_path(blocks)
+    sums: dict[str, list] = {name: [0, 0] for name in blocks}
+
+    def fold(side: int, block_side: Callable, path: str, node, x: Tensor) -> None:
+        for name, block in by_path[path]:
+            flat = rearrange(block_side(block, node, x), "... width -> (...) width")
+            sums[name][side] = sums[name][side] + flat.T @ flat
+
+    sequences, tokens_seen = _each_batch(params, cfg, batches, blocks, fisher, key, bar,
+                                         partial(fold, 0, _block_input), partial(fold, 1, _block_grad))
     return {name: (a / tokens_seen, g / tokens_seen) for name, (a, g) in sums.items()}, sequences, tokens_seen
+
+
+def _lambdas(params, cfg, batches, blocks, eig, fisher, key, bar) -> dict[str, Tensor]:
+    """The corrected eigenvalues: mean over sequences of the squared rotated gradients, folded in layer by layer."""
+    by_path = _by_path(blocks)
+    sums: dict[str, Tensor | int] = dict.fromkeys(blocks, 0)
+
+    def fold(path: str, node, x: Tensor, g: Tensor) -> None:
+        for name, block in by_path[path]:
+            _, a_vectors, _, g_vectors = eig[name]
+            rotated = rotated_grads(_block_input(block, node, x), _block_grad(block, node, g), a_vectors, g_vectors)
+            sums[name] = sums[name] + rotated.square().sum(0)
+
+    sequences, _ = _each_batch(params, cfg, batches, blocks, fisher, key, bar, *_paired(fold))
+    return {name: total / sequences for name, total in sums.items()}
 
 
 def _eigh(cov: Tensor) -> tuple[Tensor, Tensor]:
@@ -236,13 +279,8 @@ def fit_factors(
     with tqdm(total=total, desc="EK-FAC factors", unit="batch", disable=not progress) as bar:
         covs, sequences, tokens_seen = _covariances(params, cfg, batches, blocks, fisher, key, bar)
         eig = {name: (*_eigh(a), *_eigh(g)) for name, (a, g) in covs.items()}
-        lambdas = {name: 0.0 for name in blocks}
-        for _, reading in _readings(params, cfg, batches, blocks, fisher, key, bar):
-            for name, block in blocks.items():
-                _, a_vectors, _, g_vectors = eig[name]
-                lambdas[name] = lambdas[name] + rotated_grads(*_block_io(reading, block), a_vectors, g_vectors).square().sum(0)
-            del reading
-    factors = {name: BlockFactors(*covs[name], *eig[name], lambdas[name] / sequences) for name in blocks}
+        lambdas = _lambdas(params, cfg, batches, blocks, eig, fisher, key, bar)
+    factors = {name: BlockFactors(*covs[name], *eig[name], lambdas[name]) for name in blocks}
     return Factors(blocks, factors, fisher, sequences, tokens_seen)
 
 
@@ -255,8 +293,14 @@ def sequence_grads(params: dict, cfg: Config, factors: Factors, batch) -> dict[s
     """Each sequence's gradient of its summed cross-entropy (the batch's targets) at every block of ``factors``."""
     _check_factors(factors)
     tokens, targets = unpack_batch(batch)
-    reading = read_leaves(params, cfg, tokens, targets, [b.path for b in factors.blocks.values()])
-    return {name: torch.einsum(_PER_SEQUENCE, *_block_io(reading, block)) for name, block in factors.blocks.items()}
+    by_path, out = _by_path(factors.blocks), {}
+
+    def fold(path: str, node, x: Tensor, g: Tensor) -> None:
+        for name, block in by_path[path]:
+            out[name] = torch.einsum(_PER_SEQUENCE, _block_input(block, node, x), _block_grad(block, node, g))
+
+    probe_pass(params, cfg, tokens, targets, by_path, *_paired(fold))
+    return {name: out[name] for name in factors.blocks}
 
 
 def block_damping(factor: BlockFactors, damping: float | None) -> float | Tensor:
@@ -285,16 +329,21 @@ def precondition(grads: dict[str, Tensor], factors: Factors, damping: float | No
 
 
 def _stream_scores(params, cfg, factors, queries, train_batches, damping, progress, equation) -> Tensor:
-    """Preconditioned query gradients against each training batch's inputs and output gradients."""
+    """Preconditioned query gradients against each training batch's inputs and output gradients, layer by layer."""
     pre = precondition(sequence_grads(params, cfg, factors, queries), factors, damping)
+    by_path, batch_score = _by_path(factors.blocks), {}
+
+    def fold(path: str, node, x: Tensor, g: Tensor) -> None:
+        for name, block in by_path[path]:
+            part = torch.einsum(equation, pre[name], _block_input(block, node, x), _block_grad(block, node, g))
+            batch_score["sum"] = batch_score["sum"] + part if "sum" in batch_score else part
+
     total = len(train_batches) if hasattr(train_batches, "__len__") else None
     parts = []
     for batch in tqdm(train_batches, total=total, desc="influence scores", unit="batch", disable=not progress):
         tokens, targets = unpack_batch(batch)
-        reading = read_leaves(params, cfg, tokens, targets, [b.path for b in factors.blocks.values()])
-        parts.append(sum(torch.einsum(equation, pre[name], *_block_io(reading, block))
-                         for name, block in factors.blocks.items()))
-        del reading
+        probe_pass(params, cfg, tokens, targets, by_path, *_paired(fold))
+        parts.append(batch_score.pop("sum"))
     if not parts:
         raise ValueError("train_batches is empty: nothing to score")
     return torch.cat(parts, dim=1)

@@ -23,8 +23,7 @@ def linear(
 ) -> Float[Tensor, "*batch d_out"]:
     """Affine map. ``w`` is ``[d_in, d_out]`` (the order of ``x @ w``, as GPT-2's Conv1D): float, int8, NF4, adapted."""
     if isinstance(w, Probe):  # influence functions read the input and the output gradient (layers/probe.py)
-        w.record(x)
-        return linear(x, w.weight, b) + w.delta
+        return w.tap(x, linear(x, w.weight, b))
     if isinstance(w, ADAPTED):
         return adapter_output(x, w, b, linear)
     if isinstance(w, Int8Weight):

@@ -1,10 +1,10 @@
-"""A weight leaf that shows ``linear`` reading it: ``Probe`` records the layer's input and perturbs its output.
+"""A weight leaf that shows ``linear`` reading it: ``Probe`` sees the layer's input and passes its output through ``tap``.
 
 Influence functions (``ftransformer.attribution.ekfac``) need, for each projection, its input activations and
-the loss gradient at its output. Putting ``Probe(w, delta, record)`` in the parameter tree in place of ``w``
-makes ``linear`` hand its input ``x`` to ``record`` and return ``x @ w + b + delta``; ``delta`` is a zero
-tensor shaped like the output, so the forward pass is unchanged and the gradient with respect to ``delta`` is
-the output gradient, token by token. No hook is registered: the probe is an argument, like an intervention.
+the loss gradient at its output. Putting ``Probe(w, tap)`` in the parameter tree in place of ``w`` makes ``linear``
+return ``tap(x, x @ w + b)``: ``tap`` sees the input ``x`` and returns the output, typically through an identity
+whose backward folds the output gradient into running statistics as the backward pass reaches the layer (so no
+layer's gradient outlives its own step). No hook is registered: the probe is an argument, like an intervention.
 """
 
 from collections.abc import Callable
@@ -14,8 +14,7 @@ from ftransformer.shapes import Tensor
 
 
 class Probe(NamedTuple):
-    """``weight`` (any weight ``linear`` takes), its input shown to ``record``, ``delta`` added to its output."""
+    """``weight`` (any weight ``linear`` takes); ``tap(input, output)`` returns the output ``linear`` gives back."""
 
     weight: object
-    delta: Tensor
-    record: Callable[[Tensor], None]
+    tap: Callable[[Tensor, Tensor], Tensor]

@@ -236,6 +236,18 @@ def checkpoint_exists(path: str | os.PathLike) -> bool:
     return _resolve(Path(path)) is not None
 
 
+def run_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` itself if it is a checkpoint, else the best (or latest) checkpoint of the run directory it is."""
+    path = Path(path)
+    if checkpoint_exists(path):
+        return path
+    for name in (BEST, LATEST):
+        if checkpoint_exists(path / name):
+            return path / name
+    raise ValueError(f"no checkpoint at {str(path)!r} (expected a checkpoint directory, or a run directory "
+                     f"holding {BEST}/ or {LATEST}/)")
+
+
 # ---------------------------------------------------------------- load
 
 
@@ -436,6 +448,6 @@ def read_checkpoint_info(path: str | os.PathLike) -> dict:
 
 
 __all__ = [
-    "BEST", "LATEST", "Checkpoint", "checkpoint_exists", "expected_param_shapes", "load_checkpoint", "load_tree",
+    "BEST", "LATEST", "Checkpoint", "checkpoint_exists", "run_checkpoint", "expected_param_shapes", "load_checkpoint", "load_tree",
     "read_checkpoint_info", "restore_opt_state", "save_checkpoint",
 ]

@@ -24,7 +24,8 @@ import torch
 
 from ftransformer import peft, random, tree
 from ftransformer.checkpoint import (
-    BEST, LATEST, checkpoint_exists, load_tree, read_checkpoint_info, restore_opt_state, save_checkpoint,
+    BEST, LATEST, checkpoint_exists, load_tree, read_checkpoint_info, restore_opt_state, run_checkpoint,
+    save_checkpoint,
 )
 from ftransformer.config import Config
 from ftransformer.loop import FitRun, FitSettings, FitState, check_resume, current_lr, fit, improved, plot_history, refuse_overwrite
@@ -452,8 +453,7 @@ def load_member(d: Path, member: int, params: dict, cfg: Config) -> dict:
     n = sum(1 for _ in itertools.takewhile(lambda i: (d / f"member-{i}").is_dir(), itertools.count()))
     if not 0 <= member < n:
         raise ValueError(f"--member must be in [0, {n}) for {str(d)!r} ({n} members), got {member}")
-    where = d / f"member-{member}"
-    return peft.load_member(where / (BEST if checkpoint_exists(where / BEST) else LATEST), params, cfg)
+    return peft.load_member(run_checkpoint(d / f"member-{member}"), params, cfg)
 
 
 def load_adapter(directory: str, params: dict, cfg: Config, member: int | None = None) -> dict:

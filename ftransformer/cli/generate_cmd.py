@@ -13,15 +13,13 @@ from pathlib import Path
 import torch
 
 from ftransformer import precision, tree
-from ftransformer.checkpoint import checkpoint_exists, load_checkpoint
+from ftransformer.checkpoint import load_checkpoint, run_checkpoint
 from ftransformer.config import Config
 from ftransformer.generation import generate_stream_sliding
 from ftransformer.quantization import SCHEMES, is_quantized, quantize
 from ftransformer.sampling import Sampling
 
 DEVICES = ("cpu", "cuda", "mps")
-# A run directory written by `ftransformer train` holds these checkpoints; the first one found is used.
-RUN_CHECKPOINTS = ("best", "latest")
 # --compile VALUE -> the decode step's kind (decode_steps.decode_step_for)
 COMPILE = {"torch": "compile", "aot": "aot"}
 
@@ -73,20 +71,6 @@ def add_arguments(parser) -> None:
     )
 
 
-def _checkpoint_dir(path: str) -> Path:
-    """``path`` itself if it is a checkpoint, else the best (or latest) checkpoint of the run it holds."""
-    path = Path(path)
-    if checkpoint_exists(path):
-        return path
-    for name in RUN_CHECKPOINTS:
-        if checkpoint_exists(path / name):
-            return path / name
-    raise ValueError(
-        f"no checkpoint at {str(path)!r} (expected a checkpoint directory, or a run directory holding "
-        f"{' or '.join(f'{n}/' for n in RUN_CHECKPOINTS)})"
-    )
-
-
 SOURCES = ("checkpoint", "hf_dir", "gguf")  # the flags that name a model: --checkpoint DIR, --hf-dir DIR, --gguf FILE
 
 
@@ -115,7 +99,7 @@ def load_model(args, device: torch.device) -> tuple[Config, dict, object]:
     if args.hf_dir is not None:
         return load_hf_model(args.hf_dir, device)
     if args.checkpoint is not None:
-        ckpt = load_checkpoint(_checkpoint_dir(args.checkpoint), device=device, with_opt_state=False)
+        ckpt = load_checkpoint(run_checkpoint(args.checkpoint), device=device, with_opt_state=False)
         if ckpt.tokenizer is None:
             raise ValueError(f"the checkpoint at {str(ckpt.path)!r} holds no tokenizer, so text cannot be encoded")
         return ckpt.config, ckpt.params, ckpt.tokenizer
